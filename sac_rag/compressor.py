@@ -1,0 +1,389 @@
+"""The SAC encoder: the base LM + LoRA, bidirectional attention and a learned anchor embedding,
+turning each chunk of text into the per-layer K/V of a few of its own tokens (METHOD.md).
+
+One model lives in memory: the encoder runs with the adapter on, the frozen decoder
+(``SACCompressor.decoder_mode``) with it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .anchors import AnchorSelector, anchor_count, make_selector
+from .config import SACConfig
+from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
+from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
+from .kv import AnchorKV
+from .models import load_base_model
+from .rope import KeyRotator
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "compressor.safetensors"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+class SACCompressor(torch.nn.Module):
+    """Compresses text into ``AnchorKV`` chunks.
+
+    >>> compressor = SACCompressor.from_pretrained("smollm2-135m-sac-5x")   # doctest: +SKIP
+    >>> chunks = compressor.compress("Some retrieved passage ...")          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: SACConfig | None = None,
+        model=None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        anchor_selector: AnchorSelector | None = None,
+    ):
+        super().__init__()
+        self.config = config = config or SACConfig()
+        if model is None:
+            model, tokenizer = load_base_model(config.base_model, device=device, dtype=dtype)
+        elif tokenizer is None:
+            raise InvalidInputError("pass the tokenizer together with the model")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.base_fingerprint = base_model_fingerprint(model, tokenizer)
+        self.rotator = KeyRotator.from_model(model)
+        self._base = model
+        self.model = self._with_adapter(model, config)
+        self.selector = anchor_selector or make_selector(config.anchor_strategy, seed=config.anchor_seed)
+        hidden = model.config.get_text_config(decoder=True).hidden_size
+        rows = {"shared": 1, "per_slot": anchor_count(config.chunk_len, config.ratio), "none": 0}
+        embed_weight = model.get_input_embeddings().weight
+        self.anchor_embedding = torch.nn.Parameter(
+            torch.randn(rows[config.anchor_embedding], hidden, device=embed_weight.device).mul_(0.02).to(embed_weight.dtype)
+        )
+        max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if max_positions and config.chunk_len > max_positions:
+            raise InvalidInputError(
+                f"chunk_len={config.chunk_len} exceeds the model's {max_positions} positions"
+            )
+        self._fingerprint_cache: tuple[tuple, str] | None = None
+
+    @staticmethod
+    def _with_adapter(model, config: SACConfig):
+        if config.lora_rank == 0:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            bias="none",
+        )
+        return get_peft_model(model, lora)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def base_model(self):
+        """The underlying causal LM (with LoRA layers injected, if any)."""
+        return self._base
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._base.get_input_embeddings().weight.dtype
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the anchor embedding and the LoRA weights."""
+        tensors = {"anchor_embedding": self.anchor_embedding}
+        if self.config.lora_rank > 0:
+            from peft import get_peft_model_state_dict
+
+            for name, value in get_peft_model_state_dict(self.model).items():
+                tensors[f"lora.{name}"] = value
+        return tensors
+
+    @property
+    def fingerprint(self) -> str:
+        """``base fingerprint/sac-<hash of settings and trained weights>``. Recomputed only when a
+        trainable tensor changed in place (torch's per-tensor version counter)."""
+        tensors = self.trainable_tensors()
+        versions = tuple((name, t._version, t.data_ptr()) for name, t in tensors.items())
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != versions:
+            config = self.config.to_dict()
+            config.pop("base_model")
+            digest = hash_json({"config": config, "weights": hash_tensors(sorted(tensors.items()))})[:16]
+            self._fingerprint_cache = (versions, f"{self.base_fingerprint}/sac-{digest}")
+        return self._fingerprint_cache[1]
+
+    def decoder_mode(self):
+        """Context in which the shared model acts as the frozen decoder (adapter off)."""
+        if self.config.lora_rank == 0:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    # -- text -> chunks -----------------------------------------------------------------------
+
+    def split(self, text: str) -> list[list[int]]:
+        """Token ids of ``text`` in sub-contexts of at most ``chunk_len`` tokens (never truncated)."""
+        if not isinstance(text, str):
+            raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise InvalidInputError("text is empty or whitespace only: there is nothing to compress")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        step = self.config.chunk_len
+        return [ids[i : i + step] for i in range(0, len(ids), step)]
+
+    def compress(self, text: str) -> list[AnchorKV]:
+        """One ``AnchorKV`` per chunk of ``text``, chunk c at its global position."""
+        return self.compress_batch([text])[0]
+
+    def compress_batch(
+        self, texts: Sequence[str], batch_size: int = 8, show_progress: bool = False
+    ) -> list[list[AnchorKV]]:
+        """Compress several texts; their chunks share forward passes of ``batch_size`` chunks."""
+        if isinstance(texts, str):
+            raise InvalidInputError("compress_batch takes a list of texts; use compress(text) for one")
+        chunks: list[list[int]] = []
+        offsets: list[int] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            position = 0
+            for chunk in self.split(text):
+                chunks.append(chunk)
+                offsets.append(position)
+                owner.append(i)
+                position += len(chunk)
+        flat = self.compress_chunks(chunks, offsets, batch_size=batch_size, show_progress=show_progress)
+        grouped: list[list[AnchorKV]] = [[] for _ in texts]
+        for i, kv in zip(owner, flat):
+            grouped[i].append(kv)
+        return grouped
+
+    @torch.no_grad()
+    def compress_chunks(
+        self,
+        chunks: Sequence[Sequence[int]],
+        offsets: Sequence[int] | None = None,
+        batch_size: int = 8,
+        show_progress: bool = False,
+    ) -> list[AnchorKV]:
+        """Inference entry point over token chunks: sorted by length to minimise padding,
+        compressed ``batch_size`` at a time, returned in the input order, detached."""
+        offsets = list(offsets) if offsets is not None else [0] * len(chunks)
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
+        results: list[AnchorKV | None] = [None] * len(chunks)
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        try:
+            with tqdm(total=len(chunks), unit="chunk", disable=not show_progress, desc="compressing") as bar:
+                for start in range(0, len(order), batch_size):
+                    batch = order[start : start + batch_size]
+                    encoded = self.encode([chunks[i] for i in batch], [offsets[i] for i in batch])
+                    for i, kv in zip(batch, encoded):
+                        results[i] = kv
+                    bar.update(len(batch))
+        finally:
+            self.train(was_training)
+        return results  # type: ignore[return-value]
+
+    # -- the encoder forward pass ------------------------------------------------------------
+
+    def anchor_indices(self, chunk: Sequence[int]) -> list[int]:
+        return self.selector.select(chunk, self.config.ratio)
+
+    def encode(self, chunks: Sequence[Sequence[int]], offsets: Sequence[int]) -> list[AnchorKV]:
+        """One batched encoder pass (differentiable; ``compress_chunks`` wraps it for inference).
+
+        Chunks are right-padded; padding is masked as a key, and each chunk's tokens take
+        positions ``offset .. offset + n - 1`` so anchor keys carry RoPE at those positions.
+        """
+        if not chunks:
+            return []
+        for chunk in chunks:
+            if not 1 <= len(chunk) <= self.config.chunk_len:
+                raise InvalidInputError(
+                    f"a chunk must have 1..{self.config.chunk_len} tokens, got {len(chunk)}; "
+                    f"use split() or compress() for longer text"
+                )
+        device = self.device
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(chunks), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            ids[row, : len(chunk)] = torch.as_tensor(list(chunk), dtype=torch.long)
+            mask[row, : len(chunk)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = torch.as_tensor(list(offsets), device=device)[:, None] + torch.arange(width, device=device)
+        anchors = [self.anchor_indices(chunk) for chunk in chunks]
+
+        embeds = self._base.get_input_embeddings()(ids)
+        if self.config.anchor_embedding != "none":
+            embeds = embeds + self._anchor_additions(anchors, width).to(embeds.dtype)
+        backbone = self._base.get_decoder()
+        out = backbone(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            is_causal=not self.config.bidirectional,
+        )
+        layers = out.cache.layers
+        fingerprint = self.fingerprint
+        results = []
+        for row, (chunk, idx) in enumerate(zip(chunks, anchors)):
+            index = torch.as_tensor(idx, device=device)
+            keys = torch.stack([layer.keys[row].index_select(1, index) for layer in layers])
+            values = torch.stack([layer.values[row].index_select(1, index) for layer in layers])
+            results.append(
+                AnchorKV(
+                    keys=keys,
+                    values=values,
+                    positions=index.cpu() + offsets[row],
+                    n_tokens=len(chunk),
+                    offset=offsets[row],
+                    fingerprint=fingerprint,
+                )
+            )
+        return results
+
+    def _anchor_additions(self, anchors: list[list[int]], width: int) -> torch.Tensor:
+        """[batch, width, hidden]: the anchor embedding at anchor positions, zero elsewhere."""
+        rows = torch.zeros(len(anchors), width, dtype=torch.long, device=self.device)
+        is_anchor = torch.zeros(len(anchors), width, 1, dtype=self.anchor_embedding.dtype, device=self.device)
+        for b, idx in enumerate(anchors):
+            index = torch.as_tensor(idx, device=self.device)
+            is_anchor[b, index] = 1
+            if self.config.anchor_embedding == "per_slot":
+                rows[b, index] = torch.arange(len(idx), device=self.device).clamp_max(self.anchor_embedding.shape[0] - 1)
+        return self.anchor_embedding[rows] * is_anchor
+
+    # -- save / load ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA). Each file
+        is written to a temp name, fsynced and renamed; config.json goes last and records the
+        weights' hash, so a reader never pairs a config with other weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_tensors().items()}
+        weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
+        _atomic_write(directory / WEIGHTS_FILE, weights)
+        meta = {
+            "format": "sac-compressor/1",
+            "config": self.config.to_dict(),
+            "base_fingerprint": self.base_fingerprint,
+            "fingerprint": self.fingerprint,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        }
+        _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        model=None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        anchor_selector: AnchorSelector | None = None,
+    ) -> "SACCompressor":
+        """Load a compressor directory, or a built-in one by short name (see ``list_pretrained``).
+        Refuses a checkpoint made for another base model, naming both fingerprints."""
+        directory = resolve_pretrained(name_or_path)
+        meta = _read_config(directory)
+        config = SACConfig.from_dict(meta["config"])
+        data = (directory / WEIGHTS_FILE).read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
+                f"is corrupt or was half-copied; copy it again"
+            )
+        compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                         anchor_selector=anchor_selector)
+        if not same_base_model(compressor.base_fingerprint, meta["base_fingerprint"]):
+            raise FingerprintMismatchError(
+                f"compressor checkpoint {directory}", compressor.base_fingerprint, meta["base_fingerprint"],
+                f"load it with base model {config.base_model!r} or train a compressor for this model",
+            )
+        compressor._load_tensors(st_load(data), directory)
+        return compressor
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        expected = set(self.trainable_tensors())
+        if set(tensors) != expected:
+            raise CheckpointError(
+                f"{source} holds tensors {sorted(set(tensors) ^ expected)[:5]} that do not fit this "
+                f"configuration; it is corrupt or from an incompatible version"
+            )
+        with torch.no_grad():
+            self.anchor_embedding.copy_(tensors.pop("anchor_embedding"))
+        if tensors:
+            from peft import set_peft_model_state_dict
+
+            lora = {name[len("lora."):]: t.to(self.dtype) for name, t in tensors.items()}
+            set_peft_model_state_dict(self.model, lora)
+
+
+def list_pretrained() -> list[str]:
+    """Short names of the compressors shipped inside the package."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).exists())
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidInputError(f"expected a directory or a built-in name, got {type(name_or_path).__name__}")
+    path = Path(name_or_path)
+    if (path / CONFIG_FILE).exists():
+        return path
+    builtin = PRETRAINED_DIR / str(name_or_path)
+    if (builtin / CONFIG_FILE).exists():
+        return builtin
+    raise CheckpointError(
+        f"{str(name_or_path)!r} is neither a compressor directory (with {CONFIG_FILE}) nor a built-in "
+        f"compressor; built-in: {list_pretrained() or 'none installed'}"
+    )
+
+
+def _read_config(directory: Path) -> dict:
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
+    if meta.get("format") != "sac-compressor/1":
+        raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of ``data``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

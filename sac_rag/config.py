@@ -1,0 +1,117 @@
+"""Every setting of a compressor, saved with it (``config.json``), and the prompt layout."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import InvalidInputError
+
+ANCHOR_EMBEDDINGS = ("shared", "per_slot", "none")
+
+
+@dataclass
+class PromptTemplate:
+    """How compressed contexts and a question are laid out for the decoder (paper, App. A:
+    "### Context:\\n" + context, then "\\n### Question:\\n{q}\\n### Answer:\\n").
+
+    ``prefix`` starts the prompt (BOS/chat header if the model wants one); ``context_prefix``
+    precedes the first context; ``context_separator`` goes between contexts (text, not
+    compressed; empty by default); ``question`` follows the contexts.
+    """
+
+    prefix: str = ""
+    context_prefix: str = "### Context:\n"
+    context_separator: str = ""
+    question: str = "\n### Question:\n{question}\n### Answer:\n"
+
+    def build(self, contexts: list, question: str) -> list:
+        """Prompt segments: text strings and, in order, the given contexts (each a string for
+        full-text reading, an ``AnchorKV``, or a list of ``AnchorKV`` for a multi-chunk text)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("the question is empty: pass the text to answer")
+        segments: list = []
+        head = self.prefix + self.context_prefix
+        for i, context in enumerate(contexts):
+            text = head if i == 0 else self.context_separator
+            if text:
+                segments.append(text)
+            segments.extend(context if isinstance(context, list) else [context])
+        tail = self.question.format(question=question)
+        if not contexts:
+            tail = self.prefix + tail.lstrip("\n")
+        segments.append(tail)
+        return _merge_adjacent_text(segments)
+
+
+def _merge_adjacent_text(segments: list) -> list:
+    merged: list = []
+    for seg in segments:
+        if isinstance(seg, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += seg
+        else:
+            merged.append(seg)
+    return merged
+
+
+@dataclass
+class SACConfig:
+    """Settings of a Semantic-Anchor compressor. Defaults follow the paper (METHOD.md).
+
+    lora_rank = 0 means no adapter: with ``bidirectional=False`` and ``anchor_embedding="none"``
+    that is untrained uniform KV dropping, the floor SAC must beat.
+    """
+
+    base_model: str = "smollm2-135m"
+    ratio: int = 5
+    chunk_len: int = 510
+    anchor_strategy: str = "uniform"  # uniform | random | importance
+    anchor_seed: int = 0
+    anchor_embedding: str = "shared"  # shared (paper) | per_slot (reference code) | none
+    bidirectional: bool = True
+    lora_rank: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Chunks of one text are encoded at their global positions (chunk c starts at the sum of
+    # the earlier chunks' lengths); stored chunks are encoded at offset 0 and moved by rotation.
+    position_convention: str = "global"
+    prompt: PromptTemplate = field(default_factory=PromptTemplate)
+
+    def __post_init__(self):
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptTemplate(**self.prompt)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("ratio", "chunk_len", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+        if self.chunk_len < 1:
+            raise InvalidInputError(f"chunk_len must be >= 1, got {self.chunk_len}")
+        if not 1 <= self.ratio <= self.chunk_len:
+            raise InvalidInputError(
+                f"ratio must be between 1 (keep every token) and chunk_len={self.chunk_len} "
+                f"(one anchor per chunk), got {self.ratio}"
+            )
+        if self.anchor_embedding not in ANCHOR_EMBEDDINGS:
+            raise InvalidInputError(
+                f"anchor_embedding must be one of {ANCHOR_EMBEDDINGS}, got {self.anchor_embedding!r}"
+            )
+        if self.lora_rank < 0:
+            raise InvalidInputError(f"lora_rank must be >= 0 (0 = no adapter), got {self.lora_rank}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SACConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidInputError(
+                f"unknown compressor settings {sorted(unknown)}: the checkpoint was written by a "
+                f"newer sac_rag; upgrade it"
+            )
+        return cls(**data)

@@ -1,0 +1,77 @@
+"""Fingerprints: short strings that identify a base model, and a compressor on top of it.
+
+Cached K/V are only meaningful for the exact weights that produced them and the exact decoder
+that reads them. Everything that stores or consumes compressed data carries a fingerprint and
+refuses data whose fingerprint differs (see ``errors.FingerprintMismatchError``).
+
+Format: ``"<model id>@<base hash>"`` for a base model and
+``"<model id>@<base hash>/sac-<compressor hash>"`` for a compressor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+import torch
+
+# Config keys that do not change what the model computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "_commit_hash", "architectures", "quantization_config", "_experts_implementation",
+}
+_WEIGHT_SAMPLE = 8192  # elements hashed from the start of each parameter
+
+
+def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None = None) -> str:
+    """SHA-256 over names and values (rounded to bfloat16, so the hash does not depend on the
+    dtype the weights were loaded in), optionally over the first ``sample`` elements only."""
+    h = hashlib.sha256()
+    for name, tensor in named:
+        flat = tensor.detach().reshape(-1)
+        if sample is not None:
+            flat = flat[:sample]
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_model_fingerprint(model, tokenizer) -> str:
+    """Fingerprint of a base model: config (incl. RoPE settings), tokenizer and a weight sample."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    vocab = sorted(tokenizer.get_vocab().items())
+    weights = hash_tensors(
+        ((n, p) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n),
+        sample=_WEIGHT_SAMPLE,
+    )
+    digest = hash_json({"config": config, "vocab": vocab, "weights": weights})[:16]
+    model_id = getattr(model, "sac_model_id", None) or getattr(model.config, "_name_or_path", "") or "model"
+    return f"{model_id}@{digest}"
+
+
+def base_part(fingerprint: str) -> str:
+    """The base-model part of a compressor fingerprint."""
+    return fingerprint.split("/sac-", 1)[0]
+
+
+def _identity(fingerprint: str) -> tuple[str, str]:
+    base, _, compressor = fingerprint.partition("/sac-")
+    return base.rsplit("@", 1)[-1], compressor
+
+
+def same_model(a: str, b: str) -> bool:
+    """True when two fingerprints name the same weights (the model id part may differ, e.g. a
+    hub id vs a local copy of it)."""
+    return _identity(a) == _identity(b)
+
+
+def same_base_model(a: str, b: str) -> bool:
+    return _identity(a)[0] == _identity(b)[0]

@@ -1,0 +1,342 @@
+"""Answering from compressed contexts: the frozen decoder reads a prompt made of text segments
+and ``AnchorKV`` chunks, with the chunks' K/V spliced into its cache.
+
+Positions follow METHOD.md: a chunk placed at running position p is rotated so its first token
+sits at p, and the running position then advances by the chunk's *token* count, not its anchor
+count, so the text after it continues at the true context length. Full-text prompts (contexts
+given as strings) go through the same code, which keeps every comparison on one path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import FingerprintMismatchError, InvalidInputError, PromptError
+from .fingerprint import base_model_fingerprint, same_base_model
+from .kv import AnchorKV
+from .rope import KeyRotator
+
+Segment = str | AnchorKV
+Prompt = Sequence[Segment | Sequence[AnchorKV]]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
+    top-k / top-p, reproducible with ``seed``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise InvalidInputError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+
+@dataclass
+class Generation:
+    """One answer and what producing it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    text_tokens: int  # prompt tokens the decoder read as text
+    cached_tokens: int  # K/V entries spliced in from compressed contexts
+    context_tokens: int  # tokens those compressed contexts stand for
+
+
+@dataclass
+class _Prefilled:
+    cache: object  # transformers DynamicCache
+    position: int  # position of the next token
+    logits: torch.Tensor  # [vocab] for the next token; or [tokens, vocab] with all_logits
+    text_tokens: int = 0
+    cached_tokens: int = 0
+    context_tokens: int = 0
+
+
+@dataclass
+class _Track:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+
+
+class Generator:
+    """Greedy or sampled decoding from prompts of text and compressed contexts.
+
+    Build it from a compressor (``Generator.from_compressor``: the same model object, adapter
+    off) or from any causal LM (``Generator(model, tokenizer)``) for full-text baselines.
+    """
+
+    def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 base_fingerprint: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoder_mode = decoder_mode or contextlib.nullcontext
+        self.base_fingerprint = base_fingerprint or base_model_fingerprint(model, tokenizer)
+        self.rotator = KeyRotator.from_model(model)
+        text_config = model.config.get_text_config(decoder=True)
+        self.num_layers = text_config.num_hidden_layers
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = tokenizer.bos_token_id
+        self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_token_ids = {e for e in eos if e is not None}
+
+    @classmethod
+    def from_compressor(cls, compressor) -> "Generator":
+        return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
+                   compressor.base_fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None) -> Generation:
+        return self.generate_batch([prompt], config)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None) -> list[Generation]:
+        """Decode several prompts together (their caches may differ in length)."""
+        config = config or GenerationConfig()
+        states, tracks = self._start(prompts)
+        for _ in self._decode(states, tracks, config):
+            pass
+        return [self._result(s, t) for s, t in zip(states, tracks)]
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is decoded (never a partial stop string)."""
+        config = config or GenerationConfig()
+        states, tracks = self._start([prompt])
+        track = tracks[0]
+        for _ in self._decode(states, tracks, config):
+            end = self._safe_length(track, config)
+            if end > track.emitted:
+                yield track.text[track.emitted:end]
+                track.emitted = end
+        if len(track.text) > track.emitted:
+            yield track.text[track.emitted:]
+
+    @torch.no_grad()
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits ``[tokens, vocab]`` over the prompt's final text segment (for exactness checks)."""
+        return self._prefill(prompt, all_logits=True).logits
+
+    # -- prefill --------------------------------------------------------------------------------
+
+    def _start(self, prompts: Sequence[Prompt]) -> tuple[list[_Prefilled], list[_Track]]:
+        if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
+            raise InvalidInputError("generate_batch takes a non-empty list of prompts")
+        with torch.no_grad():
+            states = [self._prefill(p) for p in prompts]
+        return states, [_Track() for _ in prompts]
+
+    def _segments(self, prompt: Prompt) -> list[Segment]:
+        if isinstance(prompt, (str, AnchorKV)):
+            prompt = [prompt]
+        flat: list[Segment] = []
+        for seg in prompt:
+            if isinstance(seg, (str, AnchorKV)):
+                flat.append(seg)
+            elif isinstance(seg, Sequence) and all(isinstance(s, AnchorKV) for s in seg):
+                flat.extend(seg)
+            else:
+                raise PromptError(
+                    f"a prompt segment must be a str, an AnchorKV or a list of AnchorKV; got {type(seg).__name__}"
+                )
+        flat = [s for s in flat if not (isinstance(s, str) and s == "")]
+        if not flat or not isinstance(flat[-1], str):
+            raise PromptError(
+                "the prompt must end with text (e.g. the question): the decoder needs a token to "
+                "predict the answer from"
+            )
+        return flat
+
+    def _prefill(self, prompt: Prompt, all_logits: bool = False) -> _Prefilled:
+        from transformers import DynamicCache
+
+        segments = self._segments(prompt)
+        cache = DynamicCache(config=self.model.config)
+        state = _Prefilled(cache=cache, position=0, logits=None)
+        pending: list[int] = list(self._bos)
+        with self.decoder_mode():
+            for i, seg in enumerate(segments):
+                if isinstance(seg, str):
+                    pending += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                    if i == len(segments) - 1:
+                        self._read_text(state, pending, all_logits)
+                    continue
+                if pending:
+                    self._read_text(state, pending, all_logits=False)
+                    pending = []
+                self._splice(state, seg)
+        return state
+
+    def _check_room(self, position: int) -> None:
+        if self.max_positions is not None and position > self.max_positions:
+            raise PromptError(
+                f"the prompt needs {position} positions but the model has {self.max_positions}: "
+                f"retrieve fewer or shorter contexts, or compress them at a higher ratio"
+            )
+
+    def _read_text(self, state: _Prefilled, ids: list[int], all_logits: bool) -> None:
+        self._check_room(state.position + len(ids))
+        device = self.device
+        past = state.cache.get_seq_length()
+        out = self.model(
+            input_ids=torch.as_tensor([ids], device=device),
+            position_ids=torch.arange(state.position, state.position + len(ids), device=device)[None],
+            attention_mask=torch.ones(1, past + len(ids), dtype=torch.long, device=device),
+            cache=state.cache,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        state.logits = out.logits[0] if all_logits else out.logits[0, -1]
+        state.position += len(ids)
+        state.text_tokens += len(ids)
+
+    def _splice(self, state: _Prefilled, kv: AnchorKV) -> None:
+        if not same_base_model(kv.fingerprint, self.base_fingerprint):
+            raise FingerprintMismatchError(
+                "a compressed context", self.base_fingerprint, kv.fingerprint,
+                "compress it again with a compressor for this model, or decode with the model it was made for",
+            )
+        self._check_room(state.position + kv.n_tokens)
+        placed = kv.at_offset(state.position, self.rotator).to(self.device, self.dtype)
+        for layer in range(self.num_layers):
+            state.cache.layers[layer].update(placed.keys[layer][None], placed.values[layer][None])
+        state.position += kv.n_tokens
+        state.cached_tokens += kv.n_anchors
+        state.context_tokens += kv.n_tokens
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def _merged_cache(self, states: list[_Prefilled]):
+        """One batch cache from per-prompt caches, left-padded; pads are masked as keys."""
+        from transformers import DynamicCache
+
+        lengths = [s.cache.get_seq_length() for s in states]
+        width = max(lengths)
+        mask = torch.zeros(len(states), width, dtype=torch.long, device=self.device)
+        for b, n in enumerate(lengths):
+            mask[b, width - n:] = 1
+        if len(states) == 1:
+            return states[0].cache, mask
+        data = []
+        for layer in range(self.num_layers):
+            keys, values = [], []
+            for s, n in zip(states, lengths):
+                lay = s.cache.layers[layer]
+                keys.append(F.pad(lay.keys, (0, 0, width - n, 0)))
+                values.append(F.pad(lay.values, (0, 0, width - n, 0)))
+            data.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=data, config=self.model.config), mask
+
+    @torch.no_grad()
+    def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig) -> Iterator[None]:
+        cache, mask = self._merged_cache(states)
+        logits = torch.stack([s.logits for s in states])
+        positions = torch.as_tensor([s.position for s in states], device=self.device)
+        self._check_room(int(positions.max()) + config.max_new_tokens)
+        generator = None
+        if config.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        stop_ids = self.eos_token_ids | set(config.stop_token_ids)
+        with self.decoder_mode():
+            for step in range(config.max_new_tokens):
+                tokens = _sample(logits, config, generator)
+                for track, token in zip(tracks, tokens.tolist()):
+                    if track.finish_reason is None:
+                        self._append(track, token, stop_ids, config)
+                yield None
+                if all(t.finish_reason for t in tracks) or step == config.max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
+                out = self.model(
+                    input_ids=tokens[:, None],
+                    position_ids=positions[:, None],
+                    attention_mask=mask,
+                    cache=cache,
+                    use_cache=True,
+                )
+                positions = positions + 1
+                logits = out.logits[:, -1]
+        for track in tracks:
+            track.finish_reason = track.finish_reason or "length"
+
+    def _append(self, track: _Track, token: int, stop_ids: set[int], config: GenerationConfig) -> None:
+        if token in stop_ids:
+            track.finish_reason = "stop"
+            return
+        track.ids.append(token)
+        track.text = self.tokenizer.decode(track.ids, skip_special_tokens=True)
+        cut = min((i for i in (track.text.find(s) for s in config.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            track.text = track.text[:cut]
+            track.finish_reason = "stop"
+
+    @staticmethod
+    def _safe_length(track: _Track, config: GenerationConfig) -> int:
+        """How much of the text can be shown: hold back an incomplete UTF-8 character and any
+        suffix that could still become a stop string."""
+        text = track.text
+        if track.finish_reason:
+            return len(text)
+        end = len(text.rstrip("\ufffd"))
+        for stop in config.stop:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:k]):
+                    end -= k
+                    break
+        return end
+
+    def _result(self, state: _Prefilled, track: _Track) -> Generation:
+        return Generation(
+            text=track.text,
+            token_ids=track.ids,
+            finish_reason=track.finish_reason or "length",
+            text_tokens=state.text_tokens,
+            cached_tokens=state.cached_tokens,
+            context_tokens=state.context_tokens,
+        )
+
+
+def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling."""
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / config.temperature
+    if config.top_k:
+        kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_scores.softmax(-1) > config.top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,68 @@
+"""Lossy 8-bit storage of anchor K/V: one absmax scale per (layer, head).
+
+Stored anchor K/V dominate the size of a precompressed corpus. Storing them in 8 bits halves
+a bf16/fp16 store. Keys and values have very different ranges per layer and per head (some
+heads carry a few large outlier channels), so one scale per tensor would waste the 8 bits on
+the largest head; a scale per ``[layer, head]``, taken as the absolute maximum over
+``anchors x head_dim``, keeps every head at full 8-bit resolution for the price of
+``layers x heads`` float32 numbers.
+
+Two codecs:
+
+- ``"fp8"``: ``torch.float8_e4m3fn`` (3 mantissa bits, so about 6 % worst-case relative error
+  per element, but a relative error: small values stay accurate).
+- ``"int8"``: symmetric, rounded to the nearest of 255 levels (absolute error at most half a
+  step, ``absmax / 254``: small values lose relative accuracy, typical ones are closer than
+  with fp8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidInputError
+
+CODECS = ("fp8", "int8")
+
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = float(torch.finfo(_FP8).max)  # 448
+_INT8_MAX = 127.0
+
+
+def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` of shape ``[layers, heads, anchors, head_dim]`` -> (8-bit tensor of the same shape,
+    float32 scales of shape ``[layers, heads]``), with ``x ~= q * scale``."""
+    if codec not in CODECS:
+        raise InvalidInputError(f"unknown 8-bit codec {codec!r}; use one of {CODECS}")
+    if x.dim() != 4:
+        raise InvalidInputError(f"expected [layers, heads, anchors, head_dim], got {tuple(x.shape)}")
+    x = x.detach().to(torch.float32)
+    if x.shape[2] * x.shape[3] == 0:
+        absmax = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+    else:
+        absmax = x.abs().amax(dim=(2, 3))
+    top = _FP8_MAX if codec == "fp8" else _INT8_MAX
+    # An all-zero head gets scale 1: its codes are all zero and decode to exact zeros.
+    scale = torch.where(absmax > 0, absmax / top, torch.ones_like(absmax))
+    scaled = x / scale[:, :, None, None]
+    if codec == "fp8":
+        q = scaled.clamp(-_FP8_MAX, _FP8_MAX).to(_FP8)
+    else:
+        q = scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize``: ``q * scale`` in ``dtype``."""
+    if q.dtype not in (_FP8, torch.int8):
+        raise InvalidInputError(f"not an 8-bit code tensor: {q.dtype}")
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, :, None, None]).to(dtype)
+
+
+def codec_of(dtype: torch.dtype) -> str:
+    """The codec name of an 8-bit code tensor's dtype."""
+    if dtype == _FP8:
+        return "fp8"
+    if dtype == torch.int8:
+        return "int8"
+    raise InvalidInputError(f"{dtype} is not an 8-bit storage dtype")
