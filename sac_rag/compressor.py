@@ -304,7 +304,7 @@ class SACCompressor(torch.nn.Module):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         anchor_selector: AnchorSelector | None = None,
-    ) -> "SACCompressor":
+    ) -> SACCompressor:
         """Load a compressor directory, or a built-in one by short name (see ``list_pretrained``).
         Refuses a checkpoint made for another base model, naming both fingerprints."""
         directory = resolve_pretrained(name_or_path)

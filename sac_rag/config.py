@@ -106,7 +106,7 @@ class SACConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SACConfig":
+    def from_dict(cls, data: dict) -> SACConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

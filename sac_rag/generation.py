@@ -103,7 +103,7 @@ class Generator:
         self.eos_token_ids = {e for e in eos if e is not None}
 
     @classmethod
-    def from_compressor(cls, compressor) -> "Generator":
+    def from_compressor(cls, compressor) -> Generator:
         return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
                    compressor.base_fingerprint)
 

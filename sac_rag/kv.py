@@ -62,7 +62,7 @@ class AnchorKV:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AnchorKV":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AnchorKV:
         return replace(
             self,
             keys=self.keys.to(device=device, dtype=dtype),
@@ -70,10 +70,10 @@ class AnchorKV:
             positions=self.positions.to(device=device),
         )
 
-    def detach(self) -> "AnchorKV":
+    def detach(self) -> AnchorKV:
         return replace(self, keys=self.keys.detach(), values=self.values.detach())
 
-    def at_offset(self, offset: int, rotator: KeyRotator) -> "AnchorKV":
+    def at_offset(self, offset: int, rotator: KeyRotator) -> AnchorKV:
         """The same chunk placed so that its first token sits at ``offset``."""
         delta = offset - self.offset
         if delta == 0:
@@ -103,7 +103,7 @@ class AnchorKV:
         return st_save(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "AnchorKV":
+    def from_bytes(cls, data: bytes) -> AnchorKV:
         meta = _read_metadata(data)
         if meta.get("format") != FORMAT:
             raise InvalidInputError(f"not an AnchorKV blob (format {meta.get('format')!r}, expected {FORMAT!r})")

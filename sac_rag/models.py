@@ -100,7 +100,7 @@ def _materialize_builtin(spec: BuiltinModel) -> Path:
         raise ModelNotAvailableError(
             f"the built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.pip_hint}`"
         )
-    package_dir = Path(list(found.submodule_search_locations)[0])
+    package_dir = Path(next(iter(found.submodule_search_locations)))
     if not (package_dir / spec.gguf_file).exists():
         raise ModelNotAvailableError(
             f"{package_dir / spec.gguf_file} is missing; reinstall with `{spec.pip_hint}`"

