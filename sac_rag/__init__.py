@@ -19,6 +19,7 @@ from .errors import (
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 from .models import BUILTIN_MODELS, load_base_model
+from .pipeline import DEFAULT_COMPRESSOR, SAC
 
 __version__ = "0.1.0"
 

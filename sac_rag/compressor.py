@@ -213,6 +213,8 @@ class SACCompressor(torch.nn.Module):
 
         Chunks are right-padded; padding is masked as a key, and each chunk's tokens take
         positions ``offset .. offset + n - 1`` so anchor keys carry RoPE at those positions.
+        With ``memory="compression_tokens"`` each chunk is followed by its memory tokens, placed
+        at the positions its anchors would have, and their K/V is kept instead.
         """
         if not chunks:
             return []
@@ -223,21 +225,26 @@ class SACCompressor(torch.nn.Module):
                     f"use split() or compress() for longer text"
                 )
         device = self.device
-        width = max(len(c) for c in chunks)
+        appended = self.config.memory == "compression_tokens"
+        anchors = [self.anchor_indices(chunk) for chunk in chunks]
+        kept = [list(range(len(c), len(c) + len(a))) if appended else a for c, a in zip(chunks, anchors)]
+        lengths = [len(c) + (len(a) if appended else 0) for c, a in zip(chunks, anchors)]
+        width = max(lengths)
         ids = torch.full((len(chunks), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunks), width), dtype=torch.long)
-        for row, chunk in enumerate(chunks):
+        positions = torch.zeros((len(chunks), width), dtype=torch.long)
+        for row, (chunk, idx, offset) in enumerate(zip(chunks, anchors, offsets)):
             ids[row, : len(chunk)] = torch.as_tensor(list(chunk), dtype=torch.long)
-            mask[row, : len(chunk)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = torch.as_tensor(list(offsets), device=device)[:, None] + torch.arange(width, device=device)
-        anchors = [self.anchor_indices(chunk) for chunk in chunks]
+            mask[row, : lengths[row]] = 1
+            positions[row, : len(chunk)] = torch.arange(offset, offset + len(chunk))
+            if appended:  # memory tokens sit where the anchors would (EPL's uniform position ids)
+                positions[row, len(chunk) : lengths[row]] = torch.as_tensor(idx) + offset
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
 
         embeds = self._base.get_input_embeddings()(ids)
         if self.config.anchor_embedding != "none":
-            embeds = embeds + self._anchor_additions(anchors, width).to(embeds.dtype)
-        backbone = self._base.get_decoder()
-        out = backbone(
+            embeds = embeds + self._anchor_additions(kept, width).to(embeds.dtype)
+        out = self._base.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
@@ -247,7 +254,7 @@ class SACCompressor(torch.nn.Module):
         layers = out.cache.layers
         fingerprint = self.fingerprint
         results = []
-        for row, (chunk, idx) in enumerate(zip(chunks, anchors)):
+        for row, (chunk, idx) in enumerate(zip(chunks, kept)):
             index = torch.as_tensor(idx, device=device)
             keys = torch.stack([layer.keys[row].index_select(1, index) for layer in layers])
             values = torch.stack([layer.values[row].index_select(1, index) for layer in layers])
@@ -255,7 +262,7 @@ class SACCompressor(torch.nn.Module):
                 AnchorKV(
                     keys=keys,
                     values=values,
-                    positions=index.cpu() + offsets[row],
+                    positions=positions[row].index_select(0, index).cpu(),
                     n_tokens=len(chunk),
                     offset=offsets[row],
                     fingerprint=fingerprint,
@@ -264,14 +271,16 @@ class SACCompressor(torch.nn.Module):
         return results
 
     def _anchor_additions(self, anchors: list[list[int]], width: int) -> torch.Tensor:
-        """[batch, width, hidden]: the anchor embedding at anchor positions, zero elsewhere."""
+        """[batch, width, hidden]: the anchor embedding at anchor positions, zero elsewhere
+        (row k of a per-slot table at the k-th anchor)."""
         rows = torch.zeros(len(anchors), width, dtype=torch.long, device=self.device)
         is_anchor = torch.zeros(len(anchors), width, 1, dtype=self.anchor_embedding.dtype, device=self.device)
+        last_row = self.anchor_embedding.shape[0] - 1
         for b, idx in enumerate(anchors):
             index = torch.as_tensor(idx, device=self.device)
             is_anchor[b, index] = 1
             if self.config.anchor_embedding == "per_slot":
-                rows[b, index] = torch.arange(len(idx), device=self.device).clamp_max(self.anchor_embedding.shape[0] - 1)
+                rows[b, index] = torch.arange(len(idx), device=self.device).clamp_max(last_row)
         return self.anchor_embedding[rows] * is_anchor
 
     # -- save / load ------------------------------------------------------------------------

@@ -69,6 +69,10 @@ class SACConfig:
     anchor_seed: int = 0
     anchor_embedding: str = "shared"  # shared (paper) | per_slot (reference code) | none
     bidirectional: bool = True
+    # "anchors" (SAC) or "compression_tokens": k = anchor_count learned tokens appended after
+    # the chunk, at the anchors' (uniformly spread, EPL-style) positions, whose K/V is the memory
+    # (the prior-art baseline, trained by the same loop).
+    memory: str = "anchors"
     lora_rank: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.0
@@ -99,6 +103,10 @@ class SACConfig:
             raise InvalidInputError(
                 f"anchor_embedding must be one of {ANCHOR_EMBEDDINGS}, got {self.anchor_embedding!r}"
             )
+        if self.memory not in ("anchors", "compression_tokens"):
+            raise InvalidInputError(f"memory must be 'anchors' or 'compression_tokens', got {self.memory!r}")
+        if self.memory == "compression_tokens" and self.anchor_embedding != "per_slot":
+            raise InvalidInputError("compression tokens need their own embeddings: set anchor_embedding='per_slot'")
         if self.lora_rank < 0:
             raise InvalidInputError(f"lora_rank must be >= 0 (0 = no adapter), got {self.lora_rank}")
 

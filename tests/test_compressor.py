@@ -241,3 +241,17 @@ def test_anchor_kv_round_trips_through_bytes_and_dtypes(tiny):
     assert half.keys.dtype == torch.bfloat16 and half.nbytes == kv.nbytes // 2
     with pytest.raises(InvalidInputError):
         AnchorKV.from_bytes(b"not safetensors at all")
+
+
+def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(tiny):
+    comp = _compressor(tiny, memory="compression_tokens", anchor_embedding="per_slot", bidirectional=False)
+    ids = _ids(comp.tokenizer)[:30]
+    kv = comp.compress_chunks([ids])[0]
+    assert kv.n_anchors == 8 and kv.positions.tolist() == list(range(1, 30, 4))  # ratio 4: s = 1
+    # causal: the memory depends on the chunk, the chunk's own tokens are not what is kept
+    plain = _compressor(tiny, bidirectional=False).compress_chunks([ids])[0]
+    assert not torch.allclose(kv.keys, plain.keys)
+    together = comp.compress_chunks([ids, ids[:9]], batch_size=2)
+    torch.testing.assert_close(together[1].keys, comp.compress_chunks([ids[:9]])[0].keys, atol=1e-5, rtol=1e-4)
+    with pytest.raises(InvalidInputError, match="per_slot"):
+        SACConfig(memory="compression_tokens", anchor_embedding="shared")

@@ -159,3 +159,19 @@ def test_batch_api_refuses_a_bare_prompt(setup):
     with pytest.raises(InvalidInputError, match="max_new_tokens"):
         GenerationConfig(max_new_tokens=0)
     assert torch.is_tensor(gen.prompt_logits(["Paris is"]))
+
+
+def test_sac_facade_answers_from_compressed_and_from_full_text(setup):
+    from sac_rag import SAC
+
+    comp, _ = setup
+    sac = SAC(comp, GenerationConfig(max_new_tokens=6))
+    compressed = sac.answer("Who finished the tower?", [TEXT, "Paris is the capital of France."])
+    full = sac.answer("Who finished the tower?", [TEXT, "Paris is the capital of France."], full_text=True)
+    assert compressed.cached_tokens > 0 and compressed.context_tokens > compressed.cached_tokens
+    assert full.cached_tokens == 0 and full.text_tokens > compressed.text_tokens
+    precompressed = sac.answer("Who finished the tower?", [sac.compress(TEXT), "Paris is the capital of France."])
+    assert precompressed.token_ids == compressed.token_ids
+    batch = sac.answer_batch(["Who?", "What?"], [[TEXT], [TEXT * 2]])
+    assert len(batch) == 2 and batch[0].token_ids == sac.answer("Who?", [TEXT]).token_ids
+    assert "".join(sac.stream("Who?", [TEXT])) == sac.answer("Who?", [TEXT]).text

@@ -1,0 +1,155 @@
+"""Reading training and evaluation data: QA (SQuAD JSON, JSONL) and plain text for LM.
+
+Files may be compressed (``.xz``, ``.gz``). Malformed records raise ``DataError`` naming the
+file and record; records that are valid but unusable (empty context or answer) are skipped
+and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import lzma
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SACError
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(SACError):
+    """A data file is missing or malformed."""
+
+
+@dataclass
+class QAItem:
+    question: str
+    answers: list[str]
+    id: str = ""
+
+
+@dataclass
+class Paragraph:
+    """One context with all its questions (SQuAD has about five per paragraph)."""
+
+    context: str
+    questions: list[QAItem]
+    title: str = ""
+
+
+@dataclass
+class LoadStats:
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def open_text(path: str | Path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _base_suffix(path: Path) -> str:
+    return Path(path.stem).suffix if path.suffix in (".xz", ".gz") else path.suffix
+
+
+def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]:
+    """Paragraphs from SQuAD JSON (``data[].paragraphs[]``) or JSONL ``{context, question,
+    answers}`` (rows sharing a context are grouped into one paragraph)."""
+    path, stats = Path(path), stats or LoadStats()
+    if _base_suffix(path) == ".jsonl":
+        paragraphs: dict[str, Paragraph] = {}
+        with open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    context, question, answers = row["context"], row["question"], row["answers"]
+                except (ValueError, KeyError, TypeError) as err:
+                    raise DataError(f"{path}:{line_no}: expected JSON with context, question, answers ({err})") from err
+                answers = [answers] if isinstance(answers, str) else list(answers)
+                item = _qa_item(question, answers, row.get("id", f"{line_no}"), stats)
+                if item is None or not _has_text(context, stats):
+                    continue
+                paragraphs.setdefault(context, Paragraph(context, [], row.get("title", ""))).questions.append(item)
+        return list(paragraphs.values())
+    try:
+        with open_text(path) as f:
+            data = json.load(f)["data"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list): {err}") from err
+    out = []
+    for article in data:
+        for para in article.get("paragraphs", []):
+            if not _has_text(para.get("context"), stats):
+                continue
+            items = []
+            for qa in para.get("qas", []):
+                answers = [a.get("text", "") for a in qa.get("answers", [])]
+                item = _qa_item(qa.get("question"), answers, qa.get("id", ""), stats)
+                if item is not None:
+                    items.append(item)
+            if items:
+                out.append(Paragraph(para["context"], items, article.get("title", "")))
+    return out
+
+
+def _has_text(context, stats: LoadStats) -> bool:
+    stats.read += 1
+    if not isinstance(context, str) or not context.strip():
+        stats.skip("empty context")
+        return False
+    return True
+
+
+def _qa_item(question, answers, qa_id, stats: LoadStats) -> QAItem | None:
+    answers = [a for a in answers if isinstance(a, str) and a.strip()]
+    if not isinstance(question, str) or not question.strip():
+        stats.skip("empty question")
+        return None
+    if not answers:
+        stats.skip("no answer")
+        return None
+    return QAItem(question.strip(), answers, str(qa_id))
+
+
+def iter_texts(path: str | Path) -> Iterator[str]:
+    """Plain texts for LM pretraining: JSONL with a ``text`` field, or a TXT file whose
+    paragraphs (separated by blank lines) are documents."""
+    path = Path(path)
+    with open_text(path) as f:
+        if _base_suffix(path) == ".jsonl":
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as err:
+                    raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from err
+                if isinstance(text, str) and text.strip():
+                    yield text
+        else:
+            for block in f.read().split("\n\n"):
+                if block.strip():
+                    yield block
+
+
+def split_by_title(paragraphs: list[Paragraph], held_out_fraction: float) -> tuple[list[Paragraph], list[Paragraph]]:
+    """Hold out the last ``held_out_fraction`` of articles (by title order of appearance), so no
+    article is in both splits."""
+    titles = list(dict.fromkeys(p.title for p in paragraphs))
+    n_held = max(1, round(len(titles) * held_out_fraction)) if held_out_fraction > 0 else 0
+    held = set(titles[len(titles) - n_held:]) if n_held else set()
+    return [p for p in paragraphs if p.title not in held], [p for p in paragraphs if p.title in held]

@@ -1,0 +1,80 @@
+"""Answer-quality metrics.
+
+Standard SQuAD metrics (what users compare against): answers normalised (lower case, no
+punctuation or articles, single spaces), EM and token F1 taken as the max over gold answers.
+The paper's metrics (METHOD.md, "Metrics"): ROUGE-1 F between the prediction and the *first*
+gold answer on whitespace tokens, case-sensitive ("F1"), and raw string equality ("EM").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _token_f1(prediction: list[str], gold: list[str]) -> float:
+    common = Counter(prediction) & Counter(gold)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(prediction), overlap / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(prediction: str, golds: Sequence[str]) -> float:
+    return max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
+
+
+def squad_f1(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction).split()
+    return max(_token_f1(pred, normalize_answer(g).split()) if pred or normalize_answer(g) else 1.0 for g in golds)
+
+
+def paper_rouge1_f(prediction: str, golds: Sequence[str]) -> float:
+    return _token_f1(prediction.split(), golds[0].split())
+
+
+def paper_raw_em(prediction: str, golds: Sequence[str]) -> float:
+    return float(prediction.strip() == golds[0].strip())
+
+
+def score(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Per-example scores (in percent) under all four metrics."""
+    rows = {"em": [], "f1": [], "paper_em": [], "paper_f1": []}
+    for pred, gold in zip(predictions, golds, strict=True):
+        rows["em"].append(100 * squad_em(pred, gold))
+        rows["f1"].append(100 * squad_f1(pred, gold))
+        rows["paper_em"].append(100 * paper_raw_em(pred, gold))
+        rows["paper_f1"].append(100 * paper_rouge1_f(pred, gold))
+    return rows
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def summarize(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Means and 95% CIs: {"em", "f1", "paper_em", "paper_f1", "f1_ci": [lo, hi], ...}."""
+    rows = score(predictions, golds)
+    out: dict = {"n": len(predictions)}
+    for name, values in rows.items():
+        out[name] = sum(values) / len(values) if values else float("nan")
+        out[f"{name}_ci"] = list(bootstrap_ci(values))
+    return out

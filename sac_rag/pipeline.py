@@ -1,0 +1,74 @@
+"""``SAC``: a compressor and its decoder in one object, for the three-line use case.
+
+>>> from sac_rag import SAC                                         # doctest: +SKIP
+>>> sac = SAC.from_pretrained()                                     # doctest: +SKIP
+>>> sac.answer("Who designed it?", ["The Eiffel Tower ..."]).text   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .compressor import SACCompressor
+from .generation import Generation, GenerationConfig, Generator
+from .kv import AnchorKV
+
+DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"
+
+Context = str | AnchorKV | Sequence[AnchorKV]
+
+
+class SAC:
+    """Compress contexts and answer questions from them with the frozen decoder."""
+
+    def __init__(self, compressor: SACCompressor, generation: GenerationConfig | None = None):
+        self.compressor = compressor
+        self.generator = Generator.from_compressor(compressor)
+        self.template = compressor.config.prompt
+        self.generation = generation or GenerationConfig(stop=("\n###",))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> "SAC":
+        return cls(SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype), generation)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.compressor.fingerprint
+
+    def compress(self, text: str) -> list[AnchorKV]:
+        return self.compressor.compress(text)
+
+    def prompt(self, question: str, contexts: Sequence[Context], full_text: bool = False) -> list:
+        """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline)."""
+        if isinstance(contexts, (str, AnchorKV)):
+            contexts = [contexts]
+        texts = [c for c in contexts if isinstance(c, str)]
+        compressed = iter([] if full_text else self.compressor.compress_batch(texts))
+        resolved = [
+            (c if full_text else next(compressed)) if isinstance(c, str)
+            else ([c] if isinstance(c, AnchorKV) else list(c))
+            for c in contexts
+        ]
+        return self.template.build(resolved, question)
+
+    def answer(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
+               config: GenerationConfig | None = None) -> Generation:
+        return self.generator.generate(self.prompt(question, contexts, full_text), config or self.generation)
+
+    def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
+                     full_text: bool = False, config: GenerationConfig | None = None) -> list[Generation]:
+        prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
+        return self.generator.generate_batch(prompts, config or self.generation)
+
+    def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
+               config: GenerationConfig | None = None) -> Iterator[str]:
+        return self.generator.stream(self.prompt(question, contexts, full_text), config or self.generation)

@@ -1,0 +1,1276 @@
+"""A persistent, embedded store of precompressed chunks (anchor K/V), keyed by chunk text.
+
+SAC pays off in RAG when every chunk of a corpus is compressed once, offline, and a query then
+loads r-times smaller K/V instead of re-reading text. The store that holds them must survive a
+crash in the middle of a long precompression run, must notice corrupt bytes instead of feeding
+wrong K/V to the decoder (which would answer fluently and wrongly), must let queries read while
+a job writes, and must need no server. It is a directory:
+
+    manifest.json          format version, compressor fingerprint, ratio, dtype, storage codec,
+                           position convention, checksum algorithm (+ the caller's "extra").
+                           Its presence is what makes a directory a store.
+    index.sqlite           SQLite in WAL mode, table ``entries``: key -> shard, offset, length,
+                           sha256 of the stored bytes, sizes, JSON metadata.
+    writer.lock            ``flock``-ed by a writer for the length of one write.
+    shards/000000.shard    append-only: one safetensors blob per entry, back to back.
+
+Each blob is a whole safetensors file (``AnchorKV.to_bytes()`` for native storage, the
+``quantize`` codes plus scales for fp8/int8), so an entry cut out of a shard at its
+(offset, length) loads with ``safetensors`` alone. No pickle anywhere: a store received from
+someone else cannot run code when opened.
+
+Write protocol (why a kill -9 can never leave an indexed entry unreadable): under the writer
+lock, blobs are appended to a shard and the shard is fsynced (and its directory, when the file
+is new) *before* the index rows are committed, in one SQLite transaction with
+``synchronous=FULL``. A crash in between leaves bytes that no row references ("orphans"):
+harmless, counted by ``stats``/``verify``, reclaimed by ``gc``. Readers see the index through
+WAL snapshots, so they only ever look up rows whose bytes are durable and complete: no torn
+reads, and readers never wait for the writer.
+
+Positions: entries are chunk-local, the chunk's first token at position 0 (``AnchorKV.offset ==
+0``). ``put`` refuses other offsets rather than re-rotating them, because rotating needs the
+model's ``KeyRotator``; the caller has it (``kv.at_offset(0, rotator)``), the store does not.
+
+Keys are ``AnchorStore.key_for(text)`` (sha256 of the chunk text) by convention; one store holds
+one compressor's entries (the manifest fingerprint), so the same text under another compressor
+lives in another store.
+
+Command line: ``python -m sac_rag.store {verify,stats,gc,merge} ...`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .devices import dtype_name, resolve_dtype
+from .errors import FingerprintMismatchError, InvalidInputError, SACError
+from .fingerprint import same_model
+from .kv import FORMAT as KV_FORMAT
+from .kv import AnchorKV
+from .quantize import CODECS, dequantize, quantize
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+STORE_FORMAT = "sac-anchor-store/1"
+POSITION_CONVENTION = "chunk-local: keys rotated to offset 0 of the chunk"
+STORAGES = ("native", *CODECS)
+QUANTIZED_KV_FORMAT = "sac-anchor-kv-8bit/1"
+
+MANIFEST = "manifest.json"
+INDEX = "index.sqlite"
+LOCK = "writer.lock"
+SHARDS = "shards"
+SHARD_SUFFIX = ".shard"
+
+DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_SHARD_BYTES = 1 << 30
+_SQL_BATCH = 500  # keys per "IN (...)" query, below SQLite's variable limit
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class NotAStoreError(SACError):
+    """The path is not an anchor store (missing, a file, or a directory without a manifest)."""
+
+
+class StoreCorruptionError(SACError):
+    """Stored bytes fail their checksum or do not decode. Names the entry and its metadata."""
+
+    def __init__(self, message: str, key: str | None = None, metadata: dict | None = None,
+                 problem: str | None = None):
+        self.key = key
+        self.metadata = metadata or {}
+        self.problem = problem or message
+        super().__init__(message)
+
+
+class StoreWriteError(SACError, OSError):
+    """A write failed (e.g. disk full). Nothing of the failed write is indexed: fix the cause
+    and rerun the same writes."""
+
+
+class EntryNotFoundError(SACError, KeyError):
+    """No entry under that key (a ``KeyError``, so ``except KeyError`` works)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    key: str
+    metadata: dict
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found. ``ok`` when every indexed entry reads, checks and decodes and the
+    SQLite index passes its own check. Orphan bytes are reported but are not an error."""
+
+    entries: int = 0
+    bad: list[BadEntry] = field(default_factory=list)
+    index_problems: list[str] = field(default_factory=list)
+    orphan_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and not self.index_problems
+
+    def summary(self) -> str:
+        lines = [
+            (f"{'OK' if self.ok else 'CORRUPT'}: {self.entries} entries checked, "
+             f"{len(self.bad)} bad, {self.orphan_bytes} orphan bytes (reclaim with gc)")
+        ]
+        lines += [f"  index: {p}" for p in self.index_problems]
+        lines += [f"  {b.key} {_describe(b.metadata)}: {b.problem}" for b in self.bad]
+        return "\n".join(lines)
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str
+    shard: int
+    offset: int
+    length: int
+    checksum: str
+    metadata_json: str
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads(self.metadata_json)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One entry ready to be written: its blob and its index columns."""
+
+    key: str
+    blob: bytes
+    checksum: str
+    n_anchors: int
+    n_tokens: int
+    kv_bytes: int
+    stored_kv_bytes: int
+    full_kv_bytes: int
+    metadata_json: str
+
+
+_ROW_COLUMNS = "key, shard, offset, length, checksum, metadata"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    shard INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    n_anchors INTEGER NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    kv_bytes INTEGER NOT NULL,
+    stored_kv_bytes INTEGER NOT NULL,
+    full_kv_bytes INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_place ON entries (shard, offset);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class AnchorStore:
+    """A directory of precompressed chunks. Build with ``create``, reopen with ``open``.
+
+    Thread-safe; open one instance per process (do not share across ``fork``). Entries
+    returned by ``get`` may be shared with the in-process LRU cache: do not modify their
+    tensors in place.
+    """
+
+    def __init__(self, path: Path, manifest: dict, readonly: bool, cache_bytes: int,
+                 shard_bytes: int):
+        """Private: use ``AnchorStore.create`` or ``AnchorStore.open``."""
+        self._path = path
+        self._manifest = manifest
+        self._readonly = readonly
+        self._dtype = resolve_dtype(manifest["dtype"], torch.device("cpu"))
+        self._shard_bytes = shard_bytes
+        self._db_lock = threading.RLock()
+        self._write_lock = threading.Lock()
+        self._maps: dict[int, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()
+        self._cache = _LRU(cache_bytes)
+        self._conn: sqlite3.Connection | None = _connect(path / INDEX, readonly)
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str,
+        ratio: int,
+        dtype: str | torch.dtype = "bfloat16",
+        storage: str = "native",
+        extra_manifest: dict | None = None,
+        *,
+        exist_ok: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> AnchorStore:
+        """Create an empty store at ``path`` (which must not exist or be an empty directory).
+
+        ``dtype`` is what entries decode to (and how "native" storage keeps them);
+        ``storage`` is "native", "fp8" or "int8" (see ``quantize``). With ``exist_ok`` an
+        existing store is opened instead, provided it was made with the same fingerprint,
+        ratio, dtype and storage: that is how a resumed precompression run reopens its store.
+        """
+        path = Path(path)
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise InvalidInputError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+            raise InvalidInputError(f"ratio must be a positive integer, got {ratio!r}")
+        if storage not in STORAGES:
+            raise InvalidInputError(f"storage={storage!r}; use one of {STORAGES}")
+        dtype_str = dtype_name(resolve_dtype(dtype, torch.device("cpu")))
+        if extra_manifest is not None and not isinstance(extra_manifest, dict):
+            raise InvalidInputError("extra_manifest must be a dict of JSON values")
+        manifest = {
+            "format": STORE_FORMAT,
+            "fingerprint": fingerprint,
+            "ratio": ratio,
+            "dtype": dtype_str,
+            "storage": storage,
+            "position_convention": POSITION_CONVENTION,
+            "entry_format": KV_FORMAT if storage == "native" else QUANTIZED_KV_FORMAT,
+            "checksum": "sha256",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "extra": extra_manifest or {},
+        }
+        try:
+            manifest_text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise InvalidInputError(f"extra_manifest is not JSON-serializable: {err}") from err
+
+        def reopen() -> AnchorStore:
+            store = cls.open(path, fingerprint, cache_bytes=cache_bytes, shard_bytes=shard_bytes)
+            for name in ("ratio", "dtype", "storage"):
+                if store.manifest[name] != manifest[name]:
+                    store.close()
+                    raise InvalidInputError(
+                        f"the store at {path} has {name}={store.manifest[name]!r}, not "
+                        f"{manifest[name]!r}; use another path or the store's settings"
+                    )
+            return store
+
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise NotAStoreError(f"{path} is a file, not a directory; choose another path")
+            if (path / MANIFEST).exists():
+                if exist_ok:
+                    return reopen()
+                raise InvalidInputError(
+                    f"a store already exists at {path}; open it with AnchorStore.open "
+                    "(or pass exist_ok=True)"
+                )
+            if any(path.iterdir()):
+                raise InvalidInputError(
+                    f"{path} is a non-empty directory that is not a store; refusing to create a "
+                    "store inside it: choose an empty or new path"
+                )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside, then renamed into place: a crash never leaves a half-made store.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        try:
+            os.chmod(tmp, 0o755)
+            (tmp / SHARDS).mkdir()
+            conn = sqlite3.connect(tmp / INDEX, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+            finally:
+                conn.close()
+            _write_atomically(tmp / MANIFEST, manifest_text.encode())
+            _fsync_dir(tmp / SHARDS)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, path)  # also replaces an empty directory
+            except OSError as err:
+                if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and (path / MANIFEST).exists():
+                    if exist_ok:  # someone else created it meanwhile
+                        return reopen()
+                    raise InvalidInputError(f"a store already exists at {path}") from err
+                raise
+            _fsync_dir(path.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(path, fingerprint, cache_bytes=cache_bytes, shard_bytes=shard_bytes)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str | None = None,
+        readonly: bool = False,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> AnchorStore:
+        """Open an existing store. With ``fingerprint``, refuse a store built by another model
+        or compressor (``FingerprintMismatchError``, naming both). ``cache_bytes`` bounds the
+        in-process LRU of decoded entries (0 disables it)."""
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if fingerprint is not None and not same_model(fingerprint, manifest["fingerprint"]):
+            raise FingerprintMismatchError(
+                f"the anchor store at {path}",
+                expected=fingerprint,
+                found=manifest["fingerprint"],
+                advice="Rebuild the store with this compressor, or load the compressor it was "
+                "built with.",
+            )
+        if not (path / INDEX).is_file() or not (path / SHARDS).is_dir():
+            raise StoreCorruptionError(
+                f"the store at {path} has a manifest but no {INDEX} or {SHARDS}/ directory; "
+                "it cannot be read: rebuild it"
+            )
+        if cache_bytes < 0 or shard_bytes < 1:
+            raise InvalidInputError("cache_bytes must be >= 0 and shard_bytes >= 1")
+        try:
+            return cls(path, manifest, readonly, cache_bytes, shard_bytes)
+        except sqlite3.DatabaseError as err:
+            raise StoreCorruptionError(
+                f"the index of the store at {path} is unreadable: {err}") from err
+
+    def close(self) -> None:
+        with self._db_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        with self._maps_lock:
+            self._maps.clear()  # mmaps close when the last reference goes
+        self._cache.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"AnchorStore({str(self._path)!r}, fingerprint={self.fingerprint!r}, "
+                f"storage={self.storage!r}, readonly={self._readonly})")
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(json.dumps(self._manifest))  # a copy
+
+    @property
+    def fingerprint(self) -> str:
+        return self._manifest["fingerprint"]
+
+    @property
+    def ratio(self) -> int:
+        return self._manifest["ratio"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def storage(self) -> str:
+        return self._manifest["storage"]
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @staticmethod
+    def key_for(text: str) -> str:
+        """The key of a chunk: sha256 (hex) of its UTF-8 text."""
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"key_for takes the chunk text (str), got {type(text).__name__}")
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def put(self, key: str, kv: AnchorKV, metadata: dict | None = None) -> bool:
+        """Store one chunk. Returns False (and writes nothing) if ``key`` is already stored."""
+        return self.put_many([(key, kv, metadata)]) == 1
+
+    def put_many(self, items: Iterable[tuple]) -> int:
+        """Store ``(key, kv)`` or ``(key, kv, metadata)`` items in one durable transaction.
+
+        Keys already stored (or repeated within ``items``) are skipped, so a rerun after a
+        crash resumes. Returns how many entries were written. ``metadata`` is a JSON dict kept
+        with the entry (e.g. a chunk id or source document) and named in corruption errors.
+        """
+        records = []
+        for item in items:
+            if not isinstance(item, tuple) or len(item) not in (2, 3):
+                raise InvalidInputError("put_many takes (key, kv) or (key, kv, metadata) tuples")
+            records.append(self._encode(*item))
+        return self._write(records)
+
+    def _encode(self, key: str, kv: AnchorKV, metadata: dict | None = None) -> _Record:
+        self._check_writable()
+        _check_key(key)
+        if not isinstance(kv, AnchorKV):
+            raise InvalidInputError(
+                f"the store holds AnchorKV objects, got {type(kv).__name__} for key {key}"
+            )
+        if not same_model(kv.fingerprint, self.fingerprint):
+            raise FingerprintMismatchError(
+                f"the chunk {key}",
+                expected=self.fingerprint,
+                found=kv.fingerprint,
+                advice=f"Store it in a store of its own compressor, not in {self._path}.",
+            )
+        if kv.offset != 0:
+            raise InvalidInputError(
+                f"chunk {key} is at offset {kv.offset}; the store keeps chunks chunk-local "
+                "(offset 0): pass kv.at_offset(0, rotator)"
+            )
+        if not (torch.isfinite(kv.keys).all() and torch.isfinite(kv.values).all()):
+            raise InvalidInputError(f"chunk {key} has NaN or infinite K/V; not storing it")
+        metadata_json = _dumps_metadata(metadata, key)
+
+        kv = kv.detach().to(device="cpu", dtype=self._dtype)
+        if self.storage == "native":
+            blob = kv.to_bytes()
+            stored = kv.nbytes
+        else:
+            blob, stored = _encode_8bit(kv, self.storage)
+        full_kv_bytes = kv.nbytes // kv.n_anchors * kv.n_tokens if kv.n_anchors else 0
+        return _Record(
+            key=key, blob=blob, checksum=hashlib.sha256(blob).hexdigest(),
+            n_anchors=kv.n_anchors, n_tokens=int(kv.n_tokens), kv_bytes=kv.nbytes,
+            stored_kv_bytes=stored, full_kv_bytes=full_kv_bytes, metadata_json=metadata_json,
+        )
+
+    def _write(self, records: list[_Record]) -> int:
+        """Append blobs, fsync, then commit their index rows (the crash-safety order)."""
+        self._check_writable()
+        if not records:
+            return 0
+        with self._write_lock, _WriterLock(self._path / LOCK):
+            present = set(self._present([r.key for r in records]))
+            todo = []
+            for record in records:
+                if record.key not in present:
+                    present.add(record.key)
+                    todo.append(record)
+            if not todo:
+                return 0
+            appender = _ShardAppender(self._path / SHARDS, self._shard_bytes, self._next_shard())
+            try:
+                places = [appender.add(r.blob) for r in todo]
+                appender.sync()
+            except OSError as err:
+                appender.rollback()
+                raise _write_error(err, self._path, "writing entry data") from err
+            now = time.time()
+            rows = [
+                (r.key, shard, offset, len(r.blob), r.checksum, r.n_anchors, r.n_tokens,
+                 r.kv_bytes, r.stored_kv_bytes, r.full_kv_bytes, r.metadata_json, now)
+                for r, (shard, offset) in zip(todo, places)
+            ]
+            try:
+                self._index_rows(rows, appender.next_shard)
+            except (sqlite3.Error, OSError) as err:
+                # The bytes are durable but unindexed: orphans, reclaimed by gc.
+                raise _write_error(err, self._path, "committing the index") from err
+            return len(todo)
+
+    def _index_rows(self, rows: list[tuple], next_shard: int) -> None:
+        with self._db_lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO entries (key, shard, offset, length, checksum, "
+                    "n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes, metadata, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                _set_next_shard(conn, next_shard)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _next_shard(self) -> int:
+        with self._db_lock:
+            row = self._db().execute("SELECT value FROM meta WHERE name = 'next_shard'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise InvalidInputError(f"the store at {self._path} was opened read-only")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> AnchorKV:
+        """The entry under ``key``, checksum-verified, in the manifest dtype.
+        Raises ``EntryNotFoundError`` (a ``KeyError``) or ``StoreCorruptionError``."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        return self._load(self._row(key))
+
+    def get_many(self, keys: Sequence[str]) -> list[AnchorKV]:
+        """The entries under ``keys``, in that order (one index query for all of them)."""
+        keys = list(keys)
+        found: dict[str, AnchorKV] = {}
+        wanted = []
+        for key in keys:
+            cached = self._cache.get(key)
+            if cached is not None:
+                found[key] = cached
+            else:
+                wanted.append(key)
+        rows = self._rows(wanted)
+        missing = [k for k in dict.fromkeys(wanted) if k not in rows]
+        if missing:
+            raise EntryNotFoundError(
+                f"{len(missing)} of {len(keys)} keys are not in the store at {self._path}: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
+        for key, row in rows.items():
+            found[key] = self._load(row)
+        return [found[key] for key in keys]
+
+    def metadata(self, key: str) -> dict:
+        """The JSON metadata stored with ``key``."""
+        return self._row(key).metadata
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return bool(self._present([key]))
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` not stored yet (in order, without repeats): what a resumed run
+        still has to compress."""
+        keys = list(dict.fromkeys(keys))
+        present = set(self._present(keys))
+        return [k for k in keys if k not in present]
+
+    def keys(self) -> list[str]:
+        """All keys, in the order they were stored."""
+        with self._db_lock:
+            return [r[0] for r in self._db().execute("SELECT key FROM entries ORDER BY rowid")]
+
+    def __len__(self) -> int:
+        with self._db_lock:
+            return self._db().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def _load(self, row: _Row) -> AnchorKV:
+        kv = self._decode(row, self._read_verified(row))
+        self._cache.put(row.key, kv, kv.nbytes)
+        return kv
+
+    def _read_verified(self, row: _Row) -> bytes:
+        """The entry's stored bytes, checksum-verified. A failure is retried once with a fresh
+        index row and a fresh mapping, because ``gc`` may have moved the entry meanwhile."""
+        try:
+            data = self._read_bytes(row)
+            if hashlib.sha256(data).hexdigest() == row.checksum:
+                return data
+        except (OSError, ValueError):
+            pass
+        self._forget_map(row.shard)
+        row = self._row(row.key)
+        try:
+            data = self._read_bytes(row)
+        except FileNotFoundError:
+            raise self._corruption(
+                row, f"its shard file {self._shard_name(row.shard)} is missing") from None
+        except (OSError, ValueError) as err:
+            raise self._corruption(row, f"its bytes cannot be read ({err})") from err
+        if hashlib.sha256(data).hexdigest() != row.checksum:
+            raise self._corruption(
+                row, f"checksum mismatch in {self._shard_name(row.shard)} at byte {row.offset}"
+            )
+        return data
+
+    def _decode(self, row: _Row, data: bytes) -> AnchorKV:
+        try:
+            kv = _decode_blob(data, self._dtype)
+        except Exception as err:  # whatever fails to decode is corrupt
+            raise self._corruption(row, f"its bytes do not decode ({err})") from err
+        if not same_model(kv.fingerprint, self.fingerprint):
+            raise self._corruption(row, f"it was made by another compressor ({kv.fingerprint!r})")
+        return kv
+
+    def _read_bytes(self, row: _Row) -> bytes:
+        end = row.offset + row.length
+        with self._maps_lock:
+            mapped = self._maps.get(row.shard)
+            if mapped is None or len(mapped) < end:
+                with open(self._path / SHARDS / self._shard_name(row.shard), "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < end:
+                        raise ValueError(f"shard has {size} bytes, entry ends at byte {end}")
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[row.shard] = mapped
+        return mapped[row.offset:end]
+
+    def _forget_map(self, shard: int) -> None:
+        with self._maps_lock:
+            self._maps.pop(shard, None)
+
+    def _corruption(self, row: _Row, problem: str) -> StoreCorruptionError:
+        metadata = _safe_metadata(row.metadata_json)
+        return StoreCorruptionError(
+            f"entry {row.key} {_describe(metadata)} in the store at {self._path} is corrupt: "
+            f"{problem}. Run `python -m sac_rag.store verify {self._path}` to list every bad "
+            "entry; recompress the chunk into a fresh store (or restore the store from a copy).",
+            key=row.key,
+            metadata=metadata,
+            problem=problem,
+        )
+
+    # -- index queries ------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise InvalidInputError(f"the store at {self._path} is closed")
+        return self._conn
+
+    def _row(self, key: str) -> _Row:
+        _check_key(key)
+        with self._db_lock:
+            found = self._db().execute(
+                f"SELECT {_ROW_COLUMNS} FROM entries WHERE key = ?", (key,)
+            ).fetchone()
+        if found is None:
+            raise EntryNotFoundError(f"no entry {key} in the store at {self._path}")
+        return _Row(*found)
+
+    def _rows(self, keys: Sequence[str]) -> dict[str, _Row]:
+        rows: dict[str, _Row] = {}
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            _check_key(key)
+        with self._db_lock:
+            for i in range(0, len(keys), _SQL_BATCH):
+                batch = keys[i:i + _SQL_BATCH]
+                query = (f"SELECT {_ROW_COLUMNS} FROM entries "
+                         f"WHERE key IN ({','.join('?' * len(batch))})")
+                for found in self._db().execute(query, batch):
+                    rows[found[0]] = _Row(*found)
+        return rows
+
+    def _sizes(self, key: str) -> tuple[int, int, int, int, int]:
+        """n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes of an entry."""
+        with self._db_lock:
+            return self._db().execute(
+                "SELECT n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes "
+                "FROM entries WHERE key = ?", (key,)).fetchone()
+
+    def _present(self, keys: Sequence[str]) -> list[str]:
+        present = []
+        with self._db_lock:
+            for i in range(0, len(keys), _SQL_BATCH):
+                batch = list(keys[i:i + _SQL_BATCH])
+                query = f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(batch))})"
+                present += [r[0] for r in self._db().execute(query, batch)]
+        return present
+
+    def _all_rows(self) -> list[_Row]:
+        with self._db_lock:
+            return [_Row(*r) for r in self._db().execute(
+                f"SELECT {_ROW_COLUMNS} FROM entries ORDER BY shard, offset")]
+
+    @staticmethod
+    def _shard_name(shard: int) -> str:
+        return f"{shard:06d}{SHARD_SUFFIX}"
+
+    def _shard_sizes(self) -> dict[int, int]:
+        sizes = {}
+        for entry in os.scandir(self._path / SHARDS):
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix == SHARD_SUFFIX and stem.isdigit():
+                try:
+                    sizes[int(stem)] = entry.stat().st_size
+                except FileNotFoundError:  # removed by a concurrent gc
+                    pass
+        return dict(sorted(sizes.items()))
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Read, checksum and decode every entry (bypassing the cache); name the bad ones."""
+        report = VerifyReport()
+        with self._db_lock:
+            checks = [r[0] for r in self._db().execute("PRAGMA quick_check")]
+        if checks != ["ok"]:
+            report.index_problems += checks
+        rows = self._all_rows()
+        report.entries = len(rows)
+        for row in rows:
+            try:
+                self._decode(row, self._read_verified(row))
+            except StoreCorruptionError as err:
+                report.bad.append(BadEntry(row.key, err.metadata, err.problem))
+        live = sum(r.length for r in rows)
+        report.orphan_bytes = max(0, sum(self._shard_sizes().values()) - live)
+        return report
+
+    def stats(self) -> dict:
+        """Sizes and counts: entries, bytes on disk, bytes of K/V (stored and decoded), the
+        full-context K/V the same chunks would take, anchors and tokens represented."""
+        with self._db_lock:
+            (entries, stored, anchors, tokens, kv_bytes, stored_kv, full_kv) = self._db().execute(
+                "SELECT COUNT(*), COALESCE(SUM(length), 0), COALESCE(SUM(n_anchors), 0), "
+                "COALESCE(SUM(n_tokens), 0), COALESCE(SUM(kv_bytes), 0), "
+                "COALESCE(SUM(stored_kv_bytes), 0), COALESCE(SUM(full_kv_bytes), 0) "
+                "FROM entries"
+            ).fetchone()
+        shard_sizes = self._shard_sizes()
+        on_disk = 0
+        for root, _, files in os.walk(self._path):
+            for name in files:
+                try:
+                    on_disk += os.path.getsize(os.path.join(root, name))
+                except FileNotFoundError:
+                    pass
+        return {
+            "path": str(self._path),
+            "fingerprint": self.fingerprint,
+            "ratio": self.ratio,
+            "dtype": self._manifest["dtype"],
+            "storage": self.storage,
+            "entries": entries,
+            "shards": len(shard_sizes),
+            "bytes_on_disk": on_disk,
+            "entry_bytes": stored,
+            "orphan_bytes": max(0, sum(shard_sizes.values()) - stored),
+            "kv_bytes_stored": stored_kv,
+            "kv_bytes_decoded": kv_bytes,
+            "full_kv_bytes": full_kv,
+            "anchors": anchors,
+            "tokens_represented": tokens,
+            "avg_anchors_per_entry": anchors / entries if entries else 0.0,
+            "avg_tokens_per_entry": tokens / entries if entries else 0.0,
+            "tokens_per_anchor": tokens / anchors if anchors else 0.0,
+            "bytes_per_entry": stored / entries if entries else 0.0,
+        }
+
+    def gc(self) -> dict:
+        """Reclaim orphan bytes (written by a crashed or failed write, never indexed): delete
+        shards no entry uses, copy live entries out of shards that hold orphans, remove stale
+        temporary files. Readers may keep reading meanwhile; writers wait."""
+        self._check_writable()
+        report = {"removed_shards": 0, "compacted_shards": 0, "moved_entries": 0,
+                  "reclaimed_bytes": 0, "removed_temp_files": 0}
+        with self._write_lock, _WriterLock(self._path / LOCK):
+            for folder in (self._path, self._path / SHARDS):
+                for entry in os.scandir(folder):
+                    if entry.is_file() and entry.name.endswith(".tmp"):
+                        os.unlink(entry.path)
+                        report["removed_temp_files"] += 1
+            rows = self._all_rows()
+            by_shard: dict[int, list[_Row]] = {}
+            for row in rows:
+                by_shard.setdefault(row.shard, []).append(row)
+            sizes = self._shard_sizes()
+            empty = [s for s in sizes if s not in by_shard]
+            holey = [s for s in sizes if s in by_shard
+                     and sizes[s] > sum(r.length for r in by_shard[s])]
+            if not empty and not holey:
+                return report
+            # Never reuse a shard id: a reader may still map a deleted shard by its id.
+            next_shard = max(self._next_shard(), max(sizes) + 1)
+            appender = _ShardAppender(self._path / SHARDS, self._shard_bytes, next_shard,
+                                      fresh=True)
+            moves = []
+            try:
+                for shard in holey:
+                    with open(self._path / SHARDS / self._shard_name(shard), "rb") as f:
+                        for row in by_shard[shard]:  # sorted by offset
+                            f.seek(row.offset)
+                            data = f.read(row.length)  # copied as is: corruption stays visible
+                            new_shard, new_offset = appender.add(data)
+                            moves.append((new_shard, new_offset, row.key, row.shard, row.offset))
+                appender.sync()
+            except OSError as err:
+                appender.rollback()
+                raise _write_error(err, self._path, "compacting shards") from err
+            with self._db_lock:
+                conn = self._db()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        "UPDATE entries SET shard = ?, offset = ? "
+                        "WHERE key = ? AND shard = ? AND offset = ?", moves)
+                    _set_next_shard(conn, max(next_shard, appender.next_shard))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            for shard in empty + holey:
+                os.unlink(self._path / SHARDS / self._shard_name(shard))
+                self._forget_map(shard)
+            _fsync_dir(self._path / SHARDS)
+            moved_bytes = sum(r.length for s in holey for r in by_shard[s])
+            report["removed_shards"] = len(empty)
+            report["compacted_shards"] = len(holey)
+            report["moved_entries"] = len(moves)
+            report["reclaimed_bytes"] = sum(sizes[s] for s in empty + holey) - moved_bytes
+        return report
+
+
+# -- merging ----------------------------------------------------------------------------------
+
+
+def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> int:
+    """Merge per-shard stores (e.g. from ``--num-shards`` precompression workers) into
+    ``destination``, created with the first source's settings if it does not exist yet.
+
+    Every source must carry the same fingerprint and ratio (checked before anything is
+    written). Entries already in the destination are skipped. Bytes are copied as stored
+    (checksum-verified) when the storage codec and dtype agree, re-encoded otherwise.
+    Returns how many entries were added.
+    """
+    if isinstance(sources, (str, os.PathLike)) or not sources:
+        raise InvalidInputError("merge takes a destination and a non-empty list of source stores")
+    destination = Path(destination)
+    opened = [AnchorStore.open(s, readonly=True, cache_bytes=0) for s in sources]
+    try:
+        first = opened[0]
+        for other in opened[1:]:
+            if not same_model(first.fingerprint, other.fingerprint):
+                raise FingerprintMismatchError(
+                    f"the store at {other.path}", expected=first.fingerprint,
+                    found=other.fingerprint,
+                    advice=f"Merge only stores built by the same compressor as {first.path}.",
+                )
+            if other.ratio != first.ratio:
+                raise InvalidInputError(
+                    f"{other.path} has ratio {other.ratio}, {first.path} has {first.ratio}; "
+                    "stores of different ratios cannot be merged"
+                )
+        if (destination / MANIFEST).exists():
+            dest = AnchorStore.open(destination, first.fingerprint, cache_bytes=0)
+        else:
+            m = first.manifest
+            dest = AnchorStore.create(destination, m["fingerprint"], m["ratio"], m["dtype"],
+                                      m["storage"], m.get("extra") or None, cache_bytes=0)
+        with dest:
+            if dest.ratio != first.ratio:
+                raise InvalidInputError(
+                    f"{destination} has ratio {dest.ratio}, the sources have {first.ratio}"
+                )
+            added = 0
+            for source in opened:
+                if source.path.resolve() == dest.path.resolve():
+                    continue
+                same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
+                keys = source.keys()
+                for i in range(0, len(keys), 64):
+                    todo = dest.missing(keys[i:i + 64])
+                    records = []
+                    for row in source._rows(todo).values():
+                        if same_encoding:  # copy the verified bytes and their index columns
+                            records.append(_Record(row.key, source._read_verified(row),
+                                                   row.checksum, *source._sizes(row.key),
+                                                   row.metadata_json))
+                        else:
+                            records.append(dest._encode(row.key, source._load(row), row.metadata))
+                    added += dest._write(records)
+            return added
+    finally:
+        for store in opened:
+            store.close()
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+
+def _encode_8bit(kv: AnchorKV, codec: str) -> tuple[bytes, int]:
+    keys, key_scale = quantize(kv.keys, codec)
+    values, value_scale = quantize(kv.values, codec)
+    tensors = {
+        "keys": keys, "keys_scale": key_scale,
+        "values": values, "values_scale": value_scale,
+        "positions": kv.positions.to(torch.int64).contiguous(),
+    }
+    meta = {
+        "format": QUANTIZED_KV_FORMAT, "codec": codec, "n_tokens": str(int(kv.n_tokens)),
+        "offset": str(int(kv.offset)), "fingerprint": kv.fingerprint,
+        "dtype": dtype_name(kv.keys.dtype),
+    }
+    stored = keys.nbytes + values.nbytes + key_scale.nbytes + value_scale.nbytes
+    return st_save(tensors, metadata=meta), stored
+
+
+def _decode_blob(data: bytes, dtype: torch.dtype) -> AnchorKV:
+    meta = _blob_metadata(data)
+    if meta.get("format") == KV_FORMAT:
+        kv = AnchorKV.from_bytes(data)
+        return kv if kv.keys.dtype == dtype else kv.to(dtype=dtype)
+    if meta.get("format") != QUANTIZED_KV_FORMAT:
+        raise ValueError(f"unknown entry format {meta.get('format')!r}")
+    tensors = st_load(data)
+    return AnchorKV(
+        keys=dequantize(tensors["keys"], tensors["keys_scale"], dtype),
+        values=dequantize(tensors["values"], tensors["values_scale"], dtype),
+        positions=tensors["positions"],
+        n_tokens=int(meta["n_tokens"]),
+        offset=int(meta["offset"]),
+        fingerprint=meta["fingerprint"],
+    )
+
+
+def _blob_metadata(data: bytes) -> dict:
+    if len(data) < 8:
+        raise ValueError("blob too short to be safetensors")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise ValueError("corrupt safetensors header length")
+    header = json.loads(data[8:8 + header_len])
+    return header.get("__metadata__", {})
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` (the one place entry bytes hit the disk)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class _ShardAppender:
+    """Appends blobs to shard files; ``sync`` makes them durable, ``rollback`` cuts them off.
+
+    Appends to the newest shard while it is below ``shard_bytes`` (unless ``fresh``), else
+    starts shard ``max(next_shard, newest + 1)``: ids only grow, so no id is ever reused.
+    """
+
+    def __init__(self, folder: Path, shard_bytes: int, next_shard: int, fresh: bool = False):
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        existing = sorted(int(p.stem) for p in folder.glob(f"*{SHARD_SUFFIX}") if p.stem.isdigit())
+        self.next_shard = max([next_shard] + [s + 1 for s in existing])
+        self._candidate = None if fresh or not existing else existing[-1]
+        self._shard = -1
+        self._fd = -1
+        self._size = 0
+        self._touched: list[tuple[Path, int, bool]] = []  # (path, size before, created by us)
+        self._fds: list[int] = []
+
+    def add(self, blob: bytes) -> tuple[int, int]:
+        if self._fd < 0 or self._size >= self.shard_bytes:
+            self._open_next()
+        offset = self._size
+        _write_all(self._fd, blob)
+        self._size += len(blob)
+        return self._shard, offset
+
+    def _open_next(self) -> None:
+        shard, self._candidate = self._candidate, None
+        path = None if shard is None else self.folder / AnchorStore._shard_name(shard)
+        if path is None or not path.exists() or path.stat().st_size >= self.shard_bytes:
+            shard = self.next_shard
+            self.next_shard += 1
+            path = self.folder / AnchorStore._shard_name(shard)
+        created = not path.exists()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(path, flags, 0o644)
+        self._fds.append(self._fd)
+        self._shard = shard
+        self._size = os.fstat(self._fd).st_size
+        self._touched.append((path, self._size, created))
+
+    def sync(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd)
+        if any(created for *_, created in self._touched):
+            _fsync_dir(self.folder)
+        self._close()
+
+    def rollback(self) -> None:
+        """Best effort: cut the files back to where they were, remove files we created."""
+        self._close()
+        for path, size, created in self._touched:
+            try:
+                if created:
+                    path.unlink()
+                else:
+                    os.truncate(path, size)
+            except OSError:
+                pass  # left as orphan bytes; gc reclaims them
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._fd = -1
+
+
+class _WriterLock:
+    """``flock`` on ``writer.lock``: one writer (process or store instance) at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> Self:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.path, flags, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """temp file + fsync + rename + fsync of the directory: the file is old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str) -> StoreWriteError:
+    code = getattr(err, "errno", None)
+    full = code == errno.ENOSPC or "full" in str(err).lower()
+    advice = ("the disk is full: free space, then rerun (already stored entries are skipped)"
+              if full else "fix the cause, then rerun (already stored entries are skipped)")
+    return StoreWriteError(code or errno.EIO, f"{doing} in the store at {path} failed ({err}); "
+                           f"nothing of this write was indexed; {advice}")
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        raise NotAStoreError(f"there is no store at {path}; create one with AnchorStore.create")
+    if not path.is_dir():
+        raise NotAStoreError(f"{path} is a file, not a store directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise NotAStoreError(
+            f"{path} is a directory but not an anchor store (it has no {MANIFEST}); "
+            "create one with AnchorStore.create or point at the store's directory"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise StoreCorruptionError(
+            f"the manifest of the store at {path} is unreadable: {err}") from err
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(
+        "sac-anchor-store/"
+    ):
+        raise NotAStoreError(f"{manifest_path} is not an anchor-store manifest")
+    if manifest["format"] != STORE_FORMAT:
+        raise NotAStoreError(
+            f"the store at {path} has format {manifest['format']!r}; this version of sac_rag "
+            f"reads {STORE_FORMAT!r}: upgrade sac_rag"
+        )
+    required = ("fingerprint", "ratio", "dtype", "storage")
+    if any(name not in manifest for name in required) or manifest["storage"] not in STORAGES:
+        raise StoreCorruptionError(f"the manifest of the store at {path} lacks {required} fields")
+    return manifest
+
+
+def _connect(index: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        uri = f"file:{quote(str(index))}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except sqlite3.OperationalError:
+            # A read-only directory: SQLite cannot create the WAL side files; no writer can
+            # be active either, so reading the file as immutable is safe.
+            conn.close()
+            conn = sqlite3.connect(f"file:{quote(str(index))}?immutable=1", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+        return conn
+    conn = sqlite3.connect(index, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+    return conn
+
+
+def _set_next_shard(conn: sqlite3.Connection, next_shard: int) -> None:
+    conn.execute(
+        "INSERT INTO meta (name, value) VALUES ('next_shard', ?) "
+        "ON CONFLICT(name) DO UPDATE SET value = "
+        "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+        (str(next_shard),),
+    )
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+class _LRU:
+    """Decoded entries, most recently used last, bounded by their tensor bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[AnchorKV, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> AnchorKV | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, kv: AnchorKV, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (kv, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, size) = self._items.popitem(last=False)
+                self._bytes -= size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise InvalidInputError(f"store keys are non-empty strings (AnchorStore.key_for(text)), "
+                                f"got {key!r}")
+
+
+def _dumps_metadata(metadata: dict | None, key: str) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata of {key} must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(metadata, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"metadata of {key} is not JSON-serializable: {err}") from err
+
+
+def _safe_metadata(text: str) -> dict:
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, dict) else {"metadata": value}
+    except ValueError:
+        return {"metadata": text}
+
+
+def _describe(metadata: dict) -> str:
+    if not metadata:
+        return "(no metadata)"
+    text = json.dumps(metadata, sort_keys=True)
+    return f"(metadata {text[:200]}{'...' if len(text) > 200 else ''})"
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sac_rag.store verify|stats|gc PATH`` and ``merge DEST SRC...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sac_rag.store",
+        description="Inspect and maintain an anchor store (precompressed SAC chunks).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("verify", help="checksum and decode every entry; exit 1 if any is bad"
+                        ).add_argument("path")
+    commands.add_parser("stats", help="print sizes and counts as JSON").add_argument("path")
+    commands.add_parser("gc", help="reclaim orphan bytes left by crashed writes"
+                        ).add_argument("path")
+    merge_parser = commands.add_parser("merge", help="merge stores of the same compressor")
+    merge_parser.add_argument("destination")
+    merge_parser.add_argument("sources", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            added = merge(args.destination, args.sources)
+            print(json.dumps({"added": added, "destination": args.destination}))
+            return 0
+        with AnchorStore.open(args.path, readonly=args.command != "gc", cache_bytes=0) as store:
+            if args.command == "verify":
+                report = store.verify()
+                print(report.summary())
+                return 0 if report.ok else 1
+            if args.command == "stats":
+                print(json.dumps(store.stats(), indent=2))
+                return 0
+            print(json.dumps(store.gc(), indent=2))
+            return 0
+    except (SACError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
