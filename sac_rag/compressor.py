@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 from .anchors import AnchorSelector, anchor_count, make_selector
 from .config import SACConfig
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
+from .files import atomic_write
 from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
 from .kv import AnchorKV
 from .models import load_base_model
@@ -208,13 +209,19 @@ class SACCompressor(torch.nn.Module):
     def anchor_indices(self, chunk: Sequence[int]) -> list[int]:
         return self.selector.select(chunk, self.config.ratio)
 
-    def encode(self, chunks: Sequence[Sequence[int]], offsets: Sequence[int]) -> list[AnchorKV]:
+    def encode(
+        self, chunks: Sequence[Sequence[int]], offsets: Sequence[int], future_bias: float = 0.0
+    ) -> list[AnchorKV]:
         """One batched encoder pass (differentiable; ``compress_chunks`` wraps it for inference).
 
         Chunks are right-padded; padding is masked as a key, and each chunk's tokens take
         positions ``offset .. offset + n - 1`` so anchor keys carry RoPE at those positions.
         With ``memory="compression_tokens"`` each chunk is followed by its memory tokens, placed
         at the positions its anchors would have, and their K/V is kept instead.
+
+        ``future_bias`` > 0 (training only) subtracts that much from the attention scores of later
+        tokens in a bidirectional encoder: a large value is nearly causal, 0 is fully
+        bidirectional, so training can anneal from the pretrained causal K/V to SAC's encoder.
         """
         if not chunks:
             return []
@@ -244,9 +251,12 @@ class SACCompressor(torch.nn.Module):
         embeds = self._base.get_input_embeddings()(ids)
         if self.config.anchor_embedding != "none":
             embeds = embeds + self._anchor_additions(kept, width).to(embeds.dtype)
+        attention = mask
+        if self.config.bidirectional and future_bias > 0:
+            attention = _biased_bidirectional_mask(mask, future_bias, embeds.dtype)
         out = self._base.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=mask,
+            attention_mask=attention,
             position_ids=positions,
             use_cache=True,
             is_causal=not self.config.bidirectional,
@@ -293,7 +303,7 @@ class SACCompressor(torch.nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_tensors().items()}
         weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
-        _atomic_write(directory / WEIGHTS_FILE, weights)
+        atomic_write(directory / WEIGHTS_FILE, weights)
         meta = {
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
@@ -301,7 +311,7 @@ class SACCompressor(torch.nn.Module):
             "fingerprint": self.fingerprint,
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
-        _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
         return directory
 
     @classmethod
@@ -335,6 +345,19 @@ class SACCompressor(torch.nn.Module):
         compressor._load_tensors(st_load(data), directory)
         return compressor
 
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load trained tensors from a checkpoint of the *same* configuration into this compressor
+        (used to resume training)."""
+        directory = Path(directory)
+        meta = _read_config(directory)
+        if meta["config"] != self.config.to_dict():
+            raise CheckpointError(f"{directory} was saved with other settings than this compressor")
+        self._load_tensors(st_load((directory / WEIGHTS_FILE).read_bytes()), directory)
+
+    @property
+    def template(self):
+        return self.config.prompt
+
     def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         expected = set(self.trainable_tensors())
         if set(tensors) != expected:
@@ -343,12 +366,22 @@ class SACCompressor(torch.nn.Module):
                 f"configuration; it is corrupt or from an incompatible version"
             )
         with torch.no_grad():
-            self.anchor_embedding.copy_(tensors.pop("anchor_embedding"))
+            self.anchor_embedding.copy_(tensors.pop("anchor_embedding").to(self.anchor_embedding.dtype))
         if tensors:
             from peft import set_peft_model_state_dict
 
-            lora = {name[len("lora."):]: t.to(self.dtype) for name, t in tensors.items()}
+            lora = {name[len("lora."):]: t for name, t in tensors.items()}
             set_peft_model_state_dict(self.model, lora)
+
+
+def _biased_bidirectional_mask(mask: torch.Tensor, future_bias: float, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [batch, 1, T, T] mask: 0 for earlier keys, -future_bias for later keys, -inf-like
+    for padding keys."""
+    width = mask.shape[1]
+    later = torch.ones(width, width, dtype=torch.bool, device=mask.device).triu(1)
+    bias = torch.zeros(width, width, dtype=dtype, device=mask.device).masked_fill(later, -future_bias)
+    padding = (mask[:, None, None, :] == 0)
+    return bias[None, None].expand(mask.shape[0], 1, width, width).masked_fill(padding, torch.finfo(dtype).min)
 
 
 def list_pretrained() -> list[str]:
@@ -381,18 +414,3 @@ def _read_config(directory: Path) -> dict:
     if meta.get("format") != "sac-compressor/1":
         raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {meta.get('format')!r})")
     return meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of ``data``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -37,7 +37,7 @@ class SAC:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         generation: GenerationConfig | None = None,
-    ) -> "SAC":
+    ) -> SAC:
         return cls(SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype), generation)
 
     @property

@@ -58,11 +58,3 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
         raise InvalidInputError(f"not an 8-bit code tensor: {q.dtype}")
     return (q.to(torch.float32) * scale.to(torch.float32)[:, :, None, None]).to(dtype)
 
-
-def codec_of(dtype: torch.dtype) -> str:
-    """The codec name of an 8-bit code tensor's dtype."""
-    if dtype == _FP8:
-        return "fp8"
-    if dtype == torch.int8:
-        return "int8"
-    raise InvalidInputError(f"{dtype} is not an 8-bit storage dtype")

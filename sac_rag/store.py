@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import json
 import mmap
@@ -54,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +69,11 @@ from .fingerprint import same_model
 from .kv import FORMAT as KV_FORMAT
 from .kv import AnchorKV
 from .quantize import CODECS, dequantize, quantize
+
+try:  # POSIX file locks; without them a store can be read but not written
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -216,14 +220,13 @@ class AnchorStore:
     tensors in place.
     """
 
-    def __init__(self, path: Path, manifest: dict, readonly: bool, cache_bytes: int,
-                 shard_bytes: int):
+    def __init__(self, path: Path, manifest: dict, readonly: bool, cache_bytes: int):
         """Private: use ``AnchorStore.create`` or ``AnchorStore.open``."""
         self._path = path
         self._manifest = manifest
         self._readonly = readonly
         self._dtype = resolve_dtype(manifest["dtype"], torch.device("cpu"))
-        self._shard_bytes = shard_bytes
+        self._shard_bytes = int(manifest.get("shard_bytes", DEFAULT_SHARD_BYTES))
         self._db_lock = threading.RLock()
         self._write_lock = threading.Lock()
         self._maps: dict[int, mmap.mmap] = {}
@@ -253,6 +256,8 @@ class AnchorStore:
         ``storage`` is "native", "fp8" or "int8" (see ``quantize``). With ``exist_ok`` an
         existing store is opened instead, provided it was made with the same fingerprint,
         ratio, dtype and storage: that is how a resumed precompression run reopens its store.
+        Writers stop appending to a shard file once it holds ``shard_bytes`` (kept in the
+        manifest); smaller shards make ``gc`` cheaper, fewer shards need fewer open maps.
         """
         path = Path(path)
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -262,6 +267,8 @@ class AnchorStore:
         if storage not in STORAGES:
             raise InvalidInputError(f"storage={storage!r}; use one of {STORAGES}")
         dtype_str = dtype_name(resolve_dtype(dtype, torch.device("cpu")))
+        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
+            raise InvalidInputError(f"shard_bytes must be a positive integer, got {shard_bytes!r}")
         if extra_manifest is not None and not isinstance(extra_manifest, dict):
             raise InvalidInputError("extra_manifest must be a dict of JSON values")
         manifest = {
@@ -273,6 +280,7 @@ class AnchorStore:
             "position_convention": POSITION_CONVENTION,
             "entry_format": KV_FORMAT if storage == "native" else QUANTIZED_KV_FORMAT,
             "checksum": "sha256",
+            "shard_bytes": shard_bytes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "extra": extra_manifest or {},
         }
@@ -282,7 +290,7 @@ class AnchorStore:
             raise InvalidInputError(f"extra_manifest is not JSON-serializable: {err}") from err
 
         def reopen() -> AnchorStore:
-            store = cls.open(path, fingerprint, cache_bytes=cache_bytes, shard_bytes=shard_bytes)
+            store = cls.open(path, fingerprint, cache_bytes=cache_bytes)
             for name in ("ratio", "dtype", "storage"):
                 if store.manifest[name] != manifest[name]:
                     store.close()
@@ -334,7 +342,7 @@ class AnchorStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return cls.open(path, fingerprint, cache_bytes=cache_bytes, shard_bytes=shard_bytes)
+        return cls.open(path, fingerprint, cache_bytes=cache_bytes)
 
     @classmethod
     def open(
@@ -344,7 +352,6 @@ class AnchorStore:
         readonly: bool = False,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> AnchorStore:
         """Open an existing store. With ``fingerprint``, refuse a store built by another model
         or compressor (``FingerprintMismatchError``, naming both). ``cache_bytes`` bounds the
@@ -364,10 +371,10 @@ class AnchorStore:
                 f"the store at {path} has a manifest but no {INDEX} or {SHARDS}/ directory; "
                 "it cannot be read: rebuild it"
             )
-        if cache_bytes < 0 or shard_bytes < 1:
-            raise InvalidInputError("cache_bytes must be >= 0 and shard_bytes >= 1")
+        if cache_bytes < 0:
+            raise InvalidInputError(f"cache_bytes must be >= 0, got {cache_bytes}")
         try:
-            return cls(path, manifest, readonly, cache_bytes, shard_bytes)
+            return cls(path, manifest, readonly, cache_bytes)
         except sqlite3.DatabaseError as err:
             raise StoreCorruptionError(
                 f"the index of the store at {path} is unreadable: {err}") from err
@@ -442,15 +449,25 @@ class AnchorStore:
         crash resumes. Returns how many entries were written. ``metadata`` is a JSON dict kept
         with the entry (e.g. a chunk id or source document) and named in corruption errors.
         """
-        records = []
+        self._check_writable()
+        checked = []
         for item in items:
             if not isinstance(item, tuple) or len(item) not in (2, 3):
                 raise InvalidInputError("put_many takes (key, kv) or (key, kv, metadata) tuples")
-            records.append(self._encode(*item))
+            key, kv, metadata = (*item, None)[:3]
+            self._check_entry(key, kv)
+            checked.append((key, kv, metadata))
+        # Encoding costs more than this query: skip what is stored already (the write
+        # re-checks under the writer lock).
+        skip = set(self._present([key for key, _, _ in checked]))
+        records = []
+        for key, kv, metadata in checked:
+            if key not in skip:
+                skip.add(key)
+                records.append(self._encode(key, kv, metadata))
         return self._write(records)
 
-    def _encode(self, key: str, kv: AnchorKV, metadata: dict | None = None) -> _Record:
-        self._check_writable()
+    def _check_entry(self, key: str, kv: AnchorKV) -> None:
         _check_key(key)
         if not isinstance(kv, AnchorKV):
             raise InvalidInputError(
@@ -468,6 +485,9 @@ class AnchorStore:
                 f"chunk {key} is at offset {kv.offset}; the store keeps chunks chunk-local "
                 "(offset 0): pass kv.at_offset(0, rotator)"
             )
+
+    def _encode(self, key: str, kv: AnchorKV, metadata: dict | None = None) -> _Record:
+        self._check_entry(key, kv)
         if not (torch.isfinite(kv.keys).all() and torch.isfinite(kv.values).all()):
             raise InvalidInputError(f"chunk {key} has NaN or infinite K/V; not storing it")
         metadata_json = _dumps_metadata(metadata, key)
@@ -533,7 +553,8 @@ class AnchorStore:
                 _set_next_shard(conn, next_shard)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
     def _next_shard(self) -> int:
@@ -597,6 +618,10 @@ class AnchorStore:
         """All keys, in the order they were stored."""
         with self._db_lock:
             return [r[0] for r in self._db().execute("SELECT key FROM entries ORDER BY rowid")]
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys (a snapshot taken when iteration starts)."""
+        return iter(self.keys())
 
     def __len__(self) -> int:
         with self._db_lock:
@@ -845,7 +870,8 @@ class AnchorStore:
                     _set_next_shard(conn, max(next_shard, appender.next_shard))
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
             for shard in empty + holey:
                 os.unlink(self._path / SHARDS / self._shard_name(shard))
@@ -893,8 +919,10 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
             dest = AnchorStore.open(destination, first.fingerprint, cache_bytes=0)
         else:
             m = first.manifest
-            dest = AnchorStore.create(destination, m["fingerprint"], m["ratio"], m["dtype"],
-                                      m["storage"], m.get("extra") or None, cache_bytes=0)
+            dest = AnchorStore.create(
+                destination, m["fingerprint"], m["ratio"], m["dtype"], m["storage"],
+                m.get("extra") or None, cache_bytes=0,
+                shard_bytes=int(m.get("shard_bytes", DEFAULT_SHARD_BYTES)))
         with dest:
             if dest.ratio != first.ratio:
                 raise InvalidInputError(
@@ -1061,6 +1089,9 @@ class _WriterLock:
         self.fd = -1
 
     def __enter__(self) -> Self:
+        if fcntl is None:
+            raise StoreWriteError(errno.ENOSYS, "writing an anchor store needs POSIX file locks "
+                                  "(fcntl.flock); this platform can only read stores")
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(self.path, flags, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)

@@ -255,3 +255,16 @@ def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(t
     torch.testing.assert_close(together[1].keys, comp.compress_chunks([ids[:9]])[0].keys, atol=1e-5, rtol=1e-4)
     with pytest.raises(InvalidInputError, match="per_slot"):
         SACConfig(memory="compression_tokens", anchor_embedding="shared")
+
+
+def test_future_bias_anneals_between_causal_and_bidirectional(tiny):
+    causal = _compressor(tiny, ratio=1, bidirectional=False)
+    bidir = _compressor(tiny, ratio=1, bidirectional=True)
+    ids = _ids(bidir.tokenizer)[:20]
+    with torch.no_grad():
+        ref_causal = causal.encode([ids], [0])[0].keys
+        ref_bidir = bidir.encode([ids], [0])[0].keys
+        nearly_causal = bidir.encode([ids], [0], future_bias=1e4)[0].keys
+        zero_bias = bidir.encode([ids, ids[:5]], [0, 0], future_bias=1e-9)[0].keys
+    torch.testing.assert_close(nearly_causal, ref_causal, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(zero_bias, ref_bidir, atol=1e-5, rtol=1e-4)

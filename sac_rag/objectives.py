@@ -1,0 +1,258 @@
+"""Training objectives: turn a micro-batch of examples into a differentiable loss.
+
+``SACObjective`` is the method (METHOD.md, "Training recipe"): compress the context with the
+encoder, let the frozen decoder (adapter off) read the anchor K/V in the same layout the
+``Generator`` uses at inference, and take cross-entropy on the continuation (pretraining) or
+answer (QA). Optional extras: several questions per compressed context, distractor passages,
+distillation from the frozen decoder reading the full text, and the +AE ablation.
+``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import Paragraph
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """Tokenized training example: passages to compress (in prompt order) and decoder rows.
+
+    Each row reads the prompt ``prefix + passages`` (compressed) and then ``prompt`` tokens as
+    text, and is trained to produce ``target`` tokens.
+    """
+
+    passages: list[list[int]]
+    rows: list[tuple[list[int], list[int]]]
+    ae_target: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExampleBuilder:
+    """Builds ``Example``s from raw data with the compressor's prompt template."""
+
+    tokenizer: object
+    template: object  # PromptTemplate
+    questions_per_context: int = 1
+    distractors: int = 0
+    max_answer_tokens: int = 48
+    lm_min_tokens: int = 510
+    lm_max_tokens: int = 2040
+    seed: int = 0
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def eos(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def qa(self, paragraph: Paragraph, index: int, pool: list[Paragraph]) -> Example | None:
+        """QA example number ``index``: up to ``questions_per_context`` of the paragraph's questions,
+        the gold passage shuffled among ``distractors`` passages drawn from ``pool``."""
+        rng = random.Random(self.seed * 1_000_003 + index)
+        questions = rng.sample(paragraph.questions, min(self.questions_per_context, len(paragraph.questions)))
+        passages = [paragraph.context]
+        for _ in range(self.distractors):
+            other = pool[rng.randrange(len(pool))]
+            if other.context != paragraph.context:
+                passages.append(other.context)
+        rng.shuffle(passages)
+        rows = []
+        for qa in questions:
+            answer = self._ids(qa.answers[0])[: self.max_answer_tokens] + [self.eos]
+            rows.append((self._ids(self.template.question.format(question=qa.question)), answer))
+        return Example([self._ids(p) for p in passages], rows)
+
+    def lm(self, text: str, index: int) -> Example | None:
+        """Pretraining example: a window of lm_min..lm_max tokens, first half compressed, second
+        half (+ EOS) predicted. ``None`` for texts shorter than ``lm_min_tokens``."""
+        ids = self._ids(text)
+        if len(ids) < self.lm_min_tokens:
+            return None
+        rng = random.Random(self.seed * 1_000_003 + index)
+        length = rng.randint(self.lm_min_tokens, min(self.lm_max_tokens, len(ids)))
+        start = rng.randint(0, len(ids) - length)
+        window = ids[start : start + length]
+        half = length // 2
+        continuation = window[half:] + ([self.eos] if start + length == len(ids) else [])
+        # The decoder needs one input token to predict from: the first continuation token is
+        # read, the rest predicted (the reference code uses a learned [LM] marker instead).
+        return Example([window[:half]], [(continuation[:1], continuation[1:])])
+
+
+class SACObjective:
+    """Loss of the SAC compressor on a micro-batch; the decoder is the same model, adapter off."""
+
+    def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0):
+        self.compressor = compressor
+        self.distill_weight = distill_weight
+        self.ae_weight = ae_weight
+        tokenizer = compressor.tokenizer
+        self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
+        self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
+
+    def parameters(self):
+        return [p for p in self.compressor.parameters() if p.requires_grad]
+
+    def prefix_kv(self):
+        if self._prefix_kv is None and self.prefix:
+            with torch.no_grad(), self.compressor.decoder_mode():
+                self._prefix_kv = _context_kv(self.compressor.base_model, self.prefix, self.compressor.device)
+        return self._prefix_kv
+
+    def loss(self, examples: list[Example], future_bias: float = 0.0) -> tuple[torch.Tensor, dict]:
+        comp = self.compressor
+        chunk_len = comp.config.chunk_len
+        p = len(self.prefix)
+        chunks, offsets, owner = [], [], []
+        context_lengths = []
+        for i, ex in enumerate(examples):
+            position = p
+            for passage in ex.passages:
+                for start in range(0, len(passage), chunk_len):
+                    chunks.append(passage[start : start + chunk_len])
+                    offsets.append(position)
+                    owner.append(i)
+                    position += len(chunks[-1])
+            context_lengths.append(position)
+        encoded = comp.encode(chunks, offsets, future_bias=future_bias)
+        prefix_kv = self.prefix_kv()
+        caches = []
+        for i in range(len(examples)):
+            mine = [kv for kv, o in zip(encoded, owner) if o == i]
+            keys = torch.cat(([prefix_kv[0]] if prefix_kv else []) + [kv.keys for kv in mine], dim=2)
+            values = torch.cat(([prefix_kv[1]] if prefix_kv else []) + [kv.values for kv in mine], dim=2)
+            caches.append((keys, values))
+
+        rows, row_owner = [], []
+        for i, ex in enumerate(examples):
+            for row in ex.rows:
+                rows.append(row)
+                row_owner.append(i)
+        with comp.decoder_mode():
+            logits, labels = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner)
+        ce = F.cross_entropy(logits.float(), labels)
+        loss, stats = ce, {"ce": ce.item(), "target_tokens": labels.numel()}
+
+        if self.distill_weight > 0:
+            with torch.no_grad(), comp.decoder_mode():
+                teacher_caches = [
+                    _context_kv(comp.base_model, self.prefix + [t for passage in ex.passages for t in passage], comp.device)
+                    for ex in examples
+                ]
+                teacher_logits, _ = _decode_rows(comp.base_model, teacher_caches, context_lengths, rows, row_owner)
+            kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
+                          log_target=True, reduction="batchmean")
+            loss = loss + self.distill_weight * kl
+            stats["kl"] = kl.item()
+
+        if self.ae_weight > 0:
+            texts = [[t for passage in ex.passages for t in passage][: chunk_len + 1] for ex in examples]
+            ae_rows = [(text[:1], text[1:]) for text in texts]
+            with comp.decoder_mode():
+                ae_logits, ae_labels = _decode_rows(comp.base_model, caches, context_lengths, ae_rows,
+                                                    list(range(len(examples))))
+            ae = F.cross_entropy(ae_logits.float(), ae_labels)
+            loss = loss + self.ae_weight * ae
+            stats["ae"] = ae.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+
+class FullTextObjective:
+    """Full-FT: a decoder LoRA (``peft_model``) trained on the same examples with the passages
+    read as text. The honest upper bound for any compressor on the same data."""
+
+    def __init__(self, peft_model, tokenizer, prefix_text: str = ""):
+        self.model = peft_model
+        self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, examples: list[Example], future_bias: float = 0.0) -> tuple[torch.Tensor, dict]:
+        device = self.model.get_input_embeddings().weight.device
+        sequences = []
+        for ex in examples:
+            context = self.prefix + [t for passage in ex.passages for t in passage]
+            for prompt, target in ex.rows:
+                sequences.append((context + prompt, target))
+        width = max(len(a) + len(b) for a, b in sequences)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(sequences), width, dtype=torch.long)
+        for r, (prompt, target) in enumerate(sequences):
+            seq = prompt + target
+            ids[r, : len(seq)] = torch.as_tensor(seq)
+            mask[r, : len(seq)] = 1
+            labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
+        hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        labels = labels.to(device)
+        keep = labels != IGNORE
+        loss = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep])
+        return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum())}
+
+
+def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V ``[layers, heads, len, dim]`` of a text read by ``model`` at positions 0..len-1."""
+    out = model(input_ids=torch.as_tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    layers = out.cache.layers
+    return torch.stack([lay.keys[0] for lay in layers]), torch.stack([lay.values[0] for lay in layers])
+
+
+def _decode_rows(model, caches, context_lengths, rows, row_owner):
+    """Decoder pass over many rows at once. Row r reads cache ``caches[row_owner[r]]`` (left-padded
+    to a common length, pads masked), then its prompt + target tokens at positions continuing
+    from its context length. Returns logits ``[labelled tokens, vocab]`` and their labels."""
+    from transformers import DynamicCache
+
+    device = caches[0][0].device
+    width_cache = max(k.shape[2] for k, _ in caches)
+    width_text = max(len(prompt) + len(target) for prompt, target in rows)
+    ids = torch.zeros(len(rows), width_text, dtype=torch.long)
+    labels = torch.full((len(rows), width_text), IGNORE, dtype=torch.long)
+    text_mask = torch.zeros(len(rows), width_text, dtype=torch.long)
+    for r, (prompt, target) in enumerate(rows):
+        seq = prompt + target
+        ids[r, : len(seq)] = torch.as_tensor(seq)
+        text_mask[r, : len(seq)] = 1
+        if not prompt:
+            raise ValueError("every decoder row needs at least one prompt token to predict from")
+        # logits at position t predict token t+1: the first target token from the last prompt token
+        labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
+    cache_mask = torch.zeros(len(rows), width_cache, dtype=torch.long)
+    index = torch.as_tensor(row_owner, device=device)
+    padded_k, padded_v = [], []
+    for keys, values in caches:
+        pad = width_cache - keys.shape[2]
+        padded_k.append(F.pad(keys, (0, 0, pad, 0)))
+        padded_v.append(F.pad(values, (0, 0, pad, 0)))
+    for r, o in enumerate(row_owner):
+        cache_mask[r, width_cache - caches[o][0].shape[2]:] = 1
+    all_k = torch.stack(padded_k).index_select(0, index)  # [rows, layers, heads, C, dim]
+    all_v = torch.stack(padded_v).index_select(0, index)
+    cache = DynamicCache(
+        ddp_cache_data=[(all_k[:, layer], all_v[:, layer]) for layer in range(all_k.shape[1])],
+        config=model.config,
+    )
+    starts = torch.as_tensor([context_lengths[o] for o in row_owner])
+    positions = starts[:, None] + torch.arange(width_text)[None]
+    hidden = model.get_decoder()(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        attention_mask=torch.cat([cache_mask, text_mask], dim=1).to(device),
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    labels = labels.to(device)
+    keep = labels != IGNORE
+    # The LM head (vocab-sized) only where there is a label: most of a step's cost otherwise.
+    return model.get_output_embeddings()(hidden[keep]), labels[keep]

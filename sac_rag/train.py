@@ -1,0 +1,567 @@
+"""Train a SAC compressor (or the Full-FT baseline): ``python -m sac_rag.train --help``.
+
+Reads top to bottom: parse the config, build data, build the model, loop (accumulate, clip,
+step), evaluate, checkpoint. Runs as one process on CPU or GPU, or data-parallel under
+``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU): each rank takes its share of every
+batch and gradients are averaged across ranks before each step. Checkpoints are atomic and
+``--resume`` continues exactly (weights, optimizer, data position, RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import PromptTemplate, SACConfig
+from .data import LoadStats, iter_texts, read_qa, split_by_title
+from .errors import SACError
+from .files import atomic_write
+from .objectives import ExampleBuilder, FullTextObjective, SACObjective
+
+logger = logging.getLogger("sac_rag.train")
+
+# Fields that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints"}
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. A JSON file (--config) sets any of them; flags override."""
+
+    stage: str = _help("'pretrain' (LM on plain text) or 'finetune' (QA)", default="finetune")
+    method: str = _help("'sac' (train the compressor) or 'full_ft' (decoder LoRA on full text)", default="sac")
+    data: str = _help("training data: JSONL/TXT for pretrain; SQuAD JSON or QA JSONL for finetune (.xz/.gz ok)",
+                      default="")
+    eval_data: str = _help("held-out QA data; default: the last held_out_fraction of the training "
+                           "articles (finetune)", default="")
+    held_out_fraction: float = _help("fraction of training articles held out when eval_data is unset", default=0.05)
+    out_dir: str = _help("run directory: checkpoints, metrics.jsonl, loss_curve.png, final/", default="runs/sac")
+    init_from: str = _help("start from this compressor checkpoint (e.g. the pretrain stage's final/)", default="")
+    resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
+    # compressor (ignored with init_from, which brings its own)
+    base_model: str = _help("base causal LM: built-in name, local path or hub id", default="smollm2-135m")
+    ratio: int = _help("compression ratio r", default=5)
+    chunk_len: int = _help("tokens per sub-context", default=510)
+    lora_rank: int = _help("LoRA rank (paper: 128)", default=128)
+    lora_alpha: int = _help("LoRA alpha (paper: 256)", default=256)
+    lora_target_modules: list[str] = _help("modules that get LoRA", default_factory=lambda: ["q_proj", "v_proj"])
+    anchor_embedding: str = _help("'shared' | 'per_slot' | 'none' (ablation)", default="shared")
+    anchor_strategy: str = _help("'uniform' | 'random' (ablation)", default="uniform")
+    bidirectional: bool = _help("bidirectional encoder (False = ablation 'no mask')", default=True)
+    memory: str = _help("'anchors' (SAC) | 'compression_tokens' (prior-art baseline)", default="anchors")
+    # objective
+    questions_per_context: int = _help("questions trained per compressed paragraph (SQuAD has ~5)", default=1)
+    distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
+    distill_weight: float = _help("weight of KL to the frozen decoder reading the full text", default=0.0)
+    ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
+    lm_min_tokens: int = _help("pretrain: shortest document window", default=510)
+    lm_max_tokens: int = _help("pretrain: longest document window", default=2040)
+    max_answer_tokens: int = _help("finetune: answers truncated to this many tokens", default=48)
+    bidir_anneal_steps: int = _help("steps over which the encoder goes from ~causal to bidirectional", default=0)
+    bidir_anneal_start_bias: float = _help("attention-score penalty on later tokens at step 0", default=8.0)
+    # optimisation (paper defaults)
+    lr: float = _help("learning rate of the LoRA weights (paper: 1e-4 pretrain, 5e-5 finetune)", default=5e-5)
+    anchor_lr: float = _help("learning rate of the anchor embedding (0 = same as lr)", default=0.0)
+    weight_decay: float = _help("AdamW weight decay", default=0.1)
+    betas: list[float] = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = _help("linear warm-up steps, then constant", default=300)
+    grad_clip: float = _help("gradient-norm clip", default=2.0)
+    batch_size: int = _help("examples per optimizer step (across all ranks)", default=16)
+    micro_batch_size: int = _help("examples per forward pass (gradient accumulation)", default=4)
+    max_steps: int = _help("optimizer steps", default=1000)
+    seed: int = _help("seed for data order and sampling", default=0)
+    precision: str = _help("'bf16' autocast, or 'fp32'", default="bf16")
+    device: str = _help("'auto' (CUDA if present), 'cpu', 'cuda:0', ...", default="auto")
+    # bookkeeping
+    checkpoint_every: int = _help("steps between checkpoints", default=100)
+    keep_checkpoints: int = _help("checkpoints kept (plus best/)", default=2)
+    eval_every: int = _help("steps between held-out evaluations (0 = only at the end)", default=200)
+    eval_questions: int = _help("held-out questions per evaluation", default=200)
+
+    def __post_init__(self):
+        if self.stage not in ("pretrain", "finetune"):
+            raise SACError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.method not in ("sac", "full_ft"):
+            raise SACError(f"method must be 'sac' or 'full_ft', got {self.method!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise SACError("batch_size must be a multiple of micro_batch_size")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="python -m sac_rag.train", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of the options below")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (default: {default})")
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, nargs="+", type=type(default[0]), default=None,
+                                help=f"{f.metadata['help']} (default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=None,
+                                help=f"{f.metadata['help']} (default: {default!r})")
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if args.pop("config"):
+        values.update(json.loads(Path(parser.parse_args(argv).config).read_text()))
+    values.update({k: v for k, v in args.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if set(values) - known:
+        parser.error(f"unknown options in config: {sorted(set(values) - known)}")
+    return TrainConfig(**values)
+
+
+# -- distributed --------------------------------------------------------------------------------
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+class _FullFTModel:
+    """The Full-FT baseline's trainable state: a peft LoRA on the base model (decoder side)."""
+
+    def __init__(self, cfg: TrainConfig, device):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        from .models import load_base_model
+
+        base, self.tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")
+        if cfg.init_from:
+            self.model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
+        else:
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules))
+            self.model = get_peft_model(base, lora)
+        self.template = PromptTemplate()
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        atomic_write(directory / "sac_full_ft.json", json.dumps({"prompt": dataclasses.asdict(self.template)}).encode())
+
+    def load_weights(self, directory: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(directory / "adapter_model.safetensors"))
+
+    def generator(self):
+        from .generation import Generator
+
+        return Generator(self.model, self.tokenizer)
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """Returns (trainable model wrapper, objective). Weights in fp32; autocast does the rest."""
+    if cfg.method == "full_ft":
+        model = _FullFTModel(cfg, device)
+        model.model.train()
+        return model, FullTextObjective(model.model, model.tokenizer, model.template.prefix + model.template.context_prefix)
+    from .compressor import SACCompressor
+
+    if cfg.init_from:
+        comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
+    else:
+        comp = SACCompressor(
+            SACConfig(
+                base_model=cfg.base_model, ratio=cfg.ratio, chunk_len=cfg.chunk_len, lora_rank=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha, lora_target_modules=list(cfg.lora_target_modules),
+                anchor_embedding=cfg.anchor_embedding, anchor_strategy=cfg.anchor_strategy,
+                bidirectional=cfg.bidirectional, memory=cfg.memory,
+            ),
+            device=device, dtype="float32",
+        )
+    for name, param in comp.named_parameters():
+        param.requires_grad_("lora_" in name or name == "anchor_embedding")
+    prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
+    objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight)
+    return comp, objective
+
+
+def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in (model.model if cfg.method == "full_ft" else model).named_parameters() if p.requires_grad]
+    anchor = [p for n, p in named if n == "anchor_embedding"]
+    lora = [p for n, p in named if n != "anchor_embedding"]
+    groups = [{"params": lora, "lr": cfg.lr}]
+    if anchor:
+        groups.append({"params": anchor, "lr": cfg.anchor_lr or cfg.lr})
+    return torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (paper, App. A)."""
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class ExampleStream:
+    """Deterministic example order: epoch e is a seeded permutation; position = examples used.
+    Resuming needs only the position."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, template: PromptTemplate, stats: LoadStats):
+        self.cfg = cfg
+        self.stats = stats
+        self.builder = ExampleBuilder(
+            tokenizer, template, questions_per_context=cfg.questions_per_context, distractors=cfg.distractors,
+            max_answer_tokens=cfg.max_answer_tokens, lm_min_tokens=cfg.lm_min_tokens,
+            lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
+        )
+        self.held_out = []
+        if cfg.stage == "pretrain":
+            self.items = list(iter_texts(cfg.data))
+        else:
+            paragraphs = read_qa(cfg.data, stats)
+            if cfg.eval_data:
+                self.items = paragraphs
+            else:
+                self.items, self.held_out = split_by_title(paragraphs, cfg.held_out_fraction)
+        if not self.items:
+            raise SACError(f"no usable training examples in {cfg.data}")
+        self.position = 0
+        self._order_epoch, self._order = -1, []
+
+    def _index(self, position: int) -> int:
+        epoch, within = divmod(position, len(self.items))
+        if epoch != self._order_epoch:
+            self._order = list(range(len(self.items)))
+            random.Random(self.cfg.seed + 7919 * epoch).shuffle(self._order)
+            self._order_epoch = epoch
+        return self._order[within]
+
+    def next_batch(self, n: int, rank: int, world: int) -> list:
+        """The next ``n`` usable examples; this rank's share (every world-th)."""
+        batch = []
+        while len(batch) < n:
+            position = self.position
+            self.position += 1
+            item = self.items[self._index(position)]
+            if self.cfg.stage == "pretrain":
+                example = self.builder.lm(item, position)
+                if example is None:
+                    self.stats.skip(f"document shorter than {self.cfg.lm_min_tokens} tokens")
+                    continue
+            else:
+                example = self.builder.qa(item, position, self.items)
+            batch.append(example)
+        return batch[rank::world]
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: int, compress=None,
+                max_new_tokens: int = 32, seed: int = 0) -> dict:
+    """SQuAD EM/F1 on a seeded subset: one question per paragraph, contexts compressed with
+    ``compress(text) -> list[AnchorKV]`` or read as text when ``compress`` is None."""
+    from .generation import GenerationConfig
+    from .metrics import summarize
+
+    rng = random.Random(seed)
+    chosen = rng.sample(paragraphs, min(n_questions, len(paragraphs)))
+    predictions, golds = [], []
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",))
+    for para in chosen:
+        qa = para.questions[rng.randrange(len(para.questions))]
+        context = compress(para.context) if compress else para.context
+        result = generator.generate(template.build([context], qa.question), config)
+        predictions.append(result.text.strip())
+        golds.append(qa.answers)
+    return summarize(predictions, golds) | {"examples": list(zip(predictions[:5], [g[0] for g in golds[:5]]))}
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig):
+    """Write checkpoints/step-N atomically (staging dir + rename), then point `latest` at it."""
+    from safetensors.torch import save_file
+
+    final = out_dir / "checkpoints" / f"step-{step:07d}"
+    staging = out_dir / "checkpoints" / f".staging-{step:07d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    state = optimizer.state_dict()
+    tensors, layout = {}, {}
+    for index, per_param in state["state"].items():
+        layout[str(index)] = {}
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                layout[str(index)][key] = "tensor"
+            else:
+                layout[str(index)][key] = value
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, staging / "optimizer.safetensors")
+    trainer_state = {
+        "step": step, "position": stream.position, "best_f1": best, "param_groups": state["param_groups"],
+        "layout": layout, "python_rng": repr(random.getstate()), "skipped": stream.stats.skipped,
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_write(staging / "trainer_state.json", json.dumps(trainer_state).encode())
+    _fsync_dir(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(staging, final)
+    atomic_write(out_dir / "latest", final.name.encode())
+    kept = sorted(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    for old in kept[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer, stream: ExampleStream) -> tuple[int, float]:
+    from ast import literal_eval
+
+    from safetensors.torch import load_file
+
+    name = (out_dir / "latest").read_text().strip()
+    directory = out_dir / "checkpoints" / name
+    state = json.loads((directory / "trainer_state.json").read_text())
+    model.load_weights(directory)
+    tensors = load_file(directory / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    opt_state = {"state": {}, "param_groups": state["param_groups"]}
+    for index, keys in state["layout"].items():
+        opt_state["state"][int(index)] = {
+            k: tensors[f"{index}.{k}"] if v == "tensor" else v for k, v in keys.items()
+        }
+    optimizer.load_state_dict(opt_state)
+    random.setstate(literal_eval(state["python_rng"]))
+    stream.position = state["position"]
+    stream.stats.skipped = state["skipped"]
+    return state["step"], state["best_f1"]
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
+    saved = json.loads((out_dir / "train_config.json").read_text())
+    current = dataclasses.asdict(cfg)
+    differ = {k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    if differ:
+        raise SACError(
+            f"cannot resume {out_dir}: it was started with a different configuration "
+            f"({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in sorted(differ))}); "
+            f"use another --out-dir or the original settings"
+        )
+
+
+def plot_metrics(out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_f1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.6, alpha=0.5, label="loss")
+        window = max(1, len(train) // 50)
+        smooth = [sum(r["loss"] for r in train[max(0, i - window):i + 1]) / len(train[max(0, i - window):i + 1])
+                  for i in range(len(train))]
+        ax.plot([r["step"] for r in train], smooth, lw=1.5, label=f"loss (mean of {window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval_f1"] for r in evals], "o-", color="tab:red", label="held-out F1")
+        ax2.set_ylabel("held-out SQuAD F1")
+    ax.legend(loc="upper right")
+    ax.set_title(out_dir.name)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    rank, world, device = _setup_distributed(cfg)
+    is_main = rank == 0
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise SACError(f"batch_size {cfg.batch_size} must split evenly into {world} ranks x micro_batch_size")
+
+    model, objective = build_model(cfg, device)
+    tokenizer = model.tokenizer
+    template = model.template if cfg.method == "full_ft" else model.config.prompt
+    params = objective.parameters()
+    optimizer = build_optimizer(cfg, model)
+    stats = LoadStats()
+    stream = ExampleStream(cfg, tokenizer, template, stats)
+    held_out = read_qa(cfg.eval_data) if cfg.eval_data else stream.held_out
+
+    step, best = 0, -1.0
+    if cfg.resume and (out_dir / "latest").exists():
+        _check_resumable(out_dir, cfg)
+        step, best = load_checkpoint(out_dir, model, optimizer, stream)
+        logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
+    elif is_main:
+        if (out_dir / "latest").exists():
+            raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    if is_main:
+        n_trainable = sum(p.numel() for p in params)
+        logger.info("training %s (%s), %d trainable parameters, %d examples, world %d",
+                    cfg.method, cfg.stage, n_trainable, len(stream.items), world)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    per_rank = cfg.batch_size // world
+    metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc=f"{cfg.method}/{cfg.stage}", unit="step")
+    tokens_seen, t0 = 0, time.time()
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        if not held_out or not is_main:
+            return
+        was_training = model.training if hasattr(model, "training") else True
+        if cfg.method == "full_ft":
+            model.model.eval()
+            result = evaluate_qa(model.generator(), template, held_out, cfg.eval_questions, seed=cfg.seed)
+            model.model.train()
+        else:
+            from .generation import Generator
+
+            result = evaluate_qa(Generator.from_compressor(model), template, held_out, cfg.eval_questions,
+                                 compress=model.compress, seed=cfg.seed)
+            model.train(was_training)
+        row = {"step": step, "eval_f1": result["f1"], "eval_em": result["em"], "eval_n": result["n"],
+               "eval_examples": result["examples"]}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        bar.write(f"step {step}: held-out F1 {result['f1']:.1f} EM {result['em']:.1f} (n={result['n']}) "
+                  f"e.g. {result['examples'][:2]}")
+        if result["f1"] > best:
+            best = result["f1"]
+            staging = out_dir / f".best-staging-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(staging)
+            shutil.rmtree(out_dir / "best", ignore_errors=True)
+            os.rename(staging, out_dir / "best")
+
+    while step < cfg.max_steps:
+        examples = stream.next_batch(cfg.batch_size, rank, world)
+        factor = lr_factor(step, cfg.warmup_steps)
+        for group, base_lr in zip(optimizer.param_groups, [cfg.lr, cfg.anchor_lr or cfg.lr]):
+            group["lr"] = base_lr * factor
+        future_bias = 0.0
+        if cfg.bidir_anneal_steps > 0:
+            future_bias = cfg.bidir_anneal_start_bias * max(0.0, 1 - step / cfg.bidir_anneal_steps)
+        optimizer.zero_grad(set_to_none=True)
+        step_stats: dict[str, float] = {}
+        for start in range(0, per_rank, cfg.micro_batch_size):
+            micro = examples[start : start + cfg.micro_batch_size]
+            with autocast:
+                loss, stats_ = objective.loss(micro, future_bias=future_bias)
+            (loss * len(micro) / per_rank).backward()
+            for k, v in stats_.items():
+                step_stats[k] = step_stats.get(k, 0.0) + (v if k == "target_tokens" else v * len(micro) / per_rank)
+        _average_gradients(params, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens_seen += int(step_stats.get("target_tokens", 0))
+        if is_main:
+            row = {"step": step, **step_stats, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
+                   "future_bias": future_bias, "examples_seen": stream.position, "time": time.time() - t0}
+            metrics.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{step_stats['loss']:.3f}", lr=f"{cfg.lr * factor:.1e}",
+                            tok_s=f"{tokens_seen / max(1e-9, time.time() - t0):.0f}")
+            bar.update(1)
+            if not math.isfinite(step_stats["loss"]):
+                raise SACError(f"loss became {step_stats['loss']} at step {step}: lower the learning rate")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            evaluate(step)
+        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            metrics.flush()
+            save_checkpoint(out_dir, step, model, optimizer, stream, best, cfg)
+            plot_metrics(out_dir)
+        if world > 1:
+            dist.barrier()
+    evaluate(step)
+    if is_main:
+        staging = out_dir / f".final-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        shutil.rmtree(out_dir / "final", ignore_errors=True)
+        os.rename(staging, out_dir / "final")
+        metrics.close()
+        plot_metrics(out_dir)
+        if stats.skipped:
+            logger.info("skipped examples: %s", stats.skipped)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir / "final"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except SACError as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,740 @@
+"""Specification of the anchor store (``sac_rag.store``): persistence, integrity, crash safety,
+concurrency, 8-bit storage, maintenance and merging. No model needed: entries are random K/V.
+
+Some tests run helper functions of this module in child processes (``_spawn``), so that a
+writer can be killed with SIGKILL or run next to readers in other processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from sac_rag import store as store_module
+from sac_rag.errors import FingerprintMismatchError, InvalidInputError
+from sac_rag.kv import AnchorKV
+from sac_rag.store import (
+    AnchorStore,
+    EntryNotFoundError,
+    NotAStoreError,
+    StoreCorruptionError,
+    StoreWriteError,
+    main,
+    merge,
+)
+
+FP = "smollm2-135m@abc123/sac-def456"
+OTHER_FP = "smollm2-135m@abc123/sac-999999"
+FULL = (30, 3, 102, 64)  # SmolLM2-135M geometry, 510 tokens at ratio 5
+SMALL = (4, 2, 16, 32)
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def make_kv(seed: int, shape=SMALL, fingerprint: str = FP, dtype=torch.bfloat16) -> AnchorKV:
+    """A deterministic random entry: the same seed always gives the same tensors."""
+    g = torch.Generator().manual_seed(int(seed))
+    layers, heads, anchors, dim = shape
+    return AnchorKV(
+        keys=torch.randn(layers, heads, anchors, dim, generator=g).to(dtype),
+        values=torch.randn(layers, heads, anchors, dim, generator=g).to(dtype),
+        positions=torch.arange(2, 5 * anchors, 5),
+        n_tokens=5 * anchors,
+        offset=0,
+        fingerprint=fingerprint,
+    )
+
+
+def key(i: int) -> str:
+    return AnchorStore.key_for(f"chunk number {i}")
+
+
+def assert_same_kv(got: AnchorKV, expected: AnchorKV) -> None:
+    assert got.keys.dtype == expected.keys.dtype
+    assert torch.equal(got.keys, expected.keys)
+    assert torch.equal(got.values, expected.values)
+    assert torch.equal(got.positions, expected.positions)
+    assert (got.n_tokens, got.offset, got.fingerprint) == (
+        expected.n_tokens, expected.offset, expected.fingerprint)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def shard_files(path: Path) -> list[Path]:
+    return sorted((path / "shards").glob("*.shard"))
+
+
+def flip_byte(file: Path, position: int) -> None:
+    with open(file, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def store(tmp_path):
+    with AnchorStore.create(tmp_path / "store", FP, ratio=5) as s:
+        yield s
+
+
+# -- child processes --------------------------------------------------------------------------
+
+
+def _spawn(function: str, *args) -> subprocess.Popen:
+    """Run ``function(*args)`` of this module in a fresh Python process."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_store; "
+            f"sys.exit(test_store.{function}(*sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _write_entries(path, start, stop, batch, wait_for="", pause="0") -> int:
+    """Child process: write entries start..stop-1 in batches (a rerun skips stored ones)."""
+    torch.set_num_threads(1)
+    deadline = time.monotonic() + 60
+    while wait_for and not Path(wait_for).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with AnchorStore.open(path, FP) as s:
+        start, stop, batch = int(start), int(stop), int(batch)
+        for first in range(start, stop, batch):
+            ids = range(first, min(first + batch, stop))
+            s.put_many([(key(i), make_kv(i), {"i": i}) for i in ids])
+            time.sleep(float(pause))
+    return 0
+
+
+def _read_until(path, n, ready_file="", store=None) -> int:
+    """Reader (child process or thread): re-read every visible entry, again and again, until
+    all ``n`` were seen; each read must equal what the writer generated for that key."""
+    torch.set_num_threads(1)
+    own = store is None
+    s = AnchorStore.open(path, FP, readonly=True, cache_bytes=0) if own else store
+    if ready_file:
+        Path(ready_file).touch()
+    deadline = time.monotonic() + 120
+    seen: set[str] = set()
+    try:
+        while len(seen) < int(n):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"saw only {len(seen)} of {n} entries")
+            for k in s:
+                assert_same_kv(s.get(k), make_kv(s.metadata(k)["i"]))
+                seen.add(k)
+            time.sleep(0.002)
+    finally:
+        if own:
+            s.close()
+    return 0
+
+
+# -- basic behaviour --------------------------------------------------------------------------
+
+
+def test_put_then_get_returns_identical_kv(store):
+    kv = make_kv(1, FULL)
+    assert kv.n_tokens == 510 and torch.equal(kv.positions, torch.arange(2, 510, 5))
+    assert store.put(key(1), kv, {"chunk_id": "doc-1#0"}) is True
+    assert_same_kv(store.get(key(1)), kv)
+    assert store.metadata(key(1)) == {"chunk_id": "doc-1#0"}
+    assert key(1) in store and key(2) not in store and len(store) == 1
+
+
+def test_reopened_store_returns_same_entries(tmp_path):
+    path = tmp_path / "store"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"i": i}) for i in range(5)])
+    with AnchorStore.open(path, FP) as s:
+        assert s.keys() == [key(i) for i in range(5)]
+        assert len(s) == 5
+        for i, got in enumerate(s.get_many([key(i) for i in range(5)])):
+            assert_same_kv(got, make_kv(i))
+            assert s.metadata(key(i)) == {"i": i}
+
+
+def test_manifest_records_format_fingerprint_ratio_dtype_codec_and_position_convention(tmp_path):
+    path = tmp_path / "store"
+    AnchorStore.create(path, FP, ratio=8, dtype="float16", storage="fp8",
+                       extra_manifest={"rope_theta": 100000}).close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "sac-anchor-store/1"
+    assert manifest["fingerprint"] == FP
+    assert (manifest["ratio"], manifest["dtype"], manifest["storage"]) == (8, "float16", "fp8")
+    assert "offset 0" in manifest["position_convention"]
+    assert manifest["extra"] == {"rope_theta": 100000}
+    assert not list(tmp_path.glob(".*creating*")), "no leftover of the atomic creation"
+
+
+def test_key_for_is_sha256_of_the_chunk_text():
+    import hashlib
+
+    assert AnchorStore.key_for("héllo") == hashlib.sha256("héllo".encode()).hexdigest()
+    assert AnchorStore.key_for("a") != AnchorStore.key_for("a ")
+
+
+def test_put_is_idempotent_for_same_key(store):
+    assert store.put(key(1), make_kv(1)) is True
+    size = shard_files(store.path)[0].stat().st_size
+    assert store.put(key(1), make_kv(1)) is False
+    assert store.put_many([(key(1), make_kv(1)), (key(2), make_kv(2)), (key(2), make_kv(2))]) == 1
+    assert len(store) == 2 and store.keys() == [key(1), key(2)]
+    assert shard_files(store.path)[0].stat().st_size < 2 * size + 1
+
+
+def test_get_many_keeps_the_requested_order_and_missing_keys_raise_key_error(store):
+    store.put_many([(key(i), make_kv(i)) for i in range(4)])
+    got = store.get_many([key(3), key(0), key(3)])
+    assert_same_kv(got[0], make_kv(3))
+    assert_same_kv(got[1], make_kv(0))
+    with pytest.raises(KeyError):
+        store.get(key(99))
+    with pytest.raises(EntryNotFoundError, match=key(99)):
+        store.get_many([key(0), key(99)])
+    assert store.missing([key(0), key(99), key(99)]) == [key(99)]
+
+
+def test_entries_decode_to_the_manifest_dtype(tmp_path):
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5, dtype="float16") as s:
+        s.put(key(1), make_kv(1, dtype=torch.float32))
+        got = s.get(key(1))
+        assert got.keys.dtype == torch.float16
+        assert torch.equal(got.keys, make_kv(1, dtype=torch.float32).keys.half())
+
+
+def test_each_entry_in_a_shard_is_a_plain_safetensors_blob(store):
+    """No pickle: the format is JSON, SQLite and safetensors, so a received store cannot run
+    code; an entry cut out of its shard loads with safetensors alone."""
+    store.put_many([(key(i), make_kv(i)) for i in range(3)])
+    db = sqlite3.connect(store.path / "index.sqlite")
+    shard, offset, length = db.execute(
+        "SELECT shard, offset, length FROM entries WHERE key = ?", (key(2),)).fetchone()
+    db.close()
+    data = (store.path / "shards" / f"{shard:06d}.shard").read_bytes()[offset:offset + length]
+    assert torch.equal(st_load(data)["keys"], make_kv(2).keys)
+    assert_same_kv(AnchorKV.from_bytes(data), make_kv(2))
+
+
+def test_shards_roll_over_at_the_configured_size(tmp_path):
+    one = len(make_kv(0).to_bytes())
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5, shard_bytes=2 * one) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+        s.put_many([(key(i), make_kv(i)) for i in range(3, 7)])
+        assert len(shard_files(s.path)) == 4
+        for i in range(7):
+            assert_same_kv(s.get(key(i)), make_kv(i))
+        assert s.verify().ok
+
+
+def test_lru_cache_serves_repeated_gets_within_its_byte_bound(tmp_path):
+    one = make_kv(0).nbytes
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+    with AnchorStore.open(path, FP, cache_bytes=2 * one) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+        first = s.get(key(0))
+        assert s.get(key(0)) is first  # served from the cache
+        s.get(key(1))
+        s.get(key(2))  # evicts key(0), the least recently used
+        assert s.get(key(0)) is not first
+    with AnchorStore.open(path, FP, cache_bytes=0) as s:
+        assert s.get(key(0)) is not s.get(key(0))
+
+
+def test_stats_count_entries_anchors_tokens_and_bytes(store):
+    store.put_many([(key(i), make_kv(i, FULL)) for i in range(3)])
+    stats = store.stats()
+    kv = make_kv(0, FULL)
+    assert stats["entries"] == 3 and stats["shards"] == 1
+    assert stats["avg_anchors_per_entry"] == 102
+    assert stats["tokens_represented"] == 3 * 510
+    assert stats["kv_bytes_stored"] == stats["kv_bytes_decoded"] == 3 * kv.nbytes
+    assert stats["full_kv_bytes"] == 3 * kv.nbytes // 102 * 510  # 5x: the ratio
+    assert stats["bytes_on_disk"] >= stats["entry_bytes"] >= stats["kv_bytes_stored"]
+    assert stats["orphan_bytes"] == 0
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_opening_with_other_fingerprint_raises_naming_both(tmp_path):
+    AnchorStore.create(tmp_path / "s", FP, ratio=5).close()
+    with pytest.raises(FingerprintMismatchError) as info:
+        AnchorStore.open(tmp_path / "s", OTHER_FP)
+    assert FP in str(info.value) and OTHER_FP in str(info.value)
+    other_base = "smollm2-135m@fff000/sac-def456"
+    with pytest.raises(FingerprintMismatchError, match="fff000"):
+        AnchorStore.open(tmp_path / "s", other_base)
+    # The same weights under another model id (hub id vs local copy) are the same model.
+    AnchorStore.open(tmp_path / "s", "/local/copy@abc123/sac-def456").close()
+
+
+def test_directory_that_is_not_a_store_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotAStoreError, match="not an anchor store"):
+        AnchorStore.open(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hello")
+    with pytest.raises(NotAStoreError):
+        AnchorStore.open(tmp_path / "other")
+    with pytest.raises(InvalidInputError, match="non-empty directory"):
+        AnchorStore.create(tmp_path / "other", FP, ratio=5)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotAStoreError, match="is a file"):
+        AnchorStore.open(tmp_path / "file")
+    with pytest.raises(NotAStoreError, match="is a file"):
+        AnchorStore.create(tmp_path / "file", FP, ratio=5)
+    with pytest.raises(NotAStoreError, match="no store"):
+        AnchorStore.open(tmp_path / "missing")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(NotAStoreError):
+        AnchorStore.open(tmp_path / "fake")
+    # An empty directory can become a store.
+    AnchorStore.create(tmp_path / "empty", FP, ratio=5).close()
+    AnchorStore.open(tmp_path / "empty", FP).close()
+
+
+def test_put_refuses_foreign_or_malformed_entries(store):
+    with pytest.raises(InvalidInputError, match="AnchorKV"):
+        store.put(key(1), {"keys": torch.zeros(1)})
+    with pytest.raises(FingerprintMismatchError) as info:
+        store.put(key(1), make_kv(1, fingerprint=OTHER_FP))
+    assert OTHER_FP in str(info.value) and FP in str(info.value)
+    moved = dataclasses.replace(make_kv(1), offset=7)
+    with pytest.raises(InvalidInputError, match="offset"):
+        store.put(key(1), moved)
+    broken = make_kv(1)
+    broken.keys[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        store.put(key(1), broken)
+    with pytest.raises(InvalidInputError, match="JSON"):
+        store.put(key(1), make_kv(1), {"when": object()})
+    with pytest.raises(InvalidInputError):
+        store.put("", make_kv(1))
+    assert len(store) == 0 and not shard_files(store.path)
+
+
+def test_read_only_store_refuses_writes(tmp_path):
+    AnchorStore.create(tmp_path / "s", FP, ratio=5).close()
+    with AnchorStore.open(tmp_path / "s", FP, readonly=True) as s:
+        with pytest.raises(InvalidInputError, match="read-only"):
+            s.put(key(1), make_kv(1))
+        with pytest.raises(InvalidInputError, match="read-only"):
+            s.gc()
+
+
+def test_create_with_exist_ok_reopens_only_a_matching_store(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put(key(1), make_kv(1))
+    with pytest.raises(InvalidInputError, match="already exists"):
+        AnchorStore.create(path, FP, ratio=5)
+    with AnchorStore.create(path, FP, ratio=5, exist_ok=True) as s:
+        assert key(1) in s
+    with pytest.raises(InvalidInputError, match="ratio"):
+        AnchorStore.create(path, FP, ratio=8, exist_ok=True)
+    with pytest.raises(FingerprintMismatchError):
+        AnchorStore.create(path, OTHER_FP, ratio=5, exist_ok=True)
+
+
+# -- integrity --------------------------------------------------------------------------------
+
+
+def test_flipped_byte_in_shard_is_detected_on_read_and_by_verify_naming_the_chunk(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i, FULL), {"chunk_id": f"doc-7#{i}"}) for i in range(3)])
+    (shard,) = shard_files(path)
+    flip_byte(shard, shard.stat().st_size // 2)  # inside the middle entry's tensor data
+    with AnchorStore.open(path, FP, readonly=True) as s:
+        with pytest.raises(StoreCorruptionError) as info:
+            s.get(key(1))
+        assert info.value.key == key(1)
+        assert key(1) in str(info.value) and "doc-7#1" in str(info.value)
+        assert_same_kv(s.get(key(0)), make_kv(0, FULL))
+        assert_same_kv(s.get(key(2)), make_kv(2, FULL))
+        with pytest.raises(StoreCorruptionError, match="doc-7#1"):
+            s.get_many([key(0), key(1)])
+        report = s.verify()
+    assert not report.ok and report.entries == 3
+    assert [b.key for b in report.bad] == [key(1)]
+    assert report.bad[0].metadata == {"chunk_id": "doc-7#1"}
+    assert "doc-7#1" in report.summary() and "checksum" in report.summary()
+
+
+def test_truncated_shard_is_reported_as_corruption_not_a_crash(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"i": i}) for i in range(2)])
+    (shard,) = shard_files(path)
+    os.truncate(shard, shard.stat().st_size - 10)
+    with AnchorStore.open(path, FP) as s:
+        assert_same_kv(s.get(key(0)), make_kv(0))
+        with pytest.raises(StoreCorruptionError, match=key(1)):
+            s.get(key(1))
+        assert [b.key for b in s.verify().bad] == [key(1)]
+
+
+def test_unreadable_index_or_manifest_is_reported_as_corruption(tmp_path):
+    for broken in ("index.sqlite", "manifest.json"):
+        path = tmp_path / broken
+        AnchorStore.create(path, FP, ratio=5).close()
+        (path / broken).write_bytes(b"this is not what it should be " * 100)
+        with pytest.raises(StoreCorruptionError, match="unreadable"):
+            AnchorStore.open(path, FP)
+
+
+# -- crash safety -----------------------------------------------------------------------------
+
+
+def test_kill_9_during_writes_leaves_a_verifiable_store(tmp_path):
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+    n = 300
+    for progress in (15, 60):  # kill twice, at different points of the run
+        writer = _spawn("_write_entries", path, 0, n, 1)
+        deadline = time.monotonic() + 60
+        while writer.poll() is None and time.monotonic() < deadline:
+            with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as s:
+                if len(s) >= progress:
+                    break
+            time.sleep(0.005)
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate()
+        with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as s:
+            report = s.verify()
+            assert report.ok, report.summary()
+    rerun = _spawn("_write_entries", path, 0, n, 7)
+    _, err = rerun.communicate()
+    assert rerun.returncode == 0, err
+    with AnchorStore.open(path, FP, cache_bytes=0) as s:
+        assert len(s) == n and sorted(s.keys()) == sorted(key(i) for i in range(n))
+        report = s.verify()
+        assert report.ok, report.summary()
+        for i in (0, 14, 15, 16, 59, 60, 61, n - 1):
+            assert_same_kv(s.get(key(i)), make_kv(i))
+        s.gc()
+        assert s.stats()["orphan_bytes"] == 0 and s.verify().ok
+    db = sqlite3.connect(path / "index.sqlite")
+    assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM entries").fetchone() == (n, n)
+    db.close()
+
+
+def test_full_disk_during_put_leaves_no_half_written_entry(tmp_path, monkeypatch):
+    real_write = store_module._write_all
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        monkeypatch.setattr(store_module, "_write_all", half_then_full)
+        with pytest.raises(StoreWriteError, match="disk is full") as info:
+            s.put(key(0), make_kv(0))
+        assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+        assert len(s) == 0 and not shard_files(path)  # the new shard was removed again
+        monkeypatch.setattr(store_module, "_write_all", real_write)
+        s.put(key(0), make_kv(0))
+        size = shard_files(path)[0].stat().st_size
+
+        monkeypatch.setattr(store_module, "_write_all", half_then_full)
+        with pytest.raises(StoreWriteError):
+            s.put_many([(key(1), make_kv(1)), (key(2), make_kv(2))])
+        assert key(1) not in s and key(2) not in s and len(s) == 1
+        assert shard_files(path)[0].stat().st_size == size  # partial bytes cut off
+        monkeypatch.setattr(store_module, "_write_all", real_write)
+        assert s.put_many([(key(1), make_kv(1)), (key(2), make_kv(2))]) == 2  # a rerun works
+    with AnchorStore.open(path, FP) as s:
+        assert s.verify().ok and len(s) == 3
+        assert_same_kv(s.get(key(2)), make_kv(2))
+
+
+def test_failed_index_commit_leaves_only_orphan_bytes_that_gc_reclaims(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put(key(0), make_kv(0))
+
+        def full(*args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(AnchorStore, "_index_rows", full)
+        with pytest.raises(StoreWriteError, match="nothing of this write was indexed"):
+            s.put(key(1), make_kv(1))
+        monkeypatch.undo()
+        assert key(1) not in s
+        assert s.stats()["orphan_bytes"] == len(make_kv(1).to_bytes())
+        assert s.verify().ok  # orphans are not corruption
+        report = s.gc()
+        assert report["reclaimed_bytes"] == len(make_kv(1).to_bytes())
+        assert s.stats()["orphan_bytes"] == 0
+        assert s.put(key(1), make_kv(1)) is True
+        assert s.verify().ok and len(s) == 2
+
+
+def test_gc_removes_orphans(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"i": i}) for i in range(4)])
+    (shard,) = shard_files(path)
+    with open(shard, "ab") as f:  # what a writer killed before its index commit leaves
+        f.write(os.urandom(1000))
+    (path / "shards" / "000009.shard").write_bytes(os.urandom(500))  # a shard nobody indexes
+    (path / "manifest.json.tmp").write_text("{")  # a stale temporary file
+    with AnchorStore.open(path, FP) as s:
+        assert s.stats()["orphan_bytes"] == 1500
+        report = s.gc()
+        assert report["reclaimed_bytes"] == 1500
+        assert (report["removed_shards"], report["compacted_shards"]) == (1, 1)
+        assert report["removed_temp_files"] == 1
+        assert s.stats()["orphan_bytes"] == 0 and s.verify().ok
+        for i in range(4):
+            assert_same_kv(s.get(key(i)), make_kv(i))
+        assert s.gc()["reclaimed_bytes"] == 0  # nothing left to do
+        s.put(key(4), make_kv(4))
+    names = [p.name for p in shard_files(path)]
+    assert names and all(int(n.split(".")[0]) > 9 for n in names), "shard ids are never reused"
+    with AnchorStore.open(path, FP) as s:
+        assert len(s) == 5 and s.verify().ok
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def test_two_readers_and_one_writer_concurrently_see_no_errors_or_torn_reads(tmp_path):
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5, shard_bytes=40_000).close()  # several shards
+    n = 60
+    ready = tmp_path / "reader-ready"
+    reader = _spawn("_read_until", path, n, ready)
+    writer = _spawn("_write_entries", path, 0, n, 3, ready, 0.01)
+    with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as shared, \
+            ThreadPoolExecutor(2) as pool:
+        threads = [pool.submit(_read_until, path, n, "", shared) for _ in range(2)]
+        for thread in threads:
+            thread.result()  # re-raises a reader's failure
+    for proc in (writer, reader):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with AnchorStore.open(path, FP) as s:
+        assert len(s) == n and s.verify().ok
+
+
+def test_two_writers_at_once_never_duplicate_a_key(tmp_path):
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+
+    def write(first, last):
+        with AnchorStore.open(path, FP) as s:
+            for start in range(first, last, 5):
+                s.put_many([(key(i), make_kv(i), {"i": i}) for i in range(start, start + 5)])
+
+    with ThreadPoolExecutor(2) as pool:
+        for writer in [pool.submit(write, 0, 40), pool.submit(write, 20, 60)]:
+            writer.result()
+    with AnchorStore.open(path, FP) as s:
+        assert len(s) == 60 and s.verify().ok and s.stats()["orphan_bytes"] == 0
+
+
+def test_gc_while_reading_keeps_every_read_correct(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"i": i}) for i in range(20)])
+    stop = threading.Event()
+
+    def read():
+        with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as r:
+            while not stop.is_set():
+                for k in r:
+                    assert_same_kv(r.get(k), make_kv(r.metadata(k)["i"]))
+
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(read)
+        try:
+            with AnchorStore.open(path, FP) as s:
+                for _ in range(4):
+                    with open(shard_files(path)[-1], "ab") as f:
+                        f.write(os.urandom(100))
+                    assert s.gc()["moved_entries"] == 20
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+        reader.result()
+
+
+def test_a_read_racing_gc_follows_the_moved_entry(tmp_path, monkeypatch):
+    """The reader looks up an entry's place, then gc moves it and deletes the old shard,
+    then the reader reads: it must find the entry at its new place, not report corruption."""
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+    with open(shard_files(path)[0], "ab") as f:
+        f.write(os.urandom(100))
+    writer = AnchorStore.open(path, FP)
+    reader = AnchorStore.open(path, FP, readonly=True, cache_bytes=0)
+    lookup = AnchorStore._row
+    moved = []
+
+    def lookup_then_gc(self, k):
+        row = lookup(self, k)
+        if self is reader and not moved:
+            moved.append(writer.gc()["moved_entries"])
+        return row
+
+    monkeypatch.setattr(AnchorStore, "_row", lookup_then_gc)
+    assert_same_kv(reader.get(key(1)), make_kv(1))
+    assert moved == [3]
+    writer.close()
+    reader.close()
+
+
+# -- 8-bit storage ----------------------------------------------------------------------------
+
+
+def _native_and_8bit(tmp_path, codec):
+    entries = [(key(i), make_kv(i, FULL)) for i in range(3)]
+    with AnchorStore.create(tmp_path / "native", FP, ratio=5) as native:
+        native.put_many(entries)
+        native_bytes = native.stats()["entry_bytes"]
+    small = AnchorStore.create(tmp_path / codec, FP, ratio=5, storage=codec)
+    small.put_many(entries)
+    return small, native_bytes
+
+
+def _check_8bit_store(small: AnchorStore, native_bytes: int, bound: float, elementwise) -> None:
+    with small:
+        stats = small.stats()
+        assert 0.49 < stats["entry_bytes"] / native_bytes < 0.51  # half of bf16
+        scales = 3 * 2 * 30 * 3 * 4  # a float32 scale per [layer, head], for keys and values
+        assert stats["kv_bytes_decoded"] == 2 * (stats["kv_bytes_stored"] - scales)
+        for i in range(3):
+            got, expected = small.get(key(i)), make_kv(i, FULL)
+            assert got.keys.dtype == torch.bfloat16 and got.keys.shape == expected.keys.shape
+            assert torch.equal(got.positions, expected.positions)
+            assert (got.n_tokens, got.offset, got.fingerprint) == (510, 0, FP)
+            for g, e in ((got.keys, expected.keys), (got.values, expected.values)):
+                assert relative_error(g, e) < bound
+                e = e.float()
+                head_absmax = e.abs().amax(dim=(2, 3), keepdim=True)
+                assert ((g.float() - e).abs() <= elementwise(e, head_absmax)).all()
+        assert small.verify().ok
+
+
+def test_fp8_storage_halves_bytes_and_keeps_values_close(tmp_path):
+    small, native_bytes = _native_and_8bit(tmp_path, "fp8")
+    # e4m3 keeps 3 mantissa bits (each value within 1/16, plus bf16 rounding of the result);
+    # values below the smallest normal of the scaled range lose relative precision.
+    _check_8bit_store(small, native_bytes, 0.04,
+                      lambda e, absmax: e.abs() * (1 / 16 + 1 / 128) + absmax / 448 * 2**-6)
+
+
+def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
+    small, native_bytes = _native_and_8bit(tmp_path, "int8")
+    # Each value within half a quantization step (absmax / 127), plus bf16 rounding.
+    _check_8bit_store(small, native_bytes, 0.015,
+                      lambda e, absmax: absmax / 254 + e.abs() / 128 + 1e-6)
+
+
+def test_8bit_storage_keeps_an_all_zero_head_exactly_zero(tmp_path):
+    kv = make_kv(0)
+    kv.keys[1, 0].zero_()
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5, storage="int8") as s:
+        s.put(key(0), kv)
+        assert (s.get(key(0)).keys[1, 0] == 0).all()
+
+
+# -- merging ----------------------------------------------------------------------------------
+
+
+def test_merge_combines_shards_and_skips_duplicates(tmp_path):
+    for name, ids in (("a", range(10)), ("b", range(5, 15))):
+        with AnchorStore.create(tmp_path / name, FP, ratio=5, extra_manifest={"x": 1}) as s:
+            s.put_many([(key(i), make_kv(i), {"i": i, "from": name}) for i in ids])
+    assert merge(tmp_path / "all", [tmp_path / "a", tmp_path / "b"]) == 15
+    assert merge(tmp_path / "all", [tmp_path / "a", tmp_path / "b"]) == 0
+    with AnchorStore.open(tmp_path / "all", FP) as s:
+        assert len(s) == 15 and s.verify().ok
+        assert s.manifest["extra"] == {"x": 1}
+        assert s.metadata(key(12)) == {"i": 12, "from": "b"}
+        assert s.metadata(key(7))["from"] == "a"
+        for i in range(15):
+            assert_same_kv(s.get(key(i)), make_kv(i))
+
+
+def test_merge_into_an_8bit_store_reencodes_entries(tmp_path):
+    with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+    AnchorStore.create(tmp_path / "dest", FP, ratio=5, storage="fp8").close()
+    assert merge(tmp_path / "dest", [tmp_path / "a"]) == 3
+    with AnchorStore.open(tmp_path / "dest", FP) as s:
+        assert s.verify().ok
+        assert relative_error(s.get(key(1)).keys, make_kv(1).keys) < 0.04
+
+
+def test_merge_refuses_other_fingerprint(tmp_path):
+    with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
+        s.put(key(0), make_kv(0))
+    with AnchorStore.create(tmp_path / "b", OTHER_FP, ratio=5) as s:
+        s.put(key(1), make_kv(1, fingerprint=OTHER_FP))
+    with pytest.raises(FingerprintMismatchError) as info:
+        merge(tmp_path / "all", [tmp_path / "a", tmp_path / "b"])
+    assert FP in str(info.value) and OTHER_FP in str(info.value)
+    assert not (tmp_path / "all").exists()  # refused before writing anything
+    with pytest.raises(FingerprintMismatchError):
+        merge(tmp_path / "a", [tmp_path / "b"])  # into an existing store of another model
+
+
+def test_merge_refuses_a_corrupt_source_entry(tmp_path):
+    with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
+        s.put(key(0), make_kv(0), {"chunk_id": "c0"})
+    flip_byte(shard_files(tmp_path / "a")[0], 1000)
+    with pytest.raises(StoreCorruptionError, match="c0"):
+        merge(tmp_path / "all", [tmp_path / "a"])
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_cli_verify_and_stats(tmp_path, capsys):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"chunk_id": f"c{i}"}) for i in range(3)])
+    run = subprocess.run([sys.executable, "-m", "sac_rag.store", "stats", str(path)],
+                         capture_output=True, text=True, cwd=REPO, check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["entries"] == 3
+    assert main(["verify", str(path)]) == 0
+    assert "OK: 3 entries" in capsys.readouterr().out
+
+    (shard,) = shard_files(path)
+    flip_byte(shard, shard.stat().st_size // 2)
+    run = subprocess.run([sys.executable, "-m", "sac_rag.store", "verify", str(path)],
+                         capture_output=True, text=True, cwd=REPO, check=False)
+    assert run.returncode == 1
+    assert key(1) in run.stdout and "c1" in run.stdout
+
+    assert main(["gc", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["reclaimed_bytes"] == 0
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not an anchor store" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "verify" in capsys.readouterr().out
