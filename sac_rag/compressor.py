@@ -82,16 +82,26 @@ class SACCompressor(torch.nn.Module):
     def _with_adapter(model, config: SACConfig):
         if config.lora_rank == 0:
             return model
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules),
-            bias="none",
-        )
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, _lora_config(config.lora_rank, config.lora_alpha, config))
+        if config.decoder_lora_rank:
+            alpha = config.decoder_lora_alpha or 2 * config.decoder_lora_rank
+            peft_model.add_adapter("decoder", _lora_config(config.decoder_lora_rank, alpha, config))
+            peft_model.set_adapter("default")
+        return peft_model
+
+    def add_decoder_adapter(self, rank: int, alpha: int = 0) -> None:
+        """Add a (fresh) decoder-side adapter to a compressor trained without one."""
+        if self.config.decoder_lora_rank:
+            raise InvalidInputError("this compressor already has a decoder adapter")
+        if not self.config.lora_rank:
+            raise InvalidInputError("a decoder adapter needs an encoder adapter too (lora_rank > 0)")
+        self.config.decoder_lora_rank, self.config.decoder_lora_alpha = rank, alpha
+        self.config.validate()
+        self.model.add_adapter("decoder", _lora_config(rank, alpha or 2 * rank, self.config))
+        self.model.set_adapter("default")
+        self._fingerprint_cache = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -114,8 +124,11 @@ class SACCompressor(torch.nn.Module):
         if self.config.lora_rank > 0:
             from peft import get_peft_model_state_dict
 
-            for name, value in get_peft_model_state_dict(self.model).items():
+            for name, value in get_peft_model_state_dict(self.model, adapter_name="default").items():
                 tensors[f"lora.{name}"] = value
+        if self.config.decoder_lora_rank:
+            for name, value in get_peft_model_state_dict(self.model, adapter_name="decoder").items():
+                tensors[f"decoder_lora.{name}"] = value
         return tensors
 
     @property
@@ -132,10 +145,31 @@ class SACCompressor(torch.nn.Module):
         return self._fingerprint_cache[1]
 
     def decoder_mode(self):
-        """Context in which the shared model acts as the frozen decoder (adapter off)."""
+        """Context in which the shared model acts as the decoder that reads compressed contexts:
+        the frozen LM (adapters off), or the LM with the decoder adapter if there is one."""
+        if self.config.decoder_lora_rank:
+            return self._adapter("decoder")
+        return self.frozen_mode()
+
+    def frozen_mode(self):
+        """Context in which the shared model is exactly the base LM (every adapter off)."""
         if self.config.lora_rank == 0:
             return contextlib.nullcontext()
         return self.model.disable_adapter()
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str):
+        # peft's set_adapter also flips requires_grad; training needs the flags it set itself.
+        flags = [(p, p.requires_grad) for n, p in self.model.named_parameters() if "lora_" in n]
+        self.model.set_adapter(name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        try:
+            yield
+        finally:
+            self.model.set_adapter("default")
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     # -- text -> chunks -----------------------------------------------------------------------
 
@@ -370,8 +404,17 @@ class SACCompressor(torch.nn.Module):
         if tensors:
             from peft import set_peft_model_state_dict
 
-            lora = {name[len("lora."):]: t for name, t in tensors.items()}
-            set_peft_model_state_dict(self.model, lora)
+            for prefix, adapter in (("lora.", "default"), ("decoder_lora.", "decoder")):
+                part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+                if part:
+                    set_peft_model_state_dict(self.model, part, adapter_name=adapter)
+
+
+def _lora_config(rank: int, alpha: int, config: SACConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none")
 
 
 def _biased_bidirectional_mask(mask: torch.Tensor, future_bias: float, dtype: torch.dtype) -> torch.Tensor:

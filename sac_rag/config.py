@@ -77,6 +77,10 @@ class SACConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Optional decoder-side LoRA, active only while the decoder reads compressed contexts (an
+    # extension beyond the paper's frozen decoder; 0 = frozen decoder, the paper's default).
+    decoder_lora_rank: int = 0
+    decoder_lora_alpha: int = 0  # 0 = 2 x decoder_lora_rank
     # Chunks of one text are encoded at their global positions (chunk c starts at the sum of
     # the earlier chunks' lengths); stored chunks are encoded at offset 0 and moved by rotation.
     position_convention: str = "global"
@@ -107,6 +111,8 @@ class SACConfig:
             raise InvalidInputError(f"memory must be 'anchors' or 'compression_tokens', got {self.memory!r}")
         if self.memory == "compression_tokens" and self.anchor_embedding != "per_slot":
             raise InvalidInputError("compression tokens need their own embeddings: set anchor_embedding='per_slot'")
+        if self.decoder_lora_rank and not self.lora_rank:
+            raise InvalidInputError("a decoder adapter needs an encoder adapter too (lora_rank > 0)")
         if self.lora_rank < 0:
             raise InvalidInputError(f"lora_rank must be >= 0 (0 = no adapter), got {self.lora_rank}")
 

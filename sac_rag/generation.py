@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FingerprintMismatchError, InvalidInputError, PromptError
-from .fingerprint import base_model_fingerprint, same_base_model
+from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
 from .rope import KeyRotator
 
@@ -85,11 +85,14 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 base_fingerprint: str | None = None):
+                 base_fingerprint: str | None = None, accepts: Callable[[str], bool] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.decoder_mode = decoder_mode or contextlib.nullcontext
         self.base_fingerprint = base_fingerprint or base_model_fingerprint(model, tokenizer)
+        # Which compressed data this decoder can read: by default anything made on the same base
+        # model (the decoder is the frozen base); a compressor with a decoder adapter narrows it.
+        self._accepts = accepts or (lambda fingerprint: same_base_model(fingerprint, self.base_fingerprint))
         self.rotator = KeyRotator.from_model(model)
         text_config = model.config.get_text_config(decoder=True)
         self.num_layers = text_config.num_hidden_layers
@@ -220,7 +223,7 @@ class Generator:
         state.text_tokens += len(ids)
 
     def _splice(self, state: _Prefilled, kv: AnchorKV) -> None:
-        if not same_base_model(kv.fingerprint, self.base_fingerprint):
+        if not self._accepts(kv.fingerprint):
             raise FingerprintMismatchError(
                 "a compressed context", self.base_fingerprint, kv.fingerprint,
                 "compress it again with a compressor for this model, or decode with the model it was made for",

@@ -89,7 +89,9 @@ class ExampleBuilder:
 
 
 class SACObjective:
-    """Loss of the SAC compressor on a micro-batch; the decoder is the same model, adapter off."""
+    """Loss of the SAC compressor on a micro-batch; the decoder is the same model in
+    ``decoder_mode`` (adapters off, or its own decoder adapter). The distillation teacher is
+    the frozen base model reading the full text."""
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0):
         self.compressor = compressor
@@ -103,9 +105,17 @@ class SACObjective:
         return [p for p in self.compressor.parameters() if p.requires_grad]
 
     def prefix_kv(self):
-        if self._prefix_kv is None and self.prefix:
-            with torch.no_grad(), self.compressor.decoder_mode():
-                self._prefix_kv = _context_kv(self.compressor.base_model, self.prefix, self.compressor.device)
+        """K/V of the prefix text as the decoder reads it: constant for a frozen decoder (computed
+        once), recomputed with gradients when a decoder adapter is being trained."""
+        if not self.prefix:
+            return None
+        comp = self.compressor
+        if comp.config.decoder_lora_rank:
+            with comp.decoder_mode():
+                return _context_kv(comp.base_model, self.prefix, comp.device)
+        if self._prefix_kv is None:
+            with torch.no_grad(), comp.decoder_mode():
+                self._prefix_kv = _context_kv(comp.base_model, self.prefix, comp.device)
         return self._prefix_kv
 
     def loss(self, examples: list[Example], future_bias: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -143,7 +153,7 @@ class SACObjective:
         loss, stats = ce, {"ce": ce.item(), "target_tokens": labels.numel()}
 
         if self.distill_weight > 0:
-            with torch.no_grad(), comp.decoder_mode():
+            with torch.no_grad(), comp.frozen_mode():
                 teacher_caches = [
                     _context_kv(comp.base_model, self.prefix + [t for passage in ex.passages for t in passage], comp.device)
                     for ex in examples

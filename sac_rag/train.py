@@ -66,6 +66,10 @@ class TrainConfig:
     anchor_strategy: str = _help("'uniform' | 'random' (ablation)", default="uniform")
     bidirectional: bool = _help("bidirectional encoder (False = ablation 'no mask')", default=True)
     memory: str = _help("'anchors' (SAC) | 'compression_tokens' (prior-art baseline)", default="anchors")
+    decoder_lora_rank: int = _help("rank of a decoder-side LoRA used only when reading compressed contexts "
+                                   "(0 = frozen decoder, the paper's default); may be added to an init_from "
+                                   "checkpoint", default=0)
+    decoder_lora_alpha: int = _help("its alpha (0 = 2 x rank)", default=0)
     # objective
     questions_per_context: int = _help("questions trained per compressed paragraph (SQuAD has ~5)", default=1)
     distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
@@ -158,6 +162,19 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad.div_(world)
 
 
+def _check_ranks_agree(model, world: int) -> None:
+    """Every rank must end with identical weights; a mismatch means a broken all-reduce."""
+    from .fingerprint import hash_tensors
+
+    params = model.model.named_parameters() if hasattr(model, "generator") else model.named_parameters()
+    digest = hash_tensors((n, p) for n, p in params if p.requires_grad)
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise SACError(f"data-parallel ranks diverged: weight hashes {digests}")
+    logger.info("all %d ranks agree on the trained weights (%s)", world, digest[:12])
+
+
 # -- model --------------------------------------------------------------------------------------
 
 
@@ -203,6 +220,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
     if cfg.init_from:
         comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
+        if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
+            comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
     else:
         comp = SACCompressor(
             SACConfig(
@@ -210,6 +229,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
                 lora_alpha=cfg.lora_alpha, lora_target_modules=list(cfg.lora_target_modules),
                 anchor_embedding=cfg.anchor_embedding, anchor_strategy=cfg.anchor_strategy,
                 bidirectional=cfg.bidirectional, memory=cfg.memory,
+                decoder_lora_rank=cfg.decoder_lora_rank, decoder_lora_alpha=cfg.decoder_lora_alpha,
             ),
             device=device, dtype="float32",
         )
@@ -547,7 +567,7 @@ def train(cfg: TrainConfig) -> Path:
             logger.info("skipped examples: %s", stats.skipped)
     bar.close()
     if world > 1:
-        dist.barrier()
+        _check_ranks_agree(model, world)
         dist.destroy_process_group()
     return out_dir / "final"
 

@@ -268,3 +268,35 @@ def test_future_bias_anneals_between_causal_and_bidirectional(tiny):
         zero_bias = bidir.encode([ids, ids[:5]], [0, 0], future_bias=1e-9)[0].keys
     torch.testing.assert_close(nearly_causal, ref_causal, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(zero_bias, ref_bidir, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_adapter_is_used_only_when_reading_compressed_contexts(tiny, tmp_path):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    _perturb(comp, seed=3)
+    ids = _ids(comp.tokenizer)[:20]
+    with torch.no_grad():
+        encoder_view = comp.compress_chunks([ids])[0].keys
+        with comp.decoder_mode():
+            decoder_logits = comp.base_model(input_ids=torch.tensor([ids])).logits
+        with comp.frozen_mode():
+            frozen_logits = comp.base_model(input_ids=torch.tensor([ids])).logits
+    assert not torch.allclose(decoder_logits, frozen_logits)
+    # switching adapters leaves the encoder exactly as it was
+    torch.testing.assert_close(comp.compress_chunks([ids])[0].keys, encoder_view, rtol=0, atol=0)
+    assert any(k.startswith("decoder_lora.") for k in comp.trainable_tensors())
+    before = comp.compress(TEXT)
+    gen = Generator.from_compressor(comp).generate([before, " the tower"], GenerationConfig(max_new_tokens=8))
+    comp.save_pretrained(tmp_path / "ckpt")
+    model, tokenizer = make_tiny_llama()
+    loaded = SACCompressor.from_pretrained(tmp_path / "ckpt", model=model, tokenizer=tokenizer)
+    assert loaded.fingerprint == comp.fingerprint
+    again = Generator.from_compressor(loaded).generate([loaded.compress(TEXT), " the tower"],
+                                                       GenerationConfig(max_new_tokens=8))
+    assert again.token_ids == gen.token_ids
+
+
+def test_decoder_adapter_refuses_caches_from_other_compressors_of_the_same_base(tiny):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    plain = _compressor(make_tiny_llama())  # same base weights, another encoder
+    with pytest.raises(FingerprintMismatchError):
+        Generator.from_compressor(comp).generate([plain.compress(TEXT), " the tower"])

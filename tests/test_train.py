@@ -1,0 +1,151 @@
+"""python -m sac_rag.train on a tiny random Llama: learning, exact resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import SACCompressor
+from sac_rag.errors import SACError
+from sac_rag.train import parse_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+FACTS = [
+    ("The tower was finished in 1889 by the company of the engineer.", "When was the tower finished?", "1889"),
+    ("Paris is the capital of France and its largest city.", "What is the capital of France?", "Paris"),
+    ("The quick brown fox jumps over the lazy dog every morning.", "What does the fox jump over?", "the lazy dog"),
+    ("Anchors carry the meaning of a chunk to the decoder.", "What carries the meaning?", "Anchors"),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A saved tiny model (so the trainer loads it by path) and a small SQuAD-format dataset."""
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "tiny-model")
+    tokenizer.save_pretrained(tmp_path / "tiny-model")
+    articles = []
+    for i in range(12):
+        context, question, answer = FACTS[i % len(FACTS)]
+        articles.append({"title": f"article-{i}", "paragraphs": [{
+            "context": f"{context} Note {i}.",
+            "qas": [{"id": f"q{i}-{j}", "question": question, "answers": [{"text": answer, "answer_start": 0}]}
+                    for j in range(3)],
+        }]})
+    (tmp_path / "qa.json").write_text(json.dumps({"data": articles}))
+    (tmp_path / "lm.jsonl").write_text("\n".join(json.dumps({"text": (c + " ") * 6}) for c, _, _ in FACTS))
+    return tmp_path
+
+
+def _args(ws: Path, out: str, *extra: str) -> list[str]:
+    return [
+        "--base-model", str(ws / "tiny-model"), "--data", str(ws / "qa.json"), "--out-dir", str(ws / out),
+        "--ratio", "2", "--chunk-len", "64", "--lora-rank", "4", "--lora-alpha", "8",
+        "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3", "--warmup-steps", "1",
+        "--eval-every", "0", "--eval-questions", "4", "--checkpoint-every", "2", "--precision", "fp32",
+        "--held-out-fraction", "0.2", *extra,
+    ]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_few_steps_on_a_tiny_model_reduce_the_loss(workspace):
+    # The same batch over and over: the loss must fall if gradients reach the compressor.
+    final = train(parse_config(_args(workspace, "run", "--max-steps", "12", "--batch-size", "2",
+                                     "--micro-batch-size", "2", "--held-out-fraction", "0.9", "--lr", "2e-2")))
+    losses = _losses(workspace / "run")
+    assert min(losses[s] for s in (10, 11, 12)) < losses[1] * 0.88
+    assert (final / "config.json").exists() and (workspace / "run" / "loss_curve.png").exists()
+    model, tokenizer = make_tiny_llama()
+    SACCompressor.from_pretrained(final, model=model, tokenizer=tokenizer)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(workspace):
+    train(parse_config(_args(workspace, "straight", "--max-steps", "6")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "4")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "6", "--resume")))
+    straight, split = _losses(workspace / "straight"), _losses(workspace / "split")
+    for step in (5, 6):
+        assert split[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
+def test_kill_9_leaves_a_readable_checkpoint_and_resume_finishes(workspace):
+    cmd = [sys.executable, "-m", "sac_rag.train", *_args(workspace, "killed", "--max-steps", "400",
+                                                         "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = workspace / "killed" / "latest"
+    try:
+        while not (latest.exists() and proc.poll() is None and latest.read_text() >= "step-0000003"):
+            assert proc.poll() is None, "training exited before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    train(parse_config(_args(workspace, "killed", "--max-steps", "6", "--resume")))
+    assert max(_losses(workspace / "killed")) >= 6
+    assert (workspace / "killed" / "final" / "config.json").exists()
+
+
+def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "sac_rag.train", *_args(workspace, "ddp", "--max-steps", "3")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranks agree" in done.stderr
+    train(parse_config(_args(workspace, "single", "--max-steps", "3")))
+    from safetensors.torch import load_file
+
+    ddp = load_file(workspace / "ddp" / "final" / "compressor.safetensors")
+    single = load_file(workspace / "single" / "final" / "compressor.safetensors")
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], atol=1e-5, rtol=1e-3)
+
+
+def test_pretrain_stage_reads_plain_text(workspace):
+    final = train(parse_config(_args(workspace, "lm", "--stage", "pretrain", "--data", str(workspace / "lm.jsonl"),
+                                     "--lm-min-tokens", "20", "--lm-max-tokens", "60", "--max-steps", "2",
+                                     "--distill-weight", "1.0")))
+    assert (final / "config.json").exists()
+    assert all(torch.isfinite(torch.tensor(v)) for v in _losses(workspace / "lm").values())
+
+
+def test_full_ft_baseline_trains_a_decoder_adapter(workspace):
+    final = train(parse_config(_args(workspace, "fullft", "--method", "full_ft", "--max-steps", "2")))
+    assert (final / "adapter_model.safetensors").exists()
+
+
+def test_resume_with_another_config_is_refused(workspace):
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    with pytest.raises(SACError, match="ratio: 2 -> 3"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "4", "--resume", "--ratio", "3")))
+    with pytest.raises(SACError, match="--resume"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "4")))
+
+
+def test_missing_or_malformed_data_is_reported(workspace):
+    with pytest.raises(SACError, match="does not exist"):
+        train(parse_config(_args(workspace, "x", "--data", str(workspace / "nope.json"))))
+    (workspace / "bad.json").write_text("{not json")
+    with pytest.raises(SACError, match="not SQuAD JSON"):
+        train(parse_config(_args(workspace, "y", "--data", str(workspace / "bad.json"))))
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--questions-per-context", "--distractors", "--distill-weight", "--bidir-anneal-steps",
+                   "--memory", "--decoder-lora-rank", "--resume", "--ae-weight", "--anchor-lr"):
+        assert option in text
