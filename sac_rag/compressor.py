@@ -329,13 +329,14 @@ class SACCompressor(torch.nn.Module):
 
     # -- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA). Each file
-        is written to a temp name, fsynced and renamed; config.json goes last and records the
-        weights' hash, so a reader never pairs a config with other weights."""
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA), in ``dtype``
+        if given (bfloat16 halves a shipped artefact). Each file is written to a temp name,
+        fsynced and renamed; config.json goes last and records the weights' hash, so a reader
+        never pairs a config with other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_tensors().items()}
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
         weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
         atomic_write(directory / WEIGHTS_FILE, weights)
         meta = {

@@ -1,0 +1,207 @@
+"""Answer-quality and cost evaluation: ``python -m sac_rag.eval --help``.
+
+Every method answers the same seeded questions with the same base model, prompt template and
+decoding settings, through the same ``Generator`` code path; only what the decoder reads
+differs. Results are JSON rows (one per method x dataset) appended to ``--results``; the
+per-example predictions are cached so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import resource
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PromptTemplate, SACConfig
+from .data import read_qa
+from .generation import GenerationConfig, Generator
+from .metrics import summarize
+
+logger = logging.getLogger("sac_rag.eval")
+
+DATASETS = {
+    "squad-dev": "squad-v1.1/dev-v1.1.json.xz",
+    "squadshifts-new-wiki": "squadshifts/new_wiki_v1.0.json.xz",
+}
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answers: list[str]
+    context: str
+
+
+def load_questions(path: str | Path, n: int, seed: int) -> list[Question]:
+    """A fixed, seeded subset of ``n`` questions (all of them when n <= 0)."""
+    questions = [
+        Question(qa.id, qa.question, qa.answers, para.context)
+        for para in read_qa(path) for qa in para.questions
+    ]
+    if 0 < n < len(questions):
+        questions = random.Random(seed).sample(questions, n)
+    return questions
+
+
+@dataclass
+class Method:
+    """One way of answering: a generator, and how a context becomes a prompt segment."""
+
+    name: str
+    ratio: int
+    generator: Generator
+    template: PromptTemplate
+    compressor: object = None  # SACCompressor when contexts are compressed
+    read_context: bool = True
+
+    def prompts(self, batch: list[Question]) -> list[list]:
+        if not self.read_context:
+            return [self.template.build([], q.question) for q in batch]
+        if self.compressor is None:
+            return [self.template.build([q.context], q.question) for q in batch]
+        compressed = self.compressor.compress_batch([q.context for q in batch], batch_size=len(batch))
+        return [self.template.build([c], q.question) for c, q in zip(compressed, batch)]
+
+
+def build_method(name: str, base_model: str, ratio: int, checkpoint: str | None, device, dtype) -> Method:
+    """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
+    ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
+    ``no_context``."""
+    from .compressor import SACCompressor
+    from .models import load_base_model
+
+    if name == "sac":
+        comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+        return Method(name, comp.config.ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
+    if name == "kv_dropping":
+        comp = SACCompressor(SACConfig(base_model=base_model, ratio=ratio, lora_rank=0, bidirectional=False,
+                                       anchor_embedding="none"), device=device, dtype=dtype)
+        return Method(name, ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
+    model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+    if name == "full_ft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, checkpoint).eval()
+    if name not in ("full_context", "full_ft", "no_context"):
+        raise SystemExit(f"unknown method {name!r}")
+    return Method(name, 1, Generator(model, tokenizer), PromptTemplate(), read_context=name != "no_context")
+
+
+def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
+        max_new_tokens: int = 32) -> dict:
+    """Answer all questions (resuming from ``cache_path``) and score them."""
+    from tqdm.auto import tqdm
+
+    done: dict[str, str] = {}
+    if cache_path.exists():
+        for line in cache_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["id"]] = row["prediction"]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",))
+    todo = [q for q in questions if q.id not in done]
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                              desc=f"{method.name} {dataset}", unit="q") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            with torch.no_grad():
+                results = method.generator.generate_batch(method.prompts(batch), config)
+            for q, r in zip(batch, results):
+                done[q.id] = r.text.strip()
+                cache.write(json.dumps({"id": q.id, "prediction": done[q.id]}) + "\n")
+            cache.flush()
+            bar.update(len(batch))
+    return summarize([done[q.id] for q in questions], [q.answers for q in questions])
+
+
+def measure_costs(method: Method, questions: list[Question], samples: int = 10, new_tokens: int = 16) -> dict:
+    """Batch-1 costs on the first ``samples`` questions: compression time per chunk, time to
+    first token (compression excluded, prefill included), decode tokens/s, K/V bytes held."""
+    config = GenerationConfig(max_new_tokens=1)
+    compress_s, ttft_s, decode_tps, kv_bytes, chunks = [], [], [], [], 0
+    for q in questions[:samples]:
+        t0 = time.perf_counter()
+        prompt = method.prompts([q])[0]
+        t1 = time.perf_counter()
+        first = method.generator.generate(prompt, config)
+        t2 = time.perf_counter()
+        longer = method.generator.generate(prompt, GenerationConfig(max_new_tokens=new_tokens))
+        t3 = time.perf_counter()
+        if method.compressor is not None:
+            n_chunks = sum(1 for seg in prompt if not isinstance(seg, str))
+            chunks += n_chunks
+            compress_s.append((t1 - t0) / max(1, n_chunks))
+        ttft_s.append(t2 - t1)
+        extra = max(1, len(longer.token_ids) - len(first.token_ids))
+        decode_tps.append(extra / max(1e-9, (t3 - t2) - (t2 - t1)))
+        kv_bytes.append(_kv_bytes(method.generator, longer.text_tokens + longer.cached_tokens))
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    return {
+        "compress_s_per_chunk": median(compress_s),
+        "ttft_s": median(ttft_s),
+        "decode_tokens_per_s": median(decode_tps),
+        "kv_bytes_per_query": median(kv_bytes),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "timing_samples": min(samples, len(questions)),
+    }
+
+
+def _kv_bytes(generator: Generator, entries: int) -> int:
+    cfg = generator.model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = torch.tensor([], dtype=generator.dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize * entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sac_rag.eval", description=__doc__)
+    parser.add_argument("--method", required=True,
+                        choices=["sac", "kv_dropping", "full_context", "full_ft", "no_context"])
+    parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
+    parser.add_argument("--label", help="name of the row in the results (default: the method)")
+    parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=int, default=5, help="for kv_dropping")
+    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--n", type=int, default=1000, help="seeded subset size (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--timing-samples", type=int, default=10)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    label = args.label or args.method
+    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, args.dtype)
+    cache = Path(args.results).parent / "predictions" / f"{label}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl"
+    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
+    costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
+    row = {
+        "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
+        **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
+        "dtype": args.dtype, "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("method", "ratio", "dataset", "n", "f1", "em", "f1_ci")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""python -m sac_rag.eval on a tiny model: every method runs, rows are written, runs resume."""
+
+import json
+import lzma
+
+import pytest
+from conftest import make_tiny_llama
+
+from sac_rag import SACCompressor, SACConfig
+from sac_rag.eval import main
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "tiny-model")
+    tokenizer.save_pretrained(tmp_path / "tiny-model")
+    data = {"data": [{"title": "t", "paragraphs": [
+        {"context": f"Paris is the capital of France. Fact {i}.",
+         "qas": [{"id": f"q{i}", "question": "What is the capital?", "answers": [{"text": "Paris"}]}]}
+        for i in range(6)]}]}
+    (tmp_path / "data" / "squad-v1.1").mkdir(parents=True)
+    with lzma.open(tmp_path / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump(data, f)
+    comp = SACCompressor(SACConfig(base_model=str(tmp_path / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
+                         model=model, tokenizer=tokenizer)
+    comp.save_pretrained(tmp_path / "compressor")
+    return tmp_path
+
+
+def _run(ws, *args):
+    common = ["--base-model", str(ws / "tiny-model"), "--data-root", str(ws / "data"), "--n", "4",
+              "--max-new-tokens", "4", "--timing-samples", "2", "--results", str(ws / "results" / "q.jsonl"),
+              "--dtype", "float32"]
+    assert main([*args, *common]) == 0
+    rows = [json.loads(line) for line in (ws / "results" / "q.jsonl").read_text().splitlines()]
+    return rows[-1]
+
+
+@pytest.mark.parametrize("method", ["no_context", "full_context", "kv_dropping"])
+def test_each_method_writes_a_scored_row_with_costs(workspace, method):
+    row = _run(workspace, "--method", method)
+    assert row["method"] == method and row["n"] == 4 and row["dataset"] == "squad-dev"
+    for key in ("f1", "em", "paper_f1", "paper_em", "f1_ci", "ttft_s", "kv_bytes_per_query", "command"):
+        assert key in row
+
+
+def test_compressed_methods_hold_fewer_kv_bytes_than_full_context(workspace):
+    full = _run(workspace, "--method", "full_context")
+    dropped = _run(workspace, "--method", "kv_dropping", "--ratio", "2")
+    sac = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "compressor"), "--label", "sac-2x")
+    assert dropped["kv_bytes_per_query"] < full["kv_bytes_per_query"]
+    assert sac["ratio"] == 2 and sac["compress_s_per_chunk"] is not None
+
+
+def test_a_rerun_reuses_cached_predictions(workspace):
+    first = _run(workspace, "--method", "full_context")
+    cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))
+    lines = cache.read_text().splitlines()
+    second = _run(workspace, "--method", "full_context")
+    assert cache.read_text().splitlines() == lines and second["f1"] == first["f1"]
