@@ -264,20 +264,23 @@ class Generator:
         cache, mask = self._merged_cache(states)
         logits = torch.stack([s.logits for s in states])
         positions = torch.as_tensor([s.position for s in states], device=self.device)
-        self._check_room(int(positions.max()) + config.max_new_tokens)
+        steps = config.max_new_tokens
+        if self.max_positions is not None:  # stop at the model's context limit ("length")
+            steps = min(steps, self.max_positions - int(positions.max()))
+            self._check_room(int(positions.max()) + 1)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self.decoder_mode():
-            for step in range(config.max_new_tokens):
+            for step in range(steps):
                 tokens = _sample(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
                     if track.finish_reason is None:
                         self._append(track, token, stop_ids, config)
                 yield None
-                if all(t.finish_reason for t in tracks) or step == config.max_new_tokens - 1:
+                if all(t.finish_reason for t in tracks) or step == steps - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
                 out = self.model(

@@ -175,3 +175,12 @@ def test_sac_facade_answers_from_compressed_and_from_full_text(setup):
     batch = sac.answer_batch(["Who?", "What?"], [[TEXT], [TEXT * 2]])
     assert len(batch) == 2 and batch[0].token_ids == sac.answer("Who?", [TEXT]).token_ids
     assert "".join(sac.stream("Who?", [TEXT])) == sac.answer("Who?", [TEXT]).text
+
+
+def test_generation_stops_at_the_model_context_limit(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    n_prompt = len(tokenizer("Paris is", add_special_tokens=False)["input_ids"])
+    gen.max_positions = n_prompt + 3
+    result = gen.generate(["Paris is"], GenerationConfig(max_new_tokens=20, stop_token_ids=()))
+    assert len(result.token_ids) <= 3 and result.finish_reason in ("length", "stop")
