@@ -59,3 +59,12 @@ def test_a_rerun_reuses_cached_predictions(workspace):
     lines = cache.read_text().splitlines()
     second = _run(workspace, "--method", "full_context")
     assert cache.read_text().splitlines() == lines and second["f1"] == first["f1"]
+
+
+def test_question_subsets_are_seeded_and_nested(workspace):
+    from sac_rag.eval import load_questions
+
+    path = workspace / "data" / "squad-v1.1" / "dev-v1.1.json.xz"
+    small, large = load_questions(path, 2, seed=3), load_questions(path, 5, seed=3)
+    assert [q.id for q in small] == [q.id for q in large[:2]]
+    assert [q.id for q in load_questions(path, 5, seed=4)] != [q.id for q in large]
