@@ -107,8 +107,11 @@ class Generator:
 
     @classmethod
     def from_compressor(cls, compressor) -> Generator:
+        accepts = None
+        if compressor.config.decoder_lora_rank:  # its decoder was trained with its own encoder
+            accepts = lambda fingerprint: same_model(fingerprint, compressor.fingerprint)  # noqa: E731
         return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
-                   compressor.base_fingerprint)
+                   compressor.base_fingerprint, accepts)
 
     @property
     def device(self) -> torch.device:

@@ -307,7 +307,9 @@ class ExampleStream:
             else:
                 example = self.builder.qa(item, position, self.items)
             batch.append(example)
-        return batch[rank::world]
+        # Contiguous blocks, so that ranks see the same micro-batches a single process would.
+        share = len(batch) // world
+        return batch[rank * share : (rank + 1) * share]
 
 
 # -- evaluation ---------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
     ddp = load_file(workspace / "ddp" / "final" / "compressor.safetensors")
     single = load_file(workspace / "single" / "final" / "compressor.safetensors")
     for name in single:
-        torch.testing.assert_close(ddp[name], single[name], atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(ddp[name], single[name], atol=1e-4, rtol=1e-3)
 
 
 def test_pretrain_stage_reads_plain_text(workspace):
