@@ -104,7 +104,7 @@ class AnchorKV:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> AnchorKV:
-        meta = _read_metadata(data)
+        meta = read_metadata(data)
         if meta.get("format") != FORMAT:
             raise InvalidInputError(f"not an AnchorKV blob (format {meta.get('format')!r}, expected {FORMAT!r})")
         tensors = st_load(data)
@@ -118,8 +118,9 @@ class AnchorKV:
         )
 
 
-def _read_metadata(data: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors blob, read from its JSON header."""
+def read_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors blob, read from its JSON header alone (cheap, and
+    no tensor is decoded): how the store tells an entry's format before decoding it."""
     if len(data) < 8:
         raise InvalidInputError("blob too short to be safetensors")
     header_len = int.from_bytes(data[:8], "little")

@@ -65,9 +65,10 @@ from safetensors.torch import save as st_save
 
 from .devices import dtype_name, resolve_dtype
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
+from .files import atomic_write, fsync_dir
 from .fingerprint import same_model
 from .kv import FORMAT as KV_FORMAT
-from .kv import AnchorKV
+from .kv import AnchorKV, read_metadata
 from .quantize import CODECS, dequantize, quantize
 
 try:  # POSIX file locks; without them a store can be read but not written
@@ -327,9 +328,9 @@ class AnchorStore:
                 conn.executescript(_SCHEMA)
             finally:
                 conn.close()
-            _write_atomically(tmp / MANIFEST, manifest_text.encode())
-            _fsync_dir(tmp / SHARDS)
-            _fsync_dir(tmp)
+            atomic_write(tmp / MANIFEST, manifest_text.encode())
+            fsync_dir(tmp / SHARDS)
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, path)  # also replaces an empty directory
             except OSError as err:
@@ -338,7 +339,7 @@ class AnchorStore:
                         return reopen()
                     raise InvalidInputError(f"a store already exists at {path}") from err
                 raise
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -876,7 +877,7 @@ class AnchorStore:
             for shard in empty + holey:
                 os.unlink(self._path / SHARDS / self._shard_name(shard))
                 self._forget_map(shard)
-            _fsync_dir(self._path / SHARDS)
+            fsync_dir(self._path / SHARDS)
             moved_bytes = sum(r.length for s in holey for r in by_shard[s])
             report["removed_shards"] = len(empty)
             report["compacted_shards"] = len(holey)
@@ -972,7 +973,7 @@ def _encode_8bit(kv: AnchorKV, codec: str) -> tuple[bytes, int]:
 
 
 def _decode_blob(data: bytes, dtype: torch.dtype) -> AnchorKV:
-    meta = _blob_metadata(data)
+    meta = read_metadata(data)
     if meta.get("format") == KV_FORMAT:
         kv = AnchorKV.from_bytes(data)
         return kv if kv.keys.dtype == dtype else kv.to(dtype=dtype)
@@ -987,16 +988,6 @@ def _decode_blob(data: bytes, dtype: torch.dtype) -> AnchorKV:
         offset=int(meta["offset"]),
         fingerprint=meta["fingerprint"],
     )
-
-
-def _blob_metadata(data: bytes) -> dict:
-    if len(data) < 8:
-        raise ValueError("blob too short to be safetensors")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise ValueError("corrupt safetensors header length")
-    header = json.loads(data[8:8 + header_len])
-    return header.get("__metadata__", {})
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -1056,7 +1047,7 @@ class _ShardAppender:
         for fd in self._fds:
             os.fsync(fd)
         if any(created for *_, created in self._touched):
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         self._close()
 
     def rollback(self) -> None:
@@ -1101,27 +1092,6 @@ class _WriterLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = -1
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + fsync of the directory: the file is old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str) -> StoreWriteError:
