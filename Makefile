@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean-venv
+.PHONY: install test demo lint clean-venv
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Answer the demo questions from compressed caches (any folder works: make demo DOCS=path)
+DOCS ?= examples/demo_corpus
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py --docs $(DOCS)
 
 lint: install
 	$(BIN)/ruff check sac_rag tests
