@@ -1,0 +1,687 @@
+"""Handles: how a compressed chunk travels through a framework as text, and becomes K/V again in
+front of the decoder.
+
+LangChain and LlamaIndex move retrieved chunks to the LLM as *text*: documents are formatted
+into one prompt string, and the LLM wrapper sees only that string. So a compressed chunk
+travels as a marker ``<sac:KEY>``, where KEY is its store key (``AnchorStore.key_for(chunk
+text)``, 64 hex digits). A document prompt emits the marker in place of the chunk's text; the
+LLM wrapper finds the markers in the prompt (``split_prompt``), splices each chunk's cached K/V
+in at that place, and tokenizes the text around them normally.
+
+A text longer than one chunk is split the way ``sac_rag.precompress`` splits documents (so its
+chunks have the keys a precompressed store uses) and its handle is the markers of its chunks
+back to back, ``<sac:K1><sac:K2>...``: the decoder then reads the chunks at consecutive
+positions, the layout ``SACCompressor.compress(text)`` gives the whole text.
+
+A marker is honoured only when its key *resolves*: the entry exists (in the store, or among the
+chunks this process compressed) and was made by the compressor in use. Anything else that
+looks like a marker - say a user typing ``<sac:...>`` into a question - stays plain text and
+loads nothing.
+
+``SACEngine`` is what the framework adapters share: the compressor and its decoder, loaded on
+first use; the store; the resolver; and one lock per model, since compressing and decoding
+switch adapters on the same weights. Concurrent ``generate`` calls are decoded as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compressor import CONFIG_FILE, SACCompressor, resolve_pretrained
+from .config import PromptTemplate, SACConfig
+from .errors import FingerprintMismatchError, InvalidInputError, SACError
+from .fingerprint import same_model
+from .generation import Generation, GenerationConfig, Generator
+from .kv import AnchorKV
+from .pipeline import DEFAULT_COMPRESSOR
+from .store import AnchorStore, EntryNotFoundError
+
+logger = logging.getLogger(__name__)
+
+MARKER_PREFIX = "<sac:"
+MARKER_PATTERN = re.compile(r"<sac:([0-9a-f]{64})>")
+_KEY = re.compile(r"[0-9a-f]{64}")
+ON_MISS = ("compress", "text", "error")
+DEFAULT_MEMORY_BYTES = 256 << 20
+MAX_BATCH = 16  # prompts decoded together at most
+
+Segment = str | AnchorKV
+
+
+# -- markers ----------------------------------------------------------------------------------
+
+
+def marker_for(key: str) -> str:
+    """``<sac:KEY>`` for a store key (``AnchorStore.key_for(chunk text)``)."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise InvalidInputError(f"a handle key is a sha256 hex digest (AnchorStore.key_for(text)), got {key!r}")
+    return f"{MARKER_PREFIX}{key}>"
+
+
+def markers_for(keys: Iterable[str]) -> str:
+    """The handle of a text made of several chunks: their markers back to back, in order."""
+    return "".join(marker_for(k) for k in keys)
+
+
+def keys_in(text: str) -> list[str]:
+    """Keys of the well-formed markers in ``text``, in order of first appearance, without
+    repeats (whether they resolve or not)."""
+    return list(dict.fromkeys(m.group(1) for m in MARKER_PATTERN.finditer(text)))
+
+
+def split_prompt(prompt: str, resolve: Callable[[str], AnchorKV | None]) -> list[Segment]:
+    """Prompt segments for ``Generator``: each marker whose key ``resolve`` maps to an entry
+    becomes that ``AnchorKV``; every other character, including markers that do not resolve,
+    stays text. ``resolve`` is asked once per distinct key."""
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}")
+    resolved: dict[str, AnchorKV | None] = {}
+    segments: list[Segment] = []
+    last = 0
+    for match in MARKER_PATTERN.finditer(prompt):
+        key = match.group(1)
+        if key not in resolved:
+            resolved[key] = resolve(key)
+        kv = resolved[key]
+        if kv is None:
+            continue
+        if match.start() > last:
+            segments.append(prompt[last:match.start()])
+        segments.append(kv)
+        last = match.end()
+    if last < len(prompt):
+        segments.append(prompt[last:])
+    return segments
+
+
+# -- resolving ----------------------------------------------------------------------------------
+
+
+class BoundedMemory(MutableMapping):
+    """Chunks compressed in this process and not written to a store: key -> ``AnchorKV``, least
+    recently used dropped first once their tensors pass ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, AnchorKV] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: str) -> AnchorKV:
+        with self._lock:
+            kv = self._items[key]
+            self._items.move_to_end(key)
+            return kv
+
+    def __setitem__(self, key: str, kv: AnchorKV) -> None:
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key).nbytes
+            self._items[key] = kv
+            self._bytes += kv.nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                self._bytes -= self._items.popitem(last=False)[1].nbytes
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            self._bytes -= self._items.pop(key).nbytes
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class CacheResolver:
+    """Looks handle keys up: among chunks compressed in this process (``memory``), then in the
+    store. Only entries made by the compressor with ``fingerprint`` resolve; a store built by
+    another model or compressor is refused outright (``FingerprintMismatchError``)."""
+
+    def __init__(self, fingerprint: str, store: AnchorStore | None = None,
+                 memory: MutableMapping[str, AnchorKV] | None = None):
+        self.fingerprint = fingerprint
+        self.memory = BoundedMemory() if memory is None else memory
+        self.store: AnchorStore | None = None
+        if store is not None:
+            self.attach_store(store)
+
+    def attach_store(self, store: AnchorStore) -> None:
+        if not same_model(store.fingerprint, self.fingerprint):
+            raise FingerprintMismatchError(
+                f"the anchor store at {store.path}", self.fingerprint, store.fingerprint,
+                "Rebuild the store with this compressor (python -m sac_rag.precompress), or load "
+                "the compressor it was built with.",
+            )
+        self.store = store
+
+    def __call__(self, key: str) -> AnchorKV | None:
+        return self.lookup([key]).get(key)
+
+    def present(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` that resolve, without decoding any entry."""
+        keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and _KEY.fullmatch(k)]
+        found = {k for k in keys if k in self.memory}
+        rest = [k for k in keys if k not in found]
+        if rest and self.store is not None:
+            found.update(set(rest) - set(self.store.missing(rest)))
+        return found
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, AnchorKV]:
+        """``{key: entry}`` for those of ``keys`` that resolve (one store query for the rest)."""
+        found: dict[str, AnchorKV] = {}
+        wanted = []
+        for key in dict.fromkeys(keys):
+            if not isinstance(key, str) or not _KEY.fullmatch(key):
+                continue
+            kv = self.memory.get(key)
+            if kv is not None and same_model(kv.fingerprint, self.fingerprint):
+                found[key] = kv
+            else:
+                wanted.append(key)
+        if wanted and self.store is not None:
+            absent = set(self.store.missing(wanted))
+            stored = [k for k in wanted if k not in absent]
+            for key, kv in zip(stored, self.store.get_many(stored)):
+                if same_model(kv.fingerprint, self.fingerprint):  # the store checks this too
+                    found[key] = kv
+        return found
+
+    def remember(self, key: str, kv: AnchorKV) -> None:
+        """Keep a freshly compressed chunk (chunk-local, offset 0) so that its marker resolves."""
+        if not same_model(kv.fingerprint, self.fingerprint):
+            raise FingerprintMismatchError(
+                f"the chunk {key}", self.fingerprint, kv.fingerprint,
+                "Compress it with the compressor this resolver serves.",
+            )
+        if kv.offset != 0:
+            raise InvalidInputError(f"chunk {key} is at offset {kv.offset}; handles hold chunk-local entries")
+        self.memory[key] = kv
+
+
+# -- the engine both framework adapters share -------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    key: str
+    text: str
+    token_ids: tuple[int, ...]
+    index: int
+    start_char: int
+    end_char: int
+
+
+@dataclass
+class _Request:
+    prompt: list
+    config: GenerationConfig
+    result: Generation | None = None
+    error: BaseException | None = None
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+_SHARED: dict[tuple, SACEngine] = {}
+_SHARED_GUARD = threading.Lock()
+
+
+def model_lock(compressor: SACCompressor) -> threading.Lock:
+    """The lock every user of ``compressor``'s weights holds while running them: compressing
+    (adapter on) and decoding (adapter off) must not interleave."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(compressor)
+        if lock is None:
+            lock = _MODEL_LOCKS[compressor] = threading.Lock()
+        return lock
+
+
+@dataclass
+class _Loaded:
+    compressor: SACCompressor
+    generator: Generator
+    resolver: CacheResolver
+    lock: threading.Lock
+    store_path: Path | None
+    pending: list[_Request] = field(default_factory=list)
+
+
+class SACEngine:
+    """A compressor, its decoder and a store, loaded on first use.
+
+    ``compressor``: a built-in name, a compressor directory, or a loaded ``SACCompressor``.
+    ``store``: a store directory (opened on first use and checked against the compressor's
+    fingerprint; created on the first write-back if it does not exist yet), an open
+    ``AnchorStore``, or None (chunks are then compressed when first seen and kept in memory).
+
+    Construction does no work; ``load()`` (or any use) loads the weights and opens the store.
+    ``SACEngine.shared(...)`` returns one engine per distinct set of arguments, so a document
+    compressor and an LLM built with the same arguments share weights, store and the chunks
+    compressed in memory.
+    """
+
+    def __init__(self, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
+                 store: str | os.PathLike | AnchorStore | None = None, *, device: str | None = None,
+                 dtype: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES):
+        if not isinstance(compressor, (str, os.PathLike, SACCompressor)):
+            raise InvalidInputError(
+                f"compressor must be a built-in name, a directory or an SACCompressor, got {type(compressor).__name__}")
+        if store is not None and not isinstance(store, (str, os.PathLike, AnchorStore)):
+            raise InvalidInputError(f"store must be a directory or an AnchorStore, got {type(store).__name__}")
+        self.compressor_spec = compressor
+        self.store_spec = store
+        self.device, self.dtype = device, dtype
+        self.memory_bytes = memory_bytes
+        self._loaded: _Loaded | None = None
+        self._load_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
+               store: str | os.PathLike | AnchorStore | None = None, *, device: str | None = None,
+               dtype: str | None = None) -> SACEngine:
+        """The process-wide engine for these arguments (made on first request, not loaded)."""
+        key = (_spec_key(compressor), _spec_key(store, path=True), str(device), str(dtype))
+        with _SHARED_GUARD:
+            engine = _SHARED.get(key)
+            if engine is None:
+                engine = _SHARED[key] = cls(compressor, store, device=device, dtype=dtype)
+            return engine
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"SACEngine({describe(self.compressor_spec)!r}, store={_describe_store(self.store_spec)!r}, {state})"
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def load(self) -> SACEngine:
+        self._state()
+        return self
+
+    def _state(self) -> _Loaded:
+        if self._loaded is not None:
+            return self._loaded
+        with self._load_lock:
+            if self._loaded is None:
+                spec = self.compressor_spec
+                compressor = spec if isinstance(spec, SACCompressor) else SACCompressor.from_pretrained(
+                    spec, device=self.device, dtype=self.dtype)
+                resolver = CacheResolver(compressor.fingerprint, memory=BoundedMemory(self.memory_bytes))
+                store_path = None
+                if isinstance(self.store_spec, AnchorStore):
+                    resolver.attach_store(self.store_spec)
+                elif self.store_spec is not None:
+                    store_path = Path(self.store_spec)
+                    if store_path.exists():
+                        resolver.attach_store(AnchorStore.open(store_path, compressor.fingerprint))
+                    else:
+                        logger.warning("no anchor store at %s yet: chunks are compressed as they come, and "
+                                       "the store is created when the first one is written back", store_path)
+                self._loaded = _Loaded(compressor, Generator.from_compressor(compressor), resolver,
+                                       model_lock(compressor), store_path)
+        return self._loaded
+
+    @property
+    def compressor(self) -> SACCompressor:
+        return self._state().compressor
+
+    @property
+    def generator(self) -> Generator:
+        return self._state().generator
+
+    @property
+    def resolver(self) -> CacheResolver:
+        return self._state().resolver
+
+    @property
+    def store(self) -> AnchorStore | None:
+        return self._state().resolver.store
+
+    @property
+    def template(self) -> PromptTemplate:
+        """The prompt layout the compressor was trained with (read without loading weights)."""
+        if self._loaded is not None:
+            return self._loaded.compressor.config.prompt
+        spec = self.compressor_spec
+        if isinstance(spec, SACCompressor):
+            return spec.config.prompt
+        try:
+            meta = json.loads((resolve_pretrained(spec) / CONFIG_FILE).read_text())
+            return SACConfig.from_dict(meta["config"]).prompt
+        except (SACError, OSError, ValueError, KeyError, TypeError):
+            return PromptTemplate()  # loading will report what is wrong with the compressor
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per stored chunk: the store's setting (``precompress --chunk-tokens``) if it has
+        one, else the compressor's maximum."""
+        state = self._state()
+        store = state.resolver.store
+        extra = store.manifest.get("extra", {}) if store is not None else {}
+        value = extra.get("chunk_tokens")
+        return value if isinstance(value, int) and 4 <= value <= state.compressor.config.chunk_len \
+            else state.compressor.config.chunk_len
+
+    # -- text -> handles ---------------------------------------------------------------------------
+
+    def handles_for(self, texts: Sequence[str], *, write_back: bool = False, on_miss: str = "compress",
+                    metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
+        """The chunk keys of each text (``markers_for`` makes its handle): looked up by key, and
+        on a miss compressed (``on_miss="compress"``: written to the store if ``write_back``, else
+        kept in memory), passed through as text (``"text"``: None for that text, with a warning)
+        or refused (``"error"``: ``EntryNotFoundError``). Whitespace-only texts get no keys."""
+        found = self.lookup_handles(texts)
+        return self.complete_handles(texts, found, write_back=write_back, on_miss=on_miss, metadata=metadata)
+
+    async def ahandles_for(self, texts: Sequence[str], *, write_back: bool = False, on_miss: str = "compress",
+                           metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
+        """``handles_for`` off the event loop: the store lookup runs in a thread without the
+        model lock (it does not wait for a decode in progress); only misses take the model."""
+        found = await _in_thread(self.lookup_handles, texts)
+        if all(f is not None for f in found):
+            return found
+        return await _in_thread(self.complete_handles, texts, found, write_back=write_back,
+                                on_miss=on_miss, metadata=metadata)
+
+    def lookup_handles(self, texts: Sequence[str]) -> list[list[str] | None]:
+        """``[key]`` for each text stored (or remembered) as one chunk, None for the others.
+        Store I/O only: no tokenizing, no model."""
+        texts = _check_texts(texts)
+        resolver = self.resolver
+        keys = [AnchorStore.key_for(t) for t in texts]
+        present = resolver.present(keys)
+        return [[] if not t.strip() else [k] if k in present else None for t, k in zip(texts, keys)]
+
+    def complete_handles(self, texts: Sequence[str], found: Sequence[list[str] | None], *,
+                         write_back: bool = False, on_miss: str = "compress",
+                         metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
+        """Finish ``lookup_handles``: split the texts it did not find into chunks, look those
+        up and deal with the misses as ``on_miss`` says."""
+        if on_miss not in ON_MISS:
+            raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
+        texts = _check_texts(texts)
+        metadata = list(metadata) if metadata is not None else [None] * len(texts)
+        if len(found) != len(texts) or len(metadata) != len(texts):
+            raise InvalidInputError("texts, found and metadata must have the same length")
+        todo = [i for i, f in enumerate(found) if f is None]
+        if not todo:
+            return list(found)
+        state = self._state()
+        with state.lock:  # the tokenizer is not safe to share between threads either
+            chunks = {i: self._chunks(texts[i]) for i in todo}
+        present = state.resolver.present(c.key for i in todo for c in chunks[i])
+        missing = {c.key: (c, i) for i in todo for c in chunks[i] if c.key not in present}
+        result = list(found)
+        for i in todo:
+            result[i] = [c.key for c in chunks[i]]
+        if not missing:
+            return result
+        if on_miss == "error":
+            raise EntryNotFoundError(
+                f"{len(missing)} chunk(s) of {len({i for _, i in missing.values()})} text(s) are not in "
+                f"{self._store_name()} and on_miss='error': precompress the corpus these texts come from "
+                f"(python -m sac_rag.precompress), or let misses be compressed (on_miss='compress')")
+        if on_miss == "text":
+            passed = sorted({i for _, i in missing.values()})
+            logger.warning("%d of %d texts are not (fully) in %s: passing them to the LLM as text, "
+                           "uncompressed", len(passed), len(texts), self._store_name())
+            for i in passed:
+                result[i] = None
+            return result
+        self._compress_and_keep(list(missing.values()), metadata, write_back)
+        return result
+
+    def _chunks(self, text: str) -> list[_Chunk]:
+        """The chunks of ``text`` as ``precompress`` cuts them (without overlap, so that the
+        chunks read back to back are the text): one chunk if it fits."""
+        if not text.strip():
+            return []
+        compressor = self._state().compressor
+        limit = self.chunk_tokens
+        ids = compressor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return [_Chunk(AnchorStore.key_for(text), text, tuple(ids), 0, 0, len(text))]
+        from .chunking import split_document
+
+        return [_Chunk(c.key, c.text, c.token_ids, c.index, c.start_char, c.end_char)
+                for c in split_document(text, compressor.tokenizer, limit)]
+
+    def _compress_and_keep(self, missing: list[tuple[_Chunk, int]], metadata: list, write_back: bool) -> None:
+        state = self._state()
+        with state.lock:
+            kvs = state.compressor.compress_chunks([c.token_ids for c, _ in missing])
+        if write_back:
+            store = self._writable_store()
+            items = [(c.key, kv, _entry_metadata(c, metadata[i])) for (c, i), kv in zip(missing, kvs)]
+            store.put_many(items)
+        else:
+            for (chunk, _), kv in zip(missing, kvs):
+                state.resolver.remember(chunk.key, kv)
+
+    def _writable_store(self) -> AnchorStore:
+        state = self._state()
+        with self._load_lock:
+            store = state.resolver.store
+            if store is None:
+                if state.store_path is None:
+                    raise InvalidInputError("write_back needs a store: give the engine a store directory")
+                compressor = state.compressor
+                settings = {"created_by": "sac_rag.handles", "base_model": compressor.config.base_model,
+                            "chunk_len": compressor.config.chunk_len,
+                            "chunk_tokens": compressor.config.chunk_len, "overlap": 0}
+                store = AnchorStore.create(state.store_path, compressor.fingerprint, compressor.config.ratio,
+                                           compressor.dtype, extra_manifest=settings, exist_ok=True)
+                state.resolver.attach_store(store)
+            elif store.readonly:
+                raise InvalidInputError(f"the store at {store.path} is open read-only; write_back needs it writable")
+            return store
+
+    def _store_name(self) -> str:
+        store = self.resolver.store
+        return f"the store at {store.path}" if store is not None else "the store (none given)"
+
+    # -- prompt -> answer --------------------------------------------------------------------------
+
+    def segments(self, prompt: str) -> list[Segment]:
+        """``split_prompt`` against this engine's resolver (one store query for all markers),
+        warning about markers that do not resolve (they stay text)."""
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise InvalidInputError("the prompt is empty: pass a question")
+        keys = keys_in(prompt)
+        found = self.resolver.lookup(keys) if keys else {}
+        if len(found) < len(keys):
+            logger.warning("%d of %d marker(s) in the prompt name no entry of this compressor (a "
+                           "typed or stale handle?): kept as plain text", len(keys) - len(found), len(keys))
+        return split_prompt(prompt, found.get)
+
+    def generate(self, prompts: Sequence[str | Sequence[Segment]],
+                 config: GenerationConfig | None = None) -> list[Generation]:
+        """Answer each prompt (a string with markers, or ready segments). Calls made while the
+        model is busy are queued and decoded together when it is free (one batch per config)."""
+        if isinstance(prompts, str) or not len(prompts):
+            raise InvalidInputError("generate takes a non-empty list of prompts")
+        config = config or GenerationConfig()
+        requests = [_Request(self._as_segments(p), config) for p in prompts]
+        state = self._state()
+        with self._pending_lock:
+            state.pending.extend(requests)
+        with state.lock:
+            with self._pending_lock:
+                batch = [r for r in state.pending if r.config == config]
+                state.pending = [r for r in state.pending if r.config != config]
+            for start in range(0, len(batch), MAX_BATCH):
+                self._serve(batch[start:start + MAX_BATCH], config)
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [r.result for r in requests]
+
+    async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
+                        config: GenerationConfig | None = None) -> list[Generation]:
+        """``generate`` in a worker thread: the event loop stays free meanwhile."""
+        return await _in_thread(self.generate, prompts, config)
+
+    def stream(self, prompt: str | Sequence[Segment],
+               config: GenerationConfig | None = None) -> Iterator[str | Generation]:
+        """Yield the answer's text as it is decoded, then the finished ``Generation`` (its usage
+        figures). Holds the model while the stream is open."""
+        config = config or GenerationConfig()
+        segments = self._as_segments(prompt)
+        state = self._state()
+        with state.lock:
+            generator = state.generator
+            # Generator.stream, keeping hold of the state so the usage figures come out too.
+            states, tracks = generator._start([segments])
+            track = tracks[0]
+            for _ in generator._decode(states, tracks, config):
+                end = generator._safe_length(track, config)
+                if end > track.emitted:
+                    yield track.text[track.emitted:end]
+                    track.emitted = end
+            if len(track.text) > track.emitted:
+                yield track.text[track.emitted:]
+                track.emitted = len(track.text)
+            yield generator._result(states[0], track)
+
+    async def astream(self, prompt: str | Sequence[Segment],
+                      config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
+        """``stream`` decoded in a worker thread, its pieces handed to the event loop as they
+        come. Leaving the loop early stops the decoding at the next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        end = object()
+
+        def post(item) -> bool:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+                return True
+            except RuntimeError:  # the event loop is gone
+                return False
+
+        def produce() -> None:
+            pieces = self.stream(prompt, config)
+            try:
+                for piece in pieces:
+                    if stop.is_set() or not post(piece):
+                        return
+            except BaseException as err:  # handed to the consumer
+                post(_Raised(err))
+            finally:
+                pieces.close()
+                post(end)
+
+        worker = loop.run_in_executor(None, contextvars.copy_context().run, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    break
+                if isinstance(item, _Raised):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            if worker.done():
+                worker.result()
+
+    def _as_segments(self, prompt: str | Sequence[Segment]) -> list[Segment]:
+        if isinstance(prompt, str):
+            return self.segments(prompt)
+        return list(prompt)
+
+    def _serve(self, batch: list[_Request], config: GenerationConfig) -> None:
+        try:
+            results = self.generator.generate_batch([r.prompt for r in batch], config)
+        except Exception as err:
+            if len(batch) == 1:
+                batch[0].error = err
+                return
+            for request in batch:  # find whose prompt failed; the others still get answers
+                self._serve([request], config)
+            return
+        for request, result in zip(batch, results):
+            request.result = result
+
+
+@dataclass
+class _Raised:
+    error: BaseException
+
+
+async def _in_thread(fn, *args, **kwargs):
+    """Run ``fn`` in the loop's default executor, with the caller's context variables."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(None, lambda: context.run(fn, *args, **kwargs))
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidInputError("pass a list of texts")
+    texts = list(texts)
+    for text in texts:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"texts must be str, got {type(text).__name__}")
+    return texts
+
+
+def _entry_metadata(chunk: _Chunk, source: Mapping | None) -> dict:
+    """What a written-back entry carries, like ``precompress`` entries: its text (to show and
+    cite) and where it comes from; source metadata that is not JSON is kept as strings."""
+    doc = {}
+    for name, value in (source or {}).items():
+        try:
+            json.dumps(value, allow_nan=False)
+            doc[str(name)] = value
+        except (TypeError, ValueError):
+            doc[str(name)] = str(value)
+    return {"text": chunk.text, "chunk_index": chunk.index, "n_tokens": len(chunk.token_ids),
+            "start_char": chunk.start_char, "end_char": chunk.end_char, "doc": doc,
+            "created_by": "sac_rag.handles"}
+
+
+def _spec_key(spec, path: bool = False):
+    if spec is None:
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        candidate = Path(spec)
+        if path or isinstance(spec, os.PathLike) or candidate.exists():
+            return ("path", str(candidate.expanduser().resolve()))
+        return ("name", str(spec))
+    return ("object", id(spec))  # the shared engine keeps the object alive, so the id stays its own
+
+
+def describe(compressor) -> str:
+    """A short name for a compressor spec (for model names in traces)."""
+    if isinstance(compressor, SACCompressor):
+        return f"sac:{compressor.config.base_model}"
+    return str(compressor)
+
+
+def _describe_store(store) -> str | None:
+    if isinstance(store, AnchorStore):
+        return str(store.path)
+    return None if store is None else str(store)

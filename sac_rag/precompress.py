@@ -1,0 +1,416 @@
+"""Offline precompression: corpus -> chunks -> anchor K/V -> store, resumable and shardable.
+
+SAC pays off in RAG when every chunk is compressed once, ahead of time, and a query loads
+r-times smaller K/V instead of re-reading text. This module is that batch job:
+
+    read_corpus (corpus)  ->  iter_chunks (chunking)  ->  SACCompressor.compress_chunks
+        ->  AnchorStore.put_many (store)
+
+Each chunk is stored under ``AnchorStore.key_for(chunk text)`` at offset 0, with metadata: its
+chunk id, document id and document metadata, its text (so a retriever can show and cite it),
+its token count and character span. When the same text occurs twice, the first occurrence's
+metadata is kept.
+
+Resuming: a chunk already in the store is not compressed again, so rerunning the same command
+after a crash (even ``kill -9``: see the store's write protocol) finishes the job.
+
+Scale-out: ``num_shards``/``shard_index`` give each worker the chunks whose key hashes to its
+index (the same text always lands in the same shard). Under ``torchrun`` they come from
+``WORLD_SIZE``/``RANK``, in a SLURM array from ``SLURM_ARRAY_TASK_COUNT``/``_ID``. Each shard
+writes its own store (``<store>.shard-<i>-of-<n>``, or the store path with ``{shard}``
+formatted); ``python -m sac_rag.store merge <store> <store>.shard-*`` joins them.
+
+Query time: ``load_compressed(store, chunk_texts)`` returns the ``AnchorKV`` objects the
+generator takes as contexts (``compressor.template.build(kvs, question)``).
+
+Command line: ``python -m sac_rag.precompress --corpus PATH --store PATH ...`` (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .chunking import Chunk, iter_chunks
+from .compressor import SACCompressor
+from .config import SACConfig
+from .corpus import DECODE_ERRORS, CorpusError, CorpusStats, Document, read_corpus
+from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
+from .fingerprint import same_model
+from .kv import AnchorKV
+from .store import STORAGES, AnchorStore, EntryNotFoundError
+
+logger = logging.getLogger(__name__)
+
+WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and sorted by length
+
+
+@dataclass
+class Summary:
+    """What a precompression run did, and what the store holds afterwards.
+
+    ``chunks`` counts this shard's chunks in the corpus (repeats included): ``compressed`` by
+    this run, ``already_stored`` (by an earlier run, or the same text earlier in the corpus);
+    ``other_shards`` were left to other workers. ``tokens`` are those of the compressed chunks.
+    ``entries``, ``bytes_on_disk``, ``kv_bytes`` (stored K/V) and ``full_kv_bytes`` (the full
+    K/V of the same chunks in the same dtype) describe the whole store after the run.
+    """
+
+    store: str
+    num_shards: int
+    shard_index: int
+    documents: int = 0
+    duplicate_documents: int = 0
+    skipped_inputs: dict[str, int] = field(default_factory=dict)
+    decoded_with_replacement: int = 0
+    chunks: int = 0
+    compressed: int = 0
+    already_stored: int = 0
+    other_shards: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    entries: int = 0
+    bytes_on_disk: int = 0
+    kv_bytes: int = 0
+    full_kv_bytes: int = 0
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.compressed / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def kv_reduction(self) -> float:
+        """Full K/V bytes over stored K/V bytes (the ratio r for native storage)."""
+        return self.full_kv_bytes / self.kv_bytes if self.kv_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "chunks_per_second": self.chunks_per_second,
+                "tokens_per_second": self.tokens_per_second, "kv_reduction": self.kv_reduction}
+
+    def __str__(self) -> str:
+        shard = f" (shard {self.shard_index + 1} of {self.num_shards})" if self.num_shards > 1 else ""
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_inputs.items()))
+        return "\n".join([
+            f"precompressed into {self.store}{shard}",
+            f"  documents: {self.documents} read, {self.duplicate_documents} duplicates dropped"
+            + (f", skipped: {skipped}" if skipped else "")
+            + (f", {self.decoded_with_replacement} not UTF-8 (decoded with U+FFFD)"
+               if self.decoded_with_replacement else ""),
+            f"  chunks:    {self.chunks} in this shard: {self.compressed} compressed now, "
+            f"{self.already_stored} already stored" + (
+                f"; {self.other_shards} left to other shards" if self.num_shards > 1 else ""),
+            f"  speed:     {self.tokens} tokens in {self.seconds:.1f} s: "
+            f"{self.chunks_per_second:.2f} chunks/s, {self.tokens_per_second:.0f} tokens/s",
+            f"  store:     {self.entries} entries, {_size(self.bytes_on_disk)} on disk; K/V "
+            f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
+            f"({self.kv_reduction:.2f}x smaller)",
+        ])
+
+
+def precompress(
+    corpus_path: str | os.PathLike,
+    store_path: str | os.PathLike,
+    compressor: SACCompressor,
+    chunk_tokens: int | None = None,
+    overlap: int = 0,
+    batch_size: int = 8,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    storage: str = "native",
+    dtype: str | torch.dtype | None = None,
+    decode_errors: str = "replace",
+    show_progress: bool = True,
+) -> Summary:
+    """Compress every chunk of the corpus at ``corpus_path`` into the store at ``store_path``
+    (created if missing; an existing store must be from this compressor).
+
+    ``chunk_tokens`` defaults to the compressor's ``chunk_len`` (its maximum); ``overlap`` is
+    in tokens. ``num_shards``/``shard_index`` default to the launcher's environment (see
+    ``shard_from_env``); with more than one shard the store path is made per shard
+    (``shard_store_path``). ``dtype`` is the store's (default: the compressor's); ``storage``
+    is "native", "fp8" or "int8". Returns the ``Summary`` it also logs.
+    """
+    started = time.perf_counter()
+    chunk_len = compressor.config.chunk_len
+    chunk_tokens = chunk_len if chunk_tokens is None else chunk_tokens
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not 4 <= chunk_tokens <= chunk_len:
+        raise InvalidInputError(
+            f"chunk_tokens={chunk_tokens!r}: one chunk is one stored entry, so it must be between "
+            f"4 and the compressor's chunk_len={chunk_len}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if storage not in STORAGES:
+        raise InvalidInputError(f"storage={storage!r}; use one of {STORAGES}")
+    if decode_errors not in DECODE_ERRORS:
+        raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
+    num_shards, shard_index = resolve_shard(num_shards, shard_index)
+    path = shard_store_path(store_path, shard_index, num_shards)
+    if not Path(corpus_path).exists():  # before creating a store for nothing
+        raise CorpusError(f"the corpus {corpus_path} does not exist")
+
+    settings = {"created_by": "sac_rag.precompress", "base_model": compressor.config.base_model,
+                "chunk_len": chunk_len, "chunk_tokens": chunk_tokens, "overlap": overlap}
+    store = AnchorStore.create(path, compressor.fingerprint, compressor.config.ratio,
+                               dtype or compressor.dtype, storage, settings, exist_ok=True)
+    summary = Summary(store=str(path), num_shards=num_shards, shard_index=shard_index)
+    with store:
+        earlier = store.manifest.get("extra", {})
+        if any(earlier.get(k, v) != v for k, v in settings.items() if k in ("chunk_tokens", "overlap")):
+            logger.warning("%s was filled with chunk_tokens=%s, overlap=%s; this run chunks with %s, %s: "
+                           "its chunks get new keys and are stored next to the old ones", path,
+                           earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
+        stats = CorpusStats()
+        _Run(compressor, store, summary, batch_size, show_progress).run(
+            read_corpus(corpus_path, stats, decode_errors), chunk_tokens, overlap)
+        totals = store.stats()
+    summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
+    summary.skipped_inputs = dict(stats.skipped)
+    summary.decoded_with_replacement = stats.replaced_encoding
+    summary.entries, summary.bytes_on_disk = totals["entries"], totals["bytes_on_disk"]
+    summary.kv_bytes, summary.full_kv_bytes = totals["kv_bytes_stored"], totals["full_kv_bytes"]
+    summary.seconds = time.perf_counter() - started
+    logger.info("%s", summary)
+    return summary
+
+
+class _Run:
+    """The loop: gather this shard's chunks in windows, skip stored ones, compress the rest a
+    batch at a time (sorted by length, so batches pad little) and store each batch durably."""
+
+    def __init__(self, compressor: SACCompressor, store: AnchorStore, summary: Summary,
+                 batch_size: int, show_progress: bool):
+        self.compressor, self.store, self.summary = compressor, store, summary
+        self.batch_size = batch_size
+        self.window: dict[str, tuple[Chunk, Document]] = {}
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(unit=" chunks", desc="precompressing", disable=not show_progress, dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def run(self, documents, chunk_tokens: int, overlap: int) -> None:
+        s = self.summary
+        try:
+            for doc in documents:
+                for chunk in iter_chunks(doc.text, self.compressor.tokenizer, chunk_tokens, overlap, doc.id):
+                    if shard_of(chunk.key, s.num_shards) != s.shard_index:
+                        s.other_shards += 1
+                        continue
+                    s.chunks += 1
+                    if chunk.key in self.window:
+                        s.already_stored += 1
+                        continue
+                    self.window[chunk.key] = (chunk, doc)
+                    if len(self.window) >= self.batch_size * WINDOW_BATCHES:
+                        self.flush()
+            self.flush()
+        finally:
+            self.bar.close()
+
+    def flush(self) -> None:
+        s = self.summary
+        missing = self.store.missing(self.window)
+        s.already_stored += len(self.window) - len(missing)
+        todo = sorted((self.window[k] for k in missing), key=lambda item: item[0].n_tokens)
+        self.window = {}
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start:start + self.batch_size]
+            kvs = self.compressor.compress_chunks([c.token_ids for c, _ in batch], batch_size=self.batch_size)
+            written = self.store.put_many([(c.key, kv, _metadata(c, doc)) for (c, doc), kv in zip(batch, kvs)])
+            s.compressed += written
+            s.already_stored += len(batch) - written  # written meanwhile by another writer
+            s.tokens += sum(c.n_tokens for c, _ in batch)
+            self.bar.update(written)
+            elapsed = time.perf_counter() - self.started
+            self.bar.set_postfix(tokens_per_s=f"{s.tokens / elapsed:.0f}", stored_before=s.already_stored,
+                                 refresh=False)
+
+
+def _metadata(chunk: Chunk, doc: Document) -> dict:
+    return {"chunk_id": chunk.id, "doc_id": doc.id, "chunk_index": chunk.index, "text": chunk.text,
+            "n_tokens": chunk.n_tokens, "start_char": chunk.start_char, "end_char": chunk.end_char,
+            "doc": doc.metadata}
+
+
+# -- sharding ---------------------------------------------------------------------------------
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard a chunk belongs to: its key (a sha256 hex digest) modulo ``num_shards``."""
+    return int(key[:16], 16) % num_shards
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(num_shards, shard_index)`` from the launcher: torchrun's ``WORLD_SIZE``/``RANK``, a
+    SLURM array's ``SLURM_ARRAY_TASK_COUNT``/``SLURM_ARRAY_TASK_ID`` (less ``_MIN``, divided by
+    ``_STEP``), else ``(1, 0)``."""
+    env = os.environ if env is None else env
+    try:
+        if "WORLD_SIZE" in env and "RANK" in env:
+            return _checked_shard(int(env["WORLD_SIZE"]), int(env["RANK"]), "WORLD_SIZE/RANK")
+        if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+            index = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
+            return _checked_shard(int(env["SLURM_ARRAY_TASK_COUNT"]), index, "SLURM_ARRAY_TASK_*")
+    except ValueError as err:
+        raise InvalidInputError(f"cannot read the shard from the environment: {err}") from err
+    return 1, 0
+
+
+def resolve_shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """Explicit values win; both or neither must be given; else ``shard_from_env()``."""
+    if num_shards is None and shard_index is None:
+        return shard_from_env()
+    if num_shards is None or shard_index is None:
+        raise InvalidInputError("give both num_shards and shard_index, or neither (then the "
+                                "environment of torchrun or a SLURM array decides)")
+    return _checked_shard(num_shards, shard_index, "arguments")
+
+
+def _checked_shard(num_shards: int, shard_index: int, source: str) -> tuple[int, int]:
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise InvalidInputError(f"num_shards must be a positive integer, got {num_shards!r} ({source})")
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise InvalidInputError(f"shard_index must be in [0, {num_shards}), got {shard_index!r} ({source})")
+    return num_shards, shard_index
+
+
+def shard_store_path(store_path: str | os.PathLike, shard_index: int, num_shards: int) -> Path:
+    """Where shard ``shard_index`` writes: the store path itself for one shard; with several,
+    the path with ``{shard}`` (and ``{num_shards}``) formatted if it has them, else
+    ``<store>.shard-<i>-of-<n>`` beside it (merge them with ``sac_rag.store merge``)."""
+    path = str(store_path)
+    if num_shards == 1 and "{shard" not in path:
+        return Path(path)
+    if "{shard" in path:
+        return Path(path.format(shard=shard_index, num_shards=num_shards))
+    return Path(f"{path.rstrip('/')}.shard-{shard_index:03d}-of-{num_shards:03d}")
+
+
+# -- query time -------------------------------------------------------------------------------
+
+
+def load_compressed(store: AnchorStore | str | os.PathLike, chunks: Sequence[str | Chunk],
+                    fingerprint: str | None = None) -> list[AnchorKV]:
+    """The stored ``AnchorKV`` of each chunk (given by its text or as a ``Chunk``), in order,
+    at offset 0: pass them as contexts to the prompt (``template.build(kvs, question)``); the
+    generator places each chunk after the text before it. ``store`` may be a path (opened
+    read-only, checked against ``fingerprint`` if given). Keys instead of texts: ``store.get_many``.
+    """
+    if isinstance(chunks, (str, Chunk)):
+        raise InvalidInputError("load_compressed takes a list of chunk texts")
+    keys = [c.key if isinstance(c, Chunk) else AnchorStore.key_for(c) for c in chunks]
+    if isinstance(store, AnchorStore):
+        if fingerprint is not None and not same_model(store.fingerprint, fingerprint):
+            raise FingerprintMismatchError(f"the anchor store at {store.path}", fingerprint, store.fingerprint,
+                                           "Load chunks with the compressor the store was built with.")
+        return _get(store, keys)
+    with AnchorStore.open(store, fingerprint, readonly=True) as opened:
+        return _get(opened, keys)
+
+
+def _get(store: AnchorStore, keys: list[str]) -> list[AnchorKV]:
+    try:
+        return store.get_many(keys)
+    except EntryNotFoundError as err:
+        raise EntryNotFoundError(f"{err}. Precompress the corpus these chunks come from "
+                                 "(python -m sac_rag.precompress) with the same chunking.") from err
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def build_compressor(args: argparse.Namespace) -> SACCompressor:
+    """The compressor the command line names: a directory or built-in name, or (``--kv-dropping``)
+    the untrained uniform KV-dropping baseline on ``--base-model``."""
+    if args.kv_dropping:
+        config = SACConfig(base_model=args.base_model, ratio=args.ratio, lora_rank=0,
+                           bidirectional=False, anchor_embedding="none")
+        return SACCompressor(config, device=args.device, dtype=args.dtype)
+    try:
+        return SACCompressor.from_pretrained(args.compressor, device=args.device, dtype=args.dtype)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Pass --compressor DIR (a trained compressor), or --kv-dropping "
+                              f"--base-model NAME for the untrained baseline.") from err
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .pipeline import DEFAULT_COMPRESSOR
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sac_rag.precompress",
+        description="Compress every chunk of a corpus into an anchor store (resumable: a rerun "
+        "skips stored chunks). Corpus: a folder of .txt/.md files, a .jsonl file with a 'text' "
+        "field per line, or SQuAD .json.",
+        epilog="Sharded runs: --num-shards N --shard-index I (or torchrun / a SLURM array, read from "
+        "the environment) each write STORE.shard-I-of-N; join them with "
+        "`python -m sac_rag.store merge STORE STORE.shard-*`.",
+    )
+    parser.add_argument("--corpus", required=True, help="folder, .jsonl or SQuAD .json")
+    parser.add_argument("--store", required=True, help="store directory (created if missing)")
+    model = parser.add_argument_group("compressor")
+    model.add_argument("--compressor", default=DEFAULT_COMPRESSOR,
+                       help=f"trained compressor directory or built-in name (default {DEFAULT_COMPRESSOR})")
+    model.add_argument("--kv-dropping", action="store_true",
+                       help="use the untrained uniform KV-dropping baseline instead of --compressor")
+    model.add_argument("--base-model", default="smollm2-135m", help="base model for --kv-dropping")
+    model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    model.add_argument("--dtype", default=None, help="model and store dtype: bfloat16 (default), float16, float32")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="tokens per chunk (default and maximum: the compressor's chunk_len)")
+    parser.add_argument("--overlap", type=int, default=0, help="tokens shared by consecutive chunks")
+    parser.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass")
+    parser.add_argument("--num-shards", type=int, default=None)
+    parser.add_argument("--shard-index", type=int, default=None)
+    parser.add_argument("--storage", choices=STORAGES, default="native",
+                        help="native (the dtype), or fp8/int8 with per-layer/head scales")
+    parser.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
+                        help="non-UTF-8 files: decode with U+FFFD (replace) or skip them")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index)
+        compressor = build_compressor(args)
+        summary = precompress(
+            args.corpus, args.store, compressor, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
+            batch_size=args.batch_size, num_shards=num_shards, shard_index=shard_index,
+            storage=args.storage,
+            decode_errors=args.decode_errors, show_progress=not args.no_progress,
+        )
+    except (SACError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()) if args.json else summary)
+    if summary.num_shards > 1 and "{shard" not in args.store:
+        print(f"when every shard is done: python -m sac_rag.store merge {args.store} "
+              f"{args.store.rstrip('/')}.shard-*-of-{num_shards:03d}", file=sys.stderr)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

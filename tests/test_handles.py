@@ -1,0 +1,181 @@
+"""Handles: markers in a prompt become cached K/V only for entries of the compressor in use."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import FingerprintMismatchError, GenerationConfig, InvalidInputError, SACCompressor, SACConfig
+from sac_rag.handles import CacheResolver, SACEngine, keys_in, marker_for, markers_for, split_prompt
+from sac_rag.store import AnchorStore, EntryNotFoundError
+
+PASSAGES = ["The lighthouse on Gull Point was built in 1874.", "Marta keeps bees behind the old mill."]
+
+
+def kv_dropping(seed: int = 0, chunk_len: int = 510) -> SACCompressor:
+    model, tokenizer = make_tiny_llama(seed)
+    config = SACConfig(base_model=f"tiny-{seed}", ratio=5, chunk_len=chunk_len, lora_rank=0,
+                       bidirectional=False, anchor_embedding="none")
+    return SACCompressor(config, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def compressor():
+    return kv_dropping()
+
+
+@pytest.fixture
+def store(tmp_path, compressor):
+    store = AnchorStore.create(tmp_path / "store", compressor.fingerprint, 5, "float32")
+    ids = [compressor.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PASSAGES]
+    store.put_many([(AnchorStore.key_for(p), kv) for p, kv in zip(PASSAGES, compressor.compress_chunks(ids))])
+    with store:
+        yield store
+
+
+def test_marker_is_the_store_key_in_sac_brackets_and_parses_back():
+    key = AnchorStore.key_for("some chunk")
+    assert marker_for(key) == f"<sac:{key}>"
+    assert keys_in(f"a {marker_for(key)} b {markers_for([key, key])}") == [key]
+    for bad in ("", "abc", key.upper(), key + "0", None):
+        with pytest.raises(InvalidInputError):
+            marker_for(bad)
+
+
+def test_split_prompt_replaces_only_markers_that_resolve():
+    real, fake = AnchorStore.key_for("real"), AnchorStore.key_for("fake")
+    entry = object()
+    asked = []
+
+    def resolve(key):
+        asked.append(key)
+        return entry if key == real else None
+
+    prompt = f"A{marker_for(real)}B{marker_for(fake)}C<sac:{real.upper()}>{marker_for(real)}"
+    assert split_prompt(prompt, resolve) == ["A", entry, f"B{marker_for(fake)}C<sac:{real.upper()}>", entry]
+    assert asked == [real, fake]  # once per distinct key
+    assert split_prompt("no markers", resolve) == ["no markers"]
+
+
+def test_resolver_refuses_a_store_of_another_compressor(store):
+    with pytest.raises(FingerprintMismatchError, match="Rebuild the store"):
+        CacheResolver(kv_dropping(seed=1).fingerprint, store)
+
+
+def test_resolver_keeps_only_this_compressors_chunks_in_memory(compressor):
+    resolver = CacheResolver(compressor.fingerprint)
+    other = kv_dropping(seed=1).compress("Marta keeps bees.")[0]
+    with pytest.raises(FingerprintMismatchError):
+        resolver.remember(AnchorStore.key_for("Marta keeps bees."), other)
+    mine = compressor.compress("Marta keeps bees.")[0]
+    resolver.remember(AnchorStore.key_for("Marta keeps bees."), mine)
+    assert resolver(AnchorStore.key_for("Marta keeps bees.")) is mine
+    assert resolver(AnchorStore.key_for("unknown")) is None and resolver("not a key") is None
+
+
+def test_a_prompt_with_markers_decodes_exactly_like_the_same_entries_given_directly(compressor, store):
+    engine = SACEngine(compressor, store)
+    template = compressor.config.prompt
+    question = "Who keeps bees?"
+    kvs = store.get_many([AnchorStore.key_for(p) for p in PASSAGES])
+    direct = template.build(kvs, question)
+    markers = [markers_for([AnchorStore.key_for(p)]) for p in PASSAGES]
+    via_markers = engine.segments(template.build(markers, question)[0])
+    assert [type(s) for s in via_markers] == [type(s) for s in direct]
+    logits = engine.generator.prompt_logits(via_markers), engine.generator.prompt_logits(direct)
+    torch.testing.assert_close(*logits)
+
+
+def test_texts_are_looked_up_then_compressed_on_a_miss(compressor, store):
+    engine = SACEngine(compressor, store)
+    new = "Snow closed the pass in March."
+    handles = engine.handles_for([PASSAGES[0], new, "  "])
+    assert handles == [[AnchorStore.key_for(PASSAGES[0])], [AnchorStore.key_for(new)], []]
+    assert AnchorStore.key_for(new) in engine.resolver.memory and AnchorStore.key_for(new) not in store
+    with pytest.raises(EntryNotFoundError, match="precompress"):
+        engine.handles_for(["Another unseen text."], on_miss="error")
+    assert engine.handles_for(["Another unseen text."], on_miss="text") == [None]
+
+
+def test_a_long_text_becomes_its_chunks_in_order(tmp_path):
+    compressor = kv_dropping(chunk_len=8)
+    engine = SACEngine(compressor, tmp_path / "new-store")  # created by the first write-back
+    text = " ".join(PASSAGES)
+    [keys] = engine.handles_for([text], write_back=True)
+    assert len(keys) > 1 and all(k in engine.store for k in keys)
+    stored = [engine.store.metadata(k)["text"] for k in keys]
+    assert "".join(stored) == text  # chunks back to back are the text
+    assert engine.store.manifest["extra"]["chunk_tokens"] == 8
+
+
+def test_construction_loads_nothing():
+    engine = SACEngine("no-such-compressor", "/nonexistent/store")
+    assert not engine.loaded
+    assert SACEngine.shared("no-such-compressor") is SACEngine.shared("no-such-compressor")
+
+
+def test_concurrent_generate_calls_are_decoded_as_one_batch(compressor, store, monkeypatch):
+    engine = SACEngine(compressor, store).load()
+    sizes = []
+    original = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch",
+                        lambda prompts, config=None: (sizes.append(len(prompts)), original(prompts, config))[1])
+    prompts = [f"{marker_for(AnchorStore.key_for(p))}\nQ: {i}?\nA:" for i, p in enumerate(PASSAGES * 2)]
+    config = GenerationConfig(max_new_tokens=3)
+    answers = {}
+    state = engine._state()
+    with state.lock:  # the model is busy: the calls queue up
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, engine.generate([prompts[i]], config)))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(state.pending) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert sizes == [len(prompts)]
+    assert [answers[i][0].text for i in range(len(prompts))] == [g.text for g in engine.generate(prompts, config)]
+
+
+def test_a_failing_prompt_in_a_batch_fails_alone(compressor, store):
+    engine = SACEngine(compressor, store)
+    good = f"{marker_for(AnchorStore.key_for(PASSAGES[0]))}\nQ: when?\nA:"
+    with pytest.raises(InvalidInputError, match="empty"):
+        engine.generate([good, " "])
+    results = {}
+    engine.load()
+    state = engine._state()
+    errors = {}
+
+    def run(name, prompt):
+        try:
+            results[name] = engine.generate([prompt], GenerationConfig(max_new_tokens=2))
+        except Exception as err:  # noqa: BLE001
+            errors[name] = err
+
+    with state.lock:
+        threads = [threading.Thread(target=run, args=("good", good)),
+                   threading.Thread(target=run, args=("long", "word " * 5000))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(state.pending) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert "good" in results and "positions" in str(errors["long"])
+
+
+def test_stream_yields_text_then_the_generation_with_usage(compressor, store):
+    engine = SACEngine(compressor, store)
+    prompt = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
+    pieces = list(engine.stream(prompt, GenerationConfig(max_new_tokens=6)))
+    *texts, final = pieces
+    assert all(isinstance(t, str) for t in texts) and "".join(texts) == final.text
+    assert final.cached_tokens == store.get(AnchorStore.key_for(PASSAGES[1])).n_anchors
+    assert final.text == engine.generate([prompt], GenerationConfig(max_new_tokens=6))[0].text

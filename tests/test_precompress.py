@@ -1,0 +1,499 @@
+"""Specification of offline precompression: corpus readers (incl. bad input), the token-aware
+chunker, the precompression job (resume, sharding, crash safety, full disk) and loading stored
+chunks back as decoder contexts. Runs on a tiny random Llama saved to disk, so child processes
+can load the same compressor with ``--compressor DIR``.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _CORPUS, make_tiny_llama
+
+from sac_rag import store as store_module
+from sac_rag.chunking import split_document
+from sac_rag.compressor import SACCompressor
+from sac_rag.config import SACConfig
+from sac_rag.corpus import CorpusError, CorpusStats, read_corpus
+from sac_rag.errors import FingerprintMismatchError, InvalidInputError
+from sac_rag.generation import GenerationConfig, Generator
+from sac_rag.models import load_base_model
+from sac_rag.precompress import (
+    load_compressed,
+    main,
+    precompress,
+    resolve_shard,
+    shard_from_env,
+    shard_of,
+    shard_store_path,
+)
+from sac_rag.store import AnchorStore, EntryNotFoundError, StoreWriteError, merge
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+CHUNK = 32  # tokens per chunk (= the tiny compressor's chunk_len)
+BATCH = 4
+WORDS = " ".join(_CORPUS).split() + ["café", "naïve", "東京", "—", "\n\n"]
+SHARD_ENV = ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID",
+             "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+
+
+def words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny_sac(tmp_path_factory):
+    """A tiny compressor saved as a directory (base model included): ``(directory, compressor)``."""
+    root = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    model, tokenizer = load_base_model(str(root / "base"), dtype="float32")
+    torch.manual_seed(1)
+    config = SACConfig(base_model=str(root / "base"), ratio=4, chunk_len=CHUNK, lora_rank=0)
+    SACCompressor(config, model=model, tokenizer=tokenizer).save_pretrained(root / "sac")
+    return root / "sac", SACCompressor.from_pretrained(root / "sac", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Eight documents of about 30-110 tokens each, in a folder."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        (root / f"doc{i}.txt").write_text(words(i, 20 + 8 * i), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_sac, corpus):
+    """An uninterrupted, unsharded run: ``(store path, summary)``."""
+    path = tmp_path_factory.mktemp("reference") / "store"
+    return path, precompress(corpus, path, tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH,
+                             show_progress=False)
+
+
+def all_chunks(corpus: Path, tokenizer) -> dict[str, str]:
+    """key -> text of every chunk of the corpus, computed independently of the job."""
+    return {c.key: c.text for d in read_corpus(corpus)
+            for c in split_document(d.text, tokenizer, CHUNK, 0, d.id)}
+
+
+def stored(path: Path) -> dict:
+    with AnchorStore.open(path, readonly=True, cache_bytes=0) as s:
+        return {k: s.get(k) for k in s.keys()}
+
+
+def answers(path: Path, compressor: SACCompressor, texts: list[str]) -> list[list[int]]:
+    """Greedy answers from the stored chunks: each chunk alone, then all together."""
+    generator = Generator.from_compressor(compressor)
+    config = GenerationConfig(max_new_tokens=6)
+    kvs = load_compressed(path, texts, compressor.fingerprint)
+    prompts = [compressor.template.build([kv], "Which city?") for kv in kvs]
+    prompts.append(compressor.template.build(kvs, "Which city?"))
+    return [generator.generate(p, config).token_ids for p in prompts]
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SHARD_ENV}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def cli_args(corpus: Path, store: Path, sac_dir: Path, *extra: str) -> list[str]:
+    return ["--corpus", str(corpus), "--store", str(store), "--compressor", str(sac_dir),
+            "--dtype", "float32", "--chunk-tokens", str(CHUNK), "--batch-size", str(BATCH),
+            "--no-progress", *extra]
+
+
+# -- corpus readers ---------------------------------------------------------------------------
+
+
+def test_folder_corpus_reads_txt_and_md_recursively_in_path_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "b" / "two.md").write_text("# Two\nsecond")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "c.rst").write_text("not a corpus file type")
+    (tmp_path / ".git" / "x.txt").write_text("hidden")
+    docs = list(read_corpus(tmp_path))
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "first"), ("b/two.md", "# Two\nsecond")]
+    assert docs[1].metadata == {"source": "b/two.md"}
+
+
+def test_empty_and_binary_files_are_skipped_with_a_logged_reason(tmp_path, caplog):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.md").write_text(" \n\t\n")
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "utf16.txt").write_text("wide text", encoding="utf-16")
+    (tmp_path / "ok.txt").write_text("kept")
+    stats = CorpusStats()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.corpus"):
+        docs = list(read_corpus(tmp_path, stats))
+    assert [d.id for d in docs] == ["ok.txt"]
+    assert stats.skipped == {"empty": 2, "binary (NUL bytes)": 2}
+    assert "image.txt: binary" in caplog.text and "empty.txt: empty" in caplog.text
+
+
+def test_non_utf8_text_is_decoded_with_replacement_by_default_or_skipped_on_request(tmp_path, caplog):
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    stats = CorpusStats()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.corpus"):
+        (doc,) = read_corpus(tmp_path, stats)
+    assert doc.text == "caf\ufffd au lait" and stats.replaced_encoding == 1
+    assert "latin1.txt is not valid UTF-8" in caplog.text
+    (tmp_path / "ok.txt").write_text("kept")
+    stats = CorpusStats()
+    assert [d.id for d in read_corpus(tmp_path, stats, decode_errors="skip")] == ["ok.txt"]
+    assert stats.skipped == {"not UTF-8": 1}
+
+
+def test_duplicate_documents_are_read_once_and_counted(tmp_path):
+    for name in ("a.txt", "b.txt", "c/a-copy.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("the same words")
+    (tmp_path / "d.txt").write_text("other words")
+    stats = CorpusStats()
+    assert [d.id for d in read_corpus(tmp_path, stats)] == ["a.txt", "d.txt"]
+    assert (stats.documents, stats.duplicates) == (2, 2)
+
+
+def test_jsonl_keeps_ids_and_metadata_and_skips_bad_lines(tmp_path):
+    lines = [
+        json.dumps({"id": "x1", "text": "alpha", "url": "http://a", "year": 2020}),
+        json.dumps({"text": "beta"}),
+        "{not json",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": "  "}),
+        json.dumps({"id": "x2", "text": "alpha"}),
+        "",
+    ]
+    path = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    stats = CorpusStats()
+    docs = list(read_corpus(path, stats))
+    assert [(d.id, d.text, d.metadata) for d in docs] == [
+        ("x1", "alpha", {"url": "http://a", "year": 2020}), ("corpus.jsonl.gz:2", "beta", {})]
+    assert stats.skipped == {"not JSON": 1, "no string 'text' field": 1, "empty": 1}
+    assert stats.duplicates == 1
+
+
+def test_squad_json_yields_each_distinct_paragraph_with_title_and_index(tmp_path):
+    squad = {"data": [
+        {"title": "Paris", "paragraphs": [{"context": "Paris is in France.", "qas": []},
+                                          {"context": "", "qas": []}]},
+        {"title": "Rome", "paragraphs": [{"context": "Rome is in Italy."},
+                                         {"context": "Paris is in France."}]},
+    ]}
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(squad))
+    stats = CorpusStats()
+    docs = list(read_corpus(path, stats))
+    assert [(d.id, d.text, d.metadata) for d in docs] == [
+        ("Paris/0", "Paris is in France.", {"title": "Paris", "paragraph": 0}),
+        ("Rome/0", "Rome is in Italy.", {"title": "Rome", "paragraph": 0})]
+    assert stats.duplicates == 1 and stats.skipped == {"empty": 1}
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(CorpusError, match="not SQuAD JSON"):
+        list(read_corpus(tmp_path / "other.json"))
+
+
+def test_missing_or_unusable_corpus_raises_a_clear_error(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        list(read_corpus(tmp_path / "nope"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CorpusError, match="no usable document"):
+        list(read_corpus(tmp_path))
+
+
+def test_ten_megabyte_single_line_file_is_read_and_chunked_by_tokens(tmp_path, tiny_sac):
+    tokenizer = tiny_sac[1].tokenizer
+    line = (words(7, 2000).replace("\n", " ") + " ") * 1000
+    line = line[:10_000_000]
+    (tmp_path / "big.txt").write_text(line)
+    (doc,) = read_corpus(tmp_path)
+    chunks = split_document(doc.text, tokenizer, 1024, 0, doc.id)
+    assert "".join(c.text for c in chunks) == line
+    assert max(c.n_tokens for c in chunks) <= 1024
+    assert len(chunks) > 1000
+
+
+# -- chunking ---------------------------------------------------------------------------------
+
+
+def test_chunks_are_exact_substrings_that_fit_when_tokenized_on_their_own(tiny_sac):
+    tokenizer = tiny_sac[1].tokenizer
+    text = words(3, 400) + " 東京東京東京 naïve…  \n\n end"
+    chunks = split_document(text, tokenizer, CHUNK, 0, "d")
+    assert "".join(c.text for c in chunks) == text
+    for c in chunks:
+        assert text[c.start_char:c.end_char] == c.text
+        assert list(c.token_ids) == tokenizer(c.text, add_special_tokens=False)["input_ids"]
+        assert 1 <= c.n_tokens <= CHUNK
+    assert [c.id for c in chunks] == [f"d#{i}" for i in range(len(chunks))]
+    assert [c.key for c in chunks] == [AnchorStore.key_for(c.text) for c in chunks]
+
+
+def test_overlapping_chunks_share_text_and_cover_the_document(tiny_sac):
+    tokenizer = tiny_sac[1].tokenizer
+    text = words(4, 300)
+    chunks = split_document(text, tokenizer, CHUNK, 8, "d")
+    assert chunks[0].start_char == 0 and chunks[-1].end_char == len(text)
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.start_char < a.end_char  # overlap
+        assert b.start_token - a.start_token >= CHUNK - 8 - 2
+    with pytest.raises(InvalidInputError, match="overlap_tokens"):
+        split_document(text, tokenizer, CHUNK, CHUNK, "d")
+
+
+def test_chunk_ids_and_keys_are_stable_across_runs(tiny_sac, corpus):
+    tokenizer = tiny_sac[1].tokenizer
+
+    def run():
+        return [(c.id, c.key, c.text) for d in read_corpus(corpus)
+                for c in split_document(d.text, tokenizer, CHUNK, 4, d.id)]
+
+    assert run() == run()
+    assert split_document(" \n\t ", tokenizer, CHUNK, 0, "blank") == []
+
+
+# -- precompression ---------------------------------------------------------------------------
+
+
+def test_precompress_stores_every_chunk_with_its_metadata_and_a_rerun_skips_everything(
+        tmp_path, tiny_sac, corpus, reference):
+    compressor = tiny_sac[1]
+    path, summary = reference
+    expected = all_chunks(corpus, compressor.tokenizer)
+    with AnchorStore.open(path, readonly=True) as s:
+        assert set(s.keys()) == set(expected)
+        assert s.fingerprint == compressor.fingerprint and s.ratio == 4
+        meta = s.metadata(s.keys()[0])
+        assert meta["text"] == expected[s.keys()[0]]
+        assert meta["chunk_id"].startswith(meta["doc_id"] + "#")
+        assert meta["doc"] == {"source": meta["doc_id"]}
+        assert all(kv.offset == 0 for kv in s.get_many(s.keys()))
+    assert summary.compressed == summary.entries == len(expected)
+    assert summary.chunks == summary.compressed + summary.already_stored
+    assert summary.kv_reduction > 3.5 and summary.bytes_on_disk > summary.kv_bytes
+    assert "chunks/s" in str(summary) and "tokens/s" in str(summary)
+
+    again = precompress(corpus, path, compressor, chunk_tokens=CHUNK, batch_size=BATCH,
+                        show_progress=False)
+    assert (again.compressed, again.already_stored, again.chunks) == (0, summary.chunks, summary.chunks)
+
+
+def test_stored_chunks_generate_exactly_like_freshly_compressed_ones(tiny_sac, reference):
+    compressor = tiny_sac[1]
+    path = reference[0]
+    with AnchorStore.open(path, readonly=True) as s:
+        texts = [s.metadata(k)["text"] for k in s.keys()[:3]]
+    fresh = compressor.compress_chunks(
+        [compressor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+    loaded = load_compressed(path, texts)
+    generator = Generator.from_compressor(compressor)
+    config = GenerationConfig(max_new_tokens=6)
+    for kvs in ([fresh[0]], [loaded[0]]), (fresh, loaded):
+        a, b = (generator.generate(compressor.template.build(k, "Which city?"), config) for k in kvs)
+        assert a.token_ids == b.token_ids and a.context_tokens == b.context_tokens
+    with pytest.raises(EntryNotFoundError, match="Precompress the corpus"):
+        load_compressed(path, ["a chunk that was never stored"])
+
+
+def test_a_store_from_another_compressor_or_a_foreign_directory_is_refused(tmp_path, tiny_sac, corpus):
+    with AnchorStore.create(tmp_path / "other", "other-model@123/sac-456", ratio=4, dtype="float32"):
+        pass
+    with pytest.raises(FingerprintMismatchError, match="other-model@123"):
+        precompress(corpus, tmp_path / "other", tiny_sac[1], show_progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="not a store"):
+        precompress(corpus, tmp_path / "notes", tiny_sac[1], show_progress=False)
+    with pytest.raises(InvalidInputError, match="chunk_len=32"):
+        precompress(corpus, tmp_path / "s", tiny_sac[1], chunk_tokens=64, show_progress=False)
+
+
+def test_shards_cover_every_chunk_exactly_once_and_merge_to_the_unsharded_store(
+        tmp_path, tiny_sac, corpus, reference):
+    shards = [precompress(corpus, tmp_path / "s", tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH,
+                          num_shards=3, shard_index=i, show_progress=False) for i in range(3)]
+    assert [s.store for s in shards] == [str(tmp_path / f"s.shard-00{i}-of-003") for i in range(3)]
+    keys = [set(stored(Path(s.store))) for s in shards]
+    assert all(keys) and sum(map(len, keys)) == len(set().union(*keys))
+    assert all(shard_of(k, 3) == i for i, ks in enumerate(keys) for k in ks)
+    assert sum(s.chunks for s in shards) == reference[1].chunks
+    assert all(s.chunks + s.other_shards == reference[1].chunks for s in shards)
+    merge(tmp_path / "merged", [s.store for s in shards])
+    assert set(stored(tmp_path / "merged")) == set(stored(reference[0]))
+
+
+def test_shard_settings_come_from_arguments_torchrun_or_a_slurm_array(monkeypatch):
+    assert shard_from_env({}) == (1, 0)
+    assert shard_from_env({"WORLD_SIZE": "4", "RANK": "3"}) == (4, 3)
+    assert shard_from_env({"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "5",
+                           "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"}) == (3, 2)
+    with pytest.raises(InvalidInputError, match="shard_index"):
+        shard_from_env({"WORLD_SIZE": "2", "RANK": "2"})
+    for name in SHARD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert resolve_shard(None, None) == (2, 1)
+    assert resolve_shard(5, 0) == (5, 0)
+    with pytest.raises(InvalidInputError, match="both"):
+        resolve_shard(2, None)
+    assert shard_store_path("out/store", 0, 1) == Path("out/store")
+    assert shard_store_path("out/store-{shard}", 1, 2) == Path("out/store-1")
+
+
+# -- crashes and failures -----------------------------------------------------------------------
+
+
+def _spawn(function: str, *args) -> subprocess.Popen:
+    """Run ``function(*args)`` of this module in a fresh Python process."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_precompress; "
+            f"sys.exit(test_precompress.{function}(*sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=child_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _precompress_hanging_in_third_write(corpus, store, sac_dir) -> int:
+    """Child process: the CLI run, made to stop for good inside its third write, after that
+    batch's bytes are durable and before its index rows commit (the worst place to die)."""
+    real = AnchorStore._index_rows
+    calls = []
+
+    def index_rows(self, rows, next_shard):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            time.sleep(600)
+        return real(self, rows, next_shard)
+
+    AnchorStore._index_rows = index_rows
+    return main(cli_args(Path(corpus), Path(store), Path(sac_dir)))
+
+
+def test_kill_9_mid_run_then_rerun_gives_a_clean_store_with_every_chunk_once_and_same_answers(
+        tmp_path, tiny_sac, corpus, reference):
+    sac_dir, compressor = tiny_sac
+    path = tmp_path / "store"
+    child = _spawn("_precompress_hanging_in_third_write", corpus, path, sac_dir)
+    try:
+        deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
+        while True:
+            assert child.poll() is None, child.communicate()
+            if (path / "manifest.json").exists():
+                with AnchorStore.open(path, readonly=True, cache_bytes=0) as s:
+                    if s.stats()["orphan_bytes"] > 0:
+                        break
+            assert time.monotonic() < deadline, "the child never reached its third write"
+            time.sleep(0.05)
+    finally:
+        child.kill()  # SIGKILL
+        child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    expected = stored(reference[0])
+    assert len(stored(path)) == 2 * BATCH < len(expected)
+
+    summary = precompress(corpus, path, compressor, chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False)
+    assert (summary.compressed, summary.entries) == (len(expected) - 2 * BATCH, len(expected))
+    with AnchorStore.open(path, readonly=True) as s:
+        report = s.verify()
+        assert report.ok and report.entries == len(expected), report.summary()
+        keys = s.keys()
+        texts = [s.metadata(k)["text"] for k in keys[:4]]
+    assert len(keys) == len(set(keys)) and set(keys) == set(expected)
+    resumed = stored(path)
+    for key, kv in expected.items():
+        torch.testing.assert_close(resumed[key].keys, kv.keys)
+        torch.testing.assert_close(resumed[key].values, kv.values)
+    assert answers(path, compressor, texts) == answers(reference[0], compressor, texts)
+
+
+def test_two_processes_with_two_shards_then_merge_equal_one_unsharded_run(tmp_path, tiny_sac, corpus, reference):
+    sac_dir = tiny_sac[0]
+    store = tmp_path / "store"
+    by_flags = subprocess.Popen(
+        [sys.executable, "-m", "sac_rag.precompress",
+         *cli_args(corpus, store, sac_dir, "--num-shards", "2", "--shard-index", "0")],
+        env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    by_env = subprocess.Popen(  # as torchrun would start rank 1
+        [sys.executable, "-m", "sac_rag.precompress", *cli_args(corpus, store, sac_dir)],
+        env=child_env(WORLD_SIZE="2", RANK="1"), cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for child in (by_flags, by_env):
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        assert "shard" in out and "tokens/s" in out
+    shards = [tmp_path / f"store.shard-00{i}-of-002" for i in range(2)]
+    first, second = (set(stored(s)) for s in shards)
+    assert first and second and not first & second
+    assert store_module.main(["merge", str(store), *map(str, shards)]) == 0
+    merged, expected = stored(store), stored(reference[0])
+    assert set(merged) == set(expected)
+    for key, kv in expected.items():
+        torch.testing.assert_close(merged[key].keys, kv.keys)
+
+
+def test_full_disk_fails_with_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch, tiny_sac, corpus,
+                                                                  reference):
+    compressor = tiny_sac[1]
+    path = tmp_path / "store"
+    real_write = store_module._write_all
+    blobs = []
+
+    def fill_up(fd, data):
+        blobs.append(len(data))
+        if len(blobs) > BATCH + 1:  # the second batch runs out of space midway
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_module, "_write_all", fill_up)
+    with pytest.raises(StoreWriteError, match="disk is full") as info:
+        precompress(corpus, path, compressor, chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False)
+    assert "rerun" in str(info.value)
+    monkeypatch.setattr(store_module, "_write_all", real_write)
+    with AnchorStore.open(path, readonly=True) as s:
+        assert s.verify().ok and len(s) == BATCH  # the failed batch left no entry behind
+    summary = precompress(corpus, path, compressor, chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False)
+    assert summary.entries == reference[1].entries and summary.already_stored >= BATCH
+    assert set(stored(path)) == set(stored(reference[0]))
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_cli_kv_dropping_baseline_runs_before_a_trained_compressor_exists(tmp_path, capsys, tiny_sac, corpus):
+    base = tiny_sac[0].parent / "base"
+    assert main(["--corpus", str(corpus), "--store", str(tmp_path / "s"), "--kv-dropping",
+                 "--base-model", str(base), "--ratio", "4", "--dtype", "float32",
+                 "--chunk-tokens", str(CHUNK), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["compressed"] == summary["entries"] > 0
+    with AnchorStore.open(tmp_path / "s", readonly=True) as s:
+        assert s.ratio == 4 and s.manifest["extra"]["base_model"] == str(base)
+        assert s.fingerprint != tiny_sac[1].fingerprint  # another compressor: another store
+
+
+def test_cli_help_and_errors(tmp_path, capsys, corpus):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--num-shards" in out and "--kv-dropping" in out and "merge" in out
+    assert main(["--corpus", str(corpus), "--store", str(tmp_path / "s"),
+                 "--compressor", str(tmp_path / "no-such-compressor")]) == 2
+    assert "--kv-dropping" in capsys.readouterr().err
