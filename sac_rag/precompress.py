@@ -151,6 +151,8 @@ def precompress(
             f"chunk_tokens={chunk_tokens!r}: one chunk is one stored entry, so it must be between "
             f"4 and the compressor's chunk_len={chunk_len}"
         )
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < chunk_tokens:
+        raise InvalidInputError(f"overlap must be an integer in [0, chunk_tokens={chunk_tokens}), got {overlap!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if storage not in STORAGES:
