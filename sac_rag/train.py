@@ -570,6 +570,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     if world > 1:
         _check_ranks_agree(model, world)
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return out_dir / "final"
 
