@@ -1,0 +1,103 @@
+"""What ``SACLLM`` and ``ChatSAC`` share: their settings, the engine they run on, and how
+sac_rag's ``Generation`` figures become LangChain usage metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
+from pydantic import BaseModel, ConfigDict, Field
+
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError
+from sac_rag.config import PromptTemplate
+from sac_rag.handles import SACEngine, describe
+
+DEFAULT_STOP = ("\n###",)  # the next section of the SAC prompt layout
+
+
+class SACModelParams(BaseModel):
+    """Settings of a SAC language model. Nothing is loaded when the model is built: the weights
+    load, and the store opens, on the first call."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+
+    compressor: Any = Field(default=DEFAULT_COMPRESSOR, alias="model")
+    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor``."""
+    store: Any = None
+    """Anchor store (directory or ``AnchorStore``) whose entries the prompt's markers name."""
+    engine: SACEngine | None = Field(default=None, exclude=True)
+    """Share one engine with a ``SACContextCompressor``; by default models and compressors built
+    with the same ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
+    device: str | None = None
+    dtype: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 64
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | None = Field(default_factory=lambda: list(DEFAULT_STOP))
+    """Stop strings (the answer is cut before them); per-call ``stop`` adds to these."""
+
+    def get_engine(self) -> SACEngine:
+        if self.engine is not None:
+            return self.engine
+        return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
+
+    @property
+    def model_name(self) -> str:
+        return describe(self.compressor)
+
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        """The prompt layout the compressor was trained with (no weights loaded)."""
+        return self.get_engine().template
+
+    def generation_config(self, stop: list[str] | None = None, **kwargs: Any) -> GenerationConfig:
+        """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
+        # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
+        unknown = {k for k in kwargs if not k.startswith("ls_")} - {
+            "temperature", "max_tokens", "top_p", "top_k", "seed", "model"}
+        if unknown:
+            raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
+        if kwargs.get("model") not in (None, self.model_name, self.compressor):
+            raise InvalidInputError(
+                f"this model serves {self.model_name!r}; build another SAC model for {kwargs['model']!r}")
+        stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        return GenerationConfig(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
+            temperature=kwargs.get("temperature", self.temperature),
+            top_k=kwargs.get("top_k", self.top_k),
+            top_p=kwargs.get("top_p", self.top_p),
+            seed=kwargs.get("seed", self.seed),
+            stop=tuple(s for s in stops if s),
+        )
+
+
+def usage_metadata(generation: Generation) -> UsageMetadata:
+    """Input tokens = text tokens read + cached K/V entries spliced in (``cache_read``)."""
+    input_tokens = generation.text_tokens + generation.cached_tokens
+    output_tokens = len(generation.token_ids)
+    return UsageMetadata(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        input_token_details=InputTokenDetails(cache_read=generation.cached_tokens),
+    )
+
+
+def generation_info(generation: Generation) -> dict[str, Any]:
+    """Per-answer figures: ``context_tokens`` is how many text tokens the cached entries stand for."""
+    return {
+        "finish_reason": generation.finish_reason,
+        "text_tokens": generation.text_tokens,
+        "cached_tokens": generation.cached_tokens,
+        "context_tokens": generation.context_tokens,
+    }
+
+
+def add_usage(total: dict[str, Any], usage: UsageMetadata) -> dict[str, Any]:
+    for name in ("input_tokens", "output_tokens", "total_tokens"):
+        total[name] = total.get(name, 0) + usage[name]
+    details = total.setdefault("input_token_details", {})
+    details["cache_read"] = details.get("cache_read", 0) + usage["input_token_details"]["cache_read"]
+    return total

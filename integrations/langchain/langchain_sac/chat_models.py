@@ -1,0 +1,135 @@
+"""``ChatSAC``: a LangChain chat model that answers from compressed contexts.
+
+The messages are rendered to one prompt string; every ``<sac:KEY>`` marker in it that names an
+entry of the compressor's store (or a chunk compressed in this process) is replaced by that
+chunk's cached K/V, the rest is read as text (``sac_rag.handles``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+from sac_rag import Generation, InvalidInputError
+
+from ._base import SACModelParams, generation_info, usage_metadata
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+
+
+class ChatSAC(BaseChatModel, SACModelParams):
+    """Chat model over SAC caches.
+
+    ``chat_template=False`` (default) renders the messages as their text contents, one after
+    the other: a single human message - what a RAG chain sends - reaches the decoder exactly as
+    written, in the layout the compressor was trained with (see ``sac_qa_prompt``). With
+    ``chat_template=True`` the tokenizer's chat template (e.g. ChatML) frames the turns.
+
+    >>> llm = ChatSAC(store="corpus.store")   # instant: weights load on first use   # doctest: +SKIP
+    """
+
+    chat_template: bool = False
+    streaming: bool = False
+    """Answer ``invoke`` through the streaming path (LangChain's convention)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "sac-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "store": str(self.store) if self.store is not None else None,
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="sac", ls_model_name=kwargs.get("model") or self.model_name, ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def render(self, messages: Sequence[BaseMessage]) -> str:
+        """The prompt string the decoder reads (markers still in it)."""
+        turns = [(_ROLES.get(m.type, m.type), _text(m)) for m in messages]
+        if not turns:
+            raise InvalidInputError("no messages: pass at least the question")
+        if not self.chat_template:
+            return "\n".join(text for _, text in turns)
+        tokenizer = self.get_engine().compressor.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError("chat_template=True, but this model's tokenizer has no chat template")
+        return tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
+                                             tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        config = self.generation_config(stop, **kwargs)
+        generation = self.get_engine().generate([self.render(messages)], config)[0]
+        return self._result(generation)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        config = self.generation_config(stop, **kwargs)
+        generation = (await self.get_engine().agenerate([self.render(messages)], config))[0]
+        return self._result(generation)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        config = self.generation_config(stop, **kwargs)
+        for piece in self.get_engine().stream(self.render(messages), config):
+            chunk = self._chunk(piece)
+            if run_manager and isinstance(piece, str):
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        config = self.generation_config(stop, **kwargs)
+        async for piece in self.get_engine().astream(self.render(messages), config):
+            chunk = self._chunk(piece)
+            if run_manager and isinstance(piece, str):
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    def _result(self, generation: Generation) -> ChatResult:
+        info = generation_info(generation)
+        message = AIMessage(content=generation.text, usage_metadata=usage_metadata(generation),
+                            response_metadata={"model_name": self.model_name, "model_provider": "sac", **info})
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
+
+    def _chunk(self, piece: str | Generation) -> ChatGenerationChunk:
+        if isinstance(piece, str):
+            return ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        info = generation_info(piece)  # the end of the stream: usage figures, no text
+        return ChatGenerationChunk(
+            message=AIMessageChunk(content="", usage_metadata=usage_metadata(piece), chunk_position="last",
+                                   response_metadata={"model_name": self.model_name, "model_provider": "sac",
+                                                      **info}),
+            generation_info=info,
+        )
+
+
+def _text(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(block.get("text", ""))
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise InvalidInputError(f"ChatSAC reads text only; got a {kind!r} content block")
+    return "".join(parts)

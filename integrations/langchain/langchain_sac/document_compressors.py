@@ -1,0 +1,109 @@
+"""``SACContextCompressor``: retrieved documents -> the same documents carrying a SAC handle.
+
+Each document keeps its ``page_content`` (citations stay intact), ``id`` and metadata, and
+gains three metadata entries (JSON-safe, so they survive any serialization):
+
+- ``sac_key``: ``AnchorStore.key_for(page_content)``, the document's identity;
+- ``sac_keys``: the store keys of its chunks (``[sac_key]`` when the text is one chunk; a text
+  longer than one chunk is split as ``sac_rag.precompress`` splits documents);
+- ``sac_marker``: what the LLM should read for it: the chunks' markers back to back
+  (``<sac:K1><sac:K2>...``, read as consecutive chunks), or - when ``on_miss="text"`` passed it
+  through uncompressed - the text itself.
+
+Format documents with ``SAC_DOCUMENT_PROMPT`` (``"{sac_marker}"``) and answer with ``ChatSAC``
+or ``SACLLM``, which replace the markers by the cached K/V.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.documents import BaseDocumentCompressor, Document
+from pydantic import ConfigDict, Field
+
+from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError
+from sac_rag.handles import SACEngine, markers_for
+from sac_rag.store import AnchorStore
+
+logger = logging.getLogger(__name__)
+
+
+class SACContextCompressor(BaseDocumentCompressor):
+    """Attach SAC handles to retrieved documents (for ``ContextualCompressionRetriever``).
+
+    Each document's chunk is looked up in ``store`` by ``key_for(page_content)``. On a miss:
+    ``on_miss="compress"`` (default) compresses it now - written to the store if
+    ``write_back``, else kept in this process's memory, where the LLM finds it;
+    ``"text"`` passes the document through uncompressed (its ``sac_marker`` is its text; a
+    warning is logged); ``"error"`` raises ``EntryNotFoundError``.
+
+    Compression is query-agnostic (the query only chooses documents), but an empty query is
+    refused: there is nothing to answer. Nothing loads at construction; the first call loads
+    the compressor and opens the store (refusing a store built for another model with
+    ``FingerprintMismatchError``).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    compressor: Any = DEFAULT_COMPRESSOR
+    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor``."""
+    store: Any = None
+    """Anchor store directory (created on the first write-back if missing) or ``AnchorStore``."""
+    engine: SACEngine | None = Field(default=None, exclude=True)
+    """Share an engine explicitly; by default compressors and SAC models built with the same
+    ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
+    device: str | None = None
+    dtype: str | None = None
+    write_back: bool = False
+    on_miss: Literal["compress", "text", "error"] = "compress"
+
+    def get_engine(self) -> SACEngine:
+        if self.engine is not None:
+            return self.engine
+        return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
+
+    def compress_documents(self, documents: Sequence[Document], query: str,
+                           callbacks: Callbacks | None = None) -> Sequence[Document]:
+        documents = self._check(documents, query)
+        if not documents:
+            return []
+        handles = self.get_engine().handles_for(
+            [d.page_content for d in documents], write_back=self.write_back, on_miss=self.on_miss,
+            metadata=[d.metadata for d in documents])
+        return [_with_handle(d, keys) for d, keys in zip(documents, handles)]
+
+    async def acompress_documents(self, documents: Sequence[Document], query: str,
+                                  callbacks: Callbacks | None = None) -> Sequence[Document]:
+        """Store lookups in a worker thread (they do not wait for a decode in progress), then
+        compression of any misses in a worker thread under the model lock: the event loop is
+        never blocked."""
+        documents = self._check(documents, query)
+        if not documents:
+            return []
+        handles = await self.get_engine().ahandles_for(
+            [d.page_content for d in documents], write_back=self.write_back, on_miss=self.on_miss,
+            metadata=[d.metadata for d in documents])
+        return [_with_handle(d, keys) for d, keys in zip(documents, handles)]
+
+    @staticmethod
+    def _check(documents: Sequence[Document], query: str) -> list[Document]:
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("the question is empty: there is nothing to answer")
+        documents = list(documents)
+        if not documents:
+            logger.warning("no documents retrieved: the LLM answers without context")
+        for doc in documents:
+            if not isinstance(doc, Document):
+                raise InvalidInputError(f"expected langchain Documents, got {type(doc).__name__}")
+        return documents
+
+
+def _with_handle(doc: Document, keys: list[str] | None) -> Document:
+    metadata = dict(doc.metadata)
+    metadata["sac_key"] = AnchorStore.key_for(doc.page_content)
+    metadata["sac_keys"] = list(keys or [])
+    metadata["sac_marker"] = doc.page_content if keys is None else markers_for(keys)
+    return doc.model_copy(update={"metadata": metadata})

@@ -1,0 +1,85 @@
+"""``SACLLM``: a LangChain text LLM that answers from compressed contexts.
+
+``BaseLLM.batch`` hands all prompts to one ``_generate``, which decodes them as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.outputs import Generation as LCGeneration
+from langchain_core.outputs import GenerationChunk, LLMResult
+
+from sac_rag import Generation
+
+from ._base import SACModelParams, add_usage, generation_info, usage_metadata
+
+
+class SACLLM(BaseLLM, SACModelParams):
+    """Text LLM over SAC caches: ``<sac:KEY>`` markers in the prompt that name entries of the
+    compressor's store become those chunks' cached K/V; the rest is read as text.
+
+    Usage per answer is in ``generation_info`` (``usage_metadata``, with ``input_token_details.
+    cache_read`` = K/V entries read from caches) and summed in ``llm_output["token_usage"]``.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "sac"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "store": str(self.store) if self.store is not None else None,
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "sac"
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
+        return params
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        generations = self.get_engine().generate(prompts, self.generation_config(stop, **kwargs))
+        return self._result(generations)
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        generations = await self.get_engine().agenerate(prompts, self.generation_config(stop, **kwargs))
+        return self._result(generations)
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        for piece in self.get_engine().stream(prompt, self.generation_config(stop, **kwargs)):
+            chunk = _chunk(piece)
+            if run_manager and isinstance(piece, str):
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        async for piece in self.get_engine().astream(prompt, self.generation_config(stop, **kwargs)):
+            chunk = _chunk(piece)
+            if run_manager and isinstance(piece, str):
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    def _result(self, generations: list[Generation]) -> LLMResult:
+        total: dict[str, Any] = {}
+        rows = []
+        for generation in generations:
+            usage = usage_metadata(generation)
+            add_usage(total, usage)
+            rows.append([LCGeneration(text=generation.text,
+                                      generation_info={**generation_info(generation), "usage_metadata": usage})])
+        return LLMResult(generations=rows, llm_output={"token_usage": total, "model_name": self.model_name})
+
+
+def _chunk(piece: str | Generation) -> GenerationChunk:
+    if isinstance(piece, str):
+        return GenerationChunk(text=piece)
+    return GenerationChunk(text="", generation_info={**generation_info(piece), "usage_metadata": usage_metadata(piece)})

@@ -1,0 +1,49 @@
+"""Prompts that carry SAC handles through LangChain's document chains.
+
+``create_stuff_documents_chain(llm, sac_qa_prompt(), document_prompt=SAC_DOCUMENT_PROMPT,
+document_separator="")`` - or ``create_sac_stuff_chain(llm)`` - formats each document as its
+``sac_marker`` and the question in the layout the compressor was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.language_models import BaseLanguageModel
+from langchain_core.prompts import BasePromptTemplate, PromptTemplate
+from langchain_core.runnables import Runnable
+
+from sac_rag.config import PromptTemplate as SACPromptTemplate
+
+from ._base import SACModelParams
+
+SAC_DOCUMENT_PROMPT = PromptTemplate.from_template("{sac_marker}")
+"""Document prompt emitting each document's handle (set by ``SACContextCompressor``)."""
+
+
+def sac_qa_prompt(template: SACPromptTemplate | None = None, *, context_key: str = "context",
+                  question_key: str = "question") -> PromptTemplate:
+    """A LangChain prompt with the SAC layout (``"### Context:\\n{context}\\n### Question:\\n
+    {question}\\n### Answer:\\n"`` by default): contexts, then the question, as in training."""
+    template = template or SACPromptTemplate()
+    before, _, after = template.question.partition("{question}")
+    text = (_escape(template.prefix + template.context_prefix) + "{" + context_key + "}" + _escape(before)
+            + "{" + question_key + "}" + _escape(after))
+    return PromptTemplate.from_template(text)
+
+
+def create_sac_stuff_chain(llm: BaseLanguageModel, prompt: BasePromptTemplate | None = None,
+                           **kwargs: Any) -> Runnable:
+    """``create_stuff_documents_chain`` wired for SAC: documents appear as their markers,
+    joined by the compressor's context separator; the default prompt is ``sac_qa_prompt`` in
+    the layout of ``llm``'s compressor. Input: ``{"context": documents, "question": str}``."""
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+
+    template = llm.prompt_template if isinstance(llm, SACModelParams) else SACPromptTemplate()
+    kwargs.setdefault("document_prompt", SAC_DOCUMENT_PROMPT)
+    kwargs.setdefault("document_separator", template.context_separator)
+    return create_stuff_documents_chain(llm, prompt or sac_qa_prompt(template), **kwargs)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")

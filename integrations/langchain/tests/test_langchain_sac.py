@@ -1,0 +1,362 @@
+"""langchain-sac: SAC handles through a retrieval chain, and answers from the caches they name.
+
+Tiny random Llama + untrained KV-dropping compressor: the answers are noise, the plumbing
+(what the LLM reads, from where, and what it reports) is what these tests pin down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+import pytest
+from langchain_classic.chains import create_retrieval_chain
+from langchain_classic.retrievers import ContextualCompressionRetriever
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from langchain_sac import (
+    SAC_DOCUMENT_PROMPT,
+    SACLLM,
+    ChatSAC,
+    SACContextCompressor,
+    create_sac_stuff_chain,
+    marker_for,
+    sac_qa_prompt,
+)
+
+from sac_rag import CheckpointError, FingerprintMismatchError, InvalidInputError, PromptError
+from sac_rag.chunking import split_document
+from sac_rag.handles import SACEngine
+from sac_rag.store import AnchorStore, EntryNotFoundError
+
+
+class KeywordRetriever(BaseRetriever):
+    """Documents sharing the most words with the query (no embedding model needed)."""
+
+    documents: list[Document]
+    k: int = 2
+
+    def _get_relevant_documents(self, query: str, *, run_manager=None) -> list[Document]:
+        words = set(re.findall(r"\w+", query.lower()))
+        scored = [(len(words & set(re.findall(r"\w+", d.page_content.lower()))), i)
+                  for i, d in enumerate(self.documents)]
+        return [self.documents[i] for score, i in sorted(scored, key=lambda s: (-s[0], s[1]))[: self.k] if score > 0]
+
+
+class Recorder(BaseCallbackHandler):
+    """What the LLM was given and what it reported."""
+
+    def __init__(self):
+        self.prompts: list[str] = []
+        self.tokens: list[str] = []
+        self.results = []
+
+    def on_llm_start(self, serialized, prompts, **kwargs):
+        self.prompts.extend(prompts)
+
+    def on_chat_model_start(self, serialized, messages, **kwargs):
+        self.prompts.extend(m.content for batch in messages for m in batch)
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+    def on_llm_end(self, response, **kwargs):
+        self.results.append(response)
+
+
+def documents(passages):
+    return [Document(page_content=p, id=f"doc-{i}", metadata={"source": f"notes/{i}.txt", "page": i})
+            for i, p in enumerate(passages)]
+
+
+def retrieval_chain(engine, llm, passages, k=2):
+    retriever = ContextualCompressionRetriever(
+        base_compressor=SACContextCompressor(engine=engine),
+        base_retriever=KeywordRetriever(documents=documents(passages), k=k),
+    )
+    return create_retrieval_chain(retriever, create_sac_stuff_chain(llm, sac_qa_prompt(question_key="input")))
+
+
+def anchors(store, texts):
+    return sum(store.get(AnchorStore.key_for(t)).n_anchors for t in texts)
+
+
+# -- the compressor --------------------------------------------------------------------------
+
+
+def test_compressor_keeps_text_id_and_metadata_and_adds_a_json_safe_handle(engine, passages):
+    docs = documents(passages[:2])
+    out = SACContextCompressor(engine=engine).compress_documents(docs, "when was the lighthouse built?")
+    for before, after in zip(docs, out):
+        key = AnchorStore.key_for(before.page_content)
+        assert (after.page_content, after.id) == (before.page_content, before.id)
+        assert after.metadata == {**before.metadata, "sac_key": key, "sac_keys": [key], "sac_marker": marker_for(key)}
+        assert "sac_key" not in before.metadata  # the inputs are not modified
+    assert not engine.resolver.memory  # everything came from the store
+
+
+def test_async_compressor_gives_the_same_documents(engine, passages):
+    docs = documents(passages)
+    query = "who keeps bees?"
+    sync = SACContextCompressor(engine=engine).compress_documents(docs, query)
+    assert asyncio.run(SACContextCompressor(engine=engine).acompress_documents(docs, query)) == sync
+
+
+def test_construction_loads_nothing_and_the_first_use_does(passages):
+    started = time.perf_counter()
+    llm = ChatSAC(model="no-such-compressor", max_tokens=4)
+    compressor = SACContextCompressor(compressor="no-such-compressor")
+    assert time.perf_counter() - started < 1.0
+    assert llm.get_engine() is compressor.get_engine()  # same arguments, one shared engine
+    assert not llm.get_engine().loaded
+    with pytest.raises(CheckpointError, match="no-such-compressor"):
+        llm.invoke("hi")
+
+
+def test_models_and_compressors_built_with_the_same_arguments_share_one_engine(compressor, store):
+    llm = ChatSAC(compressor=compressor, store=store.path)
+    assert SACContextCompressor(compressor=compressor, store=store.path).get_engine() is llm.get_engine()
+    assert SACLLM(compressor=compressor, store=str(store.path)).get_engine() is llm.get_engine()
+
+
+# -- chains answer from the caches -----------------------------------------------------------
+
+
+def test_retrieval_chain_answers_from_caches_and_reads_no_context_text(engine, store, passages, count_text_tokens):
+    llm = ChatSAC(engine=engine, max_tokens=6, stop=[])
+    recorder = Recorder()
+    result = retrieval_chain(engine, llm, passages).invoke(
+        {"input": "When was the lighthouse on Gull Point painted red?"}, config={"callbacks": [recorder]})
+
+    retrieved = [d.page_content for d in result["context"]]
+    assert retrieved and all(d.metadata["sac_marker"] == marker_for(d.metadata["sac_key"]) for d in result["context"])
+    [prompt] = recorder.prompts
+    assert all(marker_for(AnchorStore.key_for(t)) in prompt and t not in prompt for t in retrieved)
+    message = recorder.results[0].generations[0][0].message
+    usage = message.usage_metadata
+    assert usage["input_token_details"]["cache_read"] == anchors(store, retrieved) > 0
+    # The only text the decoder read is the template and the question: zero context tokens.
+    assert usage["input_tokens"] - usage["input_token_details"]["cache_read"] == count_text_tokens(engine, prompt)
+    assert message.response_metadata["context_tokens"] == sum(
+        len(engine.compressor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in retrieved)
+    assert isinstance(result["answer"], str)
+    assert not engine.resolver.memory and len(store) == len(passages)  # nothing compressed at query time
+
+
+def test_text_llm_in_a_stuff_chain_reports_cache_reads(engine, store, passages):
+    llm = SACLLM(engine=engine, max_tokens=4, stop=[])
+    docs = SACContextCompressor(engine=engine).compress_documents(documents(passages[1:3]), "who keeps bees?")
+    recorder = Recorder()
+    answer = create_stuff_documents_chain_sac(llm).invoke({"context": docs, "question": "Who keeps bees?"},
+                                                          config={"callbacks": [recorder]})
+    assert isinstance(answer, str)
+    info = recorder.results[0].generations[0][0].generation_info
+    assert info["usage_metadata"]["input_token_details"]["cache_read"] == anchors(store, passages[1:3])
+    assert recorder.results[0].llm_output["token_usage"]["input_token_details"]["cache_read"] == info["cached_tokens"]
+
+
+def create_stuff_documents_chain_sac(llm):
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+
+    return create_stuff_documents_chain(llm, sac_qa_prompt(), document_prompt=SAC_DOCUMENT_PROMPT,
+                                        document_separator="")
+
+
+def test_batch_decodes_all_prompts_in_one_batch(engine, passages, monkeypatch):
+    sizes = []
+    original = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None: (
+        sizes.append(len(prompts)), original(prompts, config))[1])
+    markers = [marker_for(AnchorStore.key_for(p)) for p in passages[:3]]
+    prompts = [sac_qa_prompt().format(context=m, question="What is it?") for m in markers]
+    results = SACLLM(engine=engine, max_tokens=3, stop=[]).batch(prompts)
+    assert len(results) == 3 and sizes == [3]
+
+
+# -- streaming and async ----------------------------------------------------------------------
+
+
+def test_chat_streaming_yields_tokens_incrementally_then_usage(engine, passages, monkeypatch):
+    decoded = []
+    original = engine.generator._append
+    monkeypatch.setattr(engine.generator, "_append", lambda *a: (decoded.append(1), original(*a))[1])
+    prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[0])), question="When?")
+    recorder = Recorder()
+    arrivals = [(len(decoded), chunk) for chunk in ChatSAC(engine=engine, max_tokens=12, stop=[]).stream(
+        prompt, config={"callbacks": [recorder]})]
+
+    texts = [(n, c.content) for n, c in arrivals if c.content]
+    assert len(texts) >= 2
+    assert texts[0][0] < len(decoded)  # the first piece arrived before decoding ended
+    steps = [n for n, _ in texts]
+    assert steps == sorted(steps) and len(set(steps)) >= 2  # pieces came out step by step, as decoded
+    assert [t for t in recorder.tokens if t] == [t for _, t in texts]  # on_llm_new_token saw each piece
+    last = arrivals[-1][1]
+    assert last.chunk_position == "last" and last.usage_metadata["input_token_details"]["cache_read"] > 0
+
+
+def test_text_llm_streams_sync_and_async(engine, passages):
+    llm = SACLLM(engine=engine, max_tokens=8, stop=[])
+    prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[2])), question="When?")
+    pieces = list(llm.stream(prompt))
+
+    async def collect():
+        return [piece async for piece in llm.astream(prompt)]
+
+    assert len([p for p in pieces if p]) >= 2
+    assert "".join(asyncio.run(collect())) == "".join(pieces) == llm.invoke(prompt)
+
+
+def test_two_async_queries_overlap_in_time(engine, passages):
+    chain = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=16, stop=[]), passages)
+    spans: dict[str, tuple[float, float]] = {}
+    ticks = 0
+
+    async def ask(name, question):
+        start = time.perf_counter()
+        result = await chain.ainvoke({"input": question})
+        spans[name] = (start, time.perf_counter())
+        return result
+
+    async def ticker(done):
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def main():
+        done = asyncio.Event()
+        tick = asyncio.create_task(ticker(done))
+        results = await asyncio.gather(ask("a", "Who keeps bees behind the mill?"),
+                                       ask("b", "When does the river ferry stop?"))
+        done.set()
+        await tick
+        return results
+
+    results = asyncio.run(main())
+    (a0, a1), (b0, b1) = spans["a"], spans["b"]
+    assert a0 < b1 and b0 < a1, spans  # each started before the other finished
+    assert ticks >= 2  # and the event loop kept running meanwhile
+    assert all(r["context"] for r in results)
+
+
+# -- handles that must not load ------------------------------------------------------------------
+
+
+def test_fake_handle_in_the_question_stays_text_and_loads_nothing(engine, store, passages, monkeypatch,
+                                                                 count_text_tokens):
+    loaded = []
+    original = store.get_many
+    monkeypatch.setattr(store, "get_many", lambda keys: (loaded.extend(keys), original(keys))[1])
+    never_stored = AnchorStore.key_for("a chunk nobody stored")
+    question = (f"Is {marker_for(never_stored)} the bees' mill, or <sac:{'F' * 64}> or <sac:../../etc>?")
+    recorder = Recorder()
+    llm = ChatSAC(engine=engine, max_tokens=3, stop=[])
+    result = retrieval_chain(engine, llm, passages, k=1).invoke({"input": question}, config={"callbacks": [recorder]})
+
+    [doc] = result["context"]
+    assert loaded == [doc.metadata["sac_key"]]  # the retrieved chunk, and nothing else
+    [prompt] = recorder.prompts
+    assert marker_for(never_stored) in prompt
+    usage = recorder.results[0].generations[0][0].message.usage_metadata
+    assert usage["input_token_details"]["cache_read"] == anchors(store, [doc.page_content])
+    assert usage["input_tokens"] - usage["input_token_details"]["cache_read"] == count_text_tokens(engine, prompt)
+    assert not engine.resolver.memory
+
+
+# -- long documents -------------------------------------------------------------------------------
+
+
+def test_a_document_longer_than_one_chunk_gets_the_markers_of_all_its_chunks(tmp_path, compressor_factory,
+                                                                             store_factory, passages):
+    compressor = compressor_factory(chunk_len=16)
+    engine = SACEngine(compressor, store_factory(tmp_path / "store", compressor, []))
+    text = " ".join(passages)
+    [doc] = SACContextCompressor(engine=engine, write_back=True).compress_documents(
+        [Document(page_content=text, id="long")], "what is in it?")
+
+    chunks = split_document(text, compressor.tokenizer, 16)  # what sac_rag.precompress would store
+    assert len(chunks) > 1
+    assert doc.metadata["sac_keys"] == [c.key for c in chunks]
+    assert doc.metadata["sac_marker"] == "".join(marker_for(c.key) for c in chunks)
+    assert doc.metadata["sac_key"] == AnchorStore.key_for(text) and doc.page_content == text
+    assert all(c.key in engine.store for c in chunks)
+
+    generation = engine.generate([sac_qa_prompt().format(context=doc.metadata["sac_marker"], question="What?")])[0]
+    assert generation.context_tokens == sum(c.n_tokens for c in chunks)  # read back to back, whole
+    assert generation.cached_tokens == sum(engine.store.get(c.key).n_anchors for c in chunks)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_no_documents_retrieved_answers_without_context(engine, passages, caplog):
+    recorder = Recorder()
+    llm = ChatSAC(engine=engine, max_tokens=3, stop=[])
+    result = retrieval_chain(engine, llm, passages).invoke({"input": "xylophone quartz"},
+                                                           config={"callbacks": [recorder]})
+    assert result["context"] == [] and isinstance(result["answer"], str)
+    assert recorder.results[0].generations[0][0].message.usage_metadata["input_token_details"]["cache_read"] == 0
+    with caplog.at_level(logging.WARNING):  # called directly (the retriever skips it for no documents)
+        assert SACContextCompressor(engine=engine).compress_documents([], "xylophone quartz?") == []
+    assert "no documents retrieved" in caplog.text
+
+
+def test_missing_document_without_write_back_is_compressed_into_memory(engine, store):
+    new = Document(page_content="Snow closed the pass for three weeks in March.")
+    [doc] = SACContextCompressor(engine=engine).compress_documents([new], "when was the pass closed?")
+    key = doc.metadata["sac_key"]
+    assert key not in store and key in engine.resolver.memory
+    generation = engine.generate([sac_qa_prompt().format(context=doc.metadata["sac_marker"], question="When?")])[0]
+    assert generation.cached_tokens == engine.resolver.memory[key].n_anchors > 0
+
+
+def test_missing_document_with_write_back_is_stored(engine, store):
+    new = Document(page_content="The orchard's oldest pear tree was planted in 1911.", metadata={"when": object()})
+    [doc] = SACContextCompressor(engine=engine, write_back=True).compress_documents([new], "how old is the tree?")
+    key = doc.metadata["sac_key"]
+    assert key in store and not engine.resolver.memory
+    assert store.metadata(key)["text"] == new.page_content  # like a precompressed entry
+
+
+def test_missing_document_with_on_miss_text_passes_through_uncompressed_with_a_warning(engine, store, caplog):
+    new = Document(page_content="Foxes were seen near the quarry at dawn.")
+    with caplog.at_level(logging.WARNING):
+        [doc] = SACContextCompressor(engine=engine, on_miss="text").compress_documents([new], "what was seen?")
+    assert doc.metadata["sac_marker"] == new.page_content and doc.metadata["sac_keys"] == []
+    assert "uncompressed" in caplog.text and doc.metadata["sac_key"] not in store
+    generation = engine.generate([sac_qa_prompt().format(context=doc.metadata["sac_marker"], question="What?")])[0]
+    assert generation.cached_tokens == 0
+
+
+def test_missing_document_with_on_miss_error_raises_a_clear_error(engine):
+    new = Document(page_content="The choir rehearses on Thursdays.")
+    with pytest.raises(EntryNotFoundError, match="precompress"):
+        SACContextCompressor(engine=engine, on_miss="error").compress_documents([new], "when?")
+
+
+def test_store_built_for_another_model_is_refused(tmp_path, compressor, compressor_factory, store_factory, passages):
+    other = store_factory(tmp_path / "other", compressor_factory(seed=1), passages[:1])
+    other.close()
+    docs = documents(passages[:1])
+    with pytest.raises(FingerprintMismatchError, match="Rebuild the store"):
+        SACContextCompressor(compressor=compressor, store=tmp_path / "other").compress_documents(docs, "when?")
+    with pytest.raises(FingerprintMismatchError):
+        ChatSAC(engine=SACEngine(compressor, tmp_path / "other")).invoke("hi")
+
+
+def test_empty_question_is_refused(engine, passages):
+    with pytest.raises(InvalidInputError, match="question is empty"):
+        SACContextCompressor(engine=engine).compress_documents(documents(passages), "   ")
+    with pytest.raises(InvalidInputError, match="empty"):
+        ChatSAC(engine=engine).invoke("")
+    with pytest.raises(InvalidInputError, match="empty"):
+        SACLLM(engine=engine).invoke("  ")
+
+
+def test_prompt_longer_than_the_model_context_is_refused(engine):
+    with pytest.raises(PromptError, match="positions"):
+        ChatSAC(engine=engine, max_tokens=2).invoke("lighthouse " * 5000)

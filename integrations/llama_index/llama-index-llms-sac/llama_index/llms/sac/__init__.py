@@ -1,0 +1,5 @@
+"""LlamaIndex LLM for sac_rag: answers from the compressed K/V caches that prompt markers name."""
+
+from llama_index.llms.sac.base import SACLLM, sac_qa_prompt
+
+__all__ = ["SACLLM", "sac_qa_prompt"]

@@ -1,0 +1,160 @@
+"""``SACLLM``: a LlamaIndex LLM that answers from compressed contexts.
+
+Every ``<sac:KEY>`` marker in the prompt that names an entry of the compressor's store (or a
+chunk compressed in this process, e.g. by ``SACNodePostprocessor``) becomes that chunk's
+cached K/V; the rest of the prompt - including marker-looking text typed by a user - is read
+as text (``sac_rag.handles``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from llama_index.core.base.llms.types import (
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import PromptTemplate
+
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig
+from sac_rag.config import PromptTemplate as SACPromptTemplate
+from sac_rag.handles import SACEngine, describe
+
+DEFAULT_STOP = ["\n###"]  # the next section of the SAC prompt layout
+
+
+def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplate:
+    """A ``text_qa_template`` in the SAC layout the compressor was trained with (contexts, then
+    the question): ``"### Context:\\n{context_str}\\n### Question:\\n{query_str}\\n### Answer:\\n"``
+    by default."""
+    template = template or SACPromptTemplate()
+    before, _, after = template.question.partition("{question}")
+    text = (_escape(template.prefix + template.context_prefix) + "{context_str}" + _escape(before)
+            + "{query_str}" + _escape(after))
+    return PromptTemplate(text)
+
+
+class SACLLM(CustomLLM):
+    """LLM over SAC caches. Construction is instant; the weights load on first use (reading
+    ``metadata`` counts: it reports the model's context window unless ``context_window`` is set).
+
+    Usage per answer is in ``CompletionResponse.raw["usage"]`` and ``additional_kwargs``:
+    ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
+    ``context_tokens`` (the text tokens the cached entries stand for), ``completion_tokens``.
+    """
+
+    compressor: Any = Field(default=DEFAULT_COMPRESSOR,
+                            description="Built-in compressor name, compressor directory or SACCompressor.")
+    store: Any = Field(default=None, description="Anchor store directory or AnchorStore.")
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    temperature: float = 0.0
+    max_tokens: int = 64
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = Field(default_factory=lambda: list(DEFAULT_STOP))
+    context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
+    _engine: Optional[SACEngine] = PrivateAttr(default=None)
+
+    def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SACLLM"
+
+    @property
+    def engine(self) -> SACEngine:
+        if self._engine is None:
+            self._engine = SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
+        return self._engine
+
+    @property
+    def qa_prompt(self) -> PromptTemplate:
+        """``sac_qa_prompt`` in this compressor's layout (read without loading weights)."""
+        return sac_qa_prompt(self.engine.template)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        window = self.context_window or self.engine.generator.max_positions or 2048
+        return LLMMetadata(context_window=window, num_output=self.max_tokens, is_chat_model=False,
+                           model_name=describe(self.compressor))
+
+    def generation_config(self, **kwargs: Any) -> GenerationConfig:
+        stops = list(dict.fromkeys([*self.stop, *(kwargs.get("stop") or [])]))
+        return GenerationConfig(
+            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
+            temperature=kwargs.get("temperature", self.temperature),
+            top_k=kwargs.get("top_k", self.top_k),
+            top_p=kwargs.get("top_p", self.top_p),
+            seed=kwargs.get("seed", self.seed),
+            stop=tuple(s for s in stops if s),
+        )
+
+    def _prompt(self, prompt: str, formatted: bool) -> str:
+        return prompt if formatted else self.completion_to_prompt(prompt)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        generation = self.engine.generate([self._prompt(prompt, formatted)], self.generation_config(**kwargs))[0]
+        return _response(generation.text, None, generation)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        pieces = self.engine.stream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in pieces:
+                if isinstance(piece, str):
+                    text += piece
+                    yield CompletionResponse(text=text, delta=piece)
+                else:
+                    yield _response(text, "", piece)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        generations = await self.engine.agenerate([self._prompt(prompt, formatted)], self.generation_config(**kwargs))
+        return _response(generations[0].text, None, generations[0])
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        pieces = self.engine.astream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    text += piece
+                    yield CompletionResponse(text=text, delta=piece)
+                else:
+                    yield _response(text, "", piece)
+
+        return gen()
+
+
+def _response(text: str, delta: Optional[str], generation: Generation) -> CompletionResponse:
+    usage = {
+        "prompt_tokens": generation.text_tokens + generation.cached_tokens,
+        "completion_tokens": len(generation.token_ids),
+        "total_tokens": generation.text_tokens + generation.cached_tokens + len(generation.token_ids),
+        "text_tokens": generation.text_tokens,
+        "cached_tokens": generation.cached_tokens,
+        "context_tokens": generation.context_tokens,
+    }
+    return CompletionResponse(text=text, delta=delta, raw={"usage": usage, "finish_reason": generation.finish_reason},
+                              additional_kwargs={**usage, "finish_reason": generation.finish_reason})
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")

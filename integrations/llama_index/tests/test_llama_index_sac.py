@@ -1,0 +1,242 @@
+"""llama-index-postprocessor-sac + llama-index-llms-sac: a RetrieverQueryEngine answering from
+SAC caches. Tiny random Llama + untrained KV-dropping compressor: the plumbing is under test."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+import pytest
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.retrievers import BaseRetriever
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.llms.sac import SACLLM, sac_qa_prompt
+from llama_index.postprocessor.sac import SACNodePostprocessor
+
+from sac_rag import FingerprintMismatchError, InvalidInputError, PromptError
+from sac_rag.handles import SACEngine, marker_for
+from sac_rag.store import AnchorStore, EntryNotFoundError
+
+
+class KeywordRetriever(BaseRetriever):
+    """Nodes sharing the most words with the query, scored by the overlap (no embeddings)."""
+
+    def __init__(self, nodes: list[TextNode], k: int = 2):
+        super().__init__()
+        self.nodes, self.k = nodes, k
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        words = set(re.findall(r"\w+", query_bundle.query_str.lower()))
+        scored = [(len(words & set(re.findall(r"\w+", n.text.lower()))), n) for n in self.nodes]
+        ranked = sorted(scored, key=lambda s: -s[0])[: self.k]
+        return [NodeWithScore(node=n, score=s / max(len(words), 1)) for s, n in ranked if s > 0]
+
+
+def make_nodes(passages):
+    return [TextNode(id_=f"node-{i}", text=p, metadata={"file_name": f"notes/{i}.txt", "page": i})
+            for i, p in enumerate(passages)]
+
+
+class Spy:
+    """Records the prompts an engine decodes and the generations it returns."""
+
+    def __init__(self, engine, monkeypatch):
+        self.prompts, self.generations = [], []
+        original = engine.generate
+
+        def generate(prompts, config=None):
+            self.prompts.extend(prompts)
+            result = original(prompts, config)
+            self.generations.extend(result)
+            return result
+
+        monkeypatch.setattr(engine, "generate", generate)
+
+
+def query_engine(engine, passages, k=2, **kwargs):
+    llm = SACLLM(engine=engine, max_tokens=kwargs.pop("max_tokens", 6), stop=[])
+    return RetrieverQueryEngine.from_args(
+        KeywordRetriever(make_nodes(passages), k=k), llm=llm, response_mode="compact",
+        node_postprocessors=[SACNodePostprocessor(engine=engine)], text_qa_template=llm.qa_prompt, **kwargs)
+
+
+def anchors(store, texts):
+    return sum(store.get(AnchorStore.key_for(t)).n_anchors for t in texts)
+
+
+def test_postprocessor_keeps_ids_scores_text_and_metadata_and_shows_the_llm_only_the_marker(engine, passages):
+    nodes = [NodeWithScore(node=n, score=0.5 + i) for i, n in enumerate(make_nodes(passages[:2]))]
+    out = SACNodePostprocessor(engine=engine).postprocess_nodes(nodes, query_str="who keeps bees?")
+    for before, after in zip(nodes, out):
+        key = AnchorStore.key_for(before.node.text)
+        assert (after.node.node_id, after.score, after.node.text) == (before.node.node_id, before.score,
+                                                                     before.node.text)
+        assert after.node.metadata == {**before.node.metadata, "sac_key": key, "sac_keys": [key],
+                                       "sac_marker": marker_for(key)}
+        assert after.node.get_content(metadata_mode=MetadataMode.LLM) == marker_for(key)
+        assert before.node.get_content(metadata_mode=MetadataMode.LLM).endswith(before.node.text)  # untouched
+    assert not engine.resolver.memory
+
+
+def test_query_engine_compact_mode_answers_from_caches_and_reads_no_context_text(engine, store, passages,
+                                                                                 monkeypatch, count_text_tokens):
+    spy = Spy(engine, monkeypatch)
+    response = query_engine(engine, passages).query("When was the lighthouse on Gull Point painted red?")
+
+    retrieved = [n.node.text for n in response.source_nodes]
+    assert retrieved and all(n.score is not None for n in response.source_nodes)
+    [prompt] = spy.prompts  # compact: one LLM call sees every marker
+    assert all(marker_for(AnchorStore.key_for(t)) in prompt and t not in prompt for t in retrieved)
+    [generation] = spy.generations
+    assert generation.cached_tokens == anchors(store, retrieved) > 0
+    assert generation.text_tokens == count_text_tokens(engine, prompt)  # template + question only
+    assert isinstance(response.response, str)
+    assert not engine.resolver.memory and len(store) == len(passages)
+
+
+def test_llm_reports_usage_with_cached_tokens(engine, store, passages):
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[0])), query_str="When?")
+    response = SACLLM(engine=engine, max_tokens=3, stop=[]).complete(prompt, formatted=True)
+    usage = response.raw["usage"]
+    assert usage["cached_tokens"] == anchors(store, passages[:1])
+    assert usage["prompt_tokens"] == usage["text_tokens"] + usage["cached_tokens"]
+    assert response.additional_kwargs["context_tokens"] > usage["cached_tokens"]
+
+
+def test_async_query_gives_the_same_answer(engine, passages):
+    question = "Who keeps bees behind the old mill?"
+    sync = query_engine(engine, passages).query(question)
+    result = asyncio.run(query_engine(engine, passages).aquery(question))
+    assert result.response == sync.response
+    assert [n.node.node_id for n in result.source_nodes] == [n.node.node_id for n in sync.source_nodes]
+
+
+def test_two_async_queries_overlap_in_time(engine, passages):
+    qe = query_engine(engine, passages, max_tokens=16)
+    spans = {}
+    ticks = 0
+
+    async def ask(name, question):
+        start = time.perf_counter()
+        await qe.aquery(question)
+        spans[name] = (start, time.perf_counter())
+
+    async def ticker(done):
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def main():
+        done = asyncio.Event()
+        tick = asyncio.create_task(ticker(done))
+        await asyncio.gather(ask("a", "Who keeps bees?"), ask("b", "When does the river ferry stop?"))
+        done.set()
+        await tick
+
+    asyncio.run(main())
+    (a0, a1), (b0, b1) = spans["a"], spans["b"]
+    assert a0 < b1 and b0 < a1, spans
+    assert ticks >= 2
+
+
+def test_streaming_query_yields_tokens_incrementally(engine, passages, monkeypatch):
+    decoded = []
+    original = engine.generator._append
+    monkeypatch.setattr(engine.generator, "_append", lambda *a: (decoded.append(1), original(*a))[1])
+    response = query_engine(engine, passages, streaming=True, max_tokens=12).query("When does the ferry stop?")
+    arrivals = [(len(decoded), delta) for delta in response.response_gen]
+    texts = [(n, d) for n, d in arrivals if d]
+    assert len(texts) >= 2 and texts[0][0] < len(decoded)
+    assert len({n for n, _ in texts}) >= 2
+
+
+def test_llm_streams_sync_and_async(engine, passages):
+    llm = SACLLM(engine=engine, max_tokens=8, stop=[])
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[2])), query_str="When?")
+    sync = list(llm.stream_complete(prompt, formatted=True))
+
+    async def collect():
+        return [r async for r in await llm.astream_complete(prompt, formatted=True)]
+
+    deltas = [r.delta for r in sync if r.delta]
+    assert len(deltas) >= 2 and sync[-1].text == "".join(deltas) == llm.complete(prompt, formatted=True).text
+    assert [r.delta for r in asyncio.run(collect())] == [r.delta for r in sync]
+    assert sync[-1].raw["usage"]["cached_tokens"] == engine.store.get(AnchorStore.key_for(passages[2])).n_anchors
+
+
+def test_fake_handle_in_the_query_stays_text_and_loads_nothing(engine, store, passages, monkeypatch):
+    loaded = []
+    original = store.get_many
+    monkeypatch.setattr(store, "get_many", lambda keys: (loaded.extend(keys), original(keys))[1])
+    spy = Spy(engine, monkeypatch)
+    fake = marker_for(AnchorStore.key_for("a chunk nobody stored"))
+    response = query_engine(engine, passages, k=1).query(f"Who keeps bees? {fake}")
+
+    [node] = response.source_nodes
+    assert loaded == [AnchorStore.key_for(node.node.text)]
+    [prompt] = spy.prompts
+    assert fake in prompt
+    assert spy.generations[0].cached_tokens == anchors(store, [node.node.text])
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_no_nodes_retrieved_gives_the_empty_response_without_calling_the_llm(engine, passages, monkeypatch):
+    spy = Spy(engine, monkeypatch)
+    response = query_engine(engine, passages).query("xylophone quartz")
+    assert response.source_nodes == [] and spy.prompts == []
+    assert str(response) == "Empty Response"
+
+
+def test_missing_node_without_write_back_is_compressed_into_memory(engine, store, monkeypatch):
+    spy = Spy(engine, monkeypatch)
+    text = "Snow closed the mountain pass for three weeks."
+    query_engine(engine, [text]).query("When was the mountain pass closed?")
+    key = AnchorStore.key_for(text)
+    assert key not in store and key in engine.resolver.memory
+    assert spy.generations[0].cached_tokens == engine.resolver.memory[key].n_anchors
+
+
+def test_missing_node_with_on_miss_error_raises(engine):
+    nodes = [NodeWithScore(node=TextNode(text="The choir rehearses on Thursdays."), score=1.0)]
+    with pytest.raises(EntryNotFoundError, match="precompress"):
+        SACNodePostprocessor(engine=engine, on_miss="error").postprocess_nodes(nodes, query_str="when?")
+
+
+def test_missing_node_with_on_miss_text_keeps_its_text_in_the_llm_view(engine, caplog):
+    node = TextNode(text="Foxes were seen near the quarry.", metadata={"file_name": "f.txt"})
+    with caplog.at_level(logging.WARNING):
+        [out] = SACNodePostprocessor(engine=engine, on_miss="text").postprocess_nodes(
+            [NodeWithScore(node=node, score=1.0)], query_str="what was seen?")
+    assert out.node.get_content(metadata_mode=MetadataMode.LLM) == node.text and "uncompressed" in caplog.text
+
+
+def test_store_built_for_another_model_is_refused(tmp_path, compressor, compressor_factory, store_factory, passages):
+    store_factory(tmp_path / "other", compressor_factory(seed=1), passages[:1]).close()
+    nodes = [NodeWithScore(node=n, score=1.0) for n in make_nodes(passages[:1])]
+    with pytest.raises(FingerprintMismatchError, match="Rebuild the store"):
+        SACNodePostprocessor(compressor=compressor, store=tmp_path / "other").postprocess_nodes(nodes, query_str="q?")
+    with pytest.raises(FingerprintMismatchError):
+        SACLLM(engine=SACEngine(compressor, tmp_path / "other")).complete("hi")
+
+
+def test_empty_query_is_refused(engine, passages):
+    with pytest.raises(InvalidInputError, match="question is empty"):
+        query_engine(engine, passages).query("   ")
+    with pytest.raises(InvalidInputError, match="empty"):
+        SACLLM(engine=engine).complete("")
+
+
+def test_prompt_longer_than_the_model_context_is_refused(engine):
+    with pytest.raises(PromptError, match="positions"):
+        SACLLM(engine=engine, max_tokens=2).complete("lighthouse " * 5000)
+
+
+def test_llm_construction_loads_nothing():
+    llm = SACLLM(compressor="no-such-compressor")
+    postprocessor = SACNodePostprocessor(compressor="no-such-compressor")
+    assert llm.engine is postprocessor.engine and not llm.engine.loaded
