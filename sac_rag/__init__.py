@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DEFAULT_COMPRESSOR",
+    "SAC",
     "AnchorKV",
     "AnchorSelector",
     "CheckpointError",
