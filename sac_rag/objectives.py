@@ -195,20 +195,29 @@ class FullTextObjective:
             context = self.prefix + [t for passage in ex.passages for t in passage]
             for prompt, target in ex.rows:
                 sequences.append((context + prompt, target))
-        width = max(len(a) + len(b) for a, b in sequences)
-        ids = torch.zeros(len(sequences), width, dtype=torch.long)
-        labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros(len(sequences), width, dtype=torch.long)
-        for r, (prompt, target) in enumerate(sequences):
-            seq = prompt + target
-            ids[r, : len(seq)] = torch.as_tensor(seq)
-            mask[r, : len(seq)] = 1
-            labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
+        ids, mask, labels = _pad_rows(sequences)
         hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         labels = labels.to(device)
         keep = labels != IGNORE
         loss = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep])
         return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum())}
+
+
+def _pad_rows(rows: list[tuple[list[int], list[int]]]):
+    """Right-padded ``(ids, mask, labels)`` for (prompt, target) rows; labels mark the targets."""
+    width = max(len(prompt) + len(target) for prompt, target in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (prompt, target) in enumerate(rows):
+        if not prompt:
+            raise ValueError("every decoder row needs at least one prompt token to predict from")
+        seq = prompt + target
+        ids[r, : len(seq)] = torch.as_tensor(seq)
+        mask[r, : len(seq)] = 1
+        # logits at position t predict token t+1: the first target token from the last prompt token
+        labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
+    return ids, mask, labels
 
 
 def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,18 +235,8 @@ def _decode_rows(model, caches, context_lengths, rows, row_owner):
 
     device = caches[0][0].device
     width_cache = max(k.shape[2] for k, _ in caches)
-    width_text = max(len(prompt) + len(target) for prompt, target in rows)
-    ids = torch.zeros(len(rows), width_text, dtype=torch.long)
-    labels = torch.full((len(rows), width_text), IGNORE, dtype=torch.long)
-    text_mask = torch.zeros(len(rows), width_text, dtype=torch.long)
-    for r, (prompt, target) in enumerate(rows):
-        seq = prompt + target
-        ids[r, : len(seq)] = torch.as_tensor(seq)
-        text_mask[r, : len(seq)] = 1
-        if not prompt:
-            raise ValueError("every decoder row needs at least one prompt token to predict from")
-        # logits at position t predict token t+1: the first target token from the last prompt token
-        labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
+    ids, text_mask, labels = _pad_rows(rows)
+    width_text = ids.shape[1]
     cache_mask = torch.zeros(len(rows), width_cache, dtype=torch.long)
     index = torch.as_tensor(row_owner, device=device)
     padded_k, padded_v = [], []
