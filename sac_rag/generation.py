@@ -67,6 +67,7 @@ class _Prefilled:
     text_tokens: int = 0
     cached_tokens: int = 0
     context_tokens: int = 0
+    reads_cache: bool = False  # the prompt has compressed contexts (decoded in decoder_mode)
 
 
 @dataclass
@@ -82,13 +83,21 @@ class Generator:
 
     Build it from a compressor (``Generator.from_compressor``: the same model object, adapter
     off) or from any causal LM (``Generator(model, tokenizer)``) for full-text baselines.
+
+    ``decoder_mode`` is the model state for prompts that read compressed contexts (the frozen
+    LM, or the LM with a compressor's decoder adapter); ``text_mode`` the state for prompts of
+    text only (default: the same). A compressor's decoder adapter was trained to read its caches
+    only, so ``from_compressor`` answers text-only prompts with the frozen LM: full-text
+    baselines through a SAC generator are the plain model's.
     """
 
     def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 base_fingerprint: str | None = None, accepts: Callable[[str], bool] | None = None):
+                 base_fingerprint: str | None = None, accepts: Callable[[str], bool] | None = None,
+                 text_mode: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.decoder_mode = decoder_mode or contextlib.nullcontext
+        self.text_mode = text_mode or self.decoder_mode
         self.base_fingerprint = base_fingerprint or base_model_fingerprint(model, tokenizer)
         # Which compressed data this decoder can read: by default anything made on the same base
         # model (the decoder is the frozen base); a compressor with a decoder adapter narrows it.
@@ -111,7 +120,7 @@ class Generator:
         if compressor.config.decoder_lora_rank:  # its decoder was trained with its own encoder
             accepts = lambda fingerprint: same_model(fingerprint, compressor.fingerprint)  # noqa: E731
         return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
-                   compressor.base_fingerprint, accepts)
+                   compressor.base_fingerprint, accepts, text_mode=compressor.frozen_mode)
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +138,16 @@ class Generator:
     def generate_batch(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None) -> list[Generation]:
         """Decode several prompts together (their caches may differ in length)."""
         config = config or GenerationConfig()
+        if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
+            raise InvalidInputError("generate_batch takes a non-empty list of prompts")
+        if self.text_mode is not self.decoder_mode:  # text-only prompts decode in another model state
+            reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
+            if any(reads_cache) and not all(reads_cache):
+                results: dict[int, Generation] = {}
+                for group in (True, False):
+                    index = [i for i, r in enumerate(reads_cache) if r == group]
+                    results.update(zip(index, self.generate_batch([prompts[i] for i in index], config)))
+                return [results[i] for i in range(len(prompts))]
         states, tracks = self._start(prompts)
         for _ in self._decode(states, tracks, config):
             pass
@@ -187,9 +206,10 @@ class Generator:
 
         segments = self._segments(prompt)
         cache = DynamicCache(config=self.model.config)
-        state = _Prefilled(cache=cache, position=0, logits=None)
+        state = _Prefilled(cache=cache, position=0, logits=None,
+                           reads_cache=any(isinstance(seg, AnchorKV) for seg in segments))
         pending: list[int] = list(self._bos)
-        with self.decoder_mode():
+        with self._mode(state.reads_cache):
             for i, seg in enumerate(segments):
                 if isinstance(seg, str):
                     pending += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
@@ -201,6 +221,9 @@ class Generator:
                     pending = []
                 self._splice(state, seg)
         return state
+
+    def _mode(self, reads_cache: bool) -> contextlib.AbstractContextManager:
+        return (self.decoder_mode if reads_cache else self.text_mode)()
 
     def _check_room(self, position: int) -> None:
         if self.max_positions is not None and position > self.max_positions:
@@ -276,7 +299,7 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
-        with self.decoder_mode():
+        with self._mode(states[0].reads_cache):  # generate_batch groups prompts by mode
             for step in range(steps):
                 tokens = _sample(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):

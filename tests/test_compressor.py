@@ -295,6 +295,25 @@ def test_decoder_adapter_is_used_only_when_reading_compressed_contexts(tiny, tmp
     assert again.token_ids == gen.token_ids
 
 
+def test_text_only_prompts_are_read_by_the_frozen_lm_even_with_a_decoder_adapter(tiny):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    _perturb(comp, seed=3)
+    config = GenerationConfig(max_new_tokens=6)
+    sac_generator = Generator.from_compressor(comp)
+    with comp.frozen_mode():
+        plain = Generator(comp.base_model, comp.tokenizer).generate_batch([TEXT + " the tower"], config)[0]
+    with comp.decoder_mode():
+        adapted = Generator(comp.base_model, comp.tokenizer).generate_batch([TEXT + " the tower"], config)[0]
+    assert adapted.token_ids != plain.token_ids  # the adapter would change the answer...
+    text_only = sac_generator.generate(TEXT + " the tower", config)
+    assert text_only.token_ids == plain.token_ids  # ...but full-text prompts see the plain LM
+    # a batch mixing both kinds equals each prompt decoded alone, in the original order
+    cached = [comp.compress(TEXT), " the tower"]
+    mixed = sac_generator.generate_batch([cached, TEXT + " the tower", cached], config)
+    assert [g.token_ids for g in mixed] == [sac_generator.generate(cached, config).token_ids,
+                                            plain.token_ids, sac_generator.generate(cached, config).token_ids]
+
+
 def test_decoder_adapter_refuses_caches_from_other_compressors_of_the_same_base(tiny):
     comp = _compressor(tiny, decoder_lora_rank=4)
     plain = _compressor(make_tiny_llama())  # same base weights, another encoder
