@@ -16,6 +16,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
+from .quantize import round_trip
 
 logger = logging.getLogger("sac_rag.eval")
 
@@ -64,38 +66,76 @@ class Method:
     template: PromptTemplate
     compressor: object = None  # SACCompressor when contexts are compressed
     read_context: bool = True
+    storage: str = "native"  # "fp8"/"int8": compressed contexts pass through 8-bit storage
+    shorten: Callable[[str], str] | None = None  # hard text compression of the context
 
     def prompts(self, batch: list[Question]) -> list[list]:
         if not self.read_context:
             return [self.template.build([], q.question) for q in batch]
         if self.compressor is None:
-            return [self.template.build([q.context], q.question) for q in batch]
+            shorten = self.shorten or (lambda text: text)
+            return [self.template.build([shorten(q.context)], q.question) for q in batch]
         compressed = self.compressor.compress_batch([q.context for q in batch], batch_size=len(batch))
+        if self.storage != "native":
+            compressed = [[round_trip(kv, self.storage) for kv in chunks] for chunks in compressed]
         return [self.template.build([c], q.question) for c, q in zip(compressed, batch)]
 
 
-def build_method(name: str, base_model: str, ratio: int, checkpoint: str | None, device, dtype) -> Method:
+METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_every_rth", "text_truncate")
+
+
+def build_method(name: str, base_model: str, ratio: int, checkpoint: str | None, device, dtype,
+                 decoder_adapter: str | None = None) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
     ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
-    ``no_context``."""
+    ``no_context``, and hard text compression to 1/``ratio`` of the context's tokens:
+    ``text_every_rth`` (keep every r-th token) and ``text_truncate`` (keep the first tokens).
+
+    ``decoder_adapter`` (a peft LoRA directory, e.g. the Full-FT one) makes the decoder of the
+    baselines the QA-trained one, so that answer format is equal and only content differs; the
+    K/V of ``kv_dropping`` still come from the frozen model."""
     from .compressor import SACCompressor
     from .models import load_base_model
 
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
     if name == "sac":
         comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         return Method(name, comp.config.ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
-    if name == "kv_dropping":
-        comp = SACCompressor(SACConfig(base_model=base_model, ratio=ratio, lora_rank=0, bidirectional=False,
-                                       anchor_embedding="none"), device=device, dtype=dtype)
-        return Method(name, ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
-    model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
     if name == "full_ft":
+        decoder_adapter = checkpoint
+    model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+    generator = Generator(model, tokenizer)
+    if decoder_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, checkpoint).eval()
-    if name not in ("full_context", "full_ft", "no_context"):
-        raise SystemExit(f"unknown method {name!r}")
-    return Method(name, 1, Generator(model, tokenizer), PromptTemplate(), read_context=name != "no_context")
+        decoder = PeftModel.from_pretrained(load_base_model(base_model, device=device, dtype=dtype)[0],
+                                            decoder_adapter).eval()
+        generator = Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint)
+    if name == "kv_dropping":
+        comp = SACCompressor(SACConfig(base_model=base_model, ratio=ratio, lora_rank=0, bidirectional=False,
+                                       anchor_embedding="none"), model=model, tokenizer=tokenizer)
+        return Method(name, ratio, generator if decoder_adapter else Generator.from_compressor(comp),
+                      comp.config.prompt, comp)
+    if name in ("text_every_rth", "text_truncate"):
+        return Method(name, ratio, generator, PromptTemplate(), shorten=TextShortener(tokenizer, ratio, name))
+    return Method(name, 1, generator, PromptTemplate(), read_context=name != "no_context")
+
+
+@dataclass
+class TextShortener:
+    """Hard text compression to a token budget (stand-in for the LLMLingua family): keep every
+    ``ratio``-th token of the context, or its first ``len / ratio`` tokens."""
+
+    tokenizer: object
+    ratio: int
+    how: str
+
+    def __call__(self, text: str) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        budget = max(1, -(-len(ids) // self.ratio))  # the anchor count of uniform SAC anchors
+        kept = ids[:: self.ratio][:budget] if self.how == "text_every_rth" else ids[:budget]
+        return self.tokenizer.decode(kept)
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
@@ -167,12 +207,15 @@ def _kv_bytes(generator: Generator, entries: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sac_rag.eval", description=__doc__)
-    parser.add_argument("--method", required=True,
-                        choices=["sac", "kv_dropping", "full_context", "full_ft", "no_context"])
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
     parser.add_argument("--label", help="name of the row in the results (default: the method)")
     parser.add_argument("--base-model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=int, default=5, help="for kv_dropping")
+    parser.add_argument("--ratio", type=int, default=5, help="for kv_dropping and the text_* methods")
+    parser.add_argument("--decoder-adapter", help="peft LoRA directory for the decoder of kv_dropping, text_* or "
+                        "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
+    parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],
+                        help="sac/kv_dropping: read the caches as an fp8/int8 store returns them")
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--n", type=int, default=1000, help="seeded subset size (0 = all)")
@@ -186,16 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    label = args.label or args.method
+    label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
+                                    *(["adapted-decoder"] if args.decoder_adapter else [])])
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
-    method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, args.dtype)
+    method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, args.dtype,
+                          args.decoder_adapter)
+    if args.storage != "native":
+        if method.compressor is None:
+            parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
+        method.storage = args.storage
     cache = Path(args.results).parent / "predictions" / f"{label}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl"
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
         **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
-        "dtype": args.dtype, "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "decoder_adapter": args.decoder_adapter, "dtype": args.dtype, "storage": args.storage,
+        "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:

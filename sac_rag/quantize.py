@@ -58,3 +58,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
         raise InvalidInputError(f"not an 8-bit code tensor: {q.dtype}")
     return (q.to(torch.float32) * scale.to(torch.float32)[:, :, None, None]).to(dtype)
 
+
+
+def round_trip(kv, codec: str):
+    """``kv`` (an ``AnchorKV``) as an 8-bit store would return it: keys and values quantized
+    with ``codec`` and dequantized to their dtype (for measuring what 8-bit storage costs)."""
+    from dataclasses import replace
+
+    keys, values = (dequantize(*quantize(x, codec), x.dtype) for x in (kv.keys, kv.values))
+    return replace(kv, keys=keys, values=values)

@@ -37,7 +37,7 @@ def _run(ws, *args):
     return rows[-1]
 
 
-@pytest.mark.parametrize("method", ["no_context", "full_context", "kv_dropping"])
+@pytest.mark.parametrize("method", ["no_context", "full_context", "kv_dropping", "text_every_rth", "text_truncate"])
 def test_each_method_writes_a_scored_row_with_costs(workspace, method):
     row = _run(workspace, "--method", method)
     assert row["method"] == method and row["n"] == 4 and row["dataset"] == "squad-dev"
@@ -68,3 +68,33 @@ def test_question_subsets_are_seeded_and_nested(workspace):
     small, large = load_questions(path, 2, seed=3), load_questions(path, 5, seed=3)
     assert [q.id for q in small] == [q.id for q in large[:2]]
     assert [q.id for q in load_questions(path, 5, seed=4)] != [q.id for q in large]
+
+
+def test_text_compression_keeps_one_token_in_r():
+    from sac_rag.eval import TextShortener
+
+    _, tokenizer = make_tiny_llama()
+    text = "one two three four five six seven eight nine ten eleven"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    every = tokenizer(TextShortener(tokenizer, 5, "text_every_rth")(text), add_special_tokens=False)["input_ids"]
+    first = TextShortener(tokenizer, 5, "text_truncate")(text)
+    assert every == ids[::5]
+    assert first == tokenizer.decode(ids[: -(-len(ids) // 5)])
+
+
+def test_8bit_storage_and_an_adapted_decoder_are_separate_rows(workspace):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = make_tiny_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(workspace / "adapter")
+    native = _run(workspace, "--method", "kv_dropping", "--ratio", "2")
+    fp8 = _run(workspace, "--method", "kv_dropping", "--ratio", "2", "--storage", "fp8")
+    adapted = _run(workspace, "--method", "kv_dropping", "--ratio", "2", "--decoder-adapter", str(workspace / "adapter"))
+    assert (native["method"], fp8["method"], adapted["method"]) == (
+        "kv_dropping", "kv_dropping-fp8", "kv_dropping-adapted-decoder")
+    assert fp8["storage"] == "fp8" and adapted["decoder_adapter"] == str(workspace / "adapter")
+    caches = {p.name.split("-squad")[0] for p in (workspace / "results" / "predictions").glob("*.jsonl")}
+    assert caches == {"kv_dropping", "kv_dropping-fp8", "kv_dropping-adapted-decoder"}
+    with pytest.raises(SystemExit):
+        _run(workspace, "--method", "full_context", "--storage", "int8")

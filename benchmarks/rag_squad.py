@@ -1,0 +1,193 @@
+"""End-to-end RAG on SQuAD dev through the LangChain chain: SAC caches vs full text.
+
+    python benchmarks/rag_squad.py --n 500            # rows -> benchmarks/results/rag.jsonl
+
+The corpus is every paragraph of SQuAD v1.1 dev (2,067 distinct), precompressed once into an
+anchor store (reused on reruns). For each question of a fixed seeded subset (the same nested
+subsets as ``python -m sac_rag.eval``), the top-k paragraphs by MiniLM embeddings in a faiss
+index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered two ways by the same
+LLM object, through ``create_stuff_documents_chain``:
+
+* ``rag-sac``: ``ContextualCompressionRetriever(SACContextCompressor)`` + ``SACLLM``: the
+  decoder reads the stored caches (``on_miss="error"``: every chunk must come from the store);
+* ``rag-full-text``: the same documents' text read by the frozen LLM (``SACLLM`` reads
+  text-only prompts with the plain model).
+
+Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
+per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
+Costs, measured in the same run at batch size 1 on the first ``--timing-samples`` questions:
+time to first token from the chain's input (retrieved documents; store lookups included for
+SAC), the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
+recall@k of the retriever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain  # noqa: E402
+from langchain_classic.retrievers import ContextualCompressionRetriever  # noqa: E402
+from langchain_community.vectorstores import FAISS  # noqa: E402
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.prompts import PromptTemplate  # noqa: E402
+from langchain_core.runnables import RunnablePassthrough  # noqa: E402
+from langchain_huggingface import HuggingFaceEmbeddings  # noqa: E402
+from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, sac_qa_prompt  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
+from sac_rag.eval import DATASETS, load_questions  # noqa: E402
+from sac_rag.metrics import summarize  # noqa: E402
+from sac_rag.models import embedding_model_path  # noqa: E402
+from sac_rag.precompress import precompress  # noqa: E402
+from sac_rag.store import AnchorStore  # noqa: E402
+
+logger = logging.getLogger("rag_squad")
+
+
+class UsageTotals(BaseCallbackHandler):
+    """Sums what the LLM read over every call: text tokens and cached K/V entries."""
+
+    def __init__(self) -> None:
+        self.input_tokens = self.cache_read = self.calls = 0
+
+    def on_llm_end(self, response, **kwargs) -> None:
+        usage = (response.llm_output or {}).get("token_usage", {})
+        self.input_tokens += usage.get("input_tokens", 0)
+        self.cache_read += usage.get("input_token_details", {}).get("cache_read", 0)
+        self.calls += len(response.generations)
+
+
+def store_documents(store_path: Path) -> list[Document]:
+    """Every chunk of the store as a LangChain document (its text and provenance)."""
+    with AnchorStore.open(store_path, readonly=True) as store:
+        docs = []
+        for key in store.keys():
+            meta = store.metadata(key)
+            docs.append(Document(page_content=meta["text"], id=meta["chunk_id"],
+                                 metadata={"doc_id": meta["doc_id"], "title": meta["doc"].get("title")}))
+    return sorted(docs, key=lambda d: d.id)
+
+
+def answer_all(name, chain, inputs, questions, cache_path: Path, batch_size: int) -> dict:
+    done = {}
+    if cache_path.exists():
+        done = {row["id"]: row["prediction"] for row in map(json.loads, cache_path.read_text().splitlines())}
+    todo = [i for i, q in enumerate(questions) if q.id not in done]
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                              desc=name, unit="q") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            answers = chain.batch([inputs[i] for i in batch])
+            for i, answer in zip(batch, answers):
+                done[questions[i].id] = answer.strip()
+                cache.write(json.dumps({"id": questions[i].id, "prediction": done[questions[i].id]}) + "\n")
+            cache.flush()
+            bar.update(len(batch))
+    return summarize([done[q.id] for q in questions], [q.answers for q in questions])
+
+
+def time_to_first_token(chain, inputs) -> list[float]:
+    seconds = []
+    for item in inputs:
+        t0 = time.perf_counter()
+        for _ in chain.stream(item):
+            seconds.append(time.perf_counter() - t0)
+            break
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=500, help="seeded question subset size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=3, help="paragraphs retrieved per question")
+    parser.add_argument("--compressor", default=DEFAULT_COMPRESSOR)
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--store", default="runs/squad-dev.store", help="anchor store (created if missing)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--timing-samples", type=int, default=10)
+    parser.add_argument("--methods", default="sac,full_text", help="comma-separated: sac, full_text")
+    parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    command = "python benchmarks/rag_squad.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    squad = Path(args.data_root) / DATASETS["squad-dev"]
+    compressor = SACCompressor.from_pretrained(args.compressor)
+    summary = precompress(squad, args.store, compressor)  # skips what the store already holds
+    docs = store_documents(Path(args.store))
+    logger.info("%d chunks of %d paragraphs in %s", len(docs), summary.documents, args.store)
+
+    t0 = time.perf_counter()
+    embeddings = HuggingFaceEmbeddings(model_name=embedding_model_path("all-minilm-l6-v2"),
+                                       model_kwargs={"device": "cpu"}, encode_kwargs={"normalize_embeddings": True})
+    retriever = FAISS.from_documents(docs, embeddings).as_retriever(search_kwargs={"k": args.k})
+    index_s = time.perf_counter() - t0
+
+    questions = load_questions(squad, args.n, args.seed)
+    t0 = time.perf_counter()
+    retrieved = retriever.batch([q.question for q in questions])
+    retrieval_s = (time.perf_counter() - t0) / len(questions)
+    recall = sum(any(d.page_content.strip() in q.context for d in docs)
+                 for q, docs in zip(questions, retrieved)) / len(questions)
+
+    llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"])
+    sac_retriever = ContextualCompressionRetriever(
+        base_compressor=SACContextCompressor(compressor=compressor, store=args.store, on_miss="error"),
+        base_retriever=retriever)
+    template = llm.prompt_template
+    chains = {  # method -> (retriever, documents chain)
+        "sac": (sac_retriever, create_sac_stuff_chain(llm)),
+        "full_text": (retriever, create_stuff_documents_chain(
+            llm, sac_qa_prompt(template), document_prompt=PromptTemplate.from_template("{page_content}"),
+            document_separator=template.context_separator)),
+    }
+    ratio = compressor.config.ratio
+    for name in args.methods.split(","):
+        method_retriever, chain = chains[name]
+        label = f"rag-{name.replace('_', '-')}" + (f"-{ratio}x" if name == "sac" else "")
+        found = method_retriever.batch([q.question for q in questions])
+        inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
+        cache = (Path(args.results).parent / "predictions"
+                 / f"{label}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+        scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
+
+        # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.
+        end_to_end = {"context": method_retriever, "question": RunnablePassthrough()} | chain
+        ttft = time_to_first_token(end_to_end, [q.question for q in questions[:args.timing_samples]])
+        read_usage = UsageTotals()
+        chain.batch(inputs[:max(1, len(ttft))], config={"callbacks": [read_usage]})
+        row = {
+            "method": label, "ratio": ratio if name == "sac" else 1, "dataset": f"squad-dev-rag-top{args.k}",
+            "n": scores.pop("n"), **scores,
+            "ttft_s": statistics.median(ttft), "retrieval_s": retrieval_s, "recall_at_k": recall,
+            "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
+            "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
+            "timing_samples": len(ttft), "corpus_chunks": len(docs), "index_build_s": index_s,
+            "seed": args.seed, "k": args.k, "compressor": args.compressor, "command": command,
+        }
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("method", "n", "f1", "em", "ttft_s", "text_tokens_per_query",
+                                              "cached_entries_per_query", "recall_at_k")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
