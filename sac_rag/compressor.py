@@ -69,7 +69,8 @@ class SACCompressor(torch.nn.Module):
         rows = {"shared": 1, "per_slot": anchor_count(config.chunk_len, config.ratio), "none": 0}
         embed_weight = model.get_input_embeddings().weight
         self.anchor_embedding = torch.nn.Parameter(
-            torch.randn(rows[config.anchor_embedding], hidden, device=embed_weight.device).mul_(0.02).to(embed_weight.dtype)
+            torch.randn(rows[config.anchor_embedding], hidden, device=embed_weight.device)
+            .mul_(0.02).to(embed_weight.dtype)
         )
         max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
         if max_positions and config.chunk_len > max_positions:

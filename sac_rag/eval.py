@@ -238,13 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
         method.storage = args.storage
-    cache = Path(args.results).parent / "predictions" / f"{label}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl"
+    # Predictions of a compressor are cached under its fingerprint: retraining never reuses stale ones.
+    made_by = f"-{method.compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if method.compressor is not None else ""
+    cache = (Path(args.results).parent / "predictions"
+             / f"{label}{made_by}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
         **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
-        "decoder_adapter": args.decoder_adapter, "dtype": args.dtype, "storage": args.storage,
+        "decoder_adapter": args.decoder_adapter,
+        "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
+        "dtype": args.dtype, "storage": args.storage,
         "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

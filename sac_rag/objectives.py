@@ -155,7 +155,8 @@ class SACObjective:
         if self.distill_weight > 0:
             with torch.no_grad(), comp.frozen_mode():
                 teacher_caches = [
-                    _context_kv(comp.base_model, self.prefix + [t for passage in ex.passages for t in passage], comp.device)
+                    _context_kv(comp.base_model, self.prefix + [t for passage in ex.passages for t in passage],
+                                comp.device)
                     for ex in examples
                 ]
                 teacher_logits, _ = _decode_rows(comp.base_model, teacher_caches, context_lengths, rows, row_owner)

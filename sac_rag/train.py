@@ -215,7 +215,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.method == "full_ft":
         model = _FullFTModel(cfg, device)
         model.model.train()
-        return model, FullTextObjective(model.model, model.tokenizer, model.template.prefix + model.template.context_prefix)
+        context_head = model.template.prefix + model.template.context_prefix
+        return model, FullTextObjective(model.model, model.tokenizer, context_head)
     from .compressor import SACCompressor
 
     if cfg.init_from:
@@ -241,7 +242,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
-    named = [(n, p) for n, p in (model.model if cfg.method == "full_ft" else model).named_parameters() if p.requires_grad]
+    trained = model.model if cfg.method == "full_ft" else model
+    named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
     anchor = [p for n, p in named if n == "anchor_embedding"]
     lora = [p for n, p in named if n != "anchor_embedding"]
     groups = [{"params": lora, "lr": cfg.lr}]

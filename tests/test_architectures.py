@@ -43,7 +43,8 @@ def test_all_tokens_as_anchors_reproduces_full_context_logits(arch):
                                    anchor_embedding="none", lora_rank=0), model=model, tokenizer=tokenizer)
     gen = Generator.from_compressor(comp)
     question = " Who finished it?"
-    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"] + tokenizer(question, add_special_tokens=False)["input_ids"]
+    ids = (tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+           + tokenizer(question, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
         full = model(input_ids=torch.tensor([ids])).logits[0]
     ours = gen.prompt_logits([comp.compress(TEXT), question])

@@ -90,11 +90,14 @@ def test_8bit_storage_and_an_adapted_decoder_are_separate_rows(workspace):
     peft_model.save_pretrained(workspace / "adapter")
     native = _run(workspace, "--method", "kv_dropping", "--ratio", "2")
     fp8 = _run(workspace, "--method", "kv_dropping", "--ratio", "2", "--storage", "fp8")
-    adapted = _run(workspace, "--method", "kv_dropping", "--ratio", "2", "--decoder-adapter", str(workspace / "adapter"))
+    adapter = str(workspace / "adapter")
+    adapted = _run(workspace, "--method", "kv_dropping", "--ratio", "2", "--decoder-adapter", adapter)
     assert (native["method"], fp8["method"], adapted["method"]) == (
         "kv_dropping", "kv_dropping-fp8", "kv_dropping-adapted-decoder")
-    assert fp8["storage"] == "fp8" and adapted["decoder_adapter"] == str(workspace / "adapter")
+    assert fp8["storage"] == "fp8" and adapted["decoder_adapter"] == adapter
+    # one prediction cache each, named by the row and by the compressor's fingerprint
+    made_by = native["compressor_fingerprint"].rsplit("-", 1)[-1][:8]
     caches = {p.name.split("-squad")[0] for p in (workspace / "results" / "predictions").glob("*.jsonl")}
-    assert caches == {"kv_dropping", "kv_dropping-fp8", "kv_dropping-adapted-decoder"}
+    assert caches == {f"kv_dropping-{made_by}", f"kv_dropping-fp8-{made_by}", f"kv_dropping-adapted-decoder-{made_by}"}
     with pytest.raises(SystemExit):
         _run(workspace, "--method", "full_context", "--storage", "int8")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every method of the quality/speed/memory comparison, same model, data, prompt and scoring.
+#
+#   bash benchmarks/quality_suite.sh [N] [SHIFT_N]     # defaults: 200 SQuAD-dev, 200 SQuADShifts
+#   python benchmarks/report.py                        # table + plots from the rows
+#
+# Rows go to benchmarks/results/quality.jsonl; per-question predictions are cached under
+# benchmarks/results/predictions, so an interrupted run resumes (rerunning a finished command
+# costs only its timing samples and appends a fresh row; the report keeps the last).
+# Peer baselines from NVIDIA kvpress need their own environment: benchmarks/kvpress/README.md.
+# About 70 minutes on 2 CPU cores at the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-200}
+SHIFT_N=${2:-200}
+PY=${PYTHON:-.venv/bin/python}
+SAC=${SAC_CHECKPOINT:-smollm2-135m-sac-5x}
+FULLFT=benchmarks/checkpoints/full-ft-smollm2-135m-squad
+export HF_HUB_OFFLINE=1
+
+eval_() { "$PY" -m sac_rag.eval --n "$N" "$@"; }
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+for dataset in squad-dev squadshifts-new-wiki; do
+  [ "$dataset" = squad-dev ] || N=$SHIFT_N
+  eval_ --dataset "$dataset" --method no_context --label no-context
+  eval_ --dataset "$dataset" --method full_context --label full-context
+  eval_ --dataset "$dataset" --method full_ft --checkpoint "$FULLFT" --label full-ft
+  eval_ --dataset "$dataset" --method kv_dropping --ratio 5 --label kv-dropping-5x
+  eval_ --dataset "$dataset" --method kv_dropping --ratio 5 --decoder-adapter "$FULLFT" \
+        --label kv-dropping-5x+fullft-decoder
+done
+
+N=${1:-200}
+for ratio in 5 15; do
+  [ "$ratio" = 5 ] || eval_ --method kv_dropping --ratio "$ratio" --label "kv-dropping-${ratio}x"
+  [ "$ratio" = 5 ] || eval_ --method kv_dropping --ratio "$ratio" --decoder-adapter "$FULLFT" \
+                            --label "kv-dropping-${ratio}x+fullft-decoder"
+  for how in every_rth truncate; do
+    eval_ --method "text_$how" --ratio "$ratio" --label "text-$how-${ratio}x"
+    eval_ --method "text_$how" --ratio "$ratio" --decoder-adapter "$FULLFT" --label "text-$how-${ratio}x+fullft-decoder"
+  done
+done
+
+# The trained compressor, on both datasets, and what 8-bit storage of its caches costs.
+eval_ --method sac --checkpoint "$SAC" --label sac-5x
+N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method sac --checkpoint "$SAC" --label sac-5x
+for storage in fp8 int8; do
+  eval_ --method sac --checkpoint "$SAC" --storage "$storage" --label "sac-5x-$storage"
+done
