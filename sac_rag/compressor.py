@@ -78,6 +78,7 @@ class SACCompressor(torch.nn.Module):
                 f"chunk_len={config.chunk_len} exceeds the model's {max_positions} positions"
             )
         self._fingerprint_cache: tuple[tuple, str] | None = None
+        self._lora_parameters: list[torch.nn.Parameter] | None = None
 
     @staticmethod
     def _with_adapter(model, config: SACConfig):
@@ -102,7 +103,7 @@ class SACCompressor(torch.nn.Module):
         self.config.validate()
         self.model.add_adapter("decoder", _lora_config(rank, alpha or 2 * rank, self.config))
         self.model.set_adapter("default")
-        self._fingerprint_cache = None
+        self._fingerprint_cache = self._lora_parameters = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -136,14 +137,21 @@ class SACCompressor(torch.nn.Module):
     def fingerprint(self) -> str:
         """``base fingerprint/sac-<hash of settings and trained weights>``. Recomputed only when a
         trainable tensor changed in place (torch's per-tensor version counter)."""
-        tensors = self.trainable_tensors()
-        versions = tuple((name, t._version, t.data_ptr()) for name, t in tensors.items())
+        # The parameters themselves (not state-dict views) stay the same objects when moved.
+        versions = tuple((t._version, t.data_ptr()) for t in [self.anchor_embedding, *self.lora_parameters()])
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != versions:
+            tensors = self.trainable_tensors()
             config = self.config.to_dict()
             config.pop("base_model")
             digest = hash_json({"config": config, "weights": hash_tensors(sorted(tensors.items()))})[:16]
             self._fingerprint_cache = (versions, f"{self.base_fingerprint}/sac-{digest}")
         return self._fingerprint_cache[1]
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        """Every LoRA parameter of the model (both adapters), found once."""
+        if self._lora_parameters is None:
+            self._lora_parameters = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        return self._lora_parameters
 
     def decoder_mode(self):
         """Context in which the shared model acts as the decoder that reads compressed contexts:
@@ -161,7 +169,7 @@ class SACCompressor(torch.nn.Module):
     @contextlib.contextmanager
     def _adapter(self, name: str):
         # peft's set_adapter also flips requires_grad; training needs the flags it set itself.
-        flags = [(p, p.requires_grad) for n, p in self.model.named_parameters() if "lora_" in n]
+        flags = [(p, p.requires_grad) for p in self.lora_parameters()]
         self.model.set_adapter(name)
         for p, flag in flags:
             p.requires_grad_(flag)

