@@ -31,7 +31,7 @@ def load_rows(results: Path) -> list[dict]:
 
 def family(method: str) -> str:
     """The line a method belongs to in the F1-vs-ratio plot."""
-    for prefix in ("kvpress-snapkv", "kvpress-streamingllm", "kvpress-knorm", "kvpress-expectedattention",
+    for prefix in ("kvpress-snapkv", "kvpress-streamingllm", "kvpress-knorm", "kvpress-expected-attention",
                    "kv-dropping", "text-every_rth", "text-truncate", "sac"):
         if method.startswith(prefix):
             adapted = "fullft-decoder" in method or "full-ft" in method.removeprefix(prefix)
