@@ -225,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
     parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
