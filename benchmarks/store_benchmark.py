@@ -47,7 +47,7 @@ from sac_rag.metrics import squad_em, squad_f1  # noqa: E402
 from sac_rag.precompress import WINDOW_BATCHES, load_compressed, precompress  # noqa: E402
 from sac_rag.store import AnchorStore, merge  # noqa: E402
 
-SQUAD_DEV = Path("/work/shared/data/squad-v1.1/dev-v1.1.json.xz")
+SQUAD_DEV = REPO.parent / "shared" / "data" / "squad-v1.1" / "dev-v1.1.json.xz"  # ../shared/data
 DATASET = "squad-dev"  # SQuAD v1.1 dev, as in the other benchmark rows
 K = 5
 

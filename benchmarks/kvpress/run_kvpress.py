@@ -19,7 +19,7 @@ Decoders: ``frozen`` (SmolLM2-135M as is) and ``full-ft`` (the QA-trained decode
 into the weights before kvpress sees the model). Press ``none`` is a no-compression control
 that must reproduce sac_rag.eval's full-context / full_ft answers.
 
-Per-example predictions are cached in <results dir>/predictions/<label>-squad-dev-n<N>-s<seed>.jsonl,
+Per-example predictions are cached in <results dir>/predictions/<label>-<dataset>-n<N>-s<seed>.jsonl,
 so an interrupted run resumes; one JSON row per (decoder, press, ratio) is appended to --results.
 """
 
@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = Path("/work/shared/data/squad-v1.1/dev-v1.1.json.xz")
+DATA_ROOT = Path("../shared/data")  # as python -m sac_rag.eval: run from the repository root
 DEFAULT_ADAPTER = REPO / "benchmarks/checkpoints/full-ft-smollm2-135m-squad"
 PRESSES = ("snapkv", "streamingllm", "knorm", "expected_attention", "none")
 DECODERS = ("frozen", "full-ft")
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="",
                         help="comma-separated decoder:ratio pairs to leave out, e.g. full-ft:15")
     parser.add_argument("--results", default=str(REPO / "benchmarks/results/kvpress.jsonl"))
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD v1.1 dev (json or json.xz)")
+    parser.add_argument("--dataset", default="squad-dev", choices=["squad-dev", "squadshifts-new-wiki"],
+                        help="question set, as in python -m sac_rag.eval")
+    parser.add_argument("--data-root", default=str(DATA_ROOT), help="folder holding the datasets")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="Full-FT decoder LoRA (peft)")
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -257,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DECODERS:
             parser.error(f"unknown decoder {d!r}: choose from {DECODERS}")
     dtype = getattr(torch, args.dtype)
-    questions = load_questions(Path(args.data), args.n, args.seed)
+    from sac_rag.eval import DATASETS
+
+    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
     results = Path(args.results)
     command = "python benchmarks/kvpress/run_kvpress.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     versions = {"transformers": transformers.__version__, "kvpress": version("kvpress"), "torch": torch.__version__}
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 method = "kvpress-" + press_name.replace("_", "-")
                 suffix = "+fullft-decoder" if decoder == "full-ft" else ""
                 label = f"{method}{'' if r == 1 else f'-{r}x'}{suffix}"
-                cache = results.parent / "predictions" / f"{label}-squad-dev-n{len(questions)}-s{args.seed}.jsonl"
+                cache = results.parent / "predictions" / f"{label}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl"
                 t_start = time.time()
                 try:
                     preds, reduced = run_one(runner, questions, press, label, cache, args.max_new_tokens)
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": method + suffix, "label": label,
                     "press": type(press).__name__ if press is not None else "none",
                     "ratio": r, "compression_ratio": compression_ratio, "decoder": decoder,
-                    "dataset": "squad-dev", "n": scores.pop("n"), **scores, **costs,
+                    "dataset": args.dataset, "n": scores.pop("n"), **scores, **costs,
                     "snapkv_window_reduced": reduced if press_name == "snapkv" else None,
                     "wall_s": round(time.time() - t_start, 1),
                     "seed": args.seed, "base_model": args.base_model,
