@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         label = f"rag-{name.replace('_', '-')}" + (f"-{ratio}x" if name == "sac" else "")
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
+        # SAC predictions are cached under the compressor's fingerprint: retraining never reuses them.
+        made_by = f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if name == "sac" else ""
         cache = (Path(args.results).parent / "predictions"
-                 / f"{label}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+                 / f"{label}{made_by}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
             "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
             "timing_samples": len(ttft), "corpus_chunks": len(docs), "index_build_s": index_s,
-            "seed": args.seed, "k": args.k, "compressor": args.compressor, "command": command,
+            "seed": args.seed, "k": args.k, "compressor": args.compressor,
+            "compressor_fingerprint": compressor.fingerprint if name == "sac" else None, "command": command,
         }
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "a") as f:
