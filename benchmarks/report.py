@@ -3,7 +3,7 @@
     python benchmarks/report.py      # -> benchmarks/RESULTS.md, benchmarks/plots/*.png
 
 Reads every ``benchmarks/results/*.jsonl`` row that has ``method``, ``dataset``, ``n`` and
-``f1`` (the last row wins for the same method, dataset and n), and writes one table per dataset
+``f1`` (the last row wins for the same method, ratio, dataset and n), and writes one table per dataset
 with quality (F1 with its 95% CI, EM, the paper's ROUGE-1 F1), cost (time to first token, KV
 bytes per query, both also as ratios to full context of the same run set) and the command of
 each row; plus two plots: F1 vs compression ratio (every method) and time to first token.
@@ -25,7 +25,7 @@ def load_rows(results: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if {"method", "dataset", "n", "f1"} <= row.keys():
-                latest[(row["method"], row["dataset"], row["n"])] = row
+                latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row
     return list(latest.values())
 
 
@@ -64,8 +64,30 @@ def table(rows: list[dict], dataset: str) -> str:
         lines.append(
             f"| {r['method']} | {r.get('ratio', '-')} | {r['n']} | {_fmt(r['f1'])} ({_fmt(ci[0])}-{_fmt(ci[1])}) "
             f"| {_fmt(r.get('em'))} | {_fmt(r.get('paper_f1'))} | {_fmt(ttft and ttft * 1000, 0)} | {ttft_ratio} "
-            f"| {_fmt(kv and kv / 1e6, 2)} MB | {kv_ratio} |")
-    return "\n".join(lines)
+            f"| {_fmt(kv and kv / 1e6, 2)}{' MB' if kv else ''} | {kv_ratio} |")
+    return "\n".join(lines + [""] + verdicts(rows))
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Where SAC does not beat a peer at its ratio: said in words under the table."""
+    out = []
+    sac_rows = [r for r in rows if r["method"].startswith(("sac-", "rag-sac-")) and r.get("storage", "native") == "native"]
+    for sac in sac_rows:
+        lo = sac["f1_ci"][0]
+        peers = [r for r in rows if r["n"] == sac["n"] and r.get("ratio") == sac.get("ratio")
+                 and not r["method"].startswith(("sac", "rag-sac"))]
+        behind = sorted((r for r in peers if r["f1"] >= sac["f1"]), key=lambda r: -r["f1"])
+        close = sorted((r for r in peers if r["f1"] < sac["f1"] and r["f1_ci"][1] >= lo), key=lambda r: -r["f1"])
+        name = f"{sac['method']} (F1 {sac['f1']:.1f}, n={sac['n']})"
+        if behind:
+            out.append(f"* **{name} is behind** " + ", ".join(f"{r['method']} ({r['f1']:.1f})" for r in behind) + ".")
+        if close:
+            out.append(f"* {name} is ahead of, but **not significantly** (95% CIs overlap): "
+                       + ", ".join(f"{r['method']} ({r['f1']:.1f})" for r in close) + ".")
+        ahead = len(peers) - len(behind) - len(close)
+        if ahead:
+            out.append(f"* {name} beats the other {ahead} method(s) at ratio {sac.get('ratio')} with separated CIs.")
+    return out
 
 
 def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None = None) -> list[Path]:
