@@ -71,7 +71,8 @@ def table(rows: list[dict], dataset: str) -> str:
 def verdicts(rows: list[dict]) -> list[str]:
     """Where SAC does not beat a peer at its ratio: said in words under the table."""
     out = []
-    sac_rows = [r for r in rows if r["method"].startswith(("sac-", "rag-sac-")) and r.get("storage", "native") == "native"]
+    sac_rows = [r for r in rows
+                if r["method"].startswith(("sac-", "rag-sac-")) and r.get("storage", "native") == "native"]
     for sac in sac_rows:
         lo = sac["f1_ci"][0]
         peers = [r for r in rows if r["n"] == sac["n"] and r.get("ratio") == sac.get("ratio")
