@@ -91,6 +91,26 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def costs_table(path: Path) -> list[str]:
+    """The latest run of benchmarks/costs.py: every method timed back to back in one process."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["run"] == rows[-1]["run"]]
+    lines = [f"### Costs, every method in one process (`{rows[0]['command']}`, {rows[0]['run']})", "",
+             f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; ratios to full context "
+             "(frozen decoder) of the same run. TTFT excludes compression, which is offline for a store.", "",
+             "| method | ratio | compress s/chunk | TTFT ms | TTFT vs full | decode tok/s | KV per query "
+             "| KV vs full |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['ratio']} | {_fmt(r['compress_s_per_chunk'], 3)} | "
+                     f"{_fmt(r['ttft_s'] * 1000, 0)} | {_fmt(r['ttft_s_vs_full_context'], 2)}x | "
+                     f"{_fmt(r['decode_tokens_per_s'])} | {r['kv_bytes_per_query'] / 1e6:.2f} MB | "
+                     f"{_fmt(r['kv_bytes_per_query_vs_full_context'], 2)}x |")
+    return lines + [""]
+
+
 def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None = None) -> list[Path]:
     import matplotlib
 
@@ -155,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     text += [*(f"![{p.stem}](plots/{p.name})" for p in pictures), ""]
     for d in datasets:
         text += [table(rows, d), ""]
+    text += costs_table(args.results / "costs.jsonl")
     text += ["### Commands", "", *(f"    {c}" for c in commands), ""]
     args.out.write_text("\n".join(text))
     print(f"wrote {args.out} and {len(pictures)} plots ({len(rows)} rows)")

@@ -1,0 +1,78 @@
+"""Cost of each method, measured back to back in one process on the same questions.
+
+    python benchmarks/costs.py            # rows -> benchmarks/results/costs.jsonl
+
+``python -m sac_rag.eval`` measures costs too, but each method in its own process, at whatever
+load the machine had then. Here every method is built in turn in one process and timed on the
+same ``--samples`` questions at batch size 1 (``sac_rag.eval.measure_costs``: compression time
+per chunk, time to first token with compression excluded, decode tokens/s, K/V bytes held), and
+each figure is also given as a ratio to full context read by the frozen decoder in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sac_rag.eval import DATASETS, build_method, load_questions, measure_costs  # noqa: E402
+
+FULL_FT = "benchmarks/checkpoints/full-ft-smollm2-135m-squad"
+# (row label, method, ratio, checkpoint)
+METHODS = [
+    ("full-context", "full_context", 1, None),
+    ("full-ft", "full_ft", 1, FULL_FT),
+    ("no-context", "no_context", 1, None),
+    ("sac-5x", "sac", 5, "smollm2-135m-sac-5x"),
+    ("kv-dropping-5x", "kv_dropping", 5, None),
+    ("text-truncate-5x", "text_truncate", 5, None),
+    ("kv-dropping-15x", "kv_dropping", 15, None),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20, help="questions timed per method (median)")
+    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--results", default="benchmarks/results/costs.jsonl")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.samples, seed=0)
+    command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
+    for label, name, ratio, checkpoint in METHODS:
+        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, "bfloat16")
+        with torch.no_grad():
+            measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
+            costs = measure_costs(method, questions, samples=args.samples)
+        costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
+        rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, **costs,
+                     "threads": torch.get_num_threads(), "run": run, "command": command})
+        print(json.dumps({k: rows[-1][k] for k in ("method", "ttft_s", "decode_tokens_per_s", "kv_bytes_per_query")}))
+        del method
+        gc.collect()
+    full = rows[0]
+    for row in rows:
+        for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
+            row[f"{key}_vs_full_context"] = row[key] / full[key] if row[key] and full[key] else None
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
