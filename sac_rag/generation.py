@@ -116,11 +116,12 @@ class Generator:
 
     @classmethod
     def from_compressor(cls, compressor) -> Generator:
-        accepts = None
-        if compressor.config.decoder_lora_rank:  # its decoder was trained with its own encoder
+        accepts = text_mode = None
+        if compressor.config.decoder_lora_rank:  # its decoder was trained with its own encoder, on caches
             accepts = lambda fingerprint: same_model(fingerprint, compressor.fingerprint)  # noqa: E731
+            text_mode = compressor.frozen_mode
         return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
-                   compressor.base_fingerprint, accepts, text_mode=compressor.frozen_mode)
+                   compressor.base_fingerprint, accepts, text_mode=text_mode)
 
     @property
     def device(self) -> torch.device:
