@@ -5,19 +5,19 @@
 The corpus is every paragraph of SQuAD v1.1 dev (2,067 distinct), precompressed once into an
 anchor store (reused on reruns). For each question of a fixed seeded subset (the same nested
 subsets as ``python -m sac_rag.eval``), the top-k paragraphs by MiniLM embeddings in a faiss
-index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered two ways by the same
-LLM object, through ``create_stuff_documents_chain``:
+index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered through
+``create_stuff_documents_chain`` three ways:
 
 * ``rag-sac``: ``ContextualCompressionRetriever(SACContextCompressor)`` + ``SACLLM``: the
   decoder reads the stored caches (``on_miss="error"``: every chunk must come from the store);
 * ``rag-full-text``: the same documents' text read by the frozen LLM (``SACLLM`` reads
-  text-only prompts with the plain model).
+  text-only prompts with the plain model);
+* ``rag-full-ft``: the same text read by the QA-trained decoder LoRA (the upper bound).
 
 Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
 per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
 Costs, measured in the same run at batch size 1 on the first ``--timing-samples`` questions:
-time to first token from the chain's input (retrieved documents; store lookups included for
-SAC), the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
+time to first token from the question (retrieval, and the store lookups for SAC, included), the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
 recall@k of the retriever.
 """
 
@@ -31,7 +31,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,16 +43,19 @@ from langchain_classic.retrievers import ContextualCompressionRetriever  # noqa:
 from langchain_community.vectorstores import FAISS  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
+from langchain_core.language_models import BaseLLM  # noqa: E402
+from langchain_core.outputs import Generation as LCGeneration  # noqa: E402
+from langchain_core.outputs import GenerationChunk, LLMResult  # noqa: E402
 from langchain_core.prompts import PromptTemplate  # noqa: E402
 from langchain_core.runnables import RunnablePassthrough  # noqa: E402
 from langchain_huggingface import HuggingFaceEmbeddings  # noqa: E402
 from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, sac_qa_prompt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
+from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
 from sac_rag.eval import DATASETS, load_questions  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
-from sac_rag.models import embedding_model_path  # noqa: E402
+from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
 from sac_rag.store import AnchorStore  # noqa: E402
 
@@ -68,6 +73,39 @@ class UsageTotals(BaseCallbackHandler):
         self.input_tokens += usage.get("input_tokens", 0)
         self.cache_read += usage.get("input_token_details", {}).get("cache_read", 0)
         self.calls += len(response.generations)
+
+
+class FullFTLLM(BaseLLM):
+    """The Full-FT upper bound as a LangChain LLM: the QA-trained decoder LoRA reading full text,
+    through sac_rag's ``Generator`` (the decoding code path every other row uses)."""
+
+    generator: Any
+    max_tokens: int = 32
+
+    @property
+    def _llm_type(self) -> str:
+        return "sac-full-ft"
+
+    def _config(self, stop):
+        return GenerationConfig(max_new_tokens=self.max_tokens, stop=tuple(stop or ("\n",)))
+
+    def _generate(self, prompts, stop=None, run_manager=None, **kwargs) -> LLMResult:
+        results = self.generator.generate_batch(prompts, self._config(stop))
+        read = sum(r.text_tokens for r in results)
+        return LLMResult(generations=[[LCGeneration(text=r.text)] for r in results],
+                         llm_output={"token_usage": {"input_tokens": read, "input_token_details": {"cache_read": 0}}})
+
+    def _stream(self, prompt, stop=None, run_manager=None, **kwargs) -> Iterator[GenerationChunk]:
+        for piece in self.generator.stream(prompt, self._config(stop)):
+            yield GenerationChunk(text=piece)
+
+
+def full_ft_llm(adapter: str, max_tokens: int) -> FullFTLLM:
+    from peft import PeftModel
+
+    model, tokenizer = load_base_model("smollm2-135m", dtype="bfloat16")
+    return FullFTLLM(generator=Generator(PeftModel.from_pretrained(model, adapter).eval(), tokenizer),
+                     max_tokens=max_tokens)
 
 
 def store_documents(store_path: Path) -> list[Document]:
@@ -121,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timing-samples", type=int, default=10)
-    parser.add_argument("--methods", default="sac,full_text", help="comma-separated: sac, full_text")
+    parser.add_argument("--methods", default="sac,full_text,full_ft", help="comma-separated: sac, full_text, full_ft")
+    parser.add_argument("--full-ft-adapter", default="benchmarks/checkpoints/full-ft-smollm2-135m-squad",
+                        help="decoder LoRA trained on full-text QA (the full_ft upper bound)")
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -151,12 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         base_compressor=SACContextCompressor(compressor=compressor, store=args.store, on_miss="error"),
         base_retriever=retriever)
     template = llm.prompt_template
+
+    def text_chain(reader):  # documents read as text, in the same prompt layout
+        return create_stuff_documents_chain(reader, sac_qa_prompt(template),
+                                            document_prompt=PromptTemplate.from_template("{page_content}"),
+                                            document_separator=template.context_separator)
+
+
     chains = {  # method -> (retriever, documents chain)
         "sac": (sac_retriever, create_sac_stuff_chain(llm)),
-        "full_text": (retriever, create_stuff_documents_chain(
-            llm, sac_qa_prompt(template), document_prompt=PromptTemplate.from_template("{page_content}"),
-            document_separator=template.context_separator)),
+        "full_text": (retriever, text_chain(llm)),
     }
+    if "full_ft" in args.methods:
+        chains["full_ft"] = (retriever, text_chain(full_ft_llm(args.full_ft_adapter, args.max_new_tokens)))
     ratio = compressor.config.ratio
     for name in args.methods.split(","):
         method_retriever, chain = chains[name]
