@@ -17,7 +17,8 @@ index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered through
 Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
 per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
 Costs, measured in the same run at batch size 1 on the first ``--timing-samples`` questions:
-time to first token from the question (retrieval, and the store lookups for SAC, included), the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
+time to first token from the question (retrieval, and the store lookups for SAC, included),
+the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
 recall@k of the retriever.
 """
 
