@@ -3,10 +3,11 @@
     python benchmarks/report.py      # -> benchmarks/RESULTS.md, benchmarks/plots/*.png
 
 Reads every ``benchmarks/results/*.jsonl`` row that has ``method``, ``dataset``, ``n`` and
-``f1`` (the last row wins for the same method, ratio, dataset and n), and writes one table per dataset
-with quality (F1 with its 95% CI, EM, the paper's ROUGE-1 F1), cost (time to first token, KV
-bytes per query, both also as ratios to full context of the same run set) and the command of
-each row; plus two plots: F1 vs compression ratio (every method) and time to first token.
+``f1`` (the last row wins for the same method, ratio, dataset and n) and writes one table per
+dataset (F1 with its 95% CI, EM, the paper's ROUGE-1 F1, K/V bytes per query and their ratio to
+full context), sentences saying where SAC is behind or not significantly ahead of a peer, the
+costs table of the latest ``benchmarks/costs.py`` run, and the command of every row; plus plots
+of F1 vs compression ratio (every method, per dataset) and of time to first token.
 """
 
 from __future__ import annotations
@@ -29,14 +30,20 @@ def load_rows(results: Path) -> list[dict]:
     return list(latest.values())
 
 
-def family(method: str) -> str:
-    """The line a method belongs to in the F1-vs-ratio plot."""
-    for prefix in ("kvpress-snapkv", "kvpress-streamingllm", "kvpress-knorm", "kvpress-expected-attention",
-                   "kv-dropping", "text-every_rth", "text-truncate", "sac"):
+FAMILIES = {  # plotted compressors: name prefix -> colour
+    "sac-5x-frozen-decoder": "tab:gray", "sac": "black", "kv-dropping": "tab:blue",
+    "text-truncate": "tab:orange", "text-every_rth": "tab:brown", "kvpress-expected-attention": "tab:red",
+    "kvpress-streamingllm": "tab:green", "kvpress-knorm": "tab:purple", "kvpress-snapkv": "tab:pink",
+}
+REFERENCES = {"full-ft": ("k", "--"), "full-context": ("gray", "--"), "no-context": ("gray", ":")}
+
+
+def family(method: str) -> tuple[str, bool] | None:
+    """(compressor family, read by the Full-FT decoder?) of a plotted method, else None."""
+    for prefix in FAMILIES:
         if method.startswith(prefix):
-            adapted = "fullft-decoder" in method or "full-ft" in method.removeprefix(prefix)
-            return prefix + (" (+Full-FT decoder)" if adapted else "")
-    return method
+            return prefix, "fullft-decoder" in method
+    return None
 
 
 def is_full_context(method: str) -> bool:
@@ -52,18 +59,16 @@ def table(rows: list[dict], dataset: str) -> str:
     rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: (-r["n"], -r["f1"]))
     full = {r["n"]: r for r in rows if is_full_context(r["method"])}
     lines = [f"### {dataset}", "",
-             "| method | ratio | n | F1 (95% CI) | EM | ROUGE-1 F1 | TTFT ms | TTFT vs full "
-             "| KV per query | KV vs full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | ratio | n | F1 (95% CI) | EM | ROUGE-1 F1 | KV per query | KV vs full |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = full.get(r["n"], {})
-        ttft, kv = r.get("ttft_s"), r.get("kv_bytes_per_query")
-        ttft_ratio = f"{ttft / ref['ttft_s']:.2f}x" if ttft and ref.get("ttft_s") else "-"
+        kv = r.get("kv_bytes_per_query")
         kv_ratio = f"{kv / ref['kv_bytes_per_query']:.2f}x" if kv and ref.get("kv_bytes_per_query") else "-"
         ci = r.get("f1_ci") or [None, None]
         lines.append(
             f"| {r['method']} | {r.get('ratio', '-')} | {r['n']} | {_fmt(r['f1'])} ({_fmt(ci[0])}-{_fmt(ci[1])}) "
-            f"| {_fmt(r.get('em'))} | {_fmt(r.get('paper_f1'))} | {_fmt(ttft and ttft * 1000, 0)} | {ttft_ratio} "
+            f"| {_fmt(r.get('em'))} | {_fmt(r.get('paper_f1'))} "
             f"| {_fmt(kv and kv / 1e6, 2)}{' MB' if kv else ''} | {kv_ratio} |")
     return "\n".join(lines + [""] + verdicts(rows))
 
@@ -91,12 +96,18 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
-def costs_table(path: Path) -> list[str]:
-    """The latest run of benchmarks/costs.py: every method timed back to back in one process."""
+def latest_costs(path: Path) -> list[dict]:
+    """The rows of the latest run of benchmarks/costs.py."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["run"] == rows[-1]["run"]]
+    return [r for r in rows if r["run"] == rows[-1]["run"]]
+
+
+def costs_table(rows: list[dict]) -> list[str]:
+    """Every method timed back to back in one process."""
+    if not rows:
+        return []
     lines = [f"### Costs, every method in one process (`{rows[0]['command']}`, {rows[0]['run']})", "",
              f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; ratios to full context "
              "(frozen decoder) of the same run. TTFT excludes compression, which is offline for a store.", "",
@@ -122,39 +133,63 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
     rows = [r for r in rows if r["n"] == n]
     out.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5))
     lines = defaultdict(list)
     for r in rows:
-        lines[family(r["method"])].append((r.get("ratio") or 1, r["f1"]))
-    for name, points in sorted(lines.items()):
-        points.sort()
-        xs, ys = zip(*points)
-        if xs == (1,) or name.startswith("no"):  # uncompressed references: horizontal lines
-            ax.axhline(ys[0], ls=":" if name.startswith("no") else "--", lw=1,
-                       color="k" if name == "full-ft" else "gray")
-            ax.annotate(name, (1.02, ys[0]), xycoords=("axes fraction", "data"), fontsize=7, va="center")
-            continue
-        ax.plot(xs, ys, marker="o", label=name)
+        if r.get("storage", "native") == "native" and family(r["method"]):
+            lines[family(r["method"])].append((r["ratio"], r["f1"]))
+    for (name, adapted), points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points))
+        sac = name.startswith("sac")
+        ax.plot(xs, ys, marker="*" if sac else "o", markersize=12 if sac else 5, lw=2.5 if sac else 1.2,
+                color=FAMILIES[name], ls="--" if adapted else "-",
+                label=name.replace("-5x-frozen-decoder", " (frozen decoder)")
+                + (" + Full-FT decoder" if adapted else ""))
+    for r in rows:
+        if r["method"] in REFERENCES:
+            color, style = REFERENCES[r["method"]]
+            ax.axhline(r["f1"], color=color, ls=style, lw=1)
+            ax.annotate(f"{r['method']} (text)", (1.01, r["f1"]), xycoords=("axes fraction", "data"),
+                        fontsize=7, va="center")
+    ratios = sorted({x for points in lines.values() for x, _ in points})
     ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (context tokens / KV entries or kept tokens)")
+    ax.set_xticks(ratios, [f"{x}x" for x in ratios])
+    ax.minorticks_off()
+    ax.set_xlabel("compression ratio (context tokens per kept K/V entry or kept token)")
     ax.set_ylabel("SQuAD F1")
-    ax.set_title(f"{dataset}, n={n}, SmolLM2-135M")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    ax.set_title(f"{dataset}, n={n}, SmolLM2-135M; dashed: read by the Full-FT decoder", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.16, 1.0))
+    fig.subplots_adjust(left=0.07, right=0.6)
     quality = out / f"f1_vs_ratio_{dataset}.png"
     fig.savefig(quality, dpi=120)
     plt.close(fig)
 
-    timed = sorted((r for r in rows if r.get("ttft_s")), key=lambda r: r["ttft_s"])
-    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(timed) + 1.2))
-    ax.barh([r["method"] for r in timed], [r["ttft_s"] * 1000 for r in timed], color="tab:blue")
-    ax.set_xlabel("time to first token, ms (median, batch 1, CPU; compression excluded)")
-    ax.tick_params(axis="y", labelsize=7)
+    return [quality]
+
+
+def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
+    """Time to first token of every method of one costs.py run (same process, same questions)."""
+    if not costs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = sorted(costs, key=lambda r: r["ttft_s"])
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(costs) + 1.3))
+    colors = ["black" if r["method"].startswith("sac") else "tab:blue" for r in costs]
+    ax.barh([r["method"] for r in costs], [r["ttft_s"] * 1000 for r in costs], color=colors)
+    for i, r in enumerate(costs):
+        ax.annotate(f" {r['ttft_s_vs_full_context']:.2f}x full context", (r["ttft_s"] * 1000, i),
+                    va="center", fontsize=7)
+    ax.set_xlabel("time to first token, ms (median, batch 1, CPU, one process; compression excluded)")
+    ax.set_xlim(0, max(r["ttft_s"] for r in costs) * 1000 * 1.35)
     fig.tight_layout()
-    speed = out / f"ttft_{dataset}.png"
-    fig.savefig(speed, dpi=120)
+    path = out / "ttft.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [quality, speed]
+    return [path]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,17 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_rows(args.results)
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "squad-dev", d))
     plotted = [d for d in datasets if d in ("squad-dev", "squadshifts-new-wiki")]
-    pictures = [p for d in plotted for p in plots(rows, HERE / "plots", d)]
+    costs = latest_costs(args.results / "costs.jsonl")
+    pictures = [p for d in plotted for p in plots(rows, HERE / "plots", d)] + ttft_plot(costs, HERE / "plots")
     commands = sorted({r["command"] for r in rows if r.get("command")})
     text = ["# Benchmark results", "",
             "Generated by `python benchmarks/report.py` from `benchmarks/results/*.jsonl`; each row was produced",
             "by the command listed below it (SmolLM2-135M, bf16, CPU, greedy, stop at newline, standard SQuAD",
-            "metrics, fixed seeded nested subsets: the first n questions of seed 0). TTFT and KV bytes are also",
-            "given as ratios to full context with the frozen decoder on the same n.", ""]
+            "metrics, fixed seeded nested subsets: the first n questions of seed 0). KV bytes are also given as",
+            "ratios to full context with the frozen decoder on the same n; timings are in the costs table at the",
+            "end (every method in one process: per-row timings of separate processes on a shared machine are not",
+            "comparable, they are kept in the JSON rows only).", ""]
     text += [*(f"![{p.stem}](plots/{p.name})" for p in pictures), ""]
     for d in datasets:
         text += [table(rows, d), ""]
-    text += costs_table(args.results / "costs.jsonl")
+    text += costs_table(costs)
     text += ["### Commands", "", *(f"    {c}" for c in commands), ""]
     args.out.write_text("\n".join(text))
     print(f"wrote {args.out} and {len(pictures)} plots ({len(rows)} rows)")
