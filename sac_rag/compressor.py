@@ -79,6 +79,7 @@ class SACCompressor(torch.nn.Module):
             )
         self._fingerprint_cache: tuple[tuple, str] | None = None
         self._lora_parameters: list[torch.nn.Parameter] | None = None
+        self._lora_layers: list[torch.nn.Module] | None = None
 
     @staticmethod
     def _with_adapter(model, config: SACConfig):
@@ -103,7 +104,7 @@ class SACCompressor(torch.nn.Module):
         self.config.validate()
         self.model.add_adapter("decoder", _lora_config(rank, alpha or 2 * rank, self.config))
         self.model.set_adapter("default")
-        self._fingerprint_cache = self._lora_parameters = None
+        self._fingerprint_cache = self._lora_parameters = self._lora_layers = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -170,15 +171,26 @@ class SACCompressor(torch.nn.Module):
     def _adapter(self, name: str):
         # peft's set_adapter also flips requires_grad; training needs the flags it set itself.
         flags = [(p, p.requires_grad) for p in self.lora_parameters()]
-        self.model.set_adapter(name)
+        self._set_adapter(name)
         for p, flag in flags:
             p.requires_grad_(flag)
         try:
             yield
         finally:
-            self.model.set_adapter("default")
+            self._set_adapter("default")
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+    def _set_adapter(self, name: str) -> None:
+        """``PeftModel.set_adapter`` without its walk over every module (a generation switches
+        adapters twice per call): the LoRA layers are found once."""
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._lora_layers:
+            layer.set_adapter(name)
+        self.model.base_model.active_adapter = name
 
     # -- text -> chunks -----------------------------------------------------------------------
 
