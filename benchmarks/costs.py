@@ -7,6 +7,8 @@ load the machine had then. Here every method is built in turn in one process and
 same ``--samples`` questions at batch size 1 (``sac_rag.eval.measure_costs``: compression time
 per chunk, time to first token with compression excluded, decode tokens/s, K/V bytes held), and
 each figure is also given as a ratio to full context read by the frozen decoder in this run.
+``--paragraphs 1,3,10`` repeats it with contexts of 1, 3 and 10 SQuAD paragraphs (the question's
+own first, then distinct others): what a cached context saves grows with its length.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,30 +47,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=20, help="questions timed per method (median)")
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--paragraphs", default="1,3,10", help="context lengths, in SQuAD paragraphs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--results", default="benchmarks/results/costs.jsonl")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.samples, seed=0)
+    pool = load_questions(Path(args.data_root) / DATASETS[args.dataset], 0, seed=0)
+    paragraphs = list(dict.fromkeys(q.context for q in pool))
+
+    def with_paragraphs(i: int, question, k: int):  # the question's own paragraph, then k - 1 others
+        others = [p for p in paragraphs[i * k:] if p != question.context][:k - 1]
+        return replace(question, context="\n\n".join([question.context, *others]))
+
+    settings = {k: [with_paragraphs(i, q, k) for i, q in enumerate(pool[:args.samples])]
+                for k in map(int, args.paragraphs.split(","))}
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
     for label, name, ratio, checkpoint in METHODS:
         method = build_method(name, "smollm2-135m", ratio, checkpoint, None, "bfloat16")
-        with torch.no_grad():
-            measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
-            costs = measure_costs(method, questions, samples=args.samples)
-        costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
-        rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, **costs,
-                     "threads": torch.get_num_threads(), "run": run, "command": command})
-        print(json.dumps({k: rows[-1][k] for k in ("method", "ttft_s", "decode_tokens_per_s", "kv_bytes_per_query")}))
+        for k, questions in settings.items():
+            with torch.no_grad():
+                measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
+                costs = measure_costs(method, questions, samples=args.samples)
+            costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
+            tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
+            rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
+                         "context_tokens": round(tokens), **costs, "threads": torch.get_num_threads(), "run": run,
+                         "command": command})
+            print(json.dumps({k: rows[-1][k] for k in ("method", "paragraphs", "ttft_s", "decode_tokens_per_s")}))
         del method
         gc.collect()
-    full = rows[0]
+    full = {r["paragraphs"]: r for r in rows if r["method"] == "full-context"}
     for row in rows:
+        ref = full[row["paragraphs"]]
         for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
-            row[f"{key}_vs_full_context"] = row[key] / full[key] if row[key] and full[key] else None
+            row[f"{key}_vs_full_context"] = row[key] / ref[key] if row[key] and ref[key] else None
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

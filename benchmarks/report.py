@@ -105,20 +105,21 @@ def latest_costs(path: Path) -> list[dict]:
 
 
 def costs_table(rows: list[dict]) -> list[str]:
-    """Every method timed back to back in one process."""
+    """Every method timed back to back in one process, at each context length."""
     if not rows:
         return []
     lines = [f"### Costs, every method in one process (`{rows[0]['command']}`, {rows[0]['run']})", "",
-             f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; ratios to full context "
-             "(frozen decoder) of the same run. TTFT excludes compression, which is offline for a store.", "",
-             "| method | ratio | compress s/chunk | TTFT ms | TTFT vs full | decode tok/s | KV per query "
+             f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; contexts of 1, 3 and 10 "
+             "paragraphs; ratios to full context (frozen decoder) at the same length in the same run. TTFT "
+             "excludes compression (offline for a store; `compress s/chunk` is its cost).", "",
+             "| context | method | ratio | compress s/chunk | TTFT ms | TTFT vs full | decode tok/s | KV per query "
              "| KV vs full |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['ratio']} | {_fmt(r['compress_s_per_chunk'], 3)} | "
-                     f"{_fmt(r['ttft_s'] * 1000, 0)} | {_fmt(r['ttft_s_vs_full_context'], 2)}x | "
-                     f"{_fmt(r['decode_tokens_per_s'])} | {r['kv_bytes_per_query'] / 1e6:.2f} MB | "
-                     f"{_fmt(r['kv_bytes_per_query_vs_full_context'], 2)}x |")
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["paragraphs"], r["ttft_s"])):
+        lines.append(f"| {r['paragraphs']} para. ({r['context_tokens']} tok) | {r['method']} | {r['ratio']} | "
+                     f"{_fmt(r['compress_s_per_chunk'], 3)} | {_fmt(r['ttft_s'] * 1000, 0)} | "
+                     f"{_fmt(r['ttft_s_vs_full_context'], 2)}x | {_fmt(r['decode_tokens_per_s'])} | "
+                     f"{r['kv_bytes_per_query'] / 1e6:.2f} MB | {_fmt(r['kv_bytes_per_query_vs_full_context'], 2)}x |")
     return lines + [""]
 
 
@@ -168,7 +169,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
 
 
 def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
-    """Time to first token of every method of one costs.py run (same process, same questions)."""
+    """Time to first token vs context length, every method of one costs.py run."""
     if not costs:
         return []
     import matplotlib
@@ -176,17 +177,22 @@ def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    costs = sorted(costs, key=lambda r: r["ttft_s"])
-    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(costs) + 1.3))
-    colors = ["black" if r["method"].startswith("sac") else "tab:blue" for r in costs]
-    ax.barh([r["method"] for r in costs], [r["ttft_s"] * 1000 for r in costs], color=colors)
-    for i, r in enumerate(costs):
-        ax.annotate(f" {r['ttft_s_vs_full_context']:.2f}x full context", (r["ttft_s"] * 1000, i),
-                    va="center", fontsize=7)
-    ax.set_xlabel("time to first token, ms (median, batch 1, CPU, one process; compression excluded)")
-    ax.set_xlim(0, max(r["ttft_s"] for r in costs) * 1000 * 1.35)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    by_method = defaultdict(list)
+    for r in costs:
+        by_method[r["method"]].append((r["context_tokens"], r["ttft_s"] * 1000))
+    for method, points in by_method.items():
+        xs, ys = zip(*sorted(points))
+        sac = method.startswith("sac")
+        ax.plot(xs, ys, marker="*" if sac else "o", lw=2.5 if sac else 1.2, color="black" if sac else None,
+                ls="--" if method in ("full-context", "full-ft") else "-", label=method)
+    ax.set_xlabel("context length, tokens (1, 3 and 10 SQuAD paragraphs)")
+    ax.set_ylabel("time to first token, ms")
+    ax.set_title(f"median of {costs[0]['timing_samples']} questions, batch 1, CPU ({costs[0]['threads']} threads), "
+                 "one process", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "ttft.png"
+    path = out / "ttft_vs_context.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
