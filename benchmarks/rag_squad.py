@@ -54,7 +54,7 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, load_questions  # noqa: E402
+from sac_rag.eval import DATASETS, load_questions, read_predictions  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -121,9 +121,7 @@ def store_documents(store_path: Path) -> list[Document]:
 
 
 def answer_all(name, chain, inputs, questions, cache_path: Path, batch_size: int) -> dict:
-    done = {}
-    if cache_path.exists():
-        done = {row["id"]: row["prediction"] for row in map(json.loads, cache_path.read_text().splitlines())}
+    done = read_predictions(cache_path)
     todo = [i for i, q in enumerate(questions) if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),

@@ -138,17 +138,20 @@ class TextShortener:
         return self.tokenizer.decode(kept)
 
 
+def read_predictions(cache_path: Path) -> dict[str, str]:
+    """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines; none if missing)."""
+    if not cache_path.exists():
+        return {}
+    rows = (json.loads(line) for line in cache_path.read_text().splitlines() if line.strip())
+    return {row["id"]: row["prediction"] for row in rows}
+
+
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
         max_new_tokens: int = 32) -> dict:
     """Answer all questions (resuming from ``cache_path``) and score them."""
     from tqdm.auto import tqdm
 
-    done: dict[str, str] = {}
-    if cache_path.exists():
-        for line in cache_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row["prediction"]
+    done = read_predictions(cache_path)
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",))
     todo = [q for q in questions if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)

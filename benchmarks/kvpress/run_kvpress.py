@@ -169,12 +169,9 @@ class _null:
 def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: int) -> tuple[list[str], int]:
     from tqdm.auto import tqdm
 
-    done: dict[str, str] = {}
-    if cache_path.exists():
-        for line in cache_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row["prediction"]
+    from sac_rag.eval import read_predictions
+
+    done = read_predictions(cache_path)
     todo = [q for q in questions if q.id not in done]
     window = getattr(press, "window_size", None)
     reduced = sum(len(runner.split(q)[0]) <= window for q in questions) if window else 0
