@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -79,9 +80,8 @@ def main() -> int:
     common = {"benchmark": "store", "method": method, "ratio": ratio, "dataset": DATASET,
               "model": "smollm2-135m", "dtype": "bfloat16", "batch_size": args.batch_size,
               "fingerprint": compressor.fingerprint, "torch_threads": torch.get_num_threads(),
-              "under_load": True,
-              "note": "CPU shared with a training job: absolute times are slow and noisy; "
-                      "compare the ratios, each measured within one run",
+              "loadavg_1min_at_start": round(os.getloadavg()[0], 2),  # other work on the machine
+              "note": "compare the ratios: each is measured within one run",
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows = []
 
