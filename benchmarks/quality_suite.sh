@@ -31,6 +31,10 @@ for dataset in squad-dev squadshifts-new-wiki; do
         --label kv-dropping-5x+fullft-decoder
 done
 
+N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method text_truncate --ratio 5 --label text-truncate-5x
+N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method text_truncate --ratio 5 --decoder-adapter "$FULLFT" \
+      --label text-truncate-5x+fullft-decoder
+
 N=${1:-200}
 for ratio in 5 15; do
   [ "$ratio" = 5 ] || eval_ --method kv_dropping --ratio "$ratio" --label "kv-dropping-${ratio}x"

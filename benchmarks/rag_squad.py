@@ -6,13 +6,15 @@ The corpus is every paragraph of SQuAD v1.1 dev (2,067 distinct), precompressed 
 anchor store (reused on reruns). For each question of a fixed seeded subset (the same nested
 subsets as ``python -m sac_rag.eval``), the top-k paragraphs by MiniLM embeddings in a faiss
 index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered through
-``create_stuff_documents_chain`` three ways:
+``create_stuff_documents_chain`` four ways:
 
 * ``rag-sac``: ``ContextualCompressionRetriever(SACContextCompressor)`` + ``SACLLM``: the
   decoder reads the stored caches (``on_miss="error"``: every chunk must come from the store);
 * ``rag-full-text``: the same documents' text read by the frozen LLM (``SACLLM`` reads
   text-only prompts with the plain model);
-* ``rag-full-ft``: the same text read by the QA-trained decoder LoRA (the upper bound).
+* ``rag-full-ft``: the same text read by the QA-trained decoder LoRA (the upper bound);
+* ``rag-text-truncate-5x+fullft-decoder``: each document cut to its first 1/r tokens (the same
+  budget as SAC's anchors), read by that decoder: the strongest peer on SQuAD dev.
 
 Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
 per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
@@ -48,13 +50,13 @@ from langchain_core.language_models import BaseLLM  # noqa: E402
 from langchain_core.outputs import Generation as LCGeneration  # noqa: E402
 from langchain_core.outputs import GenerationChunk, LLMResult  # noqa: E402
 from langchain_core.prompts import PromptTemplate  # noqa: E402
-from langchain_core.runnables import RunnablePassthrough  # noqa: E402
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough  # noqa: E402
 from langchain_huggingface import HuggingFaceEmbeddings  # noqa: E402
 from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, sac_qa_prompt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, load_questions, read_predictions  # noqa: E402
+from sac_rag.eval import DATASETS, TextShortener, load_questions, read_predictions  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timing-samples", type=int, default=10)
-    parser.add_argument("--methods", default="sac,full_text,full_ft", help="comma-separated: sac, full_text, full_ft")
+    parser.add_argument("--methods", default="sac,full_text,full_ft,truncate_ft",
+                        help="comma-separated: sac, full_text, full_ft, truncate_ft (each document cut to its first "
+                             "1/ratio tokens, read by the Full-FT decoder: the strongest peer at the same budget)")
     parser.add_argument("--full-ft-adapter", default="benchmarks/checkpoints/full-ft-smollm2-135m-squad",
                         help="decoder LoRA trained on full-text QA (the full_ft upper bound)")
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         base_compressor=SACContextCompressor(compressor=compressor, store=args.store, on_miss="error"),
         base_retriever=retriever)
     template = llm.prompt_template
+    ratio = compressor.config.ratio
 
     def text_chain(reader):  # documents read as text, in the same prompt layout
         return create_stuff_documents_chain(reader, sac_qa_prompt(template),
@@ -201,12 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         "sac": (sac_retriever, create_sac_stuff_chain(llm)),
         "full_text": (retriever, text_chain(llm)),
     }
-    if "full_ft" in args.methods:
-        chains["full_ft"] = (retriever, text_chain(full_ft_llm(args.full_ft_adapter, args.max_new_tokens)))
-    ratio = compressor.config.ratio
+    if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
+        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens)
+        chains["full_ft"] = (retriever, text_chain(full_ft))
+        shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
+        truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
+                                                 for d in docs])
+        chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
     for name in args.methods.split(","):
         method_retriever, chain = chains[name]
-        label = f"rag-{name.replace('_', '-')}" + (f"-{ratio}x" if name == "sac" else "")
+        label = {"sac": f"rag-sac-{ratio}x", "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(
+            name, f"rag-{name.replace('_', '-')}")
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
         # SAC predictions are cached under the compressor's fingerprint: retraining never reuses them.
@@ -221,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         read_usage = UsageTotals()
         chain.batch(inputs[:max(1, len(ttft))], config={"callbacks": [read_usage]})
         row = {
-            "method": label, "ratio": ratio if name == "sac" else 1, "dataset": f"squad-dev-rag-top{args.k}",
+            "method": label, "ratio": ratio if name in ("sac", "truncate_ft") else 1,
+            "dataset": f"squad-dev-rag-top{args.k}",
             "n": scores.pop("n"), **scores,
             "ttft_s": statistics.median(ttft), "retrieval_s": retrieval_s, "recall_at_k": recall,
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
