@@ -86,7 +86,10 @@ def verdicts(rows: list[dict]) -> list[str]:
         close = sorted((r for r in peers if r["f1"] < sac["f1"] and r["f1_ci"][1] >= lo), key=lambda r: -r["f1"])
         name = f"{sac['method']} (F1 {sac['f1']:.1f}, n={sac['n']})"
         if behind:
-            out.append(f"* **{name} is behind** " + ", ".join(f"{r['method']} ({r['f1']:.1f})" for r in behind) + ".")
+            hi = sac["f1_ci"][1]
+            out.append(f"* **{name} is behind** " + ", ".join(
+                f"{r['method']} ({r['f1']:.1f}, {'significantly' if r['f1_ci'][0] > hi else 'CIs overlap'})"
+                for r in behind) + ".")
         if close:
             out.append(f"* {name} is ahead of, but **not significantly** (95% CIs overlap): "
                        + ", ".join(f"{r['method']} ({r['f1']:.1f})" for r in close) + ".")
