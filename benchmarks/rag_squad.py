@@ -56,7 +56,7 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, TextShortener, load_questions, read_predictions  # noqa: E402
+from sac_rag.eval import DATASETS, TextShortener, load_questions, made_by, read_predictions  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -219,10 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             name, f"rag-{name.replace('_', '-')}")
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
-        # SAC predictions are cached under the compressor's fingerprint: retraining never reuses them.
-        made_by = f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if name == "sac" else ""
+        tag = made_by(compressor if name == "sac" else None)
         cache = (Path(args.results).parent / "predictions"
-                 / f"{label}{made_by}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+                 / f"{label}{tag}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.

@@ -138,6 +138,12 @@ class TextShortener:
         return self.tokenizer.decode(kept)
 
 
+def made_by(compressor) -> str:
+    """Tag for prediction caches of compressed methods: a short hash of the compressor's
+    fingerprint, so that retraining never reuses stale predictions ("" without a compressor)."""
+    return f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if compressor is not None else ""
+
+
 def read_predictions(cache_path: Path) -> dict[str, str]:
     """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines; none if missing)."""
     if not cache_path.exists():
@@ -245,10 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
         method.storage = args.storage
-    # Predictions of a compressor are cached under its fingerprint: retraining never reuses stale ones.
-    made_by = f"-{method.compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if method.compressor is not None else ""
     cache = (Path(args.results).parent / "predictions"
-             / f"{label}{made_by}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
+             / f"{label}{made_by(method.compressor)}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {

@@ -113,11 +113,8 @@ class SACLLM(CustomLLM):
         def gen() -> CompletionResponseGen:
             text = ""
             for piece in pieces:
-                if isinstance(piece, str):
-                    text += piece
-                    yield CompletionResponse(text=text, delta=piece)
-                else:
-                    yield _response(text, "", piece)
+                text, response = _streamed(text, piece)
+                yield response
 
         return gen()
 
@@ -134,13 +131,17 @@ class SACLLM(CustomLLM):
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
             async for piece in pieces:
-                if isinstance(piece, str):
-                    text += piece
-                    yield CompletionResponse(text=text, delta=piece)
-                else:
-                    yield _response(text, "", piece)
+                text, response = _streamed(text, piece)
+                yield response
 
         return gen()
+
+
+def _streamed(text: str, piece) -> tuple[str, CompletionResponse]:
+    """One streamed piece -> (the text so far, its response): a text delta, or the final usage."""
+    if isinstance(piece, str):
+        return text + piece, CompletionResponse(text=text + piece, delta=piece)
+    return text, _response(text, "", piece)
 
 
 def _response(text: str, delta: Optional[str], generation: Generation) -> CompletionResponse:
