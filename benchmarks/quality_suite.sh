@@ -26,29 +26,21 @@ for dataset in squad-dev squadshifts-new-wiki; do
   eval_ --dataset "$dataset" --method no_context --label no-context
   eval_ --dataset "$dataset" --method full_context --label full-context
   eval_ --dataset "$dataset" --method full_ft --checkpoint "$FULLFT" --label full-ft
-  eval_ --dataset "$dataset" --method kv_dropping --ratio 5 --label kv-dropping-5x
-  eval_ --dataset "$dataset" --method kv_dropping --ratio 5 --decoder-adapter "$FULLFT" \
-        --label kv-dropping-5x+fullft-decoder
-done
-
-N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method text_truncate --ratio 5 --label text-truncate-5x
-N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method text_truncate --ratio 5 --decoder-adapter "$FULLFT" \
-      --label text-truncate-5x+fullft-decoder
-
-N=${1:-200}
-for ratio in 5 15; do
-  [ "$ratio" = 5 ] || eval_ --method kv_dropping --ratio "$ratio" --label "kv-dropping-${ratio}x"
-  [ "$ratio" = 5 ] || eval_ --method kv_dropping --ratio "$ratio" --decoder-adapter "$FULLFT" \
-                            --label "kv-dropping-${ratio}x+fullft-decoder"
-  for how in every_rth truncate; do
-    eval_ --method "text_$how" --ratio "$ratio" --label "text-$how-${ratio}x"
-    eval_ --method "text_$how" --ratio "$ratio" --decoder-adapter "$FULLFT" --label "text-$how-${ratio}x+fullft-decoder"
+  for ratio in 5 15; do
+    for method in kv_dropping text_every_rth text_truncate; do
+      label="${method/kv_dropping/kv-dropping}"; label="${label/text_/text-}-${ratio}x"
+      eval_ --dataset "$dataset" --method "$method" --ratio "$ratio" --label "$label"
+      eval_ --dataset "$dataset" --method "$method" --ratio "$ratio" --decoder-adapter "$FULLFT" \
+            --label "$label+fullft-decoder"
+    done
   done
+  # The trained compressor (SAC_CHECKPOINT to evaluate another one).
+  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC" --label sac-5x
 done
 
-# The trained compressor, on both datasets, and what 8-bit storage of its caches costs.
-eval_ --method sac --checkpoint "$SAC" --label sac-5x
-N=$SHIFT_N eval_ --dataset squadshifts-new-wiki --method sac --checkpoint "$SAC" --label sac-5x
+# What 8-bit storage of its caches costs.
+N=${1:-200}
 for storage in fp8 int8; do
   eval_ --method sac --checkpoint "$SAC" --storage "$storage" --label "sac-5x-$storage"
 done
+echo "quality suite: ${SECONDS} s wall time (N=$N, SHIFT_N=$SHIFT_N, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"

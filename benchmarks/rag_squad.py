@@ -14,7 +14,15 @@ index (LangChain's ``FAISS`` + ``HuggingFaceEmbeddings``) are answered through
   text-only prompts with the plain model);
 * ``rag-full-ft``: the same text read by the QA-trained decoder LoRA (the upper bound);
 * ``rag-text-truncate-5x+fullft-decoder``: each document cut to its first 1/r tokens (the same
-  budget as SAC's anchors), read by that decoder: the strongest peer on SQuAD dev.
+  budget as SAC's anchors), read by that decoder: the strongest peer on SQuAD dev;
+* ``rag-kv-dropping-5x`` / ``rag-kv-dropping-5x+fullft-decoder``: untrained uniform KV dropping
+  of each retrieved document (the frozen model's K/V of every r-th token), read by the frozen
+  or the QA-trained decoder. These go through ``sac_rag.eval``'s methods on the same retrieved
+  documents, in the same prompt layout, rather than through a LangChain chain.
+
+``--export-retrieval`` writes each question's retrieved paragraphs as JSON lines, which
+``benchmarks/kvpress/run_kvpress.py --dataset squad-dev-rag`` reads to run the kvpress presses
+in the same setting (its venv has no faiss).
 
 Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
 per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
@@ -35,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +65,14 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, TextShortener, load_questions, made_by, read_predictions  # noqa: E402
+from sac_rag.eval import DATASETS, TextShortener, build_method, load_questions, made_by, read_predictions, run  # noqa: E402,E501
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
 from sac_rag.store import AnchorStore  # noqa: E402
 
 logger = logging.getLogger("rag_squad")
+RAG_METHODS = ("sac", "full_text", "full_ft", "truncate_ft", "kv_dropping", "kv_dropping_ft")
 
 
 class UsageTotals(BaseCallbackHandler):
@@ -160,14 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timing-samples", type=int, default=10)
-    parser.add_argument("--methods", default="sac,full_text,full_ft,truncate_ft",
+    parser.add_argument("--methods", default=",".join(RAG_METHODS),
                         help="comma-separated: sac, full_text, full_ft, truncate_ft (each document cut to its first "
-                             "1/ratio tokens, read by the Full-FT decoder: the strongest peer at the same budget)")
+                             "1/ratio tokens, read by the Full-FT decoder: the strongest peer at the same budget), "
+                             "kv_dropping, kv_dropping_ft (untrained uniform KV dropping, frozen / Full-FT decoder)")
+    parser.add_argument("--export-retrieval", help="write {id, passages} JSON lines of the retrieved paragraphs here "
+                        "(input of run_kvpress.py --dataset squad-dev-rag)")
     parser.add_argument("--full-ft-adapter", default="benchmarks/checkpoints/full-ft-smollm2-135m-squad",
                         help="decoder LoRA trained on full-text QA (the full_ft upper bound)")
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    unknown = set(args.methods.split(",")) - set(RAG_METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(RAG_METHODS)}")
     command = "python benchmarks/rag_squad.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     squad = Path(args.data_root) / DATASETS["squad-dev"]
@@ -188,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     retrieval_s = (time.perf_counter() - t0) / len(questions)
     recall = sum(any(d.page_content.strip() in q.context for d in docs)
                  for q, docs in zip(questions, retrieved)) / len(questions)
+    if args.export_retrieval:
+        lines = [json.dumps({"id": q.id, "passages": [d.page_content for d in docs]})
+                 for q, docs in zip(questions, retrieved)]
+        Path(args.export_retrieval).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.export_retrieval).write_text("\n".join(lines) + "\n")
 
     llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"])
     sac_retriever = ContextualCompressionRetriever(
@@ -213,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
                                                  for d in docs])
         chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
+    common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
+              "corpus_chunks": len(docs), "command": command}
     for name in args.methods.split(","):
+        if name in ("kv_dropping", "kv_dropping_ft"):
+            reading = [replace(q, passages=tuple(d.page_content for d in found))
+                       for q, found in zip(questions, retrieved)]
+            write_row(args.results, eval_method_row(name, reading, ratio, args, common))
+            continue
         method_retriever, chain = chains[name]
         label = {"sac": f"rag-sac-{ratio}x", "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(
             name, f"rag-{name.replace('_', '-')}")
@@ -233,19 +261,45 @@ def main(argv: list[str] | None = None) -> int:
             "method": label, "ratio": ratio if name in ("sac", "truncate_ft") else 1,
             "dataset": f"squad-dev-rag-top{args.k}",
             "n": scores.pop("n"), **scores,
-            "ttft_s": statistics.median(ttft), "retrieval_s": retrieval_s, "recall_at_k": recall,
+            "ttft_s": statistics.median(ttft),
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
             "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
-            "timing_samples": len(ttft), "corpus_chunks": len(docs), "index_build_s": index_s,
-            "seed": args.seed, "k": args.k, "compressor": args.compressor,
-            "compressor_fingerprint": compressor.fingerprint if name == "sac" else None, "command": command,
+            "timing_samples": len(ttft), "index_build_s": index_s, "compressor": args.compressor,
+            "compressor_fingerprint": compressor.fingerprint if name == "sac" else None, **common,
         }
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row[k] for k in ("method", "n", "f1", "em", "ttft_s", "text_tokens_per_query",
-                                              "cached_entries_per_query", "recall_at_k")}))
+        write_row(args.results, row)
     return 0
+
+
+def eval_method_row(name: str, questions, ratio: int, args, common: dict) -> dict:
+    """A ``sac_rag.eval`` method on the retrieved passages: scores, and TTFT from the question
+    (retrieval, compressing the passages, prefill) at batch size 1."""
+    adapter = args.full_ft_adapter if name.endswith("_ft") else None
+    method = build_method("kv_dropping", "smollm2-135m", ratio, None, None, "bfloat16", adapter)
+    label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "")
+    cache = (Path(args.results).parent / "predictions"
+             / f"{label}{made_by(method.compressor)}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens)
+    ttft, read = [], []
+    for q in questions[:args.timing_samples]:
+        t0 = time.perf_counter()
+        result = method.generator.generate(method.prompts([q])[0], GenerationConfig(max_new_tokens=1))
+        ttft.append(time.perf_counter() - t0 + common["retrieval_s"])
+        read.append((result.text_tokens, result.cached_tokens))
+    return {
+        "method": label, "ratio": ratio, "dataset": f"squad-dev-rag-top{args.k}", "n": scores.pop("n"), **scores,
+        "ttft_s": statistics.median(ttft), "text_tokens_per_query": statistics.mean(t for t, _ in read),
+        "cached_entries_per_query": statistics.mean(c for _, c in read), "timing_samples": len(ttft),
+        "decoder_adapter": adapter, "compressor_fingerprint": method.compressor.fingerprint, **common,
+    }
+
+
+def write_row(results: str, row: dict) -> None:
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("method", "n", "f1", "em", "ttft_s", "text_tokens_per_query",
+                                          "cached_entries_per_query", "recall_at_k")}))
 
 
 if __name__ == "__main__":

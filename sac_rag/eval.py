@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import resource
 import shlex
@@ -38,10 +39,20 @@ DATASETS = {
 
 @dataclass
 class Question:
+    """A question, its gold answers and gold paragraph; ``passages`` are what the prompt reads
+    instead of the gold paragraph when set (e.g. the top-k retrieved paragraphs in the RAG
+    setting, each compressed or shortened on its own)."""
+
     id: str
     question: str
     answers: list[str]
     context: str
+    passages: tuple[str, ...] = ()
+
+    @property
+    def read(self) -> tuple[str, ...]:
+        """The passages the prompt reads, in order."""
+        return self.passages or (self.context,)
 
 
 def load_questions(path: str | Path, n: int, seed: int) -> list[Question]:
@@ -74,11 +85,16 @@ class Method:
             return [self.template.build([], q.question) for q in batch]
         if self.compressor is None:
             shorten = self.shorten or (lambda text: text)
-            return [self.template.build([shorten(q.context)], q.question) for q in batch]
-        compressed = self.compressor.compress_batch([q.context for q in batch], batch_size=len(batch))
+            return [self.template.build([shorten(p) for p in q.read], q.question) for q in batch]
+        texts = [p for q in batch for p in q.read]
+        compressed = self.compressor.compress_batch(texts, batch_size=len(texts))
         if self.storage != "native":
             compressed = [[round_trip(kv, self.storage) for kv in chunks] for chunks in compressed]
-        return [self.template.build([c], q.question) for c, q in zip(compressed, batch)]
+        prompts, start = [], 0
+        for q in batch:
+            prompts.append(self.template.build(compressed[start : start + len(q.read)], q.question))
+            start += len(q.read)
+        return prompts
 
 
 METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_every_rth", "text_truncate")
@@ -253,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         method.storage = args.storage
     cache = (Path(args.results).parent / "predictions"
              / f"{label}{made_by(method.compressor)}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
+    t_start, cached = time.time(), len(read_predictions(cache))
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
@@ -261,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_adapter": args.decoder_adapter,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": args.dtype, "storage": args.storage,
+        # Wall time of this command (answering and timing samples) and how many answers it
+        # generated rather than read from the prediction cache; the load says how busy the host was.
+        "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),
+        "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
         "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ class ExampleBuilder:
     template: object  # PromptTemplate
     questions_per_context: int = 1
     distractors: int = 0
+    distractor_source: str = "random"  # or "same_article": like retrieval, which returns near neighbours
     max_answer_tokens: int = 48
     lm_min_tokens: int = 510
     lm_max_tokens: int = 2040
@@ -56,20 +57,34 @@ class ExampleBuilder:
 
     def qa(self, paragraph: Paragraph, index: int, pool: list[Paragraph]) -> Example | None:
         """QA example number ``index``: up to ``questions_per_context`` of the paragraph's questions,
-        the gold passage shuffled among ``distractors`` passages drawn from ``pool``."""
+        the gold passage shuffled among ``distractors`` passages drawn from ``pool`` (from the
+        same article with ``distractor_source="same_article"``, falling back to the whole pool
+        when the article has too few other paragraphs)."""
         rng = random.Random(self.seed * 1_000_003 + index)
         questions = rng.sample(paragraph.questions, min(self.questions_per_context, len(paragraph.questions)))
-        passages = [paragraph.context]
-        for _ in range(self.distractors):
-            other = pool[rng.randrange(len(pool))]
-            if other.context != paragraph.context:
-                passages.append(other.context)
+        passages = [paragraph.context] + self._distractors(paragraph, pool, rng)
         rng.shuffle(passages)
         rows = []
         for qa in questions:
             answer = self._ids(qa.answers[0])[: self.max_answer_tokens] + [self.eos]
             rows.append((self._ids(self.template.question.format(question=qa.question)), answer))
         return Example([self._ids(p) for p in passages], rows)
+
+    def _distractors(self, paragraph: Paragraph, pool: list[Paragraph], rng: random.Random) -> list[str]:
+        if not self.distractors:
+            return []
+        if self.distractor_source == "same_article":
+            siblings = [p.context for p in pool if p.title == paragraph.title and p.context != paragraph.context]
+            if len(siblings) >= self.distractors:
+                return rng.sample(siblings, self.distractors)
+        elif self.distractor_source != "random":
+            raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
+        others = []
+        while len(others) < self.distractors and len(pool) > 1:
+            other = pool[rng.randrange(len(pool))].context
+            if other != paragraph.context:
+                others.append(other)
+        return others
 
     def lm(self, text: str, index: int) -> Example | None:
         """Pretraining example: a window of lm_min..lm_max tokens, first half compressed, second

@@ -73,6 +73,8 @@ class TrainConfig:
     # objective
     questions_per_context: int = _help("questions trained per compressed paragraph (SQuAD has ~5)", default=1)
     distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
+    distractor_source: str = _help("'random' (any training paragraph) or 'same_article' (like retrieval "
+                                   "neighbours; falls back to random for short articles)", default="random")
     distill_weight: float = _help("weight of KL to the frozen decoder reading the full text", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
     lm_min_tokens: int = _help("pretrain: shortest document window", default=510)
@@ -106,6 +108,8 @@ class TrainConfig:
             raise SACError(f"method must be 'sac' or 'full_ft', got {self.method!r}")
         if self.batch_size % self.micro_batch_size:
             raise SACError("batch_size must be a multiple of micro_batch_size")
+        if self.distractor_source not in ("random", "same_article"):
+            raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -269,7 +273,7 @@ class ExampleStream:
         self.stats = stats
         self.builder = ExampleBuilder(
             tokenizer, template, questions_per_context=cfg.questions_per_context, distractors=cfg.distractors,
-            max_answer_tokens=cfg.max_answer_tokens, lm_min_tokens=cfg.lm_min_tokens,
+            distractor_source=cfg.distractor_source, max_answer_tokens=cfg.max_answer_tokens, lm_min_tokens=cfg.lm_min_tokens,
             lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
         )
         self.held_out = []
@@ -408,6 +412,8 @@ def _fsync_dir(path: Path) -> None:
 def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     saved = json.loads((out_dir / "train_config.json").read_text())
     current = dataclasses.asdict(cfg)
+    # Options added after a run started were at their defaults in it.
+    saved = {**dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in current})), **saved}
     differ = {k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]}
     if differ:
         raise SACError(

@@ -2,6 +2,7 @@
 
 import json
 import lzma
+from dataclasses import replace
 
 import pytest
 from conftest import make_tiny_llama
@@ -101,3 +102,26 @@ def test_8bit_storage_and_an_adapted_decoder_are_separate_rows(workspace):
     assert caches == {f"kv_dropping-{made_by}", f"kv_dropping-fp8-{made_by}", f"kv_dropping-adapted-decoder-{made_by}"}
     with pytest.raises(SystemExit):
         _run(workspace, "--method", "full_context", "--storage", "int8")
+
+
+@pytest.mark.parametrize("name", ["full_context", "text_truncate", "kv_dropping"])
+def test_questions_with_passages_read_each_passage_in_order(workspace, name):
+    """The RAG setting: a question reads its retrieved passages (each compressed or shortened
+    on its own) in place of the gold paragraph, in the prompt layout of several contexts."""
+    from sac_rag.eval import Question, build_method
+
+    method = build_method(name, str(workspace / "tiny-model"), 2, None, "cpu", "float32")
+    passages = ("The Nile flows north through Egypt.", "Mont Blanc is in the Alps.", "Mars is red.")
+    gold = Question("q", "Where does the Nile flow?", ["north"], "The unused gold paragraph.")
+    (prompt,) = method.prompts([replace(gold, passages=passages)])
+    if method.compressor is None:
+        read = [method.shorten(p) if method.shorten else p for p in passages]
+    else:
+        read = [method.compressor.compress(p) for p in passages]
+    expected = method.template.build(read, gold.question)
+
+    def _describe(segments):
+        return [s if isinstance(s, str) else (s.n_tokens, round(s.keys.sum().item(), 3)) for s in segments]
+
+    assert _describe(prompt) == _describe(expected)
+    assert "unused gold" not in "".join(s for s in prompt if isinstance(s, str))

@@ -153,3 +153,17 @@ def test_help_documents_every_option(capsys):
     for option in ("--questions-per-context", "--distractors", "--distill-weight", "--bidir-anneal-steps",
                    "--memory", "--decoder-lora-rank", "--resume", "--ae-weight", "--anchor-lr"):
         assert option in text
+
+
+def test_a_run_started_before_an_option_existed_still_resumes(workspace):
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    saved = json.loads((workspace / "run" / "train_config.json").read_text())
+    del saved["distractor_source"]  # as written by a version without the option
+    (workspace / "run" / "train_config.json").write_text(json.dumps(saved))
+    train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume")))
+    assert max(_losses(workspace / "run")) == 3
+
+
+def test_unknown_distractor_source_is_refused():
+    with pytest.raises(SACError, match="distractor_source"):
+        parse_config(["--distractor-source", "nearest"])

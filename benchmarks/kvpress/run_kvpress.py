@@ -101,9 +101,11 @@ class Runner:
 
     def split(self, question) -> tuple[list[int], list[int]]:
         """Token ids of the compressed part and of the uncompressed question part: the same
-        strings ``PromptTemplate.build([context], question)`` yields, split after the context."""
-        (prompt,) = self.template.build([question.context], question.question)
-        head = self.template.prefix + self.template.context_prefix + question.context
+        strings ``PromptTemplate.build(passages, question)`` yields, split after the last passage
+        (the gold paragraph, or the retrieved ones in the RAG setting)."""
+        (prompt,) = self.template.build(list(question.read), question.question)
+        passages = self.template.context_separator.join(question.read)
+        head = self.template.prefix + self.template.context_prefix + passages
         assert prompt.startswith(head)
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         return enc(head), enc(prompt[len(head):])
@@ -210,6 +212,24 @@ def measure_costs(runner, questions, press, samples: int, new_tokens: int = 16) 
     }
 
 
+def with_retrieved_passages(questions, path: str | None, parser) -> list:
+    """The questions, each reading its retrieved paragraphs instead of the gold one."""
+    import dataclasses
+
+    if not path or not Path(path).is_file():
+        parser.error(f"--dataset squad-dev-rag needs --retrieval FILE (benchmarks/rag_squad.py --export-retrieval); "
+                     f"got {path!r}")
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        rows[row["id"]] = tuple(row["passages"])
+    missing = [q.id for q in questions if q.id not in rows]
+    if missing:
+        parser.error(f"{path} lacks {len(missing)} of the {len(questions)} questions (e.g. {missing[0]}): export it "
+                     f"with the same --n and --seed")
+    return [dataclasses.replace(q, passages=rows[q.id]) for q in questions]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="seeded subset size (nested across sizes)")
@@ -222,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="",
                         help="comma-separated decoder:ratio pairs to leave out, e.g. full-ft:15")
     parser.add_argument("--results", default=str(REPO / "benchmarks/results/kvpress.jsonl"))
-    parser.add_argument("--dataset", default="squad-dev", choices=["squad-dev", "squadshifts-new-wiki"],
-                        help="question set, as in python -m sac_rag.eval")
+    parser.add_argument("--dataset", default="squad-dev",
+                        choices=["squad-dev", "squadshifts-new-wiki", "squad-dev-rag"],
+                        help="question set, as in python -m sac_rag.eval; squad-dev-rag: SQuAD-dev questions "
+                        "reading the paragraphs listed in --retrieval")
+    parser.add_argument("--retrieval", help="squad-dev-rag: JSON lines {id, passages} written by "
+                        "benchmarks/rag_squad.py --export-retrieval")
     parser.add_argument("--data-root", default=str(DATA_ROOT), help="folder holding the datasets")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="Full-FT decoder LoRA (peft)")
     parser.add_argument("--base-model", default="smollm2-135m")
@@ -258,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     from sac_rag.eval import DATASETS
 
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset.removesuffix("-rag")], args.n, args.seed)
+    dataset = args.dataset
+    if args.dataset == "squad-dev-rag":  # named as benchmarks/rag_squad.py names it
+        questions = with_retrieved_passages(questions, args.retrieval, parser)
+        dataset = f"squad-dev-rag-top{max(len(q.passages) for q in questions)}"
     results = Path(args.results)
     command = "python benchmarks/kvpress/run_kvpress.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     versions = {"transformers": transformers.__version__, "kvpress": version("kvpress"), "torch": torch.__version__}
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 method = "kvpress-" + press_name.replace("_", "-")
                 suffix = "+fullft-decoder" if decoder == "full-ft" else ""
                 label = f"{method}{'' if r == 1 else f'-{r}x'}{suffix}"
-                cache = results.parent / "predictions" / f"{label}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl"
+                cache = results.parent / "predictions" / f"{label}-{dataset}-n{len(questions)}-s{args.seed}.jsonl"
                 t_start = time.time()
                 try:
                     preds, reduced = run_one(runner, questions, press, label, cache, args.max_new_tokens)
@@ -297,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": method + suffix, "label": label,
                     "press": type(press).__name__ if press is not None else "none",
                     "ratio": r, "compression_ratio": compression_ratio, "decoder": decoder,
-                    "dataset": args.dataset, "n": scores.pop("n"), **scores, **costs,
+                    "dataset": dataset, "n": scores.pop("n"), **scores, **costs,
                     "snapkv_window_reduced": reduced if press_name == "snapkv" else None,
                     "wall_s": round(time.time() - t_start, 1),
                     "seed": args.seed, "base_model": args.base_model,
