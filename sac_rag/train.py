@@ -273,8 +273,8 @@ class ExampleStream:
         self.stats = stats
         self.builder = ExampleBuilder(
             tokenizer, template, questions_per_context=cfg.questions_per_context, distractors=cfg.distractors,
-            distractor_source=cfg.distractor_source, max_answer_tokens=cfg.max_answer_tokens, lm_min_tokens=cfg.lm_min_tokens,
-            lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
+            distractor_source=cfg.distractor_source, max_answer_tokens=cfg.max_answer_tokens,
+            lm_min_tokens=cfg.lm_min_tokens, lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
         )
         self.held_out = []
         if cfg.stage == "pretrain":
