@@ -65,7 +65,16 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, TextShortener, build_method, load_questions, made_by, read_predictions, run  # noqa: E402,E501
+from sac_rag.eval import (  # noqa: E402,E501
+    DATASETS,
+    TextShortener,
+    build_method,
+    kv_entry_bytes,
+    load_questions,
+    made_by,
+    read_predictions,
+    run,
+)
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
                                                  for d in docs])
         chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
+    entry_bytes = kv_entry_bytes(compressor.base_model, compressor.dtype)  # K/V held per prompt position
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
               "corpus_chunks": len(docs), "command": command}
     for name in args.methods.split(","):
@@ -264,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "ttft_s": statistics.median(ttft),
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
             "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
+            "kv_bytes_per_query": entry_bytes * read_usage.input_tokens / max(1, read_usage.calls),
             "timing_samples": len(ttft), "index_build_s": index_s, "compressor": args.compressor,
             "compressor_fingerprint": compressor.fingerprint if name == "sac" else None, **common,
         }
@@ -286,10 +297,12 @@ def eval_method_row(name: str, questions, ratio: int, args, common: dict) -> dic
         result = method.generator.generate(method.prompts([q])[0], GenerationConfig(max_new_tokens=1))
         ttft.append(time.perf_counter() - t0 + common["retrieval_s"])
         read.append((result.text_tokens, result.cached_tokens))
+    entries = statistics.mean(t + c for t, c in read)
     return {
         "method": label, "ratio": ratio, "dataset": f"squad-dev-rag-top{args.k}", "n": scores.pop("n"), **scores,
         "ttft_s": statistics.median(ttft), "text_tokens_per_query": statistics.mean(t for t, _ in read),
         "cached_entries_per_query": statistics.mean(c for _, c in read), "timing_samples": len(ttft),
+        "kv_bytes_per_query": kv_entry_bytes(method.generator.model, method.generator.dtype) * entries,
         "decoder_adapter": adapter, "compressor_fingerprint": method.compressor.fingerprint, **common,
     }
 

@@ -38,8 +38,15 @@ FAMILIES = {  # plotted compressors: name prefix -> colour
 REFERENCES = {"full-ft": ("k", "--"), "full-context": ("gray", "--"), "no-context": ("gray", ":")}
 
 
+def base_name(method: str) -> str:
+    """The method's name without the RAG setting's prefix ("rag-full-text" is full context)."""
+    method = method.removeprefix("rag-")
+    return "full-context" if method == "full-text" else method
+
+
 def family(method: str) -> tuple[str, bool] | None:
     """(compressor family, read by the Full-FT decoder?) of a plotted method, else None."""
+    method = base_name(method)
     for prefix in FAMILIES:
         if method.startswith(prefix):
             return prefix, "fullft-decoder" in method
@@ -48,7 +55,7 @@ def family(method: str) -> tuple[str, bool] | None:
 
 def is_full_context(method: str) -> bool:
     """The reference row: full context read by the frozen decoder."""
-    return method in ("full-context", "full_context", "full-context-frozen")
+    return base_name(method) in ("full-context", "full_context", "full-context-frozen")
 
 
 def _fmt(x, digits=1):
@@ -150,10 +157,10 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
                 label=name.replace("-5x-frozen-decoder", " (frozen decoder)")
                 + (" + Full-FT decoder" if adapted else ""))
     for r in rows:
-        if r["method"] in REFERENCES:
-            color, style = REFERENCES[r["method"]]
+        if base_name(r["method"]) in REFERENCES:
+            color, style = REFERENCES[base_name(r["method"])]
             ax.axhline(r["f1"], color=color, ls=style, lw=1)
-            ax.annotate(f"{r['method']} (text)", (1.01, r["f1"]), xycoords=("axes fraction", "data"),
+            ax.annotate(f"{base_name(r['method'])} (text)", (1.01, r["f1"]), xycoords=("axes fraction", "data"),
                         fontsize=7, va="center")
     ratios = sorted({x for points in lines.values() for x, _ in points})
     ax.set_xscale("log")
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = load_rows(args.results)
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "squad-dev", d))
-    plotted = [d for d in datasets if d in ("squad-dev", "squadshifts-new-wiki")]
+    plotted = [d for d in datasets if d in ("squad-dev", "squadshifts-new-wiki") or d.startswith("squad-dev-rag")]
     costs = latest_costs(args.results / "costs.jsonl")
     pictures = [p for d in plotted for p in plots(rows, HERE / "plots", d)] + ttft_plot(costs, HERE / "plots")
     commands = sorted({r["command"] for r in rows if r.get("command")})

@@ -211,7 +211,8 @@ def measure_costs(method: Method, questions: list[Question], samples: int = 10, 
         ttft_s.append(t2 - t1)
         extra = max(1, len(longer.token_ids) - len(first.token_ids))
         decode_tps.append(extra / max(1e-9, (t3 - t2) - (t2 - t1)))
-        kv_bytes.append(_kv_bytes(method.generator, longer.text_tokens + longer.cached_tokens))
+        entry_bytes = kv_entry_bytes(method.generator.model, method.generator.dtype)
+        kv_bytes.append(entry_bytes * (longer.text_tokens + longer.cached_tokens))
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
     return {
         "compress_s_per_chunk": median(compress_s),
@@ -223,11 +224,12 @@ def measure_costs(method: Method, questions: list[Question], samples: int = 10, 
     }
 
 
-def _kv_bytes(generator: Generator, entries: int) -> int:
-    cfg = generator.model.config.get_text_config(decoder=True)
+def kv_entry_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes of one position's K/V across all layers of ``model`` held in ``dtype``."""
+    cfg = model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = torch.tensor([], dtype=generator.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize * entries
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
 
 
 def main(argv: list[str] | None = None) -> int:
