@@ -71,20 +71,18 @@ class ExampleBuilder:
         return Example([self._ids(p) for p in passages], rows)
 
     def _distractors(self, paragraph: Paragraph, pool: list[Paragraph], rng: random.Random) -> list[str]:
+        """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
         if not self.distractors:
             return []
+        if self.distractor_source not in ("random", "same_article"):
+            raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
         if self.distractor_source == "same_article":
-            siblings = [p.context for p in pool if p.title == paragraph.title and p.context != paragraph.context]
+            siblings = list(dict.fromkeys(
+                p.context for p in pool if p.title == paragraph.title and p.context != paragraph.context))
             if len(siblings) >= self.distractors:
                 return rng.sample(siblings, self.distractors)
-        elif self.distractor_source != "random":
-            raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
-        others = []
-        while len(others) < self.distractors and len(pool) > 1:
-            other = pool[rng.randrange(len(pool))].context
-            if other != paragraph.context:
-                others.append(other)
-        return others
+        others = list(dict.fromkeys(p.context for p in pool if p.context != paragraph.context))
+        return rng.sample(others, min(self.distractors, len(others)))
 
     def lm(self, text: str, index: int) -> Example | None:
         """Pretraining example: a window of lm_min..lm_max tokens, first half compressed, second

@@ -31,7 +31,7 @@ def test_the_gold_passage_is_shuffled_among_k_distinct_distractors(tokenizer):
     positions = set()
     for index in range(20):
         texts = _texts(tokenizer, builder.qa(gold, index, POOL))
-        assert len(texts) == 3 and texts.count(gold.context) == 1
+        assert len(set(texts)) == 3 and texts.count(gold.context) == 1
         positions.add(texts.index(gold.context))
     assert positions == {0, 1, 2}  # the gold passage is not always first
     assert len(builder.qa(gold, 0, POOL).rows) == 3
@@ -54,3 +54,8 @@ def test_examples_are_deterministic_per_index_and_seed(tokenizer):
     first = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2, seed=3)
     again = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2, seed=3)
     assert first.qa(POOL[1], 7, POOL) == again.qa(POOL[1], 7, POOL)
+
+
+def test_a_pool_without_other_passages_gives_the_gold_passage_alone(tokenizer):
+    builder = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2)
+    assert _texts(tokenizer, builder.qa(POOL[0], 0, [POOL[0], POOL[0]])) == [POOL[0].context]
