@@ -43,4 +43,4 @@ N=${1:-200}
 for storage in fp8 int8; do
   eval_ --method sac --checkpoint "$SAC" --storage "$storage" --label "sac-5x-$storage"
 done
-echo "quality suite: ${SECONDS} s wall time (N=$N, SHIFT_N=$SHIFT_N, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "quality suite: ${SECONDS} s wall time (N=$N, SHIFT_N=$SHIFT_N, $(nproc --all) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
