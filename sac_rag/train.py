@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -580,6 +581,9 @@ def train(cfg: TrainConfig) -> Path:
         _check_ranks_agree(model, world)
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+        # Free the group's last references now, while the interpreter is whole: a gloo group
+        # destroyed during interpreter finalization can abort the process after a good run.
+        gc.collect()
     return out_dir / "final"
 
 
