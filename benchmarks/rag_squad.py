@@ -65,7 +65,7 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import (  # noqa: E402,E501
+from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
     build_method,
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("kv_dropping", "kv_dropping_ft"):
             reading = [replace(q, passages=tuple(d.page_content for d in found))
                        for q, found in zip(questions, retrieved)]
-            write_row(args.results, eval_method_row(name, reading, ratio, args, common))
+            write_row(args.results, eval_method_row(name, reading, compressor.config.base_model, ratio, args, common))
             continue
         method_retriever, chain = chains[name]
         label = {"sac": f"rag-sac-{ratio}x", "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(
@@ -282,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def eval_method_row(name: str, questions, ratio: int, args, common: dict) -> dict:
+def eval_method_row(name: str, questions, base_model: str, ratio: int, args, common: dict) -> dict:
     """A ``sac_rag.eval`` method on the retrieved passages: scores, and TTFT from the question
     (retrieval, compressing the passages, prefill) at batch size 1."""
     adapter = args.full_ft_adapter if name.endswith("_ft") else None
-    method = build_method("kv_dropping", "smollm2-135m", ratio, None, None, "bfloat16", adapter)
+    method = build_method("kv_dropping", base_model, ratio, None, None, "bfloat16", adapter)
     label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "")
     cache = (Path(args.results).parent / "predictions"
              / f"{label}{made_by(method.compressor)}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
