@@ -92,12 +92,12 @@ class Runner:
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos.discard(None)
+        from sac_rag.eval import kv_entry_bytes
+
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = torch.tensor([], dtype=model.dtype).element_size()
-        self.bytes_per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
-        self.layers = cfg.num_hidden_layers
-        self.kv_heads, self.head_dim, self.itemsize = cfg.num_key_value_heads, head_dim, itemsize
+        self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        # keys + values of one head at one position (presses keep different counts per head)
+        self.head_entry_bytes = kv_entry_bytes(model, model.dtype) // (self.layers * self.kv_heads)
 
     def split(self, question) -> tuple[list[int], list[int]]:
         """Token ids of the compressed part and of the uncompressed question part: the same
@@ -149,7 +149,7 @@ class Runner:
             pos += 1
             ids.append(int(out.logits[0, -1].argmax()))
         t2 = time.perf_counter()
-        per_entry = 2 * self.head_dim * self.itemsize  # keys + values of one head at one position
+        per_entry = self.head_entry_bytes
         return {
             "text": text.split("\n", 1)[0].strip() if stop_at_newline else text,
             "ttft_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": len(ids),
