@@ -8,7 +8,7 @@
 # benchmarks/results/predictions, so an interrupted run resumes (rerunning a finished command
 # costs only its timing samples and appends a fresh row; the report keeps the last).
 # Peer baselines from NVIDIA kvpress need their own environment: benchmarks/kvpress/README.md.
-# About 70 minutes on 2 CPU cores at the defaults.
+# 34 minutes on an idle 2-core machine at the defaults, cold (no cached predictions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-200}

@@ -114,8 +114,9 @@ class TrainConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="python -m sac_rag.train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each help text states its own default (argparse's defaults are None so that only the flags
+    # actually given override the config file).
+    parser = argparse.ArgumentParser(prog="python -m sac_rag.train", description=__doc__)
     parser.add_argument("--config", help="JSON file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -153,6 +153,7 @@ def test_help_documents_every_option(capsys):
     for option in ("--questions-per-context", "--distractors", "--distill-weight", "--bidir-anneal-steps",
                    "--memory", "--decoder-lora-rank", "--resume", "--ae-weight", "--anchor-lr"):
         assert option in text
+    assert "(default: 'finetune')" in text and "(default: None)" not in text  # real defaults, once
 
 
 def test_a_run_started_before_an_option_existed_still_resumes(workspace):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The paper's ablations at one equal budget: each variant is trained from scratch by the same
+# recipe (benchmarks/configs/ablations/*.json: identical but for the one switch), then answers the
+# same seeded SQuAD-dev questions, and is compared with SAC question by question.
+#
+#   bash benchmarks/ablations.sh [VARIANT ...]   # default: all four; resumes runs and evals
+#   N=500 bash benchmarks/ablations.sh sac no-mask & N=500 bash benchmarks/ablations.sh \
+#       no-anchor-embedding compression-tokens     # two at a time on a 2-core machine
+#
+# Rows go to benchmarks/results/issue3_ablations.jsonl; the paired table is printed at the end
+# once all four have answered.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+N=${N:-500}
+THREADS=${THREADS:-1}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$THREADS
+ALL=(sac no-mask no-anchor-embedding compression-tokens)
+VARIANTS=("${@:-${ALL[@]}}")
+
+for variant in "${VARIANTS[@]}"; do
+  config=benchmarks/configs/ablations/$variant.json
+  run=runs/ablation-$variant
+  [ -d "$run/final" ] || "$PY" -m sac_rag.train --config "$config" --resume  # starts fresh if nothing to resume
+  "$PY" -m sac_rag.eval --dataset squad-dev --n "$N" --seed 0 --threads "$THREADS" --method sac \
+    --checkpoint "$run/final" --label "ablation-$variant" --results benchmarks/results/issue3_ablations.jsonl
+done
+
+files=()
+for variant in "${ALL[@]}"; do
+  files+=(benchmarks/results/predictions/ablation-"$variant"-*-squad-dev-n"$N"-s0.jsonl)
+done
+if ls "${files[@]}" >/dev/null 2>&1; then
+  "$PY" benchmarks/paired.py --dataset squad-dev --n "$N" "${files[@]}"
+fi

@@ -1,0 +1,59 @@
+"""Paired comparison of methods that answered the same questions: mean SQuAD F1 of each and its
+difference to a reference, with a 95% bootstrap interval over questions.
+
+    python benchmarks/paired.py --dataset squad-dev --n 500 \\
+        benchmarks/results/predictions/ablation-sac-*-squad-dev-n500-s0.jsonl \\
+        benchmarks/results/predictions/ablation-no-mask-*-squad-dev-n500-s0.jsonl
+
+The first prediction file is the reference. Resampling the per-question differences (one
+resample for both methods) gives a much tighter interval than comparing two unpaired CIs, which
+is what small ablations need. Prediction files are the per-question caches that
+``python -m sac_rag.eval`` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sac_rag.eval import DATASETS, load_questions, read_predictions
+from sac_rag.metrics import bootstrap_ci, squad_f1
+
+
+def per_question_f1(path: Path, questions) -> list[float]:
+    predictions = read_predictions(path)
+    missing = [q.id for q in questions if q.id not in predictions]
+    if missing:
+        raise SystemExit(f"{path} lacks {len(missing)} of the {len(questions)} questions "
+                         f"(e.g. {missing[0]}); run its eval command to completion first")
+    return [100 * squad_f1(predictions[q.id], q.answers) for q in questions]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("predictions", nargs="+", type=Path, help="prediction files; the first is the reference")
+    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    reference, *others = args.predictions
+    base = per_question_f1(reference, questions)
+    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {reference.name}\n")
+    print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) |")
+    print("|---|---|---|")
+    for path in [reference, *others]:
+        f1 = per_question_f1(path, questions)
+        lo, hi = bootstrap_ci(f1)
+        diff = [a - b for a, b in zip(f1, base)]
+        dlo, dhi = bootstrap_ci(diff)
+        delta = "-" if path == reference else f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
+        print(f"| {path.name} | {sum(f1) / len(f1):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
