@@ -6,6 +6,7 @@
 #   bash benchmarks/ablations.sh [VARIANT ...]   # default: all four; resumes runs and evals
 #   N=500 bash benchmarks/ablations.sh sac no-mask & N=500 bash benchmarks/ablations.sh \
 #       no-anchor-embedding compression-tokens     # two at a time on a 2-core machine
+#   bash benchmarks/ablations.sh sac-seed4       # SAC again with another seed: run-to-run spread
 #
 # Rows go to benchmarks/results/issue3_ablations.jsonl; the paired table is printed at the end
 # once all four have answered.
