@@ -6,7 +6,7 @@
 #   bash benchmarks/ablations.sh [VARIANT ...]   # default: all four; resumes runs and evals
 #   N=500 bash benchmarks/ablations.sh sac no-mask & N=500 bash benchmarks/ablations.sh \
 #       no-anchor-embedding compression-tokens     # two at a time on a 2-core machine
-#   bash benchmarks/ablations.sh sac-seed4       # SAC again with another seed: run-to-run spread
+#   bash benchmarks/ablations.sh sac-seed4 no-mask-seed4   # the same pair with another seed
 #
 # Rows go to benchmarks/results/issue3_ablations.jsonl; the paired table is printed at the end
 # once all four have answered.
@@ -29,7 +29,8 @@ done
 
 files=()
 for variant in "${ALL[@]}"; do
-  files+=(benchmarks/results/predictions/ablation-"$variant"-*-squad-dev-n"$N"-s0.jsonl)
+  # ???????? is the compressor's fingerprint (so "sac" does not also match "sac-seed4")
+  files+=(benchmarks/results/predictions/ablation-"$variant"-????????-squad-dev-n"$N"-s0.jsonl)
 done
 if ls "${files[@]}" >/dev/null 2>&1; then
   "$PY" benchmarks/paired.py --dataset squad-dev --n "$N" "${files[@]}"

@@ -5,7 +5,8 @@ difference to a reference, with a 95% bootstrap interval over questions.
         benchmarks/results/predictions/ablation-sac-*-squad-dev-n500-s0.jsonl \\
         benchmarks/results/predictions/ablation-no-mask-*-squad-dev-n500-s0.jsonl
 
-The first prediction file is the reference. Resampling the per-question differences (one
+The first prediction file is the reference. ``a.jsonl+b.jsonl`` stands for the per-question
+mean of several runs (e.g. two training seeds of one variant). Resampling the per-question differences (one
 resample for both methods) gives a much tighter interval than comparing two unpaired CIs, which
 is what small ablations need. Prediction files are the per-question caches that
 ``python -m sac_rag.eval`` writes.
@@ -30,9 +31,16 @@ def per_question_f1(path: Path, questions) -> list[float]:
     return [100 * squad_f1(predictions[q.id], q.answers) for q in questions]
 
 
+def averaged_f1(spec: str, questions) -> list[float]:
+    """Per-question F1 of one prediction file, or the mean over ``+``-joined files."""
+    runs = [per_question_f1(Path(path), questions) for path in spec.split("+")]
+    return [sum(values) / len(values) for values in zip(*runs)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("predictions", nargs="+", type=Path, help="prediction files; the first is the reference")
+    parser.add_argument("predictions", nargs="+",
+                        help="prediction files (or a+b: their per-question mean); the first is the reference")
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--n", type=int, required=True)
@@ -41,18 +49,22 @@ def main(argv: list[str] | None = None) -> int:
 
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
     reference, *others = args.predictions
-    base = per_question_f1(reference, questions)
-    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {reference.name}\n")
+    base = averaged_f1(reference, questions)
+    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(reference)}\n")
     print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) |")
     print("|---|---|---|")
     for path in [reference, *others]:
-        f1 = per_question_f1(path, questions)
+        f1 = averaged_f1(path, questions)
         lo, hi = bootstrap_ci(f1)
         diff = [a - b for a, b in zip(f1, base)]
         dlo, dhi = bootstrap_ci(diff)
         delta = "-" if path == reference else f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
-        print(f"| {path.name} | {sum(f1) / len(f1):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
+        print(f"| {_name(path)} | {sum(f1) / len(f1):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
     return 0
+
+
+def _name(spec: str) -> str:
+    return " + ".join(Path(path).name for path in spec.split("+"))
 
 
 if __name__ == "__main__":
