@@ -1,15 +1,15 @@
 """Paired comparison of methods that answered the same questions: mean SQuAD F1 of each and its
 difference to a reference, with a 95% bootstrap interval over questions.
 
+    P=benchmarks/results/predictions   # ???????? = the compressor's fingerprint
     python benchmarks/paired.py --dataset squad-dev --n 500 \\
-        benchmarks/results/predictions/ablation-sac-*-squad-dev-n500-s0.jsonl \\
-        benchmarks/results/predictions/ablation-no-mask-*-squad-dev-n500-s0.jsonl
+        $P/ablation-sac-????????-squad-dev-n500-s0.jsonl $P/ablation-no-mask-????????-squad-dev-n500-s0.jsonl
 
-The first prediction file is the reference. ``a.jsonl+b.jsonl`` stands for the per-question
-mean of several runs (e.g. two training seeds of one variant). Resampling the per-question differences (one
-resample for both methods) gives a much tighter interval than comparing two unpaired CIs, which
-is what small ablations need. Prediction files are the per-question caches that
-``python -m sac_rag.eval`` writes.
+The first prediction file is the reference; ``a.jsonl+b.jsonl`` stands for the per-question mean
+of several runs (e.g. two training seeds of one variant). Resampling the per-question
+differences (one resample for both methods) gives a much tighter interval than comparing two
+unpaired CIs, which is what small ablations need. Prediction files are the per-question caches
+that ``python -m sac_rag.eval`` writes.
 """
 
 from __future__ import annotations
