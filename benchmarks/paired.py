@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from sac_rag.eval import DATASETS, load_questions, read_predictions
-from sac_rag.metrics import bootstrap_ci, squad_f1
+from sac_rag.metrics import bootstrap_ci, score
 
 
 def per_question_f1(path: Path, questions) -> list[float]:
@@ -28,7 +28,7 @@ def per_question_f1(path: Path, questions) -> list[float]:
     if missing:
         raise SystemExit(f"{path} lacks {len(missing)} of the {len(questions)} questions "
                          f"(e.g. {missing[0]}); run its eval command to completion first")
-    return [100 * squad_f1(predictions[q.id], q.answers) for q in questions]
+    return score([predictions[q.id] for q in questions], [q.answers for q in questions])["f1"]
 
 
 def averaged_f1(spec: str, questions) -> list[float]:
@@ -48,18 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
-    reference, *others = args.predictions
-    base = averaged_f1(reference, questions)
-    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(reference)}\n")
+    specs = args.predictions
+    f1 = {spec: averaged_f1(spec, questions) for spec in specs}  # each file read and scored once
+    base = f1[specs[0]]
+    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(specs[0])}\n")
     print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) |")
     print("|---|---|---|")
-    for path in [reference, *others]:
-        f1 = averaged_f1(path, questions)
-        lo, hi = bootstrap_ci(f1)
-        diff = [a - b for a, b in zip(f1, base)]
+    for spec in specs:
+        lo, hi = bootstrap_ci(f1[spec])
+        diff = [a - b for a, b in zip(f1[spec], base)]
         dlo, dhi = bootstrap_ci(diff)
-        delta = "-" if path == reference else f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
-        print(f"| {_name(path)} | {sum(f1) / len(f1):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
+        delta = "-" if spec == specs[0] else f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
+        print(f"| {_name(spec)} | {sum(f1[spec]) / len(f1[spec]):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
     return 0
 
 

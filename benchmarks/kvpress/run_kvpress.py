@@ -149,13 +149,12 @@ class Runner:
             pos += 1
             ids.append(int(out.logits[0, -1].argmax()))
         t2 = time.perf_counter()
-        per_entry = self.head_entry_bytes
         return {
             "text": text.split("\n", 1)[0].strip() if stop_at_newline else text,
             "ttft_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": len(ids),
             "context_tokens": len(ctx_ids), "question_tokens": len(q_ids),
             "kept_context_entries_per_layer_head": kept / (self.layers * self.kv_heads),
-            "kv_bytes_context": kept * per_entry, "kv_bytes_held": held_entries * per_entry,
+            "kv_bytes_context": kept * self.head_entry_bytes, "kv_bytes_held": held_entries * self.head_entry_bytes,
             "window_reduced": window_reduced,
         }
 
