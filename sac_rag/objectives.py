@@ -10,6 +10,7 @@ distillation from the frozen decoder reading the full text, and the +AE ablation
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -103,13 +104,25 @@ class ExampleBuilder:
 
 class SACObjective:
     """Loss of the SAC compressor on a micro-batch; the decoder is the same model in
-    ``decoder_mode`` (adapters off, or its own decoder adapter). The distillation teacher is
-    the frozen base model reading the full text."""
+    ``decoder_mode`` (adapters off, or its own decoder adapter).
 
-    def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0):
+    Distillation (``distill_weight`` > 0) adds the KL divergence from a teacher that reads the
+    passages as full text to the decoder reading them compressed, at the same positions: the
+    frozen base model by default, or ``teacher`` (e.g. the Full-FT model). With
+    ``distill_tokens="all"`` it covers every prompt and answer token of each decoder row, not
+    only the answer: a question's tokens are predictable from the passage, so the teacher's
+    distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
+    """
+
+    def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
+                 teacher=None, distill_tokens: str = "answer"):
+        if distill_tokens not in ("answer", "all"):
+            raise ValueError(f"distill_tokens must be 'answer' or 'all', got {distill_tokens!r}")
         self.compressor = compressor
         self.distill_weight = distill_weight
         self.ae_weight = ae_weight
+        self.teacher = teacher
+        self.distill_tokens = distill_tokens
         tokenizer = compressor.tokenizer
         self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
         self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
@@ -160,35 +173,45 @@ class SACObjective:
             for row in ex.rows:
                 rows.append(row)
                 row_owner.append(i)
+        every_token = self.distill_weight > 0 and self.distill_tokens == "all"
         with comp.decoder_mode():
-            logits, labels = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner)
-        ce = F.cross_entropy(logits.float(), labels)
-        loss, stats = ce, {"ce": ce.item(), "target_tokens": labels.numel()}
+            logits, labels, is_target = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner,
+                                                     every_token=every_token)
+        ce = F.cross_entropy(logits[is_target].float(), labels[is_target])
+        loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum())}
 
         if self.distill_weight > 0:
-            with torch.no_grad(), comp.frozen_mode():
-                teacher_caches = [
-                    _context_kv(comp.base_model, self.prefix + [t for passage in ex.passages for t in passage],
-                                comp.device)
-                    for ex in examples
-                ]
-                teacher_logits, _ = _decode_rows(comp.base_model, teacher_caches, context_lengths, rows, row_owner)
-            kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
-                          log_target=True, reduction="batchmean")
+            kl = self._distillation(examples, context_lengths, rows, row_owner, logits, every_token)
             loss = loss + self.distill_weight * kl
             stats["kl"] = kl.item()
+            stats["distilled_tokens"] = len(labels)
 
         if self.ae_weight > 0:
             texts = [[t for passage in ex.passages for t in passage][: chunk_len + 1] for ex in examples]
             ae_rows = [(text[:1], text[1:]) for text in texts]
             with comp.decoder_mode():
-                ae_logits, ae_labels = _decode_rows(comp.base_model, caches, context_lengths, ae_rows,
-                                                    list(range(len(examples))))
+                ae_logits, ae_labels, _ = _decode_rows(comp.base_model, caches, context_lengths, ae_rows,
+                                                       list(range(len(examples))))
             ae = F.cross_entropy(ae_logits.float(), ae_labels)
             loss = loss + self.ae_weight * ae
             stats["ae"] = ae.item()
         stats["loss"] = loss.item()
         return loss, stats
+
+    def _distillation(self, examples, context_lengths, rows, row_owner, logits, every_token) -> torch.Tensor:
+        """Mean per-token KL(teacher || student) over the positions ``logits`` were taken at."""
+        comp = self.compressor
+        teacher = self.teacher if self.teacher is not None else comp.base_model
+        frozen = contextlib.nullcontext() if self.teacher is not None else comp.frozen_mode()
+        with torch.no_grad(), frozen:
+            teacher_caches = [
+                _context_kv(teacher, self.prefix + [t for passage in ex.passages for t in passage], comp.device)
+                for ex in examples
+            ]
+            teacher_logits, _, _ = _decode_rows(teacher, teacher_caches, context_lengths, rows, row_owner,
+                                                every_token=every_token)
+        return F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
+                        log_target=True, reduction="batchmean")
 
 
 class FullTextObjective:
@@ -209,19 +232,21 @@ class FullTextObjective:
             context = self.prefix + [t for passage in ex.passages for t in passage]
             for prompt, target in ex.rows:
                 sequences.append((context + prompt, target))
-        ids, mask, labels = _pad_rows(sequences)
+        ids, mask, labels, is_target = _pad_rows(sequences)
         hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        labels = labels.to(device)
-        keep = labels != IGNORE
+        labels, keep = labels.to(device), is_target.to(device)
         loss = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep])
         return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum())}
 
 
 def _pad_rows(rows: list[tuple[list[int], list[int]]]):
-    """Right-padded ``(ids, mask, labels)`` for (prompt, target) rows; labels mark the targets."""
+    """Right-padded ``(ids, mask, labels, is_target)`` for (prompt, target) rows. ``labels`` holds
+    the next token at every position that has one; ``is_target`` marks the positions whose next
+    token is a target (the first target token is predicted from the last prompt token)."""
     width = max(len(prompt) + len(target) for prompt, target in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    is_target = torch.zeros(len(rows), width, dtype=torch.bool)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, (prompt, target) in enumerate(rows):
         if not prompt:
@@ -229,9 +254,9 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]]):
         seq = prompt + target
         ids[r, : len(seq)] = torch.as_tensor(seq)
         mask[r, : len(seq)] = 1
-        # logits at position t predict token t+1: the first target token from the last prompt token
-        labels[r, len(prompt) - 1 : len(seq) - 1] = torch.as_tensor(target)
-    return ids, mask, labels
+        labels[r, : len(seq) - 1] = torch.as_tensor(seq[1:])
+        is_target[r, len(prompt) - 1 : len(seq) - 1] = True
+    return ids, mask, labels, is_target
 
 
 def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,15 +266,17 @@ def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tens
     return torch.stack([lay.keys[0] for lay in layers]), torch.stack([lay.values[0] for lay in layers])
 
 
-def _decode_rows(model, caches, context_lengths, rows, row_owner):
+def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False):
     """Decoder pass over many rows at once. Row r reads cache ``caches[row_owner[r]]`` (left-padded
     to a common length, pads masked), then its prompt + target tokens at positions continuing
-    from its context length. Returns logits ``[labelled tokens, vocab]`` and their labels."""
+    from its context length. Returns logits ``[kept tokens, vocab]``, their next-token labels and
+    which of them are targets; kept are the target positions, or every position with a next
+    token when ``every_token``."""
     from transformers import DynamicCache
 
     device = caches[0][0].device
     width_cache = max(k.shape[2] for k, _ in caches)
-    ids, text_mask, labels = _pad_rows(rows)
+    ids, text_mask, labels, is_target = _pad_rows(rows)
     width_text = ids.shape[1]
     cache_mask = torch.zeros(len(rows), width_cache, dtype=torch.long)
     index = torch.as_tensor(row_owner, device=device)
@@ -275,7 +302,7 @@ def _decode_rows(model, caches, context_lengths, rows, row_owner):
         cache=cache,
         use_cache=True,
     ).last_hidden_state
-    labels = labels.to(device)
-    keep = labels != IGNORE
-    # The LM head (vocab-sized) only where there is a label: most of a step's cost otherwise.
-    return model.get_output_embeddings()(hidden[keep]), labels[keep]
+    keep = (labels != IGNORE) if every_token else is_target
+    keep = keep.to(device)
+    # The LM head (vocab-sized) only where it is needed: most of a step's cost otherwise.
+    return model.get_output_embeddings()(hidden[keep]), labels.to(device)[keep], is_target.to(device)[keep]

@@ -76,7 +76,11 @@ class TrainConfig:
     distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
     distractor_source: str = _help("'random' (any training paragraph) or 'same_article' (like retrieval "
                                    "neighbours; falls back to random for short articles)", default="random")
-    distill_weight: float = _help("weight of KL to the frozen decoder reading the full text", default=0.0)
+    distill_weight: float = _help("weight of the KL to a teacher reading the full text", default=0.0)
+    distill_teacher: str = _help("the teacher: a Full-FT adapter directory (train one with --method full_ft) "
+                                 "on the same base model; empty = the frozen base model", default="")
+    distill_tokens: str = _help("'answer' (distil answer tokens) or 'all' (every question and answer token)",
+                                default="answer")
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
     lm_min_tokens: int = _help("pretrain: shortest document window", default=510)
     lm_max_tokens: int = _help("pretrain: longest document window", default=2040)
@@ -111,6 +115,10 @@ class TrainConfig:
             raise SACError("batch_size must be a multiple of micro_batch_size")
         if self.distractor_source not in ("random", "same_article"):
             raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
+        if self.distill_tokens not in ("answer", "all"):
+            raise SACError(f"distill_tokens must be 'answer' or 'all', got {self.distill_tokens!r}")
+        if self.distill_teacher and not self.distill_weight:
+            raise SACError("distill_teacher is set but distill_weight is 0: give the KL term a weight")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -184,15 +192,20 @@ def _check_ranks_agree(model, world: int) -> None:
 # -- model --------------------------------------------------------------------------------------
 
 
+FULL_FT_META = "sac_full_ft.json"  # beside a Full-FT adapter: its prompt and base model
+
+
 class _FullFTModel:
     """The Full-FT baseline's trainable state: a peft LoRA on the base model (decoder side)."""
 
     def __init__(self, cfg: TrainConfig, device):
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        from .fingerprint import base_model_fingerprint
         from .models import load_base_model
 
         base, self.tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")
+        self.base_model, self.base_fingerprint = cfg.base_model, base_model_fingerprint(base, self.tokenizer)
         if cfg.init_from:
             self.model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
         else:
@@ -202,7 +215,9 @@ class _FullFTModel:
 
     def save_pretrained(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
-        atomic_write(directory / "sac_full_ft.json", json.dumps({"prompt": dataclasses.asdict(self.template)}).encode())
+        meta = {"prompt": dataclasses.asdict(self.template), "base_model": self.base_model,
+                "base_fingerprint": self.base_fingerprint}
+        atomic_write(directory / FULL_FT_META, json.dumps(meta).encode())
 
     def load_weights(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -243,8 +258,33 @@ def build_model(cfg: TrainConfig, device: torch.device):
     for name, param in comp.named_parameters():
         param.requires_grad_("lora_" in name or name == "anchor_embedding")
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
-    objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight)
+    teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
+    objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
+                             teacher=teacher, distill_tokens=cfg.distill_tokens)
     return comp, objective
+
+
+def load_teacher(adapter_dir: str, comp, device: torch.device):
+    """The distillation teacher: the compressor's base model with a Full-FT adapter merged in, as a
+    separate frozen copy. Refused when the adapter was trained on another base model."""
+    from peft import PeftModel
+
+    from .errors import FingerprintMismatchError
+    from .fingerprint import same_base_model
+    from .models import load_base_model
+
+    directory = Path(adapter_dir)
+    if not (directory / "adapter_model.safetensors").exists() or not (directory / FULL_FT_META).exists():
+        raise SACError(f"distill_teacher {adapter_dir} holds no adapter_model.safetensors and {FULL_FT_META}: "
+                       f"pass a Full-FT run's checkpoint directory (python -m sac_rag.train --method full_ft)")
+    recorded = json.loads((directory / FULL_FT_META).read_text()).get("base_fingerprint", "")
+    if not same_base_model(recorded, comp.base_fingerprint):
+        raise FingerprintMismatchError(f"distillation teacher {adapter_dir}", comp.base_fingerprint, recorded,
+                                       "train the teacher on the compressor's base model")
+    base, _ = load_base_model(comp.config.base_model, device=device, dtype="float32")
+    teacher = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
@@ -543,7 +583,8 @@ def train(cfg: TrainConfig) -> Path:
                 loss, stats_ = objective.loss(micro, future_bias=future_bias)
             (loss * len(micro) / per_rank).backward()
             for k, v in stats_.items():
-                step_stats[k] = step_stats.get(k, 0.0) + (v if k == "target_tokens" else v * len(micro) / per_rank)
+                counted = k in ("target_tokens", "distilled_tokens")
+                step_stats[k] = step_stats.get(k, 0.0) + (v if counted else v * len(micro) / per_rank)
         _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

@@ -1,6 +1,7 @@
 """How training examples are built: questions per paragraph and distractor passages."""
 
 import pytest
+import torch
 from conftest import make_tiny_llama
 
 from sac_rag.config import PromptTemplate
@@ -59,3 +60,53 @@ def test_examples_are_deterministic_per_index_and_seed(tokenizer):
 def test_a_pool_without_other_passages_gives_the_gold_passage_alone(tokenizer):
     builder = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2)
     assert _texts(tokenizer, builder.qa(POOL[0], 0, [POOL[0], POOL[0]])) == [POOL[0].context]
+
+
+# -- distillation from a teacher reading the full text ------------------------------------------
+
+
+def _kv_dropping(ratio: int, seed: int = 0):
+    """An untrained causal compressor without anchor embedding: at ratio 1 its caches are exactly
+    the full text's K/V, so the decoder reading them is the frozen model reading the text."""
+    from sac_rag import SACCompressor, SACConfig
+
+    model, tokenizer = make_tiny_llama(seed)
+    config = SACConfig(base_model="tiny", ratio=ratio, chunk_len=64, lora_rank=4, lora_alpha=8,
+                       bidirectional=False, anchor_embedding="none")
+    return SACCompressor(config, model=model, tokenizer=tokenizer)
+
+
+def _loss_stats(comp, teacher=None, distill_tokens="all"):
+    from sac_rag.objectives import SACObjective
+
+    builder = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2)
+    examples = [builder.qa(POOL[i], i, POOL) for i in (0, 5)]
+    # No prefix text: chunks are encoded on their own, so only then is ratio 1 the full text's K/V.
+    objective = SACObjective(comp, distill_weight=1.0, teacher=teacher,
+                             distill_tokens=distill_tokens)
+    with torch.no_grad():
+        return objective.loss(examples)[1], examples
+
+
+def test_distillation_is_zero_when_the_caches_hold_the_full_text():
+    stats, _ = _loss_stats(_kv_dropping(ratio=1))
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_measures_what_compression_lost():
+    assert _loss_stats(_kv_dropping(ratio=3))[0]["kl"] > 1e-3
+
+
+def test_distilling_every_token_covers_each_question_and_answer_token_but_trains_ce_on_answers_only():
+    comp = _kv_dropping(ratio=3)
+    every, examples = _loss_stats(comp, distill_tokens="all")
+    answers_only, _ = _loss_stats(comp, distill_tokens="answer")
+    rows = [row for ex in examples for row in ex.rows]
+    assert every["distilled_tokens"] == sum(len(prompt) + len(target) - 1 for prompt, target in rows)
+    assert answers_only["distilled_tokens"] == every["target_tokens"] == sum(len(target) for _, target in rows)
+    assert every["ce"] == pytest.approx(answers_only["ce"], rel=1e-5)
+
+
+def test_a_given_teacher_replaces_the_frozen_base_model():
+    other, _ = make_tiny_llama(seed=7)
+    assert _loss_stats(_kv_dropping(ratio=1), teacher=other)[0]["kl"] > 1e-3

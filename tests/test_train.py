@@ -168,3 +168,36 @@ def test_a_run_started_before_an_option_existed_still_resumes(workspace):
 def test_unknown_distractor_source_is_refused():
     with pytest.raises(SACError, match="distractor_source"):
         parse_config(["--distractor-source", "nearest"])
+
+
+def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
+    teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1")))
+    train(parse_config(_args(workspace, "student", "--max-steps", "2", "--distill-weight", "1.0",
+                             "--distill-teacher", str(teacher), "--distill-tokens", "all")))
+    rows = [json.loads(line) for line in (workspace / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["kl"] > 0 and r["distilled_tokens"] > r["target_tokens"]
+        assert r["loss"] == pytest.approx(r["ce"] + r["kl"], rel=1e-4)
+
+
+def test_a_teacher_trained_on_another_base_model_is_refused_naming_both(workspace):
+    from sac_rag.errors import FingerprintMismatchError
+
+    other, tokenizer = make_tiny_llama(seed=7)
+    other.save_pretrained(workspace / "other-model")
+    tokenizer.save_pretrained(workspace / "other-model")
+    teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1",
+                                       "--base-model", str(workspace / "other-model"))))
+    with pytest.raises(FingerprintMismatchError, match="distillation teacher") as err:
+        train(parse_config(_args(workspace, "student", "--max-steps", "1", "--distill-weight", "1.0",
+                                 "--distill-teacher", str(teacher))))
+    assert err.value.expected != err.value.found
+
+
+def test_a_teacher_without_weight_or_without_adapter_is_an_error(workspace):
+    with pytest.raises(SACError, match="distill_weight is 0"):
+        parse_config(_args(workspace, "x", "--distill-teacher", str(workspace)))
+    with pytest.raises(SACError, match="no adapter_model.safetensors and sac_full_ft.json"):
+        train(parse_config(_args(workspace, "y", "--distill-weight", "1", "--distill-teacher", str(workspace))))
