@@ -106,6 +106,17 @@ class SACCompressor(torch.nn.Module):
         self.model.set_adapter("default")
         self._fingerprint_cache = self._lora_parameters = self._lora_layers = None
 
+    def retarget_ratio(self, ratio: int) -> None:
+        """Compress at another ratio from now on, keeping the trained weights: a warm start for
+        training a compressor at that ratio (the encoder and a shared anchor embedding do not
+        depend on the ratio; a per-slot table does, and is refused)."""
+        if self.config.anchor_embedding == "per_slot" or self.config.memory == "compression_tokens":
+            raise InvalidInputError("a per-slot anchor table has one row per anchor of the old ratio: "
+                                    "train a compressor with anchor_embedding='shared' to change ratios")
+        self.config.ratio = ratio
+        self.config.validate()
+        self._fingerprint_cache = None
+
     # -- properties -------------------------------------------------------------------------
 
     @property

@@ -55,6 +55,8 @@ class TrainConfig:
     held_out_fraction: float = _help("fraction of training articles held out when eval_data is unset", default=0.05)
     out_dir: str = _help("run directory: checkpoints, metrics.jsonl, loss_curve.png, final/", default="runs/sac")
     init_from: str = _help("start from this compressor checkpoint (e.g. the pretrain stage's final/)", default="")
+    init_ratio: int = _help("with init_from: train its weights at this compression ratio instead of the "
+                            "checkpoint's (a warm start for another ratio; 0 = keep)", default=0)
     resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
     # compressor (ignored with init_from, which brings its own)
     base_model: str = _help("base causal LM: built-in name, local path or hub id", default="smollm2-135m")
@@ -117,6 +119,8 @@ class TrainConfig:
             raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
         if self.distill_tokens not in ("answer", "all"):
             raise SACError(f"distill_tokens must be 'answer' or 'all', got {self.distill_tokens!r}")
+        if self.init_ratio and not self.init_from:
+            raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
         if self.distill_teacher and not self.distill_weight:
             raise SACError("distill_teacher is set but distill_weight is 0: give the KL term a weight")
 
@@ -244,6 +248,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
         comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
         if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
+        if cfg.init_ratio:
+            comp.retarget_ratio(cfg.init_ratio)
     else:
         comp = SACCompressor(
             SACConfig(

@@ -319,3 +319,23 @@ def test_decoder_adapter_refuses_caches_from_other_compressors_of_the_same_base(
     plain = _compressor(make_tiny_llama())  # same base weights, another encoder
     with pytest.raises(FingerprintMismatchError):
         Generator.from_compressor(comp).generate([plain.compress(TEXT), " the tower"])
+
+
+def test_retargeting_the_ratio_keeps_the_weights_and_changes_anchors_and_fingerprint(tiny):
+    comp = _compressor(tiny, ratio=5)
+    ids = _ids(tiny[1])[:60]
+    before, fingerprint = comp.compress_chunks([ids])[0], comp.fingerprint
+    weights = {k: v.clone() for k, v in comp.trainable_tensors().items()}
+    comp.retarget_ratio(15)
+    after = comp.compress_chunks([ids])[0]
+    assert after.positions.tolist() == [7, 22, 37, 52] and before.positions.tolist() == list(range(2, 60, 5))
+    # Token 7 is an anchor at both ratios: its first-layer K/V (its own input) is the same.
+    torch.testing.assert_close(after.keys[0, :, 0], before.keys[0, :, 1])
+    for name, value in comp.trainable_tensors().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    assert comp.fingerprint != fingerprint and comp.config.ratio == 15
+
+
+def test_a_per_slot_anchor_table_cannot_change_ratio(tiny):
+    with pytest.raises(InvalidInputError, match="per-slot"):
+        _compressor(tiny, anchor_embedding="per_slot").retarget_ratio(15)

@@ -201,3 +201,12 @@ def test_a_teacher_without_weight_or_without_adapter_is_an_error(workspace):
         parse_config(_args(workspace, "x", "--distill-teacher", str(workspace)))
     with pytest.raises(SACError, match="no adapter_model.safetensors and sac_full_ft.json"):
         train(parse_config(_args(workspace, "y", "--distill-weight", "1", "--distill-teacher", str(workspace))))
+
+
+def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
+    first = train(parse_config(_args(workspace, "r2", "--max-steps", "1")))
+    final = train(parse_config(_args(workspace, "r4", "--max-steps", "1", "--init-from", str(first),
+                                     "--init-ratio", "4")))
+    assert json.loads((final / "config.json").read_text())["config"]["ratio"] == 4
+    with pytest.raises(SACError, match="init_ratio"):
+        parse_config(_args(workspace, "x", "--init-ratio", "4"))
