@@ -281,9 +281,13 @@ def load_teacher(adapter_dir: str, comp, device: torch.device):
 
     directory = Path(adapter_dir)
     if not (directory / "adapter_model.safetensors").exists() or not (directory / FULL_FT_META).exists():
-        raise SACError(f"distill_teacher {adapter_dir} holds no adapter_model.safetensors and {FULL_FT_META}: "
-                       f"pass a Full-FT run's checkpoint directory (python -m sac_rag.train --method full_ft)")
-    recorded = json.loads((directory / FULL_FT_META).read_text()).get("base_fingerprint", "")
+        raise SACError(f"distill_teacher {adapter_dir} is not a Full-FT checkpoint (it needs "
+                       f"adapter_model.safetensors and {FULL_FT_META}): pass a checkpoint directory of "
+                       f"python -m sac_rag.train --method full_ft")
+    recorded = json.loads((directory / FULL_FT_META).read_text()).get("base_fingerprint")
+    if not recorded:
+        raise SACError(f"{directory / FULL_FT_META} records no base-model fingerprint (written by an older "
+                       f"sac_rag), so its base model cannot be checked: retrain the Full-FT teacher")
     if not same_base_model(recorded, comp.base_fingerprint):
         raise FingerprintMismatchError(f"distillation teacher {adapter_dir}", comp.base_fingerprint, recorded,
                                        "train the teacher on the compressor's base model")
