@@ -15,6 +15,7 @@ N=${1:-200}
 SHIFT_N=${2:-200}
 PY=${PYTHON:-.venv/bin/python}
 SAC=${SAC_CHECKPOINT:-smollm2-135m-sac-5x}
+SAC15=${SAC15_CHECKPOINT:-smollm2-135m-sac-15x}
 FULLFT=benchmarks/checkpoints/full-ft-smollm2-135m-squad
 export HF_HUB_OFFLINE=1
 
@@ -34,8 +35,9 @@ for dataset in squad-dev squadshifts-new-wiki; do
             --label "$label+fullft-decoder"
     done
   done
-  # The trained compressor (SAC_CHECKPOINT to evaluate another one).
+  # The trained compressors (SAC_CHECKPOINT / SAC15_CHECKPOINT to evaluate others).
   eval_ --dataset "$dataset" --method sac --checkpoint "$SAC" --label sac-5x
+  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC15" --label sac-15x
 done
 
 # What 8-bit storage of its caches costs.

@@ -85,6 +85,19 @@ def test_builtin_model_name_loads_from_the_cache(smollm2_fp32):
     assert tokenizer.eos_token == "<|im_end|>"
 
 
+@pytest.mark.parametrize("ratio", [5, 15])
+def test_each_shipped_compressor_loads_offline_by_name_and_compresses_at_its_ratio(ratio):
+    from sac_rag.compressor import PRETRAINED_DIR, list_pretrained
+
+    name = f"smollm2-135m-sac-{ratio}x"
+    assert name in list_pretrained()
+    assert (PRETRAINED_DIR / name / "compressor.safetensors").stat().st_size < 25e6  # the size budget
+    assert (PRETRAINED_DIR / name / "MODEL_CARD.md").exists()
+    compressor = SACCompressor.from_pretrained(name, device="cpu")
+    (chunk,) = compressor.compress(CONTEXT)
+    assert compressor.config.ratio == ratio and chunk.keys.shape[2] == -(-(chunk.n_tokens - (ratio - 1) // 2) // ratio)
+
+
 def test_missing_model_package_error_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setenv("SAC_RAG_CACHE", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
