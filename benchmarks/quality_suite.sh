@@ -8,7 +8,8 @@
 # benchmarks/results/predictions, so an interrupted run resumes (rerunning a finished command
 # costs only its timing samples and appends a fresh row; the report keeps the last).
 # Peer baselines from NVIDIA kvpress need their own environment: benchmarks/kvpress/README.md.
-# 34 minutes on an idle 2-core machine at the defaults, cold (no cached predictions).
+# 34 minutes on an idle 2-core machine at the defaults, cold (no cached predictions), measured
+# before the two sac-15x commands were added (each ~3.5 min on one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-200}
