@@ -4,7 +4,8 @@
 encoder, let the frozen decoder (adapter off) read the anchor K/V in the same layout the
 ``Generator`` uses at inference, and take cross-entropy on the continuation (pretraining) or
 answer (QA). Optional extras: several questions per compressed context, distractor passages,
-distillation from the frozen decoder reading the full text, and the +AE ablation.
+distillation from a teacher reading the full text (the frozen decoder, or the Full-FT model),
+and the +AE ablation.
 ``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
 """
 
