@@ -110,7 +110,7 @@ class SACCompressor(torch.nn.Module):
         """Compress at another ratio from now on, keeping the trained weights: a warm start for
         training a compressor at that ratio (the encoder and a shared anchor embedding do not
         depend on the ratio; a per-slot table does, and is refused)."""
-        if self.config.anchor_embedding == "per_slot" or self.config.memory == "compression_tokens":
+        if self.config.anchor_embedding == "per_slot":  # compression tokens always have one
             raise InvalidInputError("a per-slot anchor table has one row per anchor of the old ratio: "
                                     "train a compressor with anchor_embedding='shared' to change ratios")
         self.config.ratio = ratio

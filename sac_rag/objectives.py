@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .data import Paragraph
 
 IGNORE = -100
+DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation KL covers
 
 
 @dataclass
@@ -117,8 +118,8 @@ class SACObjective:
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
                  teacher=None, distill_tokens: str = "answer"):
-        if distill_tokens not in ("answer", "all"):
-            raise ValueError(f"distill_tokens must be 'answer' or 'all', got {distill_tokens!r}")
+        if distill_tokens not in DISTILL_TOKENS:
+            raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
         self.compressor = compressor
         self.distill_weight = distill_weight
         self.ae_weight = ae_weight

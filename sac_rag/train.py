@@ -28,9 +28,9 @@ import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
 from .data import LoadStats, iter_texts, read_qa, split_by_title
-from .errors import SACError
+from .errors import FingerprintMismatchError, SACError
 from .files import atomic_write
-from .objectives import ExampleBuilder, FullTextObjective, SACObjective
+from .objectives import DISTILL_TOKENS, ExampleBuilder, FullTextObjective, SACObjective
 
 logger = logging.getLogger("sac_rag.train")
 
@@ -117,8 +117,8 @@ class TrainConfig:
             raise SACError("batch_size must be a multiple of micro_batch_size")
         if self.distractor_source not in ("random", "same_article"):
             raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
-        if self.distill_tokens not in ("answer", "all"):
-            raise SACError(f"distill_tokens must be 'answer' or 'all', got {self.distill_tokens!r}")
+        if self.distill_tokens not in DISTILL_TOKENS:
+            raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
         if self.init_ratio and not self.init_from:
             raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
         if self.distill_teacher and not self.distill_weight:
@@ -275,7 +275,6 @@ def load_teacher(adapter_dir: str, comp, device: torch.device):
     separate frozen copy. Refused when the adapter was trained on another base model."""
     from peft import PeftModel
 
-    from .errors import FingerprintMismatchError
     from .fingerprint import same_base_model
     from .models import load_base_model
 
