@@ -95,6 +95,9 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay", default=0.1)
     betas: list[float] = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = _help("linear warm-up steps, then constant", default=300)
+    lr_decay_steps: int = _help("decay the learning rates linearly to 0 over the last N steps before "
+                                "max_steps (warmup-stable-decay; 0 = constant to the end, the paper's)",
+                                default=0)
     grad_clip: float = _help("gradient-norm clip", default=2.0)
     batch_size: int = _help("examples per optimizer step (across all ranks)", default=16)
     micro_batch_size: int = _help("examples per forward pass (gradient accumulation)", default=4)
@@ -121,6 +124,9 @@ class TrainConfig:
             raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
         if self.init_ratio and not self.init_from:
             raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
+        if not 0 <= self.lr_decay_steps <= self.max_steps:
+            raise SACError(f"lr_decay_steps must be between 0 and max_steps ({self.max_steps}), "
+                           f"got {self.lr_decay_steps}")
         if self.distill_teacher and not self.distill_weight:
             raise SACError("distill_teacher is set but distill_weight is 0: give the KL term a weight")
 
@@ -307,9 +313,14 @@ def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant (paper, App. A)."""
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, warmup: int, max_steps: int = 0, decay_steps: int = 0) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (paper, App. A); with ``decay_steps``,
+    a linear decay to 0 over the last ``decay_steps`` of ``max_steps`` (step ``max_steps - 1``,
+    the last one taken, still gets a small non-zero rate)."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if decay_steps > 0:
+        factor = min(factor, (max_steps - step) / decay_steps)
+    return factor
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -578,7 +589,7 @@ def train(cfg: TrainConfig) -> Path:
 
     while step < cfg.max_steps:
         examples = stream.next_batch(cfg.batch_size, rank, world)
-        factor = lr_factor(step, cfg.warmup_steps)
+        factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_decay_steps)
         for group, base_lr in zip(optimizer.param_groups, [cfg.lr, cfg.anchor_lr or cfg.lr]):
             group["lr"] = base_lr * factor
         future_bias = 0.0
