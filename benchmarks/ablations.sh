@@ -7,6 +7,7 @@
 #   N=500 bash benchmarks/ablations.sh sac no-mask & N=500 bash benchmarks/ablations.sh \
 #       no-anchor-embedding compression-tokens     # two at a time on a 2-core machine
 #   bash benchmarks/ablations.sh sac-seed4 no-mask-seed4   # the same pair with another seed
+#   bash benchmarks/ablations.sh lm-then-qa   # the SAC recipe after 60 LM-pretraining steps
 #
 # Rows go to benchmarks/results/issue3_ablations.jsonl; the paired table is printed at the end
 # once all four have answered.
@@ -22,6 +23,9 @@ VARIANTS=("${@:-${ALL[@]}}")
 for variant in "${VARIANTS[@]}"; do
   config=benchmarks/configs/ablations/$variant.json
   run=runs/ablation-$variant
+  if [ "$variant" = lm-then-qa ] && [ ! -d runs/ablation-lm-pretrain/final ]; then  # its LM stage comes first
+    "$PY" -m sac_rag.train --config benchmarks/configs/ablations/lm-pretrain.json --resume
+  fi
   [ -d "$run/final" ] || "$PY" -m sac_rag.train --config "$config" --resume  # starts fresh if nothing to resume
   "$PY" -m sac_rag.eval --dataset squad-dev --n "$N" --seed 0 --threads "$THREADS" --method sac \
     --checkpoint "$run/final" --label "ablation-$variant" --results benchmarks/results/issue3_ablations.jsonl

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=3, help="paragraphs retrieved per question")
     parser.add_argument("--compressor", default=DEFAULT_COMPRESSOR)
+    parser.add_argument("--label", help="row name of the sac method (default rag-sac-<ratio>x); name a "
+                        "candidate compressor's row so that it does not replace the shipped one's")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--store", default="runs/squad-dev.store", help="anchor store (created if missing)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -253,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             write_row(args.results, eval_method_row(name, reading, compressor.config.base_model, ratio, args, common))
             continue
         method_retriever, chain = chains[name]
-        label = {"sac": f"rag-sac-{ratio}x", "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(
-            name, f"rag-{name.replace('_', '-')}")
+        label = {"sac": args.label or f"rag-sac-{ratio}x",
+                 "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(name, f"rag-{name.replace('_', '-')}")
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
         tag = made_by(compressor if name == "sac" else None)
