@@ -96,8 +96,8 @@ class TrainConfig:
     betas: list[float] = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = _help("linear warm-up steps, then constant", default=300)
     lr_decay_steps: int = _help("decay the learning rates linearly to 0 over the last N steps before "
-                                "max_steps (warmup-stable-decay; 0 = constant to the end, the paper's)",
-                                default=0)
+                                "max_steps (warmup-stable-decay; 0 = constant to the end, the paper's); "
+                                "the decay follows max_steps, also when --resume changes it", default=0)
     grad_clip: float = _help("gradient-norm clip", default=2.0)
     batch_size: int = _help("examples per optimizer step (across all ranks)", default=16)
     micro_batch_size: int = _help("examples per forward pass (gradient accumulation)", default=4)
@@ -124,9 +124,8 @@ class TrainConfig:
             raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
         if self.init_ratio and not self.init_from:
             raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
-        if not 0 <= self.lr_decay_steps <= self.max_steps:
-            raise SACError(f"lr_decay_steps must be between 0 and max_steps ({self.max_steps}), "
-                           f"got {self.lr_decay_steps}")
+        if self.lr_decay_steps < 0:
+            raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if self.distill_teacher and not self.distill_weight:
             raise SACError("distill_teacher is set but distill_weight is 0: give the KL term a weight")
 

@@ -220,4 +220,4 @@ def test_lr_decay_goes_linearly_to_zero_over_the_last_steps(workspace):
     # warm-up 1/2, 2/2, then the decay (6 - step) / 4 from step 2 on: 4/4, 3/4, 2/4, 1/4
     assert lrs == pytest.approx([3e-3 * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)])
     with pytest.raises(SACError, match="lr_decay_steps"):
-        parse_config(_args(workspace, "run2", "--max-steps", "6", "--lr-decay-steps", "7"))
+        parse_config(_args(workspace, "run2", "--lr-decay-steps", "-1"))
