@@ -152,12 +152,16 @@ class SACCompressor(torch.nn.Module):
         # The parameters themselves (not state-dict views) stay the same objects when moved.
         versions = tuple((t._version, t.data_ptr()) for t in [self.anchor_embedding, *self.lora_parameters()])
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != versions:
-            tensors = self.trainable_tensors()
-            config = self.config.to_dict()
-            config.pop("base_model")
-            digest = hash_json({"config": config, "weights": hash_tensors(sorted(tensors.items()))})[:16]
-            self._fingerprint_cache = (versions, f"{self.base_fingerprint}/sac-{digest}")
+            self._fingerprint_cache = (versions, self._fingerprint_of(self.trainable_tensors()))
         return self._fingerprint_cache[1]
+
+    def _fingerprint_of(self, tensors: dict[str, torch.Tensor]) -> str:
+        """The fingerprint this compressor has with ``tensors`` as its trained weights (hashed
+        exactly: see ``fingerprint``'s module docstring on precision)."""
+        config = self.config.to_dict()
+        config.pop("base_model")
+        digest = hash_json({"config": config, "weights": hash_tensors(sorted(tensors.items()), exact=True)})[:16]
+        return f"{self.base_fingerprint}/sac-{digest}"
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """Every LoRA parameter of the model (both adapters), found once."""
@@ -363,9 +367,10 @@ class SACCompressor(torch.nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA), in ``dtype``
-        if given (bfloat16 halves a shipped artefact). Each file is written to a temp name,
-        fsynced and renamed; config.json goes last and records the weights' hash, so a reader
-        never pairs a config with other weights."""
+        if given (bfloat16 halves a shipped artefact; the rounded weights are another compressor,
+        and the fingerprint recorded is theirs). Each file is written to a temp name, fsynced and
+        renamed; config.json goes last and records the weights' hash, so a reader never pairs a
+        config with other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
@@ -375,7 +380,7 @@ class SACCompressor(torch.nn.Module):
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
             "base_fingerprint": self.base_fingerprint,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
         atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())

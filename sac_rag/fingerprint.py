@@ -6,6 +6,12 @@ refuses data whose fingerprint differs (see ``errors.FingerprintMismatchError``)
 
 Format: ``"<model id>@<base hash>"`` for a base model and
 ``"<model id>@<base hash>/sac-<compressor hash>"`` for a compressor.
+
+Precision: a base model is identified by a sample of its weights rounded to bfloat16, so the same
+published model loaded in float32 or bfloat16 keeps one fingerprint. A compressor's own trained
+tensors are hashed exactly: rounding them (e.g. exporting a float32 checkpoint in bfloat16)
+changes the K/V they produce and some greedy answers, so it makes a new compressor, and caches
+of the float32 weights are refused by the rounded one.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ _VOLATILE_CONFIG_KEYS = {
 _WEIGHT_SAMPLE = 8192  # elements hashed from the start of each parameter
 
 
-def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None = None) -> str:
-    """SHA-256 over names and values (rounded to bfloat16, so the hash does not depend on the
-    dtype the weights were loaded in), optionally over the first ``sample`` elements only."""
+def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None = None, exact: bool = False) -> str:
+    """SHA-256 over names and values, optionally over the first ``sample`` elements only. Values
+    are rounded to bfloat16 (the hash does not depend on the dtype the weights were loaded in), or
+    with ``exact`` hashed as float32, which holds bfloat16/float16/float32 values exactly: equal
+    values hash equally whatever dtype holds them, and rounded values hash differently."""
     h = hashlib.sha256()
     for name, tensor in named:
         flat = tensor.detach().reshape(-1)
@@ -36,7 +44,10 @@ def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None =
             flat = flat[:sample]
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+        if exact:
+            h.update(flat.to(torch.float32).cpu().numpy().tobytes())
+        else:
+            h.update(flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -4,8 +4,8 @@
 encoder, let the frozen decoder (adapter off) read the anchor K/V in the same layout the
 ``Generator`` uses at inference, and take cross-entropy on the continuation (pretraining) or
 answer (QA). Optional extras: several questions per compressed context, distractor passages,
-distillation from a teacher reading the full text (the frozen decoder, or the Full-FT model),
-and the +AE ablation.
+distillation from a teacher reading the full text (the frozen decoder, or the Full-FT model) on
+its output distribution and, optionally, on every layer's hidden states, and the +AE ablation.
 ``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
 """
 
@@ -114,14 +114,18 @@ class SACObjective:
     ``distill_tokens="all"`` it covers every prompt and answer token of each decoder row, not
     only the answer: a question's tokens are predictable from the passage, so the teacher's
     distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
+    ``hidden_weight`` > 0 adds a denser term at the same positions: the mean over decoder layers
+    of the squared distance between the student's and the teacher's layer outputs, each
+    RMS-normalised per token (so a few large-magnitude dimensions do not dominate).
     """
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
-                 teacher=None, distill_tokens: str = "answer"):
+                 teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0):
         if distill_tokens not in DISTILL_TOKENS:
             raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
         self.compressor = compressor
         self.distill_weight = distill_weight
+        self.hidden_weight = hidden_weight
         self.ae_weight = ae_weight
         self.teacher = teacher
         self.distill_tokens = distill_tokens
@@ -175,33 +179,41 @@ class SACObjective:
             for row in ex.rows:
                 rows.append(row)
                 row_owner.append(i)
-        every_token = self.distill_weight > 0 and self.distill_tokens == "all"
+        distilling = self.distill_weight > 0 or self.hidden_weight > 0
+        every_token = distilling and self.distill_tokens == "all"
         with comp.decoder_mode():
-            logits, labels, is_target = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner,
-                                                     every_token=every_token)
-        ce = F.cross_entropy(logits[is_target].float(), labels[is_target])
+            student = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner,
+                                   every_token=every_token, layers=self.hidden_weight > 0)
+        is_target = student.is_target
+        ce = F.cross_entropy(student.logits[is_target].float(), student.labels[is_target])
         loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum())}
 
-        if self.distill_weight > 0:
-            kl = self._distillation(examples, context_lengths, rows, row_owner, logits, every_token)
-            loss = loss + self.distill_weight * kl
-            stats["kl"] = kl.item()
-            stats["distilled_tokens"] = len(labels)
+        if distilling:
+            teacher = self._teacher_rows(examples, context_lengths, rows, row_owner, every_token)
+            stats["distilled_tokens"] = len(student.labels)
+            if self.distill_weight > 0:
+                kl = F.kl_div(student.logits.float().log_softmax(-1), teacher.logits.float().log_softmax(-1),
+                              log_target=True, reduction="batchmean")
+                loss = loss + self.distill_weight * kl
+                stats["kl"] = kl.item()
+            if self.hidden_weight > 0:
+                hidden = _hidden_distance(student.layers, teacher.layers)
+                loss = loss + self.hidden_weight * hidden
+                stats["hidden"] = hidden.item()
 
         if self.ae_weight > 0:
             texts = [[t for passage in ex.passages for t in passage][: chunk_len + 1] for ex in examples]
             ae_rows = [(text[:1], text[1:]) for text in texts]
             with comp.decoder_mode():
-                ae_logits, ae_labels, _ = _decode_rows(comp.base_model, caches, context_lengths, ae_rows,
-                                                       list(range(len(examples))))
-            ae = F.cross_entropy(ae_logits.float(), ae_labels)
+                decoded = _decode_rows(comp.base_model, caches, context_lengths, ae_rows, list(range(len(examples))))
+            ae = F.cross_entropy(decoded.logits.float(), decoded.labels)
             loss = loss + self.ae_weight * ae
             stats["ae"] = ae.item()
         stats["loss"] = loss.item()
         return loss, stats
 
-    def _distillation(self, examples, context_lengths, rows, row_owner, logits, every_token) -> torch.Tensor:
-        """Mean per-token KL(teacher || student) over the positions ``logits`` were taken at."""
+    def _teacher_rows(self, examples, context_lengths, rows, row_owner, every_token) -> DecodedRows:
+        """The teacher reading the passages as text, decoded at the same rows and positions."""
         comp = self.compressor
         teacher = self.teacher if self.teacher is not None else comp.base_model
         frozen = contextlib.nullcontext() if self.teacher is not None else comp.frozen_mode()
@@ -210,10 +222,15 @@ class SACObjective:
                 _context_kv(teacher, self.prefix + [t for passage in ex.passages for t in passage], comp.device)
                 for ex in examples
             ]
-            teacher_logits, _, _ = _decode_rows(teacher, teacher_caches, context_lengths, rows, row_owner,
-                                                every_token=every_token)
-        return F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
-                        log_target=True, reduction="batchmean")
+            return _decode_rows(teacher, teacher_caches, context_lengths, rows, row_owner,
+                                every_token=every_token, layers=self.hidden_weight > 0)
+
+
+def _hidden_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and tokens of the squared distance between per-token RMS-normalised
+    hidden states ``[layers, tokens, dim]`` (0 when equal, 4 when opposite; per element)."""
+    dim = (student.shape[-1],)
+    return F.mse_loss(F.rms_norm(student.float(), dim), F.rms_norm(teacher.float(), dim))
 
 
 class FullTextObjective:
@@ -268,12 +285,24 @@ def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tens
     return torch.stack([lay.keys[0] for lay in layers]), torch.stack([lay.values[0] for lay in layers])
 
 
-def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False):
+@dataclass
+class DecodedRows:
+    """What ``_decode_rows`` keeps, at the kept positions only: logits ``[kept, vocab]``, their
+    next-token labels, which of them are targets, and (if asked) every decoder layer's output
+    ``[layers, kept, dim]``."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    is_target: torch.Tensor
+    layers: torch.Tensor | None = None
+
+
+def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False,
+                 layers: bool = False) -> DecodedRows:
     """Decoder pass over many rows at once. Row r reads cache ``caches[row_owner[r]]`` (left-padded
     to a common length, pads masked), then its prompt + target tokens at positions continuing
-    from its context length. Returns logits ``[kept tokens, vocab]``, their next-token labels and
-    which of them are targets; kept are the target positions, or every position with a next
-    token when ``every_token``."""
+    from its context length. Kept are the target positions, or every position with a next token
+    when ``every_token``; ``layers`` also returns the decoder layers' outputs there."""
     from transformers import DynamicCache
 
     device = caches[0][0].device
@@ -297,14 +326,21 @@ def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: b
     )
     starts = torch.as_tensor([context_lengths[o] for o in row_owner])
     positions = starts[:, None] + torch.arange(width_text)[None]
-    hidden = model.get_decoder()(
+    out = model.get_decoder()(
         input_ids=ids.to(device),
         position_ids=positions.to(device),
         attention_mask=torch.cat([cache_mask, text_mask], dim=1).to(device),
         cache=cache,
         use_cache=True,
-    ).last_hidden_state
+        output_hidden_states=layers,
+    )
     keep = (labels != IGNORE) if every_token else is_target
     keep = keep.to(device)
     # The LM head (vocab-sized) only where it is needed: most of a step's cost otherwise.
-    return model.get_output_embeddings()(hidden[keep]), labels.to(device)[keep], is_target.to(device)[keep]
+    return DecodedRows(
+        logits=model.get_output_embeddings()(out.last_hidden_state[keep]),
+        labels=labels.to(device)[keep],
+        is_target=is_target.to(device)[keep],
+        # hidden_states[0] is the embedding of the same tokens in both models: not compared
+        layers=torch.stack([h[keep] for h in out.hidden_states[1:]]) if layers else None,
+    )

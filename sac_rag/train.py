@@ -83,6 +83,8 @@ class TrainConfig:
                                  "on the same base model; empty = the frozen base model", default="")
     distill_tokens: str = _help("'answer' (distil answer tokens) or 'all' (every question and answer token)",
                                 default="answer")
+    distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
+                                         "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
     lm_min_tokens: int = _help("pretrain: shortest document window", default=510)
     lm_max_tokens: int = _help("pretrain: longest document window", default=2040)
@@ -126,8 +128,11 @@ class TrainConfig:
             raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
-        if self.distill_teacher and not self.distill_weight:
-            raise SACError("distill_teacher is set but distill_weight is 0: give the KL term a weight")
+        if self.distill_weight < 0 or self.distill_hidden_weight < 0:
+            raise SACError("distill_weight and distill_hidden_weight must be >= 0")
+        if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
+            raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
+                           "give the KL term (or the hidden-state term) a weight")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -271,7 +276,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
-                             teacher=teacher, distill_tokens=cfg.distill_tokens)
+                             teacher=teacher, distill_tokens=cfg.distill_tokens,
+                             hidden_weight=cfg.distill_hidden_weight)
     return comp, objective
 
 

@@ -339,3 +339,23 @@ def test_retargeting_the_ratio_keeps_the_weights_and_changes_anchors_and_fingerp
 def test_a_per_slot_anchor_table_cannot_change_ratio(tiny):
     with pytest.raises(InvalidInputError, match="per-slot"):
         _compressor(tiny, anchor_embedding="per_slot").retarget_ratio(15)
+
+
+def test_rounding_the_trained_weights_makes_another_compressor(tiny, tmp_path):
+    """Exporting float32 training weights in bfloat16 changes the K/V they produce, so the rounded
+    copy gets its own fingerprint (recorded in its config.json) and the original's caches are
+    not accepted for it; a copy saved at full precision stays the same compressor."""
+    comp = _compressor(tiny)
+    with torch.no_grad():  # trained-looking weights that bfloat16 cannot hold exactly
+        comp.anchor_embedding.add_(torch.randn_like(comp.anchor_embedding) * 1e-3)
+    comp.save_pretrained(tmp_path / "same")
+    comp.save_pretrained(tmp_path / "rounded", dtype=torch.bfloat16)
+    model, tokenizer = make_tiny_llama()
+    same = SACCompressor.from_pretrained(tmp_path / "same", model=model, tokenizer=tokenizer)
+    model, tokenizer = make_tiny_llama()
+    rounded = SACCompressor.from_pretrained(tmp_path / "rounded", model=model, tokenizer=tokenizer)
+    assert same.fingerprint == comp.fingerprint
+    assert rounded.fingerprint != comp.fingerprint
+    assert rounded.fingerprint.startswith(comp.base_fingerprint + "/sac-")
+    recorded = json.loads((tmp_path / "rounded" / "config.json").read_text())["fingerprint"]
+    assert recorded == rounded.fingerprint

@@ -76,14 +76,19 @@ def _kv_dropping(ratio: int, seed: int = 0):
     return SACCompressor(config, model=model, tokenizer=tokenizer)
 
 
-def _loss_stats(comp, teacher=None, distill_tokens="all"):
+def _objective(comp, teacher=None, distill_tokens="all", hidden_weight=0.0):
     from sac_rag.objectives import SACObjective
 
     builder = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2)
     examples = [builder.qa(POOL[i], i, POOL) for i in (0, 5)]
     # No prefix text: chunks are encoded on their own, so only then is ratio 1 the full text's K/V.
-    objective = SACObjective(comp, distill_weight=1.0, teacher=teacher,
-                             distill_tokens=distill_tokens)
+    objective = SACObjective(comp, distill_weight=1.0, teacher=teacher, distill_tokens=distill_tokens,
+                             hidden_weight=hidden_weight)
+    return objective, examples
+
+
+def _loss_stats(comp, teacher=None, distill_tokens="all", hidden_weight=0.0):
+    objective, examples = _objective(comp, teacher, distill_tokens, hidden_weight)
     with torch.no_grad():
         return objective.loss(examples)[1], examples
 
@@ -110,3 +115,21 @@ def test_distilling_every_token_covers_each_question_and_answer_token_but_trains
 def test_a_given_teacher_replaces_the_frozen_base_model():
     other, _ = make_tiny_llama(seed=7)
     assert _loss_stats(_kv_dropping(ratio=1), teacher=other)[0]["kl"] > 1e-3
+
+
+def test_hidden_state_matching_is_zero_on_the_full_text_and_positive_after_compression():
+    assert _loss_stats(_kv_dropping(ratio=1), hidden_weight=1.0)[0]["hidden"] == pytest.approx(0.0, abs=1e-5)
+    compressed, _ = _loss_stats(_kv_dropping(ratio=3), hidden_weight=1.0)
+    assert compressed["hidden"] > 1e-3
+    assert compressed["loss"] == pytest.approx(compressed["ce"] + compressed["kl"] + compressed["hidden"], rel=1e-5)
+
+
+def test_hidden_state_matching_trains_the_encoder():
+    comp = _kv_dropping(ratio=3)
+    objective, examples = _objective(comp, hidden_weight=1.0)
+    objective.distill_weight = 0.0  # the hidden-state term alone
+    loss, stats = objective.loss(examples)
+    assert "kl" not in stats and stats["loss"] == pytest.approx(stats["ce"] + stats["hidden"], rel=1e-5)
+    loss.backward()
+    lora = [p for name, p in comp.named_parameters() if "lora" in name and p.requires_grad]
+    assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)

@@ -173,13 +173,14 @@ def test_unknown_distractor_source_is_refused():
 def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
     teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1")))
     train(parse_config(_args(workspace, "student", "--max-steps", "2", "--distill-weight", "1.0",
-                             "--distill-teacher", str(teacher), "--distill-tokens", "all")))
+                             "--distill-teacher", str(teacher), "--distill-tokens", "all",
+                             "--distill-hidden-weight", "0.5")))
     rows = [json.loads(line) for line in (workspace / "student" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2
     for r in steps:
-        assert r["kl"] > 0 and r["distilled_tokens"] > r["target_tokens"]
-        assert r["loss"] == pytest.approx(r["ce"] + r["kl"], rel=1e-4)
+        assert r["kl"] > 0 and r["hidden"] > 0 and r["distilled_tokens"] > r["target_tokens"]
+        assert r["loss"] == pytest.approx(r["ce"] + r["kl"] + 0.5 * r["hidden"], rel=1e-4)
 
 
 def test_a_teacher_trained_on_another_base_model_is_refused_naming_both(workspace):
@@ -197,8 +198,10 @@ def test_a_teacher_trained_on_another_base_model_is_refused_naming_both(workspac
 
 
 def test_a_teacher_without_weight_or_without_adapter_is_an_error(workspace):
-    with pytest.raises(SACError, match="distill_weight is 0"):
+    with pytest.raises(SACError, match="distill_weight and distill_hidden_weight are 0"):
         parse_config(_args(workspace, "x", "--distill-teacher", str(workspace)))
+    with pytest.raises(SACError, match="must be >= 0"):
+        parse_config(_args(workspace, "x", "--distill-hidden-weight", "-1"))
     with pytest.raises(SACError, match="not a Full-FT checkpoint"):
         train(parse_config(_args(workspace, "y", "--distill-weight", "1", "--distill-teacher", str(workspace))))
 
