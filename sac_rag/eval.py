@@ -100,12 +100,15 @@ class Method:
 METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_every_rth", "text_truncate")
 
 
-def build_method(name: str, base_model: str, ratio: int, checkpoint: str | None, device, dtype,
+def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str | None, device, dtype,
                  decoder_adapter: str | None = None) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
     ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
     ``no_context``, and hard text compression to 1/``ratio`` of the context's tokens:
     ``text_every_rth`` (keep every r-th token) and ``text_truncate`` (keep the first tokens).
+    ``ratio`` defaults to 5; for ``sac`` it defaults to the checkpoint's, and another value
+    evaluates the trained weights at that ratio (``retarget_ratio``: how much of a gap is the
+    compression itself).
 
     ``decoder_adapter`` (a peft LoRA directory, e.g. the Full-FT one) makes the decoder of the
     baselines the QA-trained one, so that answer format is equal and only content differs; the
@@ -117,7 +120,10 @@ def build_method(name: str, base_model: str, ratio: int, checkpoint: str | None,
         raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
     if name == "sac":
         comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+        if ratio is not None and ratio != comp.config.ratio:
+            comp.retarget_ratio(ratio)
         return Method(name, comp.config.ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
+    ratio = 5 if ratio is None else ratio
     if name == "full_ft":
         decoder_adapter = checkpoint
     model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
     parser.add_argument("--label", help="name of the row in the results (default: the method)")
     parser.add_argument("--base-model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=int, default=5, help="for kv_dropping and the text_* methods")
+    parser.add_argument("--ratio", type=int, help="kv_dropping and the text_* methods: default 5; sac: default "
+                        "the checkpoint's, another value evaluates its weights at that ratio")
     parser.add_argument("--decoder-adapter", help="peft LoRA directory for the decoder of kv_dropping, text_* or "
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
     parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],

@@ -54,6 +54,16 @@ def test_compressed_methods_hold_fewer_kv_bytes_than_full_context(workspace):
     assert sac["ratio"] == 2 and sac["compress_s_per_chunk"] is not None
 
 
+def test_a_compressor_is_evaluated_at_its_own_ratio_unless_another_is_given(workspace):
+    ckpt = str(workspace / "compressor")  # trained at ratio 2
+    own = _run(workspace, "--method", "sac", "--checkpoint", ckpt)
+    at_1 = _run(workspace, "--method", "sac", "--checkpoint", ckpt, "--ratio", "1")
+    assert (own["ratio"], at_1["ratio"]) == (2, 1)
+    assert at_1["kv_bytes_per_query"] > own["kv_bytes_per_query"]  # every token kept
+    caches = sorted(p.name for p in (workspace / "results" / "predictions").glob("sac-*.jsonl"))
+    assert len(caches) == 2  # another ratio is another compressor: its predictions are not reused
+
+
 def test_a_rerun_reuses_cached_predictions(workspace):
     first = _run(workspace, "--method", "full_context")
     cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))
