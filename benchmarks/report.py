@@ -30,11 +30,13 @@ def load_rows(results: Path) -> list[dict]:
     return list(latest.values())
 
 
-FAMILIES = {  # plotted compressors: name prefix -> colour
-    "sac-5x-frozen-decoder": "tab:gray", "sac": "black", "kv-dropping": "tab:blue",
+FAMILIES = {  # plotted compressors: name prefix -> colour (the first matching prefix wins)
+    "sac-5x-frozen-decoder": "tab:gray", "sac-5x-weights-at": "tab:olive", "sac": "black", "kv-dropping": "tab:blue",
     "text-truncate": "tab:orange", "text-every_rth": "tab:brown", "kvpress-expected-attention": "tab:red",
     "kvpress-streamingllm": "tab:green", "kvpress-knorm": "tab:purple", "kvpress-snapkv": "tab:pink",
 }
+LABELS = {"sac-5x-frozen-decoder": "sac (frozen decoder)",
+          "sac-5x-weights-at": "sac-5x weights at other ratios (trained at 5x)"}
 REFERENCES = {"full-ft": ("k", "--"), "full-context": ("gray", "--"), "no-context": ("gray", ":")}
 
 
@@ -154,8 +156,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
         sac = name.startswith("sac")
         ax.plot(xs, ys, marker="*" if sac else "o", markersize=12 if sac else 5, lw=2.5 if sac else 1.2,
                 color=FAMILIES[name], ls="--" if adapted else "-",
-                label=name.replace("-5x-frozen-decoder", " (frozen decoder)")
-                + (" + Full-FT decoder" if adapted else ""))
+                label=LABELS.get(name, name) + (" + Full-FT decoder" if adapted else ""))
     for r in rows:
         if base_name(r["method"]) in REFERENCES:
             color, style = REFERENCES[base_name(r["method"])]
