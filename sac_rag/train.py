@@ -55,6 +55,10 @@ class TrainConfig:
     held_out_fraction: float = _help("fraction of training articles held out when eval_data is unset", default=0.05)
     out_dir: str = _help("run directory: checkpoints, metrics.jsonl, loss_curve.png, final/", default="runs/sac")
     init_from: str = _help("start from this compressor checkpoint (e.g. the pretrain stage's final/)", default="")
+    adapters_from: str = _help("start a new compressor's encoder adapter, and its decoder adapter if it has one, "
+                               "from this Full-FT checkpoint (same rank, alpha and target modules): with a "
+                               "causal mask at ratio 1 the compressor then answers exactly as Full-FT does, and "
+                               "training only has to learn to compress", default="")
     init_ratio: int = _help("with init_from: train its weights at this compression ratio instead of the "
                             "checkpoint's (a warm start for another ratio; 0 = keep)", default=0)
     resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
@@ -124,6 +128,9 @@ class TrainConfig:
             raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
         if self.distill_tokens not in DISTILL_TOKENS:
             raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
+        if self.adapters_from and (self.init_from or self.method != "sac"):
+            raise SACError("adapters_from starts a new compressor's adapters: it cannot be combined with "
+                           "init_from (which brings its own) and needs --method sac")
         if self.init_ratio and not self.init_from:
             raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
         if self.lr_decay_steps < 0:
@@ -271,6 +278,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
             ),
             device=device, dtype="float32",
         )
+        if cfg.adapters_from:
+            start_adapters_from_full_ft(comp, cfg.adapters_from)
     for name, param in comp.named_parameters():
         param.requires_grad_("lora_" in name or name == "anchor_embedding")
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
@@ -286,25 +295,64 @@ def load_teacher(adapter_dir: str, comp, device: torch.device):
     separate frozen copy. Refused when the adapter was trained on another base model."""
     from peft import PeftModel
 
-    from .fingerprint import same_base_model
     from .models import load_base_model
+
+    directory = _full_ft_checkpoint(adapter_dir, comp, "distillation teacher")
+    base, _ = load_base_model(comp.config.base_model, device=device, dtype="float32")
+    teacher = PeftModel.from_pretrained(base, str(directory)).merge_and_unload().eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
+    """Copy a Full-FT adapter into the compressor's encoder adapter and, if it has one, its
+    decoder adapter. The context's K/V are then the Full-FT model's, and the question is read by
+    the Full-FT model: at ratio 1 with a causal encoder (before the mask anneal) this is Full-FT
+    exactly, so training starts from the upper bound's reading and only has to learn to compress."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = _full_ft_checkpoint(adapter_dir, comp, "adapters_from")
+    peft_config = json.loads((directory / "adapter_config.json").read_text())
+    cfg = comp.config
+    theirs = (peft_config.get("r"), peft_config.get("lora_alpha"), sorted(peft_config.get("target_modules") or []))
+    ours = [(cfg.lora_rank, cfg.lora_alpha, sorted(cfg.lora_target_modules))]
+    if cfg.decoder_lora_rank:
+        ours.append((cfg.decoder_lora_rank, cfg.decoder_lora_alpha or 2 * cfg.decoder_lora_rank,
+                     sorted(cfg.lora_target_modules)))
+    if any(shape != theirs for shape in ours):
+        raise SACError(f"adapters_from {adapter_dir} has rank, alpha and target modules {theirs}, the compressor "
+                       f"{ours}: set --lora-rank/--lora-alpha/--lora-target-modules (and the decoder's) to match")
+    meta = json.loads((directory / FULL_FT_META).read_text())
+    if meta.get("prompt") and PromptTemplate(**meta["prompt"]) != cfg.prompt:
+        raise SACError(f"adapters_from {adapter_dir} was trained with another prompt layout than the compressor's")
+    weights = load_file(directory / "adapter_model.safetensors")
+    for adapter in ("default", "decoder") if cfg.decoder_lora_rank else ("default",):
+        result = set_peft_model_state_dict(comp.model, dict(weights), adapter_name=adapter)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
+        if result.unexpected_keys or missing:
+            raise SACError(f"adapters_from {adapter_dir} does not fit the compressor's LoRA layers: "
+                           f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+    comp._fingerprint_cache = None
+
+
+def _full_ft_checkpoint(adapter_dir: str, comp, option: str) -> Path:
+    """A Full-FT checkpoint directory, checked to be one and to share the compressor's base model."""
+    from .fingerprint import same_base_model
 
     directory = Path(adapter_dir)
     if not (directory / "adapter_model.safetensors").exists() or not (directory / FULL_FT_META).exists():
-        raise SACError(f"distill_teacher {adapter_dir} is not a Full-FT checkpoint (it needs "
+        raise SACError(f"{option} {adapter_dir} is not a Full-FT checkpoint (it needs "
                        f"adapter_model.safetensors and {FULL_FT_META}): pass a checkpoint directory of "
                        f"python -m sac_rag.train --method full_ft")
     recorded = json.loads((directory / FULL_FT_META).read_text()).get("base_fingerprint")
     if not recorded:
         raise SACError(f"{directory / FULL_FT_META} records no base-model fingerprint (written by an older "
-                       f"sac_rag), so its base model cannot be checked: retrain the Full-FT teacher")
+                       f"sac_rag), so its base model cannot be checked: retrain the Full-FT checkpoint")
     if not same_base_model(recorded, comp.base_fingerprint):
-        raise FingerprintMismatchError(f"distillation teacher {adapter_dir}", comp.base_fingerprint, recorded,
-                                       "train the teacher on the compressor's base model")
-    base, _ = load_base_model(comp.config.base_model, device=device, dtype="float32")
-    teacher = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
-    teacher.requires_grad_(False)
-    return teacher
+        raise FingerprintMismatchError(f"{option} {adapter_dir}", comp.base_fingerprint, recorded,
+                                       "train the Full-FT checkpoint on the compressor's base model")
+    return directory
 
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:

@@ -206,6 +206,38 @@ def test_a_teacher_without_weight_or_without_adapter_is_an_error(workspace):
         train(parse_config(_args(workspace, "y", "--distill-weight", "1", "--distill-teacher", str(workspace))))
 
 
+def test_a_compressor_started_from_full_ft_reads_every_token_exactly_as_full_ft(workspace):
+    # Encoder and decoder adapters copied from the Full-FT checkpoint, a causal encoder at ratio 1:
+    # the compressed context must give the Full-FT model's logits on the full text.
+    from sac_rag import Generator
+    from sac_rag.train import build_model, load_teacher
+
+    full_ft = train(parse_config(_args(workspace, "fullft", "--method", "full_ft", "--max-steps", "2")))
+    cfg = parse_config(_args(workspace, "sac", "--adapters-from", str(full_ft), "--ratio", "1",
+                             "--no-bidirectional", "--anchor-embedding", "none",
+                             "--decoder-lora-rank", "4", "--decoder-lora-alpha", "8"))
+    comp, _ = build_model(cfg, torch.device("cpu"))
+    teacher = load_teacher(str(full_ft), comp, torch.device("cpu"))
+    context, question, _ = FACTS[0]
+    question_text = f"\n### Question:\n{question}\n### Answer:\n"
+    ids = comp.tokenizer(context + question_text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = teacher(input_ids=torch.tensor([ids])).logits[0]
+        with comp.model.disable_adapter():
+            untrained = comp.base_model(input_ids=torch.tensor([ids])).logits[0]
+    got = Generator.from_compressor(comp).prompt_logits([comp.compress(context), question_text])
+    torch.testing.assert_close(got, expected[-got.shape[0]:], atol=1e-4, rtol=0)
+    assert (untrained[-got.shape[0]:] - got).abs().max() > 1e-2  # the copy is what made them equal
+
+
+def test_adapters_from_a_full_ft_checkpoint_of_another_shape_is_refused(workspace):
+    full_ft = train(parse_config(_args(workspace, "fullft", "--method", "full_ft", "--max-steps", "1")))
+    with pytest.raises(SACError, match="rank, alpha and target modules"):
+        train(parse_config(_args(workspace, "sac", "--adapters-from", str(full_ft), "--lora-rank", "8")))
+    with pytest.raises(SACError, match="init_from"):
+        parse_config(_args(workspace, "x", "--adapters-from", str(full_ft), "--init-from", str(full_ft)))
+
+
 def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
     first = train(parse_config(_args(workspace, "r2", "--max-steps", "1")))
     final = train(parse_config(_args(workspace, "r4", "--max-steps", "1", "--init-from", str(first),
