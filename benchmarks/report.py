@@ -31,12 +31,14 @@ def load_rows(results: Path) -> list[dict]:
 
 
 FAMILIES = {  # plotted compressors: name prefix -> colour (the first matching prefix wins)
-    "sac-5x-frozen-decoder": "tab:gray", "sac-5x-weights-at": "tab:olive", "sac": "black", "kv-dropping": "tab:blue",
+    "sac-5x-frozen-decoder": "tab:gray", "sac-5x-weights-at": "tab:olive", "sac-5x-from-fullft": "tab:cyan",
+    "sac": "black", "kv-dropping": "tab:blue",
     "text-truncate": "tab:orange", "text-every_rth": "tab:brown", "kvpress-expected-attention": "tab:red",
     "kvpress-streamingllm": "tab:green", "kvpress-knorm": "tab:purple", "kvpress-snapkv": "tab:pink",
 }
 LABELS = {"sac-5x-frozen-decoder": "sac (frozen decoder)",
-          "sac-5x-weights-at": "sac-5x weights at other ratios (trained at 5x)"}
+          "sac-5x-weights-at": "sac-5x weights at other ratios (trained at 5x)",
+          "sac-5x-from-fullft": "sac 5x from Full-FT, 240 steps"}
 REFERENCES = {"full-ft": ("k", "--"), "full-context": ("gray", "--"), "no-context": ("gray", ":")}
 
 
