@@ -151,7 +151,7 @@ def test_help_documents_every_option(capsys):
         parse_config(["--help"])
     text = capsys.readouterr().out
     for option in ("--questions-per-context", "--distractors", "--distill-weight", "--bidir-anneal-steps",
-                   "--memory", "--decoder-lora-rank", "--resume", "--ae-weight", "--anchor-lr"):
+                   "--memory", "--decoder-lora-rank", "--resume", "--ae-weight", "--anchor-lr", "--adapters-from"):
         assert option in text
     assert "(default: 'finetune')" in text and "(default: None)" not in text  # real defaults, once
 
