@@ -106,6 +106,21 @@ class SACCompressor(torch.nn.Module):
         self.model.set_adapter("default")
         self._fingerprint_cache = self._lora_parameters = self._lora_layers = None
 
+    def set_adapter_weights(self, state: dict[str, torch.Tensor], adapter: str = "default") -> None:
+        """Load a peft LoRA state dict (e.g. a Full-FT adapter's ``adapter_model.safetensors``) into
+        the encoder adapter (``"default"``) or the decoder adapter (``"decoder"``); every LoRA
+        tensor of that adapter must be given, and nothing else."""
+        from peft import set_peft_model_state_dict
+
+        if adapter not in ("default", "decoder") or (adapter == "decoder" and not self.config.decoder_lora_rank):
+            raise InvalidInputError(f"this compressor has no {adapter!r} adapter")
+        result = set_peft_model_state_dict(self.model, dict(state), adapter_name=adapter)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
+        if result.unexpected_keys or missing:
+            raise InvalidInputError(f"these weights do not fit the {adapter!r} adapter's LoRA layers: "
+                                    f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+        self._fingerprint_cache = None
+
     def retarget_ratio(self, ratio: int) -> None:
         """Compress at another ratio from now on, keeping the trained weights: a warm start for
         training a compressor at that ratio (the encoder and a shared anchor embedding do not

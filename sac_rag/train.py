@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
 from .data import LoadStats, iter_texts, read_qa, split_by_title
-from .errors import FingerprintMismatchError, SACError
+from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .files import atomic_write
 from .objectives import DISTILL_TOKENS, ExampleBuilder, FullTextObjective, SACObjective
 
@@ -278,7 +278,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
             ),
             device=device, dtype="float32",
         )
-        if cfg.adapters_from:
+        if cfg.adapters_from and not cfg.resume:  # a resumed run loads its own checkpoint
             start_adapters_from_full_ft(comp, cfg.adapters_from)
     for name, param in comp.named_parameters():
         param.requires_grad_("lora_" in name or name == "anchor_embedding")
@@ -309,7 +309,6 @@ def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
     decoder adapter. The context's K/V are then the Full-FT model's, and the question is read by
     the Full-FT model: at ratio 1 with a causal encoder (before the mask anneal) this is Full-FT
     exactly, so training starts from the upper bound's reading and only has to learn to compress."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     directory = _full_ft_checkpoint(adapter_dir, comp, "adapters_from")
@@ -327,13 +326,11 @@ def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
     if meta.get("prompt") and PromptTemplate(**meta["prompt"]) != cfg.prompt:
         raise SACError(f"adapters_from {adapter_dir} was trained with another prompt layout than the compressor's")
     weights = load_file(directory / "adapter_model.safetensors")
-    for adapter in ("default", "decoder") if cfg.decoder_lora_rank else ("default",):
-        result = set_peft_model_state_dict(comp.model, dict(weights), adapter_name=adapter)
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
-        if result.unexpected_keys or missing:
-            raise SACError(f"adapters_from {adapter_dir} does not fit the compressor's LoRA layers: "
-                           f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
-    comp._fingerprint_cache = None
+    try:
+        for adapter in ("default", "decoder") if cfg.decoder_lora_rank else ("default",):
+            comp.set_adapter_weights(weights, adapter)
+    except InvalidInputError as err:
+        raise SACError(f"adapters_from {adapter_dir}: {err}") from err
 
 
 def _full_ft_checkpoint(adapter_dir: str, comp, option: str) -> Path:

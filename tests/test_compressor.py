@@ -359,3 +359,22 @@ def test_rounding_the_trained_weights_makes_another_compressor(tiny, tmp_path):
     assert rounded.fingerprint.startswith(comp.base_fingerprint + "/sac-")
     recorded = json.loads((tmp_path / "rounded" / "config.json").read_text())["fingerprint"]
     assert recorded == rounded.fingerprint
+
+
+def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):
+    from peft import get_peft_model_state_dict
+
+    comp = _compressor(tiny, decoder_lora_rank=8, decoder_lora_alpha=16)
+    encoder_state = get_peft_model_state_dict(comp.model, adapter_name="default")
+    before = comp.fingerprint
+    comp.set_adapter_weights(encoder_state, "decoder")
+    tensors = comp.trainable_tensors()
+    for name, value in tensors.items():
+        if name.startswith("lora."):
+            torch.testing.assert_close(tensors["decoder_lora." + name.removeprefix("lora.")], value)
+    assert comp.fingerprint != before
+    with pytest.raises(InvalidInputError, match="missing"):
+        comp.set_adapter_weights(dict(list(encoder_state.items())[1:]), "decoder")
+    without_decoder = _compressor(tiny)
+    with pytest.raises(InvalidInputError, match="no 'decoder' adapter"):
+        without_decoder.set_adapter_weights(encoder_state, "decoder")
