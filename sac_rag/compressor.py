@@ -112,7 +112,8 @@ class SACCompressor(torch.nn.Module):
         tensor of that adapter must be given, and nothing else."""
         from peft import set_peft_model_state_dict
 
-        if adapter not in ("default", "decoder") or (adapter == "decoder" and not self.config.decoder_lora_rank):
+        rank = {"default": self.config.lora_rank, "decoder": self.config.decoder_lora_rank}.get(adapter, 0)
+        if not rank:
             raise InvalidInputError(f"this compressor has no {adapter!r} adapter")
         result = set_peft_model_state_dict(self.model, dict(state), adapter_name=adapter)
         missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
