@@ -455,13 +455,10 @@ class SACCompressor(torch.nn.Module):
             )
         with torch.no_grad():
             self.anchor_embedding.copy_(tensors.pop("anchor_embedding").to(self.anchor_embedding.dtype))
-        if tensors:
-            from peft import set_peft_model_state_dict
-
-            for prefix, adapter in (("lora.", "default"), ("decoder_lora.", "decoder")):
-                part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
-                if part:
-                    set_peft_model_state_dict(self.model, part, adapter_name=adapter)
+        for prefix, adapter in (("lora.", "default"), ("decoder_lora.", "decoder")):
+            part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+            if part:
+                self.set_adapter_weights(part, adapter)
 
 
 def _lora_config(rank: int, alpha: int, config: SACConfig):

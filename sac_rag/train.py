@@ -297,7 +297,7 @@ def load_teacher(adapter_dir: str, comp, device: torch.device):
 
     from .models import load_base_model
 
-    directory = _full_ft_checkpoint(adapter_dir, comp, "distillation teacher")
+    directory, _ = _full_ft_checkpoint(adapter_dir, comp, "distillation teacher")
     base, _ = load_base_model(comp.config.base_model, device=device, dtype="float32")
     teacher = PeftModel.from_pretrained(base, str(directory)).merge_and_unload().eval()
     teacher.requires_grad_(False)
@@ -311,7 +311,7 @@ def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
     exactly, so training starts from the upper bound's reading and only has to learn to compress."""
     from safetensors.torch import load_file
 
-    directory = _full_ft_checkpoint(adapter_dir, comp, "adapters_from")
+    directory, meta = _full_ft_checkpoint(adapter_dir, comp, "adapters_from")
     peft_config = json.loads((directory / "adapter_config.json").read_text())
     cfg = comp.config
     theirs = (peft_config.get("r"), peft_config.get("lora_alpha"), sorted(peft_config.get("target_modules") or []))
@@ -322,7 +322,6 @@ def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
     if any(shape != theirs for shape in ours):
         raise SACError(f"adapters_from {adapter_dir} has rank, alpha and target modules {theirs}, the compressor "
                        f"{ours}: set --lora-rank/--lora-alpha/--lora-target-modules (and the decoder's) to match")
-    meta = json.loads((directory / FULL_FT_META).read_text())
     if meta.get("prompt") and PromptTemplate(**meta["prompt"]) != cfg.prompt:
         raise SACError(f"adapters_from {adapter_dir} was trained with another prompt layout than the compressor's")
     weights = load_file(directory / "adapter_model.safetensors")
@@ -333,8 +332,9 @@ def start_adapters_from_full_ft(comp, adapter_dir: str) -> None:
         raise SACError(f"adapters_from {adapter_dir}: {err}") from err
 
 
-def _full_ft_checkpoint(adapter_dir: str, comp, option: str) -> Path:
-    """A Full-FT checkpoint directory, checked to be one and to share the compressor's base model."""
+def _full_ft_checkpoint(adapter_dir: str, comp, option: str) -> tuple[Path, dict]:
+    """A Full-FT checkpoint directory and its metadata (prompt, base model), checked to be one
+    and to share the compressor's base model."""
     from .fingerprint import same_base_model
 
     directory = Path(adapter_dir)
@@ -342,14 +342,15 @@ def _full_ft_checkpoint(adapter_dir: str, comp, option: str) -> Path:
         raise SACError(f"{option} {adapter_dir} is not a Full-FT checkpoint (it needs "
                        f"adapter_model.safetensors and {FULL_FT_META}): pass a checkpoint directory of "
                        f"python -m sac_rag.train --method full_ft")
-    recorded = json.loads((directory / FULL_FT_META).read_text()).get("base_fingerprint")
+    meta = json.loads((directory / FULL_FT_META).read_text())
+    recorded = meta.get("base_fingerprint")
     if not recorded:
         raise SACError(f"{directory / FULL_FT_META} records no base-model fingerprint (written by an older "
                        f"sac_rag), so its base model cannot be checked: retrain the Full-FT checkpoint")
     if not same_base_model(recorded, comp.base_fingerprint):
         raise FingerprintMismatchError(f"{option} {adapter_dir}", comp.base_fingerprint, recorded,
                                        "train the Full-FT checkpoint on the compressor's base model")
-    return directory
+    return directory, meta
 
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
