@@ -122,6 +122,48 @@ class SACCompressor(torch.nn.Module):
                                     f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
         self._fingerprint_cache = None
 
+    def widened(self, lora_rank: int = 0, decoder_lora_rank: int = 0, model=None, tokenizer=None) -> SACCompressor:
+        """A new compressor that computes exactly what this one does, with its encoder (and/or
+        decoder) LoRA enlarged to the given rank (0 = keep): a warm start for training with more
+        adapter capacity. The old components fill the first rows of A and columns of B; the added
+        columns of B are zero, so the added components have no effect until trained. alpha grows
+        with the rank, so alpha / rank (the update's scale) stays the same. The new adapters live on
+        a fresh copy of the base model: ``model``/``tokenizer`` if given (it must be the same base
+        model), else loaded by the config's name."""
+        old = self.config
+        grow = {"encoder": (old.lora_rank, lora_rank), "decoder": (old.decoder_lora_rank, decoder_lora_rank)}
+        for name, (have, want) in grow.items():
+            if want and (not have or want < have):
+                raise InvalidInputError(f"cannot widen the {name} LoRA from rank {have} to {want}: "
+                                        f"the new rank must be at least the current one (and the adapter exist)")
+        new = SACConfig.from_dict(old.to_dict())
+        if lora_rank and (old.lora_alpha * lora_rank) % old.lora_rank:
+            raise InvalidInputError(f"lora_alpha {old.lora_alpha} x {lora_rank} / {old.lora_rank} is not an "
+                                    f"integer: choose a rank that keeps alpha / rank exact")
+        if lora_rank:
+            new.lora_rank, new.lora_alpha = lora_rank, old.lora_alpha * lora_rank // old.lora_rank
+        if decoder_lora_rank:
+            new.decoder_lora_rank = decoder_lora_rank
+            if old.decoder_lora_alpha:  # 0 means 2 x rank, which keeps the scale by itself
+                if (old.decoder_lora_alpha * decoder_lora_rank) % old.decoder_lora_rank:
+                    raise InvalidInputError("decoder_lora_alpha x new rank / old rank is not an integer")
+                new.decoder_lora_alpha = old.decoder_lora_alpha * decoder_lora_rank // old.decoder_lora_rank
+        wide = SACCompressor(new, model=model, tokenizer=tokenizer, device=self.device, dtype=self.dtype,
+                             anchor_selector=self.selector)
+        if not same_base_model(wide.base_fingerprint, self.base_fingerprint):
+            raise FingerprintMismatchError("the base model given to widened()", self.base_fingerprint,
+                                           wide.base_fingerprint, "pass a fresh copy of this compressor's base model")
+        mine_all, state = self.trainable_tensors(), {}
+        for key, fresh in wide.trainable_tensors().items():
+            mine = mine_all[key].detach().to(fresh.dtype)
+            grown = fresh.detach().clone()
+            if ".lora_B." in key:
+                grown.zero_()
+            grown[tuple(slice(0, n) for n in mine.shape)] = mine
+            state[key] = grown
+        wide._load_tensors(state, Path(f"<{old.lora_rank}-rank compressor widened>"))
+        return wide
+
     def retarget_ratio(self, ratio: int) -> None:
         """Compress at another ratio from now on, keeping the trained weights: a warm start for
         training a compressor at that ratio (the encoder and a shared anchor embedding do not

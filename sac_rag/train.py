@@ -61,6 +61,10 @@ class TrainConfig:
                                "training only has to learn to compress", default="")
     init_ratio: int = _help("with init_from: train its weights at this compression ratio instead of the "
                             "checkpoint's (a warm start for another ratio; 0 = keep)", default=0)
+    init_widen_rank: int = _help("with init_from: enlarge its encoder LoRA to this rank (0 = keep); the added "
+                                 "components start with no effect, so training begins from the same outputs "
+                                 "with more adapter capacity", default=0)
+    init_widen_decoder_rank: int = _help("with init_from: likewise enlarge its decoder adapter (0 = keep)", default=0)
     resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
     # compressor (ignored with init_from, which brings its own)
     base_model: str = _help("base causal LM: built-in name, local path or hub id", default="smollm2-135m")
@@ -131,8 +135,9 @@ class TrainConfig:
         if self.adapters_from and (self.init_from or self.method != "sac"):
             raise SACError("adapters_from starts a new compressor's adapters: it cannot be combined with "
                            "init_from (which brings its own) and needs --method sac")
-        if self.init_ratio and not self.init_from:
-            raise SACError("init_ratio re-targets an init_from checkpoint: set init_from, or use --ratio")
+        if (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank) and not self.init_from:
+            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change an init_from "
+                           "checkpoint: set init_from, or use --ratio / --lora-rank / --decoder-lora-rank")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
@@ -267,6 +272,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
         if cfg.init_ratio:
             comp.retarget_ratio(cfg.init_ratio)
+        if cfg.init_widen_rank or cfg.init_widen_decoder_rank:
+            comp = comp.widened(cfg.init_widen_rank, cfg.init_widen_decoder_rank)
     else:
         comp = SACCompressor(
             SACConfig(

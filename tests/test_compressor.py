@@ -378,3 +378,29 @@ def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):
     without_decoder = _compressor(tiny)
     with pytest.raises(InvalidInputError, match="no 'decoder' adapter"):
         without_decoder.set_adapter_weights(encoder_state, "decoder")
+
+
+def test_a_widened_compressor_computes_the_same_with_more_lora_capacity(tiny):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    wide = comp.widened(lora_rank=16, decoder_lora_rank=8, model=make_tiny_llama()[0], tokenizer=tiny[1])
+    assert (wide.config.lora_rank, wide.config.lora_alpha, wide.config.decoder_lora_rank) == (16, 32, 8)
+    ids = _ids(tiny[1])[:60]
+    narrow_kv, wide_kv = comp.compress_chunks([ids])[0], wide.compress_chunks([ids])[0]
+    torch.testing.assert_close(wide_kv.keys, narrow_kv.keys)
+    torch.testing.assert_close(wide_kv.values, narrow_kv.values)
+    question = torch.tensor([ids[:12]])
+    with torch.no_grad(), comp.decoder_mode(), wide.decoder_mode():
+        torch.testing.assert_close(wide.model(question).logits, comp.model(question).logits)
+    assert sum(map(torch.numel, wide.trainable_tensors().values())) > \
+        sum(map(torch.numel, comp.trainable_tensors().values()))
+    assert wide.fingerprint != comp.fingerprint  # other weights, though the same function
+
+
+def test_widening_to_a_smaller_rank_a_missing_adapter_or_another_base_model_is_refused(tiny):
+    comp = _compressor(tiny)
+    with pytest.raises(InvalidInputError, match="at least the current"):
+        comp.widened(lora_rank=4, model=make_tiny_llama()[0], tokenizer=tiny[1])
+    with pytest.raises(InvalidInputError, match="decoder"):
+        comp.widened(decoder_lora_rank=8, model=make_tiny_llama()[0], tokenizer=tiny[1])
+    with pytest.raises(FingerprintMismatchError):
+        comp.widened(lora_rank=16, model=make_tiny_llama(seed=5)[0], tokenizer=tiny[1])

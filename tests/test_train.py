@@ -247,6 +247,21 @@ def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
         parse_config(_args(workspace, "x", "--init-ratio", "4"))
 
 
+def test_a_checkpoint_widened_to_a_larger_rank_starts_from_the_same_loss_and_resumes(workspace):
+    first = train(parse_config(_args(workspace, "r4", "--max-steps", "1")))
+    narrow = train(parse_config(_args(workspace, "narrow", "--max-steps", "1", "--init-from", str(first))))
+    widen = ("--init-from", str(first), "--init-widen-rank", "16")
+    train(parse_config(_args(workspace, "wide", "--max-steps", "2", *widen)))
+    train(parse_config(_args(workspace, "wide", "--max-steps", "3", "--resume", *widen)))
+    train(parse_config(_args(workspace, "straight", "--max-steps", "3", *widen)))
+    assert _losses(workspace / "wide")[1] == pytest.approx(_losses(narrow.parent)[1], rel=1e-5)
+    assert _losses(workspace / "wide")[3] == pytest.approx(_losses(workspace / "straight")[3], rel=1e-5)
+    saved = json.loads((workspace / "wide" / "final" / "config.json").read_text())["config"]
+    assert (saved["lora_rank"], saved["lora_alpha"]) == (16, 32)
+    with pytest.raises(SACError, match="init_widen_rank"):
+        parse_config(_args(workspace, "x", "--init-widen-rank", "16"))
+
+
 def test_lr_decay_goes_linearly_to_zero_over_the_last_steps(workspace):
     train(parse_config(_args(workspace, "run", "--max-steps", "6", "--warmup-steps", "2",
                              "--lr-decay-steps", "4")))
