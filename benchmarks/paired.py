@@ -18,17 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from sac_rag.eval import DATASETS, load_questions, read_predictions
+from sac_rag.errors import SACError
+from sac_rag.eval import DATASETS, load_questions, predictions_for
 from sac_rag.metrics import bootstrap_ci, score
 
 
 def per_question_f1(path: Path, questions) -> list[float]:
-    predictions = read_predictions(path)
-    missing = [q.id for q in questions if q.id not in predictions]
-    if missing:
-        raise SystemExit(f"{path} lacks {len(missing)} of the {len(questions)} questions "
-                         f"(e.g. {missing[0]}); run its eval command to completion first")
-    return score([predictions[q.id] for q in questions], [q.answers for q in questions])["f1"]
+    return score(predictions_for(path, questions), [q.answers for q in questions])["f1"]
 
 
 def averaged_f1(spec: str, questions) -> list[float]:
@@ -68,4 +64,7 @@ def _name(spec: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SACError as err:  # e.g. a prediction file that lacks questions: say which, no traceback
+        sys.exit(f"error: {err}")

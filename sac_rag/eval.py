@@ -25,6 +25,7 @@ import torch
 
 from .config import PromptTemplate, SACConfig
 from .data import read_qa
+from .errors import InvalidInputError
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
 from .quantize import round_trip
@@ -172,6 +173,17 @@ def read_predictions(cache_path: Path) -> dict[str, str]:
         return {}
     rows = (json.loads(line) for line in cache_path.read_text().splitlines() if line.strip())
     return {row["id"]: row["prediction"] for row in rows}
+
+
+def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
+    """The cached prediction of every question, in order; an error naming what is missing
+    (for scripts that compare finished runs)."""
+    predictions = read_predictions(cache_path)
+    missing = [q.id for q in questions if q.id not in predictions]
+    if missing:
+        raise InvalidInputError(f"{cache_path} lacks {len(missing)} of the {len(questions)} questions "
+                        f"(e.g. {missing[0]}); run its eval command to completion first")
+    return [predictions[q.id] for q in questions]
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,

@@ -81,6 +81,18 @@ def test_question_subsets_are_seeded_and_nested(workspace):
     assert [q.id for q in load_questions(path, 5, seed=4)] != [q.id for q in large]
 
 
+def test_comparing_runs_needs_every_question_answered(workspace):
+    from sac_rag import InvalidInputError
+    from sac_rag.eval import load_questions, predictions_for
+
+    _run(workspace, "--method", "no_context")  # answers the first 4 of the seeded order
+    cache = next((workspace / "results" / "predictions").glob("no_context-*.jsonl"))
+    path = workspace / "data" / "squad-v1.1" / "dev-v1.1.json.xz"
+    assert len(predictions_for(cache, load_questions(path, 4, seed=0))) == 4
+    with pytest.raises(InvalidInputError, match="lacks 2 of the 6 questions"):
+        predictions_for(cache, load_questions(path, 6, seed=0))
+
+
 def test_text_compression_keeps_one_token_in_r():
     from sac_rag.eval import TextShortener
 
