@@ -12,7 +12,10 @@ paragraph (questions whose answer does not occur verbatim are skipped and counte
 as the compressor tokenises a passage (``chunk_len``-token sub-contexts, anchors chosen by
 ``--anchor-strategy``). A token counts as reproduced when its text (lower-cased, at least two
 characters, so single letters and punctuation are left out) occurs in the lower-cased
-prediction.
+prediction. How often depends on how long the predictions are (a verbose model "reproduces" more
+words), so compare the two columns within a row: the difference is what the anchors' own K/V
+adds over their neighbours'. The last two columns split the questions whose answer is a single
+such token by whether that token was an anchor.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from sac_rag.anchors import make_selector
 from sac_rag.errors import SACError
 from sac_rag.eval import DATASETS, load_questions, predictions_for
+from sac_rag.metrics import squad_f1
 from sac_rag.models import load_base_model
 
 
@@ -68,17 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     tokens = {q.id: answer_tokens(tokenizer, selector, q, args.ratio, args.chunk_len) for q in questions}
     skipped = sum(t is None for t in tokens.values())
     print(f"{args.dataset}, n={len(questions)} ({skipped} skipped: answer not verbatim in the passage), "
-          f"anchors every {args.ratio} tokens ({args.anchor_strategy})\n")
-    print("| predictions | answer tokens that are anchors: reproduced | other answer tokens: reproduced |")
-    print("|---|---|---|")
+          f"anchors at ratio {args.ratio} ({args.anchor_strategy})\n")
+    print("| predictions | answer tokens that are anchors: reproduced | other answer tokens: reproduced | difference "
+          "| F1 on one-token answers: an anchor | not an anchor |")
+    print("|---|---|---|---|---|---|")
     for path in args.predictions:
         hits = {True: [0, 0], False: [0, 0]}
+        one_token_f1 = {True: [], False: []}
         for q, prediction in zip(questions, predictions_for(Path(path), questions)):
-            for text, is_anchor in tokens[q.id] or []:
+            pieces = tokens[q.id] or []
+            for text, is_anchor in pieces:
                 hits[is_anchor][0] += text in prediction.lower()
                 hits[is_anchor][1] += 1
-        cells = [f"{100 * h / max(n, 1):.1f}% of {n}" for h, n in (hits[True], hits[False])]
-        print(f"| {Path(path).name} | {cells[0]} | {cells[1]} |")
+            if len(pieces) == 1:
+                one_token_f1[pieces[0][1]].append(squad_f1(prediction, q.answers))
+        rates = [100 * h / max(n, 1) for h, n in (hits[True], hits[False])]
+        f1 = [f"{100 * sum(v) / max(len(v), 1):.1f} (n={len(v)})" for v in (one_token_f1[True], one_token_f1[False])]
+        print(f"| {Path(path).name} | {rates[0]:.1f}% of {hits[True][1]} | {rates[1]:.1f}% of {hits[False][1]} "
+              f"| {rates[0] - rates[1]:+.1f} | {f1[0]} | {f1[1]} |")
     return 0
 
 
