@@ -131,23 +131,14 @@ class SACCompressor(torch.nn.Module):
         a fresh copy of the base model: ``model``/``tokenizer`` if given (it must be the same base
         model), else loaded by the config's name."""
         old = self.config
-        grow = {"encoder": (old.lora_rank, lora_rank), "decoder": (old.decoder_lora_rank, decoder_lora_rank)}
-        for name, (have, want) in grow.items():
-            if want and (not have or want < have):
-                raise InvalidInputError(f"cannot widen the {name} LoRA from rank {have} to {want}: "
-                                        f"the new rank must be at least the current one (and the adapter exist)")
         new = SACConfig.from_dict(old.to_dict())
-        if lora_rank and (old.lora_alpha * lora_rank) % old.lora_rank:
-            raise InvalidInputError(f"lora_alpha {old.lora_alpha} x {lora_rank} / {old.lora_rank} is not an "
-                                    f"integer: choose a rank that keeps alpha / rank exact")
         if lora_rank:
-            new.lora_rank, new.lora_alpha = lora_rank, old.lora_alpha * lora_rank // old.lora_rank
-        if decoder_lora_rank:
+            new.lora_alpha = _widened_alpha("encoder", old.lora_rank, lora_rank, old.lora_alpha)
+            new.lora_rank = lora_rank
+        if decoder_lora_rank:  # a decoder alpha of 0 means 2 x rank, which keeps the scale by itself
+            new.decoder_lora_alpha = _widened_alpha("decoder", old.decoder_lora_rank, decoder_lora_rank,
+                                                    old.decoder_lora_alpha)
             new.decoder_lora_rank = decoder_lora_rank
-            if old.decoder_lora_alpha:  # 0 means 2 x rank, which keeps the scale by itself
-                if (old.decoder_lora_alpha * decoder_lora_rank) % old.decoder_lora_rank:
-                    raise InvalidInputError("decoder_lora_alpha x new rank / old rank is not an integer")
-                new.decoder_lora_alpha = old.decoder_lora_alpha * decoder_lora_rank // old.decoder_lora_rank
         wide = SACCompressor(new, model=model, tokenizer=tokenizer, device=self.device, dtype=self.dtype,
                              anchor_selector=self.selector)
         if not same_base_model(wide.base_fingerprint, self.base_fingerprint):
@@ -501,6 +492,17 @@ class SACCompressor(torch.nn.Module):
             part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             if part:
                 self.set_adapter_weights(part, adapter)
+
+
+def _widened_alpha(adapter: str, rank: int, new_rank: int, alpha: int) -> int:
+    """The alpha that keeps alpha / rank when an adapter grows from ``rank`` to ``new_rank``."""
+    if not rank or new_rank < rank:
+        raise InvalidInputError(f"cannot widen the {adapter} LoRA from rank {rank} to {new_rank}: the new rank "
+                                f"must be at least the current one (and the adapter must exist)")
+    if (alpha * new_rank) % rank:
+        raise InvalidInputError(f"the {adapter} LoRA's alpha {alpha} x {new_rank} / {rank} is not an integer: "
+                                f"choose a rank that keeps alpha / rank exact")
+    return alpha * new_rank // rank
 
 
 def _lora_config(rank: int, alpha: int, config: SACConfig):

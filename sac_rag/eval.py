@@ -182,7 +182,7 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
     missing = [q.id for q in questions if q.id not in predictions]
     if missing:
         raise InvalidInputError(f"{cache_path} lacks {len(missing)} of the {len(questions)} questions "
-                        f"(e.g. {missing[0]}); run its eval command to completion first")
+                                f"(e.g. {missing[0]}); run its eval command to completion first")
     return [predictions[q.id] for q in questions]
 
 
