@@ -138,6 +138,9 @@ class TrainConfig:
         if (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank) and not self.init_from:
             raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change an init_from "
                            "checkpoint: set init_from, or use --ratio / --lora-rank / --decoder-lora-rank")
+        if (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank) and self.method != "sac":
+            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change a compressor: "
+                           "they need --method sac")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:

@@ -260,6 +260,8 @@ def test_a_checkpoint_widened_to_a_larger_rank_starts_from_the_same_loss_and_res
     assert (saved["lora_rank"], saved["lora_alpha"]) == (16, 32)
     with pytest.raises(SACError, match="init_widen_rank"):
         parse_config(_args(workspace, "x", "--init-widen-rank", "16"))
+    with pytest.raises(SACError, match="need --method sac"):
+        parse_config(_args(workspace, "x", "--method", "full_ft", *widen))
 
 
 def test_lr_decay_goes_linearly_to_zero_over_the_last_steps(workspace):
