@@ -28,7 +28,7 @@ from sac_rag.anchors import make_selector
 from sac_rag.errors import SACError
 from sac_rag.eval import DATASETS, load_questions, predictions_for
 from sac_rag.metrics import squad_f1
-from sac_rag.models import load_base_model
+from sac_rag.models import load_tokenizer
 
 
 def answer_tokens(tokenizer, selector, question, ratio: int, chunk_len: int) -> list[tuple[str, bool]] | None:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
-    _, tokenizer = load_base_model(args.base_model)
+    tokenizer = load_tokenizer(args.base_model)
     selector = make_selector(args.anchor_strategy)
     tokens = {q.id: answer_tokens(tokenizer, selector, q, args.ratio, args.chunk_len) for q in questions}
     skipped = sum(t is None for t in tokens.values())

@@ -8,6 +8,7 @@ under a second on later calls. Nothing is loaded or downloaded at import time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -84,30 +85,51 @@ def load_base_model(
     Hugging Face hub id. The model keeps ``name_or_path`` as ``model.sac_model_id`` so that
     fingerprints and checkpoints can name it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(name_or_path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    with _reported_as_unavailable(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(_source(name_or_path), dtype=torch_dtype)
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    model.sac_model_id = name_or_path
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a base model (as ``load_base_model`` names it) without loading its
+    weights; its pad token is the EOS token when it has none."""
+    from transformers import AutoTokenizer
+
+    with _reported_as_unavailable(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(_source(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _source(name_or_path: str) -> str:
+    """What transformers loads: a built-in model's local directory (converted on first use), else
+    the path or hub id itself."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelNotAvailableError(
             f"base model must be a non-empty string (hub id, local path or one of "
             f"{sorted(BUILTIN_MODELS)}), got {name_or_path!r}"
         )
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    source = str(_materialize_builtin(BUILTIN_MODELS[name_or_path])) if name_or_path in BUILTIN_MODELS else name_or_path
+    return str(_materialize_builtin(BUILTIN_MODELS[name_or_path])) if name_or_path in BUILTIN_MODELS else name_or_path
+
+
+@contextlib.contextmanager
+def _reported_as_unavailable(name_or_path: str):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        yield
     except OSError as err:
         raise ModelNotAvailableError(
             f"could not load base model {name_or_path!r}: {err}. Pass a local directory, a hub id "
             f"reachable from this machine, or one of the built-in names {sorted(BUILTIN_MODELS)}."
         ) from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device).eval()
-    model.requires_grad_(False)
-    model.sac_model_id = name_or_path
-    return model, tokenizer
 
 
 def _materialize_builtin(spec: BuiltinModel) -> Path:

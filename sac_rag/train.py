@@ -135,10 +135,11 @@ class TrainConfig:
         if self.adapters_from and (self.init_from or self.method != "sac"):
             raise SACError("adapters_from starts a new compressor's adapters: it cannot be combined with "
                            "init_from (which brings its own) and needs --method sac")
-        if (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank) and not self.init_from:
+        changes_init_checkpoint = self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank
+        if changes_init_checkpoint and not self.init_from:
             raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change an init_from "
                            "checkpoint: set init_from, or use --ratio / --lora-rank / --decoder-lora-rank")
-        if (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank) and self.method != "sac":
+        if changes_init_checkpoint and self.method != "sac":
             raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change a compressor: "
                            "they need --method sac")
         if self.lr_decay_steps < 0:
