@@ -187,8 +187,9 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
-        max_new_tokens: int = 32) -> dict:
-    """Answer all questions (resuming from ``cache_path``) and score them."""
+        max_new_tokens: int = 32, extractive: bool = False) -> dict:
+    """Answer all questions (resuming from ``cache_path``) and score them. ``extractive``: every
+    answer is a verbatim span of the passages the question reads (``sac_rag.extractive``)."""
     from tqdm.auto import tqdm
 
     done = read_predictions(cache_path)
@@ -200,7 +201,8 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             with torch.no_grad():
-                results = method.generator.generate_batch(method.prompts(batch), config)
+                sources = [list(q.read) for q in batch] if extractive else None
+                results = method.generator.generate_batch(method.prompts(batch), config, sources)
             for q, r in zip(batch, results):
                 done[q.id] = r.text.strip()
                 cache.write(json.dumps({"id": q.id, "prediction": done[q.id]}) + "\n")
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--extractive", action="store_true",
+                        help="extractive decoding: each answer is a verbatim span of the passages it reads")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16")
@@ -281,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
 
     label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
+    decoding = "extractive" if args.extractive else "free"
+    if args.extractive and "extractive" not in label:  # its predictions never mix with free decoding's
+        label += "-extractive"
+
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
     method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, args.dtype,
                           args.decoder_adapter)
@@ -291,14 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     cache = (Path(args.results).parent / "predictions"
              / f"{label}{made_by(method.compressor)}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
     t_start, cached = time.time(), len(read_predictions(cache))
-    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens)
+    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
         **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
         "decoder_adapter": args.decoder_adapter,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
-        "dtype": args.dtype, "storage": args.storage,
+        "dtype": args.dtype, "storage": args.storage, "decoding": decoding,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FingerprintMismatchError, InvalidInputError, PromptError
+from .extractive import SpanConstraint, Vocabulary
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
 from .rope import KeyRotator
@@ -76,6 +77,7 @@ class _Track:
     text: str = ""
     emitted: int = 0
     finish_reason: str | None = None
+    span: SpanConstraint | None = None  # extractive decoding: the answer quotes these sources
 
 
 class Generator:
@@ -89,6 +91,9 @@ class Generator:
     text only (default: the same). A compressor's decoder adapter was trained to read its caches
     only, so ``from_compressor`` answers text-only prompts with the frozen LM: full-text
     baselines through a SAC generator are the plain model's.
+
+    ``sources`` (one list of texts per prompt) switches on extractive decoding: each answer is
+    a verbatim span of its prompt's source texts (``extractive`` module).
     """
 
     def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -113,6 +118,7 @@ class Generator:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = {e for e in eos if e is not None}
+        self._vocabulary: Vocabulary | None = None
 
     @classmethod
     def from_compressor(cls, compressor) -> Generator:
@@ -133,31 +139,38 @@ class Generator:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def generate(self, prompt: Prompt, config: GenerationConfig | None = None) -> Generation:
-        return self.generate_batch([prompt], config)[0]
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None,
+                 sources: Sequence[str] | None = None) -> Generation:
+        return self.generate_batch([prompt], config, None if sources is None else [sources])[0]
 
-    def generate_batch(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None) -> list[Generation]:
+    def generate_batch(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
+                       sources: Sequence[Sequence[str]] | None = None) -> list[Generation]:
         """Decode several prompts together (their caches may differ in length)."""
         config = config or GenerationConfig()
         if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
             raise InvalidInputError("generate_batch takes a non-empty list of prompts")
+        if sources is not None and len(sources) != len(prompts):
+            raise InvalidInputError(
+                f"got {len(sources)} lists of sources for {len(prompts)} prompts; give one per prompt")
         if self.text_mode is not self.decoder_mode:  # text-only prompts decode in another model state
             reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
             if any(reads_cache) and not all(reads_cache):
                 results: dict[int, Generation] = {}
                 for group in (True, False):
                     index = [i for i, r in enumerate(reads_cache) if r == group]
-                    results.update(zip(index, self.generate_batch([prompts[i] for i in index], config)))
+                    results.update(zip(index, self.generate_batch(
+                        [prompts[i] for i in index], config, None if sources is None else [sources[i] for i in index])))
                 return [results[i] for i in range(len(prompts))]
-        states, tracks = self._start(prompts)
+        states, tracks = self._start(prompts, sources)
         for _ in self._decode(states, tracks, config):
             pass
         return [self._result(s, t) for s, t in zip(states, tracks)]
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None,
+               sources: Sequence[str] | None = None) -> Iterator[str]:
         """Yield the answer's text as it is decoded (never a partial stop string)."""
         config = config or GenerationConfig()
-        states, tracks = self._start([prompt])
+        states, tracks = self._start([prompt], None if sources is None else [sources])
         track = tracks[0]
         for _ in self._decode(states, tracks, config):
             end = self._safe_length(track, config)
@@ -174,12 +187,19 @@ class Generator:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def _start(self, prompts: Sequence[Prompt]) -> tuple[list[_Prefilled], list[_Track]]:
+    def _start(self, prompts: Sequence[Prompt],
+               sources: Sequence[Sequence[str]] | None = None) -> tuple[list[_Prefilled], list[_Track]]:
         if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
             raise InvalidInputError("generate_batch takes a non-empty list of prompts")
+        if sources is None:
+            tracks = [_Track() for _ in prompts]
+        else:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.eos_token_ids)
+            tracks = [_Track(span=self._vocabulary.constraint(texts)) for texts in sources]
         with torch.no_grad():
             states = [self._prefill(p) for p in prompts]
-        return states, [_Track() for _ in prompts]
+        return states, tracks
 
     def _segments(self, prompt: Prompt) -> list[Segment]:
         if isinstance(prompt, (str, AnchorKV)):
@@ -302,9 +322,12 @@ class Generator:
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._mode(states[0].reads_cache):  # generate_batch groups prompts by mode
             for step in range(steps):
+                logits = self._held_to_spans(logits, tracks, config)
                 tokens = _sample(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
                     if track.finish_reason is None:
+                        if track.span is not None:
+                            track.span.advance(token)
                         self._append(track, token, stop_ids, config)
                 yield None
                 if all(t.finish_reason for t in tracks) or step == steps - 1:
@@ -322,12 +345,31 @@ class Generator:
         for track in tracks:
             track.finish_reason = track.finish_reason or "length"
 
+    @staticmethod
+    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track], config: GenerationConfig) -> torch.Tensor:
+        """Extractive decoding: mask each constrained row to the tokens that continue a span of its
+        sources; a row whose model would rather end the answer finishes here."""
+        if all(t.span is None for t in tracks):
+            return logits
+        logits = logits.clone()
+        for row, track in enumerate(tracks):
+            if track.span is None or track.finish_reason is not None:
+                continue
+            masked, would_end = track.span.mask(logits[row])
+            if would_end:
+                track.finish_reason = "stop"
+            else:
+                logits[row] = masked
+        return logits
+
     def _append(self, track: _Track, token: int, stop_ids: set[int], config: GenerationConfig) -> None:
         if token in stop_ids:
             track.finish_reason = "stop"
             return
         track.ids.append(token)
         track.text = self.tokenizer.decode(track.ids, skip_special_tokens=True)
+        if track.span is not None:  # a quote may start with the space before its first word
+            track.text = track.text.lstrip()
         cut = min((i for i in (track.text.find(s) for s in config.stop) if i >= 0), default=-1)
         if cut >= 0:
             track.text = track.text[:cut]

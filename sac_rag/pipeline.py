@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .compressor import SACCompressor
+from .errors import InvalidInputError
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 
@@ -61,14 +62,32 @@ class SAC:
         return self.template.build(resolved, question)
 
     def answer(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
-               config: GenerationConfig | None = None) -> Generation:
-        return self.generator.generate(self.prompt(question, contexts, full_text), config or self.generation)
+               config: GenerationConfig | None = None, extractive: bool = False) -> Generation:
+        """Answer from the contexts. ``extractive``: the answer is a verbatim span of the contexts'
+        text (they must be given as strings; ``sac_rag.extractive``)."""
+        return self.generator.generate(self.prompt(question, contexts, full_text), config or self.generation,
+                                       _quoted(contexts) if extractive else None)
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
-                     full_text: bool = False, config: GenerationConfig | None = None) -> list[Generation]:
+                     full_text: bool = False, config: GenerationConfig | None = None,
+                     extractive: bool = False) -> list[Generation]:
         prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
-        return self.generator.generate_batch(prompts, config or self.generation)
+        sources = [_quoted(c) for c in contexts] if extractive else None
+        return self.generator.generate_batch(prompts, config or self.generation, sources)
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
-               config: GenerationConfig | None = None) -> Iterator[str]:
-        return self.generator.stream(self.prompt(question, contexts, full_text), config or self.generation)
+               config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
+        return self.generator.stream(self.prompt(question, contexts, full_text), config or self.generation,
+                                     _quoted(contexts) if extractive else None)
+
+
+def _quoted(contexts: Sequence[Context]) -> list[str]:
+    """The texts an extractive answer may quote: all contexts, which must be strings."""
+    if isinstance(contexts, (str, AnchorKV)):
+        contexts = [contexts]
+    if not all(isinstance(c, str) for c in contexts):
+        raise InvalidInputError(
+            "an extractive answer quotes its contexts, so pass them as text: a precompressed context has "
+            "no text (or call sac.generator.generate(prompt, sources=[texts]) with the texts it was made from)"
+        )
+    return list(contexts)

@@ -1,0 +1,183 @@
+"""Extractive decoding: every answer is a verbatim span of its sources, starting at a word; the
+model still chooses the span and where it ends."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import SAC, GenerationConfig, Generator, InvalidInputError, SACCompressor, SACConfig
+from sac_rag.extractive import Vocabulary, token_bytes
+
+SOURCES = [
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "In 1889 the tower was finished (numbers 0123456789).",
+]
+QUESTIONS = ["Who jumps?", "What is the capital?", "When was it finished?", "Which numbers?"]
+
+
+def _is_quote(answer: str, sources: list[str]) -> bool:
+    """A non-empty substring of one source that starts where a word starts."""
+    if not answer:
+        return False
+    for source in sources:
+        for match in re.finditer(re.escape(answer), source):
+            if match.start() == 0 or not source[match.start() - 1].isalnum() or not answer[0].isalnum():
+                return True
+    return False
+
+
+@pytest.fixture
+def generator(tiny):
+    model, tokenizer = tiny
+    return Generator(model, tokenizer)
+
+
+def test_every_answer_quotes_a_source_while_free_decoding_does_not(generator):
+    config = GenerationConfig(max_new_tokens=8)
+    prompts = [f"{' '.join(SOURCES)}\nQ: {q}\nA:" for q in QUESTIONS]
+    free = generator.generate_batch(prompts, config)
+    quoted = generator.generate_batch(prompts, config, sources=[SOURCES] * len(prompts))
+    assert not all(_is_quote(g.text.strip(), SOURCES) for g in free)  # the random model rambles
+    assert all(_is_quote(g.text, SOURCES) for g in quoted), [g.text for g in quoted]
+    sampled = generator.generate_batch(prompts, GenerationConfig(max_new_tokens=8, temperature=1.5, seed=3),
+                                       sources=[SOURCES] * len(prompts))
+    assert all(_is_quote(g.text, SOURCES) for g in sampled), [g.text for g in sampled]
+
+
+def test_a_batch_holds_each_answer_to_its_own_sources_and_equals_one_by_one(generator):
+    config = GenerationConfig(max_new_tokens=6)
+    sources = [[SOURCES[0]], [SOURCES[1]]]
+    prompts = ["Q: Who jumps?\nA:", "Q: When was it finished?\nA:"]
+    batch = generator.generate_batch(prompts, config, sources=sources)
+    for prompt, own, generation in zip(prompts, sources, batch):
+        assert _is_quote(generation.text, own)
+        assert generation.token_ids == generator.generate(prompt, config, sources=own).token_ids
+    assert "".join(generator.stream(prompts[0], config, sources=sources[0])) == batch[0].text
+
+
+def _constraint(tokenizer, sources):
+    return Vocabulary(tokenizer, [tokenizer.eos_token_id]).constraint(sources)
+
+
+def _prefer(tokenizer, *texts_in_order):
+    """Logits that rank the first token of each text in the given order, everything else last."""
+    logits = torch.full((len(tokenizer),), -10.0)
+    for rank, text in enumerate(texts_in_order):
+        token = tokenizer(text, add_special_tokens=False)["input_ids"][0] if text != "<eos>" else tokenizer.eos_token_id
+        logits[token] = 10.0 - rank
+    return logits
+
+
+def test_the_model_chooses_the_span_and_ends_it_only_between_words(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["Paris is the capital of France."])
+    paris = tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    masked, ends = span.mask(_prefer(tokenizer, "London", "<eos>", "Paris"))
+    assert not ends and int(masked.argmax()) == paris[0]  # at least one token, and a quoted one
+    span.advance(paris[0])
+    for token in paris[1:]:  # inside the word the answer cannot end, however much the model wants to
+        masked, ends = span.mask(_prefer(tokenizer, "<eos>"))
+        assert not ends
+        span.advance(token)
+    masked, ends = span.mask(_prefer(tokenizer, "<eos>", " is"))
+    assert ends  # "Paris" is a whole word and the model prefers to stop
+    masked, ends = span.mask(_prefer(tokenizer, "London", " is", "<eos>"))
+    assert not ends and int(masked.argmax()) == tokenizer(" is", add_special_tokens=False)["input_ids"][0]
+
+
+def test_a_span_never_crosses_from_one_source_into_the_next(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["the lazy dog", "Paris"])
+    for word in ["the", " lazy", " dog"]:
+        for token in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            span.mask(torch.zeros(len(tokenizer)))
+            span.advance(token)
+    masked, ends = span.mask(_prefer(tokenizer, "Paris"))
+    assert ends and torch.isinf(masked).all()
+
+
+def test_a_token_outside_every_span_is_refused(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["Paris is the capital of France."])
+    span.mask(torch.zeros(len(tokenizer)))
+    with pytest.raises(InvalidInputError, match="does not continue a span"):
+        span.advance(tokenizer("London", add_special_tokens=False)["input_ids"][0])
+
+
+def test_empty_sources_or_one_list_too_few_are_refused(generator):
+    with pytest.raises(InvalidInputError, match="non-empty source"):
+        generator.generate("Q: Who?\nA:", sources=["  "])
+    with pytest.raises(InvalidInputError, match="one per prompt"):
+        generator.generate_batch(["Q: Who?\nA:", "Q: What?\nA:"], sources=[SOURCES])
+
+
+class _Vocab:
+    """A stand-in tokenizer with a fixed vocabulary of token strings."""
+
+    def __init__(self, tokens, probe_ids):
+        self.tokens, self.probe_ids, self.all_special_ids = tokens, probe_ids, [0]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i] for i in ids]
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.probe_ids}
+
+
+def test_sentencepiece_tokens_with_byte_fallback_are_spelled_and_other_vocabularies_refused():
+    probe = "Extractive probe: Bjørgvin, 1,230 km\n(1749) naïve"
+    tokens = ["<s>"]
+    for ch in probe:  # SentencePiece style: "▁" for a space, byte tokens for what is not in the vocabulary
+        if ch == " ":
+            tokens.append("\u2581")
+        elif ord(ch) > 127 or ch == "\n":
+            tokens += [f"<0x{b:02X}>" for b in ch.encode()]
+        else:
+            tokens.append(ch)
+    spelled = token_bytes(_Vocab(tokens, list(range(1, len(tokens)))))
+    assert spelled[0] is None and b"".join(spelled[1:]) == probe.encode()
+    with pytest.raises(InvalidInputError, match="cannot map the tokens"):
+        token_bytes(_Vocab(["[CLS]", "extract", "##ive"], [1, 2]))
+
+
+def test_the_facade_quotes_text_contexts_and_refuses_precompressed_ones(tiny):
+    model, tokenizer = tiny
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
+                         model=model, tokenizer=tokenizer)
+    sac = SAC(comp, GenerationConfig(max_new_tokens=6))
+    answer = sac.answer("When was it finished?", SOURCES, extractive=True)
+    assert _is_quote(answer.text, SOURCES) and answer.cached_tokens > 0
+    batch = sac.answer_batch(["When?"], [SOURCES], extractive=True)
+    assert batch[0].text == sac.answer("When?", SOURCES, extractive=True).text
+    with pytest.raises(InvalidInputError, match="pass them as text"):
+        sac.answer("When?", [sac.compress(SOURCES[0])], extractive=True)
+
+
+def test_eval_extractive_rows_are_labelled_and_answers_quote_the_passage(tmp_path):
+    import lzma
+
+    from sac_rag.eval import main
+
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    context = "Paris is the capital of France. In 1889 the tower was finished."
+    data = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": f"q{i}", "question": "What is the capital?", "answers": [{"text": "Paris"}]} for i in range(3)]}]}]}
+    (tmp_path / "data" / "squad-v1.1").mkdir(parents=True)
+    with lzma.open(tmp_path / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump(data, f)
+    results = tmp_path / "results" / "q.jsonl"
+    assert main(["--method", "full_context", "--extractive", "--base-model", str(tmp_path / "m"), "--data-root",
+                 str(tmp_path / "data"), "--n", "3", "--max-new-tokens", "4", "--timing-samples", "0",
+                 "--results", str(results), "--dtype", "float32"]) == 0
+    row = json.loads(results.read_text().splitlines()[-1])
+    assert row["method"] == "full_context-extractive" and row["decoding"] == "extractive"
+    predictions = (results.parent / "predictions" / "full_context-extractive-squad-dev-n3-s0.jsonl").read_text()
+    assert all(_is_quote(json.loads(line)["prediction"], [context]) for line in predictions.splitlines())
