@@ -193,7 +193,7 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
     from tqdm.auto import tqdm
 
     done = read_predictions(cache_path)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive)
     todo = [q for q in questions if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),

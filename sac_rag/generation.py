@@ -29,7 +29,8 @@ Prompt = Sequence[Segment | Sequence[AnchorKV]]
 @dataclass
 class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
-    top-k / top-p, reproducible with ``seed``."""
+    top-k / top-p, reproducible with ``seed``. ``extractive``: each answer is a verbatim span
+    of its prompt's source texts (``extractive`` module; the sources are passed with the prompts)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -38,6 +39,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    extractive: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -92,8 +94,8 @@ class Generator:
     only, so ``from_compressor`` answers text-only prompts with the frozen LM: full-text
     baselines through a SAC generator are the plain model's.
 
-    ``sources`` (one list of texts per prompt) switches on extractive decoding: each answer is
-    a verbatim span of its prompt's source texts (``extractive`` module).
+    With ``GenerationConfig(extractive=True)``, ``sources`` gives each prompt the texts its
+    answer must quote (the texts its compressed contexts were made from).
     """
 
     def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -149,9 +151,7 @@ class Generator:
         config = config or GenerationConfig()
         if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
             raise InvalidInputError("generate_batch takes a non-empty list of prompts")
-        if sources is not None and len(sources) != len(prompts):
-            raise InvalidInputError(
-                f"got {len(sources)} lists of sources for {len(prompts)} prompts; give one per prompt")
+        _check_sources(config, sources, len(prompts))
         if self.text_mode is not self.decoder_mode:  # text-only prompts decode in another model state
             reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
             if any(reads_cache) and not all(reads_cache):
@@ -170,7 +170,9 @@ class Generator:
                sources: Sequence[str] | None = None) -> Iterator[str]:
         """Yield the answer's text as it is decoded (never a partial stop string)."""
         config = config or GenerationConfig()
-        states, tracks = self._start([prompt], None if sources is None else [sources])
+        sources = None if sources is None else [sources]
+        _check_sources(config, sources, 1)
+        states, tracks = self._start([prompt], sources)
         track = tracks[0]
         for _ in self._decode(states, tracks, config):
             end = self._safe_length(track, config)
@@ -399,6 +401,19 @@ class Generator:
             cached_tokens=state.cached_tokens,
             context_tokens=state.context_tokens,
         )
+
+
+def _check_sources(config: GenerationConfig, sources, n_prompts: int) -> None:
+    if not config.extractive:
+        if sources is not None:
+            raise InvalidInputError("sources are the texts extractive answers quote: set "
+                                    "GenerationConfig(extractive=True), or pass no sources")
+        return
+    if sources is None:
+        raise InvalidInputError("extractive decoding needs the texts the answers may quote: pass sources "
+                                "(one list of texts per prompt, e.g. the contexts before compression)")
+    if isinstance(sources, str) or len(sources) != n_prompts:
+        raise InvalidInputError(f"got {len(sources)} lists of sources for {n_prompts} prompts; give one per prompt")
 
 
 def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

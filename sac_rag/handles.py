@@ -158,6 +158,7 @@ class CacheResolver:
                  memory: MutableMapping[str, AnchorKV] | None = None):
         self.fingerprint = fingerprint
         self.memory = BoundedMemory() if memory is None else memory
+        self._texts: dict[str, str] = {}  # the text of chunks in memory (extractive answers quote it)
         self.store: AnchorStore | None = None
         if store is not None:
             self.attach_store(store)
@@ -203,8 +204,9 @@ class CacheResolver:
                     found[key] = kv
         return found
 
-    def remember(self, key: str, kv: AnchorKV) -> None:
-        """Keep a freshly compressed chunk (chunk-local, offset 0) so that its marker resolves."""
+    def remember(self, key: str, kv: AnchorKV, text: str | None = None) -> None:
+        """Keep a freshly compressed chunk (chunk-local, offset 0) so that its marker resolves,
+        and its ``text`` so that extractive answers can quote it."""
         if not same_model(kv.fingerprint, self.fingerprint):
             raise FingerprintMismatchError(
                 f"the chunk {key}", self.fingerprint, kv.fingerprint,
@@ -213,6 +215,22 @@ class CacheResolver:
         if kv.offset != 0:
             raise InvalidInputError(f"chunk {key} is at offset {kv.offset}; handles hold chunk-local entries")
         self.memory[key] = kv
+        if text is not None:
+            self._texts[key] = text
+            if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
+                self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
+
+    def texts_of(self, keys: Iterable[str]) -> dict[str, str]:
+        """``{key: text}`` for those of ``keys`` whose text is known: remembered with the chunk, or
+        the ``text`` metadata of its store entry (``precompress`` and write-back keep it)."""
+        found = {k: self._texts[k] for k in dict.fromkeys(keys) if k in self._texts and k in self.memory}
+        if self.store is not None:
+            rest = [k for k in dict.fromkeys(keys) if k not in found]
+            for key in set(rest) - set(self.store.missing(rest)):
+                text = self.store.metadata(key).get("text")
+                if isinstance(text, str):
+                    found[key] = text
+        return found
 
 
 # -- the engine both framework adapters share -------------------------------------------------
@@ -232,6 +250,7 @@ class _Chunk:
 class _Request:
     prompt: list
     config: GenerationConfig
+    sources: list[str] | None = None  # what an extractive answer may quote
     result: Generation | None = None
     error: BaseException | None = None
 
@@ -476,7 +495,7 @@ class SACEngine:
             store.put_many(items)
         else:
             for (chunk, _), kv in zip(missing, kvs):
-                state.resolver.remember(chunk.key, kv)
+                state.resolver.remember(chunk.key, kv, chunk.text)
 
     def _writable_store(self) -> AnchorStore:
         state = self._state()
@@ -523,7 +542,7 @@ class SACEngine:
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         config = config or GenerationConfig()
-        requests = [_Request(self._as_segments(p), config) for p in prompts]
+        requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
         state = self._state()
         with self._pending_lock:
             state.pending.extend(requests)
@@ -549,11 +568,12 @@ class SACEngine:
         figures). Holds the model while the stream is open."""
         config = config or GenerationConfig()
         segments = self._as_segments(prompt)
+        sources = self._sources(prompt, config)
         state = self._state()
         with state.lock:
             generator = state.generator
             # Generator.stream, keeping hold of the state so the usage figures come out too.
-            states, tracks = generator._start([segments])
+            states, tracks = generator._start([segments], None if sources is None else [sources])
             track = tracks[0]
             for _ in generator._decode(states, tracks, config):
                 end = generator._safe_length(track, config)
@@ -612,9 +632,30 @@ class SACEngine:
             return self.segments(prompt)
         return list(prompt)
 
+    def _sources(self, prompt: str | Sequence[Segment], config: GenerationConfig) -> list[str] | None:
+        """What an extractive answer to ``prompt`` may quote: the text of every chunk its markers
+        name, and the prompt's own text (documents passed through as text, e.g. on a miss)."""
+        if not config.extractive:
+            return None
+        if not isinstance(prompt, str):
+            raise InvalidInputError("extractive answers need the prompt as text with markers: ready-made "
+                                    "segments do not say which texts their compressed contexts stand for")
+        keys = list(dict.fromkeys(keys_in(prompt)))
+        present = self.resolver.present(keys)
+        texts = self.resolver.texts_of(present)
+        untexted = sorted(present - set(texts))
+        if untexted:
+            raise InvalidInputError(
+                f"{len(untexted)} chunk(s) in the prompt have no text to quote (e.g. {untexted[0]}): their store "
+                "entries lack the 'text' metadata that sac_rag.precompress and write-back keep; answer without "
+                "extractive, or rebuild the store")
+        cut = MARKER_PATTERN.sub(lambda m: "\x00" if m.group(1) in present else m.group(0), prompt)
+        return [texts[k] for k in keys if k in texts] + [t for t in cut.split("\x00") if t.strip()]
+
     def _serve(self, batch: list[_Request], config: GenerationConfig) -> None:
         try:
-            results = self.generator.generate_batch([r.prompt for r in batch], config)
+            sources = [r.sources for r in batch] if config.extractive else None
+            results = self.generator.generate_batch([r.prompt for r in batch], config, sources)
         except Exception as err:
             if len(batch) == 1:
                 batch[0].error = err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -65,20 +66,28 @@ class SAC:
                config: GenerationConfig | None = None, extractive: bool = False) -> Generation:
         """Answer from the contexts. ``extractive``: the answer is a verbatim span of the contexts'
         text (they must be given as strings; ``sac_rag.extractive``)."""
-        return self.generator.generate(self.prompt(question, contexts, full_text), config or self.generation,
-                                       _quoted(contexts) if extractive else None)
+        config, sources = self._decoding(config, [contexts], extractive)
+        return self.generator.generate(self.prompt(question, contexts, full_text), config,
+                                       sources and sources[0])
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
                      extractive: bool = False) -> list[Generation]:
         prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
-        sources = [_quoted(c) for c in contexts] if extractive else None
-        return self.generator.generate_batch(prompts, config or self.generation, sources)
+        config, sources = self._decoding(config, contexts, extractive)
+        return self.generator.generate_batch(prompts, config, sources)
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
-        return self.generator.stream(self.prompt(question, contexts, full_text), config or self.generation,
-                                     _quoted(contexts) if extractive else None)
+        config, sources = self._decoding(config, [contexts], extractive)
+        return self.generator.stream(self.prompt(question, contexts, full_text), config, sources and sources[0])
+
+    def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
+        """The call's decoding settings and, for extractive answers, the texts each may quote."""
+        config = config or self.generation
+        if not (extractive or config.extractive):
+            return config, None
+        return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
 
 def _quoted(contexts: Sequence[Context]) -> list[str]:
@@ -88,6 +97,7 @@ def _quoted(contexts: Sequence[Context]) -> list[str]:
     if not all(isinstance(c, str) for c in contexts):
         raise InvalidInputError(
             "an extractive answer quotes its contexts, so pass them as text: a precompressed context has "
-            "no text (or call sac.generator.generate(prompt, sources=[texts]) with the texts it was made from)"
+            "no text (or call sac.generator.generate(prompt, GenerationConfig(extractive=True), sources=[texts]) "
+            "with the texts it was made from)"
         )
     return list(contexts)

@@ -3,6 +3,7 @@ model still chooses the span and where it ends."""
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,16 +40,17 @@ def test_every_answer_quotes_a_source_while_free_decoding_does_not(generator):
     config = GenerationConfig(max_new_tokens=8)
     prompts = [f"{' '.join(SOURCES)}\nQ: {q}\nA:" for q in QUESTIONS]
     free = generator.generate_batch(prompts, config)
-    quoted = generator.generate_batch(prompts, config, sources=[SOURCES] * len(prompts))
+    quoted = generator.generate_batch(prompts, replace(config, extractive=True), sources=[SOURCES] * len(prompts))
     assert not all(_is_quote(g.text.strip(), SOURCES) for g in free)  # the random model rambles
     assert all(_is_quote(g.text, SOURCES) for g in quoted), [g.text for g in quoted]
-    sampled = generator.generate_batch(prompts, GenerationConfig(max_new_tokens=8, temperature=1.5, seed=3),
+    sampled = generator.generate_batch(prompts, GenerationConfig(max_new_tokens=8, temperature=1.5, seed=3,
+                                                                 extractive=True),
                                        sources=[SOURCES] * len(prompts))
     assert all(_is_quote(g.text, SOURCES) for g in sampled), [g.text for g in sampled]
 
 
 def test_a_batch_holds_each_answer_to_its_own_sources_and_equals_one_by_one(generator):
-    config = GenerationConfig(max_new_tokens=6)
+    config = GenerationConfig(max_new_tokens=6, extractive=True)
     sources = [[SOURCES[0]], [SOURCES[1]]]
     prompts = ["Q: Who jumps?\nA:", "Q: When was it finished?\nA:"]
     batch = generator.generate_batch(prompts, config, sources=sources)
@@ -107,11 +109,16 @@ def test_a_token_outside_every_span_is_refused(tiny):
         span.advance(tokenizer("London", add_special_tokens=False)["input_ids"][0])
 
 
-def test_empty_sources_or_one_list_too_few_are_refused(generator):
+def test_missing_empty_or_too_few_sources_are_refused_and_sources_alone_do_not_switch_it_on(generator):
+    extractive = GenerationConfig(extractive=True)
+    with pytest.raises(InvalidInputError, match="needs the texts"):
+        generator.generate("Q: Who?\nA:", extractive)
     with pytest.raises(InvalidInputError, match="non-empty source"):
-        generator.generate("Q: Who?\nA:", sources=["  "])
+        generator.generate("Q: Who?\nA:", extractive, sources=["  "])
     with pytest.raises(InvalidInputError, match="one per prompt"):
-        generator.generate_batch(["Q: Who?\nA:", "Q: What?\nA:"], sources=[SOURCES])
+        generator.generate_batch(["Q: Who?\nA:", "Q: What?\nA:"], extractive, sources=[SOURCES])
+    with pytest.raises(InvalidInputError, match="extractive=True"):
+        generator.generate("Q: Who?\nA:", sources=SOURCES)
 
 
 class _Vocab:

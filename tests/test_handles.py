@@ -123,7 +123,8 @@ def test_concurrent_generate_calls_are_decoded_as_one_batch(compressor, store, m
     sizes = []
     original = engine.generator.generate_batch
     monkeypatch.setattr(engine.generator, "generate_batch",
-                        lambda prompts, config=None: (sizes.append(len(prompts)), original(prompts, config))[1])
+                        lambda prompts, config=None, sources=None: (sizes.append(len(prompts)),
+                                                                    original(prompts, config, sources))[1])
     prompts = [f"{marker_for(AnchorStore.key_for(p))}\nQ: {i}?\nA:" for i, p in enumerate(PASSAGES * 2)]
     config = GenerationConfig(max_new_tokens=3)
     answers = {}
@@ -179,3 +180,21 @@ def test_stream_yields_text_then_the_generation_with_usage(compressor, store):
     assert all(isinstance(t, str) for t in texts) and "".join(texts) == final.text
     assert final.cached_tokens == store.get(AnchorStore.key_for(PASSAGES[1])).n_anchors
     assert final.text == engine.generate([prompt], GenerationConfig(max_new_tokens=6))[0].text
+
+
+def test_extractive_answers_quote_the_chunks_their_markers_name(compressor, store, tmp_path):
+    extractive = GenerationConfig(max_new_tokens=6, extractive=True)
+    written = SACEngine(compressor, tmp_path / "texts")
+    [keys] = written.handles_for([PASSAGES[1]], write_back=True)  # the store keeps the text
+    fresh = SACEngine(compressor, tmp_path / "texts")  # another process: the text comes from the store
+    in_memory = SACEngine(compressor, store)
+    [[memory_key]] = in_memory.handles_for(["Snow closed the pass in March."])
+    for engine, key, text in [(fresh, keys[0], PASSAGES[1]), (in_memory, memory_key, "Snow closed the pass in March.")]:
+        prompt = f"{marker_for(key)}\nQ: who?\nA:"
+        answer = engine.generate([prompt], extractive)[0]
+        assert answer.cached_tokens > 0 and answer.text and answer.text in text + "\nQ: who?\nA:"
+        assert "".join(p for p in engine.stream(prompt, extractive) if isinstance(p, str)) == answer.text
+    untexted = f"{marker_for(AnchorStore.key_for(PASSAGES[0]))}\nQ: when?\nA:"  # stored without metadata
+    with pytest.raises(InvalidInputError, match="no text to quote"):
+        in_memory.generate([untexted], extractive)
+    assert in_memory.generate([untexted], GenerationConfig(max_new_tokens=2))[0].cached_tokens > 0

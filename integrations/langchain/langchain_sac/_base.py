@@ -37,6 +37,9 @@ class SACModelParams(BaseModel):
     seed: int | None = None
     stop: list[str] | None = Field(default_factory=lambda: list(DEFAULT_STOP))
     """Stop strings (the answer is cut before them); per-call ``stop`` adds to these."""
+    extractive: bool = False
+    """Answer with a verbatim span of the retrieved documents' text (``sac_rag.extractive``):
+    no misquoted names or numbers. The texts come from the store or the compressor's memory."""
 
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
@@ -56,7 +59,7 @@ class SACModelParams(BaseModel):
         """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - {
-            "temperature", "max_tokens", "top_p", "top_k", "seed", "model"}
+            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive"}
         if unknown:
             raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
         if kwargs.get("model") not in (None, self.model_name, self.compressor):
@@ -70,6 +73,7 @@ class SACModelParams(BaseModel):
             top_p=kwargs.get("top_p", self.top_p),
             seed=kwargs.get("seed", self.seed),
             stop=tuple(s for s in stops if s),
+            extractive=kwargs.get("extractive", self.extractive),
         )
 
 

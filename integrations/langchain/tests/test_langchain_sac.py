@@ -158,6 +158,17 @@ def test_text_llm_in_a_stuff_chain_reports_cache_reads(engine, store, passages):
     assert recorder.results[0].llm_output["token_usage"]["input_token_details"]["cache_read"] == info["cached_tokens"]
 
 
+def test_an_extractive_chain_answers_with_a_span_of_the_retrieved_documents(engine, passages):
+    question = {"input": "When was the lighthouse on Gull Point painted red?"}
+    for llm in (ChatSAC(engine=engine, max_tokens=6, stop=[], extractive=True),
+                SACLLM(engine=engine, max_tokens=6, stop=[], extractive=True)):
+        result = retrieval_chain(engine, llm, passages).invoke(question)
+        answer = result["answer"].strip()
+        assert answer and any(answer in d.page_content for d in result["context"]), answer
+    free = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6, stop=[]), passages).invoke(question)
+    assert not any(free["answer"].strip() in d.page_content for d in free["context"])  # the random model rambles
+
+
 def create_stuff_documents_chain_sac(llm):
     from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 
@@ -168,8 +179,8 @@ def create_stuff_documents_chain_sac(llm):
 def test_batch_decodes_all_prompts_in_one_batch(engine, passages, monkeypatch):
     sizes = []
     original = engine.generator.generate_batch
-    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None: (
-        sizes.append(len(prompts)), original(prompts, config))[1])
+    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None, sources=None: (
+        sizes.append(len(prompts)), original(prompts, config, sources))[1])
     markers = [marker_for(AnchorStore.key_for(p)) for p in passages[:3]]
     prompts = [sac_qa_prompt().format(context=m, question="What is it?") for m in markers]
     results = SACLLM(engine=engine, max_tokens=3, stop=[]).batch(prompts)

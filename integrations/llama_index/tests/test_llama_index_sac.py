@@ -56,7 +56,8 @@ class Spy:
 
 
 def query_engine(engine, passages, k=2, **kwargs):
-    llm = SACLLM(engine=engine, max_tokens=kwargs.pop("max_tokens", 6), stop=[])
+    llm = SACLLM(engine=engine, max_tokens=kwargs.pop("max_tokens", 6), stop=[],
+                 extractive=kwargs.pop("extractive", False))
     return RetrieverQueryEngine.from_args(
         KeywordRetriever(make_nodes(passages), k=k), llm=llm, response_mode="compact",
         node_postprocessors=[SACNodePostprocessor(engine=engine)], text_qa_template=llm.qa_prompt, **kwargs)
@@ -94,6 +95,15 @@ def test_query_engine_compact_mode_answers_from_caches_and_reads_no_context_text
     assert generation.text_tokens == count_text_tokens(engine, prompt)  # template + question only
     assert isinstance(response.response, str)
     assert not engine.resolver.memory and len(store) == len(passages)
+
+
+def test_an_extractive_query_engine_answers_with_a_span_of_the_retrieved_nodes(engine, passages):
+    question = "When was the lighthouse on Gull Point painted red?"
+    response = query_engine(engine, passages, extractive=True).query(question)
+    answer = response.response.strip()
+    assert answer and any(answer in n.node.text for n in response.source_nodes), answer
+    free = query_engine(engine, passages).query(question)
+    assert not any(free.response.strip() in n.node.text for n in free.source_nodes)  # the random model rambles
 
 
 def test_llm_reports_usage_with_cached_tokens(engine, store, passages):

@@ -59,6 +59,8 @@ class SACLLM(CustomLLM):
     top_k: int = 0
     seed: Optional[int] = None
     stop: list[str] = Field(default_factory=lambda: list(DEFAULT_STOP))
+    extractive: bool = Field(default=False, description="Answer with a verbatim span of the retrieved nodes' "
+                             "text (sac_rag.extractive): no misquoted names or numbers.")
     context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
@@ -96,6 +98,7 @@ class SACLLM(CustomLLM):
             top_p=kwargs.get("top_p", self.top_p),
             seed=kwargs.get("seed", self.seed),
             stop=tuple(s for s in stops if s),
+            extractive=kwargs.get("extractive", self.extractive),
         )
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
