@@ -103,31 +103,34 @@ class FullFTLLM(BaseLLM):
 
     generator: Any
     max_tokens: int = 32
+    extractive: bool = False  # answers quote the prompt (the documents it reads as text)
 
     @property
     def _llm_type(self) -> str:
         return "sac-full-ft"
 
     def _config(self, stop):
-        return GenerationConfig(max_new_tokens=self.max_tokens, stop=tuple(stop or ("\n",)))
+        return GenerationConfig(max_new_tokens=self.max_tokens, stop=tuple(stop or ("\n",)),
+                                extractive=self.extractive)
 
     def _generate(self, prompts, stop=None, run_manager=None, **kwargs) -> LLMResult:
-        results = self.generator.generate_batch(prompts, self._config(stop))
+        sources = [[p] for p in prompts] if self.extractive else None
+        results = self.generator.generate_batch(prompts, self._config(stop), sources)
         read = sum(r.text_tokens for r in results)
         return LLMResult(generations=[[LCGeneration(text=r.text)] for r in results],
                          llm_output={"token_usage": {"input_tokens": read, "input_token_details": {"cache_read": 0}}})
 
     def _stream(self, prompt, stop=None, run_manager=None, **kwargs) -> Iterator[GenerationChunk]:
-        for piece in self.generator.stream(prompt, self._config(stop)):
+        for piece in self.generator.stream(prompt, self._config(stop), [prompt] if self.extractive else None):
             yield GenerationChunk(text=piece)
 
 
-def full_ft_llm(adapter: str, max_tokens: int) -> FullFTLLM:
+def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False) -> FullFTLLM:
     from peft import PeftModel
 
     model, tokenizer = load_base_model("smollm2-135m", dtype="bfloat16")
     return FullFTLLM(generator=Generator(PeftModel.from_pretrained(model, adapter).eval(), tokenizer),
-                     max_tokens=max_tokens)
+                     max_tokens=max_tokens, extractive=extractive)
 
 
 def store_documents(store_path: Path) -> list[Document]:
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="runs/squad-dev.store", help="anchor store (created if missing)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--extractive", action="store_true", help="every method answers with a verbatim span of "
+                        "what it reads (sac_rag.extractive); rows and predictions get an -extractive suffix")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--methods", default=",".join(RAG_METHODS),
                         help="comma-separated: sac, full_text, full_ft, truncate_ft (each document cut to its first "
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.export_retrieval).parent.mkdir(parents=True, exist_ok=True)
         Path(args.export_retrieval).write_text("\n".join(lines) + "\n")
 
-    llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"])
+    llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"],
+                 extractive=args.extractive)
     sac_retriever = ContextualCompressionRetriever(
         base_compressor=SACContextCompressor(compressor=compressor, store=args.store, on_miss="error"),
         base_retriever=retriever)
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_text": (retriever, text_chain(llm)),
     }
     if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
-        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens)
+        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive)
         chains["full_ft"] = (retriever, text_chain(full_ft))
         shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
@@ -247,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
     entry_bytes = kv_entry_bytes(compressor.base_model, compressor.dtype)  # K/V held per prompt position
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
-              "corpus_chunks": len(docs), "command": command}
+              "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free", "command": command}
+    suffix = "-extractive" if args.extractive else ""
     for name in args.methods.split(","):
         if name in ("kv_dropping", "kv_dropping_ft"):
             reading = [replace(q, passages=tuple(d.page_content for d in found))
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         method_retriever, chain = chains[name]
         label = {"sac": args.label or f"rag-sac-{ratio}x",
                  "truncate_ft": f"rag-text-truncate-{ratio}x+fullft-decoder"}.get(name, f"rag-{name.replace('_', '-')}")
+        label += suffix
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
         tag = made_by(compressor if name == "sac" else None)
@@ -289,10 +297,12 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     (retrieval, compressing the passages, prefill) at batch size 1."""
     adapter = args.full_ft_adapter if name.endswith("_ft") else None
     method = build_method("kv_dropping", base_model, ratio, None, None, "bfloat16", adapter)
-    label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "")
+    label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "") + (
+        "-extractive" if args.extractive else "")
     cache = (Path(args.results).parent / "predictions"
              / f"{label}{made_by(method.compressor)}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
-    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens)
+    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens,
+                 args.extractive)
     ttft, read = [], []
     for q in questions[:args.timing_samples]:
         t0 = time.perf_counter()
