@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sac_rag.errors import SACError
 from sac_rag.eval import DATASETS, load_questions, predictions_for
-from sac_rag.metrics import bootstrap_ci, score
+from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, score
 
 
 def per_question_f1(path: Path, questions) -> list[float]:
@@ -48,14 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     f1 = {spec: averaged_f1(spec, questions) for spec in specs}  # each file read and scored once
     base = f1[specs[0]]
     print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(specs[0])}\n")
-    print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) |")
-    print("|---|---|---|")
+    print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) | F1 / reference (paired 95% CI) |")
+    print("|---|---|---|---|")
     for spec in specs:
         lo, hi = bootstrap_ci(f1[spec])
         diff = [a - b for a, b in zip(f1[spec], base)]
         dlo, dhi = bootstrap_ci(diff)
-        delta = "-" if spec == specs[0] else f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
-        print(f"| {_name(spec)} | {sum(f1[spec]) / len(f1[spec]):.1f} ({lo:.1f}-{hi:.1f}) | {delta} |")
+        delta = share = "-"
+        if spec != specs[0]:
+            delta = f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
+            slo, shi = bootstrap_share_ci(f1[spec], base)
+            share = f"{sum(f1[spec]) / max(1e-12, sum(base)):.1%} ({slo:.1%} to {shi:.1%})"
+        print(f"| {_name(spec)} | {sum(f1[spec]) / len(f1[spec]):.1f} ({lo:.1f}-{hi:.1f}) | {delta} | {share} |")
     return 0
 
 

@@ -26,6 +26,8 @@ def load_rows(results: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if {"method", "dataset", "n", "f1"} <= row.keys():
+                if row.get("decoding") == "extractive":  # its own table: never compared with free decoding
+                    row["dataset"] += "-extractive"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row
     return list(latest.values())
 

@@ -64,10 +64,29 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) 
     """95% percentile bootstrap interval of the mean."""
     if not values:
         return (float("nan"), float("nan"))
-    rng = random.Random(seed)
     n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    return _percentile_interval([sum(values[i] for i in sample) / n for sample in _resamples(n, resamples, seed)])
+
+
+def bootstrap_share_ci(values: Sequence[float], reference: Sequence[float], resamples: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of mean(values) / mean(reference), e.g. the share of an upper
+    bound's F1 that a method keeps (both scored on the same questions)."""
+    if len(values) != len(reference) or not values:
+        raise ValueError("need the same, non-zero number of values and reference values")
+    return _percentile_interval([sum(values[i] for i in sample) / max(1e-12, sum(reference[i] for i in sample))
+                                 for sample in _resamples(len(values), resamples, seed)])
+
+
+def _resamples(n: int, resamples: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(resamples):
+        yield [rng.randrange(n) for _ in range(n)]
+
+
+def _percentile_interval(statistics: list[float]) -> tuple[float, float]:
+    ordered = sorted(statistics)
+    return ordered[int(0.025 * len(ordered))], ordered[int(0.975 * len(ordered)) - 1]
 
 
 def summarize(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:

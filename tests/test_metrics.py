@@ -2,7 +2,16 @@
 
 import pytest
 
-from sac_rag.metrics import bootstrap_ci, normalize_answer, paper_raw_em, paper_rouge1_f, squad_em, squad_f1, summarize
+from sac_rag.metrics import (
+    bootstrap_ci,
+    bootstrap_share_ci,
+    normalize_answer,
+    paper_raw_em,
+    paper_rouge1_f,
+    squad_em,
+    squad_f1,
+    summarize,
+)
 
 
 def test_squad_normalisation_drops_case_punctuation_and_articles():
@@ -34,3 +43,13 @@ def test_bootstrap_interval_narrows_with_more_data():
     few = bootstrap_ci([0.0, 100.0] * 5)
     many = bootstrap_ci([0.0, 100.0] * 500)
     assert (many[1] - many[0]) < (few[1] - few[0])
+
+
+def test_share_interval_brackets_the_share_of_a_reference_scored_on_the_same_questions():
+    reference = [100.0, 0.0, 50.0, 100.0] * 50
+    assert bootstrap_share_ci([v / 2 for v in reference], reference) == (0.5, 0.5)  # paired: no spread
+    noisy = [v * (0.2 if i % 3 else 1.0) for i, v in enumerate(reference)]
+    lo, hi = bootstrap_share_ci(noisy, reference)
+    assert lo < sum(noisy) / sum(reference) < hi
+    with pytest.raises(ValueError):
+        bootstrap_share_ci([1.0], [1.0, 2.0])
