@@ -94,7 +94,6 @@ class Vocabulary:
             for byte in data:
                 node = node.children.setdefault(byte, _Node())
             node.ids.append(token_id)
-        self.lengths = {i: len(b) for i, b in enumerate(spelled) if b}
         newline = [i for i, b in enumerate(spelled) if b and b.lstrip(b" \t").startswith((b"\n", b"\r"))]
         self.end_ids = sorted(set(end_token_ids) | set(newline))
 
@@ -110,7 +109,7 @@ def _word_starts(text: bytes) -> list[int]:
         if byte in b" \t\r\n\x00":
             continue
         before = text[i - 1] if i else _SEPARATOR
-        if i == 0 or before in b" \t\r\n\x00" or (not chr(before).isalnum() and before < 128):
+        if before in b" \t\r\n\x00" or not _is_word_byte(before):
             starts.append(i)
     return starts
 
@@ -131,6 +130,7 @@ class SpanConstraint:
         self.vocabulary = vocabulary
         self.text = bytes([_SEPARATOR]).join(t.encode("utf-8") for t in texts)
         self.ends: list[int] | None = None  # None before the first token
+        self._allowed: dict[int, list[int]] = {}  # what the last ``mask`` allowed
 
     def _walk(self, start: int, first: bool) -> dict[int, int]:
         """Token id -> end offset, for every vocabulary token spelled by text[start:]."""
