@@ -26,10 +26,12 @@ $(STAMP): pyproject.toml Makefile $(addsuffix /pyproject.toml,$(INTEGRATIONS))
 test: install
 	$(BIN)/python -m pytest -q
 
-# Answer the demo questions from compressed caches (any folder works: make demo DOCS=path)
+# Answer the demo questions from compressed caches (any folder works: make demo DOCS=path;
+# more options: make demo ARGS="--extractive -k 2")
 DOCS ?= examples/demo_corpus
+ARGS ?=
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py --docs $(DOCS)
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py --docs $(DOCS) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check sac_rag tests integrations examples benchmarks

@@ -37,6 +37,8 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     p.add_argument("--max-questions", type=int, default=None, help="answer only the first N questions")
     p.add_argument("--max-tokens", type=int, default=24, help="answer length limit in tokens (default: 24)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, or 1 when the cores are busy)")
+    p.add_argument("--extractive", action="store_true",
+                   help="answer with a verbatim span of the retrieved chunks (no misquoted names or numbers)")
     args = p.parse_args(argv)
     if not questions_file(args).is_file():
         p.error(f"no questions file {questions_file(args)}: pass --questions FILE (one question per line)")

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
         base_compressor=SACContextCompressor(compressor=compressor, store=args.store),
         base_retriever=vector_store.as_retriever(search_kwargs={"k": args.k}),
     )
-    llm = ChatSAC(compressor=compressor, store=args.store, max_tokens=args.max_tokens, stop=["\n"])
+    llm = ChatSAC(compressor=compressor, store=args.store, max_tokens=args.max_tokens, stop=["\n"],
+                  extractive=args.extractive)
     chain = create_sac_stuff_chain(llm)  # documents -> their <sac:KEY> handles -> cached K/V
     full_text_chain = create_sac_stuff_chain(llm, document_prompt=PromptTemplate.from_template("{page_content}"))
     llm.invoke("Hello", max_tokens=1)  # warm-up, so that the first question's timing is not a cold start

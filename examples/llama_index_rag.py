@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
     retriever = index.as_retriever(similarity_top_k=args.k)
 
     # The postprocessor and the LLM get the same compressor and store, so they share one engine.
-    llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_tokens, stop=["\n"])
+    llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_tokens, stop=["\n"],
+                 extractive=args.extractive)
     engine = RetrieverQueryEngine.from_args(
         retriever, llm=llm, response_mode="compact", text_qa_template=llm.qa_prompt, streaming=True,
         node_postprocessors=[SACNodePostprocessor(compressor=compressor, store=args.store)],

@@ -110,6 +110,16 @@ def test_quickstart_reuses_the_store(langchain_run, store_path, monkeypatch, cap
     assert sorted((p.relative_to(store_path), p.stat().st_size) for p in store_path.rglob("*.shard")) == before
 
 
+def test_extractive_answers_of_both_framework_examples_quote_the_retrieved_chunks(langchain_run, store_path):
+    import langchain_rag
+    import llama_index_rag
+
+    corpus = "\n".join(p.read_text() for p in DEMO.iterdir() if p.name != "questions.txt")
+    for example in (langchain_rag, llama_index_rag):
+        _, results = example.main([*argv(store_path), "--extractive"])
+        assert all(r["answer"].strip() and r["answer"].strip() in corpus for r in results), results
+
+
 def test_llama_index_example_answers_from_the_caches(langchain_run, store_path, compressor):
     import llama_index_rag
 
