@@ -95,7 +95,7 @@ class Vocabulary:
                 node = node.children.setdefault(byte, _Node())
             node.ids.append(token_id)
         newline = [i for i, b in enumerate(spelled) if b and b.lstrip(b" \t").startswith((b"\n", b"\r"))]
-        self.end_ids = sorted(set(end_token_ids) | set(newline))
+        self.end_ids = torch.as_tensor(sorted(set(end_token_ids) | set(newline)), dtype=torch.long)
 
     def constraint(self, sources: Sequence[str]) -> SpanConstraint:
         return SpanConstraint(self, sources)
@@ -167,7 +167,7 @@ class SpanConstraint:
         index = torch.as_tensor(sorted(self._allowed), dtype=torch.long, device=logits.device)
         if len(index):
             masked[index] = logits[index]
-        end_ids = torch.as_tensor(self.vocabulary.end_ids, dtype=torch.long, device=logits.device)
+        end_ids = self.vocabulary.end_ids.to(logits.device)
         if self.ends is None:  # the answer has at least one token
             return masked, False
         if not len(index):

@@ -324,7 +324,7 @@ class Generator:
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._mode(states[0].reads_cache):  # generate_batch groups prompts by mode
             for step in range(steps):
-                logits = self._held_to_spans(logits, tracks, config)
+                logits = self._held_to_spans(logits, tracks)
                 tokens = _sample(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
                     if track.finish_reason is None:
@@ -348,7 +348,7 @@ class Generator:
             track.finish_reason = track.finish_reason or "length"
 
     @staticmethod
-    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track], config: GenerationConfig) -> torch.Tensor:
+    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track]) -> torch.Tensor:
         """Extractive decoding: mask each constrained row to the tokens that continue a span of its
         sources; a row whose model would rather end the answer finishes here."""
         if all(t.span is None for t in tracks):

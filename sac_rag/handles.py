@@ -223,9 +223,10 @@ class CacheResolver:
     def texts_of(self, keys: Iterable[str]) -> dict[str, str]:
         """``{key: text}`` for those of ``keys`` whose text is known: remembered with the chunk, or
         the ``text`` metadata of its store entry (``precompress`` and write-back keep it)."""
-        found = {k: self._texts[k] for k in dict.fromkeys(keys) if k in self._texts and k in self.memory}
+        keys = list(dict.fromkeys(keys))
+        found = {k: self._texts[k] for k in keys if k in self._texts and k in self.memory}
         if self.store is not None:
-            rest = [k for k in dict.fromkeys(keys) if k not in found]
+            rest = [k for k in keys if k not in found]
             for key in set(rest) - set(self.store.missing(rest)):
                 text = self.store.metadata(key).get("text")
                 if isinstance(text, str):
