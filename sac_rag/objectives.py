@@ -186,7 +186,8 @@ class SACObjective:
                                    every_token=every_token, layers=self.hidden_weight > 0)
         is_target = student.is_target
         ce = F.cross_entropy(student.logits[is_target].float(), student.labels[is_target])
-        loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum())}
+        read = sum(len(chunk) for chunk in chunks) + sum(len(prompt) + len(target) for prompt, target in rows)
+        loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum()), "input_tokens": read}
 
         if distilling:
             teacher = self._teacher_rows(examples, context_lengths, rows, row_owner, every_token)
@@ -255,7 +256,8 @@ class FullTextObjective:
         hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         labels, keep = labels.to(device), is_target.to(device)
         loss = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep])
-        return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum())}
+        return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum()),
+                      "input_tokens": int(mask.sum())}
 
 
 def _pad_rows(rows: list[tuple[list[int], list[int]]]):

@@ -618,7 +618,7 @@ def train(cfg: TrainConfig) -> Path:
     per_rank = cfg.batch_size // world
     metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc=f"{cfg.method}/{cfg.stage}", unit="step")
-    tokens_seen, t0 = 0, time.time()
+    tokens_seen, t0 = 0, time.time()  # tokens the trained model read on this process: passages, prompts, answers
 
     def evaluate(step: int) -> None:
         nonlocal best
@@ -665,13 +665,13 @@ def train(cfg: TrainConfig) -> Path:
                 loss, stats_ = objective.loss(micro, future_bias=future_bias)
             (loss * len(micro) / per_rank).backward()
             for k, v in stats_.items():
-                counted = k in ("target_tokens", "distilled_tokens")
+                counted = k in ("target_tokens", "distilled_tokens", "input_tokens")
                 step_stats[k] = step_stats.get(k, 0.0) + (v if counted else v * len(micro) / per_rank)
         _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         step += 1
-        tokens_seen += int(step_stats.get("target_tokens", 0))
+        tokens_seen += int(step_stats["input_tokens"])
         if is_main:
             row = {"step": step, **step_stats, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
                    "future_bias": future_bias, "examples_seen": stream.position, "time": time.time() - t0}

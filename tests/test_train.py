@@ -67,6 +67,8 @@ def test_a_few_steps_on_a_tiny_model_reduce_the_loss(workspace):
                                      "--micro-batch-size", "2", "--held-out-fraction", "0.9", "--lr", "2e-2")))
     losses = _losses(workspace / "run")
     assert min(losses[s] for s in (10, 11, 12)) < losses[1] * 0.88
+    first = json.loads((workspace / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["input_tokens"] > first["target_tokens"] > 0  # tok/s counts every token read, not only targets
     assert (final / "config.json").exists() and (workspace / "run" / "loss_curve.png").exists()
     model, tokenizer = make_tiny_llama()
     SACCompressor.from_pretrained(final, model=model, tokenizer=tokenizer)
