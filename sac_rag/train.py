@@ -579,6 +579,10 @@ def plot_metrics(out_dir: Path) -> None:
 # -- the loop -----------------------------------------------------------------------------------
 
 
+# Per-micro-batch statistics that are token counts (summed over a step); the rest are means.
+SUMMED_STATS = ("target_tokens", "distilled_tokens", "input_tokens")
+
+
 def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
@@ -665,8 +669,8 @@ def train(cfg: TrainConfig) -> Path:
                 loss, stats_ = objective.loss(micro, future_bias=future_bias)
             (loss * len(micro) / per_rank).backward()
             for k, v in stats_.items():
-                counted = k in ("target_tokens", "distilled_tokens", "input_tokens")
-                step_stats[k] = step_stats.get(k, 0.0) + (v if counted else v * len(micro) / per_rank)
+                share = 1.0 if k in SUMMED_STATS else len(micro) / per_rank
+                step_stats[k] = step_stats.get(k, 0.0) + v * share
         _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
