@@ -1,0 +1,125 @@
+"""How far training has carried the 5x compressor toward the issue's target, as a picture.
+
+    python benchmarks/training_progress.py    # -> benchmarks/plots/sac5x_training_progress.png
+
+Plots SQuAD-dev F1 (the headline's 1,000 seeded questions, with 95% CIs) of each stage of the
+shipped 5x compressor's lineage against the training steps it had seen in all (8 paragraphs x 4
+questions per step; MODEL_CARD.md of ``smollm2-135m-sac-5x`` gives each stage's config and wall
+time), beside Full-FT, 75% of Full-FT (the target) and untrained KV dropping. It prints the
+same numbers as a table and two least-squares lines of F1 against log2(steps), one through every
+stage and one through the distillation stages (the last three), each with the steps it would need
+to reach the target. Those are extrapolations of few points whose neighbours differ by less than
+their CIs, and the first line owes most of its slope to recipe changes, not steps: not forecasts,
+only the order of compute the target asks of this recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from report import HERE, load_rows
+
+
+@dataclass(frozen=True)
+class Stage:
+    label: str  # the method name of its n=1,000 squad-dev row
+    steps: int  # training steps seen in all, this stage's included
+    name: str
+    recipe: str
+
+
+LINEAGE = (
+    Stage("sac-5x-decoder-adapter", 600, "stages 1-2", "answer cross-entropy, then + decoder adapter"),
+    Stage("sac-5x-rag-distractors", 800, "stage 3", "+ 2 distractor passages"),
+    Stage("sac-5x-distilled", 1000, "stage 4", "+ KL to Full-FT on question and answer tokens"),
+    Stage("sac-5x-distill-decay", 1200, "stage 5 (shipped)", "the same, rate decayed to 0"),
+    Stage("sac-5x-stage6-from-bf16", 1350, "stage 6 (not shipped)", "+ hidden states, lr 1e-3 (RAG -3.3)"),
+)
+TARGET_SHARE = 0.75
+
+
+def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``f1 = a + b * log2(steps)``; returns (a, b)."""
+    xs = [math.log2(s) for s, _ in points]
+    ys = [f for _, f in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def steps_for(f1: float, a: float, b: float) -> float:
+    """Where the line ``a + b * log2(steps)`` reaches ``f1`` (infinite if it never rises)."""
+    return 2 ** ((f1 - a) / b) if b > 0 else math.inf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "plots" / "sac5x_training_progress.png")
+    args = parser.parse_args(argv)
+
+    rows = {r["method"]: r for r in load_rows(args.results) if r["dataset"] == "squad-dev" and r["n"] == 1000}
+    missing = [s.label for s in LINEAGE if s.label not in rows] + [m for m in ("full-ft", "kv-dropping-5x")
+                                                                  if m not in rows]
+    if missing:
+        parser.error(f"no squad-dev n=1000 row for {missing} in {args.results}")
+    full_ft, dropping = rows["full-ft"]["f1"], rows["kv-dropping-5x"]["f1"]
+    target = TARGET_SHARE * full_ft
+    points = [(s.steps, rows[s.label]["f1"]) for s in LINEAGE]
+    fits = {name: fit_log2(subset) for name, subset in (("every stage", points), ("the last three", points[-3:]))}
+
+    print("| stage | recipe | steps | F1 (95% CI) | share of Full-FT |\n|---|---|---|---|---|")
+    for stage in LINEAGE:
+        row = rows[stage.label]
+        low, high = row["f1_ci"]
+        print(f"| {stage.name} | {stage.recipe} | {stage.steps} | {row['f1']:.1f} ({low:.1f}-{high:.1f}) "
+              f"| {row['f1'] / full_ft:.0%} |")
+    print(f"\nFull-FT {full_ft:.1f}; target {TARGET_SHARE:.0%} of it = {target:.1f}; KV dropping {dropping:.1f}")
+    for name, (a, b) in fits.items():
+        needed = steps_for(target, a, b)
+        print(f"line through {name}: {b:.1f} F1 per doubling of steps; the target at about "
+              f"{needed:,.0f} steps ({needed / LINEAGE[-1].steps:.1f}x the last stage's)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [s.steps for s in LINEAGE]
+    f1 = [rows[s.label]["f1"] for s in LINEAGE]
+    errors = [[f - rows[s.label]["f1_ci"][0] for s, f in zip(LINEAGE, f1)],
+              [rows[s.label]["f1_ci"][1] - f for s, f in zip(LINEAGE, f1)]]
+    ax.errorbar(steps, f1, yerr=errors, marker="*", markersize=10, color="black", capsize=3, label="SAC 5x (95% CI)")
+    for stage, y, high in zip(LINEAGE, f1, errors[1]):
+        ax.annotate(stage.name, (stage.steps, y + high),
+                    textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center", rotation=90)
+    for (name, (a, b)), style in zip(fits.items(), (":", "-.")):
+        span = [steps[0] if name == "every stage" else steps[-3], min(steps_for(target, a, b), steps[-1] * 8)]
+        ax.plot(span, [a + b * math.log2(s) for s in span], color="gray", ls=style, lw=1,
+                label=f"line in log2(steps) through {name}: {b:.1f} F1 per doubling")
+    ax.axhline(full_ft, color="k", ls="--", lw=1, label=f"Full-FT (reads the text) {full_ft:.1f}")
+    ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target: {TARGET_SHARE:.0%} of Full-FT = {target:.1f}")
+    ax.axhline(dropping, color="tab:blue", ls="-", lw=1, label=f"untrained KV dropping 5x {dropping:.1f}")
+    ax.set_xscale("log")
+    ticks = [500, 1000, 2000, 4000, 8000]
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("training steps seen in all (8 paragraphs x 4 questions each)")
+    ax.set_ylabel("SQuAD-dev F1, n=1,000")
+    ax.set_ylim(0, full_ft + 5)
+    ax.set_title("smollm2-135m-sac-5x: F1 after each training stage (2 CPU cores)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
