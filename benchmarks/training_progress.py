@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     full_ft, dropping = rows["full-ft"]["f1"], rows["kv-dropping-5x"]["f1"]
     target = TARGET_SHARE * full_ft
     points = [(s.steps, rows[s.label]["f1"]) for s in LINEAGE]
-    fits = {name: fit_log2(subset) for name, subset in (("every stage", points), ("the last three", points[-3:]))}
+    fits = {name: (subset[0][0], *fit_log2(subset))  # (first step, a, b)
+            for name, subset in (("every stage", points), ("the last three", points[-3:]))}
 
     print("| stage | recipe | steps | F1 (95% CI) | share of Full-FT |\n|---|---|---|---|---|")
     for stage in LINEAGE:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {stage.name} | {stage.recipe} | {stage.steps} | {row['f1']:.1f} ({low:.1f}-{high:.1f}) "
               f"| {row['f1'] / full_ft:.0%} |")
     print(f"\nFull-FT {full_ft:.1f}; target {TARGET_SHARE:.0%} of it = {target:.1f}; KV dropping {dropping:.1f}")
-    for name, (a, b) in fits.items():
+    for name, (_, a, b) in fits.items():
         needed = steps_for(target, a, b)
         print(f"line through {name}: {b:.1f} F1 per doubling of steps; the target at about "
               f"{needed:,.0f} steps ({needed / LINEAGE[-1].steps:.1f}x the last stage's)")
@@ -89,16 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = [s.steps for s in LINEAGE]
-    f1 = [rows[s.label]["f1"] for s in LINEAGE]
+    steps, f1 = zip(*points)
     errors = [[f - rows[s.label]["f1_ci"][0] for s, f in zip(LINEAGE, f1)],
               [rows[s.label]["f1_ci"][1] - f for s, f in zip(LINEAGE, f1)]]
     ax.errorbar(steps, f1, yerr=errors, marker="*", markersize=10, color="black", capsize=3, label="SAC 5x (95% CI)")
     for stage, y, high in zip(LINEAGE, f1, errors[1]):
         ax.annotate(stage.name, (stage.steps, y + high),
                     textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center", rotation=90)
-    for (name, (a, b)), style in zip(fits.items(), (":", "-.")):
-        span = [steps[0] if name == "every stage" else steps[-3], min(steps_for(target, a, b), steps[-1] * 8)]
+    for (name, (first, a, b)), style in zip(fits.items(), (":", "-.")):
+        span = [first, min(steps_for(target, a, b), steps[-1] * 8)]
         ax.plot(span, [a + b * math.log2(s) for s in span], color="gray", ls=style, lw=1,
                 label=f"line in log2(steps) through {name}: {b:.1f} F1 per doubling")
     ax.axhline(full_ft, color="k", ls="--", lw=1, label=f"Full-FT (reads the text) {full_ft:.1f}")
