@@ -69,6 +69,7 @@ from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
     build_method,
+    dtype_tag,
     kv_entry_bytes,
     load_questions,
     made_by,
@@ -125,10 +126,10 @@ class FullFTLLM(BaseLLM):
             yield GenerationChunk(text=piece)
 
 
-def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False) -> FullFTLLM:
+def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16") -> FullFTLLM:
     from peft import PeftModel
 
-    model, tokenizer = load_base_model("smollm2-135m", dtype="bfloat16")
+    model, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
     return FullFTLLM(generator=Generator(PeftModel.from_pretrained(model, adapter).eval(), tokenizer),
                      max_tokens=max_tokens, extractive=extractive)
 
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(input of run_kvpress.py --dataset squad-dev-rag)")
     parser.add_argument("--full-ft-adapter", default="benchmarks/checkpoints/full-ft-smollm2-135m-squad",
                         help="decoder LoRA trained on full-text QA (the full_ft upper bound)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="models' dtype: bfloat16 (the committed rows'), or float32, much faster on CPUs "
+                             "without native bf16; predictions in another dtype are cached apart")
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/rag_squad.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     squad = Path(args.data_root) / DATASETS["squad-dev"]
-    compressor = SACCompressor.from_pretrained(args.compressor)
+    compressor = SACCompressor.from_pretrained(args.compressor, dtype=args.dtype)
     summary = precompress(squad, args.store, compressor)  # skips what the store already holds
     docs = store_documents(Path(args.store))
     logger.info("%d chunks of %d paragraphs in %s", len(docs), summary.documents, args.store)
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_text": (retriever, text_chain(llm)),
     }
     if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
-        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive)
+        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive, args.dtype)
         chains["full_ft"] = (retriever, text_chain(full_ft))
         shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
     entry_bytes = kv_entry_bytes(compressor.base_model, compressor.dtype)  # K/V held per prompt position
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
-              "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free", "command": command}
+              "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free",
+              "dtype": args.dtype, "command": command}
     suffix = "-extractive" if args.extractive else ""
     for name in args.methods.split(","):
         if name in ("kv_dropping", "kv_dropping_ft"):
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         label += suffix
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
-        tag = made_by(compressor if name == "sac" else None)
+        tag = made_by(compressor if name == "sac" else None) + dtype_tag(args.dtype)
         cache = (Path(args.results).parent / "predictions"
                  / f"{label}{tag}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
@@ -296,11 +301,12 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     """A ``sac_rag.eval`` method on the retrieved passages: scores, and TTFT from the question
     (retrieval, compressing the passages, prefill) at batch size 1."""
     adapter = args.full_ft_adapter if name.endswith("_ft") else None
-    method = build_method("kv_dropping", base_model, ratio, None, None, "bfloat16", adapter)
+    method = build_method("kv_dropping", base_model, ratio, None, None, args.dtype, adapter)
     label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "") + (
         "-extractive" if args.extractive else "")
     cache = (Path(args.results).parent / "predictions"
-             / f"{label}{made_by(method.compressor)}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+             / f"{label}{made_by(method.compressor)}{dtype_tag(args.dtype)}-squad-dev-top{args.k}"
+               f"-n{len(questions)}-s{args.seed}.jsonl")
     scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens,
                  args.extractive)
     ttft, read = [], []

@@ -25,6 +25,7 @@ import torch
 
 from .config import PromptTemplate, SACConfig
 from .data import read_qa
+from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -167,6 +168,12 @@ def made_by(compressor) -> str:
     return f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if compressor is not None else ""
 
 
+def dtype_tag(dtype: str) -> str:
+    """Tag for prediction caches computed in another dtype than bfloat16 (the default, untagged),
+    so that answers computed in two dtypes never mix in one row."""
+    return "" if dtype == "bfloat16" else f"-{dtype}"
+
+
 def read_predictions(cache_path: Path) -> dict[str, str]:
     """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines; none if missing)."""
     if not cache_path.exists():
@@ -274,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="extractive decoding: each answer is a verbatim span of the passages it reads")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="bfloat16 (the committed rows'), float32 (much faster on CPUs without native bf16, "
+                             "see sac_rag.devices.bf16_is_fast), float16, or auto; predictions computed in "
+                             "another dtype than bfloat16 are cached apart")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
     parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
@@ -290,14 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         label += "-extractive"
 
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
-    method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, args.dtype,
+    dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
+    method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, dtype,
                           args.decoder_adapter)
     if args.storage != "native":
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
         method.storage = args.storage
     cache = (Path(args.results).parent / "predictions"
-             / f"{label}{made_by(method.compressor)}-{args.dataset}-n{len(questions)}-s{args.seed}.jsonl")
+             / f"{label}{made_by(method.compressor)}{dtype_tag(dtype)}-{args.dataset}-n{len(questions)}"
+               f"-s{args.seed}.jsonl")
     t_start, cached = time.time(), len(read_predictions(cache))
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
         "decoder_adapter": args.decoder_adapter,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
-        "dtype": args.dtype, "storage": args.storage, "decoding": decoding,
+        "dtype": dtype, "storage": args.storage, "decoding": decoding,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

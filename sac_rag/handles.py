@@ -510,7 +510,8 @@ class SACEngine:
                             "chunk_len": compressor.config.chunk_len,
                             "chunk_tokens": compressor.config.chunk_len, "overlap": 0}
                 store = AnchorStore.create(state.store_path, compressor.fingerprint, compressor.config.ratio,
-                                           compressor.dtype, extra_manifest=settings, exist_ok=True)
+                                           compressor.dtype, extra_manifest=settings, exist_ok=True,
+                                           keep_dtype=True)
                 state.resolver.attach_store(store)
             elif store.readonly:
                 raise InvalidInputError(f"the store at {store.path} is open read-only; write_back needs it writable")

@@ -140,8 +140,9 @@ def precompress(
     ``chunk_tokens`` defaults to the compressor's ``chunk_len`` (its maximum); ``overlap`` is
     in tokens. ``num_shards``/``shard_index`` default to the launcher's environment (see
     ``shard_from_env``); with more than one shard the store path is made per shard
-    (``shard_store_path``). ``dtype`` is the store's (default: the compressor's); ``storage``
-    is "native", "fp8" or "int8". Returns the ``Summary`` it also logs.
+    (``shard_store_path``). ``dtype`` is the store's (default: an existing store keeps its own,
+    a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8". Returns the
+    ``Summary`` it also logs.
     """
     started = time.perf_counter()
     chunk_len = compressor.config.chunk_len
@@ -167,7 +168,8 @@ def precompress(
     settings = {"created_by": "sac_rag.precompress", "base_model": compressor.config.base_model,
                 "chunk_len": chunk_len, "chunk_tokens": chunk_tokens, "overlap": overlap}
     store = AnchorStore.create(path, compressor.fingerprint, compressor.config.ratio,
-                               dtype or compressor.dtype, storage, settings, exist_ok=True)
+                               dtype or compressor.dtype, storage, settings, exist_ok=True,
+                               keep_dtype=dtype is None)
     summary = Summary(store=str(path), num_shards=num_shards, shard_index=shard_index)
     with store:
         earlier = store.manifest.get("extra", {})

@@ -248,6 +248,7 @@ class AnchorStore:
         extra_manifest: dict | None = None,
         *,
         exist_ok: bool = False,
+        keep_dtype: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> AnchorStore:
@@ -257,6 +258,9 @@ class AnchorStore:
         ``storage`` is "native", "fp8" or "int8" (see ``quantize``). With ``exist_ok`` an
         existing store is opened instead, provided it was made with the same fingerprint,
         ratio, dtype and storage: that is how a resumed precompression run reopens its store.
+        With ``keep_dtype`` as well, an existing store keeps its own dtype whatever ``dtype``
+        says (entries are cast to it on write), so a run that computes in another dtype (float32
+        on a CPU without bf16) can continue a store begun in bfloat16.
         Writers stop appending to a shard file once it holds ``shard_bytes`` (kept in the
         manifest); smaller shards make ``gc`` cheaper, fewer shards need fewer open maps.
         """
@@ -292,7 +296,7 @@ class AnchorStore:
 
         def reopen() -> AnchorStore:
             store = cls.open(path, fingerprint, cache_bytes=cache_bytes)
-            for name in ("ratio", "dtype", "storage"):
+            for name in ("ratio", "storage") if keep_dtype else ("ratio", "dtype", "storage"):
                 if store.manifest[name] != manifest[name]:
                     store.close()
                     raise InvalidInputError(

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
 from .data import LoadStats, iter_texts, read_qa, split_by_title
+from .devices import bf16_is_fast
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .files import atomic_write
 from .objectives import DISTILL_TOKENS, ExampleBuilder, FullTextObjective, SACObjective
@@ -35,7 +36,9 @@ from .objectives import DISTILL_TOKENS, ExampleBuilder, FullTextObjective, SACOb
 logger = logging.getLogger("sac_rag.train")
 
 # Fields that may differ between a run and its resumption.
-_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints"}
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
+                      "precision"}
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _help(text: str, **kwargs):
@@ -113,7 +116,8 @@ class TrainConfig:
     micro_batch_size: int = _help("examples per forward pass (gradient accumulation)", default=4)
     max_steps: int = _help("optimizer steps", default=1000)
     seed: int = _help("seed for data order and sampling", default=0)
-    precision: str = _help("'bf16' autocast, or 'fp32'", default="bf16")
+    precision: str = _help("'bf16' autocast, 'fp32', or 'auto': bf16 where the device computes it natively "
+                           "(CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32", default="auto")
     device: str = _help("'auto' (CUDA if present), 'cpu', 'cuda:0', ...", default="auto")
     # bookkeeping
     checkpoint_every: int = _help("steps between checkpoints", default=100)
@@ -142,6 +146,8 @@ class TrainConfig:
         if changes_init_checkpoint and self.method != "sac":
             raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change a compressor: "
                            "they need --method sac")
+        if self.precision not in PRECISIONS:
+            raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
@@ -613,12 +619,14 @@ def train(cfg: TrainConfig) -> Path:
             raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast(device))
     if is_main:
         n_trainable = sum(p.numel() for p in params)
-        logger.info("training %s (%s), %d trainable parameters, %d examples, world %d",
-                    cfg.method, cfg.stage, n_trainable, len(stream.items), world)
+        logger.info("training %s (%s), %d trainable parameters, %d examples, world %d, %s",
+                    cfg.method, cfg.stage, n_trainable, len(stream.items), world,
+                    "bf16 autocast" if use_bf16 else "fp32")
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     per_rank = cfg.batch_size // world
     metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc=f"{cfg.method}/{cfg.stage}", unit="step")

@@ -33,7 +33,7 @@ def _run(ws, *args):
     common = ["--base-model", str(ws / "tiny-model"), "--data-root", str(ws / "data"), "--n", "4",
               "--max-new-tokens", "4", "--timing-samples", "2", "--results", str(ws / "results" / "q.jsonl"),
               "--dtype", "float32"]
-    assert main([*args, *common]) == 0
+    assert main([*common, *args]) == 0  # a test's own options override the common ones
     rows = [json.loads(line) for line in (ws / "results" / "q.jsonl").read_text().splitlines()]
     return rows[-1]
 
@@ -70,6 +70,17 @@ def test_a_rerun_reuses_cached_predictions(workspace):
     lines = cache.read_text().splitlines()
     second = _run(workspace, "--method", "full_context")
     assert cache.read_text().splitlines() == lines and second["f1"] == first["f1"]
+
+
+def test_predictions_computed_in_another_dtype_are_cached_apart(workspace):
+    # bfloat16 is the committed rows' dtype (untagged caches); float32 answers never join them
+    wide = _run(workspace, "--method", "full_context")
+    half = _run(workspace, "--method", "full_context", "--dtype", "bfloat16")
+    caches = sorted(p.name.split("-squad")[0] for p in (workspace / "results" / "predictions").glob("*.jsonl"))
+    assert caches == ["full_context", "full_context-float32"]
+    assert (wide["dtype"], half["dtype"]) == ("float32", "bfloat16")
+    auto = _run(workspace, "--method", "full_context", "--dtype", "auto")  # recorded as what it resolved to
+    assert auto["dtype"] in ("float32", "bfloat16")
 
 
 def test_question_subsets_are_seeded_and_nested(workspace):
@@ -121,7 +132,8 @@ def test_8bit_storage_and_an_adapted_decoder_are_separate_rows(workspace):
     # one prediction cache each, named by the row and by the compressor's fingerprint
     made_by = native["compressor_fingerprint"].rsplit("-", 1)[-1][:8]
     caches = {p.name.split("-squad")[0] for p in (workspace / "results" / "predictions").glob("*.jsonl")}
-    assert caches == {f"kv_dropping-{made_by}", f"kv_dropping-fp8-{made_by}", f"kv_dropping-adapted-decoder-{made_by}"}
+    assert caches == {f"kv_dropping-{made_by}-float32", f"kv_dropping-fp8-{made_by}-float32",
+                      f"kv_dropping-adapted-decoder-{made_by}-float32"}
     with pytest.raises(SystemExit):
         _run(workspace, "--method", "full_context", "--storage", "int8")
 

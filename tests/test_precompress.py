@@ -326,6 +326,17 @@ def test_a_store_from_another_compressor_or_a_foreign_directory_is_refused(tmp_p
         precompress(corpus, tmp_path / "s", tiny_sac[1], chunk_tokens=64, show_progress=False)
 
 
+def test_a_store_begun_in_bfloat16_is_continued_in_its_own_dtype_by_a_float32_compressor(tmp_path, tiny_sac, corpus):
+    # as when a precompression begun where "auto" meant bfloat16 resumes on a CPU without it
+    compressor = tiny_sac[1]
+    AnchorStore.create(tmp_path / "s", compressor.fingerprint, 4, "bfloat16").close()
+    summary = precompress(corpus, tmp_path / "s", compressor, chunk_tokens=CHUNK, show_progress=False)
+    with AnchorStore.open(tmp_path / "s", readonly=True) as s:
+        assert s.dtype == torch.bfloat16 and len(s.keys()) == summary.entries > 0
+    with pytest.raises(InvalidInputError, match="dtype"):  # a dtype asked for is checked, not overridden
+        precompress(corpus, tmp_path / "s", compressor, chunk_tokens=CHUNK, dtype="float32", show_progress=False)
+
+
 def test_shards_cover_every_chunk_exactly_once_and_merge_to_the_unsharded_store(
         tmp_path, tiny_sac, corpus, reference):
     shards = [precompress(corpus, tmp_path / "s", tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH,

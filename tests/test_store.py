@@ -354,6 +354,21 @@ def test_create_with_exist_ok_reopens_only_a_matching_store(tmp_path):
         AnchorStore.create(path, OTHER_FP, ratio=5, exist_ok=True)
 
 
+def test_keep_dtype_reopens_a_store_of_another_dtype_and_writes_in_its_own(tmp_path):
+    # a store begun where the compressor computes in bfloat16, continued where it computes in float32
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5, dtype="bfloat16") as s:
+        s.put(key(1), make_kv(1))
+    with pytest.raises(InvalidInputError, match="dtype"):
+        AnchorStore.create(path, FP, ratio=5, dtype="float32", exist_ok=True)
+    with AnchorStore.create(path, FP, ratio=5, dtype="float32", exist_ok=True, keep_dtype=True) as s:
+        assert s.dtype == torch.bfloat16
+        s.put(key(2), make_kv(2, dtype=torch.float32))
+    with AnchorStore.open(path, readonly=True) as s:
+        assert s.get(key(2)).keys.dtype == torch.bfloat16
+        assert torch.equal(s.get(key(2)).keys, make_kv(2, dtype=torch.float32).keys.to(torch.bfloat16))
+
+
 # -- integrity --------------------------------------------------------------------------------
 
 

@@ -167,6 +167,15 @@ def test_a_run_started_before_an_option_existed_still_resumes(workspace):
     assert max(_losses(workspace / "run")) == 3
 
 
+def test_precision_is_checked_and_may_change_when_a_run_resumes(workspace):
+    # "auto" resolves per machine, so a run resumed on another machine may compute in another precision
+    with pytest.raises(SACError, match="precision"):
+        parse_config(_args(workspace, "p", "--precision", "fp16"))
+    train(parse_config(_args(workspace, "p", "--max-steps", "2")))
+    train(parse_config(_args(workspace, "p", "--max-steps", "3", "--resume", "--precision", "auto")))
+    assert max(_losses(workspace / "p")) == 3
+
+
 def test_unknown_distractor_source_is_refused():
     with pytest.raises(SACError, match="distractor_source"):
         parse_config(["--distractor-source", "nearest"])
