@@ -186,5 +186,5 @@ def test_eval_extractive_rows_are_labelled_and_answers_quote_the_passage(tmp_pat
                  "--results", str(results), "--dtype", "float32"]) == 0
     row = json.loads(results.read_text().splitlines()[-1])
     assert row["method"] == "full_context-extractive" and row["decoding"] == "extractive"
-    predictions = (results.parent / "predictions" / "full_context-extractive-squad-dev-n3-s0.jsonl").read_text()
+    predictions = (results.parent / "predictions" / "full_context-extractive-float32-squad-dev-n3-s0.jsonl").read_text()
     assert all(_is_quote(json.loads(line)["prediction"], [context]) for line in predictions.splitlines())
