@@ -374,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.add_argument("--base-model", default="smollm2-135m", help="base model for --kv-dropping")
     model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    model.add_argument("--dtype", default=None, help="model and store dtype: bfloat16 (default), float16, float32")
+    model.add_argument("--dtype", default=None,
+                       help="model and new store dtype: auto (default: bfloat16 where the device computes it "
+                            "natively, else float32), bfloat16, float16, float32; an existing store keeps its own")
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="tokens per chunk (default and maximum: the compressor's chunk_len)")
     parser.add_argument("--overlap", type=int, default=0, help="tokens shared by consecutive chunks")
