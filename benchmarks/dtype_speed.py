@@ -21,7 +21,7 @@ from sac_rag.devices import bf16_is_fast
 from sac_rag.models import load_base_model
 
 
-def best_of(repeats: int, fn) -> float:
+def median_seconds(repeats: int, fn) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
     times = []
@@ -36,7 +36,7 @@ def inference_seconds(dtype: str, ids: torch.Tensor, repeats: int) -> tuple[floa
     model, _ = load_base_model("smollm2-135m", device="cpu", dtype=dtype)
     prompt, step = ids[:, :-1], ids[:, -1:]
     with torch.no_grad():
-        prefill = best_of(repeats, lambda: model(prompt))
+        prefill = median_seconds(repeats, lambda: model(prompt))
         cache = model(prompt, use_cache=True).past_key_values
         length = cache.get_seq_length()
 
@@ -44,7 +44,7 @@ def inference_seconds(dtype: str, ids: torch.Tensor, repeats: int) -> tuple[floa
             model(step, past_key_values=cache, use_cache=True)
             cache.crop(-(cache.get_seq_length() - length))
 
-        decode_step = best_of(repeats, decode)
+        decode_step = median_seconds(repeats, decode)
     return prefill, decode_step
 
 
@@ -58,7 +58,7 @@ def training_step_seconds(autocast: bool, ids: torch.Tensor, repeats: int) -> fl
             loss = model(ids, labels=ids).loss
         loss.backward()
 
-    return best_of(repeats, step)
+    return median_seconds(repeats, step)
 
 
 def main() -> None:
@@ -72,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = torch.randint(100, 10_000, (args.batch, args.tokens + 1), generator=torch.Generator().manual_seed(0))
-    row = {"cpu": torch.cpu.get_capabilities().get("cpu_name", "unknown") if hasattr(torch.cpu, "get_capabilities")
-           else "unknown", "capability": torch.backends.cpu.get_cpu_capability(),
+    row = {"cpu": getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name", "unknown"),
+           "capability": torch.backends.cpu.get_cpu_capability(),
            "bf16_is_fast": bf16_is_fast(torch.device("cpu")), "threads": args.threads, "batch": args.batch,
            "prefill_tokens": args.tokens, "train_tokens": args.train_tokens, "torch": torch.__version__,
            "load_avg_before": os.getloadavg()[0]}

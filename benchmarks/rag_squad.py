@@ -69,10 +69,9 @@ from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
     build_method,
-    dtype_tag,
     kv_entry_bytes,
     load_questions,
-    made_by,
+    prediction_cache,
     read_predictions,
     run,
 )
@@ -272,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         label += suffix
         found = method_retriever.batch([q.question for q in questions])
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
-        tag = made_by(compressor if name == "sac" else None) + dtype_tag(args.dtype)
-        cache = (Path(args.results).parent / "predictions"
-                 / f"{label}{tag}-squad-dev-top{args.k}-n{len(questions)}-s{args.seed}.jsonl")
+        cache = prediction_cache(args.results, label, compressor if name == "sac" else None, args.dtype,
+                                 f"squad-dev-top{args.k}", len(questions), args.seed)
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.
@@ -304,9 +302,8 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     method = build_method("kv_dropping", base_model, ratio, None, None, args.dtype, adapter)
     label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "") + (
         "-extractive" if args.extractive else "")
-    cache = (Path(args.results).parent / "predictions"
-             / f"{label}{made_by(method.compressor)}{dtype_tag(args.dtype)}-squad-dev-top{args.k}"
-               f"-n{len(questions)}-s{args.seed}.jsonl")
+    cache = prediction_cache(args.results, label, method.compressor, args.dtype, f"squad-dev-top{args.k}",
+                             len(questions), args.seed)
     scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens,
                  args.extractive)
     ttft, read = [], []

@@ -168,10 +168,14 @@ def made_by(compressor) -> str:
     return f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if compressor is not None else ""
 
 
-def dtype_tag(dtype: str) -> str:
-    """Tag for prediction caches computed in another dtype than bfloat16 (the default, untagged),
-    so that answers computed in two dtypes never mix in one row."""
-    return "" if dtype == "bfloat16" else f"-{dtype}"
+def prediction_cache(results: str | Path, label: str, compressor, dtype: str, dataset: str, n: int,
+                     seed: int) -> Path:
+    """Where a row's per-question predictions are cached, beside its results file: named by the
+    row, the compressor (``made_by``), the dtype when it is not bfloat16 (the default, untagged, so
+    that answers computed in two dtypes never mix in one row), the dataset, n and seed."""
+    dtype_tag = "" if dtype == "bfloat16" else f"-{dtype}"
+    name = f"{label}{made_by(compressor)}{dtype_tag}-{dataset}-n{n}-s{seed}.jsonl"
+    return Path(results).parent / "predictions" / name
 
 
 def read_predictions(cache_path: Path) -> dict[str, str]:
@@ -307,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
         method.storage = args.storage
-    cache = (Path(args.results).parent / "predictions"
-             / f"{label}{made_by(method.compressor)}{dtype_tag(dtype)}-{args.dataset}-n{len(questions)}"
-               f"-s{args.seed}.jsonl")
+    cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed)
     t_start, cached = time.time(), len(read_predictions(cache))
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
