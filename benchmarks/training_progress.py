@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = [s.steps for s in LINEAGE]
     for lineage, style, label, named, nudge in (
             (LINEAGE, dict(marker="*", markersize=10, color="black"), "SAC 5x, read in bfloat16 (95% CI)", LINEAGE, 0),
             (LINEAGE_FLOAT32, dict(marker="o", markersize=5, color="tab:green"),
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 ax.annotate(stage.name, (stage.steps, y + high),
                             textcoords="offset points", xytext=(nudge, 4), fontsize=7, ha="center", rotation=90)
     for (name, (first, a, b)), style in zip(fits.items(), (":", "-.")):
-        span = [first, min(steps_for(target, a, b), steps[-1] * 8)]
+        span = [first, min(steps_for(target, a, b), points[-1][0] * 8)]
         ax.plot(span, [a + b * math.log2(s) for s in span], color="gray", ls=style, lw=1,
                 label=f"line in log2(steps) through {name}: {b:.1f} F1 per doubling")
     ax.axhline(full_ft, color="k", ls="--", lw=1, label=f"Full-FT (reads the text) {full_ft:.1f}")
