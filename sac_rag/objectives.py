@@ -46,6 +46,7 @@ class ExampleBuilder:
     questions_per_context: int = 1
     distractors: int = 0
     distractor_source: str = "random"  # or "same_article": like retrieval, which returns near neighbours
+    distractor_share: float = 1.0  # fraction of examples that get distractors; the rest read the gold passage alone
     max_answer_tokens: int = 48
     lm_min_tokens: int = 510
     lm_max_tokens: int = 2040
@@ -62,7 +63,8 @@ class ExampleBuilder:
         """QA example number ``index``: up to ``questions_per_context`` of the paragraph's questions,
         the gold passage shuffled among ``distractors`` passages drawn from ``pool`` (from the
         same article with ``distractor_source="same_article"``, falling back to the whole pool
-        when the article has too few other paragraphs)."""
+        when the article has too few other paragraphs). With ``distractor_share`` < 1, only that
+        seeded fraction of examples gets distractors, so one run mixes both settings."""
         rng = random.Random(self.seed * 1_000_003 + index)
         questions = rng.sample(paragraph.questions, min(self.questions_per_context, len(paragraph.questions)))
         passages = [paragraph.context] + self._distractors(paragraph, pool, rng)
@@ -76,6 +78,8 @@ class ExampleBuilder:
     def _distractors(self, paragraph: Paragraph, pool: list[Paragraph], rng: random.Random) -> list[str]:
         """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
         if not self.distractors:
+            return []
+        if self.distractor_share < 1.0 and rng.random() >= self.distractor_share:
             return []
         if self.distractor_source not in ("random", "same_article"):
             raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")

@@ -89,6 +89,8 @@ class TrainConfig:
     distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
     distractor_source: str = _help("'random' (any training paragraph) or 'same_article' (like retrieval "
                                    "neighbours; falls back to random for short articles)", default="random")
+    distractor_share: float = _help("fraction of examples given distractors (seeded per example); the rest "
+                                    "read the gold passage alone, so one run trains both settings", default=1.0)
     distill_weight: float = _help("weight of the KL to a teacher reading the full text", default=0.0)
     distill_teacher: str = _help("the teacher: a Full-FT adapter directory (train one with --method full_ft) "
                                  "on the same base model; empty = the frozen base model", default="")
@@ -134,6 +136,8 @@ class TrainConfig:
             raise SACError("batch_size must be a multiple of micro_batch_size")
         if self.distractor_source not in ("random", "same_article"):
             raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
+        if not 0.0 <= self.distractor_share <= 1.0:
+            raise SACError(f"distractor_share is a fraction of examples, in [0, 1]; got {self.distractor_share}")
         if self.distill_tokens not in DISTILL_TOKENS:
             raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
         if self.adapters_from and (self.init_from or self.method != "sac"):
@@ -403,7 +407,8 @@ class ExampleStream:
         self.stats = stats
         self.builder = ExampleBuilder(
             tokenizer, template, questions_per_context=cfg.questions_per_context, distractors=cfg.distractors,
-            distractor_source=cfg.distractor_source, max_answer_tokens=cfg.max_answer_tokens,
+            distractor_source=cfg.distractor_source, distractor_share=cfg.distractor_share,
+            max_answer_tokens=cfg.max_answer_tokens,
             lm_min_tokens=cfg.lm_min_tokens, lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
         )
         self.held_out = []

@@ -57,6 +57,16 @@ def test_examples_are_deterministic_per_index_and_seed(tokenizer):
     assert first.qa(POOL[1], 7, POOL) == again.qa(POOL[1], 7, POOL)
 
 
+def test_a_distractor_share_mixes_single_passage_and_distractor_examples_in_one_run(tokenizer):
+    builder = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2, distractor_share=0.25, seed=1)
+    counts = [len(builder.qa(POOL[0], index, POOL).passages) for index in range(200)]
+    assert set(counts) == {1, 3}  # the gold passage alone, or beside both distractors
+    assert 30 <= counts.count(3) <= 70  # about a quarter of 200, seeded per example
+    assert counts == [len(builder.qa(POOL[0], index, POOL).passages) for index in range(200)]
+    alone = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2, distractor_share=0.0)
+    assert all(len(alone.qa(POOL[0], index, POOL).passages) == 1 for index in range(20))
+
+
 def test_a_pool_without_other_passages_gives_the_gold_passage_alone(tokenizer):
     builder = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2)
     assert _texts(tokenizer, builder.qa(POOL[0], 0, [POOL[0], POOL[0]])) == [POOL[0].context]

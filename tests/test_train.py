@@ -176,6 +176,11 @@ def test_precision_is_checked_and_may_change_when_a_run_resumes(workspace):
     assert max(_losses(workspace / "p")) == 3
 
 
+def test_a_distractor_share_outside_0_to_1_is_refused():
+    with pytest.raises(SACError, match="distractor_share"):
+        parse_config(["--distractor-share", "25"])
+
+
 def test_unknown_distractor_source_is_refused():
     with pytest.raises(SACError, match="distractor_source"):
         parse_config(["--distractor-source", "nearest"])
