@@ -46,6 +46,7 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage5-fp32", 1200, "stage 5 (shipped)", "read in float32"),
     Stage("sac-5x-stage7-fp32", 1320, "stage 7 (not shipped)", "stage 5's recipe, 120 more steps"),
     Stage("sac-5x-stage8-fp32", 1520, "stage 8 (not shipped)", "stage 7's recipe, 200 more steps"),
+    Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +1.4)"),
 )
 TARGET_SHARE = 0.75
 
@@ -103,15 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     for lineage, style, label, named, nudge in (
             (LINEAGE, dict(marker="*", markersize=10, color="black"), "SAC 5x, read in bfloat16 (95% CI)", LINEAGE, 0),
             (LINEAGE_FLOAT32, dict(marker="o", markersize=5, color="tab:green"),
-             "SAC 5x, read in float32; stages 7-8 also trained in it (95% CI)", LINEAGE_FLOAT32[1:], -8)):
+             "SAC 5x, read in float32; stages 7-9 also trained in it (95% CI)", LINEAGE_FLOAT32[1:], -8)):
         f1 = [rows[s.label]["f1"] for s in lineage]
         errors = [[f - rows[s.label]["f1_ci"][0] for s, f in zip(lineage, f1)],
                   [rows[s.label]["f1_ci"][1] - f for s, f in zip(lineage, f1)]]
         ax.errorbar([s.steps for s in lineage], f1, yerr=errors, capsize=3, label=label, **style)
-        for stage, y, high in zip(lineage, f1, errors[1]):
-            if stage in named:
-                ax.annotate(stage.name, (stage.steps, y + high),
-                            textcoords="offset points", xytext=(nudge, 4), fontsize=7, ha="center", rotation=90)
+        # a stage within 10% of the steps of the one before it is named below its error bar, so both stay legible
+        for at, stage in enumerate(lineage):
+            if stage not in named:
+                continue
+            below = at > 0 and stage.steps < 1.1 * lineage[at - 1].steps
+            y = f1[at] - errors[0][at] if below else f1[at] + errors[1][at]
+            ax.annotate(stage.name, (stage.steps, y), textcoords="offset points", xytext=(0 if below else nudge, -4 if below else 4),
+                        fontsize=7, ha="center", va="top" if below else "bottom", rotation=90)
     for (name, (first, a, b)), style in zip(fits.items(), (":", "-.")):
         span = [first, min(steps_for(target, a, b), points[-1][0] * 8)]
         ax.plot(span, [a + b * math.log2(s) for s in span], color="gray", ls=style, lw=1,
