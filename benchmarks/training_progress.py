@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             below = at > 0 and stage.steps < 1.1 * lineage[at - 1].steps
             y = f1[at] - errors[0][at] if below else f1[at] + errors[1][at]
-            ax.annotate(stage.name, (stage.steps, y), textcoords="offset points", xytext=(0 if below else nudge, -4 if below else 4),
+            offset = (0, -4) if below else (nudge, 4)
+            ax.annotate(stage.name, (stage.steps, y), textcoords="offset points", xytext=offset,
                         fontsize=7, ha="center", va="top" if below else "bottom", rotation=90)
     for (name, (first, a, b)), style in zip(fits.items(), (":", "-.")):
         span = [first, min(steps_for(target, a, b), points[-1][0] * 8)]
