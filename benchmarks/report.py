@@ -51,8 +51,12 @@ def base_name(method: str) -> str:
 
 
 def family(method: str) -> tuple[str, bool] | None:
-    """(compressor family, read by the Full-FT decoder?) of a plotted method, else None."""
+    """(compressor family, read by the Full-FT decoder?) of a plotted method, else None. Training-stage
+    snapshots ("sac-5x-stage9-fp32") are not plotted: the lines are the shipped compressors against
+    their peers; the stages are compared in the model card and the training-progress plot."""
     method = base_name(method)
+    if "-stage" in method:
+        return None
     for prefix in FAMILIES:
         if method.startswith(prefix):
             return prefix, "fullft-decoder" in method
