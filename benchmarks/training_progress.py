@@ -46,7 +46,7 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage5-fp32", 1200, "stage 5 (shipped)", "read in float32"),
     Stage("sac-5x-stage7-fp32", 1320, "stage 7 (not shipped)", "stage 5's recipe, 120 more steps"),
     Stage("sac-5x-stage8-fp32", 1520, "stage 8 (not shipped)", "stage 7's recipe, 200 more steps"),
-    Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +1.4)"),
+    Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +0.7)"),
 )
 TARGET_SHARE = 0.75
 

@@ -79,10 +79,10 @@ class ExampleBuilder:
         """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
         if not self.distractors:
             return []
-        if self.distractor_share < 1.0 and rng.random() >= self.distractor_share:
-            return []
         if self.distractor_source not in ("random", "same_article"):
             raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
+        if self.distractor_share < 1.0 and rng.random() >= self.distractor_share:
+            return []
         if self.distractor_source == "same_article":
             siblings = list(dict.fromkeys(
                 p.context for p in pool if p.title == paragraph.title and p.context != paragraph.context))
