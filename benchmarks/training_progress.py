@@ -6,8 +6,8 @@ Plots SQuAD-dev F1 (the headline's 1,000 seeded questions, with 95% CIs) of each
 shipped 5x compressor's lineage against the training steps it had seen in all (8 paragraphs x 4
 questions per step; MODEL_CARD.md of ``smollm2-135m-sac-5x`` gives each stage's config and wall
 time), beside Full-FT, 75% of Full-FT (the target) and untrained KV dropping; a second series
-holds the stages read in float32 (stage 5 again, and stages 7-8, trained on a CPU without native
-bfloat16), since a read's dtype moves F1 by about as much as a stage. It prints the
+holds the stages read in float32 (stage 5 again, and the later stages, trained on a CPU without
+native bfloat16), since a read's dtype moves F1 by about as much as a stage. It prints the
 same numbers as a table and two least-squares lines of F1 against log2(steps), one through every
 stage and one through the distillation stages (the last three), each with the steps it would need
 to reach the target. Those are extrapolations of few points whose neighbours differ by less than
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for lineage, style, label, named, nudge in (
             (LINEAGE, dict(marker="*", markersize=10, color="black"), "SAC 5x, read in bfloat16 (95% CI)", LINEAGE, 0),
             (LINEAGE_FLOAT32, dict(marker="o", markersize=5, color="tab:green"),
-             "SAC 5x, read in float32; stages 7-9 also trained in it (95% CI)", LINEAGE_FLOAT32[1:], -8)):
+             "SAC 5x, read in float32; the later stages also trained in it (95% CI)", LINEAGE_FLOAT32[1:], -8)):
         f1 = [rows[s.label]["f1"] for s in lineage]
         errors = [[f - rows[s.label]["f1_ci"][0] for s, f in zip(lineage, f1)],
                   [rows[s.label]["f1_ci"][1] - f for s, f in zip(lineage, f1)]]
