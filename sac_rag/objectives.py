@@ -22,6 +22,7 @@ from .data import Paragraph
 
 IGNORE = -100
 DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation KL covers
+DISTRACTOR_SOURCES = ("random", "same_article")  # where distractor passages are drawn from
 
 
 @dataclass
@@ -52,6 +53,10 @@ class ExampleBuilder:
     lm_max_tokens: int = 2040
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.distractor_source not in DISTRACTOR_SOURCES:
+            raise ValueError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -79,8 +84,6 @@ class ExampleBuilder:
         """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
         if not self.distractors:
             return []
-        if self.distractor_source not in ("random", "same_article"):
-            raise ValueError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
         if self.distractor_share < 1.0 and rng.random() >= self.distractor_share:
             return []
         if self.distractor_source == "same_article":

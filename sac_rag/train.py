@@ -31,7 +31,7 @@ from .data import LoadStats, iter_texts, read_qa, split_by_title
 from .devices import bf16_is_fast
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .files import atomic_write
-from .objectives import DISTILL_TOKENS, ExampleBuilder, FullTextObjective, SACObjective
+from .objectives import DISTILL_TOKENS, DISTRACTOR_SOURCES, ExampleBuilder, FullTextObjective, SACObjective
 
 logger = logging.getLogger("sac_rag.train")
 
@@ -134,8 +134,8 @@ class TrainConfig:
             raise SACError(f"method must be 'sac' or 'full_ft', got {self.method!r}")
         if self.batch_size % self.micro_batch_size:
             raise SACError("batch_size must be a multiple of micro_batch_size")
-        if self.distractor_source not in ("random", "same_article"):
-            raise SACError(f"distractor_source must be 'random' or 'same_article', got {self.distractor_source!r}")
+        if self.distractor_source not in DISTRACTOR_SOURCES:
+            raise SACError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
         if not 0.0 <= self.distractor_share <= 1.0:
             raise SACError(f"distractor_share is a fraction of examples, in [0, 1]; got {self.distractor_share}")
         if self.distill_tokens not in DISTILL_TOKENS:
