@@ -27,9 +27,15 @@ def per_question_f1(path: Path, questions) -> list[float]:
     return score(predictions_for(path, questions), [q.answers for q in questions])["f1"]
 
 
+def run_paths(spec: str) -> list[Path]:
+    """The prediction files a spec names: itself if it is a file (the benchmarks' own names may hold a
+    ``+``, e.g. ``rag-text-truncate-5x+fullft-decoder-...``), else its ``+``-joined parts."""
+    return [Path(spec)] if Path(spec).is_file() else [Path(part) for part in spec.split("+")]
+
+
 def averaged_f1(spec: str, questions) -> list[float]:
     """Per-question F1 of one prediction file, or the mean over ``+``-joined files."""
-    runs = [per_question_f1(Path(path), questions) for path in spec.split("+")]
+    runs = [per_question_f1(path, questions) for path in run_paths(spec)]
     return [sum(values) / len(values) for values in zip(*runs)]
 
 
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _name(spec: str) -> str:
-    return " + ".join(Path(path).name for path in spec.split("+"))
+    return " + ".join(path.name for path in run_paths(spec))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage8-fp32", 1520, "stage 8 (not shipped)", "stage 7's recipe, 200 more steps"),
     Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +0.7)"),
     Stage("sac-5x-stage10-fp32", 1700, "stage 10 (not shipped)", "120 more, a quarter beside 2 distractors (RAG -1.4)"),
+    Stage("sac-5x-stage11-fp32", 1790, "stage 11 (not shipped)", "90 more, half beside 2 distractors (RAG +0.5)"),
 )
 TARGET_SHARE = 0.75
 
