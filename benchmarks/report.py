@@ -68,6 +68,17 @@ def is_full_context(method: str) -> bool:
     return base_name(method) in ("full-context", "full_context", "full-context-frozen")
 
 
+DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # what the models computed in
+# Rows without the field predate it: rag_squad.py computed in bfloat16 only until it had --dtype.
+DEFAULT_DTYPE = "bfloat16"
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def kv_elements(row: dict) -> float:
+    """K/V values held per query: bytes over the element size, so rows computed in different dtypes compare."""
+    return row["kv_bytes_per_query"] / ELEMENT_BYTES[row.get("dtype", DEFAULT_DTYPE)]
+
+
 def _fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -76,15 +87,16 @@ def table(rows: list[dict], dataset: str) -> str:
     rows = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: (-r["n"], -r["f1"]))
     full = {r["n"]: r for r in rows if is_full_context(r["method"])}
     lines = [f"### {dataset}", "",
-             "| method | ratio | n | F1 (95% CI) | EM | ROUGE-1 F1 | KV per query | KV vs full |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | ratio | n | dtype | F1 (95% CI) | EM | ROUGE-1 F1 | KV per query | KV vs full |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = full.get(r["n"], {})
         kv = r.get("kv_bytes_per_query")
-        kv_ratio = f"{kv / ref['kv_bytes_per_query']:.2f}x" if kv and ref.get("kv_bytes_per_query") else "-"
+        kv_ratio = f"{kv_elements(r) / kv_elements(ref):.2f}x" if kv and ref.get("kv_bytes_per_query") else "-"
         ci = r.get("f1_ci") or [None, None]
         lines.append(
-            f"| {r['method']} | {r.get('ratio', '-')} | {r['n']} | {_fmt(r['f1'])} ({_fmt(ci[0])}-{_fmt(ci[1])}) "
+            f"| {r['method']} | {r.get('ratio', '-')} | {r['n']} | {DTYPES.get(r.get('dtype', DEFAULT_DTYPE), '-')} "
+            f"| {_fmt(r['f1'])} ({_fmt(ci[0])}-{_fmt(ci[1])}) "
             f"| {_fmt(r.get('em'))} | {_fmt(r.get('paper_f1'))} "
             f"| {_fmt(kv and kv / 1e6, 2)}{' MB' if kv else ''} | {kv_ratio} |")
     return "\n".join(lines + [""] + verdicts(rows))

@@ -37,18 +37,18 @@ LINEAGE = (
     Stage("sac-5x-decoder-adapter", 600, "stages 1-2", "answer cross-entropy, then + decoder adapter"),
     Stage("sac-5x-rag-distractors", 800, "stage 3", "+ 2 distractor passages"),
     Stage("sac-5x-distilled", 1000, "stage 4", "+ KL to Full-FT on question and answer tokens"),
-    Stage("sac-5x-distill-decay", 1200, "stage 5 (shipped)", "the same, rate decayed to 0"),
+    Stage("sac-5x-distill-decay", 1200, "stage 5 (shipped until 11)", "the same, rate decayed to 0"),
     Stage("sac-5x-stage6-from-bf16", 1350, "stage 6 (not shipped)", "+ hidden states, lr 1e-3 (RAG -3.3)"),
 )
 # Later stages were trained and read in float32 on a CPU without native bfloat16 (sac_rag.devices);
 # stage 5 read the same way is their reference (+0.7 F1 over its bfloat16 read, paired, not significant).
 LINEAGE_FLOAT32 = (
-    Stage("sac-5x-stage5-fp32", 1200, "stage 5 (shipped)", "read in float32"),
+    Stage("sac-5x-stage5-fp32", 1200, "stage 5 (shipped until 11)", "read in float32"),
     Stage("sac-5x-stage7-fp32", 1320, "stage 7 (not shipped)", "stage 5's recipe, 120 more steps"),
     Stage("sac-5x-stage8-fp32", 1520, "stage 8 (not shipped)", "stage 7's recipe, 200 more steps"),
     Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +0.7)"),
     Stage("sac-5x-stage10-fp32", 1700, "stage 10 (not shipped)", "120 more, a quarter beside 2 distractors (RAG -1.4)"),
-    Stage("sac-5x-stage11-fp32", 1790, "stage 11 (not shipped)", "90 more, half beside 2 distractors (RAG +0.5)"),
+    Stage("sac-5x-stage11-fp32", 1790, "stage 11 (shipped)", "90 more, half beside 2 distractors (RAG +0.5)"),
 )
 TARGET_SHARE = 0.75
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no squad-dev n=1000 row for {missing} in {args.results}")
     full_ft, dropping = rows["full-ft"]["f1"], rows["kv-dropping-5x"]["f1"]
+    # a stage's share is of Full-FT read in the same dtype, where that row exists
+    full_ft_fp32 = rows.get("full-ft-fp32")
+    full_ft_in = {"bfloat16": full_ft, "float32": (full_ft_fp32 or rows["full-ft"])["f1"]}
     target = TARGET_SHARE * full_ft
     points = [(s.steps, rows[s.label]["f1"]) for s in LINEAGE]
     fits = {name: (subset[0][0], *fit_log2(subset))  # (first step, a, b)
@@ -88,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     for stage in LINEAGE + LINEAGE_FLOAT32:
         row = rows[stage.label]
         low, high = row["f1_ci"]
-        print(f"| {stage.name} | {stage.recipe} | {row.get('dtype', 'bfloat16')} | {stage.steps} "
-              f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / full_ft:.0%} |")
-    print(f"\nFull-FT {full_ft:.1f}; target {TARGET_SHARE:.0%} of it = {target:.1f}; KV dropping {dropping:.1f}")
+        dtype = row.get("dtype", "bfloat16")
+        print(f"| {stage.name} | {stage.recipe} | {dtype} | {stage.steps} "
+              f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / full_ft_in[dtype]:.0%} |")
+    in_fp32 = f", {full_ft_fp32['f1']:.1f} read in float32" if full_ft_fp32 else ""
+    print(f"\nFull-FT {full_ft:.1f}{in_fp32}; target {TARGET_SHARE:.0%} of {full_ft:.1f} = {target:.1f}; "
+          f"KV dropping {dropping:.1f}")
     trained = max(s.steps for s in LINEAGE + LINEAGE_FLOAT32)
     for name, (_, a, b) in fits.items():
         needed = steps_for(target, a, b)
