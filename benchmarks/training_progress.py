@@ -37,13 +37,13 @@ LINEAGE = (
     Stage("sac-5x-decoder-adapter", 600, "stages 1-2", "answer cross-entropy, then + decoder adapter"),
     Stage("sac-5x-rag-distractors", 800, "stage 3", "+ 2 distractor passages"),
     Stage("sac-5x-distilled", 1000, "stage 4", "+ KL to Full-FT on question and answer tokens"),
-    Stage("sac-5x-distill-decay", 1200, "stage 5 (shipped until 11)", "the same, rate decayed to 0"),
+    Stage("sac-5x-distill-decay", 1200, "stage 5 (old default)", "the same, rate decayed to 0"),
     Stage("sac-5x-stage6-from-bf16", 1350, "stage 6 (not shipped)", "+ hidden states, lr 1e-3 (RAG -3.3)"),
 )
 # Later stages were trained and read in float32 on a CPU without native bfloat16 (sac_rag.devices);
 # stage 5 read the same way is their reference (+0.7 F1 over its bfloat16 read, paired, not significant).
 LINEAGE_FLOAT32 = (
-    Stage("sac-5x-stage5-fp32", 1200, "stage 5 (shipped until 11)", "read in float32"),
+    Stage("sac-5x-stage5-fp32", 1200, "stage 5 (old default)", "read in float32"),
     Stage("sac-5x-stage7-fp32", 1320, "stage 7 (not shipped)", "stage 5's recipe, 120 more steps"),
     Stage("sac-5x-stage8-fp32", 1520, "stage 8 (not shipped)", "stage 7's recipe, 200 more steps"),
     Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +0.7)"),
