@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from report import HERE, load_rows
+from report import DEFAULT_DTYPE, HERE, load_rows
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     full_ft, dropping = rows["full-ft"]["f1"], rows["kv-dropping-5x"]["f1"]
     # a stage's share is of Full-FT read in the same dtype, where that row exists
     full_ft_fp32 = rows.get("full-ft-fp32")
-    full_ft_in = {"bfloat16": full_ft, "float32": (full_ft_fp32 or rows["full-ft"])["f1"]}
+    full_ft_in = {DEFAULT_DTYPE: full_ft, "float32": (full_ft_fp32 or rows["full-ft"])["f1"]}
     target = TARGET_SHARE * full_ft
     points = [(s.steps, rows[s.label]["f1"]) for s in LINEAGE]
     fits = {name: (subset[0][0], *fit_log2(subset))  # (first step, a, b)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in LINEAGE + LINEAGE_FLOAT32:
         row = rows[stage.label]
         low, high = row["f1_ci"]
-        dtype = row.get("dtype", "bfloat16")
+        dtype = row.get("dtype", DEFAULT_DTYPE)
         print(f"| {stage.name} | {stage.recipe} | {dtype} | {stage.steps} "
               f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / full_ft_in[dtype]:.0%} |")
     in_fp32 = f", {full_ft_fp32['f1']:.1f} read in float32" if full_ft_fp32 else ""
