@@ -10,8 +10,9 @@ given as strings) go through the same code, which keeps every comparison on one 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,20 @@ class GenerationConfig:
             raise InvalidInputError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
+
+    @classmethod
+    def from_call(cls, defaults: object, call: Mapping[str, Any],
+                  stop: Iterable[str] | None = None) -> GenerationConfig:
+        """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
+        ``top_p``, ``seed`` and ``extractive`` from the call's keyword arguments, else the wrapper's
+        attributes of those names; stop strings are the wrapper's ``stop`` and then the call's, once each."""
+        def setting(name: str) -> Any:
+            return call.get(name, getattr(defaults, name))
+
+        stops = dict.fromkeys([*(getattr(defaults, "stop", None) or []), *(stop or [])])
+        return cls(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"), top_k=setting("top_k"),
+                   top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
+                   extractive=setting("extractive"))
 
 
 @dataclass

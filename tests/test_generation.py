@@ -184,3 +184,15 @@ def test_generation_stops_at_the_model_context_limit(tiny):
     gen.max_positions = n_prompt + 3
     result = gen.generate(["Paris is"], GenerationConfig(max_new_tokens=20, stop_token_ids=()))
     assert len(result.token_ids) <= 3 and result.finish_reason in ("length", "stop")
+
+
+def test_a_wrappers_call_settings_override_its_defaults_and_add_stop_strings():
+    from types import SimpleNamespace
+    wrapper = SimpleNamespace(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None, extractive=False,
+                              stop=["\n###", ""])
+    config = GenerationConfig.from_call(wrapper, {"max_tokens": 5, "temperature": 0.7, "seed": 3}, ["\n", "\n###"])
+    assert (config.max_new_tokens, config.temperature, config.seed, config.top_p) == (5, 0.7, 3, 1.0)
+    assert config.stop == ("\n###", "\n")  # the wrapper's first, each once, no empty string
+    assert GenerationConfig.from_call(wrapper, {}).stop == ("\n###",)
+    with pytest.raises(InvalidInputError):
+        GenerationConfig.from_call(wrapper, {"max_tokens": 0})

@@ -65,16 +65,7 @@ class SACModelParams(BaseModel):
         if kwargs.get("model") not in (None, self.model_name, self.compressor):
             raise InvalidInputError(
                 f"this model serves {self.model_name!r}; build another SAC model for {kwargs['model']!r}")
-        stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
-        return GenerationConfig(
-            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-            temperature=kwargs.get("temperature", self.temperature),
-            top_k=kwargs.get("top_k", self.top_k),
-            top_p=kwargs.get("top_p", self.top_p),
-            seed=kwargs.get("seed", self.seed),
-            stop=tuple(s for s in stops if s),
-            extractive=kwargs.get("extractive", self.extractive),
-        )
+        return GenerationConfig.from_call(self, kwargs, stop)
 
 
 def usage_metadata(generation: Generation) -> UsageMetadata:

@@ -90,16 +90,7 @@ class SACLLM(CustomLLM):
                            model_name=describe(self.compressor))
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
-        stops = list(dict.fromkeys([*self.stop, *(kwargs.get("stop") or [])]))
-        return GenerationConfig(
-            max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-            temperature=kwargs.get("temperature", self.temperature),
-            top_k=kwargs.get("top_k", self.top_k),
-            top_p=kwargs.get("top_p", self.top_p),
-            seed=kwargs.get("seed", self.seed),
-            stop=tuple(s for s in stops if s),
-            extractive=kwargs.get("extractive", self.extractive),
-        )
+        return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"))
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         return prompt if formatted else self.completion_to_prompt(prompt)
