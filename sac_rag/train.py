@@ -619,6 +619,9 @@ def train(cfg: TrainConfig) -> Path:
         _check_resumable(out_dir, cfg)
         step, best = load_checkpoint(out_dir, model, optimizer, stream)
         logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
+        if is_main:  # the settings the run goes on with (e.g. a new --max-steps), as a fresh run would take them
+            atomic_write(out_dir / "train_config.json",
+                         json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=False)), indent=2).encode())
     elif is_main:
         if (out_dir / "latest").exists():
             raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")

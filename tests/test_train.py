@@ -81,6 +81,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(workspace):
     straight, split = _losses(workspace / "straight"), _losses(workspace / "split")
     for step in (5, 6):
         assert split[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+    # the run's recorded config is now the one a fresh run would need to repeat it
+    assert json.loads((workspace / "split" / "train_config.json").read_text()) == \
+        json.loads((workspace / "straight" / "train_config.json").read_text()) | {"out_dir": str(workspace / "split")}
 
 
 def test_kill_9_leaves_a_readable_checkpoint_and_resume_finishes(workspace):
