@@ -1,7 +1,8 @@
 """Interpolate the trained weights of two compressors of one lineage (same settings, one trained on
 from the other), WiSE-FT style: ``(1 - t) * first + t * second`` for the anchor embedding and for
 each LoRA factor. A later stage that gained in domain and lost out of domain can be pulled back
-part of the way without training.
+part of the way without training. Beside the weights, ``interpolation.json`` names both sources
+(fingerprint, weights hash) and ``t``.
 
 Averaging the factors A and B is not averaging the adapters' products B @ A: the difference is
 ``t (1 - t) (B2 - B1) @ (A2 - A1)``, small when the two are close. The script prints it, relative
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from sac_rag.compressor import SACCompressor
+from sac_rag.compressor import SACCompressor, resolve_pretrained
+from sac_rag.files import atomic_write
 
 
 def interpolate(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
@@ -61,6 +63,13 @@ def main() -> None:
     errors = product_error(a, b, mixed, args.t)
     first._load_tensors(dict(mixed), Path(args.out))
     first.save_pretrained(args.out, dtype=getattr(torch, args.dtype))
+    sources = {}
+    for role, source in (("first", args.first), ("second", args.second)):
+        meta = json.loads((resolve_pretrained(source) / "config.json").read_text())
+        sources[role] = {"path": str(source), **{k: meta[k] for k in ("fingerprint", "weights_sha256")}}
+    provenance = {**sources, "t": args.t, "dtype": args.dtype, "made_by": "benchmarks/average_compressors.py",
+                  "product_error": errors}
+    atomic_write(Path(args.out) / "interpolation.json", json.dumps(provenance, indent=2).encode())
     reloaded = SACCompressor.from_pretrained(args.out, device="cpu")
     recorded = json.loads((Path(args.out) / "config.json").read_text())["fingerprint"]
     assert reloaded.fingerprint == recorded, "the interpolated weights do not reload as saved"
