@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import time
 import warnings
@@ -17,6 +18,7 @@ warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", categ
 
 from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
+from sac_rag.compressor import resolve_pretrained  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
 from sac_rag.models import embedding_model_path  # noqa: E402
 from sac_rag.precompress import Summary, precompress  # noqa: E402
@@ -31,8 +33,8 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
     p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
-    p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>"
-                   ".store in this repository)")
+    p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>-"
+                   "<compressor hash>.store in this repository)")
     p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default: 3)")
     p.add_argument("--max-questions", type=int, default=None, help="answer only the first N questions")
     p.add_argument("--max-tokens", type=int, default=24, help="answer length limit in tokens (default: 24)")
@@ -43,8 +45,17 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     if not questions_file(args).is_file():
         p.error(f"no questions file {questions_file(args)}: pass --questions FILE (one question per line)")
     set_threads(args.threads)
-    args.store = args.store or str(HERE.parent / "runs" / "examples" / f"{Path(args.docs).resolve().name}.store")
+    args.store = args.store or str(default_store(args.docs))
     return args
+
+
+def default_store(docs: str | os.PathLike, compressor: str = DEFAULT_COMPRESSOR) -> Path:
+    """Where the examples keep a corpus's store: named after the corpus and the compressor's
+    fingerprint, so a rerun reuses it and a new default compressor (whose fingerprint an old
+    store would refuse) precompresses into a store of its own."""
+    meta = json.loads((resolve_pretrained(compressor) / "config.json").read_text())
+    weights = meta["fingerprint"].rsplit("/sac-", 1)[-1][:8]
+    return HERE.parent / "runs" / "examples" / f"{Path(docs).resolve().name}-{weights}.store"
 
 
 def set_threads(threads: int | None) -> None:

@@ -152,3 +152,18 @@ def test_examples_have_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "python examples/langchain_rag.py" in out and "--store" in out
+
+
+def test_the_default_store_is_named_after_the_compressor(tmp_path):
+    """A new default compressor gets a store of its own rather than one its fingerprint refuses."""
+    import json
+
+    from _common import default_store, parse_args
+
+    from sac_rag.compressor import resolve_pretrained
+
+    (tmp_path / "questions.txt").write_text("Who?\n")
+    store = Path(parse_args("", ["--docs", str(tmp_path)]).store)
+    fingerprint = json.loads((resolve_pretrained("smollm2-135m-sac-5x") / "config.json").read_text())["fingerprint"]
+    assert store.name == f"{tmp_path.name}-{fingerprint.rsplit('/sac-', 1)[-1][:8]}.store"
+    assert default_store(tmp_path, "smollm2-135m-sac-15x") != store
