@@ -73,8 +73,7 @@ def main() -> None:
     reloaded = SACCompressor.from_pretrained(args.out, device="cpu")
     recorded = json.loads((Path(args.out) / "config.json").read_text())["fingerprint"]
     assert reloaded.fingerprint == recorded, "the interpolated weights do not reload as saved"
-    fingerprint = recorded
-    print(f"{args.first} x {1 - args.t:g} + {args.second} x {args.t:g} -> {args.out}, fingerprint {fingerprint}")
+    print(f"{args.first} x {1 - args.t:g} + {args.second} x {args.t:g} -> {args.out}, fingerprint {recorded}")
     for adapter, error in errors.items():
         print(f"  {adapter}: averaging the factors is {100 * error:.2f}% off averaging the products (relative norm)")
 
