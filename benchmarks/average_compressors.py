@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sac_rag.compressor import SACCompressor, resolve_pretrained
+from sac_rag.compressor import SACCompressor, checkpoint_meta
 from sac_rag.files import atomic_write
 
 
@@ -65,13 +65,13 @@ def main() -> None:
     first.save_pretrained(args.out, dtype=getattr(torch, args.dtype))
     sources = {}
     for role, source in (("first", args.first), ("second", args.second)):
-        meta = json.loads((resolve_pretrained(source) / "config.json").read_text())
+        meta = checkpoint_meta(source)
         sources[role] = {"path": str(source), **{k: meta[k] for k in ("fingerprint", "weights_sha256")}}
     provenance = {**sources, "t": args.t, "dtype": args.dtype, "made_by": "benchmarks/average_compressors.py",
                   "product_error": errors}
     atomic_write(Path(args.out) / "interpolation.json", json.dumps(provenance, indent=2).encode())
     reloaded = SACCompressor.from_pretrained(args.out, device="cpu")
-    recorded = json.loads((Path(args.out) / "config.json").read_text())["fingerprint"]
+    recorded = checkpoint_meta(args.out)["fingerprint"]
     assert reloaded.fingerprint == recorded, "the interpolated weights do not reload as saved"
     print(f"{args.first} x {1 - args.t:g} + {args.second} x {args.t:g} -> {args.out}, fingerprint {recorded}")
     for adapter, error in errors.items():

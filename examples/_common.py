@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 import warnings
@@ -18,8 +17,9 @@ warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", categ
 
 from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
-from sac_rag.compressor import resolve_pretrained  # noqa: E402
+from sac_rag.compressor import checkpoint_meta  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
+from sac_rag.fingerprint import compressor_tag  # noqa: E402
 from sac_rag.models import embedding_model_path  # noqa: E402
 from sac_rag.precompress import Summary, precompress  # noqa: E402
 
@@ -53,9 +53,8 @@ def default_store(docs: str | os.PathLike, compressor: str = DEFAULT_COMPRESSOR)
     """Where the examples keep a corpus's store: named after the corpus and the compressor's
     fingerprint, so a rerun reuses it and a new default compressor (whose fingerprint an old
     store would refuse) precompresses into a store of its own."""
-    meta = json.loads((resolve_pretrained(compressor) / "config.json").read_text())
-    weights = meta["fingerprint"].rsplit("/sac-", 1)[-1][:8]
-    return HERE.parent / "runs" / "examples" / f"{Path(docs).resolve().name}-{weights}.store"
+    tag = compressor_tag(checkpoint_meta(compressor)["fingerprint"])
+    return HERE.parent / "runs" / "examples" / f"{Path(docs).resolve().name}-{tag}.store"
 
 
 def set_threads(threads: int | None) -> None:

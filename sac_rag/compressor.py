@@ -544,6 +544,12 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def checkpoint_meta(name_or_path: str | os.PathLike) -> dict:
+    """A compressor checkpoint's ``config.json`` (settings, fingerprints, weights hash), read
+    without loading any model."""
+    return _read_config(resolve_pretrained(name_or_path))
+
+
 def _read_config(directory: Path) -> dict:
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())

@@ -27,6 +27,7 @@ from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError
+from .fingerprint import compressor_tag
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
 from .quantize import round_trip
@@ -165,7 +166,7 @@ class TextShortener:
 def made_by(compressor) -> str:
     """Tag for prediction caches of compressed methods: a short hash of the compressor's
     fingerprint, so that retraining never reuses stale predictions ("" without a compressor)."""
-    return f"-{compressor.fingerprint.rsplit('-', 1)[-1][:8]}" if compressor is not None else ""
+    return f"-{compressor_tag(compressor.fingerprint)}" if compressor is not None else ""
 
 
 def prediction_cache(results: str | Path, label: str, compressor, dtype: str, dataset: str, n: int,

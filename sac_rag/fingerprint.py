@@ -73,6 +73,12 @@ def base_part(fingerprint: str) -> str:
     return fingerprint.split("/sac-", 1)[0]
 
 
+def compressor_tag(fingerprint: str) -> str:
+    """The first 8 hex digits of a compressor fingerprint's own hash ("" for a base model): short
+    enough for file names, long enough to tell the compressors of one base model apart."""
+    return fingerprint.partition("/sac-")[2][:8]
+
+
 def _identity(fingerprint: str) -> tuple[str, str]:
     base, _, compressor = fingerprint.partition("/sac-")
     return base.rsplit("@", 1)[-1], compressor

@@ -619,14 +619,13 @@ def train(cfg: TrainConfig) -> Path:
         _check_resumable(out_dir, cfg)
         step, best = load_checkpoint(out_dir, model, optimizer, stream)
         logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
-        if is_main:  # the settings the run goes on with (e.g. a new --max-steps), as a fresh run would take them
-            atomic_write(out_dir / "train_config.json",
-                         json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=False)), indent=2).encode())
     elif is_main:
         if (out_dir / "latest").exists():
             raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    if is_main:  # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them
+        atomic_write(out_dir / "train_config.json",
+                     json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=False)), indent=2).encode())
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast(device))
     if is_main:
         n_trainable = sum(p.numel() for p in params)

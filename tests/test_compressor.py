@@ -404,3 +404,17 @@ def test_widening_to_a_smaller_rank_a_missing_adapter_or_another_base_model_is_r
         comp.widened(decoder_lora_rank=8, model=make_tiny_llama()[0], tokenizer=tiny[1])
     with pytest.raises(FingerprintMismatchError):
         comp.widened(lora_rank=16, model=make_tiny_llama(seed=5)[0], tokenizer=tiny[1])
+
+
+def test_a_checkpoints_metadata_and_short_tag_are_read_without_a_model(tiny, tmp_path):
+    from sac_rag.compressor import checkpoint_meta
+    from sac_rag.fingerprint import compressor_tag
+
+    comp = _compressor(tiny)
+    comp.save_pretrained(tmp_path / "a")
+    _perturb(comp, seed=2)  # other trained weights
+    comp.save_pretrained(tmp_path / "b")
+    tags = [compressor_tag(checkpoint_meta(tmp_path / name)["fingerprint"]) for name in ("a", "b")]
+    assert tags[1] == compressor_tag(comp.fingerprint) and tags[0] != tags[1]
+    assert all(len(tag) == 8 and int(tag, 16) >= 0 for tag in tags)
+    assert compressor_tag(comp.base_fingerprint) == ""

@@ -156,14 +156,12 @@ def test_examples_have_help(capsys):
 
 def test_the_default_store_is_named_after_the_compressor(tmp_path):
     """A new default compressor gets a store of its own rather than one its fingerprint refuses."""
-    import json
-
     from _common import default_store, parse_args
 
-    from sac_rag.compressor import resolve_pretrained
+    from sac_rag.compressor import checkpoint_meta
 
     (tmp_path / "questions.txt").write_text("Who?\n")
     store = Path(parse_args("", ["--docs", str(tmp_path)]).store)
-    fingerprint = json.loads((resolve_pretrained("smollm2-135m-sac-5x") / "config.json").read_text())["fingerprint"]
-    assert store.name == f"{tmp_path.name}-{fingerprint.rsplit('/sac-', 1)[-1][:8]}.store"
+    weights_hash = checkpoint_meta("smollm2-135m-sac-5x")["fingerprint"].partition("/sac-")[2]
+    assert store.name == f"{tmp_path.name}-{weights_hash[:8]}.store"
     assert default_store(tmp_path, "smollm2-135m-sac-15x") != store
