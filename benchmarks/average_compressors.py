@@ -1,4 +1,4 @@
-"""Interpolate the trained weights of two compressors of one lineage (same settings, one trained on
+r"""Interpolate the trained weights of two compressors of one lineage (same settings, one trained on
 from the other), WiSE-FT style: ``(1 - t) * first + t * second`` for the anchor embedding and for
 each LoRA factor. A later stage that gained in domain and lost out of domain can be pulled back
 part of the way without training. Beside the weights, ``interpolation.json`` names both sources

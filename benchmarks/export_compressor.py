@@ -1,4 +1,4 @@
-"""Copy a trained compressor into the package (bfloat16, with its training config and loss
+r"""Copy a trained compressor into the package (bfloat16, with its training config and loss
 curve), so that ``SACCompressor.from_pretrained(NAME)`` loads it offline.
 
 Rounding float32 training weights to bfloat16 makes a new compressor with its own fingerprint:
