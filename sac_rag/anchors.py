@@ -40,6 +40,12 @@ class AnchorSelector:
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
         raise NotImplementedError
 
+    def identity(self) -> str:
+        """What decides which anchors this selector picks. A compressor whose selector is not the
+        one its config names puts this in its fingerprint, so caches made with other anchors are
+        never mistaken for its own."""
+        return self.name
+
 
 @dataclass
 class UniformAnchors(AnchorSelector):
@@ -73,15 +79,28 @@ class RandomAnchors(AnchorSelector):
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
+    def identity(self) -> str:
+        return f"random(seed={self.seed})"
+
 
 @dataclass
 class ImportanceAnchors(AnchorSelector):
     """The ``k`` highest-scoring tokens, where ``scorer(token_ids)`` returns one score per token
     (e.g. LLMLingua-2 keep-probabilities; paper: on par with uniform). A hook: the scorer is
-    code, so it is not saved with a checkpoint and must be passed again when loading."""
+    code, so it is not saved with a checkpoint and must be passed again when loading.
+
+    ``scorer_name`` (default: the scorer's module and qualified name) enters the compressor's
+    fingerprint: give a scorer whose scores change a new name, so that stores of the old anchors
+    refuse the new compressor instead of mixing the two."""
 
     scorer: Callable[[Sequence[int]], Sequence[float]] = field(default=None, repr=False)
+    scorer_name: str = ""
     name = "importance"
+
+    def identity(self) -> str:
+        module, qualname = getattr(self.scorer, "__module__", "?"), getattr(self.scorer, "__qualname__", "?")
+        scorer = self.scorer_name or f"{module}.{qualname}"
+        return f"importance({scorer})"
 
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
         if self.scorer is None:

@@ -196,10 +196,12 @@ class SACCompressor(torch.nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """``base fingerprint/sac-<hash of settings and trained weights>``. Recomputed only when a
-        trainable tensor changed in place (torch's per-tensor version counter)."""
+        """``base fingerprint/sac-<hash of settings and trained weights>`` (and of the anchor
+        selector, when it is not the one the settings name). Recomputed only when the selector or a
+        trainable tensor changed (torch's per-tensor version counter)."""
         # The parameters themselves (not state-dict views) stay the same objects when moved.
-        versions = tuple((t._version, t.data_ptr()) for t in [self.anchor_embedding, *self.lora_parameters()])
+        versions = (self.selector.identity(),
+                    *((t._version, t.data_ptr()) for t in [self.anchor_embedding, *self.lora_parameters()]))
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != versions:
             self._fingerprint_cache = (versions, self._fingerprint_of(self.trainable_tensors()))
         return self._fingerprint_cache[1]
@@ -209,7 +211,11 @@ class SACCompressor(torch.nn.Module):
         exactly: see ``fingerprint``'s module docstring on precision)."""
         config = self.config.to_dict()
         config.pop("base_model")
-        digest = hash_json({"config": config, "weights": hash_tensors(sorted(tensors.items()), exact=True)})[:16]
+        identity = {"config": config, "weights": hash_tensors(sorted(tensors.items()), exact=True)}
+        anchors = self.selector.identity()
+        if anchors != make_selector(self.config.anchor_strategy, seed=self.config.anchor_seed).identity():
+            identity["anchors"] = anchors  # a selector passed in code: not the one the config names
+        digest = hash_json(identity)[:16]
         return f"{self.base_fingerprint}/sac-{digest}"
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:

@@ -16,6 +16,7 @@ from sac_rag import (
     SACCompressor,
     SACConfig,
 )
+from sac_rag.anchors import ImportanceAnchors, RandomAnchors, UniformAnchors
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -418,3 +419,27 @@ def test_a_checkpoints_metadata_and_short_tag_are_read_without_a_model(tiny, tmp
     assert tags[1] == compressor_tag(comp.fingerprint) and tags[0] != tags[1]
     assert all(len(tag) == 8 and int(tag, 16) >= 0 for tag in tags)
     assert compressor_tag(comp.base_fingerprint) == ""
+
+
+def test_a_selector_other_than_the_configured_one_gets_its_own_fingerprint(tiny):
+    """Caches made with other anchors must never pass for this compressor's: a selector passed
+    in code (or swapped in) enters the fingerprint; the one the config names leaves it as it was."""
+    comp = _compressor(tiny)
+    configured = comp.fingerprint
+
+    def rarest(ids):
+        return [float(t) for t in ids]
+
+    def first(ids):
+        return [-float(i) for i in range(len(ids))]
+
+    fingerprints = {}
+    for name, selector in [("uniform, explicit", UniformAnchors()), ("scored", ImportanceAnchors(rarest)),
+                           ("renamed", ImportanceAnchors(rarest, scorer_name="rarest-v2")),
+                           ("other scorer", ImportanceAnchors(first)), ("random", RandomAnchors(seed=1)),
+                           ("random, other seed", RandomAnchors(seed=2))]:
+        comp.selector = selector
+        fingerprints[name] = comp.fingerprint
+    assert fingerprints.pop("uniform, explicit") == configured
+    assert len(set(fingerprints.values()) | {configured}) == len(fingerprints) + 1
+    assert all(f.startswith(comp.base_fingerprint + "/sac-") for f in fingerprints.values())
