@@ -4,7 +4,14 @@ Retrieved text becomes the K/V of a few of its own tokens ("anchors"), r times s
 the text's full cache; the frozen LLM answers from those caches (arXiv 2510.08907).
 """
 
-from .anchors import AnchorSelector, ImportanceAnchors, RandomAnchors, UniformAnchors, anchor_count
+from .anchors import (
+    AnchorSelector,
+    ImportanceAnchors,
+    RandomAnchors,
+    RarestInBlockAnchors,
+    UniformAnchors,
+    anchor_count,
+)
 from .compressor import SACCompressor, list_pretrained
 from .config import PromptTemplate, SACConfig
 from .errors import (
@@ -40,6 +47,7 @@ __all__ = [
     "PromptError",
     "PromptTemplate",
     "RandomAnchors",
+    "RarestInBlockAnchors",
     "SACCompressor",
     "SACConfig",
     "SACError",

@@ -84,6 +84,29 @@ class RandomAnchors(AnchorSelector):
 
 
 @dataclass
+class RarestInBlockAnchors(AnchorSelector):
+    """As many anchors as the uniform rule, one in each of its r-token blocks, but on the block's
+    rarest token rather than its middle one: answers (names, numbers, dates) are rare tokens, and
+    a token that is an anchor keeps its own K/V. Rarity is read off the token id, which in
+    byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM) is the merge rank: later merges are
+    rarer strings. In vocabularies not ordered that way the choice is arbitrary. Ties go to the
+    token nearest the block's uniform anchor. Experimental (model card's history, "Anchor placement")."""
+
+    name = "rarest_in_block"
+
+    def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
+        n = len(token_ids)
+        _check(n, ratio)
+        start = (ratio - 1) // 2
+        if start >= n:
+            return [0]
+        return [
+            max(range(p - start, min(p - start + ratio, n)), key=lambda i, p=p: (token_ids[i], -abs(i - p)))
+            for p in range(start, n, ratio)
+        ]
+
+
+@dataclass
 class ImportanceAnchors(AnchorSelector):
     """The ``k`` highest-scoring tokens, where ``scorer(token_ids)`` returns one score per token
     (e.g. LLMLingua-2 keep-probabilities; paper: on par with uniform). A hook: the scorer is
@@ -114,7 +137,7 @@ class ImportanceAnchors(AnchorSelector):
         return sorted(torch.topk(scores, k).indices.tolist())
 
 
-_BY_NAME = {cls.name: cls for cls in (UniformAnchors, RandomAnchors, ImportanceAnchors)}
+_BY_NAME = {cls.name: cls for cls in (UniformAnchors, RandomAnchors, RarestInBlockAnchors, ImportanceAnchors)}
 
 
 def make_selector(name: str, **kwargs) -> AnchorSelector:

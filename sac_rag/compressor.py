@@ -166,6 +166,13 @@ class SACCompressor(torch.nn.Module):
         self.config.validate()
         self._fingerprint_cache = None
 
+    def use_anchors(self, strategy: str) -> None:
+        """Choose anchors by another saved strategy (``sac_rag.anchors``) from now on, keeping
+        the trained weights: to measure what anchor placement alone does to trained weights, or
+        as a warm start for training with it. The fingerprint changes with it."""
+        self.selector = make_selector(strategy, seed=self.config.anchor_seed)
+        self.config.anchor_strategy = strategy
+
     # -- properties -------------------------------------------------------------------------
 
     @property

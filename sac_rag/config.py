@@ -65,7 +65,7 @@ class SACConfig:
     base_model: str = "smollm2-135m"
     ratio: int = 5
     chunk_len: int = 510
-    anchor_strategy: str = "uniform"  # uniform | random | importance
+    anchor_strategy: str = "uniform"  # uniform | random | rarest_in_block | importance
     anchor_seed: int = 0
     anchor_embedding: str = "shared"  # shared (paper) | per_slot (reference code) | none
     bidirectional: bool = True

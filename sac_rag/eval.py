@@ -104,14 +104,15 @@ METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_
 
 
 def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str | None, device, dtype,
-                 decoder_adapter: str | None = None) -> Method:
+                 decoder_adapter: str | None = None, anchor_strategy: str | None = None) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
     ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
     ``no_context``, and hard text compression to 1/``ratio`` of the context's tokens:
     ``text_every_rth`` (keep every r-th token) and ``text_truncate`` (keep the first tokens).
     ``ratio`` defaults to 5; for ``sac`` it defaults to the checkpoint's, and another value
     evaluates the trained weights at that ratio (``retarget_ratio``: how much of a gap is the
-    compression itself).
+    compression itself). ``anchor_strategy`` likewise places the anchors of ``sac`` by another
+    strategy than the one it was trained with (``SACCompressor.use_anchors``).
 
     ``decoder_adapter`` (a peft LoRA directory, e.g. the Full-FT one) makes the decoder of the
     baselines the QA-trained one, so that answer format is equal and only content differs; the
@@ -125,6 +126,8 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
         comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         if ratio is not None and ratio != comp.config.ratio:
             comp.retarget_ratio(ratio)
+        if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
+            comp.use_anchors(anchor_strategy)
         return Method(name, comp.config.ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio
     if name == "full_ft":
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--ratio", type=int, help="kv_dropping and the text_* methods: default 5; sac: default "
                         "the checkpoint's, another value evaluates its weights at that ratio")
+    parser.add_argument("--anchor-strategy", help="sac: place anchors by this strategy instead of the trained one "
+                        "(sac_rag.anchors, e.g. rarest_in_block)")
     parser.add_argument("--decoder-adapter", help="peft LoRA directory for the decoder of kv_dropping, text_* or "
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
     parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],
@@ -306,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
 
     questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
+    if args.anchor_strategy and args.method != "sac":
+        parser.error("--anchor-strategy applies to --method sac")
     method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, dtype,
-                          args.decoder_adapter)
+                          args.decoder_adapter, args.anchor_strategy)
     if args.storage != "native":
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
         **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
         "decoder_adapter": args.decoder_adapter,
+        "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": decoding,
         # Wall time of this command (answering and timing samples) and how many answers it

@@ -77,7 +77,8 @@ class TrainConfig:
     lora_alpha: int = _help("LoRA alpha (paper: 256)", default=256)
     lora_target_modules: list[str] = _help("modules that get LoRA", default_factory=lambda: ["q_proj", "v_proj"])
     anchor_embedding: str = _help("'shared' | 'per_slot' | 'none' (ablation)", default="shared")
-    anchor_strategy: str = _help("'uniform' | 'random' (ablation)", default="uniform")
+    anchor_strategy: str = _help("'uniform' | 'random' (ablation) | 'rarest_in_block' (experimental: one anchor "
+                                 "per r-token block, on its rarest token)", default="uniform")
     bidirectional: bool = _help("bidirectional encoder (False = ablation 'no mask')", default=True)
     memory: str = _help("'anchors' (SAC) | 'compression_tokens' (prior-art baseline)", default="anchors")
     decoder_lora_rank: int = _help("rank of a decoder-side LoRA used only when reading compressed contexts "

@@ -6,9 +6,11 @@ from sac_rag import (
     ImportanceAnchors,
     InvalidInputError,
     RandomAnchors,
+    RarestInBlockAnchors,
     UniformAnchors,
     anchor_count,
 )
+from sac_rag.anchors import make_selector
 
 FULL = list(range(510))
 
@@ -69,3 +71,21 @@ def test_importance_scorer_returning_wrong_length_is_reported():
     selector = ImportanceAnchors(scorer=lambda ids: [1.0, 2.0])
     with pytest.raises(InvalidInputError, match="scorer returned"):
         selector.select(list(range(20)), 5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 11, 64, 510])
+@pytest.mark.parametrize("ratio", [1, 2, 5, 15])
+def test_rarest_in_block_keeps_the_uniform_count_one_anchor_per_block(n, ratio):
+    ids = [(7 * i) % 13 for i in range(n)]
+    uniform = UniformAnchors().select(ids, ratio)
+    rarest = RarestInBlockAnchors().select(ids, ratio)
+    assert len(rarest) == len(uniform) == anchor_count(n, ratio)
+    if uniform != [0] or n > (ratio - 1) // 2:  # a chunk shorter than the first offset keeps token 0
+        assert [i // ratio for i in rarest] == [p // ratio for p in uniform]
+
+
+def test_rarest_in_block_takes_the_highest_token_id_nearest_the_uniform_anchor_on_ties():
+    ids = [5, 900, 7, 7, 900,   1, 1, 1, 1, 1,   4, 2, 8000, 2, 4]
+    # block 0: 900 at 1 and 4, 1 is nearer the uniform anchor 2; block 1: all equal, the uniform 7
+    assert RarestInBlockAnchors().select(ids, 5) == [1, 7, 12]
+    assert make_selector("rarest_in_block").select(ids, 5) == [1, 7, 12]

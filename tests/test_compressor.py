@@ -16,7 +16,7 @@ from sac_rag import (
     SACCompressor,
     SACConfig,
 )
-from sac_rag.anchors import ImportanceAnchors, RandomAnchors, UniformAnchors
+from sac_rag.anchors import ImportanceAnchors, RandomAnchors, RarestInBlockAnchors, UniformAnchors
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -443,3 +443,17 @@ def test_a_selector_other_than_the_configured_one_gets_its_own_fingerprint(tiny)
     assert fingerprints.pop("uniform, explicit") == configured
     assert len(set(fingerprints.values()) | {configured}) == len(fingerprints) + 1
     assert all(f.startswith(comp.base_fingerprint + "/sac-") for f in fingerprints.values())
+
+
+def test_use_anchors_moves_the_anchors_keeps_the_weights_and_changes_the_fingerprint(tiny):
+    comp = _compressor(tiny)
+    ids = _ids(tiny[1])[:60]
+    weights = {k: v.clone() for k, v in comp.trainable_tensors().items()}
+    before = comp.fingerprint
+    comp.use_anchors("rarest_in_block")
+    kv = comp.compress_chunks([ids])[0]
+    assert kv.positions.tolist() == RarestInBlockAnchors().select(ids, comp.config.ratio)
+    assert kv.positions.tolist() != UniformAnchors().select(ids, comp.config.ratio)
+    assert comp.config.anchor_strategy == "rarest_in_block" and comp.fingerprint != before
+    for name, value in comp.trainable_tensors().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)

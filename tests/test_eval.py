@@ -64,6 +64,16 @@ def test_a_compressor_is_evaluated_at_its_own_ratio_unless_another_is_given(work
     assert len(caches) == 2  # another ratio is another compressor: its predictions are not reused
 
 
+def test_a_compressor_can_be_read_with_anchors_placed_by_another_strategy(workspace):
+    ckpt = str(workspace / "compressor")  # trained with uniform anchors
+    own = _run(workspace, "--method", "sac", "--checkpoint", ckpt)
+    moved = _run(workspace, "--method", "sac", "--checkpoint", ckpt, "--anchor-strategy", "rarest_in_block")
+    assert (own["anchor_strategy"], moved["anchor_strategy"]) == ("uniform", "rarest_in_block")
+    assert moved["compressor_fingerprint"] != own["compressor_fingerprint"]  # its predictions are cached apart
+    with pytest.raises(SystemExit):
+        _run(workspace, "--method", "full_context", "--anchor-strategy", "rarest_in_block")
+
+
 def test_a_rerun_reuses_cached_predictions(workspace):
     first = _run(workspace, "--method", "full_context")
     cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))
