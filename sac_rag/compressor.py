@@ -172,6 +172,7 @@ class SACCompressor(torch.nn.Module):
         as a warm start for training with it. The fingerprint changes with it."""
         self.selector = make_selector(strategy, seed=self.config.anchor_seed)
         self.config.anchor_strategy = strategy
+        self._fingerprint_cache = None
 
     # -- properties -------------------------------------------------------------------------
 
