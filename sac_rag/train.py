@@ -68,6 +68,8 @@ class TrainConfig:
                                  "components start with no effect, so training begins from the same outputs "
                                  "with more adapter capacity", default=0)
     init_widen_decoder_rank: int = _help("with init_from: likewise enlarge its decoder adapter (0 = keep)", default=0)
+    init_anchor_strategy: str = _help("with init_from: place its anchors by this strategy (see anchor_strategy) "
+                                      "instead of the checkpoint's ('' = keep)", default="")
     resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
     # compressor (ignored with init_from, which brings its own)
     base_model: str = _help("base causal LM: built-in name, local path or hub id", default="smollm2-135m")
@@ -144,13 +146,15 @@ class TrainConfig:
         if self.adapters_from and (self.init_from or self.method != "sac"):
             raise SACError("adapters_from starts a new compressor's adapters: it cannot be combined with "
                            "init_from (which brings its own) and needs --method sac")
-        changes_init_checkpoint = self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank
+        changes_init_checkpoint = (self.init_ratio or self.init_widen_rank or self.init_widen_decoder_rank
+                                   or self.init_anchor_strategy)
         if changes_init_checkpoint and not self.init_from:
-            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change an init_from "
-                           "checkpoint: set init_from, or use --ratio / --lora-rank / --decoder-lora-rank")
+            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank / init_anchor_strategy change an "
+                           "init_from checkpoint: set init_from, or use --ratio / --lora-rank / "
+                           "--decoder-lora-rank / --anchor-strategy")
         if changes_init_checkpoint and self.method != "sac":
-            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank change a compressor: "
-                           "they need --method sac")
+            raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank / init_anchor_strategy change a "
+                           "compressor: they need --method sac")
         if self.precision not in PRECISIONS:
             raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_decay_steps < 0:
@@ -287,6 +291,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
         if cfg.init_ratio:
             comp.retarget_ratio(cfg.init_ratio)
+        if cfg.init_anchor_strategy:
+            comp.use_anchors(cfg.init_anchor_strategy)
         if cfg.init_widen_rank or cfg.init_widen_decoder_rank:
             comp = comp.widened(cfg.init_widen_rank, cfg.init_widen_decoder_rank)
     else:

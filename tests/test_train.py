@@ -266,6 +266,15 @@ def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
         parse_config(_args(workspace, "x", "--init-ratio", "4"))
 
 
+def test_a_checkpoint_can_be_trained_on_with_anchors_placed_another_way(workspace):
+    first = train(parse_config(_args(workspace, "uniform", "--max-steps", "1")))
+    final = train(parse_config(_args(workspace, "rarest", "--max-steps", "1", "--init-from", str(first),
+                                     "--init-anchor-strategy", "rarest_in_block")))
+    assert json.loads((final / "config.json").read_text())["config"]["anchor_strategy"] == "rarest_in_block"
+    with pytest.raises(SACError, match="init_anchor_strategy"):
+        parse_config(_args(workspace, "x", "--init-anchor-strategy", "rarest_in_block"))
+
+
 def test_a_checkpoint_widened_to_a_larger_rank_starts_from_the_same_loss_and_resumes(workspace):
     first = train(parse_config(_args(workspace, "r4", "--max-steps", "1")))
     narrow = train(parse_config(_args(workspace, "narrow", "--max-steps", "1", "--init-from", str(first))))
