@@ -95,14 +95,10 @@ class RarestInBlockAnchors(AnchorSelector):
     name = "rarest_in_block"
 
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
-        n = len(token_ids)
-        _check(n, ratio)
-        start = (ratio - 1) // 2
-        if start >= n:
-            return [0]
-        return [
-            max(range(p - start, min(p - start + ratio, n)), key=lambda i, p=p: (token_ids[i], -abs(i - p)))
-            for p in range(start, n, ratio)
+        start, n = (ratio - 1) // 2, len(token_ids)
+        return [  # the block of uniform anchor p: p - start .. p - start + ratio - 1
+            max(range(max(0, p - start), min(p - start + ratio, n)), key=lambda i, p=p: (token_ids[i], -abs(i - p)))
+            for p in UniformAnchors().select(token_ids, ratio)
         ]
 
 
