@@ -52,12 +52,14 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage12-fp32", 1910, "stage 12 (not shipped)", "120 more of stage 11's recipe (RAG +1.5)"),
     Stage("sac-5x-stage13-fp32", 2010, "stage 13 (not shipped)", "100 more of that recipe (out of domain -4.1 vs 11)"),
     Stage("sac-5x-stage15-fp32", 2130, "stage 15 (not shipped)", "120 more of it, from stage 14"),
+    Stage("sac-5x-stage17-fp32", 2210, "stage 17 (not shipped)", "80 more of it, from stage 16"),
 )
 # No steps of their own: the weights of two stages averaged (benchmarks/average_compressors.py),
 # drawn apart from the line of trained stages at the steps of the later one.
 AVERAGED = (
     Stage("sac-5x-soup11-13-fp32", 2010, "stage 14 (old default)", "11 and 13 averaged (out of domain -0.5 vs 11)"),
     Stage("sac-5x-soup14-15-fp32", 2130, "stage 16 (shipped)", "stages 14 and 15 averaged (out of domain -0.4, n=600)"),
+    Stage("sac-5x-soup16-17-fp32", 2210, "stage 18 (not shipped)", "stages 16 and 17 averaged (+0.2 vs 16)"),
 )
 TARGET_SHARE = 0.75
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             offset = (0, -4) if below else (nudge, 4)
             ax.annotate(stage.name, (stage.steps, y), textcoords="offset points", xytext=offset,
                         fontsize=7, ha="center", va="top" if below else "bottom", rotation=90)
-    for stage, color in zip(AVERAGED, ("tab:red", "tab:purple")):
+    for stage, color in zip(AVERAGED, ("tab:red", "tab:purple", "tab:brown"), strict=True):
         averaged = rows[stage.label]
         ax.errorbar([stage.steps * 1.04], [averaged["f1"]], capsize=3, marker="D", markersize=6, color=color,
                     yerr=[[averaged["f1"] - averaged["f1_ci"][0]], [averaged["f1_ci"][1] - averaged["f1"]]],
