@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             offset = (0, -4) if below else (nudge, 4)
             ax.annotate(stage.name, (stage.steps, y), textcoords="offset points", xytext=offset,
                         fontsize=7, ha="center", va="top" if below else "bottom", rotation=90)
-    for stage, color in zip(AVERAGED, ("tab:red", "tab:purple", "tab:brown"), strict=True):
+    for at, stage in enumerate(AVERAGED):  # colours C3, C4, ... of the default cycle: red, purple, brown, ...
+        color = f"C{3 + at}"
         averaged = rows[stage.label]
         ax.errorbar([stage.steps * 1.04], [averaged["f1"]], capsize=3, marker="D", markersize=6, color=color,
                     yerr=[[averaged["f1"] - averaged["f1_ci"][0]], [averaged["f1_ci"][1] - averaged["f1"]]],
