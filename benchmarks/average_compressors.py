@@ -49,12 +49,18 @@ def main() -> None:
     parser.add_argument("second", help="compressor directory or short name of the same settings (t = 1)")
     parser.add_argument("out", help="directory to write the interpolated compressor to")
     parser.add_argument("--t", type=float, default=0.5, help="weight of the second compressor (default 0.5)")
+    parser.add_argument("--anchor-strategy", default="",
+                        help="place both compressors' anchors by this strategy before averaging (sac_rag.anchors, "
+                             "e.g. rarest_in_block: averages a stage trained with it and one trained without)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="saved precision")
     args = parser.parse_args()
     if not 0.0 <= args.t <= 1.0:
         raise SystemExit(f"--t must lie in [0, 1], got {args.t}")
     first = SACCompressor.from_pretrained(args.first, device="cpu", dtype="float32")
     second = SACCompressor.from_pretrained(args.second, device="cpu", dtype="float32")
+    if args.anchor_strategy:
+        first.use_anchors(args.anchor_strategy)
+        second.use_anchors(args.anchor_strategy)
     if first.config.to_dict() != second.config.to_dict():
         raise SystemExit("the two compressors were saved with different settings; only one lineage can be averaged")
     a = {k: v.detach().float().clone() for k, v in first.trainable_tensors().items()}
@@ -67,7 +73,8 @@ def main() -> None:
     for role, source in (("first", args.first), ("second", args.second)):
         meta = checkpoint_meta(source)
         sources[role] = {"path": str(source), **{k: meta[k] for k in ("fingerprint", "weights_sha256")}}
-    provenance = {**sources, "t": args.t, "dtype": args.dtype, "made_by": "benchmarks/average_compressors.py",
+    provenance = {**sources, "t": args.t, "dtype": args.dtype,
+                  "anchor_strategy": first.config.anchor_strategy, "made_by": "benchmarks/average_compressors.py",
                   "product_error": errors}
     atomic_write(Path(args.out) / "interpolation.json", json.dumps(provenance, indent=2).encode())
     reloaded = SACCompressor.from_pretrained(args.out, device="cpu")
