@@ -43,6 +43,18 @@ def product_error(first: dict, second: dict, mixed: dict, t: float) -> dict[str,
     return {adapter: (num / den) ** 0.5 for adapter, (num, den) in errors.items()}
 
 
+def align_settings(first: SACCompressor, second: SACCompressor, anchor_strategy: str = "") -> None:
+    """Place both compressors' anchors by ``anchor_strategy`` (if given), then refuse two whose
+    settings still differ: only one lineage can be averaged."""
+    if anchor_strategy:
+        first.use_anchors(anchor_strategy)
+        second.use_anchors(anchor_strategy)
+    if first.config.to_dict() != second.config.to_dict():
+        differing = sorted(k for k, v in first.config.to_dict().items() if second.config.to_dict().get(k) != v)
+        raise SystemExit(f"the two compressors were saved with different settings ({', '.join(differing)}); "
+                         "only one lineage can be averaged")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("first", help="compressor directory or short name (t = 0)")
@@ -58,11 +70,7 @@ def main() -> None:
         raise SystemExit(f"--t must lie in [0, 1], got {args.t}")
     first = SACCompressor.from_pretrained(args.first, device="cpu", dtype="float32")
     second = SACCompressor.from_pretrained(args.second, device="cpu", dtype="float32")
-    if args.anchor_strategy:
-        first.use_anchors(args.anchor_strategy)
-        second.use_anchors(args.anchor_strategy)
-    if first.config.to_dict() != second.config.to_dict():
-        raise SystemExit("the two compressors were saved with different settings; only one lineage can be averaged")
+    align_settings(first, second, args.anchor_strategy)
     a = {k: v.detach().float().clone() for k, v in first.trainable_tensors().items()}
     b = {k: v.detach().float().clone() for k, v in second.trainable_tensors().items()}
     mixed = interpolate(a, b, args.t)

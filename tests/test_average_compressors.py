@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+
+from sac_rag import SACCompressor, SACConfig
 
 AVERAGE = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "average_compressors.py"))
-interpolate, product_error = AVERAGE["interpolate"], AVERAGE["product_error"]
+interpolate, product_error, align_settings = AVERAGE["interpolate"], AVERAGE["product_error"], AVERAGE["align_settings"]
 
 
 def _adapter(seed: int) -> dict[str, torch.Tensor]:
@@ -44,3 +47,17 @@ def test_compressors_with_different_tensors_are_refused():
     second.pop("anchor_embedding")
     with pytest.raises(SystemExit, match="different tensors"):
         interpolate(first, second, 0.5)
+
+
+def _tiny_compressor() -> SACCompressor:
+    model, tokenizer = make_tiny_llama()
+    return SACCompressor(SACConfig(ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8), model=model, tokenizer=tokenizer)
+
+
+def test_compressors_placing_anchors_differently_are_refused_unless_both_are_placed_alike():
+    first, second = _tiny_compressor(), _tiny_compressor()
+    second.use_anchors("rarest_in_block")
+    with pytest.raises(SystemExit, match="anchor_strategy"):
+        align_settings(first, second)
+    align_settings(first, second, "rarest_in_block")
+    assert first.config.anchor_strategy == second.config.anchor_strategy == "rarest_in_block"
