@@ -22,6 +22,9 @@ from .data import Paragraph
 
 IGNORE = -100
 DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation KL covers
+# KL(teacher || student) spreads the student over every answer the teacher allows;
+# KL(student || teacher) puts it on the teacher's likeliest one (mode seeking).
+DISTILL_DIVERGENCES = ("forward", "reverse")
 DISTRACTOR_SOURCES = ("random", "same_article")  # where distractor passages are drawn from
 
 
@@ -121,21 +124,26 @@ class SACObjective:
     ``distill_tokens="all"`` it covers every prompt and answer token of each decoder row, not
     only the answer: a question's tokens are predictable from the passage, so the teacher's
     distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
+    ``divergence="reverse"`` uses KL(student || teacher) instead of KL(teacher || student).
     ``hidden_weight`` > 0 adds a denser term at the same positions: the mean over decoder layers
     of the squared distance between the student's and the teacher's layer outputs, each
     RMS-normalised per token (so a few large-magnitude dimensions do not dominate).
     """
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
-                 teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0):
+                 teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0,
+                 divergence: str = "forward"):
         if distill_tokens not in DISTILL_TOKENS:
             raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
+        if divergence not in DISTILL_DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DISTILL_DIVERGENCES}, got {divergence!r}")
         self.compressor = compressor
         self.distill_weight = distill_weight
         self.hidden_weight = hidden_weight
         self.ae_weight = ae_weight
         self.teacher = teacher
         self.distill_tokens = distill_tokens
+        self.divergence = divergence
         tokenizer = compressor.tokenizer
         self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
         self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
@@ -200,8 +208,7 @@ class SACObjective:
             teacher = self._teacher_rows(examples, context_lengths, rows, row_owner, every_token)
             stats["distilled_tokens"] = len(student.labels)
             if self.distill_weight > 0:
-                kl = F.kl_div(student.logits.float().log_softmax(-1), teacher.logits.float().log_softmax(-1),
-                              log_target=True, reduction="batchmean")
+                kl = _kl(student.logits, teacher.logits, self.divergence)
                 loss = loss + self.distill_weight * kl
                 stats["kl"] = kl.item()
             if self.hidden_weight > 0:
@@ -232,6 +239,14 @@ class SACObjective:
             ]
             return _decode_rows(teacher, teacher_caches, context_lengths, rows, row_owner,
                                 every_token=every_token, layers=self.hidden_weight > 0)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")."""
+    student, teacher = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
+    if divergence == "reverse":
+        student, teacher = teacher, student
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def _hidden_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

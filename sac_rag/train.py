@@ -31,7 +31,14 @@ from .data import LoadStats, iter_texts, read_qa, split_by_title
 from .devices import bf16_is_fast
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .files import atomic_write
-from .objectives import DISTILL_TOKENS, DISTRACTOR_SOURCES, ExampleBuilder, FullTextObjective, SACObjective
+from .objectives import (
+    DISTILL_DIVERGENCES,
+    DISTILL_TOKENS,
+    DISTRACTOR_SOURCES,
+    ExampleBuilder,
+    FullTextObjective,
+    SACObjective,
+)
 
 logger = logging.getLogger("sac_rag.train")
 
@@ -99,6 +106,9 @@ class TrainConfig:
                                  "on the same base model; empty = the frozen base model", default="")
     distill_tokens: str = _help("'answer' (distil answer tokens) or 'all' (every question and answer token)",
                                 default="answer")
+    distill_divergence: str = _help("'forward' KL(teacher || student), or 'reverse' KL(student || teacher): "
+                                    "the student's mass on the teacher's likeliest tokens (mode seeking)",
+                                    default="forward")
     distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
                                          "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
@@ -143,6 +153,9 @@ class TrainConfig:
             raise SACError(f"distractor_share is a fraction of examples, in [0, 1]; got {self.distractor_share}")
         if self.distill_tokens not in DISTILL_TOKENS:
             raise SACError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
+        if self.distill_divergence not in DISTILL_DIVERGENCES:
+            raise SACError(f"distill_divergence must be one of {DISTILL_DIVERGENCES}, "
+                           f"got {self.distill_divergence!r}")
         if self.adapters_from and (self.init_from or self.method != "sac"):
             raise SACError("adapters_from starts a new compressor's adapters: it cannot be combined with "
                            "init_from (which brings its own) and needs --method sac")
@@ -314,7 +327,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
                              teacher=teacher, distill_tokens=cfg.distill_tokens,
-                             hidden_weight=cfg.distill_hidden_weight)
+                             hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence)
     return comp, objective
 
 

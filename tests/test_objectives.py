@@ -86,19 +86,19 @@ def _kv_dropping(ratio: int, seed: int = 0):
     return SACCompressor(config, model=model, tokenizer=tokenizer)
 
 
-def _objective(comp, teacher=None, distill_tokens="all", hidden_weight=0.0):
+def _objective(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward"):
     from sac_rag.objectives import SACObjective
 
     builder = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2)
     examples = [builder.qa(POOL[i], i, POOL) for i in (0, 5)]
     # No prefix text: chunks are encoded on their own, so only then is ratio 1 the full text's K/V.
     objective = SACObjective(comp, distill_weight=1.0, teacher=teacher, distill_tokens=distill_tokens,
-                             hidden_weight=hidden_weight)
+                             hidden_weight=hidden_weight, divergence=divergence)
     return objective, examples
 
 
-def _loss_stats(comp, teacher=None, distill_tokens="all", hidden_weight=0.0):
-    objective, examples = _objective(comp, teacher, distill_tokens, hidden_weight)
+def _loss_stats(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward"):
+    objective, examples = _objective(comp, teacher, distill_tokens, hidden_weight, divergence)
     with torch.no_grad():
         return objective.loss(examples)[1], examples
 
@@ -125,6 +125,34 @@ def test_distilling_every_token_covers_each_question_and_answer_token_but_trains
 def test_a_given_teacher_replaces_the_frozen_base_model():
     other, _ = make_tiny_llama(seed=7)
     assert _loss_stats(_kv_dropping(ratio=1), teacher=other)[0]["kl"] > 1e-3
+
+
+def test_the_reverse_divergence_is_kl_of_the_student_from_the_teacher_with_its_gradient():
+    from sac_rag.objectives import _kl
+
+    teacher = torch.randn(6, 11)
+    t = teacher.log_softmax(-1)
+    for divergence, by_hand in [("forward", lambda s: (t.exp() * (t - s)).sum(-1).mean()),
+                                ("reverse", lambda s: (s.exp() * (s - t)).sum(-1).mean())]:
+        student = torch.randn(6, 11, requires_grad=True)
+        value = _kl(student, teacher, divergence)
+        (grad,) = torch.autograd.grad(value, student)
+        expected = by_hand(student.log_softmax(-1))
+        (expected_grad,) = torch.autograd.grad(expected, student)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(grad, expected_grad, atol=1e-6) and grad.abs().sum() > 0
+
+
+def test_the_reverse_divergence_is_zero_on_the_full_text_and_differs_from_the_forward_one_after_compression():
+    assert _loss_stats(_kv_dropping(ratio=1), divergence="reverse")[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    comp = _kv_dropping(ratio=3)
+    forward, reverse = _loss_stats(comp)[0]["kl"], _loss_stats(comp, divergence="reverse")[0]["kl"]
+    assert reverse > 1e-3 and reverse != pytest.approx(forward, rel=1e-3)
+
+
+def test_an_unknown_divergence_is_refused():
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        _objective(_kv_dropping(ratio=3), divergence="jensen")
 
 
 def test_hidden_state_matching_is_zero_on_the_full_text_and_positive_after_compression():

@@ -189,6 +189,12 @@ def test_unknown_distractor_source_is_refused():
         parse_config(["--distractor-source", "nearest"])
 
 
+def test_unknown_distillation_divergence_is_refused():
+    with pytest.raises(SACError, match="distill_divergence must be one of"):
+        parse_config(["--distill-divergence", "jensen-shannon"])
+    assert parse_config(["--distill-divergence", "reverse"]).distill_divergence == "reverse"
+
+
 def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
     teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1")))
     train(parse_config(_args(workspace, "student", "--max-steps", "2", "--distill-weight", "1.0",
