@@ -21,12 +21,11 @@ such token by whether that token was an anchor.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from sac_rag.anchors import make_selector
-from sac_rag.errors import SACError
-from sac_rag.eval import DATASETS, load_questions, predictions_for
+from sac_rag.errors import exit_with_message
+from sac_rag.eval import add_subset_arguments, predictions_for, subset_questions
 from sac_rag.metrics import squad_f1
 from sac_rag.models import load_tokenizer
 
@@ -56,17 +55,14 @@ def answer_tokens(tokenizer, selector, question, ratio: int, chunk_len: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="+", help="prediction files written by python -m sac_rag.eval")
-    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    add_subset_arguments(parser)
     parser.add_argument("--ratio", type=int, required=True, help="the compression ratio the anchors are chosen at")
     parser.add_argument("--chunk-len", type=int, default=510)
     parser.add_argument("--anchor-strategy", default="uniform")
     parser.add_argument("--base-model", default="smollm2-135m", help="whose tokenizer splits the passages")
     args = parser.parse_args(argv)
 
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    questions = subset_questions(args)
     tokenizer = load_tokenizer(args.base_model)
     selector = make_selector(args.anchor_strategy)
     tokens = {q.id: answer_tokens(tokenizer, selector, q, args.ratio, args.chunk_len) for q in questions}
@@ -94,7 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SACError as err:  # e.g. a prediction file that lacks questions: say which, no traceback
-        sys.exit(f"error: {err}")
+    exit_with_message(main)

@@ -15,11 +15,10 @@ that ``python -m sac_rag.eval`` writes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from sac_rag.errors import SACError
-from sac_rag.eval import DATASETS, load_questions, predictions_for
+from sac_rag.errors import exit_with_message
+from sac_rag.eval import add_subset_arguments, predictions_for, subset_questions
 from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, score
 
 
@@ -43,13 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="+",
                         help="prediction files (or a+b: their per-question mean); the first is the reference")
-    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    add_subset_arguments(parser)
     args = parser.parse_args(argv)
 
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    questions = subset_questions(args)
     specs = args.predictions
     f1 = {spec: averaged_f1(spec, questions) for spec in specs}  # each file read and scored once
     base = f1[specs[0]]
@@ -74,7 +70,4 @@ def _name(spec: str) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SACError as err:  # e.g. a prediction file that lacks questions: say which, no traceback
-        sys.exit(f"error: {err}")
+    exit_with_message(main)

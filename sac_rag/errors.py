@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 
 class SACError(Exception):
     """Base class of every error sac_rag raises on purpose."""
@@ -40,3 +44,12 @@ class CheckpointError(SACError):
 
 class PromptError(InvalidInputError):
     """A prompt cannot be decoded as given (e.g. it ends with a compressed context)."""
+
+
+def exit_with_message(main: Callable[[], int]) -> NoReturn:
+    """Run a command-line ``main`` and exit with its status; a SACError (input the user can fix,
+    e.g. a prediction file that lacks questions) exits with its one-line message, no traceback."""
+    try:
+        sys.exit(main())
+    except SACError as err:
+        sys.exit(f"error: {err}")

@@ -70,6 +70,21 @@ def load_questions(path: str | Path, n: int, seed: int) -> list[Question]:
     return questions[:n] if n > 0 else questions
 
 
+def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None = None) -> None:
+    """``--dataset``, ``--data-root``, ``--n`` (required unless ``n_default``) and ``--seed``: which
+    seeded question subset a command reads (see ``load_questions``)."""
+    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--n", type=int, default=n_default, required=n_default is None,
+                        help="seeded subset size (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def subset_questions(args: argparse.Namespace) -> list[Question]:
+    """The subset the arguments of ``add_subset_arguments`` name."""
+    return load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+
+
 @dataclass
 class Method:
     """One way of answering: a generator, and how a context becomes a prompt segment."""
@@ -281,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
     parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],
                         help="sac/kv_dropping: read the caches as an fp8/int8 store returns them")
-    parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--n", type=int, default=1000, help="seeded subset size (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_subset_arguments(parser, n_default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--extractive", action="store_true",
@@ -309,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.extractive and "extractive" not in label:  # its predictions never mix with free decoding's
         label += "-extractive"
 
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
     if args.anchor_strategy and args.method != "sac":
         parser.error("--anchor-strategy applies to --method sac")
