@@ -244,8 +244,9 @@ class SACObjective:
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")."""
     student, teacher = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
+    # F.kl_div(input, target) is KL(target || input), both given as log-probabilities here.
     if divergence == "reverse":
-        student, teacher = teacher, student
+        return F.kl_div(teacher, student, log_target=True, reduction="batchmean")
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
