@@ -3,9 +3,10 @@
 ``SACObjective`` is the method (METHOD.md, "Training recipe"): compress the context with the
 encoder, let the frozen decoder (adapter off) read the anchor K/V in the same layout the
 ``Generator`` uses at inference, and take cross-entropy on the continuation (pretraining) or
-answer (QA). Optional extras: several questions per compressed context, distractor passages,
-distillation from a teacher reading the full text (the frozen decoder, or the Full-FT model) on
-its output distribution and, optionally, on every layer's hidden states, and the +AE ablation.
+answer (QA). Optional extras: several questions per compressed context, synthetic span questions
+("which words follow ...", trained by cross-entropy only), distractor passages, distillation
+from a teacher reading the full text (the frozen decoder, or the Full-FT model) on its output
+distribution and, optionally, on every layer's hidden states, and the +AE ablation.
 ``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class Example:
 
     passages: list[list[int]]
     rows: list[tuple[list[int], list[int]]]
-    ae_target: list[int] = field(default_factory=list)
+    span_rows: int = 0  # the last rows are synthetic span questions: trained by CE, never distilled
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ExampleBuilder:
     distractors: int = 0
     distractor_source: str = "random"  # or "same_article": like retrieval, which returns near neighbours
     distractor_share: float = 1.0  # fraction of examples that get distractors; the rest read the gold passage alone
+    span_questions: int = 0  # synthetic "which words follow ..." rows per QA example (see ``span_questions_about``)
     max_answer_tokens: int = 48
     lm_min_tokens: int = 510
     lm_max_tokens: int = 2040
@@ -59,6 +61,8 @@ class ExampleBuilder:
     def __post_init__(self) -> None:
         if self.distractor_source not in DISTRACTOR_SOURCES:
             raise ValueError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
+        if self.span_questions < 0:
+            raise ValueError(f"span_questions must be >= 0, got {self.span_questions}")
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -78,10 +82,11 @@ class ExampleBuilder:
         passages = [paragraph.context] + self._distractors(paragraph, pool, rng)
         rng.shuffle(passages)
         rows = []
-        for qa in questions:
-            answer = self._ids(qa.answers[0])[: self.max_answer_tokens] + [self.eos]
-            rows.append((self._ids(self.template.question.format(question=qa.question)), answer))
-        return Example([self._ids(p) for p in passages], rows)
+        spans = span_questions_about(paragraph.context, self.span_questions, random.Random(f"span {self.seed} {index}"))
+        for question, answer in [(qa.question, qa.answers[0]) for qa in questions] + spans:
+            target = self._ids(answer)[: self.max_answer_tokens] + [self.eos]
+            rows.append((self._ids(self.template.question.format(question=question)), target))
+        return Example([self._ids(p) for p in passages], rows, span_rows=len(spans))
 
     def _distractors(self, paragraph: Paragraph, pool: list[Paragraph], rng: random.Random) -> list[str]:
         """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
@@ -112,6 +117,35 @@ class ExampleBuilder:
         # The decoder needs one input token to predict from: the first continuation token is
         # read, the rest predicted (the reference code uses a learned [LM] marker instead).
         return Example([window[:half]], [(continuation[:1], continuation[1:])])
+
+
+SPAN_QUESTION = 'Which words follow "{cue}" in the context?'
+
+
+def span_questions_about(passage: str, count: int, rng: random.Random, cue_words: int = 4,
+                         max_span_words: int = 5) -> list[tuple[str, str]]:
+    """Up to ``count`` synthetic extractive questions about ``passage``: the answer is a span of 1 to
+    ``max_span_words`` words and the question quotes the ``cue_words`` words before it. Only cues
+    that occur once in the passage are used, so each question has one answer. They train the skill
+    the compressor lacks most (TRAINING_HISTORY.md, "Where the F1 is lost"): spelling out a span of
+    the passage, non-anchor tokens included, that the question locates."""
+    words = passage.split()
+    starts = list(range(cue_words, len(words)))
+    rng.shuffle(starts)
+    out = []
+    for start in starts:
+        if len(out) == count:
+            break
+        cue = " ".join(words[start - cue_words : start])
+        span_words = []
+        for word in words[start : start + rng.randint(1, max_span_words)]:
+            span_words.append(word)
+            if word[-1] in ".,;:!?":  # a span does not run past a clause
+                break
+        span = " ".join(span_words).strip(".,;:!?\"'()")
+        if span and passage.count(cue) == 1:
+            out.append((SPAN_QUESTION.format(cue=cue), span))
+    return out
 
 
 class SACObjective:
@@ -189,11 +223,12 @@ class SACObjective:
             values = torch.cat(([prefix_kv[1]] if prefix_kv else []) + [kv.values for kv in mine], dim=2)
             caches.append((keys, values))
 
-        rows, row_owner = [], []
+        rows, row_owner, distilled_rows = [], [], []
         for i, ex in enumerate(examples):
-            for row in ex.rows:
+            for r, row in enumerate(ex.rows):
                 rows.append(row)
                 row_owner.append(i)
+                distilled_rows.append(r < len(ex.rows) - ex.span_rows)
         distilling = self.distill_weight > 0 or self.hidden_weight > 0
         every_token = distilling and self.distill_tokens == "all"
         with comp.decoder_mode():
@@ -204,15 +239,16 @@ class SACObjective:
         read = sum(len(chunk) for chunk in chunks) + sum(len(prompt) + len(target) for prompt, target in rows)
         loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum()), "input_tokens": read}
 
-        if distilling:
+        if distilling and any(distilled_rows):  # rows of span questions only: nothing to distil
             teacher = self._teacher_rows(examples, context_lengths, rows, row_owner, every_token)
-            stats["distilled_tokens"] = len(student.labels)
+            distilled = torch.as_tensor(distilled_rows, device=student.row.device)[student.row]
+            stats["distilled_tokens"] = int(distilled.sum())
             if self.distill_weight > 0:
-                kl = _kl(student.logits, teacher.logits, self.divergence)
+                kl = _kl(student.logits[distilled], teacher.logits[distilled], self.divergence)
                 loss = loss + self.distill_weight * kl
                 stats["kl"] = kl.item()
             if self.hidden_weight > 0:
-                hidden = _hidden_distance(student.layers, teacher.layers)
+                hidden = _hidden_distance(student.layers[:, distilled], teacher.layers[:, distilled])
                 loss = loss + self.hidden_weight * hidden
                 stats["hidden"] = hidden.item()
 
@@ -313,12 +349,13 @@ def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tens
 @dataclass
 class DecodedRows:
     """What ``_decode_rows`` keeps, at the kept positions only: logits ``[kept, vocab]``, their
-    next-token labels, which of them are targets, and (if asked) every decoder layer's output
-    ``[layers, kept, dim]``."""
+    next-token labels, which of them are targets, the row each came from, and (if asked) every
+    decoder layer's output ``[layers, kept, dim]``."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     is_target: torch.Tensor
+    row: torch.Tensor
     layers: torch.Tensor | None = None
 
 
@@ -366,6 +403,7 @@ def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: b
         logits=model.get_output_embeddings()(out.last_hidden_state[keep]),
         labels=labels.to(device)[keep],
         is_target=is_target.to(device)[keep],
+        row=torch.arange(len(rows), device=device)[:, None].expand(keep.shape)[keep],
         # hidden_states[0] is the embedding of the same tokens in both models: not compared
         layers=torch.stack([h[keep] for h in out.hidden_states[1:]]) if layers else None,
     )

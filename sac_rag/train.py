@@ -96,6 +96,8 @@ class TrainConfig:
     decoder_lora_alpha: int = _help("its alpha (0 = 2 x rank)", default=0)
     # objective
     questions_per_context: int = _help("questions trained per compressed paragraph (SQuAD has ~5)", default=1)
+    span_questions: int = _help("synthetic questions per example quoting 4 words of the gold passage and asking "
+                                "for the 1-5 that follow (finetune; trained by CE, not distilled; 0 = off)", default=0)
     distractors: int = _help("distractor passages compressed beside the gold one (finetune)", default=0)
     distractor_source: str = _help("'random' (any training paragraph) or 'same_article' (like retrieval "
                                    "neighbours; falls back to random for short articles)", default="random")
@@ -149,6 +151,8 @@ class TrainConfig:
             raise SACError("batch_size must be a multiple of micro_batch_size")
         if self.distractor_source not in DISTRACTOR_SOURCES:
             raise SACError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
+        if self.span_questions < 0:
+            raise SACError(f"span_questions must be >= 0, got {self.span_questions}")
         if not 0.0 <= self.distractor_share <= 1.0:
             raise SACError(f"distractor_share is a fraction of examples, in [0, 1]; got {self.distractor_share}")
         if self.distill_tokens not in DISTILL_TOKENS:
@@ -426,7 +430,8 @@ class ExampleStream:
         self.cfg = cfg
         self.stats = stats
         self.builder = ExampleBuilder(
-            tokenizer, template, questions_per_context=cfg.questions_per_context, distractors=cfg.distractors,
+            tokenizer, template, questions_per_context=cfg.questions_per_context, span_questions=cfg.span_questions,
+            distractors=cfg.distractors,
             distractor_source=cfg.distractor_source, distractor_share=cfg.distractor_share,
             max_answer_tokens=cfg.max_answer_tokens,
             lm_min_tokens=cfg.lm_min_tokens, lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,

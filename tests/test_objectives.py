@@ -1,4 +1,5 @@
-"""How training examples are built: questions per paragraph and distractor passages."""
+"""How training examples are built (questions per paragraph, distractor passages, span questions)
+and what the objective distils."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from conftest import make_tiny_llama
 
 from sac_rag.config import PromptTemplate
 from sac_rag.data import Paragraph, QAItem
-from sac_rag.objectives import ExampleBuilder
+from sac_rag.objectives import SPAN_QUESTION, ExampleBuilder, span_questions_about
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,57 @@ def test_a_distractor_share_mixes_single_passage_and_distractor_examples_in_one_
 def test_a_pool_without_other_passages_gives_the_gold_passage_alone(tokenizer):
     builder = ExampleBuilder(tokenizer, PromptTemplate(), distractors=2)
     assert _texts(tokenizer, builder.qa(POOL[0], 0, [POOL[0], POOL[0]])) == [POOL[0].context]
+
+
+# -- span questions: "which words follow <cue>?" -----------------------------------------------
+
+LONG = Paragraph(
+    "The river rises in the southern highlands, and it flows north for six thousand kilometres. "
+    "Its delta, once a marsh, now feeds forty million people; the dam upstream was finished in 1970. "
+    "Boats still carry grain, cotton and stone between the old market towns every summer.",
+    [QAItem(f"Question {j}?", ["yes"], f"long-{j}") for j in range(3)], "River")
+
+
+def _cue_and_span(question: str, answer: str) -> tuple[str, str]:
+    head, tail = SPAN_QUESTION.split("{cue}")
+    assert question.startswith(head) and question.endswith(tail)
+    return question[len(head) : -len(tail)], answer
+
+
+def test_a_span_question_quotes_a_unique_cue_and_asks_for_the_words_right_after_it():
+    import random
+
+    questions = span_questions_about(LONG.context, 40, random.Random(0))
+    assert len(questions) > 20
+    for question, answer in questions:
+        cue, span = _cue_and_span(question, answer)
+        assert len(cue.split()) == 4 and LONG.context.count(cue) == 1
+        assert LONG.context.startswith(span, LONG.context.index(cue) + len(cue) + 1)
+        assert 1 <= len(span.split()) <= 5
+        assert not any(mark in span for mark in ".,;")  # a span stops at the end of its clause
+    assert questions == span_questions_about(LONG.context, 40, random.Random(0))
+
+
+def test_a_passage_too_short_for_a_cue_gives_no_span_questions():
+    import random
+
+    assert span_questions_about("Only four words here.", 3, random.Random(0)) == []
+
+
+def test_span_questions_follow_the_real_questions_and_are_counted(tokenizer):
+    plain = ExampleBuilder(tokenizer, PromptTemplate(), questions_per_context=2, distractors=1, seed=4)
+    spans = ExampleBuilder(tokenizer, PromptTemplate(), questions_per_context=2, distractors=1, seed=4,
+                           span_questions=3)
+    with_spans, without = spans.qa(LONG, 9, POOL), plain.qa(LONG, 9, POOL)
+    assert with_spans.span_rows == 3 and without.span_rows == 0
+    assert with_spans.rows[:2] == without.rows and with_spans.passages == without.passages
+    for prompt, _ in with_spans.rows[2:]:
+        assert 'Which words follow "' in tokenizer.decode(prompt)
+
+
+def test_a_negative_number_of_span_questions_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="span_questions"):
+        ExampleBuilder(tokenizer, PromptTemplate(), span_questions=-1)
 
 
 # -- distillation from a teacher reading the full text ------------------------------------------
@@ -171,3 +223,22 @@ def test_hidden_state_matching_trains_the_encoder():
     loss.backward()
     lora = [p for name, p in comp.named_parameters() if "lora" in name and p.requires_grad]
     assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_span_questions_are_trained_by_cross_entropy_but_never_distilled():
+    from sac_rag.objectives import SACObjective
+
+    comp = _kv_dropping(ratio=3)
+    plain = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2)
+    spans = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2, span_questions=2)
+    objective = SACObjective(comp, distill_weight=1.0, distill_tokens="all")
+    with torch.no_grad():
+        _, without = objective.loss([plain.qa(LONG, 0, POOL)])
+        _, with_spans = objective.loss([spans.qa(LONG, 0, POOL)])
+        _, spans_only = objective.loss([ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=0,
+                                                       span_questions=2).qa(LONG, 0, POOL)])
+    assert with_spans["target_tokens"] > without["target_tokens"]
+    assert with_spans["ce"] != pytest.approx(without["ce"], rel=1e-3)
+    assert with_spans["distilled_tokens"] == without["distilled_tokens"]
+    assert with_spans["kl"] == pytest.approx(without["kl"], rel=1e-4)  # wider padding: float noise only
+    assert "kl" not in spans_only and spans_only["loss"] == spans_only["ce"]  # nothing left to distil

@@ -307,3 +307,8 @@ def test_lr_decay_goes_linearly_to_zero_over_the_last_steps(workspace):
     assert lrs == pytest.approx([3e-3 * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)])
     with pytest.raises(SACError, match="lr_decay_steps"):
         parse_config(_args(workspace, "run2", "--lr-decay-steps", "-1"))
+
+
+def test_a_negative_number_of_span_questions_is_refused_by_the_cli():
+    with pytest.raises(SACError, match="span_questions must be >= 0"):
+        parse_config(["--span-questions", "-2"])
