@@ -143,6 +143,7 @@ def span_questions_about(passage: str, count: int, rng: random.Random, cue_words
             if word[-1] in ".,;:!?":  # a span does not run past a clause
                 break
         span = " ".join(span_words).strip(".,;:!?\"'()")
+        # Checked after drawing the span's length, so the draws (and stage 25's examples) stay as trained.
         if span and passage.count(cue) == 1:
             out.append((SPAN_QUESTION.format(cue=cue), span))
     return out
