@@ -1,4 +1,4 @@
-"""benchmarks/average_compressors.py: interpolating two compressors' trained tensors."""
+"""benchmarks/average_compressors.py: averaging compressors' trained tensors (two by --t, or several)."""
 
 import runpy
 from pathlib import Path
@@ -10,7 +10,8 @@ from conftest import make_tiny_llama
 from sac_rag import SACCompressor, SACConfig
 
 AVERAGE = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "average_compressors.py"))
-interpolate, product_error, align_settings = AVERAGE["interpolate"], AVERAGE["product_error"], AVERAGE["align_settings"]
+interpolate, average, product_error = AVERAGE["interpolate"], AVERAGE["average"], AVERAGE["product_error"]
+align_settings, source_weights = AVERAGE["align_settings"], AVERAGE["source_weights"]
 
 
 def _adapter(seed: int) -> dict[str, torch.Tensor]:
@@ -37,9 +38,36 @@ def test_the_midpoint_averages_every_tensor():
 
 def test_factor_averaging_is_exact_only_when_one_factor_is_shared():
     first, second = _adapter(0), _adapter(1)
-    assert product_error(first, second, interpolate(first, second, 0.5), 0.5)["lora"] > 0.05
+    halves = [0.5, 0.5]
+    assert product_error([first, second], halves, interpolate(first, second, 0.5))["lora"] > 0.05
     second["lora.layer.q.lora_A.weight"] = first["lora.layer.q.lora_A.weight"].clone()
-    assert product_error(first, second, interpolate(first, second, 0.5), 0.5)["lora"] == pytest.approx(0, abs=1e-6)
+    assert product_error([first, second], halves, interpolate(first, second, 0.5))["lora"] == pytest.approx(0, abs=1e-6)
+
+
+def test_several_compressors_average_with_their_weights():
+    sources = [_adapter(seed) for seed in range(3)]
+    mixed = average(sources, [0.5, 0.25, 0.25])
+    expected = sum(w * s["anchor_embedding"] for s, w in zip(sources, [0.5, 0.25, 0.25]))
+    assert torch.allclose(mixed["anchor_embedding"], expected)
+    only_first = [1.0, 0.0, 0.0]
+    assert product_error(sources, only_first, average(sources, only_first))["lora"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, t, weights, expected", [
+    (2, None, None, [0.5, 0.5]), (4, None, None, [0.25] * 4), (2, 0.3, None, [0.7, 0.3]),
+    (3, None, [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]),
+])
+def test_each_source_gets_the_weight_asked_for(n, t, weights, expected):
+    assert source_weights(n, t, weights) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("n, t, weights, message", [
+    (1, None, None, "at least two"), (3, 0.5, None, "--t interpolates two"), (2, 1.5, None, r"\[0, 1\]"),
+    (2, 0.5, [0.5, 0.5], "not both"), (3, None, [0.5, 0.5], "2 weights for 3"), (2, None, [0.7, 0.7], "sum to 1"),
+])
+def test_weights_that_do_not_make_an_average_are_refused(n, t, weights, message):
+    with pytest.raises(SystemExit, match=message):
+        source_weights(n, t, weights)
 
 
 def test_compressors_with_different_tensors_are_refused():
@@ -58,6 +86,6 @@ def test_compressors_placing_anchors_differently_are_refused_unless_both_are_pla
     first, second = _tiny_compressor(), _tiny_compressor()
     second.use_anchors("rarest_in_block")
     with pytest.raises(SystemExit, match="anchor_strategy"):
-        align_settings(first, second)
-    align_settings(first, second, "rarest_in_block")
+        align_settings([first, second])
+    align_settings([first, second], "rarest_in_block")
     assert first.config.anchor_strategy == second.config.anchor_strategy == "rarest_in_block"
