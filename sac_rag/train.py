@@ -44,7 +44,7 @@ logger = logging.getLogger("sac_rag.train")
 
 # Fields that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
-                      "precision"}
+                      "snapshot_every", "precision"}
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -139,6 +139,9 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = _help("steps between checkpoints", default=100)
     keep_checkpoints: int = _help("checkpoints kept (plus best/)", default=2)
+    snapshot_every: int = _help("also keep the weights (no optimizer state) of every N-th step in snapshots/step-N, "
+                                "never pruned: sources for averaging along the run (benchmarks/"
+                                "average_compressors.py); 0 = none", default=0)
     eval_every: int = _help("steps between held-out evaluations (0 = only at the end)", default=200)
     eval_questions: int = _help("held-out questions per evaluation", default=200)
 
@@ -176,6 +179,8 @@ class TrainConfig:
             raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
+        if self.snapshot_every < 0:
+            raise SACError(f"snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
             raise SACError("distill_weight and distill_hidden_weight must be >= 0")
         if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
@@ -504,36 +509,45 @@ def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: in
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig):
-    """Write checkpoints/step-N atomically (staging dir + rename), then point `latest` at it."""
-    from safetensors.torch import save_file
-
-    final = out_dir / "checkpoints" / f"step-{step:07d}"
-    staging = out_dir / "checkpoints" / f".staging-{step:07d}-{os.getpid()}"
+def publish_dir(target: Path, write) -> None:
+    """Fill ``target`` atomically: ``write(staging)`` fills a staging directory beside it, whose
+    files are synced before it is renamed into place; a kill leaves the old ``target`` or the new."""
+    staging = target.parent / f".staging-{target.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    state = optimizer.state_dict()
-    tensors, layout = {}, {}
-    for index, per_param in state["state"].items():
-        layout[str(index)] = {}
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-                layout[str(index)][key] = "tensor"
-            else:
-                layout[str(index)][key] = value
-    tensors["torch_rng"] = torch.get_rng_state()
-    save_file(tensors, staging / "optimizer.safetensors")
-    trainer_state = {
-        "step": step, "position": stream.position, "best_f1": best, "param_groups": state["param_groups"],
-        "layout": layout, "python_rng": repr(random.getstate()), "skipped": stream.stats.skipped,
-        "config": dataclasses.asdict(cfg),
-    }
-    atomic_write(staging / "trainer_state.json", json.dumps(trainer_state).encode())
+    write(staging)
     _fsync_dir(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(staging, final)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(staging, target)
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig):
+    """Write checkpoints/step-N atomically, then point `latest` at it."""
+    from safetensors.torch import save_file
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        state = optimizer.state_dict()
+        tensors, layout = {}, {}
+        for index, per_param in state["state"].items():
+            layout[str(index)] = {}
+            for key, value in per_param.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                    layout[str(index)][key] = "tensor"
+                else:
+                    layout[str(index)][key] = value
+        tensors["torch_rng"] = torch.get_rng_state()
+        save_file(tensors, staging / "optimizer.safetensors")
+        trainer_state = {
+            "step": step, "position": stream.position, "best_f1": best, "param_groups": state["param_groups"],
+            "layout": layout, "python_rng": repr(random.getstate()), "skipped": stream.stats.skipped,
+            "config": dataclasses.asdict(cfg),
+        }
+        atomic_write(staging / "trainer_state.json", json.dumps(trainer_state).encode())
+
+    final = out_dir / "checkpoints" / f"step-{step:07d}"
+    publish_dir(final, write)
     atomic_write(out_dir / "latest", final.name.encode())
     kept = sorted(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     for old in kept[: -cfg.keep_checkpoints]:
@@ -687,11 +701,7 @@ def train(cfg: TrainConfig) -> Path:
                   f"e.g. {result['examples'][:2]}")
         if result["f1"] > best:
             best = result["f1"]
-            staging = out_dir / f".best-staging-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(staging)
-            shutil.rmtree(out_dir / "best", ignore_errors=True)
-            os.rename(staging, out_dir / "best")
+            publish_dir(out_dir / "best", model.save_pretrained)
 
     while step < cfg.max_steps:
         examples = stream.next_batch(cfg.batch_size, rank, world)
@@ -727,6 +737,8 @@ def train(cfg: TrainConfig) -> Path:
                 raise SACError(f"loss became {step_stats['loss']} at step {step}: lower the learning rate")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             evaluate(step)
+        if is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            publish_dir(out_dir / "snapshots" / f"step-{step:07d}", model.save_pretrained)
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             metrics.flush()
             save_checkpoint(out_dir, step, model, optimizer, stream, best, cfg)
@@ -735,11 +747,7 @@ def train(cfg: TrainConfig) -> Path:
             dist.barrier()
     evaluate(step)
     if is_main:
-        staging = out_dir / f".final-staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        shutil.rmtree(out_dir / "final", ignore_errors=True)
-        os.rename(staging, out_dir / "final")
+        publish_dir(out_dir / "final", model.save_pretrained)
         metrics.close()
         plot_metrics(out_dir)
         if stats.skipped:

@@ -312,3 +312,21 @@ def test_lr_decay_goes_linearly_to_zero_over_the_last_steps(workspace):
 def test_a_negative_number_of_span_questions_is_refused_by_the_cli():
     with pytest.raises(SACError, match="span_questions must be >= 0"):
         parse_config(["--span-questions", "-2"])
+
+
+def test_snapshots_keep_the_weights_of_every_nth_step_after_checkpoints_are_pruned(workspace):
+    from safetensors.torch import load_file
+
+    final = train(parse_config(_args(workspace, "run", "--max-steps", "4", "--keep-checkpoints", "1",
+                                     "--snapshot-every", "2")))
+    snapshots = workspace / "run" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in (workspace / "run" / "checkpoints").iterdir()) == ["step-0000004"]
+    weights = {p.name: load_file(p / "compressor.safetensors") for p in snapshots.iterdir()}
+    last = load_file(final / "compressor.safetensors")
+    assert all(torch.equal(weights["step-0000004"][k], last[k]) for k in last)
+    assert any(not torch.equal(weights["step-0000002"][k], last[k]) for k in last)
+    model, tokenizer = make_tiny_llama()
+    SACCompressor.from_pretrained(snapshots / "step-0000002", model=model, tokenizer=tokenizer)
+    with pytest.raises(SACError, match="snapshot_every"):
+        parse_config(_args(workspace, "run2", "--snapshot-every", "-1"))
