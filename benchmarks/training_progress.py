@@ -53,6 +53,7 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage13-fp32", 2010, "stage 13 (not shipped)", "100 more of that recipe (out of domain -4.1 vs 11)"),
     Stage("sac-5x-stage15-fp32", 2130, "stage 15 (not shipped)", "120 more of it, from stage 14"),
     Stage("sac-5x-stage17-fp32", 2210, "stage 17 (not shipped)", "80 more of it, from stage 16"),
+    Stage("sac-5x-stage27-fp32", 2430, "stage 27 (not shipped)", "100 more at half the rate, from stage 20"),
 )
 # No steps of their own: the weights of two stages averaged (benchmarks/average_compressors.py),
 # drawn apart from the line of trained stages at the steps of the later one.
@@ -61,6 +62,7 @@ AVERAGED = (
     Stage("sac-5x-soup14-15-fp32", 2130, "stage 16 (old default)", "14 and 15 averaged (out of domain -0.4, n=600)"),
     Stage("sac-5x-soup16-17-fp32", 2210, "stage 18 (shipped)", "16 and 17 averaged (+0.2 vs 16; OOD +1.7; RAG +0.3)"),
     Stage("sac-5x-soup18-19-fp32", 2330, "stage 20 (not shipped)", "18 and 19 (120 steps on) averaged (+0.3 vs 18)"),
+    Stage("sac-5x-soup20-27-fp32", 2430, "stage 28 (not shipped)", "20 and 27 (100 steps on) averaged (+0.6 vs 18)"),
 )
 TARGET_SHARE = 0.75
 
