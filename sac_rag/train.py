@@ -511,7 +511,9 @@ def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: in
 
 def publish_dir(target: Path, write) -> None:
     """Fill ``target`` atomically: ``write(staging)`` fills a staging directory beside it, whose
-    files are synced before it is renamed into place; a kill leaves the old ``target`` or the new."""
+    files are synced before it is renamed into place. A kill never leaves a half-written ``target``;
+    one between removing an old ``target`` and the rename leaves none (the staging directory holds
+    the new one)."""
     staging = target.parent / f".staging-{target.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
