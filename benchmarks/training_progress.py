@@ -63,6 +63,10 @@ AVERAGED = (
     Stage("sac-5x-soup16-17-fp32", 2210, "stage 18 (shipped)", "16 and 17 averaged (+0.2 vs 16; OOD +1.7; RAG +0.3)"),
     Stage("sac-5x-soup18-19-fp32", 2330, "stage 20 (not shipped)", "18 and 19 (120 steps on) averaged (+0.3 vs 18)"),
     Stage("sac-5x-soup20-27-fp32", 2430, "stage 28 (not shipped)", "20 and 27 (100 steps on) averaged (+0.6 vs 18)"),
+    Stage("sac-5x-soup28-30-fp32", 2490, "stage 31 (not shipped)",
+          "28 and 30 (60 steps on, half rate) averaged (+0.2 vs 18)"),
+    Stage("sac-5x-soup31-32-fp32", 2550, "stage 33 (not shipped)",
+          "31 and 32 (60 steps on, half rate) averaged (-0.5 vs 18)"),
 )
 TARGET_SHARE = 0.75
 
