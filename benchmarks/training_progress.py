@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 7.5))
     for lineage, style, label, named, nudge in (
             (LINEAGE, dict(marker="*", markersize=10, color="black"), "SAC 5x, read in bfloat16 (95% CI)", LINEAGE, 0),
             (LINEAGE_FLOAT32, dict(marker="o", markersize=5, color="tab:green"),
