@@ -28,6 +28,8 @@ def load_rows(results: Path) -> list[dict]:
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 if row.get("decoding") == "extractive":  # its own table: never compared with free decoding
                     row["dataset"] += "-extractive"
+                if row.get("num_beams", 1) > 1:  # and beam search's, with greedy decoding
+                    row["dataset"] += f"-beam{row['num_beams']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row
     return list(latest.values())
 

@@ -217,13 +217,14 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
-        max_new_tokens: int = 32, extractive: bool = False) -> dict:
+        max_new_tokens: int = 32, extractive: bool = False, num_beams: int = 1) -> dict:
     """Answer all questions (resuming from ``cache_path``) and score them. ``extractive``: every
-    answer is a verbatim span of the passages the question reads (``sac_rag.extractive``)."""
+    answer is a verbatim span of the passages the question reads (``sac_rag.extractive``);
+    ``num_beams`` > 1: beam search instead of greedy decoding."""
     from tqdm.auto import tqdm
 
     done = read_predictions(cache_path)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive, num_beams=num_beams)
     todo = [q for q in questions if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--extractive", action="store_true",
                         help="extractive decoding: each answer is a verbatim span of the passages it reads")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search over this many answers instead of greedy decoding (free decoding either way)")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16",
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     decoding = "extractive" if args.extractive else "free"
     if args.extractive and "extractive" not in label:  # its predictions never mix with free decoding's
         label += "-extractive"
+    if args.num_beams > 1 and f"beam{args.num_beams}" not in label:  # nor beam search's with greedy's
+        label += f"-beam{args.num_beams}"
 
     questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
@@ -333,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         method.storage = args.storage
     cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed)
     t_start, cached = time.time(), len(read_predictions(cache))
-    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive)
+    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive,
+                 args.num_beams)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
-        "dtype": dtype, "storage": args.storage, "decoding": decoding,
+        "dtype": dtype, "storage": args.storage, "decoding": decoding, "num_beams": args.num_beams,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

@@ -30,8 +30,10 @@ Prompt = Sequence[Segment | Sequence[AnchorKV]]
 @dataclass
 class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
-    top-k / top-p, reproducible with ``seed``. ``extractive``: each answer is a verbatim span
-    of its prompt's source texts (``extractive`` module; the sources are passed with the prompts)."""
+    top-k / top-p, reproducible with ``seed``. ``num_beams`` > 1 is beam search (greedy only),
+    answers scored by log-probability / length ** ``length_penalty`` as in transformers.
+    ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
+    module; the sources are passed with the prompts)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -41,12 +43,19 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     extractive: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise InvalidInputError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.num_beams < 1:
+            raise InvalidInputError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and (self.temperature > 0 or self.extractive):
+            raise InvalidInputError("beam search (num_beams > 1) decodes greedily and freely: set temperature=0 "
+                                    "and extractive=False, or num_beams=1")
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
 
@@ -54,15 +63,16 @@ class GenerationConfig:
     def from_call(cls, defaults: object, call: Mapping[str, Any],
                   stop: Iterable[str] | None = None) -> GenerationConfig:
         """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``seed`` and ``extractive`` from the call's keyword arguments, else the wrapper's
-        attributes of those names; stop strings are the wrapper's ``stop`` and then the call's, once each."""
+        ``top_p``, ``seed``, ``extractive`` and ``num_beams`` from the call's keyword arguments, else
+        the wrapper's attributes of those names; stop strings are the wrapper's ``stop`` and then the
+        call's, once each."""
         def setting(name: str) -> Any:
             return call.get(name, getattr(defaults, name))
 
         stops = dict.fromkeys([*(getattr(defaults, "stop", None) or []), *(stop or [])])
         return cls(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"), top_k=setting("top_k"),
                    top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
-                   extractive=setting("extractive"))
+                   extractive=setting("extractive"), num_beams=setting("num_beams"))
 
 
 @dataclass
@@ -177,25 +187,37 @@ class Generator:
                         [prompts[i] for i in index], config, None if sources is None else [sources[i] for i in index])))
                 return [results[i] for i in range(len(prompts))]
         states, tracks = self._start(prompts, sources)
+        if config.num_beams > 1:
+            return [self._result(state, self._beam_search(state, config)) for state in states]
         for _ in self._decode(states, tracks, config):
             pass
         return [self._result(s, t) for s, t in zip(states, tracks)]
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None,
                sources: Sequence[str] | None = None) -> Iterator[str]:
-        """Yield the answer's text as it is decoded (never a partial stop string)."""
+        """Yield the answer's text as it is decoded (never a partial stop string); with beam search
+        (``num_beams`` > 1), which settles on its answer only at the end, the whole answer at once."""
         config = config or GenerationConfig()
         sources = None if sources is None else [sources]
         _check_sources(config, sources, 1)
         states, tracks = self._start([prompt], sources)
+        yield from self._pieces(states, tracks, config)
+
+    def _pieces(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig) -> Iterator[str]:
+        """Decode the one prompt of ``states``, yielding its text as ``stream`` does; ``tracks[0]`` is
+        then the finished answer."""
         track = tracks[0]
-        for _ in self._decode(states, tracks, config):
-            end = self._safe_length(track, config)
-            if end > track.emitted:
-                yield track.text[track.emitted:end]
-                track.emitted = end
+        if config.num_beams > 1:
+            tracks[0] = track = self._beam_search(states[0], config)
+        else:
+            for _ in self._decode(states, tracks, config):
+                end = self._safe_length(track, config)
+                if end > track.emitted:
+                    yield track.text[track.emitted:end]
+                    track.emitted = end
         if len(track.text) > track.emitted:
             yield track.text[track.emitted:]
+            track.emitted = len(track.text)
 
     @torch.no_grad()
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
@@ -328,10 +350,7 @@ class Generator:
         cache, mask = self._merged_cache(states)
         logits = torch.stack([s.logits for s in states])
         positions = torch.as_tensor([s.position for s in states], device=self.device)
-        steps = config.max_new_tokens
-        if self.max_positions is not None:  # stop at the model's context limit ("length")
-            steps = min(steps, self.max_positions - int(positions.max()))
-            self._check_room(int(positions.max()) + 1)
+        steps = self._step_budget(int(positions.max()), config)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -361,6 +380,66 @@ class Generator:
                 logits = out.logits[:, -1]
         for track in tracks:
             track.finish_reason = track.finish_reason or "length"
+
+    def _step_budget(self, position: int, config: GenerationConfig) -> int:
+        """How many tokens may be generated after ``position``: ``max_new_tokens``, or fewer at the
+        model's context limit (the answer then finishes with "length")."""
+        if self.max_positions is None:
+            return config.max_new_tokens
+        self._check_room(position + 1)
+        return min(config.max_new_tokens, self.max_positions - position)
+
+    @torch.no_grad()
+    def _beam_search(self, state: _Prefilled, config: GenerationConfig) -> _Track:
+        """Beam search from one prefilled prompt, as transformers' ``num_beams`` with its default
+        ``early_stopping=False``. Each step scores every running answer's continuations and takes the
+        2 x ``num_beams`` best: those that end the answer (a stop token or string, or the length limit)
+        and rank among the first ``num_beams`` are finished answers, scored by summed log-probability
+        / length ** ``length_penalty`` (the ending token counted); the best ``num_beams`` others run on.
+        The search ends when ``num_beams`` answers are finished and the best running one, scored at
+        its current length, no longer beats the worst of them. Returns the best finished answer."""
+        beams, lp = config.num_beams, config.length_penalty
+        stop_ids = self.eos_token_ids | set(config.stop_token_ids)
+        steps = self._step_budget(state.position, config)
+        past = state.cache.get_seq_length()
+        running: list[tuple[_Track, float]] = [(_Track(), 0.0)]
+        finished: list[tuple[float, _Track]] = []  # (normalised score, answer), best first
+        logits = state.logits[None]
+        with self._mode(state.reads_cache):
+            for step in range(steps):
+                scores = torch.as_tensor([score for _, score in running], device=logits.device)[:, None]
+                scores = scores + logits.float().log_softmax(-1)
+                top = scores.flatten().topk(min(2 * beams, scores.numel()))
+                parents, next_running = [], []
+                for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                    parent, token = divmod(index, scores.shape[1])
+                    track = _Track(ids=list(running[parent][0].ids), text=running[parent][0].text)
+                    self._append(track, token, stop_ids, config)
+                    if track.finish_reason is None and step == steps - 1:
+                        track.finish_reason = "length"
+                    if track.finish_reason is not None:
+                        if rank < beams:
+                            finished.append((score / (step + 1) ** lp, track))
+                    elif len(next_running) < beams:
+                        parents.append(parent)
+                        next_running.append((track, score))
+                finished = sorted(finished, key=lambda f: -f[0])[:beams]
+                if not next_running:
+                    break
+                best_running = next_running[0][1] / (step + 1) ** lp
+                if len(finished) == beams and best_running <= finished[-1][0]:
+                    break
+                running = next_running
+                state.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
+                out = self.model(
+                    input_ids=torch.as_tensor([[track.ids[-1]] for track, _ in running], device=self.device),
+                    position_ids=torch.full((len(running), 1), state.position + step, device=self.device),
+                    attention_mask=torch.ones(len(running), past + step + 1, dtype=torch.long, device=self.device),
+                    cache=state.cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1]
+        return finished[0][1]
 
     @staticmethod
     def _held_to_spans(logits: torch.Tensor, tracks: list[_Track]) -> torch.Tensor:

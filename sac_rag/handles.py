@@ -576,16 +576,8 @@ class SACEngine:
             generator = state.generator
             # Generator.stream, keeping hold of the state so the usage figures come out too.
             states, tracks = generator._start([segments], None if sources is None else [sources])
-            track = tracks[0]
-            for _ in generator._decode(states, tracks, config):
-                end = generator._safe_length(track, config)
-                if end > track.emitted:
-                    yield track.text[track.emitted:end]
-                    track.emitted = end
-            if len(track.text) > track.emitted:
-                yield track.text[track.emitted:]
-                track.emitted = len(track.text)
-            yield generator._result(states[0], track)
+            yield from generator._pieces(states, tracks, config)
+            yield generator._result(states[0], tracks[0])
 
     async def astream(self, prompt: str | Sequence[Segment],
                       config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:

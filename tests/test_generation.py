@@ -189,10 +189,81 @@ def test_generation_stops_at_the_model_context_limit(tiny):
 def test_a_wrappers_call_settings_override_its_defaults_and_add_stop_strings():
     from types import SimpleNamespace
     wrapper = SimpleNamespace(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None, extractive=False,
-                              stop=["\n###", ""])
+                              num_beams=1, stop=["\n###", ""])
     config = GenerationConfig.from_call(wrapper, {"max_tokens": 5, "temperature": 0.7, "seed": 3}, ["\n", "\n###"])
     assert (config.max_new_tokens, config.temperature, config.seed, config.top_p) == (5, 0.7, 3, 1.0)
+    assert GenerationConfig.from_call(wrapper, {"num_beams": 4}).num_beams == 4
     assert config.stop == ("\n###", "\n")  # the wrapper's first, each once, no empty string
     assert GenerationConfig.from_call(wrapper, {}).stop == ("\n###",)
     with pytest.raises(InvalidInputError):
         GenerationConfig.from_call(wrapper, {"max_tokens": 0})
+
+
+def _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalty, eos):
+    """transformers' own beam search (default ``early_stopping=False``): the answer's tokens."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=10, num_beams=num_beams, do_sample=False, early_stopping=False,
+                         length_penalty=length_penalty, eos_token_id=sorted(eos), pad_token_id=0)
+    answer = out[0, ids["input_ids"].shape[1]:].tolist()
+    while answer and answer[-1] == 0:  # padding after the end (token 0 is never generated here)
+        answer.pop()
+    return answer[:-1] if answer and answer[-1] in eos else answer
+
+
+@pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox", "In 1889"])
+@pytest.mark.parametrize("num_beams, length_penalty, ends_at", [(3, 1.0, None), (4, 1.0, 2), (2, 0.0, 1), (5, 2.0, 3)])
+def test_beam_search_finds_the_answer_transformers_beam_search_finds(tiny, prompt, num_beams, length_penalty, ends_at):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    greedy = gen.generate([prompt], GenerationConfig(max_new_tokens=10)).token_ids
+    assert 0 not in greedy
+    stop = (greedy[ends_at],) if ends_at is not None else ()  # a token the search meets: answers end early
+    ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=num_beams,
+                                                   length_penalty=length_penalty, stop_token_ids=stop))
+    expected = _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalty,
+                                         gen.eos_token_ids | set(stop))
+    assert ours.token_ids == expected and ours.text == tokenizer.decode(expected)
+    assert ours.finish_reason == ("length" if len(expected) == 10 else "stop")
+
+
+def test_beam_search_over_compressed_contexts_keeping_every_token_equals_it_over_the_text(tiny):
+    model, tokenizer = tiny
+    identity = SACCompressor(SACConfig(base_model="tiny", ratio=1, chunk_len=256, lora_rank=0, bidirectional=False,
+                                       anchor_embedding="none"), model=model, tokenizer=tokenizer)
+    gen = Generator.from_compressor(identity)
+    config = GenerationConfig(max_new_tokens=8, num_beams=3)
+    compressed = [identity.compress(TEXT), "Who built it?"]  # one chunk, every token kept, no adapter
+    from_cache = gen.generate(compressed, config)
+    from_text = gen.generate([TEXT + "Who built it?"], config)
+    assert from_cache.token_ids == from_text.token_ids and from_cache.cached_tokens > 0
+    greedy = gen.generate(compressed, GenerationConfig(max_new_tokens=8))
+    assert from_cache.token_ids != greedy.token_ids  # the search found another answer than greedy decoding
+
+
+def test_beam_search_ends_beams_at_a_stop_string_and_batches_prompts_one_by_one(setup):
+    comp, gen = setup
+    prompts = [[comp.compress(TEXT), " the"], ["The quick brown fox"]]
+    beams = GenerationConfig(max_new_tokens=12, num_beams=3)
+    together = gen.generate_batch(prompts, beams)
+    assert [r.token_ids for r in together] == [gen.generate(p, beams).token_ids for p in prompts]
+    full = together[0]
+    stop = full.text[2:4]
+    cut = gen.generate(prompts[0], GenerationConfig(max_new_tokens=12, num_beams=3, stop=(stop,)))
+    assert stop in full.text and stop not in cut.text  # the beams that met it ended there
+    assert cut.token_ids != full.token_ids
+
+
+def test_beam_search_settings_that_cannot_work_are_refused():
+    with pytest.raises(InvalidInputError, match="num_beams"):
+        GenerationConfig(num_beams=0)
+    with pytest.raises(InvalidInputError, match="temperature=0"):
+        GenerationConfig(num_beams=2, temperature=0.7)
+    with pytest.raises(InvalidInputError, match="extractive=False"):
+        GenerationConfig(num_beams=2, extractive=True)
+
+
+def test_streaming_a_beam_search_yields_its_whole_answer_at_the_end(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " the"]
+    config = GenerationConfig(max_new_tokens=12, num_beams=3)
+    assert list(gen.stream(prompt, config)) == [gen.generate(prompt, config).text]

@@ -40,6 +40,8 @@ class SACModelParams(BaseModel):
     extractive: bool = False
     """Answer with a verbatim span of the retrieved documents' text (``sac_rag.extractive``):
     no misquoted names or numbers. The texts come from the store or the compressor's memory."""
+    num_beams: int = 1
+    """Beam search over this many answers (1: greedy, or sampling with ``temperature`` > 0)."""
 
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
@@ -59,7 +61,7 @@ class SACModelParams(BaseModel):
         """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - {
-            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive"}
+            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive", "num_beams"}
         if unknown:
             raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
         if kwargs.get("model") not in (None, self.model_name, self.compressor):

@@ -169,6 +169,21 @@ def test_an_extractive_chain_answers_with_a_span_of_the_retrieved_documents(engi
     assert not any(free["answer"].strip() in d.page_content for d in free["context"])  # the random model rambles
 
 
+def test_beam_search_is_a_setting_of_the_model_and_of_each_call(engine, passages, monkeypatch):
+    configs = []
+    original = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None, sources=None: (
+        configs.append(config), original(prompts, config, sources))[1])
+    question = {"input": "When was the lighthouse on Gull Point painted red?"}
+    model_setting = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3), passages)
+    call_setting = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6, stop=[]).bind(num_beams=3), passages)
+    assert model_setting.invoke(question)["answer"] == call_setting.invoke(question)["answer"]
+    assert [c.num_beams for c in configs] == [3, 3]
+    beams = ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3)
+    pieces = [chunk.content for chunk in beams.stream("Hello") if chunk.content]  # the last chunk has the usage
+    assert pieces == [beams.invoke("Hello").content]
+
+
 def create_stuff_documents_chain_sac(llm):
     from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 

@@ -115,6 +115,19 @@ def test_llm_reports_usage_with_cached_tokens(engine, store, passages):
     assert response.additional_kwargs["context_tokens"] > usage["cached_tokens"]
 
 
+def test_beam_search_is_a_setting_of_the_llm_and_of_each_call(engine, passages, monkeypatch):
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[0])), query_str="When?")
+    configs = []
+    original = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, config=None: (configs.append(config),
+                                                                          original(prompts, config))[1])
+    beams = SACLLM(engine=engine, max_tokens=6, stop=[], num_beams=3)
+    answer = beams.complete(prompt, formatted=True).text
+    assert SACLLM(engine=engine, max_tokens=6, stop=[]).complete(prompt, formatted=True, num_beams=3).text == answer
+    assert [c.num_beams for c in configs] == [3, 3]
+    assert [r.delta for r in beams.stream_complete(prompt, formatted=True) if r.delta] == [answer]  # one piece
+
+
 def test_async_query_gives_the_same_answer(engine, passages):
     question = "Who keeps bees behind the old mill?"
     sync = query_engine(engine, passages).query(question)

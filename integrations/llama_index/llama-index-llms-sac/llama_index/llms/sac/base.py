@@ -61,6 +61,8 @@ class SACLLM(CustomLLM):
     stop: list[str] = Field(default_factory=lambda: list(DEFAULT_STOP))
     extractive: bool = Field(default=False, description="Answer with a verbatim span of the retrieved nodes' "
                              "text (sac_rag.extractive): no misquoted names or numbers.")
+    num_beams: int = Field(default=1, description="Beam search over this many answers (1: greedy, or sampling "
+                           "with temperature > 0); streaming needs 1.")
     context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
