@@ -62,7 +62,7 @@ class SACLLM(CustomLLM):
     extractive: bool = Field(default=False, description="Answer with a verbatim span of the retrieved nodes' "
                              "text (sac_rag.extractive): no misquoted names or numbers.")
     num_beams: int = Field(default=1, description="Beam search over this many answers (1: greedy, or sampling "
-                           "with temperature > 0); streaming needs 1.")
+                           "with temperature > 0); a stream then arrives in one piece.")
     context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
