@@ -369,15 +369,8 @@ class Generator:
                 if all(t.finish_reason for t in tracks) or step == steps - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
-                out = self.model(
-                    input_ids=tokens[:, None],
-                    position_ids=positions[:, None],
-                    attention_mask=mask,
-                    cache=cache,
-                    use_cache=True,
-                )
+                logits = self._step(tokens, positions, mask, cache)
                 positions = positions + 1
-                logits = out.logits[:, -1]
         for track in tracks:
             track.finish_reason = track.finish_reason or "length"
 
@@ -431,15 +424,20 @@ class Generator:
                     break
                 running = next_running
                 state.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
-                out = self.model(
-                    input_ids=torch.as_tensor([[track.ids[-1]] for track, _ in running], device=self.device),
-                    position_ids=torch.full((len(running), 1), state.position + step, device=self.device),
-                    attention_mask=torch.ones(len(running), past + step + 1, dtype=torch.long, device=self.device),
-                    cache=state.cache,
-                    use_cache=True,
+                logits = self._step(
+                    torch.as_tensor([track.ids[-1] for track, _ in running], device=self.device),
+                    torch.full((len(running),), state.position + step, device=self.device),
+                    torch.ones(len(running), past + step + 1, dtype=torch.long, device=self.device),
+                    state.cache,
                 )
-                logits = out.logits[:, -1]
         return finished[0][1]
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step: each row reads its token ``[rows]`` at its position ``[rows]`` after
+        its cache (``mask``: which cache entries and this token it may attend to); next-token logits."""
+        out = self.model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
+                         cache=cache, use_cache=True)
+        return out.logits[:, -1]
 
     @staticmethod
     def _held_to_spans(logits: torch.Tensor, tracks: list[_Track]) -> torch.Tensor:
