@@ -30,6 +30,10 @@ def load_rows(results: Path) -> list[dict]:
                     row["dataset"] += "-extractive"
                 if row.get("num_beams", 1) > 1:  # and beam search's, with greedy decoding
                     row["dataset"] += f"-beam{row['num_beams']}"
+                if row.get("length_penalty", 1.0) != 1.0:
+                    row["dataset"] += f"-lp{row['length_penalty']:g}"
+                if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
+                    row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row
     return list(latest.values())
 

@@ -58,31 +58,37 @@ class Question:
         return self.passages or (self.context,)
 
 
-def load_questions(path: str | Path, n: int, seed: int) -> list[Question]:
+def load_questions(path: str | Path, n: int, seed: int, skip: int = 0) -> list[Question]:
     """A fixed, seeded subset of ``n`` questions (all of them when n <= 0). Subsets are nested:
     the first 200 of a seed are also the first 200 of its 1,000, so rows of different sizes
-    compare on shared questions."""
+    compare on shared questions. ``skip`` starts after that many questions of the seeded order: a
+    subset disjoint from the first ``skip``, for choosing settings that are then read on those."""
     questions = [
         Question(qa.id, qa.question, qa.answers, para.context)
         for para in read_qa(path) for qa in para.questions
     ]
     random.Random(seed).shuffle(questions)
+    if not 0 <= skip < len(questions):
+        raise InvalidInputError(f"skip={skip}: {path} has {len(questions)} questions; skip fewer")
+    questions = questions[skip:]
     return questions[:n] if n > 0 else questions
 
 
 def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None = None) -> None:
-    """``--dataset``, ``--data-root``, ``--n`` (required unless ``n_default``) and ``--seed``: which
-    seeded question subset a command reads (see ``load_questions``)."""
+    """``--dataset``, ``--data-root``, ``--n`` (required unless ``n_default``), ``--seed`` and
+    ``--skip``: which seeded question subset a command reads (see ``load_questions``)."""
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--n", type=int, default=n_default, required=n_default is None,
                         help="seeded subset size (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="start after this many questions of the seeded order (a subset disjoint from them)")
 
 
 def subset_questions(args: argparse.Namespace) -> list[Question]:
     """The subset the arguments of ``add_subset_arguments`` name."""
-    return load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed)
+    return load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed, args.skip)
 
 
 @dataclass
@@ -188,12 +194,13 @@ def made_by(compressor) -> str:
 
 
 def prediction_cache(results: str | Path, label: str, compressor, dtype: str, dataset: str, n: int,
-                     seed: int) -> Path:
+                     seed: int, skip: int = 0) -> Path:
     """Where a row's per-question predictions are cached, beside its results file: named by the
     row, the compressor (``made_by``), the dtype when it is not bfloat16 (the default, untagged, so
-    that answers computed in two dtypes never mix in one row), the dataset, n and seed."""
+    that answers computed in two dtypes never mix in one row), the dataset, n, seed and skip."""
     dtype_tag = "" if dtype == "bfloat16" else f"-{dtype}"
-    name = f"{label}{made_by(compressor)}{dtype_tag}-{dataset}-n{n}-s{seed}.jsonl"
+    skip_tag = f"-k{skip}" if skip else ""
+    name = f"{label}{made_by(compressor)}{dtype_tag}-{dataset}-n{n}-s{seed}{skip_tag}.jsonl"
     return Path(results).parent / "predictions" / name
 
 
@@ -217,14 +224,16 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
-        max_new_tokens: int = 32, extractive: bool = False, num_beams: int = 1) -> dict:
+        max_new_tokens: int = 32, extractive: bool = False, num_beams: int = 1,
+        length_penalty: float = 1.0) -> dict:
     """Answer all questions (resuming from ``cache_path``) and score them. ``extractive``: every
     answer is a verbatim span of the passages the question reads (``sac_rag.extractive``);
-    ``num_beams`` > 1: beam search instead of greedy decoding."""
+    ``num_beams`` > 1: beam search instead of greedy decoding, with ``length_penalty``."""
     from tqdm.auto import tqdm
 
     done = read_predictions(cache_path)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive, num_beams=num_beams)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive, num_beams=num_beams,
+                              length_penalty=length_penalty)
     todo = [q for q in questions if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
@@ -304,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extractive decoding: each answer is a verbatim span of the passages it reads")
     parser.add_argument("--num-beams", type=int, default=1,
                         help="beam search over this many answers instead of greedy decoding (free decoding either way)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search: a finished answer scores its summed log-probability / length ** this")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16",
@@ -325,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         label += "-extractive"
     if args.num_beams > 1 and f"beam{args.num_beams}" not in label:  # nor beam search's with greedy's
         label += f"-beam{args.num_beams}"
+    if args.num_beams == 1 and args.length_penalty != 1.0:
+        parser.error("--length-penalty applies to beam search (--num-beams > 1)")
+    if args.length_penalty != 1.0 and "-lp" not in label:
+        label += f"-lp{args.length_penalty:g}"
 
     questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
@@ -336,18 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
         method.storage = args.storage
-    cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed)
+    cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed,
+                             args.skip)
     t_start, cached = time.time(), len(read_predictions(cache))
     scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive,
-                 args.num_beams)
+                 args.num_beams, args.length_penalty)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
-        **scores, **costs, "seed": args.seed, "base_model": args.base_model, "checkpoint": args.checkpoint,
-        "decoder_adapter": args.decoder_adapter,
+        **scores, **costs, "seed": args.seed, "skip": args.skip, "base_model": args.base_model,
+        "checkpoint": args.checkpoint, "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": decoding, "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

@@ -102,6 +102,30 @@ def test_question_subsets_are_seeded_and_nested(workspace):
     assert [q.id for q in load_questions(path, 5, seed=4)] != [q.id for q in large]
 
 
+def test_a_subset_can_skip_the_questions_a_headline_subset_reads(workspace):
+    from sac_rag import InvalidInputError
+    from sac_rag.eval import load_questions
+
+    path = workspace / "data" / "squad-v1.1" / "dev-v1.1.json.xz"
+    headline, after = load_questions(path, 4, seed=0), load_questions(path, 2, seed=0, skip=4)
+    assert [q.id for q in after] == [q.id for q in load_questions(path, 6, seed=0)[4:]]
+    assert not {q.id for q in after} & {q.id for q in headline}
+    with pytest.raises(InvalidInputError, match="skip=6: .* has 6 questions"):
+        load_questions(path, 2, seed=0, skip=6)
+
+    row = _run(workspace, "--method", "no_context", "--skip", "4", "--n", "2")
+    assert (row["skip"], row["n"]) == (4, 2)
+    caches = sorted(p.name for p in (workspace / "results" / "predictions").iterdir())
+    assert caches == ["no_context-float32-squad-dev-n2-s0-k4.jsonl"]  # never mixed with the first questions'
+
+
+def test_a_length_penalty_is_a_beam_search_setting_of_its_own_row(workspace):
+    row = _run(workspace, "--method", "full_context", "--num-beams", "2", "--length-penalty", "0")
+    assert (row["method"], row["num_beams"], row["length_penalty"]) == ("full_context-beam2-lp0", 2, 0.0)
+    with pytest.raises(SystemExit):  # greedy decoding has no length penalty
+        _run(workspace, "--method", "full_context", "--length-penalty", "0")
+
+
 def test_comparing_runs_needs_every_question_answered(workspace):
     from sac_rag import InvalidInputError
     from sac_rag.eval import load_questions, predictions_for
