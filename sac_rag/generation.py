@@ -63,7 +63,8 @@ class GenerationConfig:
     def from_call(cls, defaults: object, call: Mapping[str, Any],
                   stop: Iterable[str] | None = None) -> GenerationConfig:
         """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``seed``, ``extractive`` and ``num_beams`` from the call's keyword arguments, else
+        ``top_p``, ``seed``, ``extractive``, ``num_beams`` and ``length_penalty`` from the call's keyword
+        arguments, else
         the wrapper's attributes of those names; stop strings are the wrapper's ``stop`` and then the
         call's, once each."""
         def setting(name: str) -> Any:
@@ -72,7 +73,8 @@ class GenerationConfig:
         stops = dict.fromkeys([*(getattr(defaults, "stop", None) or []), *(stop or [])])
         return cls(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"), top_k=setting("top_k"),
                    top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
-                   extractive=setting("extractive"), num_beams=setting("num_beams"))
+                   extractive=setting("extractive"), num_beams=setting("num_beams"),
+                   length_penalty=setting("length_penalty"))
 
 
 @dataclass

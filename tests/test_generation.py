@@ -189,10 +189,11 @@ def test_generation_stops_at_the_model_context_limit(tiny):
 def test_a_wrappers_call_settings_override_its_defaults_and_add_stop_strings():
     from types import SimpleNamespace
     wrapper = SimpleNamespace(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None, extractive=False,
-                              num_beams=1, stop=["\n###", ""])
+                              num_beams=1, length_penalty=1.0, stop=["\n###", ""])
     config = GenerationConfig.from_call(wrapper, {"max_tokens": 5, "temperature": 0.7, "seed": 3}, ["\n", "\n###"])
     assert (config.max_new_tokens, config.temperature, config.seed, config.top_p) == (5, 0.7, 3, 1.0)
-    assert GenerationConfig.from_call(wrapper, {"num_beams": 4}).num_beams == 4
+    beams = GenerationConfig.from_call(wrapper, {"num_beams": 4, "length_penalty": 0.0})
+    assert (beams.num_beams, beams.length_penalty) == (4, 0.0)
     assert config.stop == ("\n###", "\n")  # the wrapper's first, each once, no empty string
     assert GenerationConfig.from_call(wrapper, {}).stop == ("\n###",)
     with pytest.raises(InvalidInputError):

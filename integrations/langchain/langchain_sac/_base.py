@@ -42,6 +42,9 @@ class SACModelParams(BaseModel):
     no misquoted names or numbers. The texts come from the store or the compressor's memory."""
     num_beams: int = 1
     """Beam search over this many answers (1: greedy, or sampling with ``temperature`` > 0)."""
+    length_penalty: float = 1.0
+    """Beam search scores a finished answer by log-probability / length ** this: 0 favours short
+    answers, 1 (transformers' default) longer ones."""
 
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
@@ -61,7 +64,8 @@ class SACModelParams(BaseModel):
         """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - {
-            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive", "num_beams"}
+            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive", "num_beams",
+            "length_penalty"}
         if unknown:
             raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
         if kwargs.get("model") not in (None, self.model_name, self.compressor):

@@ -179,6 +179,10 @@ def test_beam_search_is_a_setting_of_the_model_and_of_each_call(engine, passages
     call_setting = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6, stop=[]).bind(num_beams=3), passages)
     assert model_setting.invoke(question)["answer"] == call_setting.invoke(question)["answer"]
     assert [c.num_beams for c in configs] == [3, 3]
+    short = ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3, length_penalty=0.0)
+    assert short.invoke("Hello").content == ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3).bind(
+        length_penalty=0.0).invoke("Hello").content
+    assert [c.length_penalty for c in configs[-2:]] == [0.0, 0.0]
     beams = ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3)
     pieces = [chunk.content for chunk in beams.stream("Hello") if chunk.content]  # the last chunk has the usage
     assert pieces == [beams.invoke("Hello").content]

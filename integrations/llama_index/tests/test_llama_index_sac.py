@@ -125,6 +125,10 @@ def test_beam_search_is_a_setting_of_the_llm_and_of_each_call(engine, passages, 
     answer = beams.complete(prompt, formatted=True).text
     assert SACLLM(engine=engine, max_tokens=6, stop=[]).complete(prompt, formatted=True, num_beams=3).text == answer
     assert [c.num_beams for c in configs] == [3, 3]
+    short = SACLLM(engine=engine, max_tokens=6, stop=[], num_beams=3, length_penalty=0.0)
+    short = short.complete(prompt, formatted=True)
+    assert short.text == beams.complete(prompt, formatted=True, length_penalty=0.0).text
+    assert [c.length_penalty for c in configs[-2:]] == [0.0, 0.0]
     assert [r.delta for r in beams.stream_complete(prompt, formatted=True) if r.delta] == [answer]  # one piece
 
 

@@ -63,6 +63,8 @@ class SACLLM(CustomLLM):
                              "text (sac_rag.extractive): no misquoted names or numbers.")
     num_beams: int = Field(default=1, description="Beam search over this many answers (1: greedy, or sampling "
                            "with temperature > 0); a stream then arrives in one piece.")
+    length_penalty: float = Field(default=1.0, description="Beam search scores a finished answer by "
+                                  "log-probability / length ** this: 0 favours short answers, 1 longer ones.")
     context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
