@@ -68,7 +68,7 @@ def load_questions(path: str | Path, n: int, seed: int, skip: int = 0) -> list[Q
         for para in read_qa(path) for qa in para.questions
     ]
     random.Random(seed).shuffle(questions)
-    if not 0 <= skip < len(questions):
+    if skip < 0 or (skip and skip >= len(questions)):
         raise InvalidInputError(f"skip={skip}: {path} has {len(questions)} questions; skip fewer")
     questions = questions[skip:]
     return questions[:n] if n > 0 else questions

@@ -63,10 +63,9 @@ class GenerationConfig:
     def from_call(cls, defaults: object, call: Mapping[str, Any],
                   stop: Iterable[str] | None = None) -> GenerationConfig:
         """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``seed``, ``extractive``, ``num_beams`` and ``length_penalty`` from the call's keyword
-        arguments, else
-        the wrapper's attributes of those names; stop strings are the wrapper's ``stop`` and then the
-        call's, once each."""
+        ``top_p``, ``seed``, ``extractive``, ``num_beams`` and ``length_penalty`` from the call's
+        keyword arguments, else the wrapper's attributes of those names; stop strings are the
+        wrapper's ``stop`` and then the call's, once each."""
         def setting(name: str) -> Any:
             return call.get(name, getattr(defaults, name))
 
