@@ -68,6 +68,7 @@ from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompress
 from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
+    answer_config,
     build_method,
     kv_entry_bytes,
     load_questions,
@@ -304,8 +305,8 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
         "-extractive" if args.extractive else "")
     cache = prediction_cache(args.results, label, method.compressor, args.dtype, f"squad-dev-top{args.k}",
                              len(questions), args.seed)
-    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, args.max_new_tokens,
-                 args.extractive)
+    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache,
+                 answer_config(args.max_new_tokens, extractive=args.extractive))
     ttft, read = [], []
     for q in questions[:args.timing_samples]:
         t0 = time.perf_counter()

@@ -17,6 +17,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from sac_rag.eval import decoding_tags
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -26,12 +28,10 @@ def load_rows(results: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if {"method", "dataset", "n", "f1"} <= row.keys():
-                if row.get("decoding") == "extractive":  # its own table: never compared with free decoding
-                    row["dataset"] += "-extractive"
-                if row.get("num_beams", 1) > 1:  # and beam search's, with greedy decoding
-                    row["dataset"] += f"-beam{row['num_beams']}"
-                if row.get("length_penalty", 1.0) != 1.0:
-                    row["dataset"] += f"-lp{row['length_penalty']:g}"
+                # each decoding has tables of its own: never compared with another
+                tags = decoding_tags(row.get("decoding") == "extractive", row.get("num_beams", 1),
+                                     row.get("length_penalty", 1.0))
+                row["dataset"] += "".join(f"-{tag}" for tag in tags)
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

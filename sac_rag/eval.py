@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -223,17 +224,27 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
     return [predictions[q.id] for q in questions]
 
 
+def answer_config(max_new_tokens: int = 32, **decoding: Any) -> GenerationConfig:
+    """How every benchmark answers: one line of at most ``max_new_tokens``, greedy unless
+    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``) says otherwise."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), **decoding)
+
+
+def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+    """What sets a decoding apart from greedy free decoding, as row-name suffixes (``extractive``,
+    ``beam4``, ``lp0``), so that its predictions and scores never mix with another decoding's."""
+    return [*(["extractive"] if extractive else []), *([f"beam{num_beams}"] if num_beams > 1 else []),
+            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else [])]
+
+
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
-        max_new_tokens: int = 32, extractive: bool = False, num_beams: int = 1,
-        length_penalty: float = 1.0) -> dict:
-    """Answer all questions (resuming from ``cache_path``) and score them. ``extractive``: every
-    answer is a verbatim span of the passages the question reads (``sac_rag.extractive``);
-    ``num_beams`` > 1: beam search instead of greedy decoding, with ``length_penalty``."""
+        config: GenerationConfig | None = None) -> dict:
+    """Answer all questions (resuming from ``cache_path``) with ``config`` (``answer_config()`` by
+    default; extractive decoding holds each answer to the passages its question reads) and score them."""
     from tqdm.auto import tqdm
 
+    config = config or answer_config()
     done = read_predictions(cache_path)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), extractive=extractive, num_beams=num_beams,
-                              length_penalty=length_penalty)
     todo = [q for q in questions if q.id not in done]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
@@ -241,7 +252,7 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             with torch.no_grad():
-                sources = [list(q.read) for q in batch] if extractive else None
+                sources = [list(q.read) for q in batch] if config.extractive else None
                 results = method.generator.generate_batch(method.prompts(batch), config, sources)
             for q, r in zip(batch, results):
                 done[q.id] = r.text.strip()
@@ -331,15 +342,13 @@ def main(argv: list[str] | None = None) -> int:
 
     label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
-    decoding = "extractive" if args.extractive else "free"
-    if args.extractive and "extractive" not in label:  # its predictions never mix with free decoding's
-        label += "-extractive"
-    if args.num_beams > 1 and f"beam{args.num_beams}" not in label:  # nor beam search's with greedy's
-        label += f"-beam{args.num_beams}"
     if args.num_beams == 1 and args.length_penalty != 1.0:
         parser.error("--length-penalty applies to beam search (--num-beams > 1)")
-    if args.length_penalty != 1.0 and "-lp" not in label:
-        label += f"-lp{args.length_penalty:g}"
+    config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams,
+                           length_penalty=args.length_penalty)
+    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty):
+        if tag not in label:
+            label += f"-{tag}"
 
     questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
@@ -354,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed,
                              args.skip)
     t_start, cached = time.time(), len(read_predictions(cache))
-    scores = run(method, questions, args.dataset, args.batch_size, cache, args.max_new_tokens, args.extractive,
-                 args.num_beams, args.length_penalty)
+    scores = run(method, questions, args.dataset, args.batch_size, cache, config)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
@@ -363,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint, "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
-        "dtype": dtype, "storage": args.storage, "decoding": decoding, "num_beams": args.num_beams,
-        "length_penalty": args.length_penalty,
+        "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
+        "num_beams": args.num_beams, "length_penalty": args.length_penalty,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),
