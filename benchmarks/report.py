@@ -30,7 +30,7 @@ def load_rows(results: Path) -> list[dict]:
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 # each decoding has tables of its own: never compared with another
                 tags = decoding_tags(row.get("decoding") == "extractive", row.get("num_beams", 1),
-                                     row.get("length_penalty", 1.0))
+                                     row.get("length_penalty", 1.0), row.get("mbr", False))
                 row["dataset"] += "".join(f"-{tag}" for tag in tags)
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"

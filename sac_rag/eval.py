@@ -226,15 +226,16 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 def answer_config(max_new_tokens: int = 32, **decoding: Any) -> GenerationConfig:
     """How every benchmark answers: one line of at most ``max_new_tokens``, greedy unless
-    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``) says otherwise."""
+    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``, ``mbr``) says otherwise."""
     return GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), **decoding)
 
 
-def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+                  mbr: bool = False) -> list[str]:
     """What sets a decoding apart from greedy free decoding, as row-name suffixes (``extractive``,
-    ``beam4``, ``lp0``), so that its predictions and scores never mix with another decoding's."""
+    ``beam4``, ``lp0``, ``mbr``), so that its predictions and scores never mix with another decoding's."""
     return [*(["extractive"] if extractive else []), *([f"beam{num_beams}"] if num_beams > 1 else []),
-            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else [])]
+            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else [])]
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="beam search over this many answers instead of greedy decoding (free decoding either way)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam search: a finished answer scores its summed log-probability / length ** this")
+    parser.add_argument("--mbr", action="store_true",
+                        help="beam search: answer with the finished answer that agrees best with the others "
+                             "(minimum Bayes risk, expected word-overlap F1) instead of the top-scored one")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16",
@@ -342,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
 
     label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
-    if args.num_beams == 1 and args.length_penalty != 1.0:
-        parser.error("--length-penalty applies to beam search (--num-beams > 1)")
+    if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
+        parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
     config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams,
-                           length_penalty=args.length_penalty)
-    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty):
+                           length_penalty=args.length_penalty, mbr=args.mbr)
+    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr):
         if tag not in label:
             label += f"-{tag}"
 
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
-        "num_beams": args.num_beams, "length_penalty": args.length_penalty,
+        "num_beams": args.num_beams, "length_penalty": args.length_penalty, "mbr": args.mbr,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

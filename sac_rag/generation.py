@@ -21,6 +21,7 @@ from .errors import FingerprintMismatchError, InvalidInputError, PromptError
 from .extractive import SpanConstraint, Vocabulary
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
+from .metrics import squad_f1
 from .rope import KeyRotator
 
 Segment = str | AnchorKV
@@ -31,7 +32,9 @@ Prompt = Sequence[Segment | Sequence[AnchorKV]]
 class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
     top-k / top-p, reproducible with ``seed``. ``num_beams`` > 1 is beam search (greedy only),
-    answers scored by log-probability / length ** ``length_penalty`` as in transformers.
+    answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
+    ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
+    (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored.
     ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
     module; the sources are passed with the prompts)."""
 
@@ -45,6 +48,7 @@ class GenerationConfig:
     extractive: bool = False
     num_beams: int = 1
     length_penalty: float = 1.0
+    mbr: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -56,6 +60,8 @@ class GenerationConfig:
         if self.num_beams > 1 and (self.temperature > 0 or self.extractive):
             raise InvalidInputError("beam search (num_beams > 1) decodes greedily and freely: set temperature=0 "
                                     "and extractive=False, or num_beams=1")
+        if self.mbr and self.num_beams < 2:
+            raise InvalidInputError("mbr chooses among beam search's answers: set num_beams >= 2, or mbr=False")
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
 
@@ -63,7 +69,7 @@ class GenerationConfig:
     def from_call(cls, defaults: object, call: Mapping[str, Any],
                   stop: Iterable[str] | None = None) -> GenerationConfig:
         """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``seed``, ``extractive``, ``num_beams`` and ``length_penalty`` from the call's
+        ``top_p``, ``seed``, ``extractive``, ``num_beams``, ``length_penalty`` and ``mbr`` from the call's
         keyword arguments, else the wrapper's attributes of those names; stop strings are the
         wrapper's ``stop`` and then the call's, once each."""
         def setting(name: str) -> Any:
@@ -73,7 +79,7 @@ class GenerationConfig:
         return cls(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"), top_k=setting("top_k"),
                    top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
                    extractive=setting("extractive"), num_beams=setting("num_beams"),
-                   length_penalty=setting("length_penalty"))
+                   length_penalty=setting("length_penalty"), mbr=setting("mbr"))
 
 
 @dataclass
@@ -391,13 +397,14 @@ class Generator:
         and rank among the first ``num_beams`` are finished answers, scored by summed log-probability
         / length ** ``length_penalty`` (the ending token counted); the best ``num_beams`` others run on.
         The search ends when ``num_beams`` answers are finished and the best running one, scored at
-        its current length, no longer beats the worst of them. Returns the best finished answer."""
+        its current length, no longer beats the worst of them. Returns the best finished answer, or with
+        ``mbr`` their consensus (``_consensus``)."""
         beams, lp = config.num_beams, config.length_penalty
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         steps = self._step_budget(state.position, config)
         past = state.cache.get_seq_length()
         running: list[tuple[_Track, float]] = [(_Track(), 0.0)]
-        finished: list[tuple[float, _Track]] = []  # (normalised score, answer), best first
+        finished: list[tuple[float, float, _Track]] = []  # (normalised score, log-probability, answer), best first
         logits = state.logits[None]
         with self._mode(state.reads_cache):
             for step in range(steps):
@@ -413,7 +420,7 @@ class Generator:
                         track.finish_reason = "length"
                     if track.finish_reason is not None:
                         if rank < beams:
-                            finished.append((score / (step + 1) ** lp, track))
+                            finished.append((score / (step + 1) ** lp, score, track))
                     elif len(next_running) < beams:
                         parents.append(parent)
                         next_running.append((track, score))
@@ -431,7 +438,9 @@ class Generator:
                     torch.ones(len(running), past + step + 1, dtype=torch.long, device=self.device),
                     state.cache,
                 )
-        return finished[0][1]
+        if config.mbr:
+            return _consensus([(log_prob, track) for _, log_prob, track in finished])
+        return finished[0][-1]
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step: each row reads its token ``[rows]`` at its position ``[rows]`` after
@@ -523,3 +532,13 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
         drop = cumulative - sorted_scores.softmax(-1) > config.top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _consensus(answers: Sequence[tuple[float, _Track]]) -> _Track:
+    """Minimum Bayes risk over ``(log-probability, answer)`` pairs: the answer with the highest
+    expected word-overlap F1 (SQuAD-normalised) against all of them, each weighted by its
+    probability renormalised over the pairs; a tie goes to the earlier answer."""
+    weights = torch.as_tensor([log_prob for log_prob, _ in answers], dtype=torch.float64).softmax(0).tolist()
+    expected = [sum(w * squad_f1(track.text, [other.text]) for w, (_, other) in zip(weights, answers))
+                for _, track in answers]
+    return answers[max(range(len(answers)), key=lambda i: (expected[i], -i))][1]

@@ -126,6 +126,13 @@ def test_a_length_penalty_is_a_beam_search_setting_of_its_own_row(workspace):
         _run(workspace, "--method", "full_context", "--length-penalty", "0")
 
 
+def test_minimum_bayes_risk_is_a_beam_search_setting_of_its_own_row(workspace):
+    row = _run(workspace, "--method", "full_context", "--num-beams", "2", "--mbr")
+    assert (row["method"], row["num_beams"], row["mbr"]) == ("full_context-beam2-mbr", 2, True)
+    with pytest.raises(SystemExit):  # greedy decoding has one answer to choose from
+        _run(workspace, "--method", "full_context", "--mbr")
+
+
 def test_comparing_runs_needs_every_question_answered(workspace):
     from sac_rag import InvalidInputError
     from sac_rag.eval import load_questions, predictions_for

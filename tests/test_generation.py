@@ -189,11 +189,11 @@ def test_generation_stops_at_the_model_context_limit(tiny):
 def test_a_wrappers_call_settings_override_its_defaults_and_add_stop_strings():
     from types import SimpleNamespace
     wrapper = SimpleNamespace(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None, extractive=False,
-                              num_beams=1, length_penalty=1.0, stop=["\n###", ""])
+                              num_beams=1, length_penalty=1.0, mbr=False, stop=["\n###", ""])
     config = GenerationConfig.from_call(wrapper, {"max_tokens": 5, "temperature": 0.7, "seed": 3}, ["\n", "\n###"])
     assert (config.max_new_tokens, config.temperature, config.seed, config.top_p) == (5, 0.7, 3, 1.0)
-    beams = GenerationConfig.from_call(wrapper, {"num_beams": 4, "length_penalty": 0.0})
-    assert (beams.num_beams, beams.length_penalty) == (4, 0.0)
+    beams = GenerationConfig.from_call(wrapper, {"num_beams": 4, "length_penalty": 0.0, "mbr": True})
+    assert (beams.num_beams, beams.length_penalty, beams.mbr) == (4, 0.0, True)
     assert config.stop == ("\n###", "\n")  # the wrapper's first, each once, no empty string
     assert GenerationConfig.from_call(wrapper, {}).stop == ("\n###",)
     with pytest.raises(InvalidInputError):
@@ -225,6 +225,44 @@ def test_beam_search_finds_the_answer_transformers_beam_search_finds(tiny, promp
                                          gen.eos_token_ids | set(stop))
     assert ours.token_ids == expected and ours.text == tokenizer.decode(expected)
     assert ours.finish_reason == ("length" if len(expected) == 10 else "stop")
+
+
+def test_minimum_bayes_risk_answers_with_the_answer_most_of_the_probability_agrees_with():
+    from sac_rag.generation import _consensus, _Track
+
+    def answers(*scored):
+        return [(log_prob, _Track(text=text)) for text, log_prob in scored]
+
+    # "Lyon" scores best alone, but "Paris" and "in Paris" overlap and together outweigh it
+    assert _consensus(answers(("Lyon", -1.0), ("Paris", -1.1), ("in Paris", -1.2))).text == "Paris"
+    assert _consensus(answers(("Lyon", 0.0), ("Paris", -5.0), ("in Paris", -5.0))).text == "Lyon"  # confident
+    assert _consensus(answers(("the Seine", -1.0), ("Seine", -1.0))).text == "the Seine"  # same answer: the first
+    with pytest.raises(InvalidInputError, match="num_beams >= 2"):
+        GenerationConfig(mbr=True)
+
+
+@pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox"])
+def test_minimum_bayes_risk_chooses_among_the_answers_transformers_beam_search_finds(tiny, prompt):
+    from sac_rag.metrics import squad_f1
+
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    stop = (gen.generate([prompt], GenerationConfig(max_new_tokens=10)).token_ids[2],)  # answers end early
+    eos = gen.eos_token_ids | set(stop)
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=10, num_beams=4, num_return_sequences=4, do_sample=False,
+                         early_stopping=False, length_penalty=0.0, eos_token_id=sorted(eos), pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    texts = []
+    for row in out.sequences[:, ids["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(row) if token in eos), len(row))  # then padding
+        texts.append(tokenizer.decode(row[:end]))
+    weights = out.sequences_scores.double().softmax(0).tolist()  # length penalty 0: summed log-probabilities
+    risk = [sum(w * squad_f1(text, [other]) for w, other in zip(weights, texts)) for text in texts]
+    expected = texts[risk.index(max(risk))]
+    ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
+                                                   stop_token_ids=stop, mbr=True))
+    assert ours.text == expected
 
 
 def test_beam_search_over_compressed_contexts_keeping_every_token_equals_it_over_the_text(tiny):

@@ -45,6 +45,9 @@ class SACModelParams(BaseModel):
     length_penalty: float = 1.0
     """Beam search scores a finished answer by log-probability / length ** this: 0 favours short
     answers, 1 (transformers' default) longer ones."""
+    mbr: bool = False
+    """Beam search answers with the finished answer that agrees best with the others (minimum Bayes
+    risk: highest expected word-overlap F1) instead of the top-scored one."""
 
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
@@ -65,7 +68,7 @@ class SACModelParams(BaseModel):
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - {
             "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive", "num_beams",
-            "length_penalty"}
+            "length_penalty", "mbr"}
         if unknown:
             raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
         if kwargs.get("model") not in (None, self.model_name, self.compressor):

@@ -183,6 +183,10 @@ def test_beam_search_is_a_setting_of_the_model_and_of_each_call(engine, passages
     assert short.invoke("Hello").content == ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3).bind(
         length_penalty=0.0).invoke("Hello").content
     assert [c.length_penalty for c in configs[-2:]] == [0.0, 0.0]
+    consensus = ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3, mbr=True)
+    assert consensus.invoke("Hello").content == ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3).bind(
+        mbr=True).invoke("Hello").content
+    assert [c.mbr for c in configs[-2:]] == [True, True]
     beams = ChatSAC(engine=engine, max_tokens=6, stop=[], num_beams=3)
     pieces = [chunk.content for chunk in beams.stream("Hello") if chunk.content]  # the last chunk has the usage
     assert pieces == [beams.invoke("Hello").content]

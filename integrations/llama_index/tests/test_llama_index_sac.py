@@ -129,6 +129,9 @@ def test_beam_search_is_a_setting_of_the_llm_and_of_each_call(engine, passages, 
     short = short.complete(prompt, formatted=True)
     assert short.text == beams.complete(prompt, formatted=True, length_penalty=0.0).text
     assert [c.length_penalty for c in configs[-2:]] == [0.0, 0.0]
+    consensus = SACLLM(engine=engine, max_tokens=6, stop=[], num_beams=3, mbr=True).complete(prompt, formatted=True)
+    assert consensus.text == beams.complete(prompt, formatted=True, mbr=True).text
+    assert [c.mbr for c in configs[-2:]] == [True, True]
     assert [r.delta for r in beams.stream_complete(prompt, formatted=True) if r.delta] == [answer]  # one piece
 
 

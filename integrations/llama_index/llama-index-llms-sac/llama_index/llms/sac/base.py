@@ -65,6 +65,8 @@ class SACLLM(CustomLLM):
                            "with temperature > 0); a stream then arrives in one piece.")
     length_penalty: float = Field(default=1.0, description="Beam search scores a finished answer by "
                                   "log-probability / length ** this: 0 favours short answers, 1 longer ones.")
+    mbr: bool = Field(default=False, description="Beam search answers with the finished answer that agrees best "
+                      "with the others (minimum Bayes risk: highest expected word-overlap F1), not the top-scored.")
     context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
