@@ -258,8 +258,8 @@ def test_minimum_bayes_risk_chooses_among_the_answers_transformers_beam_search_f
         end = next((i for i, token in enumerate(row) if token in eos), len(row))  # then padding
         texts.append(tokenizer.decode(row[:end]))
     weights = out.sequences_scores.double().softmax(0).tolist()  # length penalty 0: summed log-probabilities
-    risk = [sum(w * squad_f1(text, [other]) for w, other in zip(weights, texts)) for text in texts]
-    expected = texts[risk.index(max(risk))]
+    agreement = [sum(w * squad_f1(text, [other]) for w, other in zip(weights, texts)) for text in texts]
+    expected = texts[agreement.index(max(agreement))]
     ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                                    stop_token_ids=stop, mbr=True))
     assert ours.text == expected
