@@ -6,7 +6,8 @@ encoder, let the frozen decoder (adapter off) read the anchor K/V in the same la
 answer (QA). Optional extras: several questions per compressed context, synthetic span questions
 ("which words follow ...", trained by cross-entropy only), distractor passages, distillation
 from a teacher reading the full text (the frozen decoder, or the Full-FT model) on its output
-distribution and, optionally, on every layer's hidden states, and the +AE ablation.
+distribution and, optionally, on every layer's hidden states or also on the compressor's own
+greedy answers (on-policy), and the +AE ablation.
 ``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
 """
 
@@ -160,6 +161,12 @@ class SACObjective:
     only the answer: a question's tokens are predictable from the passage, so the teacher's
     distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
     ``divergence="reverse"`` uses KL(student || teacher) instead of KL(teacher || student).
+    ``on_policy_tokens`` > 0 also distils on the student's own answers (on-policy distillation, as
+    in GKD): each real question is first answered greedily from the compressed passages (at most
+    that many tokens), and where that answer differs from the gold one, the teacher's distribution
+    at each of its tokens is matched too. The gold answer alone shows the student the teacher's
+    next token after a correct prefix; its own answer shows it how the teacher would go on after
+    the prefixes it actually produces. These rows are distilled only, never trained by CE.
     ``hidden_weight`` > 0 adds a denser term at the same positions: the mean over decoder layers
     of the squared distance between the student's and the teacher's layer outputs, each
     RMS-normalised per token (so a few large-magnitude dimensions do not dominate).
@@ -167,7 +174,9 @@ class SACObjective:
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
                  teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0,
-                 divergence: str = "forward"):
+                 divergence: str = "forward", on_policy_tokens: int = 0):
+        if on_policy_tokens < 0:
+            raise ValueError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
         if distill_tokens not in DISTILL_TOKENS:
             raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
         if divergence not in DISTILL_DIVERGENCES:
@@ -179,6 +188,7 @@ class SACObjective:
         self.teacher = teacher
         self.distill_tokens = distill_tokens
         self.divergence = divergence
+        self.on_policy_tokens = on_policy_tokens
         tokenizer = compressor.tokenizer
         self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
         self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
@@ -231,11 +241,18 @@ class SACObjective:
                 row_owner.append(i)
                 distilled_rows.append(r < len(ex.rows) - ex.span_rows)
         distilling = self.distill_weight > 0 or self.hidden_weight > 0
+        gold_rows = len(rows)
+        if distilling and self.on_policy_tokens:
+            own = self._own_answer_rows(caches, context_lengths, rows, row_owner, distilled_rows)
+            rows += [row for row, _ in own]
+            row_owner += [owner for _, owner in own]
+            distilled_rows += [True] * len(own)
         every_token = distilling and self.distill_tokens == "all"
         with comp.decoder_mode():
             student = _decode_rows(comp.base_model, caches, context_lengths, rows, row_owner,
                                    every_token=every_token, layers=self.hidden_weight > 0)
-        is_target = student.is_target
+        own_answer = student.row >= gold_rows  # tokens of the on-policy rows: distilled, never CE-trained
+        is_target = student.is_target & ~own_answer
         ce = F.cross_entropy(student.logits[is_target].float(), student.labels[is_target])
         read = sum(len(chunk) for chunk in chunks) + sum(len(prompt) + len(target) for prompt, target in rows)
         loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum()), "input_tokens": read}
@@ -243,7 +260,11 @@ class SACObjective:
         if distilling and any(distilled_rows):  # rows of span questions only: nothing to distil
             teacher = self._teacher_rows(examples, context_lengths, rows, row_owner, every_token)
             distilled = torch.as_tensor(distilled_rows, device=student.row.device)[student.row]
+            # An on-policy row's question tokens are its gold row's: distilled once, there.
+            distilled &= ~own_answer | student.is_target
             stats["distilled_tokens"] = int(distilled.sum())
+            if self.on_policy_tokens:
+                stats["on_policy_tokens"] = int((distilled & own_answer).sum())
             if self.distill_weight > 0:
                 kl = _kl(student.logits[distilled], teacher.logits[distilled], self.divergence)
                 loss = loss + self.distill_weight * kl
@@ -263,6 +284,19 @@ class SACObjective:
             stats["ae"] = ae.item()
         stats["loss"] = loss.item()
         return loss, stats
+
+    def _own_answer_rows(self, caches, context_lengths, rows, row_owner, distilled_rows) -> list[tuple[tuple, int]]:
+        """``((prompt, answer), owner)`` for each distilled row whose greedy answer from the
+        compressed passages differs from its gold target."""
+        comp = self.compressor
+        asked = [r for r, distilled in enumerate(distilled_rows) if distilled]
+        prompts = [rows[r][0] for r in asked]
+        with torch.no_grad(), comp.decoder_mode():
+            answers = greedy_answers(comp.base_model, [(k.detach(), v.detach()) for k, v in caches], context_lengths,
+                                     prompts, [row_owner[r] for r in asked], comp.tokenizer.eos_token_id,
+                                     self.on_policy_tokens)
+        return [((prompt, answer), row_owner[r]) for r, prompt, answer in zip(asked, prompts, answers)
+                if answer != rows[r][1]]
 
     def _teacher_rows(self, examples, context_lengths, rows, row_owner, every_token) -> DecodedRows:
         """The teacher reading the passages as text, decoded at the same rows and positions."""
@@ -358,6 +392,25 @@ class DecodedRows:
     is_target: torch.Tensor
     row: torch.Tensor
     layers: torch.Tensor | None = None
+
+
+def greedy_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int) -> list[list[int]]:
+    """Greedy answer (ending in ``eos``, or cut at ``max_tokens``) to each prompt, read after its
+    cache ``caches[row_owner[r]]`` as ``_decode_rows`` lays it out; call without gradients. Each
+    step re-reads the prompt and the answer so far: answers are a few tokens, and the prompts'
+    re-reading costs less than keeping a cache per row."""
+    answers: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    for _ in range(max_tokens):
+        if not live:
+            break
+        # The one target token (a placeholder) puts the kept position on the last token read.
+        rows = [(prompts[r] + answers[r], [eos]) for r in live]
+        decoded = _decode_rows(model, caches, context_lengths, rows, [row_owner[r] for r in live])
+        for r, token in zip(live, decoded.logits.argmax(-1).tolist()):
+            answers[r].append(token)
+        live = [r for r in live if answers[r][-1] != eos]
+    return answers
 
 
 def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False,

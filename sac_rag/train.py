@@ -111,6 +111,8 @@ class TrainConfig:
     distill_divergence: str = _help("'forward' KL(teacher || student), or 'reverse' KL(student || teacher): "
                                     "the student's mass on the teacher's likeliest tokens (mode seeking)",
                                     default="forward")
+    distill_on_policy_tokens: int = _help("also distil on the compressor's own greedy answers, up to this many "
+                                          "tokens each (on-policy distillation; finetune; 0 = off)", default=0)
     distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
                                          "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
@@ -183,6 +185,11 @@ class TrainConfig:
             raise SACError(f"snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
             raise SACError("distill_weight and distill_hidden_weight must be >= 0")
+        if self.distill_on_policy_tokens < 0:
+            raise SACError(f"distill_on_policy_tokens must be >= 0 (0 = off), got {self.distill_on_policy_tokens}")
+        if self.distill_on_policy_tokens and not (self.distill_weight or self.distill_hidden_weight):
+            raise SACError("distill_on_policy_tokens is set but distill_weight and distill_hidden_weight are 0: "
+                           "on-policy rows are only distilled, so give the KL term a weight")
         if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
                            "give the KL term (or the hidden-state term) a weight")
@@ -336,7 +343,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
                              teacher=teacher, distill_tokens=cfg.distill_tokens,
-                             hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence)
+                             hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence,
+                             on_policy_tokens=cfg.distill_on_policy_tokens)
     return comp, objective
 
 
@@ -632,7 +640,7 @@ def plot_metrics(out_dir: Path) -> None:
 
 
 # Per-micro-batch statistics that are token counts (summed over a step); the rest are means.
-SUMMED_STATS = ("target_tokens", "distilled_tokens", "input_tokens")
+SUMMED_STATS = ("target_tokens", "distilled_tokens", "on_policy_tokens", "input_tokens")
 
 
 def train(cfg: TrainConfig) -> Path:

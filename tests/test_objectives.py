@@ -138,19 +138,20 @@ def _kv_dropping(ratio: int, seed: int = 0):
     return SACCompressor(config, model=model, tokenizer=tokenizer)
 
 
-def _objective(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward"):
+def _objective(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward", on_policy_tokens=0):
     from sac_rag.objectives import SACObjective
 
     builder = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2)
     examples = [builder.qa(POOL[i], i, POOL) for i in (0, 5)]
     # No prefix text: chunks are encoded on their own, so only then is ratio 1 the full text's K/V.
     objective = SACObjective(comp, distill_weight=1.0, teacher=teacher, distill_tokens=distill_tokens,
-                             hidden_weight=hidden_weight, divergence=divergence)
+                             hidden_weight=hidden_weight, divergence=divergence, on_policy_tokens=on_policy_tokens)
     return objective, examples
 
 
-def _loss_stats(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward"):
-    objective, examples = _objective(comp, teacher, distill_tokens, hidden_weight, divergence)
+def _loss_stats(comp, teacher=None, distill_tokens="all", hidden_weight=0.0, divergence="forward",
+                on_policy_tokens=0):
+    objective, examples = _objective(comp, teacher, distill_tokens, hidden_weight, divergence, on_policy_tokens)
     with torch.no_grad():
         return objective.loss(examples)[1], examples
 
@@ -242,3 +243,51 @@ def test_span_questions_are_trained_by_cross_entropy_but_never_distilled():
     assert with_spans["distilled_tokens"] == without["distilled_tokens"]
     assert with_spans["kl"] == pytest.approx(without["kl"], rel=1e-4)  # wider padding: float noise only
     assert "kl" not in spans_only and spans_only["loss"] == spans_only["ce"]  # nothing left to distil
+
+
+# -- on-policy distillation: the student's own greedy answers --------------------------------------
+
+
+def test_greedy_answers_from_a_cache_are_what_transformers_generates_after_the_same_text():
+    from sac_rag.objectives import _context_kv, greedy_answers
+
+    model, tokenizer = make_tiny_llama(seed=3)
+    contexts = [tokenizer("The bridge over the river was built in 1903.")["input_ids"],
+                tokenizer("Mars is red.")["input_ids"]]  # different lengths: the shorter cache is padded
+    prompts = [tokenizer(" When was it built?")["input_ids"], tokenizer(" What colour?")["input_ids"]]
+    with torch.no_grad():
+        caches = [_context_kv(model, ids, "cpu") for ids in contexts]
+        # Each prompt reads its own cache; the second prompt is also asked about the first context.
+        answers = greedy_answers(model, caches, [len(c) for c in contexts], prompts + prompts[1:], [0, 1, 0],
+                                 eos=tokenizer.eos_token_id, max_tokens=6)
+        assert answers[1] != answers[2]  # the answer depends on which cache is read
+        for (context, prompt), answer in zip([(0, 0), (1, 1), (0, 1)], answers):
+            ids = torch.tensor([contexts[context] + prompts[prompt]])
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+            assert answer == generated[0, ids.shape[1]:].tolist()[: len(answer)]
+            assert len(answer) == 6 or answer[-1] == tokenizer.eos_token_id
+
+
+def test_on_policy_rows_are_the_students_own_answers_distilled_but_never_trained_by_cross_entropy():
+    comp = _kv_dropping(ratio=3)
+    gold, _ = _loss_stats(comp)
+    on_policy, _ = _loss_stats(comp, on_policy_tokens=5)
+    assert on_policy["on_policy_tokens"] > 0  # an untrained model does not answer with the gold tokens
+    assert on_policy["distilled_tokens"] == gold["distilled_tokens"] + on_policy["on_policy_tokens"]
+    assert on_policy["target_tokens"] == gold["target_tokens"]
+    assert on_policy["ce"] == pytest.approx(gold["ce"], rel=1e-4)
+    assert on_policy["kl"] != pytest.approx(gold["kl"], rel=1e-3)
+    # With the full text in the caches, the student is the teacher on its own answers too.
+    assert _loss_stats(_kv_dropping(ratio=1), on_policy_tokens=5)[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_on_policy_distillation_trains_the_encoder_and_a_negative_budget_is_refused():
+    comp = _kv_dropping(ratio=3)
+    objective, examples = _objective(comp, on_policy_tokens=5)
+    loss, _ = objective.loss(examples)
+    loss.backward()
+    lora = [p for name, p in comp.named_parameters() if "lora" in name and p.requires_grad]
+    assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    with pytest.raises(ValueError, match="on_policy_tokens must be >= 0"):
+        _objective(comp, on_policy_tokens=-1)

@@ -199,12 +199,13 @@ def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
     teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1")))
     train(parse_config(_args(workspace, "student", "--max-steps", "2", "--distill-weight", "1.0",
                              "--distill-teacher", str(teacher), "--distill-tokens", "all",
-                             "--distill-hidden-weight", "0.5")))
+                             "--distill-hidden-weight", "0.5", "--distill-on-policy-tokens", "4")))
     rows = [json.loads(line) for line in (workspace / "student" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2
     for r in steps:
         assert r["kl"] > 0 and r["hidden"] > 0 and r["distilled_tokens"] > r["target_tokens"]
+        assert 0 < r["on_policy_tokens"] < r["distilled_tokens"]
         assert r["loss"] == pytest.approx(r["ce"] + r["kl"] + 0.5 * r["hidden"], rel=1e-4)
 
 
@@ -227,6 +228,10 @@ def test_a_teacher_without_weight_or_without_adapter_is_an_error(workspace):
         parse_config(_args(workspace, "x", "--distill-teacher", str(workspace)))
     with pytest.raises(SACError, match="must be >= 0"):
         parse_config(_args(workspace, "x", "--distill-hidden-weight", "-1"))
+    with pytest.raises(SACError, match="on-policy rows are only distilled"):
+        parse_config(_args(workspace, "x", "--distill-on-policy-tokens", "8"))
+    with pytest.raises(SACError, match="distill_on_policy_tokens must be >= 0"):
+        parse_config(_args(workspace, "x", "--distill-on-policy-tokens", "-1", "--distill-weight", "1"))
     with pytest.raises(SACError, match="not a Full-FT checkpoint"):
         train(parse_config(_args(workspace, "y", "--distill-weight", "1", "--distill-teacher", str(workspace))))
 
