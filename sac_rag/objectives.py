@@ -397,8 +397,8 @@ class DecodedRows:
 def greedy_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int) -> list[list[int]]:
     """Greedy answer (ending in ``eos``, or cut at ``max_tokens``) to each prompt, read after its
     cache ``caches[row_owner[r]]`` as ``_decode_rows`` lays it out; call without gradients. Each
-    step re-reads the prompt and the answer so far: answers are a few tokens, and the prompts'
-    re-reading costs less than keeping a cache per row."""
+    step re-reads the prompt and the answer so far through ``_decode_rows`` (answers are a few
+    tokens), so the rows are laid out exactly as the loss reads them, with no cache per row."""
     answers: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     for _ in range(max_tokens):

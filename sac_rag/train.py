@@ -112,7 +112,8 @@ class TrainConfig:
                                     "the student's mass on the teacher's likeliest tokens (mode seeking)",
                                     default="forward")
     distill_on_policy_tokens: int = _help("also distil on the compressor's own greedy answers, up to this many "
-                                          "tokens each (on-policy distillation; finetune; 0 = off)", default=0)
+                                          "tokens each, never trained by CE (on-policy distillation; 0 = off)",
+                                          default=0)
     distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
                                          "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
