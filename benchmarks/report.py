@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from sac_rag.eval import decoding_tags
+from sac_rag.eval import decoding_suffix
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,9 +29,8 @@ def load_rows(results: Path) -> list[dict]:
             row = json.loads(line) if line.strip() else {}
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 # each decoding has tables of its own: never compared with another
-                tags = decoding_tags(row.get("decoding") == "extractive", row.get("num_beams", 1),
-                                     row.get("length_penalty", 1.0), row.get("mbr", False))
-                row["dataset"] += "".join(f"-{tag}" for tag in tags)
+                row["dataset"] += decoding_suffix(row.get("decoding") == "extractive", row.get("num_beams", 1),
+                                                  row.get("length_penalty", 1.0), row.get("mbr", False))
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

@@ -238,6 +238,12 @@ def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: 
             *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else [])]
 
 
+def decoding_suffix(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+                    mbr: bool = False) -> str:
+    """``decoding_tags`` as one row-name suffix (``-beam4-lp0``; empty for greedy free decoding)."""
+    return "".join(f"-{tag}" for tag in decoding_tags(extractive, num_beams, length_penalty, mbr))
+
+
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
         config: GenerationConfig | None = None) -> dict:
     """Answer all questions (resuming from ``cache_path``) with ``config`` (``answer_config()`` by
