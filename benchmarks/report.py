@@ -30,7 +30,9 @@ def load_rows(results: Path) -> list[dict]:
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 # each decoding has tables of its own: never compared with another
                 row["dataset"] += decoding_suffix(row.get("decoding") == "extractive", row.get("num_beams", 1),
-                                                  row.get("length_penalty", 1.0), row.get("mbr", False))
+                                                  row.get("length_penalty", 1.0), row.get("mbr", False),
+                                                  row.get("context_contrast", 0.0),
+                                                  row.get("contrast_plausibility", 0.1))
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

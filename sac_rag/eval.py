@@ -121,6 +121,10 @@ class Method:
             start += len(q.read)
         return prompts
 
+    def contrast_prompts(self, batch: list[Question]) -> list[list]:
+        """The prompts without their contexts (what context-aware decoding contrasts with)."""
+        return [self.template.build([], q.question) for q in batch]
+
 
 METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_every_rth", "text_truncate")
 
@@ -226,22 +230,27 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 def answer_config(max_new_tokens: int = 32, **decoding: Any) -> GenerationConfig:
     """How every benchmark answers: one line of at most ``max_new_tokens``, greedy unless
-    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``, ``mbr``) says otherwise."""
+    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``, ``mbr``, ``context_contrast``) says
+    otherwise."""
     return GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), **decoding)
 
 
 def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-                  mbr: bool = False) -> list[str]:
+                  mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1) -> list[str]:
     """What sets a decoding apart from greedy free decoding, as row-name suffixes (``extractive``,
-    ``beam4``, ``lp0``, ``mbr``), so that its predictions and scores never mix with another decoding's."""
+    ``beam4``, ``lp0``, ``mbr``, ``cad0.5``, ``plausible0``), so that its predictions and scores never mix
+    with another decoding's."""
+    contrast = [f"cad{context_contrast:g}", *([f"plausible{contrast_plausibility:g}"]
+                                                if contrast_plausibility != 0.1 else [])] if context_contrast else []
     return [*(["extractive"] if extractive else []), *([f"beam{num_beams}"] if num_beams > 1 else []),
-            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else [])]
+            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else []), *contrast]
 
 
 def decoding_suffix(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-                    mbr: bool = False) -> str:
+                    mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1) -> str:
     """``decoding_tags`` as one row-name suffix (``-beam4-lp0``; empty for greedy free decoding)."""
-    return "".join(f"-{tag}" for tag in decoding_tags(extractive, num_beams, length_penalty, mbr))
+    tags = decoding_tags(extractive, num_beams, length_penalty, mbr, context_contrast, contrast_plausibility)
+    return "".join(f"-{tag}" for tag in tags)
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
@@ -260,7 +269,8 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
             batch = todo[start : start + batch_size]
             with torch.no_grad():
                 sources = [list(q.read) for q in batch] if config.extractive else None
-                results = method.generator.generate_batch(method.prompts(batch), config, sources)
+                contrast = method.contrast_prompts(batch) if config.context_contrast else None
+                results = method.generator.generate_batch(method.prompts(batch), config, sources, contrast)
             for q, r in zip(batch, results):
                 done[q.id] = r.text.strip()
                 cache.write(json.dumps({"id": q.id, "prediction": done[q.id]}) + "\n")
@@ -336,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbr", action="store_true",
                         help="beam search: answer with the finished answer that agrees best with the others "
                              "(minimum Bayes risk, expected word-overlap F1) instead of the top-scored one")
+    parser.add_argument("--context-contrast", type=float, default=0.0,
+                        help="context-aware decoding: score each token by (1 + a) log p(token | prompt) - "
+                             "a log p(token | question alone), favouring what the contexts say (0: off)")
+    parser.add_argument("--contrast-plausibility", type=float, default=0.1,
+                        help="context-aware decoding: only tokens at least this fraction as likely as the "
+                             "likeliest (given the contexts) can be chosen")
     parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16",
@@ -355,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
         parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
     config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams,
-                           length_penalty=args.length_penalty, mbr=args.mbr)
-    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr):
+                           length_penalty=args.length_penalty, mbr=args.mbr, context_contrast=args.context_contrast,
+                           contrast_plausibility=args.contrast_plausibility)
+    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr, args.context_contrast,
+                             args.contrast_plausibility):
         if tag not in label:
             label += f"-{tag}"
 
@@ -383,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
         "num_beams": args.num_beams, "length_penalty": args.length_penalty, "mbr": args.mbr,
+        "context_contrast": args.context_contrast, "contrast_plausibility": args.contrast_plausibility,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.
         "wall_s": round(time.time() - t_start, 1), "newly_answered": max(0, len(questions) - cached),

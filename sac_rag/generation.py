@@ -10,6 +10,7 @@ given as strings) go through the same code, which keeps every comparison on one 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,14 @@ class GenerationConfig:
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
     (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored.
     ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
-    module; the sources are passed with the prompts)."""
+    module; the sources are passed with the prompts). ``context_contrast`` a > 0 is context-aware
+    decoding (Shi et al., 2024): each next token is scored by (1 + a) log p(token | prompt) -
+    a log p(token | the same prompt without its contexts), which favours what the contexts say over
+    what the model would answer from the question alone; the prompts without contexts are passed
+    with the prompts (``contrast_prompts``) and read in the same model state. Tokens whose probability
+    given the prompt is below ``contrast_plausibility`` times the likeliest token's are never chosen
+    (the adaptive plausibility constraint of Li et al., 2023), so the contrast only reorders tokens
+    the model finds plausible, the end of the answer among them."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -49,6 +57,8 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     mbr: bool = False
+    context_contrast: float = 0.0
+    contrast_plausibility: float = 0.1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -60,6 +70,11 @@ class GenerationConfig:
         if self.num_beams > 1 and (self.temperature > 0 or self.extractive):
             raise InvalidInputError("beam search (num_beams > 1) decodes greedily and freely: set temperature=0 "
                                     "and extractive=False, or num_beams=1")
+        if not self.context_contrast >= 0:
+            raise InvalidInputError(
+                f"context_contrast must be >= 0 (0 decodes without contrast), got {self.context_contrast}")
+        if not 0 <= self.contrast_plausibility <= 1:
+            raise InvalidInputError(f"contrast_plausibility must be in [0, 1], got {self.contrast_plausibility}")
         if self.mbr and self.num_beams < 2:
             raise InvalidInputError("mbr chooses among beam search's answers: set num_beams >= 2, or mbr=False")
         self.stop = tuple(self.stop)
@@ -103,6 +118,17 @@ class _Prefilled:
     cached_tokens: int = 0
     context_tokens: int = 0
     reads_cache: bool = False  # the prompt has compressed contexts (decoded in decoder_mode)
+
+
+@dataclass
+class _Reading:
+    """Prompts decoded together: their merged cache, which of its entries each row sees, each row's
+    next position and its next-token logits."""
+
+    cache: object
+    mask: torch.Tensor  # [rows, entries]
+    positions: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab]
 
 
 @dataclass
@@ -174,16 +200,21 @@ class Generator:
     # -- public API ---------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, config: GenerationConfig | None = None,
-                 sources: Sequence[str] | None = None) -> Generation:
-        return self.generate_batch([prompt], config, None if sources is None else [sources])[0]
+                 sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None) -> Generation:
+        return self.generate_batch([prompt], config, None if sources is None else [sources],
+                                   None if contrast_prompt is None else [contrast_prompt])[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
-                       sources: Sequence[Sequence[str]] | None = None) -> list[Generation]:
-        """Decode several prompts together (their caches may differ in length)."""
+                       sources: Sequence[Sequence[str]] | None = None,
+                       contrast_prompts: Sequence[Prompt] | None = None) -> list[Generation]:
+        """Decode several prompts together (their caches may differ in length). ``sources``: with
+        extractive decoding, the texts each answer may quote; ``contrast_prompts``: with
+        ``context_contrast``, each prompt without its contexts."""
         config = config or GenerationConfig()
         if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
             raise InvalidInputError("generate_batch takes a non-empty list of prompts")
         _check_sources(config, sources, len(prompts))
+        _check_contrast(config, contrast_prompts, len(prompts))
         if self.text_mode is not self.decoder_mode:  # text-only prompts decode in another model state
             reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
             if any(reads_cache) and not all(reads_cache):
@@ -191,33 +222,39 @@ class Generator:
                 for group in (True, False):
                     index = [i for i, r in enumerate(reads_cache) if r == group]
                     results.update(zip(index, self.generate_batch(
-                        [prompts[i] for i in index], config, None if sources is None else [sources[i] for i in index])))
+                        [prompts[i] for i in index], config, None if sources is None else [sources[i] for i in index],
+                        None if contrast_prompts is None else [contrast_prompts[i] for i in index])))
                 return [results[i] for i in range(len(prompts))]
         states, tracks = self._start(prompts, sources)
+        plain = self._start_contrast(contrast_prompts, states)
         if config.num_beams > 1:
-            return [self._result(state, self._beam_search(state, config)) for state in states]
-        for _ in self._decode(states, tracks, config):
+            return [self._result(state, self._beam_search(state, config, None if plain is None else plain[i]))
+                    for i, state in enumerate(states)]
+        for _ in self._decode(states, tracks, config, plain):
             pass
         return [self._result(s, t) for s, t in zip(states, tracks)]
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None,
-               sources: Sequence[str] | None = None) -> Iterator[str]:
+               sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None) -> Iterator[str]:
         """Yield the answer's text as it is decoded (never a partial stop string); with beam search
         (``num_beams`` > 1), which settles on its answer only at the end, the whole answer at once."""
         config = config or GenerationConfig()
         sources = None if sources is None else [sources]
+        contrast_prompts = None if contrast_prompt is None else [contrast_prompt]
         _check_sources(config, sources, 1)
+        _check_contrast(config, contrast_prompts, 1)
         states, tracks = self._start([prompt], sources)
-        yield from self._pieces(states, tracks, config)
+        yield from self._pieces(states, tracks, config, self._start_contrast(contrast_prompts, states))
 
-    def _pieces(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig) -> Iterator[str]:
+    def _pieces(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
+                plain: list[_Prefilled] | None = None) -> Iterator[str]:
         """Decode the one prompt of ``states``, yielding its text as ``stream`` does; ``tracks[0]`` is
         then the finished answer."""
         track = tracks[0]
         if config.num_beams > 1:
-            tracks[0] = track = self._beam_search(states[0], config)
+            tracks[0] = track = self._beam_search(states[0], config, None if plain is None else plain[0])
         else:
-            for _ in self._decode(states, tracks, config):
+            for _ in self._decode(states, tracks, config, plain):
                 end = self._safe_length(track, config)
                 if end > track.emitted:
                     yield track.text[track.emitted:end]
@@ -247,6 +284,17 @@ class Generator:
             states = [self._prefill(p) for p in prompts]
         return states, tracks
 
+    def _start_contrast(self, contrast_prompts: Sequence[Prompt] | None,
+                        states: list[_Prefilled]) -> list[_Prefilled] | None:
+        """The prompts without contexts, prefilled in the model state of the prompts they stand beside
+        (a compressor's decoder adapter reads both, so only the contexts differ)."""
+        if contrast_prompts is None:
+            return None
+        if any(isinstance(seg, AnchorKV) for p in contrast_prompts for seg in self._segments(p)):
+            raise InvalidInputError("a contrast prompt is its prompt without the contexts: it must be text only")
+        with torch.no_grad():
+            return [self._prefill(p, reads_cache=s.reads_cache) for p, s in zip(contrast_prompts, states)]
+
     def _segments(self, prompt: Prompt) -> list[Segment]:
         if isinstance(prompt, (str, AnchorKV)):
             prompt = [prompt]
@@ -268,13 +316,16 @@ class Generator:
             )
         return flat
 
-    def _prefill(self, prompt: Prompt, all_logits: bool = False) -> _Prefilled:
+    def _prefill(self, prompt: Prompt, all_logits: bool = False, reads_cache: bool | None = None) -> _Prefilled:
+        """Read a prompt into a fresh cache, in the decoder's state for compressed contexts if it has
+        any (or if ``reads_cache`` says so), else in the state for text."""
         from transformers import DynamicCache
 
         segments = self._segments(prompt)
         cache = DynamicCache(config=self.model.config)
-        state = _Prefilled(cache=cache, position=0, logits=None,
-                           reads_cache=any(isinstance(seg, AnchorKV) for seg in segments))
+        if reads_cache is None:
+            reads_cache = any(isinstance(seg, AnchorKV) for seg in segments)
+        state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache)
         pending: list[int] = list(self._bos)
         with self._mode(state.reads_cache):
             for i, seg in enumerate(segments):
@@ -353,11 +404,11 @@ class Generator:
         return DynamicCache(ddp_cache_data=data, config=self.model.config), mask
 
     @torch.no_grad()
-    def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig) -> Iterator[None]:
-        cache, mask = self._merged_cache(states)
-        logits = torch.stack([s.logits for s in states])
-        positions = torch.as_tensor([s.position for s in states], device=self.device)
-        steps = self._step_budget(int(positions.max()), config)
+    def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
+                plain: list[_Prefilled] | None = None) -> Iterator[None]:
+        reading = self._reading(states)
+        contrast = None if plain is None else self._reading(plain)
+        steps = self._step_budget(int(reading.positions.max()), config)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -365,6 +416,7 @@ class Generator:
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._mode(states[0].reads_cache):  # generate_batch groups prompts by mode
             for step in range(steps):
+                logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
                 logits = self._held_to_spans(logits, tracks)
                 tokens = _sample(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
@@ -375,11 +427,22 @@ class Generator:
                 yield None
                 if all(t.finish_reason for t in tracks) or step == steps - 1:
                     break
-                mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
-                logits = self._step(tokens, positions, mask, cache)
-                positions = positions + 1
+                for batch in (reading, contrast):
+                    if batch is not None:
+                        self._advance(batch, tokens)
         for track in tracks:
             track.finish_reason = track.finish_reason or "length"
+
+    def _reading(self, states: list[_Prefilled]) -> _Reading:
+        cache, mask = self._merged_cache(states)
+        return _Reading(cache, mask, torch.as_tensor([s.position for s in states], device=self.device),
+                        torch.stack([s.logits for s in states]))
+
+    def _advance(self, reading: _Reading, tokens: torch.Tensor) -> None:
+        """Each row of ``reading`` reads its next token: new logits, one more position."""
+        reading.mask = torch.cat([reading.mask, reading.mask.new_ones(len(tokens), 1)], dim=1)
+        reading.logits = self._step(tokens, reading.positions, reading.mask, reading.cache)
+        reading.positions = reading.positions + 1
 
     def _step_budget(self, position: int, config: GenerationConfig) -> int:
         """How many tokens may be generated after ``position``: ``max_new_tokens``, or fewer at the
@@ -390,7 +453,7 @@ class Generator:
         return min(config.max_new_tokens, self.max_positions - position)
 
     @torch.no_grad()
-    def _beam_search(self, state: _Prefilled, config: GenerationConfig) -> _Track:
+    def _beam_search(self, state: _Prefilled, config: GenerationConfig, plain: _Prefilled | None = None) -> _Track:
         """Beam search from one prefilled prompt, as transformers' ``num_beams`` with its default
         ``early_stopping=False``. Each step scores every running answer's continuations and takes the
         2 x ``num_beams`` best: those that end the answer (a stop token or string, or the length limit)
@@ -398,21 +461,25 @@ class Generator:
         / length ** ``length_penalty`` (the ending token counted); the best ``num_beams`` others run on.
         The search ends when ``num_beams`` answers are finished and the best running one, scored at
         its current length, no longer beats the worst of them. Returns the best finished answer, or with
-        ``mbr`` their consensus (``_consensus``)."""
+        ``mbr`` their consensus (``_consensus``). With ``plain`` (the prompt without its contexts), the
+        log-probabilities are those of ``context_contrast``'s scores."""
         beams, lp = config.num_beams, config.length_penalty
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         steps = self._step_budget(state.position, config)
-        past = state.cache.get_seq_length()
+        states = [state, *([plain] if plain is not None else [])]
         running: list[tuple[_Track, float]] = [(_Track(), 0.0)]
         finished: list[tuple[float, float, _Track]] = []  # (normalised score, log-probability, answer), best first
         logits = state.logits[None]
+        plain_logits = None if plain is None else plain.logits[None]
         with self._mode(state.reads_cache):
             for step in range(steps):
                 scores = torch.as_tensor([score for _, score in running], device=logits.device)[:, None]
-                scores = scores + logits.float().log_softmax(-1)
+                scores = scores + _contrasted(logits, plain_logits, config).float().log_softmax(-1)
                 top = scores.flatten().topk(min(2 * beams, scores.numel()))
                 parents, next_running = [], []
                 for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                    if score == float("-inf"):  # ruled out (context-aware decoding's plausibility), as all after it
+                        break
                     parent, token = divmod(index, scores.shape[1])
                     track = _Track(ids=list(running[parent][0].ids), text=running[parent][0].text)
                     self._append(track, token, stop_ids, config)
@@ -431,13 +498,15 @@ class Generator:
                 if len(finished) == beams and best_running <= finished[-1][0]:
                     break
                 running = next_running
-                state.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
-                logits = self._step(
-                    torch.as_tensor([track.ids[-1] for track, _ in running], device=self.device),
-                    torch.full((len(running),), state.position + step, device=self.device),
-                    torch.ones(len(running), past + step + 1, dtype=torch.long, device=self.device),
-                    state.cache,
-                )
+                tokens = torch.as_tensor([track.ids[-1] for track, _ in running], device=self.device)
+                for s in states:
+                    s.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
+                logits, *rest = [self._step(
+                    tokens, torch.full((len(running),), s.position + step, device=self.device),
+                    torch.ones(len(running), s.cache.get_seq_length() + 1, dtype=torch.long, device=self.device),
+                    s.cache,
+                ) for s in states]
+                plain_logits = rest[0] if rest else None
         if config.mbr:
             return _consensus([(log_prob, track) for _, log_prob, track in finished])
         return finished[0][-1]
@@ -516,6 +585,34 @@ def _check_sources(config: GenerationConfig, sources, n_prompts: int) -> None:
                                 "(one list of texts per prompt, e.g. the contexts before compression)")
     if isinstance(sources, str) or len(sources) != n_prompts:
         raise InvalidInputError(f"got {len(sources)} lists of sources for {n_prompts} prompts; give one per prompt")
+
+
+def _check_contrast(config: GenerationConfig, contrast_prompts, n_prompts: int) -> None:
+    if not config.context_contrast:
+        if contrast_prompts is not None:
+            raise InvalidInputError("contrast prompts are read by context-aware decoding: set "
+                                    "GenerationConfig(context_contrast=a) with a > 0, or pass no contrast prompts")
+        return
+    if contrast_prompts is None:
+        raise InvalidInputError("context-aware decoding (context_contrast > 0) needs each prompt without its "
+                                "contexts: pass contrast_prompts (e.g. PromptTemplate.build([], question))")
+    if isinstance(contrast_prompts, (str, AnchorKV)) or len(contrast_prompts) != n_prompts:
+        raise InvalidInputError(
+            f"got {len(contrast_prompts)} contrast prompts for {n_prompts} prompts; give one per prompt")
+
+
+def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
+    """Context-aware decoding's scores: (1 + a) log p(. | prompt) - a log p(. | prompt without contexts),
+    -inf for the tokens the plausibility constraint rules out; ``logits`` unchanged without contrast."""
+    a = config.context_contrast
+    if plain_logits is None or not a:
+        return logits
+    log_p = logits.float().log_softmax(-1)
+    scores = (1 + a) * log_p - a * plain_logits.float().log_softmax(-1)
+    if config.contrast_plausibility > 0:
+        floor = log_p.max(-1, keepdim=True).values + math.log(config.contrast_plausibility)
+        scores = scores.masked_fill(log_p < floor, float("-inf"))
+    return scores
 
 
 def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -200,3 +200,17 @@ def test_questions_with_passages_read_each_passage_in_order(workspace, name):
 
     assert _describe(prompt) == _describe(expected)
     assert "unused gold" not in "".join(s for s in prompt if isinstance(s, str))
+
+
+def test_context_aware_decoding_is_a_setting_of_its_own_row_contrasted_with_the_question_alone(workspace):
+    from sac_rag.eval import Question, build_method
+
+    row = _run(workspace, "--method", "full_context", "--context-contrast", "0.5")
+    assert (row["method"], row["context_contrast"], row["contrast_plausibility"]) == ("full_context-cad0.5", 0.5, 0.1)
+    row = _run(workspace, "--method", "full_context", "--context-contrast", "0.5", "--contrast-plausibility", "0")
+    assert row["method"] == "full_context-cad0.5-plausible0"
+    model = str(workspace / "tiny-model")
+    method = build_method("full_context", model, None, None, "cpu", "float32")
+    question = Question(id="q", question="Who built it?", answers=["Eiffel"], context="It was built by Eiffel.")
+    no_context = build_method("no_context", model, None, None, "cpu", "float32")
+    assert method.contrast_prompts([question]) == no_context.prompts([question])  # the question alone

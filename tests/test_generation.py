@@ -306,3 +306,70 @@ def test_streaming_a_beam_search_yields_its_whole_answer_at_the_end(setup):
     prompt = [comp.compress(TEXT), " the"]
     config = GenerationConfig(max_new_tokens=12, num_beams=3)
     assert list(gen.stream(prompt, config)) == [gen.generate(prompt, config).text]
+
+
+def _contrast_reference(model, tokenizer, prompt, plain, contrast, plausibility, steps):
+    """Context-aware decoding by hand: full forward passes over each prompt and the answer so far;
+    each token maximises (1 + a) log p(. | prompt) - a log p(. | plain) among the plausible ones."""
+    with_context, without = tokenizer(prompt)["input_ids"], tokenizer(plain)["input_ids"]
+    answer = []
+    with torch.no_grad():
+        for _ in range(steps):
+            log_p = model(torch.tensor([with_context + answer])).logits[0, -1].float().log_softmax(-1)
+            log_q = model(torch.tensor([without + answer])).logits[0, -1].float().log_softmax(-1)
+            scores = (1 + contrast) * log_p - contrast * log_q
+            scores[log_p < log_p.max() + torch.log(torch.tensor(plausibility))] = float("-inf")
+            answer.append(int(scores.argmax()))
+    return answer
+
+
+def test_context_aware_decoding_picks_each_token_by_the_contrast_with_the_prompt_without_contexts(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    prompt, plain = TEXT + "Who built it?", "Who built it?"
+    contrast = GenerationConfig(max_new_tokens=8, context_contrast=1.0, contrast_plausibility=0.01)
+    ours = gen.generate([prompt], contrast, contrast_prompt=[plain])
+    assert ours.token_ids == _contrast_reference(model, tokenizer, prompt, plain, 1.0, 0.01, 8)
+    assert ours.token_ids != gen.generate([prompt], GenerationConfig(max_new_tokens=8)).token_ids
+    # only the likeliest token is plausible at plausibility 1: the contrast changes nothing
+    strict = GenerationConfig(max_new_tokens=8, context_contrast=1.0, contrast_plausibility=1.0)
+    assert gen.generate([prompt], strict, contrast_prompt=[plain]).token_ids == \
+        gen.generate([prompt], GenerationConfig(max_new_tokens=8)).token_ids
+
+
+def test_context_aware_decoding_over_compressed_contexts_batches_streams_and_searches_beams(setup):
+    comp, gen = setup
+    prompts = [[comp.compress(TEXT * 2), " Who built it?"],
+               ["Paris is", comp.compress("the capital of France."), " and"]]
+    plains = [[" Who built it?"], ["Paris is and"]]
+    config = GenerationConfig(max_new_tokens=10, context_contrast=0.5, contrast_plausibility=0.01)
+    together = gen.generate_batch(prompts, config, contrast_prompts=plains)
+    alone = [gen.generate(p, config, contrast_prompt=q) for p, q in zip(prompts, plains)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert "".join(gen.stream(prompts[0], config, contrast_prompt=plains[0])) == together[0].text
+    assert together[0].token_ids != gen.generate(prompts[0], GenerationConfig(max_new_tokens=10)).token_ids
+    beams = GenerationConfig(max_new_tokens=10, num_beams=3, context_contrast=0.5, contrast_plausibility=0.01)
+    searched = gen.generate_batch(prompts, beams, contrast_prompts=plains)
+    assert [r.token_ids for r in searched] == [gen.generate(p, beams, contrast_prompt=q).token_ids
+                                               for p, q in zip(prompts, plains)]
+    # plausibility 1 leaves each beam one continuation: the search is greedy decoding
+    strict = GenerationConfig(max_new_tokens=10, num_beams=3, mbr=True, context_contrast=0.5, contrast_plausibility=1.0)
+    assert gen.generate(prompts[0], strict, contrast_prompt=plains[0]).token_ids == \
+        gen.generate(prompts[0], GenerationConfig(max_new_tokens=10)).token_ids
+
+
+def test_context_aware_decoding_settings_and_prompts_that_cannot_work_are_refused(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " Who built it?"]
+    with pytest.raises(InvalidInputError, match="context_contrast must be >= 0"):
+        GenerationConfig(context_contrast=-0.5)
+    with pytest.raises(InvalidInputError, match=r"contrast_plausibility must be in \[0, 1\]"):
+        GenerationConfig(context_contrast=0.5, contrast_plausibility=2.0)
+    with pytest.raises(InvalidInputError, match="pass contrast_prompts"):
+        gen.generate(prompt, GenerationConfig(context_contrast=0.5))
+    with pytest.raises(InvalidInputError, match="set GenerationConfig\\(context_contrast=a\\)"):
+        gen.generate(prompt, GenerationConfig(), contrast_prompt=[" Who built it?"])
+    with pytest.raises(InvalidInputError, match="it must be text only"):
+        gen.generate(prompt, GenerationConfig(context_contrast=0.5), contrast_prompt=prompt)
+    with pytest.raises(InvalidInputError, match="got 1 contrast prompts for 2 prompts"):
+        gen.generate_batch([prompt, prompt], GenerationConfig(context_contrast=0.5), contrast_prompts=[[" Who?"]])
