@@ -408,7 +408,7 @@ class Generator:
                 plain: list[_Prefilled] | None = None) -> Iterator[None]:
         reading = self._reading(states)
         contrast = None if plain is None else self._reading(plain)
-        steps = self._step_budget(int(reading.positions.max()), config)
+        steps = self._step_budget(max(int(r.positions.max()) for r in (reading, contrast) if r is not None), config)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -465,8 +465,8 @@ class Generator:
         log-probabilities are those of ``context_contrast``'s scores."""
         beams, lp = config.num_beams, config.length_penalty
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
-        steps = self._step_budget(state.position, config)
         states = [state, *([plain] if plain is not None else [])]
+        steps = self._step_budget(max(s.position for s in states), config)
         running: list[tuple[_Track, float]] = [(_Track(), 0.0)]
         finished: list[tuple[float, float, _Track]] = []  # (normalised score, log-probability, answer), best first
         logits = state.logits[None]
