@@ -107,7 +107,7 @@ class Method:
 
     def prompts(self, batch: list[Question]) -> list[list]:
         if not self.read_context:
-            return [self.template.build([], q.question) for q in batch]
+            return self.contrast_prompts(batch)
         if self.compressor is None:
             shorten = self.shorten or (lambda text: text)
             return [self.template.build([shorten(p) for p in q.read], q.question) for q in batch]

@@ -574,31 +574,33 @@ class Generator:
         )
 
 
-def _check_sources(config: GenerationConfig, sources, n_prompts: int) -> None:
-    if not config.extractive:
-        if sources is not None:
-            raise InvalidInputError("sources are the texts extractive answers quote: set "
-                                    "GenerationConfig(extractive=True), or pass no sources")
+def _check_per_prompt(needed: bool, given, n_prompts: int, unneeded: str, missing: str, count: str) -> None:
+    """An input a decoding setting reads beside the prompts (one per prompt): given exactly when the
+    setting asks for it; ``unneeded``, ``missing`` and ``count`` (which names what was given) say why not."""
+    if not needed:
+        if given is not None:
+            raise InvalidInputError(unneeded)
         return
-    if sources is None:
-        raise InvalidInputError("extractive decoding needs the texts the answers may quote: pass sources "
-                                "(one list of texts per prompt, e.g. the contexts before compression)")
-    if isinstance(sources, str) or len(sources) != n_prompts:
-        raise InvalidInputError(f"got {len(sources)} lists of sources for {n_prompts} prompts; give one per prompt")
+    if given is None:
+        raise InvalidInputError(missing)
+    if isinstance(given, (str, AnchorKV)) or len(given) != n_prompts:
+        raise InvalidInputError(f"got {len(given)} {count} for {n_prompts} prompts; give one per prompt")
+
+
+def _check_sources(config: GenerationConfig, sources, n_prompts: int) -> None:
+    _check_per_prompt(config.extractive, sources, n_prompts,
+                      "sources are the texts extractive answers quote: set GenerationConfig(extractive=True), "
+                      "or pass no sources",
+                      "extractive decoding needs the texts the answers may quote: pass sources (one list of texts "
+                      "per prompt, e.g. the contexts before compression)", "lists of sources")
 
 
 def _check_contrast(config: GenerationConfig, contrast_prompts, n_prompts: int) -> None:
-    if not config.context_contrast:
-        if contrast_prompts is not None:
-            raise InvalidInputError("contrast prompts are read by context-aware decoding: set "
-                                    "GenerationConfig(context_contrast=a) with a > 0, or pass no contrast prompts")
-        return
-    if contrast_prompts is None:
-        raise InvalidInputError("context-aware decoding (context_contrast > 0) needs each prompt without its "
-                                "contexts: pass contrast_prompts (e.g. PromptTemplate.build([], question))")
-    if isinstance(contrast_prompts, (str, AnchorKV)) or len(contrast_prompts) != n_prompts:
-        raise InvalidInputError(
-            f"got {len(contrast_prompts)} contrast prompts for {n_prompts} prompts; give one per prompt")
+    _check_per_prompt(bool(config.context_contrast), contrast_prompts, n_prompts,
+                      "contrast prompts are read by context-aware decoding: set GenerationConfig(context_contrast=a) "
+                      "with a > 0, or pass no contrast prompts",
+                      "context-aware decoding (context_contrast > 0) needs each prompt without its contexts: pass "
+                      "contrast_prompts (e.g. PromptTemplate.build([], question))", "contrast prompts")
 
 
 def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
