@@ -30,15 +30,17 @@ import torch  # noqa: E402
 from sac_rag.eval import DATASETS, build_method, load_questions, measure_costs  # noqa: E402
 
 FULL_FT = "benchmarks/checkpoints/full-ft-smollm2-135m-squad"
-# (row label, method, ratio, checkpoint)
+# (row label, method, ratio, checkpoint, decoder adapter merged into a copy of the weights)
 METHODS = [
-    ("full-context", "full_context", 1, None),
-    ("full-ft", "full_ft", 1, FULL_FT),
-    ("no-context", "no_context", 1, None),
-    ("sac-5x", "sac", 5, "smollm2-135m-sac-5x"),
-    ("kv-dropping-5x", "kv_dropping", 5, None),
-    ("text-truncate-5x", "text_truncate", 5, None),
-    ("kv-dropping-15x", "kv_dropping", 15, None),
+    ("full-context", "full_context", 1, None, False),
+    ("full-ft", "full_ft", 1, FULL_FT, False),
+    ("full-ft-merged", "full_ft", 1, FULL_FT, True),
+    ("no-context", "no_context", 1, None, False),
+    ("sac-5x", "sac", 5, "smollm2-135m-sac-5x", False),
+    ("sac-5x-merged", "sac", 5, "smollm2-135m-sac-5x", True),
+    ("kv-dropping-5x", "kv_dropping", 5, None, False),
+    ("text-truncate-5x", "text_truncate", 5, None, False),
+    ("kv-dropping-15x", "kv_dropping", 15, None, False),
 ]
 
 
@@ -49,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--paragraphs", default="1,3,10", help="context lengths, in SQuAD paragraphs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--methods", default=",".join(m[0] for m in METHODS),
+                        help="row labels to measure, comma-separated (full-context, the reference, always runs)")
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--results", default="benchmarks/results/costs.jsonl")
     args = parser.parse_args(argv)
+    chosen = {"full-context", *args.methods.split(",")}
+    if unknown := chosen - {m[0] for m in METHODS}:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {[m[0] for m in METHODS]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pool = load_questions(Path(args.data_root) / DATASETS[args.dataset], 0, seed=0)
@@ -65,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
-    for label, name, ratio, checkpoint in METHODS:
-        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, "bfloat16")
+    for label, name, ratio, checkpoint, merge_decoder in METHODS:
+        if label not in chosen:
+            continue
+        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, args.dtype, merge_decoder=merge_decoder)
         for k, questions in settings.items():
             with torch.no_grad():
                 measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
@@ -74,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
             tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
             rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
-                         "context_tokens": round(tokens), **costs, "threads": torch.get_num_threads(), "run": run,
-                         "command": command})
+                         "context_tokens": round(tokens), **costs, "dtype": args.dtype,
+                         "threads": torch.get_num_threads(), "run": run, "command": command})
             print(json.dumps({k: rows[-1][k] for k in ("method", "paragraphs", "ttft_s", "decode_tokens_per_s")}))
         del method
         gc.collect()

@@ -2,12 +2,14 @@
 turning each chunk of text into the per-layer K/V of a few of its own tokens (METHOD.md).
 
 One model lives in memory: the encoder runs with the adapter on, the frozen decoder
-(``SACCompressor.decoder_mode``) with it off.
+(``SACCompressor.decoder_mode``) with it off. ``merged_decoder`` makes a second copy for
+decoding only, with the decoder adapter merged into its weights, when speed matters more than memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -244,6 +246,26 @@ class SACCompressor(torch.nn.Module):
         if self.config.lora_rank == 0:
             return contextlib.nullcontext()
         return self.model.disable_adapter()
+
+    def merged_decoder(self):
+        """A copy of the decoder that reads compressed contexts, without LoRA layers: the decoder
+        adapter (if any) merged into its weights, the encoder adapter left out. A step through it
+        skips the adapter's extra matrix products (``decoder_mode`` runs them on every layer), at
+        the cost of one more copy of the weights that an adapter touches; the others (embeddings,
+        norms) are shared. It is a snapshot: later changes to this compressor's weights do not
+        reach it. Merging rounds once, so its logits equal ``decoder_mode``'s up to float rounding."""
+        if self.config.lora_rank == 0:
+            return self._base  # no adapter anywhere: the model is already the decoder
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = {id(p) for m in self.model.modules() if isinstance(m, BaseTunerLayer) for p in m.parameters()}
+        shared = {id(p): p for p in self.model.parameters() if id(p) not in adapted}
+        copied = copy.deepcopy(self.model, memo=shared)  # the memo makes the copy reuse the shared tensors
+        if self.config.decoder_lora_rank:
+            decoder = copied.merge_and_unload(adapter_names=["decoder"])
+        else:
+            decoder = copied.unload()
+        return decoder.eval().requires_grad_(False)
 
     @contextlib.contextmanager
     def _adapter(self, name: str):

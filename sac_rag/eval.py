@@ -130,7 +130,8 @@ METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_
 
 
 def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str | None, device, dtype,
-                 decoder_adapter: str | None = None, anchor_strategy: str | None = None) -> Method:
+                 decoder_adapter: str | None = None, anchor_strategy: str | None = None,
+                 merge_decoder: bool = False) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
     ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
     ``no_context``, and hard text compression to 1/``ratio`` of the context's tokens:
@@ -142,7 +143,8 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
 
     ``decoder_adapter`` (a peft LoRA directory, e.g. the Full-FT one) makes the decoder of the
     baselines the QA-trained one, so that answer format is equal and only content differs; the
-    K/V of ``kv_dropping`` still come from the frozen model."""
+    K/V of ``kv_dropping`` still come from the frozen model. ``merge_decoder`` decodes with every
+    decoder adapter merged into a copy of the weights (faster; the same answers up to rounding)."""
     from .compressor import SACCompressor
     from .models import load_base_model
 
@@ -154,7 +156,7 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
             comp.retarget_ratio(ratio)
         if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
             comp.use_anchors(anchor_strategy)
-        return Method(name, comp.config.ratio, Generator.from_compressor(comp), comp.config.prompt, comp)
+        return Method(name, comp.config.ratio, Generator.from_compressor(comp, merge_decoder), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio
     if name == "full_ft":
         decoder_adapter = checkpoint
@@ -165,6 +167,8 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
 
         decoder = PeftModel.from_pretrained(load_base_model(base_model, device=device, dtype=dtype)[0],
                                             decoder_adapter).eval()
+        if merge_decoder:
+            decoder = decoder.merge_and_unload()
         generator = Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint)
     if name == "kv_dropping":
         comp = SACCompressor(SACConfig(base_model=base_model, ratio=ratio, lora_rank=0, bidirectional=False,
@@ -332,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(sac_rag.anchors, e.g. rarest_in_block)")
     parser.add_argument("--decoder-adapter", help="peft LoRA directory for the decoder of kv_dropping, text_* or "
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
+    parser.add_argument("--merge-decoder", action="store_true",
+                        help="decode with the decoder adapter (sac, full_ft, --decoder-adapter) merged into a copy "
+                             "of the weights: faster, the same answers up to rounding (labels get '-merged')")
     parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],
                         help="sac/kv_dropping: read the caches as an fp8/int8 store returns them")
     add_subset_arguments(parser, n_default=1000)
@@ -373,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams,
                            length_penalty=args.length_penalty, mbr=args.mbr, context_contrast=args.context_contrast,
                            contrast_plausibility=args.contrast_plausibility)
-    for tag in decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr, args.context_contrast,
-                             args.contrast_plausibility):
+    for tag in [*decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr, args.context_contrast,
+                               args.contrast_plausibility), *(["merged"] if args.merge_decoder else [])]:
         if tag not in label:
             label += f"-{tag}"
 
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.anchor_strategy and args.method != "sac":
         parser.error("--anchor-strategy applies to --method sac")
     method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, dtype,
-                          args.decoder_adapter, args.anchor_strategy)
+                          args.decoder_adapter, args.anchor_strategy, args.merge_decoder)
     if args.storage != "native":
         if method.compressor is None:
             parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
@@ -401,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
         "num_beams": args.num_beams, "length_penalty": args.length_penalty, "mbr": args.mbr,
+        "merge_decoder": args.merge_decoder,
         "context_contrast": args.context_contrast, "contrast_plausibility": args.contrast_plausibility,
         # Wall time of this command (answering and timing samples) and how many answers it
         # generated rather than read from the prediction cache; the load says how busy the host was.

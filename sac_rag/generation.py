@@ -150,7 +150,9 @@ class Generator:
     LM, or the LM with a compressor's decoder adapter); ``text_mode`` the state for prompts of
     text only (default: the same). A compressor's decoder adapter was trained to read its caches
     only, so ``from_compressor`` answers text-only prompts with the frozen LM: full-text
-    baselines through a SAC generator are the plain model's.
+    baselines through a SAC generator are the plain model's. ``reader``, if given, is a separate
+    model that reads the prompts with compressed contexts instead of ``model`` in ``decoder_mode``
+    (``from_compressor(..., merge_decoder=True)``: the decoder adapter merged into a copy).
 
     With ``GenerationConfig(extractive=True)``, ``sources`` gives each prompt the texts its
     answer must quote (the texts its compressed contexts were made from).
@@ -158,11 +160,12 @@ class Generator:
 
     def __init__(self, model, tokenizer, decoder_mode: Callable[[], contextlib.AbstractContextManager] | None = None,
                  base_fingerprint: str | None = None, accepts: Callable[[str], bool] | None = None,
-                 text_mode: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 text_mode: Callable[[], contextlib.AbstractContextManager] | None = None, reader=None):
         self.model = model
         self.tokenizer = tokenizer
         self.decoder_mode = decoder_mode or contextlib.nullcontext
         self.text_mode = text_mode or self.decoder_mode
+        self.reader = reader  # a separate model for prompts with compressed contexts (replaces decoder_mode)
         self.base_fingerprint = base_fingerprint or base_model_fingerprint(model, tokenizer)
         # Which compressed data this decoder can read: by default anything made on the same base
         # model (the decoder is the frozen base); a compressor with a decoder adapter narrows it.
@@ -181,13 +184,22 @@ class Generator:
         self._vocabulary: Vocabulary | None = None
 
     @classmethod
-    def from_compressor(cls, compressor) -> Generator:
-        accepts = text_mode = None
+    def from_compressor(cls, compressor, merge_decoder: bool = False) -> Generator:
+        """A generator sharing the compressor's model. ``merge_decoder``: read compressed contexts
+        with ``compressor.merged_decoder()`` instead, a copy with the decoder adapter merged into
+        its weights, which decodes faster (no LoRA layers per step) and costs one more copy of the
+        adapted weights. The copy is a snapshot, so the generator then reads only caches made by the
+        compressor's weights as they were when it was built."""
+        accepts = text_mode = reader = None
+        if merge_decoder:
+            reader = compressor.merged_decoder()
         if compressor.config.decoder_lora_rank:  # its decoder was trained with its own encoder, on caches
-            accepts = lambda fingerprint: same_model(fingerprint, compressor.fingerprint)  # noqa: E731
+            snapshot = compressor.fingerprint  # what a merged copy holds; the live weights may move on
+            accepts = lambda fingerprint: same_model(  # noqa: E731
+                fingerprint, snapshot if merge_decoder else compressor.fingerprint)
             text_mode = compressor.frozen_mode
         return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
-                   compressor.base_fingerprint, accepts, text_mode=text_mode)
+                   compressor.base_fingerprint, accepts, text_mode=text_mode, reader=reader)
 
     @property
     def device(self) -> torch.device:
@@ -215,7 +227,7 @@ class Generator:
             raise InvalidInputError("generate_batch takes a non-empty list of prompts")
         _check_sources(config, sources, len(prompts))
         _check_contrast(config, contrast_prompts, len(prompts))
-        if self.text_mode is not self.decoder_mode:  # text-only prompts decode in another model state
+        if self.text_mode is not self.decoder_mode or self.reader is not None:  # text-only prompts decode otherwise
             reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
             if any(reads_cache) and not all(reads_cache):
                 results: dict[int, Generation] = {}
@@ -327,21 +339,28 @@ class Generator:
             reads_cache = any(isinstance(seg, AnchorKV) for seg in segments)
         state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache)
         pending: list[int] = list(self._bos)
-        with self._mode(state.reads_cache):
+        with self._reading_model(state.reads_cache) as model:
             for i, seg in enumerate(segments):
                 if isinstance(seg, str):
                     pending += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
                     if i == len(segments) - 1:
-                        self._read_text(state, pending, all_logits)
+                        self._read_text(model, state, pending, all_logits)
                     continue
                 if pending:
-                    self._read_text(state, pending, all_logits=False)
+                    self._read_text(model, state, pending, all_logits=False)
                     pending = []
                 self._splice(state, seg)
         return state
 
-    def _mode(self, reads_cache: bool) -> contextlib.AbstractContextManager:
-        return (self.decoder_mode if reads_cache else self.text_mode)()
+    @contextlib.contextmanager
+    def _reading_model(self, reads_cache: bool) -> Iterator[Any]:
+        """The model that reads a prompt, in its state: ``reader`` for prompts with compressed
+        contexts if there is one, else ``model`` in ``decoder_mode`` (or ``text_mode``)."""
+        if reads_cache and self.reader is not None:
+            yield self.reader
+            return
+        with (self.decoder_mode if reads_cache else self.text_mode)():
+            yield self.model
 
     def _check_room(self, position: int) -> None:
         if self.max_positions is not None and position > self.max_positions:
@@ -350,11 +369,11 @@ class Generator:
                 f"retrieve fewer or shorter contexts, or compress them at a higher ratio"
             )
 
-    def _read_text(self, state: _Prefilled, ids: list[int], all_logits: bool) -> None:
+    def _read_text(self, model, state: _Prefilled, ids: list[int], all_logits: bool) -> None:
         self._check_room(state.position + len(ids))
         device = self.device
         past = state.cache.get_seq_length()
-        out = self.model(
+        out = model(
             input_ids=torch.as_tensor([ids], device=device),
             position_ids=torch.arange(state.position, state.position + len(ids), device=device)[None],
             attention_mask=torch.ones(1, past + len(ids), dtype=torch.long, device=device),
@@ -414,7 +433,7 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
-        with self._mode(states[0].reads_cache):  # generate_batch groups prompts by mode
+        with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
             for step in range(steps):
                 logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
                 logits = self._held_to_spans(logits, tracks)
@@ -429,7 +448,7 @@ class Generator:
                     break
                 for batch in (reading, contrast):
                     if batch is not None:
-                        self._advance(batch, tokens)
+                        self._advance(model, batch, tokens)
         for track in tracks:
             track.finish_reason = track.finish_reason or "length"
 
@@ -438,10 +457,10 @@ class Generator:
         return _Reading(cache, mask, torch.as_tensor([s.position for s in states], device=self.device),
                         torch.stack([s.logits for s in states]))
 
-    def _advance(self, reading: _Reading, tokens: torch.Tensor) -> None:
+    def _advance(self, model, reading: _Reading, tokens: torch.Tensor) -> None:
         """Each row of ``reading`` reads its next token: new logits, one more position."""
         reading.mask = torch.cat([reading.mask, reading.mask.new_ones(len(tokens), 1)], dim=1)
-        reading.logits = self._step(tokens, reading.positions, reading.mask, reading.cache)
+        reading.logits = self._step(model, tokens, reading.positions, reading.mask, reading.cache)
         reading.positions = reading.positions + 1
 
     def _step_budget(self, position: int, config: GenerationConfig) -> int:
@@ -471,7 +490,7 @@ class Generator:
         finished: list[tuple[float, float, _Track]] = []  # (normalised score, log-probability, answer), best first
         logits = state.logits[None]
         plain_logits = None if plain is None else plain.logits[None]
-        with self._mode(state.reads_cache):
+        with self._reading_model(state.reads_cache) as model:
             for step in range(steps):
                 scores = torch.as_tensor([score for _, score in running], device=logits.device)[:, None]
                 scores = scores + _contrasted(logits, plain_logits, config).float().log_softmax(-1)
@@ -502,7 +521,7 @@ class Generator:
                 for s in states:
                     s.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
                 logits, *rest = [self._step(
-                    tokens, torch.full((len(running),), s.position + step, device=self.device),
+                    model, tokens, torch.full((len(running),), s.position + step, device=self.device),
                     torch.ones(len(running), s.cache.get_seq_length() + 1, dtype=torch.long, device=self.device),
                     s.cache,
                 ) for s in states]
@@ -511,10 +530,10 @@ class Generator:
             return _consensus([(log_prob, track) for _, log_prob, track in finished])
         return finished[0][-1]
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def _step(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step: each row reads its token ``[rows]`` at its position ``[rows]`` after
         its cache (``mask``: which cache entries and this token it may attend to); next-token logits."""
-        out = self.model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
+        out = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=mask,
                          cache=cache, use_cache=True)
         return out.logits[:, -1]
 

@@ -290,6 +290,9 @@ class SACEngine:
     fingerprint; created on the first write-back if it does not exist yet), an open
     ``AnchorStore``, or None (chunks are then compressed when first seen and kept in memory).
 
+    ``merge_decoder``: answer from a copy of the model with the decoder adapter merged into its
+    weights (``Generator.from_compressor``), faster for one more copy of the adapted weights.
+
     Construction does no work; ``load()`` (or any use) loads the weights and opens the store.
     ``SACEngine.shared(...)`` returns one engine per distinct set of arguments, so a document
     compressor and an LLM built with the same arguments share weights, store and the chunks
@@ -298,7 +301,7 @@ class SACEngine:
 
     def __init__(self, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
                  store: str | os.PathLike | AnchorStore | None = None, *, device: str | None = None,
-                 dtype: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES):
+                 dtype: str | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES, merge_decoder: bool = False):
         if not isinstance(compressor, (str, os.PathLike, SACCompressor)):
             raise InvalidInputError(
                 f"compressor must be a built-in name, a directory or an SACCompressor, got {type(compressor).__name__}")
@@ -308,6 +311,7 @@ class SACEngine:
         self.store_spec = store
         self.device, self.dtype = device, dtype
         self.memory_bytes = memory_bytes
+        self.merge_decoder = merge_decoder
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
         self._pending_lock = threading.Lock()
@@ -315,13 +319,13 @@ class SACEngine:
     @classmethod
     def shared(cls, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
                store: str | os.PathLike | AnchorStore | None = None, *, device: str | None = None,
-               dtype: str | None = None) -> SACEngine:
+               dtype: str | None = None, merge_decoder: bool = False) -> SACEngine:
         """The process-wide engine for these arguments (made on first request, not loaded)."""
-        key = (_spec_key(compressor), _spec_key(store, path=True), str(device), str(dtype))
+        key = (_spec_key(compressor), _spec_key(store, path=True), str(device), str(dtype), merge_decoder)
         with _SHARED_GUARD:
             engine = _SHARED.get(key)
             if engine is None:
-                engine = _SHARED[key] = cls(compressor, store, device=device, dtype=dtype)
+                engine = _SHARED[key] = cls(compressor, store, device=device, dtype=dtype, merge_decoder=merge_decoder)
             return engine
 
     def __repr__(self) -> str:
@@ -357,7 +361,7 @@ class SACEngine:
                     else:
                         logger.warning("no anchor store at %s yet: chunks are compressed as they come, and "
                                        "the store is created when the first one is written back", store_path)
-                self._loaded = _Loaded(compressor, Generator.from_compressor(compressor), resolver,
+                self._loaded = _Loaded(compressor, Generator.from_compressor(compressor, self.merge_decoder), resolver,
                                        model_lock(compressor), store_path)
         return self._loaded
 

@@ -24,11 +24,16 @@ Context = str | AnchorKV | Sequence[AnchorKV]
 
 
 class SAC:
-    """Compress contexts and answer questions from them with the frozen decoder."""
+    """Compress contexts and answer questions from them with the frozen decoder.
 
-    def __init__(self, compressor: SACCompressor, generation: GenerationConfig | None = None):
+    ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
+    weights (``Generator.from_compressor``): faster answers for one more copy of the adapted
+    weights in memory."""
+
+    def __init__(self, compressor: SACCompressor, generation: GenerationConfig | None = None,
+                 merge_decoder: bool = False):
         self.compressor = compressor
-        self.generator = Generator.from_compressor(compressor)
+        self.generator = Generator.from_compressor(compressor, merge_decoder)
         self.template = compressor.config.prompt
         self.generation = generation or GenerationConfig(stop=("\n###",))
 
@@ -39,8 +44,9 @@ class SAC:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         generation: GenerationConfig | None = None,
+        merge_decoder: bool = False,
     ) -> SAC:
-        return cls(SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype), generation)
+        return cls(SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype), generation, merge_decoder)
 
     @property
     def fingerprint(self) -> str:

@@ -322,6 +322,57 @@ def test_decoder_adapter_refuses_caches_from_other_compressors_of_the_same_base(
         Generator.from_compressor(comp).generate([plain.compress(TEXT), " the tower"])
 
 
+def test_a_merged_decoder_answers_as_the_adapter_does_and_leaves_the_compressor_as_it_was(tiny):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    _perturb(comp, seed=3)
+    fingerprint, weights = comp.fingerprint, {k: v.clone() for k, v in comp.trainable_tensors().items()}
+    cached = [comp.compress(TEXT), " the tower"]
+    adapter = Generator.from_compressor(comp)
+    merged = Generator.from_compressor(comp, merge_decoder=True)
+    # the same decoder up to rounding, and not the frozen one
+    torch.testing.assert_close(merged.prompt_logits(cached), adapter.prompt_logits(cached), atol=1e-5, rtol=1e-5)
+    with comp.frozen_mode():
+        plain = Generator(comp.base_model, comp.tokenizer, base_fingerprint=comp.base_fingerprint)
+        frozen = plain.prompt_logits(cached)
+    assert not torch.allclose(merged.prompt_logits(cached), frozen, atol=1e-3)
+    # the same answers: greedy batches mixing text-only prompts (read by the frozen LM), and beams
+    prompts = [cached, TEXT + " the tower", [comp.compress(TEXT * 2), " Paris"]]
+    for config in (GenerationConfig(max_new_tokens=8), GenerationConfig(max_new_tokens=8, num_beams=3)):
+        assert ([g.token_ids for g in merged.generate_batch(prompts, config)]
+                == [g.token_ids for g in adapter.generate_batch(prompts, config)])
+    # the copy holds no LoRA layers, shares what no adapter touches, and changed nothing in the compressor
+    assert not any("lora_" in name for name, _ in merged.reader.named_parameters())
+    embeddings = merged.reader.get_input_embeddings().weight
+    assert embeddings.data_ptr() == comp.base_model.get_input_embeddings().weight.data_ptr()
+    assert comp.fingerprint == fingerprint
+    for name, tensor in comp.trainable_tensors().items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+    torch.testing.assert_close(comp.compress(TEXT)[0].keys, cached[0][0].keys, rtol=0, atol=0)
+
+
+def test_a_merged_decoder_is_a_snapshot_that_refuses_caches_of_later_weights(tiny):
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    merged = Generator.from_compressor(comp, merge_decoder=True)
+    adapter = Generator.from_compressor(comp)
+    _perturb(comp, seed=5)  # training on: the compressor's weights move, the merged copy does not
+    later = [comp.compress(TEXT), " the tower"]
+    adapter.generate(later, GenerationConfig(max_new_tokens=2))  # the live decoder follows its compressor
+    with pytest.raises(FingerprintMismatchError) as err:
+        merged.generate(later, GenerationConfig(max_new_tokens=2))
+    assert comp.fingerprint in str(err.value)
+
+
+def test_a_merged_frozen_decoder_is_the_base_lm_without_adapter_layers(tiny):
+    comp = _compressor(tiny)  # encoder adapter only: the decoder is the frozen LM
+    cached = [comp.compress(TEXT), " the tower"]
+    merged = Generator.from_compressor(comp, merge_decoder=True)
+    assert not any("lora_" in name for name, _ in merged.reader.named_parameters())
+    torch.testing.assert_close(merged.prompt_logits(cached), Generator.from_compressor(comp).prompt_logits(cached),
+                               rtol=0, atol=0)
+    no_adapter = _compressor(make_tiny_llama(), lora_rank=0)
+    assert Generator.from_compressor(no_adapter, merge_decoder=True).reader is no_adapter.base_model
+
+
 def test_retargeting_the_ratio_keeps_the_weights_and_changes_anchors_and_fingerprint(tiny):
     comp = _compressor(tiny, ratio=5)
     ids = _ids(tiny[1])[:60]

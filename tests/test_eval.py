@@ -179,6 +179,22 @@ def test_8bit_storage_and_an_adapted_decoder_are_separate_rows(workspace):
         _run(workspace, "--method", "full_context", "--storage", "int8")
 
 
+def test_a_merged_decoder_is_a_row_of_its_own_with_the_same_answers(workspace):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = make_tiny_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(workspace / "adapter")
+    adapter = ["--method", "full_ft", "--checkpoint", str(workspace / "adapter")]
+    live, merged = _run(workspace, *adapter), _run(workspace, *adapter, "--merge-decoder")
+    assert (live["method"], merged["method"], merged["merge_decoder"]) == ("full_ft", "full_ft-merged", True)
+    predictions = {p.name.split("-float32")[0]: [json.loads(line)["prediction"] for line in p.read_text().splitlines()]
+                   for p in (workspace / "results" / "predictions").glob("*.jsonl")}
+    assert predictions["full_ft-merged"] == predictions["full_ft"]
+    sac = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "compressor"), "--merge-decoder")
+    assert sac["method"] == "sac-merged" and sac["n"] == 4
+
+
 @pytest.mark.parametrize("name", ["full_context", "text_truncate", "kv_dropping"])
 def test_questions_with_passages_read_each_passage_in_order(workspace, name):
     """The RAG setting: a question reads its retrieved passages (each compressed or shortened

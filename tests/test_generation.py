@@ -175,6 +175,10 @@ def test_sac_facade_answers_from_compressed_and_from_full_text(setup):
     batch = sac.answer_batch(["Who?", "What?"], [[TEXT], [TEXT * 2]])
     assert len(batch) == 2 and batch[0].token_ids == sac.answer("Who?", [TEXT]).token_ids
     assert "".join(sac.stream("Who?", [TEXT])) == sac.answer("Who?", [TEXT]).text
+    merged = SAC(comp, GenerationConfig(max_new_tokens=6), merge_decoder=True)
+    assert merged.generator.reader is not None and sac.generator.reader is None
+    assert merged.answer("Who finished the tower?", [TEXT]).token_ids == sac.answer("Who finished the tower?",
+                                                                                    [TEXT]).token_ids
 
 
 def test_generation_stops_at_the_model_context_limit(tiny):

@@ -116,6 +116,25 @@ def test_construction_loads_nothing():
     engine = SACEngine("no-such-compressor", "/nonexistent/store")
     assert not engine.loaded
     assert SACEngine.shared("no-such-compressor") is SACEngine.shared("no-such-compressor")
+    assert SACEngine.shared("no-such-compressor", merge_decoder=True) is not SACEngine.shared("no-such-compressor")
+
+
+def test_an_engine_with_a_merged_decoder_answers_from_the_store_as_the_adapter_does(tmp_path):
+    model, tokenizer = make_tiny_llama()
+    compressor = SACCompressor(SACConfig(base_model="tiny-0", ratio=5, chunk_len=64, lora_rank=4, decoder_lora_rank=4),
+                               model=model, tokenizer=tokenizer)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapters an effect
+        for name, param in compressor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    store = AnchorStore.create(tmp_path / "store", compressor.fingerprint, 5, "float32")
+    store.put(AnchorStore.key_for(PASSAGES[1]), compressor.compress(PASSAGES[1])[0])
+    prompt = compressor.config.prompt.build([markers_for([AnchorStore.key_for(PASSAGES[1])])], "Who keeps bees?")
+    merged, live = SACEngine(compressor, store, merge_decoder=True), SACEngine(compressor, store)
+    assert merged.generator.reader is not None and live.generator.reader is None
+    answers = [engine.generator.generate(engine.segments(prompt[0]), GenerationConfig(max_new_tokens=6))
+               for engine in (merged, live)]
+    assert answers[0].token_ids == answers[1].token_ids and answers[0].cached_tokens > 0
 
 
 def test_concurrent_generate_calls_are_decoded_as_one_batch(compressor, store, monkeypatch):
