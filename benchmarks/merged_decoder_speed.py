@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compressor", default="smollm2-135m-sac-5x")
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--questions", type=int, default=8, help="questions answered together in one batch")
+    parser.add_argument("--questions", type=int, default=8, help="questions timed, in batches of each --batch-sizes")
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes to time, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)

@@ -253,7 +253,8 @@ class SACCompressor(torch.nn.Module):
         skips the adapter's extra matrix products (``decoder_mode`` runs them on every layer), at
         the cost of one more copy of the weights that an adapter touches; the others (embeddings,
         norms) are shared. It is a snapshot: later changes to this compressor's weights do not
-        reach it. Merging rounds once, so its logits equal ``decoder_mode``'s up to float rounding."""
+        reach it. Merging rounds once, so its logits equal ``decoder_mode``'s up to float rounding.
+        A compressor without any adapter (``lora_rank=0``) returns its model itself: nothing to merge."""
         if self.config.lora_rank == 0:
             return self._base  # no adapter anywhere: the model is already the decoder
         from peft.tuners.tuners_utils import BaseTunerLayer
