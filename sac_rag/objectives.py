@@ -161,6 +161,8 @@ class SACObjective:
     only the answer: a question's tokens are predictable from the passage, so the teacher's
     distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
     ``divergence="reverse"`` uses KL(student || teacher) instead of KL(teacher || student).
+    ``temperature`` T divides both models' logits before the softmax and multiplies the KL by T^2
+    (Hinton et al.), so at T > 1 the student also matches how the teacher ranks its unlikely tokens.
     ``on_policy_tokens`` > 0 also distils on the student's own answers (on-policy distillation, as
     in GKD): each real question is first answered greedily from the compressed passages (at most
     that many tokens), and where that answer differs from the gold one, the teacher's distribution
@@ -174,13 +176,15 @@ class SACObjective:
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
                  teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0,
-                 divergence: str = "forward", on_policy_tokens: int = 0):
+                 divergence: str = "forward", on_policy_tokens: int = 0, temperature: float = 1.0):
         if on_policy_tokens < 0:
             raise ValueError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
         if distill_tokens not in DISTILL_TOKENS:
             raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
         if divergence not in DISTILL_DIVERGENCES:
             raise ValueError(f"divergence must be one of {DISTILL_DIVERGENCES}, got {divergence!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (1 = the plain KL), got {temperature}")
         self.compressor = compressor
         self.distill_weight = distill_weight
         self.hidden_weight = hidden_weight
@@ -188,6 +192,7 @@ class SACObjective:
         self.teacher = teacher
         self.distill_tokens = distill_tokens
         self.divergence = divergence
+        self.temperature = temperature
         self.on_policy_tokens = on_policy_tokens
         tokenizer = compressor.tokenizer
         self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
@@ -266,7 +271,7 @@ class SACObjective:
             if self.on_policy_tokens:
                 stats["on_policy_tokens"] = int((distilled & own_answer).sum())
             if self.distill_weight > 0:
-                kl = _kl(student.logits[distilled], teacher.logits[distilled], self.divergence)
+                kl = _kl(student.logits[distilled], teacher.logits[distilled], self.divergence, self.temperature)
                 loss = loss + self.distill_weight * kl
                 stats["kl"] = kl.item()
             if self.hidden_weight > 0:
@@ -312,13 +317,17 @@ class SACObjective:
                                 every_token=every_token, layers=self.hidden_weight > 0)
 
 
-def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")."""
-    student, teacher = student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1)
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
+        temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")
+    between the temperature-softened distributions, times temperature^2."""
+    student = (student_logits.float() / temperature).log_softmax(-1)
+    teacher = (teacher_logits.float() / temperature).log_softmax(-1)
+    scale = temperature ** 2
     # F.kl_div(input, target) is KL(target || input), both given as log-probabilities here.
     if divergence == "reverse":
-        return F.kl_div(teacher, student, log_target=True, reduction="batchmean")
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return scale * F.kl_div(teacher, student, log_target=True, reduction="batchmean")
+    return scale * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def _hidden_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

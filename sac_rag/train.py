@@ -111,6 +111,9 @@ class TrainConfig:
     distill_divergence: str = _help("'forward' KL(teacher || student), or 'reverse' KL(student || teacher): "
                                     "the student's mass on the teacher's likeliest tokens (mode seeking)",
                                     default="forward")
+    distill_temperature: float = _help("softmax temperature of both distributions in the KL (Hinton et al.: > 1 "
+                                       "shows the student the teacher's less likely tokens too); the term is "
+                                       "scaled by its square so its gradient keeps its size", default=1.0)
     distill_on_policy_tokens: int = _help("also distil on the compressor's own greedy answers, up to this many "
                                           "tokens each, never trained by CE (on-policy distillation; 0 = off)",
                                           default=0)
@@ -186,6 +189,8 @@ class TrainConfig:
             raise SACError(f"snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
             raise SACError("distill_weight and distill_hidden_weight must be >= 0")
+        if not self.distill_temperature > 0:
+            raise SACError(f"distill_temperature must be > 0 (1 = the plain KL), got {self.distill_temperature}")
         if self.distill_on_policy_tokens < 0:
             raise SACError(f"distill_on_policy_tokens must be >= 0 (0 = off), got {self.distill_on_policy_tokens}")
         if self.distill_on_policy_tokens and not (self.distill_weight or self.distill_hidden_weight):
@@ -345,6 +350,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
                              teacher=teacher, distill_tokens=cfg.distill_tokens,
                              hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence,
+                             temperature=cfg.distill_temperature,
                              on_policy_tokens=cfg.distill_on_policy_tokens)
     return comp, objective
 

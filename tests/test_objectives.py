@@ -196,6 +196,20 @@ def test_the_reverse_divergence_is_kl_of_the_student_from_the_teacher_with_its_g
         assert torch.allclose(grad, expected_grad, atol=1e-6) and grad.abs().sum() > 0
 
 
+def test_a_distillation_temperature_softens_both_distributions_and_scales_the_kl_by_its_square():
+    from sac_rag.objectives import SACObjective, _kl
+
+    teacher, student = torch.randn(6, 11) * 4, torch.randn(6, 11) * 4
+    for temperature in (1.0, 2.0, 0.5):
+        t, s = (teacher / temperature).log_softmax(-1), (student / temperature).log_softmax(-1)
+        by_hand = temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
+        assert _kl(student, teacher, "forward", temperature).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert _kl(student, teacher, "forward", 1.0).item() == _kl(student, teacher, "forward").item()
+    assert _kl(student, teacher, "forward", 2.0).item() != pytest.approx(_kl(student, teacher, "forward").item())
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SACObjective(_kv_dropping(ratio=3), distill_weight=1.0, temperature=0.0)
+
+
 def test_the_reverse_divergence_is_zero_on_the_full_text_and_differs_from_the_forward_one_after_compression():
     assert _loss_stats(_kv_dropping(ratio=1), divergence="reverse")[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     comp = _kv_dropping(ratio=3)
