@@ -162,7 +162,8 @@ class SACObjective:
     distribution over them says what the passage held (a dense signal; the answer is ~3 tokens).
     ``divergence="reverse"`` uses KL(student || teacher) instead of KL(teacher || student).
     ``temperature`` T divides both models' logits before the softmax and multiplies the KL by T^2
-    (Hinton et al.), so at T > 1 the student also matches how the teacher ranks its unlikely tokens.
+    (Hinton et al.), so at T > 1 the student also matches how the teacher ranks its unlikely tokens;
+    the logged ``kl`` is that scaled term.
     ``on_policy_tokens`` > 0 also distils on the student's own answers (on-policy distillation, as
     in GKD): each real question is first answered greedily from the compressed passages (at most
     that many tokens), and where that answer differs from the gold one, the teacher's distribution

@@ -191,6 +191,9 @@ class TrainConfig:
             raise SACError("distill_weight and distill_hidden_weight must be >= 0")
         if not self.distill_temperature > 0:
             raise SACError(f"distill_temperature must be > 0 (1 = the plain KL), got {self.distill_temperature}")
+        if self.distill_temperature != 1.0 and not self.distill_weight:
+            raise SACError("distill_temperature is set but distill_weight is 0: the temperature softens only the "
+                           "KL term, so give it a weight")
         if self.distill_on_policy_tokens < 0:
             raise SACError(f"distill_on_policy_tokens must be >= 0 (0 = off), got {self.distill_on_policy_tokens}")
         if self.distill_on_policy_tokens and not (self.distill_weight or self.distill_hidden_weight):

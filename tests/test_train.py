@@ -195,10 +195,12 @@ def test_unknown_distillation_divergence_is_refused():
     assert parse_config(["--distill-divergence", "reverse"]).distill_divergence == "reverse"
 
 
-def test_a_distillation_temperature_that_is_not_positive_is_refused():
+def test_a_distillation_temperature_that_is_not_positive_or_has_no_kl_to_soften_is_refused():
     with pytest.raises(SACError, match="distill_temperature must be > 0"):
-        parse_config(["--distill-temperature", "0"])
-    assert parse_config(["--distill-temperature", "2"]).distill_temperature == 2.0
+        parse_config(["--distill-temperature", "0", "--distill-weight", "1"])
+    with pytest.raises(SACError, match="distill_temperature is set but distill_weight is 0"):
+        parse_config(["--distill-temperature", "2"])
+    assert parse_config(["--distill-temperature", "2", "--distill-weight", "1"]).distill_temperature == 2.0
 
 
 def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
