@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from sac_rag.eval import DATASETS, build_method, load_questions, measure_costs  # noqa: E402
+from sac_rag.files import append_jsonl  # noqa: E402
 
 FULL_FT = "benchmarks/checkpoints/full-ft-smollm2-135m-squad"
 # (row label, method, ratio, checkpoint, decoder adapter merged into a copy of the weights)
@@ -94,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = full[row["paragraphs"]]
         for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
             row[f"{key}_vs_full_context"] = row[key] / ref[key] if row[key] and ref[key] else None
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    append_jsonl(args.results, rows)
     return 0
 
 

@@ -13,11 +13,11 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from sac_rag.devices import bf16_is_fast
+from sac_rag.files import append_jsonl
 from sac_rag.models import load_base_model
 
 
@@ -86,9 +86,7 @@ def main() -> None:
                        ("train_step", "train_step_s_bf16_autocast")):
         fp32 = row[f"{what}_s_float32"]
         row[f"{what}_bf16_over_fp32"] = round(row[bf16] / fp32, 2)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(args.results, [row])
     print(json.dumps(row, indent=1))
 
 

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from sac_rag import GenerationConfig, Generator, SACCompressor  # noqa: E402
 from sac_rag.eval import DATASETS, load_questions  # noqa: E402
+from sac_rag.files import append_jsonl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         shown = ("batch_size", "adapter_s", "merged_s", "speedup", "answers_identical")
         print(json.dumps({k: rows[-1][k] for k in shown}))
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    append_jsonl(args.results, rows)
     return 0
 
 

@@ -77,6 +77,7 @@ from sac_rag.eval import (  # noqa: E402
     read_predictions,
     run,
 )
+from sac_rag.files import append_jsonl  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -324,9 +325,7 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
 
 
 def write_row(results: str, row: dict) -> None:
-    Path(results).parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(results, [row])
     print(json.dumps({k: row[k] for k in ("method", "n", "f1", "em", "ttft_s", "text_tokens_per_query",
                                           "cached_entries_per_query", "recall_at_k")}))
 

@@ -28,6 +28,7 @@ from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError
+from .files import append_jsonl
 from .fingerprint import compressor_tag
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -416,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
         "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(args.results, [row])
     print(json.dumps({k: row[k] for k in ("method", "ratio", "dataset", "n", "f1", "em", "f1_ci")}))
     return 0
 

@@ -1,7 +1,9 @@
-"""Crash-safe file writes: a reader sees the old content or all of the new, never a mix."""
+"""Crash-safe file writes: a reader sees the old content or all of the new, never a mix; and the
+append-only JSONL logs that results grow in (rows already written are never rewritten)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,3 +31,11 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append each row to ``path`` as one JSON line, creating its folder; earlier rows stay as they are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))

@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sac_rag.config import PromptTemplate
     from sac_rag.eval import load_questions
+    from sac_rag.files import append_jsonl
     from sac_rag.metrics import summarize
 
     presses = [p for p in args.presses.split(",") if p]
@@ -316,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     logger.exception("%s failed", label)
                     row = {"method": method + suffix, "label": label, "press": press_name, "ratio": r,
                            "decoder": decoder, "error": f"{type(exc).__name__}: {exc}", "command": command}
-                    with open(results, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_jsonl(results, [row])
                     continue
                 scores = summarize(preds, [q.answers for q in questions])
                 row = {
@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     "checkpoint": args.adapter if decoder == "full-ft" else None,
                     "dtype": args.dtype, "threads": torch.get_num_threads(), **versions, "command": command,
                 }
-                results.parent.mkdir(parents=True, exist_ok=True)
-                with open(results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(results, [row])
                 print(json.dumps({k: row.get(k) for k in ("label", "n", "f1", "em", "f1_ci", "ttft_s",
                                                            "kv_bytes_per_query")}), flush=True)
         del model, runner
