@@ -7,7 +7,7 @@ answer (QA). Optional extras: several questions per compressed context, syntheti
 ("which words follow ...", trained by cross-entropy only), distractor passages, distillation
 from a teacher reading the full text (the frozen decoder, or the Full-FT model) on its output
 distribution and, optionally, on every layer's hidden states or also on the compressor's own
-greedy answers (on-policy), and the +AE ablation.
+greedy answers (on-policy), minimum risk training on answers it samples, and the +AE ablation.
 ``FullTextObjective`` trains the "Full-FT" upper bound: a decoder LoRA reading the full text.
 """
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Paragraph
+from .metrics import squad_f1
 
 IGNORE = -100
 DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation KL covers
@@ -170,6 +171,13 @@ class SACObjective:
     at each of its tokens is matched too. The gold answer alone shows the student the teacher's
     next token after a correct prefix; its own answer shows it how the teacher would go on after
     the prefixes it actually produces. These rows are distilled only, never trained by CE.
+    ``risk_weight`` > 0 adds minimum risk training (Shen et al., 2016) on each real question: the
+    compressor samples ``risk_samples`` answers of at most ``risk_max_tokens`` tokens (no gradient),
+    and the term is the expected cost 1 - F1 (SQuAD's, against the gold answer) over the distinct
+    candidates, the gold answer among them, weighted by the softmax of their log-probabilities under
+    the compressor. Cross-entropy raises the gold answer only; this also lowers the compressor's own
+    wrong answers, each by how far it is from the gold one, which is what greedy and beam search
+    then choose between.
     ``hidden_weight`` > 0 adds a denser term at the same positions: the mean over decoder layers
     of the squared distance between the student's and the teacher's layer outputs, each
     RMS-normalised per token (so a few large-magnitude dimensions do not dominate).
@@ -177,7 +185,8 @@ class SACObjective:
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
                  teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0,
-                 divergence: str = "forward", on_policy_tokens: int = 0, temperature: float = 1.0):
+                 divergence: str = "forward", on_policy_tokens: int = 0, temperature: float = 1.0,
+                 risk_weight: float = 0.0, risk_samples: int = 4, risk_max_tokens: int = 12):
         if on_policy_tokens < 0:
             raise ValueError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
         if distill_tokens not in DISTILL_TOKENS:
@@ -186,6 +195,9 @@ class SACObjective:
             raise ValueError(f"divergence must be one of {DISTILL_DIVERGENCES}, got {divergence!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (1 = the plain KL), got {temperature}")
+        if risk_weight < 0 or risk_samples < 1 or risk_max_tokens < 1:
+            raise ValueError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
+                             f"{risk_weight}, {risk_samples}, {risk_max_tokens}")
         self.compressor = compressor
         self.distill_weight = distill_weight
         self.hidden_weight = hidden_weight
@@ -195,6 +207,7 @@ class SACObjective:
         self.divergence = divergence
         self.temperature = temperature
         self.on_policy_tokens = on_policy_tokens
+        self.risk_weight, self.risk_samples, self.risk_max_tokens = risk_weight, risk_samples, risk_max_tokens
         tokenizer = compressor.tokenizer
         self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
         self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
@@ -280,6 +293,12 @@ class SACObjective:
                 loss = loss + self.hidden_weight * hidden
                 stats["hidden"] = hidden.item()
 
+        real = [r for r in range(gold_rows) if distilled_rows[r]]  # not span questions
+        if self.risk_weight > 0 and real:
+            risk, candidates, sample_f1 = self._expected_risk(caches, context_lengths, rows, row_owner, real)
+            loss = loss + self.risk_weight * risk
+            stats.update(risk=risk.item(), risk_candidates=candidates, sample_f1=sample_f1)
+
         if self.ae_weight > 0:
             texts = [[t for passage in ex.passages for t in passage][: chunk_len + 1] for ex in examples]
             ae_rows = [(text[:1], text[1:]) for text in texts]
@@ -303,6 +322,36 @@ class SACObjective:
                                      self.on_policy_tokens)
         return [((prompt, answer), row_owner[r]) for r, prompt, answer in zip(asked, prompts, answers)
                 if answer != rows[r][1]]
+
+    def _expected_risk(self, caches, context_lengths, rows, row_owner, asked) -> tuple[torch.Tensor, int, float]:
+        """Minimum risk training on rows ``asked``: the expected cost over each row's candidates
+        (its gold answer and its distinct sampled ones), the number of candidates, and the mean
+        F1 of the samples."""
+        comp = self.compressor
+        eos, k = comp.tokenizer.eos_token_id, self.risk_samples
+        with torch.no_grad(), comp.decoder_mode():
+            samples = greedy_answers(comp.base_model, [(key.detach(), v.detach()) for key, v in caches],
+                                     context_lengths, [rows[r][0] for r in asked for _ in range(k)],
+                                     [row_owner[r] for r in asked for _ in range(k)], eos, self.risk_max_tokens,
+                                     sample=True)
+        candidates, owners, groups, costs, sample_f1 = [], [], [], [], []
+        for g, r in enumerate(asked):
+            prompt, gold = rows[r]
+            gold_text = _answer_text(comp.tokenizer, gold)
+            drawn = samples[g * k : (g + 1) * k]
+            sample_f1 += [squad_f1(_answer_text(comp.tokenizer, answer), [gold_text]) for answer in drawn]
+            for answer in dict.fromkeys(tuple(a) for a in [gold] + drawn):
+                candidates.append((prompt, list(answer)))
+                owners.append(row_owner[r])
+                groups.append(g)
+                costs.append(1.0 - squad_f1(_answer_text(comp.tokenizer, answer), [gold_text]))
+        with comp.decoder_mode():
+            decoded = _decode_rows(comp.base_model, caches, context_lengths, candidates, owners)
+        token_log_probs = -F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
+        log_probs = torch.zeros(len(candidates), device=token_log_probs.device).index_add(
+            0, decoded.row, token_log_probs)
+        risk = expected_risk(log_probs, torch.as_tensor(costs, device=log_probs.device), groups)
+        return risk, len(candidates), sum(sample_f1) / len(sample_f1)
 
     def _teacher_rows(self, examples, context_lengths, rows, row_owner, every_token) -> DecodedRows:
         """The teacher reading the passages as text, decoded at the same rows and positions."""
@@ -329,6 +378,18 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: 
     if divergence == "reverse":
         return scale * F.kl_div(teacher, student, log_target=True, reduction="batchmean")
     return scale * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def _answer_text(tokenizer, answer) -> str:
+    return tokenizer.decode([t for t in answer if t != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+
+
+def expected_risk(log_probs: torch.Tensor, costs: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """Mean over groups of sum_i Q(i) cost(i), Q the softmax of ``log_probs`` within each group
+    (a group: one question's candidate answers)."""
+    index = torch.as_tensor(groups, device=log_probs.device)
+    per_group = [(log_probs[index == g].softmax(0) * costs[index == g]).sum() for g in sorted(set(groups))]
+    return torch.stack(per_group).mean()
 
 
 def _hidden_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -404,37 +465,62 @@ class DecodedRows:
     layers: torch.Tensor | None = None
 
 
-def greedy_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int) -> list[list[int]]:
-    """Greedy answer (ending in ``eos``, or cut at ``max_tokens``) to each prompt, read after its
-    cache ``caches[row_owner[r]]`` as ``_decode_rows`` lays it out; call without gradients. Each
-    step re-reads the prompt and the answer so far through ``_decode_rows`` (answers are a few
-    tokens), so the rows are laid out exactly as the loss reads them, with no cache per row."""
+def greedy_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int,
+                   sample: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Answer (ending in ``eos``, or cut at ``max_tokens``) to each prompt, read after its cache
+    ``caches[row_owner[r]]`` as ``_decode_rows`` lays it out: greedy, or with ``sample`` drawn
+    from the full distribution (temperature 1; torch's global RNG unless ``generator``). Call
+    without gradients. The prompts are read
+    once and each answer token is appended to the rows' cache, as generation does."""
+    inputs = _row_inputs(model, caches, context_lengths, [(prompt, []) for prompt in prompts], row_owner)
+    device = inputs.ids.device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    every = torch.arange(len(prompts), device=device)
+    last = torch.as_tensor([len(prompt) - 1 for prompt in prompts], device=device)
+    out = decoder(input_ids=inputs.ids, position_ids=inputs.positions, attention_mask=inputs.mask,
+                  cache=inputs.cache, use_cache=True)
+    hidden, position, mask = out.last_hidden_state[every, last], inputs.positions[every, last], inputs.mask
     answers: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts)))
-    for _ in range(max_tokens):
-        if not live:
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_tokens):
+        logits = head(hidden).float()
+        if not sample:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(device)
+        for r in (~finished).nonzero()[:, 0].tolist():
+            answers[r].append(int(tokens[r]))
+        finished |= tokens == eos
+        if bool(finished.all()) or step == max_tokens - 1:
             break
-        # The one target token (a placeholder) puts the kept position on the last token read.
-        rows = [(prompts[r] + answers[r], [eos]) for r in live]
-        decoded = _decode_rows(model, caches, context_lengths, rows, [row_owner[r] for r in live])
-        for r, token in zip(live, decoded.logits.argmax(-1).tolist()):
-            answers[r].append(token)
-        live = [r for r in live if answers[r][-1] != eos]
+        position = position + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = decoder(input_ids=tokens[:, None], position_ids=position[:, None], attention_mask=mask,
+                      cache=inputs.cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
     return answers
 
 
-def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False,
-                 layers: bool = False) -> DecodedRows:
-    """Decoder pass over many rows at once. Row r reads cache ``caches[row_owner[r]]`` (left-padded
-    to a common length, pads masked), then its prompt + target tokens at positions continuing
-    from its context length. Kept are the target positions, or every position with a next token
-    when ``every_token``; ``layers`` also returns the decoder layers' outputs there."""
+@dataclass
+class _RowInputs:
+    """Decoder inputs for rows that each read a cache, then their own tokens (see ``_row_inputs``)."""
+
+    cache: object  # transformers DynamicCache: each row's cache, left-padded to a common length
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor  # [rows, cache + text]: pads of either part masked
+    labels: torch.Tensor
+    is_target: torch.Tensor
+
+
+def _row_inputs(model, caches, context_lengths, rows, row_owner) -> _RowInputs:
+    """Row r reads cache ``caches[row_owner[r]]`` (left-padded to a common length, pads masked),
+    then its prompt + target tokens at positions continuing from its context length."""
     from transformers import DynamicCache
 
     device = caches[0][0].device
     width_cache = max(k.shape[2] for k, _ in caches)
     ids, text_mask, labels, is_target = _pad_rows(rows)
-    width_text = ids.shape[1]
     cache_mask = torch.zeros(len(rows), width_cache, dtype=torch.long)
     index = torch.as_tensor(row_owner, device=device)
     padded_k, padded_v = [], []
@@ -451,23 +537,33 @@ def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: b
         config=model.config,
     )
     starts = torch.as_tensor([context_lengths[o] for o in row_owner])
-    positions = starts[:, None] + torch.arange(width_text)[None]
+    positions = starts[:, None] + torch.arange(ids.shape[1])[None]
+    return _RowInputs(cache=cache, ids=ids.to(device), positions=positions.to(device),
+                      mask=torch.cat([cache_mask, text_mask], dim=1).to(device),
+                      labels=labels.to(device), is_target=is_target.to(device))
+
+
+def _decode_rows(model, caches, context_lengths, rows, row_owner, every_token: bool = False,
+                 layers: bool = False) -> DecodedRows:
+    """Decoder pass over many rows at once, laid out by ``_row_inputs``. Kept are the target
+    positions, or every position with a next token when ``every_token``; ``layers`` also returns
+    the decoder layers' outputs there."""
+    inputs = _row_inputs(model, caches, context_lengths, rows, row_owner)
     out = model.get_decoder()(
-        input_ids=ids.to(device),
-        position_ids=positions.to(device),
-        attention_mask=torch.cat([cache_mask, text_mask], dim=1).to(device),
-        cache=cache,
+        input_ids=inputs.ids,
+        position_ids=inputs.positions,
+        attention_mask=inputs.mask,
+        cache=inputs.cache,
         use_cache=True,
         output_hidden_states=layers,
     )
-    keep = (labels != IGNORE) if every_token else is_target
-    keep = keep.to(device)
+    keep = (inputs.labels != IGNORE) if every_token else inputs.is_target
     # The LM head (vocab-sized) only where it is needed: most of a step's cost otherwise.
     return DecodedRows(
         logits=model.get_output_embeddings()(out.last_hidden_state[keep]),
-        labels=labels.to(device)[keep],
-        is_target=is_target.to(device)[keep],
-        row=torch.arange(len(rows), device=device)[:, None].expand(keep.shape)[keep],
+        labels=inputs.labels[keep],
+        is_target=inputs.is_target[keep],
+        row=torch.arange(len(rows), device=keep.device)[:, None].expand(keep.shape)[keep],
         # hidden_states[0] is the embedding of the same tokens in both models: not compared
         layers=torch.stack([h[keep] for h in out.hidden_states[1:]]) if layers else None,
     )

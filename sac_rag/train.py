@@ -117,6 +117,11 @@ class TrainConfig:
     distill_on_policy_tokens: int = _help("also distil on the compressor's own greedy answers, up to this many "
                                           "tokens each, never trained by CE (on-policy distillation; 0 = off)",
                                           default=0)
+    risk_weight: float = _help("weight of minimum risk training: the expected 1 - F1 of the compressor's "
+                               "sampled answers and the gold one, weighted by their renormalised "
+                               "probabilities (finetune; 0 = off)", default=0.0)
+    risk_samples: int = _help("answers sampled per question for the risk term", default=4)
+    risk_max_tokens: int = _help("longest sampled answer, in tokens", default=12)
     distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
                                          "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
@@ -199,6 +204,11 @@ class TrainConfig:
         if self.distill_on_policy_tokens and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_on_policy_tokens is set but distill_weight and distill_hidden_weight are 0: "
                            "on-policy rows are only distilled, so give the KL term a weight")
+        if self.risk_weight < 0 or self.risk_samples < 1 or self.risk_max_tokens < 1:
+            raise SACError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
+                           f"{self.risk_weight}, {self.risk_samples}, {self.risk_max_tokens}")
+        if self.risk_weight and (self.stage != "finetune" or self.method != "sac"):
+            raise SACError("risk_weight scores answers to questions: it needs stage 'finetune' and method 'sac'")
         if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
                            "give the KL term (or the hidden-state term) a weight")
@@ -354,7 +364,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
                              teacher=teacher, distill_tokens=cfg.distill_tokens,
                              hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence,
                              temperature=cfg.distill_temperature,
-                             on_policy_tokens=cfg.distill_on_policy_tokens)
+                             on_policy_tokens=cfg.distill_on_policy_tokens, risk_weight=cfg.risk_weight,
+                             risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens)
     return comp, objective
 
 
@@ -650,7 +661,7 @@ def plot_metrics(out_dir: Path) -> None:
 
 
 # Per-micro-batch statistics that are token counts (summed over a step); the rest are means.
-SUMMED_STATS = ("target_tokens", "distilled_tokens", "on_policy_tokens", "input_tokens")
+SUMMED_STATS = ("target_tokens", "distilled_tokens", "on_policy_tokens", "risk_candidates", "input_tokens")
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -305,3 +305,69 @@ def test_on_policy_distillation_trains_the_encoder_and_a_negative_budget_is_refu
     assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     with pytest.raises(ValueError, match="on_policy_tokens must be >= 0"):
         _objective(comp, on_policy_tokens=-1)
+
+
+def test_sampled_answers_follow_the_same_distribution_as_greedy_ones_and_replay_with_the_same_seed():
+    from sac_rag.objectives import _context_kv, greedy_answers
+
+    model, tokenizer = make_tiny_llama(seed=3)
+    context = tokenizer("The bridge over the river was built in 1903.")["input_ids"]
+    prompts = [tokenizer(" When was it built?")["input_ids"], tokenizer(" What?")["input_ids"]] * 4
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        caches = [_context_kv(model, context, "cpu")]
+
+        def answers(sample, seed=0):
+            return greedy_answers(model, caches, [len(context)], prompts, [0] * len(prompts), eos, 6, sample=sample,
+                                  generator=torch.Generator().manual_seed(seed))
+
+        drawn = answers(sample=True)
+        assert drawn == answers(sample=True) and drawn != answers(sample=True, seed=1)
+        assert len(set(map(tuple, drawn))) > 2  # an untrained model's answers vary from draw to draw
+        head = model.get_output_embeddings()
+        head.weight.mul_(1000.0)  # a one-hot next-token distribution: every draw is the likeliest token
+        caches = [_context_kv(model, context, "cpu")]
+        assert answers(sample=True) == answers(sample=False)
+
+
+# -- minimum risk training: the compressor's own sampled answers, scored by F1 ----------------------------
+
+
+def test_expected_risk_weights_each_answers_cost_by_its_probability_among_its_questions_candidates():
+    from sac_rag.objectives import expected_risk
+
+    log_probs = torch.log(torch.tensor([0.2, 0.6, 0.5, 0.5]))  # question 0: 3 candidates (1/4, 3/4 after
+    costs = torch.tensor([0.0, 1.0, 0.4, 0.0])                  # renormalising 0.2 and 0.6); question 1: two
+    risk = expected_risk(log_probs, costs, [0, 0, 1, 1])
+    assert risk.item() == pytest.approx(((0.25 * 0.0 + 0.75 * 1.0) + (0.5 * 0.4 + 0.5 * 0.0)) / 2)
+    log_probs.requires_grad_(True)
+    expected_risk(log_probs, costs, [0, 0, 1, 1]).backward()
+    assert log_probs.grad[0] < 0 < log_probs.grad[1]  # the right answer is raised, the wrong one lowered
+
+
+def _risk_objective(comp, risk_weight, risk_samples=3):
+    from sac_rag.objectives import SACObjective
+
+    builder = ExampleBuilder(comp.tokenizer, PromptTemplate(), questions_per_context=2, span_questions=1)
+    examples = [builder.qa(POOL[i], i, POOL) for i in (0, 5)]
+    return SACObjective(comp, risk_weight=risk_weight, risk_samples=risk_samples, risk_max_tokens=4), examples
+
+
+def test_minimum_risk_training_scores_the_real_questions_candidates_and_trains_the_encoder():
+    comp = _kv_dropping(ratio=3)
+    plain, examples = _risk_objective(comp, risk_weight=0.0)
+    with torch.no_grad():
+        base = plain.loss(examples)[1]
+    objective, _ = _risk_objective(comp, risk_weight=0.5)
+    torch.manual_seed(0)
+    loss, stats = objective.loss(examples)
+    real_questions = 4  # 2 examples x 2 questions; the span questions are not scored
+    assert real_questions < stats["risk_candidates"] <= real_questions * (1 + 3)  # the gold one + distinct samples
+    assert 0.0 < stats["risk"] < 1.0 and 0.0 <= stats["sample_f1"] <= 1.0
+    assert stats["ce"] == pytest.approx(base["ce"], rel=1e-5)
+    assert loss.item() == pytest.approx(stats["ce"] + 0.5 * stats["risk"], rel=1e-5)
+    loss.backward()
+    lora = [p for name, p in comp.named_parameters() if "lora" in name and p.requires_grad]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    with pytest.raises(ValueError, match="risk_samples"):
+        _risk_objective(comp, risk_weight=1.0, risk_samples=0)

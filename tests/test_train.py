@@ -203,6 +203,15 @@ def test_a_distillation_temperature_that_is_not_positive_or_has_no_kl_to_soften_
     assert parse_config(["--distill-temperature", "2", "--distill-weight", "1"]).distill_temperature == 2.0
 
 
+def test_minimum_risk_training_needs_questions_and_at_least_one_sample():
+    with pytest.raises(SACError, match="risk_samples, risk_max_tokens >= 1"):
+        parse_config(["--risk-weight", "1", "--risk-samples", "0"])
+    with pytest.raises(SACError, match="needs stage 'finetune' and method 'sac'"):
+        parse_config(["--risk-weight", "1", "--stage", "pretrain"])
+    config = parse_config(["--risk-weight", "0.5", "--risk-samples", "2"])
+    assert (config.risk_weight, config.risk_samples, config.risk_max_tokens) == (0.5, 2, 12)
+
+
 def test_distillation_from_a_full_ft_teacher_trains_and_logs_the_kl(workspace):
     teacher = train(parse_config(_args(workspace, "teacher", "--method", "full_ft", "--max-steps", "1")))
     train(parse_config(_args(workspace, "student", "--max-steps", "2", "--distill-weight", "1.0",
