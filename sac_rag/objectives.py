@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .data import Paragraph
 from .metrics import squad_f1
@@ -317,7 +318,7 @@ class SACObjective:
         asked = [r for r, distilled in enumerate(distilled_rows) if distilled]
         prompts = [rows[r][0] for r in asked]
         with torch.no_grad(), comp.decoder_mode():
-            answers = greedy_answers(comp.base_model, [(k.detach(), v.detach()) for k, v in caches], context_lengths,
+            answers = decode_answers(comp.base_model, [(k.detach(), v.detach()) for k, v in caches], context_lengths,
                                      prompts, [row_owner[r] for r in asked], comp.tokenizer.eos_token_id,
                                      self.on_policy_tokens)
         return [((prompt, answer), row_owner[r]) for r, prompt, answer in zip(asked, prompts, answers)
@@ -330,7 +331,7 @@ class SACObjective:
         comp = self.compressor
         eos, k = comp.tokenizer.eos_token_id, self.risk_samples
         with torch.no_grad(), comp.decoder_mode():
-            samples = greedy_answers(comp.base_model, [(key.detach(), v.detach()) for key, v in caches],
+            samples = decode_answers(comp.base_model, [(key.detach(), v.detach()) for key, v in caches],
                                      context_lengths, [rows[r][0] for r in asked for _ in range(k)],
                                      [row_owner[r] for r in asked for _ in range(k)], eos, self.risk_max_tokens,
                                      sample=True)
@@ -345,11 +346,17 @@ class SACObjective:
                 owners.append(row_owner[r])
                 groups.append(g)
                 costs.append(1.0 - squad_f1(_answer_text(comp.tokenizer, answer), [gold_text]))
-        with comp.decoder_mode():
-            decoded = _decode_rows(comp.base_model, caches, context_lengths, candidates, owners)
-        token_log_probs = -F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
-        log_probs = torch.zeros(len(candidates), device=token_log_probs.device).index_add(
-            0, decoded.row, token_log_probs)
+
+        def candidate_log_probs() -> torch.Tensor:
+            with comp.decoder_mode():
+                decoded = _decode_rows(comp.base_model, caches, context_lengths, candidates, owners)
+            token_log_probs = -F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
+            return torch.zeros(len(candidates), device=token_log_probs.device).index_add(
+                0, decoded.row, token_log_probs)
+
+        # Every candidate reads its own copy of its cache: recomputed in the backward pass instead of
+        # kept (the same gradients; without it a step with long passages outgrew 24 GB).
+        log_probs = torch.utils.checkpoint.checkpoint(candidate_log_probs, use_reentrant=False)
         risk = expected_risk(log_probs, torch.as_tensor(costs, device=log_probs.device), groups)
         return risk, len(candidates), sum(sample_f1) / len(sample_f1)
 
@@ -465,13 +472,13 @@ class DecodedRows:
     layers: torch.Tensor | None = None
 
 
-def greedy_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int,
+def decode_answers(model, caches, context_lengths, prompts, row_owner, eos: int, max_tokens: int,
                    sample: bool = False, generator: torch.Generator | None = None) -> list[list[int]]:
     """Answer (ending in ``eos``, or cut at ``max_tokens``) to each prompt, read after its cache
     ``caches[row_owner[r]]`` as ``_decode_rows`` lays it out: greedy, or with ``sample`` drawn
     from the full distribution (temperature 1; torch's global RNG unless ``generator``). Call
-    without gradients. The prompts are read
-    once and each answer token is appended to the rows' cache, as generation does."""
+    without gradients. The prompts are read once and each answer token is appended to the rows'
+    cache, as generation does."""
     inputs = _row_inputs(model, caches, context_lengths, [(prompt, []) for prompt in prompts], row_owner)
     device = inputs.ids.device
     decoder, head = model.get_decoder(), model.get_output_embeddings()

@@ -262,8 +262,8 @@ def test_span_questions_are_trained_by_cross_entropy_but_never_distilled():
 # -- on-policy distillation: the student's own greedy answers --------------------------------------
 
 
-def test_greedy_answers_from_a_cache_are_what_transformers_generates_after_the_same_text():
-    from sac_rag.objectives import _context_kv, greedy_answers
+def test_greedy_answers_decoded_from_a_cache_are_what_transformers_generates_after_the_same_text():
+    from sac_rag.objectives import _context_kv, decode_answers
 
     model, tokenizer = make_tiny_llama(seed=3)
     contexts = [tokenizer("The bridge over the river was built in 1903.")["input_ids"],
@@ -272,7 +272,7 @@ def test_greedy_answers_from_a_cache_are_what_transformers_generates_after_the_s
     with torch.no_grad():
         caches = [_context_kv(model, ids, "cpu") for ids in contexts]
         # Each prompt reads its own cache; the second prompt is also asked about the first context.
-        answers = greedy_answers(model, caches, [len(c) for c in contexts], prompts + prompts[1:], [0, 1, 0],
+        answers = decode_answers(model, caches, [len(c) for c in contexts], prompts + prompts[1:], [0, 1, 0],
                                  eos=tokenizer.eos_token_id, max_tokens=6)
         assert answers[1] != answers[2]  # the answer depends on which cache is read
         for (context, prompt), answer in zip([(0, 0), (1, 1), (0, 1)], answers):
@@ -308,7 +308,7 @@ def test_on_policy_distillation_trains_the_encoder_and_a_negative_budget_is_refu
 
 
 def test_sampled_answers_follow_the_same_distribution_as_greedy_ones_and_replay_with_the_same_seed():
-    from sac_rag.objectives import _context_kv, greedy_answers
+    from sac_rag.objectives import _context_kv, decode_answers
 
     model, tokenizer = make_tiny_llama(seed=3)
     context = tokenizer("The bridge over the river was built in 1903.")["input_ids"]
@@ -318,7 +318,7 @@ def test_sampled_answers_follow_the_same_distribution_as_greedy_ones_and_replay_
         caches = [_context_kv(model, context, "cpu")]
 
         def answers(sample, seed=0):
-            return greedy_answers(model, caches, [len(context)], prompts, [0] * len(prompts), eos, 6, sample=sample,
+            return decode_answers(model, caches, [len(context)], prompts, [0] * len(prompts), eos, 6, sample=sample,
                                   generator=torch.Generator().manual_seed(seed))
 
         drawn = answers(sample=True)
@@ -371,3 +371,22 @@ def test_minimum_risk_training_scores_the_real_questions_candidates_and_trains_t
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     with pytest.raises(ValueError, match="risk_samples"):
         _risk_objective(comp, risk_weight=1.0, risk_samples=0)
+
+
+def test_recomputing_the_risk_candidates_in_the_backward_pass_gives_the_gradients_of_keeping_them(monkeypatch):
+    comp = _kv_dropping(ratio=3)
+    objective, examples = _risk_objective(comp, risk_weight=1.0)
+    lora = [p for name, p in comp.named_parameters() if "lora" in name and p.requires_grad]
+
+    def gradients():
+        for p in lora:
+            p.grad = None
+        torch.manual_seed(0)  # the same sampled answers in both passes
+        objective.loss(examples)[0].backward()
+        return [p.grad.clone() for p in lora if p.grad is not None]
+
+    recomputed = gradients()
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, use_reentrant: function())
+    kept = gradients()
+    assert len(recomputed) == len(kept) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(recomputed, kept))
