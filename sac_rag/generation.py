@@ -437,7 +437,7 @@ class Generator:
             for step in range(steps):
                 logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
                 logits = self._held_to_spans(logits, tracks)
-                tokens = _sample(logits, config, generator)
+                tokens = next_tokens(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
                     if track.finish_reason is None:
                         if track.span is not None:
@@ -636,7 +636,7 @@ def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config:
     return scores
 
 
-def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .data import Paragraph
+from .generation import GenerationConfig, next_tokens
 from .metrics import squad_f1
 
 IGNORE = -100
@@ -339,13 +340,15 @@ class SACObjective:
         for g, r in enumerate(asked):
             prompt, gold = rows[r]
             gold_text = _answer_text(comp.tokenizer, gold)
-            drawn = samples[g * k : (g + 1) * k]
-            sample_f1 += [squad_f1(_answer_text(comp.tokenizer, answer), [gold_text]) for answer in drawn]
-            for answer in dict.fromkeys(tuple(a) for a in [gold] + drawn):
+            drawn = [tuple(answer) for answer in samples[g * k : (g + 1) * k]]
+            cost = {answer: 1.0 - squad_f1(_answer_text(comp.tokenizer, answer), [gold_text])
+                    for answer in dict.fromkeys([tuple(gold)] + drawn)}  # the distinct candidates, in order
+            sample_f1 += [1.0 - cost[answer] for answer in drawn]
+            for answer, answer_cost in cost.items():
                 candidates.append((prompt, list(answer)))
                 owners.append(row_owner[r])
                 groups.append(g)
-                costs.append(1.0 - squad_f1(_answer_text(comp.tokenizer, answer), [gold_text]))
+                costs.append(answer_cost)
 
         def candidate_log_probs() -> torch.Tensor:
             with comp.decoder_mode():
@@ -487,14 +490,12 @@ def decode_answers(model, caches, context_lengths, prompts, row_owner, eos: int,
     out = decoder(input_ids=inputs.ids, position_ids=inputs.positions, attention_mask=inputs.mask,
                   cache=inputs.cache, use_cache=True)
     hidden, position, mask = out.last_hidden_state[every, last], inputs.positions[every, last], inputs.mask
+    choice = GenerationConfig(temperature=1.0 if sample else 0.0)
     answers: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_tokens):
-        logits = head(hidden).float()
-        if not sample:
-            tokens = logits.argmax(-1)
-        else:
-            tokens = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(device)
+        logits = head(hidden)
+        tokens = next_tokens(logits, choice, generator)
         for r in (~finished).nonzero()[:, 0].tolist():
             answers[r].append(int(tokens[r]))
         finished |= tokens == eos
