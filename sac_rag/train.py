@@ -492,6 +492,11 @@ class ExampleStream:
             self._order_epoch = epoch
         return self._order[within]
 
+    def upcoming(self, n: int) -> list:
+        """The items the next ``n`` positions read, without reading them (QA: one example per
+        position, so these are the paragraphs of the next ``n`` examples)."""
+        return [self.items[self._index(p)] for p in range(self.position, self.position + n)]
+
     def next_batch(self, n: int, rank: int, world: int) -> list:
         """The next ``n`` usable examples; this rank's share (every world-th)."""
         batch = []
