@@ -6,7 +6,9 @@ Full-FT teacher reading the full text (greedy), and writes the SQuAD file back w
 questions' answers replaced: by the teacher's answer where it overlaps the gold one by at least
 ``--min-f1`` (SQuAD F1), otherwise left gold. Every other paragraph keeps its gold answers, so a
 run of the same config on the written file reads the same paragraphs in the same order beside the
-same distractors; only its answer targets differ.
+same distractors; only its answer targets differ. The teacher's answers are cached beside
+``--out`` (``*.teacher-predictions.jsonl``, by question id), so an interrupted run resumes; delete
+that file when the teacher changes.
 
     python benchmarks/teacher_targets.py --config benchmarks/configs/sac5x-stage44-risk.json --steps 60 \\
         --teacher benchmarks/checkpoints/full-ft-smollm2-135m-squad --out runs/squad-train-teacher-targets.json
