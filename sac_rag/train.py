@@ -46,6 +46,7 @@ logger = logging.getLogger("sac_rag.train")
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
                       "snapshot_every", "precision"}
 PRECISIONS = ("auto", "bf16", "fp32")
+TRAIN_PARTS = ("all", "encoder", "decoder")
 
 
 def _help(text: str, **kwargs):
@@ -94,6 +95,9 @@ class TrainConfig:
                                    "(0 = frozen decoder, the paper's default); may be added to an init_from "
                                    "checkpoint", default=0)
     decoder_lora_alpha: int = _help("its alpha (0 = 2 x rank)", default=0)
+    train_parts: str = _help("which of a compressor's weights train: 'all'; 'encoder' (its LoRA and the anchor "
+                             "embedding; a decoder adapter stays as it is); or 'decoder' (the decoder adapter "
+                             "only, so the caches the compressor writes stay the same)", default="all")
     # objective
     questions_per_context: int = _help("questions trained per compressed paragraph (SQuAD has ~5)", default=1)
     span_questions: int = _help("synthetic questions per example quoting 4 words of the gold passage and asking "
@@ -204,6 +208,10 @@ class TrainConfig:
         if self.distill_on_policy_tokens and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_on_policy_tokens is set but distill_weight and distill_hidden_weight are 0: "
                            "on-policy rows are only distilled, so give the KL term a weight")
+        if self.train_parts not in TRAIN_PARTS:
+            raise SACError(f"train_parts must be one of {TRAIN_PARTS}, got {self.train_parts!r}")
+        if self.train_parts != "all" and self.method != "sac":
+            raise SACError("train_parts chooses between a compressor's encoder and decoder: it needs method 'sac'")
         if self.risk_weight < 0 or self.risk_samples < 1 or self.risk_max_tokens < 1:
             raise SACError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
                            f"{self.risk_weight}, {self.risk_samples}, {self.risk_max_tokens}")
@@ -357,7 +365,12 @@ def build_model(cfg: TrainConfig, device: torch.device):
         if cfg.adapters_from and not cfg.resume:  # a resumed run loads its own checkpoint
             start_adapters_from_full_ft(comp, cfg.adapters_from)
     for name, param in comp.named_parameters():
-        param.requires_grad_("lora_" in name or name == "anchor_embedding")
+        trainable = "lora_" in name or name == "anchor_embedding"
+        is_decoder = ".decoder." in name  # peft names the decoder adapter's weights lora_A.decoder.weight etc.
+        param.requires_grad_(trainable and (cfg.train_parts == "all" or is_decoder == (cfg.train_parts == "decoder")))
+    if not any(p.requires_grad for p in comp.parameters()):
+        raise SACError("train_parts='decoder' trains the decoder adapter, and this compressor has none: "
+                       "add one with --decoder-lora-rank")
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,

@@ -285,6 +285,32 @@ def test_adapters_from_a_full_ft_checkpoint_of_another_shape_is_refused(workspac
         parse_config(_args(workspace, "x", "--adapters-from", str(full_ft), "--init-from", str(full_ft)))
 
 
+@pytest.mark.parametrize("parts, trained_prefix", [("decoder", "decoder_lora."), ("encoder", "lora.")])
+def test_train_parts_trains_the_chosen_weights_and_leaves_the_others_bit_identical(workspace, parts, trained_prefix):
+    adapter = ("--decoder-lora-rank", "4", "--decoder-lora-alpha", "8")
+    start = train(parse_config(_args(workspace, "start", "--max-steps", "1", *adapter)))
+    final = train(parse_config(_args(workspace, parts, "--max-steps", "2", "--init-from", str(start),
+                                     "--train-parts", parts, "--lr", "1e-2")))
+    model, tokenizer = make_tiny_llama()
+    before = SACCompressor.from_pretrained(start, model=model, tokenizer=tokenizer).trainable_tensors()
+    model, tokenizer = make_tiny_llama()
+    after = SACCompressor.from_pretrained(final, model=model, tokenizer=tokenizer).trainable_tensors()
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    in_part = {n for n in before if n.startswith(trained_prefix) or (parts == "encoder" and n == "anchor_embedding")}
+    assert changed and changed <= in_part  # only the chosen part moved
+    assert any(n.startswith(trained_prefix) and "lora_B" in n for n in changed)
+
+
+def test_train_parts_refuses_what_it_cannot_do(workspace):
+    with pytest.raises(SACError, match="train_parts must be one of"):
+        parse_config(_args(workspace, "x", "--train-parts", "both"))
+    with pytest.raises(SACError, match="needs method 'sac'"):
+        parse_config(_args(workspace, "x", "--method", "full_ft", "--train-parts", "decoder"))
+    with pytest.raises(SACError, match="has none: add one with --decoder-lora-rank"):
+        train(parse_config(_args(workspace, "x", "--max-steps", "1", "--train-parts", "decoder")))
+
+
 def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
     first = train(parse_config(_args(workspace, "r2", "--max-steps", "1")))
     final = train(parse_config(_args(workspace, "r4", "--max-steps", "1", "--init-from", str(first),
