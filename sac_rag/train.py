@@ -368,7 +368,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
         trainable = "lora_" in name or name == "anchor_embedding"
         is_decoder = ".decoder." in name  # peft names the decoder adapter's weights lora_A.decoder.weight etc.
         param.requires_grad_(trainable and (cfg.train_parts == "all" or is_decoder == (cfg.train_parts == "decoder")))
-    if not any(p.requires_grad for p in comp.parameters()):
+    if cfg.train_parts == "decoder" and not any(p.requires_grad for p in comp.parameters()):
         raise SACError("train_parts='decoder' trains the decoder adapter, and this compressor has none: "
                        "add one with --decoder-lora-rank")
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
