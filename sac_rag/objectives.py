@@ -319,9 +319,8 @@ class SACObjective:
         asked = [r for r, distilled in enumerate(distilled_rows) if distilled]
         prompts = [rows[r][0] for r in asked]
         with torch.no_grad(), comp.decoder_mode():
-            answers = decode_answers(comp.base_model, [(k.detach(), v.detach()) for k, v in caches], context_lengths,
-                                     prompts, [row_owner[r] for r in asked], comp.tokenizer.eos_token_id,
-                                     self.on_policy_tokens)
+            answers = decode_answers(comp.base_model, caches, context_lengths, prompts, [row_owner[r] for r in asked],
+                                     comp.tokenizer.eos_token_id, self.on_policy_tokens)
         return [((prompt, answer), row_owner[r]) for r, prompt, answer in zip(asked, prompts, answers)
                 if answer != rows[r][1]]
 
@@ -332,8 +331,8 @@ class SACObjective:
         comp = self.compressor
         eos, k = comp.tokenizer.eos_token_id, self.risk_samples
         with torch.no_grad(), comp.decoder_mode():
-            samples = decode_answers(comp.base_model, [(key.detach(), v.detach()) for key, v in caches],
-                                     context_lengths, [rows[r][0] for r in asked for _ in range(k)],
+            samples = decode_answers(comp.base_model, caches, context_lengths,
+                                     [rows[r][0] for r in asked for _ in range(k)],
                                      [row_owner[r] for r in asked for _ in range(k)], eos, self.risk_max_tokens,
                                      sample=True)
         candidates, owners, groups, costs, sample_f1 = [], [], [], [], []

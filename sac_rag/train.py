@@ -364,13 +364,12 @@ def build_model(cfg: TrainConfig, device: torch.device):
         )
         if cfg.adapters_from and not cfg.resume:  # a resumed run loads its own checkpoint
             start_adapters_from_full_ft(comp, cfg.adapters_from)
-    for name, param in comp.named_parameters():
-        trainable = "lora_" in name or name == "anchor_embedding"
-        is_decoder = ".decoder." in name  # peft names the decoder adapter's weights lora_A.decoder.weight etc.
-        param.requires_grad_(trainable and (cfg.train_parts == "all" or is_decoder == (cfg.train_parts == "decoder")))
-    if cfg.train_parts == "decoder" and not any(p.requires_grad for p in comp.parameters()):
+    if cfg.train_parts == "decoder" and not comp.config.decoder_lora_rank:
         raise SACError("train_parts='decoder' trains the decoder adapter, and this compressor has none: "
                        "add one with --decoder-lora-rank")
+    for name, param in comp.named_parameters():
+        part = "decoder" if ".decoder." in name else "encoder"  # peft: lora_A.decoder.weight is the decoder's
+        param.requires_grad_(("lora_" in name or name == "anchor_embedding") and cfg.train_parts in ("all", part))
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
