@@ -32,7 +32,8 @@ def load_rows(results: Path) -> list[dict]:
                 row["dataset"] += decoding_suffix(row.get("decoding") == "extractive", row.get("num_beams", 1),
                                                   row.get("length_penalty", 1.0), row.get("mbr", False),
                                                   row.get("context_contrast", 0.0),
-                                                  row.get("contrast_plausibility", 0.1))
+                                                  row.get("contrast_plausibility", 0.1),
+                                                  row.get("mbr_samples", 0))
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

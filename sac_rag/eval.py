@@ -235,26 +235,30 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
 
 def answer_config(max_new_tokens: int = 32, **decoding: Any) -> GenerationConfig:
     """How every benchmark answers: one line of at most ``max_new_tokens``, greedy unless
-    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``, ``mbr``, ``context_contrast``) says
-    otherwise."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), **decoding)
+    ``decoding`` (``extractive``, ``num_beams``, ``length_penalty``, ``mbr``, ``mbr_samples``,
+    ``context_contrast``) says otherwise; sampled answers are seeded (0), so a read can be repeated."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, stop=("\n",), seed=0, **decoding)
 
 
 def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-                  mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1) -> list[str]:
+                  mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1,
+                  mbr_samples: int = 0) -> list[str]:
     """What sets a decoding apart from greedy free decoding, as row-name suffixes (``extractive``,
-    ``beam4``, ``lp0``, ``mbr``, ``cad0.5``, ``plausible0``), so that its predictions and scores never mix
-    with another decoding's."""
+    ``beam4``, ``lp0``, ``mbr``, ``samples16``, ``cad0.5``, ``plausible0``), so that its predictions and
+    scores never mix with another decoding's."""
     contrast = [f"cad{context_contrast:g}", *([f"plausible{contrast_plausibility:g}"]
                                                 if contrast_plausibility != 0.1 else [])] if context_contrast else []
     return [*(["extractive"] if extractive else []), *([f"beam{num_beams}"] if num_beams > 1 else []),
-            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else []), *contrast]
+            *([f"lp{length_penalty:g}"] if length_penalty != 1.0 else []), *(["mbr"] if mbr else []),
+            *([f"samples{mbr_samples}"] if mbr_samples else []), *contrast]
 
 
 def decoding_suffix(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-                    mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1) -> str:
+                    mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1,
+                    mbr_samples: int = 0) -> str:
     """``decoding_tags`` as one row-name suffix (``-beam4-lp0``; empty for greedy free decoding)."""
-    tags = decoding_tags(extractive, num_beams, length_penalty, mbr, context_contrast, contrast_plausibility)
+    tags = decoding_tags(extractive, num_beams, length_penalty, mbr, context_contrast, contrast_plausibility,
+                         mbr_samples)
     return "".join(f"-{tag}" for tag in tags)
 
 
@@ -354,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbr", action="store_true",
                         help="beam search: answer with the finished answer that agrees best with the others "
                              "(minimum Bayes risk, expected word-overlap F1) instead of the top-scored one")
+    parser.add_argument("--mbr-samples", type=int, default=0,
+                        help="with --mbr: also sample this many answers (temperature 1, seed 0) and score every "
+                             "beam and sample by its mean F1 against the samples (0: weigh the beams instead)")
     parser.add_argument("--context-contrast", type=float, default=0.0,
                         help="context-aware decoding: score each token by (1 + a) log p(token | prompt) - "
                              "a log p(token | question alone), favouring what the contexts say (0: off)")
@@ -378,11 +385,16 @@ def main(argv: list[str] | None = None) -> int:
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
     if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
         parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
-    config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams,
-                           length_penalty=args.length_penalty, mbr=args.mbr, context_contrast=args.context_contrast,
-                           contrast_plausibility=args.contrast_plausibility)
-    for tag in [*decoding_tags(args.extractive, args.num_beams, args.length_penalty, args.mbr, args.context_contrast,
-                               args.contrast_plausibility), *(["merged"] if args.merge_decoder else [])]:
+    if args.mbr_samples and not args.mbr:
+        parser.error("--mbr-samples are the evidence of --mbr: add --mbr (and --num-beams > 1)")
+    decoding = dict(extractive=args.extractive, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                    mbr=args.mbr, context_contrast=args.context_contrast,
+                    contrast_plausibility=args.contrast_plausibility, mbr_samples=args.mbr_samples)
+    try:
+        config = answer_config(args.max_new_tokens, **decoding)
+    except InvalidInputError as error:
+        parser.error(str(error))
+    for tag in [*decoding_tags(**decoding), *(["merged"] if args.merge_decoder else [])]:
         if tag not in label:
             label += f"-{tag}"
 
@@ -409,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
         "num_beams": args.num_beams, "length_penalty": args.length_penalty, "mbr": args.mbr,
+        "mbr_samples": args.mbr_samples,
         "merge_decoder": args.merge_decoder,
         "context_contrast": args.context_contrast, "contrast_plausibility": args.contrast_plausibility,
         # Wall time of this command (answering and timing samples) and how many answers it

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +35,10 @@ class GenerationConfig:
     top-k / top-p, reproducible with ``seed``. ``num_beams`` > 1 is beam search (greedy only),
     answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
-    (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored.
+    (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
+    with ``mbr_samples`` S >= 2, S answers are also sampled at temperature 1 (the model's own
+    distribution; reproducible with ``seed``), and every finished beam and sample is scored by its mean
+    F1 against the S samples (a Monte Carlo estimate of its expected F1) instead.
     ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
     module; the sources are passed with the prompts). ``context_contrast`` a > 0 is context-aware
     decoding (Shi et al., 2024): each next token is scored by (1 + a) log p(token | prompt) -
@@ -57,6 +60,7 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0
     mbr: bool = False
+    mbr_samples: int = 0
     context_contrast: float = 0.0
     contrast_plausibility: float = 0.1
 
@@ -77,6 +81,11 @@ class GenerationConfig:
             raise InvalidInputError(f"contrast_plausibility must be in [0, 1], got {self.contrast_plausibility}")
         if self.mbr and self.num_beams < 2:
             raise InvalidInputError("mbr chooses among beam search's answers: set num_beams >= 2, or mbr=False")
+        if self.mbr_samples and not (self.mbr and self.mbr_samples >= 2):
+            raise InvalidInputError(
+                f"mbr_samples={self.mbr_samples}: sampled answers are the evidence of minimum Bayes risk, and an "
+                "expected F1 needs at least 2 of them: set mbr=True (with num_beams >= 2) and mbr_samples >= 2, "
+                "or mbr_samples=0")
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
 
@@ -240,7 +249,7 @@ class Generator:
         states, tracks = self._start(prompts, sources)
         plain = self._start_contrast(contrast_prompts, states)
         if config.num_beams > 1:
-            return [self._result(state, self._beam_search(state, config, None if plain is None else plain[i]))
+            return [self._result(state, self._search(state, config, None if plain is None else plain[i]))
                     for i, state in enumerate(states)]
         for _ in self._decode(states, tracks, config, plain):
             pass
@@ -264,7 +273,7 @@ class Generator:
         then the finished answer."""
         track = tracks[0]
         if config.num_beams > 1:
-            tracks[0] = track = self._beam_search(states[0], config, None if plain is None else plain[0])
+            tracks[0] = track = self._search(states[0], config, None if plain is None else plain[0])
         else:
             for _ in self._decode(states, tracks, config, plain):
                 end = self._safe_length(track, config)
@@ -471,16 +480,34 @@ class Generator:
         self._check_room(position + 1)
         return min(config.max_new_tokens, self.max_positions - position)
 
+    def _search(self, state: _Prefilled, config: GenerationConfig, plain: _Prefilled | None = None) -> _Track:
+        """Beam search's answer for one prefilled prompt: the best finished one, or with ``mbr`` their
+        consensus (``_consensus``), weighed against ``mbr_samples`` sampled answers when asked."""
+        samples = self._sample_answers(state, config, plain) if config.mbr_samples else None
+        finished = self._beam_search(state, config, plain)
+        return _consensus(finished, samples) if config.mbr else finished[0][1]
+
+    def _sample_answers(self, state: _Prefilled, config: GenerationConfig, plain: _Prefilled | None) -> list[_Track]:
+        """``config.mbr_samples`` answers to one prompt, sampled at temperature 1 from copies of its cache
+        (so the beam search that follows starts from the prompt as it was)."""
+        sampling = replace(config, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, mbr=False, mbr_samples=0)
+        n = config.mbr_samples
+        tracks = [_Track() for _ in range(n)]
+        for _ in self._decode([state] * n, tracks, sampling, None if plain is None else [plain] * n):
+            pass
+        return tracks
+
     @torch.no_grad()
-    def _beam_search(self, state: _Prefilled, config: GenerationConfig, plain: _Prefilled | None = None) -> _Track:
+    def _beam_search(self, state: _Prefilled, config: GenerationConfig,
+                     plain: _Prefilled | None = None) -> list[tuple[float, _Track]]:
         """Beam search from one prefilled prompt, as transformers' ``num_beams`` with its default
         ``early_stopping=False``. Each step scores every running answer's continuations and takes the
         2 x ``num_beams`` best: those that end the answer (a stop token or string, or the length limit)
         and rank among the first ``num_beams`` are finished answers, scored by summed log-probability
         / length ** ``length_penalty`` (the ending token counted); the best ``num_beams`` others run on.
         The search ends when ``num_beams`` answers are finished and the best running one, scored at
-        its current length, no longer beats the worst of them. Returns the best finished answer, or with
-        ``mbr`` their consensus (``_consensus``). With ``plain`` (the prompt without its contexts), the
+        its current length, no longer beats the worst of them. Returns the finished answers with their
+        summed log-probabilities, best-scored first. With ``plain`` (the prompt without its contexts), the
         log-probabilities are those of ``context_contrast``'s scores."""
         beams, lp = config.num_beams, config.length_penalty
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
@@ -526,9 +553,7 @@ class Generator:
                     s.cache,
                 ) for s in states]
                 plain_logits = rest[0] if rest else None
-        if config.mbr:
-            return _consensus([(log_prob, track) for _, log_prob, track in finished])
-        return finished[0][-1]
+        return [(log_prob, track) for _, log_prob, track in finished]
 
     def _step(self, model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step: each row reads its token ``[rows]`` at its position ``[rows]`` after
@@ -652,11 +677,18 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _consensus(answers: Sequence[tuple[float, _Track]]) -> _Track:
+def _consensus(answers: Sequence[tuple[float, _Track]], samples: Sequence[_Track] | None = None) -> _Track:
     """Minimum Bayes risk over ``(log-probability, answer)`` pairs: the answer with the highest
     expected word-overlap F1 (SQuAD-normalised) against all of them, each weighted by its
-    probability renormalised over the pairs; a tie goes to the earlier answer."""
-    weights = torch.as_tensor([log_prob for log_prob, _ in answers], dtype=torch.float64).softmax(0).tolist()
-    expected = [sum(w * squad_f1(track.text, [other.text]) for w, (_, other) in zip(weights, answers))
-                for _, track in answers]
-    return answers[max(range(len(answers)), key=lambda i: (expected[i], -i))][1]
+    probability renormalised over the pairs. With ``samples`` (answers drawn from the model), the
+    samples are candidates too, and each candidate's expected F1 is its mean F1 against the samples,
+    whatever the pairs' log-probabilities. A tie goes to the earlier candidate (the pairs first)."""
+    candidates = [track for _, track in answers]
+    if samples:
+        candidates += samples
+        evidence = [(1 / len(samples), sample) for sample in samples]
+    else:
+        weights = torch.as_tensor([log_prob for log_prob, _ in answers], dtype=torch.float64).softmax(0).tolist()
+        evidence = list(zip(weights, candidates))
+    expected = [sum(w * squad_f1(track.text, [other.text]) for w, other in evidence) for track in candidates]
+    return candidates[max(range(len(candidates)), key=lambda i: (expected[i], -i))]

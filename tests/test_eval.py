@@ -133,6 +133,15 @@ def test_minimum_bayes_risk_is_a_beam_search_setting_of_its_own_row(workspace):
         _run(workspace, "--method", "full_context", "--mbr")
 
 
+def test_sampled_evidence_for_minimum_bayes_risk_is_a_setting_of_its_own_row(workspace):
+    row = _run(workspace, "--method", "full_context", "--num-beams", "2", "--mbr", "--mbr-samples", "3")
+    assert (row["method"], row["mbr"], row["mbr_samples"]) == ("full_context-beam2-mbr-samples3", True, 3)
+    with pytest.raises(SystemExit):  # samples are evidence for minimum Bayes risk only
+        _run(workspace, "--method", "full_context", "--num-beams", "2", "--mbr-samples", "3")
+    with pytest.raises(SystemExit):  # one sample is no expectation
+        _run(workspace, "--method", "full_context", "--num-beams", "2", "--mbr", "--mbr-samples", "1")
+
+
 def test_comparing_runs_needs_every_question_answered(workspace):
     from sac_rag import InvalidInputError
     from sac_rag.eval import load_questions, predictions_for

@@ -245,6 +245,35 @@ def test_minimum_bayes_risk_answers_with_the_answer_most_of_the_probability_agre
         GenerationConfig(mbr=True)
 
 
+def test_minimum_bayes_risk_with_samples_scores_beams_and_samples_by_their_mean_f1_against_the_samples():
+    from sac_rag.generation import _consensus, _Track
+
+    beams = [(0.0, _Track(text="Lyon")), (-5.0, _Track(text="Nice"))]  # without samples: "Lyon", confidently
+    samples = [_Track(text=text) for text in ("Paris", "in Paris", "Paris", "Lyon")]
+    assert _consensus(beams, samples) is samples[0]  # mean F1 2/3, against 7/12 for "in Paris": a sample wins
+    assert _consensus(beams, [_Track(text="Nice"), _Track(text="Nice"), _Track(text="Lyon")]).text == "Nice"
+    agreed = [_Track(text="Seine"), _Track(text="Seine")]
+    assert _consensus([(0.0, _Track(text="the Seine"))], agreed).text == "the Seine"  # the same answer: the beam
+    with pytest.raises(InvalidInputError, match="mbr=True"):
+        GenerationConfig(num_beams=4, mbr_samples=8)
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        GenerationConfig(num_beams=4, mbr=True, mbr_samples=1)
+
+
+def _transformers_beam_answers(model, tokenizer, prompt, num_beams, eos) -> tuple[list[str], list[float]]:
+    """transformers' beam search with length penalty 0: every finished answer's text and summed
+    log-probability, best first."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=10, num_beams=num_beams, num_return_sequences=num_beams,
+                         do_sample=False, early_stopping=False, length_penalty=0.0, eos_token_id=sorted(eos),
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    texts = []
+    for row in out.sequences[:, ids["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(row) if token in eos), len(row))  # then padding
+        texts.append(tokenizer.decode(row[:end]))
+    return texts, out.sequences_scores.tolist()
+
+
 @pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox"])
 def test_minimum_bayes_risk_chooses_among_the_answers_transformers_beam_search_finds(tiny, prompt):
     from sac_rag.metrics import squad_f1
@@ -252,21 +281,36 @@ def test_minimum_bayes_risk_chooses_among_the_answers_transformers_beam_search_f
     model, tokenizer = tiny
     gen = Generator(model, tokenizer)
     stop = (gen.generate([prompt], GenerationConfig(max_new_tokens=10)).token_ids[2],)  # answers end early
-    eos = gen.eos_token_ids | set(stop)
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=10, num_beams=4, num_return_sequences=4, do_sample=False,
-                         early_stopping=False, length_penalty=0.0, eos_token_id=sorted(eos), pad_token_id=0,
-                         output_scores=True, return_dict_in_generate=True)
-    texts = []
-    for row in out.sequences[:, ids["input_ids"].shape[1]:].tolist():
-        end = next((i for i, token in enumerate(row) if token in eos), len(row))  # then padding
-        texts.append(tokenizer.decode(row[:end]))
-    weights = out.sequences_scores.double().softmax(0).tolist()  # length penalty 0: summed log-probabilities
+    texts, scores = _transformers_beam_answers(model, tokenizer, prompt, 4, gen.eos_token_ids | set(stop))
+    weights = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()
     agreement = [sum(w * squad_f1(text, [other]) for w, other in zip(weights, texts)) for text in texts]
     expected = texts[agreement.index(max(agreement))]
     ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                                    stop_token_ids=stop, mbr=True))
     assert ours.text == expected
+
+
+@pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox"])
+def test_minimum_bayes_risk_with_samples_weighs_transformers_beams_against_the_generators_own_samples(
+        tiny, prompt, monkeypatch):
+    import sac_rag.generation as generation
+
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    stop = (gen.generate([prompt], GenerationConfig(max_new_tokens=10)).token_ids[2],)
+    beam_texts, _ = _transformers_beam_answers(model, tokenizer, prompt, 4, gen.eos_token_ids | set(stop))
+    sampled = gen.generate_batch([prompt] * 5, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3,
+                                                                stop_token_ids=stop))
+    assert len({s.text for s in sampled}) > 1  # temperature 1: the samples differ
+    seen, consensus = [], generation._consensus
+    monkeypatch.setattr(generation, "_consensus", lambda answers, samples=None: seen.append(
+        ([t.text for _, t in answers], [t.text for t in samples])) or consensus(answers, samples))
+    ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
+                                                   stop_token_ids=stop, mbr=True, mbr_samples=5, seed=3))
+    # the beam search after sampling finds what it finds alone, and the samples are generate_batch's
+    assert seen == [(beam_texts, [s.text for s in sampled])]
+    assert ours.text == consensus([(0.0, generation._Track(text=t)) for t in beam_texts],
+                                  [generation._Track(text=s.text) for s in sampled]).text
 
 
 def test_beam_search_over_compressed_contexts_keeping_every_token_equals_it_over_the_text(tiny):
