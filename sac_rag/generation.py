@@ -37,8 +37,9 @@ class GenerationConfig:
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
     (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
     with ``mbr_samples`` S >= 2, S answers are also sampled at temperature 1 (the model's own
-    distribution; reproducible with ``seed``), and every finished beam and sample is scored by its mean
-    F1 against the S samples (a Monte Carlo estimate of its expected F1) instead.
+    distribution, or context-aware decoding's scores; reproducible with ``seed``), and every finished
+    beam and sample is scored by its mean F1 against the S samples (a Monte Carlo estimate of its
+    expected F1) instead.
     ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
     module; the sources are passed with the prompts). ``context_contrast`` a > 0 is context-aware
     decoding (Shi et al., 2024): each next token is scored by (1 + a) log p(token | prompt) -

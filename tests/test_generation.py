@@ -303,8 +303,12 @@ def test_minimum_bayes_risk_with_samples_weighs_transformers_beams_against_the_g
                                                                 stop_token_ids=stop))
     assert len({s.text for s in sampled}) > 1  # temperature 1: the samples differ
     seen, consensus = [], generation._consensus
-    monkeypatch.setattr(generation, "_consensus", lambda answers, samples=None: seen.append(
-        ([t.text for _, t in answers], [t.text for t in samples])) or consensus(answers, samples))
+
+    def recorded_consensus(answers, samples=None):
+        seen.append(([track.text for _, track in answers], [track.text for track in samples]))
+        return consensus(answers, samples)
+
+    monkeypatch.setattr(generation, "_consensus", recorded_consensus)
     ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                                    stop_token_ids=stop, mbr=True, mbr_samples=5, seed=3))
     # the beam search after sampling finds what it finds alone, and the samples are generate_batch's
