@@ -385,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
     if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
         parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
-    if args.mbr_samples and not args.mbr:
-        parser.error("--mbr-samples are the evidence of --mbr: add --mbr (and --num-beams > 1)")
     decoding = dict(extractive=args.extractive, num_beams=args.num_beams, length_penalty=args.length_penalty,
                     mbr=args.mbr, context_contrast=args.context_contrast,
                     contrast_plausibility=args.contrast_plausibility, mbr_samples=args.mbr_samples)
