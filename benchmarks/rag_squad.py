@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
               "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free",
               "dtype": args.dtype, "command": command}
-    suffix = decoding_suffix(args.extractive)
+    suffix = decoding_suffix(extractive=args.extractive)
     for name in args.methods.split(","):
         if name in ("kv_dropping", "kv_dropping_ft"):
             reading = [replace(q, passages=tuple(d.page_content for d in found))
@@ -303,7 +303,8 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     (retrieval, compressing the passages, prefill) at batch size 1."""
     adapter = args.full_ft_adapter if name.endswith("_ft") else None
     method = build_method("kv_dropping", base_model, ratio, None, None, args.dtype, adapter)
-    label = f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "") + decoding_suffix(args.extractive)
+    label = (f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "")
+             + decoding_suffix(extractive=args.extractive))
     cache = prediction_cache(args.results, label, method.compressor, args.dtype, f"squad-dev-top{args.k}",
                              len(questions), args.seed)
     scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache,

@@ -22,6 +22,12 @@ from sac_rag.eval import decoding_suffix
 HERE = Path(__file__).resolve().parent
 
 
+# the row fields that name a decoding setting (``decoding_tags``' parameters besides ``extractive``,
+# which a row stores as ``decoding``)
+DECODING_SETTINGS = ("num_beams", "length_penalty", "mbr", "mbr_samples", "context_contrast",
+                     "contrast_plausibility")
+
+
 def load_rows(results: Path) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for path in sorted(results.glob("*.jsonl")):
@@ -29,11 +35,8 @@ def load_rows(results: Path) -> list[dict]:
             row = json.loads(line) if line.strip() else {}
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 # each decoding has tables of its own: never compared with another
-                row["dataset"] += decoding_suffix(row.get("decoding") == "extractive", row.get("num_beams", 1),
-                                                  row.get("length_penalty", 1.0), row.get("mbr", False),
-                                                  row.get("context_contrast", 0.0),
-                                                  row.get("contrast_plausibility", 0.1),
-                                                  row.get("mbr_samples", 0))
+                settings = {key: row[key] for key in DECODING_SETTINGS if key in row}  # absent: the default
+                row["dataset"] += decoding_suffix(extractive=row.get("decoding") == "extractive", **settings)
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

@@ -253,13 +253,10 @@ def decoding_tags(extractive: bool = False, num_beams: int = 1, length_penalty: 
             *([f"samples{mbr_samples}"] if mbr_samples else []), *contrast]
 
 
-def decoding_suffix(extractive: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-                    mbr: bool = False, context_contrast: float = 0.0, contrast_plausibility: float = 0.1,
-                    mbr_samples: int = 0) -> str:
-    """``decoding_tags`` as one row-name suffix (``-beam4-lp0``; empty for greedy free decoding)."""
-    tags = decoding_tags(extractive, num_beams, length_penalty, mbr, context_contrast, contrast_plausibility,
-                         mbr_samples)
-    return "".join(f"-{tag}" for tag in tags)
+def decoding_suffix(**decoding: Any) -> str:
+    """``decoding_tags(**decoding)`` as one row-name suffix (``-beam4-lp0``; empty for greedy free
+    decoding)."""
+    return "".join(f"-{tag}" for tag in decoding_tags(**decoding))
 
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
