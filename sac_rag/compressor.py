@@ -487,30 +487,30 @@ class SACCompressor(torch.nn.Module):
         directory = resolve_pretrained(name_or_path)
         meta = _read_config(directory)
         config = SACConfig.from_dict(meta["config"])
-        data = (directory / WEIGHTS_FILE).read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
-            raise CheckpointError(
-                f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
-                f"is corrupt or was half-copied; copy it again"
-            )
+        data = _read_weights(directory, meta)
         compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                          anchor_selector=anchor_selector)
-        if not same_base_model(compressor.base_fingerprint, meta["base_fingerprint"]):
-            raise FingerprintMismatchError(
-                f"compressor checkpoint {directory}", compressor.base_fingerprint, meta["base_fingerprint"],
-                f"load it with base model {config.base_model!r} or train a compressor for this model",
-            )
+        compressor._check_base_model(meta, directory, f"load it with base model {config.base_model!r} or train a "
+                                     "compressor for this model")
         compressor._load_tensors(st_load(data), directory)
         return compressor
 
     def load_weights(self, directory: str | os.PathLike) -> None:
-        """Load trained tensors from a checkpoint of the *same* configuration into this compressor
-        (used to resume training)."""
+        """Load trained tensors from a checkpoint of the *same* configuration and base model into
+        this compressor (used to resume training)."""
         directory = Path(directory)
         meta = _read_config(directory)
         if meta["config"] != self.config.to_dict():
             raise CheckpointError(f"{directory} was saved with other settings than this compressor")
-        self._load_tensors(st_load((directory / WEIGHTS_FILE).read_bytes()), directory)
+        data = _read_weights(directory, meta)
+        self._check_base_model(meta, directory, "resume with the base model the checkpoint was trained on, or "
+                               "start a new run")
+        self._load_tensors(st_load(data), directory)
+
+    def _check_base_model(self, meta: dict, directory: Path, advice: str) -> None:
+        if not same_base_model(self.base_fingerprint, meta["base_fingerprint"]):
+            raise FingerprintMismatchError(f"compressor checkpoint {directory}", self.base_fingerprint,
+                                           meta["base_fingerprint"], advice)
 
     @property
     def template(self):
@@ -592,6 +592,22 @@ def _read_config(directory: Path) -> dict:
         meta = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
-    if meta.get("format") != "sac-compressor/1":
-        raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {meta.get('format')!r})")
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != "sac-compressor/1":
+        raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {found!r})")
     return meta
+
+
+def _read_weights(directory: Path, meta: dict) -> bytes:
+    """The weights file's bytes, checked against the hash its ``config.json`` records."""
+    try:
+        data = (directory / WEIGHTS_FILE).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE} ({err.strerror or err}): the checkpoint is "
+                              "incomplete; copy it again") from err
+    if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
+            f"is corrupt or was half-copied; copy it again"
+        )
+    return data

@@ -28,7 +28,9 @@ class PromptTemplate:
     def build(self, contexts: list, question: str) -> list:
         """Prompt segments: text strings and, in order, the given contexts (each a string for
         full-text reading, an ``AnchorKV``, or a list of ``AnchorKV`` for a multi-chunk text)."""
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            raise InvalidInputError(f"the question must be a string, got {type(question).__name__}: {question!r:.40}")
+        if not question.strip():
             raise InvalidInputError("the question is empty: pass the text to answer")
         segments: list = []
         head = self.prefix + self.context_prefix

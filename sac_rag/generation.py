@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ class GenerationConfig:
     contrast_plausibility: float = 0.1
 
     def __post_init__(self):
+        self._check_types()
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -87,8 +89,25 @@ class GenerationConfig:
                 f"mbr_samples={self.mbr_samples}: sampled answers are the evidence of minimum Bayes risk, and an "
                 "expected F1 needs at least 2 of them: set mbr=True (with num_beams >= 2) and mbr_samples >= 2, "
                 "or mbr_samples=0")
-        self.stop = tuple(self.stop)
-        self.stop_token_ids = tuple(self.stop_token_ids)
+
+    def _check_types(self) -> None:
+        """Whole numbers where counts are meant, finite numbers elsewhere; a single stop string or
+        token id is read as a tuple of one (a string is not split into characters)."""
+        for name in ("max_new_tokens", "top_k", "num_beams", "mbr_samples", "seed"):
+            value = getattr(self, name)
+            if (value is not None or name != "seed") and (isinstance(value, bool) or not isinstance(value, Integral)):
+                raise InvalidInputError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p", "length_penalty", "context_contrast", "contrast_plausibility"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidInputError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = ((self.stop_token_ids,) if isinstance(self.stop_token_ids, Integral)
+                               else tuple(self.stop_token_ids))
+        if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise InvalidInputError(f"stop_token_ids must be token ids (whole numbers), got {self.stop_token_ids!r}")
 
     @classmethod
     def from_call(cls, defaults: object, call: Mapping[str, Any],

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -57,8 +57,7 @@ class SAC:
 
     def prompt(self, question: str, contexts: Sequence[Context], full_text: bool = False) -> list:
         """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline)."""
-        if isinstance(contexts, (str, AnchorKV)):
-            contexts = [contexts]
+        contexts = context_list(contexts)
         texts = [c for c in contexts if isinstance(c, str)]
         compressed = iter([] if full_text else self.compressor.compress_batch(texts))
         resolved = [
@@ -72,6 +71,7 @@ class SAC:
                config: GenerationConfig | None = None, extractive: bool = False) -> Generation:
         """Answer from the contexts. ``extractive``: the answer is a verbatim span of the contexts'
         text (they must be given as strings; ``sac_rag.extractive``)."""
+        contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
         return self.generator.generate(self.prompt(question, contexts, full_text), config,
                                        sources and sources[0])
@@ -79,12 +79,16 @@ class SAC:
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
                      extractive: bool = False) -> list[Generation]:
+        if isinstance(questions, str):
+            raise InvalidInputError("answer_batch takes a list of questions; for one question call answer()")
+        contexts = [context_list(c) for c in contexts]
         prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
         config, sources = self._decoding(config, contexts, extractive)
         return self.generator.generate_batch(prompts, config, sources)
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
+        contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
         return self.generator.stream(self.prompt(question, contexts, full_text), config, sources and sources[0])
 
@@ -96,10 +100,49 @@ class SAC:
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
 
+def context_list(contexts: Context | Iterable[Context]) -> list[Context]:
+    """The contexts of one question as a list, each checked: a string (compressed on the fly), an
+    ``AnchorKV``, or a list/tuple of ``AnchorKV`` (the chunks of one compressed text). A single string
+    or ``AnchorKV`` is one context; any other iterable (a generator too) is read once."""
+    if isinstance(contexts, (str, AnchorKV)):
+        return [contexts]
+    if isinstance(contexts, (bytes, dict)) or not isinstance(contexts, Iterable):
+        raise InvalidInputError(f"contexts must be a list of strings or compressed chunks, got {_kind(contexts)}")
+    contexts = list(contexts)
+    for i, context in enumerate(contexts):
+        if isinstance(context, (str, AnchorKV)):
+            continue
+        if isinstance(context, (list, tuple)) and context and all(isinstance(c, AnchorKV) for c in context):
+            continue
+        raise InvalidInputError(
+            f"context {i} is {_kind(context)}: each context must be a string, an AnchorKV, or a list of the "
+            f"AnchorKV chunks of one text (sac.compress(text)){_hint(context)}"
+        )
+    return contexts
+
+
+def _kind(value: object) -> str:
+    """``value``'s type in words, with its article: "a dict", "an int", "a list of str"."""
+    kind = type(value).__name__
+    if isinstance(value, (list, tuple)):
+        inner = sorted({type(v).__name__ for v in value})
+        kind = f"{kind} of {', '.join(inner)}" if inner else f"empty {kind}"
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _hint(context: object) -> str:
+    if isinstance(context, bytes):
+        return "; decode bytes to text first"
+    if isinstance(context, dict):
+        return "; pass the text itself (e.g. doc['text']), not the record"
+    if isinstance(context, (list, tuple)) and any(isinstance(c, str) for c in context):
+        return "; several texts are several contexts: flatten the list"
+    return ""
+
+
 def _quoted(contexts: Sequence[Context]) -> list[str]:
     """The texts an extractive answer may quote: all contexts, which must be strings."""
-    if isinstance(contexts, (str, AnchorKV)):
-        contexts = [contexts]
+    contexts = context_list(contexts)
     if not all(isinstance(c, str) for c in contexts):
         raise InvalidInputError(
             "an extractive answer quotes its contexts, so pass them as text: a precompressed context has "

@@ -118,6 +118,10 @@ class StoreWriteError(SACError, OSError):
     and rerun the same writes."""
 
 
+class StoreRecoveryNeededError(SACError, PermissionError):
+    """A read-only open found commits that only an open with write access can recover."""
+
+
 class EntryNotFoundError(SACError, KeyError):
     """No entry under that key (a ``KeyError``, so ``except KeyError`` works)."""
 
@@ -1140,21 +1144,29 @@ def _read_manifest(path: Path) -> dict:
 
 def _connect(index: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        uri = f"file:{quote(str(index))}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None,
+        conn = sqlite3.connect(f"file:{quote(str(index))}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                check_same_thread=False)
         try:
             conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+            return conn
         except sqlite3.OperationalError:
-            # A read-only directory: SQLite cannot create the WAL side files; no writer can
-            # be active either, so reading the file as immutable is safe.
             conn.close()
-            conn = sqlite3.connect(f"file:{quote(str(index))}?immutable=1", uri=True,
-                                   isolation_level=None, check_same_thread=False)
-        return conn
-    conn = sqlite3.connect(index, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+        # A read-only directory: SQLite cannot create the WAL side files, and no writer can be
+        # active, so the file can be read as immutable, unless a writer that stopped without
+        # closing left commits in the WAL, which an immutable read would not see.
+        wal = index.with_name(index.name + "-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise StoreRecoveryNeededError(
+                f"{wal} holds commits not yet merged into {index.name} (a writer stopped without closing), and "
+                f"this process cannot write to {index.parent}: open the store once with write access "
+                "(AnchorStore.open(path)) to merge them, then read it read-only"
+            )
+        conn = sqlite3.connect(f"file:{quote(str(index))}?immutable=1", uri=True,
+                               isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(index, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("SELECT COUNT(*) FROM meta").fetchone()  # a missing table: sqlite3.DatabaseError
     return conn
 
 

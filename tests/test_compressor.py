@@ -164,6 +164,10 @@ def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path
         SACCompressor.from_pretrained(tmp_path / "ckpt", model=other_model, tokenizer=other_tokenizer)
     message = str(info.value)
     assert comp.base_fingerprint in message and "tiny-llama-7@" in message
+    other = _compressor((other_model, other_tokenizer))
+    with pytest.raises(FingerprintMismatchError, match="resume with the base model") as info:
+        other.load_weights(tmp_path / "ckpt")  # what --resume does, with the base model swapped
+    assert comp.base_fingerprint in str(info.value) and other.base_fingerprint in str(info.value)
 
 
 def test_corrupt_or_half_copied_checkpoint_is_refused(tiny, tmp_path):
@@ -175,8 +179,16 @@ def test_corrupt_or_half_copied_checkpoint_is_refused(tiny, tmp_path):
     model, tokenizer = make_tiny_llama()
     with pytest.raises(CheckpointError, match="corrupt"):
         SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _compressor((model, tokenizer)).load_weights(path)  # what --resume does
     with pytest.raises(CheckpointError, match="neither"):
         SACCompressor.from_pretrained(tmp_path / "missing", model=model, tokenizer=tokenizer)
+    (path / "compressor.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a sac_rag compressor checkpoint"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
 
 
 def test_checkpoint_holds_no_pickle(tiny, tmp_path):

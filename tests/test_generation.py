@@ -180,6 +180,32 @@ def test_sac_facade_answers_from_compressed_and_from_full_text(setup):
     assert merged.answer("Who finished the tower?", [TEXT]).token_ids == sac.answer("Who finished the tower?",
                                                                                     [TEXT]).token_ids
 
+def test_sac_facade_reads_contexts_given_as_any_iterable_and_refuses_other_shapes_naming_them(setup):
+    from sac_rag import SAC
+
+    comp, _ = setup
+    sac = SAC(comp, GenerationConfig(max_new_tokens=4))
+    listed = sac.answer("Who finished the tower?", [TEXT])
+    from_generator = sac.answer("Who finished the tower?", (t for t in [TEXT]))
+    assert from_generator.cached_tokens == listed.cached_tokens > 0
+    assert from_generator.token_ids == listed.token_ids
+    assert sac.answer("Who?", TEXT).token_ids == sac.answer("Who?", [TEXT]).token_ids
+    assert sac.answer("Who?", [tuple(sac.compress(TEXT))]).token_ids == sac.answer("Who?", [TEXT]).token_ids
+    for contexts, named in [([{"text": TEXT}], "a dict"), ([[TEXT]], "a list of str"), ([TEXT.encode()], "a bytes"),
+                            ([5], "an int"), ([None], "a NoneType"), ({"text": TEXT}, "a dict"), (b"x", "a bytes"),
+                            ([[]], "an empty list")]:
+        with pytest.raises(InvalidInputError, match=named):
+            sac.answer("Who?", contexts)
+    with pytest.raises(InvalidInputError, match="flatten"):
+        sac.stream("Who?", [[TEXT, TEXT]])
+    with pytest.raises(InvalidInputError, match="context 1 is a dict"):
+        sac.answer_batch(["Who?"], [[TEXT, {"text": TEXT}]])
+    with pytest.raises(InvalidInputError, match="list of questions"):
+        sac.answer_batch("Who?", [[TEXT]])
+    with pytest.raises(InvalidInputError, match="question must be a string, got int: 5"):
+        sac.answer(5, [TEXT])
+
+
 
 def test_generation_stops_at_the_model_context_limit(tiny):
     model, tokenizer = tiny
@@ -342,6 +368,22 @@ def test_beam_search_ends_beams_at_a_stop_string_and_batches_prompts_one_by_one(
     cut = gen.generate(prompts[0], GenerationConfig(max_new_tokens=12, num_beams=3, stop=(stop,)))
     assert stop in full.text and stop not in cut.text  # the beams that met it ended there
     assert cut.token_ids != full.token_ids
+
+
+def test_settings_of_the_wrong_type_are_refused_naming_the_setting_and_a_single_stop_is_one_string():
+    for setting, value in [("num_beams", 2.5), ("max_new_tokens", 2.5), ("max_new_tokens", None),
+                           ("max_new_tokens", "5"), ("top_k", 1.5), ("seed", 0.5), ("num_beams", True),
+                           ("temperature", float("nan")), ("length_penalty", float("nan")), ("top_p", "1")]:
+        with pytest.raises(InvalidInputError, match=f"{setting} must be a"):
+            GenerationConfig(**{setting: value})
+    assert GenerationConfig(stop="Paris.").stop == ("Paris.",)
+    assert GenerationConfig(stop_token_ids=5).stop_token_ids == (5,)
+    assert GenerationConfig(stop=["a", "b"], seed=None).stop == ("a", "b")
+    for stop in [("",), ("a", 3)]:
+        with pytest.raises(InvalidInputError, match="stop strings must be non-empty"):
+            GenerationConfig(stop=stop)
+    with pytest.raises(InvalidInputError, match="stop_token_ids"):
+        GenerationConfig(stop_token_ids=("\n",))
 
 
 def test_beam_search_settings_that_cannot_work_are_refused():

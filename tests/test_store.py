@@ -32,6 +32,7 @@ from sac_rag.store import (
     EntryNotFoundError,
     NotAStoreError,
     StoreCorruptionError,
+    StoreRecoveryNeededError,
     StoreWriteError,
     main,
     merge,
@@ -414,6 +415,44 @@ def test_unreadable_index_or_manifest_is_reported_as_corruption(tmp_path):
         (path / broken).write_bytes(b"this is not what it should be " * 100)
         with pytest.raises(StoreCorruptionError, match="unreadable"):
             AnchorStore.open(path, FP)
+
+
+def test_an_emptied_index_opened_read_only_is_reported_as_corruption(tmp_path):
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+    (path / "index.sqlite").write_bytes(b"")
+    with pytest.raises(StoreCorruptionError, match="unreadable"):
+        AnchorStore.open(path, FP, readonly=True)
+
+
+def test_a_read_only_directory_reads_the_index_unless_a_stopped_writer_left_commits_in_its_wal(tmp_path,
+                                                                                                monkeypatch):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put(key(0), make_kv(0))
+    connect = sqlite3.connect
+
+    class CannotCreateSideFiles:  # what a read-only directory does to a mode=ro connection in WAL mode
+        def execute(self, *args):
+            raise sqlite3.OperationalError("unable to open database file")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(store_module.sqlite3, "connect",
+                        lambda target, *a, **k: CannotCreateSideFiles() if "mode=ro" in str(target)
+                        else connect(target, *a, **k))
+    with AnchorStore.open(path, FP, readonly=True) as s:
+        assert s.keys() == [key(0)]
+    writer = connect(path / "index.sqlite", isolation_level=None)  # a writer that stops without closing
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO meta (name, value) VALUES ('uncheckpointed', '1')")
+    assert (path / "index.sqlite-wal").stat().st_size > 0
+    with pytest.raises(StoreRecoveryNeededError, match="open the store once with write access"):
+        AnchorStore.open(path, FP, readonly=True)
+    writer.close()  # the last connection merges the WAL
+    with AnchorStore.open(path, FP, readonly=True) as s:
+        assert s.keys() == [key(0)]
 
 
 # -- crash safety -----------------------------------------------------------------------------
