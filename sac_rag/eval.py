@@ -3,12 +3,14 @@
 Every method answers the same seeded questions with the same base model, prompt template and
 decoding settings, through the same ``Generator`` code path; only what the decoder reads
 differs. Results are JSON rows (one per method x dataset) appended to ``--results``; the
-per-example predictions are cached so an interrupted run resumes where it stopped.
+per-example predictions are cached so an interrupted run resumes where it stopped (and a cache
+made with other settings is refused, see ``claim_predictions``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -27,9 +29,9 @@ import torch
 from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import InvalidInputError
+from .errors import InvalidInputError, exit_with_message
 from .files import append_jsonl
-from .fingerprint import compressor_tag
+from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
 from .quantize import round_trip
@@ -40,6 +42,22 @@ DATASETS = {
     "squad-dev": "squad-v1.1/dev-v1.1.json.xz",
     "squadshifts-new-wiki": "squadshifts/new_wiki_v1.0.json.xz",
 }
+DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum`` (argparse names the option when it is not)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 @dataclass
@@ -84,13 +102,17 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
     parser.add_argument("--n", type=int, default=n_default, required=n_default is None,
                         help="seeded subset size (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", type=int, default=0,
+    parser.add_argument("--skip", type=at_least(0), default=0,
                         help="start after this many questions of the seeded order (a subset disjoint from them)")
 
 
 def subset_questions(args: argparse.Namespace) -> list[Question]:
     """The subset the arguments of ``add_subset_arguments`` name."""
-    return load_questions(Path(args.data_root) / DATASETS[args.dataset], args.n, args.seed, args.skip)
+    path = Path(args.data_root) / DATASETS[args.dataset]
+    if not path.is_file():
+        raise InvalidInputError(f"{path} does not exist: set --data-root to the folder that holds "
+                                f"{DATASETS[args.dataset]} (the {args.dataset} questions)")
+    return load_questions(path, args.n, args.seed, args.skip)
 
 
 @dataclass
@@ -150,7 +172,7 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
     from .models import load_base_model
 
     if name not in METHODS:
-        raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
+        raise InvalidInputError(f"unknown method {name!r}; choose from {METHODS}")
     if name == "sac":
         comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         if ratio is not None and ratio != comp.config.ratio:
@@ -215,11 +237,77 @@ def prediction_cache(results: str | Path, label: str, compressor, dtype: str, da
 
 
 def read_predictions(cache_path: Path) -> dict[str, str]:
-    """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines; none if missing)."""
+    """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines after an optional
+    ``{"settings": ...}`` header line, see ``claim_predictions``; none if missing)."""
     if not cache_path.exists():
         return {}
     rows = (json.loads(line) for line in cache_path.read_text().splitlines() if line.strip())
-    return {row["id"]: row["prediction"] for row in rows}
+    return {row["id"]: row["prediction"] for row in rows if "settings" not in row}
+
+
+DECODING_SETTINGS = ("max_new_tokens", "extractive", "num_beams", "length_penalty", "mbr", "mbr_samples",
+                     "context_contrast", "contrast_plausibility")
+
+
+def prediction_settings(method: Method, config: GenerationConfig, adapter: str | None = None,
+                        merge_decoder: bool = False) -> dict[str, Any]:
+    """Everything that changes a method's answers and that its prediction file's name may not
+    hold (``prediction_cache`` names the label, compressor, dtype and question subset): the
+    method, its ratio, the base model's fingerprint, the decoder adapter's (``adapter_fingerprint``),
+    the storage, a merged decoder and the decoding settings."""
+    return {"method": method.name, "ratio": method.ratio, "base_model": method.generator.base_fingerprint,
+            "adapter": adapter_fingerprint(adapter) if adapter else None, "storage": method.storage,
+            "merge_decoder": merge_decoder, **{name: getattr(config, name) for name in DECODING_SETTINGS}}
+
+
+def adapter_fingerprint(adapter: str) -> str:
+    """``"<adapter>@<hash>"``: a short hash of a peft adapter directory's ``adapter_*`` files (its
+    config and weights), so that an adapter retrained in place never reuses predictions; the name
+    as given when it is no such directory (e.g. a hub id)."""
+    files = sorted(Path(adapter).glob("adapter_*")) if Path(adapter).is_dir() else []
+    if not files:
+        return adapter
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return f"{adapter}@{digest.hexdigest()[:16]}"
+
+
+def same_setting(name: str, recorded: Any, current: Any) -> bool:
+    """Whether two values of a prediction setting give the same answers: fingerprints are compared
+    by their hash (the same weights under another name or path are the same)."""
+    if name == "base_model" and recorded and current:
+        return same_base_model(recorded, current)
+    if name == "adapter" and recorded and current:
+        return recorded.rsplit("@", 1)[-1] == current.rsplit("@", 1)[-1]
+    return recorded == current
+
+
+def claim_predictions(cache_path: Path, settings: dict[str, Any]) -> None:
+    """Hold ``cache_path`` to predictions made with ``settings`` (``prediction_settings``): a new
+    (or empty) file gets them as its first line, ``{"settings": {...}}``; a file whose first line
+    holds other settings is refused, naming each differing setting and both values, since its
+    predictions would be scored as this run's. A file without that line (written before settings
+    were recorded) is reused as before: its settings are unknown, and no header is added to it."""
+    if not cache_path.exists() or cache_path.stat().st_size == 0:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps({"settings": settings}) + "\n")
+        return
+    with open(cache_path) as file:
+        first = file.readline()
+    recorded = json.loads(first).get("settings") if first.strip() else None
+    if recorded is None:
+        return
+    differing = [name for name in sorted(recorded.keys() | settings.keys())
+                 if not same_setting(name, recorded.get(name), settings.get(name))]
+    if differing:
+        def values(of: dict) -> str:
+            return ", ".join(f"{name}={of.get(name)!r}" for name in differing)
+
+        raise InvalidInputError(
+            f"{cache_path} holds predictions made with {values(recorded)}, but this run has {values(settings)}: "
+            "give this run another --label, or delete that file to answer its questions again")
 
 
 def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
@@ -261,7 +349,8 @@ def decoding_suffix(**decoding: Any) -> str:
 
 def run(method: Method, questions: list[Question], dataset: str, batch_size: int, cache_path: Path,
         config: GenerationConfig | None = None) -> dict:
-    """Answer all questions (resuming from ``cache_path``) with ``config`` (``answer_config()`` by
+    """Answer all questions (resuming from ``cache_path``, which ``claim_predictions`` should hold
+    to this method's settings) with ``config`` (``answer_config()`` by
     default; extractive decoding holds each answer to the passages its question reads) and score them."""
     from tqdm.auto import tqdm
 
@@ -326,13 +415,34 @@ def kv_entry_bytes(model, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, an option the method needs but lacks or would ignore."""
+    from .compressor import list_pretrained
+
+    needs = {"sac": f"a compressor directory or a built-in compressor ({', '.join(list_pretrained()) or 'none'})",
+             "full_ft": "the Full-FT decoder adapter directory (peft LoRA)"}
+    if args.method in needs and not args.checkpoint:
+        parser.error(f"--method {args.method} needs --checkpoint: {needs[args.method]}")
+    if args.checkpoint and args.method not in needs:
+        parser.error("--checkpoint applies to --method sac and full_ft (another method's decoder: --decoder-adapter)")
+    if args.decoder_adapter and args.method in needs:
+        parser.error(f"--decoder-adapter does not apply to --method {args.method} (full_ft reads its adapter from "
+                     "--checkpoint; sac decodes with the compressor's own)")
+    if args.anchor_strategy and args.method != "sac":
+        parser.error("--anchor-strategy applies to --method sac")
+    if args.storage != "native" and args.method not in ("sac", "kv_dropping"):
+        parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
+    if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
+        parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sac_rag.eval", description=__doc__)
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
     parser.add_argument("--label", help="name of the row in the results (default: the method)")
     parser.add_argument("--base-model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=int, help="kv_dropping and the text_* methods: default 5; sac: default "
+    parser.add_argument("--ratio", type=at_least(1), help="kv_dropping and the text_* methods: default 5; sac: default "
                         "the checkpoint's, another value evaluates its weights at that ratio")
     parser.add_argument("--anchor-strategy", help="sac: place anchors by this strategy instead of the trained one "
                         "(sac_rag.anchors, e.g. rarest_in_block)")
@@ -344,18 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="native", choices=["native", "fp8", "int8"],
                         help="sac/kv_dropping: read the caches as an fp8/int8 store returns them")
     add_subset_arguments(parser, n_default=1000)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=32)
     parser.add_argument("--extractive", action="store_true",
                         help="extractive decoding: each answer is a verbatim span of the passages it reads")
-    parser.add_argument("--num-beams", type=int, default=1,
+    parser.add_argument("--num-beams", type=at_least(1), default=1,
                         help="beam search over this many answers instead of greedy decoding (free decoding either way)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam search: a finished answer scores its summed log-probability / length ** this")
     parser.add_argument("--mbr", action="store_true",
                         help="beam search: answer with the finished answer that agrees best with the others "
                              "(minimum Bayes risk, expected word-overlap F1) instead of the top-scored one")
-    parser.add_argument("--mbr-samples", type=int, default=0,
+    parser.add_argument("--mbr-samples", type=at_least(0), default=0,
                         help="with --mbr: also sample this many answers (temperature 1, seed 0) and score every "
                              "beam and sample by its mean F1 against the samples (0: weigh the beams instead)")
     parser.add_argument("--context-contrast", type=float, default=0.0,
@@ -364,24 +474,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contrast-plausibility", type=float, default=0.1,
                         help="context-aware decoding: only tokens at least this fraction as likely as the "
                              "likeliest (given the contexts) can be chosen")
-    parser.add_argument("--timing-samples", type=int, default=10)
+    parser.add_argument("--timing-samples", type=at_least(0), default=10)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="bfloat16",
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                         help="bfloat16 (the committed rows'), float32 (much faster on CPUs without native bf16, "
                              "see sac_rag.devices.bf16_is_fast), float16, or auto; predictions computed in "
                              "another dtype than bfloat16 are cached apart")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
     parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     label = args.label or "-".join([args.method, *([args.storage] if args.storage != "native" else []),
                                     *(["adapted-decoder"] if args.decoder_adapter else [])])
-    if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
-        parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
     decoding = dict(extractive=args.extractive, num_beams=args.num_beams, length_penalty=args.length_penalty,
                     mbr=args.mbr, context_contrast=args.context_contrast,
                     contrast_plausibility=args.contrast_plausibility, mbr_samples=args.mbr_samples)
@@ -395,16 +504,13 @@ def main(argv: list[str] | None = None) -> int:
 
     questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
-    if args.anchor_strategy and args.method != "sac":
-        parser.error("--anchor-strategy applies to --method sac")
     method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, dtype,
                           args.decoder_adapter, args.anchor_strategy, args.merge_decoder)
-    if args.storage != "native":
-        if method.compressor is None:
-            parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
-        method.storage = args.storage
+    method.storage = args.storage
     cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed,
                              args.skip)
+    adapter = args.checkpoint if args.method == "full_ft" else args.decoder_adapter
+    claim_predictions(cache, prediction_settings(method, config, adapter, args.merge_decoder))
     t_start, cached = time.time(), len(read_predictions(cache))
     scores = run(method, questions, args.dataset, args.batch_size, cache, config)
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
@@ -431,4 +537,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_message(main)

@@ -2,13 +2,15 @@
 
 import json
 import lzma
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 from conftest import make_tiny_llama
 
-from sac_rag import SACCompressor, SACConfig
-from sac_rag.eval import main
+from sac_rag import InvalidInputError, SACCompressor, SACConfig
+from sac_rag.eval import main, read_predictions
 
 
 @pytest.fixture
@@ -80,6 +82,61 @@ def test_a_rerun_reuses_cached_predictions(workspace):
     lines = cache.read_text().splitlines()
     second = _run(workspace, "--method", "full_context")
     assert cache.read_text().splitlines() == lines and second["f1"] == first["f1"]
+    assert second["newly_answered"] == 0
+
+
+def test_a_prediction_file_records_its_settings_first_and_an_interrupted_run_resumes(workspace):
+    _run(workspace, "--method", "text_every_rth", "--ratio", "2")
+    cache = next((workspace / "results" / "predictions").glob("text_every_rth-*.jsonl"))
+    header, *predictions = cache.read_text().splitlines()
+    settings = json.loads(header)["settings"]
+    assert (settings["method"], settings["ratio"], settings["max_new_tokens"]) == ("text_every_rth", 2, 4)
+    assert len(predictions) == 4 and set(read_predictions(cache)) == {json.loads(p)["id"] for p in predictions}
+    cache.write_text("\n".join([header, *predictions[:3]]) + "\n")  # interrupted before the last answer
+    resumed = _run(workspace, "--method", "text_every_rth", "--ratio", "2")
+    assert resumed["newly_answered"] == 1 and cache.read_text().splitlines()[:4] == [header, *predictions[:3]]
+
+
+@pytest.mark.parametrize(("option", "first", "then"), [("--ratio", "2", "3"), ("--max-new-tokens", "4", "5")])
+def test_predictions_made_with_another_setting_under_the_same_label_are_refused(workspace, option, first, then):
+    _run(workspace, "--method", "text_every_rth", "--label", "shortened", option, first)
+    cache = next((workspace / "results" / "predictions").glob("shortened-*.jsonl"))
+    before = cache.read_text()
+    setting = option[2:].replace("-", "_")
+    with pytest.raises(InvalidInputError, match=f"made with {setting}={first}, but this run has {setting}={then}: "
+                                                "give this run another --label, or delete that file"):
+        _run(workspace, "--method", "text_every_rth", "--label", "shortened", option, then)
+    assert cache.read_text() == before
+    assert _run(workspace, "--method", "text_every_rth", "--label", "shortened-again", option, then)["n"] == 4
+
+
+def test_an_adapter_retrained_in_place_does_not_reuse_its_predictions(workspace):
+    from peft import LoraConfig, get_peft_model
+
+    def train_adapter(seed):
+        import torch
+
+        model, _ = make_tiny_llama()
+        torch.manual_seed(seed)  # another initialisation stands in for another training run
+        lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(workspace / "adapter")
+
+    train_adapter(0)
+    _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "adapter"))
+    train_adapter(1)
+    with pytest.raises(InvalidInputError, match="adapter="):
+        _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "adapter"))
+
+
+def test_a_prediction_file_without_settings_is_still_read_and_resumed(workspace):
+    # files written before settings were recorded: their predictions are reused as they are
+    first = _run(workspace, "--method", "full_context")
+    cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))
+    legacy = cache.read_text().splitlines()[1:]
+    cache.write_text("\n".join(legacy) + "\n")
+    again = _run(workspace, "--method", "full_context", "--max-new-tokens", "5")
+    assert (again["newly_answered"], again["f1"]) == (0, first["f1"])
+    assert cache.read_text().splitlines() == legacy  # no header is added to it
 
 
 def test_predictions_computed_in_another_dtype_are_cached_apart(workspace):
@@ -197,7 +254,7 @@ def test_a_merged_decoder_is_a_row_of_its_own_with_the_same_answers(workspace):
     adapter = ["--method", "full_ft", "--checkpoint", str(workspace / "adapter")]
     live, merged = _run(workspace, *adapter), _run(workspace, *adapter, "--merge-decoder")
     assert (live["method"], merged["method"], merged["merge_decoder"]) == ("full_ft", "full_ft-merged", True)
-    predictions = {p.name.split("-float32")[0]: [json.loads(line)["prediction"] for line in p.read_text().splitlines()]
+    predictions = {p.name.split("-float32")[0]: read_predictions(p)
                    for p in (workspace / "results" / "predictions").glob("*.jsonl")}
     assert predictions["full_ft-merged"] == predictions["full_ft"]
     sac = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "compressor"), "--merge-decoder")
@@ -239,3 +296,29 @@ def test_context_aware_decoding_is_a_setting_of_its_own_row_contrasted_with_the_
     question = Question(id="q", question="Who built it?", answers=["Eiffel"], context="It was built by Eiffel.")
     no_context = build_method("no_context", model, None, None, "cpu", "float32")
     assert method.contrast_prompts([question]) == no_context.prompts([question])  # the question alone
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "sac"], "--method sac needs --checkpoint: a compressor directory or a built-in"),
+    (["--method", "full_ft"], "--method full_ft needs --checkpoint: the Full-FT decoder adapter"),
+    (["--method", "full_context", "--checkpoint", "x"], "--checkpoint applies to --method sac and full_ft"),
+    (["--method", "full_ft", "--checkpoint", "x", "--decoder-adapter", "y"], "--decoder-adapter does not apply"),
+    (["--method", "text_every_rth", "--ratio", "0"], "argument --ratio: must be >= 1, got 0"),
+    (["--method", "full_context", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--method", "full_context", "--skip", "-1"], "argument --skip: must be >= 0, got -1"),
+    (["--method", "full_context", "--max-new-tokens", "many"], "argument --max-new-tokens: expected a whole number"),
+    (["--method", "full_context", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+])
+def test_command_line_mistakes_are_named_before_any_model_loads(capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        main([*args, "--base-model", "no-such-model"])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_data_root_is_one_line_naming_the_option(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sac_rag.eval", "--method", "full_context",
+                           "--data-root", str(tmp_path / "nowhere"), "--base-model", "no-such-model"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "squad-v1.1/dev-v1.1.json.xz does not exist: set --data-root to the folder that holds" in done.stderr

@@ -169,7 +169,7 @@ def test_the_facade_quotes_text_contexts_and_refuses_precompressed_ones(tiny):
 def test_eval_extractive_rows_are_labelled_and_answers_quote_the_passage(tmp_path):
     import lzma
 
-    from sac_rag.eval import main
+    from sac_rag.eval import main, read_predictions
 
     model, tokenizer = make_tiny_llama()
     model.save_pretrained(tmp_path / "m")
@@ -186,5 +186,6 @@ def test_eval_extractive_rows_are_labelled_and_answers_quote_the_passage(tmp_pat
                  "--results", str(results), "--dtype", "float32"]) == 0
     row = json.loads(results.read_text().splitlines()[-1])
     assert row["method"] == "full_context-extractive" and row["decoding"] == "extractive"
-    predictions = (results.parent / "predictions" / "full_context-extractive-float32-squad-dev-n3-s0.jsonl").read_text()
-    assert all(_is_quote(json.loads(line)["prediction"], [context]) for line in predictions.splitlines())
+    predictions = read_predictions(results.parent / "predictions"
+                                   / "full_context-extractive-float32-squad-dev-n3-s0.jsonl")
+    assert len(predictions) == 3 and all(_is_quote(p, [context]) for p in predictions.values())
