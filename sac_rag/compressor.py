@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "compressor.safetensors"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
 
 
 class SACCompressor(torch.nn.Module):
@@ -475,7 +476,7 @@ class SACCompressor(torch.nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR,
         model=None,
         tokenizer=None,
         device: str | torch.device | None = None,

@@ -53,6 +53,8 @@ def open_text(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data path {path} is a directory, not a data file: pass the file itself")
     if path.suffix == ".xz":
         return lzma.open(path, "rt", encoding="utf-8")
     if path.suffix == ".gz":
@@ -79,31 +81,50 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
                     context, question, answers = row["context"], row["question"], row["answers"]
                 except (ValueError, KeyError, TypeError) as err:
                     raise DataError(f"{path}:{line_no}: expected JSON with context, question, answers ({err})") from err
-                answers = [answers] if isinstance(answers, str) else list(answers)
+                answers = [answers] if isinstance(answers, str) else answers
+                where = f"{path}:{line_no}: 'answers'"
+                for answer in _expect(answers, list, where, "a string or a list of strings"):
+                    _expect(answer, str, where, "a string or a list of strings")
                 item = _qa_item(question, answers, row.get("id", f"{line_no}"), stats)
                 if item is None or not _has_text(context, stats):
                     continue
-                paragraphs.setdefault(context, Paragraph(context, [], row.get("title", ""))).questions.append(item)
+                title = str(row.get("title") or "")
+                paragraphs.setdefault(context, Paragraph(context, [], title)).questions.append(item)
         return list(paragraphs.values())
     try:
         with open_text(path) as f:
             data = json.load(f)["data"]
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list): {err}") from err
+    _expect(data, list, f"{path}: 'data'", "a list of articles")
     out = []
-    for article in data:
-        for para in article.get("paragraphs", []):
+    for i, article in enumerate(data):
+        where = f"{path}: data[{i}]"
+        _expect(article, dict, where, "an article object")
+        for j, para in enumerate(_expect(article.get("paragraphs", []), list, f"{where}.paragraphs", "a list")):
+            _expect(para, dict, f"{where}.paragraphs[{j}]", "a paragraph object")
             if not _has_text(para.get("context"), stats):
                 continue
             items = []
-            for qa in para.get("qas", []):
-                answers = [a.get("text", "") for a in qa.get("answers", [])]
-                item = _qa_item(qa.get("question"), answers, qa.get("id", ""), stats)
+            for k, qa in enumerate(_expect(para.get("qas", []), list, f"{where}.paragraphs[{j}].qas", "a list")):
+                at = f"{where}.paragraphs[{j}].qas[{k}]"
+                _expect(qa, dict, at, "a question object")
+                answers = _expect(qa.get("answers", []), list, f"{at}.answers", "a list of {'text': ...} objects")
+                texts = [_expect(a, dict, f"{at}.answers[{n}]", "an object with a 'text'").get("text", "")
+                         for n, a in enumerate(answers)]
+                item = _qa_item(qa.get("question"), texts, qa.get("id", ""), stats)
                 if item is not None:
                     items.append(item)
             if items:
-                out.append(Paragraph(para["context"], items, article.get("title", "")))
+                out.append(Paragraph(para["context"], items, str(article.get("title") or "")))
     return out
+
+
+def _expect(value, kind: type, where: str, what: str):
+    """``value`` if it is a ``kind``; else a DataError naming the file, the record and what was expected."""
+    if not isinstance(value, kind):
+        raise DataError(f"{where} should be {what}, got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 def _has_text(context, stats: LoadStats) -> bool:
@@ -148,8 +169,21 @@ def iter_texts(path: str | Path) -> Iterator[str]:
 
 def split_by_title(paragraphs: list[Paragraph], held_out_fraction: float) -> tuple[list[Paragraph], list[Paragraph]]:
     """Hold out the last ``held_out_fraction`` of articles (by title order of appearance), so no
-    article is in both splits."""
+    article is in both splits. Data with fewer than two titles (e.g. QA JSONL without a ``title``)
+    is held out by paragraph instead. At least one unit always stays for training (a single
+    paragraph is trained on, and nothing is held out)."""
     titles = list(dict.fromkeys(p.title for p in paragraphs))
-    n_held = max(1, round(len(titles) * held_out_fraction)) if held_out_fraction > 0 else 0
-    held = set(titles[len(titles) - n_held:]) if n_held else set()
-    return [p for p in paragraphs if p.title not in held], [p for p in paragraphs if p.title in held]
+    by_title = len(titles) >= 2
+    units = titles if by_title else list(dict.fromkeys(p.context for p in paragraphs))
+    n_held = max(1, round(len(units) * held_out_fraction)) if held_out_fraction > 0 else 0
+    n_held = max(0, min(n_held, len(units) - 1))
+    if held_out_fraction > 0 and len(units) == 1:
+        logger.warning("only %d paragraph(s): nothing held out for evaluation (pass --eval-data)", len(units))
+    elif n_held and not by_title:
+        logger.info("the data has no article titles: holding out %d of %d paragraphs instead", n_held, len(units))
+    held = set(units[len(units) - n_held:]) if n_held else set()
+
+    def unit(p: Paragraph) -> str:
+        return p.title if by_title else p.context
+
+    return [p for p in paragraphs if unit(p) not in held], [p for p in paragraphs if unit(p) in held]

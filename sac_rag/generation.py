@@ -199,6 +199,7 @@ class Generator:
         # Which compressed data this decoder can read: by default anything made on the same base
         # model (the decoder is the frozen base); a compressor with a decoder adapter narrows it.
         self._accepts = accepts or (lambda fingerprint: same_base_model(fingerprint, self.base_fingerprint))
+        self.reads = lambda: self.base_fingerprint  # the fingerprint a refusal names as what this decoder reads
         self.rotator = KeyRotator.from_model(model)
         text_config = model.config.get_text_config(decoder=True)
         self.num_layers = text_config.num_hidden_layers
@@ -227,8 +228,11 @@ class Generator:
             accepts = lambda fingerprint: same_model(  # noqa: E731
                 fingerprint, snapshot if merge_decoder else compressor.fingerprint)
             text_mode = compressor.frozen_mode
-        return cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
-                   compressor.base_fingerprint, accepts, text_mode=text_mode, reader=reader)
+        generator = cls(compressor.base_model, compressor.tokenizer, compressor.decoder_mode,
+                        compressor.base_fingerprint, accepts, text_mode=text_mode, reader=reader)
+        if compressor.config.decoder_lora_rank:
+            generator.reads = lambda: snapshot if merge_decoder else compressor.fingerprint
+        return generator
 
     @property
     def device(self) -> torch.device:
@@ -395,7 +399,7 @@ class Generator:
         if self.max_positions is not None and position > self.max_positions:
             raise PromptError(
                 f"the prompt needs {position} positions but the model has {self.max_positions}: "
-                f"retrieve fewer or shorter contexts, or compress them at a higher ratio"
+                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions)"
             )
 
     def _read_text(self, model, state: _Prefilled, ids: list[int], all_logits: bool) -> None:
@@ -417,8 +421,8 @@ class Generator:
     def _splice(self, state: _Prefilled, kv: AnchorKV) -> None:
         if not self._accepts(kv.fingerprint):
             raise FingerprintMismatchError(
-                "a compressed context", self.base_fingerprint, kv.fingerprint,
-                "compress it again with a compressor for this model, or decode with the model it was made for",
+                "a compressed context", self.reads(), kv.fingerprint,
+                "compress it again with the compressor in use, or decode with the compressor it was made by",
             )
         self._check_room(state.position + kv.n_tokens)
         placed = kv.at_offset(state.position, self.rotator).to(self.device, self.dtype)
@@ -664,7 +668,8 @@ def _check_contrast(config: GenerationConfig, contrast_prompts, n_prompts: int) 
                       "contrast prompts are read by context-aware decoding: set GenerationConfig(context_contrast=a) "
                       "with a > 0, or pass no contrast prompts",
                       "context-aware decoding (context_contrast > 0) needs each prompt without its contexts: pass "
-                      "contrast_prompts (e.g. PromptTemplate.build([], question))", "contrast prompts")
+                      "contrast_prompt= to generate/stream or contrast_prompts= to generate_batch (e.g. "
+                      "compressor.template.build([], question)); SAC.answer builds them itself", "contrast prompts")
 
 
 def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:

@@ -13,12 +13,10 @@ from dataclasses import replace
 
 import torch
 
-from .compressor import SACCompressor
-from .errors import InvalidInputError
+from .compressor import DEFAULT_COMPRESSOR, SACCompressor
+from .errors import InvalidInputError, PromptError
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
-
-DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"
 
 Context = str | AnchorKV | Sequence[AnchorKV]
 
@@ -59,6 +57,7 @@ class SAC:
         """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline)."""
         contexts = context_list(contexts)
         texts = [c for c in contexts if isinstance(c, str)]
+        self._check_room(texts, contexts)
         compressed = iter([] if full_text else self.compressor.compress_batch(texts))
         resolved = [
             (c if full_text else next(compressed)) if isinstance(c, str)
@@ -73,8 +72,9 @@ class SAC:
         text (they must be given as strings; ``sac_rag.extractive``)."""
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
+        contrast = self._contrast_prompts(config, [question])
         return self.generator.generate(self.prompt(question, contexts, full_text), config,
-                                       sources and sources[0])
+                                       sources and sources[0], contrast and contrast[0])
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
@@ -84,13 +84,15 @@ class SAC:
         contexts = [context_list(c) for c in contexts]
         prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
         config, sources = self._decoding(config, contexts, extractive)
-        return self.generator.generate_batch(prompts, config, sources)
+        return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
-        return self.generator.stream(self.prompt(question, contexts, full_text), config, sources and sources[0])
+        contrast = self._contrast_prompts(config, [question])
+        return self.generator.stream(self.prompt(question, contexts, full_text), config, sources and sources[0],
+                                     contrast and contrast[0])
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
         """The call's decoding settings and, for extractive answers, the texts each may quote."""
@@ -98,6 +100,27 @@ class SAC:
         if not (extractive or config.extractive):
             return config, None
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
+
+
+    def _check_room(self, texts: list[str], contexts: list[Context]) -> None:
+        """Refuse, before compressing anything, contexts whose tokens alone exceed the decoder's
+        positions: a compressed context keeps its tokens' positions (the cache holds fewer entries,
+        the positions advance by the whole chunk), so compressing would not make room."""
+        limit = self.generator.max_positions
+        if limit is None:
+            return
+        tokens = sum(len(self.compressor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        tokens += sum(kv.n_tokens for c in contexts if not isinstance(c, str)
+                      for kv in ([c] if isinstance(c, AnchorKV) else c))
+        if tokens > limit:
+            raise PromptError(
+                f"the contexts hold {tokens} tokens and the model has {limit} positions; compressed contexts keep "
+                "their tokens' positions, so retrieve fewer or shorter contexts"
+            )
+
+    def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
+        """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""
+        return [self.template.build([], q) for q in questions] if config.context_contrast else None
 
 
 def context_list(contexts: Context | Iterable[Context]) -> list[Context]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import io
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
-from .data import LoadStats, iter_texts, read_qa, split_by_title
+from .data import DataError, LoadStats, iter_texts, read_qa, split_by_title
 from .devices import bf16_is_fast
-from .errors import FingerprintMismatchError, InvalidInputError, SACError
-from .files import atomic_write
+from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
+from .files import atomic_write, fsync_dir
 from .objectives import (
     DISTILL_DIVERGENCES,
     DISTILL_TOKENS,
@@ -161,6 +162,7 @@ class TrainConfig:
     eval_questions: int = _help("held-out questions per evaluation", default=200)
 
     def __post_init__(self):
+        self._check_types_and_ranges()
         if self.stage not in ("pretrain", "finetune"):
             raise SACError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
         if self.method not in ("sac", "full_ft"):
@@ -221,6 +223,57 @@ class TrainConfig:
             raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
                            "give the KL term (or the hidden-state term) a weight")
 
+    def _check_types_and_ranges(self) -> None:
+        """Every option has its default's type (a config file may hold anything), and numbers are in range."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, list):
+                kind, wanted = type(default[0]), f"a non-empty list of {type(default[0]).__name__}"
+                ok = isinstance(value, list) and value and all(_is(v, kind) for v in value)
+            else:
+                ok, wanted = _is(value, type(default)), type(default).__name__
+            if not ok:
+                raise InvalidInputError(f"{f.name} (--{_flag(f.name)}) must be {wanted}, got {value!r}")
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if not value >= low:  # also refuses NaN
+                raise InvalidInputError(f"{name} (--{_flag(name)}) must be >= {low}, got {value}")
+        if not self.lr > 0:
+            raise InvalidInputError(f"lr (--lr) must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise InvalidInputError(f"grad_clip (--grad-clip) is a gradient-norm limit, > 0; got {self.grad_clip}")
+        if not 0 <= self.held_out_fraction < 1:
+            raise InvalidInputError(f"held_out_fraction (--held-out-fraction) is a fraction of the training articles, "
+                                    f"in [0, 1) (0 = hold none out); got {self.held_out_fraction}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise InvalidInputError(f"betas (--betas) must be two numbers in [0, 1), got {self.betas}")
+        if self.lm_max_tokens < self.lm_min_tokens:
+            raise InvalidInputError(f"lm_max_tokens ({self.lm_max_tokens}) must be >= lm_min_tokens "
+                                    f"({self.lm_min_tokens})")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _is(value, kind: type) -> bool:
+    """``isinstance``, except that a bool is no number and an int is also a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+# The lowest value of each numeric option (whole numbers unless noted).
+_AT_LEAST = {
+    "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "checkpoint_every": 1,
+    "keep_checkpoints": 1,  # the checkpoint `latest` names is always kept
+    "eval_every": 0, "eval_questions": 1, "warmup_steps": 0, "questions_per_context": 1, "distractors": 0,
+    "max_answer_tokens": 1, "lm_min_tokens": 1, "bidir_anneal_steps": 0, "bidir_anneal_start_bias": 0.0,
+    "init_ratio": 0, "init_widen_rank": 0, "init_widen_decoder_rank": 0, "decoder_lora_rank": 0,
+    "decoder_lora_alpha": 0, "lora_alpha": 1, "anchor_lr": 0.0, "weight_decay": 0.0, "ae_weight": 0.0,
+}
+
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     # Each help text states its own default (argparse's defaults are None so that only the flags
@@ -240,14 +293,27 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, dest=f.name, type=type(default), default=None,
                                 help=f"{f.metadata['help']} (default: {default!r})")
     args = vars(parser.parse_args(argv))
-    values = {}
-    if args.pop("config"):
-        values.update(json.loads(Path(parser.parse_args(argv).config).read_text()))
+    config_file = args.pop("config")
+    values = _read_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in args.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if set(values) - known:
-        parser.error(f"unknown options in config: {sorted(set(values) - known)}")
     return TrainConfig(**values)
+
+
+def _read_config_file(path: str) -> dict:
+    """The options a --config JSON file sets; InvalidInputError if it is unreadable, not an object of
+    options, or names an option that does not exist."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise InvalidInputError(f"--config {path} cannot be read: {err.strerror or err}") from err
+    except ValueError as err:
+        raise InvalidInputError(f"--config {path} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise InvalidInputError(f"--config {path} must hold a JSON object of options, got {type(values).__name__}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise InvalidInputError(f"--config {path} sets unknown options {unknown} (see --help; names use '_')")
+    return values
 
 
 # -- distributed --------------------------------------------------------------------------------
@@ -468,6 +534,23 @@ def lr_factor(step: int, warmup: int, max_steps: int = 0, decay_steps: int = 0) 
 # -- data ---------------------------------------------------------------------------------------
 
 
+DATA_FORMATS = {
+    "pretrain": "a JSONL file of {\"text\": ...} rows or a TXT file of blank-line-separated documents",
+    "finetune": "a SQuAD JSON file or a JSONL file of {\"context\", \"question\", \"answers\"} rows",
+}
+
+
+def _require_data(cfg: TrainConfig) -> None:
+    """Refuse a missing --data (or --eval-data) file before anything slow starts."""
+    if not cfg.data:
+        raise InvalidInputError(f"--data is required for stage {cfg.stage!r}: {DATA_FORMATS[cfg.stage]} "
+                                f"(.xz/.gz ok)")
+    for option, path in (("--data", Path(cfg.data)), ("--eval-data", Path(cfg.eval_data) if cfg.eval_data else None)):
+        if path and not path.is_file():
+            problem = "is a directory, not a data file" if path.is_dir() else "does not exist"
+            raise DataError(f"{option} {path} {problem}")
+
+
 class ExampleStream:
     """Deterministic example order: epoch e is a seeded permutation; position = examples used.
     Resuming needs only the position."""
@@ -483,6 +566,7 @@ class ExampleStream:
             lm_min_tokens=cfg.lm_min_tokens, lm_max_tokens=cfg.lm_max_tokens, seed=cfg.seed,
         )
         self.held_out = []
+        _require_data(cfg)
         if cfg.stage == "pretrain":
             self.items = list(iter_texts(cfg.data))
         else:
@@ -492,7 +576,10 @@ class ExampleStream:
             else:
                 self.items, self.held_out = split_by_title(paragraphs, cfg.held_out_fraction)
         if not self.items:
-            raise SACError(f"no usable training examples in {cfg.data}")
+            held = (f"{len(self.held_out)} paragraph(s) held out for evaluation (--held-out-fraction "
+                    f"{cfg.held_out_fraction}), " if cfg.stage == "finetune" and not cfg.eval_data else "")
+            raise DataError(f"no usable training examples in {cfg.data}: {held}records skipped: "
+                            f"{stats.skipped or 'none'}")
         self.position = 0
         self._order_epoch, self._order = -1, []
 
@@ -557,16 +644,55 @@ def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: in
 
 def publish_dir(target: Path, write) -> None:
     """Fill ``target`` atomically: ``write(staging)`` fills a staging directory beside it, whose
-    files are synced before it is renamed into place. A kill never leaves a half-written ``target``;
-    one between removing an old ``target`` and the rename leaves none (the staging directory holds
-    the new one)."""
+    files are synced before it is renamed into place; an old ``target`` is first renamed aside and
+    removed afterwards. A kill never leaves a half-written ``target``; one between the two renames
+    leaves the old one aside, which ``remove_stale_staging`` puts back."""
     staging = target.parent / f".staging-{target.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging.mkdir(parents=True)
     write(staging)
-    _fsync_dir(staging)
-    shutil.rmtree(target, ignore_errors=True)
+    _fsync_files(staging)
+    if target.exists():
+        os.rename(target, old)
     os.rename(staging, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"\.(staging|old)-(.+)-(\d+)")
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Clean up after killed processes: remove the ``.staging-*`` directories ``publish_dir`` left,
+    and put back an old directory set aside (``.old-*``) whose replacement never arrived. Only the
+    leftovers of processes no longer alive are touched (and this process's own, as it publishes
+    nothing yet), so a run started by mistake beside a live one does not break it."""
+    for parent in (out_dir, out_dir / "checkpoints", out_dir / "snapshots"):
+        leftovers = [(p, _LEFTOVER.fullmatch(p.name)) for p in parent.glob(".*-*")] if parent.is_dir() else []
+        for path, match in leftovers:
+            if not match or _pid_alive(int(match[3])):
+                continue
+            target = parent / match[2]
+            if match[1] == "old" and not target.exists():
+                os.rename(path, target)
+                logger.info("restored %s, which a killed process had set aside", target)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("removed %s, left by a killed process", path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig):
@@ -597,35 +723,53 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleS
     final = out_dir / "checkpoints" / f"step-{step:07d}"
     publish_dir(final, write)
     atomic_write(out_dir / "latest", final.name.encode())
-    kept = sorted(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
-    for old in kept[: -cfg.keep_checkpoints]:
+    # The newest keep_checkpoints - 1 others stay beside it (a killed run may have left a later step-N).
+    others = sorted(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("step-") and p != final)
+    for old in others[: max(0, len(others) - (cfg.keep_checkpoints - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(out_dir: Path, model, optimizer, stream: ExampleStream) -> tuple[int, float]:
     from ast import literal_eval
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     name = (out_dir / "latest").read_text().strip()
     directory = out_dir / "checkpoints" / name
-    state = json.loads((directory / "trainer_state.json").read_text())
-    model.load_weights(directory)
-    tensors = load_file(directory / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("torch_rng"))
-    opt_state = {"state": {}, "param_groups": state["param_groups"]}
-    for index, keys in state["layout"].items():
-        opt_state["state"][int(index)] = {
-            k: tensors[f"{index}.{k}"] if v == "tensor" else v for k, v in keys.items()
-        }
-    optimizer.load_state_dict(opt_state)
-    random.setstate(literal_eval(state["python_rng"]))
-    stream.position = state["position"]
-    stream.stats.skipped = state["skipped"]
-    return state["step"], state["best_f1"]
+    try:
+        state = json.loads((directory / "trainer_state.json").read_text())
+        model.load_weights(directory)
+        tensors = load_file(directory / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("torch_rng"))
+        opt_state = {"state": {}, "param_groups": state["param_groups"]}
+        for index, keys in state["layout"].items():
+            opt_state["state"][int(index)] = {
+                k: tensors[f"{index}.{k}"] if v == "tensor" else v for k, v in keys.items()
+            }
+        optimizer.load_state_dict(opt_state)
+        random.setstate(literal_eval(state["python_rng"]))
+        stream.position = state["position"]
+        stream.stats.skipped = state["skipped"]
+        return state["step"], state["best_f1"]
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, SyntaxError, RuntimeError,
+            SafetensorError) as err:
+        raise CheckpointError(_unreadable_checkpoint(out_dir, directory, err)) from err
 
 
-def _fsync_dir(path: Path) -> None:
+def _unreadable_checkpoint(out_dir: Path, directory: Path, err: Exception) -> str:
+    """What went wrong with the checkpoint ``latest`` names, and how to resume from an older one."""
+    message = f"cannot resume from checkpoint {directory}: it is unreadable or incomplete ({type(err).__name__}: {err})"
+    older = sorted(p for p in (out_dir / "checkpoints").glob("step-*")
+                   if p.name < directory.name and (p / "trainer_state.json").is_file())
+    if not older:
+        return f"{message}; no older checkpoint is kept: start the run again in a new --out-dir"
+    return (f"{message}. An older checkpoint is kept, {older[-1]}: to resume from it, write its name into "
+            f"{out_dir / 'latest'} (echo {older[-1].name} > {out_dir / 'latest'}) and rerun with --resume")
+
+
+def _fsync_files(path: Path) -> None:
+    """Flush every file in ``path`` to disk (before the directory is renamed into place)."""
     for child in path.iterdir():
         with open(child, "rb") as f:
             os.fsync(f.fileno())
@@ -645,6 +789,23 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
+def drop_metrics_after(out_dir: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the rows past ``step``: those of a killed run's
+    steps after its last checkpoint, which the resumed run writes again (and a line a kill cut short)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, "".join(kept).encode())
+
+
 def plot_metrics(out_dir: Path) -> None:
     import matplotlib
 
@@ -658,8 +819,8 @@ def plot_metrics(out_dir: Path) -> None:
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.6, alpha=0.5, label="loss")
         window = max(1, len(train) // 50)
-        smooth = [sum(r["loss"] for r in train[max(0, i - window):i + 1]) / len(train[max(0, i - window):i + 1])
-                  for i in range(len(train))]
+        recent = [[r["loss"] for r in train[max(0, i + 1 - window):i + 1]] for i in range(len(train))]
+        smooth = [sum(losses) / len(losses) for losses in recent]  # the mean of the last `window` steps
         ax.plot([r["step"] for r in train], smooth, lw=1.5, label=f"loss (mean of {window})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -670,8 +831,10 @@ def plot_metrics(out_dir: Path) -> None:
     ax.legend(loc="upper right")
     ax.set_title(out_dir.name)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_curve.png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(out_dir / "loss_curve.png", png.getvalue())
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -691,6 +854,9 @@ def train(cfg: TrainConfig) -> Path:
     random.seed(cfg.seed)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise SACError(f"batch_size {cfg.batch_size} must split evenly into {world} ranks x micro_batch_size")
+    _require_data(cfg)  # before the model loads
+    if is_main:
+        remove_stale_staging(out_dir)
 
     model, objective = build_model(cfg, device)
     tokenizer = model.tokenizer
@@ -710,7 +876,9 @@ def train(cfg: TrainConfig) -> Path:
         if (out_dir / "latest").exists():
             raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
         out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:  # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them
+    if is_main:
+        drop_metrics_after(out_dir, step)  # a fresh run starts a clean log; a resumed one repeats no step
+        # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them
         atomic_write(out_dir / "train_config.json",
                      json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=False)), indent=2).encode())
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast(device))
@@ -812,15 +980,12 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a SACError (bad options, data or checkpoint) ends it with a one-line
+    ``error: ...`` (see ``exit_with_message``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(argv)
-    try:
-        train(cfg)
-    except SACError as err:
-        logger.error("%s", err)
-        return 2
+    train(parse_config(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_message(main)

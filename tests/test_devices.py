@@ -49,3 +49,21 @@ def test_bf16_detection_agrees_with_the_cpus_own_flags():
         assert bf16_is_fast(CPU)
     if not flags & {"avx512f", "avx_ne_convert", "amx_bf16"}:  # no bf16 arithmetic short of emulation
         assert not bf16_is_fast(CPU)
+
+
+def test_a_device_is_named_as_a_string_or_a_torch_device_and_one_this_machine_lacks_is_refused(monkeypatch):
+    from sac_rag.devices import resolve_device
+
+    assert bf16_is_fast("cpu") == bf16_is_fast(CPU)
+    assert resolve_device("cpu") == resolve_device(CPU) == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == resolve_device("auto") == CPU
+    with pytest.raises(InvalidInputError, match="sees no CUDA GPU: use device='cpu'"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InvalidInputError, match="sees 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    with pytest.raises(InvalidInputError, match="not a torch device"):
+        resolve_device("gpu")

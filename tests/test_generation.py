@@ -133,11 +133,38 @@ def test_compressed_context_from_another_model_is_refused_naming_both(setup):
     assert other.base_fingerprint in str(info.value) and gen.base_fingerprint in str(info.value)
 
 
+def test_a_decoder_adapter_refuses_caches_of_another_compressor_on_its_base_model_naming_both_compressors():
+    def compressor(ratio):
+        model, tokenizer = make_tiny_llama()
+        return SACCompressor(SACConfig(base_model="tiny", ratio=ratio, chunk_len=32, lora_rank=4,
+                                       decoder_lora_rank=4), model=model, tokenizer=tokenizer)
+
+    ours, other = compressor(3), compressor(4)
+    assert ours.base_fingerprint == other.base_fingerprint and ours.fingerprint != other.fingerprint
+    with pytest.raises(FingerprintMismatchError) as info:
+        Generator.from_compressor(ours).generate([other.compress(TEXT), " question"])
+    assert f"model in use is {ours.fingerprint!r}" in str(info.value) and other.fingerprint in str(info.value)
+
+
 def test_prompt_longer_than_the_model_context_is_refused(setup):
     comp, gen = setup
     gen.max_positions = 40
     with pytest.raises(PromptError, match="positions"):
         gen.generate([comp.compress(TEXT * 3), " question"])
+
+
+def test_contexts_longer_than_the_model_are_refused_before_anything_is_compressed(setup, monkeypatch):
+    from sac_rag import SAC
+
+    comp, _ = setup
+    sac = SAC(comp, GenerationConfig(max_new_tokens=2))
+    tokens = len(comp.tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    sac.generator.max_positions = 2 * tokens + 50  # room for two contexts and the question
+    precompressed = sac.compress(TEXT)
+    assert sac.answer("Who?", [TEXT, precompressed]).cached_tokens > 0
+    monkeypatch.setattr(comp, "compress_batch", lambda texts: pytest.fail("compressed a prompt that cannot fit"))
+    with pytest.raises(PromptError, match=f"hold {4 * tokens} tokens and the model has {2 * tokens + 50} positions"):
+        sac.answer("Who?", [TEXT, TEXT, TEXT, precompressed])
 
 
 def test_template_builds_prefix_contexts_and_question_in_order(setup):
@@ -452,6 +479,22 @@ def test_context_aware_decoding_over_compressed_contexts_batches_streams_and_sea
         gen.generate(prompts[0], GenerationConfig(max_new_tokens=10)).token_ids
 
 
+def test_sac_facade_decodes_context_aware_with_each_question_alone_as_the_contrast(setup):
+    from sac_rag import SAC
+
+    comp, gen = setup
+    config = GenerationConfig(max_new_tokens=8, context_contrast=0.5, contrast_plausibility=0.01)
+    sac = SAC(comp, config)
+    prompt = sac.prompt("Who built it?", [TEXT])
+    expected = gen.generate(prompt, config, contrast_prompt=comp.template.build([], "Who built it?"))
+    assert sac.answer("Who built it?", [TEXT]).token_ids == expected.token_ids
+    assert "".join(sac.stream("Who built it?", [TEXT])) == expected.text
+    batch = sac.answer_batch(["Who built it?", "What is Paris?"], [[TEXT], [TEXT]])
+    assert batch[0].token_ids == expected.token_ids
+    assert batch[1].token_ids == gen.generate(sac.prompt("What is Paris?", [TEXT]), config,
+                                              contrast_prompt=comp.template.build([], "What is Paris?")).token_ids
+
+
 def test_context_aware_decoding_settings_and_prompts_that_cannot_work_are_refused(setup):
     comp, gen = setup
     prompt = [comp.compress(TEXT), " Who built it?"]
@@ -459,7 +502,7 @@ def test_context_aware_decoding_settings_and_prompts_that_cannot_work_are_refuse
         GenerationConfig(context_contrast=-0.5)
     with pytest.raises(InvalidInputError, match=r"contrast_plausibility must be in \[0, 1\]"):
         GenerationConfig(context_contrast=0.5, contrast_plausibility=2.0)
-    with pytest.raises(InvalidInputError, match="pass contrast_prompts"):
+    with pytest.raises(InvalidInputError, match="pass contrast_prompt= to generate"):
         gen.generate(prompt, GenerationConfig(context_contrast=0.5))
     with pytest.raises(InvalidInputError, match="set GenerationConfig\\(context_contrast=a\\)"):
         gen.generate(prompt, GenerationConfig(), contrast_prompt=[" Who built it?"])

@@ -99,8 +99,10 @@ def test_kill_9_leaves_a_readable_checkpoint_and_resume_finishes(workspace):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     train(parse_config(_args(workspace, "killed", "--max-steps", "6", "--resume")))
-    assert max(_losses(workspace / "killed")) >= 6
+    steps = _steps(workspace / "killed")
+    assert steps == list(range(1, max(steps) + 1)) and max(steps) >= 6  # each step logged once
     assert (workspace / "killed" / "final" / "config.json").exists()
+    assert not list((workspace / "killed").rglob(".staging-*"))
 
 
 def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
@@ -378,3 +380,163 @@ def test_snapshots_keep_the_weights_of_every_nth_step_after_checkpoints_are_prun
     SACCompressor.from_pretrained(snapshots / "step-0000002", model=model, tokenizer=tokenizer)
     with pytest.raises(SACError, match="snapshot_every"):
         parse_config(_args(workspace, "run2", "--snapshot-every", "-1"))
+
+
+# -- bad input: options, command line, data, checkpoints, leftovers of killed runs ---------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-checkpoints", "-1"], r"keep_checkpoints \(--keep-checkpoints\) must be >= 1"),
+    (["--keep-checkpoints", "0"], r"keep_checkpoints \(--keep-checkpoints\) must be >= 1"),
+    (["--checkpoint-every", "0"], r"checkpoint_every \(--checkpoint-every\) must be >= 1"),
+    (["--max-steps", "-5"], r"max_steps \(--max-steps\) must be >= 1, got -5"),
+    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be >= 1"),
+    (["--micro-batch-size", "0"], r"micro_batch_size \(--micro-batch-size\) must be >= 1"),
+    (["--lr", "-0.001"], r"lr \(--lr\) must be > 0"),
+    (["--lr", "nan"], r"lr \(--lr\) must be > 0"),
+    (["--held-out-fraction", "1"], r"held_out_fraction \(--held-out-fraction\) .* in \[0, 1\)"),
+    (["--held-out-fraction", "-0.1"], r"held_out_fraction \(--held-out-fraction\) .* in \[0, 1\)"),
+    (["--eval-every", "-1"], r"eval_every \(--eval-every\) must be >= 0"),
+    (["--grad-clip", "0"], r"grad_clip \(--grad-clip\) .* > 0"),
+    (["--betas", "0.9"], r"betas \(--betas\) must be two numbers in \[0, 1\)"),
+    (["--weight-decay", "-0.1"], r"weight_decay \(--weight-decay\) must be >= 0"),
+])
+def test_an_option_out_of_range_is_refused_naming_it_and_its_range(flags, message):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        parse_config(flags)
+
+
+def test_a_config_file_is_checked_like_the_flags(tmp_path):
+    from sac_rag.errors import InvalidInputError
+
+    def config(text: str) -> str:
+        (tmp_path / "c.json").write_text(text)
+        return str(tmp_path / "c.json")
+
+    with pytest.raises(InvalidInputError, match=r"max_steps \(--max-steps\) must be int, got '10'"):
+        parse_config(["--config", config('{"max_steps": "10"}')])
+    with pytest.raises(InvalidInputError, match="lora_target_modules .* must be a non-empty list of str"):
+        parse_config(["--config", config('{"lora_target_modules": "q_proj"}')])
+    with pytest.raises(InvalidInputError, match=r"c\.json sets unknown options \['max_step'\]"):
+        parse_config(["--config", config('{"max_step": 10}')])
+    with pytest.raises(InvalidInputError, match=r"c\.json is not valid JSON"):
+        parse_config(["--config", config('{"max_steps": 10')])
+    with pytest.raises(InvalidInputError, match="must hold a JSON object of options, got list"):
+        parse_config(["--config", config("[1]")])
+    with pytest.raises(InvalidInputError, match="nope.json cannot be read"):
+        parse_config(["--config", str(tmp_path / "nope.json")])
+    assert parse_config(["--config", config('{"lr": 1, "max_steps": 10}')]).lr == 1  # an int is a float
+
+
+def test_the_command_line_shows_one_error_line_not_a_traceback(tmp_path):
+    for argv, message in ((["--stage", "foo"], "error: stage must be 'pretrain' or 'finetune', got 'foo'"),
+                          (["--out-dir", str(tmp_path / "run")], "error: --data is required for stage 'finetune'")):
+        done = subprocess.run([sys.executable, "-m", "sac_rag.train", *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1
+        assert done.stderr.startswith(message) and "Traceback" not in done.stderr
+
+
+def test_qa_jsonl_without_titles_trains_with_the_default_held_out_fraction(workspace):
+    rows = [{"context": f"{c} Note {i}.", "question": q, "answers": [a]} for i, (c, q, a) in enumerate(FACTS * 2)]
+    (workspace / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(parse_config(_args(workspace, "run", "--data", str(workspace / "qa.jsonl"), "--max-steps", "1",
+                             "--held-out-fraction", "0.05")))
+    rows = [json.loads(line) for line in (workspace / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_n"] for r in rows if "eval_n" in r] == [1]  # one of the eight paragraphs held out
+
+
+def test_data_without_a_usable_example_is_reported_with_what_was_held_out_and_skipped(workspace):
+    rows = [{"context": "Some text.", "question": "Q?", "answers": [""]}] * 3
+    (workspace / "empty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SACError, match=r"no usable training examples in .*empty.jsonl: 0 paragraph\(s\) held out "
+                                       r".*records skipped: \{'no answer': 3\}"):
+        train(parse_config(_args(workspace, "run", "--data", str(workspace / "empty.jsonl"))))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_resume_after_a_kill_leaves_clean_metrics_and_no_leftover_staging(workspace):
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    # What a kill during step 4 leaves: logged steps past the checkpoint, a cut line, half-published dirs
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for stale in (run / "checkpoints" / f".staging-step-0000004-{dead.pid}", run / f".staging-final-{dead.pid}"):
+        stale.mkdir()
+        (stale / "half-written").write_text("x")
+    live = run / "checkpoints" / f".staging-step-0000009-{os.getppid()}"  # a live process's: not ours to touch
+    live.mkdir()
+    train(parse_config(_args(workspace, "run", "--max-steps", "4", "--resume")))
+    assert _steps(run) == [1, 2, 3, 4]
+    assert _losses(run)[3] != 9.0
+    assert sorted(p.name for p in run.rglob(".staging-*")) == [live.name]
+
+
+def test_stale_staging_is_removed_and_a_directory_set_aside_is_put_back(tmp_path):
+    from sac_rag.train import publish_dir, remove_stale_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    publish_dir(tmp_path / "best", lambda d: (d / "v").write_text("1"))
+    publish_dir(tmp_path / "best", lambda d: (d / "v").write_text("2"))  # replaced, nothing left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["best"] and (tmp_path / "best" / "v").read_text() == "2"
+    # killed between setting the old final/ aside and renaming the new one in: the old one comes back
+    (tmp_path / f".old-final-{dead.pid}").mkdir()
+    (tmp_path / f".old-final-{dead.pid}" / "v").write_text("old")
+    (tmp_path / f".staging-final-{dead.pid}").mkdir()
+    (tmp_path / f".old-best-{dead.pid}").mkdir()  # best/ itself was published: this one is garbage
+    remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+    assert (tmp_path / "final" / "v").read_text() == "old" and (tmp_path / "best" / "v").read_text() == "2"
+
+
+def test_pruning_keeps_the_checkpoint_latest_names_beside_a_later_one_a_killed_run_left(workspace):
+    import shutil
+
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "2", "--keep-checkpoints", "1")))
+    shutil.copytree(run / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000009")
+    train(parse_config(_args(workspace, "run", "--max-steps", "4", "--keep-checkpoints", "1", "--resume")))
+    assert (run / "latest").read_text() == "step-0000004"
+    assert (run / "checkpoints" / "step-0000004" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("broken, keep, advice", [
+    ("optimizer.safetensors", "2", "An older checkpoint is kept, .*step-0000002: to resume from it, write its name "
+                                   "into .*latest \\(echo step-0000002 > .*latest\\)"),
+    ("compressor.safetensors", "2", "echo step-0000002 >"),
+    ("trainer_state.json", "1", "no older checkpoint is kept: start the run again in a new --out-dir"),
+])
+def test_a_truncated_checkpoint_is_reported_with_the_older_one_to_resume_from(workspace, broken, keep, advice):
+    from sac_rag.errors import CheckpointError
+
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "4", "--keep-checkpoints", keep)))
+    path = run / "checkpoints" / "step-0000004" / broken
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    resume = _args(workspace, "run", "--max-steps", "5", "--keep-checkpoints", keep, "--resume")
+    with pytest.raises(CheckpointError, match=f"cannot resume from checkpoint .*step-0000004: .*{advice}"):
+        train(parse_config(resume))
+    if keep == "2":  # the advice works
+        (run / "latest").write_text("step-0000002")
+        train(parse_config(resume))
+        assert _steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_a_data_path_that_is_no_file_is_refused_before_the_model_loads(workspace):
+    # no model at --base-model: the data is checked first
+    args = _args(workspace, "run", "--base-model", str(workspace / "no-model"))
+    with pytest.raises(SACError, match="--data .*nope.json does not exist"):
+        train(parse_config([*args, "--data", str(workspace / "nope.json")]))
+    with pytest.raises(SACError, match="--data .* is a directory, not a data file"):
+        train(parse_config([*args, "--data", str(workspace)]))
+    with pytest.raises(SACError, match="--eval-data .*nope.json does not exist"):
+        train(parse_config([*args, "--eval-data", str(workspace / "nope.json")]))

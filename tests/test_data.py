@@ -1,0 +1,78 @@
+"""sac_rag.data: QA files of the wrong shape are refused naming the file and record; held-out splits."""
+
+import json
+
+import pytest
+
+from sac_rag.data import DataError, LoadStats, Paragraph, QAItem, read_qa, split_by_title
+
+
+def _squad(paragraph: dict) -> dict:
+    return {"data": [{"title": "A", "paragraphs": [paragraph]}]}
+
+
+@pytest.mark.parametrize("content, where", [
+    ({"data": {"title": "A"}}, "'data' should be a list of articles"),
+    ({"data": [["not", "an", "article"]]}, "data[0] should be an article object"),
+    ({"data": [{"title": "A", "paragraphs": "text"}]}, "data[0].paragraphs should be a list"),
+    ({"data": [{"title": "A", "paragraphs": ["text"]}]}, "data[0].paragraphs[0] should be a paragraph object"),
+    (_squad({"context": "c", "qas": {"question": "q"}}), "data[0].paragraphs[0].qas should be a list"),
+    (_squad({"context": "c", "qas": ["q?"]}), "data[0].paragraphs[0].qas[0] should be a question object"),
+    (_squad({"context": "c", "qas": [{"question": "q?", "answers": 5}]}), "qas[0].answers should be a list"),
+    (_squad({"context": "c", "qas": [{"question": "q?", "answers": ["x"]}]}), "qas[0].answers[0] should be an obj"),
+])
+def test_squad_json_of_the_wrong_shape_names_the_file_and_the_record(tmp_path, content, where):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match="squad.json") as err:
+        read_qa(path)
+    assert where in str(err.value)
+
+
+@pytest.mark.parametrize("answers", [5, [{"text": "Paris"}], None])
+def test_jsonl_answers_that_are_not_strings_name_the_line(tmp_path, answers):
+    path = tmp_path / "qa.jsonl"
+    good = {"context": "Paris is in France.", "question": "Where?", "answers": ["France"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good | {"answers": answers}) + "\n")
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: 'answers' should be a string or a list of strings"):
+        read_qa(path)
+
+
+def test_a_directory_given_as_the_data_file_is_refused(tmp_path):
+    with pytest.raises(DataError, match="is a directory, not a data file"):
+        read_qa(tmp_path)
+
+
+def test_valid_records_without_text_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"context": "c1", "question": "q", "answers": "a"}, {"context": "c2", "question": "q", "answers": [""]},
+            {"context": " ", "question": "q", "answers": "a"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = LoadStats()
+    assert [p.context for p in read_qa(path, stats)] == ["c1"]
+    assert stats.skipped == {"no answer": 1, "empty context": 1}
+
+
+def _paragraphs(titles: list[str]) -> list[Paragraph]:
+    return [Paragraph(f"context {i}", [QAItem("q", ["a"])], title) for i, title in enumerate(titles)]
+
+
+def test_articles_are_held_out_whole_when_the_data_has_titles():
+    train, held = split_by_title(_paragraphs(["A", "A", "B", "B", "C", "C", "D", "D"]), 0.25)
+    assert [p.title for p in held] == ["D", "D"]
+    assert {p.title for p in train} == {"A", "B", "C"}
+
+
+def test_data_without_titles_is_held_out_by_paragraph():
+    train, held = split_by_title(_paragraphs([""] * 10), 0.2)
+    assert [p.context for p in held] == ["context 8", "context 9"]
+    assert len(train) == 8
+
+
+def test_something_always_stays_for_training():
+    # a fraction that would hold out every article leaves one; a single paragraph is only trained on
+    train, held = split_by_title(_paragraphs(["A", "B"]), 0.9)
+    assert ([p.title for p in train], [p.title for p in held]) == (["A"], ["B"])
+    train, held = split_by_title(_paragraphs([""]), 0.05)
+    assert (len(train), held) == (1, [])
+    assert split_by_title(_paragraphs(["", ""]), 0.0) == (_paragraphs(["", ""]), [])
