@@ -68,12 +68,15 @@ from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompress
 from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
+    adapter_fingerprint,
     answer_config,
     build_method,
+    claim_predictions,
     decoding_suffix,
     kv_entry_bytes,
     load_questions,
     prediction_cache,
+    prediction_settings,
     read_predictions,
     run,
 )
@@ -276,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [{"context": docs, "question": q.question} for q, docs in zip(questions, found)]
         cache = prediction_cache(args.results, label, compressor if name == "sac" else None, args.dtype,
                                  f"squad-dev-top{args.k}", len(questions), args.seed)
+        reads_adapter = name in ("full_ft", "truncate_ft")
+        claim_predictions(cache, {"method": name, "ratio": ratio, "base_model": compressor.base_fingerprint,
+                                  "adapter": adapter_fingerprint(args.full_ft_adapter) if reads_adapter else None,
+                                  "max_new_tokens": args.max_new_tokens, "extractive": args.extractive})
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.
@@ -307,8 +314,9 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
              + decoding_suffix(extractive=args.extractive))
     cache = prediction_cache(args.results, label, method.compressor, args.dtype, f"squad-dev-top{args.k}",
                              len(questions), args.seed)
-    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache,
-                 answer_config(args.max_new_tokens, extractive=args.extractive))
+    config = answer_config(args.max_new_tokens, extractive=args.extractive)
+    claim_predictions(cache, prediction_settings(method, config, adapter))
+    scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, config)
     ttft, read = [], []
     for q in questions[:args.timing_samples]:
         t0 = time.perf_counter()

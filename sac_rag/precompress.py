@@ -17,7 +17,7 @@ after a crash (even ``kill -9``: see the store's write protocol) finishes the jo
 Scale-out: ``num_shards``/``shard_index`` give each worker the chunks whose key hashes to its
 index (the same text always lands in the same shard). Under ``torchrun`` they come from
 ``WORLD_SIZE``/``RANK``, in a SLURM array from ``SLURM_ARRAY_TASK_COUNT``/``_ID``. Each shard
-writes its own store (``<store>.shard-<i>-of-<n>``, or the store path with ``{shard}``
+writes its own store (``<store>.shard-<iii>-of-<nnn>``, zero-padded, or the store path with ``{shard}``
 formatted); ``python -m sac_rag.store merge <store> <store>.shard-*`` joins them.
 
 Query time: ``load_compressed(store, chunk_texts)`` returns the ``AnchorKV`` objects the
@@ -296,7 +296,7 @@ def _checked_shard(num_shards: int, shard_index: int, source: str) -> tuple[int,
 def shard_store_path(store_path: str | os.PathLike, shard_index: int, num_shards: int) -> Path:
     """Where shard ``shard_index`` writes: the store path itself for one shard; with several,
     the path with ``{shard}`` (and ``{num_shards}``) formatted if it has them, else
-    ``<store>.shard-<i>-of-<n>`` beside it (merge them with ``sac_rag.store merge``)."""
+    ``<store>.shard-<iii>-of-<nnn>`` (zero-padded) beside it (merge them with ``sac_rag.store merge``)."""
     path = str(store_path)
     if num_shards == 1 and "{shard" not in path:
         return Path(path)
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skips stored chunks). Corpus: a folder of .txt/.md files, a .jsonl file with a 'text' "
         "field per line, or SQuAD .json.",
         epilog="Sharded runs: --num-shards N --shard-index I (or torchrun / a SLURM array, read from "
-        "the environment) each write STORE.shard-I-of-N; join them with "
+        "the environment) each write STORE.shard-III-of-NNN (zero-padded, e.g. STORE.shard-000-of-002); join them with "
         "`python -m sac_rag.store merge STORE STORE.shard-*`.",
     )
     parser.add_argument("--corpus", required=True, help="folder, .jsonl or SQuAD .json")
@@ -381,8 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tokens per chunk (default and maximum: the compressor's chunk_len)")
     parser.add_argument("--overlap", type=int, default=0, help="tokens shared by consecutive chunks")
     parser.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass")
-    parser.add_argument("--num-shards", type=int, default=None)
-    parser.add_argument("--shard-index", type=int, default=None)
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="split the corpus into this many shards, one run each, all given the same --store "
+                             "(default: from torchrun / SLURM array variables, else 1)")
+    parser.add_argument("--shard-index", type=int, default=None,
+                        help="which shard this run compresses, 0 .. --num-shards - 1")
     parser.add_argument("--storage", choices=STORAGES, default="native",
                         help="native (the dtype), or fp8/int8 with per-layer/head scales")
     parser.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
