@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import time
 import warnings
@@ -34,7 +35,7 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
     p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
     p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>-"
-                   "<compressor hash>.store in this repository)")
+                   "<DOCS path hash>-<compressor hash>.store in this repository)")
     p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default: 3)")
     p.add_argument("--max-questions", type=int, default=None, help="answer only the first N questions")
     p.add_argument("--max-tokens", type=int, default=24, help="answer length limit in tokens (default: 24)")
@@ -50,11 +51,14 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
 
 
 def default_store(docs: str | os.PathLike, compressor: str = DEFAULT_COMPRESSOR) -> Path:
-    """Where the examples keep a corpus's store: named after the corpus and the compressor's
-    fingerprint, so a rerun reuses it and a new default compressor (whose fingerprint an old
-    store would refuse) precompresses into a store of its own."""
+    """Where the examples keep a corpus's store: named after the corpus folder (its name and a
+    hash of its full path, so two folders of the same name get stores of their own) and the
+    compressor's fingerprint, so a rerun reuses it and a new default compressor (whose
+    fingerprint an old store would refuse) precompresses into a store of its own."""
+    folder = Path(docs).resolve()
+    where = hashlib.sha256(str(folder).encode("utf-8", "surrogatepass")).hexdigest()[:8]
     tag = compressor_tag(checkpoint_meta(compressor)["fingerprint"])
-    return HERE.parent / "runs" / "examples" / f"{Path(docs).resolve().name}-{tag}.store"
+    return HERE.parent / "runs" / "examples" / f"{folder.name}-{where}-{tag}.store"
 
 
 def set_threads(threads: int | None) -> None:
@@ -90,24 +94,42 @@ def load_compressor(name: str = DEFAULT_COMPRESSOR) -> SACCompressor:
     return SACCompressor.from_pretrained(name)
 
 
-def precompress_corpus(docs: str | Path, store: str | Path, compressor: SACCompressor) -> Summary:
-    """Compress every chunk of the corpus into the store; chunks already stored are skipped."""
-    summary = precompress(docs, store, compressor)
+def precompress_corpus(args: argparse.Namespace, compressor: SACCompressor) -> Summary:
+    """Compress every chunk of the corpus into the store, without the questions file; chunks
+    already stored are skipped.
+
+    Store entries are keyed by their chunk's text: after a document is edited, its changed chunks
+    are new entries, and the old ones stay in the store, unused (nothing deletes them). The
+    examples retrieve only the chunks of the documents as they are now (``corpus_chunks``), so an
+    old entry is never served."""
+    summary = precompress(args.docs, args.store, compressor, exclude=questions_doc_ids(args))
     print(f"{summary}\n")
     return summary
 
 
-def is_questions_file(args: argparse.Namespace, doc_id: str) -> bool:
-    """Whether a document of the corpus folder is the questions file (``precompress`` stores
-    every .txt/.md file of the folder; the examples do not retrieve the questions)."""
-    return (Path(args.docs) / doc_id).resolve() == questions_file(args).resolve()
+def print_expectations(args: argparse.Namespace) -> None:
+    """One line on what the answers below can be expected to be, before they come."""
+    if args.extractive:
+        print("Answers quote a span of the retrieved chunks verbatim (--extractive); measured against free "
+              "decoding in README.md, \"Answer options\".\n")
+    else:
+        print("Expect rough answers: the 135M model reading 5x-compressed caches keeps the gist but often garbles "
+              "names and numbers;\n--extractive (make demo ARGS=--extractive) quotes spans of the chunks verbatim. "
+              "Measurements: README.md, \"Answer options\".\n")
+
+
+def questions_doc_ids(args: argparse.Namespace) -> list[str]:
+    """The questions file's document id in the corpus folder, if it lies there (``precompress``
+    would store it as a document; the examples leave it out)."""
+    docs, questions = Path(args.docs).resolve(), questions_file(args).resolve()
+    return [questions.relative_to(docs).as_posix()] if questions.is_relative_to(docs) else []
 
 
 def corpus_chunks(args: argparse.Namespace, compressor: SACCompressor) -> list[Chunk]:
     """The corpus's chunks, cut exactly as ``precompress`` cuts them (same texts, same store
     keys), without the questions file."""
     chunk_len = compressor.config.chunk_len
-    return [chunk for doc in read_corpus(args.docs) if not is_questions_file(args, doc.id)
+    return [chunk for doc in read_corpus(args.docs, exclude=questions_doc_ids(args))
             for chunk in split_document(doc.text, compressor.tokenizer, chunk_len, doc_id=doc.id)]
 
 

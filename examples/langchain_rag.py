@@ -19,6 +19,7 @@ from _common import (
     load_compressor,
     parse_args,
     precompress_corpus,
+    print_expectations,
     read_questions,
     report,
     timed_stream,
@@ -44,7 +45,7 @@ def stream_answer(chain, docs: list[Document], question: str) -> tuple[str, floa
 def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, list[dict]]:
     args = parse_args(doc, argv)
     compressor = load_compressor()  # the packaged SAC compressor on SmolLM2-135M
-    summary = precompress_corpus(args.docs, args.store, compressor)
+    summary = precompress_corpus(args, compressor)
 
     chunks = corpus_chunks(args, compressor)
     documents = [Document(page_content=c.text, id=c.id, metadata={"source": c.doc_id, "n_tokens": c.n_tokens})
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
     full_text_chain = create_sac_stuff_chain(llm, document_prompt=PromptTemplate.from_template("{page_content}"))
     llm.invoke("Hello", max_tokens=1)  # warm-up, so that the first question's timing is not a cold start
 
+    print_expectations(args)
     results = []
     for question in read_questions(args):
         docs = retriever.invoke(question)

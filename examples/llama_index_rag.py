@@ -20,6 +20,7 @@ from _common import (
     load_compressor,
     parse_args,
     precompress_corpus,
+    print_expectations,
     read_questions,
     report,
     timed_stream,
@@ -57,7 +58,7 @@ class LastUsage(BaseEventHandler):
 def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, list[dict]]:
     args = parse_args(doc, argv)
     compressor = load_compressor()  # the packaged SAC compressor on SmolLM2-135M
-    summary = precompress_corpus(args.docs, args.store, compressor)
+    summary = precompress_corpus(args, compressor)
 
     nodes = [TextNode(id_=c.id, text=c.text, metadata={"source": c.doc_id, "n_tokens": c.n_tokens},
                       excluded_embed_metadata_keys=["n_tokens"], excluded_llm_metadata_keys=["source", "n_tokens"])
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
     get_dispatcher().add_event_handler(usage)
     llm.complete("Hello", max_tokens=1)  # warm-up, so that the first question's timing is not a cold start
 
+    print_expectations(args)
     results = []
     for question in read_questions(args):
         # engine.query(question) is retrieve + synthesize; done in two steps to time the LLM alone

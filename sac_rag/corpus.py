@@ -37,7 +37,7 @@ import json
 import logging
 import lzma
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +82,10 @@ def read_corpus(
     path: str | os.PathLike,
     stats: CorpusStats | None = None,
     decode_errors: str = "replace",
+    exclude: Collection[str] = (),
 ) -> Iterator[Document]:
-    """The documents of the corpus at ``path`` (see the module docstring), each text once."""
+    """The documents of the corpus at ``path`` (see the module docstring), each text once, but
+    those whose id is in ``exclude`` (e.g. a questions file kept in a corpus folder)."""
     if decode_errors not in DECODE_ERRORS:
         raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
     path = Path(path)
@@ -92,6 +94,8 @@ def read_corpus(
         raise CorpusError(f"the corpus {path} does not exist")
     seen: set[bytes] = set()
     for doc in _documents(path, stats, decode_errors):
+        if doc.id in exclude:
+            continue
         digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
         if digest in seen:
             stats.duplicates += 1

@@ -55,6 +55,10 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 ON_MISS = ("compress", "text", "error")
 DEFAULT_MEMORY_BYTES = 256 << 20
 MAX_BATCH = 16  # prompts decoded together at most
+STORE_MISS_HINT = (
+    "A store serves only texts identical to the chunks sac_rag.precompress stored (the same files, "
+    "cut by its chunking): retrieve those chunks (e.g. the entries' 'text' metadata), precompress the "
+    "texts your retriever returns, or set write_back=True to store them as they come")
 
 Segment = str | AnchorKV
 
@@ -413,7 +417,12 @@ class SACEngine:
         """The chunk keys of each text (``markers_for`` makes its handle): looked up by key, and
         on a miss compressed (``on_miss="compress"``: written to the store if ``write_back``, else
         kept in memory), passed through as text (``"text"``: None for that text, with a warning)
-        or refused (``"error"``: ``EntryNotFoundError``). Whitespace-only texts get no keys."""
+        or refused (``"error"``: ``EntryNotFoundError``). Whitespace-only texts get no keys.
+
+        With a store and misses compressed but not written back, one warning per call says how many
+        texts missed the store: a store serves only texts identical to its chunks, so texts cut
+        another way (say by a LangChain text splitter) are all compressed again on every run. Texts
+        compressed earlier in this process are found in memory and do not count as misses."""
         found = self.lookup_handles(texts)
         return self.complete_handles(texts, found, write_back=write_back, on_miss=on_miss, metadata=metadata)
 
@@ -465,14 +474,17 @@ class SACEngine:
                 f"{len(missing)} chunk(s) of {len({i for _, i in missing.values()})} text(s) are not in "
                 f"{self._store_name()} and on_miss='error': precompress the corpus these texts come from "
                 f"(python -m sac_rag.precompress), or let misses be compressed (on_miss='compress')")
+        missed = sorted({i for _, i in missing.values()})
         if on_miss == "text":
-            passed = sorted({i for _, i in missing.values()})
-            logger.warning("%d of %d texts are not (fully) in %s: passing them to the LLM as text, "
-                           "uncompressed", len(passed), len(texts), self._store_name())
-            for i in passed:
+            logger.warning("%d of %d retrieved texts are not (fully) in %s: passing them to the LLM as text, "
+                           "uncompressed. %s", len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
+            for i in missed:
                 result[i] = None
             return result
         self._compress_and_keep(list(missing.values()), metadata, write_back)
+        if self.store_spec is not None and not write_back:
+            logger.warning("%d of %d retrieved texts were not in %s and were compressed on the fly. %s",
+                           len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
         return result
 
     def _chunks(self, text: str) -> list[_Chunk]:
@@ -523,7 +535,11 @@ class SACEngine:
 
     def _store_name(self) -> str:
         store = self.resolver.store
-        return f"the store at {store.path}" if store is not None else "the store (none given)"
+        if store is not None:
+            return f"the store at {store.path}"
+        if self.store_spec is None:
+            return "the store (none given)"
+        return f"the store at {self.store_spec} (not created yet)"
 
     # -- prompt -> answer --------------------------------------------------------------------------
 
@@ -561,7 +577,9 @@ class SACEngine:
         for request in requests:
             if request.error is not None:
                 raise request.error
-        return [r.result for r in requests]
+        results = [r.result for r in requests]
+        self._warn_if_empty(results)
+        return results
 
     async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
                         config: GenerationConfig | None = None) -> list[Generation]:
@@ -581,7 +599,9 @@ class SACEngine:
             # Generator.stream, keeping hold of the state so the usage figures come out too.
             states, tracks = generator._start([segments], None if sources is None else [sources])
             yield from generator._pieces(states, tracks, config)
-            yield generator._result(states[0], tracks[0])
+            result = generator._result(states[0], tracks[0])
+        self._warn_if_empty([result])
+        yield result
 
     async def astream(self, prompt: str | Sequence[Segment],
                       config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
@@ -624,6 +644,18 @@ class SACEngine:
             stop.set()
             if worker.done():
                 worker.result()
+
+    def _warn_if_empty(self, generations: Sequence[Generation]) -> None:
+        """Say so when the model ended answers before writing anything: its decoder is trained on one
+        prompt layout, and on a prompt outside it (a bare question, say) it often stops at once."""
+        empty = sum(g.finish_reason == "stop" and not g.text.strip() for g in generations)
+        if empty:
+            logger.warning(
+                "%d of %d answers are empty: the model stopped before writing anything. SAC's decoder answers "
+                "prompts in the layout it was trained with (contexts, then %r); build them with sac_qa_prompt or "
+                "create_sac_stuff_chain (LangChain), llm.qa_prompt (LlamaIndex) or PromptTemplate.build, or use "
+                "ChatSAC(chat_template=True)", empty, len(generations),
+                self.template.question.format(question="QUESTION"))
 
     def _as_segments(self, prompt: str | Sequence[Segment]) -> list[Segment]:
         if isinstance(prompt, str):

@@ -34,7 +34,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,6 +133,7 @@ def precompress(
     dtype: str | torch.dtype | None = None,
     decode_errors: str = "replace",
     show_progress: bool = True,
+    exclude: Collection[str] = (),
 ) -> Summary:
     """Compress every chunk of the corpus at ``corpus_path`` into the store at ``store_path``
     (created if missing; an existing store must be from this compressor).
@@ -141,8 +142,9 @@ def precompress(
     in tokens. ``num_shards``/``shard_index`` default to the launcher's environment (see
     ``shard_from_env``); with more than one shard the store path is made per shard
     (``shard_store_path``). ``dtype`` is the store's (default: an existing store keeps its own,
-    a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8". Returns the
-    ``Summary`` it also logs.
+    a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8". ``exclude``:
+    document ids to leave out (a folder's file paths relative to it). Returns the ``Summary`` it
+    also logs.
     """
     started = time.perf_counter()
     chunk_len = compressor.config.chunk_len
@@ -179,7 +181,7 @@ def precompress(
                            earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
         stats = CorpusStats()
         _Run(compressor, store, summary, batch_size, show_progress).run(
-            read_corpus(corpus_path, stats, decode_errors), chunk_tokens, overlap)
+            read_corpus(corpus_path, stats, decode_errors, exclude), chunk_tokens, overlap)
         totals = store.stats()
     summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
     summary.skipped_inputs = dict(stats.skipped)
@@ -366,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--corpus", required=True, help="folder, .jsonl or SQuAD .json")
     parser.add_argument("--store", required=True, help="store directory (created if missing)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="DOC_ID",
+                        help="leave out this document (a folder corpus's file path relative to it, e.g. "
+                             "questions.txt); repeatable")
     model = parser.add_argument_group("compressor")
     model.add_argument("--compressor", default=DEFAULT_COMPRESSOR,
                        help=f"trained compressor directory or built-in name (default {DEFAULT_COMPRESSOR})")
@@ -400,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = precompress(
             args.corpus, args.store, compressor, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             batch_size=args.batch_size, num_shards=num_shards, shard_index=shard_index,
-            storage=args.storage,
-            decode_errors=args.decode_errors, show_progress=not args.no_progress,
+            storage=args.storage, decode_errors=args.decode_errors, show_progress=not args.no_progress,
+            exclude=args.exclude,
         )
     except (SACError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

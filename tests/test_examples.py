@@ -5,6 +5,7 @@ they share one store that a rerun leaves as it is."""
 from __future__ import annotations
 
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def demo_chunk_keys(compressor) -> list[str]:
     from sac_rag.chunking import split_document
     from sac_rag.corpus import read_corpus
 
-    return [c.key for doc in read_corpus(DEMO)
+    return [c.key for doc in read_corpus(DEMO) if doc.id != "questions.txt"
             for c in split_document(doc.text, compressor.tokenizer, compressor.config.chunk_len)]
 
 
@@ -92,30 +93,33 @@ def test_langchain_example_precompresses_each_chunk_once_and_answers_from_the_ca
     from sac_rag.store import AnchorStore
 
     summary, results = langchain_run
-    keys = demo_chunk_keys(compressor)
+    keys = demo_chunk_keys(compressor)  # the documents', not the questions file's
+    assert summary.documents == len(list(DEMO.glob("*.md")))
     assert summary.compressed == summary.chunks == len(keys) == len(set(keys))
     with AnchorStore.open(store_path, readonly=True) as store:
         assert sorted(store.keys()) == sorted(keys)
     check_answers(results, compressor)
 
 
-def test_quickstart_reuses_the_store(langchain_run, store_path, monkeypatch, capsys):
+def test_quickstart_reuses_the_store_and_says_what_to_expect(langchain_run, store_path, monkeypatch, capsys):
     """What `make demo` runs; a rerun compresses nothing and writes nothing."""
     before = sorted((p.relative_to(store_path), p.stat().st_size) for p in store_path.rglob("*.shard"))
     monkeypatch.setattr(sys, "argv", ["quickstart.py", *argv(store_path, questions=1)])
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "0 compressed now, 6 already stored" in out
+    assert "documents: 5 read" in out and "0 compressed now, 5 already stored" in out
+    assert "often garbles names and numbers" in out and "ARGS=--extractive" in out
     assert "Q: Who built Verdmoor harbor?\nA: " in out and "time to first token" in out
     assert sorted((p.relative_to(store_path), p.stat().st_size) for p in store_path.rglob("*.shard")) == before
 
 
-def test_extractive_answers_of_both_framework_examples_quote_the_retrieved_chunks(langchain_run, store_path):
+def test_extractive_answers_of_the_examples_quote_the_retrieved_chunks(langchain_run, store_path):
     import langchain_rag
     import llama_index_rag
+    import precompress_and_serve
 
     corpus = "\n".join(p.read_text() for p in DEMO.iterdir() if p.name != "questions.txt")
-    for example in (langchain_rag, llama_index_rag):
+    for example in (langchain_rag, llama_index_rag, precompress_and_serve):
         _, results = example.main([*argv(store_path), "--extractive"])
         assert all(r["answer"].strip() and r["answer"].strip() in corpus for r in results), results
 
@@ -144,6 +148,26 @@ def test_precompress_and_serve_example_serves_from_the_store(langchain_run, stor
         assert all(store.metadata(k)["doc_id"] != "questions.txt" for r in results for k in r["keys"])
 
 
+def test_after_a_document_is_edited_its_old_chunks_stay_in_the_store_and_are_not_served(
+        langchain_run, store_path, compressor, tmp_path, capsys):
+    import precompress_and_serve
+
+    from sac_rag.store import AnchorStore
+
+    docs, store = tmp_path / "docs", tmp_path / "demo.store"
+    shutil.copytree(DEMO, docs)
+    shutil.copytree(store_path, store)  # the demo corpus, precompressed
+    old_key = AnchorStore.key_for((docs / "harbor_town.md").read_text())
+    (docs / "harbor_town.md").write_text("Verdmoor harbor was built by the guild of Ostra masons in 1712.\n")
+    summary, results = precompress_and_serve.main(["--docs", str(docs), "--store", str(store), "-k", str(K),
+                                                   "--max-questions", "1", "--max-tokens", "4"])
+    assert summary.compressed == 1 and summary.entries == len(demo_chunk_keys(compressor)) + 1
+    with AnchorStore.open(store, readonly=True) as opened:
+        assert old_key in opened  # nothing deletes it ...
+    assert old_key not in results[0]["keys"]  # ... but "Who built Verdmoor harbor?" is not served it
+    assert "(1 others, not chunks of" in capsys.readouterr().out
+
+
 def test_examples_have_help(capsys):
     import langchain_rag
 
@@ -163,5 +187,14 @@ def test_the_default_store_is_named_after_the_compressor(tmp_path):
     (tmp_path / "questions.txt").write_text("Who?\n")
     store = Path(parse_args("", ["--docs", str(tmp_path)]).store)
     weights_hash = checkpoint_meta("smollm2-135m-sac-5x")["fingerprint"].partition("/sac-")[2]
-    assert store.name == f"{tmp_path.name}-{weights_hash[:8]}.store"
+    assert store.name.startswith(f"{tmp_path.name}-") and store.name.endswith(f"-{weights_hash[:8]}.store")
     assert default_store(tmp_path, "smollm2-135m-sac-15x") != store
+
+
+def test_two_corpus_folders_of_the_same_name_get_stores_of_their_own(tmp_path):
+    from _common import default_store
+
+    first, second = tmp_path / "x" / "docs1", tmp_path / "y" / "docs1"
+    assert default_store(first) != default_store(second)
+    assert default_store(first).name.startswith("docs1-")
+    assert default_store(tmp_path / "x" / ".." / "x" / "docs1") == default_store(first)  # the resolved path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -99,6 +100,43 @@ def test_texts_are_looked_up_then_compressed_on_a_miss(compressor, store):
     with pytest.raises(EntryNotFoundError, match="precompress"):
         engine.handles_for(["Another unseen text."], on_miss="error")
     assert engine.handles_for(["Another unseen text."], on_miss="text") == [None]
+
+
+def test_texts_that_miss_the_store_are_counted_in_one_warning(compressor, store, caplog):
+    """A store serves only texts identical to its chunks: texts cut another way (a text splitter)
+    are compressed on the fly, and the user is told how many."""
+    engine = SACEngine(compressor, store)
+    split = ["The lighthouse on Gull Point", "was built in 1874."]  # PASSAGES[0], cut in two
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        engine.handles_for([*split, PASSAGES[1]])
+    [record] = caplog.records
+    assert f"2 of 3 retrieved texts were not in the store at {store.path}" in record.getMessage()
+    assert "identical to the chunks sac_rag.precompress stored" in record.getMessage()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        engine.handles_for(PASSAGES)  # all in the store
+        engine.handles_for(split)  # compressed by the first call: in memory now
+        SACEngine(compressor).handles_for(["Snow closed the pass."])  # no store: nothing bypassed
+        engine.handles_for(["Snow closed the pass."], write_back=True)  # the store keeps it
+    assert caplog.records == []
+
+
+def test_an_empty_answer_warns_that_the_prompt_is_outside_the_trained_layout(compressor, store, caplog):
+    engine = SACEngine(compressor, store)
+    engine.generator.eos_token_ids = set(range(len(compressor.tokenizer)))  # every token ends the answer
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        [answer] = engine.generate(["What is 2+2?"], GenerationConfig(max_new_tokens=4))
+        final = list(engine.stream("What is 2+2?", GenerationConfig(max_new_tokens=4)))[-1]
+    assert answer.text == final.text == "" and answer.finish_reason == "stop"
+    assert [r.getMessage()[:34] for r in caplog.records] == ["1 of 1 answers are empty: the mode"] * 2
+    assert "### Answer:" in caplog.text and "sac_qa_prompt" in caplog.text
+
+    caplog.clear()
+    engine.generator.eos_token_ids = set()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        [answer] = engine.generate(["What is 2+2?"], GenerationConfig(max_new_tokens=4))
+    assert answer.text.strip() and caplog.records == []
 
 
 def test_a_long_text_becomes_its_chunks_in_order(tmp_path):

@@ -131,6 +131,8 @@ def test_folder_corpus_reads_txt_and_md_recursively_in_path_order(tmp_path):
     docs = list(read_corpus(tmp_path))
     assert [(d.id, d.text) for d in docs] == [("a.txt", "first"), ("b/two.md", "# Two\nsecond")]
     assert docs[1].metadata == {"source": "b/two.md"}
+    kept = read_corpus(tmp_path, exclude={"b/two.md", "not/there.txt"})
+    assert [d.id for d in kept] == ["a.txt"]
 
 
 def test_empty_and_binary_files_are_skipped_with_a_logged_reason(tmp_path, caplog):
@@ -501,6 +503,12 @@ def test_cli_kv_dropping_baseline_runs_before_a_trained_compressor_exists(tmp_pa
     with AnchorStore.open(tmp_path / "s", readonly=True) as s:
         assert s.ratio == 4 and s.manifest["extra"]["base_model"] == str(base)
         assert s.fingerprint != tiny_sac[1].fingerprint  # another compressor: another store
+    first = sorted(p.name for p in Path(corpus).rglob("*.txt"))[0]
+    assert main(["--corpus", str(corpus), "--store", str(tmp_path / "fewer"), "--kv-dropping", "--exclude", first,
+                 "--base-model", str(base), "--ratio", "4", "--dtype", "float32",
+                 "--chunk-tokens", str(CHUNK), "--no-progress", "--json"]) == 0
+    fewer = json.loads(capsys.readouterr().out)
+    assert fewer["documents"] == summary["documents"] - 1 and fewer["entries"] < summary["entries"]
 
 
 def test_cli_help_and_errors(tmp_path, capsys, corpus):

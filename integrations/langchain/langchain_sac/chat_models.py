@@ -30,6 +30,10 @@ class ChatSAC(BaseChatModel, SACModelParams):
     written, in the layout the compressor was trained with (see ``sac_qa_prompt``). With
     ``chat_template=True`` the tokenizer's chat template (e.g. ChatML) frames the turns.
 
+    The decoder is trained to answer that layout: outside it, a bare ``invoke("What is 2+2?")``
+    usually gets an empty answer (the model ends it at once; a warning says so). Put questions in
+    ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does), or set ``chat_template=True``.
+
     >>> llm = ChatSAC(store="corpus.store")   # instant: weights load on first use   # doctest: +SKIP
     """
 

@@ -22,6 +22,10 @@ class SACLLM(BaseLLM, SACModelParams):
     """Text LLM over SAC caches: ``<sac:KEY>`` markers in the prompt that name entries of the
     compressor's store become those chunks' cached K/V; the rest is read as text.
 
+    The decoder is trained to answer prompts in the SAC layout (``sac_qa_prompt``, which
+    ``create_sac_stuff_chain`` uses): a bare question usually gets an empty answer (the model
+    ends it at once; a warning says so).
+
     Usage per answer is in ``generation_info`` (``usage_metadata``, with ``input_token_details.
     cache_read`` = K/V entries read from caches) and summed in ``llm_output["token_usage"]``.
     """

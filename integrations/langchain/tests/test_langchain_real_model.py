@@ -4,6 +4,8 @@ must answer exactly as the model reading the same retrieved text."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from conftest import requires_smollm2
 from langchain_classic.chains import create_retrieval_chain
@@ -44,3 +46,19 @@ def test_chain_keeping_every_token_answers_exactly_like_reading_the_text(tmp_pat
     usage = recorder.results[0].generations[0][0].message.usage_metadata
     assert usage["input_token_details"]["cache_read"] == sum(len(i) for i, p in zip(ids, passages) if p in texts)
     assert usage["input_tokens"] == full_text.text_tokens  # the same tokens, the context ones from caches
+
+
+@requires_smollm2
+@pytest.mark.real_model
+def test_a_bare_question_gets_an_empty_answer_and_a_warning_the_sac_layout_an_answer(caplog):
+    """The shipped decoder is trained on the SAC layout: outside it, on a bare question, it ends
+    its answer at once (EOS, whatever the stop strings), and the user is told why."""
+    llm = ChatSAC(max_tokens=8, stop=[])
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        bare = llm.invoke("What is 2+2?")
+    assert bare.content == "" and bare.response_metadata["finish_reason"] == "stop"
+    assert "answers are empty" in caplog.text and "sac_qa_prompt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        laid_out = llm.invoke(sac_qa_prompt().format(context="", question="What is 2+2?"))
+    assert "4" in laid_out.content and caplog.records == []

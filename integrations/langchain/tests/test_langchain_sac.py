@@ -348,6 +348,21 @@ def test_missing_document_without_write_back_is_compressed_into_memory(engine, s
     assert generation.cached_tokens == engine.resolver.memory[key].n_anchors > 0
 
 
+def test_documents_cut_another_way_than_the_store_are_compressed_with_a_warning_counting_them(
+        engine, store, passages, caplog):
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    split = RecursiveCharacterTextSplitter(chunk_size=40, chunk_overlap=0).split_documents(documents(passages[:2]))
+    assert len(split) > 2
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        SACContextCompressor(engine=engine).compress_documents(split, "when was it painted?")
+    assert f"{len(split)} of {len(split)} retrieved texts were not in the store at {store.path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        SACContextCompressor(engine=engine).compress_documents(documents(passages), "when was it painted?")
+    assert caplog.records == []  # the store's own chunks: all served from it
+
+
 def test_missing_document_with_write_back_is_stored(engine, store):
     new = Document(page_content="The orchard's oldest pear tree was planted in 1911.", metadata={"when": object()})
     [doc] = SACContextCompressor(engine=engine, write_back=True).compress_documents([new], "how old is the tree?")

@@ -231,6 +231,24 @@ def test_missing_node_without_write_back_is_compressed_into_memory(engine, store
     assert spy.generations[0].cached_tokens == engine.resolver.memory[key].n_anchors
 
 
+def test_nodes_cut_another_way_than_the_store_are_compressed_with_a_warning_counting_them(
+        engine, store, passages, caplog):
+    from llama_index.core.node_parser import SentenceSplitter
+
+    split = SentenceSplitter(chunk_size=12, chunk_overlap=0).get_nodes_from_documents(
+        [TextNode(text=p) for p in passages[:2]])
+    assert len(split) > 2
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        SACNodePostprocessor(engine=engine).postprocess_nodes([NodeWithScore(node=n, score=1.0) for n in split],
+                                                               query_str="when was it painted?")
+    assert f"{len(split)} of {len(split)} retrieved texts were not in the store at {store.path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        SACNodePostprocessor(engine=engine).postprocess_nodes(
+            [NodeWithScore(node=n, score=1.0) for n in make_nodes(passages)], query_str="when was it painted?")
+    assert caplog.records == []  # the store's own chunks: all served from it
+
+
 def test_missing_node_with_on_miss_error_raises(engine):
     nodes = [NodeWithScore(node=TextNode(text="The choir rehearses on Thursdays."), score=1.0)]
     with pytest.raises(EntryNotFoundError, match="precompress"):

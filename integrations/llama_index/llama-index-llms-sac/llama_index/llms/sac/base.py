@@ -43,6 +43,10 @@ class SACLLM(CustomLLM):
     """LLM over SAC caches. Construction is instant; the weights load on first use (reading
     ``metadata`` counts: it reports the model's context window unless ``context_window`` is set).
 
+    The decoder is trained to answer prompts in the SAC layout (``text_qa_template=llm.qa_prompt``
+    in a query engine): a bare ``complete("What is 2+2?")`` usually gets an empty answer (the
+    model ends it at once; a warning says so).
+
     Usage per answer is in ``CompletionResponse.raw["usage"]`` and ``additional_kwargs``:
     ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
     ``context_tokens`` (the text tokens the cached entries stand for), ``completion_tokens``.
