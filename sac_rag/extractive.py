@@ -102,20 +102,51 @@ class Vocabulary:
 
 
 def _word_starts(text: bytes) -> list[int]:
-    """Offsets where a word or number starts: a non-space byte after a space, a separator or
-    punctuation (so "(1749)" offers both "(1749)" and "1749")."""
+    """Offsets where a word or number starts: a character after a space, a separator or
+    punctuation (so "(1749)" offers both "(1749)" and "1749"), or any character of a script
+    written without spaces (Chinese, Japanese, Thai), where every character may start an answer."""
     starts = []
     for i, byte in enumerate(text):
-        if byte in b" \t\r\n\x00":
+        if byte in b" \t\r\n\x00" or _CONTINUATION[0] <= byte <= _CONTINUATION[1]:
             continue
-        before = text[i - 1] if i else _SEPARATOR
-        if before in b" \t\r\n\x00" or not _is_word_byte(before):
+        before, char = _char_before(text, i), _char_at(text, i)
+        if not _is_word_char(before) or _unspaced(before) or _unspaced(char):
             starts.append(i)
     return starts
 
 
-def _is_word_byte(byte: int) -> bool:
-    return byte >= 128 or chr(byte).isalnum()
+_CONTINUATION = (0x80, 0xBF)  # UTF-8 bytes that continue a character
+_UNSPACED = ((0x0E00, 0x0E7F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),
+             (0x20000, 0x2FFFF))  # Thai, kana, CJK ideographs: scripts written without spaces
+
+
+def _boundary(before: str, after: str) -> bool:
+    """Whether an answer may end between these two characters ("" at a source's edge)."""
+    return not (_is_word_char(before) and _is_word_char(after)) or _unspaced(before) or _unspaced(after)
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char > "\x7f"  # any non-ASCII character counts (as in the measured rows)
+
+
+def _unspaced(char: str) -> bool:
+    return bool(char) and any(low <= ord(char) <= high for low, high in _UNSPACED)
+
+
+def _char_at(text: bytes, i: int) -> str:
+    """The character whose UTF-8 encoding starts at byte ``i`` ("" at a separator or the end)."""
+    if i >= len(text) or text[i] == _SEPARATOR:
+        return ""
+    length = 1 if text[i] < 0xC0 else 2 if text[i] < 0xE0 else 3 if text[i] < 0xF0 else 4
+    return text[i:i + length].decode("utf-8", "replace")[:1]
+
+
+def _char_before(text: bytes, i: int) -> str:
+    """The character that ends just before byte ``i`` ("" at a separator or the start)."""
+    start = i - 1
+    while start > 0 and _CONTINUATION[0] <= text[start] <= _CONTINUATION[1]:
+        start -= 1
+    return _char_at(text, start) if start >= 0 else ""
 
 
 class SpanConstraint:
@@ -159,15 +190,19 @@ class SpanConstraint:
                 allowed.setdefault(token_id, []).append(end)
         return allowed
 
-    def mask(self, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def mask(self, logits: torch.Tensor, stop_token_ids: Sequence[int] = ()) -> tuple[torch.Tensor, bool]:
         """``logits`` with every token but the allowed ones at -inf, and whether the model would
-        rather end the answer here (only after at least one token)."""
+        rather end the answer here (only after at least one token): when it prefers an end token,
+        or one of the call's ``stop_token_ids``, to every allowed token."""
         self._allowed = self._candidates()
         masked = torch.full_like(logits, float("-inf"))
         index = torch.as_tensor(sorted(self._allowed), dtype=torch.long, device=logits.device)
         if len(index):
             masked[index] = logits[index]
         end_ids = self.vocabulary.end_ids.to(logits.device)
+        if len(stop_token_ids):
+            stops = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=logits.device)
+            end_ids = torch.cat([end_ids, stops])
         if self.ends is None:  # the answer has at least one token
             return masked, False
         if not len(index):
@@ -178,8 +213,9 @@ class SpanConstraint:
     def _word_ends_at(self, offset: int) -> bool:
         if offset >= len(self.text):
             return True
-        after, before = self.text[offset], self.text[offset - 1]
-        return not (_is_word_byte(after) and _is_word_byte(before))
+        if _CONTINUATION[0] <= self.text[offset] <= _CONTINUATION[1]:
+            return False  # never inside a character
+        return _boundary(_char_before(self.text, offset), _char_at(self.text, offset))
 
     def advance(self, token_id: int) -> None:
         """Record the chosen token (one of the allowed ones)."""

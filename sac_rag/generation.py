@@ -425,7 +425,7 @@ class Generator:
                 "compress it again with the compressor in use, or decode with the compressor it was made by",
             )
         self._check_room(state.position + kv.n_tokens)
-        placed = kv.at_offset(state.position, self.rotator).to(self.device, self.dtype)
+        placed = kv.to(self.device, self.dtype).at_offset(state.position, self.rotator)  # rotated in our dtype
         for layer in range(self.num_layers):
             state.cache.layers[layer].update(placed.keys[layer][None], placed.values[layer][None])
         state.position += kv.n_tokens
@@ -464,12 +464,15 @@ class Generator:
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+            if config.seed is not None:
+                generator.manual_seed(config.seed)
+            else:
+                generator.seed()  # a fresh random seed, leaving torch's global generator as it was
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
             for step in range(steps):
                 logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
-                logits = self._held_to_spans(logits, tracks)
+                logits = self._held_to_spans(logits, tracks, config.stop_token_ids, reading.logits)
                 tokens = next_tokens(logits, config, generator)
                 for track, token in zip(tracks, tokens.tolist()):
                     if track.finish_reason is None:
@@ -587,16 +590,21 @@ class Generator:
         return out.logits[:, -1]
 
     @staticmethod
-    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track]) -> torch.Tensor:
+    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track], stop_token_ids: Sequence[int] = (),
+                       plain_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Extractive decoding: mask each constrained row to the tokens that continue a span of its
-        sources; a row whose model would rather end the answer finishes here."""
+        sources; a row whose model would rather end the answer (an end token or one of
+        ``stop_token_ids``) finishes here. Where ``logits`` (context-aware decoding's scores) rule
+        out every token a span allows, the row is held to the spans by ``plain_logits`` instead."""
         if all(t.span is None for t in tracks):
             return logits
         logits = logits.clone()
         for row, track in enumerate(tracks):
             if track.span is None or track.finish_reason is not None:
                 continue
-            masked, would_end = track.span.mask(logits[row])
+            masked, would_end = track.span.mask(logits[row], stop_token_ids)
+            if not would_end and plain_logits is not None and not torch.isfinite(masked).any():
+                masked, would_end = track.span.mask(plain_logits[row], stop_token_ids)
             if would_end:
                 track.finish_reason = "stop"
             else:

@@ -189,3 +189,33 @@ def test_eval_extractive_rows_are_labelled_and_answers_quote_the_passage(tmp_pat
     predictions = read_predictions(results.parent / "predictions"
                                    / "full_context-extractive-float32-squad-dev-n3-s0.jsonl")
     assert len(predictions) == 3 and all(_is_quote(p, [context]) for p in predictions.values())
+
+
+def test_a_stop_token_of_the_call_ends_the_quote_like_an_end_token(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["Paris is the capital of France."])
+    for token in tokenizer("Paris", add_special_tokens=False)["input_ids"]:
+        span.mask(torch.zeros(len(tokenizer)))
+        span.advance(token)
+    london = tokenizer("London", add_special_tokens=False)["input_ids"][0]
+    assert not span.mask(_prefer(tokenizer, "London", " is"))[1]  # London is no span's next token
+    assert span.mask(_prefer(tokenizer, "London", " is"), stop_token_ids=[london])[1]  # ... but a stop token
+
+
+def test_in_scripts_written_without_spaces_every_character_may_start_or_end_a_quote():
+    from sac_rag.extractive import _word_starts
+
+    assert _word_starts("中国的首都是北京".encode()) == list(range(0, 24, 3))
+    assert _word_starts("東京タワー (1958)".encode()) == [0, 3, 6, 9, 12, 16, 17]
+    assert _word_starts("café au lait (1749)".encode()) == [0, 6, 9, 14, 15]  # as before: words only
+
+
+def test_context_aware_extractive_decoding_quotes_even_where_the_contrast_rules_out_every_span(generator):
+    prompt = SOURCES[0] + "\nQuestion: Who jumps?\nAnswer:"
+    plain = "\nQuestion: Who jumps?\nAnswer:"
+    for sampled in ({}, {"temperature": 1.0, "seed": 0}):
+        # plausibility 1 keeps only the likeliest token, which is rarely a quote's
+        config = GenerationConfig(max_new_tokens=6, extractive=True, context_contrast=0.5,
+                                  contrast_plausibility=1.0, **sampled)
+        answer = generator.generate(prompt, config, sources=[SOURCES[0]], contrast_prompt=plain)
+        assert _is_quote(answer.text, [SOURCES[0]]), answer.text

@@ -510,3 +510,20 @@ def test_context_aware_decoding_settings_and_prompts_that_cannot_work_are_refuse
         gen.generate(prompt, GenerationConfig(context_contrast=0.5), contrast_prompt=prompt)
     with pytest.raises(InvalidInputError, match="got 1 contrast prompts for 2 prompts"):
         gen.generate_batch([prompt, prompt], GenerationConfig(context_contrast=0.5), contrast_prompts=[[" Who?"]])
+
+
+def test_unseeded_sampling_leaves_torchs_global_random_state_alone(setup):
+    _, gen = setup
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    gen.generate(["Paris is"], GenerationConfig(max_new_tokens=3, temperature=1.0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_chunk_stored_in_bfloat16_is_placed_as_its_float32_copy_would_be(setup):
+    comp, gen = setup
+    stored = comp.compress(TEXT)[0].to(dtype=torch.bfloat16)  # as a bf16 store returns it, at offset 0
+    question = " Who finished the tower?"
+    assert torch.equal(gen.prompt_logits([" The text:", stored, question]),
+                       gen.prompt_logits([" The text:", stored.to(dtype=torch.float32), question]))
