@@ -33,7 +33,8 @@ Prompt = Sequence[Segment | Sequence[AnchorKV]]
 @dataclass
 class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
-    top-k / top-p, reproducible with ``seed``. ``num_beams`` > 1 is beam search (greedy only),
+    top-k / top-p, reproducible with ``seed`` (the same prompts in the same batch draw the same
+    answers; a prompt's draw depends on the batch it is decoded in). ``num_beams`` > 1 is beam search (greedy only),
     answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
     (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
