@@ -146,10 +146,27 @@ def _qa_item(question, answers, qa_id, stats: LoadStats) -> QAItem | None:
     return QAItem(question.strip(), answers, str(qa_id))
 
 
-def iter_texts(path: str | Path) -> Iterator[str]:
-    """Plain texts for LM pretraining: JSONL with a ``text`` field, or a TXT file whose
-    paragraphs (separated by blank lines) are documents."""
+TEXT_SUFFIXES = (".txt", ".md")  # plain text: documents separated by blank lines
+TEXT_FORMATS = ("a JSONL file of {\"text\": ...} rows (.jsonl) or a plain-text file of blank-line-separated "
+                "documents (.txt, .md); either may be compressed (.xz, .gz)")
+
+
+def check_text_format(path: str | Path) -> None:
+    """Refuse a pretraining file that is neither JSONL nor plain text (e.g. a SQuAD .json, which
+    would otherwise be trained on as raw JSON), naming the accepted formats."""
     path = Path(path)
+    suffix = _base_suffix(path)
+    if suffix != ".jsonl" and suffix not in TEXT_SUFFIXES:
+        raise DataError(f"{path}: pretraining reads {TEXT_FORMATS}; got a {suffix or 'suffix-less'} file "
+                        f"(QA data such as SQuAD JSON is for --stage finetune)")
+
+
+def iter_texts(path: str | Path, stats: LoadStats | None = None) -> Iterator[str]:
+    """Plain texts for LM pretraining: JSONL with a ``text`` field, or a TXT/Markdown file whose
+    paragraphs (separated by blank lines) are documents. Other formats are refused (see
+    ``check_text_format``); JSONL rows whose text is empty are skipped and counted in ``stats``."""
+    path, stats = Path(path), stats or LoadStats()
+    check_text_format(path)
     with open_text(path) as f:
         if _base_suffix(path) == ".jsonl":
             for line_no, line in enumerate(f, 1):
@@ -159,11 +176,15 @@ def iter_texts(path: str | Path) -> Iterator[str]:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError) as err:
                     raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field") from err
+                stats.read += 1
                 if isinstance(text, str) and text.strip():
                     yield text
+                else:
+                    stats.skip("empty text" if isinstance(text, str) or text is None else "text not a string")
         else:
             for block in f.read().split("\n\n"):
                 if block.strip():
+                    stats.read += 1
                     yield block
 
 

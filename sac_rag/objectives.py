@@ -108,7 +108,9 @@ class ExampleBuilder:
 
     def lm(self, text: str, index: int) -> Example | None:
         """Pretraining example: a window of lm_min..lm_max tokens, first half compressed, second
-        half (+ EOS) predicted. ``None`` for texts shorter than ``lm_min_tokens``."""
+        half (+ EOS) predicted. ``None`` for texts shorter than ``lm_min_tokens``. One seeded window
+        per document and epoch: of a document longer than ``lm_max_tokens`` an epoch reads only that
+        window (the trainer logs how many documents this concerns and what share they lose)."""
         ids = self._ids(text)
         if len(ids) < self.lm_min_tokens:
             return None

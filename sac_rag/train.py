@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
-from .data import DataError, LoadStats, iter_texts, read_qa, split_by_title
+from .data import TEXT_FORMATS, DataError, LoadStats, check_text_format, iter_texts, read_qa, split_by_title
 from .devices import bf16_is_fast
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
 from .files import atomic_write, fsync_dir
@@ -47,6 +47,9 @@ logger = logging.getLogger("sac_rag.train")
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
                       "snapshot_every", "precision"}
 PRECISIONS = ("auto", "bf16", "fp32")
+# A pretraining window's first half is compressed and its second half read as text: its first token
+# is the decoder's input and at least one more is predicted, so a window needs 1 + 2 tokens.
+LM_MIN_TOKENS = 3
 TRAIN_PARTS = ("all", "encoder", "decoder")
 
 
@@ -91,7 +94,9 @@ class TrainConfig:
     anchor_strategy: str = _help("'uniform' | 'random' (ablation) | 'rarest_in_block' (experimental: one anchor "
                                  "per r-token block, on its rarest token)", default="uniform")
     bidirectional: bool = _help("bidirectional encoder (False = ablation 'no mask')", default=True)
-    memory: str = _help("'anchors' (SAC) | 'compression_tokens' (prior-art baseline)", default="anchors")
+    memory: str = _help("'anchors' (SAC) | 'compression_tokens' (prior-art baseline; it needs --anchor-embedding "
+                        "per_slot, the only anchor embedding that gives each compression token its own)",
+                        default="anchors")
     decoder_lora_rank: int = _help("rank of a decoder-side LoRA used only when reading compressed contexts "
                                    "(0 = frozen decoder, the paper's default); may be added to an init_from "
                                    "checkpoint", default=0)
@@ -130,8 +135,11 @@ class TrainConfig:
     distill_hidden_weight: float = _help("weight of matching the teacher's hidden states: every decoder layer's "
                                          "output, RMS-normalised, at the distilled tokens (0 = off)", default=0.0)
     ae_weight: float = _help("weight of the autoencoding loss (+AE ablation; paper: hurts)", default=0.0)
-    lm_min_tokens: int = _help("pretrain: shortest document window", default=510)
-    lm_max_tokens: int = _help("pretrain: longest document window", default=2040)
+    lm_min_tokens: int = _help(f"pretrain: shortest document window (>= {LM_MIN_TOKENS}); shorter documents are "
+                               "skipped", default=510)
+    lm_max_tokens: int = _help("pretrain: longest document window. Each epoch trains on ONE random window of "
+                               "lm_min..lm_max tokens per document, so a longer document is only partly read per "
+                               "epoch (the share is logged at the start)", default=2040)
     max_answer_tokens: int = _help("finetune: answers truncated to this many tokens", default=48)
     bidir_anneal_steps: int = _help("steps over which the encoder goes from ~causal to bidirectional", default=0)
     bidir_anneal_start_bias: float = _help("attention-score penalty on later tokens at step 0", default=8.0)
@@ -222,6 +230,26 @@ class TrainConfig:
         if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
                            "give the KL term (or the hidden-state term) a weight")
+        if self.memory == "compression_tokens" and self.anchor_embedding != "per_slot":
+            raise InvalidInputError(f"--memory compression_tokens needs --anchor-embedding per_slot (got "
+                                    f"{self.anchor_embedding!r}): each compression token has its own learned "
+                                    f"embedding, and per_slot is the only choice that gives it one")
+        self._check_ignored_options()
+
+    def _check_ignored_options(self) -> None:
+        """Refuse options set away from their defaults in a combination where they do nothing."""
+        changed = [name for name in _IGNORED_WITH[self.method == "full_ft"] if _differs_from_default(self, name)]
+        if self.method == "full_ft" and changed:
+            raise InvalidInputError(f"{_options(self, changed)} do nothing with --method full_ft, which trains a "
+                                    f"decoder LoRA on the full text: they configure the compressor or its "
+                                    f"objective (distillation, +AE, mask anneal). Drop them or use --method sac")
+        stage_only = _FINETUNE_ONLY if self.stage == "pretrain" else _PRETRAIN_ONLY
+        changed = [name for name in stage_only if _differs_from_default(self, name)]
+        if changed:
+            why = ("pretraining predicts the continuation of a document; it asks no questions and "
+                   "compresses no distractors" if self.stage == "pretrain" else
+                   "they shape pretraining's document windows")
+            raise InvalidInputError(f"{_options(self, changed)} do nothing with --stage {self.stage}: {why}")
 
     def _check_types_and_ranges(self) -> None:
         """Every option has its default's type (a config file may hold anything), and numbers are in range."""
@@ -248,6 +276,10 @@ class TrainConfig:
                                     f"in [0, 1) (0 = hold none out); got {self.held_out_fraction}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise InvalidInputError(f"betas (--betas) must be two numbers in [0, 1), got {self.betas}")
+        if self.lm_min_tokens < LM_MIN_TOKENS:
+            raise InvalidInputError(f"lm_min_tokens (--lm-min-tokens) must be >= {LM_MIN_TOKENS}, got "
+                                    f"{self.lm_min_tokens}: a window's first half is compressed and the decoder "
+                                    f"reads the first token of its second half to predict at least one more")
         if self.lm_max_tokens < self.lm_min_tokens:
             raise InvalidInputError(f"lm_max_tokens ({self.lm_max_tokens}) must be >= lm_min_tokens "
                                     f"({self.lm_min_tokens})")
@@ -255,6 +287,42 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _default(name: str):
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _differs_from_default(cfg: TrainConfig, name: str) -> bool:
+    return getattr(cfg, name) != _default(name)
+
+
+def _options(cfg: TrainConfig, names: list[str]) -> str:
+    """``--flag value`` for each option, as the user would have given it."""
+    return ", ".join(_shown(cfg, name) for name in names)
+
+
+def _shown(cfg: TrainConfig, name: str) -> str:
+    value = getattr(cfg, name)
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{_flag(name)}"
+    return f"--{_flag(name)} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+# Options that do nothing in a combination (only refused when set away from their defaults).
+_COMPRESSOR_SHAPE = ("ratio", "chunk_len", "lora_rank", "lora_alpha", "lora_target_modules", "anchor_embedding",
+                     "anchor_strategy", "bidirectional", "memory")
+_IGNORED_WITH = {
+    False: (),  # method 'sac'
+    True: ("ratio", "chunk_len", "anchor_embedding", "anchor_strategy", "bidirectional", "memory",
+           "decoder_lora_rank", "decoder_lora_alpha", "anchor_lr", "distill_weight", "distill_hidden_weight",
+           "distill_tokens", "distill_divergence", "distill_temperature", "distill_on_policy_tokens", "ae_weight",
+           "bidir_anneal_steps", "bidir_anneal_start_bias"),  # method 'full_ft'
+}
+_FINETUNE_ONLY = ("questions_per_context", "span_questions", "distractors", "distractor_source", "distractor_share",
+                  "max_answer_tokens")
+_PRETRAIN_ONLY = ("lm_min_tokens", "lm_max_tokens")
 
 
 def _is(value, kind: type) -> bool:
@@ -269,7 +337,7 @@ _AT_LEAST = {
     "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "checkpoint_every": 1,
     "keep_checkpoints": 1,  # the checkpoint `latest` names is always kept
     "eval_every": 0, "eval_questions": 1, "warmup_steps": 0, "questions_per_context": 1, "distractors": 0,
-    "max_answer_tokens": 1, "lm_min_tokens": 1, "bidir_anneal_steps": 0, "bidir_anneal_start_bias": 0.0,
+    "max_answer_tokens": 1, "bidir_anneal_steps": 0, "bidir_anneal_start_bias": 0.0,
     "init_ratio": 0, "init_widen_rank": 0, "init_widen_decoder_rank": 0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 0, "lora_alpha": 1, "anchor_lr": 0.0, "weight_decay": 0.0, "ae_weight": 0.0,
 }
@@ -295,8 +363,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     values = _read_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values)
+    in_file = set(values)
+    given = {k for k, v in args.items() if v is not None}
+    values.update({k: args[k] for k in given})
+    cfg = TrainConfig(**values)
+    # which options were set, and where (not fields: never saved, never compared on resume)
+    cfg.given_on_command_line, cfg.given_in_config_file = frozenset(given), frozenset(in_file - given)
+    return cfg
 
 
 def _read_config_file(path: str) -> dict:
@@ -317,6 +390,10 @@ def _read_config_file(path: str) -> dict:
 
 
 # -- distributed --------------------------------------------------------------------------------
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -374,8 +451,10 @@ class _FullFTModel:
         base, self.tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")
         self.base_model, self.base_fingerprint = cfg.base_model, base_model_fingerprint(base, self.tokenizer)
         if cfg.init_from:
+            _check_full_ft_init_shape(cfg)
             self.model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
         else:
+            _check_target_modules(cfg, base)
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules))
             self.model = get_peft_model(base, lora)
         self.template = PromptTemplate()
@@ -409,6 +488,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
     if cfg.init_from:
         comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
+        saved = dataclasses.replace(comp.config)
         if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
         if cfg.init_ratio:
@@ -417,17 +497,25 @@ def build_model(cfg: TrainConfig, device: torch.device):
             comp.use_anchors(cfg.init_anchor_strategy)
         if cfg.init_widen_rank or cfg.init_widen_decoder_rank:
             comp = comp.widened(cfg.init_widen_rank, cfg.init_widen_decoder_rank)
+        _check_init_shape(cfg, saved, comp.config)
     else:
-        comp = SACCompressor(
-            SACConfig(
-                base_model=cfg.base_model, ratio=cfg.ratio, chunk_len=cfg.chunk_len, lora_rank=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha, lora_target_modules=list(cfg.lora_target_modules),
-                anchor_embedding=cfg.anchor_embedding, anchor_strategy=cfg.anchor_strategy,
-                bidirectional=cfg.bidirectional, memory=cfg.memory,
-                decoder_lora_rank=cfg.decoder_lora_rank, decoder_lora_alpha=cfg.decoder_lora_alpha,
-            ),
-            device=device, dtype="float32",
-        )
+        try:
+            comp = SACCompressor(
+                SACConfig(
+                    base_model=cfg.base_model, ratio=cfg.ratio, chunk_len=cfg.chunk_len, lora_rank=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha, lora_target_modules=list(cfg.lora_target_modules),
+                    anchor_embedding=cfg.anchor_embedding, anchor_strategy=cfg.anchor_strategy,
+                    bidirectional=cfg.bidirectional, memory=cfg.memory,
+                    decoder_lora_rank=cfg.decoder_lora_rank, decoder_lora_alpha=cfg.decoder_lora_alpha,
+                ),
+                device=device, dtype="float32",
+            )
+        except ValueError:  # peft's, e.g. for a target module the model lacks: name the ones it has
+            from .models import load_base_model
+
+            _check_target_modules(cfg, load_base_model(cfg.base_model, device="cpu", dtype="float32")[0])
+            raise
+        _check_target_modules(cfg, comp.base_model)  # peft skips a missing one if another is found
         if cfg.adapters_from and not cfg.resume:  # a resumed run loads its own checkpoint
             start_adapters_from_full_ft(comp, cfg.adapters_from)
     if cfg.train_parts == "decoder" and not comp.config.decoder_lora_rank:
@@ -445,6 +533,69 @@ def build_model(cfg: TrainConfig, device: torch.device):
                              on_policy_tokens=cfg.distill_on_policy_tokens, risk_weight=cfg.risk_weight,
                              risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens)
     return comp, objective
+
+
+def _explicit(cfg: TrainConfig, name: str) -> bool:
+    """Whether an option was chosen: given as a flag, or set away from its default (a config file
+    that restates a default, as a run's saved train_config.json does, chose nothing)."""
+    return name in getattr(cfg, "given_on_command_line", ()) or _differs_from_default(cfg, name)
+
+
+def _check_init_shape(cfg: TrainConfig, saved, now) -> None:
+    """An init_from checkpoint brings its own shape: refuse a shape option chosen otherwise (the
+    init_* options and an added decoder adapter change it on purpose: their result is accepted)."""
+    def same(a, b) -> bool:
+        return sorted(a) == sorted(b) if isinstance(a, list) else a == b
+
+    names = [*_COMPRESSOR_SHAPE, "decoder_lora_rank"] + (["decoder_lora_alpha"] if cfg.decoder_lora_alpha else [])
+    conflicts, restated = [], []
+    for name in names:
+        value = getattr(cfg, name)
+        if same(value, getattr(saved, name)) or same(value, getattr(now, name)):
+            continue
+        if name == "decoder_lora_rank" and value == 0:
+            continue  # 0 = add none; the checkpoint's adapter is kept
+        if _explicit(cfg, name):
+            conflicts.append(f"{_shown(cfg, name)} (the checkpoint has {name} {getattr(saved, name)!r})")
+        elif name in getattr(cfg, "given_in_config_file", ()):
+            restated.append(f"{name} {value!r} (the checkpoint's: {getattr(saved, name)!r})")
+    if conflicts:
+        raise InvalidInputError(f"--init-from {cfg.init_from} brings its own compressor shape, which these options "
+                                f"would not change: {'; '.join(conflicts)}. Drop them, or change the checkpoint "
+                                f"with --init-ratio / --init-widen-rank / --init-widen-decoder-rank / "
+                                f"--init-anchor-strategy")
+    if restated:
+        logger.warning("the config file restates defaults that --init-from %s does not use: %s; the checkpoint's "
+                       "values are trained", cfg.init_from, ", ".join(restated))
+
+
+def _check_full_ft_init_shape(cfg: TrainConfig) -> None:
+    """--method full_ft --init-from: the adapter brings its rank, alpha and target modules."""
+    try:
+        peft = json.loads((Path(cfg.init_from) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return  # peft reports a missing or broken adapter itself
+    theirs = {"lora_rank": peft.get("r"), "lora_alpha": peft.get("lora_alpha"),
+              "lora_target_modules": sorted(peft.get("target_modules") or [])}
+    conflicts = [f"--{_flag(name)} {getattr(cfg, name)} (the adapter has {theirs[name]})" for name in theirs
+                 if _explicit(cfg, name) and theirs[name] is not None
+                 and (sorted(getattr(cfg, name)) if name == "lora_target_modules" else getattr(cfg, name))
+                 != theirs[name]]
+    if conflicts:
+        raise InvalidInputError(f"--init-from {cfg.init_from} brings its own LoRA shape, which these options would "
+                                f"not change: {'; '.join(conflicts)}. Drop them")
+
+
+def _check_target_modules(cfg: TrainConfig, base) -> None:
+    """Refuse --lora-target-modules naming no module of the base model, listing the ones it has."""
+    names = [name.removesuffix(".base_layer") for name, _ in base.named_modules() if "lora_" not in name]
+    linear = sorted({name.removesuffix(".base_layer").rsplit(".", 1)[-1] for name, module in base.named_modules()
+                     if "lora_" not in name and (isinstance(module, torch.nn.Linear)
+                                                 or type(module).__name__ == "Conv1D")})
+    missing = [m for m in cfg.lora_target_modules if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise InvalidInputError(f"--lora-target-modules: {', '.join(missing)} is not a module of {cfg.base_model}; "
+                                f"its linear modules are {', '.join(linear)}")
 
 
 def load_teacher(adapter_dir: str, comp, device: torch.device):
@@ -535,7 +686,7 @@ def lr_factor(step: int, warmup: int, max_steps: int = 0, decay_steps: int = 0) 
 
 
 DATA_FORMATS = {
-    "pretrain": "a JSONL file of {\"text\": ...} rows or a TXT file of blank-line-separated documents",
+    "pretrain": TEXT_FORMATS,
     "finetune": "a SQuAD JSON file or a JSONL file of {\"context\", \"question\", \"answers\"} rows",
 }
 
@@ -549,6 +700,8 @@ def _require_data(cfg: TrainConfig) -> None:
         if path and not path.is_file():
             problem = "is a directory, not a data file" if path.is_dir() else "does not exist"
             raise DataError(f"{option} {path} {problem}")
+    if cfg.stage == "pretrain":
+        check_text_format(cfg.data)
 
 
 class ExampleStream:
@@ -568,7 +721,11 @@ class ExampleStream:
         self.held_out = []
         _require_data(cfg)
         if cfg.stage == "pretrain":
-            self.items = list(iter_texts(cfg.data))
+            self.items = list(iter_texts(cfg.data, stats))
+            if stats.skipped and _is_main_process():
+                logger.info("%s: skipped %s", cfg.data, stats.skipped)
+            if self.items:
+                self._check_documents(tokenizer)
         else:
             paragraphs = read_qa(cfg.data, stats)
             if cfg.eval_data:
@@ -582,6 +739,31 @@ class ExampleStream:
                             f"{stats.skipped or 'none'}")
         self.position = 0
         self._order_epoch, self._order = -1, []
+
+    def _check_documents(self, tokenizer) -> None:
+        """Refuse documents of which none reaches lm_min_tokens (they would all be skipped, for ever),
+        and say how many are skipped as too short, and how much of the long ones a window covers."""
+        cfg, lengths = self.cfg, []
+        for start in range(0, len(self.items), 256):  # the builder's tokenization, batched
+            batch = tokenizer(self.items[start : start + 256], add_special_tokens=False)["input_ids"]
+            lengths += [len(ids) for ids in batch]
+        usable = sum(n >= cfg.lm_min_tokens for n in lengths)
+        if not usable:
+            raise DataError(f"no document in {cfg.data} reaches --lm-min-tokens {cfg.lm_min_tokens}: the longest "
+                            f"of its {len(lengths)} documents has {max(lengths)} tokens. Lower --lm-min-tokens "
+                            f"(>= {LM_MIN_TOKENS}) or use longer documents")
+        if not _is_main_process():
+            return
+        if usable < len(lengths):
+            logger.info("%d of %d documents are shorter than --lm-min-tokens %d and are skipped",
+                        len(lengths) - usable, len(lengths), cfg.lm_min_tokens)
+        long = [n for n in lengths if n > cfg.lm_max_tokens]
+        if long:
+            window = (cfg.lm_min_tokens + cfg.lm_max_tokens) / 2  # the mean of a uniform window length
+            logger.info("%d of %d documents are longer than --lm-max-tokens %d (the longest has %d tokens): each "
+                        "epoch trains on one random window of %d-%d tokens per document, about %.0f%% of those "
+                        "documents' tokens", len(long), len(lengths), cfg.lm_max_tokens, max(long),
+                        cfg.lm_min_tokens, cfg.lm_max_tokens, 100 * window * len(long) / sum(long))
 
     def _index(self, position: int) -> int:
         epoch, within = divmod(position, len(self.items))
@@ -598,7 +780,7 @@ class ExampleStream:
 
     def next_batch(self, n: int, rank: int, world: int) -> list:
         """The next ``n`` usable examples; this rank's share (every world-th)."""
-        batch = []
+        batch, skipped_in_a_row = [], 0
         while len(batch) < n:
             position = self.position
             self.position += 1
@@ -607,7 +789,13 @@ class ExampleStream:
                 example = self.builder.lm(item, position)
                 if example is None:
                     self.stats.skip(f"document shorter than {self.cfg.lm_min_tokens} tokens")
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= len(self.items):  # a full pass, and nothing usable
+                        raise DataError(f"no document in {self.cfg.data} reaches --lm-min-tokens "
+                                        f"{self.cfg.lm_min_tokens}: a full pass over its {len(self.items)} "
+                                        f"documents found none")
                     continue
+                skipped_in_a_row = 0
             else:
                 example = self.builder.qa(item, position, self.items)
             batch.append(example)
@@ -844,6 +1032,37 @@ def plot_metrics(out_dir: Path) -> None:
 SUMMED_STATS = ("target_tokens", "distilled_tokens", "on_policy_tokens", "risk_candidates", "input_tokens")
 
 
+def _reduce_step_stats(stats: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """The step's statistics over all ranks: token counts summed, means averaged (every rank holds
+    an equal share of the batch, so this is the mean one process computes over the same batch)."""
+    if world == 1:
+        return stats
+    keys: list = [None] * world
+    dist.all_gather_object(keys, sorted(stats))
+    names = sorted(set().union(*keys))  # a rank may lack a statistic (e.g. no distilled row): it adds 0
+    values = torch.tensor([float(stats.get(k, 0.0)) for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    reduced = {k: float(v) if k in SUMMED_STATS else float(v) / world for k, v in zip(names, values.tolist())}
+    return {k: reduced[k] for k in [*stats, *(k for k in names if k not in stats)]}
+
+
+class _rng_kept:
+    """Restore the Python and torch RNGs (CPU and the device's) on exit."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self.python, self.cpu = random.getstate(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def __exit__(self, *exc):
+        random.setstate(self.python)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
@@ -857,6 +1076,11 @@ def train(cfg: TrainConfig) -> Path:
     _require_data(cfg)  # before the model loads
     if is_main:
         remove_stale_staging(out_dir)
+        if not cfg.bidirectional and cfg.bidir_anneal_steps > 0 and cfg.method == "sac":
+            # benchmarks/configs/ablations/no-mask*.json set this: a warning, so they still run as they did
+            logger.warning("bidir_anneal_steps (--bidir-anneal-steps %d) does nothing with --no-bidirectional: a "
+                           "causal encoder never attends to later tokens, so there is no mask to anneal (the "
+                           "logged future_bias has no effect)", cfg.bidir_anneal_steps)
 
     model, objective = build_model(cfg, device)
     tokenizer = model.tokenizer
@@ -865,9 +1089,20 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = build_optimizer(cfg, model)
     stats = LoadStats()
     stream = ExampleStream(cfg, tokenizer, template, stats)
-    held_out = read_qa(cfg.eval_data) if cfg.eval_data else stream.held_out
+    if cfg.eval_data:
+        eval_stats = LoadStats()
+        held_out = read_qa(cfg.eval_data, eval_stats)
+        if eval_stats.skipped and is_main:
+            logger.warning("--eval-data %s: %d of %d records skipped: %s", cfg.eval_data,
+                           sum(eval_stats.skipped.values()), eval_stats.read, eval_stats.skipped)
+    else:
+        held_out = stream.held_out
 
     step, best = 0, -1.0
+    if cfg.resume and not (out_dir / "latest").exists():
+        # benchmarks/ablations.sh passes --resume to start-or-continue: so a warning, not an error
+        logger.warning("--resume: nothing to resume, %s holds no checkpoint (no %s): starting a fresh run",
+                       out_dir, out_dir / "latest")
     if cfg.resume and (out_dir / "latest").exists():
         _check_resumable(out_dir, cfg)
         step, best = load_checkpoint(out_dir, model, optimizer, stream)
@@ -895,6 +1130,8 @@ def train(cfg: TrainConfig) -> Path:
     tokens_seen, t0 = 0, time.time()  # tokens the trained model read on this process: passages, prompts, answers
 
     def evaluate(step: int) -> None:
+        """Held-out F1 at ``step``; a new best is published to best/ before the checkpoint of the
+        same step is saved, so that checkpoint records the F1 best/ holds."""
         nonlocal best
         if not held_out or not is_main:
             return
@@ -941,6 +1178,7 @@ def train(cfg: TrainConfig) -> Path:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         step += 1
+        step_stats = _reduce_step_stats(step_stats, world, device)  # the whole batch's, as one process logs them
         tokens_seen += int(step_stats["input_tokens"])
         if is_main:
             row = {"step": step, **step_stats, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
@@ -949,10 +1187,15 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{step_stats['loss']:.3f}", lr=f"{cfg.lr * factor:.1e}",
                             tok_s=f"{tokens_seen / max(1e-9, time.time() - t0):.0f}")
             bar.update(1)
-            if not math.isfinite(step_stats["loss"]):
-                raise SACError(f"loss became {step_stats['loss']} at step {step}: lower the learning rate")
+        if not math.isfinite(step_stats["loss"]):  # the reduced loss: every rank stops
+            raise SACError(f"loss became {step_stats['loss']} at step {step}: lower the learning rate")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             evaluate(step)
+        elif step == cfg.max_steps:
+            # the end-of-run evaluation, before this step's checkpoint so that it records the best F1;
+            # the RNG is kept as it was, so the checkpoint (and a run resumed from it) is as before
+            with _rng_kept(device):
+                evaluate(step)
         if is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             publish_dir(out_dir / "snapshots" / f"step-{step:07d}", model.save_pretrained)
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
@@ -961,7 +1204,6 @@ def train(cfg: TrainConfig) -> Path:
             plot_metrics(out_dir)
         if world > 1:
             dist.barrier()
-    evaluate(step)
     if is_main:
         publish_dir(out_dir / "final", model.save_pretrained)
         metrics.close()

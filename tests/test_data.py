@@ -1,10 +1,11 @@
 """sac_rag.data: QA files of the wrong shape are refused naming the file and record; held-out splits."""
 
+import gzip
 import json
 
 import pytest
 
-from sac_rag.data import DataError, LoadStats, Paragraph, QAItem, read_qa, split_by_title
+from sac_rag.data import DataError, LoadStats, Paragraph, QAItem, iter_texts, read_qa, split_by_title
 
 
 def _squad(paragraph: dict) -> dict:
@@ -76,3 +77,30 @@ def test_something_always_stays_for_training():
     train, held = split_by_title(_paragraphs([""]), 0.05)
     assert (len(train), held) == (1, [])
     assert split_by_title(_paragraphs(["", ""]), 0.0) == (_paragraphs(["", ""]), [])
+
+
+@pytest.mark.parametrize("name", ["squad.json", "notes.csv", "corpus", "rows.json.gz"])
+def test_pretraining_text_of_another_format_is_refused_naming_the_accepted_ones(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'{"data": []}') if name.endswith(".gz") else b'{"data": []}')
+    with pytest.raises(DataError, match=r"pretraining reads a JSONL file .*\(\.jsonl\) or a plain-text file .*"
+                                        r"\(\.txt, \.md\); either may be compressed \(\.xz, \.gz\)"):
+        list(iter_texts(path))
+
+
+def test_pretraining_text_in_txt_md_and_compressed_jsonl_is_read(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n\n\n")
+    (tmp_path / "a.md").write_text("# one\n\ntwo")
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "one"}\n\n{"text": "two"}\n'))
+    assert list(iter_texts(tmp_path / "a.txt")) == ["one", "two"]
+    assert list(iter_texts(tmp_path / "a.md")) == ["# one", "two"]
+    assert list(iter_texts(tmp_path / "a.jsonl.gz")) == ["one", "two"]
+
+
+def test_jsonl_rows_with_empty_text_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "lm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "kept"}, {"text": ""}, {"text": "  "},
+                                                              {"text": None}, {"text": 5}]))
+    stats = LoadStats()
+    assert list(iter_texts(path, stats)) == ["kept"]
+    assert stats.read == 5 and stats.skipped == {"empty text": 3, "text not a string": 1}

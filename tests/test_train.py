@@ -1,7 +1,9 @@
 """python -m sac_rag.train on a tiny random Llama: learning, exact resume, DDP, bad input."""
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,9 +49,11 @@ def workspace(tmp_path):
 
 
 def _args(ws: Path, out: str, *extra: str) -> list[str]:
+    # Full-FT has no compressor: the compressor's shape options are refused with it
+    shape = [] if "full_ft" in extra else ["--ratio", "2", "--chunk-len", "64"]
     return [
         "--base-model", str(ws / "tiny-model"), "--data", str(ws / "qa.json"), "--out-dir", str(ws / out),
-        "--ratio", "2", "--chunk-len", "64", "--lora-rank", "4", "--lora-alpha", "8",
+        *shape, "--lora-rank", "4", "--lora-alpha", "8",
         "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3", "--warmup-steps", "1",
         "--eval-every", "0", "--eval-questions", "4", "--checkpoint-every", "2", "--precision", "fp32",
         "--held-out-fraction", "0.2", *extra,
@@ -122,6 +126,14 @@ def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
     single = load_file(workspace / "single" / "final" / "compressor.safetensors")
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=1e-4, rtol=1e-3)
+    # metrics.jsonl reports the whole batch (both ranks' shares), as the single process does
+    rows = {run: [json.loads(line) for line in (workspace / run / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)] for run in ("ddp", "single")}
+    for ddp_row, single_row in zip(rows["ddp"], rows["single"], strict=True):
+        assert ddp_row["target_tokens"] == single_row["target_tokens"]
+        assert ddp_row["input_tokens"] == single_row["input_tokens"]
+        assert ddp_row["loss"] == pytest.approx(single_row["loss"], rel=1e-3)
+    assert rows["ddp"][0]["loss"] == pytest.approx(rows["single"][0]["loss"], rel=1e-6)  # same weights at step 1
 
 
 def test_pretrain_stage_reads_plain_text(workspace):
@@ -540,3 +552,206 @@ def test_a_data_path_that_is_no_file_is_refused_before_the_model_loads(workspace
         train(parse_config([*args, "--data", str(workspace)]))
     with pytest.raises(SACError, match="--eval-data .*nope.json does not exist"):
         train(parse_config([*args, "--eval-data", str(workspace / "nope.json")]))
+
+
+# -- audit fixes: pretraining data, the best checkpoint across --resume, options that do nothing -------
+
+
+def _pretrain(ws: Path, out: str, data: Path, *extra: str) -> list[str]:
+    return _args(ws, out, "--stage", "pretrain", "--data", str(data), "--held-out-fraction", "0", *extra)
+
+
+def test_pretraining_on_documents_all_shorter_than_lm_min_tokens_is_refused_not_a_hang(workspace):
+    short = workspace / "short.txt"
+    short.write_text("Hi there.\n\nA short one.\n")
+    with pytest.raises(SACError, match=r"no document in .*short.txt reaches --lm-min-tokens 510: the longest of "
+                                       r"its 2 documents has \d+ tokens"):
+        train(parse_config(_pretrain(workspace, "run", short, "--max-steps", "2")))
+
+
+def test_the_example_stream_stops_after_a_full_pass_without_a_usable_document(workspace, monkeypatch):
+    from sac_rag.config import PromptTemplate
+    from sac_rag.data import DataError, LoadStats
+    from sac_rag.train import ExampleStream
+
+    short = workspace / "short.txt"
+    short.write_text("Hi there.\n\nA short one.\n")
+    monkeypatch.setattr(ExampleStream, "_check_documents", lambda self, tokenizer: None)  # only the loop's guard
+    _, tokenizer = make_tiny_llama()
+    stream = ExampleStream(parse_config(_pretrain(workspace, "run", short)), tokenizer, PromptTemplate(), LoadStats())
+    with pytest.raises(DataError, match="a full pass over its 2 documents found none"):
+        stream.next_batch(4, 0, 1)
+
+
+@pytest.mark.parametrize("value", ["1", "2"])
+def test_lm_min_tokens_below_what_a_window_needs_is_refused_saying_why(value):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=rf"lm_min_tokens \(--lm-min-tokens\) must be >= 3, got {value}: "
+                                                r"a window's first half is compressed"):
+        parse_config(["--stage", "pretrain", "--lm-min-tokens", value, "--lm-max-tokens", "4"])
+
+
+def test_pretraining_logs_short_and_long_documents_and_trains_with_the_smallest_window(workspace, caplog):
+    docs = workspace / "docs.md"
+    docs.write_text("A\n\n" + " ".join(["Paris is the capital of France."] * 8) + "\n\n"
+                    + " ".join(["The tower was finished in 1889."] * 4) + "\n")
+    with caplog.at_level("INFO", logger="sac_rag.train"):
+        train(parse_config(_pretrain(workspace, "run", docs, "--lm-min-tokens", "3", "--lm-max-tokens", "6",
+                                     "--max-steps", "2")))
+    assert all(torch.isfinite(torch.tensor(v)) for v in _losses(workspace / "run").values())
+    text = caplog.text
+    assert "1 of 3 documents are shorter than --lm-min-tokens 3 and are skipped" in text
+    assert re.search(r"2 of 3 documents are longer than --lm-max-tokens 6 \(the longest has \d+ tokens\): each "
+                     r"epoch trains on one random window of 3-6 tokens per document, about \d+% of", text)
+
+
+def test_help_says_a_long_document_is_read_one_window_per_epoch(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ONE random window of lm_min..lm_max tokens per document" in text
+    assert "needs --anchor-embedding per_slot" in text
+
+
+def test_pretraining_refuses_qa_json_and_counts_empty_rows(workspace, caplog):
+    with pytest.raises(SACError, match=r"qa.json: pretraining reads .*\(.jsonl\) or a plain-text file .*"
+                                       r"\(.txt, .md\).*got a .json file"):
+        train(parse_config(_pretrain(workspace, "run", workspace / "qa.json")))
+    rows = workspace / "rows.jsonl"
+    rows.write_text((workspace / "lm.jsonl").read_text() + "\n" + json.dumps({"text": ""}) + "\n")
+    with caplog.at_level("INFO", logger="sac_rag.train"):
+        train(parse_config(_pretrain(workspace, "run", rows, "--lm-min-tokens", "20", "--lm-max-tokens", "60",
+                                     "--max-steps", "1")))
+    assert "rows.jsonl: skipped {'empty text': 1}" in caplog.text
+
+
+def _eval_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_f1" in r]
+
+
+def test_the_last_checkpoint_records_the_f1_best_holds_and_a_finished_run_is_not_evaluated_twice(workspace):
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    state = json.loads((run / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert (run / "best").is_dir()
+    assert state["best_f1"] == _eval_rows(run)[-1]["eval_f1"] >= 0  # not -1: the evaluation came first
+    train(parse_config(_args(workspace, "run", "--max-steps", "2", "--resume")))  # nothing left to do
+    assert [r["step"] for r in _eval_rows(run)] == [2]
+
+
+def test_the_end_of_run_evaluation_leaves_resume_exact(workspace):
+    # evaluated at step 2 before its checkpoint; the resumed steps are those of an uninterrupted run
+    train(parse_config(_args(workspace, "straight", "--max-steps", "4")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "2")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "4", "--resume")))
+    straight, split = _losses(workspace / "straight"), _losses(workspace / "split")
+    for step in (3, 4):
+        assert split[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+    assert [r["step"] for r in _eval_rows(workspace / "split")] == [2, 4]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "full_ft", "--distill-weight", "1", "--ae-weight", "1", "--bidir-anneal-steps", "5"],
+     r"--distill-weight 1.0, --ae-weight 1.0, --bidir-anneal-steps 5 do nothing with --method full_ft"),
+    (["--method", "full_ft", "--ratio", "3", "--no-bidirectional"],
+     r"--ratio 3, --no-bidirectional do nothing with --method full_ft"),
+    (["--stage", "pretrain", "--distractors", "2", "--span-questions", "1", "--questions-per-context", "3"],
+     r"--questions-per-context 3, --span-questions 1, --distractors 2 do nothing with --stage pretrain"),
+    (["--lm-max-tokens", "100", "--lm-min-tokens", "50"],
+     r"--lm-min-tokens 50, --lm-max-tokens 100 do nothing with --stage finetune"),
+    (["--memory", "compression_tokens"], r"--memory compression_tokens needs --anchor-embedding per_slot"),
+])
+def test_an_option_that_does_nothing_in_its_combination_is_refused_naming_it(flags, message):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        parse_config(flags)
+
+
+def test_options_at_their_defaults_are_accepted_in_any_combination(tmp_path):
+    # a run's saved train_config.json restates every default: it must load as before
+    config = tmp_path / "c.json"
+    defaults = json.loads(json.dumps(dataclasses.asdict(parse_config([]))))
+    config.write_text(json.dumps(defaults | {"method": "full_ft", "stage": "pretrain"}))
+    assert parse_config(["--config", str(config)]).method == "full_ft"
+    assert parse_config(["--method", "full_ft", "--distill-weight", "0", "--ratio", "5"]).ratio == 5
+
+
+def test_every_shipped_config_still_loads():
+    paths = sorted((REPO / "benchmarks" / "configs").rglob("*.json"))
+    paths += sorted((REPO / "sac_rag" / "pretrained").glob("*/train_config*.json"))
+    assert len(paths) > 40
+    for path in paths:
+        parse_config(["--config", str(path)])
+
+
+def test_shape_options_that_differ_from_the_init_from_checkpoint_are_refused_naming_both(workspace, caplog):
+    from sac_rag.errors import InvalidInputError
+
+    first = str(train(parse_config(_args(workspace, "first", "--max-steps", "1"))))
+    with pytest.raises(InvalidInputError, match=r"--init-from .*first/final brings its own compressor shape.*"
+                                                r"--ratio 3 \(the checkpoint has ratio 2\); --chunk-len 32 \(the "
+                                                r"checkpoint has chunk_len 64\); --lora-rank 8 \(the checkpoint has "
+                                                r"lora_rank 4\).*--no-bidirectional \(the checkpoint has "
+                                                r"bidirectional True\)"):
+        train(parse_config(_args(workspace, "x", "--max-steps", "1", "--init-from", first, "--ratio", "3",
+                                 "--chunk-len", "32", "--lora-rank", "8", "--no-bidirectional")))
+    # a flag is a choice even at its default value
+    none = str(train(parse_config(_args(workspace, "none", "--max-steps", "1", "--anchor-embedding", "none"))))
+    with pytest.raises(InvalidInputError, match=r"--anchor-embedding shared \(the checkpoint has anchor_embedding "
+                                                r"'none'\)"):
+        train(parse_config(_args(workspace, "y", "--max-steps", "1", "--init-from", none,
+                                 "--anchor-embedding", "shared")))
+    # a config file restating a default (as saved train_config.json files do) is warned about, not refused
+    config = workspace / "c.json"
+    config.write_text(json.dumps({"anchor_embedding": "shared", "lora_rank": 4}))
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        train(parse_config(["--config", str(config), *_args(workspace, "z", "--max-steps", "1", "--init-from", none)]))
+    assert "restates defaults that --init-from" in caplog.text and "anchor_embedding 'shared'" in caplog.text
+    # the init_* options change the shape on purpose: --ratio may name the checkpoint's ratio or the new one
+    train(parse_config(_args(workspace, "r4", "--max-steps", "1", "--init-from", first, "--init-ratio", "4")))
+    train(parse_config(_args(workspace, "r4b", "--max-steps", "1", "--init-from", first, "--init-ratio", "4",
+                             "--ratio", "4")))
+
+
+def test_a_full_ft_init_from_adapter_of_another_rank_is_refused(workspace):
+    from sac_rag.errors import InvalidInputError
+
+    first = str(train(parse_config(_args(workspace, "ft", "--method", "full_ft", "--max-steps", "1"))))
+    with pytest.raises(InvalidInputError, match=r"--lora-rank 8 \(the adapter has 4\)"):
+        train(parse_config(_args(workspace, "ft2", "--method", "full_ft", "--max-steps", "1", "--init-from", first,
+                                 "--lora-rank", "8")))
+
+
+def test_an_anneal_with_a_causal_encoder_is_warned_about(workspace, caplog):
+    # benchmarks/configs/ablations/no-mask.json sets this combination: it must still run
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "1", "--no-bidirectional",
+                                 "--bidir-anneal-steps", "5")))
+    assert "--bidir-anneal-steps 5) does nothing with --no-bidirectional" in caplog.text
+
+
+def test_resume_with_no_checkpoint_says_there_is_nothing_to_resume(workspace, caplog):
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "1", "--resume")))
+    assert re.search(r"--resume: nothing to resume, .*run holds no checkpoint", caplog.text)
+
+
+@pytest.mark.parametrize("method", ["sac", "full_ft"])
+def test_an_unknown_lora_target_module_is_one_line_naming_the_models_modules(workspace, method):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"--lora-target-modules: nosuch is not a module of .*tiny-model; "
+                                                r"its linear modules are .*k_proj.*q_proj"):
+        train(parse_config(_args(workspace, "run", "--method", method, "--max-steps", "1",
+                                 "--lora-target-modules", "q_proj", "nosuch")))
+
+
+def test_records_skipped_in_the_eval_data_are_reported(workspace, caplog):
+    rows = [{"context": "Paris is in France.", "question": "Where?", "answers": ["France"]},
+            {"context": "Paris is in France.", "question": "Where?", "answers": [""]}]
+    (workspace / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "1", "--eval-data", str(workspace / "eval.jsonl"))))
+    assert re.search(r"--eval-data .*eval.jsonl: 1 of \d+ records skipped: \{'no answer': 1\}", caplog.text)
