@@ -49,7 +49,7 @@ LINEAGE_FLOAT32 = (
     Stage("sac-5x-stage9-fp32", 1580, "stage 9 (not shipped)", "60 steps of it beside 2 distractors (RAG +0.7)"),
     Stage("sac-5x-stage10-fp32", 1700, "stage 10 (not shipped)", "120 more, a quarter beside 2 distractors (RAG -1.4)"),
     Stage("sac-5x-stage11-fp32", 1790, "stage 11 (old default)", "90 more, half beside 2 distractors (RAG +0.5)"),
-    Stage("sac-5x-stage12-fp32", 1910, "stage 12 (not shipped)", "120 more of stage 11's recipe (RAG +1.5)"),
+    Stage("sac-5x-stage12-fp32", 1910, "stage 12 (not shipped)", "120 more of stage 11's recipe (RAG +1.0)"),
     Stage("sac-5x-stage13-fp32", 2010, "stage 13 (not shipped)", "100 more of that recipe (out of domain -4.1 vs 11)"),
     Stage("sac-5x-stage15-fp32", 2130, "stage 15 (not shipped)", "120 more of it, from stage 14"),
     Stage("sac-5x-stage17-fp32", 2210, "stage 17 (not shipped)", "80 more of it, from stage 16"),
