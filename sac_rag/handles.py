@@ -16,7 +16,10 @@ positions, the layout ``SACCompressor.compress(text)`` gives the whole text.
 A marker is honoured only when its key *resolves*: the entry exists (in the store, or among the
 chunks this process compressed) and was made by the compressor in use. Anything else that
 looks like a marker - say a user typing ``<sac:...>`` into a question - stays plain text and
-loads nothing.
+loads nothing; text put in a prompt as text (a document passed through uncompressed) goes
+through ``plain_text``, so that marker-looking text in it stays text even when it names a
+stored chunk. A marker this engine handed out whose chunk it has since dropped from memory is an
+error (``EntryNotFoundError``), not text.
 
 ``SACEngine`` is what the framework adapters share: the compressor and its decoder, loaded on
 first use; the store; the resolver; and one lock per model, since compressing and decoding
@@ -30,6 +33,7 @@ import contextvars
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import weakref
@@ -37,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .compressor import CONFIG_FILE, SACCompressor, resolve_pretrained
 from .config import PromptTemplate, SACConfig
@@ -84,6 +89,15 @@ def keys_in(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(1) for m in MARKER_PATTERN.finditer(text)))
 
 
+def plain_text(text: str) -> str:
+    """``text`` to put in a prompt as text (a document passed through uncompressed, say): each
+    ``<sac:`` in it gets a zero-width space after its ``<`` (U+200B, invisible when shown), so
+    marker-looking text in it stays text even when it names a stored chunk."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"the text must be a str, got {type(text).__name__}")
+    return text.replace(MARKER_PREFIX, "<\u200bsac:")
+
+
 def split_prompt(prompt: str, resolve: Callable[[str], AnchorKV | None]) -> list[Segment]:
     """Prompt segments for ``Generator``: each marker whose key ``resolve`` maps to an entry
     becomes that ``AnchorKV``; every other character, including markers that do not resolve,
@@ -114,13 +128,26 @@ def split_prompt(prompt: str, resolve: Callable[[str], AnchorKV | None]) -> list
 
 class BoundedMemory(MutableMapping):
     """Chunks compressed in this process and not written to a store: key -> ``AnchorKV``, least
-    recently used dropped first once their tensors pass ``max_bytes``."""
+    recently used dropped first once their tensors pass ``max_bytes``.
+
+    Entries of the call in progress are never dropped to make room (``put_many(..., keep=...)``):
+    the memory then holds more than ``max_bytes`` until a later call (with a warning), rather than
+    losing chunks whose markers that call is handing out. The keys of dropped entries are
+    remembered (``was_evicted``), so a marker of one can be told from a marker that names nothing.
+    """
+
+    MAX_EVICTED_KEYS = 1 << 16
 
     def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES):
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, AnchorKV] = OrderedDict()
         self._bytes = 0
+        self._evicted: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def __getitem__(self, key: str) -> AnchorKV:
         with self._lock:
@@ -129,13 +156,48 @@ class BoundedMemory(MutableMapping):
             return kv
 
     def __setitem__(self, key: str, kv: AnchorKV) -> None:
+        self.put_many([(key, kv)])
+
+    def put_many(self, items: Iterable[tuple[str, AnchorKV]], keep: Iterable[str] = ()) -> None:
+        """Add ``items`` (most recently used), then drop the least recently used entries other
+        than ``items`` and ``keep`` while the memory holds more than ``max_bytes``."""
         with self._lock:
-            if key in self._items:
+            protected = set(keep)
+            for key, kv in items:
+                if key in self._items:
+                    self._bytes -= self._items.pop(key).nbytes
+                self._items[key] = kv
+                self._bytes += kv.nbytes
+                self._evicted.pop(key, None)
+                protected.add(key)
+            for key in protected:
+                if key in self._items:
+                    self._items.move_to_end(key)
+            for key in list(self._items):
+                if self._bytes <= self.max_bytes or key in protected:
+                    break  # the protected keys are at the end: the rest is protected too
                 self._bytes -= self._items.pop(key).nbytes
-            self._items[key] = kv
-            self._bytes += kv.nbytes
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                self._bytes -= self._items.popitem(last=False)[1].nbytes
+                self._evicted[key] = None
+            while len(self._evicted) > self.MAX_EVICTED_KEYS:
+                self._evicted.popitem(last=False)
+            if self._bytes > self.max_bytes:
+                logger.warning(
+                    "the chunks compressed in memory take %d bytes, over the %d-byte limit: the %d chunk(s) the "
+                    "current call needs are kept anyway, and older ones are dropped on later calls (raise "
+                    "memory_bytes, or give the engine a store with write_back=True)",
+                    self._bytes, self.max_bytes, len(protected))
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """Mark ``keys`` (those present) as just used."""
+        with self._lock:
+            for key in keys:
+                if key in self._items:
+                    self._items.move_to_end(key)
+
+    def was_evicted(self, key: str) -> bool:
+        """Whether ``key`` was held here and dropped to make room (and not added again since)."""
+        with self._lock:
+            return key in self._evicted and key not in self._items
 
     def __delitem__(self, key: str) -> None:
         with self._lock:
@@ -211,18 +273,38 @@ class CacheResolver:
     def remember(self, key: str, kv: AnchorKV, text: str | None = None) -> None:
         """Keep a freshly compressed chunk (chunk-local, offset 0) so that its marker resolves,
         and its ``text`` so that extractive answers can quote it."""
-        if not same_model(kv.fingerprint, self.fingerprint):
-            raise FingerprintMismatchError(
-                f"the chunk {key}", self.fingerprint, kv.fingerprint,
-                "Compress it with the compressor this resolver serves.",
-            )
-        if kv.offset != 0:
-            raise InvalidInputError(f"chunk {key} is at offset {kv.offset}; handles hold chunk-local entries")
-        self.memory[key] = kv
-        if text is not None:
-            self._texts[key] = text
-            if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
-                self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
+        self.remember_many([(key, kv, text)])
+
+    def remember_many(self, items: Sequence[tuple[str, AnchorKV, str | None]], keep: Iterable[str] = ()) -> None:
+        """``remember`` each ``(key, entry, text)``; making room drops none of them, nor the
+        chunks of ``keep`` (the other chunks of the call in progress)."""
+        for key, kv, _ in items:
+            if not same_model(kv.fingerprint, self.fingerprint):
+                raise FingerprintMismatchError(
+                    f"the chunk {key}", self.fingerprint, kv.fingerprint,
+                    "Compress it with the compressor this resolver serves.",
+                )
+            if kv.offset != 0:
+                raise InvalidInputError(f"chunk {key} is at offset {kv.offset}; handles hold chunk-local entries")
+        if isinstance(self.memory, BoundedMemory):
+            self.memory.put_many([(key, kv) for key, kv, _ in items], keep)
+        else:
+            for key, kv, _ in items:
+                self.memory[key] = kv
+        for key, _, text in items:
+            if text is not None:
+                self._texts[key] = text
+        if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
+            self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
+
+    def keep(self, keys: Iterable[str]) -> None:
+        """Mark the chunks of ``keys`` held in memory as just used (the last to be dropped)."""
+        if isinstance(self.memory, BoundedMemory):
+            self.memory.touch(keys)
+
+    def was_evicted(self, key: str) -> bool:
+        """Whether ``key`` named a chunk compressed in memory that was dropped to make room."""
+        return isinstance(self.memory, BoundedMemory) and self.memory.was_evicted(key)
 
     def texts_of(self, keys: Iterable[str]) -> dict[str, str]:
         """``{key: text}`` for those of ``keys`` whose text is known: remembered with the chunk, or
@@ -311,6 +393,8 @@ class SACEngine:
                 f"compressor must be a built-in name, a directory or an SACCompressor, got {type(compressor).__name__}")
         if store is not None and not isinstance(store, (str, os.PathLike, AnchorStore)):
             raise InvalidInputError(f"store must be a directory or an AnchorStore, got {type(store).__name__}")
+        if isinstance(compressor, SACCompressor):
+            _check_loaded_settings(compressor, device, dtype)
         self.compressor_spec = compressor
         self.store_spec = store
         self.device, self.dtype = device, dtype
@@ -324,7 +408,14 @@ class SACEngine:
     def shared(cls, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
                store: str | os.PathLike | AnchorStore | None = None, *, device: str | None = None,
                dtype: str | None = None, merge_decoder: bool = False) -> SACEngine:
-        """The process-wide engine for these arguments (made on first request, not loaded)."""
+        """The process-wide engine for these arguments (made on first request, not loaded).
+
+        A loaded ``SACCompressor`` has its device and dtype already: the engine is the one of that
+        object whatever ``device``/``dtype`` say (so a document compressor and an LLM given the same
+        object share the chunks compressed in memory), with a warning if they differ from the object's."""
+        if isinstance(compressor, SACCompressor):
+            _check_loaded_settings(compressor, device, dtype)
+            device = dtype = None
         key = (_spec_key(compressor), _spec_key(store, path=True), str(device), str(dtype), merge_decoder)
         with _SHARED_GUARD:
             engine = _SHARED.get(key)
@@ -458,6 +549,7 @@ class SACEngine:
             raise InvalidInputError("texts, found and metadata must have the same length")
         todo = [i for i, f in enumerate(found) if f is None]
         if not todo:
+            self.resolver.keep(k for keys in found for k in keys)
             return list(found)
         state = self._state()
         with state.lock:  # the tokenizer is not safe to share between threads either
@@ -467,6 +559,8 @@ class SACEngine:
         result = list(found)
         for i in todo:
             result[i] = [c.key for c in chunks[i]]
+        needed = [k for keys in result for k in keys]
+        state.resolver.keep(needed)
         if not missing:
             return result
         if on_miss == "error":
@@ -481,7 +575,7 @@ class SACEngine:
             for i in missed:
                 result[i] = None
             return result
-        self._compress_and_keep(list(missing.values()), metadata, write_back)
+        self._compress_and_keep(list(missing.values()), metadata, write_back, needed)
         if self.store_spec is not None and not write_back:
             logger.warning("%d of %d retrieved texts were not in %s and were compressed on the fly. %s",
                            len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
@@ -502,7 +596,8 @@ class SACEngine:
         return [_Chunk(c.key, c.text, c.token_ids, c.index, c.start_char, c.end_char)
                 for c in split_document(text, compressor.tokenizer, limit)]
 
-    def _compress_and_keep(self, missing: list[tuple[_Chunk, int]], metadata: list, write_back: bool) -> None:
+    def _compress_and_keep(self, missing: list[tuple[_Chunk, int]], metadata: list, write_back: bool,
+                           needed: Iterable[str] = ()) -> None:
         state = self._state()
         with state.lock:
             kvs = state.compressor.compress_chunks([c.token_ids for c, _ in missing])
@@ -510,9 +605,8 @@ class SACEngine:
             store = self._writable_store()
             items = [(c.key, kv, _entry_metadata(c, metadata[i])) for (c, i), kv in zip(missing, kvs)]
             store.put_many(items)
-        else:
-            for (chunk, _), kv in zip(missing, kvs):
-                state.resolver.remember(chunk.key, kv, chunk.text)
+        else:  # none of the chunks this call hands out is dropped to make room for another
+            state.resolver.remember_many([(c.key, kv, c.text) for (c, _), kv in zip(missing, kvs)], needed)
 
     def _writable_store(self) -> AnchorStore:
         state = self._state()
@@ -551,8 +645,16 @@ class SACEngine:
         if not prompt.strip():
             raise InvalidInputError("the prompt is empty: pass a question")
         keys = keys_in(prompt)
-        found = self.resolver.lookup(keys) if keys else {}
+        resolver = self.resolver
+        found = resolver.lookup(keys) if keys else {}
         if len(found) < len(keys):
+            dropped = [k for k in keys if k not in found and resolver.was_evicted(k)]
+            if dropped:
+                raise EntryNotFoundError(
+                    f"{len(dropped)} marker(s) in the prompt (e.g. {marker_for(dropped[0])}) name chunks this "
+                    f"engine compressed in memory and has since dropped to stay under memory_bytes="
+                    f"{self.memory_bytes}: compress the documents again (or in smaller batches), raise "
+                    "memory_bytes, or give the engine a store with write_back=True so chunks are kept on disk")
             logger.warning("%d of %d marker(s) in the prompt name no entry of this compressor (a "
                            "typed or stale handle?): kept as plain text", len(keys) - len(found), len(keys))
         return split_prompt(prompt, found.get)
@@ -589,19 +691,56 @@ class SACEngine:
     def stream(self, prompt: str | Sequence[Segment],
                config: GenerationConfig | None = None) -> Iterator[str | Generation]:
         """Yield the answer's text as it is decoded, then the finished ``Generation`` (its usage
-        figures). Holds the model while the stream is open."""
+        figures). The answer is decoded in a worker thread that holds the model while it decodes,
+        not while the caller holds the stream: other calls (from this thread too, say a second
+        query while the stream is half read) wait at most until the answer is decoded. Closing
+        the stream early stops the decoding at the next token."""
         config = config or GenerationConfig()
         segments = self._as_segments(prompt)
         sources = self._sources(prompt, config)
         state = self._state()
-        with state.lock:
-            generator = state.generator
-            # Generator.stream, keeping hold of the state so the usage figures come out too.
-            states, tracks = generator._start([segments], None if sources is None else [sources])
-            yield from generator._pieces(states, tracks, config)
-            result = generator._result(states[0], tracks[0])
-        self._warn_if_empty([result])
-        yield result
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        end = object()
+
+        def produce() -> None:
+            try:
+                with state.lock:
+                    if stop.is_set():  # closed before the model was free
+                        return
+                    generator = state.generator
+                    # Generator.stream, keeping hold of the state so the usage figures come out too.
+                    states, tracks = generator._start([segments], None if sources is None else [sources])
+                    decoding = generator._pieces(states, tracks, config)
+                    try:
+                        for piece in decoding:
+                            if stop.is_set():
+                                return
+                            pieces.put(piece)
+                    finally:
+                        decoding.close()
+                    result = generator._result(states[0], tracks[0])
+                pieces.put(result)
+            except BaseException as err:  # handed to the consumer
+                pieces.put(_Raised(err))
+            finally:
+                pieces.put(end)
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(produce,),
+                                  name="sac-stream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = pieces.get()
+                if item is end:
+                    break
+                if isinstance(item, _Raised):
+                    raise item.error
+                if isinstance(item, Generation):
+                    self._warn_if_empty([item])
+                yield item
+        finally:
+            stop.set()
 
     async def astream(self, prompt: str | Sequence[Segment],
                       config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
@@ -745,11 +884,52 @@ def _spec_key(spec, path: bool = False):
     return ("object", id(spec))  # the shared engine keeps the object alive, so the id stays its own
 
 
+def _check_loaded_settings(compressor: SACCompressor, device, dtype) -> None:
+    """Warn when ``device``/``dtype`` given with a loaded compressor differ from its own: they
+    do not apply to it (it is used as it is)."""
+    import torch
+
+    differ = []
+    if dtype is not None:
+        try:
+            wanted = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
+        except AttributeError:
+            wanted = None
+        if wanted != compressor.dtype:
+            differ.append(f"dtype={dtype!r} (it is {compressor.dtype})")
+    if device is not None:
+        try:
+            wanted_device = torch.device(device)
+        except (RuntimeError, TypeError):
+            wanted_device = None
+        have = compressor.device
+        if wanted_device is None or wanted_device.type != have.type or (
+                wanted_device.index is not None and wanted_device.index != have.index):
+            differ.append(f"device={device!r} (it is on {have})")
+    if differ:
+        logger.warning("%s given with a loaded SACCompressor: ignored, the compressor is used as it is "
+                       "(move or cast it before passing it, or pass its name or directory instead)",
+                       " and ".join(differ))
+
+
 def describe(compressor) -> str:
     """A short name for a compressor spec (for model names in traces)."""
     if isinstance(compressor, SACCompressor):
         return f"sac:{compressor.config.base_model}"
     return str(compressor)
+
+
+def spec_name(value: Any) -> Any:
+    """A compressor or store spec as a JSON value (the framework adapters' serialized settings and
+    cache keys): None, numbers and strings as they are, an ``AnchorStore`` or a path as its
+    directory, a loaded ``SACCompressor`` as ``describe`` names it (not loadable back)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, AnchorStore):
+        return str(value.path)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return describe(value)
 
 
 def _describe_store(store) -> str | None:

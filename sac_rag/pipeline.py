@@ -101,7 +101,6 @@ class SAC:
             return config, None
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
-
     def _check_room(self, texts: list[str], contexts: list[Context]) -> None:
         """Refuse, before compressing anything, contexts whose tokens alone exceed the decoder's
         positions: a compressed context keeps its tokens' positions (the cache holds fewer entries,

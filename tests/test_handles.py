@@ -255,3 +255,91 @@ def test_extractive_answers_quote_the_chunks_their_markers_name(compressor, stor
     with pytest.raises(InvalidInputError, match="no text to quote"):
         in_memory.generate([untexted], extractive)
     assert in_memory.generate([untexted], GenerationConfig(max_new_tokens=2))[0].cached_tokens > 0
+
+
+def test_memory_never_drops_the_chunks_of_the_call_that_hands_them_out(caplog):
+    compressor = kv_dropping(chunk_len=8)
+    probe = compressor.compress_chunks([compressor.tokenizer(PASSAGES[0], add_special_tokens=False)["input_ids"][:8]])
+    engine = SACEngine(compressor, memory_bytes=probe[0].nbytes * 3)  # room for about 3 chunks
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        [keys] = engine.handles_for([" ".join(PASSAGES * 3)])
+    assert len(keys) > 3 and set(engine.resolver.lookup(keys)) == set(keys)
+    assert "over the" in caplog.text and "kept anyway" in caplog.text
+    prompt = f"{markers_for(keys)}\nQ: who?\nA:"
+    answer = engine.generate([prompt], GenerationConfig(max_new_tokens=2))[0]
+    assert answer.cached_tokens == sum(kv.n_anchors for kv in engine.resolver.lookup(keys).values())
+
+    engine.handles_for(["Snow closed the pass in March."])  # a later call: old chunks are dropped then
+    assert not set(keys) & set(engine.resolver.memory)
+    with pytest.raises(EntryNotFoundError, match="dropped to stay under memory_bytes"):
+        engine.segments(prompt)  # a marker this engine issued that no longer resolves is an error...
+    typed = f"{marker_for(AnchorStore.key_for('never compressed'))}\nQ: who?\nA:"
+    assert engine.segments(typed) == [typed]  # ...while one that never named anything stays text
+
+
+def test_bounded_memory_drops_the_least_recently_used_first():
+    from sac_rag.handles import BoundedMemory
+
+    class Entry:
+        nbytes = 10
+
+    memory = BoundedMemory(max_bytes=30)
+    for key in "abc":
+        memory[key] = Entry()
+    memory.touch(["a"])
+    memory["d"] = Entry()
+    assert list(memory) == ["c", "a", "d"] and memory.was_evicted("b") and not memory.was_evicted("a")
+    memory.put_many([(k, Entry()) for k in "efgh"], keep=["a"])  # the whole call is kept: 50 bytes
+    assert sorted(memory) == ["a", "e", "f", "g", "h"] and memory.nbytes == 50
+    memory["b"] = Entry()
+    assert not memory.was_evicted("b") and memory.nbytes == 30
+
+
+def test_a_half_read_stream_does_not_block_other_calls_from_the_same_thread(compressor, store):
+    engine = SACEngine(compressor, store)
+    prompt = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
+    config = GenerationConfig(max_new_tokens=6)
+    engine.generator.eos_token_ids = set()  # the answer runs to max_new_tokens
+    outcome = {}
+
+    def user():  # a LlamaIndex streaming response read in part, then another query
+        stream = engine.stream(prompt, config)
+        outcome["first"] = next(stream)
+        outcome["second"] = engine.generate([prompt], config)[0].text
+        outcome["rest"] = list(stream)
+        stream.close()
+        half = engine.stream(prompt, config)
+        next(half)
+        half.close()  # left early: the model is free again
+        outcome["third"] = engine.generate([prompt], config)[0].text
+
+    thread = threading.Thread(target=user, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "a second call while a stream was open deadlocked"
+    *texts, final = [outcome["first"], *outcome["rest"]]
+    assert "".join(texts) == final.text == outcome["second"] == outcome["third"]
+
+
+def test_a_loaded_compressor_has_one_shared_engine_whatever_dtype_or_device_say(compressor, caplog):
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        plain = SACEngine.shared(compressor)
+        assert SACEngine.shared(compressor, dtype="float32", device="cpu") is plain  # its own: no warning
+        assert caplog.records == []
+        assert SACEngine.shared(compressor, dtype="bfloat16") is plain
+    assert "dtype='bfloat16'" in caplog.text and "ignored" in caplog.text
+    [[key]] = plain.handles_for(["Snow closed the pass in March."])
+    assert key in SACEngine.shared(compressor, device="cpu").resolver.memory
+    assert SACEngine.shared(kv_dropping(seed=1), dtype="float32") is not plain
+
+
+def test_plain_text_keeps_markers_in_passed_through_texts_as_text(compressor, store):
+    from sac_rag.handles import plain_text
+
+    engine = SACEngine(compressor, store)
+    stored = marker_for(AnchorStore.key_for(PASSAGES[1]))
+    post = f"A forum post quoting a handle: {stored} end."
+    assert engine.handles_for([post], on_miss="text") == [None]  # passed through: the adapter uses its text
+    prompt = f"{plain_text(post)}\nQ: what is in the post?\nA:"
+    assert all(isinstance(s, str) for s in engine.segments(prompt)) and keys_in(prompt) == []
+    assert plain_text(post).replace("\u200b", "") == post and plain_text("no markers") == "no markers"

@@ -6,13 +6,31 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, SACCompressor, SACError
+from sac_rag.compressor import checkpoint_meta
 from sac_rag.config import PromptTemplate
-from sac_rag.handles import SACEngine, describe
+from sac_rag.handles import SACEngine, describe, spec_name
 
 DEFAULT_STOP = ("\n###",)  # the next section of the SAC prompt layout
+
+# Settings that change what is decoded (and so belong in LangChain's LLM-cache key).
+DECODING_SETTINGS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "extractive", "num_beams",
+                     "length_penalty", "mbr")
+CALL_ARGUMENTS = (*DECODING_SETTINGS, "model")
+
+
+def compressor_fingerprint(spec: Any) -> str | None:
+    """The fingerprint of a compressor spec, without loading weights: a loaded ``SACCompressor``'s
+    own, else the one its checkpoint's ``config.json`` records (None if it cannot be read: loading
+    will report why)."""
+    if isinstance(spec, SACCompressor):
+        return spec.fingerprint
+    try:
+        return checkpoint_meta(spec).get("fingerprint")
+    except (SACError, OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 class SACModelParams(BaseModel):
@@ -22,9 +40,12 @@ class SACModelParams(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
 
     compressor: Any = Field(default=DEFAULT_COMPRESSOR, alias="model")
-    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor``."""
+    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (which
+    ``model_dump``/``model_dump_json`` write as its name, ``sac:<base model>``: an object is not
+    serializable, rebuild the model with it)."""
     store: Any = None
-    """Anchor store (directory or ``AnchorStore``) whose entries the prompt's markers name."""
+    """Anchor store (directory or ``AnchorStore``) whose entries the prompt's markers name
+    (an ``AnchorStore`` is serialized as its directory)."""
     engine: SACEngine | None = Field(default=None, exclude=True)
     """Share one engine with a ``SACContextCompressor``; by default models and compressors built
     with the same ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
@@ -49,14 +70,42 @@ class SACModelParams(BaseModel):
     """Beam search answers with the finished answer that agrees best with the others (minimum Bayes
     risk: highest expected word-overlap F1) instead of the top-scored one."""
 
+    @field_serializer("compressor", "store")
+    def _serialize_spec(self, value: Any) -> Any:
+        return spec_name(value)
+
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
             return self.engine
         return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
 
     @property
+    def compressor_spec(self) -> Any:
+        """The compressor this model answers with: the engine's when one was passed."""
+        return self.engine.compressor_spec if self.engine is not None else self.compressor
+
+    @property
     def model_name(self) -> str:
-        return describe(self.compressor)
+        return describe(self.compressor_spec)
+
+    def identifying_params(self) -> dict[str, Any]:
+        """Everything that decides an answer, for LangChain's LLM-cache key and traces: the
+        compressor (name and fingerprint, read without loading weights), the store, the dtype and
+        every decoding setting."""
+        engine = self.engine
+        if engine is not None and engine.loaded:
+            fingerprint = engine.compressor.fingerprint
+        else:
+            fingerprint = compressor_fingerprint(self.compressor_spec)
+        store = engine.store_spec if engine is not None else self.store
+        return {
+            "model_name": self.model_name,
+            "compressor_fingerprint": fingerprint,
+            "store": spec_name(store),
+            "dtype": engine.dtype if engine is not None else self.dtype,
+            **{name: getattr(self, name) for name in DECODING_SETTINGS},
+            "model_stop": list(self.stop or []),  # LangChain puts the per-call stop under "stop"
+        }
 
     @property
     def prompt_template(self) -> PromptTemplate:
@@ -66,12 +115,11 @@ class SACModelParams(BaseModel):
     def generation_config(self, stop: list[str] | None = None, **kwargs: Any) -> GenerationConfig:
         """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
-        unknown = {k for k in kwargs if not k.startswith("ls_")} - {
-            "temperature", "max_tokens", "top_p", "top_k", "seed", "model", "extractive", "num_beams",
-            "length_penalty", "mbr"}
+        unknown = {k for k in kwargs if not k.startswith("ls_")} - set(CALL_ARGUMENTS)
         if unknown:
-            raise InvalidInputError(f"unsupported generation arguments {sorted(unknown)}")
-        if kwargs.get("model") not in (None, self.model_name, self.compressor):
+            raise InvalidInputError(
+                f"unsupported generation arguments {sorted(unknown)}; accepted: {', '.join(CALL_ARGUMENTS)}")
+        if kwargs.get("model") not in (None, self.model_name, self.compressor_spec):
             raise InvalidInputError(
                 f"this model serves {self.model_name!r}; build another SAC model for {kwargs['model']!r}")
         return GenerationConfig.from_call(self, kwargs, stop)

@@ -47,8 +47,7 @@ class ChatSAC(BaseChatModel, SACModelParams):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "store": str(self.store) if self.store is not None else None,
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {**self.identifying_params(), "chat_template": self.chat_template}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(

@@ -22,11 +22,13 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_serializer
 
 from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError
-from sac_rag.handles import SACEngine, markers_for
+from sac_rag.handles import SACEngine, markers_for, plain_text
 from sac_rag.store import AnchorStore
+
+from ._base import spec_name
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class SACContextCompressor(BaseDocumentCompressor):
     dtype: str | None = None
     write_back: bool = False
     on_miss: Literal["compress", "text", "error"] = "compress"
+
+    @field_serializer("compressor", "store")
+    def _serialize_spec(self, value: Any) -> Any:
+        """A loaded ``SACCompressor`` or open ``AnchorStore`` is written as its name or directory."""
+        return spec_name(value)
 
     def get_engine(self) -> SACEngine:
         if self.engine is not None:
@@ -105,5 +112,5 @@ def _with_handle(doc: Document, keys: list[str] | None) -> Document:
     metadata = dict(doc.metadata)
     metadata["sac_key"] = AnchorStore.key_for(doc.page_content)
     metadata["sac_keys"] = list(keys or [])
-    metadata["sac_marker"] = doc.page_content if keys is None else markers_for(keys)
+    metadata["sac_marker"] = plain_text(doc.page_content) if keys is None else markers_for(keys)
     return doc.model_copy(update={"metadata": metadata})

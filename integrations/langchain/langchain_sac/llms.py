@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -15,7 +16,11 @@ from langchain_core.outputs import GenerationChunk, LLMResult
 
 from sac_rag import Generation
 
-from ._base import SACModelParams, add_usage, generation_info, usage_metadata
+from ._base import CALL_ARGUMENTS, SACModelParams, add_usage, generation_info, usage_metadata
+
+# The decoding arguments of the ``generate`` call in progress: ``BaseLLM`` keys its LLM cache by
+# ``_identifying_params`` and ``stop`` only, so the per-call overrides are added there.
+_CALL_ARGUMENTS: ContextVar[dict[str, Any] | None] = ContextVar("sac_llm_call_arguments", default=None)
 
 
 class SACLLM(BaseLLM, SACModelParams):
@@ -36,8 +41,21 @@ class SACLLM(BaseLLM, SACModelParams):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "store": str(self.store) if self.store is not None else None,
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {**self.identifying_params(), **(_CALL_ARGUMENTS.get() or {})}
+
+    def generate(self, *args: Any, **kwargs: Any) -> LLMResult:
+        token = _CALL_ARGUMENTS.set({k: v for k, v in kwargs.items() if k in CALL_ARGUMENTS})
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            _CALL_ARGUMENTS.reset(token)
+
+    async def agenerate(self, *args: Any, **kwargs: Any) -> LLMResult:
+        token = _CALL_ARGUMENTS.set({k: v for k, v in kwargs.items() if k in CALL_ARGUMENTS})
+        try:
+            return await super().agenerate(*args, **kwargs)
+        finally:
+            _CALL_ARGUMENTS.reset(token)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)

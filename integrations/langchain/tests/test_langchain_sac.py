@@ -7,6 +7,7 @@ Tiny random Llama + untrained KV-dropping compressor: the answers are noise, the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -381,6 +382,15 @@ def test_missing_document_with_on_miss_text_passes_through_uncompressed_with_a_w
     assert generation.cached_tokens == 0
 
 
+def test_a_passed_through_document_that_quotes_a_stored_chunks_marker_stays_text(engine, store, passages):
+    from sac_rag.handles import markers_for
+
+    quoting = Document(page_content=f"Someone pasted {markers_for([AnchorStore.key_for(passages[0])])} here.")
+    [doc] = SACContextCompressor(engine=engine, on_miss="text").compress_documents([quoting], "what?")
+    generation = engine.generate([sac_qa_prompt().format(context=doc.metadata["sac_marker"], question="What?")])[0]
+    assert generation.cached_tokens == 0  # the stored chunk is not spliced in
+
+
 def test_missing_document_with_on_miss_error_raises_a_clear_error(engine):
     new = Document(page_content="The choir rehearses on Thursdays.")
     with pytest.raises(EntryNotFoundError, match="precompress"):
@@ -409,3 +419,92 @@ def test_empty_question_is_refused(engine, passages):
 def test_prompt_longer_than_the_model_context_is_refused(engine):
     with pytest.raises(PromptError, match="positions"):
         ChatSAC(engine=engine, max_tokens=2).invoke("lighthouse " * 5000)
+
+
+# -- LLM cache key, model names, serialization ---------------------------------------------------
+
+CACHE_PROMPT = "### Context:\nThe ferry runs every forty minutes.\n### Question:\nHow often?\n### Answer:\n"
+
+
+@pytest.fixture
+def llm_cache():
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+
+    previous, cache = get_llm_cache(), InMemoryCache()
+    set_llm_cache(cache)
+    yield cache
+    set_llm_cache(previous)
+
+
+def _counting(engine, monkeypatch):
+    calls = []
+    generate = engine.generate
+
+    def counted(prompts, config):
+        calls.append(config)
+        return generate(prompts, config)
+
+    monkeypatch.setattr(engine, "generate", counted)
+    return calls
+
+
+def _cache_key(llm) -> str:
+    if isinstance(llm, ChatSAC):
+        return llm._get_llm_string()
+    return str(sorted({**llm._dict_for_compat(), "stop": None}.items()))  # what BaseLLM.generate keys by
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cls, llm_cache, compressor,
+                                                                              compressor_factory, monkeypatch):
+    e0, e1 = SACEngine(compressor), SACEngine(compressor_factory(1))
+    c0, c1 = _counting(e0, monkeypatch), _counting(e1, monkeypatch)
+    text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
+    first = text(cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT))
+    assert text(cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT)) == first and len(c0) == 1  # same model: a hit
+    other = text(cls(engine=e1, max_tokens=6).invoke(CACHE_PROMPT))
+    assert len(c1) == 1  # another compressor behind engine=: decoded, not the cached answer
+    assert other == e1.generate([CACHE_PROMPT], c1[0])[0].text
+    variants = [dict(num_beams=2), dict(extractive=True), dict(top_k=5, temperature=0.5, seed=1),
+                dict(top_p=0.5, temperature=0.5, seed=1), dict(length_penalty=0.0, num_beams=2),
+                dict(mbr=True, num_beams=2), dict(seed=3, temperature=0.7)]
+    if cls is ChatSAC:
+        variants.append(dict(chat_template=True))
+    keys = {_cache_key(cls(engine=e0, max_tokens=6, **v)) for v in variants}
+    keys |= {_cache_key(cls(engine=e0, max_tokens=6)), _cache_key(cls(engine=e1, max_tokens=6))}
+    assert len(keys) == len(variants) + 2
+    assert cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT, num_beams=2) is not None
+    assert len(c0) == 2 and c0[-1].num_beams == 2  # a per-call setting is part of the key too
+
+
+def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):
+    compressor.save_pretrained(tmp_path / "ckpt")
+    llm = ChatSAC(compressor=str(tmp_path / "ckpt"), store=str(tmp_path / "s"))
+    params = llm._identifying_params
+    assert params["compressor_fingerprint"] == compressor.fingerprint
+    assert params["store"] == str(tmp_path / "s") and not llm.get_engine().loaded
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_model_name_with_an_engine_is_the_engines_compressor(cls, compressor):
+    llm = cls(engine=SACEngine(compressor), max_tokens=2)
+    assert llm.model_name == "sac:tiny-llama-0"
+    assert llm._get_ls_params()["ls_model_name"] == "sac:tiny-llama-0"
+    if cls is ChatSAC:
+        assert llm.invoke("hi").response_metadata["model_name"] == "sac:tiny-llama-0"
+    llm.invoke("hi", model="sac:tiny-llama-0")
+    with pytest.raises(InvalidInputError, match="serves 'sac:tiny-llama-0'"):
+        llm.invoke("hi", model="smollm2-135m-sac-5x")
+
+
+def test_unknown_call_argument_names_the_accepted_ones(compressor):
+    with pytest.raises(InvalidInputError, match="accepted: .*num_beams"):
+        ChatSAC(engine=SACEngine(compressor)).invoke("hi", bogus=3)
+
+
+def test_models_with_objects_dump_to_json_as_names(compressor, store):
+    for obj in (ChatSAC(compressor=compressor, store=store), SACLLM(compressor=compressor, store=store),
+                SACContextCompressor(compressor=compressor, store=store)):
+        dumped = json.loads(obj.model_dump_json())
+        assert dumped["compressor"] == "sac:tiny-llama-0" and dumped["store"] == str(store.path)

@@ -288,3 +288,45 @@ def test_llm_construction_loads_nothing():
     llm = SACLLM(compressor="no-such-compressor")
     postprocessor = SACNodePostprocessor(compressor="no-such-compressor")
     assert llm.engine is postprocessor.engine and not llm.engine.loaded
+
+
+def test_llm_model_name_with_an_engine_is_the_engines_compressor(engine):
+    llm = SACLLM(engine=engine, max_tokens=2)
+    assert llm.metadata.model_name == llm.model_name == "sac:tiny-llama-0"
+    llm.complete("hi", model="sac:tiny-llama-0")
+    with pytest.raises(InvalidInputError, match="serves 'sac:tiny-llama-0'"):
+        llm.complete("hi", model="smollm2-135m-sac-5x")
+
+
+@pytest.mark.parametrize("kwargs", [{"bogus": 3}, {"max_new_tokens": 1}])
+def test_llm_refuses_unknown_call_arguments_naming_the_accepted_ones(engine, kwargs):
+    llm = SACLLM(engine=engine, max_tokens=2)
+    with pytest.raises(InvalidInputError, match=f"{next(iter(kwargs))}.*accepted: .*max_tokens"):
+        llm.complete("hi", **kwargs)
+    with pytest.raises(InvalidInputError, match="accepted"):
+        asyncio.run(llm.acomplete("hi", **kwargs))
+    assert llm.complete("hi", max_tokens=1).raw["usage"]["completion_tokens"] <= 1
+
+
+def test_postprocessor_accepts_documents_and_refuses_nodes_without_text(engine, passages):
+    from llama_index.core.schema import Document, ImageNode
+
+    postprocessor = SACNodePostprocessor(engine=engine)
+    out = postprocessor.postprocess_nodes(
+        [NodeWithScore(node=TextNode(text=passages[0]), score=1.0),
+         NodeWithScore(node=Document(text=passages[1], metadata={"file_name": "b.txt"}), score=0.5)],
+        QueryBundle("When was the lighthouse built?"))
+    assert type(out[1].node).__name__ == "Document" and out[1].node.text == passages[1]
+    assert out[1].node.get_content(MetadataMode.LLM) == marker_for(AnchorStore.key_for(passages[1]))
+    assert out[1].node.metadata["file_name"] == "b.txt" and out[1].score == 0.5
+    with pytest.raises(InvalidInputError, match="ImageNode without text"):
+        postprocessor.postprocess_nodes([NodeWithScore(node=ImageNode(image_url="http://x/y.png"), score=1.0)],
+                                        QueryBundle("q?"))
+
+
+def test_llm_and_postprocessor_with_objects_serialize_them_as_names(compressor, store):
+    import json
+
+    for obj in (SACLLM(compressor=compressor, store=store), SACNodePostprocessor(compressor=compressor, store=store)):
+        for dumped in (json.loads(obj.model_dump_json()), json.loads(obj.to_json())):
+            assert dumped["compressor"] == "sac:tiny-llama-0" and dumped["store"] == str(store.path)

@@ -16,16 +16,19 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 
-from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
-from sac_rag.handles import SACEngine, describe
+from sac_rag.handles import SACEngine, describe, spec_name
 
 DEFAULT_STOP = ["\n###"]  # the next section of the SAC prompt layout
+# Per-call keyword arguments of complete/stream_complete (and their async forms).
+CALL_ARGUMENTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "extractive", "num_beams",
+                  "length_penalty", "mbr", "model")
 
 
 def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplate:
@@ -78,6 +81,10 @@ class SACLLM(CustomLLM):
         super().__init__(**kwargs)
         self._engine = engine
 
+    @field_serializer("compressor", "store")
+    def _serialize_spec(self, value: Any) -> Any:
+        return spec_name(value)
+
     @classmethod
     def class_name(cls) -> str:
         return "SACLLM"
@@ -89,6 +96,12 @@ class SACLLM(CustomLLM):
         return self._engine
 
     @property
+    def model_name(self) -> str:
+        """The compressor this LLM answers with (the engine's, when one was passed)."""
+        spec = self._engine.compressor_spec if self._engine is not None else self.compressor
+        return describe(spec)
+
+    @property
     def qa_prompt(self) -> PromptTemplate:
         """``sac_qa_prompt`` in this compressor's layout (read without loading weights)."""
         return sac_qa_prompt(self.engine.template)
@@ -97,9 +110,18 @@ class SACLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         window = self.context_window or self.engine.generator.max_positions or 2048
         return LLMMetadata(context_window=window, num_output=self.max_tokens, is_chat_model=False,
-                           model_name=describe(self.compressor))
+                           model_name=self.model_name)
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
+        """One call's decoding settings: the LLM's, overridden by the call's keyword arguments
+        (unknown ones are refused, naming those accepted)."""
+        unknown = set(kwargs) - set(CALL_ARGUMENTS)
+        if unknown:
+            raise InvalidInputError(
+                f"unsupported generation arguments {sorted(unknown)}; accepted: {', '.join(CALL_ARGUMENTS)}")
+        model = kwargs.get("model")
+        if model is not None and model != self.model_name and model is not self.engine.compressor_spec:
+            raise InvalidInputError(f"this LLM serves {self.model_name!r}; build another SACLLM for {model!r}")
         return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"))
 
     def _prompt(self, prompt: str, formatted: bool) -> str:

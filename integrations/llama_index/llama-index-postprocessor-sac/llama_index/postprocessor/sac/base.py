@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Literal, Optional
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError
-from sac_rag.handles import SACEngine, markers_for
+from sac_rag.handles import SACEngine, markers_for, plain_text, spec_name
 from sac_rag.store import AnchorStore
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ class SACNodePostprocessor(BaseNodePostprocessor):
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._engine = engine
+
+    @field_serializer("compressor", "store")
+    def _serialize_spec(self, value: Any) -> Any:
+        return spec_name(value)
 
     @classmethod
     def class_name(cls) -> str:
@@ -95,15 +99,32 @@ class SACNodePostprocessor(BaseNodePostprocessor):
         if not nodes:
             logger.warning("no nodes retrieved: nothing to compress")
         for n in nodes:
-            if not isinstance(n.node, TextNode):
-                raise InvalidInputError(f"SAC compresses text nodes; got a {type(n.node).__name__}")
+            # TextNode, and in llama-index-core 0.14 Document (a Node, not a TextNode): anything
+            # with a text and the text/metadata templates the handle view is made of.
+            if not _has_text(n.node):
+                raise InvalidInputError(
+                    f"SAC compresses nodes with text content; got a {type(n.node).__name__} without text")
         return nodes, [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
+
+
+def _has_text(node: Any) -> bool:
+    if not all(hasattr(node, name) for name in ("text_template", "metadata_template", "excluded_llm_metadata_keys")):
+        return False
+    try:
+        content = node.get_content(metadata_mode=MetadataMode.NONE)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if not isinstance(content, str):
+        return False
+    # An image node's text is its caption: compressed if it has one (the LLM reads text only).
+    is_image = any(getattr(node, name, None) for name in ("image", "image_path", "image_url"))
+    return bool(content) or not is_image
 
 
 def _with_handle(node: NodeWithScore, keys: Optional[list[str]]) -> NodeWithScore:
     text = node.node.get_content(metadata_mode=MetadataMode.NONE)
     metadata = {**node.node.metadata, "sac_key": AnchorStore.key_for(text), "sac_keys": list(keys or []),
-                "sac_marker": text if keys is None else markers_for(keys)}
+                "sac_marker": plain_text(text) if keys is None else markers_for(keys)}
     copy = node.node.model_copy(update={
         "metadata": metadata,
         "text_template": "{metadata_str}",
