@@ -146,7 +146,7 @@ def _qa_item(question, answers, qa_id, stats: LoadStats) -> QAItem | None:
     return QAItem(question.strip(), answers, str(qa_id))
 
 
-TEXT_SUFFIXES = (".txt", ".md")  # plain text: documents separated by blank lines
+PRETRAIN_TEXT_SUFFIXES = (".txt", ".md")  # plain text: documents separated by blank lines
 TEXT_FORMATS = ("a JSONL file of {\"text\": ...} rows (.jsonl) or a plain-text file of blank-line-separated "
                 "documents (.txt, .md); either may be compressed (.xz, .gz)")
 
@@ -156,7 +156,7 @@ def check_text_format(path: str | Path) -> None:
     would otherwise be trained on as raw JSON), naming the accepted formats."""
     path = Path(path)
     suffix = _base_suffix(path)
-    if suffix != ".jsonl" and suffix not in TEXT_SUFFIXES:
+    if suffix != ".jsonl" and suffix not in PRETRAIN_TEXT_SUFFIXES:
         raise DataError(f"{path}: pretraining reads {TEXT_FORMATS}; got a {suffix or 'suffix-less'} file "
                         f"(QA data such as SQuAD JSON is for --stage finetune)")
 
