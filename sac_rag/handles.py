@@ -741,6 +741,7 @@ class SACEngine:
                 yield item
         finally:
             stop.set()
+            worker.join()  # no decoding left running behind the caller (nor at interpreter exit)
 
     async def astream(self, prompt: str | Sequence[Segment],
                       config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:

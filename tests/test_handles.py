@@ -343,3 +343,22 @@ def test_plain_text_keeps_markers_in_passed_through_texts_as_text(compressor, st
     prompt = f"{plain_text(post)}\nQ: what is in the post?\nA:"
     assert all(isinstance(s, str) for s in engine.segments(prompt)) and keys_in(prompt) == []
     assert plain_text(post).replace("\u200b", "") == post and plain_text("no markers") == "no markers"
+
+
+def test_a_process_that_leaves_a_stream_unfinished_exits_cleanly():
+    """The stream's decoding thread is done when the stream is closed: none is left in torch code
+    at interpreter exit (which aborts the process: "terminate called without an active exception")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import test_handles\n"
+            "from sac_rag import GenerationConfig\n"
+            "from sac_rag.handles import SACEngine\n"
+            "engine = SACEngine(test_handles.kv_dropping())\n"
+            "for piece in engine.stream('The quick brown fox', GenerationConfig(max_new_tokens=200)):\n"
+            "    break\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=tests.parent)
+    assert done.returncode == 0, done.stderr[-500:]
