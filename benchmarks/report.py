@@ -17,15 +17,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from sac_rag.eval import decoding_suffix
+from sac_rag.eval import DECODING_SETTINGS, decoding_suffix
 
 HERE = Path(__file__).resolve().parent
 
-
-# the row fields that name a decoding setting (``decoding_tags``' parameters besides ``extractive``,
-# which a row stores as ``decoding``)
-DECODING_SETTINGS = ("num_beams", "length_penalty", "mbr", "mbr_samples", "context_contrast",
-                     "contrast_plausibility")
 
 
 def load_rows(results: Path) -> list[dict]:

@@ -245,8 +245,9 @@ def read_predictions(cache_path: Path) -> dict[str, str]:
     return {row["id"]: row["prediction"] for row in rows if "settings" not in row}
 
 
-DECODING_SETTINGS = ("max_new_tokens", "extractive", "num_beams", "length_penalty", "mbr", "mbr_samples",
-                     "context_contrast", "contrast_plausibility")
+# The settings that set a decoding apart besides ``extractive`` (``decoding_tags``' other parameters;
+# a result row stores each under its name, and ``extractive`` as ``decoding``).
+DECODING_SETTINGS = ("num_beams", "length_penalty", "mbr", "mbr_samples", "context_contrast", "contrast_plausibility")
 
 
 def prediction_settings(method: Method, config: GenerationConfig, adapter: str | None = None,
@@ -255,9 +256,10 @@ def prediction_settings(method: Method, config: GenerationConfig, adapter: str |
     hold (``prediction_cache`` names the label, compressor, dtype and question subset): the
     method, its ratio, the base model's fingerprint, the decoder adapter's (``adapter_fingerprint``),
     the storage, a merged decoder and the decoding settings."""
+    decoding = ("max_new_tokens", "extractive", *DECODING_SETTINGS)
     return {"method": method.name, "ratio": method.ratio, "base_model": method.generator.base_fingerprint,
             "adapter": adapter_fingerprint(adapter) if adapter else None, "storage": method.storage,
-            "merge_decoder": merge_decoder, **{name: getattr(config, name) for name in DECODING_SETTINGS}}
+            "merge_decoder": merge_decoder, **{name: getattr(config, name) for name in decoding}}
 
 
 def adapter_fingerprint(adapter: str) -> str:

@@ -695,32 +695,15 @@ class SACEngine:
         not while the caller holds the stream: other calls (from this thread too, say a second
         query while the stream is half read) wait at most until the answer is decoded. Closing
         the stream early stops the decoding at the next token."""
-        config = config or GenerationConfig()
-        segments = self._as_segments(prompt)
-        sources = self._sources(prompt, config)
-        state = self._state()
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
         end = object()
+        decoded = self._decoded(prompt, config, stop)
 
         def produce() -> None:
             try:
-                with state.lock:
-                    if stop.is_set():  # closed before the model was free
-                        return
-                    generator = state.generator
-                    # Generator.stream, keeping hold of the state so the usage figures come out too.
-                    states, tracks = generator._start([segments], None if sources is None else [sources])
-                    decoding = generator._pieces(states, tracks, config)
-                    try:
-                        for piece in decoding:
-                            if stop.is_set():
-                                return
-                            pieces.put(piece)
-                    finally:
-                        decoding.close()
-                    result = generator._result(states[0], tracks[0])
-                pieces.put(result)
+                for piece in decoded:
+                    pieces.put(piece)
             except BaseException as err:  # handed to the consumer
                 pieces.put(_Raised(err))
             finally:
@@ -736,8 +719,6 @@ class SACEngine:
                     break
                 if isinstance(item, _Raised):
                     raise item.error
-                if isinstance(item, Generation):
-                    self._warn_if_empty([item])
                 yield item
         finally:
             stop.set()
@@ -751,6 +732,7 @@ class SACEngine:
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         end = object()
+        decoded = self._decoded(prompt, config, stop)
 
         def post(item) -> bool:
             try:
@@ -760,15 +742,14 @@ class SACEngine:
                 return False
 
         def produce() -> None:
-            pieces = self.stream(prompt, config)
             try:
-                for piece in pieces:
-                    if stop.is_set() or not post(piece):
+                for piece in decoded:
+                    if not post(piece):
                         return
             except BaseException as err:  # handed to the consumer
                 post(_Raised(err))
             finally:
-                pieces.close()
+                decoded.close()
                 post(end)
 
         worker = loop.run_in_executor(None, contextvars.copy_context().run, produce)
@@ -784,6 +765,32 @@ class SACEngine:
             stop.set()
             if worker.done():
                 worker.result()
+
+    def _decoded(self, prompt: str | Sequence[Segment], config: GenerationConfig | None,
+                 stop: threading.Event) -> Iterator[str | Generation]:
+        """The answer's text pieces, then its ``Generation``, decoded holding the model (for
+        ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set."""
+        config = config or GenerationConfig()
+        segments = self._as_segments(prompt)
+        sources = self._sources(prompt, config)
+        state = self._state()
+        with state.lock:
+            if stop.is_set():  # closed before the model was free
+                return
+            generator = state.generator
+            # Generator.stream, keeping hold of the state so the usage figures come out too.
+            states, tracks = generator._start([segments], None if sources is None else [sources])
+            decoding = generator._pieces(states, tracks, config)
+            try:
+                for piece in decoding:
+                    if stop.is_set():
+                        return
+                    yield piece
+            finally:
+                decoding.close()
+            result = generator._result(states[0], tracks[0])
+        self._warn_if_empty([result])
+        yield result
 
     def _warn_if_empty(self, generations: Sequence[Generation]) -> None:
         """Say so when the model ended answers before writing anything: its decoder is trained on one

@@ -25,10 +25,8 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, field_serializer
 
 from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError
-from sac_rag.handles import SACEngine, markers_for, plain_text
+from sac_rag.handles import SACEngine, markers_for, plain_text, spec_name
 from sac_rag.store import AnchorStore
-
-from ._base import spec_name
 
 logger = logging.getLogger(__name__)
 
