@@ -84,7 +84,9 @@ class TrainConfig:
                                       "instead of the checkpoint's ('' = keep)", default="")
     resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
     # compressor (ignored with init_from, which brings its own)
-    base_model: str = _help("base causal LM: built-in name, local path or hub id", default="smollm2-135m")
+    base_model: str = _help("base causal LM: built-in name, local path or hub id; an init_from checkpoint "
+                            "must have been trained on it (a compressor checkpoint brings its own, so it may be "
+                            "left out)", default="smollm2-135m")
     ratio: int = _help("compression ratio r", default=5)
     chunk_len: int = _help("tokens per sub-context", default=510)
     lora_rank: int = _help("LoRA rank (paper: 128)", default=128)
@@ -452,6 +454,7 @@ class _FullFTModel:
         self.base_model, self.base_fingerprint = cfg.base_model, base_model_fingerprint(base, self.tokenizer)
         if cfg.init_from:
             _check_full_ft_init_shape(cfg)
+            _check_full_ft_init_base(cfg, self.base_fingerprint)
             self.model = PeftModel.from_pretrained(base, cfg.init_from, is_trainable=True)
         else:
             _check_target_modules(cfg, base)
@@ -488,6 +491,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
     if cfg.init_from:
         comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
+        _check_init_base(cfg, comp)
         saved = dataclasses.replace(comp.config)
         if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
@@ -567,6 +571,34 @@ def _check_init_shape(cfg: TrainConfig, saved, now) -> None:
     if restated:
         logger.warning("the config file restates defaults that --init-from %s does not use: %s; the checkpoint's "
                        "values are trained", cfg.init_from, ", ".join(restated))
+
+
+def _check_init_base(cfg: TrainConfig, comp) -> None:
+    """An init_from checkpoint brings its base model: a --base-model chosen otherwise must be the same
+    weights under another name (a local copy of a hub id, say), else it is refused with both fingerprints."""
+    from .fingerprint import base_model_fingerprint, same_base_model
+    from .models import load_base_model
+
+    if not _explicit(cfg, "base_model") or cfg.base_model == comp.config.base_model:
+        return
+    named = base_model_fingerprint(*load_base_model(cfg.base_model, device="cpu", dtype="float32"))
+    if not same_base_model(named, comp.base_fingerprint):
+        raise FingerprintMismatchError(f"--init-from {cfg.init_from}", named, comp.base_fingerprint,
+                                       "drop --base-model (the checkpoint brings its own), or start from a "
+                                       "checkpoint trained on that base model")
+
+
+def _check_full_ft_init_base(cfg: TrainConfig, base_fingerprint: str) -> None:
+    """--method full_ft --init-from: the adapter must have been trained on --base-model's weights."""
+    from .fingerprint import same_base_model
+
+    try:
+        recorded = json.loads((Path(cfg.init_from) / FULL_FT_META).read_text()).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return  # an adapter without sac_rag's metadata (e.g. trained elsewhere): nothing to compare
+    if recorded and not same_base_model(recorded, base_fingerprint):
+        raise FingerprintMismatchError(f"--init-from {cfg.init_from}", base_fingerprint, recorded,
+                                       "set --base-model to the model the adapter was trained on")
 
 
 def _check_full_ft_init_shape(cfg: TrainConfig) -> None:

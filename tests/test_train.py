@@ -724,6 +724,28 @@ def test_a_full_ft_init_from_adapter_of_another_rank_is_refused(workspace):
                                  "--lora-rank", "8")))
 
 
+def test_an_init_from_checkpoint_of_another_base_model_is_refused_naming_both(workspace):
+    from sac_rag.errors import FingerprintMismatchError
+
+    other, tokenizer = make_tiny_llama(seed=1)
+    other.save_pretrained(workspace / "other-model")
+    tokenizer.save_pretrained(workspace / "other-model")
+    for method in ([], ["--method", "full_ft"]):
+        first = str(train(parse_config(_args(workspace, f"first{len(method)}", *method, "--max-steps", "1"))))
+        args = _args(workspace, f"x{len(method)}", *method, "--max-steps", "1", "--init-from", first)
+        args[args.index("--base-model") + 1] = str(workspace / "other-model")
+        with pytest.raises(FingerprintMismatchError, match=r"--init-from .*first\d/final was built for "
+                                                           r"'.*tiny-model@[0-9a-f]+'.*in use is '.*other-model@"):
+            train(parse_config(args))
+    # the same weights under another name are the same base model
+    same, tokenizer = make_tiny_llama()
+    same.save_pretrained(workspace / "copy-of-tiny-model")
+    tokenizer.save_pretrained(workspace / "copy-of-tiny-model")
+    args = _args(workspace, "y", "--max-steps", "1", "--init-from", str(workspace / "first0" / "final"))
+    args[args.index("--base-model") + 1] = str(workspace / "copy-of-tiny-model")
+    assert (train(parse_config(args)) / "config.json").exists()
+
+
 def test_an_anneal_with_a_causal_encoder_is_warned_about(workspace, caplog):
     # benchmarks/configs/ablations/no-mask.json sets this combination: it must still run
     with caplog.at_level("WARNING", logger="sac_rag.train"):

@@ -20,7 +20,10 @@ into the weights before kvpress sees the model). Press ``none`` is a no-compress
 that must reproduce sac_rag.eval's full-context / full_ft answers.
 
 Per-example predictions are cached in <results dir>/predictions/<label>-<dataset>-n<N>-s<seed>.jsonl,
-so an interrupted run resumes; one JSON row per (decoder, press, ratio) is appended to --results.
+so an interrupted run resumes; a new file's first line records the settings that made it (press,
+ratio, decoder, dtype, base model, adapter, kvpress version), and a run with other settings is
+refused instead of reusing its answers (files from before that line are reused); one JSON row
+per (decoder, press, ratio) is appended to --results.
 """
 
 from __future__ import annotations
@@ -67,18 +70,22 @@ def make_press(name: str, compression_ratio: float):
 
 
 def load_decoder(name: str, base_model: str, dtype: torch.dtype, adapter: Path):
+    """The decoder, its tokenizer and the base model's fingerprint (taken before an adapter is merged)."""
+    from sac_rag.fingerprint import base_model_fingerprint
     from sac_rag.models import load_base_model
 
     if name == "frozen":
         model, tokenizer = load_base_model(base_model, device="cpu", dtype=dtype)
+        fingerprint = base_model_fingerprint(model, tokenizer)
     else:
         from peft import PeftModel
 
         # Merge in fp32, then cast: one rounding of W + BA instead of a bf16 sum.
         model, tokenizer = load_base_model(base_model, device="cpu", dtype=torch.float32)
+        fingerprint = base_model_fingerprint(model, tokenizer)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model = model.to(dtype)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, fingerprint
 
 
 class Runner:
@@ -167,11 +174,15 @@ class _null:
         return False
 
 
-def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: int) -> tuple[list[str], int]:
+def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: int,
+            settings: dict) -> tuple[list[str], int]:
+    """Answer the questions ``cache_path`` does not hold yet, appending each answer there; the file
+    is held to ``settings`` (``sac_rag.eval.claim_predictions``: another run's file is refused)."""
     from tqdm.auto import tqdm
 
-    from sac_rag.eval import read_predictions
+    from sac_rag.eval import claim_predictions, read_predictions
 
+    claim_predictions(cache_path, {**settings, "max_new_tokens": max_new_tokens})
     done = read_predictions(cache_path)
     todo = [q for q in questions if q.id not in done]
     window = getattr(press, "window_size", None)
@@ -265,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from sac_rag.config import PromptTemplate
-    from sac_rag.eval import load_questions
+    from sac_rag.eval import adapter_fingerprint, load_questions
     from sac_rag.files import append_jsonl
     from sac_rag.metrics import summarize
 
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoders, versions)
 
     for decoder in decoders:
-        model, tokenizer = load_decoder(decoder, args.base_model, dtype, Path(args.adapter))
+        model, tokenizer, base_fingerprint = load_decoder(decoder, args.base_model, dtype, Path(args.adapter))
         runner = Runner(model, tokenizer, PromptTemplate())
         for ratio in ratios:
             if f"{decoder}:{ratio}" in skip:
@@ -309,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                 suffix = "+fullft-decoder" if decoder == "full-ft" else ""
                 label = f"{method}{'' if r == 1 else f'-{r}x'}{suffix}"
                 cache = results.parent / "predictions" / f"{label}-{dataset}-n{len(questions)}-s{args.seed}.jsonl"
+                settings = {"press": press_name, "ratio": r, "decoder": decoder, "dtype": args.dtype,
+                            "base_model": base_fingerprint, "kvpress": versions["kvpress"],
+                            "adapter": adapter_fingerprint(args.adapter) if decoder == "full-ft" else None}
                 t_start = time.time()
                 try:
-                    preds, reduced = run_one(runner, questions, press, label, cache, args.max_new_tokens)
+                    preds, reduced = run_one(runner, questions, press, label, cache, args.max_new_tokens, settings)
                     costs = measure_costs(runner, questions, press, args.timing_samples) if args.timing_samples else {}
                 except Exception as exc:  # a press that breaks on this model/version: record and go on
                     logger.exception("%s failed", label)

@@ -1,0 +1,49 @@
+"""benchmarks/kvpress/run_kvpress.py: a prediction file answers for the settings that made it."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from sac_rag.errors import InvalidInputError
+from sac_rag.eval import Question
+
+RUN_ONE = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "kvpress" / "run_kvpress.py"))["run_one"]
+SETTINGS = {"press": "snapkv", "ratio": 5, "decoder": "frozen", "dtype": "bfloat16", "base_model": "m@1",
+            "kvpress": "0.5.5", "adapter": None}
+
+
+class CountingRunner:
+    """Answers every question with its id, counting the questions it was asked."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def answer(self, question, press, max_new_tokens):
+        self.asked += 1
+        return {"text": f"answer to {question.id}"}
+
+
+def _questions(n: int) -> list[Question]:
+    return [Question(id=f"q{i}", question="?", answers=["a"], context="c") for i in range(n)]
+
+
+def test_a_rerun_with_the_same_settings_reuses_the_answers(tmp_path):
+    cache, runner = tmp_path / "snapkv-5x.jsonl", CountingRunner()
+    first, _ = RUN_ONE(runner, _questions(3), None, "snapkv-5x", cache, 32, SETTINGS)
+    again, _ = RUN_ONE(runner, _questions(3), None, "snapkv-5x", cache, 32, dict(SETTINGS))
+    assert first == again == ["answer to q0", "answer to q1", "answer to q2"] and runner.asked == 3
+    assert json.loads(cache.read_text().splitlines()[0]) == {"settings": {**SETTINGS, "max_new_tokens": 32}}
+
+
+@pytest.mark.parametrize("change", [{"ratio": 15}, {"dtype": "float32"}, {"base_model": "m@2"},
+                                    {"adapter": "ft@3"}, {"max_new_tokens": 8}])
+def test_a_file_made_with_other_settings_is_refused_naming_them(tmp_path, change):
+    cache, runner = tmp_path / "snapkv-5x.jsonl", CountingRunner()
+    RUN_ONE(runner, _questions(2), None, "snapkv-5x", cache, 32, SETTINGS)
+    settings = {**SETTINGS, **change}
+    name, value = next(iter(change.items()))
+    with pytest.raises(InvalidInputError, match=rf"{name}=.*but this run has {name}={value!r}"):
+        RUN_ONE(runner, _questions(2), None, "snapkv-5x", cache, settings.pop("max_new_tokens", 32), settings)
+    assert runner.asked == 2
