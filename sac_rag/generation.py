@@ -9,7 +9,9 @@ given as strings) go through the same code, which keeps every comparison on one 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FingerprintMismatchError, InvalidInputError, PromptError
-from .extractive import SpanConstraint, Vocabulary
+from .extractive import SpanConstraint, Vocabulary, token_bytes
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
 from .metrics import squad_f1
@@ -43,14 +45,15 @@ class GenerationConfig:
     beam and sample is scored by its mean F1 against the S samples (a Monte Carlo estimate of its
     expected F1) instead.
     ``extractive``: each answer is a verbatim span of its prompt's source texts (``extractive``
-    module; the sources are passed with the prompts). ``context_contrast`` a > 0 is context-aware
-    decoding (Shi et al., 2024): each next token is scored by (1 + a) log p(token | prompt) -
-    a log p(token | the same prompt without its contexts), which favours what the contexts say over
-    what the model would answer from the question alone; the prompts without contexts are passed
-    with the prompts (``contrast_prompts``) and read in the same model state. Tokens whose probability
-    given the prompt is below ``contrast_plausibility`` times the likeliest token's are never chosen
-    (the adaptive plausibility constraint of Li et al., 2023), so the contrast only reorders tokens
-    the model finds plausible, the end of the answer among them."""
+    module; the sources are passed with the prompts), without the whitespace around it.
+    ``context_contrast`` a > 0 is context-aware decoding (Shi et al., 2024): each next token is
+    scored by (1 + a) log p(token | prompt) - a log p(token | the same prompt without its contexts),
+    which favours what the contexts say over what the model would answer from the question alone;
+    the prompts without contexts are passed with the prompts (``contrast_prompts``) and read in the
+    same model state. Tokens whose probability given the prompt is below ``contrast_plausibility``
+    times the likeliest token's are never chosen (the adaptive plausibility constraint of Li et al.,
+    2023), so the contrast only reorders tokens the model finds plausible, the end of the answer
+    among them."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -129,10 +132,13 @@ class GenerationConfig:
 
 @dataclass
 class Generation:
-    """One answer and what producing it cost."""
+    """One answer and what producing it cost. ``text`` never ends inside a character: an answer
+    that stopped after part of a character's bytes (at the length limit, or with an end token the
+    model chose there) is shown without them, though ``token_ids`` keeps their tokens; an extractive
+    answer's text has no whitespace at either end."""
 
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # every token the answer generated (not its end token)
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     text_tokens: int  # prompt tokens the decoder read as text
     cached_tokens: int  # K/V entries spliced in from compressed contexts
@@ -459,9 +465,14 @@ class Generator:
     @torch.no_grad()
     def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
                 plain: list[_Prefilled] | None = None) -> Iterator[None]:
+        """Decode the prompts of ``states`` together into ``tracks``, yielding after each step. Each
+        row may generate up to its own room before the model's position limit (``_step_budget``), so
+        a long prompt in the batch does not cut the others' answers short."""
         reading = self._reading(states)
         contrast = None if plain is None else self._reading(plain)
-        steps = self._step_budget(max(int(r.positions.max()) for r in (reading, contrast) if r is not None), config)
+        readings = [r for r in (reading, contrast) if r is not None]
+        farthest = torch.stack([r.positions for r in readings]).amax(0).tolist()  # per row, with or without contexts
+        budgets = [self._step_budget(position, config) for position in farthest]
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -471,23 +482,22 @@ class Generator:
                 generator.seed()  # a fresh random seed, leaving torch's global generator as it was
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
-            for step in range(steps):
+            for step in range(max(budgets)):
                 logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
                 logits = self._held_to_spans(logits, tracks, config.stop_token_ids, reading.logits)
                 tokens = next_tokens(logits, config, generator)
-                for track, token in zip(tracks, tokens.tolist()):
+                for track, token, budget in zip(tracks, tokens.tolist(), budgets):
                     if track.finish_reason is None:
                         if track.span is not None:
                             track.span.advance(token)
                         self._append(track, token, stop_ids, config)
+                        if track.finish_reason is None and step == budget - 1:
+                            self._finish(track, "length")
                 yield None
-                if all(t.finish_reason for t in tracks) or step == steps - 1:
+                if all(t.finish_reason for t in tracks):  # at the last step, every row has reached its budget
                     break
-                for batch in (reading, contrast):
-                    if batch is not None:
-                        self._advance(model, batch, tokens)
-        for track in tracks:
-            track.finish_reason = track.finish_reason or "length"
+                for batch in readings:
+                    self._advance(model, batch, tokens)
 
     def _reading(self, states: list[_Prefilled]) -> _Reading:
         cache, mask = self._merged_cache(states)
@@ -499,10 +509,12 @@ class Generator:
         reading.mask = torch.cat([reading.mask, reading.mask.new_ones(len(tokens), 1)], dim=1)
         reading.logits = self._step(model, tokens, reading.positions, reading.mask, reading.cache)
         reading.positions = reading.positions + 1
+        if self.max_positions is not None:  # a row at the limit has finished: it reads on (unused) at the last one
+            reading.positions = reading.positions.clamp(max=self.max_positions - 1)
 
     def _step_budget(self, position: int, config: GenerationConfig) -> int:
-        """How many tokens may be generated after ``position``: ``max_new_tokens``, or fewer at the
-        model's context limit (the answer then finishes with "length")."""
+        """How many tokens one prompt may generate from ``position`` (its next token's): ``max_new_tokens``,
+        or fewer at the model's context limit (the answer then finishes with "length")."""
         if self.max_positions is None:
             return config.max_new_tokens
         self._check_room(position + 1)
@@ -558,7 +570,7 @@ class Generator:
                     track = _Track(ids=list(running[parent][0].ids), text=running[parent][0].text)
                     self._append(track, token, stop_ids, config)
                     if track.finish_reason is None and step == steps - 1:
-                        track.finish_reason = "length"
+                        self._finish(track, "length")
                     if track.finish_reason is not None:
                         if rank < beams:
                             finished.append((score / (step + 1) ** lp, score, track))
@@ -590,8 +602,7 @@ class Generator:
                          cache=cache, use_cache=True)
         return out.logits[:, -1]
 
-    @staticmethod
-    def _held_to_spans(logits: torch.Tensor, tracks: list[_Track], stop_token_ids: Sequence[int] = (),
+    def _held_to_spans(self, logits: torch.Tensor, tracks: list[_Track], stop_token_ids: Sequence[int] = (),
                        plain_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Extractive decoding: mask each constrained row to the tokens that continue a span of its
         sources; a row whose model would rather end the answer (an end token or one of
@@ -607,28 +618,80 @@ class Generator:
             if not would_end and plain_logits is not None and not torch.isfinite(masked).any():
                 masked, would_end = track.span.mask(plain_logits[row], stop_token_ids)
             if would_end:
-                track.finish_reason = "stop"
+                self._finish(track, "stop")
             else:
                 logits[row] = masked
         return logits
 
     def _append(self, track: _Track, token: int, stop_ids: set[int], config: GenerationConfig) -> None:
         if token in stop_ids:
-            track.finish_reason = "stop"
+            self._finish(track, "stop")
             return
         track.ids.append(token)
-        track.text = self.tokenizer.decode(track.ids, skip_special_tokens=True)
-        if track.span is not None:  # a quote may start with the space before its first word
-            track.text = track.text.lstrip()
+        track.text = self._text(track.ids, quote=track.span is not None)
         cut = min((i for i in (track.text.find(s) for s in config.stop) if i >= 0), default=-1)
         if cut >= 0:
             track.text = track.text[:cut]
-            track.finish_reason = "stop"
+            self._finish(track, "stop", whole=False)
+
+    def _text(self, ids: list[int], quote: bool) -> str:
+        """The text of answer tokens ``ids``; a quote's without leading whitespace (it may start
+        with the space before its first word)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text.lstrip() if quote else text
+
+    def _finish(self, track: _Track, reason: str, whole: bool = True) -> None:
+        """End ``track``'s answer with ``reason`` and settle its text: without a character the answer
+        stopped inside (``whole``: the text is all the answer's, not cut before a stop string, which
+        follows it) and, for a quote, without trailing whitespace (it may end with the space before
+        the word it stopped at). Streaming holds both back until then (``_safe_length``)."""
+        track.finish_reason = reason
+        if whole:
+            track.text = self._without_partial_character(track)
+        if track.span is not None:
+            track.text = track.text.rstrip()
+
+    def _without_partial_character(self, track: _Track) -> str:
+        """``track``'s text without the U+FFFD that decoding shows for the bytes of a character the
+        answer began and did not finish (one or more, depending on the tokenizer's decoder). Decoding
+        the answer with that character completed tells them apart: the text then ends in the completed
+        character, and what precedes it is the answer's text. A U+FFFD the answer spells in full, or
+        bytes no continuation makes a character, stay. Without the vocabulary's bytes, every trailing
+        U+FFFD is taken for part of a character, as streaming takes it."""
+        if not track.text.endswith("\ufffd"):
+            return track.text
+        if self._spelling is None:
+            return track.text.rstrip("\ufffd")
+        spelled, byte_ids = self._spelling
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(spelled[i] or b"" for i in track.ids if i < len(spelled)))
+        partial = decoder.getstate()[0]  # the bytes of a character begun and not finished, if any
+        if not partial:
+            return track.text
+        completion = [byte_ids.get(byte) for byte in _completing_bytes(partial)]
+        if None in completion:
+            return track.text.rstrip("\ufffd")
+        return self._text(track.ids + completion, quote=track.span is not None)[:-1]
+
+    @functools.cached_property
+    def _spelling(self) -> tuple[list[bytes | None], dict[int, int]] | None:
+        """The bytes each token id stands for and the token id of each byte that is a token of its own
+        (built once); ``None`` for a vocabulary ``token_bytes`` cannot spell."""
+        try:
+            spelled = token_bytes(self.tokenizer)
+        except InvalidInputError:
+            return None
+        byte_ids: dict[int, int] = {}
+        for token_id, data in enumerate(spelled):
+            if data is not None and len(data) == 1:
+                byte_ids.setdefault(data[0], token_id)
+        return spelled, byte_ids
 
     @staticmethod
     def _safe_length(track: _Track, config: GenerationConfig) -> int:
-        """How much of the text can be shown: hold back an incomplete UTF-8 character and any
-        suffix that could still become a stop string."""
+        """How much of the text can be shown: hold back an incomplete UTF-8 character, any suffix
+        that could still become a stop string and a quote's trailing whitespace (``_finish`` settles
+        them; what is shown is always the start of the final text)."""
         text = track.text
         if track.finish_reason:
             return len(text)
@@ -638,6 +701,8 @@ class Generator:
                 if text[:end].endswith(stop[:k]):
                     end -= k
                     break
+        if track.span is not None:
+            end = len(text[:end].rstrip())
         return end
 
     def _result(self, state: _Prefilled, track: _Track) -> Generation:
@@ -679,6 +744,15 @@ def _check_contrast(config: GenerationConfig, contrast_prompts, n_prompts: int) 
                       "context-aware decoding (context_contrast > 0) needs each prompt without its contexts: pass "
                       "contrast_prompt= to generate/stream or contrast_prompts= to generate_batch (e.g. "
                       "compressor.template.build([], question)); SAC.answer builds them itself", "contrast prompts")
+
+
+def _completing_bytes(partial: bytes) -> bytes:
+    """Continuation bytes that complete the UTF-8 character ``partial`` begins (a valid start of
+    one): the lowest allowed, 0x80, except after the leads E0 and F0, whose next byte is higher
+    (lower ones would spell a shorter form)."""
+    size = 2 if partial[0] < 0xE0 else 3 if partial[0] < 0xF0 else 4
+    second = bytes([{0xE0: 0xA0, 0xF0: 0x90}.get(partial[0], 0x80)]) if len(partial) == 1 else b""
+    return second + b"\x80" * (size - max(len(partial), 2))
 
 
 def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:

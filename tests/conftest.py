@@ -83,3 +83,19 @@ def smollm2_fp32():
     from sac_rag import load_base_model
 
     return load_base_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+def force_answer(model, prompt_tokens: int, answer: list[int]) -> list[int]:
+    """Make ``model`` answer ``answer`` (token ids) and then end, after a prompt of ``prompt_tokens``
+    tokens: at each position its logits put the answer's next token (then EOS) first, whatever it
+    read, so greedy, sampled and beam search decoding all choose it. Returns ``answer``, which the
+    caller may change in place to script another answer."""
+    def force(module, args, kwargs, output):
+        for row, position in enumerate(kwargs["position_ids"][:, -1].tolist()):
+            written = position + 1 - prompt_tokens
+            output.logits[row, -1] = -100.0
+            output.logits[row, -1, answer[written] if written < len(answer) else model.config.eos_token_id] = 100.0
+        return output
+
+    model.register_forward_hook(force, with_kwargs=True)
+    return answer

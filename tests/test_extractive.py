@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import force_answer, make_tiny_llama
 
 from sac_rag import SAC, GenerationConfig, Generator, InvalidInputError, SACCompressor, SACConfig
 from sac_rag.extractive import Vocabulary, token_bytes
@@ -219,3 +219,20 @@ def test_context_aware_extractive_decoding_quotes_even_where_the_contrast_rules_
                                   contrast_plausibility=1.0, **sampled)
         answer = generator.generate(prompt, config, sources=[SOURCES[0]], contrast_prompt=plain)
         assert _is_quote(answer.text, [SOURCES[0]]), answer.text
+
+
+def test_a_quote_the_model_ends_after_a_space_ends_without_it_also_when_streamed(generator):
+    tokenizer = generator.tokenizer
+    prompt = "Q: What is the capital?\nA:"
+    answer = tokenizer("Paris ", add_special_tokens=False)["input_ids"]  # its last token is the space
+    script = force_answer(generator.model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), list(answer))
+    for config, reason in [(GenerationConfig(max_new_tokens=8, extractive=True), "stop"),  # it ends after the space
+                           (GenerationConfig(max_new_tokens=len(answer), extractive=True), "length")]:
+        result = generator.generate(prompt, config, sources=SOURCES)
+        assert (result.text, result.token_ids, result.finish_reason) == ("Paris", answer, reason), config
+        assert "".join(generator.stream(prompt, config, sources=SOURCES)) == "Paris"
+    script[:] = tokenizer("Paris is the", add_special_tokens=False)["input_ids"]
+    cut = GenerationConfig(max_new_tokens=8, extractive=True, stop=("is the",))  # a stop string after the space
+    result = generator.generate(prompt, cut, sources=SOURCES)
+    assert (result.text, result.token_ids, result.finish_reason) == ("Paris", script, "stop")
+    assert "".join(generator.stream(prompt, cut, sources=SOURCES)) == "Paris"

@@ -1,8 +1,10 @@
 """Generator on a tiny random Llama: batching, streaming, stopping, sampling, prompt errors."""
 
+import codecs
+
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import force_answer, make_tiny_llama
 
 from sac_rag import (
     FingerprintMismatchError,
@@ -14,6 +16,7 @@ from sac_rag import (
     SACCompressor,
     SACConfig,
 )
+from sac_rag.extractive import token_bytes
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -268,6 +271,16 @@ def _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalt
     return answer[:-1] if answer and answer[-1] in eos else answer
 
 
+def _shown(tokenizer, ids: list[int]) -> str:
+    """The text of answer tokens ``ids`` as a Generation shows it: without a character the answer
+    began and did not finish (the one U+FFFD this byte-level tokenizer decodes its bytes to)."""
+    spelled = token_bytes(tokenizer)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(b"".join(spelled[i] for i in ids))
+    text = tokenizer.decode(ids)
+    return text[:-1] if decoder.getstate()[0] else text
+
+
 @pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox", "In 1889"])
 @pytest.mark.parametrize("num_beams, length_penalty, ends_at", [(3, 1.0, None), (4, 1.0, 2), (2, 0.0, 1), (5, 2.0, 3)])
 def test_beam_search_finds_the_answer_transformers_beam_search_finds(tiny, prompt, num_beams, length_penalty, ends_at):
@@ -280,7 +293,7 @@ def test_beam_search_finds_the_answer_transformers_beam_search_finds(tiny, promp
                                                    length_penalty=length_penalty, stop_token_ids=stop))
     expected = _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalty,
                                          gen.eos_token_ids | set(stop))
-    assert ours.token_ids == expected and ours.text == tokenizer.decode(expected)
+    assert ours.token_ids == expected and ours.text == _shown(tokenizer, expected)
     assert ours.finish_reason == ("length" if len(expected) == 10 else "stop")
 
 
@@ -527,3 +540,50 @@ def test_a_chunk_stored_in_bfloat16_is_placed_as_its_float32_copy_would_be(setup
     question = " Who finished the tower?"
     assert torch.equal(gen.prompt_logits([" The text:", stored, question]),
                        gen.prompt_logits([" The text:", stored.to(dtype=torch.float32), question]))
+
+
+def test_an_answer_ended_inside_a_character_drops_its_partial_bytes_from_the_text_not_from_its_tokens(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    prompt = "Paris is"
+    euro = tokenizer("Paris €", add_special_tokens=False)["input_ids"]  # the euro sign is 3 byte tokens
+    half = euro[:-1]  # "Paris " and 2 of those 3 bytes
+    assert tokenizer.decode(half) == "Paris \ufffd"
+    answer = force_answer(model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), list(half))
+    for config, reason in [(GenerationConfig(max_new_tokens=len(half)), "length"),  # cut by the length limit
+                           (GenerationConfig(max_new_tokens=10), "stop"),  # EOS after half a character
+                           (GenerationConfig(max_new_tokens=10, temperature=1.0, seed=0), "stop"),
+                           (GenerationConfig(max_new_tokens=len(half), num_beams=2), "length")]:
+        result = gen.generate([prompt], config)
+        assert (result.text, result.token_ids, result.finish_reason) == ("Paris ", half, reason), config
+        assert "".join(gen.stream([prompt], config)) == result.text
+    answer[:] = tokenizer("Paris \ufffd", add_special_tokens=False)["input_ids"]  # U+FFFD's own 3 bytes: kept
+    for config in (GenerationConfig(max_new_tokens=len(answer)), GenerationConfig(max_new_tokens=10)):
+        result = gen.generate([prompt], config)
+        assert result.text == "Paris \ufffd" and result.token_ids == answer
+        assert "".join(gen.stream([prompt], config)) == result.text
+
+
+def test_the_bytes_that_complete_a_partial_character_spell_one_character_of_its_length():
+    from sac_rag.generation import _completing_bytes
+
+    for char in "é€\u0800\ud7ff\ue000中\U00010000😀\U0010ffff":  # the leads E0, ED, F0 and F4 among them
+        data = char.encode()
+        for begun in range(1, len(data)):
+            completed = (data[:begun] + _completing_bytes(data[:begun])).decode()  # strict: a valid character
+            assert len(completed) == 1 and len(completed.encode()) == len(data), (char, begun)
+
+
+def test_each_prompt_of_a_batch_may_generate_up_to_its_own_room_before_the_models_position_limit(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    short, long = "The quick brown fox", TEXT
+    gen.max_positions = len(tokenizer(long, add_special_tokens=False)["input_ids"]) + 3  # room for 3 tokens
+    for config in (GenerationConfig(max_new_tokens=8, stop_token_ids=()),
+                   GenerationConfig(max_new_tokens=8, num_beams=2)):
+        together = gen.generate_batch([short, long], config)
+        alone = [gen.generate([p], config) for p in (short, long)]
+        assert [(g.token_ids, g.text, g.finish_reason) for g in together] == \
+            [(g.token_ids, g.text, g.finish_reason) for g in alone], config
+        assert len(together[0].token_ids) == 8 and together[0].finish_reason == "length"  # past the long one's 3
+        assert len(together[1].token_ids) <= 3
