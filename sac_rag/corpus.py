@@ -22,6 +22,9 @@ Bad input never stops a run and is never silent: it is skipped, logged (``loggin
 - text that is not valid UTF-8: decoded with U+FFFD replacement characters by default
   (``decode_errors="replace"``: a Latin-1 file keeps all its ASCII text), or skipped with
   ``decode_errors="skip"``; counted either way;
+- text that is not valid Unicode (JSON may escape half of a surrogate pair, ``"\\ud800"``:
+  a lone surrogate, which no tokenizer or UTF-8 encoder takes), in the text, id or metadata:
+  the same, each lone surrogate becomes U+FFFD or the document is skipped;
 - JSONL lines that are not JSON objects with a string ``text``: skipped;
 - duplicate documents (the same text again, whatever its id): read once, counted.
 
@@ -37,6 +40,7 @@ import json
 import logging
 import lzma
 import os
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 DECODE_ERRORS = ("replace", "skip")
 _SNIFF_BYTES = 8192
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds a surrogate only when it is lone
 
 
 class CorpusError(SACError):
@@ -71,7 +76,7 @@ class CorpusStats:
     documents: int = 0
     duplicates: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-    replaced_encoding: int = 0
+    replaced_encoding: int = 0  # not UTF-8, or lone surrogates: decoded with U+FFFD
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -96,7 +101,10 @@ def read_corpus(
     for doc in _documents(path, stats, decode_errors):
         if doc.id in exclude:
             continue
-        digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()
+        doc = _valid_unicode(doc, stats, decode_errors)
+        if doc is None:
+            continue
+        digest = hashlib.sha256(doc.text.encode("utf-8")).digest()
         if digest in seen:
             stats.duplicates += 1
             logger.info("skipping %s: the same text as an earlier document", doc.id)
@@ -168,6 +176,32 @@ def _decode(data: bytes, where: str, stats: CorpusStats, decode_errors: str) -> 
         stats.skip("empty", where)
         return None
     return text
+
+
+def _valid_unicode(doc: Document, stats: CorpusStats, decode_errors: str) -> Document | None:
+    """``doc`` if its id, text and metadata are valid Unicode; else (lone surrogates, which JSON
+    escapes can make) the document with each of them replaced by U+FFFD, or None (skipped, with
+    ``decode_errors="skip"``); counted either way."""
+    fixed = Document(*_without_surrogates([doc.id, doc.text, doc.metadata]))
+    if fixed == doc:
+        return doc
+    if decode_errors == "skip":
+        stats.skip("not valid Unicode (lone surrogates)", fixed.id)
+        return None
+    stats.replaced_encoding += 1
+    logger.warning("%s is not valid Unicode (lone surrogates); they became U+FFFD", fixed.id)
+    return fixed
+
+
+def _without_surrogates(value):
+    """``value`` (JSON data) with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _base_suffix(path: Path) -> str:

@@ -29,12 +29,13 @@ Command line: ``python -m sac_rag.precompress --corpus PATH --store PATH ...`` (
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import torch
 from .chunking import Chunk, iter_chunks
 from .compressor import SACCompressor
 from .config import SACConfig
-from .corpus import DECODE_ERRORS, CorpusError, CorpusStats, Document, read_corpus
+from .corpus import DECODE_ERRORS, CorpusStats, Document, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .kv import AnchorKV
@@ -107,7 +108,7 @@ class Summary:
             f"precompressed into {self.store}{shard}",
             f"  documents: {self.documents} read, {self.duplicate_documents} duplicates dropped"
             + (f", skipped: {skipped}" if skipped else "")
-            + (f", {self.decoded_with_replacement} not UTF-8 (decoded with U+FFFD)"
+            + (f", {self.decoded_with_replacement} not valid UTF-8 or Unicode (decoded with U+FFFD)"
                if self.decoded_with_replacement else ""),
             f"  chunks:    {self.chunks} in this shard: {self.compressed} compressed now, "
             f"{self.already_stored} already stored" + (
@@ -164,8 +165,8 @@ def precompress(
         raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
     num_shards, shard_index = resolve_shard(num_shards, shard_index)
     path = shard_store_path(store_path, shard_index, num_shards)
-    if not Path(corpus_path).exists():  # before creating a store for nothing
-        raise CorpusError(f"the corpus {corpus_path} does not exist")
+    stats = CorpusStats()
+    documents = _usable_documents(read_corpus(corpus_path, stats, decode_errors, exclude))
 
     settings = {"created_by": "sac_rag.precompress", "base_model": compressor.config.base_model,
                 "chunk_len": chunk_len, "chunk_tokens": chunk_tokens, "overlap": overlap}
@@ -179,9 +180,7 @@ def precompress(
             logger.warning("%s was filled with chunk_tokens=%s, overlap=%s; this run chunks with %s, %s: "
                            "its chunks get new keys and are stored next to the old ones", path,
                            earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
-        stats = CorpusStats()
-        _Run(compressor, store, summary, batch_size, show_progress).run(
-            read_corpus(corpus_path, stats, decode_errors, exclude), chunk_tokens, overlap)
+        _Run(compressor, store, summary, batch_size, show_progress).run(documents, chunk_tokens, overlap)
         totals = store.stats()
     summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
     summary.skipped_inputs = dict(stats.skipped)
@@ -191,6 +190,14 @@ def precompress(
     summary.seconds = time.perf_counter() - started
     logger.info("%s", summary)
     return summary
+
+
+def _usable_documents(documents: Iterator[Document]) -> Iterator[Document]:
+    """``documents``, once the first one has been read: a corpus that does not exist, cannot be
+    read or holds no usable document raises ``CorpusError`` here, before a store is created for
+    nothing (an empty store would pass for a finished run)."""
+    first = next(documents)  # read_corpus raises rather than end without a document
+    return itertools.chain([first], documents)
 
 
 class _Run:
@@ -394,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage", choices=STORAGES, default="native",
                         help="native (the dtype), or fp8/int8 with per-layer/head scales")
     parser.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
-                        help="non-UTF-8 files: decode with U+FFFD (replace) or skip them")
+                        help="text that is not UTF-8 (or JSON text with lone surrogates): decode "
+                             "with U+FFFD (replace) or skip it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)

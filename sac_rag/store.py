@@ -17,7 +17,10 @@ a job writes, and must need no server. It is a directory:
 Each blob is a whole safetensors file (``AnchorKV.to_bytes()`` for native storage, the
 ``quantize`` codes plus scales for fp8/int8), so an entry cut out of a shard at its
 (offset, length) loads with ``safetensors`` alone. No pickle anywhere: a store received from
-someone else cannot run code when opened.
+someone else cannot run code when opened. A read checks the bytes against their sha256, then the
+decoded entry against its index row (anchors, tokens, K/V bytes) and the manifest (storage,
+dtype, fingerprint, offset 0): bytes in the wrong place or from another tool are refused as
+corrupt, never converted and returned.
 
 Write protocol (why a kill -9 can never leave an indexed entry unreadable): under the writer
 lock, blobs are appended to a shard and the shard is fsynced (and its directory, when the file
@@ -168,12 +171,18 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class _Row:
+    """An entry's index row: where its bytes are, their checksum, and what they must decode to
+    (``n_anchors``, ``n_tokens`` and ``kv_bytes``, the decoded K/V bytes in the store dtype)."""
+
     key: str
     shard: int
     offset: int
     length: int
     checksum: str
     metadata_json: str
+    n_anchors: int
+    n_tokens: int
+    kv_bytes: int
 
     @property
     def metadata(self) -> dict:
@@ -195,7 +204,8 @@ class _Record:
     metadata_json: str
 
 
-_ROW_COLUMNS = "key, shard, offset, length, checksum, metadata"
+_ROW_COLUMNS = "key, shard, offset, length, checksum, metadata, n_anchors, n_tokens, kv_bytes"
+_ROW_TYPES = (str, int, int, int, str, str, int, int, int)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -443,7 +453,14 @@ class AnchorStore:
         if not isinstance(text, str):
             raise InvalidInputError(
                 f"key_for takes the chunk text (str), got {type(text).__name__}")
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        try:
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        except UnicodeEncodeError as err:
+            raise InvalidInputError(
+                f"the chunk text is not valid Unicode: it holds a lone surrogate "
+                f"({text[err.start:err.end]!r} at character {err.start}), which has no UTF-8 "
+                "form; replace it (e.g. with U+FFFD) before compressing or looking it up"
+            ) from None
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -497,11 +514,19 @@ class AnchorStore:
 
     def _encode(self, key: str, kv: AnchorKV, metadata: dict | None = None) -> _Record:
         self._check_entry(key, kv)
-        if not (torch.isfinite(kv.keys).all() and torch.isfinite(kv.values).all()):
-            raise InvalidInputError(f"chunk {key} has NaN or infinite K/V; not storing it")
         metadata_json = _dumps_metadata(metadata, key)
 
-        kv = kv.detach().to(device="cpu", dtype=self._dtype)
+        given = kv.detach()
+        kv = given.to(device="cpu", dtype=self._dtype)
+        # Checked after the cast: float32 values beyond float16's range become infinities.
+        if not (torch.isfinite(kv.keys).all() and torch.isfinite(kv.values).all()):
+            if not (torch.isfinite(given.keys).all() and torch.isfinite(given.values).all()):
+                raise InvalidInputError(f"chunk {key} has NaN or infinite K/V; not storing it")
+            raise InvalidInputError(
+                f"chunk {key} has K/V values beyond the range of the store's dtype "
+                f"{dtype_name(self._dtype)} (at most {torch.finfo(self._dtype).max:g}); not storing "
+                "them as infinities: store them in a bfloat16 or float32 store"
+            )
         if self.storage == "native":
             blob = kv.to_bytes()
             stored = kv.nbytes
@@ -549,16 +574,19 @@ class AnchorStore:
             return len(todo)
 
     def _index_rows(self, rows: list[tuple], next_shard: int) -> None:
+        self._commit_rows(
+            "INSERT OR IGNORE INTO entries (key, shard, offset, length, checksum, "
+            "n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes, metadata, "
+            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows, next_shard)
+
+    def _commit_rows(self, sql: str, rows: list[tuple], next_shard: int) -> None:
+        """Run ``sql`` for each of ``rows`` and record ``next_shard``, in one transaction (all
+        of it or none)."""
         with self._db_lock:
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO entries (key, shard, offset, length, checksum, "
-                    "n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes, metadata, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                conn.executemany(sql, rows)
                 _set_next_shard(conn, next_shard)
                 conn.execute("COMMIT")
             except BaseException:
@@ -567,9 +595,8 @@ class AnchorStore:
                 raise
 
     def _next_shard(self) -> int:
-        with self._db_lock:
-            row = self._db().execute("SELECT value FROM meta WHERE name = 'next_shard'").fetchone()
-        return int(row[0]) if row else 0
+        rows = self._query("SELECT value FROM meta WHERE name = 'next_shard'")
+        return int(rows[0][0]) if rows else 0
 
     def _check_writable(self) -> None:
         if self._readonly:
@@ -625,16 +652,17 @@ class AnchorStore:
 
     def keys(self) -> list[str]:
         """All keys, in the order they were stored."""
-        with self._db_lock:
-            return [r[0] for r in self._db().execute("SELECT key FROM entries ORDER BY rowid")]
+        keys = [r[0] for r in self._query("SELECT key FROM entries ORDER BY rowid")]
+        if not all(isinstance(k, str) for k in keys):
+            raise self._index_corruption("a key that is not text")
+        return keys
 
     def __iter__(self) -> Iterator[str]:
         """The keys (a snapshot taken when iteration starts)."""
         return iter(self.keys())
 
     def __len__(self) -> int:
-        with self._db_lock:
-            return self._db().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM entries")[0][0]
 
     def _load(self, row: _Row) -> AnchorKV:
         kv = self._decode(row, self._read_verified(row))
@@ -666,13 +694,34 @@ class AnchorStore:
         return data
 
     def _decode(self, row: _Row, data: bytes) -> AnchorKV:
+        """The entry of checksum-verified ``data``, refused (``StoreCorruptionError``) unless it
+        is what the store's manifest and the entry's index row say it is: right bytes in the
+        wrong place, or bytes another tool wrote, must not reach the decoder as if fine."""
         try:
-            kv = _decode_blob(data, self._dtype)
+            kv = _decode_blob(data, self.storage, self._dtype)
+        except _EntryMismatch as err:
+            raise self._corruption(row, str(err)) from None
         except Exception as err:  # whatever fails to decode is corrupt
             raise self._corruption(row, f"its bytes do not decode ({err})") from err
-        if not same_model(kv.fingerprint, self.fingerprint):
-            raise self._corruption(row, f"it was made by another compressor ({kv.fingerprint!r})")
+        problems = self._mismatches(row, kv)
+        if problems:
+            raise self._corruption(row, "; ".join(problems))
         return kv
+
+    def _mismatches(self, row: _Row, kv: AnchorKV) -> list[str]:
+        """How a decoded entry differs from what its index row and the store's manifest say."""
+        problems = []
+        if not same_model(kv.fingerprint, self.fingerprint):
+            problems.append(f"it was made by another compressor ({kv.fingerprint!r})")
+        if kv.offset != 0:
+            problems.append(f"it is at offset {kv.offset}, but the store keeps chunks chunk-local "
+                            "(offset 0)")
+        for what, decoded, indexed in (("anchors", kv.n_anchors, row.n_anchors),
+                                       ("tokens", int(kv.n_tokens), row.n_tokens),
+                                       ("bytes of K/V", kv.nbytes, row.kv_bytes)):
+            if decoded != indexed:
+                problems.append(f"it decodes to {decoded} {what}, but its index row says {indexed}")
+        return problems
 
     def _read_bytes(self, row: _Row) -> bytes:
         end = row.offset + row.length
@@ -711,48 +760,67 @@ class AnchorStore:
 
     def _row(self, key: str) -> _Row:
         _check_key(key)
-        with self._db_lock:
-            found = self._db().execute(
-                f"SELECT {_ROW_COLUMNS} FROM entries WHERE key = ?", (key,)
-            ).fetchone()
-        if found is None:
+        found = self._query(f"SELECT {_ROW_COLUMNS} FROM entries WHERE key = ?", (key,))
+        if not found:
             raise EntryNotFoundError(f"no entry {key} in the store at {self._path}")
-        return _Row(*found)
+        return self._make_row(found[0])
 
     def _rows(self, keys: Sequence[str]) -> dict[str, _Row]:
         rows: dict[str, _Row] = {}
         keys = list(dict.fromkeys(keys))
         for key in keys:
             _check_key(key)
-        with self._db_lock:
-            for i in range(0, len(keys), _SQL_BATCH):
-                batch = keys[i:i + _SQL_BATCH]
-                query = (f"SELECT {_ROW_COLUMNS} FROM entries "
-                         f"WHERE key IN ({','.join('?' * len(batch))})")
-                for found in self._db().execute(query, batch):
-                    rows[found[0]] = _Row(*found)
+        for i in range(0, len(keys), _SQL_BATCH):
+            batch = keys[i:i + _SQL_BATCH]
+            query = (f"SELECT {_ROW_COLUMNS} FROM entries "
+                     f"WHERE key IN ({','.join('?' * len(batch))})")
+            for found in self._query(query, batch):
+                rows[found[0]] = self._make_row(found)
         return rows
 
     def _sizes(self, key: str) -> tuple[int, int, int, int, int]:
         """n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes of an entry."""
-        with self._db_lock:
-            return self._db().execute(
-                "SELECT n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes "
-                "FROM entries WHERE key = ?", (key,)).fetchone()
+        return self._query("SELECT n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes "
+                           "FROM entries WHERE key = ?", (key,))[0]
 
     def _present(self, keys: Sequence[str]) -> list[str]:
         present = []
-        with self._db_lock:
-            for i in range(0, len(keys), _SQL_BATCH):
-                batch = list(keys[i:i + _SQL_BATCH])
-                query = f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(batch))})"
-                present += [r[0] for r in self._db().execute(query, batch)]
+        for i in range(0, len(keys), _SQL_BATCH):
+            batch = list(keys[i:i + _SQL_BATCH])
+            query = f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(batch))})"
+            present += [r[0] for r in self._query(query, batch)]
         return present
 
     def _all_rows(self) -> list[_Row]:
+        return [self._make_row(r) for r in self._query(
+            f"SELECT {_ROW_COLUMNS} FROM entries ORDER BY shard, offset")]
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """All rows of one index query. A damaged index (malformed pages, text that is not
+        UTF-8) raises ``StoreCorruptionError`` naming the index file, not a bare sqlite3 error
+        that would leave the reader guessing what broke."""
         with self._db_lock:
-            return [_Row(*r) for r in self._db().execute(
-                f"SELECT {_ROW_COLUMNS} FROM entries ORDER BY shard, offset")]
+            conn = self._db()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as err:
+                if not _index_damaged(err):
+                    raise
+                raise self._index_corruption(str(err)) from err
+
+    def _make_row(self, found: tuple) -> _Row:
+        if len(found) != len(_ROW_TYPES) or not all(
+                isinstance(v, t) for v, t in zip(found, _ROW_TYPES)):
+            raise self._index_corruption(f"an entry row of the wrong types {found[:6]!r}")
+        return _Row(*found)
+
+    def _index_corruption(self, problem: str) -> StoreCorruptionError:
+        return StoreCorruptionError(
+            f"the index {self._path / INDEX} is damaged ({problem}). Run `python -m sac_rag.store "
+            f"verify {self._path}` to see what it reports; restore the store from a copy or "
+            "rebuild it (recompress the corpus into a fresh store).",
+            problem=f"the index {INDEX} is damaged: {problem}",
+        )
 
     @staticmethod
     def _shard_name(shard: int) -> str:
@@ -774,11 +842,17 @@ class AnchorStore:
     def verify(self) -> VerifyReport:
         """Read, checksum and decode every entry (bypassing the cache); name the bad ones."""
         report = VerifyReport()
-        with self._db_lock:
-            checks = [r[0] for r in self._db().execute("PRAGMA quick_check")]
+        try:  # integrity_check, unlike quick_check, finds a key index that hides entries
+            checks = [str(r[0]) for r in self._query("PRAGMA integrity_check")]
+        except StoreCorruptionError as err:
+            checks = [err.problem]
         if checks != ["ok"]:
             report.index_problems += checks
-        rows = self._all_rows()
+        try:
+            rows = self._all_rows()
+        except StoreCorruptionError as err:
+            report.index_problems.append(f"{err.problem}; its entries cannot be listed or checked")
+            return report
         report.entries = len(rows)
         for row in rows:
             try:
@@ -792,13 +866,12 @@ class AnchorStore:
     def stats(self) -> dict:
         """Sizes and counts: entries, bytes on disk, bytes of K/V (stored and decoded), the
         full-context K/V the same chunks would take, anchors and tokens represented."""
-        with self._db_lock:
-            (entries, stored, anchors, tokens, kv_bytes, stored_kv, full_kv) = self._db().execute(
-                "SELECT COUNT(*), COALESCE(SUM(length), 0), COALESCE(SUM(n_anchors), 0), "
-                "COALESCE(SUM(n_tokens), 0), COALESCE(SUM(kv_bytes), 0), "
-                "COALESCE(SUM(stored_kv_bytes), 0), COALESCE(SUM(full_kv_bytes), 0) "
-                "FROM entries"
-            ).fetchone()
+        ((entries, stored, anchors, tokens, kv_bytes, stored_kv, full_kv),) = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(length), 0), COALESCE(SUM(n_anchors), 0), "
+            "COALESCE(SUM(n_tokens), 0), COALESCE(SUM(kv_bytes), 0), "
+            "COALESCE(SUM(stored_kv_bytes), 0), COALESCE(SUM(full_kv_bytes), 0) "
+            "FROM entries"
+        )
         shard_sizes = self._shard_sizes()
         on_disk = 0
         for root, _, files in os.walk(self._path):
@@ -868,20 +941,15 @@ class AnchorStore:
                 appender.sync()
             except OSError as err:
                 appender.rollback()
-                raise _write_error(err, self._path, "compacting shards") from err
-            with self._db_lock:
-                conn = self._db()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(
-                        "UPDATE entries SET shard = ?, offset = ? "
-                        "WHERE key = ? AND shard = ? AND offset = ?", moves)
-                    _set_next_shard(conn, max(next_shard, appender.next_shard))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                raise _write_error(err, self._path, "compacting shards (gc)",
+                                   "no entry was moved", "rerun gc") from err
+            try:
+                self._move_rows(moves, max(next_shard, appender.next_shard))
+            except (sqlite3.Error, OSError) as err:
+                # The copies are durable but unindexed: orphans, reclaimed by the next gc.
+                raise _write_error(err, self._path, "committing the moves of gc",
+                                   "no entry was moved (the copies are orphan bytes)",
+                                   "rerun gc") from err
             for shard in empty + holey:
                 os.unlink(self._path / SHARDS / self._shard_name(shard))
                 self._forget_map(shard)
@@ -893,6 +961,11 @@ class AnchorStore:
             report["reclaimed_bytes"] = sum(sizes[s] for s in empty + holey) - moved_bytes
         return report
 
+    def _move_rows(self, moves: list[tuple], next_shard: int) -> None:
+        """Point entries at their copies, in one transaction (all move or none)."""
+        self._commit_rows("UPDATE entries SET shard = ?, offset = ? "
+                          "WHERE key = ? AND shard = ? AND offset = ?", moves, next_shard)
+
 
 # -- merging ----------------------------------------------------------------------------------
 
@@ -903,8 +976,9 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
 
     Every source must carry the same fingerprint and ratio (checked before anything is
     written). Entries already in the destination are skipped. Bytes are copied as stored
-    (checksum-verified) when the storage codec and dtype agree, re-encoded otherwise.
-    Returns how many entries were added.
+    when the storage codec and dtype agree, re-encoded otherwise; either way each entry is
+    read as ``get`` reads it, so a corrupt one stops the merge (``StoreCorruptionError``
+    naming it; what was merged before it stays). Returns how many entries were added.
     """
     if isinstance(sources, (str, os.PathLike)) or not sources:
         raise InvalidInputError("merge takes a destination and a non-empty list of source stores")
@@ -947,10 +1021,8 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
                     todo = dest.missing(keys[i:i + 64])
                     records = []
                     for row in source._rows(todo).values():
-                        if same_encoding:  # copy the verified bytes and their index columns
-                            records.append(_Record(row.key, source._read_verified(row),
-                                                   row.checksum, *source._sizes(row.key),
-                                                   row.metadata_json))
+                        if same_encoding:
+                            records.append(_copied_record(source, row))
                         else:
                             records.append(dest._encode(row.key, source._load(row), row.metadata))
                     added += dest._write(records)
@@ -958,6 +1030,15 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
     finally:
         for store in opened:
             store.close()
+
+
+def _copied_record(source: AnchorStore, row: _Row) -> _Record:
+    """An entry of ``source`` as stored, with its index columns, for a store of the same storage
+    and dtype: its bytes are checked as a read checks them (checksum, then decoded against its
+    row and the manifest), so a bad entry is refused rather than copied."""
+    data = source._read_verified(row)
+    source._decode(row, data)
+    return _Record(row.key, data, row.checksum, *source._sizes(row.key), row.metadata_json)
 
 
 # -- blobs ------------------------------------------------------------------------------------
@@ -980,22 +1061,77 @@ def _encode_8bit(kv: AnchorKV, codec: str) -> tuple[bytes, int]:
     return st_save(tensors, metadata=meta), stored
 
 
-def _decode_blob(data: bytes, dtype: torch.dtype) -> AnchorKV:
+class _EntryMismatch(ValueError):
+    """An entry's blob decodes, but not as the store encodes its entries (see ``_decode_blob``)."""
+
+
+_CODE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # the dtype of each codec's codes
+
+
+def _decode_blob(data: bytes, storage: str, dtype: torch.dtype) -> AnchorKV:
+    """An entry's blob as ``AnchorKV`` in ``dtype``. Raises ``_EntryMismatch`` for a blob not
+    encoded as a store of ``storage`` and ``dtype`` encodes (never silently converted: such
+    bytes were not written by this store), other errors for bytes that do not decode at all."""
     meta = read_metadata(data)
-    if meta.get("format") == KV_FORMAT:
-        kv = AnchorKV.from_bytes(data)
-        return kv if kv.keys.dtype == dtype else kv.to(dtype=dtype)
-    if meta.get("format") != QUANTIZED_KV_FORMAT:
-        raise ValueError(f"unknown entry format {meta.get('format')!r}")
+    stored_as = _stored_as(meta)
+    if stored_as != storage:
+        raise _EntryMismatch(f"it holds {stored_as} K/V, but the store keeps {storage} entries")
     tensors = st_load(data)
-    return AnchorKV(
-        keys=dequantize(tensors["keys"], tensors["keys_scale"], dtype),
-        values=dequantize(tensors["values"], tensors["values_scale"], dtype),
-        positions=tensors["positions"],
-        n_tokens=int(meta["n_tokens"]),
-        offset=int(meta["offset"]),
-        fingerprint=meta["fingerprint"],
-    )
+    if storage == "native":
+        keys, values = _native_tensors(tensors, dtype)
+    else:
+        keys, values = _dequantized_tensors(tensors, storage, dtype)
+    return AnchorKV(keys=keys, values=values, positions=_tensors(tensors, "positions")[0],
+                    n_tokens=int(meta["n_tokens"]), offset=int(meta["offset"]),
+                    fingerprint=meta["fingerprint"])
+
+
+def _stored_as(meta: dict) -> str:
+    """How a blob says it is encoded: "native", or its 8-bit codec."""
+    if meta.get("format") == KV_FORMAT:
+        return "native"
+    if meta.get("format") == QUANTIZED_KV_FORMAT and meta.get("codec") in CODECS:
+        return meta["codec"]
+    raise ValueError(f"unknown entry format {meta.get('format')!r} (codec {meta.get('codec')!r})")
+
+
+def _tensors(tensors: dict[str, torch.Tensor], *names: str) -> list[torch.Tensor]:
+    """The named tensors of a blob (a ``ValueError`` names those it lacks)."""
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)} tensor")
+    return [tensors[name] for name in names]
+
+
+def _native_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Keys and values of a native blob, which the store keeps in its own dtype."""
+    found = _tensors(tensors, "keys", "values")
+    for name, tensor in zip(("keys", "values"), found):
+        if tensor.dtype != dtype:
+            raise _EntryMismatch(f"its {name} are {dtype_name(tensor.dtype)}, but the store keeps "
+                                 f"{dtype_name(dtype)} K/V")
+    return found
+
+
+def _dequantized_tensors(tensors: dict[str, torch.Tensor], codec: str,
+                         dtype: torch.dtype) -> list[torch.Tensor]:
+    """Keys and values of an 8-bit blob, decoded to ``dtype``: codes of the codec's dtype, and
+    one positive float32 scale per (layer, head)."""
+    decoded = []
+    for name in ("keys", "values"):
+        codes, scale = _tensors(tensors, name, f"{name}_scale")
+        if codes.dtype != _CODE_DTYPES[codec]:
+            raise _EntryMismatch(f"its {name} are {dtype_name(codes.dtype)} codes, but the store "
+                                 f"keeps {codec} codes")
+        if codes.dim() != 4 or scale.shape != codes.shape[:2] or scale.dtype != torch.float32:
+            raise _EntryMismatch(
+                f"its {name}_scale is {dtype_name(scale.dtype)} of shape {tuple(scale.shape)}, but "
+                f"{name} of shape {tuple(codes.shape)} need float32 of shape {tuple(codes.shape[:2])} "
+                "(one scale per layer and head)")
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise _EntryMismatch(f"its {name}_scale holds scales that are not positive and finite")
+        decoded.append(dequantize(codes, scale, dtype))
+    return decoded
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -1102,13 +1238,19 @@ class _WriterLock:
         self.fd = -1
 
 
-def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str) -> StoreWriteError:
+def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str,
+                 outcome: str = "nothing of this write was indexed",
+                 rerun: str = "rerun (already stored entries are skipped)") -> StoreWriteError:
+    """The ``StoreWriteError`` for a failed write: what failed, what it left (``outcome``) and
+    what to do. Its errno is ENOSPC when the disk is full, also when SQLite is the one that
+    says so (its errors carry no errno), so callers can tell a full disk from other failures."""
     code = getattr(err, "errno", None)
-    full = code == errno.ENOSPC or "full" in str(err).lower()
-    advice = ("the disk is full: free space, then rerun (already stored entries are skipped)"
-              if full else "fix the cause, then rerun (already stored entries are skipped)")
-    return StoreWriteError(code or errno.EIO, f"{doing} in the store at {path} failed ({err}); "
-                           f"nothing of this write was indexed; {advice}")
+    full = (code == errno.ENOSPC or getattr(err, "sqlite_errorname", "") == "SQLITE_FULL"
+            or "full" in str(err).lower())
+    advice = (f"the disk is full: free space, then {rerun}" if full
+              else f"fix the cause, then {rerun}")
+    return StoreWriteError(errno.ENOSPC if full else code or errno.EIO,
+                           f"{doing} in the store at {path} failed ({err}); {outcome}; {advice}")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -1168,6 +1310,15 @@ def _connect(index: Path, readonly: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
     conn.execute("SELECT COUNT(*) FROM meta").fetchone()  # a missing table: sqlite3.DatabaseError
     return conn
+
+
+def _index_damaged(err: Exception) -> bool:
+    """Whether a failed index query means the index file itself is damaged (rather than busy,
+    full or unreachable): SQLite found malformed pages, or stored text is not UTF-8."""
+    if isinstance(err, UnicodeDecodeError):
+        return True
+    return (getattr(err, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+            or str(err).startswith("Could not decode to UTF-8"))
 
 
 def _set_next_shard(conn: sqlite3.Connection, next_shard: int) -> None:

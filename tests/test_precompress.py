@@ -162,6 +162,19 @@ def test_non_utf8_text_is_decoded_with_replacement_by_default_or_skipped_on_requ
     assert stats.skipped == {"not UTF-8": 1}
 
 
+def test_lone_surrogates_in_a_records_id_or_metadata_are_replaced_too(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a\udc80", "text": "fine text", "tags": ["x\ud800"]}) + "\n")
+    stats = CorpusStats()
+    (doc,) = read_corpus(corpus, stats)
+    assert (doc.id, doc.text, doc.metadata) == ("a\ufffd", "fine text", {"tags": ["x\ufffd"]})
+    assert stats.replaced_encoding == 1
+    stats = CorpusStats()
+    with pytest.raises(CorpusError, match="no usable document"):
+        list(read_corpus(corpus, stats, decode_errors="skip"))
+    assert stats.skipped == {"not valid Unicode (lone surrogates)": 1}
+
+
 def test_duplicate_documents_are_read_once_and_counted(tmp_path):
     for name in ("a.txt", "b.txt", "c/a-copy.md"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -313,6 +326,34 @@ def test_stored_chunks_generate_exactly_like_freshly_compressed_ones(tiny_sac, r
         assert a.token_ids == b.token_ids and a.context_tokens == b.context_tokens
     with pytest.raises(EntryNotFoundError, match="Precompress the corpus"):
         load_compressed(path, ["a chunk that was never stored"])
+
+
+def test_an_empty_or_unreadable_corpus_fails_before_a_store_is_created(tmp_path, tiny_sac):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")  # unreadable
+    for corpus in (tmp_path / "empty", tmp_path / "broken"):
+        with pytest.raises(CorpusError, match="no usable document"):
+            precompress(corpus, tmp_path / "store", tiny_sac[1], show_progress=False)
+        assert not (tmp_path / "store").exists()  # no empty store left to trip a later run
+
+
+def test_text_that_is_not_valid_unicode_is_replaced_or_skipped_not_a_crash(tmp_path, tiny_sac):
+    compressor = tiny_sac[1]
+    corpus = tmp_path / "c.jsonl"  # JSON may escape half of a surrogate pair: not encodable text
+    corpus.write_text(json.dumps({"id": "bad", "text": "Paris \ud800 is the capital of France."}) + "\n"
+                      + json.dumps({"id": "good", "text": "The quick brown fox."}) + "\n")
+    summary = precompress(corpus, tmp_path / "s", compressor, chunk_tokens=CHUNK, show_progress=False)
+    assert summary.decoded_with_replacement == 1 and summary.compressed == summary.entries == 2
+    with AnchorStore.open(tmp_path / "s", readonly=True) as s:
+        texts = sorted(s.metadata(k)["text"] for k in s.keys())
+    assert texts == ["Paris \ufffd is the capital of France.", "The quick brown fox."]
+    load_compressed(tmp_path / "s", texts)
+
+    skipped = precompress(corpus, tmp_path / "skip", compressor, chunk_tokens=CHUNK, decode_errors="skip",
+                          show_progress=False)
+    assert skipped.entries == 1 and skipped.documents == 1
+    assert skipped.skipped_inputs == {"not valid Unicode (lone surrogates)": 1}
 
 
 def test_a_store_from_another_compressor_or_a_foreign_directory_is_refused(tmp_path, tiny_sac, corpus):

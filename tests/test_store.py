@@ -190,6 +190,11 @@ def test_key_for_is_sha256_of_the_chunk_text():
     assert AnchorStore.key_for("a") != AnchorStore.key_for("a ")
 
 
+def test_key_for_refuses_text_that_is_not_valid_unicode():
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        AnchorStore.key_for("half a pair: \ud800")
+
+
 def test_put_is_idempotent_for_same_key(store):
     assert store.put(key(1), make_kv(1)) is True
     size = shard_files(store.path)[0].stat().st_size
@@ -455,6 +460,101 @@ def test_a_read_only_directory_reads_the_index_unless_a_stopped_writer_left_comm
         assert s.keys() == [key(0)]
 
 
+def test_a_damaged_index_row_is_reported_as_corruption_by_reads_and_by_verify(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"note": f"marker-{i}"}) for i in range(3)])
+    index = path / "index.sqlite"
+    flip_byte(index, index.read_bytes().index(b"marker-1"))  # the row's text is no longer UTF-8
+    with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as s:
+        assert_same_kv(s.get(key(0)), make_kv(0))
+        for read in (s.get, s.metadata):
+            with pytest.raises(StoreCorruptionError, match="index.sqlite"):
+                read(key(1))
+        report = s.verify()  # reports, does not crash
+    assert not report.ok and report.index_problems
+    assert "index" in report.summary() and "decode" in report.summary()
+
+
+def test_verify_finds_a_damaged_key_index_that_hides_an_entry(tmp_path):
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+    db = sqlite3.connect(path / "index.sqlite")
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_entries_1'"
+                      ).fetchone()[0]
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    data = bytearray((path / "index.sqlite").read_bytes())
+    at = data.index(key(1).encode(), (root - 1) * page_size)  # the key's copy in the key index
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")  # still text, another key
+    (path / "index.sqlite").write_bytes(bytes(data))
+    with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as s:
+        assert key(1) in s.keys() and key(1) not in s  # the entry cannot be found by its key
+        report = s.verify()
+    assert not report.ok and any("index" in p for p in report.index_problems), report.summary()
+
+
+def _blob(keys, values, positions, offset=0, meta=None, **tensors) -> bytes:
+    """A native entry blob built by hand (as another tool or a damaged copy might have)."""
+    meta = {"format": "sac-anchor-kv/1", "n_tokens": "80", "offset": str(offset),
+            "fingerprint": FP, "dtype": "bfloat16", **(meta or {})}
+    return store_module.st_save({"keys": keys.contiguous(), "values": values.contiguous(),
+                                 "positions": positions, **tensors}, metadata=meta)
+
+
+def _smuggle(s: AnchorStore, k: str, blob: bytes, like: AnchorKV) -> None:
+    """Index ``blob`` under ``k`` with a valid checksum and the index columns of ``like``."""
+    import hashlib
+
+    s._write([store_module._Record(k, blob, hashlib.sha256(blob).hexdigest(), like.n_anchors,
+                                   like.n_tokens, like.nbytes, like.nbytes, 0, "{}")])
+
+
+def test_entries_that_do_not_match_the_manifest_or_their_index_row_are_reported_not_returned(tmp_path):
+    kv = make_kv(0)
+    half = make_kv(1, shape=(4, 2, 8, 32))
+    bad = {  # key -> (blob, what the error must name)
+        key(1): (kv.to(dtype=torch.float32).to_bytes(), "float32"),
+        key(2): (_blob(kv.keys, kv.values.float(), kv.positions), "float32"),
+        key(3): (_blob(kv.keys, kv.values, kv.positions + 7, offset=7), "offset 7"),
+        key(4): (half.to_bytes(), "8 anchors"),
+    }
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5) as s:
+        s.put(key(0), kv)
+        for k, (blob, _) in bad.items():
+            _smuggle(s, k, blob, kv)
+        assert_same_kv(s.get(key(0)), kv)
+        for k, (_, named) in bad.items():
+            with pytest.raises(StoreCorruptionError, match=named):
+                s.get(k)
+        report = s.verify()
+        assert sorted(b.key for b in report.bad) == sorted(bad)
+
+    kv8 = make_kv(5)
+    codes, scales = store_module.quantize(kv8.keys, "int8")
+    meta = {"format": store_module.QUANTIZED_KV_FORMAT, "codec": "int8"}
+    with AnchorStore.create(tmp_path / "int8", FP, ratio=5, storage="int8") as s:
+        one_scale = scales[:, :1].contiguous()  # one scale for all heads of a layer
+        _smuggle(s, key(5), _blob(codes, codes.clone(), kv8.positions, meta=meta, keys_scale=one_scale,
+                                  values_scale=one_scale.clone()), kv8)  # (safetensors saves no shared memory)
+        _smuggle(s, key(6), kv8.to_bytes(), kv8)  # a native entry in an int8 store
+        with pytest.raises(StoreCorruptionError, match="scale"):
+            s.get(key(5))
+        with pytest.raises(StoreCorruptionError, match="int8"):
+            s.get(key(6))
+
+
+def test_values_beyond_the_range_of_the_store_dtype_are_refused_not_stored_as_infinity(tmp_path):
+    big = make_kv(1, dtype=torch.float32)
+    big.values[0, 0, 0, 0] = 1e6  # finite in float32, infinite in float16
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5, dtype="float16") as s:
+        with pytest.raises(InvalidInputError, match="float16"):
+            s.put(key(1), big)
+        assert len(s) == 0
+        assert s.put(key(2), make_kv(2, dtype=torch.float32))  # in range: stored
+
+
 # -- crash safety -----------------------------------------------------------------------------
 
 
@@ -541,6 +641,30 @@ def test_failed_index_commit_leaves_only_orphan_bytes_that_gc_reclaims(tmp_path,
         assert s.stats()["orphan_bytes"] == 0
         assert s.put(key(1), make_kv(1)) is True
         assert s.verify().ok and len(s) == 2
+
+
+def test_a_full_disk_while_committing_the_index_is_enospc_in_put_and_in_gc(tmp_path, monkeypatch):
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+        with monkeypatch.context() as patch:
+            patch.setattr(AnchorStore, "_index_rows", full)
+            with pytest.raises(StoreWriteError, match="disk is full") as info:
+                s.put(key(3), make_kv(3))
+            assert info.value.errno == errno.ENOSPC
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "_set_next_shard", full)  # inside gc's index transaction
+            with pytest.raises(StoreWriteError, match="disk is full") as info:
+                s.gc()
+            assert info.value.errno == errno.ENOSPC and "gc" in str(info.value)
+        assert s.verify().ok and len(s) == 3  # no entry moved or lost
+        for i in range(3):
+            assert_same_kv(s.get(key(i)), make_kv(i))
+        s.gc()
+        assert s.stats()["orphan_bytes"] == 0 and s.verify().ok
 
 
 def test_gc_removes_orphans(tmp_path):
@@ -760,6 +884,13 @@ def test_merge_refuses_a_corrupt_source_entry(tmp_path):
         s.put(key(0), make_kv(0), {"chunk_id": "c0"})
     flip_byte(shard_files(tmp_path / "a")[0], 1000)
     with pytest.raises(StoreCorruptionError, match="c0"):
+        merge(tmp_path / "all", [tmp_path / "a"])
+
+
+def test_merge_refuses_an_entry_that_does_not_match_its_index_row(tmp_path):
+    with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
+        _smuggle(s, key(0), make_kv(0, shape=(4, 2, 8, 32)).to_bytes(), make_kv(0))  # checksum is fine
+    with pytest.raises(StoreCorruptionError, match="8 anchors"):
         merge(tmp_path / "all", [tmp_path / "a"])
 
 
