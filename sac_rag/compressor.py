@@ -347,7 +347,9 @@ class SACCompressor(torch.nn.Module):
         results: list[AnchorKV | None] = [None] * len(chunks)
         from tqdm.auto import tqdm
 
-        was_training = self.training
+        # Each module's own flag comes back afterwards: the compressor is in training mode when built,
+        # and restoring that to every module would put the shared base model (the decoder) in it too.
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             with tqdm(total=len(chunks), unit="chunk", disable=not show_progress, desc="compressing") as bar:
@@ -358,7 +360,8 @@ class SACCompressor(torch.nn.Module):
                         results[i] = kv
                     bar.update(len(batch))
         finally:
-            self.train(was_training)
+            for module, mode in modes:
+                module.training = mode
         return results  # type: ignore[return-value]
 
     # -- the encoder forward pass ------------------------------------------------------------
@@ -403,6 +406,7 @@ class SACCompressor(torch.nn.Module):
             positions[row, : len(chunk)] = torch.arange(offset, offset + len(chunk))
             if appended:  # memory tokens sit where the anchors would (EPL's uniform position ids)
                 positions[row, len(chunk) : lengths[row]] = torch.as_tensor(idx) + offset
+        self.rotator.check_positions(int(positions.max()) + 1)  # dynamic RoPE: only where its frequencies hold
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
 
         embeds = self._base.get_input_embeddings()(ids)

@@ -2,7 +2,8 @@
 
 An ``AnchorKV`` is what the compressor produces, what a store keeps, and what the generator
 splices into the decoder's cache. Its keys carry RoPE at ``positions`` (= ``offset`` + local
-anchor index); ``at_offset`` moves the chunk elsewhere exactly (see ``rope``).
+anchor index); ``at_offset`` moves the chunk elsewhere exactly (see ``rope``; with multi-head
+latent attention the rotated part is what the cache keeps as values).
 """
 
 from __future__ import annotations
@@ -78,9 +79,11 @@ class AnchorKV:
         delta = offset - self.offset
         if delta == 0:
             return self
+        keys, values = rotator.move(self.keys, self.values, delta)
         return replace(
             self,
-            keys=rotator.rotate(self.keys, delta),
+            keys=keys,
+            values=values,
             positions=self.positions + delta,
             offset=offset,
         )
