@@ -19,7 +19,12 @@ looks like a marker - say a user typing ``<sac:...>`` into a question - stays pl
 loads nothing; text put in a prompt as text (a document passed through uncompressed) goes
 through ``plain_text``, so that marker-looking text in it stays text even when it names a
 stored chunk. A marker this engine handed out whose chunk it has since dropped from memory is an
-error (``EntryNotFoundError``), not text.
+error (``EntryNotFoundError``), not text; so is a prompt holding a *piece* of a marker this engine
+handed out (``MarkerCutError``): something cut the text the marker travelled in, its chunk would be
+lost and its hex digits read as text.
+
+Chunks compressed in memory that a call has been handed are pinned until that call has generated:
+a concurrent call making room does not drop them in between (``BoundedMemory``).
 
 ``SACEngine`` is what the framework adapters share: the compressor and its decoder, loaded on
 first use; the store; the resolver; and one lock per model, since compressing and decoding
@@ -36,6 +41,7 @@ import os
 import queue
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -57,8 +63,17 @@ logger = logging.getLogger(__name__)
 MARKER_PREFIX = "<sac:"
 MARKER_PATTERN = re.compile(r"<sac:([0-9a-f]{64})>")
 _KEY = re.compile(r"[0-9a-f]{64}")
+# A marker put in a prompt as text (``plain_text``): its digits are text.
+_ESCAPED_MARKER = re.compile("<\u200bsac:[0-9a-f]{64}>")
+# The two pieces of a marker cut in two: ``<sac:`` and the start of a key, cut off after it; the
+# end of a key and ``>``, cut off before it. Fewer hex digits than this are no piece (too likely
+# to match some key by chance).
+MIN_CUT_PIECE = 6
+_MARKER_START = re.compile(r"<sac:([0-9a-f]{%d,64})(?![0-9a-f>])" % MIN_CUT_PIECE)
+_MARKER_END = re.compile(r"(?<![0-9a-f])(?<!<sac:)([0-9a-f]{%d,64})>" % MIN_CUT_PIECE)
 ON_MISS = ("compress", "text", "error")
 DEFAULT_MEMORY_BYTES = 256 << 20
+PIN_SECONDS = 600.0  # how long chunks handed out stay pinned if no generation reads them
 MAX_BATCH = 16  # prompts decoded together at most
 STORE_MISS_HINT = (
     "A store serves only texts identical to the chunks sac_rag.precompress stored (the same files, "
@@ -66,6 +81,15 @@ STORE_MISS_HINT = (
     "texts your retriever returns, or set write_back=True to store them as they come")
 
 Segment = str | AnchorKV
+
+
+class MarkerCutError(SACError):
+    """A prompt holds a piece of a ``<sac:...>`` marker, not the whole marker: the text it travelled
+    in was split inside it (e.g. by LlamaIndex's prompt helper). Read as text, its chunk would be
+    lost and its hex digits would reach the model, so the prompt is refused.
+
+    Not a ``ValueError`` (unlike ``PromptError``): LlamaIndex's refine and compact synthesizers catch
+    those from the LLM, log them and carry on, which would turn the refusal into "Empty Response"."""
 
 
 # -- markers ----------------------------------------------------------------------------------
@@ -130,19 +154,25 @@ class BoundedMemory(MutableMapping):
     """Chunks compressed in this process and not written to a store: key -> ``AnchorKV``, least
     recently used dropped first once their tensors pass ``max_bytes``.
 
-    Entries of the call in progress are never dropped to make room (``put_many(..., keep=...)``):
-    the memory then holds more than ``max_bytes`` until a later call (with a warning), rather than
-    losing chunks whose markers that call is handing out. The keys of dropped entries are
-    remembered (``was_evicted``), so a marker of one can be told from a marker that names nothing.
+    Never dropped to make room: the entries of the call in progress (``put_many(..., keep=...)``),
+    and pinned entries (``pin``, ``put_many(..., pin=True)``): the chunks calls have been handed and
+    not yet read, each pinned until its call has generated (``unpin``), so that a concurrent call
+    cannot drop them in between. A pin lapses after ``pin_seconds`` (a call that failed, or whose
+    documents were never sent to the LLM), so pins cannot hold memory for ever. The memory then
+    holds more than ``max_bytes`` until a later call (with a warning), rather than losing chunks
+    whose markers are out. The keys of dropped entries are remembered (``was_evicted``), so a marker
+    of one can be told from a marker that names nothing.
     """
 
     MAX_EVICTED_KEYS = 1 << 16
 
-    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES):
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES, pin_seconds: float = PIN_SECONDS):
         self.max_bytes = max_bytes
+        self.pin_seconds = pin_seconds
         self._items: OrderedDict[str, AnchorKV] = OrderedDict()
         self._bytes = 0
         self._evicted: OrderedDict[str, None] = OrderedDict()
+        self._pins: dict[str, list[float]] = {}  # key -> when each of its pins lapses (time.monotonic)
         self._lock = threading.Lock()
 
     @property
@@ -158,34 +188,80 @@ class BoundedMemory(MutableMapping):
     def __setitem__(self, key: str, kv: AnchorKV) -> None:
         self.put_many([(key, kv)])
 
-    def put_many(self, items: Iterable[tuple[str, AnchorKV]], keep: Iterable[str] = ()) -> None:
-        """Add ``items`` (most recently used), then drop the least recently used entries other
-        than ``items`` and ``keep`` while the memory holds more than ``max_bytes``."""
+    def put_many(self, items: Iterable[tuple[str, AnchorKV]], keep: Iterable[str] = (), pin: bool = False) -> None:
+        """Add ``items`` (most recently used; each pinned once if ``pin``), then drop the least
+        recently used entries other than ``items``, ``keep`` and pinned ones while the memory holds
+        more than ``max_bytes``."""
         with self._lock:
-            protected = set(keep)
-            for key, kv in items:
+            now = time.monotonic()
+            added: dict[str, AnchorKV] = dict(items)
+            keep = list(keep)
+            for key, kv in added.items():
                 if key in self._items:
                     self._bytes -= self._items.pop(key).nbytes
                 self._items[key] = kv
                 self._bytes += kv.nbytes
                 self._evicted.pop(key, None)
-                protected.add(key)
-            for key in protected:
+                if pin:
+                    self._pins.setdefault(key, []).append(now + self.pin_seconds)
+            protected = set(keep) | set(added)
+            for key in [*keep, *added]:  # ``items`` the most recent, in their order
                 if key in self._items:
                     self._items.move_to_end(key)
+            self._lapse(now)
             for key in list(self._items):
-                if self._bytes <= self.max_bytes or key in protected:
-                    break  # the protected keys are at the end: the rest is protected too
+                if self._bytes <= self.max_bytes:
+                    break
+                if key in protected or key in self._pins:
+                    continue
                 self._bytes -= self._items.pop(key).nbytes
                 self._evicted[key] = None
             while len(self._evicted) > self.MAX_EVICTED_KEYS:
                 self._evicted.popitem(last=False)
             if self._bytes > self.max_bytes:
                 logger.warning(
-                    "the chunks compressed in memory take %d bytes, over the %d-byte limit: the %d chunk(s) the "
-                    "current call needs are kept anyway, and older ones are dropped on later calls (raise "
-                    "memory_bytes, or give the engine a store with write_back=True)",
-                    self._bytes, self.max_bytes, len(protected))
+                    "the chunks compressed in memory take %d bytes, over the %d-byte limit: the %d chunk(s) that "
+                    "calls in progress have been handed and not yet read are kept anyway, and dropped on later calls "
+                    "once read (raise memory_bytes, or give the engine a store with write_back=True)",
+                    self._bytes, self.max_bytes, len((protected | set(self._pins)) & set(self._items)))
+
+    def pin(self, keys: Iterable[str]) -> set[str]:
+        """Pin those of ``keys`` held here (once each) and mark them as just used: they are not
+        dropped to make room until ``unpin`` (or ``pin_seconds`` from now). Returns the keys pinned."""
+        with self._lock:
+            lapses = time.monotonic() + self.pin_seconds
+            pinned = {key for key in keys if key in self._items}
+            for key in pinned:
+                self._pins.setdefault(key, []).append(lapses)
+                self._items.move_to_end(key)
+            return pinned
+
+    def unpin(self, keys: Iterable[str]) -> None:
+        """Release one pin of each of ``keys`` (the one that lapses first); keys without pins are
+        skipped. The entries are dropped by a later ``put_many`` if the memory is over its limit."""
+        with self._lock:
+            for key in set(keys):
+                pins = self._pins.get(key)
+                if pins:
+                    pins.remove(min(pins))
+                    if not pins:
+                        del self._pins[key]
+
+    @property
+    def pinned(self) -> set[str]:
+        """The keys pinned now."""
+        with self._lock:
+            self._lapse(time.monotonic())
+            return set(self._pins)
+
+    def _lapse(self, now: float) -> None:
+        """Forget the pins that have lapsed, and those of entries no longer held (lock held)."""
+        for key in list(self._pins):
+            live = [t for t in self._pins[key] if t > now] if key in self._items else []
+            if live:
+                self._pins[key] = live
+            else:
+                del self._pins[key]
 
     def touch(self, keys: Iterable[str]) -> None:
         """Mark ``keys`` (those present) as just used."""
@@ -202,6 +278,7 @@ class BoundedMemory(MutableMapping):
     def __delitem__(self, key: str) -> None:
         with self._lock:
             self._bytes -= self._items.pop(key).nbytes
+            self._pins.pop(key, None)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -218,13 +295,20 @@ class BoundedMemory(MutableMapping):
 class CacheResolver:
     """Looks handle keys up: among chunks compressed in this process (``memory``), then in the
     store. Only entries made by the compressor with ``fingerprint`` resolve; a store built by
-    another model or compressor is refused outright (``FingerprintMismatchError``)."""
+    another model or compressor is refused outright (``FingerprintMismatchError``).
+
+    It also remembers the keys it has handed out lately (``issue``), to tell a piece of one of
+    their markers in a prompt (``cut_pieces``)."""
+
+    MAX_ISSUED_KEYS = 1 << 16
 
     def __init__(self, fingerprint: str, store: AnchorStore | None = None,
                  memory: MutableMapping[str, AnchorKV] | None = None):
         self.fingerprint = fingerprint
         self.memory = BoundedMemory() if memory is None else memory
         self._texts: dict[str, str] = {}  # the text of chunks in memory (extractive answers quote it)
+        self._issued: OrderedDict[str, None] = OrderedDict()
+        self._issued_lock = threading.Lock()
         self.store: AnchorStore | None = None
         if store is not None:
             self.attach_store(store)
@@ -241,14 +325,49 @@ class CacheResolver:
     def __call__(self, key: str) -> AnchorKV | None:
         return self.lookup([key]).get(key)
 
-    def present(self, keys: Iterable[str]) -> set[str]:
-        """Those of ``keys`` that resolve, without decoding any entry."""
+    def present(self, keys: Iterable[str], pin: bool = False) -> set[str]:
+        """Those of ``keys`` that resolve, without decoding any entry. With ``pin``, those held in
+        memory are pinned as they are found, until ``release``: a concurrent call making room then
+        cannot drop them before the call they are handed to has read them."""
         keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and _KEY.fullmatch(k)]
-        found = {k for k in keys if k in self.memory}
+        if pin and isinstance(self.memory, BoundedMemory):
+            found = self.memory.pin(keys)
+        else:
+            found = {k for k in keys if k in self.memory}
         rest = [k for k in keys if k not in found]
         if rest and self.store is not None:
             found.update(set(rest) - set(self.store.missing(rest)))
         return found
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Unpin the chunks of ``keys`` once (their call has generated): memory may drop them again."""
+        if isinstance(self.memory, BoundedMemory):
+            self.memory.unpin(keys)
+
+    def issue(self, keys: Iterable[str]) -> None:
+        """Remember ``keys`` as handed out (the latest ``MAX_ISSUED_KEYS``), for ``cut_pieces``."""
+        with self._issued_lock:
+            for key in keys:
+                self._issued[key] = None
+                self._issued.move_to_end(key)
+            while len(self._issued) > self.MAX_ISSUED_KEYS:
+                self._issued.popitem(last=False)
+
+    def cut_pieces(self, prompt: str) -> list[str]:
+        """Pieces of cut markers of handed-out keys in ``prompt``: ``<sac:`` and the start of such a
+        key not followed by the rest of the marker, or the end of such a key and ``>`` not preceded
+        by the start (``MIN_CUT_PIECE`` hex digits at least). Hex text not next to ``<sac:`` or ``>``
+        (a hash, a number, a key quoted as a citation) is never a piece, nor is a whole marker or
+        one put in as text (``plain_text``)."""
+        rest = _ESCAPED_MARKER.sub("\x00", MARKER_PATTERN.sub("\x00", prompt))
+        starts = {m.group(0) for m in _MARKER_START.finditer(rest)}
+        ends = {m.group(0) for m in _MARKER_END.finditer(rest)}
+        if not starts and not ends:
+            return []
+        with self._issued_lock:
+            issued = list(self._issued)
+        return sorted({piece for piece in starts if any(key.startswith(piece[len(MARKER_PREFIX):]) for key in issued)}
+                      | {piece for piece in ends if any(key.endswith(piece[:-1]) for key in issued)})
 
     def lookup(self, keys: Iterable[str]) -> dict[str, AnchorKV]:
         """``{key: entry}`` for those of ``keys`` that resolve (one store query for the rest)."""
@@ -275,9 +394,11 @@ class CacheResolver:
         and its ``text`` so that extractive answers can quote it."""
         self.remember_many([(key, kv, text)])
 
-    def remember_many(self, items: Sequence[tuple[str, AnchorKV, str | None]], keep: Iterable[str] = ()) -> None:
+    def remember_many(self, items: Sequence[tuple[str, AnchorKV, str | None]], keep: Iterable[str] = (),
+                      pin: bool = False) -> None:
         """``remember`` each ``(key, entry, text)``; making room drops none of them, nor the
-        chunks of ``keep`` (the other chunks of the call in progress)."""
+        chunks of ``keep`` (the other chunks of the call in progress). With ``pin`` they stay
+        pinned until ``release`` (handed to a call that has not generated yet)."""
         for key, kv, _ in items:
             if not same_model(kv.fingerprint, self.fingerprint):
                 raise FingerprintMismatchError(
@@ -287,7 +408,7 @@ class CacheResolver:
             if kv.offset != 0:
                 raise InvalidInputError(f"chunk {key} is at offset {kv.offset}; handles hold chunk-local entries")
         if isinstance(self.memory, BoundedMemory):
-            self.memory.put_many([(key, kv) for key, kv, _ in items], keep)
+            self.memory.put_many([(key, kv) for key, kv, _ in items], keep, pin=pin)
         else:
             for key, kv, _ in items:
                 self.memory[key] = kv
@@ -383,6 +504,10 @@ class SACEngine:
     ``SACEngine.shared(...)`` returns one engine per distinct set of arguments, so a document
     compressor and an LLM built with the same arguments share weights, store and the chunks
     compressed in memory.
+
+    Chunks in memory that ``handles_for`` hands out are pinned until a ``generate`` (or stream)
+    whose prompt carries their markers has finished, or for ``PIN_SECONDS`` at most: concurrent
+    calls cannot drop each other's chunks between handing them out and reading them.
     """
 
     def __init__(self, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
@@ -528,19 +653,23 @@ class SACEngine:
                                 on_miss=on_miss, metadata=metadata)
 
     def lookup_handles(self, texts: Sequence[str]) -> list[list[str] | None]:
-        """``[key]`` for each text stored (or remembered) as one chunk, None for the others.
-        Store I/O only: no tokenizing, no model."""
+        """``[key]`` for each text stored (or remembered) as one chunk, None for the others. The
+        chunks found in memory are pinned until a generation reads them. Store I/O only: no
+        tokenizing, no model."""
         texts = _check_texts(texts)
         resolver = self.resolver
         keys = [AnchorStore.key_for(t) for t in texts]
-        present = resolver.present(keys)
-        return [[] if not t.strip() else [k] if k in present else None for t, k in zip(texts, keys)]
+        present = resolver.present((k for t, k in zip(texts, keys) if t.strip()), pin=True)
+        found = [[] if not t.strip() else [k] if k in present else None for t, k in zip(texts, keys)]
+        resolver.issue(k for keys in found if keys for k in keys)
+        return found
 
     def complete_handles(self, texts: Sequence[str], found: Sequence[list[str] | None], *,
                          write_back: bool = False, on_miss: str = "compress",
                          metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
         """Finish ``lookup_handles``: split the texts it did not find into chunks, look those
-        up and deal with the misses as ``on_miss`` says."""
+        up (pinning those in memory, as ``lookup_handles`` pinned its own) and deal with the
+        misses as ``on_miss`` says."""
         if on_miss not in ON_MISS:
             raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
         texts = _check_texts(texts)
@@ -552,33 +681,40 @@ class SACEngine:
             self.resolver.keep(k for keys in found for k in keys)
             return list(found)
         state = self._state()
-        with state.lock:  # the tokenizer is not safe to share between threads either
-            chunks = {i: self._chunks(texts[i]) for i in todo}
-        present = state.resolver.present(c.key for i in todo for c in chunks[i])
-        missing = {c.key: (c, i) for i in todo for c in chunks[i] if c.key not in present}
+        present = {k for keys in found if keys for k in keys}  # pinned by lookup_handles
         result = list(found)
-        for i in todo:
-            result[i] = [c.key for c in chunks[i]]
-        needed = [k for keys in result for k in keys]
-        state.resolver.keep(needed)
-        if not missing:
-            return result
-        if on_miss == "error":
-            raise EntryNotFoundError(
-                f"{len(missing)} chunk(s) of {len({i for _, i in missing.values()})} text(s) are not in "
-                f"{self._store_name()} and on_miss='error': precompress the corpus these texts come from "
-                f"(python -m sac_rag.precompress), or let misses be compressed (on_miss='compress')")
-        missed = sorted({i for _, i in missing.values()})
-        if on_miss == "text":
-            logger.warning("%d of %d retrieved texts are not (fully) in %s: passing them to the LLM as text, "
-                           "uncompressed. %s", len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
-            for i in missed:
-                result[i] = None
-            return result
-        self._compress_and_keep(list(missing.values()), metadata, write_back, needed)
-        if self.store_spec is not None and not write_back:
-            logger.warning("%d of %d retrieved texts were not in %s and were compressed on the fly. %s",
-                           len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
+        try:
+            with state.lock:  # the tokenizer is not safe to share between threads either
+                chunks = {i: self._chunks(texts[i]) for i in todo}
+            present |= state.resolver.present((c.key for i in todo for c in chunks[i] if c.key not in present),
+                                              pin=True)
+            missing = {c.key: (c, i) for i in todo for c in chunks[i] if c.key not in present}
+            for i in todo:
+                result[i] = [c.key for c in chunks[i]]
+            needed = [k for keys in result for k in keys]
+            state.resolver.keep(needed)
+            missed = sorted({i for _, i in missing.values()})
+            if missing and on_miss == "error":
+                raise EntryNotFoundError(
+                    f"{len(missing)} chunk(s) of {len(missed)} text(s) are not in {self._store_name()} and "
+                    "on_miss='error': precompress the corpus these texts come from (python -m sac_rag.precompress), "
+                    "or let misses be compressed (on_miss='compress')")
+            if missing and on_miss == "text":
+                logger.warning("%d of %d retrieved texts are not (fully) in %s: passing them to the LLM as text, "
+                               "uncompressed. %s", len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
+                for i in missed:
+                    result[i] = None
+            elif missing:
+                self._compress_and_keep(list(missing.values()), metadata, write_back, needed)
+                if self.store_spec is not None and not write_back:
+                    logger.warning("%d of %d retrieved texts were not in %s and were compressed on the fly. %s",
+                                   len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
+        except BaseException:
+            state.resolver.release(present)  # nothing is handed out
+            raise
+        handed = [k for keys in result if keys for k in keys]
+        state.resolver.release(present - set(handed))  # the chunks of texts passed through as text
+        state.resolver.issue(handed)
         return result
 
     def _chunks(self, text: str) -> list[_Chunk]:
@@ -605,8 +741,9 @@ class SACEngine:
             store = self._writable_store()
             items = [(c.key, kv, _entry_metadata(c, metadata[i])) for (c, i), kv in zip(missing, kvs)]
             store.put_many(items)
-        else:  # none of the chunks this call hands out is dropped to make room for another
-            state.resolver.remember_many([(c.key, kv, c.text) for (c, _), kv in zip(missing, kvs)], needed)
+        else:  # pinned: no call drops the chunks this call hands out before it has read them
+            state.resolver.remember_many([(c.key, kv, c.text) for (c, _), kv in zip(missing, kvs)], needed,
+                                         pin=True)
 
     def _writable_store(self) -> AnchorStore:
         state = self._state()
@@ -639,13 +776,24 @@ class SACEngine:
 
     def segments(self, prompt: str) -> list[Segment]:
         """``split_prompt`` against this engine's resolver (one store query for all markers),
-        warning about markers that do not resolve (they stay text)."""
+        warning about markers that do not resolve (they stay text). A prompt holding a piece of a
+        marker this engine handed out is refused (``MarkerCutError``)."""
         if not isinstance(prompt, str):
             raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
             raise InvalidInputError("the prompt is empty: pass a question")
-        keys = keys_in(prompt)
         resolver = self.resolver
+        cut = resolver.cut_pieces(prompt)
+        if cut:
+            raise MarkerCutError(
+                f"the prompt holds {len(cut)} piece(s) of <sac:...> markers (e.g. {cut[0]!r}) but not the whole "
+                "markers: the text they travelled in was split inside a marker, so its chunk would be lost and its "
+                "hex digits read as text. In LlamaIndex the response synthesizer's prompt helper does this when its "
+                "context window is too small for one node's markers: leave SACLLM's context_window unset (LlamaIndex "
+                "then never splits the context, and the model's own position limit is checked exactly), and do not "
+                "set a smaller one through Settings.context_window, Settings.prompt_helper or a prompt_helper "
+                "argument. Elsewhere, do not run a text splitter over prompts that carry markers")
+        keys = keys_in(prompt)
         found = resolver.lookup(keys) if keys else {}
         if len(found) < len(keys):
             dropped = [k for k in keys if k not in found and resolver.was_evicted(k)]
@@ -666,16 +814,19 @@ class SACEngine:
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         config = config or GenerationConfig()
-        requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
-        state = self._state()
-        with self._pending_lock:
-            state.pending.extend(requests)
-        with state.lock:
+        try:
+            requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
+            state = self._state()
             with self._pending_lock:
-                batch = [r for r in state.pending if r.config == config]
-                state.pending = [r for r in state.pending if r.config != config]
-            for start in range(0, len(batch), MAX_BATCH):
-                self._serve(batch[start:start + MAX_BATCH], config)
+                state.pending.extend(requests)
+            with state.lock:
+                with self._pending_lock:
+                    batch = [r for r in state.pending if r.config == config]
+                    state.pending = [r for r in state.pending if r.config != config]
+                for start in range(0, len(batch), MAX_BATCH):
+                    self._serve(batch[start:start + MAX_BATCH], config)
+        finally:
+            self._release(prompts)
         for request in requests:
             if request.error is not None:
                 raise request.error
@@ -771,26 +922,37 @@ class SACEngine:
         """The answer's text pieces, then its ``Generation``, decoded holding the model (for
         ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set."""
         config = config or GenerationConfig()
-        segments = self._as_segments(prompt)
-        sources = self._sources(prompt, config)
-        state = self._state()
-        with state.lock:
-            if stop.is_set():  # closed before the model was free
-                return
-            generator = state.generator
-            # Generator.stream, keeping hold of the state so the usage figures come out too.
-            states, tracks = generator._start([segments], None if sources is None else [sources])
-            decoding = generator._pieces(states, tracks, config)
-            try:
-                for piece in decoding:
-                    if stop.is_set():
-                        return
-                    yield piece
-            finally:
-                decoding.close()
-            result = generator._result(states[0], tracks[0])
+        try:
+            segments = self._as_segments(prompt)
+            sources = self._sources(prompt, config)
+            state = self._state()
+            with state.lock:
+                if stop.is_set():  # closed before the model was free
+                    return
+                generator = state.generator
+                # Generator.stream, keeping hold of the state so the usage figures come out too.
+                states, tracks = generator._start([segments], None if sources is None else [sources])
+                decoding = generator._pieces(states, tracks, config)
+                try:
+                    for piece in decoding:
+                        if stop.is_set():
+                            return
+                        yield piece
+                finally:
+                    decoding.close()
+                result = generator._result(states[0], tracks[0])
+        finally:
+            self._release([prompt])
         self._warn_if_empty([result])
         yield result
+
+    def _release(self, prompts: Sequence[str | Sequence[Segment]]) -> None:
+        """The calls of ``prompts`` have generated: unpin the chunks their markers name, once per
+        prompt (ready-made segments name none)."""
+        if self._loaded is not None:
+            for prompt in prompts:
+                if isinstance(prompt, str):
+                    self._loaded.resolver.release(keys_in(prompt))
 
     def _warn_if_empty(self, generations: Sequence[Generation]) -> None:
         """Say so when the model ended answers before writing anything: its decoder is trained on one

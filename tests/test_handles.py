@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -10,8 +11,16 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from sac_rag import FingerprintMismatchError, GenerationConfig, InvalidInputError, SACCompressor, SACConfig
-from sac_rag.handles import CacheResolver, SACEngine, keys_in, marker_for, markers_for, split_prompt
+from sac_rag import FingerprintMismatchError, GenerationConfig, InvalidInputError, PromptError, SACCompressor, SACConfig
+from sac_rag.handles import (
+    CacheResolver,
+    MarkerCutError,
+    SACEngine,
+    keys_in,
+    marker_for,
+    markers_for,
+    split_prompt,
+)
 from sac_rag.store import AnchorStore, EntryNotFoundError
 
 PASSAGES = ["The lighthouse on Gull Point was built in 1874.", "Marta keeps bees behind the old mill."]
@@ -362,3 +371,165 @@ def test_a_process_that_leaves_a_stream_unfinished_exits_cleanly():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tests.parent)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def small_memory_engine(chunks: int = 3) -> SACEngine:
+    """An engine on 8-token chunks whose memory holds about ``chunks`` of them."""
+    compressor = kv_dropping(chunk_len=8)
+    probe = compressor.compress_chunks([compressor.tokenizer(PASSAGES[0], add_special_tokens=False)["input_ids"][:8]])
+    return SACEngine(compressor, memory_bytes=probe[0].nbytes * chunks)
+
+
+def test_a_concurrent_call_making_room_keeps_the_chunks_another_call_was_handed():
+    engine = small_memory_engine()
+    config = GenerationConfig(max_new_tokens=2)
+    [mine] = engine.handles_for(["Snow closed the pass in March."])  # call A: handed its markers...
+    [theirs] = engine.handles_for([" ".join(PASSAGES * 3)])  # ...then call B compresses many chunks
+    memory = engine.resolver.memory
+    assert set(mine) <= set(memory)  # not dropped to make room for B's
+    answer = engine.generate([f"{markers_for(mine)}\nQ: when?\nA:"], config)[0]  # A reads its chunks
+    assert answer.cached_tokens == sum(kv.n_anchors for kv in engine.resolver.lookup(mine).values())
+    assert memory.pinned == set(theirs)  # A's chunks are released once A has generated; B's are still out
+    engine.generate([f"{markers_for(theirs)}\nQ: who?\nA:"], config)
+    assert memory.pinned == set()
+
+    engine.handles_for(["The ferry stops at midnight."])  # nothing out: memory is back under its limit
+    assert memory.nbytes <= memory.max_bytes
+
+
+def test_two_threads_each_read_the_chunks_they_were_handed():
+    engine = small_memory_engine()
+    config = GenerationConfig(max_new_tokens=2)
+    handed, answers, errors = threading.Event(), {}, {}
+    texts = {"a": "Snow closed the pass in March.", "b": " ".join(PASSAGES * 3)}
+
+    def call(name: str, before: threading.Event | None, after: threading.Event | None) -> None:
+        try:
+            [keys] = engine.handles_for([texts[name]])
+            if after is not None:
+                after.set()
+            if before is not None:
+                assert before.wait(60)
+            answers[name] = engine.generate([f"{markers_for(keys)}\nQ: what?\nA:"], config)[0]
+        except Exception as err:  # noqa: BLE001
+            errors[name] = err
+
+    made_room = threading.Event()
+    a = threading.Thread(target=call, args=("a", made_room, handed))  # generates once b has made room
+    b = threading.Thread(target=lambda: (handed.wait(60), call("b", None, made_room)))
+    for t in (a, b):
+        t.start()
+    for t in (a, b):
+        t.join(120)
+    assert errors == {} and answers["a"].cached_tokens > 0 and answers["b"].cached_tokens > 0
+    assert engine.resolver.memory.pinned == set()
+
+
+def test_bounded_memory_keeps_pinned_entries_until_unpinned_or_lapsed(monkeypatch):
+    from types import SimpleNamespace
+
+    from sac_rag import handles
+    from sac_rag.handles import BoundedMemory
+
+    class Entry:
+        nbytes = 10
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(handles, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    memory = BoundedMemory(max_bytes=30, pin_seconds=60)
+    memory.put_many([("a", Entry())], pin=True)
+    memory.put_many([(k, Entry()) for k in "bc"])
+    assert memory.pin(["b", "x"]) == {"b"}  # only entries held are pinned
+    memory.put_many([(k, Entry()) for k in "de"])
+    assert sorted(memory) == ["a", "b", "d", "e"] and memory.was_evicted("c")  # "a" and "b" stay, pinned
+    memory.unpin(["b", "x"])
+    assert memory.pinned == {"a"}
+    memory["f"] = Entry()
+    assert sorted(memory) == ["a", "e", "f"]  # unpinned, "b" is dropped by the next call (then "d", older than "e")
+    memory.pin(["e"])
+    memory.pin(["e"])  # two calls were handed "e": it stays pinned until both have generated
+    memory.unpin(["e"])
+    assert memory.pinned == {"a", "e"}
+    clock.now += 61  # the pins lapse: a call that never generated does not hold memory for ever
+    assert memory.pinned == set()
+    memory["g"] = Entry()
+    assert sorted(memory) == ["e", "f", "g"] and memory.nbytes == 30
+
+
+def test_a_generation_releases_the_chunks_of_its_prompt_even_when_it_fails_or_stops_early():
+    engine = small_memory_engine()
+    config = GenerationConfig(max_new_tokens=4)
+    memory = engine.resolver.memory
+
+    def handed(text: str) -> str:
+        [keys] = engine.handles_for([text])
+        assert memory.pinned == set(keys)
+        return f"{markers_for(keys)}\nQ: when?\nA:"
+
+    with pytest.raises(PromptError, match="positions"):
+        engine.generate([handed("Snow closed the pass in March.") + " pass" * 5000], config)
+    assert memory.pinned == set()
+    assert list(engine.stream(handed("Snow closed the pass in March."), config))[-1].cached_tokens > 0
+    assert memory.pinned == set()
+    stream = engine.stream(handed("The ferry stops at midnight."), config)
+    next(stream)
+    stream.close()  # left early
+    assert memory.pinned == set()
+
+    async def astream_one_piece():
+        async for _ in engine.astream(handed("Snow closed the pass in March."), config):
+            break
+
+    asyncio.run(astream_one_piece())
+    assert memory.pinned == set()
+
+
+def test_chunks_not_handed_out_stay_unpinned():
+    engine = small_memory_engine()
+    memory = engine.resolver.memory
+    text = "Snow closed the pass in March, and the ferry stops at midnight."
+    [keys] = engine.handles_for([text])  # compressed into memory, pinned until a generation reads them
+    engine.resolver.release(keys)
+    with pytest.raises(EntryNotFoundError):
+        engine.handles_for([text, "Bees."], on_miss="error")  # refused: nothing is handed out
+    assert memory.pinned == set()
+    longer = text + " Bees."  # its first chunks are the text's, its last is new
+    assert engine.handles_for([longer], on_miss="text") == [None]  # passed through as text
+    assert memory.pinned == set()
+
+
+def test_pieces_of_a_cut_marker_are_found_and_hex_text_is_not(compressor):
+    from sac_rag.handles import MIN_CUT_PIECE, plain_text
+
+    resolver = CacheResolver(compressor.fingerprint)
+    key, other = AnchorStore.key_for("issued"), AnchorStore.key_for("never issued")
+    resolver.issue([key])
+    marker = marker_for(key)
+    for i in (5 + MIN_CUT_PIECE, 40, len(marker) - 1):  # cut after the first i characters
+        assert resolver.cut_pieces(f"Context: {marker[:i]}\n\nQ: when?") == [marker[:i]]
+    for i in (2, 30, len(marker) - 1 - MIN_CUT_PIECE):  # the rest of the marker, from character i on
+        assert resolver.cut_pieces(f"{marker[i:]}<sac:{key}>Q: when?") == [key[max(i - 5, 0):] + ">"]
+
+    fine = [
+        f"{marker} and {marker_for(other)}{marker}",  # whole markers
+        plain_text(f"a post quoting {marker}"),  # a marker put in as text
+        f"cite {key} or {key[:12]}, {key[-20:]}; commit {key[3:13]}",  # hex text: no <sac: before, no > after
+        f"<sac:{key[:MIN_CUT_PIECE - 1]}... {key[-MIN_CUT_PIECE + 1:]}>",  # too short to tell from chance
+        f"<sac:{key[:8]}> is what a marker looks like",  # a marker typed short, closed
+        f"<sac:{other[:30]} {other[30:]}>",  # pieces of a key never handed out
+        f"<b>{key[-6:].upper()}>",
+    ]
+    for prompt in fine:
+        assert resolver.cut_pieces(prompt) == [], prompt
+
+
+def test_an_engine_refuses_a_prompt_holding_a_piece_of_a_marker_it_handed_out(compressor, store):
+    engine = SACEngine(compressor, store)
+    [keys] = engine.handles_for([PASSAGES[0]])
+    prompt = f"{markers_for(keys)}\nQ: when?\nA:"
+    with pytest.raises(MarkerCutError, match="piece.* of <sac:...> markers") as refused:
+        engine.segments(prompt[:30] + "\n" + prompt[30:])
+    assert not isinstance(refused.value, ValueError)  # LlamaIndex's synthesizers catch those and carry on
+    assert len(engine.segments(prompt)) == 2
+    quoted = f"Q: which chunk is {keys[0]} (starts {keys[0][:10]})?\nA:"
+    assert engine.segments(quoted) == [quoted]

@@ -1,8 +1,10 @@
-"""What ``SACLLM`` and ``ChatSAC`` share: their settings, the engine they run on, and how
-sac_rag's ``Generation`` figures become LangChain usage metadata."""
+"""What ``SACLLM`` and ``ChatSAC`` share: their settings, how sac_rag's ``Generation`` figures
+become LangChain usage metadata, and (with ``SACContextCompressor``) the engine they run on and
+how they serialize the LangChain way."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
@@ -12,6 +14,7 @@ from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInp
 from sac_rag.compressor import checkpoint_meta
 from sac_rag.config import PromptTemplate
 from sac_rag.handles import SACEngine, describe, spec_name
+from sac_rag.store import AnchorStore
 
 DEFAULT_STOP = ("\n###",)  # the next section of the SAC prompt layout
 
@@ -19,6 +22,100 @@ DEFAULT_STOP = ("\n###",)  # the next section of the SAC prompt layout
 DECODING_SETTINGS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "extractive", "num_beams",
                      "length_penalty", "mbr")
 CALL_ARGUMENTS = (*DECODING_SETTINGS, "model")
+
+
+class SACEngineSettings(BaseModel):
+    """The settings of the engine a SAC model or ``SACContextCompressor`` runs on. Nothing is
+    loaded when the object is built: the weights load, and the store opens, on first use."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    compressor: Any = DEFAULT_COMPRESSOR
+    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (which
+    ``model_dump``/``model_dump_json`` write as its name, ``sac:<base model>``: an object is not
+    serializable, rebuild the object with it)."""
+    store: Any = None
+    """Anchor store (directory or ``AnchorStore``) whose entries the markers name (an
+    ``AnchorStore`` is serialized as its directory). A ``SACContextCompressor`` creates a missing
+    directory on its first write-back."""
+    engine: SACEngine | None = Field(default=None, exclude=True)
+    """Share one engine explicitly; by default SAC models and compressors built with the same
+    ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
+    device: str | None = None
+    dtype: str | None = None
+
+    @field_serializer("compressor", "store")
+    def _serialize_spec(self, value: Any) -> Any:
+        return spec_name(value)
+
+    def get_engine(self) -> SACEngine:
+        if self.engine is not None:
+            return self.engine
+        return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
+
+
+ENGINE_SETTINGS = ("compressor", "store", "device", "dtype")
+
+
+class LangChainSerializable:
+    """LangChain serialization (``langchain_core.load.dumpd``/``load``) for the SAC classes, listed
+    first among their bases: a constructor record of their settings, from which
+    ``load(record, allowed_objects=[cls], valid_namespaces=["langchain_sac"])`` builds an equal
+    object. There are no secrets: the model runs locally.
+
+    The engine is named by its settings, not serialized: with ``engine=``, the record holds that
+    engine's compressor, store, device and dtype, and the loaded object shares the engine
+    ``SACEngine.shared`` makes for them (not the object passed, nor its ``memory_bytes`` or
+    ``merge_decoder``). A store or checkpoint directory is recorded as its path. A loaded
+    ``SACCompressor`` cannot be: nothing records where its weights came from, so it becomes
+    LangChain's ``not_implemented`` stub naming it (``sac:<base model>``), and ``load`` refuses the
+    record instead of building a model that would fail on first use. Pass the compressor's name or
+    directory to get a record that loads."""
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def lc_attributes(self) -> dict[str, Any]:
+        """The engine settings in force (the engine's, if one was passed), as JSON values."""
+        engine = self.engine
+        if engine is not None:
+            settings = dict(zip(ENGINE_SETTINGS, (engine.compressor_spec, engine.store_spec, engine.device,
+                                                  engine.dtype)))
+        else:
+            settings = {name: getattr(self, name) for name in ENGINE_SETTINGS}
+        return {name: lc_spec(value) for name, value in settings.items()
+                if value is not None or getattr(self, name) is not None}
+
+
+def lc_spec(value: Any) -> Any:
+    """A compressor or store spec in a LangChain constructor record: a name or directory as a
+    string; anything else (a loaded ``SACCompressor``) as a ``NotSerialized`` stand-in, which
+    ``dumpd`` writes as the ``not_implemented`` stub that makes ``load`` refuse the record."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (os.PathLike, AnchorStore)):
+        return spec_name(value)
+    return NotSerialized(value)
+
+
+class NotSerialized:
+    """Stands for a loaded object in a record: ``dumpd`` writes LangChain's ``not_implemented``
+    stub for it, under the object's class, its ``repr`` the object's short name (``describe``)
+    rather than the object's own (a whole model's module tree)."""
+
+    def __init__(self, value: Any):
+        self.__module__ = type(value).__module__
+        self.__name__ = type(value).__name__
+        self.name = describe(value)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def compressor_fingerprint(spec: Any) -> str | None:
@@ -33,24 +130,14 @@ def compressor_fingerprint(spec: Any) -> str | None:
         return None
 
 
-class SACModelParams(BaseModel):
-    """Settings of a SAC language model. Nothing is loaded when the model is built: the weights
-    load, and the store opens, on the first call."""
+class SACModelParams(SACEngineSettings):
+    """Settings of a SAC language model: its engine's, and how it decodes."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
     compressor: Any = Field(default=DEFAULT_COMPRESSOR, alias="model")
-    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (which
-    ``model_dump``/``model_dump_json`` write as its name, ``sac:<base model>``: an object is not
-    serializable, rebuild the model with it)."""
-    store: Any = None
-    """Anchor store (directory or ``AnchorStore``) whose entries the prompt's markers name
-    (an ``AnchorStore`` is serialized as its directory)."""
-    engine: SACEngine | None = Field(default=None, exclude=True)
-    """Share one engine with a ``SACContextCompressor``; by default models and compressors built
-    with the same ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
-    device: str | None = None
-    dtype: str | None = None
+    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (see
+    ``SACEngineSettings``); ``model`` is its alias."""
     temperature: float = 0.0
     max_tokens: int = 64
     top_p: float = 1.0
@@ -69,15 +156,6 @@ class SACModelParams(BaseModel):
     mbr: bool = False
     """Beam search answers with the finished answer that agrees best with the others (minimum Bayes
     risk: highest expected word-overlap F1) instead of the top-scored one."""
-
-    @field_serializer("compressor", "store")
-    def _serialize_spec(self, value: Any) -> Any:
-        return spec_name(value)
-
-    def get_engine(self) -> SACEngine:
-        if self.engine is not None:
-            return self.engine
-        return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
 
     @property
     def compressor_spec(self) -> Any:

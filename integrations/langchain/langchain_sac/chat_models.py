@@ -17,12 +17,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from sac_rag import Generation, InvalidInputError
 
-from ._base import SACModelParams, generation_info, usage_metadata
+from ._base import LangChainSerializable, SACModelParams, generation_info, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
 
-class ChatSAC(BaseChatModel, SACModelParams):
+class ChatSAC(LangChainSerializable, BaseChatModel, SACModelParams):
     """Chat model over SAC caches.
 
     ``chat_template=False`` (default) renders the messages as their text contents, one after
@@ -34,12 +34,20 @@ class ChatSAC(BaseChatModel, SACModelParams):
     usually gets an empty answer (the model ends it at once; a warning says so). Put questions in
     ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does), or set ``chat_template=True``.
 
+    ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
+    ``valid_namespaces=["langchain_sac"]`` rebuilds (see ``LangChainSerializable``).
+
     >>> llm = ChatSAC(store="corpus.store")   # instant: weights load on first use   # doctest: +SKIP
     """
 
     chat_template: bool = False
     streaming: bool = False
     """Answer ``invoke`` through the streaming path (LangChain's convention)."""
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """The public module, kept in serialized records whatever module defines the class."""
+        return ["langchain_sac", "chat_models"]
 
     @property
     def _llm_type(self) -> str:
@@ -48,6 +56,13 @@ class ChatSAC(BaseChatModel, SACModelParams):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {**self.identifying_params(), "chat_template": self.chat_template}
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """The LLM-cache key: every setting that decides an answer (``_identifying_params``, with
+        the compressor's fingerprint) and the call's arguments - not the serialized record that
+        ``BaseChatModel`` keys serializable models by, which names a loaded compressor only by its
+        base model (two compressors on one base model would share cached answers)."""
+        return str(sorted({**self._get_invocation_params(stop=stop, **kwargs), **kwargs}.items()))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(

@@ -18,20 +18,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, field_serializer
+from langchain_core.load import Serializable
 
-from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError
-from sac_rag.handles import SACEngine, markers_for, plain_text, spec_name
+from sac_rag import InvalidInputError
+from sac_rag.handles import markers_for, plain_text
 from sac_rag.store import AnchorStore
+
+from ._base import LangChainSerializable, SACEngineSettings
 
 logger = logging.getLogger(__name__)
 
 
-class SACContextCompressor(BaseDocumentCompressor):
+class SACContextCompressor(LangChainSerializable, BaseDocumentCompressor, Serializable, SACEngineSettings):
     """Attach SAC handles to retrieved documents (for ``ContextualCompressionRetriever``).
 
     Each document's chunk is looked up in ``store`` by ``key_for(page_content)``. On a miss:
@@ -44,31 +46,18 @@ class SACContextCompressor(BaseDocumentCompressor):
     refused: there is nothing to answer. Nothing loads at construction; the first call loads
     the compressor and opens the store (refusing a store built for another model with
     ``FingerprintMismatchError``).
+
+    ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
+    ``valid_namespaces=["langchain_sac"]`` rebuilds (see ``LangChainSerializable``).
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    compressor: Any = DEFAULT_COMPRESSOR
-    """Built-in compressor name, compressor directory, or a loaded ``SACCompressor``."""
-    store: Any = None
-    """Anchor store directory (created on the first write-back if missing) or ``AnchorStore``."""
-    engine: SACEngine | None = Field(default=None, exclude=True)
-    """Share an engine explicitly; by default compressors and SAC models built with the same
-    ``compressor``/``store``/``device``/``dtype`` share one (``SACEngine.shared``)."""
-    device: str | None = None
-    dtype: str | None = None
     write_back: bool = False
     on_miss: Literal["compress", "text", "error"] = "compress"
 
-    @field_serializer("compressor", "store")
-    def _serialize_spec(self, value: Any) -> Any:
-        """A loaded ``SACCompressor`` or open ``AnchorStore`` is written as its name or directory."""
-        return spec_name(value)
-
-    def get_engine(self) -> SACEngine:
-        if self.engine is not None:
-            return self.engine
-        return SACEngine.shared(self.compressor, self.store, device=self.device, dtype=self.dtype)
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """The public module, kept in serialized records whatever module defines the class."""
+        return ["langchain_sac", "document_compressors"]
 
     def compress_documents(self, documents: Sequence[Document], query: str,
                            callbacks: Callbacks | None = None) -> Sequence[Document]:

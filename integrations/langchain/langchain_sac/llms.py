@@ -16,14 +16,14 @@ from langchain_core.outputs import GenerationChunk, LLMResult
 
 from sac_rag import Generation
 
-from ._base import CALL_ARGUMENTS, SACModelParams, add_usage, generation_info, usage_metadata
+from ._base import CALL_ARGUMENTS, LangChainSerializable, SACModelParams, add_usage, generation_info, usage_metadata
 
 # The decoding arguments of the ``generate`` call in progress: ``BaseLLM`` keys its LLM cache by
 # ``_identifying_params`` and ``stop`` only, so the per-call overrides are added there.
 _CALL_ARGUMENTS: ContextVar[dict[str, Any] | None] = ContextVar("sac_llm_call_arguments", default=None)
 
 
-class SACLLM(BaseLLM, SACModelParams):
+class SACLLM(LangChainSerializable, BaseLLM, SACModelParams):
     """Text LLM over SAC caches: ``<sac:KEY>`` markers in the prompt that name entries of the
     compressor's store become those chunks' cached K/V; the rest is read as text.
 
@@ -33,7 +33,15 @@ class SACLLM(BaseLLM, SACModelParams):
 
     Usage per answer is in ``generation_info`` (``usage_metadata``, with ``input_token_details.
     cache_read`` = K/V entries read from caches) and summed in ``llm_output["token_usage"]``.
+
+    ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
+    ``valid_namespaces=["langchain_sac"]`` rebuilds (see ``LangChainSerializable``).
     """
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """The public module, kept in serialized records whatever module defines the class."""
+        return ["langchain_sac", "llms"]
 
     @property
     def _llm_type(self) -> str:

@@ -17,6 +17,7 @@ from langchain_classic.chains import create_retrieval_chain
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
+from langchain_core.load import dumpd, load
 from langchain_core.retrievers import BaseRetriever
 from langchain_sac import (
     SAC_DOCUMENT_PROMPT,
@@ -508,3 +509,47 @@ def test_models_with_objects_dump_to_json_as_names(compressor, store):
                 SACContextCompressor(compressor=compressor, store=store)):
         dumped = json.loads(obj.model_dump_json())
         assert dumped["compressor"] == "sac:tiny-llama-0" and dumped["store"] == str(store.path)
+
+
+# -- LangChain serialization (dumpd / load) -----------------------------------------------------
+
+
+def _round_trip(obj):
+    record = dumpd(obj)
+    assert json.loads(json.dumps(record)) == record and record["type"] == "constructor"
+    assert record["id"][0] == "langchain_sac" and "engine" not in record["kwargs"]
+    return load(record, allowed_objects=[type(obj)], valid_namespaces=["langchain_sac"])
+
+
+def test_dumpd_gives_a_constructor_record_that_load_rebuilds_without_loading_weights(tmp_path, store):
+    objects = [
+        ChatSAC(model="smollm2-135m-sac-5x", store=tmp_path / "corpus.store", dtype="float32", max_tokens=7,
+                temperature=0.5, seed=3, stop=["\n"], num_beams=2, chat_template=True),
+        SACLLM(compressor="smollm2-135m-sac-5x", store=store, extractive=True, top_k=5, mbr=True),
+        SACContextCompressor(compressor="smollm2-135m-sac-5x", store=str(tmp_path / "s"), write_back=True,
+                             on_miss="text"),
+    ]
+    for obj in objects:
+        loaded = _round_trip(obj)
+        assert type(loaded) is type(obj) and loaded.model_dump() == obj.model_dump()
+        assert loaded.engine is None and not loaded.get_engine().loaded
+    assert _round_trip(objects[1]).store == str(store.path)  # an open store is recorded as its directory
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM, SACContextCompressor])
+def test_a_record_made_with_an_engine_names_its_settings_and_loads_the_shared_engine_for_them(cls, tmp_path):
+    engine = SACEngine("smollm2-135m-sac-5x", tmp_path / "s", dtype="float32", memory_bytes=1 << 20)
+    loaded = _round_trip(cls(engine=engine))
+    assert (loaded.compressor, loaded.store, loaded.dtype) == ("smollm2-135m-sac-5x", str(tmp_path / "s"), "float32")
+    assert loaded.get_engine() is SACEngine.shared("smollm2-135m-sac-5x", tmp_path / "s", dtype="float32")
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM, SACContextCompressor])
+def test_a_loaded_compressor_is_recorded_as_a_stub_that_load_refuses(cls, compressor, store):
+    for obj in (cls(compressor=compressor, store=store), cls(engine=SACEngine(compressor, store))):
+        record = dumpd(obj)
+        stub = record["kwargs"]["compressor"]
+        assert stub["type"] == "not_implemented" and stub["id"][-1] == "SACCompressor"
+        assert stub["repr"] == "sac:tiny-llama-0" and record["kwargs"]["store"] == str(store.path)
+        with pytest.raises(NotImplementedError, match="doesn't implement serialization"):
+            load(record, allowed_objects=[cls], valid_namespaces=["langchain_sac"])

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from langchain_core.messages import AIMessage
 from langchain_sac import ChatSAC, marker_for, sac_qa_prompt
 from langchain_tests.integration_tests import ChatModelIntegrationTests
@@ -43,6 +44,12 @@ class TestChatSACUnit(ChatModelUnitTests):
     @property
     def supports_model_override(self) -> bool:
         return False  # one model's K/V caches are meaningless to another model
+
+    @pytest.mark.xfail(reason="load(allowed_objects='all') admits only the classes langchain-core's own mapping "
+                       "lists, which no package outside it can join; test_langchain_sac.py loads the same record "
+                       "with allowed_objects=[ChatSAC]", raises=ValueError, strict=True)
+    def test_serdes(self, model: ChatSAC, snapshot) -> None:
+        super().test_serdes(model, snapshot)  # the record matches the snapshot; only loading fails
 
 
 @functools.cache

@@ -12,11 +12,11 @@ import pytest
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
-from llama_index.llms.sac import SACLLM, sac_qa_prompt
+from llama_index.llms.sac import SACLLM, PromptRefusedError, sac_qa_prompt
 from llama_index.postprocessor.sac import SACNodePostprocessor
 
-from sac_rag import FingerprintMismatchError, InvalidInputError, PromptError
-from sac_rag.handles import SACEngine, marker_for
+from sac_rag import FingerprintMismatchError, InvalidInputError, PromptError, SACError
+from sac_rag.handles import SACEngine, marker_for, markers_for
 from sac_rag.store import AnchorStore, EntryNotFoundError
 
 
@@ -59,7 +59,7 @@ def query_engine(engine, passages, k=2, **kwargs):
     llm = SACLLM(engine=engine, max_tokens=kwargs.pop("max_tokens", 6), stop=[],
                  extractive=kwargs.pop("extractive", False))
     return RetrieverQueryEngine.from_args(
-        KeywordRetriever(make_nodes(passages), k=k), llm=llm, response_mode="compact",
+        KeywordRetriever(make_nodes(passages), k=k), llm=llm, response_mode=kwargs.pop("response_mode", "compact"),
         node_postprocessors=[SACNodePostprocessor(engine=engine)], text_qa_template=llm.qa_prompt, **kwargs)
 
 
@@ -280,8 +280,20 @@ def test_empty_query_is_refused(engine, passages):
 
 
 def test_prompt_longer_than_the_model_context_is_refused(engine):
-    with pytest.raises(PromptError, match="positions"):
+    with pytest.raises(PromptRefusedError, match="positions") as refused:
         SACLLM(engine=engine, max_tokens=2).complete("lighthouse " * 5000)
+    assert isinstance(refused.value.__cause__, PromptError) and not isinstance(refused.value, ValueError)
+    with pytest.raises(PromptRefusedError, match="positions"):
+        list(SACLLM(engine=engine, max_tokens=2).stream_complete("lighthouse " * 5000))
+
+
+@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize"])
+def test_a_query_too_long_for_the_model_is_refused_not_answered_empty(engine, passages, mode):
+    """LlamaIndex never splits SAC prompts (UNSPLIT_CONTEXT_WINDOW), so the model's own limit
+    decides; compact and refine catch a ValueError from the LLM and answer "Empty Response"."""
+    question = "When was the lighthouse painted red? " + "lighthouse " * 5000
+    with pytest.raises(PromptRefusedError, match="positions"):
+        query_engine(engine, passages, response_mode=mode).query(question)
 
 
 def test_llm_construction_loads_nothing():
@@ -330,3 +342,61 @@ def test_llm_and_postprocessor_with_objects_serialize_them_as_names(compressor, 
     for obj in (SACLLM(compressor=compressor, store=store), SACNodePostprocessor(compressor=compressor, store=store)):
         for dumped in (json.loads(obj.model_dump_json()), json.loads(obj.to_json())):
             assert dumped["compressor"] == "sac:tiny-llama-0" and dumped["store"] == str(store.path)
+
+
+# -- LlamaIndex re-splitting the context --------------------------------------------------------
+
+
+@pytest.fixture
+def long_node_engine(compressor_factory, passages):
+    """An engine on 8-token chunks, and a text of 174 chunks: its markers are ~7,100 tokens to
+    LlamaIndex's tokenizer, while the model reads the text's 1,391 positions (it has 4,096)."""
+    return SACEngine(compressor_factory(chunk_len=8)), " ".join(passages * 6)
+
+
+def decoded_prompts(engine, monkeypatch):
+    """The prompts the model decodes (after markers became K/V): a list filled as it runs."""
+    seen = []
+    original = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch",
+                        lambda prompts, config=None, sources=None: (seen.extend(prompts),
+                                                                    original(prompts, config, sources))[1])
+    return seen
+
+
+def test_a_node_too_long_for_llama_index_windows_reaches_the_model_whole(long_node_engine, monkeypatch):
+    """LlamaIndex counts a marker as the ~40 tokens of its text; left to pack the context into a
+    window it would cut this node's markers. SACLLM reports a window it never splits in."""
+    engine, text = long_node_engine
+    spy = Spy(engine, monkeypatch)
+    response = query_engine(engine, [text], k=1).query("When was the lighthouse painted red?")
+
+    [node] = response.source_nodes
+    keys = node.node.metadata["sac_keys"]
+    assert len(keys) == 174
+    assert len(spy.prompts) == 1  # one call, holding the node's markers whole and in order
+    assert markers_for(keys) in spy.prompts[0] and not engine.resolver.cut_pieces(spy.prompts[0])
+    kvs = engine.resolver.lookup(keys)  # the text repeats: so do some of its chunks
+    assert spy.generations[0].cached_tokens == sum(kvs[k].n_anchors for k in keys)
+
+    from llama_index.llms.sac import UNSPLIT_CONTEXT_WINDOW
+
+    llm = SACLLM(compressor="no-such-compressor")
+    assert llm.metadata.context_window == UNSPLIT_CONTEXT_WINDOW and not llm.engine.loaded  # loads nothing
+
+
+@pytest.mark.parametrize("mode, window", [("compact", 2048), ("refine", 3000), ("tree_summarize", 2048)])
+def test_a_marker_cut_by_a_small_context_window_is_refused_not_read_as_text(long_node_engine, monkeypatch, mode,
+                                                                           window):
+    engine, text = long_node_engine
+    decoded = decoded_prompts(engine, monkeypatch)
+    llm = SACLLM(engine=engine, max_tokens=6, stop=[], context_window=window)  # LlamaIndex now cuts the markers
+    qe = RetrieverQueryEngine.from_args(KeywordRetriever(make_nodes([text]), k=1), llm=llm, response_mode=mode,
+                                        node_postprocessors=[SACNodePostprocessor(engine=engine)],
+                                        text_qa_template=llm.qa_prompt)
+    with pytest.raises(SACError, match="piece.* of <sac:...> markers.*context_window") as refused:
+        qe.query("When was the lighthouse painted red?")  # raised through LlamaIndex: not "Empty Response"
+    from sac_rag.handles import MarkerCutError
+
+    assert refused.type is MarkerCutError
+    assert decoded == []  # refused before the model read anything

@@ -4,10 +4,23 @@ Every ``<sac:KEY>`` marker in the prompt that names an entry of the compressor's
 chunk compressed in this process, e.g. by ``SACNodePostprocessor``) becomes that chunk's
 cached K/V; the rest of the prompt - including marker-looking text typed by a user - is read
 as text (``sac_rag.handles``).
+
+LlamaIndex's response synthesizers re-split the context text to fit ``metadata.context_window``
+as their tokenizer counts it. For a SAC prompt that count is meaningless - a marker is 70
+characters of hex to it, while the model reads its chunk's cached entries at the positions of the
+chunk's tokens - and a split inside a marker would lose its chunk and show the model hex digits.
+So by default ``SACLLM`` reports a window LlamaIndex never splits in (``UNSPLIT_CONTEXT_WINDOW``):
+every node's markers reach the model whole, and the model's own position limit is checked
+exactly, refusing a prompt that does not fit (``PromptRefusedError``). A prompt holding a piece of
+a marker anyway (a smaller window set by hand) is refused too (``MarkerCutError``). Neither is a
+``ValueError``: LlamaIndex's refine and compact synthesizers catch those from the LLM, log them and
+answer "Empty Response".
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 from llama_index.core.base.llms.types import (
@@ -21,14 +34,33 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 
-from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptError, SACError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
 from sac_rag.handles import SACEngine, describe, spec_name
 
 DEFAULT_STOP = ["\n###"]  # the next section of the SAC prompt layout
+# The context window reported to LlamaIndex by default: larger than any prompt its prompt helper
+# could count, so that it never splits the context text (and the markers in it).
+UNSPLIT_CONTEXT_WINDOW = 1 << 30
 # Per-call keyword arguments of complete/stream_complete (and their async forms).
 CALL_ARGUMENTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "extractive", "num_beams",
                   "length_penalty", "mbr", "model")
+
+
+class PromptRefusedError(SACError):
+    """``SACLLM`` refused the prompt: the model cannot read it as given (the ``PromptError`` it
+    raises from, e.g. a prompt needing more positions than the model has: retrieve fewer nodes, or
+    use ``response_mode="refine"`` to read one node per call). Not a ``ValueError``, unlike
+    ``PromptError``: LlamaIndex's refine and compact synthesizers would catch that, log it and
+    answer "Empty Response"."""
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    try:
+        yield
+    except PromptError as err:
+        raise PromptRefusedError(str(err)) from err
 
 
 def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplate:
@@ -43,8 +75,12 @@ def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplat
 
 
 class SACLLM(CustomLLM):
-    """LLM over SAC caches. Construction is instant; the weights load on first use (reading
-    ``metadata`` counts: it reports the model's context window unless ``context_window`` is set).
+    """LLM over SAC caches. Construction is instant; the weights load on first use.
+
+    ``metadata.context_window`` is ``UNSPLIT_CONTEXT_WINDOW`` unless ``context_window`` is set:
+    LlamaIndex then never re-splits the context, so no marker is cut, and a prompt longer than the
+    model's position limit is refused exactly (``PromptRefusedError``: retrieve fewer nodes, or use
+    ``response_mode="refine"`` to read one node per call).
 
     The decoder is trained to answer prompts in the SAC layout (``text_qa_template=llm.qa_prompt``
     in a query engine): a bare ``complete("What is 2+2?")`` usually gets an empty answer (the
@@ -74,7 +110,10 @@ class SACLLM(CustomLLM):
                                   "log-probability / length ** this: 0 favours short answers, 1 longer ones.")
     mbr: bool = Field(default=False, description="Beam search answers with the finished answer that agrees best "
                       "with the others (minimum Bayes risk: highest expected word-overlap F1), not the top-scored.")
-    context_window: Optional[int] = Field(default=None, description="Override the model's position limit.")
+    context_window: Optional[int] = Field(
+        default=None, description="The window reported to LlamaIndex's prompt helper (default: one it never splits "
+        "the context in). It counts a marker as the tokens of its text, not the positions its chunk takes, and "
+        "cuts a marker when one node's markers exceed its share: SACLLM then refuses the prompt (MarkerCutError).")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
 
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
@@ -108,9 +147,10 @@ class SACLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        window = self.context_window or self.engine.generator.max_positions or 2048
-        return LLMMetadata(context_window=window, num_output=self.max_tokens, is_chat_model=False,
-                           model_name=self.model_name)
+        """What LlamaIndex plans prompts with (no weights loaded): ``context_window`` is the one set,
+        else ``UNSPLIT_CONTEXT_WINDOW``, so that its prompt helper never cuts a marker."""
+        return LLMMetadata(context_window=self.context_window or UNSPLIT_CONTEXT_WINDOW, num_output=self.max_tokens,
+                           is_chat_model=False, model_name=self.model_name)
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
         """One call's decoding settings: the LLM's, overridden by the call's keyword arguments
@@ -129,7 +169,9 @@ class SACLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        generation = self.engine.generate([self._prompt(prompt, formatted)], self.generation_config(**kwargs))[0]
+        config = self.generation_config(**kwargs)
+        with _refusals():
+            generation = self.engine.generate([self._prompt(prompt, formatted)], config)[0]
         return _response(generation.text, None, generation)
 
     @llm_completion_callback()
@@ -138,15 +180,18 @@ class SACLLM(CustomLLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for piece in pieces:
-                text, response = _streamed(text, piece)
-                yield response
+            with _refusals():
+                for piece in pieces:
+                    text, response = _streamed(text, piece)
+                    yield response
 
         return gen()
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        generations = await self.engine.agenerate([self._prompt(prompt, formatted)], self.generation_config(**kwargs))
+        config = self.generation_config(**kwargs)
+        with _refusals():
+            generations = await self.engine.agenerate([self._prompt(prompt, formatted)], config)
         return _response(generations[0].text, None, generations[0])
 
     @llm_completion_callback()
@@ -156,9 +201,10 @@ class SACLLM(CustomLLM):
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            async for piece in pieces:
-                text, response = _streamed(text, piece)
-                yield response
+            with _refusals():
+                async for piece in pieces:
+                    text, response = _streamed(text, piece)
+                    yield response
 
         return gen()
 
