@@ -124,7 +124,11 @@ class ImportanceAnchors(AnchorSelector):
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
         if self.scorer is None:
             raise InvalidInputError("ImportanceAnchors needs a scorer(token_ids) -> scores callable")
-        scores = torch.as_tensor(list(self.scorer(token_ids)), dtype=torch.float64)
+        raw = self.scorer(token_ids)
+        if isinstance(raw, torch.Tensor):  # read at once (element by element: one GPU sync per token)
+            scores = raw.detach().to(device="cpu", dtype=torch.float64)
+        else:
+            scores = torch.as_tensor(list(raw), dtype=torch.float64)
         if scores.shape != (len(token_ids),):
             raise InvalidInputError(
                 f"the importance scorer returned {tuple(scores.shape)} scores for {len(token_ids)} tokens"

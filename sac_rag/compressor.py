@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from .anchors import AnchorSelector, anchor_count, make_selector
 from .config import SACConfig
+from .devices import input_device
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write
 from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
@@ -71,8 +72,8 @@ class SACCompressor(torch.nn.Module):
         hidden = model.config.get_text_config(decoder=True).hidden_size
         rows = {"shared": 1, "per_slot": anchor_count(config.chunk_len, config.ratio), "none": 0}
         embed_weight = model.get_input_embeddings().weight
-        self.anchor_embedding = torch.nn.Parameter(
-            torch.randn(rows[config.anchor_embedding], hidden, device=embed_weight.device)
+        self.anchor_embedding = torch.nn.Parameter(  # where the embeddings compute (not 'meta' if offloaded)
+            torch.randn(rows[config.anchor_embedding], hidden, device=input_device(model))
             .mul_(0.02).to(embed_weight.dtype)
         )
         max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
@@ -406,7 +407,9 @@ class SACCompressor(torch.nn.Module):
             positions[row, : len(chunk)] = torch.arange(offset, offset + len(chunk))
             if appended:  # memory tokens sit where the anchors would (EPL's uniform position ids)
                 positions[row, len(chunk) : lengths[row]] = torch.as_tensor(idx) + offset
-        self.rotator.check_positions(int(positions.max()) + 1)  # dynamic RoPE: only where its frequencies hold
+        # dynamic RoPE: only where its frequencies hold (memory tokens sit at anchors', inside their chunk)
+        self.rotator.check_positions(max(offset + len(chunk) for chunk, offset in zip(chunks, offsets)))
+        host_positions = positions
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
 
         embeds = self._base.get_input_embeddings()(ids)
@@ -426,14 +429,19 @@ class SACCompressor(torch.nn.Module):
         fingerprint = self.fingerprint
         results = []
         for row, (chunk, idx) in enumerate(zip(chunks, kept)):
-            index = torch.as_tensor(idx, device=device)
-            keys = torch.stack([layer.keys[row].index_select(1, index) for layer in layers])
-            values = torch.stack([layer.values[row].index_select(1, index) for layer in layers])
+            index = torch.as_tensor(idx, dtype=torch.long)
+            # Each layer's K/V are gathered on that layer's device (a model sharded with device_map
+            # has its layers on several GPUs) and the chunk is kept on the input device.
+            on_device = {d: index.to(d) for d in {t.device for layer in layers for t in (layer.keys, layer.values)}}
+            keys = torch.stack([layer.keys[row].index_select(1, on_device[layer.keys.device]).to(device)
+                                for layer in layers])
+            values = torch.stack([layer.values[row].index_select(1, on_device[layer.values.device]).to(device)
+                                  for layer in layers])
             results.append(
                 AnchorKV(
                     keys=keys,
                     values=values,
-                    positions=positions[row].index_select(0, index).cpu(),
+                    positions=host_positions[row].index_select(0, index),
                     n_tokens=len(chunk),
                     offset=offsets[row],
                     fingerprint=fingerprint,

@@ -41,7 +41,14 @@ def bf16_is_fast(device: str | torch.device) -> bool:
     (benchmarks/dtype_speed.py)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Not torch.cuda.is_bf16_supported(): by default it also says yes where bfloat16 is only
+        # emulated (compute capability < 8: T4, V100), and it asks about the current GPU, not this one.
+        if torch.version.hip:
+            return True  # ROCm GPUs compute bfloat16 natively
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 8
     if device.type != "cpu":
         return False
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
@@ -72,3 +79,42 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device | None:
+    """The device ``module`` computes on: the execution device of an accelerate hook (a module
+    whose weights are offloaded to the CPU or disk keeps them on 'meta' and computes elsewhere),
+    else the device of its first parameter or buffer; ``default`` for a module without either."""
+    hook = getattr(module, "_hf_hook", None)
+    for part in (hook, *getattr(hook, "hooks", ())):  # a SequentialHook holds several
+        execution = getattr(part, "execution_device", None)
+        if isinstance(execution, int):
+            return torch.device("cuda", execution)
+        if isinstance(execution, (str, torch.device)):
+            return torch.device(execution)
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return default
+
+
+def input_device(model) -> torch.device:
+    """Where ``model`` reads its input ids: the device of its input embeddings (the first GPU of a
+    model sharded with ``device_map``)."""
+    embeddings = model.get_input_embeddings()
+    return module_device(embeddings) or embeddings.weight.device
+
+
+def layer_devices(model, num_layers: int) -> list[torch.device]:
+    """The device each of ``model``'s ``num_layers`` decoder layers computes its keys and values on.
+    A model sharded with ``device_map`` (accelerate) has its layers on several GPUs, and a cache
+    handed to it must hold each layer's K/V on that layer's device. Layers that cannot be found
+    (an unusual decoder layout) are taken to be on the input device."""
+    fallback = input_device(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not (isinstance(layers, torch.nn.ModuleList) and len(layers) == num_layers):
+        layers = next((child for child in decoder.children()
+                       if isinstance(child, torch.nn.ModuleList) and len(child) == num_layers), None)
+    if layers is None:
+        return [fallback] * num_layers
+    return [module_device(layer, fallback) for layer in layers]

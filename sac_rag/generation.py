@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .devices import input_device, layer_devices
 from .errors import FingerprintMismatchError, InvalidInputError, PromptError
 from .extractive import SpanConstraint, Vocabulary, token_bytes
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
@@ -243,7 +244,8 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where the model reads its inputs (the first GPU of a model sharded with ``device_map``)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -380,6 +382,7 @@ class Generator:
         state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache)
         pending: list[int] = list(self._bos)
         with self._reading_model(state.reads_cache) as model:
+            devices = None
             for i, seg in enumerate(segments):
                 if isinstance(seg, str):
                     pending += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
@@ -389,7 +392,8 @@ class Generator:
                 if pending:
                     self._read_text(model, state, pending, all_logits=False)
                     pending = []
-                self._splice(state, seg)
+                devices = devices or layer_devices(model, self.num_layers)
+                self._splice(state, seg, devices)
         return state
 
     @contextlib.contextmanager
@@ -425,16 +429,32 @@ class Generator:
         state.position += len(ids)
         state.text_tokens += len(ids)
 
-    def _splice(self, state: _Prefilled, kv: AnchorKV) -> None:
+    def _splice(self, state: _Prefilled, kv: AnchorKV, devices: Sequence[torch.device]) -> None:
+        """Put ``kv`` at the prompt's running position: each layer's K/V on the device of the layer
+        that reads them (``devices``; a model sharded over GPUs has several) in the decoder's dtype."""
         if not self._accepts(kv.fingerprint):
             raise FingerprintMismatchError(
                 "a compressed context", self.reads(), kv.fingerprint,
                 "compress it again with the compressor in use, or decode with the compressor it was made by",
             )
         self._check_room(state.position + kv.n_tokens)
-        placed = kv.to(self.device, self.dtype).at_offset(state.position, self.rotator)  # rotated in our dtype
+        # Rotated in float32 (as KeyRotator computes) and rounded to the decoder's dtype once, after.
+        work = torch.float64 if kv.keys.dtype == torch.float64 else torch.float32
+        placed = kv.to(self.device, work).at_offset(state.position, self.rotator)
+        targets = []  # (device, dtype) per layer: where its cache is, else where the layer computes
         for layer in range(self.num_layers):
-            state.cache.layers[layer].update(placed.keys[layer][None], placed.values[layer][None])
+            cached = state.cache.layers[layer]
+            ready = getattr(cached, "is_initialized", False) and isinstance(getattr(cached, "keys", None), torch.Tensor)
+            targets.append((cached.keys.device, cached.keys.dtype) if ready else (devices[layer], self.dtype))
+        if any(dtype == torch.float16 for _, dtype in targets):
+            _check_float16_range(placed)
+        if len(set(targets)) == 1:  # one device (a model on one GPU): one copy each
+            keys, values = (placed.keys.to(*targets[0]), placed.values.to(*targets[0]))
+        else:
+            keys = [k.to(*target) for k, target in zip(placed.keys, targets)]
+            values = [v.to(*target) for v, target in zip(placed.values, targets)]
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            state.cache.layers[layer].update(k[None], v[None])
         state.position += kv.n_tokens
         state.cached_tokens += kv.n_anchors
         state.context_tokens += kv.n_tokens
@@ -474,8 +494,8 @@ class Generator:
         farthest = torch.stack([r.positions for r in readings]).amax(0).tolist()  # per row, with or without contexts
         budgets = [self._step_budget(position, config) for position in farthest]
         generator = None
-        if config.temperature > 0:
-            generator = torch.Generator(device=self.device)
+        if config.temperature > 0:  # on the device of the logits it samples from (a sharded model's last GPU)
+            generator = torch.Generator(device=reading.logits.device)
             if config.seed is not None:
                 generator.manual_seed(config.seed)
             else:
@@ -586,7 +606,7 @@ class Generator:
                 running = next_running
                 tokens = torch.as_tensor([track.ids[-1] for track, _ in running], device=self.device)
                 for s in states:
-                    s.cache.batch_select_indices(torch.as_tensor(parents, device=self.device))
+                    _select_rows(s.cache, parents)
                 logits, *rest = [self._step(
                     model, tokens, torch.full((len(running),), s.position + step, device=self.device),
                     torch.ones(len(running), s.cache.get_seq_length() + 1, dtype=torch.long, device=self.device),
@@ -714,6 +734,34 @@ class Generator:
             cached_tokens=state.cached_tokens,
             context_tokens=state.context_tokens,
         )
+
+
+_FLOAT16_OVERFLOW = 65520.0  # the least magnitude float16 rounds to inf (its largest value is 65504)
+
+
+def _check_float16_range(placed: AnchorKV) -> None:
+    """Refuse a chunk (placed, in float32) whose K/V do not fit float16: a float16 decoder would
+    read them as inf, and answer from NaN. A chunk made in bfloat16 or float32 can hold such values,
+    and moving it (a rotation) can take a key a little past float16's range too. One sync per chunk."""
+    largest = torch.maximum(placed.keys.abs().amax(), placed.values.abs().amax())
+    if bool(largest >= _FLOAT16_OVERFLOW):
+        raise InvalidInputError(
+            f"a compressed context's K/V hold values up to {float(largest):g}, beyond float16's range (65504), "
+            "which this float16 decoder would read as inf (and answer from NaN): decode in bfloat16 or float32 "
+            "(dtype='bfloat16'), or compress with the float16 model")
+
+
+def _select_rows(cache, rows: Sequence[int]) -> None:
+    """Keep rows ``rows`` of every layer of ``cache`` (in that order), each layer indexed on its own
+    device: the layers of a model sharded over GPUs cache on different ones."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    on_device: dict[torch.device, torch.Tensor] = {}
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
+            device = layer.keys.device
+            if device not in on_device:
+                on_device[device] = index.to(device)
+            layer.batch_select_indices(on_device[device])
 
 
 def _check_per_prompt(needed: bool, given, n_prompts: int, unneeded: str, missing: str, count: str) -> None:

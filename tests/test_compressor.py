@@ -1,6 +1,7 @@
 """SACCompressor on a tiny random Llama: encoder semantics, batching, positions, checkpoints."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -520,3 +521,14 @@ def test_use_anchors_moves_the_anchors_keeps_the_weights_and_changes_the_fingerp
     assert comp.config.anchor_strategy == "rarest_in_block" and comp.fingerprint != before
     for name, value in comp.trainable_tensors().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_importance_scores_given_as_a_tensor_are_read_at_once_not_element_by_element():
+    """A scorer that is a model returns a tensor (on its GPU, maybe in bfloat16, maybe tracking
+    gradients); reading it element by element would sync with the GPU once per token."""
+    ids = list(range(20))
+    scores = torch.linspace(0, 1, len(ids), dtype=torch.bfloat16).flip(0).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an element read with .item() warns about requires_grad
+        from_tensor = ImportanceAnchors(lambda _: scores).select(ids, 4)
+    assert from_tensor == ImportanceAnchors(lambda _: scores.tolist()).select(ids, 4) == [0, 1, 2, 3, 4]

@@ -1,6 +1,8 @@
 """Generator on a tiny random Llama: batching, streaming, stopping, sampling, prompt errors."""
 
 import codecs
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -587,3 +589,41 @@ def test_each_prompt_of_a_batch_may_generate_up_to_its_own_room_before_the_model
             [(g.token_ids, g.text, g.finish_reason) for g in alone], config
         assert len(together[0].token_ids) == 8 and together[0].finish_reason == "length"  # past the long one's 3
         assert len(together[1].token_ids) <= 3
+
+
+def _float32_chunk_and_model():
+    model, tokenizer = make_tiny_llama()
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=0), model=model,
+                         tokenizer=tokenizer)
+    return comp.compress(TEXT)[0], model, tokenizer
+
+
+def test_a_float32_chunk_read_by_a_bfloat16_decoder_is_moved_exactly_and_rounded_once():
+    """Rounded to bfloat16 before the rotation and again after it, a key would carry two rounding
+    errors; rotated in float32 and rounded once, it is the float32 placement's nearest bfloat16."""
+    kv, model, tokenizer = _float32_chunk_and_model()
+    gen = Generator(copy.deepcopy(model).to(torch.bfloat16), tokenizer)
+    before = len(tokenizer(" The text:", add_special_tokens=False)["input_ids"])
+    state = gen._prefill([" The text:", kv, " Who finished the tower?"])
+    exact = kv.at_offset(before, gen.rotator)
+    for layer, cached in enumerate(state.cache.layers):
+        assert cached.keys.dtype == cached.values.dtype == torch.bfloat16
+        assert torch.equal(cached.keys[0, :, before:before + kv.n_anchors], exact.keys[layer].to(torch.bfloat16))
+        assert torch.equal(cached.values[0, :, before:before + kv.n_anchors], exact.values[layer].to(torch.bfloat16))
+
+
+def test_a_chunk_beyond_float16s_range_is_refused_by_a_float16_decoder_instead_of_read_as_inf():
+    kv, model, tokenizer = _float32_chunk_and_model()
+    # (the same weights: some of this random model's are too small for float16 to hold, which would change
+    # the fingerprint the generator computes)
+    half = Generator(copy.deepcopy(model).to(torch.float16), tokenizer, base_fingerprint=Generator(
+        model, tokenizer).base_fingerprint)
+    config = GenerationConfig(max_new_tokens=2)
+    assert half.generate([kv.to(dtype=torch.bfloat16), " Who?"], config).token_ids  # within range: read
+    values = kv.values.to(torch.bfloat16).clone()
+    values[1, 0, 0, 0] = 1e5  # fits bfloat16 (a bf16 compressor or store can hold it), not float16
+    big = dataclasses.replace(kv, keys=kv.keys.to(torch.bfloat16), values=values)
+    with pytest.raises(InvalidInputError, match="beyond float16's range"):
+        half.generate([big, " Who?"], config)
+    wide = Generator(copy.deepcopy(model).to(torch.bfloat16), tokenizer)
+    assert torch.isfinite(wide.prompt_logits([big, " Who?"])).all()
