@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from .errors import InvalidInputError
@@ -91,9 +92,14 @@ class SACConfig:
     def __post_init__(self):
         if isinstance(self.prompt, dict):
             self.prompt = PromptTemplate(**self.prompt)
+        if isinstance(self.base_model, os.PathLike):  # a local directory: saved as its path
+            self.base_model = os.fspath(self.base_model)
         self.validate()
 
     def validate(self) -> None:
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise InvalidInputError(f"base_model must be a hub id, a local directory or a built-in name, got "
+                                    f"{self.base_model!r}")
         for name in ("ratio", "chunk_len", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -75,50 +75,96 @@ def cache_dir() -> Path:
 
 
 def load_base_model(
-    name_or_path: str,
+    name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ):
     """Load ``(model, tokenizer)`` for a causal LM, in eval mode on ``device`` in ``dtype``.
 
-    ``name_or_path`` is a built-in short name (``"smollm2-135m"``), a local directory, or a
-    Hugging Face hub id. The model keeps ``name_or_path`` as ``model.sac_model_id`` so that
+    ``name_or_path`` is a built-in short name (``"smollm2-135m"``), a local directory (a string
+    or a ``pathlib.Path``, as ``save_pretrained`` wrote it: model and tokenizer), or a Hugging
+    Face hub id. The model keeps ``name_or_path`` (as a string) as ``model.sac_model_id`` so that
     fingerprints and checkpoints can name it.
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(name_or_path)
+    name = _name(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    with _reported_as_unavailable(name_or_path):
-        model = AutoModelForCausalLM.from_pretrained(_source(name_or_path), dtype=torch_dtype)
+    with _reported_as_unavailable(name):
+        model = AutoModelForCausalLM.from_pretrained(_source(name), dtype=torch_dtype)
     model.to(torch_device).eval()
     model.requires_grad_(False)
-    model.sac_model_id = name_or_path
+    model.sac_model_id = name
     return model, tokenizer
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | os.PathLike):
     """The tokenizer of a base model (as ``load_base_model`` names it) without loading its
     weights; its pad token is the EOS token when it has none."""
     from transformers import AutoTokenizer
 
-    with _reported_as_unavailable(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(_source(name_or_path))
+    name = _name(name_or_path)
+    source = _source(name)
+    with _reported_as_unavailable(name):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except ValueError as err:  # transformers' word for "no tokenizer files here"
+            if not Path(source).is_dir():
+                raise
+            raise ModelNotAvailableError(
+                f"could not load the tokenizer of base model {name!r}: {str(err).rstrip('.')}. A model directory "
+                f"needs its tokenizer beside the weights: save both, model.save_pretrained(DIR) and "
+                f"tokenizer.save_pretrained(DIR)"
+            ) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _source(name_or_path: str) -> str:
-    """What transformers loads: a built-in model's local directory (converted on first use), else
-    the path or hub id itself."""
+def _name(name_or_path: str | os.PathLike) -> str:
+    """The base model's name as a string (a ``pathlib.Path`` is a local directory)."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelNotAvailableError(
-            f"base model must be a non-empty string (hub id, local path or one of "
+            f"base model must be a non-empty string or path (hub id, local directory or one of "
             f"{sorted(BUILTIN_MODELS)}), got {name_or_path!r}"
         )
-    return str(_materialize_builtin(BUILTIN_MODELS[name_or_path])) if name_or_path in BUILTIN_MODELS else name_or_path
+    return name_or_path
+
+
+def _source(name_or_path: str | os.PathLike) -> str:
+    """What transformers loads: a built-in model's local directory (converted on first use), else
+    the path or hub id itself. A name that can only be a local path (absolute, starting with '.'
+    or '~', or with more parts than a hub id's 'owner/name') must be a model directory: one that is
+    missing (moved, deleted, relative to another working directory) or holds no model is refused
+    here, naming the path, rather than looked up on the hub."""
+    name = _name(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(_materialize_builtin(BUILTIN_MODELS[name]))
+    path = Path(name).expanduser()
+    if not path.exists() and _is_local_path(name):
+        raise ModelNotAvailableError(
+            f"there is no model directory at {name!r}" + (f" ({path.absolute()})" if str(path.absolute()) != name
+                                                           else "")
+            + ": it was moved or deleted, or the path is relative to another working directory. Pass the "
+            f"directory where the model is now, a hub id, or one of the built-in names {sorted(BUILTIN_MODELS)}"
+        )
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelNotAvailableError(
+            f"{name!r} is not a Hugging Face model directory (it has no config.json): save a model with "
+            f"model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR), or pass a hub id or one of the "
+            f"built-in names {sorted(BUILTIN_MODELS)}"
+        )
+    return str(path) if path.exists() else name
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether ``name`` cannot be a hub id ('name' or 'owner/name'), so it names a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
+            or len([part for part in name.split("/") if part]) > 2)
 
 
 @contextlib.contextmanager

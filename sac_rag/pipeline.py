@@ -13,10 +13,11 @@ from dataclasses import replace
 
 import torch
 
-from .compressor import DEFAULT_COMPRESSOR, SACCompressor
-from .errors import InvalidInputError, PromptError
+from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
+from .errors import InvalidInputError, ModelNotAvailableError, PromptError
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
+from .models import load_base_model
 
 Context = str | AnchorKV | Sequence[AnchorKV]
 
@@ -43,8 +44,14 @@ class SAC:
         dtype: str | torch.dtype | None = None,
         generation: GenerationConfig | None = None,
         merge_decoder: bool = False,
+        base_model: str | os.PathLike | None = None,
     ) -> SAC:
-        return cls(SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype), generation, merge_decoder)
+        """Load a compressor directory or built-in name, with its decoder.
+
+        ``base_model``: load the compressor on this base model (a local directory or hub id)
+        instead of the one its checkpoint names, say after that model's directory was moved. The
+        weights must be the same: another model is refused, naming both fingerprints."""
+        return cls(load_compressor(name_or_path, device, dtype, base_model), generation, merge_decoder)
 
     @property
     def fingerprint(self) -> str:
@@ -120,6 +127,28 @@ class SAC:
     def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
         """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""
         return [self.template.build([], q) for q in questions] if config.context_contrast else None
+
+
+def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None,
+                    base_model: str | os.PathLike | None = None) -> SACCompressor:
+    """``SACCompressor.from_pretrained``, optionally on ``base_model`` (``SAC.from_pretrained``); a
+    checkpoint whose base model cannot be loaded where it names it says how to point it elsewhere."""
+    if base_model is None:
+        try:
+            return SACCompressor.from_pretrained(name_or_path, device=device, dtype=dtype)
+        except ModelNotAvailableError as err:
+            named = checkpoint_meta(name_or_path)["config"].get("base_model")
+            raise ModelNotAvailableError(
+                f"{err}\nThe compressor {os.fspath(name_or_path)!r} was trained on base model {named!r}; if that "
+                "model is elsewhere now, load the compressor on it with SAC.from_pretrained(..., base_model=DIR) "
+                "(or python -m sac_rag.precompress --base-model DIR): its weights are checked against the "
+                "checkpoint's fingerprint"
+            ) from err
+    model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+    compressor = SACCompressor.from_pretrained(name_or_path, model=model, tokenizer=tokenizer)
+    compressor.config.base_model = model.sac_model_id  # where it is now: what a store or a new checkpoint names
+    return compressor
 
 
 def context_list(contexts: Context | Iterable[Context]) -> list[Context]:

@@ -52,6 +52,7 @@ from .store import STORAGES, AnchorStore, EntryNotFoundError
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_KV_DROPPING_BASE = "smollm2-135m"  # --kv-dropping without --base-model
 WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and sorted by length
 
 
@@ -348,14 +349,18 @@ def _get(store: AnchorStore, keys: list[str]) -> list[AnchorKV]:
 
 
 def build_compressor(args: argparse.Namespace) -> SACCompressor:
-    """The compressor the command line names: a directory or built-in name, or (``--kv-dropping``)
-    the untrained uniform KV-dropping baseline on ``--base-model``."""
+    """The compressor the command line names: a directory or built-in name (on ``--base-model``
+    if given, else on the base model its checkpoint names), or (``--kv-dropping``) the untrained
+    uniform KV-dropping baseline on ``--base-model`` (default: the built-in SmolLM2)."""
+    from .pipeline import load_compressor
+
+    base_model = getattr(args, "base_model", None)
     if args.kv_dropping:
-        config = SACConfig(base_model=args.base_model, ratio=args.ratio, lora_rank=0,
+        config = SACConfig(base_model=base_model or DEFAULT_KV_DROPPING_BASE, ratio=args.ratio, lora_rank=0,
                            bidirectional=False, anchor_embedding="none")
         return SACCompressor(config, device=args.device, dtype=args.dtype)
     try:
-        return SACCompressor.from_pretrained(args.compressor, device=args.device, dtype=args.dtype)
+        return load_compressor(args.compressor, args.device, args.dtype, base_model)
     except CheckpointError as err:
         raise CheckpointError(f"{err}. Pass --compressor DIR (a trained compressor), or --kv-dropping "
                               f"--base-model NAME for the untrained baseline.") from err
@@ -383,7 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help=f"trained compressor directory or built-in name (default {DEFAULT_COMPRESSOR})")
     model.add_argument("--kv-dropping", action="store_true",
                        help="use the untrained uniform KV-dropping baseline instead of --compressor")
-    model.add_argument("--base-model", default="smollm2-135m", help="base model for --kv-dropping")
+    model.add_argument("--base-model", default=None,
+                       help="base model (local directory, hub id or built-in name) to load --compressor on, "
+                            "instead of the one its checkpoint names (e.g. after that directory moved; the weights "
+                            "are checked against the checkpoint); with --kv-dropping the model whose K/V are "
+                            f"dropped (default {DEFAULT_KV_DROPPING_BASE})")
     model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--dtype", default=None,
