@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,21 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
 
 
+def _naming_model(config: SACConfig, model) -> SACConfig:
+    """``config`` with ``base_model`` set to the name the passed ``model`` was loaded by
+    (``load_base_model``'s ``sac_model_id``, else transformers' ``name_or_path``), so that a
+    checkpoint saved from it names that model, not the config's default; unchanged for a model
+    without a name (built from a config in memory)."""
+    name = getattr(model, "sac_model_id", None) or getattr(model, "name_or_path", None)
+    if not isinstance(name, str) or not name or name == config.base_model:
+        return config
+    return replace(config, base_model=name)
+
+
+def _without_base_model(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "base_model"}
+
+
 class SACCompressor(torch.nn.Module):
     """Compresses text into ``AnchorKV`` chunks.
 
@@ -61,6 +77,8 @@ class SACCompressor(torch.nn.Module):
             model, tokenizer = load_base_model(config.base_model, device=device, dtype=dtype)
         elif tokenizer is None:
             raise InvalidInputError("pass the tokenizer together with the model")
+        else:  # the checkpoint must name the model passed, not the config's default
+            self.config = config = _naming_model(config, model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
@@ -513,7 +531,8 @@ class SACCompressor(torch.nn.Module):
         this compressor (used to resume training)."""
         directory = Path(directory)
         meta = _read_config(directory)
-        if meta["config"] != self.config.to_dict():
+        # The base model is compared by its fingerprint below (its name may differ: a moved directory).
+        if _without_base_model(meta["config"]) != _without_base_model(self.config.to_dict()):
             raise CheckpointError(f"{directory} was saved with other settings than this compressor")
         data = _read_weights(directory, meta)
         self._check_base_model(meta, directory, "resume with the base model the checkpoint was trained on, or "

@@ -385,7 +385,10 @@ class Generator:
             devices = None
             for i, seg in enumerate(segments):
                 if isinstance(seg, str):
-                    pending += self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                    ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                    if i == 0 and self._bos and ids[:1] == self._bos:
+                        ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
+                    pending += ids
                     if i == len(segments) - 1:
                         self._read_text(model, state, pending, all_logits)
                     continue
