@@ -41,12 +41,13 @@ DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when 
 
 
 def _naming_model(config: SACConfig, model) -> SACConfig:
-    """``config`` with ``base_model`` set to the name the passed ``model`` was loaded by
+    """``config`` naming the passed ``model`` where it names no base model of its own (it keeps
+    SACConfig's default): ``base_model`` becomes the name the model was loaded by
     (``load_base_model``'s ``sac_model_id``, else transformers' ``name_or_path``), so that a
-    checkpoint saved from it names that model, not the config's default; unchanged for a model
-    without a name (built from a config in memory)."""
+    checkpoint saved from it loads that model, not the default. Unchanged for a config that names
+    a model (a directory the model was saved to, say) and for a model without a name."""
     name = getattr(model, "sac_model_id", None) or getattr(model, "name_or_path", None)
-    if not isinstance(name, str) or not name or name == config.base_model:
+    if not isinstance(name, str) or not name or config.base_model != SACConfig().base_model:
         return config
     return replace(config, base_model=name)
 
