@@ -1,16 +1,19 @@
 """Reading training and evaluation data: QA (SQuAD JSON, JSONL) and plain text for LM.
 
-Files may be compressed (``.xz``, ``.gz``). Malformed records raise ``DataError`` naming the
-file and record; records that are valid but unusable (empty context or answer) are skipped
-and counted, never silently.
+Files may be compressed (``.xz``, ``.gz``). A file that cannot be read (a damaged archive, text
+that is not UTF-8) and malformed records raise ``DataError`` naming the file and record; records
+that are valid but unusable (empty context or answer) are skipped and counted, never silently.
+A context longer than the model can read beside its question is split (``split_long_contexts``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import lzma
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ class QAItem:
     question: str
     answers: list[str]
     id: str = ""
+    answer_start: int = -1  # where the first answer starts in its context (SQuAD's answer_start), -1 = unknown
 
 
 @dataclass
@@ -50,16 +54,32 @@ class LoadStats:
 
 
 def open_text(path: str | Path):
+    """The file as UTF-8 text (a leading byte-order mark dropped), decompressed if it ends in .xz or .gz."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
         raise DataError(f"data path {path} is a directory, not a data file: pass the file itself")
-    if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    with _read_errors(path):
+        if path.suffix == ".xz":
+            return lzma.open(path, "rt", encoding="utf-8-sig")
+        if path.suffix == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path):
+    """Turn what reading a damaged or mis-encoded file raises into a DataError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from err
+    except (lzma.LZMAError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path}: the {path.suffix} archive is damaged or truncated ({type(err).__name__}: "
+                        f"{err})") from err
+    except OSError as err:
+        raise DataError(f"{path} cannot be read: {err.strerror or err}") from err
 
 
 def _base_suffix(path: Path) -> str:
@@ -72,7 +92,7 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
     path, stats = Path(path), stats or LoadStats()
     if _base_suffix(path) == ".jsonl":
         paragraphs: dict[str, Paragraph] = {}
-        with open_text(path) as f:
+        with open_text(path) as f, _read_errors(path):
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -85,17 +105,25 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
                 where = f"{path}:{line_no}: 'answers'"
                 for answer in _expect(answers, list, where, "a string or a list of strings"):
                     _expect(answer, str, where, "a string or a list of strings")
-                item = _qa_item(question, answers, row.get("id", f"{line_no}"), stats)
+                _text_or_none(context, f"{path}:{line_no}: 'context'")
+                _text_or_none(question, f"{path}:{line_no}: 'question'")
+                start = row.get("answer_start", -1)
+                item = _qa_item(question, answers, row.get("id", f"{line_no}"), stats,
+                                start if isinstance(start, int) and not isinstance(start, bool) else -1)
                 if item is None or not _has_text(context, stats):
                     continue
                 title = str(row.get("title") or "")
                 paragraphs.setdefault(context, Paragraph(context, [], title)).questions.append(item)
         return list(paragraphs.values())
     try:
-        with open_text(path) as f:
+        with open_text(path) as f, _read_errors(path):
             data = json.load(f)["data"]
+    except DataError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list): {err}") from err
+        hint = ("; a file of one JSON object per line is read as QA JSONL when its name ends in .jsonl"
+                if isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" else "")
+        raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list): {err}{hint}") from err
     _expect(data, list, f"{path}: 'data'", "a list of articles")
     out = []
     for i, article in enumerate(data):
@@ -103,6 +131,7 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
         _expect(article, dict, where, "an article object")
         for j, para in enumerate(_expect(article.get("paragraphs", []), list, f"{where}.paragraphs", "a list")):
             _expect(para, dict, f"{where}.paragraphs[{j}]", "a paragraph object")
+            _text_or_none(para.get("context"), f"{where}.paragraphs[{j}].context")
             if not _has_text(para.get("context"), stats):
                 continue
             items = []
@@ -110,9 +139,12 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
                 at = f"{where}.paragraphs[{j}].qas[{k}]"
                 _expect(qa, dict, at, "a question object")
                 answers = _expect(qa.get("answers", []), list, f"{at}.answers", "a list of {'text': ...} objects")
-                texts = [_expect(a, dict, f"{at}.answers[{n}]", "an object with a 'text'").get("text", "")
-                         for n, a in enumerate(answers)]
-                item = _qa_item(qa.get("question"), texts, qa.get("id", ""), stats)
+                texts = [_text_or_none(_expect(a, dict, f"{at}.answers[{n}]", "an object with a 'text'").get("text"),
+                                       f"{at}.answers[{n}].text") or "" for n, a in enumerate(answers)]
+                _text_or_none(qa.get("question"), f"{at}.question")
+                start = answers[0].get("answer_start", -1) if answers else -1
+                item = _qa_item(qa.get("question"), texts, qa.get("id", ""), stats,
+                                start if isinstance(start, int) and not isinstance(start, bool) else -1)
                 if item is not None:
                     items.append(item)
             if items:
@@ -127,6 +159,13 @@ def _expect(value, kind: type, where: str, what: str):
     return value
 
 
+def _text_or_none(value, where: str):
+    """A text field holds a string (or is missing): a number or an object there is a malformed record."""
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where} should be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def _has_text(context, stats: LoadStats) -> bool:
     stats.read += 1
     if not isinstance(context, str) or not context.strip():
@@ -135,15 +174,17 @@ def _has_text(context, stats: LoadStats) -> bool:
     return True
 
 
-def _qa_item(question, answers, qa_id, stats: LoadStats) -> QAItem | None:
-    answers = [a for a in answers if isinstance(a, str) and a.strip()]
+def _qa_item(question, answers, qa_id, stats: LoadStats, answer_start: int = -1) -> QAItem | None:
+    usable = [a for a in answers if isinstance(a, str) and a.strip()]
     if not isinstance(question, str) or not question.strip():
         stats.skip("empty question")
         return None
-    if not answers:
+    if not usable:
         stats.skip("no answer")
         return None
-    return QAItem(question.strip(), answers, str(qa_id))
+    # the start belongs to the first answer: kept only while that answer comes first
+    start = answer_start if answers and usable[0] is answers[0] else -1
+    return QAItem(question.strip(), usable, str(qa_id), start)
 
 
 PRETRAIN_TEXT_SUFFIXES = (".txt", ".md")  # plain text: documents separated by blank lines
@@ -167,7 +208,7 @@ def iter_texts(path: str | Path, stats: LoadStats | None = None) -> Iterator[str
     ``check_text_format``); JSONL rows whose text is empty are skipped and counted in ``stats``."""
     path, stats = Path(path), stats or LoadStats()
     check_text_format(path)
-    with open_text(path) as f:
+    with open_text(path) as f, _read_errors(path):
         if _base_suffix(path) == ".jsonl":
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -186,6 +227,70 @@ def iter_texts(path: str | Path, stats: LoadStats | None = None) -> Iterator[str
                 if block.strip():
                     stats.read += 1
                     yield block
+
+
+@dataclass
+class SplitReport:
+    """What ``split_long_contexts`` did: contexts split, pieces kept (those holding a question),
+    and questions skipped because no piece holds their answer."""
+
+    contexts: int = 0
+    pieces: int = 0
+    questions_skipped: int = 0
+
+
+def split_long_contexts(paragraphs: list[Paragraph], tokenizer, limit: int,
+                        stats: LoadStats) -> tuple[list[Paragraph], SplitReport]:
+    """Paragraphs whose context has at most ``limit`` tokens, in order: a longer context is split
+    into overlapping pieces of at most ``limit`` tokens (exact substrings, cut between tokens, see
+    ``chunking.split_document``), and each question goes with the first piece that holds its
+    (first) answer, at its ``answer_start`` where that is known. A question whose answer no piece
+    holds is skipped and counted in ``stats``; pieces keep the paragraph's title (so a held-out
+    split by article stays one)."""
+    from .chunking import split_document
+
+    report, out = SplitReport(), []
+    texts = [p.context for p in paragraphs]
+    lengths = [len(ids) for start in range(0, len(texts), 256)
+               for ids in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]]
+    overlap = min(limit // 4, 128)  # an answer shorter than this that a cut crosses is whole in the next piece
+    for para, n_tokens in zip(paragraphs, lengths):
+        if n_tokens <= limit:
+            out.append(para)
+            continue
+        report.contexts += 1
+        pieces = split_document(para.context, tokenizer, limit, overlap)
+        held: list[list[QAItem]] = [[] for _ in pieces]
+        for qa in para.questions:
+            where = _piece_holding(qa, para.context, pieces)
+            if where is None:
+                stats.skip(f"answer in no piece of a context split at {limit} tokens")
+                report.questions_skipped += 1
+                continue
+            located = _located(qa, para.context) and pieces[where].start_char >= 0
+            start = qa.answer_start - pieces[where].start_char if located else -1
+            held[where].append(QAItem(qa.question, qa.answers, qa.id, start))
+        for piece, questions in zip(pieces, held):
+            if questions:
+                out.append(Paragraph(piece.text, questions, para.title))
+                report.pieces += 1
+    return out, report
+
+
+def _located(qa: QAItem, context: str) -> bool:
+    """Whether the question's ``answer_start`` points at its first answer in ``context``."""
+    return qa.answer_start >= 0 and context[qa.answer_start : qa.answer_start + len(qa.answers[0])] == qa.answers[0]
+
+
+def _piece_holding(qa: QAItem, context: str, pieces) -> int | None:
+    """Index of the first piece holding the question's first answer: the occurrence at its
+    ``answer_start`` when that is known (and the pieces' places are), else any occurrence."""
+    answer = qa.answers[0]
+    if _located(qa, context) and all(piece.start_char >= 0 for piece in pieces):
+        end = qa.answer_start + len(answer)
+        return next((i for i, piece in enumerate(pieces) if piece.start_char <= qa.answer_start
+                     and end <= piece.end_char), None)
+    return next((i for i, piece in enumerate(pieces) if answer in piece.text), None)
 
 
 def split_by_title(paragraphs: list[Paragraph], held_out_fraction: float) -> tuple[list[Paragraph], list[Paragraph]]:

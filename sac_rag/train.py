@@ -28,7 +28,16 @@ import torch
 import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
-from .data import TEXT_FORMATS, DataError, LoadStats, check_text_format, iter_texts, read_qa, split_by_title
+from .data import (
+    TEXT_FORMATS,
+    DataError,
+    LoadStats,
+    check_text_format,
+    iter_texts,
+    read_qa,
+    split_by_title,
+    split_long_contexts,
+)
 from .devices import bf16_is_fast
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
 from .files import atomic_write, fsync_dir
@@ -36,6 +45,7 @@ from .objectives import (
     DISTILL_DIVERGENCES,
     DISTILL_TOKENS,
     DISTRACTOR_SOURCES,
+    SPAN_QUESTION,
     ExampleBuilder,
     FullTextObjective,
     SACObjective,
@@ -43,14 +53,24 @@ from .objectives import (
 
 logger = logging.getLogger("sac_rag.train")
 
-# Fields that may differ between a run and its resumption.
+# Fields that may differ between a run and its resumption: bookkeeping, where the run lives (a run
+# directory may be moved or named by another path), and what computes it ("auto" resolves per machine).
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
-                      "snapshot_every", "precision"}
+                      "snapshot_every", "precision", "device", "out_dir"}
+# Fields naming files or directories: the same one under another spelling (relative, absolute) is no change.
+_PATH_OPTIONS = ("data", "eval_data", "init_from", "adapters_from", "distill_teacher", "base_model")
 PRECISIONS = ("auto", "bf16", "fp32")
 # A pretraining window's first half is compressed and its second half read as text: its first token
 # is the decoder's input and at least one more is predicted, so a window needs 1 + 2 tokens.
 LM_MIN_TOKENS = 3
 TRAIN_PARTS = ("all", "encoder", "decoder")
+# A context's token budget (see ExampleStream._context_limit): the held-out evaluation's answer length,
+# room for a span question's cue, a margin for tokenizing the prompt's parts together rather than apart,
+# and the least a passage may be given.
+EVAL_NEW_TOKENS = 32
+SPAN_CUE_ROOM = 32
+POSITION_MARGIN = 8
+MIN_CONTEXT_TOKENS = 8
 
 
 def _help(text: str, **kwargs):
@@ -143,6 +163,12 @@ class TrainConfig:
                                "lm_min..lm_max tokens per document, so a longer document is only partly read per "
                                "epoch (the share is logged at the start)", default=2040)
     max_answer_tokens: int = _help("finetune: answers truncated to this many tokens", default=48)
+    max_context_tokens: int = _help("finetune: split a context longer than this many tokens into overlapping "
+                                    "pieces, each question kept with the piece holding its answer (one whose "
+                                    "answer no piece holds is skipped and counted in the log). 0 = as long as "
+                                    "the model's positions allow beside the prompt, the longest question, the "
+                                    "answer and the distractors; a context longer than that is always split, "
+                                    "held-out ones too", default=0)
     bidir_anneal_steps: int = _help("steps over which the encoder goes from ~causal to bidirectional", default=0)
     bidir_anneal_start_bias: float = _help("attention-score penalty on later tokens at step 0", default=8.0)
     # optimisation (paper defaults)
@@ -168,7 +194,9 @@ class TrainConfig:
     snapshot_every: int = _help("also keep the weights (no optimizer state) of every N-th step in snapshots/step-N, "
                                 "never pruned: sources for averaging along the run (benchmarks/"
                                 "average_compressors.py); 0 = none", default=0)
-    eval_every: int = _help("steps between held-out evaluations (0 = only at the end)", default=200)
+    eval_every: int = _help("steps between held-out evaluations (0 = only at the end); the weights of the best "
+                            "held-out F1 so far are kept in best/, its step and scores in best/best_eval.json",
+                            default=200)
     eval_questions: int = _help("held-out questions per evaluation", default=200)
 
     def __post_init__(self):
@@ -204,6 +232,9 @@ class TrainConfig:
                            "compressor: they need --method sac")
         if self.precision not in PRECISIONS:
             raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if 0 < self.max_context_tokens < MIN_CONTEXT_TOKENS:
+            raise InvalidInputError(f"max_context_tokens (--max-context-tokens) must be 0 (the model's limit) or >= "
+                                    f"{MIN_CONTEXT_TOKENS}, got {self.max_context_tokens}")
         if self.lr_decay_steps < 0:
             raise SACError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if self.snapshot_every < 0:
@@ -232,6 +263,10 @@ class TrainConfig:
         if self.distill_teacher and not (self.distill_weight or self.distill_hidden_weight):
             raise SACError("distill_teacher is set but distill_weight and distill_hidden_weight are 0: "
                            "give the KL term (or the hidden-state term) a weight")
+        if self.lora_rank < 0 or (self.method == "full_ft" and self.lora_rank < 1):
+            raise InvalidInputError(f"lora_rank (--lora-rank) must be >= {1 if self.method == 'full_ft' else 0}, got "
+                                    f"{self.lora_rank}" + (": Full-FT trains a decoder LoRA" if self.method == "full_ft"
+                                                           else " (0 = no encoder adapter)"))
         if self.memory == "compression_tokens" and self.anchor_embedding != "per_slot":
             raise InvalidInputError(f"--memory compression_tokens needs --anchor-embedding per_slot (got "
                                     f"{self.anchor_embedding!r}): each compression token has its own learned "
@@ -285,6 +320,11 @@ class TrainConfig:
         if self.lm_max_tokens < self.lm_min_tokens:
             raise InvalidInputError(f"lm_max_tokens ({self.lm_max_tokens}) must be >= lm_min_tokens "
                                     f"({self.lm_min_tokens})")
+        # a weight, rate or bias of inf (or NaN) turns the loss into inf or NaN a step later
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name not in _MAY_BE_INFINITE:
+                raise InvalidInputError(f"{f.name} (--{_flag(f.name)}) must be a finite number, got {value}")
 
 
 def _flag(name: str) -> str:
@@ -323,7 +363,7 @@ _IGNORED_WITH = {
            "bidir_anneal_steps", "bidir_anneal_start_bias"),  # method 'full_ft'
 }
 _FINETUNE_ONLY = ("questions_per_context", "span_questions", "distractors", "distractor_source", "distractor_share",
-                  "max_answer_tokens")
+                  "max_answer_tokens", "max_context_tokens")
 _PRETRAIN_ONLY = ("lm_min_tokens", "lm_max_tokens")
 
 
@@ -339,10 +379,14 @@ _AT_LEAST = {
     "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "checkpoint_every": 1,
     "keep_checkpoints": 1,  # the checkpoint `latest` names is always kept
     "eval_every": 0, "eval_questions": 1, "warmup_steps": 0, "questions_per_context": 1, "distractors": 0,
-    "max_answer_tokens": 1, "bidir_anneal_steps": 0, "bidir_anneal_start_bias": 0.0,
+    "max_answer_tokens": 1, "max_context_tokens": 0, "bidir_anneal_steps": 0, "bidir_anneal_start_bias": 0.0,
     "init_ratio": 0, "init_widen_rank": 0, "init_widen_decoder_rank": 0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 0, "lora_alpha": 1, "anchor_lr": 0.0, "weight_decay": 0.0, "ae_weight": 0.0,
 }
+
+
+# Float options for which infinity means something (no gradient clipping); NaN is refused by the range checks.
+_MAY_BE_INFINITE = ("grad_clip",)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -401,15 +445,35 @@ def _is_main_process() -> bool:
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = _resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def _resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device: 'auto' is this rank's GPU if there is one, else the CPU; 'cuda'
+    without an index is this rank's GPU (LOCAL_RANK under torchrun). A name torch does not know, or
+    CUDA on a machine without it, is an InvalidInputError."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise InvalidInputError(f"--device {name!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or "
+                                f"'cuda:N'") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu "
+                                    f"(or auto)")
+        if device.index is None:
+            device = torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -439,6 +503,7 @@ def _check_ranks_agree(model, world: int) -> None:
 
 
 FULL_FT_META = "sac_full_ft.json"  # beside a Full-FT adapter: its prompt and base model
+BEST_EVAL = "best_eval.json"  # in best/: the step whose weights it holds and their held-out scores
 
 
 class _FullFTModel:
@@ -528,6 +593,12 @@ def build_model(cfg: TrainConfig, device: torch.device):
     for name, param in comp.named_parameters():
         part = "decoder" if ".decoder." in name else "encoder"  # peft: lora_A.decoder.weight is the decoder's
         param.requires_grad_(("lora_" in name or name == "anchor_embedding") and cfg.train_parts in ("all", part))
+    if not any(param.requires_grad and param.numel() for param in comp.parameters()):
+        shape = comp.config
+        raise SACError(f"nothing to train: this compressor (lora_rank {shape.lora_rank}, anchor_embedding "
+                       f"{shape.anchor_embedding!r}, decoder_lora_rank {shape.decoder_lora_rank}) has no weight that "
+                       f"--train-parts {cfg.train_parts} trains; give it an encoder adapter (--lora-rank) or an "
+                       f"anchor embedding (--anchor-embedding shared)")
     prefix = "" if cfg.stage == "pretrain" else comp.config.prompt.prefix + comp.config.prompt.context_prefix
     teacher = load_teacher(cfg.distill_teacher, comp, device) if cfg.distill_teacher else None
     objective = SACObjective(comp, prefix_text=prefix, distill_weight=cfg.distill_weight, ae_weight=cfg.ae_weight,
@@ -537,6 +608,14 @@ def build_model(cfg: TrainConfig, device: torch.device):
                              on_policy_tokens=cfg.distill_on_policy_tokens, risk_weight=cfg.risk_weight,
                              risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens)
     return comp, objective
+
+
+def _max_positions(model) -> int | None:
+    """The positions the base model reads (``max_position_embeddings``), or None if it states none."""
+    base = model.model if isinstance(model, _FullFTModel) else model.base_model
+    config = base.config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _explicit(cfg: TrainConfig, name: str) -> bool:
@@ -724,7 +803,10 @@ DATA_FORMATS = {
 
 
 def _require_data(cfg: TrainConfig) -> None:
-    """Refuse a missing --data (or --eval-data) file before anything slow starts."""
+    """Refuse a missing --data (or --eval-data) file, or an --out-dir that is a file, before anything slow starts."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"--out-dir {out_dir} is a file, not a directory: name a directory for the run")
     if not cfg.data:
         raise InvalidInputError(f"--data is required for stage {cfg.stage!r}: {DATA_FORMATS[cfg.stage]} "
                                 f"(.xz/.gz ok)")
@@ -740,9 +822,13 @@ class ExampleStream:
     """Deterministic example order: epoch e is a seeded permutation; position = examples used.
     Resuming needs only the position."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, template: PromptTemplate, stats: LoadStats):
+    def __init__(self, cfg: TrainConfig, tokenizer, template: PromptTemplate, stats: LoadStats,
+                 max_positions: int | None = None):
+        """Reads --data (and --eval-data, into ``held_out``); contexts longer than ``context_limit``
+        tokens (--max-context-tokens, and what ``max_positions``, the model's, leave them) are split."""
         self.cfg = cfg
         self.stats = stats
+        self.eval_stats = LoadStats()  # --eval-data's
         self.builder = ExampleBuilder(
             tokenizer, template, questions_per_context=cfg.questions_per_context, span_questions=cfg.span_questions,
             distractors=cfg.distractors,
@@ -753,6 +839,10 @@ class ExampleStream:
         self.held_out = []
         _require_data(cfg)
         if cfg.stage == "pretrain":
+            if max_positions and cfg.lm_max_tokens + 1 > max_positions:  # a window and its end token
+                raise InvalidInputError(f"--lm-max-tokens {cfg.lm_max_tokens} does not fit the model's "
+                                        f"{max_positions} positions (a window and its end token): lower it to "
+                                        f"{max_positions - 1} or less")
             self.items = list(iter_texts(cfg.data, stats))
             if stats.skipped and _is_main_process():
                 logger.info("%s: skipped %s", cfg.data, stats.skipped)
@@ -764,6 +854,22 @@ class ExampleStream:
                 self.items = paragraphs
             else:
                 self.items, self.held_out = split_by_title(paragraphs, cfg.held_out_fraction)
+        if cfg.eval_data:
+            self.held_out = read_qa(cfg.eval_data, self.eval_stats)
+        self.context_limit = self._context_limit(tokenizer, template, max_positions)
+        if self.context_limit:
+            if cfg.stage == "finetune":
+                self.items = self._split(self.items, tokenizer, stats, f"--data {cfg.data}")
+            self.held_out = self._split(self.held_out, tokenizer, self.eval_stats if cfg.eval_data else stats,
+                                        f"--eval-data {cfg.eval_data}" if cfg.eval_data else "held-out")
+        if cfg.stage == "finetune" and stats.skipped and _is_main_process():
+            logger.info("%s: skipped %s", cfg.data, stats.skipped)
+        if cfg.eval_data and self.eval_stats.skipped and _is_main_process():
+            logger.warning("--eval-data %s: %d of %d records skipped: %s", cfg.eval_data,
+                           sum(self.eval_stats.skipped.values()), self.eval_stats.read, self.eval_stats.skipped)
+        if cfg.eval_data and not self.held_out:
+            raise DataError(f"--eval-data {cfg.eval_data} holds no usable question to evaluate on: records "
+                            f"skipped: {self.eval_stats.skipped or 'none'}")
         if not self.items:
             held = (f"{len(self.held_out)} paragraph(s) held out for evaluation (--held-out-fraction "
                     f"{cfg.held_out_fraction}), " if cfg.stage == "finetune" and not cfg.eval_data else "")
@@ -771,6 +877,42 @@ class ExampleStream:
                             f"{stats.skipped or 'none'}")
         self.position = 0
         self._order_epoch, self._order = -1, []
+
+    def _context_limit(self, tokenizer, template: PromptTemplate, max_positions: int | None) -> int | None:
+        """The most tokens a context may have: --max-context-tokens, and what the model's positions
+        leave each passage beside the prompt head, the longest question, the answer (or the held-out
+        evaluation's) and the distractors read with it. None = no limit."""
+        cfg = self.cfg
+        paragraphs = [*(self.items if cfg.stage == "finetune" else []), *self.held_out]
+        limits = [cfg.max_context_tokens] if cfg.max_context_tokens else []
+        if max_positions and paragraphs:
+            prompts = [template.question.format(question=qa.question) for p in paragraphs for qa in p.questions]
+            if cfg.span_questions:  # their cue is four words of the passage: room for long ones
+                prompts.append(template.question.format(question=SPAN_QUESTION.format(cue=" ".join(["word"] * 4))))
+            lengths = [len(ids) for start in range(0, len(prompts), 1024)
+                       for ids in tokenizer(prompts[start : start + 1024], add_special_tokens=False)["input_ids"]]
+            question = max(lengths) + (SPAN_CUE_ROOM if cfg.span_questions else 0)
+            head = len(tokenizer(template.prefix + template.context_prefix, add_special_tokens=False)["input_ids"])
+            answer = max(cfg.max_answer_tokens + 1, EVAL_NEW_TOKENS)  # + 1: the end token
+            passage = (max_positions - head - question - answer - POSITION_MARGIN) // (1 + cfg.distractors)
+            if passage < MIN_CONTEXT_TOKENS:
+                raise DataError(f"the model's {max_positions} positions leave {passage} tokens per passage beside "
+                                f"the prompt ({head} tokens), the longest question ({question}), the answer "
+                                f"({answer}) and {cfg.distractors} distractor(s): use shorter questions, fewer "
+                                f"--distractors or a model with more positions")
+            limits.append(passage)
+        return min(limits) if limits else None
+
+    def _split(self, paragraphs: list, tokenizer, stats: LoadStats, what: str) -> list:
+        """``paragraphs`` with every context longer than ``context_limit`` split (``split_long_contexts``), logged."""
+        kept, report = split_long_contexts(paragraphs, tokenizer, self.context_limit, stats)
+        if report.contexts and _is_main_process():
+            why = ("--max-context-tokens" if self.context_limit == self.cfg.max_context_tokens else
+                   "what the model's positions leave a passage beside the prompt, question, answer and distractors")
+            logger.info("%s: %d context(s) longer than %d tokens (%s) split into overlapping pieces: %d piece(s) "
+                        "hold their questions; %d question(s) whose answer is in no piece skipped", what,
+                        report.contexts, self.context_limit, why, report.pieces, report.questions_skipped)
+        return kept
 
     def _check_documents(self, tokenizer) -> None:
         """Refuse documents of which none reaches lm_min_tokens (they would all be skipped, for ever),
@@ -840,7 +982,7 @@ class ExampleStream:
 
 
 def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: int, compress=None,
-                max_new_tokens: int = 32, seed: int = 0) -> dict:
+                max_new_tokens: int = EVAL_NEW_TOKENS, seed: int = 0) -> dict:
     """SQuAD EM/F1 on a seeded subset: one question per paragraph, contexts compressed with
     ``compress(text) -> list[AnchorKV]`` or read as text when ``compress`` is None."""
     from .generation import GenerationConfig
@@ -915,8 +1057,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig):
-    """Write checkpoints/step-N atomically, then point `latest` at it."""
+def rng_states(world: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's torch RNG states (CPU, and the GPU's when training on one), gathered on every rank
+    (a collective: all ranks call it). Each rank draws its own numbers (sampled answers, say), so a
+    resumed rank must go on from its own state, not rank 0's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [state]
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleStream, best: float, cfg: TrainConfig,
+                    rngs: list[dict[str, torch.Tensor]] | None = None):
+    """Write checkpoints/step-N atomically, then point `latest` at it. ``rngs``: every rank's RNG
+    states (``rng_states``; default: this process's alone)."""
     from safetensors.torch import save_file
 
     def write(staging: Path) -> None:
@@ -931,7 +1089,11 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleS
                     layout[str(index)][key] = "tensor"
                 else:
                     layout[str(index)][key] = value
-        tensors["torch_rng"] = torch.get_rng_state()
+        ranks = rngs or [{"cpu": torch.get_rng_state()}]
+        tensors["torch_rng"] = ranks[0]["cpu"].clone()  # rank 0's, also where older versions look
+        for r, rank_rngs in enumerate(ranks):
+            for kind, value in rank_rngs.items():
+                tensors[f"{kind}_rng.rank{r}"] = value.cpu()
         save_file(tensors, staging / "optimizer.safetensors")
         trainer_state = {
             "step": step, "position": stream.position, "best_f1": best, "param_groups": state["param_groups"],
@@ -949,7 +1111,11 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, stream: ExampleS
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out_dir: Path, model, optimizer, stream: ExampleStream) -> tuple[int, float]:
+def load_checkpoint(out_dir: Path, model, optimizer, stream: ExampleStream, rank: int = 0,
+                    device: torch.device | None = None) -> tuple[int, float]:
+    """Restore the run in ``out_dir`` from the checkpoint `latest` names: weights, optimizer, data
+    position, and this rank's RNG states (rank 0's if the checkpoint has none of its own, e.g. when
+    the run had fewer ranks); returns (step, best F1)."""
     from ast import literal_eval
 
     from safetensors import SafetensorError
@@ -961,7 +1127,11 @@ def load_checkpoint(out_dir: Path, model, optimizer, stream: ExampleStream) -> t
         state = json.loads((directory / "trainer_state.json").read_text())
         model.load_weights(directory)
         tensors = load_file(directory / "optimizer.safetensors")
-        torch.set_rng_state(tensors.pop("torch_rng"))
+        rank0 = tensors.pop("torch_rng")
+        rngs = {key: tensors.pop(key) for key in [k for k in tensors if re.fullmatch(r"\w+_rng\.rank\d+", k)]}
+        torch.set_rng_state(rngs.get(f"cpu_rng.rank{rank}", rank0))
+        if device is not None and device.type == "cuda" and f"cuda_rng.rank{rank}" in rngs:
+            torch.cuda.set_rng_state(rngs[f"cuda_rng.rank{rank}"], device)
         opt_state = {"state": {}, "param_groups": state["param_groups"]}
         for index, keys in state["layout"].items():
             opt_state["state"][int(index)] = {
@@ -995,18 +1165,69 @@ def _fsync_files(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
-    saved = json.loads((out_dir / "train_config.json").read_text())
+def _saved_config(out_dir: Path) -> dict:
+    """The settings the run in ``out_dir`` went on with: its train_config.json or, if that is gone or
+    unreadable, those its latest checkpoint recorded."""
+    path = out_dir / "train_config.json"
+    try:
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict):
+            return saved
+        problem = f"holds a JSON {type(saved).__name__}, not an object of options"
+    except (OSError, ValueError) as err:
+        problem = f"cannot be read ({type(err).__name__}: {err})"
+    latest = out_dir / "checkpoints" / (out_dir / "latest").read_text().strip() / "trainer_state.json"
+    try:
+        saved = json.loads(latest.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot resume {out_dir}: its {path.name} {problem}, and its latest checkpoint "
+                              f"records no configuration either ({latest}: {type(err).__name__}: {err})") from err
+    logger.warning("%s %s: checking the options against those recorded in %s", path, problem, latest.parent)
+    return saved
+
+
+def _same_option(name: str, saved, current) -> bool:
+    if saved == current:
+        return True
+    if name in _PATH_OPTIONS and isinstance(saved, str) and isinstance(current, str) and saved and current:
+        try:  # the same file under another spelling (from this directory)
+            return os.path.samefile(saved, current)
+        except OSError:
+            return False
+    return False
+
+
+def _with_recorded_paths(cfg: TrainConfig, recorded: dict) -> TrainConfig:
+    """``cfg`` with the path options given under another spelling of the same file spelled as the run
+    recorded them (which resolve here too): the run's records, and a checkpoint's base model, stay as
+    they were."""
+    if not recorded:
+        return cfg
+    respelled = dataclasses.replace(cfg, **recorded)
+    respelled.given_on_command_line = getattr(cfg, "given_on_command_line", frozenset())
+    respelled.given_in_config_file = getattr(cfg, "given_in_config_file", frozenset())
+    return respelled
+
+
+def _check_resumable(out_dir: Path, cfg: TrainConfig) -> dict:
+    """Refuse to resume ``out_dir`` with options that change the run; returns the path options given
+    under another spelling of the same file, with the spelling the run recorded."""
+    saved = _saved_config(out_dir)
     current = dataclasses.asdict(cfg)
     # Options added after a run started were at their defaults in it.
-    saved = {**dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in current})), **saved}
-    differ = {k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    try:
+        saved = {**dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in current})), **saved}
+    except (SACError, TypeError) as err:
+        raise SACError(f"cannot resume {out_dir}: its recorded configuration is not one this version accepts "
+                       f"({err}); use another --out-dir") from err
+    differ = {k for k in current if k not in _RESUMABLE_CHANGES and not _same_option(k, saved.get(k), current[k])}
     if differ:
         raise SACError(
             f"cannot resume {out_dir}: it was started with a different configuration "
             f"({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in sorted(differ))}); "
             f"use another --out-dir or the original settings"
         )
+    return {k: saved[k] for k in _PATH_OPTIONS if saved.get(k) != current[k]}
 
 
 def drop_metrics_after(out_dir: Path, step: int) -> None:
@@ -1114,35 +1335,37 @@ def train(cfg: TrainConfig) -> Path:
                            "causal encoder never attends to later tokens, so there is no mask to anneal (the "
                            "logged future_bias has no effect)", cfg.bidir_anneal_steps)
 
+    resuming = cfg.resume and (out_dir / "latest").exists()
+    if resuming:  # before the model loads: a changed option is refused at once
+        cfg = _with_recorded_paths(cfg, _check_resumable(out_dir, cfg))
+
     model, objective = build_model(cfg, device)
     tokenizer = model.tokenizer
     template = model.template if cfg.method == "full_ft" else model.config.prompt
     params = objective.parameters()
     optimizer = build_optimizer(cfg, model)
     stats = LoadStats()
-    stream = ExampleStream(cfg, tokenizer, template, stats)
-    if cfg.eval_data:
-        eval_stats = LoadStats()
-        held_out = read_qa(cfg.eval_data, eval_stats)
-        if eval_stats.skipped and is_main:
-            logger.warning("--eval-data %s: %d of %d records skipped: %s", cfg.eval_data,
-                           sum(eval_stats.skipped.values()), eval_stats.read, eval_stats.skipped)
-    else:
-        held_out = stream.held_out
+    stream = ExampleStream(cfg, tokenizer, template, stats, _max_positions(model))
+    held_out = stream.held_out
 
     step, best = 0, -1.0
-    if cfg.resume and not (out_dir / "latest").exists():
+    if cfg.resume and not resuming:
         # benchmarks/ablations.sh passes --resume to start-or-continue: so a warning, not an error
         logger.warning("--resume: nothing to resume, %s holds no checkpoint (no %s): starting a fresh run",
                        out_dir, out_dir / "latest")
-    if cfg.resume and (out_dir / "latest").exists():
-        _check_resumable(out_dir, cfg)
-        step, best = load_checkpoint(out_dir, model, optimizer, stream)
+    if resuming:
+        step, best = load_checkpoint(out_dir, model, optimizer, stream, rank, device)
+        if step > cfg.max_steps:  # before anything is written: the run stays as it was
+            raise SACError(f"cannot resume {out_dir} with --max-steps {cfg.max_steps}: its latest checkpoint is "
+                           f"already at step {step}. Pass --max-steps {step} or more")
         logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
     elif is_main:
         if (out_dir / "latest").exists():
             raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InvalidInputError(f"--out-dir {out_dir} cannot be created: {err.strerror or err}") from err
     if is_main:
         drop_metrics_after(out_dir, step)  # a fresh run starts a clean log; a resumed one repeats no step
         # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them
@@ -1186,7 +1409,13 @@ def train(cfg: TrainConfig) -> Path:
                   f"e.g. {result['examples'][:2]}")
         if result["f1"] > best:
             best = result["f1"]
-            publish_dir(out_dir / "best", model.save_pretrained)
+
+            def write_best(directory: Path) -> None:  # the weights and what they scored, published together
+                model.save_pretrained(directory)
+                atomic_write(directory / BEST_EVAL, json.dumps({k: v for k, v in row.items()
+                                                                 if k != "eval_examples"}).encode())
+
+            publish_dir(out_dir / "best", write_best)
 
     while step < cfg.max_steps:
         examples = stream.next_batch(cfg.batch_size, rank, world)
@@ -1230,10 +1459,12 @@ def train(cfg: TrainConfig) -> Path:
                 evaluate(step)
         if is_main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             publish_dir(out_dir / "snapshots" / f"step-{step:07d}", model.save_pretrained)
-        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            metrics.flush()
-            save_checkpoint(out_dir, step, model, optimizer, stream, best, cfg)
-            plot_metrics(out_dir)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            rngs = rng_states(world, device)  # every rank's, gathered by all
+            if is_main:
+                metrics.flush()
+                save_checkpoint(out_dir, step, model, optimizer, stream, best, cfg, rngs)
+                plot_metrics(out_dir)
         if world > 1:
             dist.barrier()
     if is_main:

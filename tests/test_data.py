@@ -104,3 +104,98 @@ def test_jsonl_rows_with_empty_text_are_skipped_and_counted(tmp_path):
     stats = LoadStats()
     assert list(iter_texts(path, stats)) == ["kept"]
     assert stats.read == 5 and stats.skipped == {"empty text": 3, "text not a string": 1}
+
+
+# -- audit: damaged and mis-encoded files, text fields of another type, contexts split at a limit ----------
+
+
+def _xz(data: bytes) -> bytes:
+    import lzma
+
+    return lzma.compress(data)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("qa.json.xz", b"not xz at all", r"qa\.json\.xz: the \.xz archive is damaged or truncated \(LZMAError"),
+    ("qa.json.xz", _xz(json.dumps(_squad({"context": "c", "qas": []})).encode())[:30],
+     r"the \.xz archive is damaged or truncated \(EOFError"),
+    ("qa.jsonl.gz", b"not gzip", r"qa\.jsonl\.gz: the \.gz archive is damaged or truncated \(BadGzipFile"),
+    ("qa.jsonl", b'{"context": "caf\xe9", "question": "q?", "answers": ["a"]}\n', r"qa\.jsonl: not UTF-8 text"),
+    ("qa.json", b'{"data": [{"title": "caf\xe9"}]}', r"qa\.json: not UTF-8 text"),
+])
+def test_a_damaged_or_mis_encoded_qa_file_is_a_data_error_naming_it(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_qa(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, content", [("lm.txt", b"caf\xe9\n\nmore"), ("lm.jsonl.xz", b"garbage")])
+def test_a_damaged_or_mis_encoded_text_file_is_a_data_error_naming_it(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: (not UTF-8|the .xz archive is damaged)"):
+        list(iter_texts(tmp_path / name))
+
+
+def test_a_byte_order_mark_before_the_json_is_read_as_utf8(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "qa.json").write_bytes(bom + json.dumps(_squad({"context": "c", "qas": [
+        {"question": "q?", "answers": [{"text": "c", "answer_start": 0}]}]})).encode())
+    (tmp_path / "qa.jsonl").write_bytes(bom + b'{"context": "c", "question": "q?", "answers": "c"}\n')
+    (tmp_path / "lm.jsonl").write_bytes(bom + b'{"text": "one"}\n')
+    assert [p.context for p in read_qa(tmp_path / "qa.json")] == ["c"]
+    assert [p.context for p in read_qa(tmp_path / "qa.jsonl")] == ["c"]
+    assert list(iter_texts(tmp_path / "lm.jsonl")) == ["one"]
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("qa.jsonl", {"context": 5, "question": "q?", "answers": ["a"]}, r"qa\.jsonl:1: 'context' should be a string"),
+    ("qa.jsonl", {"context": "c", "question": ["q?"], "answers": ["a"]}, r"qa\.jsonl:1: 'question' should be a str"),
+    ("qa.json", _squad({"context": "c", "qas": [{"question": 7, "answers": [{"text": "a"}]}]}),
+     r"qas\[0\]\.question should be a string, got int"),
+    ("qa.json", _squad({"context": "c", "qas": [{"question": "q?", "answers": [{"text": 1889}]}]}),
+     r"qas\[0\]\.answers\[0\]\.text should be a string, got int"),
+    ("qa.json", _squad({"context": {"text": "c"}, "qas": []}), r"paragraphs\[0\]\.context should be a string"),
+])
+def test_a_text_field_holding_another_type_is_a_malformed_record_not_an_empty_one(tmp_path, name, content, where):
+    (tmp_path / name).write_text(json.dumps(content) + "\n")
+    with pytest.raises(DataError, match=where):
+        read_qa(tmp_path / name)
+
+
+@pytest.fixture
+def tokenizer():
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama()[1]
+
+
+def test_a_long_context_is_split_and_each_question_kept_with_the_piece_holding_its_answer(tokenizer):
+    from sac_rag.data import split_long_contexts
+
+    sentences = [f"Sentence {i} says the tower was finished in {1800 + i}." for i in range(40)]
+    context = " ".join(sentences)
+    at = context.index("1837")
+    questions = [QAItem("When, in sentence 37?", ["1837"], "late", at),
+                 QAItem("When, first?", ["1800"], "early"),  # no answer_start: found by its text
+                 QAItem("Who?", ["Gustave Eiffel"], "absent")]  # in no piece: skipped and counted
+    short = Paragraph("Paris is in France.", [QAItem("Where?", ["France"])], "B")
+    stats = LoadStats()
+    kept, report = split_long_contexts([Paragraph(context, questions, "A"), short], tokenizer, 60, stats)
+    assert (report.contexts, report.questions_skipped) == (1, 1)
+    assert stats.skipped == {"answer in no piece of a context split at 60 tokens": 1}
+    assert kept[-1] is short and len(kept) == 1 + report.pieces == 3
+    by_id = {qa.id: (piece, qa) for piece in kept[:-1] for qa in piece.questions}
+    for qa_id, answer in (("late", "1837"), ("early", "1800")):
+        piece, qa = by_id[qa_id]
+        assert piece.title == "A" and piece.context in context and answer in piece.context
+        assert len(tokenizer(piece.context, add_special_tokens=False)["input_ids"]) <= 60
+    piece, qa = by_id["late"]
+    assert piece.context[qa.answer_start : qa.answer_start + 4] == "1837"  # its start moved into the piece
+
+
+def test_qa_jsonl_named_json_is_refused_saying_how_it_would_be_read(tmp_path):
+    row = {"context": "c", "question": "q?", "answers": ["c"]}
+    (tmp_path / "qa.json").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"qa\.json: not SQuAD JSON .*Extra data.*; a file of one JSON object per line "
+                                        r"is read as QA JSONL when its name ends in \.jsonl"):
+        read_qa(tmp_path / "qa.json")

@@ -777,3 +777,193 @@ def test_records_skipped_in_the_eval_data_are_reported(workspace, caplog):
     with caplog.at_level("WARNING", logger="sac_rag.train"):
         train(parse_config(_args(workspace, "run", "--max-steps", "1", "--eval-data", str(workspace / "eval.jsonl"))))
     assert re.search(r"--eval-data .*eval.jsonl: 1 of \d+ records skipped: \{'no answer': 1\}", caplog.text)
+
+
+# -- audit: contexts past the model's positions, resuming moved or mis-recorded runs, odd values ----------
+
+
+def _short_model(ws: Path, positions: int) -> Path:
+    """The tiny model, saved with only ``positions`` positions."""
+    model, tokenizer = make_tiny_llama()
+    model.config.max_position_embeddings = positions
+    model.save_pretrained(ws / "short-model")
+    tokenizer.save_pretrained(ws / "short-model")
+    return ws / "short-model"
+
+
+def test_contexts_longer_than_the_models_positions_are_split_not_read_past_them(workspace, caplog):
+    from sac_rag.data import LoadStats
+    from sac_rag.train import ExampleStream
+
+    long = " ".join(f"Sentence {i} says the tower was finished in {1800 + i}." for i in range(60))
+    rows = [{"context": f"{c} Note {i}.", "question": q, "answers": [a]} for i, (c, q, a) in enumerate(FACTS * 2)]
+    rows += [{"context": long, "question": "When was the tower finished, in sentence 55?", "answers": ["1855"]},
+             {"context": "Some text.", "question": "Q?", "answers": [""]}]
+    (workspace / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (workspace / "eval.jsonl").write_text(json.dumps(rows[-2]) + "\n")
+    args = _args(workspace, "run", "--data", str(workspace / "qa.jsonl"), "--eval-data", str(workspace / "eval.jsonl"),
+                 "--max-steps", "2", "--base-model", str(_short_model(workspace, 256)))
+    with caplog.at_level("INFO", logger="sac_rag.train"):
+        final = train(parse_config(args))  # the held-out evaluation of the long context no longer fails
+    assert (final / "config.json").exists() and _eval_rows(workspace / "run")[-1]["eval_n"] == 1
+    for what in ("--data", "--eval-data"):
+        assert re.search(rf"{what} .*: 1 context\(s\) longer than \d+ tokens \(what the model's positions leave",
+                         caplog.text)
+    assert "qa.jsonl: skipped {'no answer': 1}" in caplog.text  # said at the start, not only at the end
+    _, tokenizer = make_tiny_llama()
+
+    def longest(stream) -> int:
+        return max(len(tokenizer(p.context)["input_ids"]) for p in stream.items + stream.held_out)
+
+    stream = ExampleStream(parse_config(args), tokenizer, _template(), LoadStats(), 256)
+    assert longest(stream) <= stream.context_limit < 256 - 40 and len(stream.items) > len(rows) - 2
+    # --max-context-tokens sets a lower limit
+    capped = parse_config([*args, "--max-context-tokens", "30"])
+    stream = ExampleStream(capped, tokenizer, _template(), LoadStats(), 256)
+    assert stream.context_limit == 30 and longest(stream) <= 30
+
+
+def _template():
+    from sac_rag.config import PromptTemplate
+
+    return PromptTemplate()
+
+
+def test_a_pretraining_window_longer_than_the_models_positions_is_refused(workspace):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"--lm-max-tokens 300 does not fit the model's 256 positions"):
+        train(parse_config(_args(workspace, "run", "--stage", "pretrain", "--data", str(workspace / "lm.jsonl"),
+                                 "--held-out-fraction", "0", "--lm-min-tokens", "20", "--lm-max-tokens", "300",
+                                 "--base-model", str(_short_model(workspace, 256)))))
+
+
+def test_a_moved_run_directory_and_paths_spelled_otherwise_still_resume(workspace, monkeypatch):
+    import shutil
+
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    shutil.copytree(workspace / "run", workspace / "moved")
+    train(parse_config(_args(workspace, "moved", "--max-steps", "3", "--resume")))
+    assert _steps(workspace / "moved") == [1, 2, 3]
+    monkeypatch.chdir(workspace)  # the same files, named relative to here; and another device name for the CPU
+    args = _args(workspace, "run", "--max-steps", "3", "--resume", "--device", "cpu")
+    for option, relative in (("--data", "qa.json"), ("--out-dir", "run"), ("--base-model", "tiny-model")):
+        args[args.index(option) + 1] = relative
+    train(parse_config(args))
+    assert _losses(workspace / "run") == _losses(workspace / "moved")
+    saved = json.loads((workspace / "run" / "train_config.json").read_text())
+    assert saved["data"] == str(workspace / "qa.json")  # the run keeps the spelling it was started with
+
+
+def test_resuming_with_max_steps_below_the_checkpoint_is_refused_and_changes_nothing(workspace):
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "4")))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(SACError, match=r"cannot resume .*run with --max-steps 2: its latest checkpoint is already "
+                                       r"at step 4. Pass --max-steps 4 or more"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "2", "--resume")))
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_run_without_a_readable_train_config_is_checked_against_its_checkpoint(workspace, damage, caplog):
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    config = run / "train_config.json"
+    config.unlink() if damage == "delete" else config.write_text(config.read_text()[:20])
+    with pytest.raises(SACError, match=r"different configuration \(ratio: 2 -> 3\)"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume", "--ratio", "3")))
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume")))
+    assert "checking the options against those recorded in" in caplog.text and _steps(run) == [1, 2, 3]
+
+
+def test_a_compressor_with_nothing_to_train_is_refused_before_a_step(workspace):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(SACError, match=r"nothing to train: this compressor \(lora_rank 0, anchor_embedding 'none'"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "1", "--lora-rank", "0",
+                                 "--anchor-embedding", "none")))
+    with pytest.raises(InvalidInputError, match=r"lora_rank \(--lora-rank\) must be >= 1, got 0: Full-FT trains"):
+        parse_config(["--method", "full_ft", "--lora-rank", "0"])
+    with pytest.raises(InvalidInputError, match=r"lora_rank \(--lora-rank\) must be >= 0, got -1"):
+        parse_config(["--lora-rank", "-1"])
+
+
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_error_line(workspace, monkeypatch):
+    from sac_rag.errors import InvalidInputError
+    from sac_rag.train import _resolve_device
+
+    with pytest.raises(InvalidInputError, match=r"--device 'foo' is not a device torch knows"):
+        train(parse_config(_args(workspace, "run", "--device", "foo")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match=r"--device cuda:1: torch sees no CUDA device on this machine"):
+        train(parse_config(_args(workspace, "run", "--device", "cuda:1")))
+    # 'cuda' without an index is this rank's GPU (torch.cuda.set_device refuses a device without one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _resolve_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(InvalidInputError, match=r"--device cuda:2: this machine has 2 CUDA device"):
+        _resolve_device("cuda:2")
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_the_model_loads(workspace):
+    from sac_rag.errors import InvalidInputError
+
+    (workspace / "a-file").write_text("x")
+    args = _args(workspace, "run", "--base-model", str(workspace / "no-model"))
+    with pytest.raises(InvalidInputError, match=r"--out-dir .*a-file is a file, not a directory"):
+        train(parse_config([*args, "--out-dir", str(workspace / "a-file")]))
+
+
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--distill-weight", "nan"], ["--risk-weight", "nan"],
+                                   ["--bidir-anneal-start-bias", "inf"], ["--anchor-lr", "inf"]])
+def test_an_infinite_or_nan_weight_or_rate_is_refused(flags):
+    from sac_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=rf"\(--{flags[0][2:]}\) must be a finite number, got {flags[1]}"):
+        parse_config(flags)
+    assert parse_config(["--grad-clip", "inf"]).grad_clip == float("inf")  # no clipping: meaningful
+
+
+def test_eval_data_without_a_usable_question_is_refused(workspace):
+    (workspace / "eval.jsonl").write_text(json.dumps({"context": "c", "question": "q?", "answers": [""]}) + "\n")
+    with pytest.raises(SACError, match=r"--eval-data .*eval.jsonl holds no usable question to evaluate on: "
+                                       r"records skipped: \{'no answer': 1\}"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "1", "--eval-data", str(workspace / "eval.jsonl"))))
+
+
+def test_best_holds_the_weights_of_the_best_f1_and_says_which_step_they_are(workspace, monkeypatch):
+    from safetensors.torch import load_file
+
+    import sac_rag.train as train_module
+
+    scores = iter([10.0, 30.0, 20.0])
+    monkeypatch.setattr(train_module, "evaluate_qa", lambda *a, **k: {"f1": next(scores), "em": 0.0, "n": 2,
+                                                                     "examples": []})
+    run = workspace / "run"
+    train(parse_config(_args(workspace, "run", "--max-steps", "6", "--eval-every", "2", "--snapshot-every", "2")))
+    assert json.loads((run / "best" / "best_eval.json").read_text()) == {"step": 4, "eval_f1": 30.0, "eval_em": 0.0,
+                                                                         "eval_n": 2}
+    best, step4 = (load_file(d / "compressor.safetensors") for d in (run / "best", run / "snapshots" / "step-0000004"))
+    assert all(torch.equal(best[k], step4[k]) for k in best)
+
+
+def test_each_rank_resumes_from_its_own_rng_state(workspace):
+    # ranks draw different numbers (sampled answers stop at data-dependent lengths): rank 0's state alone
+    # would put every other rank on another stream than the uninterrupted run's
+    from sac_rag.data import LoadStats
+    from sac_rag.train import ExampleStream, build_model, build_optimizer, load_checkpoint, save_checkpoint
+
+    cfg = parse_config(_args(workspace, "run"))
+    model, _ = build_model(cfg, torch.device("cpu"))
+    optimizer = build_optimizer(cfg, model)
+    stream = ExampleStream(cfg, model.tokenizer, model.config.prompt, LoadStats())
+    states = [torch.Generator().manual_seed(seed).get_state() for seed in (10, 11)]
+    (workspace / "run").mkdir()
+    save_checkpoint(workspace / "run", 1, model, optimizer, stream, -1.0, cfg, [{"cpu": s} for s in states])
+    for rank, expected in ((1, states[1]), (0, states[0]), (2, states[0])):  # a rank the run lacked: rank 0's
+        torch.manual_seed(99)
+        load_checkpoint(workspace / "run", model, optimizer, stream, rank)
+        assert torch.equal(torch.get_rng_state(), expected)
