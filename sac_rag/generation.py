@@ -212,9 +212,7 @@ class Generator:
         text_config = model.config.get_text_config(decoder=True)
         self.num_layers = text_config.num_hidden_layers
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        bos = tokenizer.bos_token_id
-        self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
+        self._bos = bos_ids(tokenizer)
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -737,6 +735,14 @@ class Generator:
             cached_tokens=state.cached_tokens,
             context_tokens=state.context_tokens,
         )
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[BOS]`` for a tokenizer that starts every text with its BOS token (Llama, Mistral, Gemma),
+    else ``[]`` (SmolLM2, Qwen): what a prompt begins with, in training as in answering."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and probe and probe[0] == bos else []
 
 
 _FLOAT16_OVERFLOW = 65520.0  # the least magnitude float16 rounds to inf (its largest value is 65504)

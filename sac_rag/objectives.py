@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .data import Paragraph
-from .generation import GenerationConfig, next_tokens
+from .generation import GenerationConfig, bos_ids, next_tokens
 from .metrics import squad_f1
 
 IGNORE = -100
@@ -212,8 +212,7 @@ class SACObjective:
         self.temperature = temperature
         self.on_policy_tokens = on_policy_tokens
         self.risk_weight, self.risk_samples, self.risk_max_tokens = risk_weight, risk_samples, risk_max_tokens
-        tokenizer = compressor.tokenizer
-        self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
+        self.prefix = _prompt_head(compressor.tokenizer, prefix_text)
         self._prefix_kv = None  # constant K/V of the prefix text under the frozen decoder
 
     def parameters(self):
@@ -416,7 +415,7 @@ class FullTextObjective:
 
     def __init__(self, peft_model, tokenizer, prefix_text: str = ""):
         self.model = peft_model
-        self.prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else []
+        self.prefix = _prompt_head(tokenizer, prefix_text)
 
     def parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -454,6 +453,12 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]]):
         labels[r, : len(seq) - 1] = torch.as_tensor(seq[1:])
         is_target[r, len(prompt) - 1 : len(seq) - 1] = True
     return ids, mask, labels, is_target
+
+
+def _prompt_head(tokenizer, prefix_text: str) -> list[int]:
+    """The tokens every training prompt starts with: the BOS token where the tokenizer starts texts
+    with one (as the generator that answers does), then ``prefix_text``."""
+    return bos_ids(tokenizer) + (tokenizer(prefix_text, add_special_tokens=False)["input_ids"] if prefix_text else [])
 
 
 def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:

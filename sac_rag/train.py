@@ -41,6 +41,7 @@ from .data import (
 from .devices import bf16_is_fast
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
 from .files import atomic_write, fsync_dir
+from .generation import bos_ids
 from .objectives import (
     DISTILL_DIVERGENCES,
     DISTILL_TOKENS,
@@ -892,7 +893,8 @@ class ExampleStream:
             lengths = [len(ids) for start in range(0, len(prompts), 1024)
                        for ids in tokenizer(prompts[start : start + 1024], add_special_tokens=False)["input_ids"]]
             question = max(lengths) + (SPAN_CUE_ROOM if cfg.span_questions else 0)
-            head = len(tokenizer(template.prefix + template.context_prefix, add_special_tokens=False)["input_ids"])
+            head = len(bos_ids(tokenizer)) + len(tokenizer(template.prefix + template.context_prefix,
+                                                           add_special_tokens=False)["input_ids"])
             answer = max(cfg.max_answer_tokens + 1, EVAL_NEW_TOKENS)  # + 1: the end token
             passage = (max_positions - head - question - answer - POSITION_MARGIN) // (1 + cfg.distractors)
             if passage < MIN_CONTEXT_TOKENS:

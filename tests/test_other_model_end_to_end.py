@@ -372,7 +372,7 @@ def test_directories_that_hold_no_usable_model_are_refused_naming_what_is_missin
         load_base_model("no/such/model/dir")
 
 
-# -- defects this check found (a strict xfail is one not fixed yet) -------------------------------------------
+# -- defects this check found ----------------------------------------------------------------------------
 
 
 def test_a_chat_template_that_writes_the_bos_token_is_read_with_one_bos(model_dir):
@@ -393,13 +393,9 @@ def test_a_chat_template_that_writes_the_bos_token_is_read_with_one_bos(model_di
     assert read[0][0] == bos and read[0][1] != bos  # the template's BOS, read once
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "sac_rag/objectives.py:216 (and :419, Full-FT) tokenizes the training prompt without BOS, while the Generator "
-    "that answers (and evaluates) puts BOS first for tokenizers that add one (generation.py:216-217, 383): "
-    "compressors of BOS models are trained on other prompts than they answer"))
 def test_training_reads_the_prompt_as_answering_does(model_dir):
     from sac_rag.generation import Generator
-    from sac_rag.objectives import SACObjective
+    from sac_rag.objectives import FullTextObjective, SACObjective
 
     compressor = SACCompressor(SACConfig(base_model=model_dir, ratio=2, chunk_len=64, lora_rank=4, lora_alpha=8),
                                dtype="float32")
@@ -407,6 +403,8 @@ def test_training_reads_the_prompt_as_answering_does(model_dir):
     objective = SACObjective(compressor, prefix_text=template.prefix + template.context_prefix)
     generator = Generator.from_compressor(compressor)
     assert objective.prefix[:1] == generator._bos == [compressor.tokenizer.bos_token_id]
+    full_ft = FullTextObjective(compressor.base_model, compressor.tokenizer, template.prefix + template.context_prefix)
+    assert full_ft.prefix == objective.prefix  # Full-FT reads its prompts as the compressor's decoder does
 
 
 def test_a_compressor_built_on_a_loaded_model_names_that_model(model_dir):
