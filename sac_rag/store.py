@@ -28,7 +28,10 @@ is new) *before* the index rows are committed, in one SQLite transaction with
 ``synchronous=FULL``. A crash in between leaves bytes that no row references ("orphans"):
 harmless, counted by ``stats``/``verify``, reclaimed by ``gc``. Readers see the index through
 WAL snapshots, so they only ever look up rows whose bytes are durable and complete: no torn
-reads, and readers never wait for the writer.
+reads, and readers never wait for the writer. A reader unmaps shards that ``gc`` deleted, so
+their space is freed on disk. A store on a path this process cannot write (a read-only mount)
+opens only with ``readonly=True`` (else ``StoreReadOnlyError``); such a reader notices a writer
+working through another, writable view of the same directory and reads its commits too.
 
 Positions: entries are chunk-local, the chunk's first token at position 0 (``AnchorKV.offset ==
 0``). ``put`` refuses other offsets rather than re-rotating them, because rotating needs the
@@ -96,6 +99,7 @@ SHARD_SUFFIX = ".shard"
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 1 << 30
 _SQL_BATCH = 500  # keys per "IN (...)" query, below SQLite's variable limit
+_MOVE_RETRIES = 8  # re-lookups of an entry that gc moved while it was being read
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -123,6 +127,12 @@ class StoreWriteError(SACError, OSError):
 
 class StoreRecoveryNeededError(SACError, PermissionError):
     """A read-only open found commits that only an open with write access can recover."""
+
+
+class StoreReadOnlyError(SACError, PermissionError):
+    """An open for writing (``put``, ``gc``, ``merge`` into it, ``precompress``) of a store on a
+    path this process cannot write: a read-only mount or directory. The store is fine: open it
+    with ``readonly=True`` to read it."""
 
 
 class EntryNotFoundError(SACError, KeyError):
@@ -247,7 +257,11 @@ class AnchorStore:
         self._maps: dict[int, mmap.mmap] = {}
         self._maps_lock = threading.Lock()
         self._cache = _LRU(cache_bytes)
-        self._conn: sqlite3.Connection | None = _connect(path / INDEX, readonly)
+        self._conn: sqlite3.Connection | None = None
+        # An index opened as immutable (a read-only view of the directory, see _connect) is
+        # reopened when the index changes: SQLite would neither see new commits nor lock.
+        self._frozen: tuple | None = None
+        self._conn, self._frozen = _connect(path / INDEX, readonly)
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -392,9 +406,13 @@ class AnchorStore:
             )
         if cache_bytes < 0:
             raise InvalidInputError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if not readonly:
+            _check_writable_path(path)
         try:
             return cls(path, manifest, readonly, cache_bytes)
         except sqlite3.DatabaseError as err:
+            if not readonly:
+                _check_writable_path(path)  # e.g. made read-only meanwhile: not corruption
             raise StoreCorruptionError(
                 f"the index of the store at {path} is unreadable: {err}") from err
 
@@ -670,28 +688,35 @@ class AnchorStore:
         return kv
 
     def _read_verified(self, row: _Row) -> bytes:
-        """The entry's stored bytes, checksum-verified. A failure is retried once with a fresh
-        index row and a fresh mapping, because ``gc`` may have moved the entry meanwhile."""
+        """The entry's stored bytes, checksum-verified. A failure is retried with a fresh index
+        row and a fresh mapping, because ``gc`` may have moved the entry meanwhile (again while
+        the entry keeps moving, up to ``_MOVE_RETRIES`` times)."""
         try:
             data = self._read_bytes(row)
             if hashlib.sha256(data).hexdigest() == row.checksum:
                 return data
         except (OSError, ValueError):
             pass
-        self._forget_map(row.shard)
-        row = self._row(row.key)
-        try:
-            data = self._read_bytes(row)
-        except FileNotFoundError:
-            raise self._corruption(
-                row, f"its shard file {self._shard_name(row.shard)} is missing") from None
-        except (OSError, ValueError) as err:
-            raise self._corruption(row, f"its bytes cannot be read ({err})") from err
-        if hashlib.sha256(data).hexdigest() != row.checksum:
-            raise self._corruption(
-                row, f"checksum mismatch in {self._shard_name(row.shard)} at byte {row.offset}"
-            )
-        return data
+        # Retried while the entry keeps moving (gc may run again between lookup and read);
+        # a failure at a place the index still names is corruption.
+        problem = ""
+        for _ in range(_MOVE_RETRIES):
+            self._forget_map(row.shard)
+            fresh = self._row(row.key)
+            moved, row = fresh != row, fresh
+            try:
+                data = self._read_bytes(row)
+            except FileNotFoundError:
+                problem = f"its shard file {self._shard_name(row.shard)} is missing"
+            except (OSError, ValueError) as err:
+                problem = f"its bytes cannot be read ({err})"
+            else:
+                if hashlib.sha256(data).hexdigest() == row.checksum:
+                    return data
+                problem = f"checksum mismatch in {self._shard_name(row.shard)} at byte {row.offset}"
+            if not moved:
+                break
+        raise self._corruption(row, problem)
 
     def _decode(self, row: _Row, data: bytes) -> AnchorKV:
         """The entry of checksum-verified ``data``, refused (``StoreCorruptionError``) unless it
@@ -727,6 +752,8 @@ class AnchorStore:
         end = row.offset + row.length
         with self._maps_lock:
             mapped = self._maps.get(row.shard)
+            if mapped is None and self._maps:
+                self._drop_deleted_maps()
             if mapped is None or len(mapped) < end:
                 with open(self._path / SHARDS / self._shard_name(row.shard), "rb") as f:
                     size = os.fstat(f.fileno()).st_size
@@ -735,6 +762,14 @@ class AnchorStore:
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[row.shard] = mapped
         return mapped[row.offset:end]
+
+    def _drop_deleted_maps(self) -> None:
+        """Unmap shards that ``gc`` (of any process) deleted: a mapping keeps a deleted file's
+        disk space allocated for as long as it lives. Called (under ``_maps_lock``) when a shard
+        is mapped for the first time, as after every gc that moved entries to new shards."""
+        on_disk = set(os.listdir(self._path / SHARDS))
+        for shard in [s for s in self._maps if self._shard_name(s) not in on_disk]:
+            del self._maps[shard]
 
     def _forget_map(self, shard: int) -> None:
         with self._maps_lock:
@@ -756,7 +791,20 @@ class AnchorStore:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise InvalidInputError(f"the store at {self._path} is closed")
+        if self._frozen is not None and _index_signature(self._path / INDEX) != self._frozen:
+            self._reconnect()
         return self._conn
+
+    def _reconnect(self) -> None:
+        """Reopen an index read as immutable after a writer (through another, writable view of
+        the directory) touched it: through the writer's WAL while it runs, else as the file is."""
+        try:
+            conn, frozen = _connect(self._path / INDEX, self._readonly)
+        except sqlite3.DatabaseError as err:
+            raise StoreCorruptionError(
+                f"the index of the store at {self._path} is unreadable: {err}") from err
+        self._conn.close()
+        self._conn, self._frozen = conn, frozen
 
     def _row(self, key: str) -> _Row:
         _check_key(key)
@@ -1281,21 +1329,42 @@ def _read_manifest(path: Path) -> dict:
     required = ("fingerprint", "ratio", "dtype", "storage")
     if any(name not in manifest for name in required) or manifest["storage"] not in STORAGES:
         raise StoreCorruptionError(f"the manifest of the store at {path} lacks {required} fields")
+    problems = []
+    if not isinstance(manifest["fingerprint"], str) or not manifest["fingerprint"]:
+        problems.append(f"fingerprint {manifest['fingerprint']!r} is not a non-empty string")
+    for name in ("ratio", "shard_bytes"):
+        value = manifest.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} {value!r} is not a positive integer")
+    try:
+        if not isinstance(manifest["dtype"], str) or manifest["dtype"] == "auto":
+            raise TypeError
+        resolve_dtype(manifest["dtype"], torch.device("cpu"))
+    except (SACError, TypeError, ValueError):
+        problems.append(f"dtype {manifest['dtype']!r} is not a dtype")
+    if problems:
+        raise StoreCorruptionError(
+            f"the manifest {manifest_path} is damaged or was not written by sac_rag: "
+            f"{'; '.join(problems)}; restore the store from a copy or rebuild it")
     return manifest
 
 
-def _connect(index: Path, readonly: bool) -> sqlite3.Connection:
+def _connect(index: Path, readonly: bool) -> tuple[sqlite3.Connection, tuple | None]:
+    """A connection to the index, and (for one opened as immutable) the index's signature then."""
+    frozen = None
     if readonly:
         conn = sqlite3.connect(f"file:{quote(str(index))}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                check_same_thread=False)
         try:
             conn.execute("SELECT COUNT(*) FROM meta").fetchone()
-            return conn
+            return conn, None
         except sqlite3.OperationalError:
             conn.close()
-        # A read-only directory: SQLite cannot create the WAL side files, and no writer can be
-        # active, so the file can be read as immutable, unless a writer that stopped without
-        # closing left commits in the WAL, which an immutable read would not see.
+        # A read-only directory: SQLite cannot create the WAL side files, and no writer has
+        # the index open, so the file can be read as immutable, unless a writer that stopped
+        # without closing left commits in the WAL, which an immutable read would not see. A
+        # writer may still start through a writable view of the same directory (another mount):
+        # the returned signature lets the store notice and reconnect (``AnchorStore._db``).
         wal = index.with_name(index.name + "-wal")
         if wal.is_file() and wal.stat().st_size > 0:
             raise StoreRecoveryNeededError(
@@ -1303,13 +1372,55 @@ def _connect(index: Path, readonly: bool) -> sqlite3.Connection:
                 f"this process cannot write to {index.parent}: open the store once with write access "
                 "(AnchorStore.open(path)) to merge them, then read it read-only"
             )
+        frozen = _index_signature(index)
         conn = sqlite3.connect(f"file:{quote(str(index))}?immutable=1", uri=True,
                                isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(index, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("SELECT COUNT(*) FROM meta").fetchone()  # a missing table: sqlite3.DatabaseError
-    return conn
+    try:
+        if not readonly:
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("SELECT COUNT(*) FROM meta").fetchone()  # a missing table: sqlite3.DatabaseError
+    except BaseException:
+        conn.close()  # a failed open must not keep the index file open
+        raise
+    return conn, frozen
+
+
+def _check_writable_path(path: Path) -> None:
+    """Raise ``StoreReadOnlyError`` unless this process can write the store's directory, its
+    index and its shards folder (SQLite would otherwise fail with a message that reads like a
+    damaged index)."""
+    targets = (path, path / INDEX, path / SHARDS)
+    blocked = [t for t in targets if t.exists() and not os.access(t, os.W_OK)]
+    if blocked:
+        raise StoreReadOnlyError(
+            errno.EROFS if _on_read_only_fs(path) else errno.EACCES,
+            f"the store at {path} cannot be written from here ({blocked[0]} is on a read-only "
+            "file system or not writable by this user); the store itself is fine: read it with "
+            "AnchorStore.open(path, readonly=True) (`python -m sac_rag.store verify|stats`), and "
+            "write, gc or merge into it where it is writable",
+        )
+
+
+def _on_read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _index_signature(index: Path) -> tuple:
+    """What changes when any process writes the index: the file itself, and its WAL side files
+    (which a writer creates when it opens the index)."""
+    signature = []
+    for path in (index, index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+        try:
+            st = path.stat()
+            signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            signature.append(None)
+    return tuple(signature)
 
 
 def _index_damaged(err: Exception) -> bool:
