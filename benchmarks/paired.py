@@ -52,17 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(specs[0])}\n")
     print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) | F1 / reference (paired 95% CI) |")
     print("|---|---|---|---|")
-    for spec in specs:
+    for index, spec in enumerate(specs):
         lo, hi = bootstrap_ci(f1[spec])
         diff = [a - b for a, b in zip(f1[spec], base)]
         dlo, dhi = bootstrap_ci(diff)
         delta = share = "-"
-        if spec != specs[0]:
+        if index:  # every file after the first, even one named twice (then +0.0, 100%)
             delta = f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
-            slo, shi = bootstrap_share_ci(f1[spec], base)
-            share = f"{sum(f1[spec]) / max(1e-12, sum(base)):.1%} ({slo:.1%} to {shi:.1%})"
+            share = share_of(f1[spec], base)
         print(f"| {_name(spec)} | {sum(f1[spec]) / len(f1[spec]):.1f} ({lo:.1f}-{hi:.1f}) | {delta} | {share} |")
     return 0
+
+
+def share_of(values: list[float], reference: list[float]) -> str:
+    """mean(values) / mean(reference) with its paired 95% CI; no share of a reference that scored
+    nothing (a ratio to 0, which the bootstrap would print as an absurd percentage)."""
+    if not sum(reference):
+        return "- (reference F1 is 0)"
+    slo, shi = bootstrap_share_ci(values, reference)
+    return f"{sum(values) / sum(reference):.1%} ({slo:.1%} to {shi:.1%})"
 
 
 def _name(spec: str) -> str:

@@ -70,6 +70,7 @@ from sac_rag.eval import (  # noqa: E402
     TextShortener,
     adapter_fingerprint,
     answer_config,
+    append_predictions,
     build_method,
     claim_predictions,
     decoding_suffix,
@@ -153,8 +154,7 @@ def store_documents(store_path: Path) -> list[Document]:
 def answer_all(name, chain, inputs, questions, cache_path: Path, batch_size: int) -> dict:
     done = read_predictions(cache_path)
     todo = [i for i, q in enumerate(questions) if q.id not in done]
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+    with append_predictions(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               desc=name, unit="q") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]

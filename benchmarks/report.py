@@ -7,27 +7,44 @@ Reads every ``benchmarks/results/*.jsonl`` row that has ``method``, ``dataset``,
 dataset (F1 with its 95% CI, EM, the paper's ROUGE-1 F1, K/V bytes per query and their ratio to
 full context), sentences saying where SAC is behind or not significantly ahead of a peer, the
 costs table of the latest ``benchmarks/costs.py`` run, and the command of every row; plus plots
-of F1 vs compression ratio (every method, per dataset) and of time to first token.
+of F1 vs compression ratio (every method, per dataset) and of time to first token, in ``plots/``
+beside the report (``--out``). A row cut short or a line that is not JSON is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sac_rag.eval import DECODING_SETTINGS, decoding_suffix
+from sac_rag.eval import DECODING_SETTINGS, decoding_suffix, json_lines
 
 HERE = Path(__file__).resolve().parent
 
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON object rows of a JSONL file. A last line without its newline (a row cut short by a
+    kill, or one still being appended) is skipped, as is any other line that is not a JSON object,
+    with a warning naming the file and line: one bad line never hides the other rows."""
+    lines, unfinished = json_lines(path.read_text(errors="replace"))
+    rows = []
+    for number, line, row in lines:
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            print(f"warning: {path}:{number} is not a JSON row, skipped ({line[:60]!r})", file=sys.stderr)
+    if unfinished.strip():
+        print(f"warning: {path}: its last line is cut short (no newline), skipped", file=sys.stderr)
+    return rows
+
+
 def load_rows(results: Path) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for path in sorted(results.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
+        for row in read_jsonl(path):
             if {"method", "dataset", "n", "f1"} <= row.keys():
                 # each decoding has tables of its own: never compared with another
                 settings = {key: row[key] for key in DECODING_SETTINGS if key in row}  # absent: the default
@@ -111,12 +128,14 @@ def table(rows: list[dict], dataset: str) -> str:
 def verdicts(rows: list[dict]) -> list[str]:
     """Where SAC does not beat a peer at its ratio: said in words under the table."""
     out = []
-    sac_rows = [r for r in rows
-                if r["method"].startswith(("sac-", "rag-sac-")) and r.get("storage", "native") == "native"]
+    sac_rows = [r for r in rows if r["method"].startswith(("sac-", "rag-sac-"))
+                and r.get("storage", "native") == "native" and f1_ci(r)]  # no CI: no claim of significance
     for sac in sac_rows:
         lo = sac["f1_ci"][0]
         peers = [r for r in rows if r["n"] == sac["n"] and r.get("ratio") == sac.get("ratio")
                  and not r["method"].startswith(("sac", "rag-sac"))]
+        unknown = [r for r in peers if not f1_ci(r)]  # a peer without a CI: neither separated nor overlapping
+        peers = [r for r in peers if f1_ci(r)]
         behind = sorted((r for r in peers if r["f1"] >= sac["f1"]), key=lambda r: -r["f1"])
         close = sorted((r for r in peers if r["f1"] < sac["f1"] and r["f1_ci"][1] >= lo), key=lambda r: -r["f1"])
         name = f"{sac['method']} (F1 {sac['f1']:.1f}, n={sac['n']})"
@@ -131,15 +150,25 @@ def verdicts(rows: list[dict]) -> list[str]:
         ahead = len(peers) - len(behind) - len(close)
         if ahead:
             out.append(f"* {name} beats the other {ahead} method(s) at ratio {sac.get('ratio')} with separated CIs.")
+        if unknown:
+            out.append(f"* {name} against rows without a CI (significance unknown): "
+                       + ", ".join(f"{r['method']} ({r['f1']:.1f})" for r in unknown) + ".")
     return out
+
+
+def f1_ci(row: dict) -> list[float] | None:
+    """A row's F1 95% CI, or None when it has none (rows need only method, dataset, n and f1)."""
+    ci = row.get("f1_ci")
+    ok = isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, int | float) and math.isfinite(x) for x in ci)
+    return ci if ok else None
 
 
 def latest_costs(path: Path) -> list[dict]:
     """The rows of the latest run of benchmarks/costs.py."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["run"] == rows[-1]["run"]]
+    rows = [r for r in read_jsonl(path) if "run" in r]
+    return [r for r in rows if r["run"] == rows[-1]["run"]] if rows else []
 
 
 def costs_table(rows: list[dict]) -> list[str]:
@@ -244,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "squad-dev", d))
     plotted = [d for d in datasets if d in ("squad-dev", "squadshifts-new-wiki") or d.startswith("squad-dev-rag")]
     costs = latest_costs(args.results / "costs.jsonl")
-    pictures = [p for d in plotted for p in plots(rows, HERE / "plots", d)] + ttft_plot(costs, HERE / "plots")
+    pictures_dir = args.out.parent / "plots"  # beside the report, whose links are relative: plots/<name>
+    pictures = [p for d in plotted for p in plots(rows, pictures_dir, d)] + ttft_plot(costs, pictures_dir)
     commands = sorted({r["command"] for r in rows if r.get("command")})
     text = ["# Benchmark results", "",
             "Generated by `python benchmarks/report.py` from `benchmarks/results/*.jsonl`; each row was produced",

@@ -87,6 +87,10 @@ def load_questions(path: str | Path, n: int, seed: int, skip: int = 0) -> list[Q
         Question(qa.id, qa.question, qa.answers, para.context)
         for para in read_qa(path) for qa in para.questions
     ]
+    if n < 0:
+        raise InvalidInputError(f"n={n}: give a subset size >= 1, or 0 for all {len(questions)} questions")
+    if not questions:
+        raise InvalidInputError(f"{path} holds no question with an answer: nothing to evaluate")
     random.Random(seed).shuffle(questions)
     if skip < 0 or (skip and skip >= len(questions)):
         raise InvalidInputError(f"skip={skip}: {path} has {len(questions)} questions; skip fewer")
@@ -99,7 +103,7 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
     ``--skip``: which seeded question subset a command reads (see ``load_questions``)."""
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--n", type=int, default=n_default, required=n_default is None,
+    parser.add_argument("--n", type=at_least(0), default=n_default, required=n_default is None,
                         help="seeded subset size (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", type=at_least(0), default=0,
@@ -186,10 +190,8 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
     model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
     generator = Generator(model, tokenizer)
     if decoder_adapter:
-        from peft import PeftModel
-
-        decoder = PeftModel.from_pretrained(load_base_model(base_model, device=device, dtype=dtype)[0],
-                                            decoder_adapter).eval()
+        decoder = load_decoder_adapter(load_base_model(base_model, device=device, dtype=dtype)[0], decoder_adapter,
+                                       base_model, generator.base_fingerprint)
         if merge_decoder:
             decoder = decoder.merge_and_unload()
         generator = Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint)
@@ -201,6 +203,28 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
     if name in ("text_every_rth", "text_truncate"):
         return Method(name, ratio, generator, PromptTemplate(), shorten=TextShortener(tokenizer, ratio, name))
     return Method(name, 1, generator, PromptTemplate(), read_context=name != "no_context")
+
+
+def load_decoder_adapter(model, adapter: str, base_model: str, base_fingerprint: str):
+    """``model`` with the peft LoRA ``adapter`` on it, in eval mode; an adapter made for another base
+    model is refused naming both: by the base-model fingerprint a Full-FT checkpoint records
+    (``sac_full_ft.json``), else by weights that do not fit ``model``."""
+    from peft import PeftModel
+
+    from .errors import FingerprintMismatchError
+    from .fingerprint import same_base_model
+
+    meta = Path(adapter) / "sac_full_ft.json"
+    recorded = json.loads(meta.read_text()).get("base_fingerprint") if meta.is_file() else None
+    if recorded and not same_base_model(recorded, base_fingerprint):
+        raise FingerprintMismatchError(f"the decoder adapter {adapter}", base_fingerprint, recorded,
+                                       "pass --base-model of the model it was trained on, or another adapter")
+    try:
+        return PeftModel.from_pretrained(model, adapter).eval()
+    except RuntimeError as err:  # e.g. "size mismatch for ...lora_A...": LoRA weights of another architecture
+        raise InvalidInputError(f"the decoder adapter {adapter} does not fit the base model {base_model} (it was "
+                                f"trained on another model: {str(err).strip().splitlines()[-1].strip()}); pass "
+                                "--base-model of the model it was trained on") from None
 
 
 @dataclass
@@ -238,11 +262,57 @@ def prediction_cache(results: str | Path, label: str, compressor, dtype: str, da
 
 def read_predictions(cache_path: Path) -> dict[str, str]:
     """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines after an optional
-    ``{"settings": ...}`` header line, see ``claim_predictions``; none if missing)."""
+    ``{"settings": ...}`` header line, see ``claim_predictions``; none if missing). A last line
+    without its newline is a write cut short (a killed run): it is not a prediction, and the next
+    run answers its question again (``append_predictions`` drops it). Any other line that is not
+    a prediction is an error naming the file and line (e.g. a results file given as predictions)."""
+    cache_path = Path(cache_path)
     if not cache_path.exists():
         return {}
-    rows = (json.loads(line) for line in cache_path.read_text().splitlines() if line.strip())
-    return {row["id"]: row["prediction"] for row in rows if "settings" not in row}
+    predictions = {}
+    lines, _ = json_lines(cache_path.read_text())  # an unfinished last line is no prediction
+    for number, line, row in lines:
+        if isinstance(row, dict) and "settings" in row and number == 1:
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("prediction"), str)):
+            raise InvalidInputError(f"{cache_path}:{number} is not a cached prediction ({line[:60]!r}): a "
+                                    "prediction file holds {\"id\", \"prediction\"} JSON lines, as python -m "
+                                    "sac_rag.eval writes them beside its results")
+        predictions[row["id"]] = row["prediction"]
+    return predictions
+
+
+def json_lines(text: str) -> tuple[list[tuple[int, str, object]], str]:
+    """The complete, non-blank lines of a JSONL text as ``(line number, line, its JSON value or None
+    if it is not JSON)``, and the unfinished last line ("" when the text ends in a newline; else a
+    write cut short, e.g. by a kill)."""
+    lines = text.split("\n")
+    unfinished = lines.pop()
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                parsed.append((number, line, json.loads(line)))
+            except ValueError:
+                parsed.append((number, line, None))
+    return parsed, unfinished
+
+
+def append_predictions(cache_path: Path):
+    """``cache_path`` opened for appending predictions, after dropping an unfinished last line (a
+    write cut short by a kill), so that the next prediction starts a line of its own."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size:
+            file.seek(max(0, size - (1 << 16)))
+            tail = file.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut < 0 and size > len(tail):
+                    raise InvalidInputError(f"{cache_path} ends in a line over 64 KiB long: not a prediction file")
+                file.truncate(size - len(tail) + cut + 1)
+    return open(cache_path, "a")
 
 
 # The settings that set a decoding apart besides ``extractive`` (``decoding_tags``' other parameters;
@@ -292,13 +362,24 @@ def claim_predictions(cache_path: Path, settings: dict[str, Any]) -> None:
     holds other settings is refused, naming each differing setting and both values, since its
     predictions would be scored as this run's. A file without that line (written before settings
     were recorded) is reused as before: its settings are unknown, and no header is added to it."""
-    if not cache_path.exists() or cache_path.stat().st_size == 0:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps({"settings": settings}) + "\n")
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"settings": settings}) + "\n"
+    try:  # created here only if no other run has created it meanwhile (never truncated under one)
+        with open(cache_path, "x") as file:
+            file.write(header)
         return
+    except FileExistsError:
+        pass
     with open(cache_path) as file:
         first = file.readline()
-    recorded = json.loads(first).get("settings") if first.strip() else None
+    if not first.endswith("\n"):  # empty, or a header cut short by a kill: nothing was answered yet
+        cache_path.write_text(header)
+        return
+    try:
+        recorded = json.loads(first)
+    except ValueError:
+        recorded = None
+    recorded = recorded.get("settings") if isinstance(recorded, dict) else None
     if recorded is None:
         return
     differing = [name for name in sorted(recorded.keys() | settings.keys())
@@ -315,6 +396,9 @@ def claim_predictions(cache_path: Path, settings: dict[str, Any]) -> None:
 def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
     """The cached prediction of every question, in order; an error naming what is missing
     (for scripts that compare finished runs)."""
+    if not Path(cache_path).is_file():
+        raise InvalidInputError(f"{cache_path} is not a file: name a prediction file that python -m sac_rag.eval "
+                                "wrote (beside its results, under predictions/)")
     predictions = read_predictions(cache_path)
     missing = [q.id for q in questions if q.id not in predictions]
     if missing:
@@ -359,8 +443,7 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
     config = config or answer_config()
     done = read_predictions(cache_path)
     todo = [q for q in questions if q.id not in done]
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_path, "a") as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+    with append_predictions(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               desc=f"{method.name} {dataset}", unit="q") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -417,6 +500,53 @@ def kv_entry_bytes(model, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
 
 
+def check_results_file(path: str | Path) -> None:
+    """Refuse, before any model loads, a ``--results`` path that a row cannot be appended to as a
+    JSON line: a folder, a file that cannot be written, or a file holding anything but JSON rows
+    (the row would be lost after the whole run, or would corrupt another kind of file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"--results {path} is a folder: name a .jsonl file (rows are appended to it)")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise InvalidInputError(f"--results {path}: {folder} is not a folder")
+    if not path.exists():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InvalidInputError(f"--results {path}: the folder {folder} is not writable")
+        return
+    if not os.access(path, os.W_OK):
+        raise InvalidInputError(f"--results {path} is not writable: make it writable or name another file")
+    lines = path.read_text(errors="replace").split("\n")
+    unfinished = lines.pop()  # "" after a complete last line
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not _json_object(line):
+            raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows (line {number}: "
+                                    f"{line[:60]!r}): name a .jsonl file of rows, or a new one")
+    if unfinished and not lines and not _json_object(unfinished):  # one line cut short, or another kind of file
+        raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows ({unfinished[:60]!r}): "
+                                "name a .jsonl file of rows, or a new one")
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """``append_jsonl`` of one row, on a line of its own even after a write cut short (a last line
+    without its newline keeps its bytes; the row starts after a newline)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                with open(path, "a") as out:
+                    out.write("\n")
+    append_jsonl(path, [row])
+
+
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, before any model loads, an option the method needs but lacks or would ignore."""
     from .compressor import list_pretrained
@@ -430,6 +560,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.decoder_adapter and args.method in needs:
         parser.error(f"--decoder-adapter does not apply to --method {args.method} (full_ft reads its adapter from "
                      "--checkpoint; sac decodes with the compressor's own)")
+    if args.ratio is not None and args.method in ("full_context", "full_ft", "no_context"):
+        parser.error(f"--ratio does not apply to --method {args.method} (it reads the whole context, or none)")
     if args.anchor_strategy and args.method != "sac":
         parser.error("--anchor-strategy applies to --method sac")
     if args.storage != "native" and args.method not in ("sac", "kv_dropping"):
@@ -487,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    check_results_file(args.results)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -518,7 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     costs = measure_costs(method, questions, args.timing_samples) if args.timing_samples else {}
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
-        **scores, **costs, "seed": args.seed, "skip": args.skip, "base_model": args.base_model,
+        **scores, **costs, "seed": args.seed, "skip": args.skip,
+        # sac decodes with its compressor's own base model, whatever --base-model says
+        "base_model": method.compressor.config.base_model if args.method == "sac" else args.base_model,
         "checkpoint": args.checkpoint, "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
@@ -533,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
         "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
-    append_jsonl(args.results, [row])
+    append_row(args.results, row)
     print(json.dumps({k: row[k] for k in ("method", "ratio", "dataset", "n", "f1", "em", "f1_ci")}))
     return 0
 

@@ -26,7 +26,7 @@ from .errors import FingerprintMismatchError, InvalidInputError, PromptError
 from .extractive import SpanConstraint, Vocabulary, token_bytes
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
-from .metrics import squad_f1
+from .metrics import answer_agreement
 from .rope import KeyRotator
 
 Segment = str | AnchorKV
@@ -855,5 +855,5 @@ def _consensus(answers: Sequence[tuple[float, _Track]], samples: Sequence[_Track
     else:
         weights = torch.as_tensor([log_prob for log_prob, _ in answers], dtype=torch.float64).softmax(0).tolist()
         evidence = list(zip(weights, candidates))
-    expected = [sum(w * squad_f1(track.text, [other.text]) for w, other in evidence) for track in candidates]
+    expected = [sum(w * answer_agreement(track.text, other.text) for w, other in evidence) for track in candidates]
     return candidates[max(range(len(candidates)), key=lambda i: (expected[i], -i))]

@@ -37,8 +37,21 @@ def squad_em(prediction: str, golds: Sequence[str]) -> float:
 
 
 def squad_f1(prediction: str, golds: Sequence[str]) -> float:
+    """Token F1 against the best gold answer, as the official SQuAD v1.1 script scores it: no
+    shared token is 0, also when both sides normalise to nothing (gold "." against an empty
+    answer, or "The" against gold "the A": EM 1, F1 0 there)."""
     pred = normalize_answer(prediction).split()
-    return max(_token_f1(pred, normalize_answer(g).split()) if pred or normalize_answer(g) else 1.0 for g in golds)
+    return max(_token_f1(pred, normalize_answer(g).split()) for g in golds)
+
+
+def answer_agreement(answer: str, other: str) -> float:
+    """How far two answers agree, for a consensus among candidates (minimum Bayes risk): their
+    token F1, as ``squad_f1`` scores it, except that two answers that both normalise to nothing
+    (empty, or only articles and punctuation) agree fully. Unlike the official metric's 0, which
+    scores a prediction against a gold answer, this keeps such candidates' consensus as it was
+    measured (the committed MBR scores)."""
+    mine, theirs = normalize_answer(answer).split(), normalize_answer(other).split()
+    return 1.0 if not mine and not theirs else _token_f1(mine, theirs)
 
 
 def paper_rouge1_f(prediction: str, golds: Sequence[str]) -> float:
@@ -71,11 +84,17 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) 
 def bootstrap_share_ci(values: Sequence[float], reference: Sequence[float], resamples: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
     """95% paired bootstrap interval of mean(values) / mean(reference), e.g. the share of an upper
-    bound's F1 that a method keeps (both scored on the same questions)."""
+    bound's F1 that a method keeps (both scored on the same questions). A resample whose reference
+    sums to 0 has no share and is left out (it used to count as a share of 0, or of about 1e13);
+    (nan, nan) when every resample is such."""
     if len(values) != len(reference) or not values:
         raise ValueError("need the same, non-zero number of values and reference values")
-    return _percentile_interval([sum(values[i] for i in sample) / max(1e-12, sum(reference[i] for i in sample))
-                                 for sample in _resamples(len(values), resamples, seed)])
+    shares = []
+    for sample in _resamples(len(values), resamples, seed):
+        total = sum(reference[i] for i in sample)
+        if total:
+            shares.append(sum(values[i] for i in sample) / total)
+    return _percentile_interval(shares) if shares else (float("nan"), float("nan"))
 
 
 def _resamples(n: int, resamples: int, seed: int):

@@ -5,6 +5,7 @@ import lzma
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_llama
@@ -308,6 +309,8 @@ def test_context_aware_decoding_is_a_setting_of_its_own_row_contrasted_with_the_
     (["--method", "full_context", "--skip", "-1"], "argument --skip: must be >= 0, got -1"),
     (["--method", "full_context", "--max-new-tokens", "many"], "argument --max-new-tokens: expected a whole number"),
     (["--method", "full_context", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--method", "full_context", "--n", "-3"], "argument --n: must be >= 0, got -3"),  # was: every question
+    (["--method", "full_context", "--ratio", "3"], "--ratio does not apply to --method full_context"),
 ])
 def test_command_line_mistakes_are_named_before_any_model_loads(capsys, args, message):
     with pytest.raises(SystemExit) as exit:
@@ -322,3 +325,115 @@ def test_a_missing_data_root_is_one_line_naming_the_option(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "squad-v1.1/dev-v1.1.json.xz does not exist: set --data-root to the folder that holds" in done.stderr
+
+
+def test_a_prediction_cut_short_by_a_kill_is_answered_again(workspace):
+    _run(workspace, "--method", "full_context")
+    cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text("".join(lines[:-1]) + lines[-1][:15])  # killed in the middle of the last line
+    assert len(read_predictions(cache)) == 3
+    resumed = _run(workspace, "--method", "full_context")
+    assert resumed["newly_answered"] == 1
+    kept = cache.read_text().splitlines(keepends=True)
+    assert kept[:-1] == lines[:-1] and json.loads(kept[-1]) == json.loads(lines[-1])  # the cut line is replaced
+
+
+def test_a_file_that_is_not_a_prediction_file_is_named_not_a_traceback(workspace):
+    from sac_rag.eval import load_questions, predictions_for
+
+    _run(workspace, "--method", "no_context")
+    results = workspace / "results" / "q.jsonl"  # a results file given where predictions belong
+    with pytest.raises(InvalidInputError, match=r"q.jsonl:1 is not a cached prediction"):
+        read_predictions(results)
+    questions = load_questions(workspace / "data" / "squad-v1.1" / "dev-v1.1.json.xz", 2, seed=0)
+    with pytest.raises(InvalidInputError, match="nowhere.jsonl is not a file"):
+        predictions_for(workspace / "nowhere.jsonl", questions)
+
+
+def test_a_header_cut_short_is_rewritten_and_a_cache_created_meanwhile_is_never_overwritten(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sac_rag.eval import claim_predictions
+
+    cache = tmp_path / "p.jsonl"
+    cache.write_text('{"settings": {"ratio"')  # killed while writing the header
+    claim_predictions(cache, {"ratio": 2})
+    assert cache.read_text() == '{"settings": {"ratio": 2}}\n'
+    # another run creates the file between this run's check and its write: its header stays
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    with pytest.raises(InvalidInputError, match="made with ratio=2, but this run has ratio=3"):
+        claim_predictions(cache, {"ratio": 3})
+    assert cache.read_text() == '{"settings": {"ratio": 2}}\n'
+
+
+@pytest.mark.parametrize("kind", ["folder", "not jsonl", "read-only"])
+def test_a_results_file_a_row_cannot_be_appended_to_is_refused_before_any_model_loads(tmp_path, monkeypatch,
+                                                                                    kind):
+    import os
+
+    results = tmp_path / "q.jsonl"
+    if kind == "folder":
+        results.mkdir()
+    else:
+        results.write_text("# Benchmark results\n" if kind == "not jsonl" else '{"method": "x"}\n')
+    if kind == "read-only":
+        results.chmod(0o444)  # root may still write it: the check asks the OS, as for any user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == results else real_access(p, mode))
+    message = {"folder": "is a folder", "not jsonl": "is not a JSON-lines file", "read-only": "is not writable"}
+    with pytest.raises(InvalidInputError, match=f"--results .*q.jsonl {message[kind]}"):
+        main(["--method", "full_context", "--base-model", "no-such-model", "--results", str(results)])
+
+
+def test_a_row_after_a_row_cut_short_starts_a_line_of_its_own(workspace):
+    results = workspace / "results" / "q.jsonl"
+    results.parent.mkdir()
+    results.write_text('{"method": "a", "n": 1}\n{"method": "b", "da')  # an append killed mid-row
+    with pytest.raises(json.JSONDecodeError):  # the row is written; _run then reads back the one cut short
+        _run(workspace, "--method", "no_context")
+    lines = results.read_text().splitlines()
+    assert lines[:2] == ['{"method": "a", "n": 1}', '{"method": "b", "da'] and len(lines) == 3
+    assert json.loads(lines[2])["method"] == "no_context"
+
+
+def test_a_decoder_adapter_of_another_base_model_is_refused_naming_it(workspace):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sac_rag import FingerprintMismatchError
+
+    _, tokenizer = make_tiny_llama()
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(other, lora).save_pretrained(workspace / "other-adapter")
+    with pytest.raises(InvalidInputError, match="other-adapter does not fit the base model .*size mismatch"):
+        _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "other-adapter"))
+    # a Full-FT checkpoint records its base model: same shapes, other weights, refused all the same
+    model, _ = make_tiny_llama(seed=1)
+    get_peft_model(model, lora).save_pretrained(workspace / "full-ft")
+    meta = {"base_model": "tiny-1", "base_fingerprint": "tiny-llama-1@0123456789abcdef"}
+    (workspace / "full-ft" / "sac_full_ft.json").write_text(json.dumps(meta))
+    with pytest.raises(FingerprintMismatchError, match="tiny-llama-1@0123456789abcdef"):
+        _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "full-ft"))
+
+
+def test_a_sac_row_names_the_base_model_its_compressor_decodes_with(workspace):
+    model, tokenizer = make_tiny_llama(seed=1)
+    model.save_pretrained(workspace / "other-model")
+    tokenizer.save_pretrained(workspace / "other-model")
+    comp = SACCompressor(SACConfig(base_model=str(workspace / "other-model"), ratio=2, chunk_len=64, lora_rank=4),
+                         model=model, tokenizer=tokenizer)
+    comp.save_pretrained(workspace / "other-compressor")
+    row = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "other-compressor"))
+    assert row["base_model"] == str(workspace / "other-model")  # not --base-model, which sac does not read
+
+
+def test_data_without_an_answered_question_is_refused(tmp_path):
+    from sac_rag.eval import load_questions
+
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}]}))
+    with pytest.raises(InvalidInputError, match="holds no question with an answer"):
+        load_questions(path, 0, seed=0)

@@ -3,6 +3,7 @@
 import pytest
 
 from sac_rag.metrics import (
+    answer_agreement,
     bootstrap_ci,
     bootstrap_share_ci,
     normalize_answer,
@@ -53,3 +54,50 @@ def test_share_interval_brackets_the_share_of_a_reference_scored_on_the_same_que
     assert lo < sum(noisy) / sum(reference) < hi
     with pytest.raises(ValueError):
         bootstrap_share_ci([1.0], [1.0, 2.0])
+
+
+def _official_v1_1(prediction, golds):
+    """EM and F1 as the official SQuAD v1.1 evaluate-v1.1.py computes them."""
+    import re
+    import string
+    from collections import Counter
+
+    def norm(s):
+        s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+        return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+    def f1(p, g):
+        p, g = norm(p).split(), norm(g).split()
+        same = sum((Counter(p) & Counter(g)).values())
+        return 0.0 if same == 0 else 2 * (same / len(p)) * (same / len(g)) / (same / len(p) + same / len(g))
+
+    return max(float(norm(prediction) == norm(g)) for g in golds), max(f1(prediction, g) for g in golds)
+
+
+@pytest.mark.parametrize(("prediction", "golds"), [
+    ("The", ["."]),  # SQuAD-dev question 5730b7ce069b5314008322c4 has the gold answer "."
+    ("", ["The A"]),  # both sides normalise to nothing
+    ("a", ["the", "Paris"]),
+    ("Theatre, the café—Zürich", ["theatre cafe zurich", "the café—zürich"]),
+    ("ÉCOLE «Normale»", ["école normale"]),
+    ("an apple a day", ["An Apple-a-Day"]),
+])
+def test_em_and_f1_match_the_official_squad_v1_1_script(prediction, golds):
+    assert (squad_em(prediction, golds), squad_f1(prediction, golds)) == pytest.approx(
+        _official_v1_1(prediction, golds))
+
+
+def test_a_resample_whose_reference_scored_nothing_has_no_share():
+    reference = [100.0, 0.0, 0.0, 0.0]  # a quarter of the resamples (about 32%) draw no scored question
+    assert bootstrap_share_ci(reference, reference) == (1.0, 1.0)  # a method against itself: 100%, always
+    lo, hi = bootstrap_share_ci([50.0, 100.0, 0.0, 0.0], reference)
+    assert lo >= 0.5 and hi < 1e6  # not 0 (0 / 1e-12) nor ~1e13 (100 / 1e-12)
+    assert all(x != x for x in bootstrap_share_ci([1.0], [0.0]))  # no resample has a share: nan
+
+
+def test_candidates_that_both_say_nothing_agree_for_a_consensus_but_score_zero_f1_against_gold():
+    """MBR's agreement keeps two empty (or article-only) answers as agreeing, as its committed
+    scores were measured; the SQuAD metric scores such a prediction 0 F1 against an empty gold."""
+    assert answer_agreement("The", "") == 1.0 and squad_f1("The", ["."]) == 0.0
+    assert answer_agreement("the Eiffel tower", "Eiffel") == squad_f1("the Eiffel tower", ["Eiffel"]) == 2 / 3
+    assert answer_agreement("Paris", "") == 0.0

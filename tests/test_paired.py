@@ -18,3 +18,39 @@ def test_plus_joined_files_are_averaged_runs(tmp_path):
     for path in (first, second):
         path.write_text("")
     assert run_paths(f"{first}+{second}") == [first, second]
+
+
+def _predictions(tmp_path, name, answers):
+    path = tmp_path / name
+    path.write_text("".join(f'{{"id": "q{i}", "prediction": "{a}"}}\n' for i, a in enumerate(answers)))
+    return str(path)
+
+
+def _data(tmp_path):
+    import json
+    import lzma
+
+    (tmp_path / "data" / "squad-v1.1").mkdir(parents=True)
+    data = {"data": [{"title": "t", "paragraphs": [
+        {"context": f"Paris {i}.", "qas": [{"id": f"q{i}", "question": "Where?", "answers": [{"text": "Paris"}]}]}
+        for i in range(4)]}]}
+    with lzma.open(tmp_path / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump(data, f)
+    return ["--data-root", str(tmp_path / "data"), "--n", "4"]
+
+
+def test_no_share_of_a_reference_that_scored_nothing(tmp_path, capsys):
+    subset = _data(tmp_path)
+    zero = _predictions(tmp_path, "zero.jsonl", ["Rome"] * 4)
+    some = _predictions(tmp_path, "some.jsonl", ["Paris", "Rome", "Rome", "Rome"])
+    assert PAIRED["main"]([*subset, zero, some]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| some.jsonl | 25.0") and row.endswith("| - (reference F1 is 0) |")  # was 25e12%
+
+
+def test_a_file_named_twice_is_compared_with_the_reference_too(tmp_path, capsys):
+    subset = _data(tmp_path)
+    some = _predictions(tmp_path, "some.jsonl", ["Paris", "Rome", "Rome", "Rome"])
+    assert PAIRED["main"]([*subset, some, some]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.endswith("| +0.0 (+0.0 to +0.0) | 100.0% (100.0% to 100.0%) |")  # was "| - | - |"

@@ -19,3 +19,19 @@ def test_rows_read_another_way_or_on_other_questions_get_tables_of_their_own(tmp
     assert tables == {"squad-dev": 41.0, "squad-dev-extractive": 40.0, "squad-dev-beam4": 40.0,
                       "squad-dev-beam4-lp0": 40.0, "squad-dev-beam4-skip1000": 40.0, "squad-dev-cad0.25": 40.0,
                       "squad-dev-cad0.25-plausible0": 40.0}
+
+
+def test_a_row_cut_short_or_without_a_ci_does_not_stop_the_report_whose_plots_go_beside_it(tmp_path, capsys):
+    results, out = tmp_path / "results", tmp_path / "out" / "RESULTS.md"
+    results.mkdir()
+    out.parent.mkdir()
+    sac = {"method": "sac-5x", "ratio": 5, "dataset": "squad-dev", "n": 4, "f1": 40.0}  # no f1_ci: allowed
+    peer = {**sac, "method": "text-truncate", "f1": 30.0, "f1_ci": [20.0, 40.0]}
+    (results / "q.jsonl").write_text(json.dumps(sac) + "\n" + json.dumps(peer) + "\n" + '{"method": "sac-15x", "ra')
+    (results / "costs.jsonl").write_text('{"run": "x", "meth')  # a costs run killed mid-row
+    (results / "empty.jsonl").write_text("")
+    assert REPORT["main"](["--results", str(results), "--out", str(out)]) == 0
+    assert "is cut short (no newline), skipped" in capsys.readouterr().err
+    text = out.read_text()
+    assert "| sac-5x | 5 | 4 |" in text and "| text-truncate | 5 | 4 |" in text and "sac-15x" not in text
+    assert (out.parent / "plots" / "f1_vs_ratio_squad-dev.png").is_file()  # not the repository's plots/
