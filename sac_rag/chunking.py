@@ -20,6 +20,7 @@ A chunk's ``id`` is ``"<doc id>#<index>"`` and its ``key`` is the store key of i
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 PIECE_CHARS = 1 << 16
 _PIECE_SEARCH = 2048  # how far back a piece boundary looks for whitespace
 _SPACE = re.compile(r"\s")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds a surrogate only when it is lone
+_warned_slow: set[str] = set()  # tokenizer classes already warned about (once per process)
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,21 @@ def iter_chunks(
     """``split_document``, one chunk at a time."""
     if not isinstance(text, str):
         raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 4:
-        raise InvalidInputError(f"chunk_tokens must be an integer >= 4, got {chunk_tokens!r}")
-    if (isinstance(overlap_tokens, bool) or not isinstance(overlap_tokens, int)
-            or not 0 <= overlap_tokens < chunk_tokens):
+    given = chunk_tokens, overlap_tokens
+    chunk_tokens, overlap_tokens = _integer(chunk_tokens), _integer(overlap_tokens)
+    if chunk_tokens is None or chunk_tokens < 4:
+        raise InvalidInputError(f"chunk_tokens must be an integer >= 4, got {given[0]!r}")
+    if overlap_tokens is None or not 0 <= overlap_tokens < chunk_tokens:
         raise InvalidInputError(
             f"overlap_tokens must be an integer in [0, chunk_tokens={chunk_tokens}), "
-            f"got {overlap_tokens!r}"
+            f"got {given[1]!r}"
         )
+    surrogate = _LONE_SURROGATE.search(text)
+    if surrogate:
+        raise InvalidInputError(
+            f"{doc_id}: the text holds a lone surrogate ({surrogate.group()!r} at character "
+            f"{surrogate.start()}), which is not valid Unicode and no tokenizer takes; decode the "
+            "file with errors='replace' (sac_rag.corpus.read_corpus does) or remove it")
     if not getattr(tokenizer, "is_fast", False):
         yield from _iter_chunks_by_decoding(text, tokenizer, chunk_tokens, overlap_tokens, doc_id)
         return
@@ -133,6 +143,16 @@ def iter_chunks(
         start = max(end - overlap_tokens, start + 1)
 
 
+def _integer(value) -> int | None:
+    """``value`` as an int when it is an integer (Python's or numpy's, not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -171,8 +191,11 @@ def _iter_chunks_by_decoding(text: str, tokenizer, chunk_tokens: int, overlap_to
                              doc_id: str) -> Iterator[Chunk]:
     """Fallback for tokenizers without offset mapping (slow, pure-Python ones): chunk texts
     are decoded token spans, so they may differ from the document in whitespace."""
-    logger.warning("the tokenizer has no offset mapping (not a fast tokenizer): chunk texts are "
-                   "decoded token spans, not exact substrings of the document")
+    kind = type(tokenizer).__name__
+    if kind not in _warned_slow:
+        _warned_slow.add(kind)
+        logger.warning("the tokenizer (%s) has no offset mapping (not a fast tokenizer): chunk texts "
+                       "are decoded token spans, not exact substrings of the document", kind)
     ids = [i for start, end in _pieces(text) for i in _encode(tokenizer, text[start:end])]
     index, start, stride = 0, 0, chunk_tokens - overlap_tokens
     while start < len(ids):

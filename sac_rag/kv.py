@@ -9,6 +9,7 @@ latent attention the rotated part is what the cache keeps as values).
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -64,6 +65,10 @@ class AnchorKV:
         return self.keys.nbytes + self.values.nbytes
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AnchorKV:
+        """Keys and values on ``device`` in ``dtype`` (a floating-point dtype; None keeps each as
+        it is); positions stay int64."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise InvalidInputError(f"K/V are kept in a floating-point dtype, not {dtype!r}")
         return replace(
             self,
             keys=self.keys.to(device=device, dtype=dtype),
@@ -75,7 +80,15 @@ class AnchorKV:
         return replace(self, keys=self.keys.detach(), values=self.values.detach())
 
     def at_offset(self, offset: int, rotator: KeyRotator) -> AnchorKV:
-        """The same chunk placed so that its first token sits at ``offset``."""
+        """The same chunk placed so that its first token sits at ``offset`` (an integer >= 0)."""
+        try:
+            if isinstance(offset, bool):
+                raise TypeError
+            offset = operator.index(offset)
+        except TypeError:
+            raise InvalidInputError(f"offset must be an integer position, got {offset!r}") from None
+        if offset < 0:
+            raise InvalidInputError(f"offset must be a position >= 0, got {offset}")
         delta = offset - self.offset
         if delta == 0:
             return self
@@ -107,30 +120,64 @@ class AnchorKV:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> AnchorKV:
+        """The ``AnchorKV`` of ``to_bytes``. Bytes that are not one (truncated, damaged, another
+        safetensors file, another format) raise ``InvalidInputError`` saying why."""
+        data = _as_bytes(data)
         meta = read_metadata(data)
         if meta.get("format") != FORMAT:
             raise InvalidInputError(f"not an AnchorKV blob (format {meta.get('format')!r}, expected {FORMAT!r})")
-        tensors = st_load(data)
+        try:
+            tensors = st_load(data)
+        except Exception as err:  # safetensors' own error type: a truncated or damaged blob
+            raise InvalidInputError(f"corrupt or truncated AnchorKV blob ({len(data)} bytes): {err}") from None
+        missing = [name for name in ("keys", "values", "positions") if name not in tensors]
+        missing += [name for name in ("n_tokens", "offset", "fingerprint") if name not in meta]
+        if missing:
+            raise InvalidInputError(f"AnchorKV blob without {', '.join(missing)}")
+        try:
+            n_tokens, offset = int(meta["n_tokens"]), int(meta["offset"])
+        except ValueError:
+            raise InvalidInputError(f"AnchorKV blob with n_tokens {meta['n_tokens']!r} and offset "
+                                    f"{meta['offset']!r}; both must be integers") from None
+        positions = tensors["positions"]
+        if positions.dtype != torch.int64:
+            raise InvalidInputError(f"AnchorKV blob with {dtype_name(positions.dtype)} positions, not int64")
         return cls(
             keys=tensors["keys"],
             values=tensors["values"],
-            positions=tensors["positions"],
-            n_tokens=int(meta["n_tokens"]),
-            offset=int(meta["offset"]),
+            positions=positions,
+            n_tokens=n_tokens,
+            offset=offset,
             fingerprint=meta["fingerprint"],
         )
+
+
+def _as_bytes(data) -> bytes:
+    """``data`` (bytes, bytearray or memoryview) as bytes; anything else is refused."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise InvalidInputError(f"expected the bytes of a safetensors blob, got {type(data).__name__}")
 
 
 def read_metadata(data: bytes) -> dict:
     """The ``__metadata__`` of a safetensors blob, read from its JSON header alone (cheap, and
     no tensor is decoded): how the store tells an entry's format before decoding it."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(f"expected the bytes of a safetensors blob, got {type(data).__name__}")
     if len(data) < 8:
         raise InvalidInputError("blob too short to be safetensors")
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
         raise InvalidInputError("corrupt safetensors header length")
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(bytes(data[8 : 8 + header_len]))
     except ValueError as err:
         raise InvalidInputError("corrupt safetensors header") from err
-    return header.get("__metadata__", {})
+    if not isinstance(header, dict):
+        raise InvalidInputError("corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise InvalidInputError("corrupt safetensors header (its __metadata__ is not a JSON object)")
+    return meta
