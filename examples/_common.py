@@ -7,16 +7,17 @@ import argparse
 import functools
 import hashlib
 import os
+import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from installed packages
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", category=DeprecationWarning)
 
-from sac_rag import DEFAULT_COMPRESSOR, SACCompressor  # noqa: E402
+from sac_rag import DEFAULT_COMPRESSOR, SACCompressor, SACError  # noqa: E402
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
 from sac_rag.compressor import checkpoint_meta  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
@@ -48,6 +49,16 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     set_threads(args.threads)
     args.store = args.store or str(default_store(args.docs))
     return args
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run an example's ``main`` from the command line: input the user can fix (a ``SACError``: a
+    folder without documents, a store made by another compressor) ends with its one-line message
+    instead of a traceback."""
+    try:
+        main()
+    except SACError as err:
+        sys.exit(f"error: {err}")
 
 
 def default_store(docs: str | os.PathLike, compressor: str = DEFAULT_COMPRESSOR) -> Path:

@@ -22,6 +22,7 @@ from _common import (
     print_expectations,
     read_questions,
     report,
+    run,
     timed_stream,
 )
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -82,4 +83,4 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,6 +23,7 @@ from _common import (
     print_expectations,
     read_questions,
     report,
+    run,
     timed_stream,
 )
 from llama_index.core import StorageContext, VectorStoreIndex
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 from _common import (
@@ -30,6 +31,7 @@ from _common import (
     precompress_corpus,
     print_expectations,
     read_questions,
+    run,
     timed_stream,
 )
 from sentence_transformers import SentenceTransformer
@@ -54,7 +56,10 @@ def serve(args: argparse.Namespace, compressor: SACCompressor) -> list[dict]:
     vectors = embedder.encode(texts, normalize_embeddings=True)
     config = GenerationConfig(max_new_tokens=args.max_tokens, stop=("\n",), extractive=args.extractive)
     sac = SAC(compressor)
-    sac.answer("Hello", config=GenerationConfig(max_new_tokens=1))  # warm-up: no cold start in the timings
+    # Warm-up, decoding as the questions will (with --extractive that builds the vocabulary's byte trie
+    # once): no cold start in the timings.
+    sac.generator.generate(sac.prompt("Hello", []), replace(config, max_new_tokens=1),
+                           ["Hello"] if args.extractive else None)
     print(f"serving {len(keys)} entries from {store.path}"
           + (f" ({len(store) - len(keys)} others, not chunks of {args.docs} now, are not served)"
              if len(store) > len(keys) else "") + "\n")
@@ -89,4 +94,4 @@ def main(argv: list[str] | None = None) -> tuple[Summary, list[dict]]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,7 +10,8 @@ How it works: examples/langchain_rag.py (this runs its main). The same with Llam
 examples/llama_index_rag.py; without a framework: examples/precompress_and_serve.py.
 """
 
+from _common import run
 from langchain_rag import main
 
 if __name__ == "__main__":
-    main(doc=__doc__)
+    run(lambda: main(doc=__doc__))

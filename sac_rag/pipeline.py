@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -27,14 +30,22 @@ class SAC:
 
     ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
     weights (``Generator.from_compressor``): faster answers for one more copy of the adapted
-    weights in memory."""
+    weights in memory.
+
+    Compressing and decoding switch the shared model's adapters, so they never interleave: each
+    call holds the model's lock (the one ``sac_rag.handles`` engines on the same compressor hold),
+    and ``stream`` decodes in a worker thread that holds it while it decodes, not while the caller
+    holds the stream."""
 
     def __init__(self, compressor: SACCompressor, generation: GenerationConfig | None = None,
                  merge_decoder: bool = False):
+        from .handles import model_lock  # handles imports this module
+
         self.compressor = compressor
+        self._lock = model_lock(compressor)
         self.generator = Generator.from_compressor(compressor, merge_decoder)
         self.template = compressor.config.prompt
-        self.generation = generation or GenerationConfig(stop=("\n###",))
+        self.generation = _config(generation, "generation") or GenerationConfig(stop=("\n###",))
 
     @classmethod
     def from_pretrained(
@@ -58,14 +69,24 @@ class SAC:
         return self.compressor.fingerprint
 
     def compress(self, text: str) -> list[AnchorKV]:
-        return self.compressor.compress(text)
+        with self._lock:
+            return self.compressor.compress(text)
 
     def prompt(self, question: str, contexts: Sequence[Context], full_text: bool = False) -> list:
-        """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline)."""
+        """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline, which
+        reads every context as text, so it takes strings only)."""
         contexts = context_list(contexts)
+        self.template.build([], question)  # the question checked before anything is compressed
+        if full_text:
+            _check_all_text(contexts, "full_text=True reads the contexts as text (the baseline)",
+                            "or full_text=False to read it from its cache")
         texts = [c for c in contexts if isinstance(c, str)]
-        self._check_room(texts, contexts)
-        compressed = iter([] if full_text else self.compressor.compress_batch(texts))
+        self._check_room(texts, contexts, question, full_text)
+        if full_text:
+            compressed = iter([])
+        else:
+            with self._lock:
+                compressed = iter(self.compressor.compress_batch(texts))
         resolved = [
             (c if full_text else next(compressed)) if isinstance(c, str)
             else ([c] if isinstance(c, AnchorKV) else list(c))
@@ -80,53 +101,127 @@ class SAC:
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
         contrast = self._contrast_prompts(config, [question])
-        return self.generator.generate(self.prompt(question, contexts, full_text), config,
-                                       sources and sources[0], contrast and contrast[0])
+        prompt = self.prompt(question, contexts, full_text)
+        with self._lock:
+            return self.generator.generate(prompt, config, sources and sources[0], contrast and contrast[0])
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
                      extractive: bool = False) -> list[Generation]:
         if isinstance(questions, str):
             raise InvalidInputError("answer_batch takes a list of questions; for one question call answer()")
+        if isinstance(contexts, (str, AnchorKV)):
+            raise InvalidInputError("answer_batch takes one list of contexts per question, e.g. [[text], ...]")
+        questions, contexts = list(questions), list(contexts)
+        if len(questions) != len(contexts):
+            raise InvalidInputError(
+                f"answer_batch got {len(questions)} questions and {len(contexts)} lists of contexts: give one list "
+                "of contexts per question (an empty list for a question without contexts)")
+        config = _config(config, "config")
+        if not questions:
+            return []
         contexts = [context_list(c) for c in contexts]
-        prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts, strict=True)]
+        for i, question in enumerate(questions):  # every question checked before anything is compressed
+            try:
+                self.template.build([], question)
+            except InvalidInputError as err:
+                raise InvalidInputError(f"question {i}: {err}") from None
         config, sources = self._decoding(config, contexts, extractive)
-        return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
+        prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts)]
+        with self._lock:
+            return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
+        """``answer``'s text as it is decoded. The inputs are checked and string contexts compressed
+        now; decoding starts at the first piece asked for, in a worker thread holding the model, so
+        other calls made while the stream is half read (``compress``, ``answer``, another stream) wait
+        at most until this answer is decoded, and each reads the model in its own state. Closing the
+        stream early stops the decoding at the next token."""
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
         contrast = self._contrast_prompts(config, [question])
-        return self.generator.stream(self.prompt(question, contexts, full_text), config, sources and sources[0],
-                                     contrast and contrast[0])
+        prompt = self.prompt(question, contexts, full_text)
+        return _decoded_in_worker(self._lock, lambda: self.generator.stream(
+            prompt, config, sources and sources[0], contrast and contrast[0]))
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
         """The call's decoding settings and, for extractive answers, the texts each may quote."""
-        config = config or self.generation
+        config = _config(config, "config") or self.generation
         if not (extractive or config.extractive):
             return config, None
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
-    def _check_room(self, texts: list[str], contexts: list[Context]) -> None:
-        """Refuse, before compressing anything, contexts whose tokens alone exceed the decoder's
-        positions: a compressed context keeps its tokens' positions (the cache holds fewer entries,
-        the positions advance by the whole chunk), so compressing would not make room."""
+    def _check_room(self, texts: list[str], contexts: list[Context], question: str = "",
+                    full_text: bool = False) -> None:
+        """Refuse, before compressing anything, contexts and a question whose tokens alone exceed the
+        decoder's positions: a compressed context keeps its tokens' positions (the cache holds fewer
+        entries, the positions advance by the whole chunk), so compressing would not make room."""
         limit = self.generator.max_positions
         if limit is None:
             return
-        tokens = sum(len(self.compressor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        tokenizer = self.compressor.tokenizer
+        tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         tokens += sum(kv.n_tokens for c in contexts if not isinstance(c, str)
                       for kv in ([c] if isinstance(c, AnchorKV) else c))
-        if tokens > limit:
-            raise PromptError(
-                f"the contexts hold {tokens} tokens and the model has {limit} positions; compressed contexts keep "
-                "their tokens' positions, so retrieve fewer or shorter contexts"
-            )
+        asked = len(tokenizer(question, add_special_tokens=False)["input_ids"]) if question else 0
+        if tokens + asked > limit:
+            why = "" if full_text else ("; compressed contexts keep their tokens' positions, so compressing would "
+                                        "not make room")
+            if asked > tokens:
+                raise PromptError(f"the question holds {asked} tokens and the model has {limit} positions (the "
+                                  f"contexts take {tokens} more): shorten the question")
+            raise PromptError(f"the contexts hold {tokens} tokens and the model has {limit} positions (the question "
+                              f"takes {asked} more){why}: retrieve fewer or shorter contexts")
 
     def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
         """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""
         return [self.template.build([], q) for q in questions] if config.context_contrast else None
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _decoded_in_worker(lock: threading.Lock, pieces) -> Iterator[str]:
+    """The pieces ``pieces()`` yields, produced in a worker thread that holds ``lock`` while it runs:
+    the model's adapters are switched for the decoding and back before anyone else runs it, whatever
+    the caller does between pieces. Started at the first piece asked for; closing early stops it."""
+    handed: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            with lock:
+                decoding = pieces()
+                try:
+                    for piece in decoding:
+                        if stop.is_set():
+                            return
+                        handed.put(piece)
+                finally:
+                    decoding.close()
+        except BaseException as err:  # handed to the consumer
+            handed.put(_Raised(err))
+        finally:
+            handed.put(end)
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="sac-stream",
+                              daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = handed.get()
+            if item is end:
+                break
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()  # no decoding left running behind the caller
 
 
 def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,
@@ -152,15 +247,18 @@ def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device
 
 
 def context_list(contexts: Context | Iterable[Context]) -> list[Context]:
-    """The contexts of one question as a list, each checked: a string (compressed on the fly), an
-    ``AnchorKV``, or a list/tuple of ``AnchorKV`` (the chunks of one compressed text). A single string
-    or ``AnchorKV`` is one context; any other iterable (a generator too) is read once."""
+    """The contexts of one question as a list, each checked: a string with some text in it (compressed
+    on the fly), an ``AnchorKV``, or a list/tuple of ``AnchorKV`` (the chunks of one compressed text). A
+    single string or ``AnchorKV`` is one context; any other iterable (a generator too) is read once."""
     if isinstance(contexts, (str, AnchorKV)):
         return [contexts]
     if isinstance(contexts, (bytes, dict)) or not isinstance(contexts, Iterable):
         raise InvalidInputError(f"contexts must be a list of strings or compressed chunks, got {_kind(contexts)}")
     contexts = list(contexts)
     for i, context in enumerate(contexts):
+        if isinstance(context, str) and not context.strip():
+            raise InvalidInputError(f"context {i} is {'empty' if not context else 'whitespace only'}: there is "
+                                    "nothing in it to read; leave it out")
         if isinstance(context, (str, AnchorKV)):
             continue
         if isinstance(context, (list, tuple)) and context and all(isinstance(c, AnchorKV) for c in context):
@@ -194,10 +292,27 @@ def _hint(context: object) -> str:
 def _quoted(contexts: Sequence[Context]) -> list[str]:
     """The texts an extractive answer may quote: all contexts, which must be strings."""
     contexts = context_list(contexts)
-    if not all(isinstance(c, str) for c in contexts):
-        raise InvalidInputError(
-            "an extractive answer quotes its contexts, so pass them as text: a precompressed context has "
-            "no text (or call sac.generator.generate(prompt, GenerationConfig(extractive=True), sources=[texts]) "
-            "with the texts it was made from)"
-        )
+    if not contexts:
+        raise InvalidInputError("an extractive answer quotes its contexts: pass at least one context as text, "
+                                "or extractive=False")
+    _check_all_text(contexts, "an extractive answer quotes its contexts, so pass them as text",
+                    "or call sac.generator.generate(prompt, GenerationConfig(extractive=True), sources=[texts]) "
+                    "with the texts it was made from")
     return list(contexts)
+
+
+def _check_all_text(contexts: Sequence[Context], why: str, otherwise: str) -> None:
+    """Refuse precompressed contexts where only text can be read: ``why`` and ``otherwise`` say so."""
+    for i, context in enumerate(contexts):
+        if not isinstance(context, str):
+            raise InvalidInputError(f"{why}, and context {i} is precompressed ({_kind(context)}), which keeps no "
+                                    f"text: pass the text it was made from ({otherwise})")
+
+
+def _config(config: object, name: str) -> GenerationConfig | None:
+    """``config`` if it is a ``GenerationConfig`` (or None); anything else is refused, naming ``name``."""
+    if config is None or isinstance(config, GenerationConfig):
+        return config
+    hint = f" (GenerationConfig(**{name}))" if isinstance(config, dict) else ""
+    raise InvalidInputError(f"{name} must be a GenerationConfig, e.g. GenerationConfig(max_new_tokens=32), got "
+                            f"{_kind(config)}{hint}")

@@ -148,6 +148,22 @@ def test_precompress_and_serve_example_serves_from_the_store(langchain_run, stor
         assert all(store.metadata(k)["doc_id"] != "questions.txt" for r in results for k in r["keys"])
 
 
+def test_the_serving_example_warms_up_the_decoding_it_times(langchain_run, store_path, monkeypatch):
+    """With --extractive, decoding first builds the vocabulary's byte trie: the warm-up does that, so
+    the first question's time to first token does not include it (it doubled it on the demo)."""
+    import precompress_and_serve
+
+    from sac_rag import generation
+
+    built, built_when_timed = [], []
+    vocabulary, timed_stream = generation.Vocabulary, precompress_and_serve.timed_stream
+    monkeypatch.setattr(generation, "Vocabulary", lambda *args: built.append(1) or vocabulary(*args))
+    monkeypatch.setattr(precompress_and_serve, "timed_stream",
+                        lambda pieces: built_when_timed.append(len(built)) or timed_stream(pieces))
+    _, results = precompress_and_serve.main([*argv(store_path, questions=1), "--max-tokens", "2", "--extractive"])
+    assert results and built_when_timed and built_when_timed[0] == 1 and len(built) == 1
+
+
 def test_after_a_document_is_edited_its_old_chunks_stay_in_the_store_and_are_not_served(
         langchain_run, store_path, compressor, tmp_path, capsys):
     import precompress_and_serve
@@ -198,3 +214,12 @@ def test_two_corpus_folders_of_the_same_name_get_stores_of_their_own(tmp_path):
     assert default_store(first) != default_store(second)
     assert default_store(first).name.startswith("docs1-")
     assert default_store(tmp_path / "x" / ".." / "x" / "docs1") == default_store(first)  # the resolved path
+
+
+def test_an_example_given_a_folder_without_documents_exits_with_one_line_instead_of_a_traceback(
+        tmp_path, monkeypatch, compressor):
+    (tmp_path / "questions.txt").write_text("Who?\n")
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--docs", str(tmp_path), "--store", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    assert str(exited.value.code).startswith(f"error: no usable document in {tmp_path}")
