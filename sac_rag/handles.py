@@ -38,7 +38,6 @@ import contextvars
 import json
 import logging
 import os
-import queue
 import re
 import threading
 import time
@@ -57,6 +56,7 @@ from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import AnchorStore, EntryNotFoundError
+from .workers import Raised, relayed
 
 logger = logging.getLogger(__name__)
 
@@ -846,34 +846,7 @@ class SACEngine:
         not while the caller holds the stream: other calls (from this thread too, say a second
         query while the stream is half read) wait at most until the answer is decoded. Closing
         the stream early stops the decoding at the next token."""
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()
-        end = object()
-        decoded = self._decoded(prompt, config, stop)
-
-        def produce() -> None:
-            try:
-                for piece in decoded:
-                    pieces.put(piece)
-            except BaseException as err:  # handed to the consumer
-                pieces.put(_Raised(err))
-            finally:
-                pieces.put(end)
-
-        worker = threading.Thread(target=contextvars.copy_context().run, args=(produce,),
-                                  name="sac-stream", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = pieces.get()
-                if item is end:
-                    break
-                if isinstance(item, _Raised):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            worker.join()  # no decoding left running behind the caller (nor at interpreter exit)
+        return relayed(lambda stop: self._decoded(prompt, config, stop))
 
     async def astream(self, prompt: str | Sequence[Segment],
                       config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
@@ -898,7 +871,7 @@ class SACEngine:
                     if not post(piece):
                         return
             except BaseException as err:  # handed to the consumer
-                post(_Raised(err))
+                post(Raised(err))
             finally:
                 decoded.close()
                 post(end)
@@ -909,7 +882,7 @@ class SACEngine:
                 item = await queue.get()
                 if item is end:
                     break
-                if isinstance(item, _Raised):
+                if isinstance(item, Raised):
                     raise item.error
                 yield item
         finally:
@@ -1004,11 +977,6 @@ class SACEngine:
             return
         for request, result in zip(batch, results):
             request.result = result
-
-
-@dataclass
-class _Raised:
-    error: BaseException
 
 
 async def _in_thread(fn, *args, **kwargs):

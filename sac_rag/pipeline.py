@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import contextvars
 import os
-import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -21,6 +19,7 @@ from .errors import InvalidInputError, ModelNotAvailableError, PromptError
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 from .models import load_base_model
+from .workers import relayed
 
 Context = str | AnchorKV | Sequence[AnchorKV]
 
@@ -142,8 +141,8 @@ class SAC:
         config, sources = self._decoding(config, [contexts], extractive)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
-        return _decoded_in_worker(self._lock, lambda: self.generator.stream(
-            prompt, config, sources and sources[0], contrast and contrast[0]))
+        return relayed(lambda stop: _holding(self._lock, lambda: self.generator.stream(
+            prompt, config, sources and sources[0], contrast and contrast[0])))
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
         """The call's decoding settings and, for extractive answers, the texts each may quote."""
@@ -179,49 +178,11 @@ class SAC:
         return [self.template.build([], q) for q in questions] if config.context_contrast else None
 
 
-class _Raised:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def _decoded_in_worker(lock: threading.Lock, pieces) -> Iterator[str]:
-    """The pieces ``pieces()`` yields, produced in a worker thread that holds ``lock`` while it runs:
-    the model's adapters are switched for the decoding and back before anyone else runs it, whatever
-    the caller does between pieces. Started at the first piece asked for; closing early stops it."""
-    handed: queue.SimpleQueue = queue.SimpleQueue()
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            with lock:
-                decoding = pieces()
-                try:
-                    for piece in decoding:
-                        if stop.is_set():
-                            return
-                        handed.put(piece)
-                finally:
-                    decoding.close()
-        except BaseException as err:  # handed to the consumer
-            handed.put(_Raised(err))
-        finally:
-            handed.put(end)
-
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="sac-stream",
-                              daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = handed.get()
-            if item is end:
-                break
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        worker.join()  # no decoding left running behind the caller
+def _holding(lock: threading.Lock, pieces: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """The pieces ``pieces()`` yields, decoded holding ``lock`` (released when they end or the
+    iteration is closed)."""
+    with lock:
+        yield from pieces()
 
 
 def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,
