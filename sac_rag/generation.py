@@ -289,7 +289,11 @@ class Generator:
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None,
                sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None) -> Iterator[str]:
         """Yield the answer's text as it is decoded (never a partial stop string); with beam search
-        (``num_beams`` > 1), which settles on its answer only at the end, the whole answer at once."""
+        (``num_beams`` > 1), which settles on its answer only at the end, the whole answer at once.
+
+        The model stays in its decoding state (a compressor's adapters switched) between pieces:
+        finish or close the stream before running the model otherwise. ``SAC.stream`` and
+        ``SACEngine.stream`` decode in a worker that holds the model instead."""
         config = config or GenerationConfig()
         sources = None if sources is None else [sources]
         contrast_prompts = None if contrast_prompt is None else [contrast_prompt]
