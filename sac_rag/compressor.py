@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -110,7 +111,9 @@ class SACCompressor(torch.nn.Module):
             return model
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, _lora_config(config.lora_rank, config.lora_alpha, config))
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, _lora_config(config.lora_rank, config.lora_alpha, config))
         if config.decoder_lora_rank:
             alpha = config.decoder_lora_alpha or 2 * config.decoder_lora_rank
             peft_model.add_adapter("decoder", _lora_config(config.decoder_lora_rank, alpha, config))
