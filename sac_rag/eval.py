@@ -30,7 +30,6 @@ from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
-from .files import append_jsonl
 from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -299,8 +298,10 @@ def json_lines(text: str) -> tuple[list[tuple[int, str, object]], str]:
 
 
 def append_predictions(cache_path: Path):
-    """``cache_path`` opened for appending predictions, after dropping an unfinished last line (a
-    write cut short by a kill), so that the next prediction starts a line of its own."""
+    """``cache_path`` (a JSON-lines file) opened for appending, after dropping an unfinished last
+    line (a write cut short by a kill), so that the next line starts a line of its own. Every writer
+    appends whole lines in one write, so an unfinished last line is only ever a killed one."""
+    cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a+b") as file:
         size = file.seek(0, os.SEEK_END)
@@ -310,7 +311,8 @@ def append_predictions(cache_path: Path):
             if not tail.endswith(b"\n"):
                 cut = tail.rfind(b"\n")
                 if cut < 0 and size > len(tail):
-                    raise InvalidInputError(f"{cache_path} ends in a line over 64 KiB long: not a prediction file")
+                    raise InvalidInputError(f"{cache_path} ends in a line over 64 KiB long: not a JSON-lines file "
+                                            "of sac_rag's")
                 file.truncate(size - len(tail) + cut + 1)
     return open(cache_path, "a")
 
@@ -535,16 +537,10 @@ def _json_object(text: str) -> bool:
 
 
 def append_row(path: str | Path, row: dict) -> None:
-    """``append_jsonl`` of one row, on a line of its own even after a write cut short (a last line
-    without its newline keeps its bytes; the row starts after a newline)."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as file:
-            file.seek(-1, os.SEEK_END)
-            if file.read(1) != b"\n":
-                with open(path, "a") as out:
-                    out.write("\n")
-    append_jsonl(path, [row])
+    """Append one result row as a JSON line; a last line cut short by a killed run is dropped first
+    (``append_predictions``), so that the file stays one of JSON rows."""
+    with append_predictions(Path(path)) as file:
+        file.write(json.dumps(row) + "\n")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

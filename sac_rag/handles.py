@@ -229,7 +229,9 @@ class BoundedMemory(MutableMapping):
         """Pin those of ``keys`` held here (once each) and mark them as just used: they are not
         dropped to make room until ``unpin`` (or ``pin_seconds`` from now). Returns the keys pinned."""
         with self._lock:
-            lapses = time.monotonic() + self.pin_seconds
+            now = time.monotonic()
+            self._lapse(now)  # lapsed pins go here too, not only when chunks are added
+            lapses = now + self.pin_seconds
             pinned = {key for key in keys if key in self._items}
             for key in pinned:
                 self._pins.setdefault(key, []).append(lapses)
@@ -639,6 +641,12 @@ class SACEngine:
         texts missed the store: a store serves only texts identical to its chunks, so texts cut
         another way (say by a LangChain text splitter) are all compressed again on every run. Texts
         compressed earlier in this process are found in memory and do not count as misses."""
+        # the arguments checked before lookup_handles pins anything
+        if on_miss not in ON_MISS:
+            raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
+        metadata = None if metadata is None else list(metadata)
+        if metadata is not None and isinstance(texts, Sequence) and len(metadata) != len(texts):
+            raise InvalidInputError(f"got {len(texts)} texts and {len(metadata)} metadata entries: give one each")
         found = self.lookup_handles(texts)
         return self.complete_handles(texts, found, write_back=write_back, on_miss=on_miss, metadata=metadata)
 

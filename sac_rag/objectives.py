@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 
 from .data import Paragraph
 from .generation import GenerationConfig, bos_ids, next_tokens
-from .metrics import squad_f1
+from .metrics import answer_agreement
 
 IGNORE = -100
 DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation KL covers
@@ -341,7 +341,8 @@ class SACObjective:
             prompt, gold = rows[r]
             gold_text = _answer_text(comp.tokenizer, gold)
             drawn = [tuple(answer) for answer in samples[g * k : (g + 1) * k]]
-            cost = {answer: 1.0 - squad_f1(_answer_text(comp.tokenizer, answer), [gold_text])
+            # agreement, not the official F1: the gold answer costs 0 even where it normalises to nothing (".")
+            cost = {answer: 1.0 - answer_agreement(_answer_text(comp.tokenizer, answer), gold_text)
                     for answer in dict.fromkeys([tuple(gold)] + drawn)}  # the distinct candidates, in order
             sample_f1 += [1.0 - cost[answer] for answer in drawn]
             for answer, answer_cost in cost.items():

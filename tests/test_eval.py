@@ -386,15 +386,13 @@ def test_a_results_file_a_row_cannot_be_appended_to_is_refused_before_any_model_
         main(["--method", "full_context", "--base-model", "no-such-model", "--results", str(results)])
 
 
-def test_a_row_after_a_row_cut_short_starts_a_line_of_its_own(workspace):
+def test_a_row_cut_short_by_a_kill_is_dropped_before_the_next_row_is_appended(workspace):
     results = workspace / "results" / "q.jsonl"
     results.parent.mkdir()
     results.write_text('{"method": "a", "n": 1}\n{"method": "b", "da')  # an append killed mid-row
-    with pytest.raises(json.JSONDecodeError):  # the row is written; _run then reads back the one cut short
-        _run(workspace, "--method", "no_context")
+    assert _run(workspace, "--method", "no_context")["method"] == "no_context"
     lines = results.read_text().splitlines()
-    assert lines[:2] == ['{"method": "a", "n": 1}', '{"method": "b", "da'] and len(lines) == 3
-    assert json.loads(lines[2])["method"] == "no_context"
+    assert lines[0] == '{"method": "a", "n": 1}' and len(lines) == 2  # every line a row, as the next run checks
 
 
 def test_a_decoder_adapter_of_another_base_model_is_refused_naming_it(workspace):
@@ -437,3 +435,14 @@ def test_data_without_an_answered_question_is_refused(tmp_path):
     path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": []}]}]}))
     with pytest.raises(InvalidInputError, match="holds no question with an answer"):
         load_questions(path, 0, seed=0)
+
+
+def test_a_results_file_cut_by_a_kill_takes_new_rows_and_stays_a_file_of_rows(tmp_path):
+    from sac_rag.eval import append_row, check_results_file
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"method": "a", "f1": 1.0}\n{"method": "b", "f1"')  # the second row cut by a kill
+    for method in ("c", "d"):  # each run checks the file first, then appends its row
+        check_results_file(path)
+        append_row(path, {"method": method, "f1": 2.0})
+    assert [json.loads(line)["method"] for line in path.read_text().splitlines()] == ["a", "c", "d"]

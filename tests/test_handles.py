@@ -533,3 +533,13 @@ def test_an_engine_refuses_a_prompt_holding_a_piece_of_a_marker_it_handed_out(co
     assert len(engine.segments(prompt)) == 2
     quoted = f"Q: which chunk is {keys[0]} (starts {keys[0][:10]})?\nA:"
     assert engine.segments(quoted) == [quoted]
+
+
+def test_a_call_refused_for_its_arguments_leaves_no_chunk_pinned(compressor):
+    engine = SACEngine(compressor)
+    engine.handles_for(PASSAGES)  # compressed into memory, pinned for that call
+    engine.resolver.release(AnchorStore.key_for(p) for p in PASSAGES)  # which has generated
+    for bad in ({"on_miss": "later"}, {"metadata": [{"source": "a"}]}):
+        with pytest.raises(InvalidInputError):
+            engine.handles_for(PASSAGES, **bad)
+    assert engine.resolver.memory.pinned == set()

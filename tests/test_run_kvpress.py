@@ -47,3 +47,13 @@ def test_a_file_made_with_other_settings_is_refused_naming_them(tmp_path, change
     with pytest.raises(InvalidInputError, match=rf"{name}=.*but this run has {name}={value!r}"):
         RUN_ONE(runner, _questions(2), None, "snapkv-5x", cache, settings.pop("max_new_tokens", 32), settings)
     assert runner.asked == 2
+
+
+def test_an_answer_cut_by_a_kill_is_asked_again_and_the_file_stays_readable(tmp_path):
+    cache, runner = tmp_path / "snapkv-5x.jsonl", CountingRunner()
+    RUN_ONE(runner, _questions(2), None, "snapkv-5x", cache, 32, SETTINGS)
+    cache.write_text(cache.read_text()[:-12])  # the last answer's line cut short, as a kill leaves it
+    for _ in range(2):  # a resume, then one more run
+        answers, _ = RUN_ONE(runner, _questions(3), None, "snapkv-5x", cache, 32, SETTINGS)
+        assert answers == ["answer to q0", "answer to q1", "answer to q2"]
+    assert runner.asked == 4  # q0, q1; then q1 again and q2; nothing the last run
