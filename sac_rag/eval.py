@@ -518,10 +518,9 @@ def check_results_file(path: str | Path) -> None:
         return
     if not os.access(path, os.W_OK):
         raise InvalidInputError(f"--results {path} is not writable: make it writable or name another file")
-    lines = path.read_text(errors="replace").split("\n")
-    unfinished = lines.pop()  # "" after a complete last line
-    for number, line in enumerate(lines, 1):
-        if line.strip() and not _json_object(line):
+    lines, unfinished = json_lines(path.read_text(errors="replace"))
+    for number, line, row in lines:
+        if not isinstance(row, dict):
             raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows (line {number}: "
                                     f"{line[:60]!r}): name a .jsonl file of rows, or a new one")
     if unfinished and not lines and not _json_object(unfinished):  # one line cut short, or another kind of file
