@@ -61,6 +61,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -96,6 +97,7 @@ LOCK = "writer.lock"
 SHARDS = "shards"
 SHARD_SUFFIX = ".shard"
 
+STALE_CREATION_SECONDS = 3600.0  # a creation's temporary directory this old was left by a killed process
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_SHARD_BYTES = 1 << 30
 _SQL_BATCH = 500  # keys per "IN (...)" query, below SQLite's variable limit
@@ -375,6 +377,7 @@ class AnchorStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale_creations(path)
         return cls.open(path, fingerprint, cache_bytes=cache_bytes)
 
     @classmethod
@@ -1385,6 +1388,20 @@ def _connect(index: Path, readonly: bool) -> tuple[sqlite3.Connection, tuple | N
         conn.close()  # a failed open must not keep the index file open
         raise
     return conn, frozen
+
+
+def _remove_stale_creations(path: Path) -> None:
+    """Delete the temporary directories that creations of the store at ``path`` left when they were
+    killed (``.NAME.creating-*``, never renamed into place). Only those untouched for
+    ``STALE_CREATION_SECONDS``: a creation running now finishes within seconds."""
+    now = time.time()
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.creating-*"):
+        try:
+            stale = now - leftover.lstat().st_mtime > STALE_CREATION_SECONDS
+        except FileNotFoundError:  # another process removed it meanwhile
+            continue
+        if stale and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_writable_path(path: Path) -> None:

@@ -183,6 +183,27 @@ def test_manifest_records_format_fingerprint_ratio_dtype_codec_and_position_conv
     assert not list(tmp_path.glob(".*creating*")), "no leftover of the atomic creation"
 
 
+def test_creation_removes_what_killed_creations_left_but_not_a_creation_in_progress(tmp_path):
+    import os
+    import time
+
+    from sac_rag.store import STALE_CREATION_SECONDS
+
+    killed = tmp_path / ".store.creating-killed"  # as a creation killed before its rename leaves it
+    (killed / "shards").mkdir(parents=True)
+    (killed / "manifest.json").write_text("{}")
+    old = time.time() - STALE_CREATION_SECONDS - 60
+    os.utime(killed, (old, old))
+    running = tmp_path / ".store.creating-running"  # another process creating it right now
+    running.mkdir()
+    other = tmp_path / ".other.creating-killed"  # another store's: not this creation's business
+    other.mkdir()
+    os.utime(other, (old, old))
+    AnchorStore.create(tmp_path / "store", FP, ratio=5).close()
+    assert not killed.exists()
+    assert running.exists() and other.exists()
+
+
 def test_key_for_is_sha256_of_the_chunk_text():
     import hashlib
 
