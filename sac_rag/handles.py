@@ -52,7 +52,7 @@ from .compressor import CONFIG_FILE, SACCompressor, resolve_pretrained
 from .config import PromptTemplate, SACConfig
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
-from .generation import Generation, GenerationConfig, Generator
+from .generation import Generation, GenerationConfig, Generator, bos_ids
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import AnchorStore, EntryNotFoundError
@@ -781,6 +781,24 @@ class SACEngine:
         return f"the store at {self.store_spec} (not created yet)"
 
     # -- prompt -> answer --------------------------------------------------------------------------
+
+    def count_positions(self, prompt: str) -> int:
+        """The positions ``prompt`` takes as the model reads it: its text's tokens (and the BOS token a
+        model starts prompts with) and, for each marker naming a chunk, the tokens that chunk stands
+        for (a compressed chunk keeps its tokens' positions; a marker naming none is text). What a
+        conversation is trimmed by to fit the model's position limit."""
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}")
+        tokenizer = self.compressor.tokenizer
+        bos = bos_ids(tokenizer)
+        count = len(bos) if prompt else 0
+        for i, segment in enumerate(split_prompt(prompt, self.resolver)):
+            if isinstance(segment, AnchorKV):
+                count += segment.n_tokens
+                continue
+            ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
+            count += len(ids) - (i == 0 and bool(bos) and ids[:1] == bos)  # a prompt writing BOS reads one
+        return count
 
     def segments(self, prompt: str) -> list[Segment]:
         """``split_prompt`` against this engine's resolver (one store query for all markers),

@@ -100,6 +100,20 @@ def test_a_prompt_with_markers_decodes_exactly_like_the_same_entries_given_direc
     torch.testing.assert_close(*logits)
 
 
+def test_count_positions_is_what_the_model_reads_a_marker_as_its_chunks_tokens(compressor, store):
+    engine = SACEngine(compressor, store)
+    unknown = marker_for("0" * 64)  # names no chunk: read as text
+    prompt = compressor.config.prompt.build([markers_for([AnchorStore.key_for(p)]) for p in PASSAGES],
+                                            "Who keeps bees? " + unknown)[0]
+    [generation] = engine.generate([prompt], GenerationConfig(max_new_tokens=1))
+    assert engine.count_positions(prompt) == generation.text_tokens + generation.context_tokens
+    chunk_tokens = sum(len(compressor.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PASSAGES)
+    assert generation.context_tokens == chunk_tokens
+    assert engine.count_positions("") == 0
+    with pytest.raises(InvalidInputError, match="str"):
+        engine.count_positions(["a list"])
+
+
 def test_texts_are_looked_up_then_compressed_on_a_miss(compressor, store):
     engine = SACEngine(compressor, store)
     new = "Snow closed the pass in March."

@@ -377,6 +377,7 @@ def test_directories_that_hold_no_usable_model_are_refused_naming_what_is_missin
 
 def test_a_chat_template_that_writes_the_bos_token_is_read_with_one_bos(model_dir):
     ChatSAC = pytest.importorskip("langchain_sac").ChatSAC  # noqa: N806
+    from langchain_core.messages import HumanMessage
 
     from sac_rag.handles import SACEngine
 
@@ -388,9 +389,12 @@ def test_a_chat_template_that_writes_the_bos_token_is_read_with_one_bos(model_di
     read = []
     model.register_forward_pre_hook(lambda module, args, kwargs: read.append(kwargs["input_ids"][0].tolist()),
                                     with_kwargs=True)
-    ChatSAC(engine=SACEngine(compressor), chat_template=True, max_tokens=1).invoke("Hi")
+    chat = ChatSAC(engine=SACEngine(compressor), chat_template=True, max_tokens=1)
+    chat.invoke("Hi")
     bos = tokenizer.bos_token_id
     assert read[0][0] == bos and read[0][1] != bos  # the template's BOS, read once
+    assert chat.get_num_tokens_from_messages([HumanMessage(content="Hi")]) == len(read[0])  # and counted once
+    assert chat.get_num_tokens("Hi") == len(tokenizer("Hi")["input_ids"])  # BOS, then "Hi"
 
 
 def test_training_reads_the_prompt_as_answering_does(model_dir):

@@ -104,6 +104,21 @@ def lc_spec(value: Any) -> Any:
     return NotSerialized(value)
 
 
+class CountsModelTokens:
+    """Token counting in the model's own terms, for ``SACLLM`` and ``ChatSAC`` (listed before
+    LangChain's base class, whose counts come from GPT-2's tokenizer, fetched from the hub): what
+    ``trim_messages(..., token_counter=llm)`` and ``get_num_tokens`` read."""
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids in the model's tokenizer (markers as their text)."""
+        return self.get_engine().compressor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def get_num_tokens(self, text: str) -> int:
+        """The positions ``text`` takes as the model reads it: a marker naming a chunk counts as the
+        tokens of that chunk (``SACEngine.count_positions``), which is what the model's limit bounds."""
+        return self.get_engine().count_positions(text)
+
+
 class NotSerialized:
     """Stands for a loaded object in a record: ``dumpd`` writes LangChain's ``not_implemented``
     stub for it, under the object's class, its ``repr`` the object's short name (``describe``)

@@ -17,12 +17,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from sac_rag import Generation, InvalidInputError
 
-from ._base import LangChainSerializable, SACModelParams, generation_info, usage_metadata
+from ._base import CountsModelTokens, LangChainSerializable, SACModelParams, generation_info, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
 
-class ChatSAC(LangChainSerializable, BaseChatModel, SACModelParams):
+class ChatSAC(LangChainSerializable, CountsModelTokens, BaseChatModel, SACModelParams):
     """Chat model over SAC caches.
 
     ``chat_template=False`` (default) renders the messages as their text contents, one after
@@ -87,6 +87,14 @@ class ChatSAC(LangChainSerializable, BaseChatModel, SACModelParams):
             raise InvalidInputError("chat_template=True, but this model's tokenizer has no chat template")
         return tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
                                              tokenize=False, add_generation_prompt=True)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """The positions ``messages`` take as the model reads them (rendered as ``render`` does, a marker
+        counting as its chunk's tokens): what ``trim_messages(history, max_tokens=N, token_counter=llm)``
+        trims a conversation by, to keep it within the model."""
+        if tools:
+            raise InvalidInputError("ChatSAC does not call tools: count the messages without them")
+        return self.get_num_tokens(self.render(messages)) if messages else 0
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

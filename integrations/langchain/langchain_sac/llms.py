@@ -16,14 +16,22 @@ from langchain_core.outputs import GenerationChunk, LLMResult
 
 from sac_rag import Generation
 
-from ._base import CALL_ARGUMENTS, LangChainSerializable, SACModelParams, add_usage, generation_info, usage_metadata
+from ._base import (
+    CALL_ARGUMENTS,
+    CountsModelTokens,
+    LangChainSerializable,
+    SACModelParams,
+    add_usage,
+    generation_info,
+    usage_metadata,
+)
 
 # The decoding arguments of the ``generate`` call in progress: ``BaseLLM`` keys its LLM cache by
 # ``_identifying_params`` and ``stop`` only, so the per-call overrides are added there.
 _CALL_ARGUMENTS: ContextVar[dict[str, Any] | None] = ContextVar("sac_llm_call_arguments", default=None)
 
 
-class SACLLM(LangChainSerializable, BaseLLM, SACModelParams):
+class SACLLM(LangChainSerializable, CountsModelTokens, BaseLLM, SACModelParams):
     """Text LLM over SAC caches: ``<sac:KEY>`` markers in the prompt that name entries of the
     compressor's store become those chunks' cached K/V; the rest is read as text.
 

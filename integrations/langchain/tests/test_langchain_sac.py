@@ -422,6 +422,38 @@ def test_prompt_longer_than_the_model_context_is_refused(engine):
         ChatSAC(engine=engine, max_tokens=2).invoke("lighthouse " * 5000)
 
 
+def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the_model(
+        engine, store, passages, monkeypatch):
+    """LangChain counts tokens with GPT-2's tokenizer unless a model says otherwise; SAC models
+    count the positions the model reads, a marker as the tokens of its chunk."""
+    import transformers
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
+
+    def no_gpt2(*args, **kwargs):
+        raise AssertionError("counted with GPT-2's tokenizer")
+
+    monkeypatch.setattr(transformers.GPT2TokenizerFast, "from_pretrained", no_gpt2)
+    chat = ChatSAC(engine=engine, max_tokens=2)
+    marker = marker_for(AnchorStore.key_for(passages[0]))
+    limit = engine.generator.max_positions
+    turn = "When was the lighthouse painted red? " + "lighthouse " * 70
+    history = [SystemMessage(content=marker)]
+    for _ in range(12):
+        history += [HumanMessage(content=turn), AIMessage(content="In 1874.")]
+    with pytest.raises(PromptError, match="positions"):
+        chat.invoke(history + [HumanMessage(content=turn)])
+    kept = trim_messages(history, max_tokens=limit // 2, token_counter=chat, strategy="last",
+                         include_system=True, start_on="human")
+    assert kept[0] == history[0] and kept[-1] == history[-1] and len(kept) < len(history)
+    one_turn_more = kept[:1] + history[-len(kept) - 1:]
+    assert chat.get_num_tokens_from_messages(kept) <= limit // 2 < chat.get_num_tokens_from_messages(one_turn_more)
+    chunk_tokens = store.get(AnchorStore.key_for(passages[0])).n_tokens
+    assert chat.get_num_tokens(marker) == engine.count_positions(marker) == chunk_tokens
+    assert isinstance(chat.invoke(kept + [HumanMessage(content=turn)]).content, str)  # fits now
+    assert SACLLM(engine=engine).get_token_ids("lighthouse") == engine.compressor.tokenizer.encode(
+        "lighthouse", add_special_tokens=False)
+
+
 # -- LLM cache key, model names, serialization ---------------------------------------------------
 
 CACHE_PROMPT = "### Context:\nThe ferry runs every forty minutes.\n### Question:\nHow often?\n### Answer:\n"

@@ -296,6 +296,44 @@ def test_a_query_too_long_for_the_model_is_refused_not_answered_empty(engine, pa
         query_engine(engine, passages, response_mode=mode).query(question)
 
 
+def chat_engine(engine, passages, **kwargs):
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    return ContextChatEngine.from_defaults(
+        retriever=KeywordRetriever(make_nodes(passages), k=2), llm=kwargs.pop("llm"),
+        node_postprocessors=[SACNodePostprocessor(engine=engine)], **kwargs)
+
+
+def test_a_chat_engine_with_chat_memory_keeps_answering_where_the_default_memory_is_refused(
+        engine, passages, monkeypatch):
+    """SACLLM's unsplit window would size a chat engine's default memory at about 2**30 tokens:
+    it never drops a turn, and a long conversation ends refused. ``chat_memory`` keeps the latest
+    turns within half the model's positions (4,096 here), counted in the model's own tokens."""
+    long_message = "When was the lighthouse on Gull Point painted red? " + "lighthouse " * 70  # 740 tokens
+    unbounded = chat_engine(engine, passages, llm=SACLLM(engine=engine, max_tokens=2, stop=[]))
+    with pytest.raises(PromptRefusedError, match="positions.*memory=llm.chat_memory"):
+        for _ in range(8):
+            unbounded.chat(long_message)
+
+    llm = SACLLM(engine=engine, max_tokens=2, stop=[])
+    memory = llm.chat_memory()
+    assert memory.token_limit == engine.generator.max_positions // 2 == 2048
+    bounded = chat_engine(engine, passages, llm=llm, memory=memory)
+    spy = Spy(engine, monkeypatch)
+    for _ in range(8):
+        bounded.chat(long_message)
+    assert len(spy.generations) == 8
+    tokens = engine.compressor.tokenizer.encode
+    assert all(len(tokens(p)) < engine.generator.max_positions for p in spy.prompts)
+    assert spy.prompts[-1].count("lighthouse " * 70) == 2  # the previous message and this one: older ones dropped
+
+
+@pytest.mark.parametrize("limit", [0, -5, 2.5, True])
+def test_chat_memory_refuses_a_limit_that_is_not_a_positive_count(engine, limit):
+    with pytest.raises(InvalidInputError, match="token_limit"):
+        SACLLM(engine=engine).chat_memory(token_limit=limit)
+
+
 def test_llm_construction_loads_nothing():
     llm = SACLLM(compressor="no-such-compressor")
     postprocessor = SACNodePostprocessor(compressor="no-such-compressor")

@@ -32,6 +32,7 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.memory import Memory
 from llama_index.core.prompts import PromptTemplate
 
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptError, SACError
@@ -60,7 +61,8 @@ def _refusals() -> Iterator[None]:
     try:
         yield
     except PromptError as err:
-        raise PromptRefusedError(str(err)) from err
+        raise PromptRefusedError(f"{err} (in a chat engine, the conversation so far counts too: give it "
+                                 "memory=llm.chat_memory(), which drops the oldest turns)") from err
 
 
 def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplate:
@@ -151,6 +153,25 @@ class SACLLM(CustomLLM):
         else ``UNSPLIT_CONTEXT_WINDOW``, so that its prompt helper never cuts a marker."""
         return LLMMetadata(context_window=self.context_window or UNSPLIT_CONTEXT_WINDOW, num_output=self.max_tokens,
                            is_chat_model=False, model_name=self.model_name)
+
+    def chat_memory(self, token_limit: Optional[int] = None, **kwargs: Any) -> Memory:
+        """A memory for LlamaIndex's chat engines (``index.as_chat_engine(llm=llm,
+        memory=llm.chat_memory())``) that keeps the conversation within the model: it counts the
+        model's own tokens and keeps the latest turns within ``token_limit``, by default half the
+        model's positions (the rest is for the retrieved chunks, the template and the answer).
+        Without it a chat engine sizes its memory from ``metadata.context_window``, which
+        ``SACLLM`` reports as one it never splits in: no turn would ever be dropped, and once the
+        conversation outgrew the model every message would be refused (``PromptRefusedError``).
+        ``kwargs`` go to ``Memory.from_defaults`` (e.g. ``session_id``, ``chat_store``)."""
+        if token_limit is None:
+            positions = self.engine.generator.max_positions
+            if positions is None:
+                raise InvalidInputError("the model states no position limit: pass token_limit")
+            token_limit = positions // 2
+        if isinstance(token_limit, bool) or not isinstance(token_limit, int) or token_limit < 1:
+            raise InvalidInputError(f"token_limit must be a positive number of tokens, got {token_limit!r}")
+        tokenizer = self.engine.compressor.tokenizer
+        return Memory.from_defaults(token_limit=token_limit, tokenizer_fn=tokenizer.encode, **kwargs)
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
         """One call's decoding settings: the LLM's, overridden by the call's keyword arguments
