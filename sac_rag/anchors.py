@@ -75,7 +75,9 @@ class RandomAnchors(AnchorSelector):
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
         n = len(token_ids)
         k = anchor_count(n, ratio)
-        digest = hashlib.sha256(repr((self.seed, list(token_ids))).encode()).digest()
+        # The ids as plain ints: a tensor's or numpy array's elements print otherwise ("tensor(5)"),
+        # which would give the same chunk other anchors than the same ids in a list.
+        digest = hashlib.sha256(repr((self.seed, [int(t) for t in token_ids])).encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 

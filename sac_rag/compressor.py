@@ -13,9 +13,10 @@ import copy
 import hashlib
 import json
 import logging
+import operator
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from safetensors.torch import save as st_save
 
 from .anchors import AnchorSelector, anchor_count, make_selector
 from .config import SACConfig
-from .devices import input_device
+from .devices import input_device, resolve_device, resolve_dtype
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
-from .files import atomic_write
+from .files import atomic_write, fsync_dir
 from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
 from .kv import AnchorKV
 from .models import load_base_model
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "compressor.safetensors"
+# New weights wait here until config.json names them (save_pretrained); a kill can leave them.
+PENDING_WEIGHTS_FILE = ".compressor.safetensors.pending"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
 
@@ -51,6 +54,22 @@ def _naming_model(config: SACConfig, model) -> SACConfig:
     if not isinstance(name, str) or not name or config.base_model != SACConfig().base_model:
         return config
     return replace(config, base_model=name)
+
+
+def _check_placement(model, device, dtype) -> None:
+    """``device``/``dtype`` choose where a base model that sac_rag loads itself goes; a model passed
+    in is used where and as it is. Rather than ignore a choice the passed model does not match (a
+    compressor left on the CPU that was asked for on a GPU, or in float32 when asked for bfloat16),
+    refuse it: the caller moves or casts the model, or leaves the choice out."""
+    where, kind = input_device(model), model.get_input_embeddings().weight.dtype
+    if device is not None and device != "auto":
+        wanted = resolve_device(device)
+        if wanted.type != where.type or wanted.index not in (None, where.index):
+            raise InvalidInputError(f"device={device!r}, but the model passed is on {where}: move it first "
+                                    f"(model.to({str(wanted)!r})) or leave device out")
+    if dtype is not None and dtype != "auto" and resolve_dtype(dtype, where) != kind:
+        raise InvalidInputError(f"dtype={dtype!r}, but the model passed is in {kind}: cast it first "
+                                f"(model.to({resolve_dtype(dtype, where)})) or leave dtype out")
 
 
 def _without_base_model(config: dict) -> dict:
@@ -74,12 +93,15 @@ class SACCompressor(torch.nn.Module):
         anchor_selector: AnchorSelector | None = None,
     ):
         super().__init__()
-        self.config = config = config or SACConfig()
+        # Its own copy: retarget_ratio / use_anchors change it, which must not reach another
+        # compressor built from the same SACConfig (its fingerprint would not follow).
+        self.config = config = copy.deepcopy(config) if config is not None else SACConfig()
         if model is None:
             model, tokenizer = load_base_model(config.base_model, device=device, dtype=dtype)
         elif tokenizer is None:
             raise InvalidInputError("pass the tokenizer together with the model")
         else:  # the checkpoint must name the model passed, not the config's default
+            _check_placement(model, device, dtype)
             self.config = config = _naming_model(config, model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -231,10 +253,11 @@ class SACCompressor(torch.nn.Module):
     @property
     def fingerprint(self) -> str:
         """``base fingerprint/sac-<hash of settings and trained weights>`` (and of the anchor
-        selector, when it is not the one the settings name). Recomputed only when the selector or a
-        trainable tensor changed (torch's per-tensor version counter)."""
+        selector, when it is not the one the settings name). Recomputed only when the settings, the
+        selector or a trainable tensor changed (torch's per-tensor version counter); the settings
+        are compared by value, as ``config`` is a plain dataclass a caller may edit."""
         # The parameters themselves (not state-dict views) stay the same objects when moved.
-        versions = (self.selector.identity(),
+        versions = (hash_json(self.config.to_dict()), self.selector.identity(),
                     *((t._version, t.data_ptr()) for t in [self.anchor_embedding, *self.lora_parameters()]))
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != versions:
             self._fingerprint_cache = (versions, self._fingerprint_of(self.trainable_tensors()))
@@ -339,6 +362,10 @@ class SACCompressor(torch.nn.Module):
         """Compress several texts; their chunks share forward passes of ``batch_size`` chunks."""
         if isinstance(texts, str):
             raise InvalidInputError("compress_batch takes a list of texts; use compress(text) for one")
+        if isinstance(texts, (bytes, dict, set, frozenset)) or not isinstance(texts, Iterable):
+            raise InvalidInputError(f"compress_batch takes a list of texts (in the order of its results), got "
+                                    f"{type(texts).__name__}")
+        texts = list(texts)  # read once: a generator would be empty when the results are grouped by text
         chunks: list[list[int]] = []
         offsets: list[int] = []
         owner: list[int] = []
@@ -365,7 +392,13 @@ class SACCompressor(torch.nn.Module):
     ) -> list[AnchorKV]:
         """Inference entry point over token chunks: sorted by length to minimise padding,
         compressed ``batch_size`` at a time, returned in the input order, detached."""
-        offsets = list(offsets) if offsets is not None else [0] * len(chunks)
+        if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Iterable):
+            raise InvalidInputError(f"compress_chunks takes a list of token-id lists, got {type(chunks).__name__}; "
+                                    "for text use compress(text)")
+        chunks = list(chunks)
+        offsets = _chunk_offsets(len(chunks), offsets)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
         results: list[AnchorKV | None] = [None] * len(chunks)
         from tqdm.auto import tqdm
@@ -489,14 +522,20 @@ class SACCompressor(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA), in ``dtype``
         if given (bfloat16 halves a shipped artefact; the rounded weights are another compressor,
-        and the fingerprint recorded is theirs). Each file is written to a temp name, fsynced and
-        renamed; config.json goes last and records the weights' hash, so a reader never pairs a
-        config with other weights."""
+        and the fingerprint recorded is theirs).
+
+        Safe to kill at any point, also over an existing checkpoint: config.json records the
+        weights' hash and is the one commit point. The new weights go first to a pending file
+        beside the old ones (the old checkpoint still reads as it was), then config.json (from
+        then on the new one reads, from the pending file), then the pending file is renamed over
+        the old weights. Replacing the weights before config.json would leave the old config
+        beside the new weights, which the hash check refuses as corrupt. Each file is written to
+        a temp name, fsynced and renamed, so a reader never pairs a config with other weights."""
         directory = Path(directory)
+        _check_not_foreign(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
         weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
-        atomic_write(directory / WEIGHTS_FILE, weights)
         meta = {
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
@@ -504,7 +543,11 @@ class SACCompressor(torch.nn.Module):
             "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
+        _finish_killed_save(directory)  # else the pending weights config.json names would be overwritten
+        atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
         atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
+        fsync_dir(directory)
         return directory
 
     @classmethod
@@ -520,9 +563,8 @@ class SACCompressor(torch.nn.Module):
         """Load a compressor directory, or a built-in one by short name (see ``list_pretrained``).
         Refuses a checkpoint made for another base model, naming both fingerprints."""
         directory = resolve_pretrained(name_or_path)
-        meta = _read_config(directory)
-        config = SACConfig.from_dict(meta["config"])
-        data = _read_weights(directory, meta)
+        meta, data = _read_checkpoint(directory)
+        config = _checkpoint_config(meta, directory)
         compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                          anchor_selector=anchor_selector)
         compressor._check_base_model(meta, directory, f"load it with base model {config.base_model!r} or train a "
@@ -534,11 +576,10 @@ class SACCompressor(torch.nn.Module):
         """Load trained tensors from a checkpoint of the *same* configuration and base model into
         this compressor (used to resume training)."""
         directory = Path(directory)
-        meta = _read_config(directory)
+        meta, data = _read_checkpoint(directory)
         # The base model is compared by its fingerprint below (its name may differ: a moved directory).
         if _without_base_model(meta["config"]) != _without_base_model(self.config.to_dict()):
             raise CheckpointError(f"{directory} was saved with other settings than this compressor")
-        data = _read_weights(directory, meta)
         self._check_base_model(meta, directory, "resume with the base model the checkpoint was trained on, or "
                                "start a new run")
         self._load_tensors(st_load(data), directory)
@@ -553,18 +594,48 @@ class SACCompressor(torch.nn.Module):
         return self.config.prompt
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        expected = set(self.trainable_tensors())
+        shapes = {name: tuple(t.shape) for name, t in self.trainable_tensors().items()}
+        expected = set(shapes)
         if set(tensors) != expected:
             raise CheckpointError(
                 f"{source} holds tensors {sorted(set(tensors) ^ expected)[:5]} that do not fit this "
                 f"configuration; it is corrupt or from an incompatible version"
             )
+        # Same names, other shapes: settings (a rank, a per-slot table's ratio) edited apart from the weights.
+        misfits = [f"{name} {tuple(t.shape)} (expected {shapes[name]})" for name, t in tensors.items()
+                   if tuple(t.shape) != shapes[name]]
+        if misfits:
+            raise CheckpointError(f"{source} holds tensors whose shapes do not fit its settings, e.g. {misfits[0]}: "
+                                  f"its {CONFIG_FILE} was edited or comes from another checkpoint; copy it again")
         with torch.no_grad():
             self.anchor_embedding.copy_(tensors.pop("anchor_embedding").to(self.anchor_embedding.dtype))
         for prefix, adapter in (("lora.", "default"), ("decoder_lora.", "decoder")):
             part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             if part:
                 self.set_adapter_weights(part, adapter)
+
+
+def _chunk_offsets(n_chunks: int, offsets: Sequence[int] | None) -> list[int]:
+    """Where each of ``n_chunks`` chunks starts (0 for all if not given), one non-negative integer
+    per chunk: a count that differs would pair chunks with other chunks' offsets or leave some
+    without one, and a negative offset puts the chunk's keys at positions no prompt has."""
+    if offsets is None:
+        return [0] * n_chunks
+    given = list(offsets)
+    if len(given) != n_chunks:
+        raise InvalidInputError(f"got {len(given)} offsets for {n_chunks} chunks: give one offset per chunk "
+                                "(or none, for offset 0)")
+    checked = []
+    for i, offset in enumerate(given):
+        try:  # any integer (numpy's, a 0-d tensor's) but a bool or a float
+            position = -1 if isinstance(offset, bool) else operator.index(offset)
+        except TypeError:
+            position = -1
+        if position < 0:
+            raise InvalidInputError(f"offset {i} is {offset!r}: an offset is the position of the chunk's first "
+                                    "token, an integer >= 0")
+        checked.append(position)
+    return checked
 
 
 def _widened_alpha(adapter: str, rank: int, new_rank: int, alpha: int) -> int:
@@ -611,6 +682,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     builtin = PRETRAINED_DIR / str(name_or_path)
     if (builtin / CONFIG_FILE).exists():
         return builtin
+    if path.is_file() and (path.parent / CONFIG_FILE).exists():
+        raise CheckpointError(f"{str(name_or_path)!r} is a file of a compressor checkpoint: pass its directory, "
+                              f"{str(path.parent)!r}")
     raise CheckpointError(
         f"{str(name_or_path)!r} is neither a compressor directory (with {CONFIG_FILE}) nor a built-in "
         f"compressor; built-in: {list_pretrained() or 'none installed'}"
@@ -624,26 +698,101 @@ def checkpoint_meta(name_or_path: str | os.PathLike) -> dict:
 
 
 def _read_config(directory: Path) -> dict:
+    """``config.json``, checked to hold what a checkpoint's loader reads (a damaged or foreign file is
+    refused here, naming it, rather than failing later on a missing key)."""
+    path = directory / CONFIG_FILE
     try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
+        raise CheckpointError(f"cannot read {path} ({err}): the checkpoint is damaged or was half-copied; "
+                              "copy it again") from err
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if found != "sac-compressor/1":
-        raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {found!r})")
+        raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {found!r} in {path}): "
+                              "pass a directory written by SACCompressor.save_pretrained, or a built-in name "
+                              f"({', '.join(list_pretrained()) or 'none installed'})")
+    expected = {"config": dict, "base_fingerprint": str, "weights_sha256": str}
+    damaged = [key for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
+    if damaged:
+        raise CheckpointError(f"{path} lacks a valid {', '.join(map(repr, damaged))}: the checkpoint is damaged or "
+                              "was edited by hand; copy it again or save it again with save_pretrained")
     return meta
 
 
-def _read_weights(directory: Path, meta: dict) -> bytes:
-    """The weights file's bytes, checked against the hash its ``config.json`` records."""
+def _check_not_foreign(directory: Path) -> None:
+    """Refuse to save into a directory whose ``config.json`` is another program's (a Hugging Face
+    model's, say): the save would replace it. A compressor checkpoint's, or one that does not parse
+    as JSON at all, may be replaced."""
     try:
-        data = (directory / WEIGHTS_FILE).read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE} ({err.strerror or err}): the checkpoint is "
-                              "incomplete; copy it again") from err
-    if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
-        raise CheckpointError(
-            f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
-            f"is corrupt or was half-copied; copy it again"
-        )
-    return data
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != "sac-compressor/1":
+        raise InvalidInputError(f"{directory} holds a {CONFIG_FILE} that is not a compressor checkpoint's (format "
+                                f"{found!r}), which saving here would replace: save into another directory")
+
+
+def _finish_killed_save(directory: Path) -> None:
+    """Rename into place weights that a save killed after committing its config.json left pending
+    (``save_pretrained``), so that the next save, which writes its own pending weights, does not
+    replace the only copy of the weights config.json names. Pending weights config.json does not
+    name (a save killed before its commit) are left to be overwritten."""
+    pending = directory / PENDING_WEIGHTS_FILE
+    if not pending.exists():
+        return
+    try:
+        meta = _read_config(directory)
+        committed = hashlib.sha256(pending.read_bytes()).hexdigest() == meta["weights_sha256"]
+    except (CheckpointError, OSError):
+        return
+    if committed:
+        os.replace(pending, directory / WEIGHTS_FILE)
+        fsync_dir(directory)
+
+
+def _checkpoint_config(meta: dict, directory: Path) -> SACConfig:
+    """The settings a checkpoint's ``config.json`` holds, refused naming the file if unusable."""
+    try:
+        return SACConfig.from_dict(meta["config"])
+    except (InvalidInputError, TypeError) as err:
+        raise CheckpointError(f"{directory / CONFIG_FILE} holds settings this sac_rag cannot use: {err}") from err
+
+
+def _read_checkpoint(directory: Path) -> tuple[dict, bytes]:
+    """``config.json`` and the weights it records, read as one checkpoint. A save that commits between
+    reading the two (``save_pretrained`` from another process) is read again, once."""
+    meta = _read_config(directory)
+    try:
+        return meta, _read_weights(directory, meta)
+    except CheckpointError:
+        again = _read_config(directory)
+        if again == meta:
+            raise
+        return again, _read_weights(directory, again)
+
+
+def _read_weights(directory: Path, meta: dict) -> bytes:
+    """The weights' bytes, checked against the hash ``config.json`` records. They are in
+    ``compressor.safetensors``, or still in the pending file when a save was killed after writing
+    config.json and before renaming them into place (``save_pretrained``); the rename may also
+    happen while this reads, hence the second look at the weights file."""
+    found = None
+    for name in (WEIGHTS_FILE, PENDING_WEIGHTS_FILE, WEIGHTS_FILE):
+        try:
+            data = (directory / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise CheckpointError(f"cannot read {directory / name} ({err.strerror or err}): the checkpoint is "
+                                  "incomplete; copy it again") from err
+        if hashlib.sha256(data).hexdigest() == meta["weights_sha256"]:
+            return data
+        found = name if found is None else found
+    if found is None:
+        raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE} (it does not exist): the checkpoint is "
+                              "incomplete; copy it again")
+    raise CheckpointError(
+        f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
+        f"is corrupt or was half-copied; copy it again"
+    )

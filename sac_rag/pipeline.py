@@ -111,7 +111,9 @@ class SAC:
             raise InvalidInputError("answer_batch takes a list of questions; for one question call answer()")
         if isinstance(contexts, (str, AnchorKV)):
             raise InvalidInputError("answer_batch takes one list of contexts per question, e.g. [[text], ...]")
-        questions, contexts = list(questions), list(contexts)
+        questions = _in_order(questions, "answer_batch's questions", "a list of questions, e.g. [question, ...]")
+        contexts = _in_order(contexts, "answer_batch's contexts",
+                             "one list of contexts per question, e.g. [[text], ...]")
         if len(questions) != len(contexts):
             raise InvalidInputError(
                 f"answer_batch got {len(questions)} questions and {len(contexts)} lists of contexts: give one list "
@@ -119,10 +121,10 @@ class SAC:
         config = _config(config, "config")
         if not questions:
             return []
-        contexts = [context_list(c) for c in contexts]
-        for i, question in enumerate(questions):  # every question checked before anything is compressed
+        for i, question in enumerate(questions):  # every input checked before anything is compressed
             try:
                 self.template.build([], question)
+                contexts[i] = context_list(contexts[i])
             except InvalidInputError as err:
                 raise InvalidInputError(f"question {i}: {err}") from None
         config, sources = self._decoding(config, contexts, extractive)
@@ -213,9 +215,7 @@ def context_list(contexts: Context | Iterable[Context]) -> list[Context]:
     single string or ``AnchorKV`` is one context; any other iterable (a generator too) is read once."""
     if isinstance(contexts, (str, AnchorKV)):
         return [contexts]
-    if isinstance(contexts, (bytes, dict)) or not isinstance(contexts, Iterable):
-        raise InvalidInputError(f"contexts must be a list of strings or compressed chunks, got {_kind(contexts)}")
-    contexts = list(contexts)
+    contexts = _in_order(contexts, "contexts", "a list of strings or compressed chunks")
     for i, context in enumerate(contexts):
         if isinstance(context, str) and not context.strip():
             raise InvalidInputError(f"context {i} is {'empty' if not context else 'whitespace only'}: there is "
@@ -231,13 +231,24 @@ def context_list(contexts: Context | Iterable[Context]) -> list[Context]:
     return contexts
 
 
+def _in_order(values: object, what: str, expected: str) -> list:
+    """``values`` (a list, tuple or other iterable, read once) as a list. A set is refused: its order
+    changes from run to run (string hashes are salted), and with it which context comes first in the
+    prompt, or which question answer_batch pairs with which contexts. So are a dict (whose keys alone
+    would be read) and bytes; anything that is not iterable is refused rather than failing inside."""
+    if isinstance(values, (bytes, dict, set, frozenset)) or not isinstance(values, Iterable):
+        why = "; a set has no order: pass a list" if isinstance(values, (set, frozenset)) else ""
+        raise InvalidInputError(f"{what} must be {expected}, got {_kind(values)}{why}")
+    return list(values)
+
+
 def _kind(value: object) -> str:
     """``value``'s type in words, with its article: "a dict", "an int", "a list of str"."""
     kind = type(value).__name__
     if isinstance(value, (list, tuple)):
         inner = sorted({type(v).__name__ for v in value})
         kind = f"{kind} of {', '.join(inner)}" if inner else f"empty {kind}"
-    return ("an " if kind[0] in "aeiou" else "a ") + kind
+    return ("an " if kind[0].lower() in "aeiou" else "a ") + kind  # "an AnchorKV", "an int"
 
 
 def _hint(context: object) -> str:

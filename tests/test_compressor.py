@@ -18,6 +18,7 @@ from sac_rag import (
     SACConfig,
 )
 from sac_rag.anchors import ImportanceAnchors, RandomAnchors, RarestInBlockAnchors, UniformAnchors
+from sac_rag.compressor import checkpoint_meta
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -532,3 +533,208 @@ def test_importance_scores_given_as_a_tensor_are_read_at_once_not_element_by_ele
         warnings.simplefilter("error")  # an element read with .item() warns about requires_grad
         from_tensor = ImportanceAnchors(lambda _: scores).select(ids, 4)
     assert from_tensor == ImportanceAnchors(lambda _: scores.tolist()).select(ids, 4) == [0, 1, 2, 3, 4]
+
+
+# -- checkpoints: kills mid-save, damaged files, placement; inputs of the low-level API ----------
+
+
+class _Killed(BaseException):
+    """A kill: nothing after it runs (a BaseException, so no ``except Exception`` cleans up)."""
+
+
+def _state(comp: SACCompressor) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in comp.trainable_tensors().items()}
+
+
+def test_a_save_killed_at_any_step_over_a_checkpoint_leaves_the_old_or_the_new_one(tiny, tmp_path, monkeypatch):
+    """Every durable step of a save is a rename; killing the save before each one in turn must leave
+    a checkpoint that loads, as the old compressor or the new one, with config.json naming the one
+    that loads. (Replacing the weights before config.json left the old config beside the new
+    weights, refused as corrupt.)"""
+    import os
+
+    comp = _compressor(tiny)
+    old_state, old = _state(comp), comp.fingerprint
+    _perturb(comp, seed=2)
+    new_state, new = _state(comp), comp.fingerprint
+    rename = os.replace
+    outcomes = []
+    for kill_at in range(10):
+        path = tmp_path / f"ckpt-{kill_at}"
+        comp._load_tensors(dict(old_state), path)
+        comp.save_pretrained(path)
+        comp._load_tensors(dict(new_state), path)
+        done = []
+
+        def dying(src, dst, done=done, kill_at=kill_at):
+            if len(done) == kill_at:
+                raise _Killed
+            done.append(dst)
+            rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", dying)
+        try:
+            comp.save_pretrained(path)
+            finished = True
+        except _Killed:
+            finished = False
+        monkeypatch.setattr(os, "replace", rename)
+        model, tokenizer = make_tiny_llama()
+        loaded = SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+        assert loaded.fingerprint in (old, new)
+        assert checkpoint_meta(path)["fingerprint"] == loaded.fingerprint
+        outcomes.append(loaded.fingerprint)
+        if finished:
+            assert loaded.fingerprint == new
+            assert sorted(p.name for p in path.iterdir()) == ["compressor.safetensors", "config.json"]
+            break
+    assert outcomes[0] == old and outcomes[-1] == new  # the kills did land before and after the commit
+    model, tokenizer = make_tiny_llama()  # a later save over a killed one's leftovers is whole again
+    comp.save_pretrained(tmp_path / "ckpt-0")
+    assert SACCompressor.from_pretrained(tmp_path / "ckpt-0", model=model, tokenizer=tokenizer).fingerprint == new
+
+
+def test_a_save_over_one_killed_after_its_commit_keeps_the_committed_weights_until_its_own_commit(
+        tiny, tmp_path, monkeypatch):
+    """Two kills in a row: the first save dies after config.json names its weights (still in the
+    pending file), the next one dies after writing its own pending weights. The checkpoint must
+    still load, as the first save's compressor."""
+    import os
+
+    comp = _compressor(tiny)
+    path = comp.save_pretrained(tmp_path / "ckpt")
+    rename = os.replace
+
+    def save_killed_at(name: str) -> None:
+        """Save, killed at the rename onto ``name``."""
+        def dying(src, dst):
+            if os.path.basename(dst) == name:
+                raise _Killed
+            rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", dying)
+        with pytest.raises(_Killed):
+            comp.save_pretrained(path)
+        monkeypatch.setattr(os, "replace", rename)
+
+    _perturb(comp, seed=2)
+    first = comp.fingerprint
+    save_killed_at("compressor.safetensors")  # its config.json written, its weights not yet renamed into place
+    _perturb(comp, seed=3)
+    save_killed_at("config.json")  # its own pending weights written, its config.json not
+    model, tokenizer = make_tiny_llama()
+    assert SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer).fingerprint == first
+
+
+def _edit_config(meta: dict, edit: str) -> str:
+    """config.json's text after one kind of damage or hand edit."""
+    if edit == "truncated":
+        return json.dumps(meta)[:40]
+    meta = json.loads(json.dumps(meta))
+    if edit.startswith("no "):
+        del meta[edit[3:]]
+    elif edit == "config is a list":
+        meta["config"] = [1, 2]
+    elif edit == "invalid ratio":
+        meta["config"]["ratio"] = 0
+    elif edit == "unknown setting":
+        meta["config"]["sparsity"] = 0.5
+    elif edit == "other rank":  # the weights still match their hash, their shapes no longer fit
+        meta["config"].update(lora_rank=4, lora_alpha=8)
+    return json.dumps(meta)
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("truncated", "copy it again"), ("no config", "'config'"), ("no base_fingerprint", "'base_fingerprint'"),
+    ("no weights_sha256", "'weights_sha256'"), ("config is a list", "'config'"),
+    ("invalid ratio", "ratio must be"), ("unknown setting", "upgrade"), ("other rank", "shapes do not fit"),
+])
+def test_a_damaged_or_edited_config_json_is_refused_naming_the_checkpoint(tiny, tmp_path, edit, says):
+    """Not a KeyError, a settings error that names no file, or a size mismatch from deep inside peft."""
+    path = _compressor(tiny).save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(_edit_config(meta, edit))
+    model, tokenizer = make_tiny_llama()
+    with pytest.raises(CheckpointError, match=says) as info:
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    assert str(path) in str(info.value)
+
+
+def test_a_file_of_a_checkpoint_is_refused_naming_its_directory(tiny, tmp_path):
+    path = _compressor(tiny).save_pretrained(tmp_path / "ckpt")
+    for name in ("config.json", "compressor.safetensors"):
+        with pytest.raises(CheckpointError, match=f"pass its directory, '{path}'"):
+            SACCompressor.from_pretrained(path / name, model=tiny[0], tokenizer=tiny[1])
+
+
+def test_a_device_or_dtype_the_passed_model_is_not_on_is_refused_not_ignored(tiny, tmp_path):
+    path = _compressor(make_tiny_llama()).save_pretrained(tmp_path / "ckpt")
+    model, tokenizer = tiny  # float32, on the CPU
+    with pytest.raises(InvalidInputError, match="dtype='bfloat16', but the model passed is in torch.float32"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer, dtype="bfloat16")
+    with pytest.raises(InvalidInputError, match="device='meta', but the model passed is on cpu"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer, device="meta")
+    loaded = SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer, device="cpu", dtype=torch.float32)
+    assert loaded.dtype == torch.float32 and loaded.fingerprint == checkpoint_meta(path)["fingerprint"]
+
+
+def test_random_anchors_of_the_same_ids_are_the_same_in_a_list_a_tensor_or_an_array():
+    """"The same chunk always gets the same anchors": ids in a tensor or numpy array print otherwise
+    than in a list, and the seed was drawn from their printed form."""
+    import numpy as np
+
+    ids = list(range(100, 160))
+    in_list = RandomAnchors(seed=0).select(ids, 5)
+    assert RandomAnchors(seed=0).select(torch.tensor(ids), 5) == in_list
+    assert RandomAnchors(seed=0).select(np.array(ids), 5) == in_list
+    assert RandomAnchors(seed=0).select(tuple(ids), 5) == in_list
+
+
+def test_compress_batch_reads_a_generator_of_texts_once(tiny):
+    comp = _compressor(tiny, chunk_len=16)
+    texts = [TEXT, "Paris is the capital of France."]
+    from_generator = comp.compress_batch(text for text in texts)
+    assert [len(chunks) for chunks in from_generator] == [len(chunks) for chunks in comp.compress_batch(texts)]
+    for bad in (None, 3, {"a", "b"}):
+        with pytest.raises(InvalidInputError, match="list of texts"):
+            comp.compress_batch(bad)
+
+
+@pytest.mark.parametrize("offsets, says", [([0], "1 offsets for 2 chunks"), ([0, 0, 0], "3 offsets for 2 chunks"),
+                                           ([0, -3], "offset 1 is -3"), ([0, 1.5], "offset 1 is 1.5")])
+def test_offsets_must_be_one_non_negative_integer_per_chunk(tiny, offsets, says):
+    comp = _compressor(tiny)
+    ids = _ids(comp.tokenizer)
+    with pytest.raises(InvalidInputError, match=says):
+        comp.compress_chunks([ids[:10], ids[:5]], offsets=offsets)
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        comp.compress_chunks([ids[:10]], batch_size=0)
+
+
+def test_a_config_shared_by_two_compressors_is_retargeted_in_one_only(tiny):
+    """Retargeting one compressor must not retarget another built from the same SACConfig, whose
+    fingerprint would not follow."""
+    config = SACConfig(base_model="tiny", ratio=4, chunk_len=64, lora_rank=8, lora_alpha=16)
+    a = SACCompressor(config, model=tiny[0], tokenizer=tiny[1])
+    b = SACCompressor(config, *make_tiny_llama())
+    before = b.fingerprint
+    a.retarget_ratio(8)
+    assert b.config.ratio == 4 and b.fingerprint == before and config.ratio == 4
+
+
+def test_a_setting_edited_on_the_compressors_config_changes_its_fingerprint(tiny):
+    comp = _compressor(tiny)
+    before, ids = comp.fingerprint, _ids(comp.tokenizer)[:40]
+    comp.config.bidirectional = False  # an ablation edited in place: other K/V, so another compressor
+    assert comp.compress_chunks([ids])[0].fingerprint == comp.fingerprint != before
+
+
+def test_saving_into_a_directory_holding_another_programs_config_json_is_refused(tiny, tmp_path):
+    """A model directory's config.json (transformers') is not replaced by a compressor's."""
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    before = (tmp_path / "model" / "config.json").read_text()
+    with pytest.raises(InvalidInputError, match="not a compressor checkpoint's .* save into another directory"):
+        _compressor(tiny).save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "config.json").read_text() == before
+    assert not (tmp_path / "model" / "compressor.safetensors").exists()

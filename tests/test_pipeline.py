@@ -1,0 +1,73 @@
+"""SAC (sac_rag.pipeline) on a tiny random Llama: what each entry point accepts and refuses, and
+calls made from several threads on one object."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sac_rag import SAC, GenerationConfig, InvalidInputError, SACCompressor, SACConfig
+
+TEXT = "The quick brown fox jumps over the lazy dog. In 1889 the tower was finished in Paris."
+OTHER = "Paris is the capital of France. Anchors carry the meaning of a chunk."
+
+
+@pytest.fixture
+def sac(tiny):
+    model, tokenizer = tiny
+    compressor = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
+                               model=model, tokenizer=tokenizer)
+    return SAC(compressor, GenerationConfig(max_new_tokens=3))
+
+
+@pytest.mark.parametrize("questions, contexts, says", [
+    (None, [[TEXT]], "questions must be a list of questions, e.g. .*got a NoneType"),
+    (["Who?"], None, "contexts must be one list of contexts per question.*got a NoneType"),
+    (["Who?"], 3, "contexts must be one list of contexts per question.*got an int"),
+    ({"Who?": TEXT}, [[TEXT]], "questions must be a list of questions.*got a dict"),  # not its keys
+    ({"Who?", "When?"}, [[TEXT], [OTHER]], "questions must be .*got a set; a set has no order"),  # pairs: in no order
+])
+def test_answer_batch_refuses_what_is_no_list_naming_what_to_pass(sac, questions, contexts, says):
+    """A wrong input is an InvalidInputError saying what to pass, not a TypeError from list(), nor
+    a dict's keys or a set's run-to-run order read as the questions."""
+    with pytest.raises(InvalidInputError, match=f"answer_batch's {says}"):
+        sac.answer_batch(questions, contexts)
+
+
+def test_contexts_in_a_set_are_refused_as_their_order_changes_from_run_to_run(sac):
+    for call in (sac.answer, sac.stream):
+        with pytest.raises(InvalidInputError, match="contexts must be .*got a set; a set has no order"):
+            call("Who?", {TEXT, OTHER})
+    assert sac.answer("Who?", (c for c in [TEXT, OTHER])).token_ids == sac.answer("Who?", [TEXT, OTHER]).token_ids
+
+
+def test_answer_batch_names_the_question_whose_contexts_are_wrong_before_compressing(sac, monkeypatch):
+    monkeypatch.setattr(sac.compressor, "compress_batch", lambda *a, **k: pytest.fail("compressed"))
+    with pytest.raises(InvalidInputError, match="question 1: context 0 is empty"):
+        sac.answer_batch(["Who?", "When?"], [[TEXT], [""]])
+    with pytest.raises(InvalidInputError, match="question 0: contexts must be a list .*got a NoneType"):
+        sac.answer_batch(["Who?"], [None])
+
+
+def test_a_precompressed_context_is_named_with_its_article(sac):
+    with pytest.raises(InvalidInputError, match=r"context 0 is precompressed \(an AnchorKV\)"):
+        sac.answer("Who?", sac.compress(TEXT)[0], full_text=True)
+
+
+def test_calls_from_several_threads_on_one_sac_answer_as_they_do_one_at_a_time(sac):
+    """Compressing (adapter on) and decoding (adapter off) share one model: each call holds its lock,
+    so answers, streams, batches and compressions interleaved from threads equal sequential ones."""
+    jobs = [("Who?", [TEXT]), ("Where?", [OTHER, TEXT]), ("When?", [TEXT, OTHER])] * 2
+    alone = [sac.answer(q, c).text for q, c in jobs]
+    keys = sac.compress(TEXT)[0].keys
+
+    def call(i: int):
+        question, contexts = jobs[i]
+        if i % 3 == 0:
+            return "".join(sac.stream(question, contexts))
+        if i % 3 == 1:
+            return sac.answer_batch([question], [contexts])[0].text
+        assert (sac.compress(TEXT)[0].keys == keys).all()
+        return sac.answer(question, contexts).text
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(call, range(len(jobs)))) == alone
