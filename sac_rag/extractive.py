@@ -15,6 +15,7 @@ vocabulary, so it costs no forward pass.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,21 +82,28 @@ class _Node:
     ids: list[int] = field(default_factory=list)  # tokens whose bytes end here
 
 
+def _starts_a_line(data: bytes) -> bool:
+    """Whether a token's bytes begin a new line (after any spaces or tabs). Such a token ends a
+    quote and never continues it: where the source itself breaks the line after the answer, the
+    model's newline would otherwise run the quote on into the next line."""
+    return data.lstrip(b" \t").startswith((b"\n", b"\r"))
+
+
 class Vocabulary:
     """A byte trie of a tokenizer's vocabulary, built once per generator."""
 
     def __init__(self, tokenizer, end_token_ids: Sequence[int] = ()):
         spelled = token_bytes(tokenizer)
+        newline = {i for i, b in enumerate(spelled) if b and _starts_a_line(b)}
         self.root = _Node()
         for token_id, data in enumerate(spelled):
-            if not data:
+            if not data or token_id in newline:  # an end token, never a quote's next token
                 continue
             node = self.root
             for byte in data:
                 node = node.children.setdefault(byte, _Node())
             node.ids.append(token_id)
-        newline = [i for i, b in enumerate(spelled) if b and b.lstrip(b" \t").startswith((b"\n", b"\r"))]
-        self.end_ids = torch.as_tensor(sorted(set(end_token_ids) | set(newline)), dtype=torch.long)
+        self.end_ids = torch.as_tensor(sorted(set(end_token_ids) | newline), dtype=torch.long)
 
     def constraint(self, sources: Sequence[str]) -> SpanConstraint:
         return SpanConstraint(self, sources)
@@ -126,7 +134,10 @@ def _boundary(before: str, after: str) -> bool:
 
 
 def _is_word_char(char: str) -> bool:
-    return char.isalnum() or char > "\x7f"  # any non-ASCII character counts (as in the measured rows)
+    """Letters, digits and combining marks of any script. Punctuation, symbols and spaces outside
+    ASCII are not: a quote may start after an opening curly quote and end before an en dash or a
+    no-break space ("Iron Lady" of "“Iron Lady”", "1939" of "1939–1945", "100" of "100\u00a0km")."""
+    return bool(char) and (char.isalnum() or unicodedata.category(char)[0] in "LMN")
 
 
 def _unspaced(char: str) -> bool:

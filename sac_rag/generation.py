@@ -75,8 +75,17 @@ class GenerationConfig:
         self._check_types()
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise InvalidInputError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.temperature < 0:
+            raise InvalidInputError(
+                f"temperature must be >= 0 (0 decodes greedily, 1 samples from the model), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(
+                f"top_p must be in (0, 1] (1 samples from every token), got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k must be >= 0 (0 samples from every token), got {self.top_k}")
+        if self.seed is not None and not _SEEDS[0] <= self.seed <= _SEEDS[1]:
+            raise InvalidInputError(
+                f"seed must be a whole number from {_SEEDS[0]} to {_SEEDS[1]} (what torch can seed), got {self.seed}")
         if self.num_beams < 1:
             raise InvalidInputError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and (self.temperature > 0 or self.extractive):
@@ -97,7 +106,8 @@ class GenerationConfig:
 
     def _check_types(self) -> None:
         """Whole numbers where counts are meant, finite numbers elsewhere; a single stop string or
-        token id is read as a tuple of one (a string is not split into characters)."""
+        token id is read as a tuple of one (a string is not split into characters), and ``None`` as
+        none (as frameworks pass ``stop=None``)."""
         for name in ("max_new_tokens", "top_k", "num_beams", "mbr_samples", "seed"):
             value = getattr(self, name)
             if (value is not None or name != "seed") and (isinstance(value, bool) or not isinstance(value, Integral)):
@@ -106,11 +116,10 @@ class GenerationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
                 raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.stop = _as_tuple(self.stop, str, "stop", "stop strings")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInputError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = ((self.stop_token_ids,) if isinstance(self.stop_token_ids, Integral)
-                               else tuple(self.stop_token_ids))
+        self.stop_token_ids = _as_tuple(self.stop_token_ids, Integral, "stop_token_ids", "token ids (whole numbers)")
         if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise InvalidInputError(f"stop_token_ids must be token ids (whole numbers), got {self.stop_token_ids!r}")
 
@@ -129,6 +138,22 @@ class GenerationConfig:
                    top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
                    extractive=setting("extractive"), num_beams=setting("num_beams"),
                    length_penalty=setting("length_penalty"), mbr=setting("mbr"))
+
+
+_SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # the seeds torch.Generator.manual_seed takes
+
+
+def _as_tuple(value: Any, single: type, name: str, what: str) -> tuple:
+    """A setting that holds several values as a tuple: ``None`` is none, a ``single`` value is one;
+    anything else must be iterable (a list, a tuple)."""
+    if value is None:
+        return ()
+    if isinstance(value, single):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise InvalidInputError(f"{name} must be {what}, one or a list of them, got {value!r}") from None
 
 
 @dataclass
@@ -542,7 +567,11 @@ class Generator:
         or fewer at the model's context limit (the answer then finishes with "length")."""
         if self.max_positions is None:
             return config.max_new_tokens
-        self._check_room(position + 1)
+        if position >= self.max_positions:  # the prompt was read, but its first answer token has no position
+            raise PromptError(
+                f"the prompt fills all {self.max_positions} positions of the model and leaves none for the answer: "
+                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions)"
+            )
         return min(config.max_new_tokens, self.max_positions - position)
 
     def _search(self, state: _Prefilled, config: GenerationConfig, plain: _Prefilled | None = None) -> _Track:
@@ -567,15 +596,17 @@ class Generator:
                      plain: _Prefilled | None = None) -> list[tuple[float, _Track]]:
         """Beam search from one prefilled prompt, as transformers' ``num_beams`` with its default
         ``early_stopping=False``. Each step scores every running answer's continuations and takes the
-        2 x ``num_beams`` best: those that end the answer (a stop token or string, or the length limit)
-        and rank among the first ``num_beams`` are finished answers, scored by summed log-probability
-        / length ** ``length_penalty`` (the ending token counted); the best ``num_beams`` others run on.
+        (1 + end tokens) x ``num_beams`` best (``_beam_candidates``): those that end the answer (a stop
+        token or string, or the length limit) and rank among the first ``num_beams`` are finished
+        answers, scored by summed log-probability / length ** ``length_penalty`` (the ending token
+        counted); the best ``num_beams`` others run on.
         The search ends when ``num_beams`` answers are finished and the best running one, scored at
         its current length, no longer beats the worst of them. Returns the finished answers with their
         summed log-probabilities, best-scored first. With ``plain`` (the prompt without its contexts), the
         log-probabilities are those of ``context_contrast``'s scores."""
         beams, lp = config.num_beams, config.length_penalty
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
+        candidates = _beam_candidates(beams, len(stop_ids))
         states = [state, *([plain] if plain is not None else [])]
         steps = self._step_budget(max(s.position for s in states), config)
         running: list[tuple[_Track, float]] = [(_Track(), 0.0)]
@@ -586,7 +617,7 @@ class Generator:
             for step in range(steps):
                 scores = torch.as_tensor([score for _, score in running], device=logits.device)[:, None]
                 scores = scores + _contrasted(logits, plain_logits, config).float().log_softmax(-1)
-                top = scores.flatten().topk(min(2 * beams, scores.numel()))
+                top = scores.flatten().topk(min(candidates, scores.numel()))
                 parents, next_running = [], []
                 for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
                     if score == float("-inf"):  # ruled out (context-aware decoding's plausibility), as all after it
@@ -777,6 +808,15 @@ def _select_rows(cache, rows: Sequence[int]) -> None:
             layer.batch_select_indices(on_device[device])
 
 
+def _beam_candidates(beams: int, end_tokens: int) -> int:
+    """How many continuations beam search weighs at each step, as transformers does: (1 + the number of
+    end tokens) x ``beams``, at least 2 x ``beams``. Each end token can end one continuation of every
+    beam, so with fewer, the best ``beams`` of them could all end (an EOS id and a stop token id among
+    them) and leave fewer than ``beams`` answers running; the search would then explore less than
+    transformers' and find other answers."""
+    return max(2, 1 + end_tokens) * beams
+
+
 def _check_per_prompt(needed: bool, given, n_prompts: int, unneeded: str, missing: str, count: str) -> None:
     """An input a decoding setting reads beside the prompts (one per prompt): given exactly when the
     setting asks for it; ``unneeded``, ``missing`` and ``count`` (which names what was given) say why not."""
@@ -830,11 +870,22 @@ def _contrasted(logits: torch.Tensor, plain_logits: torch.Tensor | None, config:
     return scores
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits`` / ``temperature``, each row shifted first so that its largest is 0 (the same
+    distribution): with a very small temperature the others go to -inf and the likeliest token stays
+    at 0, where dividing the logits themselves overflows to inf (and samples from NaN). A temperature
+    below the dtype's smallest normal number would round to 0 and divide 0 by 0: it divides by that
+    number instead, which leaves the same distribution (only the likeliest tokens). A row of -inf only
+    (every token ruled out) stays as it is."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return (logits - top.masked_fill(~torch.isfinite(top), 0)) / max(temperature, torch.finfo(logits.dtype).tiny)
+
+
 def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / config.temperature
+    scores = _tempered(logits.float(), config.temperature)
     if config.top_k:
         kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -236,3 +236,40 @@ def test_a_quote_the_model_ends_after_a_space_ends_without_it_also_when_streamed
     result = generator.generate(prompt, cut, sources=SOURCES)
     assert (result.text, result.token_ids, result.finish_reason) == ("Paris", script, "stop")
     assert "".join(generator.stream(prompt, cut, sources=SOURCES)) == "Paris"
+
+
+@pytest.mark.parametrize("source, wanted", [
+    ("The war lasted 1939–1945 in Europe.", "1939"),  # an en dash between numbers
+    ("She was called “Iron Lady” by all.", "Iron Lady"),  # curly quotes around the words
+    ("It is 100\u00a0km long.", "100"),  # a no-break space
+    ("It was 30°C and «très» warm.", "très"),  # guillemets
+])
+def test_punctuation_and_spaces_outside_ascii_separate_words_as_ascii_ones_do(generator, source, wanted):
+    """The model's answer is a span between such characters: the quote starts and ends there, as it
+    does at ASCII ones, instead of being pushed past them."""
+    tokenizer = generator.tokenizer
+    prompt = "Q: What?\nA:"
+    force_answer(generator.model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                 tokenizer(wanted, add_special_tokens=False)["input_ids"])
+    config = GenerationConfig(max_new_tokens=12, extractive=True)
+    result = generator.generate(prompt, config, sources=[source])
+    assert (result.text, result.finish_reason) == (wanted, "stop")
+    assert "".join(generator.stream(prompt, config, sources=[source])) == wanted
+
+
+def test_a_quote_ends_at_a_line_break_of_its_source_where_the_model_breaks_the_line(generator):
+    """A token that starts a new line ends a quote: where the source breaks its line right after the
+    answer, the model's newline must not carry the quote on into the next line."""
+    tokenizer = generator.tokenizer
+    prompt = "Q: What?\nA:"
+    source = "Eiffel Tower\nThe tower was finished in 1889."
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    force_answer(generator.model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                 tokenizer("Eiffel Tower", add_special_tokens=False)["input_ids"] + newline
+                 + tokenizer("The tower", add_special_tokens=False)["input_ids"])
+    for config in (GenerationConfig(max_new_tokens=12, extractive=True),
+                   GenerationConfig(max_new_tokens=12, extractive=True, temperature=1.0, seed=0)):
+        result = generator.generate(prompt, config, sources=[source])
+        assert (result.text, result.finish_reason) == ("Eiffel Tower", "stop"), config
+        assert newline[0] not in result.token_ids
+        assert "".join(generator.stream(prompt, config, sources=[source])) == "Eiffel Tower"

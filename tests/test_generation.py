@@ -299,6 +299,22 @@ def test_beam_search_finds_the_answer_transformers_beam_search_finds(tiny, promp
     assert ours.finish_reason == ("length" if len(expected) == 10 else "stop")
 
 
+@pytest.mark.parametrize("prompt, num_beams, every, length_penalty", [
+    ("In 1889", 2, 3, 1.0), ("In 1889", 2, 3, 2.0), ("Anchors carry", 2, 2, 2.0)])
+def test_beam_search_with_many_end_tokens_weighs_as_many_continuations_as_transformers(
+        tiny, prompt, num_beams, every, length_penalty):
+    """With many end tokens (every ``every``-th token id stops), more than ``num_beams`` of the
+    2 x ``num_beams`` best continuations often end: transformers then weighs (1 + end tokens) x
+    ``num_beams`` of them, so that ``num_beams`` answers still run on."""
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    stop = tuple(range(every, len(tokenizer), every))
+    ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=num_beams,
+                                                   length_penalty=length_penalty, stop_token_ids=stop))
+    assert ours.token_ids == _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalty,
+                                                       gen.eos_token_ids | set(stop))
+
+
 def test_minimum_bayes_risk_answers_with_the_answer_most_of_the_probability_agrees_with():
     from sac_rag.generation import _consensus, _Track
 
@@ -426,6 +442,34 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_setting_and_a_single_
             GenerationConfig(stop=stop)
     with pytest.raises(InvalidInputError, match="stop_token_ids"):
         GenerationConfig(stop_token_ids=("\n",))
+
+
+def test_out_of_range_settings_are_refused_each_naming_itself_its_value_and_what_to_pass():
+    for setting, value, says in [("temperature", -0.5, r"temperature must be >= 0 \(0 decodes greedily.*got -0.5"),
+                                 ("top_p", 0.0, r"top_p must be in \(0, 1\] \(1 samples from every token\), got 0"),
+                                 ("top_p", 1.5, r"top_p must be in \(0, 1\].*got 1.5"),
+                                 ("top_k", -1, r"top_k must be >= 0 \(0 samples from every token\), got -1"),
+                                 ("seed", 2 ** 64, rf"seed must be a whole number from -\d+ to \d+.*got {2 ** 64}"),
+                                 ("seed", -(2 ** 63) - 1, rf"seed must be a whole number from .*got {-(2 ** 63) - 1}"),
+                                 ("stop_token_ids", 5.0, r"stop_token_ids must be token ids.*got 5.0")]:
+        with pytest.raises(InvalidInputError, match=says):
+            GenerationConfig(**{setting: value})
+    for seed in (-(2 ** 63), 2 ** 64 - 1):  # the extremes torch takes are taken
+        assert GenerationConfig(seed=seed, temperature=1.0).seed == seed
+
+
+def test_no_stop_strings_or_stop_tokens_may_be_given_as_none():
+    config = GenerationConfig(stop=None, stop_token_ids=None)  # as frameworks pass stop=None
+    assert (config.stop, config.stop_token_ids) == ((), ())
+
+
+def test_a_temperature_too_small_to_divide_by_samples_the_likeliest_token_instead_of_failing(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    greedy = gen.generate(["Paris is"], GenerationConfig(max_new_tokens=6)).token_ids
+    for temperature in (1e-30, 1e-40, 1e-300):  # logits / t overflow float32; t itself rounds to 0 from 1e-46
+        sampled = gen.generate(["Paris is"], GenerationConfig(max_new_tokens=6, temperature=temperature, seed=0))
+        assert sampled.token_ids == greedy, temperature
 
 
 def test_beam_search_settings_that_cannot_work_are_refused():
@@ -627,3 +671,15 @@ def test_a_chunk_beyond_float16s_range_is_refused_by_a_float16_decoder_instead_o
         half.generate([big, " Who?"], config)
     wide = Generator(copy.deepcopy(model).to(torch.bfloat16), tokenizer)
     assert torch.isfinite(wide.prompt_logits([big, " Who?"])).all()
+
+
+def test_a_prompt_that_fills_every_position_is_refused_saying_no_room_is_left_for_the_answer(tiny):
+    model, tokenizer = tiny
+    gen = Generator(model, tokenizer)
+    gen.max_positions = len(tokenizer("Paris is the capital of", add_special_tokens=False)["input_ids"])
+    for config in (GenerationConfig(max_new_tokens=4), GenerationConfig(max_new_tokens=4, num_beams=2)):
+        with pytest.raises(PromptError, match=f"fills all {gen.max_positions} positions of the model and leaves "
+                                              "none for the answer"):
+            gen.generate(["Paris is the capital of"], config)
+    gen.max_positions += 1  # one position: one token
+    assert len(gen.generate(["Paris is the capital of"], GenerationConfig(max_new_tokens=4)).token_ids) == 1
