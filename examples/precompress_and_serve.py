@@ -4,9 +4,11 @@
 
 Offline, once: every chunk of the corpus is compressed into an anchor store, r times smaller than
 the chunks' full K/V. The same job from the command line (resumable, shardable, see --help; it
-stores every .txt/.md file of the folder, questions.txt too, which this example leaves out):
+stores every .txt/.md file of the folder unless told otherwise, so leave questions.txt out as this
+example does; serve that store with --store runs/examples/demo_corpus.store):
 
-    python -m sac_rag.precompress --corpus examples/demo_corpus --store runs/examples/demo_corpus.store
+    python -m sac_rag.precompress --corpus examples/demo_corpus --exclude questions.txt \\
+        --store runs/examples/demo_corpus.store
 
 Online, per question: the store holds the data. A retrieval index is built from its entries'
 texts (MiniLM embeddings), the K/V of the top-k entries are loaded from the store, and the

@@ -20,6 +20,7 @@ from .errors import (
     InvalidInputError,
     ModelNotAvailableError,
     PromptError,
+    PromptTooLongError,
     SACError,
     UnsupportedModelError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidInputError",
     "ModelNotAvailableError",
     "PromptError",
+    "PromptTooLongError",
     "PromptTemplate",
     "RandomAnchors",
     "RarestInBlockAnchors",

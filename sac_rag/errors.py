@@ -46,6 +46,11 @@ class PromptError(InvalidInputError):
     """A prompt cannot be decoded as given (e.g. it ends with a compressed context)."""
 
 
+class PromptTooLongError(PromptError):
+    """A prompt needs more positions than the model has: its text, the tokens its compressed
+    contexts stand for (they keep their positions), and at least one for the answer."""
+
+
 def exit_with_message(main: Callable[[], int]) -> NoReturn:
     """Run a command-line ``main`` and exit with its status; a SACError (input the user can fix,
     e.g. a prediction file that lacks questions) exits with its one-line message, no traceback."""

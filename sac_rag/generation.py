@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import input_device, layer_devices
-from .errors import FingerprintMismatchError, InvalidInputError, PromptError
+from .errors import FingerprintMismatchError, InvalidInputError, PromptError, PromptTooLongError
 from .extractive import SpanConstraint, Vocabulary, token_bytes
 from .fingerprint import base_model_fingerprint, same_base_model, same_model
 from .kv import AnchorKV
@@ -438,9 +438,10 @@ class Generator:
 
     def _check_room(self, position: int) -> None:
         if self.max_positions is not None and position > self.max_positions:
-            raise PromptError(
+            raise PromptTooLongError(
                 f"the prompt needs {position} positions but the model has {self.max_positions}: "
-                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions)"
+                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions), "
+                "or shorten the question"
             )
 
     def _read_text(self, model, state: _Prefilled, ids: list[int], all_logits: bool) -> None:
@@ -568,9 +569,10 @@ class Generator:
         if self.max_positions is None:
             return config.max_new_tokens
         if position >= self.max_positions:  # the prompt was read, but its first answer token has no position
-            raise PromptError(
+            raise PromptTooLongError(
                 f"the prompt fills all {self.max_positions} positions of the model and leaves none for the answer: "
-                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions)"
+                "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions), or shorten "
+                "the question"
             )
         return min(config.max_new_tokens, self.max_positions - position)
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
-from .errors import InvalidInputError, ModelNotAvailableError, PromptError
+from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 from .models import load_base_model
@@ -170,10 +170,10 @@ class SAC:
             why = "" if full_text else ("; compressed contexts keep their tokens' positions, so compressing would "
                                         "not make room")
             if asked > tokens:
-                raise PromptError(f"the question holds {asked} tokens and the model has {limit} positions (the "
-                                  f"contexts take {tokens} more): shorten the question")
-            raise PromptError(f"the contexts hold {tokens} tokens and the model has {limit} positions (the question "
-                              f"takes {asked} more){why}: retrieve fewer or shorter contexts")
+                raise PromptTooLongError(f"the question holds {asked} tokens and the model has {limit} positions "
+                                         f"(the contexts take {tokens} more): shorten the question")
+            raise PromptTooLongError(f"the contexts hold {tokens} tokens and the model has {limit} positions (the "
+                                     f"question takes {asked} more){why}: retrieve fewer or shorter contexts")
 
     def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
         """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""

@@ -100,14 +100,14 @@ def test_extractive_answers_without_contexts_say_what_to_pass(sac):
 
 
 def test_a_question_longer_than_the_model_is_refused_as_the_question_not_the_contexts(sac, monkeypatch):
-    from sac_rag import PromptError
+    from sac_rag import PromptTooLongError as TooLong
 
     monkeypatch.setattr(sac.generator, "max_positions", 64)
-    with pytest.raises(PromptError, match=r"question holds \d+ tokens .* \(the contexts take 0 more\): shorten"):
+    with pytest.raises(TooLong, match=r"question holds \d+ tokens .* \(the contexts take 0 more\): shorten"):
         sac.answer("Who built the tower? " * 20, [])
-    with pytest.raises(PromptError, match=r"question takes \d+ more\); compressed .* not make room: retrieve fewer"):
+    with pytest.raises(TooLong, match=r"question takes \d+ more\); compressed .* not make room: retrieve fewer"):
         sac.answer("Who?", [TEXT * 4])
-    with pytest.raises(PromptError, match=r"takes \d+ more\): retrieve fewer"):  # full text: no word on compressing
+    with pytest.raises(TooLong, match=r"takes \d+ more\): retrieve fewer"):  # full text: no word on compressing
         sac.answer("Who?", [TEXT * 4], full_text=True)
 
 

@@ -15,6 +15,7 @@ from sac_rag import (
     InvalidInputError,
     PromptError,
     PromptTemplate,
+    PromptTooLongError,
     SACCompressor,
     SACConfig,
 )
@@ -154,7 +155,7 @@ def test_a_decoder_adapter_refuses_caches_of_another_compressor_on_its_base_mode
 def test_prompt_longer_than_the_model_context_is_refused(setup):
     comp, gen = setup
     gen.max_positions = 40
-    with pytest.raises(PromptError, match="positions"):
+    with pytest.raises(PromptTooLongError, match="positions"):
         gen.generate([comp.compress(TEXT * 3), " question"])
 
 
@@ -678,7 +679,7 @@ def test_a_prompt_that_fills_every_position_is_refused_saying_no_room_is_left_fo
     gen = Generator(model, tokenizer)
     gen.max_positions = len(tokenizer("Paris is the capital of", add_special_tokens=False)["input_ids"])
     for config in (GenerationConfig(max_new_tokens=4), GenerationConfig(max_new_tokens=4, num_beams=2)):
-        with pytest.raises(PromptError, match=f"fills all {gen.max_positions} positions of the model and leaves "
+        with pytest.raises(PromptTooLongError, match=f"fills all {gen.max_positions} positions of the model and leaves "
                                               "none for the answer"):
             gen.generate(["Paris is the capital of"], config)
     gen.max_positions += 1  # one position: one token

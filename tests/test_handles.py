@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from sac_rag import FingerprintMismatchError, GenerationConfig, InvalidInputError, PromptError, SACCompressor, SACConfig
+from sac_rag import (
+    FingerprintMismatchError,
+    GenerationConfig,
+    InvalidInputError,
+    PromptTooLongError,
+    SACCompressor,
+    SACConfig,
+)
 from sac_rag.handles import (
     CacheResolver,
     MarkerCutError,
@@ -480,7 +487,7 @@ def test_a_generation_releases_the_chunks_of_its_prompt_even_when_it_fails_or_st
         assert memory.pinned == set(keys)
         return f"{markers_for(keys)}\nQ: when?\nA:"
 
-    with pytest.raises(PromptError, match="positions"):
+    with pytest.raises(PromptTooLongError, match="positions"):
         engine.generate([handed("Snow closed the pass in March.") + " pass" * 5000], config)
     assert memory.pinned == set()
     assert list(engine.stream(handed("Snow closed the pass in March."), config))[-1].cached_tokens > 0

@@ -15,7 +15,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, Te
 from llama_index.llms.sac import SACLLM, PromptRefusedError, sac_qa_prompt
 from llama_index.postprocessor.sac import SACNodePostprocessor
 
-from sac_rag import FingerprintMismatchError, InvalidInputError, PromptError, SACError
+from sac_rag import FingerprintMismatchError, InvalidInputError, PromptTooLongError, SACError
 from sac_rag.handles import SACEngine, marker_for, markers_for
 from sac_rag.store import AnchorStore, EntryNotFoundError
 
@@ -275,14 +275,15 @@ def test_store_built_for_another_model_is_refused(tmp_path, compressor, compress
 def test_empty_query_is_refused(engine, passages):
     with pytest.raises(InvalidInputError, match="question is empty"):
         query_engine(engine, passages).query("   ")
-    with pytest.raises(InvalidInputError, match="empty"):
+    with pytest.raises(PromptRefusedError, match="empty") as refused:
         SACLLM(engine=engine).complete("")
+    assert isinstance(refused.value.__cause__, InvalidInputError)
 
 
 def test_prompt_longer_than_the_model_context_is_refused(engine):
     with pytest.raises(PromptRefusedError, match="positions") as refused:
         SACLLM(engine=engine, max_tokens=2).complete("lighthouse " * 5000)
-    assert isinstance(refused.value.__cause__, PromptError) and not isinstance(refused.value, ValueError)
+    assert isinstance(refused.value.__cause__, PromptTooLongError) and not isinstance(refused.value, ValueError)
     with pytest.raises(PromptRefusedError, match="positions"):
         list(SACLLM(engine=engine, max_tokens=2).stream_complete("lighthouse " * 5000))
 
@@ -344,18 +345,36 @@ def test_llm_model_name_with_an_engine_is_the_engines_compressor(engine):
     llm = SACLLM(engine=engine, max_tokens=2)
     assert llm.metadata.model_name == llm.model_name == "sac:tiny-llama-0"
     llm.complete("hi", model="sac:tiny-llama-0")
-    with pytest.raises(InvalidInputError, match="serves 'sac:tiny-llama-0'"):
+    with pytest.raises(PromptRefusedError, match="serves 'sac:tiny-llama-0'"):
         llm.complete("hi", model="smollm2-135m-sac-5x")
 
 
 @pytest.mark.parametrize("kwargs", [{"bogus": 3}, {"max_new_tokens": 1}])
 def test_llm_refuses_unknown_call_arguments_naming_the_accepted_ones(engine, kwargs):
     llm = SACLLM(engine=engine, max_tokens=2)
-    with pytest.raises(InvalidInputError, match=f"{next(iter(kwargs))}.*accepted: .*max_tokens"):
+    with pytest.raises(PromptRefusedError, match=f"{next(iter(kwargs))}.*accepted: .*max_tokens"):
         llm.complete("hi", **kwargs)
-    with pytest.raises(InvalidInputError, match="accepted"):
+    with pytest.raises(PromptRefusedError, match="accepted"):
         asyncio.run(llm.acomplete("hi", **kwargs))
     assert llm.complete("hi", max_tokens=1).raw["usage"]["completion_tokens"] <= 1
+
+
+def test_decoding_settings_that_cannot_be_used_are_refused_not_answered_empty(engine, passages):
+    """Settings refused as an InvalidInputError (a ValueError) inside a query would be caught by
+    LlamaIndex's compact and refine synthesizers and answered "Empty Response"."""
+    with pytest.raises(InvalidInputError, match="beam search"):
+        SACLLM(engine=engine, num_beams=4, extractive=True)  # when built, before any query
+    with pytest.raises(InvalidInputError, match="temperature"):
+        SACLLM(engine=engine, temperature=-1.0)
+    llm = SACLLM(engine=engine, max_tokens=2, extractive=True)
+    for call in (llm.complete, llm.stream_complete):
+        with pytest.raises(PromptRefusedError, match="beam search"):
+            call("When?", num_beams=4)
+    for mode in ("compact", "refine"):
+        queries = query_engine(engine, passages, response_mode=mode, extractive=True)
+        queries._response_synthesizer._llm.num_beams = 4  # set after it was built: refused by the query
+        with pytest.raises(PromptRefusedError, match="beam search"):
+            queries.query("When was the lighthouse painted red?")  # not "Empty Response"
 
 
 def test_postprocessor_accepts_documents_and_refuses_nodes_without_text(engine, passages):

@@ -35,7 +35,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.memory import Memory
 from llama_index.core.prompts import PromptTemplate
 
-from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptError, SACError
+from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptTooLongError, SACError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
 from sac_rag.handles import SACEngine, describe, spec_name
 
@@ -49,10 +49,11 @@ CALL_ARGUMENTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
 
 
 class PromptRefusedError(SACError):
-    """``SACLLM`` refused the prompt: the model cannot read it as given (the ``PromptError`` it
-    raises from, e.g. a prompt needing more positions than the model has: retrieve fewer nodes, or
-    use ``response_mode="refine"`` to read one node per call). Not a ``ValueError``, unlike
-    ``PromptError``: LlamaIndex's refine and compact synthesizers would catch that, log it and
+    """``SACLLM`` refused a call: the model cannot read the prompt as given, or the call's settings
+    are not valid (the ``InvalidInputError`` it raises from, e.g. a ``PromptTooLongError`` for a
+    prompt needing more positions than the model has: retrieve fewer nodes, or use
+    ``response_mode="refine"`` to read one node per call). Not a ``ValueError``, unlike
+    ``InvalidInputError``: LlamaIndex's refine and compact synthesizers would catch that, log it and
     answer "Empty Response"."""
 
 
@@ -60,9 +61,10 @@ class PromptRefusedError(SACError):
 def _refusals() -> Iterator[None]:
     try:
         yield
-    except PromptError as err:
-        raise PromptRefusedError(f"{err} (in a chat engine, the conversation so far counts too: give it "
-                                 "memory=llm.chat_memory(), which drops the oldest turns)") from err
+    except InvalidInputError as err:
+        hint = (" (in a chat engine, the conversation so far counts too: give it memory=llm.chat_memory(), "
+                "which drops the oldest turns)") if isinstance(err, PromptTooLongError) else ""
+        raise PromptRefusedError(f"{err}{hint}") from err
 
 
 def sac_qa_prompt(template: Optional[SACPromptTemplate] = None) -> PromptTemplate:
@@ -121,6 +123,9 @@ class SACLLM(CustomLLM):
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._engine = engine
+        # Decoding settings that cannot be used (beams with extractive, a negative temperature) are
+        # refused here: raised from a query, LlamaIndex would log them and answer "Empty Response".
+        self.generation_config()
 
     @field_serializer("compressor", "store")
     def _serialize_spec(self, value: Any) -> Any:
@@ -190,14 +195,15 @@ class SACLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        config = self.generation_config(**kwargs)
         with _refusals():
+            config = self.generation_config(**kwargs)
             generation = self.engine.generate([self._prompt(prompt, formatted)], config)[0]
         return _response(generation.text, None, generation)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces = self.engine.stream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+        with _refusals():
+            pieces = self.engine.stream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -210,15 +216,16 @@ class SACLLM(CustomLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        config = self.generation_config(**kwargs)
         with _refusals():
+            config = self.generation_config(**kwargs)
             generations = await self.engine.agenerate([self._prompt(prompt, formatted)], config)
         return _response(generations[0].text, None, generations[0])
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
-        pieces = self.engine.astream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+        with _refusals():
+            pieces = self.engine.astream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
