@@ -75,23 +75,28 @@ class SAC:
         """Prompt segments; string contexts are compressed unless ``full_text`` (the baseline, which
         reads every context as text, so it takes strings only)."""
         contexts = context_list(contexts)
-        self.template.build([], question)  # the question checked before anything is compressed
+        self._check(question, contexts, full_text)
+        return self._prompts([question], [contexts], full_text)[0]
+
+    def _check(self, question: str, contexts: list[Context], full_text: bool) -> None:
+        """One question and its contexts, checked before anything is compressed."""
+        self.template.build([], question)
         if full_text:
             _check_all_text(contexts, "full_text=True reads the contexts as text (the baseline)",
                             "or full_text=False to read it from its cache")
-        texts = [c for c in contexts if isinstance(c, str)]
-        self._check_room(texts, contexts, question, full_text)
-        if full_text:
-            compressed = iter([])
-        else:
+        self._check_room([c for c in contexts if isinstance(c, str)], contexts, question, full_text)
+
+    def _prompts(self, questions: Sequence[str], contexts: Sequence[list[Context]], full_text: bool) -> list[list]:
+        """The prompts of checked questions and contexts (``_check``): the string contexts of all of
+        them compressed together, each distinct text once, their chunks sharing forward passes."""
+        texts = [] if full_text else list(dict.fromkeys(c for given in contexts for c in given if isinstance(c, str)))
+        compressed: dict[str, list[AnchorKV]] = {}
+        if texts:
             with self._lock:
-                compressed = iter(self.compressor.compress_batch(texts))
-        resolved = [
-            (c if full_text else next(compressed)) if isinstance(c, str)
-            else ([c] if isinstance(c, AnchorKV) else list(c))
-            for c in contexts
-        ]
-        return self.template.build(resolved, question)
+                compressed = dict(zip(texts, self.compressor.compress_batch(texts)))
+        return [self.template.build([(c if full_text else compressed[c]) if isinstance(c, str)
+                                     else ([c] if isinstance(c, AnchorKV) else list(c)) for c in given], question)
+                for question, given in zip(questions, contexts)]
 
     def answer(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Generation:
@@ -123,12 +128,12 @@ class SAC:
             return []
         for i, question in enumerate(questions):  # every input checked before anything is compressed
             try:
-                self.template.build([], question)
                 contexts[i] = context_list(contexts[i])
+                self._check(question, contexts[i], full_text)
             except InvalidInputError as err:
-                raise InvalidInputError(f"question {i}: {err}") from None
+                raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
         config, sources = self._decoding(config, contexts, extractive)
-        prompts = [self.prompt(q, c, full_text) for q, c in zip(questions, contexts)]
+        prompts = self._prompts(questions, contexts, full_text)
         with self._lock:
             return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
 

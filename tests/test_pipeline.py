@@ -71,3 +71,27 @@ def test_calls_from_several_threads_on_one_sac_answer_as_they_do_one_at_a_time(s
 
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(call, range(len(jobs)))) == alone
+
+
+def test_answer_batch_compresses_each_distinct_context_once_for_all_questions(sac, monkeypatch):
+    """A batch's string contexts share one compress_batch call (their chunks share forward passes),
+    a text retrieved for several questions is compressed once, and the answers are each question's own."""
+    calls = []
+    original = sac.compressor.compress_batch
+    monkeypatch.setattr(sac.compressor, "compress_batch", lambda texts, **kw: (calls.append(list(texts)),
+                                                                               original(texts, **kw))[1])
+    questions, contexts = ["Who?", "When?", "Where?"], [[TEXT, OTHER], [OTHER], [TEXT]]
+    batch = sac.answer_batch(questions, contexts)
+    assert calls == [[TEXT, OTHER]]
+    single = [sac.answer(q, c) for q, c in zip(questions, contexts)]
+    assert [g.token_ids for g in batch] == [g.token_ids for g in single]
+    assert [g.context_tokens for g in batch] == [g.context_tokens for g in single]
+
+
+def test_a_question_of_a_batch_too_long_for_the_model_is_named_before_anything_is_compressed(sac, monkeypatch):
+    from sac_rag import PromptTooLongError
+
+    monkeypatch.setattr(sac.generator, "max_positions", 64)
+    monkeypatch.setattr(sac.compressor, "compress_batch", lambda *a, **kw: pytest.fail("compressed"))
+    with pytest.raises(PromptTooLongError, match="question 1: the contexts hold"):
+        sac.answer_batch(["Who?", "When?"], [[TEXT], [TEXT * 8]])
