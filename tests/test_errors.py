@@ -34,13 +34,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. In 1889 the tower was finis
 
 
 @pytest.fixture
-def sac(tiny):
-    from sac_rag import SAC, GenerationConfig, SACCompressor, SACConfig
-
-    model, tokenizer = tiny
-    compressor = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
-                               model=model, tokenizer=tokenizer)
-    return SAC(compressor, GenerationConfig(max_new_tokens=3))
+def sac(tiny_sac):
+    return tiny_sac
 
 
 def test_a_batch_with_more_questions_than_context_lists_names_both_counts(sac):

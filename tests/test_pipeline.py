@@ -5,18 +5,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sac_rag import SAC, GenerationConfig, InvalidInputError, SACCompressor, SACConfig
+from sac_rag import InvalidInputError
 
 TEXT = "The quick brown fox jumps over the lazy dog. In 1889 the tower was finished in Paris."
 OTHER = "Paris is the capital of France. Anchors carry the meaning of a chunk."
 
 
 @pytest.fixture
-def sac(tiny):
-    model, tokenizer = tiny
-    compressor = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
-                               model=model, tokenizer=tokenizer)
-    return SAC(compressor, GenerationConfig(max_new_tokens=3))
+def sac(tiny_sac):
+    return tiny_sac
 
 
 @pytest.mark.parametrize("questions, contexts, says", [
