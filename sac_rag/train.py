@@ -278,16 +278,17 @@ class TrainConfig:
         """Refuse options set away from their defaults in a combination where they do nothing."""
         changed = [name for name in _IGNORED_WITH[self.method == "full_ft"] if _differs_from_default(self, name)]
         if self.method == "full_ft" and changed:
-            raise InvalidInputError(f"{_options(self, changed)} do nothing with --method full_ft, which trains a "
-                                    f"decoder LoRA on the full text: they configure the compressor or its "
-                                    f"objective (distillation, +AE, mask anneal). Drop them or use --method sac")
+            raise InvalidInputError(f"{_options(self, changed)} would do nothing with --method full_ft, which trains "
+                                    f"a decoder LoRA on the full text: options of the compressor or its objective "
+                                    f"(distillation, +AE, mask anneal) apply to --method sac only. Drop them or use "
+                                    f"--method sac")
         stage_only = _FINETUNE_ONLY if self.stage == "pretrain" else _PRETRAIN_ONLY
         changed = [name for name in stage_only if _differs_from_default(self, name)]
         if changed:
             why = ("pretraining predicts the continuation of a document; it asks no questions and "
                    "compresses no distractors" if self.stage == "pretrain" else
                    "they shape pretraining's document windows")
-            raise InvalidInputError(f"{_options(self, changed)} do nothing with --stage {self.stage}: {why}")
+            raise InvalidInputError(f"{_options(self, changed)} would do nothing with --stage {self.stage}: {why}")
 
     def _check_types_and_ranges(self) -> None:
         """Every option has its default's type (a config file may hold anything), and numbers are in range."""

@@ -653,13 +653,13 @@ def test_the_end_of_run_evaluation_leaves_resume_exact(workspace):
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "full_ft", "--distill-weight", "1", "--ae-weight", "1", "--bidir-anneal-steps", "5"],
-     r"--distill-weight 1.0, --ae-weight 1.0, --bidir-anneal-steps 5 do nothing with --method full_ft"),
+     r"--distill-weight 1.0, --ae-weight 1.0, --bidir-anneal-steps 5 would do nothing with --method full_ft"),
     (["--method", "full_ft", "--ratio", "3", "--no-bidirectional"],
-     r"--ratio 3, --no-bidirectional do nothing with --method full_ft"),
+     r"--ratio 3, --no-bidirectional would do nothing with --method full_ft"),
     (["--stage", "pretrain", "--distractors", "2", "--span-questions", "1", "--questions-per-context", "3"],
-     r"--questions-per-context 3, --span-questions 1, --distractors 2 do nothing with --stage pretrain"),
+     r"--questions-per-context 3, --span-questions 1, --distractors 2 would do nothing with --stage pretrain"),
     (["--lm-max-tokens", "100", "--lm-min-tokens", "50"],
-     r"--lm-min-tokens 50, --lm-max-tokens 100 do nothing with --stage finetune"),
+     r"--lm-min-tokens 50, --lm-max-tokens 100 would do nothing with --stage finetune"),
     (["--memory", "compression_tokens"], r"--memory compression_tokens needs --anchor-embedding per_slot"),
 ])
 def test_an_option_that_does_nothing_in_its_combination_is_refused_naming_it(flags, message):
