@@ -27,7 +27,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sac_rag.eval import DATASETS, build_method, load_questions, measure_costs  # noqa: E402
+from sac_rag.devices import dtype_name, resolve_device, resolve_dtype  # noqa: E402
+from sac_rag.errors import InvalidInputError, exit_with_message  # noqa: E402
+from sac_rag.eval import (  # noqa: E402
+    DATASETS,
+    DTYPES,
+    Question,
+    at_least,
+    build_method,
+    check_results_file,
+    load_questions,
+    measure_costs,
+)
 from sac_rag.files import append_jsonl  # noqa: E402
 
 FULL_FT = "benchmarks/checkpoints/full-ft-smollm2-135m-squad"
@@ -45,39 +56,81 @@ METHODS = [
 ]
 
 
+def context_lengths(text: str) -> list[int]:
+    """An argparse ``type`` for ``--paragraphs``: distinct whole numbers >= 1, comma-separated."""
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if any(k < 1 for k in lengths) or len(set(lengths)) != len(lengths):
+        raise argparse.ArgumentTypeError(f"expected distinct context lengths >= 1, got {text!r}")
+    return lengths
+
+
+def with_paragraphs(pool: list[Question], samples: int, k: int) -> list[Question]:
+    """The first ``samples`` questions of ``pool``, each reading its own paragraph and then ``k - 1``
+    distinct others (question i's from the i * k-th distinct paragraph of the pool on, wrapping
+    around past the last), joined by blank lines. A pool with fewer than ``k`` distinct paragraphs
+    is refused: the rows would claim contexts of ``k`` paragraphs that hold fewer."""
+    paragraphs = list(dict.fromkeys(q.context for q in pool))
+    if len(paragraphs) < k:
+        raise InvalidInputError(f"contexts of {k} paragraphs need {k} distinct paragraphs, but the questions "
+                                f"have {len(paragraphs)}: give smaller --paragraphs or a larger dataset")
+    settings = []
+    for i, question in enumerate(pool[:samples]):
+        start = i * k % len(paragraphs)
+        others = [p for p in paragraphs[start:] + paragraphs[:start] if p != question.context][:k - 1]
+        settings.append(replace(question, context="\n\n".join([question.context, *others])))
+    return settings
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's ttft, decode speed and K/V bytes also as a ratio to full context's (frozen decoder)
+    at the same number of paragraphs in this run (None where either is 0 or missing)."""
+    full = {r["paragraphs"]: r for r in rows if r["method"] == "full-context"}
+    for row in rows:
+        ref = full[row["paragraphs"]]
+        for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
+            row[f"{key}_vs_full_context"] = row[key] / ref[key] if row[key] and ref[key] else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=20, help="questions timed per method (median)")
+    parser.add_argument("--samples", type=at_least(1), default=20, help="questions timed per method (median)")
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--paragraphs", default="1,3,10", help="context lengths, in SQuAD paragraphs")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--paragraphs", type=context_lengths, default="1,3,10",
+                        help="context lengths, in SQuAD paragraphs")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS),
                         help="row labels to measure, comma-separated (full-context, the reference, always runs)")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--results", default="benchmarks/results/costs.jsonl")
     args = parser.parse_args(argv)
     chosen = {"full-context", *args.methods.split(",")}
     if unknown := chosen - {m[0] for m in METHODS}:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {[m[0] for m in METHODS]}")
+    check_results_file(args.results)  # before minutes of timing, not after
+    data = Path(args.data_root) / DATASETS[args.dataset]
+    if not data.is_file():
+        raise InvalidInputError(f"{data} does not exist: set --data-root to the folder that holds "
+                                f"{DATASETS[args.dataset]} (the {args.dataset} questions)")
+    for adapter in sorted({c for label, name, _, c, _ in METHODS if label in chosen and name == "full_ft"}):
+        if not Path(adapter).is_dir():
+            raise InvalidInputError(f"{adapter} (the Full-FT decoder adapter) is not a folder here: run from the "
+                                    "repository's root, or leave full-ft* out of --methods")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pool = load_questions(Path(args.data_root) / DATASETS[args.dataset], 0, seed=0)
-    paragraphs = list(dict.fromkeys(q.context for q in pool))
-
-    def with_paragraphs(i: int, question, k: int):  # the question's own paragraph, then k - 1 others
-        others = [p for p in paragraphs[i * k:] if p != question.context][:k - 1]
-        return replace(question, context="\n\n".join([question.context, *others]))
-
-    settings = {k: [with_paragraphs(i, q, k) for i, q in enumerate(pool[:args.samples])]
-                for k in map(int, args.paragraphs.split(","))}
+    dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(None)))  # what the rows were computed in
+    pool = load_questions(data, 0, seed=0)
+    settings = {k: with_paragraphs(pool, args.samples, k) for k in args.paragraphs}
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
     for label, name, ratio, checkpoint, merge_decoder in METHODS:
         if label not in chosen:
             continue
-        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, args.dtype, merge_decoder=merge_decoder)
+        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, dtype, merge_decoder=merge_decoder)
         for k, questions in settings.items():
             with torch.no_grad():
                 measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
@@ -85,19 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
             tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
             rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
-                         "context_tokens": round(tokens), **costs, "dtype": args.dtype,
+                         "context_tokens": round(tokens), **costs, "dtype": dtype,
                          "threads": torch.get_num_threads(), "run": run, "command": command})
             print(json.dumps({k: rows[-1][k] for k in ("method", "paragraphs", "ttft_s", "decode_tokens_per_s")}))
         del method
         gc.collect()
-    full = {r["paragraphs"]: r for r in rows if r["method"] == "full-context"}
-    for row in rows:
-        ref = full[row["paragraphs"]]
-        for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
-            row[f"{key}_vs_full_context"] = row[key] / ref[key] if row[key] and ref[key] else None
-    append_jsonl(args.results, rows)
+    add_ratios(rows)
+    append_jsonl(args.results, rows)  # all of the run's rows in one write
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with_message(main)

@@ -8,38 +8,66 @@ evaluate the exported one (by its short name), and precompress stores with it, n
         --run-dir runs/sac5x-squad-dec
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from sac_rag.compressor import PRETRAINED_DIR, SACCompressor
+from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta
+from sac_rag.errors import CheckpointError, InvalidInputError, exit_with_message
+from sac_rag.files import atomic_write
+
+RUN_FILES = ("train_config.json", "loss_curve.png")  # copied from --run-dir beside the weights
 
 
-def main() -> None:
+def export_target(name: str) -> Path:
+    """The package folder ``name`` is exported to. A name with a path in it ("../x", "runs/x", an
+    absolute path) is refused: it would write outside sac_rag/pretrained/, where
+    ``from_pretrained(name)`` never looks for a built-in compressor."""
+    if not name or name in (".", "..") or name.startswith(".") or Path(name).name != name or "\\" in name:
+        raise InvalidInputError(f"name {name!r} is not a short name: give one folder name (e.g. "
+                                f"smollm2-135m-sac-5x), which becomes {PRETRAINED_DIR}/<name>")
+    return PRETRAINED_DIR / name
+
+
+def run_files(run_dir: str | None) -> list[Path]:
+    """The files of ``RUN_FILES`` that ``run_dir`` holds. A ``--run-dir`` that is not a folder is
+    refused before anything is exported (a typo would otherwise ship the weights without their
+    training config, silently)."""
+    if run_dir is None:
+        return []
+    if not Path(run_dir).is_dir():
+        raise InvalidInputError(f"--run-dir {run_dir} is not a folder: name the training run's directory "
+                                f"(it holds {' and '.join(RUN_FILES)}), or leave --run-dir out")
+    return [Path(run_dir) / name for name in RUN_FILES if (Path(run_dir) / name).is_file()]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a compressor directory (e.g. a run's best/ or final/)")
     parser.add_argument("name", help="short name under sac_rag/pretrained/")
     parser.add_argument("--run-dir", help="the training run, for train_config.json and loss_curve.png")
-    args = parser.parse_args()
-    target = PRETRAINED_DIR / args.name
+    args = parser.parse_args(argv)
+    target = export_target(args.name)
+    copies = run_files(args.run_dir)
     compressor = SACCompressor.from_pretrained(args.checkpoint, device="cpu", dtype="float32")
     compressor.save_pretrained(target, dtype=torch.bfloat16)
-    if args.run_dir:
-        for name in ("train_config.json", "loss_curve.png"):
-            if (Path(args.run_dir) / name).exists():
-                shutil.copy(Path(args.run_dir) / name, target / name)
-    reloaded = SACCompressor.from_pretrained(args.name, device="cpu")
-    recorded = json.loads((target / "config.json").read_text())["fingerprint"]
-    assert reloaded.fingerprint == recorded, "the exported weights do not reload as saved"
-    size = sum(p.stat().st_size for p in target.iterdir()) / 1e6
+    for source in copies:  # each whole or not at all, as the weights are
+        atomic_write(target / source.name, source.read_bytes())
+    reloaded = SACCompressor.from_pretrained(target, device="cpu")  # the folder written, whatever the cwd holds
+    recorded = checkpoint_meta(target)["fingerprint"]
+    if reloaded.fingerprint != recorded:
+        raise CheckpointError(f"the weights exported to {target} reload with fingerprint {reloaded.fingerprint}, "
+                              f"but were saved as {recorded}: export again")
+    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file()) / 1e6
     print(f"exported {args.checkpoint} -> {target} ({size:.1f} MB), fingerprint {reloaded.fingerprint}")
     if reloaded.fingerprint != compressor.fingerprint:
         print(f"  (rounded to bfloat16: the checkpoint's fingerprint was {compressor.fingerprint}; "
               f"its evaluations and stores do not carry over)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    exit_with_message(main)

@@ -65,23 +65,26 @@ from langchain_sac import SACLLM, SACContextCompressor, create_sac_stuff_chain, 
 from tqdm.auto import tqdm  # noqa: E402
 
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
+from sac_rag.errors import InvalidInputError, exit_with_message  # noqa: E402
 from sac_rag.eval import (  # noqa: E402
     DATASETS,
     TextShortener,
     adapter_fingerprint,
     answer_config,
-    append_predictions,
+    at_least,
     build_method,
+    check_results_file,
     claim_predictions,
     decoding_suffix,
     kv_entry_bytes,
+    load_decoder_adapter,
     load_questions,
     prediction_cache,
     prediction_settings,
     read_predictions,
     run,
 )
-from sac_rag.files import append_jsonl  # noqa: E402
+from sac_rag.files import append_jsonl, atomic_write, open_for_appending  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -132,11 +135,14 @@ class FullFTLLM(BaseLLM):
             yield GenerationChunk(text=piece)
 
 
-def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16") -> FullFTLLM:
-    from peft import PeftModel
-
-    model, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
-    return FullFTLLM(generator=Generator(PeftModel.from_pretrained(model, adapter).eval(), tokenizer),
+def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16",
+                base_model: str = "smollm2-135m") -> FullFTLLM:
+    """The Full-FT decoder on ``base_model`` (the compressor's: every row of a run reads the same
+    model). An adapter trained on another base model is refused naming both (``load_decoder_adapter``)."""
+    model, tokenizer = load_base_model(base_model, dtype=dtype)
+    generator = Generator(model, tokenizer)  # the plain model's fingerprint, before the adapter wraps it
+    decoder = load_decoder_adapter(model, adapter, base_model, generator.base_fingerprint)
+    return FullFTLLM(generator=Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint),
                      max_tokens=max_tokens, extractive=extractive)
 
 
@@ -154,7 +160,7 @@ def store_documents(store_path: Path) -> list[Document]:
 def answer_all(name, chain, inputs, questions, cache_path: Path, batch_size: int) -> dict:
     done = read_predictions(cache_path)
     todo = [i for i, q in enumerate(questions) if q.id not in done]
-    with append_predictions(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+    with open_for_appending(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               desc=name, unit="q") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -165,6 +171,40 @@ def answer_all(name, chain, inputs, questions, cache_path: Path, batch_size: int
             cache.flush()
             bar.update(len(batch))
     return summarize([done[q.id] for q in questions], [q.answers for q in questions])
+
+
+def recall_at_k(questions, retrieved: list[list[Document]]) -> float:
+    """Share of questions whose gold paragraph is among their retrieved documents: one of them is
+    (a chunk of) it. A document of blank text is no hit (it is a substring of every paragraph)."""
+    if not questions:
+        return 0.0
+    hits = sum(any(d.page_content.strip() and d.page_content.strip() in q.context for d in found)
+               for q, found in zip(questions, retrieved, strict=True))
+    return hits / len(questions)
+
+
+def export_retrieval(path: str, questions, retrieved: list[list[Document]]) -> None:
+    """``{"id", "passages"}`` JSON lines, one per question, written whole or not at all: a run killed
+    while writing leaves no file that run_kvpress.py would read as fewer questions."""
+    lines = [json.dumps({"id": q.id, "passages": [d.page_content for d in found]}) + "\n"
+             for q, found in zip(questions, retrieved, strict=True)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "".join(lines).encode())
+
+
+def check_inputs(args: argparse.Namespace) -> Path:
+    """Refuse, before any model loads, what would fail only after minutes of work: the SQuAD file
+    (returned), the results file, the Full-FT adapter of the methods that read it."""
+    squad = Path(args.data_root) / DATASETS["squad-dev"]
+    if not squad.is_file():
+        raise InvalidInputError(f"{squad} does not exist: set --data-root to the folder that holds "
+                                f"{DATASETS['squad-dev']}")
+    check_results_file(args.results)
+    readers = [m for m in args.methods.split(",") if m in ("full_ft", "truncate_ft", "kv_dropping_ft")]
+    if readers and not Path(args.full_ft_adapter).is_dir():
+        raise InvalidInputError(f"--full-ft-adapter {args.full_ft_adapter} is not a folder, and {', '.join(readers)} "
+                                "read it: name the Full-FT decoder LoRA, or leave those out of --methods")
+    return squad
 
 
 def time_to_first_token(chain, inputs) -> list[float]:
@@ -179,19 +219,20 @@ def time_to_first_token(chain, inputs) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=500, help="seeded question subset size")
+    parser.add_argument("--n", type=at_least(0), default=500, help="seeded question subset size (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k", type=int, default=3, help="paragraphs retrieved per question")
+    parser.add_argument("--k", type=at_least(1), default=3, help="paragraphs retrieved per question")
     parser.add_argument("--compressor", default=DEFAULT_COMPRESSOR)
     parser.add_argument("--label", help="row name of the sac method (default rag-sac-<ratio>x); name a "
                         "candidate compressor's row so that it does not replace the shipped one's")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--store", default="runs/squad-dev.store", help="anchor store (created if missing)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=32)
     parser.add_argument("--extractive", action="store_true", help="every method answers with a verbatim span of "
                         "what it reads (sac_rag.extractive); rows and predictions get an -extractive suffix")
-    parser.add_argument("--timing-samples", type=int, default=10)
+    parser.add_argument("--timing-samples", type=at_least(1), default=10,
+                        help="questions timed at batch size 1 (also those whose tokens read are counted)")
     parser.add_argument("--methods", default=",".join(RAG_METHODS),
                         help="comma-separated: sac, full_text, full_ft, truncate_ft (each document cut to its first "
                              "1/ratio tokens, read by the Full-FT decoder: the strongest peer at the same budget), "
@@ -211,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(RAG_METHODS)}")
     command = "python benchmarks/rag_squad.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
-    squad = Path(args.data_root) / DATASETS["squad-dev"]
+    squad = check_inputs(args)
     compressor = SACCompressor.from_pretrained(args.compressor, dtype=args.dtype)
     summary = precompress(squad, args.store, compressor)  # skips what the store already holds
     docs = store_documents(Path(args.store))
@@ -227,13 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     retrieved = retriever.batch([q.question for q in questions])
     retrieval_s = (time.perf_counter() - t0) / len(questions)
-    recall = sum(any(d.page_content.strip() in q.context for d in docs)
-                 for q, docs in zip(questions, retrieved)) / len(questions)
+    recall = recall_at_k(questions, retrieved)
     if args.export_retrieval:
-        lines = [json.dumps({"id": q.id, "passages": [d.page_content for d in docs]})
-                 for q, docs in zip(questions, retrieved)]
-        Path(args.export_retrieval).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.export_retrieval).write_text("\n".join(lines) + "\n")
+        export_retrieval(args.export_retrieval, questions, retrieved)
 
     llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"],
                  extractive=args.extractive)
@@ -254,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "full_text": (retriever, text_chain(llm)),
     }
     if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
-        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive, args.dtype)
+        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive, args.dtype,
+                              compressor.config.base_model)
         chains["full_ft"] = (retriever, text_chain(full_ft))
         shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
@@ -334,10 +372,11 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
 
 
 def write_row(results: str, row: dict) -> None:
+    """Append the row (after dropping a line a killed write cut short: ``append_jsonl``) and print it."""
     append_jsonl(results, [row])
     print(json.dumps({k: row[k] for k in ("method", "n", "f1", "em", "ttft_s", "text_tokens_per_query",
                                           "cached_entries_per_query", "recall_at_k")}))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_message(main)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,8 @@ from sac_rag import SACCompressor, SACConfig, load_base_model  # noqa: E402
 from sac_rag.chunking import iter_chunks  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
 from sac_rag.data import read_qa  # noqa: E402
+from sac_rag.errors import InvalidInputError, exit_with_message  # noqa: E402
+from sac_rag.eval import at_least, check_results_file  # noqa: E402
 from sac_rag.files import atomic_write  # noqa: E402
 from sac_rag.generation import GenerationConfig, Generator  # noqa: E402
 from sac_rag.metrics import squad_em, squad_f1  # noqa: E402
@@ -53,17 +56,30 @@ DATASET = "squad-dev"  # SQuAD v1.1 dev, as in the other benchmark rows
 K = 5
 
 
-def main() -> int:
+def read_paragraphs(path: Path, count: int) -> list:
+    """The first ``count`` paragraphs of the SQuAD file at ``path`` (read before any model loads, so
+    that a wrong path is refused at once); a file without any is refused."""
+    paragraphs = read_qa(path)[:count]  # each with at least one question
+    if not paragraphs:
+        raise InvalidInputError(f"{path} holds no paragraph with a question: nothing to measure")
+    return paragraphs
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SQUAD_DEV)
-    parser.add_argument("--paragraphs", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="prefill/precompress pairs")
-    parser.add_argument("--queries", type=int, default=10, help="k=5 load / TTFT measurements")
-    parser.add_argument("--quality-questions", type=int, default=20, help="questions for fp8/int8 answers")
+    parser.add_argument("--paragraphs", type=at_least(1), default=200)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="prefill/precompress pairs")
+    parser.add_argument("--queries", type=at_least(1), default=10, help="k=5 load / TTFT measurements")
+    parser.add_argument("--quality-questions", type=at_least(1), default=20, help="questions for fp8/int8 answers")
     parser.add_argument("--compressor", default=None, help="trained compressor directory (default: KV dropping)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store.jsonl")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store.jsonl",
+                        help="JSON-lines file of this run's rows (rewritten after each measurement)")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/store_benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    check_results_file(args.out)  # a folder or another kind of file: refused now, not after minutes
+    paragraphs = read_paragraphs(args.data, args.paragraphs)
     torch.manual_seed(0)
 
     model, tokenizer = load_base_model("smollm2-135m", device="cpu", dtype="bfloat16")
@@ -76,13 +92,13 @@ def main() -> int:
         compressor = SACCompressor(config, model=model, tokenizer=tokenizer)
         method = "kv-dropping-untrained"  # uniform anchors, no adapter, causal
     ratio = compressor.config.ratio
-    paragraphs = read_qa(args.data)[: args.paragraphs]
-    common = {"benchmark": "store", "method": method, "ratio": ratio, "dataset": DATASET,
+    dataset = DATASET if args.data.resolve() == SQUAD_DEV.resolve() else str(args.data)  # what rows measured
+    common = {"benchmark": "store", "method": method, "ratio": ratio, "dataset": dataset,
               "model": "smollm2-135m", "dtype": "bfloat16", "batch_size": args.batch_size,
               "fingerprint": compressor.fingerprint, "torch_threads": torch.get_num_threads(),
               "loadavg_1min_at_start": round(os.getloadavg()[0], 2),  # other work on the machine
               "note": "compare the ratios: each is measured within one run",
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command}
     rows = []
 
     def emit(row: dict) -> None:
@@ -285,4 +301,4 @@ def _rounded(row: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_message(main)

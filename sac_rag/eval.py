@@ -30,6 +30,7 @@ from .config import PromptTemplate, SACConfig
 from .data import read_qa
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
+from .files import append_jsonl, open_for_appending
 from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -263,7 +264,7 @@ def read_predictions(cache_path: Path) -> dict[str, str]:
     """Question id -> cached prediction (``{"id", "prediction"}`` JSON lines after an optional
     ``{"settings": ...}`` header line, see ``claim_predictions``; none if missing). A last line
     without its newline is a write cut short (a killed run): it is not a prediction, and the next
-    run answers its question again (``append_predictions`` drops it). Any other line that is not
+    run answers its question again (``open_for_appending`` drops it). Any other line that is not
     a prediction is an error naming the file and line (e.g. a results file given as predictions)."""
     cache_path = Path(cache_path)
     if not cache_path.exists():
@@ -295,26 +296,6 @@ def json_lines(text: str) -> tuple[list[tuple[int, str, object]], str]:
             except ValueError:
                 parsed.append((number, line, None))
     return parsed, unfinished
-
-
-def append_predictions(cache_path: Path):
-    """``cache_path`` (a JSON-lines file) opened for appending, after dropping an unfinished last
-    line (a write cut short by a kill), so that the next line starts a line of its own. Every writer
-    appends whole lines in one write, so an unfinished last line is only ever a killed one."""
-    cache_path = Path(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_path, "a+b") as file:
-        size = file.seek(0, os.SEEK_END)
-        if size:
-            file.seek(max(0, size - (1 << 16)))
-            tail = file.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                if cut < 0 and size > len(tail):
-                    raise InvalidInputError(f"{cache_path} ends in a line over 64 KiB long: not a JSON-lines file "
-                                            "of sac_rag's")
-                file.truncate(size - len(tail) + cut + 1)
-    return open(cache_path, "a")
 
 
 # The settings that set a decoding apart besides ``extractive`` (``decoding_tags``' other parameters;
@@ -445,7 +426,7 @@ def run(method: Method, questions: list[Question], dataset: str, batch_size: int
     config = config or answer_config()
     done = read_predictions(cache_path)
     todo = [q for q in questions if q.id not in done]
-    with append_predictions(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
+    with open_for_appending(cache_path) as cache, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               desc=f"{method.name} {dataset}", unit="q") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -533,13 +514,6 @@ def _json_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except ValueError:
         return False
-
-
-def append_row(path: str | Path, row: dict) -> None:
-    """Append one result row as a JSON line; a last line cut short by a killed run is dropped first
-    (``append_predictions``), so that the file stays one of JSON rows."""
-    with append_predictions(Path(path)) as file:
-        file.write(json.dumps(row) + "\n")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -663,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
         "command": "python -m sac_rag.eval " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
-    append_row(args.results, row)
+    append_jsonl(args.results, [row])
     print(json.dumps({k: row[k] for k in ("method", "ratio", "dataset", "n", "f1", "em", "f1_ci")}))
     return 0
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TextIO
+
+from .errors import InvalidInputError
 
 
 def fsync_dir(directory: Path) -> None:
@@ -33,9 +36,29 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Append each row to ``path`` as one JSON line, creating its folder; earlier rows stay as they are."""
+def open_for_appending(path: str | os.PathLike) -> TextIO:
+    """``path`` (a JSON-lines file; created with its folder if missing) opened for appending, after
+    dropping an unfinished last line (a write cut short by a kill), so that the next line starts a
+    line of its own. Every writer appends whole lines in one write, so an unfinished last line is
+    only ever a killed one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
+    with open(path, "a+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size:
+            file.seek(max(0, size - (1 << 16)))
+            tail = file.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut < 0 and size > len(tail):
+                    raise InvalidInputError(f"{path} ends in a line over 64 KiB long: not a JSON-lines file "
+                                            "of sac_rag's")
+                file.truncate(size - len(tail) + cut + 1)
+    return open(path, "a")
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append the rows to ``path`` as JSON lines, in one write (``open_for_appending``: a line a
+    killed write cut short is dropped first); earlier rows stay as they are."""
+    with open_for_appending(path) as file:
+        file.write("".join(json.dumps(row) + "\n" for row in rows))

@@ -438,11 +438,12 @@ def test_data_without_an_answered_question_is_refused(tmp_path):
 
 
 def test_a_results_file_cut_by_a_kill_takes_new_rows_and_stays_a_file_of_rows(tmp_path):
-    from sac_rag.eval import append_row, check_results_file
+    from sac_rag.eval import check_results_file
+    from sac_rag.files import append_jsonl
 
     path = tmp_path / "q.jsonl"
     path.write_text('{"method": "a", "f1": 1.0}\n{"method": "b", "f1"')  # the second row cut by a kill
     for method in ("c", "d"):  # each run checks the file first, then appends its row
         check_results_file(path)
-        append_row(path, {"method": method, "f1": 2.0})
+        append_jsonl(path, [{"method": method, "f1": 2.0}])
     assert [json.loads(line)["method"] for line in path.read_text().splitlines()] == ["a", "c", "d"]

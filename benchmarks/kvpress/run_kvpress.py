@@ -180,7 +180,8 @@ def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: i
     is held to ``settings`` (``sac_rag.eval.claim_predictions``: another run's file is refused)."""
     from tqdm.auto import tqdm
 
-    from sac_rag.eval import append_predictions, claim_predictions, read_predictions
+    from sac_rag.eval import claim_predictions, read_predictions
+    from sac_rag.files import open_for_appending
 
     claim_predictions(cache_path, {**settings, "max_new_tokens": max_new_tokens})
     done = read_predictions(cache_path)
@@ -188,7 +189,7 @@ def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: i
     window = getattr(press, "window_size", None)
     reduced = sum(len(runner.split(q)[0]) <= window for q in questions) if window else 0
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with append_predictions(cache_path) as f, tqdm(total=len(questions), initial=len(questions) - len(todo),
+    with open_for_appending(cache_path) as f, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                           desc=label, unit="q", file=sys.stderr) as bar:
         for q in todo:
             r = runner.answer(q, press, max_new_tokens)

@@ -1,0 +1,250 @@
+"""benchmarks/rag_squad.py: RAG over a SQuAD file through the LangChain chains, on the tiny Llama:
+every method writes a scored row with its command and costs, runs resume, what LLMs read is
+counted right, and bad input is refused before any model loads."""
+
+import importlib.util
+import json
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sac_rag import SACCompressor, SACConfig
+from sac_rag.errors import SACError
+from sac_rag.eval import Question
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "rag_squad.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("rag_squad", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rag_squad"] = module  # where pydantic resolves the annotations of its LangChain classes
+    spec.loader.exec_module(module)
+    return module
+
+
+RAG = _script()
+Document = RAG.Document
+
+PARAGRAPHS = [
+    ("Paris is the capital of France.", "What is the capital of France?", "Paris"),
+    ("The tower was finished in 1889 by its builders.", "When was the tower finished?", "1889"),
+    ("The quick brown fox jumps over the lazy dog.", "What does the fox jump over?", "the lazy dog"),
+    ("Anchors carry the meaning of a chunk of text.", "What do anchors carry?", "the meaning"),
+]
+
+
+def _question(i: int, context: str) -> Question:
+    return Question(id=f"q{i}", question="?", answers=["a"], context=context)
+
+
+def test_recall_counts_questions_whose_paragraph_or_a_chunk_of_it_was_retrieved():
+    questions = [_question(0, "Paris is the capital of France."), _question(1, "The tower was finished in 1889."),
+                 _question(2, "A fox.")]
+    retrieved = [[Document(page_content="A fox."), Document(page_content=" Paris is the capital of France.\n")],
+                 [Document(page_content="The tower was finished")],  # a chunk of the gold paragraph
+                 [Document(page_content="Paris is the capital of France.")]]
+    assert RAG.recall_at_k(questions, retrieved) == pytest.approx(2 / 3)
+
+
+def test_a_blank_document_is_no_hit():
+    assert RAG.recall_at_k([_question(0, "Paris.")], [[Document(page_content=" ")]]) == 0.0
+
+
+class CountingGenerator:
+    """Answers each prompt with its length in words; reads as many text tokens as the prompt has characters."""
+
+    def generate_batch(self, prompts, config, sources=None):
+        return [SimpleNamespace(text=f"{len(p.split())} words", text_tokens=len(p)) for p in prompts]
+
+
+def test_usage_totals_count_every_prompt_of_a_batch_once():
+    llm = RAG.FullFTLLM(generator=CountingGenerator())
+    usage = RAG.UsageTotals()
+    answers = llm.batch(["one", "two words", "three more words"], config={"callbacks": [usage]})
+    assert answers == ["1 words", "2 words", "3 words"]
+    assert (usage.calls, usage.input_tokens, usage.cache_read) == (3, 3 + 9 + 16, 0)
+
+
+class EchoChain:
+    """Answers each input with its question, recording the questions it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def batch(self, inputs):
+        self.asked += [item["question"] for item in inputs]
+        return [f" {item['question']} \n" for item in inputs]
+
+
+def test_answer_all_asks_only_what_the_cache_lacks_and_scores_every_question(tmp_path):
+    questions = [Question(id=f"q{i}", question=f"answer {i}", answers=[f"answer {i}"], context="c") for i in range(4)]
+    cache = tmp_path / "predictions" / "rag-x.jsonl"
+    cache.parent.mkdir()
+    cache.write_text('{"settings": {}}\n{"id": "q0", "prediction": "wrong"}\n{"id": "q1", "predic')  # killed
+    chain = EchoChain()
+    scores = RAG.answer_all("rag-x", chain, [{"question": q.question} for q in questions], questions, cache, 2)
+    assert chain.asked == ["answer 1", "answer 2", "answer 3"]  # q1's cut line was no answer
+    assert (scores["n"], scores["em"], scores["f1"]) == (4, 75.0, 75.0)  # q0 keeps its cached wrong answer
+    assert RAG.read_predictions(cache) == {"q0": "wrong", "q1": "answer 1", "q2": "answer 2", "q3": "answer 3"}
+
+
+def test_the_retrieval_file_is_written_whole_and_replaced_whole(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "retrieval.jsonl"
+    questions = [_question(0, "x"), _question(1, "y")]
+    found = [[Document(page_content="a"), Document(page_content="b")], [Document(page_content="c")]]
+    RAG.export_retrieval(str(path), questions, found)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"id": "q0", "passages": ["a", "b"]}, {"id": "q1", "passages": ["c"]}]
+
+    def killed(handle, data):
+        raise KeyboardInterrupt  # a kill in the middle of writing the new file
+
+    monkeypatch.setattr("os.fsync", lambda fd: killed(fd, None))
+    with pytest.raises(KeyboardInterrupt):
+        RAG.export_retrieval(str(path), questions[:1], found[:1])
+    assert len(path.read_text().splitlines()) == 2 and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The tiny Llama saved as a folder, a ratio-2 compressor and a Full-FT LoRA of it, and a SQuAD
+    file of four paragraphs with a question each."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("rag")
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(root / "tiny-model")
+    tokenizer.save_pretrained(root / "tiny-model")
+    SACCompressor(SACConfig(base_model=str(root / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
+                  model=model, tokenizer=tokenizer).save_pretrained(root / "compressor")
+    torch.manual_seed(0)
+    get_peft_model(make_tiny_llama()[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False)).save_pretrained(root / "adapter")
+    data = {"data": [{"title": "t", "paragraphs": [
+        {"context": context, "qas": [{"id": f"q{i}", "question": question, "answers": [{"text": answer}]}]}
+        for i, (context, question, answer) in enumerate(PARAGRAPHS)]}]}
+    (root / "data" / "squad-v1.1").mkdir(parents=True)
+    with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump(data, f)
+    return root
+
+
+def _args(ws: Path, results: Path, *extra: str) -> list[str]:
+    return ["--n", "3", "--k", "2", "--batch-size", "2", "--max-new-tokens", "3", "--timing-samples", "1",
+            "--dtype", "float32", "--data-root", str(ws / "data"), "--compressor", str(ws / "compressor"),
+            "--store", str(ws / "store"), "--full-ft-adapter", str(ws / "adapter"), "--results", str(results),
+            *extra]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results") / "rag.jsonl"
+    retrieval = results.parent / "retrieval.jsonl"
+    assert RAG.main(_args(workspace, results, "--export-retrieval", str(retrieval))) == 0
+    return results, retrieval
+
+
+def test_every_method_writes_a_scored_row_with_its_command(first_run, workspace):
+    results, _ = first_run
+    rows = _rows(results)
+    assert [r["method"] for r in rows] == ["rag-sac-2x", "rag-full-text", "rag-full-ft",
+                                           "rag-text-truncate-2x+fullft-decoder", "rag-kv-dropping-2x",
+                                           "rag-kv-dropping-2x+fullft-decoder"]
+    for row in rows:
+        assert row["dataset"] == "squad-dev-rag-top2" and row["n"] == 3 and row["k"] == 2
+        assert 0 <= row["em"] <= row["f1"] <= 100 and row["f1_ci"][0] <= row["f1"] <= row["f1_ci"][1]
+        assert row["command"] == "python benchmarks/rag_squad.py " + " ".join(
+            _args(workspace, results, "--export-retrieval", str(results.parent / "retrieval.jsonl")))
+        assert row["corpus_chunks"] == 4 and row["timing_samples"] == 1 and row["dtype"] == "float32"
+    assert [r["ratio"] for r in rows] == [2, 1, 1, 2, 2, 2]
+
+
+def test_compressed_rows_read_cached_entries_instead_of_text(first_run):
+    rows = {r["method"]: r for r in _rows(first_run[0])}
+    sac, text = rows["rag-sac-2x"], rows["rag-full-text"]
+    assert text["cached_entries_per_query"] == 0 and sac["cached_entries_per_query"] > 0
+    assert sac["text_tokens_per_query"] + 2 * sac["cached_entries_per_query"] >= text["text_tokens_per_query"] - 2
+    assert sac["kv_bytes_per_query"] < text["kv_bytes_per_query"]
+    assert rows["rag-kv-dropping-2x"]["cached_entries_per_query"] == pytest.approx(sac["cached_entries_per_query"])
+    # K/V bytes = entries read x bytes of one position's K/V (4 layers x 2 heads x 16 dims x K and V, float32)
+    assert text["kv_bytes_per_query"] == text["text_tokens_per_query"] * 4 * 2 * 16 * 2 * 4
+
+
+def test_the_exported_retrieval_names_each_question_and_its_k_paragraphs(first_run):
+    lines = [json.loads(line) for line in first_run[1].read_text().splitlines()]
+    contexts = {p[0] for p in PARAGRAPHS}
+    assert len(lines) == 3 and len({line["id"] for line in lines}) == 3
+    assert all(len(line["passages"]) == 2 and set(line["passages"]) <= contexts for line in lines)
+
+
+def test_a_rerun_answers_nothing_again_and_scores_the_same(first_run, workspace):
+    results, _ = first_run
+    predictions = results.parent / "predictions"
+    before = {p.name: p.read_text() for p in predictions.iterdir()}
+    assert len(before) == 6
+    results.write_text(results.read_text() + '{"method": "rag-cut sh')  # a row cut short by a kill
+    assert RAG.main(_args(workspace, results)) == 0
+    assert {p.name: p.read_text() for p in predictions.iterdir()} == before
+    rows = _rows(results)  # the cut line is gone, and each row is on a line of its own
+    assert [(r["method"], r["f1"]) for r in rows[6:]] == [(r["method"], r["f1"]) for r in rows[:6]]
+
+
+def test_a_store_filled_by_another_compressor_is_refused(first_run, workspace, tmp_path):
+    model, tokenizer = make_tiny_llama()
+    torch.manual_seed(3)  # another LoRA initialisation: another compressor of the same base model
+    SACCompressor(SACConfig(base_model=str(workspace / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
+                  model=model, tokenizer=tokenizer).save_pretrained(tmp_path / "other")
+    with pytest.raises(SACError, match="the anchor store at .* was built for"):
+        RAG.main(_args(workspace, tmp_path / "rag.jsonl", "--compressor", str(tmp_path / "other")))
+    assert not (tmp_path / "rag.jsonl").exists()
+
+
+@pytest.mark.parametrize("option", [["--timing-samples", "0"], ["--k", "0"], ["--batch-size", "0"], ["--n", "-1"],
+                                    ["--methods", "sac,magic"]])
+def test_options_out_of_range_are_refused_by_the_parser(workspace, tmp_path, option):
+    with pytest.raises(SystemExit) as exit_:
+        RAG.main(_args(workspace, tmp_path / "rag.jsonl", *option))
+    assert exit_.value.code == 2 and not (tmp_path / "rag.jsonl").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--data-root", "nowhere"], "does not exist: set --data-root"),
+    (["--full-ft-adapter", "nowhere"], "--full-ft-adapter nowhere is not a folder"),
+    (["--results", "<tmp>"], "is a folder"),
+])
+def test_bad_paths_are_refused_before_any_model_loads(workspace, tmp_path, monkeypatch, change, message):
+    monkeypatch.setattr(RAG.SACCompressor, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    change = [c.replace("<tmp>", str(tmp_path)) for c in change]
+    with pytest.raises(SACError, match=message):
+        RAG.main(_args(workspace, tmp_path / "rag.jsonl", *change))
+
+
+def test_a_full_ft_adapter_of_another_base_model_is_refused(workspace, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
+    with pytest.raises(SACError, match="does not fit the base model"):
+        RAG.main(_args(workspace, tmp_path / "rag.jsonl", "--methods", "full_ft",
+                       "--full-ft-adapter", str(tmp_path / "other")))
+    assert not (tmp_path / "rag.jsonl").exists()
+
+
+def test_a_missing_data_file_is_one_line_on_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data-root", str(tmp_path), "--results",
+                           str(tmp_path / "rag.jsonl")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "does not exist: set --data-root" in done.stderr and "Traceback" not in done.stderr
