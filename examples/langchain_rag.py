@@ -8,7 +8,8 @@
 3. ``SACContextCompressor`` gives each retrieved Document a handle to its cached K/V, and the
    chain (``create_sac_stuff_chain(ChatSAC(...))``) answers from those caches: the LLM reads r
    times fewer K/V entries than the chunks have tokens, and none of their text.
-4. For comparison, the same LLM answers once more from the full text of the same Documents.
+4. For comparison, the same LLM answers once more from the full text of the same Documents (text-only
+   prompts are read by the frozen base model: the decoder adapter reads caches only).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 3. ``SACNodePostprocessor`` makes each node's LLM view a handle to its cached K/V, and
    ``SACLLM`` answers from those caches: it reads r times fewer K/V entries than the nodes have
    tokens, and none of their text.
-4. For comparison, the same LLM answers once more from the full text of the same nodes.
+4. For comparison, the same LLM answers once more from the full text of the same nodes (text-only
+   prompts are read by the frozen base model: the decoder adapter reads caches only).
 """
 
 from __future__ import annotations

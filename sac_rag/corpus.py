@@ -98,8 +98,10 @@ def read_corpus(
     if not path.exists():
         raise CorpusError(f"the corpus {path} does not exist")
     seen: set[bytes] = set()
+    left_out: set[str] = set()
     for doc in _documents(path, stats, decode_errors):
         if doc.id in exclude:
+            left_out.add(doc.id)
             continue
         doc = _valid_unicode(doc, stats, decode_errors)
         if doc is None:
@@ -112,6 +114,10 @@ def read_corpus(
         seen.add(digest)
         stats.documents += 1
         yield doc
+    unmatched = sorted(set(exclude) - left_out)
+    if unmatched:  # a mistyped id would otherwise leave the document in, silently
+        logger.warning("excluded but not in the corpus %s: %s (a document's id is its path relative to a corpus "
+                       "folder, or its JSONL 'id')", path, ", ".join(unmatched))
     if stats.documents == 0:
         raise CorpusError(
             f"no usable document in {path} (skipped: {stats.skipped or 'nothing'}, duplicates: "

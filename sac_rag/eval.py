@@ -585,7 +585,10 @@ def main(argv: list[str] | None = None) -> int:
                              "another dtype than bfloat16 are cached apart")
     parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
-    parser.add_argument("--results", default="benchmarks/results/quality.jsonl")
+    parser.add_argument("--results", default="benchmarks/results/quality.jsonl",
+                        help="JSON-lines file the result row is appended to (default: %(default)s, under the "
+                             "current directory: this repository's results when run from its root); the "
+                             "predictions are cached in predictions/ beside it")
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     check_results_file(args.results)

@@ -961,8 +961,9 @@ class SACEngine:
             logger.warning(
                 "%d of %d answers are empty: the model stopped before writing anything. SAC's decoder answers "
                 "prompts in the layout it was trained with (contexts, then %r); build them with sac_qa_prompt or "
-                "create_sac_stuff_chain (LangChain), llm.qa_prompt (LlamaIndex) or PromptTemplate.build, or use "
-                "ChatSAC(chat_template=True)", empty, len(generations),
+                "create_sac_stuff_chain (LangChain; or ChatSAC(chat_template=True) for chat turns), "
+                "text_qa_template=llm.qa_prompt in a LlamaIndex query engine, or PromptTemplate.build",
+                empty, len(generations),
                 self.template.question.format(question="QUESTION"))
 
     def _as_segments(self, prompt: str | Sequence[Segment]) -> list[Segment]:

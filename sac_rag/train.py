@@ -56,7 +56,9 @@ logger = logging.getLogger("sac_rag.train")
 
 # Fields that may differ between a run and its resumption: bookkeeping, where the run lives (a run
 # directory may be moved or named by another path), and what computes it ("auto" resolves per machine).
-_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "eval_questions", "keep_checkpoints",
+# Not --eval-questions: best/ is the checkpoint with the highest held-out F1, which means something
+# only while every evaluation of the run asks the same questions.
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "keep_checkpoints",
                       "snapshot_every", "precision", "device", "out_dir"}
 # Fields naming files or directories: the same one under another spelling (relative, absolute) is no change.
 _PATH_OPTIONS = ("data", "eval_data", "init_from", "adapters_from", "distill_teacher", "base_model")
@@ -498,7 +500,8 @@ def _check_ranks_agree(model, world: int) -> None:
     dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise SACError(f"data-parallel ranks diverged: weight hashes {digests}")
-    logger.info("all %d ranks agree on the trained weights (%s)", world, digest[:12])
+    if dist.get_rank() == 0:  # said once, not by every rank
+        logger.info("all %d ranks agree on the trained weights (%s)", world, digest[:12])
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -1350,6 +1353,9 @@ def train(cfg: TrainConfig) -> Path:
     stats = LoadStats()
     stream = ExampleStream(cfg, tokenizer, template, stats, _max_positions(model))
     held_out = stream.held_out
+    if is_main and held_out and cfg.eval_every and len(held_out) < cfg.eval_questions:
+        logger.info("held-out evaluation: %d questions, one per held-out paragraph (fewer than --eval-questions %d)",
+                    len(held_out), cfg.eval_questions)
 
     step, best = 0, -1.0
     if cfg.resume and not resuming:

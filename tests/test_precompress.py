@@ -121,7 +121,7 @@ def cli_args(corpus: Path, store: Path, sac_dir: Path, *extra: str) -> list[str]
 # -- corpus readers ---------------------------------------------------------------------------
 
 
-def test_folder_corpus_reads_txt_and_md_recursively_in_path_order(tmp_path):
+def test_folder_corpus_reads_txt_and_md_recursively_in_path_order(tmp_path, caplog):
     (tmp_path / "b").mkdir()
     (tmp_path / ".git").mkdir()
     (tmp_path / "b" / "two.md").write_text("# Two\nsecond")
@@ -131,8 +131,11 @@ def test_folder_corpus_reads_txt_and_md_recursively_in_path_order(tmp_path):
     docs = list(read_corpus(tmp_path))
     assert [(d.id, d.text) for d in docs] == [("a.txt", "first"), ("b/two.md", "# Two\nsecond")]
     assert docs[1].metadata == {"source": "b/two.md"}
-    kept = read_corpus(tmp_path, exclude={"b/two.md", "not/there.txt"})
-    assert [d.id for d in kept] == ["a.txt"]
+    with caplog.at_level(logging.WARNING):
+        kept = read_corpus(tmp_path, exclude={"b/two.md", "not/there.txt"})
+        assert [d.id for d in kept] == ["a.txt"]
+    assert "excluded but not in the corpus" in caplog.text and "not/there.txt" in caplog.text
+    assert "b/two.md" not in caplog.text  # it was left out as asked
 
 
 def test_empty_and_binary_files_are_skipped_with_a_logged_reason(tmp_path, caplog):

@@ -865,6 +865,13 @@ def test_resuming_with_max_steps_below_the_checkpoint_is_refused_and_changes_not
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
+def test_resuming_with_other_held_out_questions_is_refused_as_best_compares_f1_on_one_set(workspace):
+    """best/ holds the step with the highest held-out F1: scores on 4 questions and on 2 do not compare."""
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    with pytest.raises(SACError, match=r"different configuration \(eval_questions: 4 -> 2\)"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume", "--eval-questions", "2")))
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_a_run_without_a_readable_train_config_is_checked_against_its_checkpoint(workspace, damage, caplog):
     run = workspace / "run"

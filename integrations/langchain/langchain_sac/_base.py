@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, SACCompressor, SACError
 from sac_rag.compressor import checkpoint_meta
@@ -28,7 +28,7 @@ class SACEngineSettings(BaseModel):
     """The settings of the engine a SAC model or ``SACContextCompressor`` runs on. Nothing is
     loaded when the object is built: the weights load, and the store opens, on first use."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelled option: refused
 
     compressor: Any = DEFAULT_COMPRESSOR
     """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (which
@@ -104,10 +104,16 @@ def lc_spec(value: Any) -> Any:
     return NotSerialized(value)
 
 
-class CountsModelTokens:
-    """Token counting in the model's own terms, for ``SACLLM`` and ``ChatSAC`` (listed before
-    LangChain's base class, whose counts come from GPT-2's tokenizer, fetched from the hub): what
-    ``trim_messages(..., token_counter=llm)`` and ``get_num_tokens`` read."""
+class SACModelMethods:
+    """What ``SACLLM`` and ``ChatSAC`` do otherwise than LangChain's base class (so they list it
+    before it): decoding settings that cannot be used together are refused when the model is
+    built, not at its first call; tokens are counted in the model's own terms (LangChain's counts
+    come from GPT-2's tokenizer, fetched from the hub), which ``trim_messages(...,
+    token_counter=llm)`` and ``get_num_tokens`` read."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.generation_config()  # e.g. num_beams=4 with extractive=True: refused here
 
     def get_token_ids(self, text: str) -> list[int]:
         """``text``'s token ids in the model's tokenizer (markers as their text)."""
@@ -145,10 +151,22 @@ def compressor_fingerprint(spec: Any) -> str | None:
         return None
 
 
+# LangChain's standard chat-model parameters for a remote provider, which generic code passes to
+# any model: accepted and unused, as the model runs in this process. Any other unknown option is refused.
+REMOTE_ONLY_PARAMS = ("timeout", "max_retries", "api_key", "base_url")
+
+
 class SACModelParams(SACEngineSettings):
     """Settings of a SAC language model: its engine's, and how it decodes."""
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_remote_only_params(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if k not in REMOTE_ONLY_PARAMS}
+        return values
 
     compressor: Any = Field(default=DEFAULT_COMPRESSOR, alias="model")
     """Built-in compressor name, compressor directory, or a loaded ``SACCompressor`` (see

@@ -17,12 +17,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from sac_rag import Generation, InvalidInputError
 
-from ._base import CountsModelTokens, LangChainSerializable, SACModelParams, generation_info, usage_metadata
+from ._base import LangChainSerializable, SACModelMethods, SACModelParams, generation_info, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
 
-class ChatSAC(LangChainSerializable, CountsModelTokens, BaseChatModel, SACModelParams):
+class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelParams):
     """Chat model over SAC caches.
 
     ``chat_template=False`` (default) renders the messages as their text contents, one after

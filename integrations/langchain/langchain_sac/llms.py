@@ -18,8 +18,8 @@ from sac_rag import Generation
 
 from ._base import (
     CALL_ARGUMENTS,
-    CountsModelTokens,
     LangChainSerializable,
+    SACModelMethods,
     SACModelParams,
     add_usage,
     generation_info,
@@ -31,7 +31,7 @@ from ._base import (
 _CALL_ARGUMENTS: ContextVar[dict[str, Any] | None] = ContextVar("sac_llm_call_arguments", default=None)
 
 
-class SACLLM(LangChainSerializable, CountsModelTokens, BaseLLM, SACModelParams):
+class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
     """Text LLM over SAC caches: ``<sac:KEY>`` markers in the prompt that name entries of the
     compressor's store become those chunks' cached K/V; the rest is read as text.
 

@@ -536,6 +536,30 @@ def test_unknown_call_argument_names_the_accepted_ones(compressor):
         ChatSAC(engine=SACEngine(compressor)).invoke("hi", bogus=3)
 
 
+@pytest.mark.parametrize("cls, option", [(ChatSAC, {"num_beam": 4}), (SACLLM, {"extractve": True}),
+                                         (SACContextCompressor, {"onmiss": "error"})])
+def test_a_misspelled_option_is_refused_not_ignored(cls, option):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=f"{next(iter(option))}\n  Extra inputs are not permitted"):
+        cls(**option)
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_langchains_standard_remote_parameters_are_accepted_and_unused(cls):
+    model = cls(timeout=60, max_retries=2, api_key="unused", base_url="http://unused", max_tokens=3)
+    assert model.max_tokens == 3 and not hasattr(model, "api_key")
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_decoding_settings_that_cannot_be_used_together_are_refused_when_the_model_is_built(cls):
+    with pytest.raises(InvalidInputError, match="beam search"):
+        cls(compressor="not loaded", extractive=True, num_beams=4)
+    with pytest.raises(InvalidInputError, match="top_p"):
+        cls(compressor="not loaded", top_p=0.0)
+    assert cls(compressor="not loaded", num_beams=4).num_beams == 4  # nothing loaded to check it
+
+
 def test_models_with_objects_dump_to_json_as_names(compressor, store):
     for obj in (ChatSAC(compressor=compressor, store=store), SACLLM(compressor=compressor, store=store),
                 SACContextCompressor(compressor=compressor, store=store)):
@@ -556,8 +580,8 @@ def _round_trip(obj):
 def test_dumpd_gives_a_constructor_record_that_load_rebuilds_without_loading_weights(tmp_path, store):
     objects = [
         ChatSAC(model="smollm2-135m-sac-5x", store=tmp_path / "corpus.store", dtype="float32", max_tokens=7,
-                temperature=0.5, seed=3, stop=["\n"], num_beams=2, chat_template=True),
-        SACLLM(compressor="smollm2-135m-sac-5x", store=store, extractive=True, top_k=5, mbr=True),
+                stop=["\n"], num_beams=2, length_penalty=0.5, mbr=True, chat_template=True),
+        SACLLM(compressor="smollm2-135m-sac-5x", store=store, extractive=True, temperature=0.5, top_k=5, seed=3),
         SACContextCompressor(compressor="smollm2-135m-sac-5x", store=str(tmp_path / "s"), write_back=True,
                              on_miss="text"),
     ]

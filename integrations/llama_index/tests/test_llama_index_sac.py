@@ -90,6 +90,9 @@ def test_query_engine_compact_mode_answers_from_caches_and_reads_no_context_text
     assert retrieved and all(n.score is not None for n in response.source_nodes)
     [prompt] = spy.prompts  # compact: one LLM call sees every marker
     assert all(marker_for(AnchorStore.key_for(t)) in prompt and t not in prompt for t in retrieved)
+    # back to back, as the compressor's layout puts contexts (its context_separator is ""), not the
+    # blank line LlamaIndex joins nodes with
+    assert markers_for([AnchorStore.key_for(t) for t in retrieved]) in prompt and len(retrieved) == 2
     [generation] = spy.generations
     assert generation.cached_tokens == anchors(store, retrieved) > 0
     assert generation.text_tokens == count_text_tokens(engine, prompt)  # template + question only
@@ -327,6 +330,14 @@ def test_a_chat_engine_with_chat_memory_keeps_answering_where_the_default_memory
     tokens = engine.compressor.tokenizer.encode
     assert all(len(tokens(p)) < engine.generator.max_positions for p in spy.prompts)
     assert spy.prompts[-1].count("lighthouse " * 70) == 2  # the previous message and this one: older ones dropped
+
+
+@pytest.mark.parametrize("cls, option", [(SACLLM, {"extractve": True}), (SACNodePostprocessor, {"onmiss": "error"})])
+def test_a_misspelled_option_is_refused_not_ignored(cls, option):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=f"{next(iter(option))}\n  Extra inputs are not permitted"):
+        cls(**option)
 
 
 @pytest.mark.parametrize("limit", [0, -5, 2.5, True])

@@ -19,6 +19,7 @@ answer "Empty Response".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -29,7 +30,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.memory import Memory
@@ -37,7 +38,7 @@ from llama_index.core.prompts import PromptTemplate
 
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptTooLongError, SACError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
-from sac_rag.handles import SACEngine, describe, spec_name
+from sac_rag.handles import MARKER_PATTERN, SACEngine, describe, spec_name
 
 DEFAULT_STOP = ["\n###"]  # the next section of the SAC prompt layout
 # The context window reported to LlamaIndex by default: larger than any prompt its prompt helper
@@ -94,6 +95,8 @@ class SACLLM(CustomLLM):
     ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
     ``context_tokens`` (the text tokens the cached entries stand for), ``completion_tokens``.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelled option is refused, not ignored
 
     compressor: Any = Field(default=DEFAULT_COMPRESSOR,
                             description="Built-in compressor name, compressor directory or SACCompressor.")
@@ -191,7 +194,12 @@ class SACLLM(CustomLLM):
         return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"))
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
-        return prompt if formatted else self.completion_to_prompt(prompt)
+        """The prompt the model reads: LlamaIndex's synthesizers join the nodes' markers with blank
+        lines, where the compressor's layout puts its ``context_separator`` (nothing, by default)
+        between contexts, as in training (and in ``create_sac_stuff_chain``)."""
+        prompt = prompt if formatted else self.completion_to_prompt(prompt)
+        separator = self.engine.template.context_separator
+        return _BETWEEN_MARKERS.sub(lambda match: match.group(1) + separator, prompt)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -235,6 +243,9 @@ class SACLLM(CustomLLM):
                     yield response
 
         return gen()
+
+
+_BETWEEN_MARKERS = re.compile(rf"({MARKER_PATTERN.pattern})\s+(?={MARKER_PATTERN.pattern})")  # whitespace only
 
 
 def _streamed(text: str, piece) -> tuple[str, CompletionResponse]:

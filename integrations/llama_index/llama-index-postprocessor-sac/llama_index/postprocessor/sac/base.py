@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Literal, Optional
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
@@ -43,6 +43,8 @@ class SACNodePostprocessor(BaseNodePostprocessor):
     Pass ``engine=`` to share one explicitly with an ``SACLLM``; otherwise a postprocessor and
     an LLM built with the same ``compressor``/``store``/``device``/``dtype`` share one.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelled option is refused, not ignored
 
     compressor: Any = Field(default=DEFAULT_COMPRESSOR,
                             description="Built-in compressor name, compressor directory or SACCompressor.")
