@@ -309,6 +309,7 @@ class CacheResolver:
         self.fingerprint = fingerprint
         self.memory = BoundedMemory() if memory is None else memory
         self._texts: dict[str, str] = {}  # the text of chunks in memory (extractive answers quote it)
+        self._texts_lock = threading.Lock()  # calls remember chunks concurrently (outside the model lock)
         self._issued: OrderedDict[str, None] = OrderedDict()
         self._issued_lock = threading.Lock()
         self.store: AnchorStore | None = None
@@ -414,11 +415,12 @@ class CacheResolver:
         else:
             for key, kv, _ in items:
                 self.memory[key] = kv
-        for key, _, text in items:
-            if text is not None:
-                self._texts[key] = text
-        if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
-            self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
+        with self._texts_lock:
+            for key, _, text in items:
+                if text is not None:
+                    self._texts[key] = text
+            if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
+                self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
 
     def keep(self, keys: Iterable[str]) -> None:
         """Mark the chunks of ``keys`` held in memory as just used (the last to be dropped)."""
@@ -433,7 +435,9 @@ class CacheResolver:
         """``{key: text}`` for those of ``keys`` whose text is known: remembered with the chunk, or
         the ``text`` metadata of its store entry (``precompress`` and write-back keep it)."""
         keys = list(dict.fromkeys(keys))
-        found = {k: self._texts[k] for k in keys if k in self._texts and k in self.memory}
+        with self._texts_lock:
+            texts = {k: self._texts[k] for k in keys if k in self._texts}
+        found = {k: t for k, t in texts.items() if k in self.memory}
         if self.store is not None:
             rest = [k for k in keys if k not in found]
             for key in set(rest) - set(self.store.missing(rest)):
@@ -456,13 +460,21 @@ class _Chunk:
     end_char: int
 
 
-@dataclass
+@dataclass(eq=False)  # told apart by identity: two calls may queue equal prompts
 class _Request:
     prompt: list
     config: GenerationConfig
     sources: list[str] | None = None  # what an extractive answer may quote
     result: Generation | None = None
     error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """The requests one ``generate`` call queued, and whether its caller has withdrawn them (a
+    cancelled ``agenerate``); both read and written under the engine's pending lock."""
+    requests: list[_Request] = field(default_factory=list)
+    withdrawn: bool = False
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -530,6 +542,8 @@ class SACEngine:
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
         self._pending_lock = threading.Lock()
+        self._claims: dict[str, threading.Event] = {}  # chunk key -> set once the call compressing it is done
+        self._claims_lock = threading.Lock()
 
     @classmethod
     def shared(cls, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
@@ -653,12 +667,19 @@ class SACEngine:
     async def ahandles_for(self, texts: Sequence[str], *, write_back: bool = False, on_miss: str = "compress",
                            metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
         """``handles_for`` off the event loop: the store lookup runs in a thread without the
-        model lock (it does not wait for a decode in progress); only misses take the model."""
-        found = await _in_thread(self.lookup_handles, texts)
+        model lock (it does not wait for a decode in progress); only misses take the model.
+        Cancelled, the call releases the chunks its threads pin, as no generation will read them."""
+        release = self._release_handles
+        found = await _in_thread_releasing(release, [], self.lookup_handles, texts)
         if all(f is not None for f in found):
             return found
-        return await _in_thread(self.complete_handles, texts, found, write_back=write_back,
-                                on_miss=on_miss, metadata=metadata)
+        # complete_handles hands out (or on failure releases) the chunks ``found`` pinned
+        return await _in_thread_releasing(release, found, self.complete_handles, texts, found,
+                                          write_back=write_back, on_miss=on_miss, metadata=metadata)
+
+    def _release_handles(self, handles: Sequence[list[str] | None]) -> None:
+        """Unpin the chunks of ``handles`` (what a call handed out) once: no generation will read them."""
+        self.resolver.release(k for keys in handles if keys for k in keys)
 
     def lookup_handles(self, texts: Sequence[str]) -> list[list[str] | None]:
         """``[key]`` for each text stored (or remembered) as one chunk, None for the others. The
@@ -742,9 +763,55 @@ class SACEngine:
 
     def _compress_and_keep(self, missing: list[tuple[_Chunk, int]], metadata: list, write_back: bool,
                            needed: Iterable[str] = ()) -> None:
+        """Compress the chunks of ``missing`` and keep them (in the store if ``write_back``, else in
+        memory, pinned). A chunk that a concurrent call is compressing already is waited for and
+        then found (pinned if in memory), not compressed again: calls retrieving the same texts at
+        once compress each chunk once. The chunks are claimed for the whole compress-and-keep, so
+        that no call finds a chunk missing between its compression and its write."""
         state = self._state()
-        with state.lock:
-            kvs = state.compressor.compress_chunks([c.token_ids for c, _ in missing])
+        found: set[str] = set()
+        try:
+            while missing:
+                claimed, waiting = self._claim([c.key for c, _ in missing])
+                try:
+                    found |= state.resolver.present(claimed, pin=True)  # kept before the claim
+                    mine = [(c, i) for c, i in missing if c.key in claimed and c.key not in found]
+                    if mine:
+                        with state.lock:
+                            kvs = state.compressor.compress_chunks([c.token_ids for c, _ in mine])
+                        self._keep(mine, kvs, metadata, write_back, needed)
+                finally:
+                    self._unclaim(claimed)
+                for event in waiting.values():
+                    event.wait()
+                found |= state.resolver.present(waiting, pin=True)
+                # the call compressing these failed: compress them here
+                missing = [(c, i) for c, i in missing if c.key in waiting and c.key not in found]
+        except BaseException:
+            state.resolver.release(found)  # nothing is handed out
+            raise
+
+    def _claim(self, keys: Iterable[str]) -> tuple[set[str], dict[str, threading.Event]]:
+        """Claim those of ``keys`` no call is compressing (returned first); the others are returned
+        with the events set once their compression is over (kept, or failed)."""
+        claimed, waiting = set(), {}
+        with self._claims_lock:
+            for key in keys:
+                if key in self._claims:
+                    waiting[key] = self._claims[key]
+                elif key not in claimed:
+                    self._claims[key] = threading.Event()
+                    claimed.add(key)
+        return claimed, waiting
+
+    def _unclaim(self, keys: Iterable[str]) -> None:
+        with self._claims_lock:
+            for key in keys:
+                self._claims.pop(key).set()
+
+    def _keep(self, missing: list[tuple[_Chunk, int]], kvs: list[AnchorKV], metadata: list, write_back: bool,
+              needed: Iterable[str]) -> None:
+        state = self._state()
         if write_back:
             store = self._writable_store()
             items = [(c.key, kv, _entry_metadata(c, metadata[i])) for (c, i), kv in zip(missing, kvs)]
@@ -837,33 +904,71 @@ class SACEngine:
                  config: GenerationConfig | None = None) -> list[Generation]:
         """Answer each prompt (a string with markers, or ready segments). Calls made while the
         model is busy are queued and decoded together when it is free (one batch per config)."""
+        return self._generate(prompts, config, _Call())
+
+    async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
+                        config: GenerationConfig | None = None) -> list[Generation]:
+        """``generate`` in a worker thread: the event loop stays free meanwhile. Cancelled (say by
+        ``asyncio.wait_for``'s timeout) while its prompts wait for the model, the call withdraws them:
+        the model does not decode answers no one is waiting for."""
+        call = _Call()
+        try:
+            return await _in_thread(self._generate, prompts, config, call)
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            raise
+
+    def _generate(self, prompts: Sequence[str | Sequence[Segment]], config: GenerationConfig | None,
+                  call: _Call) -> list[Generation]:
+        """``generate``, its requests queued as ``call``'s (so that ``_withdraw`` can take them back)."""
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
-        config = config or GenerationConfig()
+        config = _engine_config(config)
         try:
             requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
             state = self._state()
             with self._pending_lock:
-                state.pending.extend(requests)
+                if not call.withdrawn:
+                    call.requests = requests
+                    state.pending.extend(requests)
             with state.lock:
                 with self._pending_lock:
                     batch = [r for r in state.pending if r.config == config]
                     state.pending = [r for r in state.pending if r.config != config]
-                for start in range(0, len(batch), MAX_BATCH):
-                    self._serve(batch[start:start + MAX_BATCH], config)
+                try:
+                    for start in range(0, len(batch), MAX_BATCH):
+                        self._serve(batch[start:start + MAX_BATCH], config)
+                finally:
+                    self._requeue(state, batch, requests)
         finally:
             self._release(prompts)
         for request in requests:
             if request.error is not None:
                 raise request.error
+            if request.result is None:  # withdrawn before the model was free
+                raise SACError("the call was cancelled before its prompts were decoded: call generate again")
         results = [r.result for r in requests]
         self._warn_if_empty(results)
         return results
 
-    async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
-                        config: GenerationConfig | None = None) -> list[Generation]:
-        """``generate`` in a worker thread: the event loop stays free meanwhile."""
-        return await _in_thread(self.generate, prompts, config)
+    def _requeue(self, state: _Loaded, batch: Sequence[_Request], own: Sequence[_Request]) -> None:
+        """Put back the requests of other calls that ``batch`` took from the queue and left unanswered
+        (the decoding was interrupted, by a ``KeyboardInterrupt`` say): their callers, waiting for the
+        model, then decode them themselves instead of finding no answer."""
+        mine = {id(r) for r in own}
+        left = [r for r in batch if id(r) not in mine and r.result is None and r.error is None]
+        if left:
+            with self._pending_lock:
+                state.pending[:0] = left
+
+    def _withdraw(self, call: _Call) -> None:
+        """Take ``call``'s requests out of the queue (its caller is gone); those a concurrent call has
+        already taken to decode are answered anyway."""
+        with self._pending_lock:
+            call.withdrawn = True
+            if self._loaded is not None and call.requests:
+                taken = {id(r) for r in call.requests}
+                self._loaded.pending = [r for r in self._loaded.pending if id(r) not in taken]
 
     def stream(self, prompt: str | Sequence[Segment],
                config: GenerationConfig | None = None) -> Iterator[str | Generation]:
@@ -920,7 +1025,7 @@ class SACEngine:
                  stop: threading.Event) -> Iterator[str | Generation]:
         """The answer's text pieces, then its ``Generation``, decoded holding the model (for
         ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set."""
-        config = config or GenerationConfig()
+        config = _engine_config(config)
         try:
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
@@ -1006,11 +1111,71 @@ class SACEngine:
             request.result = result
 
 
+def _engine_config(config: GenerationConfig | None) -> GenerationConfig:
+    """A call's decoding settings, refusing context-aware decoding: it reads each prompt beside the
+    same prompt without its contexts, which a prompt string with markers does not give."""
+    config = config or GenerationConfig()
+    if config.context_contrast:
+        raise InvalidInputError("context_contrast (context-aware decoding) needs each prompt without its contexts, "
+                                "which SACEngine and the framework wrappers are not given: use SAC.answer, or "
+                                "Generator.generate with contrast_prompt=")
+    return config
+
+
 async def _in_thread(fn, *args, **kwargs):
     """Run ``fn`` in the loop's default executor, with the caller's context variables."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
     return await loop.run_in_executor(None, lambda: context.run(fn, *args, **kwargs))
+
+
+class _Handover:
+    """What a call in a thread hands out (chunks it pinned), for a caller that may be cancelled
+    meanwhile. Abandoned, it goes to ``release``: ``held`` (what the call was handed in) if the call
+    never started (a cancelled job leaves the executor's queue), else the call's result, once the
+    call has it (a running thread cannot be stopped)."""
+
+    _NOTHING = object()
+
+    def __init__(self, release: Callable[[Any], None], held: Any):
+        self._release = release
+        self._held = held
+        self._lock = threading.Lock()
+        self._result: Any = self._NOTHING
+        self._started = self._abandoned = False
+
+    def run(self, fn, *args, **kwargs) -> Any:
+        with self._lock:
+            if self._abandoned:
+                return None  # no one waits for it, and abandon released what it was handed
+            self._started = True
+        result = fn(*args, **kwargs)
+        with self._lock:
+            abandoned = self._abandoned
+            if not abandoned:
+                self._result = result
+        if abandoned:
+            self._release(result)
+        return result
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            unused = self._result if self._started else self._held
+            self._result = self._NOTHING
+        if unused is not self._NOTHING:
+            self._release(unused)
+
+
+async def _in_thread_releasing(release: Callable[[Any], None], held: Any, fn, *args, **kwargs):
+    """``_in_thread`` for a call that hands out what ``release`` takes back, and is handed ``held``:
+    if the caller is cancelled, what would have been handed to it is released (``_Handover``)."""
+    handover = _Handover(release, held)
+    try:
+        return await _in_thread(handover.run, fn, *args, **kwargs)
+    except asyncio.CancelledError:
+        handover.abandon()
+        raise
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
