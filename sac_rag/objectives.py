@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .data import Paragraph
+from .errors import InvalidInputError
 from .generation import GenerationConfig, bos_ids, next_tokens
 from .metrics import answer_agreement
 
@@ -64,9 +65,15 @@ class ExampleBuilder:
 
     def __post_init__(self) -> None:
         if self.distractor_source not in DISTRACTOR_SOURCES:
-            raise ValueError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
+            raise InvalidInputError(
+                f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
         if self.span_questions < 0:
-            raise ValueError(f"span_questions must be >= 0, got {self.span_questions}")
+            raise InvalidInputError(f"span_questions must be >= 0, got {self.span_questions}")
+        if self.distractors and getattr(self.template, "context_separator", ""):
+            # The objectives read an example's passages back to back; the generator would read the separator
+            # text between them, so the model would be trained on another prompt than it answers.
+            raise InvalidInputError(f"distractors need a prompt template without a context_separator (got "
+                             f"{self.template.context_separator!r}): training lays passages back to back")
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -88,9 +95,14 @@ class ExampleBuilder:
         rows = []
         spans = span_questions_about(paragraph.context, self.span_questions, random.Random(f"span {self.seed} {index}"))
         for question, answer in [(qa.question, qa.answers[0]) for qa in questions] + spans:
-            target = self._ids(answer)[: self.max_answer_tokens] + [self.eos]
-            rows.append((self._ids(self.template.question.format(question=question)), target))
+            rows.append((self._ids(self.template.question.format(question=question)), self._target(answer)))
         return Example([self._ids(p) for p in passages], rows, span_rows=len(spans))
+
+    def _target(self, answer: str) -> list[int]:
+        """The answer's tokens and the end token; an answer cut at ``max_answer_tokens`` gets no end token
+        (it does not end there)."""
+        ids = self._ids(answer)
+        return ids[: self.max_answer_tokens] + ([self.eos] if len(ids) <= self.max_answer_tokens else [])
 
     def _distractors(self, paragraph: Paragraph, pool: list[Paragraph], rng: random.Random) -> list[str]:
         """``distractors`` distinct passages other than the gold one (fewer if the pool is smaller)."""
@@ -192,15 +204,15 @@ class SACObjective:
                  divergence: str = "forward", on_policy_tokens: int = 0, temperature: float = 1.0,
                  risk_weight: float = 0.0, risk_samples: int = 4, risk_max_tokens: int = 12):
         if on_policy_tokens < 0:
-            raise ValueError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
+            raise InvalidInputError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
         if distill_tokens not in DISTILL_TOKENS:
-            raise ValueError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
+            raise InvalidInputError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {distill_tokens!r}")
         if divergence not in DISTILL_DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DISTILL_DIVERGENCES}, got {divergence!r}")
+            raise InvalidInputError(f"divergence must be one of {DISTILL_DIVERGENCES}, got {divergence!r}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (1 = the plain KL), got {temperature}")
+            raise InvalidInputError(f"temperature must be > 0 (1 = the plain KL), got {temperature}")
         if risk_weight < 0 or risk_samples < 1 or risk_max_tokens < 1:
-            raise ValueError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
+            raise InvalidInputError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
                              f"{risk_weight}, {risk_samples}, {risk_max_tokens}")
         self.compressor = compressor
         self.distill_weight = distill_weight
@@ -447,7 +459,7 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]]):
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, (prompt, target) in enumerate(rows):
         if not prompt:
-            raise ValueError("every decoder row needs at least one prompt token to predict from")
+            raise InvalidInputError("every decoder row needs at least one prompt token to predict from")
         seq = prompt + target
         ids[r, : len(seq)] = torch.as_tensor(seq)
         mask[r, : len(seq)] = 1

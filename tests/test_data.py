@@ -199,3 +199,60 @@ def test_qa_jsonl_named_json_is_refused_saying_how_it_would_be_read(tmp_path):
     with pytest.raises(DataError, match=r"qa\.json: not SQuAD JSON .*Extra data.*; a file of one JSON object per line "
                                         r"is read as QA JSONL when its name ends in \.jsonl"):
         read_qa(tmp_path / "qa.json")
+
+
+def test_a_split_context_keeps_each_question_with_the_occurrence_its_answer_start_points_at(tokenizer):
+    """Unicode text (accents, CJK, an emoji: answer_start counts characters), an answer whose text occurs twice
+    (its answer_start says which), one whose answer_start is wrong (found by its text instead) and one whose answer
+    is in no piece."""
+    from sac_rag.data import split_long_contexts
+
+    sentences = [f"Phrase {i}: la tour fut achevée en {1800 + i} — 東京 🗼." for i in range(40)]
+    sentences[3] += " Gustave Eiffel."
+    sentences[36] += " Gustave Eiffel."
+    context = " ".join(sentences)
+    late = context.rindex("Gustave Eiffel")
+    questions = [QAItem("Who, late?", ["Gustave Eiffel"], "late", late),
+                 QAItem("Who, no start?", ["Gustave Eiffel"], "early"),
+                 QAItem("When, wrong start?", ["1838"], "wrong", context.index("1801")),
+                 QAItem("Who else?", ["Koechlin"], "absent", 5)]
+    stats = LoadStats()
+    kept, report = split_long_contexts([Paragraph(context, questions, "A")], tokenizer, 60, stats)
+    assert report.contexts == 1 and report.questions_skipped == 1 and len(kept) == report.pieces
+    by_id = {qa.id: (piece, qa) for piece in kept for qa in piece.questions}
+    assert set(by_id) == {"late", "early", "wrong"}
+    for piece, qa in by_id.values():
+        assert piece.context in context and qa.answers[0] in piece.context
+        assert len(tokenizer(piece.context, add_special_tokens=False)["input_ids"]) <= 60
+    piece, qa = by_id["late"]
+    assert piece.context[qa.answer_start : qa.answer_start + len("Gustave Eiffel")] == "Gustave Eiffel"
+    assert context.index(piece.context) + qa.answer_start == late  # the occurrence it pointed at, not the first
+    piece, qa = by_id["early"]  # without a start: the first piece holding the answer's text, its first occurrence
+    first = context.index("Gustave Eiffel")
+    assert context.index(piece.context) <= first < late and qa.answer_start == -1
+    assert by_id["wrong"][1].answer_start == -1  # a start that points elsewhere is not carried over
+
+
+def test_an_answer_absent_from_an_unsplit_context_is_kept_as_its_target(tokenizer):
+    """Only a split context drops a question whose answer no piece holds; a context read whole keeps it (free-form
+    answers are answers too), and the example's target is that answer and the end token."""
+    from sac_rag.config import PromptTemplate
+    from sac_rag.data import split_long_contexts
+    from sac_rag.objectives import ExampleBuilder
+
+    paragraph = Paragraph("Paris is in France.", [QAItem("Is it?", ["yes"])], "A")
+    kept, report = split_long_contexts([paragraph], tokenizer, 60, LoadStats())
+    assert kept == [paragraph] and report.questions_skipped == 0
+    ((_, target),) = ExampleBuilder(tokenizer, PromptTemplate()).qa(paragraph, 0, kept).rows
+    assert target == tokenizer("yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_duplicate_questions_are_read_as_separate_items_and_grouped_by_context(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"context": "Ünïcødé 東京 🗼 is here.", "question": "Where?", "answers": ["東京"]},
+            {"context": "Ünïcødé 東京 🗼 is here.", "question": "Where?", "answers": ["東京 🗼"]},
+            {"context": "Other.", "question": "Where?", "answers": "Other"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    first, second = read_qa(path)
+    assert first.context == rows[0]["context"] and [qa.answers for qa in first.questions] == [["東京"], ["東京 🗼"]]
+    assert second.questions[0].answers == ["Other"]

@@ -1,8 +1,11 @@
 """How training examples are built (questions per paragraph, distractor passages, span questions)
 and what the objective distils."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_tiny_llama
 
 from sac_rag.config import PromptTemplate
@@ -390,3 +393,340 @@ def test_recomputing_the_risk_candidates_in_the_backward_pass_gives_the_gradient
     kept = gradients()
     assert len(recomputed) == len(kept) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(recomputed, kept))
+
+
+# -- the objective against a computation by hand --------------------------------------------------------
+#
+# The reference reads each row as the generator answers: the prompt head as text at positions 0.., then each
+# passage's chunks, compressed at offset 0 within their passage (as ``compress`` does) and moved to the running
+# position by rotating their keys, then the question and answer as text. The frozen decoder is a fresh copy of
+# the tiny model (no peft layers at all), so an adapter left on while decoding would show.
+
+TEMPLATE = PromptTemplate(prefix="Read.\n")
+FACTS = [
+    Paragraph("Paris is the capital of France. The tower was finished in 1889 by Gustave Eiffel.",
+              [QAItem("What is the capital?", ["Paris"]), QAItem("When was the tower finished?", ["1889"]),
+               QAItem("Who finished it?", ["Gustave Eiffel"])], "A"),
+    Paragraph("The quick brown fox jumps over the lazy dog.",
+              [QAItem("Who jumps?", ["The quick brown fox"]), QAItem("Over what?", ["the lazy dog"])], "B"),
+    Paragraph("Anchors carry the meaning of a chunk; the decoder reads their keys and values.",
+              [QAItem("What carries meaning?", ["Anchors"])], "C"),
+]
+
+
+def _sharp_tiny_llama():
+    """The tiny Llama with sharper attention and next-token distributions than its random initialisation
+    gives, so that a token read at a wrong position or from a wrong cache changes the losses clearly."""
+    model, tokenizer = make_tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+        model.lm_head.weight.mul_(4.0)
+    return model, tokenizer
+
+
+def _trained_sac(decoder_lora: bool = False, chunk_len: int = 8):
+    """A bidirectional ratio-3 compressor with chunks short enough that every passage has several, whose
+    adapters and anchor embedding hold random weights (so its encoder is not its decoder), trainable as
+    train.py makes them."""
+    from sac_rag import SACCompressor, SACConfig
+
+    model, tokenizer = _sharp_tiny_llama()
+    config = SACConfig(base_model="tiny", ratio=3, chunk_len=chunk_len, lora_rank=4, lora_alpha=8, prompt=TEMPLATE,
+                       decoder_lora_rank=4 if decoder_lora else 0)
+    comp = SACCompressor(config, model=model, tokenizer=tokenizer)
+    draw = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in comp.named_parameters():
+            trained = "lora_" in name or name == "anchor_embedding"
+            if trained:
+                param.copy_(torch.randn(param.shape, generator=draw) * 0.3)
+            param.requires_grad_(trained)
+    return comp
+
+
+def _head(comp) -> list[int]:
+    from sac_rag.generation import bos_ids
+
+    prompt = comp.config.prompt
+    return bos_ids(comp.tokenizer) + comp.tokenizer(prompt.prefix + prompt.context_prefix,
+                                                     add_special_tokens=False)["input_ids"]
+
+
+def _by_hand(model, head: list[int], kvs: list, text: list[int], hidden: bool = False):
+    """Logits ``[len(text), vocab]`` (and, with ``hidden``, every layer's output ``[layers, len(text), dim]``) of
+    ``model`` reading ``head`` at positions 0.., then ``kvs`` (``AnchorKV``s, each moved to the running position),
+    then ``text``."""
+    from transformers import DynamicCache
+
+    from sac_rag.rope import KeyRotator
+
+    rotator, cache, position = KeyRotator.from_model(model), DynamicCache(config=model.config), 0
+
+    def read(ids):
+        return model(input_ids=torch.tensor([ids]), position_ids=torch.arange(position, position + len(ids))[None],
+                     attention_mask=torch.ones(1, cache.get_seq_length() + len(ids), dtype=torch.long),
+                     cache=cache, use_cache=True, output_hidden_states=hidden)
+
+    if head:
+        read(head)
+        position += len(head)
+    for kv in kvs:
+        placed = kv.at_offset(position, rotator)
+        for layer, (k, v) in enumerate(zip(placed.keys, placed.values)):
+            cache.layers[layer].update(k[None], v[None])
+        position += kv.n_tokens
+    out = read(text)
+    if hidden:
+        return out.logits[0], torch.stack([h[0] for h in out.hidden_states[1:]])
+    return out.logits[0]
+
+
+def _compressed(comp, passage: list[int], grad: bool = False) -> list:
+    """A passage's chunks as ``compress`` makes them: split every ``chunk_len`` tokens, at offsets within it."""
+    step = comp.config.chunk_len
+    chunks = [passage[i : i + step] for i in range(0, len(passage), step)]
+    offsets = [i for i in range(0, len(passage), step)]
+    return comp.encode(chunks, offsets) if grad else comp.compress_chunks(chunks, offsets)
+
+
+def _qa_examples(comp, distractors: int = 1):
+    builder = ExampleBuilder(comp.tokenizer, comp.config.prompt, questions_per_context=2, distractors=distractors)
+    return [builder.qa(paragraph, i, FACTS) for i, paragraph in enumerate(FACTS)]
+
+
+def _nll_by_hand(comp, examples, decoder=None, grad: bool = False) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of every row's target tokens, each row read alone by ``decoder`` (by
+    default the compressor's model in its decoder mode), and their number."""
+    total, count = torch.zeros(()), 0
+    for ex in examples:
+        kvs = [kv for passage in ex.passages for kv in _compressed(comp, passage, grad)]
+        for prompt, target in ex.rows:
+            with contextlib.nullcontext() if decoder else comp.decoder_mode():
+                logits = _by_hand(decoder or comp.base_model, _head(comp), kvs, prompt + target[:-1])
+            logits = logits[len(prompt) - 1 :]
+            total = total + F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum")
+            count += len(target)
+    return total, count
+
+
+@pytest.mark.parametrize("decoder_lora", [False, True])
+def test_the_answer_cross_entropy_is_the_mean_nll_of_the_answer_and_end_tokens_as_the_generator_reads_them(
+        decoder_lora):
+    from sac_rag.generation import Generator
+    from sac_rag.objectives import SACObjective
+
+    comp = _trained_sac(decoder_lora)
+    tokenizer, template = comp.tokenizer, comp.config.prompt
+    examples = _qa_examples(comp)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    asked = {tuple(ids(template.question.format(question=qa.question))): qa for p in FACTS for qa in p.questions}
+    generator = Generator.from_compressor(comp)
+    for ex in examples:
+        assert len(ex.passages) == 2 and any(len(p) > comp.config.chunk_len for p in ex.passages)
+        kvs = [_compressed(comp, passage) for passage in ex.passages]
+        for prompt, target in ex.rows:  # the question as the generator's template writes it, then answer + end
+            qa = asked[tuple(prompt)]
+            assert target == ids(qa.answers[0]) + [tokenizer.eos_token_id]
+            # the layout by hand is the generator's: the same logits over the question
+            by_generator = generator.prompt_logits(template.build(kvs, qa.question))
+            with comp.decoder_mode():
+                by_hand = _by_hand(comp.base_model, _head(comp), [kv for kv in sum(kvs, [])], prompt)
+            assert torch.allclose(by_generator, by_hand, atol=1e-4)
+    objective = SACObjective(comp, prefix_text=template.prefix + template.context_prefix)
+    with torch.no_grad():
+        loss, stats = objective.loss(examples)
+        if decoder_lora:
+            nll, count = _nll_by_hand(comp, examples)
+        else:  # the frozen decoder is the base model itself, no adapter of the compressor on
+            nll, count = _nll_by_hand(comp, examples, _sharp_tiny_llama()[0])
+    assert stats["target_tokens"] == count == sum(len(target) for ex in examples for _, target in ex.rows)
+    assert loss.item() == pytest.approx(nll.item() / count, rel=1e-5)
+
+
+def test_each_example_and_question_loss_is_its_own_whatever_it_is_batched_with():
+    from sac_rag.objectives import Example, SACObjective
+
+    comp = _trained_sac()
+    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix)
+    examples = _qa_examples(comp)
+    assert len({sum(map(len, ex.passages)) for ex in examples}) == 3  # padded to each other's lengths
+    with torch.no_grad():
+        together = objective.loss(examples)[1]
+        alone = [objective.loss([ex])[1] for ex in examples]
+        # one question at a time, each with its own encoder pass
+        questions = [objective.loss([Example(ex.passages, [row])])[1] for ex in examples for row in ex.rows]
+    for parts in (alone, questions):
+        tokens = sum(s["target_tokens"] for s in parts)
+        assert tokens == together["target_tokens"]
+        assert together["ce"] == pytest.approx(sum(s["ce"] * s["target_tokens"] for s in parts) / tokens, rel=1e-5)
+    assert len({round(s["ce"], 4) for s in questions}) == len(questions)  # the questions' losses differ
+
+
+@pytest.mark.parametrize("decoder_lora", [False, True])
+def test_the_gradients_are_those_of_the_nll_by_hand_and_reach_only_the_adapters_and_anchor_embedding(decoder_lora):
+    from sac_rag.objectives import SACObjective
+
+    comp = _trained_sac(decoder_lora)
+    trained = {name: p for name, p in comp.named_parameters() if p.requires_grad}
+    assert "anchor_embedding" in trained and any(".decoder." in name for name in trained) == decoder_lora
+    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix)
+    assert {id(p) for p in objective.parameters()} == {id(p) for p in trained.values()}
+    examples = _qa_examples(comp)
+    objective.loss(examples)[0].backward()
+    grads = {name: p.grad for name, p in trained.items()}
+    assert all(p.grad is None for name, p in comp.named_parameters() if name not in trained)
+    for p in trained.values():
+        p.grad = None
+    nll, count = _nll_by_hand(comp, examples, grad=True)
+    (nll / count).backward()
+    last = comp.base_model.config.num_hidden_layers - 1
+    for name, p in trained.items():
+        # the encoder's queries in the last layer shape no kept K/V: the only weights without a gradient
+        unused = f"layers.{last}.self_attn.q_proj.lora_" in name and ".default." in name
+        assert (grads[name] is None) == (p.grad is None) == unused, name
+        if not unused:
+            assert grads[name].abs().sum() > 0, name  # encoder adapter, anchor embedding, decoder adapter
+            assert torch.allclose(grads[name], p.grad, rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.parametrize("divergence, temperature, tokens", [("forward", 1.0, "answer"), ("reverse", 2.0, "all"),
+                                                             ("forward", 0.5, "all")])
+def test_distillation_compares_student_and_teacher_at_the_same_tokens(divergence, temperature, tokens):
+    """The teacher reads the passages as text, so the row's tokens sit at the same positions in both; the KL
+    covers the answer tokens (and with "all" every next-token prediction of the row), teacher first."""
+    from sac_rag.objectives import SACObjective
+
+    comp = _trained_sac()
+    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix, distill_weight=1.0,
+                             hidden_weight=1.0, divergence=divergence, temperature=temperature, distill_tokens=tokens)
+    examples = _qa_examples(comp)
+    base = _sharp_tiny_llama()[0]
+    students, teachers, student_layers, teacher_layers = [], [], [], []
+    with torch.no_grad():
+        stats = objective.loss(examples)[1]
+        for ex in examples:
+            kvs = [kv for passage in ex.passages for kv in _compressed(comp, passage)]
+            text = _head(comp) + [t for passage in ex.passages for t in passage]
+            for prompt, target in ex.rows:
+                row = prompt + target[:-1]
+                start = 0 if tokens == "all" else len(prompt) - 1
+                logits, layers = _by_hand(base, _head(comp), kvs, row, hidden=True)
+                students.append(logits[start:])
+                student_layers.append(layers[:, start:])
+                out = base(input_ids=torch.tensor([text + row]), output_hidden_states=True)
+                teachers.append(out.logits[0, len(text) + start :])
+                teacher_layers.append(torch.stack([h[0, len(text) + start :] for h in out.hidden_states[1:]]))
+    student = (torch.cat(students) / temperature).log_softmax(-1)
+    teacher = (torch.cat(teachers) / temperature).log_softmax(-1)
+    p, q = (teacher, student) if divergence == "forward" else (student, teacher)
+    kl = temperature ** 2 * (p.exp() * (p - q)).sum(-1).mean()
+    assert stats["distilled_tokens"] == len(student)
+    assert stats["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    rms = lambda h: h / h.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+    hidden = (rms(torch.cat(student_layers, 1)) - rms(torch.cat(teacher_layers, 1))).pow(2).mean()
+    assert stats["hidden"] == pytest.approx(hidden.item(), rel=1e-3)
+
+
+def test_lm_pretraining_compresses_the_first_half_and_predicts_the_rest_of_the_window():
+    from sac_rag.objectives import SACObjective
+
+    comp = _trained_sac()
+    tokenizer, eos = comp.tokenizer, comp.tokenizer.eos_token_id
+    text = " ".join(p.context for p in FACTS)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    builder = ExampleBuilder(tokenizer, TEMPLATE, lm_min_tokens=20, lm_max_tokens=len(ids) - 5)
+    examples, ends = [], set()
+    for index in range(200):
+        ex = builder.lm(text, index)
+        (first_half,), ((read, target),) = ex.passages, ex.rows
+        at_end = target[-1:] == [eos]
+        window = first_half + read + target[: len(target) - at_end]
+        start = next(s for s in range(len(ids)) if ids[s : s + len(window)] == window)
+        assert 20 <= len(window) <= len(ids) - 5 and len(first_half) == len(window) // 2
+        assert at_end == (start + len(window) == len(ids))  # the end token only where the document ends
+        ends.add(at_end)
+        examples.append(ex)
+    assert ends == {True, False}
+    assert builder.lm(" ".join(text.split()[:3]), 0) is None  # too short
+    # pretraining has no prompt text: the chunks right after the BOS token (none here), then the continuation
+    objective = SACObjective(comp)
+    batch = examples[:4]
+    with torch.no_grad():
+        stats = objective.loss(batch)[1]
+        base = _sharp_tiny_llama()[0]
+        nll, count = 0.0, 0
+        for ex in batch:
+            (read, target), = ex.rows
+            logits = _by_hand(base, [], _compressed(comp, ex.passages[0]), read + target[:-1])
+            nll += F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum").item()
+            count += len(target)
+    assert stats["target_tokens"] == count
+    assert stats["ce"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_full_ft_trains_the_answer_tokens_of_the_full_text_each_row_read_alone():
+    from peft import LoraConfig, get_peft_model
+
+    from sac_rag.objectives import FullTextObjective
+
+    model, tokenizer = _sharp_tiny_llama()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    draw = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=draw) * 0.3)
+    objective = FullTextObjective(peft_model, tokenizer, TEMPLATE.prefix + TEMPLATE.context_prefix)
+    builder = ExampleBuilder(tokenizer, TEMPLATE, questions_per_context=2, distractors=1)
+    examples = [builder.qa(paragraph, i, FACTS) for i, paragraph in enumerate(FACTS)]
+    head = tokenizer(TEMPLATE.prefix + TEMPLATE.context_prefix, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        loss, stats = objective.loss(examples)
+        nll, count = 0.0, 0
+        for ex in examples:
+            for prompt, target in ex.rows:
+                text = head + [t for passage in ex.passages for t in passage] + prompt
+                logits = peft_model(input_ids=torch.tensor([text + target[:-1]])).logits[0, len(text) - 1 :]
+                nll += F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum").item()
+                count += len(target)
+    assert stats["target_tokens"] == count
+    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_an_answer_cut_at_max_answer_tokens_is_not_trained_to_end_there(tokenizer):
+    long_answer = "the tower was finished in 1889 by Gustave Eiffel"
+    paragraph = Paragraph(f"In Paris {long_answer}.", [QAItem("What happened?", [long_answer])], "A")
+    ids = tokenizer(long_answer, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    for limit, target in [(len(ids), ids + [eos]), (len(ids) + 5, ids + [eos]), (len(ids) - 1, ids[:-1]), (3, ids[:3])]:
+        builder = ExampleBuilder(tokenizer, PromptTemplate(), max_answer_tokens=limit)
+        assert builder.qa(paragraph, 0, [paragraph]).rows[0][1] == target
+
+
+def test_distractors_are_refused_with_a_template_that_separates_contexts(tokenizer):
+    """The generator reads a template's context_separator between passages as text; the objectives read an
+    example's passages back to back, so training would not read what answering reads."""
+    separated = PromptTemplate(context_separator="\n")
+    with pytest.raises(ValueError, match="context_separator"):
+        ExampleBuilder(tokenizer, separated, distractors=1)
+    ExampleBuilder(tokenizer, separated)  # one passage: no separator is read
+    assert separated.build(["a", "b"], "q?") != separated.build(["ab"], "q?")
+
+
+def test_training_reads_the_prompt_the_generator_reads_only_without_a_context_separator():
+    """What the refusal above guards: with a separator, the generator's layout of two compressed passages is not
+    the objective's."""
+    from sac_rag.generation import Generator
+
+    comp = _trained_sac()
+    ex = _qa_examples(comp)[0]
+    kvs = [_compressed(comp, passage) for passage in ex.passages]
+    question = "What is the capital?"
+    prompt = comp.tokenizer(TEMPLATE.question.format(question=question), add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), comp.decoder_mode():
+        trained = _by_hand(comp.base_model, _head(comp), sum(kvs, []), prompt)
+    generator = Generator.from_compressor(comp)
+    assert torch.allclose(generator.prompt_logits(TEMPLATE.build(kvs, question)), trained, atol=1e-4)
+    separated = PromptTemplate(prefix=TEMPLATE.prefix, context_separator="\n")
+    assert not torch.allclose(generator.prompt_logits(separated.build(kvs, question)), trained, atol=1e-2)
