@@ -1,7 +1,6 @@
 """benchmarks/costs.py: every method timed in one process on contexts of k paragraphs; rows carry
 the ratios to full context and the command; bad input is refused before anything is timed."""
 
-import importlib.util
 import json
 import lzma
 import subprocess
@@ -9,23 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
 
 from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import InvalidInputError
 from sac_rag.eval import Question
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "costs.py"
+SCRIPT = BENCHMARKS / "costs.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("costs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-COSTS = _script()
+COSTS = load_benchmark("costs")
 
 
 def _question(i: int, context: str) -> Question:

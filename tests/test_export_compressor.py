@@ -1,28 +1,20 @@
 """benchmarks/export_compressor.py: a run's compressor copied into the package in bfloat16, with its
 training config; names and folders it would misuse are refused before anything is written."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
 
 import sac_rag.compressor
 from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import SACError
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "export_compressor.py"
+SCRIPT = BENCHMARKS / "export_compressor.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("export_compressor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -30,7 +22,7 @@ def package(tmp_path, monkeypatch):
     """The script and sac_rag looking for built-in compressors in a folder of the test's own."""
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
-    script = _script()
+    script = load_benchmark("export_compressor")
     monkeypatch.setattr(script, "PRETRAINED_DIR", pretrained)
     monkeypatch.setattr(sac_rag.compressor, "PRETRAINED_DIR", pretrained)
     return script, pretrained

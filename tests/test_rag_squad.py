@@ -2,7 +2,6 @@
 every method writes a scored row with its command and costs, runs resume, what LLMs read is
 counted right, and bad input is refused before any model loads."""
 
-import importlib.util
 import json
 import lzma
 import subprocess
@@ -12,24 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
 
 from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import SACError
 from sac_rag.eval import Question
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "rag_squad.py"
+SCRIPT = BENCHMARKS / "rag_squad.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("rag_squad", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rag_squad"] = module  # where pydantic resolves the annotations of its LangChain classes
-    spec.loader.exec_module(module)
-    return module
 
-
-RAG = _script()
+RAG = load_benchmark("rag_squad")
 Document = RAG.Document
 
 PARAGRAPHS = [

@@ -1,7 +1,6 @@
 """benchmarks/store_benchmark.py on the tiny Llama: the bytes it reports are the ones known by hand,
 every row names its measure and command, and bad input is refused before any model loads."""
 
-import importlib.util
 import json
 import lzma
 import subprocess
@@ -11,26 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
 
 from sac_rag import SACCompressor, SACConfig
 from sac_rag.chunking import iter_chunks
 from sac_rag.errors import SACError
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "store_benchmark.py"
+SCRIPT = BENCHMARKS / "store_benchmark.py"
 BYTES_PER_TOKEN = 4 * 2 * 2 * 16 * 2  # the tiny Llama's K/V of one token: layers x K,V x heads x dims x bf16
 MEASURES = ["throughput", "bytes", "load_k5_vs_ttft", "storage_fp8", "storage_int8",
             "answers_native", "answers_fp8", "answers_int8"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("store_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-STORE = _script()
+STORE = load_benchmark("store_benchmark")
 
 
 def _tiny_bf16(seed: int = 0):
