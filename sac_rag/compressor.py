@@ -67,9 +67,10 @@ def _check_placement(model, device, dtype) -> None:
         if wanted.type != where.type or wanted.index not in (None, where.index):
             raise InvalidInputError(f"device={device!r}, but the model passed is on {where}: move it first "
                                     f"(model.to({str(wanted)!r})) or leave device out")
-    if dtype is not None and dtype != "auto" and resolve_dtype(dtype, where) != kind:
+    wanted_dtype = None if dtype is None or dtype == "auto" else resolve_dtype(dtype, where)
+    if wanted_dtype is not None and wanted_dtype != kind:
         raise InvalidInputError(f"dtype={dtype!r}, but the model passed is in {kind}: cast it first "
-                                f"(model.to({resolve_dtype(dtype, where)})) or leave dtype out")
+                                f"(model.to({wanted_dtype})) or leave dtype out")
 
 
 def _without_base_model(config: dict) -> dict:

@@ -56,7 +56,7 @@ from .generation import Generation, GenerationConfig, Generator, bos_ids
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import AnchorStore, EntryNotFoundError
-from .workers import Raised, relayed
+from .workers import Raised, relayed, unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -1009,13 +1009,8 @@ class SACEngine:
 
         worker = loop.run_in_executor(None, contextvars.copy_context().run, produce)
         try:
-            while True:
-                item = await queue.get()
-                if item is end:
-                    break
-                if isinstance(item, Raised):
-                    raise item.error
-                yield item
+            while (item := await queue.get()) is not end:
+                yield unwrapped(item)
         finally:
             stop.set()
             if worker.done():

@@ -25,6 +25,13 @@ class Raised:
         self.error = error
 
 
+def unwrapped(item):
+    """An item the worker handed over, or, for a ``Raised``, its exception raised here."""
+    if isinstance(item, Raised):
+        raise item.error
+    return item
+
+
 def relayed(produce: Callable[[threading.Event], Iterator[T]]) -> Iterator[T]:
     """The items of ``produce(stop)``, run in a worker thread (started at the first item asked for)
     and handed over as they come; its exceptions are raised here. Closing early sets ``stop`` (which
@@ -53,13 +60,8 @@ def relayed(produce: Callable[[threading.Event], Iterator[T]]) -> Iterator[T]:
     worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="sac-stream", daemon=True)
     worker.start()
     try:
-        while True:
-            item = handed.get()
-            if item is end:
-                break
-            if isinstance(item, Raised):
-                raise item.error
-            yield item
+        while (item := handed.get()) is not end:
+            yield unwrapped(item)
     finally:
         stop.set()
         worker.join()
