@@ -29,7 +29,7 @@ def answer_loss(comp: SACCompressor, paragraphs: list[Paragraph], questions: int
                 micro_batch: int = 8) -> tuple[float, int]:
     """Mean cross-entropy per answer token (and the number of tokens) over the paragraphs."""
     prefix = comp.config.prompt.prefix + comp.config.prompt.context_prefix
-    objective = SACObjective(comp, prefix_text=prefix)
+    objective = SACObjective(comp, prefix_text=prefix, weighting="micro_batch_tokens")  # per token, summed below
     builder = ExampleBuilder(comp.tokenizer, comp.config.prompt, questions_per_context=questions,
                              span_questions=span_questions, seed=3)
     examples = [builder.qa(p, i, paragraphs) for i, p in enumerate(paragraphs)]

@@ -32,6 +32,12 @@ DISTILL_TOKENS = ("answer", "all")  # which decoder-row tokens the distillation 
 # KL(student || teacher) puts it on the teacher's likeliest one (mode seeking).
 DISTILL_DIVERGENCES = ("forward", "reverse")
 DISTRACTOR_SOURCES = ("random", "same_article")  # where distractor passages are drawn from
+# How a loss term averages its tokens (or questions) over a micro-batch. "example": each example's
+# mean over its own tokens, then the mean over examples, so that a step weighs every example the
+# same however it is split into micro-batches and processes. "micro_batch_tokens": the mean over
+# all the micro-batch's tokens at once, which runs before this option (the shipped stages) used:
+# there, how examples weigh in a step depends on the micro-batch size.
+LOSS_WEIGHTINGS = ("example", "micro_batch_tokens")
 
 
 @dataclass
@@ -197,12 +203,15 @@ class SACObjective:
     ``hidden_weight`` > 0 adds a denser term at the same positions: the mean over decoder layers
     of the squared distance between the student's and the teacher's layer outputs, each
     RMS-normalised per token (so a few large-magnitude dimensions do not dominate).
+    Every term is a mean over the micro-batch as ``weighting`` says (LOSS_WEIGHTINGS): by default each
+    example's mean over its own tokens (or questions), averaged over the examples.
     """
 
     def __init__(self, compressor, prefix_text: str = "", distill_weight: float = 0.0, ae_weight: float = 0.0,
                  teacher=None, distill_tokens: str = "answer", hidden_weight: float = 0.0,
                  divergence: str = "forward", on_policy_tokens: int = 0, temperature: float = 1.0,
-                 risk_weight: float = 0.0, risk_samples: int = 4, risk_max_tokens: int = 12):
+                 risk_weight: float = 0.0, risk_samples: int = 4, risk_max_tokens: int = 12,
+                 weighting: str = "example"):
         if on_policy_tokens < 0:
             raise InvalidInputError(f"on_policy_tokens must be >= 0 (0 = off), got {on_policy_tokens}")
         if distill_tokens not in DISTILL_TOKENS:
@@ -215,6 +224,7 @@ class SACObjective:
             raise InvalidInputError("risk_weight must be >= 0 and risk_samples, risk_max_tokens >= 1, got "
                              f"{risk_weight}, {risk_samples}, {risk_max_tokens}")
         self.compressor = compressor
+        self.weighting = _check_weighting(weighting)
         self.distill_weight = distill_weight
         self.hidden_weight = hidden_weight
         self.ae_weight = ae_weight
@@ -287,7 +297,9 @@ class SACObjective:
                                    every_token=every_token, layers=self.hidden_weight > 0)
         own_answer = student.row >= gold_rows  # tokens of the on-policy rows: distilled, never CE-trained
         is_target = student.is_target & ~own_answer
-        ce = F.cross_entropy(student.logits[is_target].float(), student.labels[is_target])
+        example_of = torch.as_tensor(row_owner, device=student.row.device)[student.row]  # each kept token's example
+        ce = self._mean(F.cross_entropy(student.logits[is_target].float(), student.labels[is_target], reduction="none"),
+                        example_of[is_target])
         read = sum(len(chunk) for chunk in chunks) + sum(len(prompt) + len(target) for prompt, target in rows)
         loss, stats = ce, {"ce": ce.item(), "target_tokens": int(is_target.sum()), "input_tokens": read}
 
@@ -300,11 +312,13 @@ class SACObjective:
             if self.on_policy_tokens:
                 stats["on_policy_tokens"] = int((distilled & own_answer).sum())
             if self.distill_weight > 0:
-                kl = _kl(student.logits[distilled], teacher.logits[distilled], self.divergence, self.temperature)
+                kl = self._mean(_kl(student.logits[distilled], teacher.logits[distilled], self.divergence,
+                                    self.temperature), example_of[distilled])
                 loss = loss + self.distill_weight * kl
                 stats["kl"] = kl.item()
             if self.hidden_weight > 0:
-                hidden = _hidden_distance(student.layers[:, distilled], teacher.layers[:, distilled])
+                hidden = self._mean(_hidden_distance(student.layers[:, distilled], teacher.layers[:, distilled]),
+                                    example_of[distilled])
                 loss = loss + self.hidden_weight * hidden
                 stats["hidden"] = hidden.item()
 
@@ -319,11 +333,15 @@ class SACObjective:
             ae_rows = [(text[:1], text[1:]) for text in texts]
             with comp.decoder_mode():
                 decoded = _decode_rows(comp.base_model, caches, context_lengths, ae_rows, list(range(len(examples))))
-            ae = F.cross_entropy(decoded.logits.float(), decoded.labels)
+            ae = self._mean(F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none"), decoded.row)
             loss = loss + self.ae_weight * ae
             stats["ae"] = ae.item()
         stats["loss"] = loss.item()
         return loss, stats
+
+    def _mean(self, values: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
+        """``weighted_mean`` with this objective's weighting."""
+        return weighted_mean(values, examples, self.weighting)
 
     def _own_answer_rows(self, caches, context_lengths, rows, row_owner, distilled_rows) -> list[tuple[tuple, int]]:
         """``((prompt, answer), owner)`` for each distilled row whose greedy answer from the
@@ -373,7 +391,8 @@ class SACObjective:
         # Every candidate reads its own copy of its cache: recomputed in the backward pass instead of
         # kept (the same gradients; without it a step with long passages outgrew 24 GB).
         log_probs = torch.utils.checkpoint.checkpoint(candidate_log_probs, use_reentrant=False)
-        risk = expected_risk(log_probs, torch.as_tensor(costs, device=log_probs.device), groups)
+        per_question = expected_risk(log_probs, torch.as_tensor(costs, device=log_probs.device), groups)
+        risk = self._mean(per_question, torch.as_tensor([row_owner[r] for r in asked], device=log_probs.device))
         return risk, len(candidates), sum(sample_f1) / len(sample_f1)
 
     def _teacher_rows(self, examples, context_lengths, rows, row_owner, every_token) -> DecodedRows:
@@ -392,15 +411,15 @@ class SACObjective:
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
         temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")
+    """Per token, KL(teacher || student) ("forward") or KL(student || teacher) ("reverse")
     between the temperature-softened distributions, times temperature^2."""
     student = (student_logits.float() / temperature).log_softmax(-1)
     teacher = (teacher_logits.float() / temperature).log_softmax(-1)
     scale = temperature ** 2
     # F.kl_div(input, target) is KL(target || input), both given as log-probabilities here.
     if divergence == "reverse":
-        return scale * F.kl_div(teacher, student, log_target=True, reduction="batchmean")
-    return scale * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return scale * F.kl_div(teacher, student, log_target=True, reduction="none").sum(-1)
+    return scale * F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
 
 
 def _answer_text(tokenizer, answer) -> str:
@@ -408,42 +427,69 @@ def _answer_text(tokenizer, answer) -> str:
 
 
 def expected_risk(log_probs: torch.Tensor, costs: torch.Tensor, groups: list[int]) -> torch.Tensor:
-    """Mean over groups of sum_i Q(i) cost(i), Q the softmax of ``log_probs`` within each group
-    (a group: one question's candidate answers)."""
+    """For each group, in order of group number, sum_i Q(i) cost(i), Q the softmax of ``log_probs``
+    within the group (a group: one question's candidate answers)."""
     index = torch.as_tensor(groups, device=log_probs.device)
-    per_group = [(log_probs[index == g].softmax(0) * costs[index == g]).sum() for g in sorted(set(groups))]
-    return torch.stack(per_group).mean()
+    return torch.stack([(log_probs[index == g].softmax(0) * costs[index == g]).sum() for g in sorted(set(groups))])
 
 
 def _hidden_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over layers and tokens of the squared distance between per-token RMS-normalised
+    """Per token, the mean over layers and dimensions of the squared distance between RMS-normalised
     hidden states ``[layers, tokens, dim]`` (0 when equal, 4 when opposite; per element)."""
     dim = (student.shape[-1],)
-    return F.mse_loss(F.rms_norm(student.float(), dim), F.rms_norm(teacher.float(), dim))
+    distance = (F.rms_norm(student.float(), dim) - F.rms_norm(teacher.float(), dim)).pow(2)
+    return distance.mean(dim=(0, 2))
+
+
+def weighted_mean(values: torch.Tensor, examples: torch.Tensor, weighting: str = "example") -> torch.Tensor:
+    """The mean of per-token (or per-question) ``values`` whose examples are ``examples`` (indices in
+    the micro-batch): over examples, each the mean of its own values (``"example"``; examples without
+    values do not count), or over all values at once (``"micro_batch_tokens"``). See LOSS_WEIGHTINGS."""
+    if weighting == "micro_batch_tokens":
+        return values.mean()
+    if not len(values):
+        return values.sum() / 0  # NaN, as the mean of no values
+    count = int(examples.max()) + 1
+    sums = values.new_zeros(count).index_add(0, examples, values)
+    counts = torch.bincount(examples, minlength=count)
+    held = counts > 0
+    return (sums[held] / counts[held]).mean()
+
+
+def _check_weighting(weighting: str) -> str:
+    if weighting not in LOSS_WEIGHTINGS:
+        raise InvalidInputError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    return weighting
 
 
 class FullTextObjective:
     """Full-FT: a decoder LoRA (``peft_model``) trained on the same examples with the passages
-    read as text. The honest upper bound for any compressor on the same data."""
+    read as text. The honest upper bound for any compressor on the same data. The answer
+    cross-entropy is averaged as ``weighting`` says (LOSS_WEIGHTINGS)."""
 
-    def __init__(self, peft_model, tokenizer, prefix_text: str = ""):
+    def __init__(self, peft_model, tokenizer, prefix_text: str = "", weighting: str = "example"):
         self.model = peft_model
         self.prefix = _prompt_head(tokenizer, prefix_text)
+        self.weighting = _check_weighting(weighting)
 
     def parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def loss(self, examples: list[Example], future_bias: float = 0.0) -> tuple[torch.Tensor, dict]:
         device = self.model.get_input_embeddings().weight.device
-        sequences = []
-        for ex in examples:
+        sequences, owners = [], []
+        for i, ex in enumerate(examples):
             context = self.prefix + [t for passage in ex.passages for t in passage]
             for prompt, target in ex.rows:
                 sequences.append((context + prompt, target))
+                owners.append(i)
         ids, mask, labels, is_target = _pad_rows(sequences)
         hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         labels, keep = labels.to(device), is_target.to(device)
-        loss = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep])
+        example_of = torch.as_tensor(owners, device=device)[:, None].expand(keep.shape)[keep]
+        per_token = F.cross_entropy(self.model.get_output_embeddings()(hidden[keep]).float(), labels[keep],
+                                    reduction="none")
+        loss = weighted_mean(per_token, example_of, self.weighting)
         return loss, {"ce": loss.item(), "loss": loss.item(), "target_tokens": int(keep.sum()),
                       "input_tokens": int(mask.sum())}
 

@@ -3,7 +3,8 @@
 Reads top to bottom: parse the config, build data, build the model, loop (accumulate, clip,
 step), evaluate, checkpoint. Runs as one process on CPU or GPU, or data-parallel under
 ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU): each rank takes its share of every
-batch and gradients are averaged across ranks before each step. Checkpoints are atomic and
+batch and gradients are averaged across ranks before each step; every example weighs the same in a
+step, so how it is split into ranks and micro-batches does not change it. Checkpoints are atomic and
 ``--resume`` continues exactly (weights, optimizer, data position, RNG).
 """
 
@@ -46,6 +47,7 @@ from .objectives import (
     DISTILL_DIVERGENCES,
     DISTILL_TOKENS,
     DISTRACTOR_SOURCES,
+    LOSS_WEIGHTINGS,
     SPAN_QUESTION,
     ExampleBuilder,
     FullTextObjective,
@@ -60,6 +62,11 @@ logger = logging.getLogger("sac_rag.train")
 # only while every evaluation of the run asks the same questions.
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "keep_checkpoints",
                       "snapshot_every", "precision", "device", "out_dir"}
+# With every example weighing the same in a step, how a step is split into micro-batches changes only
+# rounding (and the order of sampling draws): a resumed run may take another split, say to fit memory.
+_RESUMABLE_BY_EXAMPLE = {"micro_batch_size"}
+# How runs started before an option existed behaved, where that is not the option's default now.
+_BEFORE_OPTION_EXISTED = {"loss_weighting": "micro_batch_tokens"}
 # Fields naming files or directories: the same one under another spelling (relative, absolute) is no change.
 _PATH_OPTIONS = ("data", "eval_data", "init_from", "adapters_from", "distill_teacher", "base_model")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -186,6 +193,11 @@ class TrainConfig:
     grad_clip: float = _help("gradient-norm clip", default=2.0)
     batch_size: int = _help("examples per optimizer step (across all ranks)", default=16)
     micro_batch_size: int = _help("examples per forward pass (gradient accumulation)", default=4)
+    loss_weighting: str = _help("how a step averages its examples' losses: 'example' (each example's mean over its "
+                                "own tokens, then the mean over examples: the same step whatever --micro-batch-size "
+                                "and the number of processes) or 'micro_batch_tokens' (the mean over each "
+                                "micro-batch's tokens, which the shipped stages were trained with; a step then "
+                                "depends on --micro-batch-size)", default="example")
     max_steps: int = _help("optimizer steps", default=1000)
     seed: int = _help("seed for data order and sampling", default=0)
     precision: str = _help("'bf16' autocast, 'fp32', or 'auto': bf16 where the device computes it natively "
@@ -210,6 +222,8 @@ class TrainConfig:
             raise SACError(f"method must be 'sac' or 'full_ft', got {self.method!r}")
         if self.batch_size % self.micro_batch_size:
             raise SACError("batch_size must be a multiple of micro_batch_size")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise SACError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.distractor_source not in DISTRACTOR_SOURCES:
             raise SACError(f"distractor_source must be one of {DISTRACTOR_SOURCES}, got {self.distractor_source!r}")
         if self.span_questions < 0:
@@ -556,7 +570,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
         model = _FullFTModel(cfg, device)
         model.model.train()
         context_head = model.template.prefix + model.template.context_prefix
-        return model, FullTextObjective(model.model, model.tokenizer, context_head)
+        return model, FullTextObjective(model.model, model.tokenizer, context_head, weighting=cfg.loss_weighting)
     from .compressor import SACCompressor
 
     if cfg.init_from:
@@ -611,7 +625,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
                              hidden_weight=cfg.distill_hidden_weight, divergence=cfg.distill_divergence,
                              temperature=cfg.distill_temperature,
                              on_policy_tokens=cfg.distill_on_policy_tokens, risk_weight=cfg.risk_weight,
-                             risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens)
+                             risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens,
+                             weighting=cfg.loss_weighting)
     return comp, objective
 
 
@@ -1220,13 +1235,15 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> dict:
     under another spelling of the same file, with the spelling the run recorded."""
     saved = _saved_config(out_dir)
     current = dataclasses.asdict(cfg)
-    # Options added after a run started were at their defaults in it.
+    # Options added after a run started were at their defaults in it, or at what a new default replaced.
+    saved = {**_BEFORE_OPTION_EXISTED, **saved}
     try:
         saved = {**dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in current})), **saved}
     except (SACError, TypeError) as err:
         raise SACError(f"cannot resume {out_dir}: its recorded configuration is not one this version accepts "
                        f"({err}); use another --out-dir") from err
-    differ = {k for k in current if k not in _RESUMABLE_CHANGES and not _same_option(k, saved.get(k), current[k])}
+    resumable = _RESUMABLE_CHANGES | (_RESUMABLE_BY_EXAMPLE if cfg.loss_weighting == "example" else set())
+    differ = {k for k in current if k not in resumable and not _same_option(k, saved.get(k), current[k])}
     if differ:
         raise SACError(
             f"cannot resume {out_dir}: it was started with a different configuration "

@@ -188,14 +188,14 @@ def test_the_reverse_divergence_is_kl_of_the_student_from_the_teacher_with_its_g
 
     teacher = torch.randn(6, 11)
     t = teacher.log_softmax(-1)
-    for divergence, by_hand in [("forward", lambda s: (t.exp() * (t - s)).sum(-1).mean()),
-                                ("reverse", lambda s: (s.exp() * (s - t)).sum(-1).mean())]:
+    for divergence, by_hand in [("forward", lambda s: (t.exp() * (t - s)).sum(-1)),
+                                ("reverse", lambda s: (s.exp() * (s - t)).sum(-1))]:
         student = torch.randn(6, 11, requires_grad=True)
-        value = _kl(student, teacher, divergence)
-        (grad,) = torch.autograd.grad(value, student)
+        value = _kl(student, teacher, divergence)  # one per token
+        (grad,) = torch.autograd.grad(value.sum(), student)
         expected = by_hand(student.log_softmax(-1))
-        (expected_grad,) = torch.autograd.grad(expected, student)
-        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), student)
+        assert value.shape == (6,) and torch.allclose(value, expected, rtol=1e-5)
         assert torch.allclose(grad, expected_grad, atol=1e-6) and grad.abs().sum() > 0
 
 
@@ -205,10 +205,10 @@ def test_a_distillation_temperature_softens_both_distributions_and_scales_the_kl
     teacher, student = torch.randn(6, 11) * 4, torch.randn(6, 11) * 4
     for temperature in (1.0, 2.0, 0.5):
         t, s = (teacher / temperature).log_softmax(-1), (student / temperature).log_softmax(-1)
-        by_hand = temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
-        assert _kl(student, teacher, "forward", temperature).item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert _kl(student, teacher, "forward", 1.0).item() == _kl(student, teacher, "forward").item()
-    assert _kl(student, teacher, "forward", 2.0).item() != pytest.approx(_kl(student, teacher, "forward").item())
+        by_hand = temperature ** 2 * (t.exp() * (t - s)).sum(-1)
+        assert torch.allclose(_kl(student, teacher, "forward", temperature), by_hand, rtol=1e-5)
+    assert torch.equal(_kl(student, teacher, "forward", 1.0), _kl(student, teacher, "forward"))
+    assert not torch.allclose(_kl(student, teacher, "forward", 2.0), _kl(student, teacher, "forward"))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SACObjective(_kv_dropping(ratio=3), distill_weight=1.0, temperature=0.0)
 
@@ -342,9 +342,9 @@ def test_expected_risk_weights_each_answers_cost_by_its_probability_among_its_qu
     log_probs = torch.log(torch.tensor([0.2, 0.6, 0.5, 0.5]))  # question 0: 3 candidates (1/4, 3/4 after
     costs = torch.tensor([0.0, 1.0, 0.4, 0.0])                  # renormalising 0.2 and 0.6); question 1: two
     risk = expected_risk(log_probs, costs, [0, 0, 1, 1])
-    assert risk.item() == pytest.approx(((0.25 * 0.0 + 0.75 * 1.0) + (0.5 * 0.4 + 0.5 * 0.0)) / 2)
+    assert risk.tolist() == pytest.approx([0.25 * 0.0 + 0.75 * 1.0, 0.5 * 0.4 + 0.5 * 0.0])
     log_probs.requires_grad_(True)
-    expected_risk(log_probs, costs, [0, 0, 1, 1]).backward()
+    expected_risk(log_probs, costs, [0, 0, 1, 1]).sum().backward()
     assert log_probs.grad[0] < 0 < log_probs.grad[1]  # the right answer is raised, the wrong one lowered
 
 
@@ -496,18 +496,22 @@ def _qa_examples(comp, distractors: int = 1):
 
 
 def _nll_by_hand(comp, examples, decoder=None, grad: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood of every row's target tokens, each row read alone by ``decoder`` (by
-    default the compressor's model in its decoder mode), and their number."""
-    total, count = torch.zeros(()), 0
+    """The mean over examples of each one's mean negative log-likelihood of its rows' target tokens, each
+    row read alone by ``decoder`` (by default the compressor's model in its decoder mode), and the number
+    of target tokens."""
+    per_example, count = [], 0
     for ex in examples:
         kvs = [kv for passage in ex.passages for kv in _compressed(comp, passage, grad)]
+        total, tokens = torch.zeros(()), 0
         for prompt, target in ex.rows:
             with contextlib.nullcontext() if decoder else comp.decoder_mode():
                 logits = _by_hand(decoder or comp.base_model, _head(comp), kvs, prompt + target[:-1])
             logits = logits[len(prompt) - 1 :]
             total = total + F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum")
-            count += len(target)
-    return total, count
+            tokens += len(target)
+        per_example.append(total / tokens)
+        count += tokens
+    return torch.stack(per_example).mean(), count
 
 
 @pytest.mark.parametrize("decoder_lora", [False, True])
@@ -541,26 +545,36 @@ def test_the_answer_cross_entropy_is_the_mean_nll_of_the_answer_and_end_tokens_a
         else:  # the frozen decoder is the base model itself, no adapter of the compressor on
             nll, count = _nll_by_hand(comp, examples, _sharp_tiny_llama()[0])
     assert stats["target_tokens"] == count == sum(len(target) for ex in examples for _, target in ex.rows)
-    assert loss.item() == pytest.approx(nll.item() / count, rel=1e-5)
+    assert loss.item() == pytest.approx(nll.item(), rel=1e-5)
 
 
-def test_each_example_and_question_loss_is_its_own_whatever_it_is_batched_with():
+@pytest.mark.parametrize("weighting", ["example", "micro_batch_tokens"])
+def test_each_example_and_question_loss_is_its_own_whatever_it_is_batched_with(weighting):
+    """By default the micro-batch's loss is the mean over its examples of each example's mean over its own
+    answer tokens; with "micro_batch_tokens" (the shipped stages' weighting), the mean over all its tokens."""
     from sac_rag.objectives import Example, SACObjective
 
     comp = _trained_sac()
-    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix)
+    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix, weighting=weighting)
     examples = _qa_examples(comp)
     assert len({sum(map(len, ex.passages)) for ex in examples}) == 3  # padded to each other's lengths
     with torch.no_grad():
         together = objective.loss(examples)[1]
         alone = [objective.loss([ex])[1] for ex in examples]
         # one question at a time, each with its own encoder pass
-        questions = [objective.loss([Example(ex.passages, [row])])[1] for ex in examples for row in ex.rows]
-    for parts in (alone, questions):
-        tokens = sum(s["target_tokens"] for s in parts)
-        assert tokens == together["target_tokens"]
-        assert together["ce"] == pytest.approx(sum(s["ce"] * s["target_tokens"] for s in parts) / tokens, rel=1e-5)
-    assert len({round(s["ce"], 4) for s in questions}) == len(questions)  # the questions' losses differ
+        questions = [[objective.loss([Example(ex.passages, [row])])[1] for row in ex.rows] for ex in examples]
+    token_mean = lambda parts: sum(s["ce"] * s["target_tokens"] for s in parts) / sum(s["target_tokens"] for s in parts)  # noqa: E731
+    for example, its_questions in zip(alone, questions):
+        assert example["target_tokens"] == sum(s["target_tokens"] for s in its_questions)
+        assert example["ce"] == pytest.approx(token_mean(its_questions), rel=1e-5)
+    assert together["target_tokens"] == sum(s["target_tokens"] for s in alone)
+    if weighting == "example":
+        assert together["ce"] == pytest.approx(sum(s["ce"] for s in alone) / len(alone), rel=1e-5)
+    else:
+        assert together["ce"] == pytest.approx(token_mean(alone), rel=1e-5)
+    assert token_mean(alone) != pytest.approx(sum(s["ce"] for s in alone) / len(alone), rel=1e-3)  # they differ here
+    flat = [s for its_questions in questions for s in its_questions]
+    assert len({round(s["ce"], 4) for s in flat}) == len(flat)  # the questions' losses differ
 
 
 @pytest.mark.parametrize("decoder_lora", [False, True])
@@ -579,7 +593,7 @@ def test_the_gradients_are_those_of_the_nll_by_hand_and_reach_only_the_adapters_
     for p in trained.values():
         p.grad = None
     nll, count = _nll_by_hand(comp, examples, grad=True)
-    (nll / count).backward()
+    nll.backward()
     last = comp.base_model.config.num_hidden_layers - 1
     for name, p in trained.items():
         # the encoder's queries in the last layer shape no kept K/V: the only weights without a gradient
@@ -602,10 +616,10 @@ def test_distillation_compares_student_and_teacher_at_the_same_tokens(divergence
                              hidden_weight=1.0, divergence=divergence, temperature=temperature, distill_tokens=tokens)
     examples = _qa_examples(comp)
     base = _sharp_tiny_llama()[0]
-    students, teachers, student_layers, teacher_layers = [], [], [], []
+    students, teachers, student_layers, teacher_layers, owners = [], [], [], [], []
     with torch.no_grad():
         stats = objective.loss(examples)[1]
-        for ex in examples:
+        for i, ex in enumerate(examples):
             kvs = [kv for passage in ex.passages for kv in _compressed(comp, passage)]
             text = _head(comp) + [t for passage in ex.passages for t in passage]
             for prompt, target in ex.rows:
@@ -613,6 +627,7 @@ def test_distillation_compares_student_and_teacher_at_the_same_tokens(divergence
                 start = 0 if tokens == "all" else len(prompt) - 1
                 logits, layers = _by_hand(base, _head(comp), kvs, row, hidden=True)
                 students.append(logits[start:])
+                owners += [i] * len(students[-1])
                 student_layers.append(layers[:, start:])
                 out = base(input_ids=torch.tensor([text + row]), output_hidden_states=True)
                 teachers.append(out.logits[0, len(text) + start :])
@@ -620,12 +635,28 @@ def test_distillation_compares_student_and_teacher_at_the_same_tokens(divergence
     student = (torch.cat(students) / temperature).log_softmax(-1)
     teacher = (torch.cat(teachers) / temperature).log_softmax(-1)
     p, q = (teacher, student) if divergence == "forward" else (student, teacher)
-    kl = temperature ** 2 * (p.exp() * (p - q)).sum(-1).mean()
+    kl = temperature ** 2 * (p.exp() * (p - q)).sum(-1)
     assert stats["distilled_tokens"] == len(student)
-    assert stats["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert stats["kl"] == pytest.approx(_mean_of_example_means(kl, owners), rel=1e-4)
     rms = lambda h: h / h.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
-    hidden = (rms(torch.cat(student_layers, 1)) - rms(torch.cat(teacher_layers, 1))).pow(2).mean()
-    assert stats["hidden"] == pytest.approx(hidden.item(), rel=1e-3)
+    hidden = (rms(torch.cat(student_layers, 1)) - rms(torch.cat(teacher_layers, 1))).pow(2).mean(dim=(0, 2))
+    assert stats["hidden"] == pytest.approx(_mean_of_example_means(hidden, owners), rel=1e-3)
+
+
+def test_weighted_mean_averages_each_examples_own_mean_or_every_value():
+    from sac_rag.objectives import SACObjective, weighted_mean
+
+    values, examples = torch.tensor([1.0, 3.0, 10.0, 4.0, 6.0, 8.0]), torch.tensor([0, 0, 1, 3, 3, 3])
+    assert weighted_mean(values, examples).item() == pytest.approx((2.0 + 10.0 + 6.0) / 3)  # example 2 has none
+    assert weighted_mean(values, examples, "micro_batch_tokens").item() == pytest.approx(32.0 / 6)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        SACObjective(_kv_dropping(ratio=2), weighting="tokens")
+
+
+def _mean_of_example_means(values: torch.Tensor, owners: list[int]) -> float:
+    """The mean over examples of the mean of each one's ``values`` (``owners``: the example of each value)."""
+    means = [values[[i for i, o in enumerate(owners) if o == example]].mean().item() for example in sorted(set(owners))]
+    return sum(means) / len(means)
 
 
 def test_lm_pretraining_compresses_the_first_half_and_predicts_the_rest_of_the_window():
@@ -655,14 +686,14 @@ def test_lm_pretraining_compresses_the_first_half_and_predicts_the_rest_of_the_w
     with torch.no_grad():
         stats = objective.loss(batch)[1]
         base = _sharp_tiny_llama()[0]
-        nll, count = 0.0, 0
+        nll, count = [], 0
         for ex in batch:
             (read, target), = ex.rows
             logits = _by_hand(base, [], _compressed(comp, ex.passages[0]), read + target[:-1])
-            nll += F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum").item()
+            nll.append(F.cross_entropy(logits.float(), torch.tensor(target)).item())  # the example's mean
             count += len(target)
     assert stats["target_tokens"] == count
-    assert stats["ce"] == pytest.approx(nll / count, rel=1e-5)
+    assert stats["ce"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
 
 def test_full_ft_trains_the_answer_tokens_of_the_full_text_each_row_read_alone():
@@ -683,15 +714,15 @@ def test_full_ft_trains_the_answer_tokens_of_the_full_text_each_row_read_alone()
     head = tokenizer(TEMPLATE.prefix + TEMPLATE.context_prefix, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         loss, stats = objective.loss(examples)
-        nll, count = 0.0, 0
-        for ex in examples:
+        per_token, owners = [], []
+        for i, ex in enumerate(examples):
             for prompt, target in ex.rows:
                 text = head + [t for passage in ex.passages for t in passage] + prompt
                 logits = peft_model(input_ids=torch.tensor([text + target[:-1]])).logits[0, len(text) - 1 :]
-                nll += F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum").item()
-                count += len(target)
-    assert stats["target_tokens"] == count
-    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+                per_token.append(F.cross_entropy(logits.float(), torch.tensor(target), reduction="none"))
+                owners += [i] * len(target)
+    assert stats["target_tokens"] == len(owners)
+    assert loss.item() == pytest.approx(_mean_of_example_means(torch.cat(per_token), owners), rel=1e-5)
 
 
 def test_an_answer_cut_at_max_answer_tokens_is_not_trained_to_end_there(tokenizer):

@@ -184,6 +184,45 @@ def test_a_run_started_before_an_option_existed_still_resumes(workspace):
     assert max(_losses(workspace / "run")) == 3
 
 
+def test_a_run_started_before_loss_weighting_existed_resumes_only_with_the_weighting_it_had(workspace):
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    saved = json.loads((workspace / "run" / "train_config.json").read_text())
+    del saved["loss_weighting"]  # as written by a version that weighted micro-batches' tokens
+    (workspace / "run" / "train_config.json").write_text(json.dumps(saved))
+    with pytest.raises(SACError, match="loss_weighting: 'micro_batch_tokens' -> 'example'"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume")))
+    train(parse_config(_args(workspace, "run", "--max-steps", "3", "--resume", "--loss-weighting",
+                             "micro_batch_tokens")))
+    assert max(_losses(workspace / "run")) == 3
+
+
+@pytest.mark.parametrize("weighting", ["example", "micro_batch_tokens"])
+def test_with_example_weighting_a_step_is_the_same_whatever_the_micro_batch_size(workspace, weighting):
+    """Every example weighs the same in a step, however the step is split (answers of 1 to 3 tokens here):
+    the logged losses and the update agree for 1, 2 or 4 examples per forward pass. Weighting each
+    micro-batch's tokens (the shipped stages' weighting) makes the step depend on the split."""
+    losses = {}
+    for micro in (1, 2, 4):
+        out = f"{weighting}-{micro}"
+        train(parse_config(_args(workspace, out, "--max-steps", "2", "--micro-batch-size", str(micro),
+                                 "--loss-weighting", weighting, "--lr", "2e-2")))
+        losses[micro] = _losses(workspace / out)
+    same = [losses[micro][step] == pytest.approx(losses[1][step], rel=1e-5) for micro in (2, 4) for step in (1, 2)]
+    assert all(same) if weighting == "example" else not any(same)
+
+
+def test_with_example_weighting_a_resumed_run_may_split_its_steps_differently(workspace):
+    train(parse_config(_args(workspace, "straight", "--max-steps", "4")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "2")))
+    train(parse_config(_args(workspace, "split", "--max-steps", "4", "--resume", "--micro-batch-size", "1")))
+    straight, split = _losses(workspace / "straight"), _losses(workspace / "split")
+    assert [split[step] for step in (3, 4)] == pytest.approx([straight[step] for step in (3, 4)], rel=1e-5)
+    train(parse_config(_args(workspace, "tokens", "--max-steps", "2", "--loss-weighting", "micro_batch_tokens")))
+    with pytest.raises(SACError, match="micro_batch_size: 2 -> 1"):
+        train(parse_config(_args(workspace, "tokens", "--max-steps", "4", "--resume", "--micro-batch-size", "1",
+                                 "--loss-weighting", "micro_batch_tokens")))
+
+
 def test_precision_is_checked_and_may_change_when_a_run_resumes(workspace):
     # "auto" resolves per machine, so a run resumed on another machine may compute in another precision
     with pytest.raises(SACError, match="precision"):
