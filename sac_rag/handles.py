@@ -18,13 +18,20 @@ chunks this process compressed) and was made by the compressor in use. Anything 
 looks like a marker - say a user typing ``<sac:...>`` into a question - stays plain text and
 loads nothing; text put in a prompt as text (a document passed through uncompressed) goes
 through ``plain_text``, so that marker-looking text in it stays text even when it names a
-stored chunk. A marker this engine handed out whose chunk it has since dropped from memory is an
-error (``EntryNotFoundError``), not text; so is a prompt holding a *piece* of a marker this engine
-handed out (``MarkerCutError``): something cut the text the marker travelled in, its chunk would be
+stored chunk. A prompt holding a *piece* of a marker this engine handed out is an error
+(``MarkerCutError``), not text: something cut the text the marker travelled in, its chunk would be
 lost and its hex digits read as text.
 
-Chunks compressed in memory that a call has been handed are pinned until that call has generated:
-a concurrent call making room does not drop them in between (``BoundedMemory``).
+Chunks compressed without ``write_back`` live in memory, which drops the least recently used to stay
+under ``memory_bytes``. A marker of a chunk it has dropped still resolves: the engine keeps the texts
+of dropped chunks (``TEXT_MEMORY_BYTES`` of them, least recently handed out forgotten first) and
+compresses the chunk again from its text, back into memory, when a prompt names it. Only once that
+text is forgotten too is such a marker an error (``EntryNotFoundError``), not text. Chunks a call
+has been handed are pinned until a generation has read a prompt with their markers (or for
+``PIN_SECONDS``), so a concurrent call making room does not drop them in between
+(``BoundedMemory``). A marker carries no call, so pins are released once per prompt generated, and a
+prompt generated twice (a retry, a refine step, a chat history repeating old markers) can release
+another call's pin early: that costs compressing its chunk again, never the chunk.
 
 ``SACEngine`` is what the framework adapters share: the compressor and its decoder, loaded on
 first use; the store; the resolver; and one lock per model, since compressing and decoding
@@ -39,6 +46,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -74,6 +82,10 @@ _MARKER_END = re.compile(r"(?<![0-9a-f])(?<!<sac:)([0-9a-f]{%d,64})>" % MIN_CUT_
 ON_MISS = ("compress", "text", "error")
 DEFAULT_MEMORY_BYTES = 256 << 20
 PIN_SECONDS = 600.0  # how long chunks handed out stay pinned if no generation reads them
+# The texts of chunks memory has dropped that are kept to compress them again, at most (bytes the
+# str objects take, least recently handed out forgotten first): a few KB a chunk, against the MB
+# of K/V it compresses to, so thousands of dropped chunks stay recoverable for little memory.
+TEXT_MEMORY_BYTES = 16 << 20
 MAX_BATCH = 16  # prompts decoded together at most
 STORE_MISS_HINT = (
     "A store serves only texts identical to the chunks sac_rag.precompress stored (the same files, "
@@ -159,9 +171,9 @@ class BoundedMemory(MutableMapping):
     not yet read, each pinned until its call has generated (``unpin``), so that a concurrent call
     cannot drop them in between. A pin lapses after ``pin_seconds`` (a call that failed, or whose
     documents were never sent to the LLM), so pins cannot hold memory for ever. The memory then
-    holds more than ``max_bytes`` until a later call (with a warning), rather than losing chunks
-    whose markers are out. The keys of dropped entries are remembered (``was_evicted``), so a marker
-    of one can be told from a marker that names nothing.
+    holds more than ``max_bytes`` until a later call (with a warning), rather than have chunks whose
+    markers are out compressed again. The keys of dropped entries are remembered (``was_evicted``),
+    so a marker of one can be told from a marker that names nothing.
     """
 
     MAX_EVICTED_KEYS = 1 << 16
@@ -300,15 +312,20 @@ class CacheResolver:
     another model or compressor is refused outright (``FingerprintMismatchError``).
 
     It also remembers the keys it has handed out lately (``issue``), to tell a piece of one of
-    their markers in a prompt (``cut_pieces``)."""
+    their markers in a prompt (``cut_pieces``), and the texts of the chunks compressed in memory:
+    those of chunks memory holds (extractive answers quote them), and, up to ``text_bytes``, those
+    of chunks it has dropped, least recently handed out forgotten first (``remembered_texts``): a
+    marker of a dropped chunk can still be served by compressing its text again."""
 
     MAX_ISSUED_KEYS = 1 << 16
 
     def __init__(self, fingerprint: str, store: AnchorStore | None = None,
-                 memory: MutableMapping[str, AnchorKV] | None = None):
+                 memory: MutableMapping[str, AnchorKV] | None = None, text_bytes: int = TEXT_MEMORY_BYTES):
         self.fingerprint = fingerprint
         self.memory = BoundedMemory() if memory is None else memory
-        self._texts: dict[str, str] = {}  # the text of chunks in memory (extractive answers quote it)
+        self.text_bytes = text_bytes
+        self._texts: OrderedDict[str, str] = OrderedDict()  # least recently handed out first
+        self._texts_size = 0  # sys.getsizeof of the texts in ``_texts``
         self._texts_lock = threading.Lock()  # calls remember chunks concurrently (outside the model lock)
         self._issued: OrderedDict[str, None] = OrderedDict()
         self._issued_lock = threading.Lock()
@@ -348,13 +365,19 @@ class CacheResolver:
             self.memory.unpin(keys)
 
     def issue(self, keys: Iterable[str]) -> None:
-        """Remember ``keys`` as handed out (the latest ``MAX_ISSUED_KEYS``), for ``cut_pieces``."""
+        """Remember ``keys`` as handed out (the latest ``MAX_ISSUED_KEYS``), for ``cut_pieces``; their
+        texts are the last to be forgotten."""
+        keys = list(keys)
         with self._issued_lock:
             for key in keys:
                 self._issued[key] = None
                 self._issued.move_to_end(key)
             while len(self._issued) > self.MAX_ISSUED_KEYS:
                 self._issued.popitem(last=False)
+        with self._texts_lock:
+            for key in keys:
+                if key in self._texts:
+                    self._texts.move_to_end(key)
 
     def cut_pieces(self, prompt: str) -> list[str]:
         """Pieces of cut markers of handed-out keys in ``prompt``: ``<sac:`` and the start of such a
@@ -417,10 +440,30 @@ class CacheResolver:
                 self.memory[key] = kv
         with self._texts_lock:
             for key, _, text in items:
-                if text is not None:
-                    self._texts[key] = text
-            if len(self._texts) > 2 * len(self.memory) + 64:  # forget the text of chunks memory dropped
-                self._texts = {k: t for k, t in self._texts.items() if k in self.memory}
+                if text is None:
+                    continue
+                if key not in self._texts:
+                    self._texts_size += sys.getsizeof(text)
+                self._texts[key] = text
+                self._texts.move_to_end(key)
+            self._forget_texts()
+
+    def _forget_texts(self) -> None:
+        """Forget the texts of dropped chunks, least recently handed out first, while the texts take
+        more than ``text_bytes``; those of chunks memory holds are kept (texts lock held)."""
+        if self._texts_size <= self.text_bytes:
+            return
+        for key in list(self._texts):
+            if self._texts_size <= self.text_bytes:
+                break
+            if key not in self.memory:
+                self._texts_size -= sys.getsizeof(self._texts.pop(key))
+
+    def remembered_texts(self, keys: Iterable[str]) -> dict[str, str]:
+        """``{key: text}`` for those of ``keys`` compressed in memory whose text is still remembered,
+        whether memory holds the chunk or has dropped it."""
+        with self._texts_lock:
+            return {k: self._texts[k] for k in dict.fromkeys(keys) if k in self._texts}
 
     def keep(self, keys: Iterable[str]) -> None:
         """Mark the chunks of ``keys`` held in memory as just used (the last to be dropped)."""
@@ -521,7 +564,9 @@ class SACEngine:
 
     Chunks in memory that ``handles_for`` hands out are pinned until a ``generate`` (or stream)
     whose prompt carries their markers has finished, or for ``PIN_SECONDS`` at most: concurrent
-    calls cannot drop each other's chunks between handing them out and reading them.
+    calls cannot drop each other's chunks between handing them out and reading them. A chunk dropped
+    all the same (its pin lapsed, or another prompt with its markers released it) is compressed again
+    from its text when a prompt names it; its marker is refused only once that text is forgotten too.
     """
 
     def __init__(self, compressor: str | os.PathLike | SACCompressor = DEFAULT_COMPRESSOR,
@@ -650,6 +695,8 @@ class SACEngine:
         on a miss compressed (``on_miss="compress"``: written to the store if ``write_back``, else
         kept in memory), passed through as text (``"text"``: None for that text, with a warning)
         or refused (``"error"``: ``EntryNotFoundError``). Whitespace-only texts get no keys.
+        ``write_back`` stores every chunk handed out that the store lacks, also those found in memory
+        (compressed by an earlier call without ``write_back``), from memory: not compressed again.
 
         With a store and misses compressed but not written back, one warning per call says how many
         texts missed the store: a store serves only texts identical to its chunks, so texts cut
@@ -671,7 +718,7 @@ class SACEngine:
         Cancelled, the call releases the chunks its threads pin, as no generation will read them."""
         release = self._release_handles
         found = await _in_thread_releasing(release, [], self.lookup_handles, texts)
-        if all(f is not None for f in found):
+        if all(f is not None for f in found) and not write_back:  # with write_back, found chunks may be in memory only
             return found
         # complete_handles hands out (or on failure releases) the chunks ``found`` pinned
         return await _in_thread_releasing(release, found, self.complete_handles, texts, found,
@@ -698,7 +745,8 @@ class SACEngine:
                          metadata: Sequence[Mapping | None] | None = None) -> list[list[str] | None]:
         """Finish ``lookup_handles``: split the texts it did not find into chunks, look those
         up (pinning those in memory, as ``lookup_handles`` pinned its own) and deal with the
-        misses as ``on_miss`` says."""
+        misses as ``on_miss`` says; with ``write_back``, store the chunks handed out that were
+        found in memory only (``_store_held``)."""
         if on_miss not in ON_MISS:
             raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
         texts = _check_texts(texts)
@@ -706,15 +754,17 @@ class SACEngine:
         if len(found) != len(texts) or len(metadata) != len(texts):
             raise InvalidInputError("texts, found and metadata must have the same length")
         todo = [i for i, f in enumerate(found) if f is None]
-        if not todo:
+        if not todo and not write_back:
             self.resolver.keep(k for keys in found for k in keys)
             return list(found)
         state = self._state()
         present = {k for keys in found if keys for k in keys}  # pinned by lookup_handles
         result = list(found)
         try:
-            with state.lock:  # the tokenizer is not safe to share between threads either
-                chunks = {i: self._chunks(texts[i]) for i in todo}
+            chunks: dict[int, list[_Chunk]] = {}
+            if todo:  # only misses take the model (a write_back call may have none)
+                with state.lock:  # the tokenizer is not safe to share between threads either
+                    chunks = {i: self._chunks(texts[i]) for i in todo}
             present |= state.resolver.present((c.key for i in todo for c in chunks[i] if c.key not in present),
                                               pin=True)
             missing = {c.key: (c, i) for i in todo for c in chunks[i] if c.key not in present}
@@ -738,6 +788,8 @@ class SACEngine:
                 if self.store_spec is not None and not write_back:
                     logger.warning("%d of %d retrieved texts were not in %s and were compressed on the fly. %s",
                                    len(missed), len(texts), self._store_name(), STORE_MISS_HINT)
+            if write_back:
+                self._store_held(texts, result, chunks, metadata)
         except BaseException:
             state.resolver.release(present)  # nothing is handed out
             raise
@@ -745,6 +797,30 @@ class SACEngine:
         state.resolver.release(present - set(handed))  # the chunks of texts passed through as text
         state.resolver.issue(handed)
         return result
+
+    def _store_held(self, texts: Sequence[str], result: Sequence[list[str] | None], chunks: Mapping[int, list[_Chunk]],
+                    metadata: list) -> None:
+        """Store the chunks of ``result`` (what a ``write_back`` call hands out) that memory holds and
+        the store lacks: chunks an earlier call without ``write_back`` compressed, which this call found
+        in memory instead of compressing them. Their entries are taken from memory, as they are (no
+        compressing again), with the metadata ``_keep`` writes. ``chunks`` are the texts that were split
+        (by index); the others are one chunk each, the text itself."""
+        memory = self._state().resolver.memory
+        held: dict[str, tuple[_Chunk, int]] = {}
+        for i, keys in enumerate(result):
+            if not keys:
+                continue
+            for chunk in chunks.get(i) or [_Chunk(keys[0], texts[i], (), 0, 0, len(texts[i]))]:
+                if chunk.key not in held and chunk.key in memory:
+                    held[chunk.key] = (chunk, i)
+        if not held:
+            return
+        store = self._state().resolver.store
+        absent = list(held) if store is None else store.missing(held)
+        items = [(key, kv, _entry_metadata(held[key][0], kv, metadata[held[key][1]]))
+                 for key in absent if (kv := memory.get(key)) is not None]  # pinned: still held
+        if items:
+            self._writable_store().put_many(items)
 
     def _chunks(self, text: str) -> list[_Chunk]:
         """The chunks of ``text`` as ``precompress`` cuts them (without overlap, so that the
@@ -814,7 +890,7 @@ class SACEngine:
         state = self._state()
         if write_back:
             store = self._writable_store()
-            items = [(c.key, kv, _entry_metadata(c, metadata[i])) for (c, i), kv in zip(missing, kvs)]
+            items = [(c.key, kv, _entry_metadata(c, kv, metadata[i])) for (c, i), kv in zip(missing, kvs)]
             store.put_many(items)
         else:  # pinned: no call drops the chunks this call hands out before it has read them
             state.resolver.remember_many([(c.key, kv, c.text) for (c, _), kv in zip(missing, kvs)], needed,
@@ -859,7 +935,8 @@ class SACEngine:
         tokenizer = self.compressor.tokenizer
         bos = bos_ids(tokenizer)
         count = len(bos) if prompt else 0
-        for i, segment in enumerate(split_prompt(prompt, self.resolver)):
+        found, _ = self._entries(keys_in(prompt))  # a dropped chunk is read as its tokens too, once compressed again
+        for i, segment in enumerate(split_prompt(prompt, found.get)):
             if isinstance(segment, AnchorKV):
                 count += segment.n_tokens
                 continue
@@ -869,8 +946,10 @@ class SACEngine:
 
     def segments(self, prompt: str) -> list[Segment]:
         """``split_prompt`` against this engine's resolver (one store query for all markers),
-        warning about markers that do not resolve (they stay text). A prompt holding a piece of a
-        marker this engine handed out is refused (``MarkerCutError``)."""
+        warning about markers that do not resolve (they stay text). A marker of a chunk this engine
+        compressed in memory and has since dropped gets the chunk compressed again from its text
+        (``_compress_again``), or, once that text is forgotten too, is refused (``EntryNotFoundError``).
+        A prompt holding a piece of a marker this engine handed out is refused (``MarkerCutError``)."""
         if not isinstance(prompt, str):
             raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
@@ -887,18 +966,57 @@ class SACEngine:
                 "set a smaller one through Settings.context_window, Settings.prompt_helper or a prompt_helper "
                 "argument. Elsewhere, do not run a text splitter over prompts that carry markers")
         keys = keys_in(prompt)
-        found = resolver.lookup(keys) if keys else {}
+        found, lost = self._entries(keys)
+        if lost:
+            raise EntryNotFoundError(
+                f"{len(lost)} marker(s) in the prompt (e.g. {marker_for(lost[0])}) name chunks this engine "
+                f"compressed in memory and has since dropped to stay under memory_bytes={self.memory_bytes}, and "
+                f"whose texts it has forgotten too (it keeps {resolver.text_bytes} bytes of the texts of dropped "
+                "chunks, to compress them again): call handles_for on the documents again for markers that resolve, "
+                "raise memory_bytes, or give the engine a store with write_back=True so chunks are kept on disk")
         if len(found) < len(keys):
-            dropped = [k for k in keys if k not in found and resolver.was_evicted(k)]
-            if dropped:
-                raise EntryNotFoundError(
-                    f"{len(dropped)} marker(s) in the prompt (e.g. {marker_for(dropped[0])}) name chunks this "
-                    f"engine compressed in memory and has since dropped to stay under memory_bytes="
-                    f"{self.memory_bytes}: compress the documents again (or in smaller batches), raise "
-                    "memory_bytes, or give the engine a store with write_back=True so chunks are kept on disk")
             logger.warning("%d of %d marker(s) in the prompt name no entry of this compressor (a "
                            "typed or stale handle?): kept as plain text", len(keys) - len(found), len(keys))
         return split_prompt(prompt, found.get)
+
+    def _entries(self, keys: Sequence[str]) -> tuple[dict[str, AnchorKV], list[str]]:
+        """``{key: entry}`` for those of ``keys`` that resolve, chunks memory has dropped compressed
+        again (``_compress_again``); and the keys of dropped chunks whose text is forgotten too."""
+        resolver = self.resolver
+        found = resolver.lookup(keys) if keys else {}
+        absent = [k for k in keys if k not in found]
+        if absent:
+            found.update(self._compress_again(absent, keys))
+        return found, [k for k in absent if k not in found and resolver.was_evicted(k)]
+
+    def _compress_again(self, keys: Sequence[str], needed: Sequence[str]) -> dict[str, AnchorKV]:
+        """The chunks of ``keys`` this engine compressed in memory and has since dropped, compressed again
+        from their remembered text and put back in memory, where they were (they were not written back):
+        ``{key: entry}``. This is what makes a marker handed out good for as long as its text is
+        remembered, whatever dropped its chunk meanwhile: pins lapse, and are released once per prompt
+        generated, so a prompt generated twice (a retry, a refine step, a chat repeating old markers)
+        releases the pin of another call handed the same chunk. Compressed as ``handles_for`` compresses a
+        miss: under the model lock, once even if several calls need the chunk at once. ``needed`` (the
+        prompt's other chunks) are not dropped to make room."""
+        state = self._state()
+        texts = state.resolver.remembered_texts(keys)
+        if not texts:
+            return {}
+        tokenizer = state.compressor.tokenizer
+        with state.lock:  # the tokenizer is not safe to share between threads either
+            # a chunk's token ids are its text's, however it was cut from its document (chunking._encode)
+            ids = {key: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for key, text in texts.items()}
+        chunks = [_Chunk(key, text, ids[key], 0, 0, len(text)) for key, text in texts.items()]
+        self._compress_and_keep([(c, 0) for c in chunks], [None], write_back=False, needed=needed)
+        try:
+            found = state.resolver.lookup(texts)
+        finally:
+            state.resolver.release(texts)  # pinned only until looked up: the prompt holds their K/V now
+        logger.warning("%d chunk(s) named in the prompt had been dropped from memory (memory_bytes=%d) and were "
+                       "compressed again from their text: raise memory_bytes, or give the engine a store with "
+                       "write_back=True, to keep the chunks whose markers are still in use", len(found),
+                       self.memory_bytes)
+        return found
 
     def generate(self, prompts: Sequence[str | Sequence[Segment]],
                  config: GenerationConfig | None = None) -> list[Generation]:
@@ -923,8 +1041,8 @@ class SACEngine:
         """``generate``, its requests queued as ``call``'s (so that ``_withdraw`` can take them back)."""
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
-        config = _engine_config(config)
         try:
+            config = _engine_config(config)  # refused, the call releases its chunks too
             requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
             state = self._state()
             with self._pending_lock:
@@ -976,13 +1094,22 @@ class SACEngine:
         figures). The answer is decoded in a worker thread that holds the model while it decodes,
         not while the caller holds the stream: other calls (from this thread too, say a second
         query while the stream is half read) wait at most until the answer is decoded. Closing
-        the stream early stops the decoding at the next token."""
-        return relayed(lambda stop: self._decoded(prompt, config, stop))
+        the stream early stops the decoding at the next token. Nothing is decoded before the first
+        piece is asked for: a stream closed or dropped (garbage-collected) before that releases the
+        chunks its prompt's markers name at once, rather than holding them pinned for
+        ``PIN_SECONDS`` (``_Unread``)."""
+        return _Stream(relayed(lambda stop: self._decoded(prompt, config, stop)), lambda: self._release([prompt]))
 
-    async def astream(self, prompt: str | Sequence[Segment],
-                      config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
+    def astream(self, prompt: str | Sequence[Segment],
+                config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
         """``stream`` decoded in a worker thread, its pieces handed to the event loop as they
-        come. Leaving the loop early stops the decoding at the next token."""
+        come (``async for``). Leaving the loop early stops the decoding at the next token; like a
+        ``stream``, one closed (``aclose``) or dropped before it is read releases its prompt's chunks."""
+        return _AStream(self._astream(prompt, config), lambda: self._release([prompt]))
+
+    async def _astream(self, prompt: str | Sequence[Segment],
+                       config: GenerationConfig | None) -> AsyncIterator[str | Generation]:
+        """``astream``'s pieces: ``_decoded`` run in the loop's executor, handed over through a queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -1019,9 +1146,10 @@ class SACEngine:
     def _decoded(self, prompt: str | Sequence[Segment], config: GenerationConfig | None,
                  stop: threading.Event) -> Iterator[str | Generation]:
         """The answer's text pieces, then its ``Generation``, decoded holding the model (for
-        ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set."""
-        config = _engine_config(config)
+        ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set. However
+        it ends, it releases the chunks of the prompt."""
         try:
+            config = _engine_config(config)
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()
@@ -1124,6 +1252,49 @@ async def _in_thread(fn, *args, **kwargs):
     return await loop.run_in_executor(None, lambda: context.run(fn, *args, **kwargs))
 
 
+class _Unread:
+    """A stream (``stream``, ``astream``) of a prompt whose chunks are pinned until a generation reads
+    them: its decoding releases them, once it starts, however it ends. Closed or garbage-collected
+    before its first piece is asked for, no decoding starts, so the stream releases them itself
+    (``release``) instead of leaving them pinned until they lapse. Iterating hands the release over
+    to the decoding."""
+
+    def __init__(self, pieces: Any, release: Callable[[], None]):
+        self._pieces = pieces
+        self._unread = weakref.finalize(self, release)  # called once at most, by close() or collection
+        self._unread.atexit = False  # nothing to release in a process that is ending
+
+    def _reading(self) -> Any:
+        self._unread.detach()  # the decoding releases the chunks from now on
+        return self._pieces
+
+
+class _Stream(_Unread):
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> str | Generation:
+        return next(self._reading())
+
+    def close(self) -> None:
+        """Stop the decoding (at the next token), or, if it never started, release the prompt's chunks."""
+        self._unread()
+        self._pieces.close()
+
+
+class _AStream(_Unread):
+    def __aiter__(self) -> _AStream:
+        return self
+
+    async def __anext__(self) -> str | Generation:
+        return await self._reading().__anext__()
+
+    async def aclose(self) -> None:
+        """``_Stream.close`` for ``astream``."""
+        self._unread()
+        await self._pieces.aclose()
+
+
 class _Handover:
     """What a call in a thread hands out (chunks it pinned), for a caller that may be cancelled
     meanwhile. Abandoned, it goes to ``release``: ``held`` (what the call was handed in) if the call
@@ -1183,9 +1354,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
-def _entry_metadata(chunk: _Chunk, source: Mapping | None) -> dict:
+def _entry_metadata(chunk: _Chunk, kv: AnchorKV, source: Mapping | None) -> dict:
     """What a written-back entry carries, like ``precompress`` entries: its text (to show and
-    cite) and where it comes from; source metadata that is not JSON is kept as strings."""
+    cite), its tokens and where it comes from; source metadata that is not JSON is kept as strings."""
     doc = {}
     for name, value in (source or {}).items():
         try:
@@ -1193,7 +1364,7 @@ def _entry_metadata(chunk: _Chunk, source: Mapping | None) -> dict:
             doc[str(name)] = value
         except (TypeError, ValueError):
             doc[str(name)] = str(value)
-    return {"text": chunk.text, "chunk_index": chunk.index, "n_tokens": len(chunk.token_ids),
+    return {"text": chunk.text, "chunk_index": chunk.index, "n_tokens": kv.n_tokens,
             "start_char": chunk.start_char, "end_char": chunk.end_char, "doc": doc,
             "created_by": "sac_rag.handles"}
 

@@ -4,6 +4,7 @@ affects only itself, and leaves no queued request, held lock or pinned chunk beh
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from test_handles import PASSAGES, kv_dropping, small_memory_engine
 
-from sac_rag import GenerationConfig
+from sac_rag import GenerationConfig, InvalidInputError
 from sac_rag.handles import BoundedMemory, CacheResolver, SACEngine, markers_for
 
 CONFIG = GenerationConfig(max_new_tokens=2)
@@ -295,14 +296,13 @@ def test_texts_remembered_by_concurrent_calls_are_all_kept():
             return held
 
     fingerprint = kv_dropping().fingerprint
-    memory = Interleaving(max_bytes=1)
-    resolver = CacheResolver(fingerprint, memory=memory)
+    memory = Interleaving(max_bytes=1)  # keeps only the latest chunk
+    resolver = CacheResolver(fingerprint, memory=memory, text_bytes=0)  # forgets the texts of those it drops
 
     def entry():
         return SimpleNamespace(fingerprint=fingerprint, offset=0, nbytes=1)
 
-    for i in range(66):  # the memory keeps only the latest: the texts of those it dropped pile up
-        resolver.remember(f"old{i}", entry(), f"text {i}")
+    resolver.remember("old", entry(), "old text")
     errors = []
 
     def remember(key):
@@ -320,8 +320,6 @@ def test_texts_remembered_by_concurrent_calls_are_all_kept():
 
 def test_context_aware_decoding_is_refused_by_every_engine_path_not_skipped_in_streams():
     """generate refused it, while stream and astream quietly decoded without the contrast."""
-    from sac_rag import InvalidInputError
-
     engine = SACEngine(kv_dropping()).load()
     config = GenerationConfig(max_new_tokens=2, context_contrast=0.5)
     with pytest.raises(InvalidInputError, match="context_contrast .* use SAC.answer"):
@@ -334,3 +332,51 @@ def test_context_aware_decoding_is_refused_by_every_engine_path_not_skipped_in_s
 
     with pytest.raises(InvalidInputError, match="context_contrast .* use SAC.answer"):
         asyncio.run(astream())
+
+
+def test_a_stream_closed_or_dropped_before_it_is_read_releases_its_chunks():
+    """A stream decodes (and releases its prompt's chunks) only once read: one never read held them
+    pinned until they lapsed (PIN_SECONDS), keeping memory over its limit meanwhile."""
+    engine = small_memory_engine()
+    memory = engine.resolver.memory
+    text = "Snow closed the pass in March."
+
+    def handed() -> str:
+        [keys] = engine.handles_for([text])
+        assert memory.pinned == set(keys)
+        return f"{markers_for(keys)}\nQ: when?\nA:"
+
+    stream = engine.stream(handed(), CONFIG)
+    del stream
+    gc.collect()
+    assert memory.pinned == set()
+    engine.stream(handed(), CONFIG).close()
+    assert memory.pinned == set()
+    astream = engine.astream(handed(), CONFIG)
+    del astream
+    gc.collect()
+    assert memory.pinned == set()
+    asyncio.run(engine.astream(handed(), CONFIG).aclose())
+    assert memory.pinned == set()
+
+    prompt = handed()
+    [keys] = engine.handles_for([text])  # another call handed the same chunks: pinned twice
+    read = engine.stream(prompt, CONFIG)
+    assert list(read)[-1].cached_tokens > 0
+    del read
+    gc.collect()
+    assert memory.pinned == set(keys)  # released once, by its decoding; not again when dropped
+
+    async def read_async():
+        return [piece async for piece in engine.astream(prompt, CONFIG)]
+
+    assert asyncio.run(read_async())[-1].cached_tokens > 0
+    assert memory.pinned == set()
+
+    contrast = GenerationConfig(max_new_tokens=2, context_contrast=0.5)  # refused: the calls release too
+    with pytest.raises(InvalidInputError, match="context_contrast"):
+        engine.generate([handed()], contrast)
+    assert memory.pinned == set()
+    with pytest.raises(InvalidInputError, match="context_contrast"):
+        list(engine.stream(handed(), contrast))
+    assert memory.pinned == set()

@@ -301,10 +301,6 @@ def test_memory_never_drops_the_chunks_of_the_call_that_hands_them_out(caplog):
 
     engine.handles_for(["Snow closed the pass in March."])  # a later call: old chunks are dropped then
     assert not set(keys) & set(engine.resolver.memory)
-    with pytest.raises(EntryNotFoundError, match="dropped to stay under memory_bytes"):
-        engine.segments(prompt)  # a marker this engine issued that no longer resolves is an error...
-    typed = f"{marker_for(AnchorStore.key_for('never compressed'))}\nQ: who?\nA:"
-    assert engine.segments(typed) == [typed]  # ...while one that never named anything stays text
 
 
 def test_bounded_memory_drops_the_least_recently_used_first():
@@ -564,3 +560,140 @@ def test_a_call_refused_for_its_arguments_leaves_no_chunk_pinned(compressor):
         with pytest.raises(InvalidInputError):
             engine.handles_for(PASSAGES, **bad)
     assert engine.resolver.memory.pinned == set()
+
+
+def counting_compressions(compressor: SACCompressor, monkeypatch) -> list[int]:
+    """How many chunks each ``compress_chunks`` call of ``compressor`` compresses, from now on."""
+    counts: list[int] = []
+    original = compressor.compress_chunks
+    monkeypatch.setattr(compressor, "compress_chunks",
+                        lambda ids, *a, **k: (counts.append(len(ids)), original(ids, *a, **k))[1])
+    return counts
+
+
+def test_a_handed_out_chunk_memory_dropped_is_compressed_again_from_its_text(monkeypatch, caplog):
+    """Pins are released once per prompt generated, so a prompt generated twice (a retry, a refine step,
+    a chat history repeating old markers) releases the pin of another call handed the same chunk, which
+    memory may then drop. That call's prompt still reads the chunk, compressed again as it was."""
+    engine = small_memory_engine()
+    roomy = SACEngine(engine.compressor)  # the same compressor, with room for every chunk
+    config = GenerationConfig(max_new_tokens=4)
+    for e in (engine, roomy):
+        e.generator.eos_token_ids = set()  # answers run to max_new_tokens
+    text = "Snow closed the pass in March."
+    [mine] = engine.handles_for([text])
+    [theirs] = engine.handles_for([text])  # a concurrent call handed the same chunks: pinned twice
+    prompt = f"{markers_for(theirs)}\nQ: when?\nA:"
+    for _ in range(2):  # the first call generates its prompt twice: both pins are released
+        engine.generate([f"{markers_for(mine)}\nQ: when?\nA:"], config)
+    [made_room] = engine.handles_for([" ".join(PASSAGES * 3)])  # a third call makes room
+    memory = engine.resolver.memory
+    assert not set(theirs) & set(memory)
+
+    roomy.handles_for([text])
+    compressed = counting_compressions(engine.compressor, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        answer = engine.generate([prompt], config)[0]
+    assert compressed == [len(set(theirs))]  # compressed again, all in one batch, instead of being lost
+    assert "compressed again from their text" in caplog.text
+    assert set(theirs) <= set(memory) and memory.pinned == set(made_room)  # back in memory, not left pinned
+
+    expected = roomy.generate([prompt], config)[0]
+    assert answer.token_ids == expected.token_ids and answer.cached_tokens == expected.cached_tokens > 0
+    again, direct = engine.segments(prompt), roomy.segments(prompt)
+    for ours, reference in zip(again[:len(theirs)], direct[:len(theirs)]):
+        torch.testing.assert_close(ours.keys, reference.keys)
+        torch.testing.assert_close(ours.values, reference.values)
+    assert compressed == [len(set(theirs))]  # in memory again: read as they are
+
+    engine.handles_for([" ".join(reversed(PASSAGES))])  # dropped again: positions are counted as the model reads
+    assert not set(theirs) & set(memory)
+    assert engine.count_positions(prompt) == roomy.count_positions(prompt)
+
+
+def test_a_dropped_chunk_whose_text_is_forgotten_too_is_refused_and_a_typed_marker_stays_text():
+    engine = small_memory_engine()
+    engine.resolver.text_bytes = 0  # no text of a dropped chunk is kept
+    config = GenerationConfig(max_new_tokens=2)
+    [keys] = engine.handles_for(["Snow closed the pass in March."])
+    prompt = f"{markers_for(keys)}\nQ: when?\nA:"
+    engine.generate([prompt], config)  # read: no longer pinned
+    engine.handles_for([" ".join(PASSAGES)])  # a later call: the chunks are dropped
+    assert not set(keys) & set(engine.resolver.memory) and engine.resolver.remembered_texts(keys) == {}
+    with pytest.raises(EntryNotFoundError, match="dropped to stay under memory_bytes.* forgotten too.* handles_for"):
+        engine.generate([prompt], config)  # a marker this engine issued that no longer resolves is an error...
+    typed = f"{marker_for(AnchorStore.key_for('never compressed'))}\nQ: who?\nA:"
+    assert engine.segments(typed) == [typed]  # ...while one that never named anything stays text
+
+
+def test_the_resolver_keeps_texts_of_dropped_chunks_up_to_its_budget_least_recently_handed_out_first():
+    import sys
+    from types import SimpleNamespace
+
+    from sac_rag.handles import TEXT_MEMORY_BYTES, BoundedMemory
+
+    fingerprint = kv_dropping().fingerprint
+    resolver = CacheResolver(fingerprint, memory=BoundedMemory(max_bytes=2))  # holds 2 chunks
+    assert resolver.text_bytes == TEXT_MEMORY_BYTES
+    resolver.text_bytes = 3 * sys.getsizeof("text a")  # 3 texts
+
+    def remember(key: str) -> None:
+        resolver.remember(key, SimpleNamespace(fingerprint=fingerprint, offset=0, nbytes=1), f"text {key}")
+
+    remember("a")
+    remember("b")
+    resolver.issue(["a"])  # handed out again: its text is the last to go
+    remember("c")
+    remember("d")
+    assert sorted(resolver.memory) == ["c", "d"]
+    assert resolver.remembered_texts("abcd") == {k: f"text {k}" for k in "acd"}  # "b"'s forgotten first
+    resolver.text_bytes = 0
+    remember("e")  # the texts of chunks memory holds are kept whatever the budget (extractive answers quote them)
+    assert resolver.remembered_texts("abcde") == {k: f"text {k}" for k in "de"}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_write_back_stores_chunks_found_in_memory_without_compressing_them_again(tmp_path, monkeypatch,
+                                                                                asynchronous):
+    """A chunk an earlier call compressed without write_back lives in memory only: a write_back call
+    that is handed it stores it too, from memory, with the metadata a written-back chunk gets."""
+    compressor = kv_dropping(chunk_len=8)
+    engine = SACEngine(compressor, tmp_path / "store")  # the store is created by the first write-back
+    texts = ["Bees.", " ".join(PASSAGES)]  # one chunk (found by its key), several (found once split)
+    handles = engine.handles_for(texts)
+    assert len(handles[0]) == 1 and len(handles[1]) > 1 and engine.store is None
+    keys = [k for text_keys in handles for k in text_keys]
+
+    compressed = counting_compressions(compressor, monkeypatch)
+    sources = [{"source": "short.txt"}, {"source": "long.txt"}]
+    if asynchronous:
+        again = asyncio.run(engine.ahandles_for(texts, write_back=True, metadata=sources))
+    else:
+        again = engine.handles_for(texts, write_back=True, metadata=sources)
+    assert again == handles and compressed == []
+
+    fresh = SACEngine(compressor, tmp_path / "store")  # another process reads them from the store
+    stored = fresh.resolver.lookup(keys)
+    assert set(stored) == set(keys) and fresh.resolver.memory.nbytes == 0
+    for key in keys:
+        torch.testing.assert_close(stored[key].keys, engine.resolver.memory[key].keys)
+    [short] = handles[0]
+    n_tokens = len(compressor.tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    assert fresh.store.metadata(short) == {"text": "Bees.", "chunk_index": 0, "n_tokens": n_tokens, "start_char": 0,
+                                           "end_char": 5, "doc": sources[0], "created_by": "sac_rag.handles"}
+    assert "".join(fresh.store.metadata(k)["text"] for k in handles[1]) == texts[1]
+    assert {fresh.store.metadata(k)["doc"]["source"] for k in handles[1]} == {"long.txt"}
+
+
+def test_a_write_back_call_that_finds_every_chunk_does_not_wait_for_the_model(tmp_path):
+    engine = SACEngine(kv_dropping(), tmp_path / "store")
+    text = "Snow closed the pass in March."
+    [keys] = engine.handles_for([text])  # in memory only
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(keys=engine.handles_for([text], write_back=True)[0]),
+                              daemon=True)
+    with engine._state().lock:  # the model is busy decoding
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "a write_back call with nothing to compress waited for the model"
+    assert outcome["keys"] == keys and engine.store.missing(keys) == []
