@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidInputError
 
 ANCHOR_EMBEDDINGS = ("shared", "per_slot", "none")
+# Chat roles that ask (each turn a question) and answer (each turn an answer); any other role's
+# text is context (``PromptTemplate.conversation``).
+CHAT_ASKING = ("user", "human")
+CHAT_ANSWERING = ("assistant", "ai", "chatbot", "model")
 
 
 @dataclass
@@ -45,6 +50,26 @@ class PromptTemplate:
             tail = self.prefix + tail.lstrip("\n")
         segments.append(tail)
         return _merge_adjacent_text(segments)
+
+    def conversation(self, turns: Sequence[tuple[str, str]]) -> str:
+        """A chat as one prompt string in this layout, for a decoder trained on it rather than on
+        a chat format: the text of the turns that are neither ``"user"`` nor ``"assistant"``
+        (system, tool, ...; where a chat engine puts the retrieved chunks' ``<sac:...>`` markers)
+        is the context, then each user turn is a question and each assistant turn its answer, in
+        order. After a last user turn the prompt ends where the answer begins."""
+        context = "\n".join(text for role, text in turns if role not in CHAT_ASKING + CHAT_ANSWERING and text)
+        questions = [text for role, text in turns if role in CHAT_ASKING]
+        if not questions or not questions[-1].strip():
+            raise InvalidInputError("the conversation has no question: its last user message is missing or empty")
+        prompt = self.prefix + self.context_prefix + context if context else self.prefix
+        for role, text in turns:
+            if role in CHAT_ASKING:
+                question = self.question.format(question=text)
+                # as in ``build``: without a context, the prompt opens with the question
+                prompt += question if prompt != self.prefix else question.lstrip("\n")
+            elif role in CHAT_ANSWERING:
+                prompt += text
+        return prompt
 
 
 def _merge_adjacent_text(segments: list) -> list:

@@ -1189,8 +1189,9 @@ class SACEngine:
             logger.warning(
                 "%d of %d answers are empty: the model stopped before writing anything. SAC's decoder answers "
                 "prompts in the layout it was trained with (contexts, then %r); build them with sac_qa_prompt or "
-                "create_sac_stuff_chain (LangChain; or ChatSAC(chat_template=True) for chat turns), "
-                "text_qa_template=llm.qa_prompt in a LlamaIndex query engine, or PromptTemplate.build",
+                "create_sac_stuff_chain (LangChain; ChatSAC(chat_template='sac') for a conversation), "
+                "text_qa_template=llm.qa_prompt in a LlamaIndex query engine (its chat engines get the layout from "
+                "SACLLM), or PromptTemplate.build / PromptTemplate.conversation",
                 empty, len(generations),
                 self.template.question.format(question="QUESTION"))
 

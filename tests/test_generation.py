@@ -185,6 +185,24 @@ def test_template_builds_prefix_contexts_and_question_in_order(setup):
         template.build([chunks], "  ")
 
 
+def test_a_conversation_is_laid_out_as_contexts_then_each_question_with_its_answer():
+    """Chat engines send turns; the decoder was trained on contexts then a question. System (and tool)
+    turns are the context, each user turn a question, each assistant turn its answer, so a single
+    question reads exactly as ``build`` lays it out."""
+    template = PromptTemplate(prefix="<s>")
+    marker = "<sac:" + "a" * 64 + ">"
+    assert template.conversation([("system", marker), ("user", "Who?")]) == \
+        "".join(template.build([marker], "Who?")) == f"<s>### Context:\n{marker}\n### Question:\nWho?\n### Answer:\n"
+    turns = [("system", "Use the context."), ("user", "Who built it?"), ("assistant", "Eiffel"),
+             ("tool", marker), ("user", "When?")]
+    assert template.conversation(turns) == (f"<s>### Context:\nUse the context.\n{marker}\n### Question:\nWho built "
+                                            "it?\n### Answer:\nEiffel\n### Question:\nWhen?\n### Answer:\n")
+    assert template.conversation([("user", "Who?")]) == "".join(template.build([], "Who?"))  # no context
+    for turns in ([("system", marker)], [("user", "Who?"), ("assistant", "Bob"), ("user", " ")]):
+        with pytest.raises(InvalidInputError, match="no question"):
+            template.conversation(turns)
+
+
 def test_batch_api_refuses_a_bare_prompt(setup):
     _, gen = setup
     with pytest.raises(InvalidInputError, match="list of prompts"):

@@ -8,7 +8,7 @@ chunk's cached K/V, the rest is read as text (``sac_rag.handles``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -27,12 +27,16 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
 
     ``chat_template=False`` (default) renders the messages as their text contents, one after
     the other: a single human message - what a RAG chain sends - reaches the decoder exactly as
-    written, in the layout the compressor was trained with (see ``sac_qa_prompt``). With
+    written, in the layout the compressor was trained with (see ``sac_qa_prompt``).
+    ``chat_template="sac"`` lays a conversation out in that layout (``PromptTemplate.conversation``):
+    the system messages - where a chain with history puts the documents' markers - as the context,
+    then each human message as a question and each AI message as its answer. With
     ``chat_template=True`` the tokenizer's chat template (e.g. ChatML) frames the turns.
 
     The decoder is trained to answer that layout: outside it, a bare ``invoke("What is 2+2?")``
     usually gets an empty answer (the model ends it at once; a warning says so). Put questions in
-    ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does), or set ``chat_template=True``.
+    ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does), or, for a conversation, set
+    ``chat_template="sac"``.
 
     ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
     ``valid_namespaces=["langchain_sac"]`` rebuilds (see ``LangChainSerializable``).
@@ -40,7 +44,7 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
     >>> llm = ChatSAC(store="corpus.store")   # instant: weights load on first use   # doctest: +SKIP
     """
 
-    chat_template: bool = False
+    chat_template: bool | Literal["sac"] = False
     streaming: bool = False
     """Answer ``invoke`` through the streaming path (LangChain's convention)."""
 
@@ -82,6 +86,8 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
             raise InvalidInputError("no messages: pass at least the question")
         if not self.chat_template:
             return "\n".join(text for _, text in turns)
+        if self.chat_template == "sac":
+            return self.get_engine().template.conversation(turns)
         tokenizer = self.get_engine().compressor.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("chat_template=True, but this model's tokenizer has no chat template")

@@ -459,6 +459,37 @@ def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the
 CACHE_PROMPT = "### Context:\nThe ferry runs every forty minutes.\n### Question:\nHow often?\n### Answer:\n"
 
 
+def test_a_conversation_with_chat_template_sac_is_read_in_the_layout_the_compressor_was_trained_with(
+        engine, passages, monkeypatch):
+    """A chain with history puts the documents' markers in a system message, then the turns: with
+    ``chat_template="sac"`` the model reads them as contexts, then each question with its answer, so the
+    first question reads exactly what ``create_sac_stuff_chain`` sends."""
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+    from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+
+    prompts = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda batch, config=None: prompts.extend(batch) or generate(batch, config))
+    question = "When was the lighthouse on Gull Point painted red?"
+    reference = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6), passages).invoke({"input": question})
+    with_history = ChatPromptTemplate.from_messages(
+        [("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")])
+    llm = ChatSAC(engine=engine, max_tokens=6, chat_template="sac")
+    retriever = ContextualCompressionRetriever(base_compressor=SACContextCompressor(engine=engine),
+                                               base_retriever=KeywordRetriever(documents=documents(passages), k=2))
+    chain = create_retrieval_chain(retriever, create_stuff_documents_chain(
+        llm, with_history, document_prompt=SAC_DOCUMENT_PROMPT, document_separator=""))
+    first = chain.invoke({"input": question, "chat_history": []})
+    assert prompts[1] == prompts[0] and first["answer"] == reference["answer"]
+    chain.invoke({"input": "And who painted it?", "chat_history": [("human", question), ("ai", first["answer"])]})
+    ask = engine.template.question.format
+    assert prompts[-1].endswith(ask(question=question) + first["answer"] + ask(question="And who painted it?"))
+    contexts = prompts[-1][: prompts[-1].index(ask(question=question))]
+    assert re.fullmatch(r"### Context:\n(<sac:[0-9a-f]{64}>)+", contexts)
+    with pytest.raises(InvalidInputError, match="no question"):
+        llm.invoke([("system", "context only")])
+
+
 @pytest.fixture
 def llm_cache():
     from langchain_core.caches import InMemoryCache
@@ -503,7 +534,7 @@ def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cl
                 dict(top_p=0.5, temperature=0.5, seed=1), dict(length_penalty=0.0, num_beams=2),
                 dict(mbr=True, num_beams=2), dict(seed=3, temperature=0.7)]
     if cls is ChatSAC:
-        variants.append(dict(chat_template=True))
+        variants += [dict(chat_template=True), dict(chat_template="sac")]
     keys = {_cache_key(cls(engine=e0, max_tokens=6, **v)) for v in variants}
     keys |= {_cache_key(cls(engine=e0, max_tokens=6)), _cache_key(cls(engine=e1, max_tokens=6))}
     assert len(keys) == len(variants) + 2

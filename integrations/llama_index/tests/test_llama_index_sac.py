@@ -332,6 +332,27 @@ def test_a_chat_engine_with_chat_memory_keeps_answering_where_the_default_memory
     assert spy.prompts[-1].count("lighthouse " * 70) == 2  # the previous message and this one: older ones dropped
 
 
+def test_a_chat_engine_asks_in_the_layout_the_compressor_was_trained_with(engine, passages, monkeypatch):
+    """A chat engine's prompt (a system message holding the nodes' markers, then the turns) reaches the
+    model as contexts, then each question with its answer: with ``llm.chat_context_template`` the
+    first turn reads exactly what a query engine with ``llm.qa_prompt`` reads."""
+    question = "When was the lighthouse on Gull Point painted red?"
+    spy = Spy(engine, monkeypatch)
+    query_engine(engine, passages).query(question)
+    llm = SACLLM(engine=engine, max_tokens=6, stop=[])
+    chat = chat_engine(engine, passages, llm=llm, context_template=llm.chat_context_template)
+    first = chat.chat(question)
+    assert spy.prompts[-1] == spy.prompts[0] and str(first) == spy.generations[0].text.strip()
+    chat.chat("And who painted it?")
+    template = engine.template.question
+    assert spy.prompts[-1].endswith(template.format(question=question) + str(first)
+                                    + template.format(question="And who painted it?"))
+    with_instructions = chat_engine(engine, passages, llm=llm)  # LlamaIndex's default context template
+    with_instructions.chat(question)
+    assert spy.prompts[-1].startswith("### Context:\nUse the context information below")
+    assert spy.prompts[-1].endswith(template.format(question=question))
+
+
 @pytest.mark.parametrize("cls, option", [(SACLLM, {"extractve": True}), (SACNodePostprocessor, {"onmiss": "error"})])
 def test_a_misspelled_option_is_refused_not_ignored(cls, option):
     from pydantic import ValidationError

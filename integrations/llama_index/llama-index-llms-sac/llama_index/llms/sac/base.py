@@ -20,11 +20,12 @@ answer "Empty Response".
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
 
 from llama_index.core.base.llms.types import (
+    ChatMessage,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
@@ -89,7 +90,10 @@ class SACLLM(CustomLLM):
 
     The decoder is trained to answer prompts in the SAC layout (``text_qa_template=llm.qa_prompt``
     in a query engine): a bare ``complete("What is 2+2?")`` usually gets an empty answer (the
-    model ends it at once; a warning says so).
+    model ends it at once; a warning says so). Chats (``chat``, chat engines) are laid out in it
+    too (``conversation_prompt``): use ``chat_mode="context"``, whose system message carries the
+    nodes (``context_template=chat_context_template``); the condensing chat modes ask the LLM to
+    rewrite the question, a task this QA-trained decoder was not trained on.
 
     Usage per answer is in ``CompletionResponse.raw["usage"]`` and ``additional_kwargs``:
     ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
@@ -126,6 +130,8 @@ class SACLLM(CustomLLM):
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._engine = engine
+        if kwargs.get("messages_to_prompt") is None:  # chats are laid out as the compressor was trained
+            self.messages_to_prompt = self.conversation_prompt
         # Decoding settings that cannot be used (beams with extractive, a negative temperature) are
         # refused here: raised from a query, LlamaIndex would log them and answer "Empty Response".
         self.generation_config()
@@ -156,6 +162,14 @@ class SACLLM(CustomLLM):
         return sac_qa_prompt(self.engine.template)
 
     @property
+    def chat_context_template(self) -> str:
+        """A chat engine's ``context_template`` that puts only the retrieved nodes in its system
+        message (``as_chat_engine(chat_mode="context", context_template=llm.chat_context_template)``):
+        the first question then reads exactly what a query engine with ``qa_prompt`` reads. With
+        LlamaIndex's default one, its instruction is read as context too."""
+        return "{context_str}"
+
+    @property
     def metadata(self) -> LLMMetadata:
         """What LlamaIndex plans prompts with (no weights loaded): ``context_window`` is the one set,
         else ``UNSPLIT_CONTEXT_WINDOW``, so that its prompt helper never cuts a marker."""
@@ -180,6 +194,15 @@ class SACLLM(CustomLLM):
             raise InvalidInputError(f"token_limit must be a positive number of tokens, got {token_limit!r}")
         tokenizer = self.engine.compressor.tokenizer
         return Memory.from_defaults(token_limit=token_limit, tokenizer_fn=tokenizer.encode, **kwargs)
+
+    def conversation_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """How ``chat`` (and a chat engine's prompts) reach the model unless ``messages_to_prompt`` is
+        given: the conversation in the compressor's layout (``PromptTemplate.conversation``), the
+        system messages - where a chat engine puts the retrieved nodes' markers - as the context,
+        then each user message as a question and each assistant message as its answer."""
+        turns = [(message.role.value, message.content or "") for message in messages]
+        with _refusals():
+            return self.engine.template.conversation(turns)
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
         """One call's decoding settings: the LLM's, overridden by the call's keyword arguments

@@ -1,0 +1,78 @@
+"""benchmarks/llamaindex_chat.py: every way of asking writes a scored row with its command; a chat engine
+with SACLLM's layout and chat context template reads what a query engine reads; bad input is refused
+before any model loads."""
+
+import json
+import lzma
+
+import pytest
+from conftest import load_benchmark, make_tiny_llama
+
+from sac_rag import SACCompressor, SACConfig
+from sac_rag.errors import InvalidInputError
+
+CHAT = load_benchmark("llamaindex_chat")
+
+PARAGRAPHS = [
+    ("Paris is the capital of France.", "What is the capital of France?", "Paris"),
+    ("The tower was finished in 1889 by its builders.", "When was the tower finished?", "1889"),
+    ("The quick brown fox jumps over the lazy dog.", "What does the fox jump over?", "the lazy dog"),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A ratio-2 compressor of the tiny Llama (saved with it) and a SQuAD-format dev file."""
+    root = tmp_path_factory.mktemp("chat")
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(root / "tiny-model")
+    tokenizer.save_pretrained(root / "tiny-model")
+    SACCompressor(SACConfig(base_model=str(root / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
+                  model=model, tokenizer=tokenizer).save_pretrained(root / "compressor")
+    data = {"data": [{"title": "t", "paragraphs": [
+        {"context": context, "qas": [{"id": f"q{i}", "question": question, "answers": [{"text": answer}]}]}
+        for i, (context, question, answer) in enumerate(PARAGRAPHS)]}]}
+    (root / "data" / "squad-v1.1").mkdir(parents=True)
+    with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump(data, f)
+    return root
+
+
+def _main(workspace, results, *extra):
+    CHAT.main(["--n", "3", "--data-root", str(workspace / "data"), "--compressor", str(workspace / "compressor"),
+               "--results", str(results), *extra])
+
+
+def test_every_way_writes_a_scored_row_with_its_command(workspace, tmp_path):
+    results = tmp_path / "chat.jsonl"
+    _main(workspace, results)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["chat-generic-layout", "chat-sac-layout",
+                                           "chat-sac-layout+context-template", "query-engine"]
+    for row in rows:
+        assert row["n"] == 3 and row["ratio"] == 2 and row["dataset"] == "squad-dev"
+        assert 0 <= row["em"] <= row["f1"] <= 100 and 0 <= row["empty_answers"] <= 3
+        assert row["f1_ci"][0] <= row["f1"] <= row["f1_ci"][1] <= 100
+        assert row["command"].startswith("python benchmarks/llamaindex_chat.py --n 3")
+
+
+def test_the_chat_engine_with_the_chat_context_template_answers_as_the_query_engine(workspace):
+    from sac_rag.handles import SACEngine
+
+    engine = SACEngine.shared(str(workspace / "compressor"), None, dtype="float32")
+    retriever = CHAT.OwnParagraph()
+    ways = CHAT.ways(engine, retriever)
+    questions = [CHAT.Question(f"q{i}", question, [answer], context)
+                 for i, (context, question, answer) in enumerate(PARAGRAPHS)]
+    answers = {name: CHAT.answer_all(ways[name], retriever, questions, name)
+               for name in ("chat-sac-layout+context-template", "query-engine", "chat-generic-layout")}
+    assert answers["chat-sac-layout+context-template"] == answers["query-engine"]
+
+
+def test_a_missing_data_root_is_refused_before_any_model_loads(workspace, tmp_path, monkeypatch):
+    monkeypatch.setattr(CHAT.SACEngine, "shared", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(InvalidInputError, match="does not exist: set --data-root"):
+        CHAT.main(["--n", "3", "--data-root", str(tmp_path / "nowhere"), "--results", str(tmp_path / "r.jsonl")])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InvalidInputError, match="is a folder"):
+        _main(workspace, tmp_path / "folder")
