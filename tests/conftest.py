@@ -51,6 +51,31 @@ def load_benchmark(name: str):
     return module
 
 
+def save_tiny_compressor(root: Path, ratio: int = 2, chunk_len: int = 64, lora_rank: int = 4) -> Path:
+    """The tiny Llama saved as ``root/tiny-model`` and an untrained compressor of it as
+    ``root/compressor`` (what scripts given a model and a compressor by path load): the latter."""
+    from sac_rag import SACCompressor, SACConfig
+
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(root / "tiny-model")
+    tokenizer.save_pretrained(root / "tiny-model")
+    config = SACConfig(base_model=str(root / "tiny-model"), ratio=ratio, chunk_len=chunk_len, lora_rank=lora_rank)
+    SACCompressor(config, model=model, tokenizer=tokenizer).save_pretrained(root / "compressor")
+    return root / "compressor"
+
+
+def write_squad_dev(root: Path, paragraphs: list[dict]) -> Path:
+    """SQuAD-format ``paragraphs`` (``{"context", "qas"}``) as ``root/data/squad-v1.1/dev-v1.1.json.xz``,
+    where ``--data-root root/data`` finds SQuAD dev: the data root."""
+    import json
+    import lzma
+
+    (root / "data" / "squad-v1.1").mkdir(parents=True)
+    with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
+        json.dump({"data": [{"title": "t", "paragraphs": paragraphs}]}, f)
+    return root / "data"
+
+
 def make_tiny_llama(seed: int = 0, rope_theta: float = 10000.0):
     """A 4-layer random Llama (hidden 64, GQA 4/2 heads) and a byte-level BPE tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,15 +2,13 @@
 the ratios to full context and the command; bad input is refused before anything is timed."""
 
 import json
-import lzma
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, save_tiny_compressor, write_squad_dev
 
-from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import InvalidInputError
 from sac_rag.eval import Question
 
@@ -87,18 +85,11 @@ def test_other_out_of_range_options_are_refused_by_the_parser(option, nothing_bu
 def workspace(tmp_path, monkeypatch):
     """Six questions on three paragraphs; the script's models replaced by the tiny Llama (saved as
     a folder) and a ratio-2 compressor of it (``build_method`` records what it builds)."""
-    model, tokenizer = make_tiny_llama()
-    model.save_pretrained(tmp_path / "tiny-model")
-    tokenizer.save_pretrained(tmp_path / "tiny-model")
-    SACCompressor(SACConfig(base_model=str(tmp_path / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
-                  model=model, tokenizer=tokenizer).save_pretrained(tmp_path / "compressor")
-    data = {"data": [{"title": "t", "paragraphs": [
+    save_tiny_compressor(tmp_path)
+    write_squad_dev(tmp_path, [
         {"context": f"Paris is the capital of France. Fact number {p} is {'long ' * p}here.",
          "qas": [{"id": f"p{p}q{i}", "question": "What is the capital?", "answers": [{"text": "Paris"}]}
-                 for i in range(2)]} for p in range(3)]}]}
-    (tmp_path / "data" / "squad-v1.1").mkdir(parents=True)
-    with lzma.open(tmp_path / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
-        json.dump(data, f)
+                 for i in range(2)]} for p in range(3)])
     built = []
     real = COSTS.build_method
 

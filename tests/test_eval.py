@@ -1,14 +1,13 @@
 """python -m sac_rag.eval on a tiny model: every method runs, rows are written, runs resume."""
 
 import json
-import lzma
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, save_tiny_compressor, write_squad_dev
 
 from sac_rag import InvalidInputError, SACCompressor, SACConfig
 from sac_rag.eval import main, read_predictions
@@ -16,19 +15,11 @@ from sac_rag.eval import main, read_predictions
 
 @pytest.fixture
 def workspace(tmp_path):
-    model, tokenizer = make_tiny_llama()
-    model.save_pretrained(tmp_path / "tiny-model")
-    tokenizer.save_pretrained(tmp_path / "tiny-model")
-    data = {"data": [{"title": "t", "paragraphs": [
+    write_squad_dev(tmp_path, [
         {"context": f"Paris is the capital of France. Fact {i}.",
          "qas": [{"id": f"q{i}", "question": "What is the capital?", "answers": [{"text": "Paris"}]}]}
-        for i in range(6)]}]}
-    (tmp_path / "data" / "squad-v1.1").mkdir(parents=True)
-    with lzma.open(tmp_path / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
-        json.dump(data, f)
-    comp = SACCompressor(SACConfig(base_model=str(tmp_path / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
-                         model=model, tokenizer=tokenizer)
-    comp.save_pretrained(tmp_path / "compressor")
+        for i in range(6)])
+    save_tiny_compressor(tmp_path)
     return tmp_path
 
 

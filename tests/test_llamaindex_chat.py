@@ -3,12 +3,10 @@ with SACLLM's layout and chat context template reads what a query engine reads; 
 before any model loads."""
 
 import json
-import lzma
 
 import pytest
-from conftest import load_benchmark, make_tiny_llama
+from conftest import load_benchmark, save_tiny_compressor, write_squad_dev
 
-from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import InvalidInputError
 
 CHAT = load_benchmark("llamaindex_chat")
@@ -24,17 +22,10 @@ PARAGRAPHS = [
 def workspace(tmp_path_factory):
     """A ratio-2 compressor of the tiny Llama (saved with it) and a SQuAD-format dev file."""
     root = tmp_path_factory.mktemp("chat")
-    model, tokenizer = make_tiny_llama()
-    model.save_pretrained(root / "tiny-model")
-    tokenizer.save_pretrained(root / "tiny-model")
-    SACCompressor(SACConfig(base_model=str(root / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
-                  model=model, tokenizer=tokenizer).save_pretrained(root / "compressor")
-    data = {"data": [{"title": "t", "paragraphs": [
-        {"context": context, "qas": [{"id": f"q{i}", "question": question, "answers": [{"text": answer}]}]}
-        for i, (context, question, answer) in enumerate(PARAGRAPHS)]}]}
-    (root / "data" / "squad-v1.1").mkdir(parents=True)
-    with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
-        json.dump(data, f)
+    save_tiny_compressor(root)
+    write_squad_dev(root, [{"context": context, "qas": [{"id": f"q{i}", "question": question,
+                                                          "answers": [{"text": answer}]}]}
+                           for i, (context, question, answer) in enumerate(PARAGRAPHS)])
     return root
 
 

@@ -3,7 +3,6 @@ every method writes a scored row with its command and costs, runs resume, what L
 counted right, and bad input is refused before any model loads."""
 
 import json
-import lzma
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BENCHMARKS, load_benchmark, make_tiny_llama
+from conftest import BENCHMARKS, load_benchmark, make_tiny_llama, save_tiny_compressor, write_squad_dev
 
 from sac_rag import SACCompressor, SACConfig
 from sac_rag.errors import SACError
@@ -111,20 +110,13 @@ def workspace(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("rag")
-    model, tokenizer = make_tiny_llama()
-    model.save_pretrained(root / "tiny-model")
-    tokenizer.save_pretrained(root / "tiny-model")
-    SACCompressor(SACConfig(base_model=str(root / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
-                  model=model, tokenizer=tokenizer).save_pretrained(root / "compressor")
+    save_tiny_compressor(root)
     torch.manual_seed(0)
     get_peft_model(make_tiny_llama()[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False)).save_pretrained(root / "adapter")
-    data = {"data": [{"title": "t", "paragraphs": [
+    write_squad_dev(root, [
         {"context": context, "qas": [{"id": f"q{i}", "question": question, "answers": [{"text": answer}]}]}
-        for i, (context, question, answer) in enumerate(PARAGRAPHS)]}]}
-    (root / "data" / "squad-v1.1").mkdir(parents=True)
-    with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
-        json.dump(data, f)
+        for i, (context, question, answer) in enumerate(PARAGRAPHS)])
     return root
 
 
