@@ -11,7 +11,12 @@ costs linear time and bounded memory), chunk boundaries are placed between token
 ``chunk_tokens - overlap_tokens`` tokens (a boundary sits at the end of the token before it,
 so leading spaces stay with the word that follows, as byte-level BPE tokenizers attach them),
 and each chunk's text is tokenized again; at a boundary that tokenizes differently (say, in
-the middle of a multi-byte character) the chunk is shortened until it fits.
+the middle of a multi-byte character) the chunk is shortened until it fits. Tokens and
+characters do not line up one to one (a CJK character or an emoji is often several byte-level
+tokens, all ending where the character ends), so moving on by a token does not always move on
+in the text, and a shortened chunk can end where the one before it ended: such a chunk is the
+one before it or lies inside it, and is left out (``_advances``), so that every chunk ends
+further into the document than the one before and none is emitted twice.
 
 A chunk's ``id`` is ``"<doc id>#<index>"`` and its ``key`` is the store key of its text
 (sha256, ``AnchorStore.key_for``): the same text is the same entry wherever it occurs.
@@ -116,7 +121,7 @@ def iter_chunks(
             return 0
         return len(text) if token >= n else int(ends[token - 1])
 
-    index, start = 0, 0
+    index, start, emitted_end = 0, 0, 0
     while start < n:
         end = min(start + chunk_tokens, n)
         while True:
@@ -131,16 +136,28 @@ def iter_chunks(
                     f"{len(ids)} tokens on its own; chunk_tokens={chunk_tokens} is too small"
                 )
             end = max(start + 1, end - max(1, len(ids) - chunk_tokens))
-        if piece.strip():
+        if piece.strip() and _advances(last, emitted_end):
             yield Chunk(
                 id=f"{doc_id}#{index}", doc_id=doc_id, index=index, text=piece,
                 start_char=first, end_char=last, start_token=start, token_ids=tuple(ids),
                 key=AnchorStore.key_for(piece),
             )
-            index += 1
+            index, emitted_end = index + 1, last
         if end >= n:
             break
         start = max(end - overlap_tokens, start + 1)
+
+
+def _advances(end: int, emitted_end: int) -> bool:
+    """Whether a chunk ending at ``end`` reaches further than the last chunk emitted (which
+    ended at ``emitted_end``; 0 before the first).
+
+    Chunks start in order, so one that does not reach further is the last one again or lies
+    inside it: it would add nothing but a repeated or redundant store entry. Leaving it out
+    (and going on from it as before) keeps the document covered, since the next chunk starts
+    no later than this one ends, and leaves the chunks of any document where this never
+    happens exactly as they were, so stored entries keep their keys."""
+    return end > emitted_end
 
 
 def _integer(value) -> int | None:
@@ -197,7 +214,7 @@ def _iter_chunks_by_decoding(text: str, tokenizer, chunk_tokens: int, overlap_to
         logger.warning("the tokenizer (%s) has no offset mapping (not a fast tokenizer): chunk texts "
                        "are decoded token spans, not exact substrings of the document", kind)
     ids = [i for start, end in _pieces(text) for i in _encode(tokenizer, text[start:end])]
-    index, start, stride = 0, 0, chunk_tokens - overlap_tokens
+    index, start, stride, emitted_end = 0, 0, chunk_tokens - overlap_tokens, 0
     while start < len(ids):
         span = min(chunk_tokens, len(ids) - start)
         while True:
@@ -209,11 +226,11 @@ def _iter_chunks_by_decoding(text: str, tokenizer, chunk_tokens: int, overlap_to
                 raise InvalidInputError(f"{doc_id}: token {ids[start]} decodes to {piece!r}, which "
                                         f"tokenizes into {len(own)} tokens; chunk_tokens is too small")
             span -= 1
-        if piece.strip() and own:
+        if piece.strip() and own and _advances(start + span, emitted_end):  # in document tokens here
             yield Chunk(id=f"{doc_id}#{index}", doc_id=doc_id, index=index, text=piece,
                         start_char=-1, end_char=-1, start_token=start, token_ids=tuple(own),
                         key=AnchorStore.key_for(piece))
-            index += 1
+            index, emitted_end = index + 1, start + span
         if start + span >= len(ids):
             break
         start += max(1, min(stride, span - overlap_tokens))

@@ -55,6 +55,7 @@ def check_chunks(text: str, chunks, tokenizer, limit: int, overlap: int = 0, doc
         assert c.key == AnchorStore.key_for(c.text)
     for a, b in zip(chunks, chunks[1:]):
         assert a.start_char <= b.start_char and a.start_token < b.start_token
+        assert a.end_char < b.end_char  # each reaches further: none repeats or lies inside the one before
         assert not text[a.end_char:b.start_char].strip()  # only whitespace between chunks
         if overlap == 0:
             assert a.end_char <= b.start_char  # back to back
@@ -90,6 +91,46 @@ def test_hard_texts_give_exact_substrings_within_the_limit_covering_the_document
         for a, b in zip(chunks, chunks[1:] + [None]):
             rebuilt += a.text + (text[a.end_char:b.start_char] if b else text[a.end_char:])
         assert rebuilt == text
+
+
+# Texts whose tokens and characters disagree: a character that is several byte-level tokens (all
+# ending where the character ends), or a token that ends inside a character.
+TOKENS_ACROSS_CHARACTERS = {
+    "japanese": HARD_TEXTS["cjk without spaces"],
+    "chinese": "我们今天去北京看长城，然后吃烤鸭。这是一个没有空格的句子！" * 3,
+    "emoji in words": HARD_TEXTS["emoji"],
+    "emoji only": "😀😃😄😁😆😅🤣😂🙂🙃😉😊😇🥰😍🤩👍🏽👨‍👩‍👧" * 3,
+    "mixed scripts": HARD_TEXTS["mixed scripts"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS_ACROSS_CHARACTERS))
+def test_every_chunk_reaches_further_even_where_tokens_and_characters_disagree(tokenizer, name):
+    # Moving on by one token need not move on by one character, and a chunk shortened to fit
+    # its own tokenization can end where the one before ended: with an overlap near the chunk
+    # size this used to emit the same chunk twice in a row, or one inside the one before.
+    text = TOKENS_ACROSS_CHARACTERS[name]
+    for limit in (4, 5, 6, 8, 11, 16):
+        for overlap in sorted({0, 1, limit // 2, limit - 2, limit - 1}):
+            chunks = split_document(text, tokenizer, limit, overlap, "d")
+            assert chunks
+            check_chunks(text, chunks, tokenizer, limit, overlap)
+            spans = [(c.start_char, c.end_char) for c in chunks]
+            assert len(set(spans)) == len(spans), (limit, overlap)
+
+
+@requires_smollm2
+def test_chunks_that_would_repeat_or_lie_inside_the_one_before_are_left_out(smollm2_tokenizer):
+    # SmolLM2 makes most of these characters two or three tokens. Walking one token at a time
+    # (overlap 3 of 4) gave 16 chunks: 京は, は日, 本の and 都で twice each and 首 inside の首;
+    # the emoji gave 🏽 three times and 👍 three times. What remains is the same walk without them.
+    chunks = split_document("東京は日本の首都です。", smollm2_tokenizer, 4, 3, "d")
+    assert [(c.text, c.start_char, c.end_char) for c in chunks] == [
+        ("東京", 0, 2), ("京は", 1, 3), ("は日", 2, 4), ("日本", 3, 5), ("日本の", 3, 6),
+        ("の首", 5, 7), ("都", 7, 8), ("都で", 7, 9), ("です", 8, 10), ("です。", 8, 11)]
+    chunks = split_document("👍🏽👍🏽 ok", smollm2_tokenizer, 4, 3, "d")
+    assert [c.text for c in chunks] == ["👍", "🏽", "👍", "🏽", "🏽 ok"]
+    assert [c.index for c in chunks] == list(range(5))  # numbered as emitted
 
 
 def test_iter_chunks_yields_what_split_document_returns(tokenizer):
@@ -183,7 +224,9 @@ PINNED = {
     ("smollm2", 5, 2): (204, "3985c5c4f5fd87ff"),
     ("tiny", 16, 0): (59, "fc44c4bd4644b2e1"),
     ("tiny", 16, 4): (78, "48a9a8eecf59a7dc"),
-    ("tiny", 5, 2): (315, "d1b51affe124a0c2"),
+    # Was (315, "d1b51affe124a0c2"): 6 of those chunks repeated or lay inside the one before
+    # (tokens ending inside a character); the other 309 are unchanged.
+    ("tiny", 5, 2): (309, "479f21909fe3d7e3"),
 }
 
 
@@ -231,3 +274,38 @@ def test_a_tokenizer_without_offset_mapping_gets_decoded_chunks_within_the_limit
     assert sum("no offset mapping" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(InvalidInputError, match="overlap_tokens"):
         split_document(text, tokenizer, 4, 4)
+
+
+class OffsetlessTokenizer:
+    """A byte-level BPE tokenizer seen without offset mapping, so that chunks are decoded token
+    spans: tokens end inside characters here as well."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return {"input_ids": own_ids(self.tokenizer, text)}
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("name", ["japanese", "emoji only"])
+def test_decoded_chunks_also_reach_further_each_time(tiny_tokenizer, monkeypatch, name):
+    monkeypatch.setattr(chunking, "_warned_slow", {"OffsetlessTokenizer"})
+    tokenizer, text = OffsetlessTokenizer(tiny_tokenizer), TOKENS_ACROSS_CHARACTERS[name]
+    ids = own_ids(tiny_tokenizer, text)
+    for limit in (4, 6, 9):
+        for overlap in (limit - 2, limit - 1):
+            chunks = split_document(text, tokenizer, limit, overlap, "d")
+            assert all(c.n_tokens <= limit for c in chunks)
+            # The document tokens a chunk was decoded from: the longest span from its start
+            # (the longest that fits is what the chunker takes) that decodes to its text.
+            ends = [c.start_token + next(k for k in range(min(limit, len(ids) - c.start_token), 0, -1)
+                                         if tokenizer.decode(ids[c.start_token:c.start_token + k]) == c.text)
+                    for c in chunks]
+            assert ends == sorted(set(ends)), (limit, overlap)  # strictly increasing
+            assert ends[-1] == len(ids)
