@@ -2,7 +2,9 @@
 
 Files may be compressed (``.xz``, ``.gz``). A file that cannot be read (a damaged archive, text
 that is not UTF-8) and malformed records raise ``DataError`` naming the file and record; records
-that are valid but unusable (empty context or answer) are skipped and counted, never silently.
+that are valid but unusable (empty context or answer) are skipped and counted, never silently
+(``read_qa`` logs the counts when its caller does not take them). Question ids are unique within
+a file: evaluation caches and scores predictions by id.
 A context longer than the model can read beside its question is split (``split_long_contexts``).
 """
 
@@ -61,9 +63,9 @@ def open_text(path: str | Path):
     if not path.is_file():
         raise DataError(f"data path {path} is a directory, not a data file: pass the file itself")
     with _read_errors(path):
-        if path.suffix == ".xz":
+        if path.suffix.lower() == ".xz":
             return lzma.open(path, "rt", encoding="utf-8-sig")
-        if path.suffix == ".gz":
+        if path.suffix.lower() == ".gz":
             return gzip.open(path, "rt", encoding="utf-8-sig")
         return open(path, encoding="utf-8-sig")
 
@@ -74,7 +76,7 @@ def _read_errors(path: Path):
     try:
         yield
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from err
+        raise DataError(f"{path}: not UTF-8 text ({err}); {_not_utf8_advice(path)}") from err
     except (lzma.LZMAError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"{path}: the {path.suffix} archive is damaged or truncated ({type(err).__name__}: "
                         f"{err})") from err
@@ -82,39 +84,102 @@ def _read_errors(path: Path):
         raise DataError(f"{path} cannot be read: {err.strerror or err}") from err
 
 
+# what a file that is not UTF-8 text starts with, when it is something else that a user would
+# recognise: the advice its error gives instead of "save it as UTF-8"
+_MAGIC_ADVICE = (
+    (b"\xfd7zXZ\x00", "it is xz-compressed: name it *.xz (e.g. {name}.xz) to have it decompressed"),
+    (b"\x1f\x8b", "it is gzip-compressed: name it *.gz (e.g. {name}.gz) to have it decompressed"),
+    (b"BZh", "it is bzip2-compressed, which is not read: decompress it, or recompress it with xz or gzip"),
+    (b"PK\x03\x04", "it is a zip archive, which is not read: unpack the data file from it"),
+    (b"\x28\xb5\x2f\xfd", "it is zstd-compressed, which is not read: decompress it, or recompress it with xz or gzip"),
+    (b"\xff\xfe", "it is UTF-16 text: save it as UTF-8"),
+    (b"\xfe\xff", "it is UTF-16 text: save it as UTF-8"),
+)
+
+
+def _not_utf8_advice(path: Path) -> str:
+    """How to fix a file that did not decode: a compressed file whose name does not say so (read
+    as text, it fails on its first bytes) or UTF-16 text is named, as "save it as UTF-8" would
+    mislead; for a file read through .xz/.gz the archive itself was fine, its text is not UTF-8."""
+    if path.suffix.lower() not in (".xz", ".gz"):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(6)
+            for magic, advice in _MAGIC_ADVICE:
+                if head.startswith(magic):
+                    return advice.format(name=path.name)
+    return "save it as UTF-8"
+
+
 def _base_suffix(path: Path) -> str:
-    return Path(path.stem).suffix if path.suffix in (".xz", ".gz") else path.suffix
+    """The format suffix, under a compression suffix, in lower case (``QA.JSONL.GZ`` is JSONL)."""
+    suffix = Path(path.stem).suffix if path.suffix.lower() in (".xz", ".gz") else path.suffix
+    return suffix.lower()
 
 
 def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]:
     """Paragraphs from SQuAD JSON (``data[].paragraphs[]``) or JSONL ``{context, question,
-    answers}`` (rows sharing a context are grouped into one paragraph)."""
-    path, stats = Path(path), stats or LoadStats()
-    if _base_suffix(path) == ".jsonl":
-        paragraphs: dict[str, Paragraph] = {}
-        with open_text(path) as f, _read_errors(path):
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    context, question, answers = row["context"], row["question"], row["answers"]
-                except (ValueError, KeyError, TypeError) as err:
-                    raise DataError(f"{path}:{line_no}: expected JSON with context, question, answers ({err})") from err
-                answers = [answers] if isinstance(answers, str) else answers
-                where = f"{path}:{line_no}: 'answers'"
-                for answer in _expect(answers, list, where, "a string or a list of strings"):
-                    _expect(answer, str, where, "a string or a list of strings")
-                _text_or_none(context, f"{path}:{line_no}: 'context'")
-                _text_or_none(question, f"{path}:{line_no}: 'question'")
-                start = row.get("answer_start", -1)
-                item = _qa_item(question, answers, row.get("id", f"{line_no}"), stats,
-                                start if isinstance(start, int) and not isinstance(start, bool) else -1)
-                if item is None or not _has_text(context, stats):
-                    continue
-                title = str(row.get("title") or "")
-                paragraphs.setdefault(context, Paragraph(context, [], title)).questions.append(item)
-        return list(paragraphs.values())
+    answers}`` (rows sharing a context are grouped into one paragraph). Skipped records are
+    counted in ``stats``; without one, the counts are logged here, since no caller would report
+    them (an evaluation would otherwise quietly run on fewer questions than the file holds)."""
+    path, own_stats = Path(path), stats is None
+    stats = stats or LoadStats()
+    paragraphs = _read_qa_jsonl(path, stats) if _base_suffix(path) == ".jsonl" else _read_squad_json(path, stats)
+    if own_stats and stats.skipped:
+        logger.warning("%s: skipped %s", path, stats.skipped)
+    return paragraphs
+
+
+class _UniqueIds:
+    """Where each question id was read, so that a repeated one is refused naming both records:
+    evaluation caches predictions by id, so a second question of the same id would be scored
+    with the first one's answer."""
+
+    def __init__(self, path: Path, unnamed: str):
+        self.path, self.unnamed, self.seen = path, unnamed, {}
+
+    def claim(self, qa_id: str, where: str) -> None:
+        if qa_id in self.seen:
+            raise DataError(f"{self.path}: question id {qa_id!r} of {where} repeats that of {self.seen[qa_id]}: ids "
+                            f"must be unique, as predictions are cached and scored by id ({self.unnamed})")
+        self.seen[qa_id] = where
+
+
+def _read_qa_jsonl(path: Path, stats: LoadStats) -> list[Paragraph]:
+    paragraphs: dict[str, Paragraph] = {}
+    ids = _UniqueIds(path, "a row without an 'id' is named by its line number")
+    with open_text(path) as f, _read_errors(path):
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                context, question, answers = row["context"], row["question"], row["answers"]
+            except KeyError as err:
+                raise DataError(f"{path}:{line_no}: the row has no {err} field (QA JSONL rows are "
+                                "{\"context\", \"question\", \"answers\"} objects)") from err
+            except (ValueError, TypeError) as err:
+                raise DataError(f"{path}:{line_no}: expected JSON with context, question, answers ({err})") from err
+            answers = [answers] if isinstance(answers, str) else answers
+            where = f"{path}:{line_no}: 'answers'"
+            for answer in _expect(answers, list, where, "a string or a list of strings"):
+                _expect(answer, str, where, "a string or a list of strings")
+            _text_or_none(context, f"{path}:{line_no}: 'context'")
+            _text_or_none(question, f"{path}:{line_no}: 'question'")
+            if not _has_text(context, stats):
+                continue
+            start = row.get("answer_start", -1)
+            qa_id = row.get("id")
+            item = _qa_item(question, answers, f"{line_no}" if qa_id in (None, "") else qa_id, stats,
+                            start if isinstance(start, int) and not isinstance(start, bool) else -1)
+            if item is None:
+                continue
+            ids.claim(item.id, f"line {line_no}")
+            title = str(row.get("title") or "")
+            paragraphs.setdefault(context, Paragraph(context, [], title)).questions.append(item)
+    return list(paragraphs.values())
+
+
+def _read_squad_json(path: Path, stats: LoadStats) -> list[Paragraph]:
     try:
         with open_text(path) as f, _read_errors(path):
             data = json.load(f)["data"]
@@ -125,31 +190,58 @@ def read_qa(path: str | Path, stats: LoadStats | None = None) -> list[Paragraph]
                 if isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" else "")
         raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list): {err}{hint}") from err
     _expect(data, list, f"{path}: 'data'", "a list of articles")
+    ids = _UniqueIds(path, "a question without an 'id' is named by its place, data[i].paragraphs[j].qas[k]")
     out = []
     for i, article in enumerate(data):
         where = f"{path}: data[{i}]"
         _expect(article, dict, where, "an article object")
-        for j, para in enumerate(_expect(article.get("paragraphs", []), list, f"{where}.paragraphs", "a list")):
+        _require(article, "paragraphs", where)
+        for j, para in enumerate(_expect(article["paragraphs"], list, f"{where}.paragraphs", "a list")):
             _expect(para, dict, f"{where}.paragraphs[{j}]", "a paragraph object")
-            _text_or_none(para.get("context"), f"{where}.paragraphs[{j}].context")
-            if not _has_text(para.get("context"), stats):
+            _require(para, "context", f"{where}.paragraphs[{j}]")
+            _require(para, "qas", f"{where}.paragraphs[{j}]")
+            _text_or_none(para["context"], f"{where}.paragraphs[{j}].context")
+            if not _has_text(para["context"], stats):
                 continue
             items = []
-            for k, qa in enumerate(_expect(para.get("qas", []), list, f"{where}.paragraphs[{j}].qas", "a list")):
-                at = f"{where}.paragraphs[{j}].qas[{k}]"
+            for k, qa in enumerate(_expect(para["qas"], list, f"{where}.paragraphs[{j}].qas", "a list")):
+                place = f"data[{i}].paragraphs[{j}].qas[{k}]"
+                at = f"{path}: {place}"
                 _expect(qa, dict, at, "a question object")
                 answers = _expect(qa.get("answers", []), list, f"{at}.answers", "a list of {'text': ...} objects")
-                texts = [_text_or_none(_expect(a, dict, f"{at}.answers[{n}]", "an object with a 'text'").get("text"),
-                                       f"{at}.answers[{n}].text") or "" for n, a in enumerate(answers)]
+                texts = [_answer_text(a, f"{at}.answers[{n}]") for n, a in enumerate(answers)]
                 _text_or_none(qa.get("question"), f"{at}.question")
                 start = answers[0].get("answer_start", -1) if answers else -1
-                item = _qa_item(qa.get("question"), texts, qa.get("id", ""), stats,
+                qa_id = qa.get("id")
+                item = _qa_item(qa.get("question"), texts, place if qa_id in (None, "") else qa_id, stats,
                                 start if isinstance(start, int) and not isinstance(start, bool) else -1)
                 if item is not None:
+                    ids.claim(item.id, place)
                     items.append(item)
             if items:
                 out.append(Paragraph(para["context"], items, str(article.get("title") or "")))
+            elif not para["qas"]:
+                stats.skip("paragraph without questions")
     return out
+
+
+def _require(record: dict, key: str, where: str) -> None:
+    """A SQuAD record lacking one of its keys is another layout (e.g. flat ``{context, question,
+    answers}`` records under ``data``), which would otherwise read as nothing at all."""
+    if key not in record:
+        raise DataError(f"{where} has no {key!r}: SQuAD JSON is data[].paragraphs[].{{context, qas[].{{id, "
+                        f"question, answers[].text}}}} (rows of {{context, question, answers}} are read from "
+                        f".jsonl); its keys are {sorted(record)[:8]}")
+
+
+def _answer_text(answer, where: str) -> str:
+    """The text of a SQuAD answer object; one without a text is malformed (left out, it would
+    quietly leave its question with fewer gold answers, or none)."""
+    text = _text_or_none(_expect(answer, dict, where, "an object with a 'text'").get("text"), f"{where}.text")
+    if text is None:
+        raise DataError(f"{where} has no 'text' (SQuAD answers are {{\"text\": ..., \"answer_start\": ...}} "
+                        f"objects); its keys are {sorted(answer)[:8]}")
+    return text
 
 
 def _expect(value, kind: type, where: str, what: str):
@@ -182,6 +274,8 @@ def _qa_item(question, answers, qa_id, stats: LoadStats, answer_start: int = -1)
     if not usable:
         stats.skip("no answer")
         return None
+    if len(usable) < len(answers):  # counted: the official script would score against it too
+        stats.skip("empty gold answer left out (its question kept)")
     # the start belongs to the first answer: kept only while that answer comes first
     start = answer_start if answers and usable[0] is answers[0] else -1
     return QAItem(question.strip(), usable, str(qa_id), start)

@@ -104,8 +104,14 @@ def _resamples(n: int, resamples: int, seed: int):
 
 
 def _percentile_interval(statistics: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles: the same number of statistics, floor(2.5%), left out
+    below and above. (The upper end used to be ``ordered[int(0.975 n) - 1]``, which is that only
+    when n is a multiple of 40, as for the default 1,000 resamples; a share interval whose
+    zero-reference resamples were left out, or another resample count, lost its top point
+    besides, e.g. (0, 8) for the statistics 0..9 where the symmetric interval is (0, 9).)"""
     ordered = sorted(statistics)
-    return ordered[int(0.025 * len(ordered))], ordered[int(0.975 * len(ordered)) - 1]
+    cut = int(0.025 * len(ordered))
+    return ordered[cut], ordered[len(ordered) - 1 - cut]
 
 
 def summarize(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:

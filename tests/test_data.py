@@ -256,3 +256,113 @@ def test_duplicate_questions_are_read_as_separate_items_and_grouped_by_context(t
     first, second = read_qa(path)
     assert first.context == rows[0]["context"] and [qa.answers for qa in first.questions] == [["東京"], ["東京 🗼"]]
     assert second.questions[0].answers == ["Other"]
+
+
+# -- audit: records read as nothing, ids, skipped answers, files compressed under another name ------------
+
+
+@pytest.mark.parametrize("content, where", [
+    # flat {context, question, answers} records under "data" (another layout) used to read as no paragraph at all
+    ({"data": [{"context": "c", "question": "q?", "answers": {"text": ["c"], "answer_start": [0]}}]},
+     r"data\[0\] has no 'paragraphs': SQuAD JSON is data\[\]\.paragraphs\[\]\..*read from \.jsonl.*'question'"),
+    (_squad({"context": "c"}), r"data\[0\]\.paragraphs\[0\] has no 'qas'"),
+    (_squad({"text": "c", "qas": []}), r"data\[0\]\.paragraphs\[0\] has no 'context'"),
+    # an answer without a text used to be left out quietly (its question then had fewer gold answers, or none)
+    (_squad({"context": "c", "qas": [{"id": "1", "question": "q?", "answers": [{"answer": "c"}]}]}),
+     r"qas\[0\]\.answers\[0\] has no 'text' \(SQuAD answers are \{\"text\": \.\.\., \"answer_start\""),
+])
+def test_squad_json_missing_a_key_is_refused_not_read_as_nothing(tmp_path, content, where):
+    (tmp_path / "qa.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match=where):
+        read_qa(tmp_path / "qa.json")
+
+
+def test_a_jsonl_row_missing_a_field_names_it(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "q?", "answers": "c"}\n')
+    with pytest.raises(DataError, match=r"qa\.jsonl:1: the row has no 'context' field \(QA JSONL rows are"):
+        read_qa(tmp_path / "qa.jsonl")
+
+
+def _qa(qa_id, question="q?"):
+    return {"id": qa_id, "question": question, "answers": [{"text": "c", "answer_start": 0}]}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("qa.json", {"data": [{"title": "A", "paragraphs": [{"context": "c", "qas": [_qa("x")]},
+                                                        {"context": "d", "qas": [_qa("x", "other?")]}]}]},
+     r"qa\.json: question id 'x' of data\[0\]\.paragraphs\[1\]\.qas\[0\] repeats that of data\[0\]\.paragraphs\[0\]"
+     r"\.qas\[0\]: ids must be unique"),
+    ("qa.jsonl", [{"id": "x", "context": "c", "question": "q?", "answers": "c"},
+                  {"id": "x", "context": "d", "question": "other?", "answers": "d"}],
+     r"qa\.jsonl: question id 'x' of line 2 repeats that of line 1: ids must be unique"),
+    ("qa.jsonl", [{"id": "2", "context": "c", "question": "q?", "answers": "c"},
+                  {"context": "c", "question": "other?", "answers": "c"}],
+     r"repeats that of line 1.*a row without an 'id' is named by its line number"),
+])
+def test_a_repeated_question_id_is_refused_naming_both_records(tmp_path, name, content, message):
+    """Evaluation caches predictions by id: the second question used to be scored with the first one's answer."""
+    text = json.dumps(content) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in content)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_qa(tmp_path / name)
+
+
+def test_questions_without_an_id_are_named_by_their_place(tmp_path):
+    """SQuAD questions without an id all used to get the id "" (and a JSONL "id": null the id "None"), so
+    every one of them was scored with the first one's cached prediction."""
+    (tmp_path / "qa.json").write_text(json.dumps(_squad({"context": "c", "qas": [
+        {"question": "q?", "answers": [{"text": "c"}]}, {"id": "", "question": "r?", "answers": [{"text": "c"}]}]})))
+    (tmp_path / "qa.jsonl").write_text('{"context": "c", "question": "q?", "answers": "c", "id": null}\n\n'
+                                       '{"context": "c", "question": "r?", "answers": "c"}\n')
+    assert [qa.id for qa in read_qa(tmp_path / "qa.json")[0].questions] == [
+        "data[0].paragraphs[0].qas[0]", "data[0].paragraphs[0].qas[1]"]
+    assert [qa.id for qa in read_qa(tmp_path / "qa.jsonl")[0].questions] == ["1", "3"]
+
+
+def test_every_record_left_out_is_counted_and_logged_when_the_caller_takes_no_count(tmp_path, caplog):
+    """A paragraph without questions, an empty gold answer beside a usable one and (JSONL) a row without
+    an answer used to be left out uncounted; read_qa without stats (as the evaluation reads its
+    questions) logged no skip at all, so an evaluation ran on fewer questions without a word."""
+    (tmp_path / "qa.json").write_text(json.dumps({"data": [{"title": "A", "paragraphs": [
+        {"context": "c", "qas": []},
+        {"context": "d", "qas": [{"id": "1", "question": "q?", "answers": [{"text": " "}, {"text": "d"}]},
+                                 {"id": "2", "question": "r?", "answers": [], "is_impossible": True}]}]}]}))
+    stats = LoadStats()
+    (paragraph,) = read_qa(tmp_path / "qa.json", stats)
+    assert [qa.answers for qa in paragraph.questions] == [["d"]]
+    assert stats.skipped == {"paragraph without questions": 1, "empty gold answer left out (its question kept)": 1,
+                             "no answer": 1}
+    (tmp_path / "qa.jsonl").write_text('{"context": "c", "question": "q?", "answers": "c"}\n'
+                                       '{"context": "c", "question": "r?", "answers": []}\n')
+    stats = LoadStats()
+    read_qa(tmp_path / "qa.jsonl", stats)
+    assert (stats.read, stats.skipped) == (2, {"no answer": 1})  # every row read is counted (was 1 of 2)
+    with caplog.at_level("WARNING", logger="sac_rag.data"):
+        read_qa(tmp_path / "qa.jsonl")
+    assert "qa.jsonl: skipped {'no answer': 1}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sac_rag.data"):
+        read_qa(tmp_path / "qa.jsonl", LoadStats())  # a caller that takes the counts reports them itself
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("name, content, advice", [
+    ("qa.json", gzip.compress(b'{"data": []}'), r"it is gzip-compressed: name it \*\.gz \(e\.g\. qa\.json\.gz\)"),
+    ("qa.jsonl", _xz(b'{"context": "c"}\n'), r"it is xz-compressed: name it \*\.xz"),
+    ("qa.json.bz2", __import__("bz2").compress(b'{"data": []}'), r"it is bzip2-compressed, which is not read"),
+    ("qa.json", '{"data": []}'.encode("utf-16"), r"it is UTF-16 text: save it as UTF-8"),
+    ("qa.json", b'{"data": "caf\xe9"}', r"not UTF-8 text \(.*\); save it as UTF-8$"),
+], ids=["gzip", "xz", "bz2", "utf-16", "latin-1"])
+def test_a_file_that_is_not_utf8_says_what_it_is_instead(tmp_path, name, content, advice):
+    """It used to say "save it as UTF-8" of a compressed file whose name does not say so, too."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=advice):
+        read_qa(tmp_path / name)
+
+
+def test_compression_and_format_suffixes_are_read_in_any_case(tmp_path):
+    row = b'{"context": "c", "question": "q?", "answers": "c"}\n'
+    (tmp_path / "QA.JSONL.XZ").write_bytes(_xz(row))
+    (tmp_path / "qa.jsonl.GZ").write_bytes(gzip.compress(row))
+    assert [p.context for p in read_qa(tmp_path / "QA.JSONL.XZ")] == ["c"]  # was "not UTF-8 text"
+    assert [p.context for p in read_qa(tmp_path / "qa.jsonl.GZ")] == ["c"]

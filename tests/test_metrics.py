@@ -101,3 +101,56 @@ def test_candidates_that_both_say_nothing_agree_for_a_consensus_but_score_zero_f
     assert answer_agreement("The", "") == 1.0 and squad_f1("The", ["."]) == 0.0
     assert answer_agreement("the Eiffel tower", "Eiffel") == squad_f1("the Eiffel tower", ["Eiffel"]) == 2 / 3
     assert answer_agreement("Paris", "") == 0.0
+
+
+# -- audit: percentile indices and paired resampling, against hand computations -----------------------
+
+
+def _fixed_resamples(monkeypatch, samples):
+    """Make every bootstrap draw exactly ``samples`` (lists of question indices), so that an
+    interval can be computed by hand."""
+    from sac_rag import metrics
+
+    monkeypatch.setattr(metrics, "_resamples", lambda n, resamples, seed: iter(samples))
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1000, (25, 974)), (10, (0, 9)), (968, (24, 943)), (1, (0, 0))])
+def test_the_interval_leaves_out_as_many_statistics_below_as_above(n, expected):
+    from sac_rag.metrics import _percentile_interval
+
+    statistics = list(range(n))
+    statistics.reverse()  # sorted first
+    assert _percentile_interval(statistics) == expected  # floor(2.5% of n) left out on each side
+
+
+def test_bootstrap_interval_of_the_mean_by_hand(monkeypatch):
+    # ten draws of three questions scored 0, 10 and 20: means 0 (once), 10 (eight times), 20 (once);
+    # 2.5% of ten is no draw, so the interval is the smallest and the largest mean
+    _fixed_resamples(monkeypatch, [[0, 0, 0]] + [[0, 1, 2]] * 8 + [[2, 2, 2]])
+    assert bootstrap_ci([0.0, 10.0, 20.0], resamples=10) == (0.0, 20.0)  # was (0.0, 10.0): its top point lost
+
+
+def test_the_share_of_a_resample_is_the_ratio_of_its_two_sums_over_the_same_questions(monkeypatch):
+    # both methods read on the same drawn questions; the share of a draw is sum(values) / sum(reference)
+    # (1 + 0) / (1 + 3) = 0.25, not the mean of per-question ratios (1/1 + 0/3) / 2 = 0.5
+    _fixed_resamples(monkeypatch, [[0, 1], [1, 0]] * 20)
+    assert bootstrap_share_ci([1.0, 0.0], [1.0, 3.0], resamples=40) == (0.25, 0.25)
+
+
+def test_a_share_interval_missing_resamples_still_takes_both_ends_symmetrically(monkeypatch):
+    # reference [0, 2], values [1, 1]: a draw of question 0 twice has no share (left out), question 1
+    # twice 2 / 4 = 0.5, both questions 2 / 2 = 1.0; five of ten draws kept: shares 0.5 x4 and 1.0
+    _fixed_resamples(monkeypatch, [[0, 0]] * 5 + [[1, 1]] * 4 + [[0, 1]])
+    assert bootstrap_share_ci([1.0, 1.0], [0.0, 2.0], resamples=10) == (0.5, 1.0)  # was (0.5, 0.5)
+
+
+def test_official_script_edge_cases_by_hand():
+    """The official evaluate-v1.1.py on cases decided by hand: EM compares normalised strings
+    (both empty: 1), F1 is 0 without a shared token (also both empty), repeated tokens count
+    as often as both sides hold them (Counter), and the best gold answer counts."""
+    assert (squad_em("", ["."]), squad_f1("", ["."])) == (1.0, 0.0)
+    assert squad_f1("paris paris", ["Paris"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # precision 1/2, recall 1
+    assert squad_f1("the the cat", ["a cat"]) == 1.0  # articles go before tokens are counted
+    assert squad_f1("U.S.", ["US"]) == 1.0 and squad_f1("U.S.", ["U S"]) == 0.0  # punctuation removed, not spaced
+    assert normalize_answer("Ça\u00a0va\tbien") == "ça va bien"  # every whitespace, as str.split does
+    assert normalize_answer("“quoted”, theatre") == "“quoted” theatre"  # only string.punctuation is removed

@@ -54,3 +54,19 @@ def test_a_file_named_twice_is_compared_with_the_reference_too(tmp_path, capsys)
     assert PAIRED["main"]([*subset, some, some]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.endswith("| +0.0 (+0.0 to +0.0) | 100.0% (100.0% to 100.0%) |")  # was "| - | - |"
+
+
+def test_the_table_by_hand_for_an_averaged_pair_of_runs(tmp_path, capsys):
+    """Per-question F1 (SQuAD, gold "Paris"): reference 100 on all four questions; runs a and b
+    100, 0, 0, 0 and 100, 100, 0, 0, so a+b is their per-question mean 100, 50, 0, 0: F1 37.5,
+    37.5 - 100 = -62.5, and a share of 37.5 / 100 = 37.5%."""
+    subset = _data(tmp_path)
+    reference = _predictions(tmp_path, "all.jsonl", ["Paris"] * 4)
+    first = _predictions(tmp_path, "a.jsonl", ["Paris", "Rome", "Rome", "Rome"])
+    second = _predictions(tmp_path, "b.jsonl", ["the Paris!", "paris", "Rome", "Rome"])  # normalised: all Paris
+    questions = PAIRED["subset_questions"](PAIRED["argparse"].Namespace(
+        dataset="squad-dev", data_root=str(tmp_path / "data"), n=4, seed=0, skip=0))
+    assert sorted(PAIRED["averaged_f1"](f"{first}+{second}", questions)) == [0.0, 0.0, 50.0, 100.0]
+    assert PAIRED["main"]([*subset, reference, f"{first}+{second}"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| a.jsonl + b.jsonl | 37.5 (") and "| -62.5 (" in row and "| 37.5% (" in row
