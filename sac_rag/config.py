@@ -51,15 +51,17 @@ class PromptTemplate:
         segments.append(tail)
         return _merge_adjacent_text(segments)
 
-    def conversation(self, turns: Sequence[tuple[str, str]]) -> str:
+    def conversation(self, turns: Sequence[tuple[str, str]], asking: bool = True) -> str:
         """A chat as one prompt string in this layout, for a decoder trained on it rather than on
         a chat format: the text of the turns that are neither ``"user"`` nor ``"assistant"``
         (system, tool, ...; where a chat engine puts the retrieved chunks' ``<sac:...>`` markers)
         is the context, then each user turn is a question and each assistant turn its answer, in
-        order. After a last user turn the prompt ends where the answer begins."""
+        order. After a last user turn the prompt ends where the answer begins. ``asking``: the
+        prompt is to be answered, so its last user turn must hold a question (not when the turns
+        are laid out to be counted, part of a conversation at a time)."""
         context = "\n".join(text for role, text in turns if role not in CHAT_ASKING + CHAT_ANSWERING and text)
         questions = [text for role, text in turns if role in CHAT_ASKING]
-        if not questions or not questions[-1].strip():
+        if asking and (not questions or not questions[-1].strip()):
             raise InvalidInputError("the conversation has no question: its last user message is missing or empty")
         prompt = self.prefix + self.context_prefix + context if context else self.prefix
         for role, text in turns:

@@ -201,6 +201,8 @@ def test_a_conversation_is_laid_out_as_contexts_then_each_question_with_its_answ
     for turns in ([("system", marker)], [("user", "Who?"), ("assistant", "Bob"), ("user", " ")]):
         with pytest.raises(InvalidInputError, match="no question"):
             template.conversation(turns)
+    # laid out to be counted (part of a conversation at a time), turns need no question
+    assert template.conversation([("system", marker)], asking=False) == f"<s>### Context:\n{marker}"
 
 
 def test_batch_api_refuses_a_bare_prompt(setup):

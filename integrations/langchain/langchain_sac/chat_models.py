@@ -79,15 +79,16 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
             params["ls_stop"] = list(stops)
         return params
 
-    def render(self, messages: Sequence[BaseMessage]) -> str:
-        """The prompt string the decoder reads (markers still in it)."""
+    def render(self, messages: Sequence[BaseMessage], asking: bool = True) -> str:
+        """The prompt string the decoder reads (markers still in it); ``asking=False`` lays out
+        messages only to count them (with ``chat_template="sac"``, they need no question)."""
         turns = [(_ROLES.get(m.type, m.type), _text(m)) for m in messages]
         if not turns:
             raise InvalidInputError("no messages: pass at least the question")
         if not self.chat_template:
             return "\n".join(text for _, text in turns)
         if self.chat_template == "sac":
-            return self.get_engine().template.conversation(turns)
+            return self.get_engine().template.conversation(turns, asking)
         tokenizer = self.get_engine().compressor.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("chat_template=True, but this model's tokenizer has no chat template")
@@ -100,7 +101,7 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
         trims a conversation by, to keep it within the model."""
         if tools:
             raise InvalidInputError("ChatSAC does not call tools: count the messages without them")
-        return self.get_num_tokens(self.render(messages)) if messages else 0
+        return self.get_num_tokens(self.render(messages, asking=False)) if messages else 0
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

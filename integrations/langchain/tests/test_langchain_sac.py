@@ -422,8 +422,9 @@ def test_prompt_longer_than_the_model_context_is_refused(engine):
         ChatSAC(engine=engine, max_tokens=2).invoke("lighthouse " * 5000)
 
 
+@pytest.mark.parametrize("chat_template", [False, "sac"])
 def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the_model(
-        engine, store, passages, monkeypatch):
+        engine, store, passages, monkeypatch, chat_template):
     """LangChain counts tokens with GPT-2's tokenizer unless a model says otherwise; SAC models
     count the positions the model reads, a marker as the tokens of its chunk."""
     import transformers
@@ -433,7 +434,7 @@ def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the
         raise AssertionError("counted with GPT-2's tokenizer")
 
     monkeypatch.setattr(transformers.GPT2TokenizerFast, "from_pretrained", no_gpt2)
-    chat = ChatSAC(engine=engine, max_tokens=2)
+    chat = ChatSAC(engine=engine, max_tokens=2, chat_template=chat_template)
     marker = marker_for(AnchorStore.key_for(passages[0]))
     limit = engine.generator.max_positions
     turn = "When was the lighthouse painted red? " + "lighthouse " * 70
