@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
+
 import faiss
 from _common import (
     corpus_chunks,
@@ -32,6 +35,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent
 from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import QueryBundle, TextNode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.llms.sac import SACLLM
@@ -57,29 +61,50 @@ class LastUsage(BaseEventHandler):
             self.usage = event.response.raw["usage"]
 
 
-def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, list[dict]]:
-    args = parse_args(doc, argv)
-    compressor = load_compressor()  # the packaged SAC compressor on SmolLM2-135M
-    summary = precompress_corpus(args, compressor)
-
+def build_index(args, compressor) -> VectorStoreIndex:
+    """A FAISS index with MiniLM embeddings over the corpus cut into the chunks the store holds (so
+    every retrieved node is served from the store)."""
     nodes = [TextNode(id_=c.id, text=c.text, metadata={"source": c.doc_id, "n_tokens": c.n_tokens},
                       excluded_embed_metadata_keys=["n_tokens"], excluded_llm_metadata_keys=["source", "n_tokens"])
              for c in corpus_chunks(args, compressor)]
     vector_store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(MINILM_DIMENSIONS))
-    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=vector_store),
-                             embed_model=HuggingFaceEmbedding(model_name=embedding_path(), device="cpu",
-                                                              normalize=True))
-    retriever = index.as_retriever(similarity_top_k=args.k)
+    return VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=vector_store),
+                            embed_model=HuggingFaceEmbedding(model_name=embedding_path(), device="cpu", normalize=True))
 
-    # The postprocessor and the LLM get the same compressor and store, so they share one engine.
+
+@dataclass
+class Setup:
+    """What the LlamaIndex examples build before the first question."""
+
+    args: argparse.Namespace
+    summary: Summary
+    retriever: BaseRetriever
+    llm: SACLLM
+    postprocessor: SACNodePostprocessor
+    usage: LastUsage  # the usage figures of the last completion
+
+
+def set_up(argv: list[str] | None, doc: str) -> Setup:
+    """Parse the options, precompress the corpus, index it, and build the LLM and the postprocessor
+    (given the same compressor and store, they share one engine)."""
+    args = parse_args(doc, argv)
+    compressor = load_compressor()  # the packaged SAC compressor on SmolLM2-135M
+    summary = precompress_corpus(args, compressor)
+    retriever = build_index(args, compressor).as_retriever(similarity_top_k=args.k)
     llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_tokens, stop=["\n"],
                  extractive=args.extractive)
-    engine = RetrieverQueryEngine.from_args(
-        retriever, llm=llm, response_mode="compact", text_qa_template=llm.qa_prompt, streaming=True,
-        node_postprocessors=[SACNodePostprocessor(compressor=compressor, store=args.store)],
-    )
     usage = LastUsage()
     get_dispatcher().add_event_handler(usage)
+    return Setup(args, summary, retriever, llm, SACNodePostprocessor(compressor=compressor, store=args.store), usage)
+
+
+def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, list[dict]]:
+    setup = set_up(argv, doc)
+    args, retriever, llm, usage = setup.args, setup.retriever, setup.llm, setup.usage
+    engine = RetrieverQueryEngine.from_args(
+        retriever, llm=llm, response_mode="compact", text_qa_template=llm.qa_prompt, streaming=True,
+        node_postprocessors=[setup.postprocessor],
+    )
     llm.complete("Hello", max_tokens=1)  # warm-up, so that the first question's timing is not a cold start
 
     print_expectations(args)
@@ -97,7 +122,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
             chunk_tokens=sum(n.metadata["n_tokens"] for n in handles), cached=sac_usage["cached_tokens"],
             text_tokens=sac_usage["text_tokens"], full_text_tokens=usage.usage["text_tokens"],
             ttft=ttft, full_text_ttft=full_ttft))
-    return summary, results
+    return setup.summary, results
 
 
 if __name__ == "__main__":

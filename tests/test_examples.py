@@ -224,3 +224,23 @@ def test_an_example_given_a_folder_without_documents_exits_with_one_line_instead
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     assert str(exited.value.code).startswith(f"error: no usable document in {tmp_path}")
+
+
+def test_llama_index_chat_example_reads_each_new_question_after_the_conversation_so_far(
+        langchain_run, store_path, compressor):
+    """The chat engine's nodes are read only as caches; the text the model reads is the layout, each
+    earlier question with its answer, then the new question (``PromptTemplate.conversation``)."""
+    import llama_index_chat
+
+    summary, results = llama_index_chat.main(argv(store_path, questions=3))
+    assert summary.compressed == 0 and len(results) == 3
+    assert results[0]["sources"][0] == "harbor_town.md"  # "Who built Verdmoor harbor?"
+    template, tokenizer = compressor.config.prompt, compressor.tokenizer
+    head = len(tokenizer(template.prefix + template.context_prefix, add_special_tokens=True)["input_ids"])
+    tail = ""
+    for r in results:
+        assert r["answer"].strip() and len(r["sources"]) == K and "questions.txt" not in r["sources"]
+        assert 4 * r["cached_tokens"] <= r["chunk_tokens"] <= 6 * r["cached_tokens"]  # the 5x compressor
+        tail += template.question.format(question=r["question"])
+        assert r["text_tokens"] == head + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+        tail += r["answer"]
