@@ -4,7 +4,10 @@
 are the same on every run):
 
 - a directory: every ``.txt``/``.md``/``.markdown`` file below it (recursively, sorted by path,
-  hidden files and folders skipped); the id is the path relative to the directory;
+  hidden files and folders skipped, files of other types counted in ``CorpusStats.other_files``);
+  symlinked folders are followed, each real folder read once (a link back up the tree is no
+  loop; a link to a folder of the corpus is not followed, its files are read where they are);
+  the id is the path relative to the directory;
 - ``.jsonl``: one JSON object per line with a ``text`` field; an ``id`` field becomes the
   document id (else ``<file name>:<line>``) and every other field its metadata;
 - ``.json``: SQuAD (``data[].paragraphs[].context``): one document per paragraph, id
@@ -13,10 +16,20 @@ are the same on every run):
 
 JSON files may be compressed (``.gz``, ``.xz``).
 
+``exclude`` leaves documents out (counted in ``CorpusStats.excluded``): each value names a
+document id, a glob pattern over ids (``drafts/*.md``; ``*`` also crosses ``/``) or a folder of
+ids (``drafts`` or ``drafts/``: everything below it); for a folder corpus it may also be the path
+of a file or folder inside the corpus (absolute, or relative to the working directory). A value
+that leaves nothing out is logged as a warning, as it is most likely mistyped.
+
 Bad input never stops a run and is never silent: it is skipped, logged (``logging``, logger
 ``sac_rag.corpus``) and counted in ``CorpusStats``:
 
 - empty or whitespace-only files and records: skipped;
+- files and folders that cannot be read (permissions, broken symlinks) and a symlink to a folder
+  already read: skipped;
+- a compressed JSONL file that is damaged or truncated: the records before the damage are read,
+  the rest is skipped;
 - binary files (a NUL byte in the first 8 KB, as git decides; UTF-16 text looks like this
   too): skipped;
 - text that is not valid UTF-8: decoded with U+FFFD replacement characters by default
@@ -43,6 +56,7 @@ import os
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .errors import InvalidInputError, SACError
@@ -70,13 +84,17 @@ class Document:
 
 @dataclass
 class CorpusStats:
-    """What ``read_corpus`` found: documents yielded, duplicates dropped, inputs skipped (by
-    reason) and documents decoded with replacement characters."""
+    """What ``read_corpus`` found: documents yielded, duplicates dropped, documents excluded,
+    inputs skipped (by reason), documents decoded with replacement characters, and the files of
+    a folder corpus that are not of a corpus type (by suffix: a folder of .pdf or .html files
+    yields nothing, and should say why)."""
 
     documents: int = 0
     duplicates: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     replaced_encoding: int = 0  # not UTF-8, or lone surrogates: decoded with U+FFFD
+    excluded: int = 0
+    other_files: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -90,18 +108,18 @@ def read_corpus(
     exclude: Collection[str] = (),
 ) -> Iterator[Document]:
     """The documents of the corpus at ``path`` (see the module docstring), each text once, but
-    those whose id is in ``exclude`` (e.g. a questions file kept in a corpus folder)."""
+    those that ``exclude`` names (e.g. a questions file kept in a corpus folder)."""
     if decode_errors not in DECODE_ERRORS:
         raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     if not path.exists():
         raise CorpusError(f"the corpus {path} does not exist")
+    exclusions = _Exclusions([exclude] if isinstance(exclude, str) else exclude, path, stats)
     seen: set[bytes] = set()
-    left_out: set[str] = set()
-    for doc in _documents(path, stats, decode_errors):
-        if doc.id in exclude:
-            left_out.add(doc.id)
+    folder = path.is_dir()
+    for doc in _documents(path, stats, decode_errors, exclusions):
+        if not folder and exclusions.leave_out(doc.id):  # a folder's are left out unread
             continue
         doc = _valid_unicode(doc, stats, decode_errors)
         if doc is None:
@@ -114,22 +132,68 @@ def read_corpus(
         seen.add(digest)
         stats.documents += 1
         yield doc
-    unmatched = sorted(set(exclude) - left_out)
+    unmatched = exclusions.unmatched()
     if unmatched:  # a mistyped id would otherwise leave the document in, silently
         logger.warning("excluded but not in the corpus %s: %s (a document's id is its path relative to a corpus "
                        "folder, or its JSONL 'id')", path, ", ".join(unmatched))
     if stats.documents == 0:
+        other = (f", files of other types not read: {_by_suffix(stats.other_files)}"
+                 if stats.other_files else "")
         raise CorpusError(
             f"no usable document in {path} (skipped: {stats.skipped or 'nothing'}, duplicates: "
-            f"{stats.duplicates}); a corpus is a folder of {'/'.join(TEXT_SUFFIXES)} files, a "
-            ".jsonl file with a 'text' field per line, or SQuAD .json"
+            f"{stats.duplicates}, excluded: {stats.excluded}{other}); a corpus is a folder of "
+            f"{'/'.join(TEXT_SUFFIXES)} files, a .jsonl file with a 'text' field per line, or SQuAD .json"
         )
 
 
-def _documents(path: Path, stats: CorpusStats, decode_errors: str) -> Iterator[Document]:
+def _by_suffix(counts: dict[str, int]) -> str:
+    """``{".pdf": 3, ".html": 1}`` as "3 .pdf, 1 .html", the most frequent first."""
+    return ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+class _Exclusions:
+    """The ``exclude`` values of ``read_corpus`` (see the module docstring) as a test on document
+    ids, remembering which values left something out (the others are probably mistyped)."""
+
+    def __init__(self, exclude: Collection[str], corpus: Path, stats: CorpusStats):
+        self.stats = stats
+        self.ids = {value: _as_doc_id(str(value), corpus) for value in exclude}
+        self.matched: set[str] = set()
+
+    def leave_out(self, doc_id: str) -> bool:
+        """Whether to leave out the document ``doc_id`` (counted in ``stats.excluded``)."""
+        hits = {value for value, name in self.ids.items()
+                if doc_id == name or (name and doc_id.startswith(name.rstrip("/") + "/"))
+                or fnmatchcase(doc_id, name)}
+        self.matched |= hits
+        self.stats.excluded += bool(hits)
+        return bool(hits)
+
+    def unmatched(self) -> list[str]:
+        return sorted(set(self.ids) - self.matched)
+
+
+def _as_doc_id(value: str, corpus: Path) -> str:
+    """The document id (or id pattern) an ``exclude`` value means: the value itself, without a
+    leading ``./``; for a folder corpus, a path to something inside it that the value does not
+    already name relative to the corpus (an absolute path, or one relative to the working
+    directory, as a shell completes it) is made relative to the corpus."""
+    if corpus.is_dir() and (Path(value).is_absolute() or not (corpus / value).exists()) and Path(value).exists():
+        inside = Path(os.path.abspath(value))
+        root = Path(os.path.abspath(corpus))
+        if inside != root and inside.is_relative_to(root):
+            return inside.relative_to(root).as_posix()
+    while value.startswith("./"):
+        value = value[2:]
+    return value
+
+
+def _documents(path: Path, stats: CorpusStats, decode_errors: str, exclusions: _Exclusions) -> Iterator[Document]:
     if path.is_dir():
-        for file in _text_files(path):
+        for file in _text_files(path, stats):
             doc_id = file.relative_to(path).as_posix()
+            if exclusions.leave_out(doc_id):
+                continue
             text = _read_text_file(file, doc_id, stats, decode_errors)
             if text is not None:
                 yield Document(doc_id, text, {"source": doc_id})
@@ -145,20 +209,78 @@ def _documents(path: Path, stats: CorpusStats, decode_errors: str) -> Iterator[D
             yield Document(path.name, text, {"source": path.name})
 
 
-def _text_files(root: Path) -> list[Path]:
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in files
-                  if not f.startswith(".") and f.lower().endswith(TEXT_SUFFIXES)]
+def _text_files(root: Path, stats: CorpusStats) -> list[Path]:
+    """The corpus files below ``root``, sorted by their path relative to it.
+
+    Nothing is left out silently: a folder that cannot be listed is skipped and counted (os.walk
+    would drop it without a word), as is a second link to a folder already read (or a link back
+    up the tree, which would loop); files of other types are counted by suffix. Symlinked folders
+    are followed, as corpora are often assembled from links, but not those that point inside the
+    corpus: their files are read where they are, under their own path."""
+    found, read_folders = [], {_identity(root)}
+    real_root = Path(os.path.realpath(root))
+
+    def unlisted(err: OSError) -> None:
+        stats.skip(f"unreadable folder ({err.strerror or err})", _relative(err.filename, root))
+
+    def to_read(folder: str, name: str) -> bool:
+        path = os.path.join(folder, name)
+        if name.startswith("."):
+            return False
+        if os.path.islink(path) and _read_in_place(Path(os.path.realpath(path)), real_root):
+            logger.info("not following %s: its files are read where the link points, in the corpus",
+                        _relative(path, root))
+            return False
+        identity = _identity(path)
+        if identity is not None and identity in read_folders:
+            stats.skip("a link to a folder already read", _relative(path, root))
+            return False
+        read_folders.add(identity)
+        return True
+
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
+        dirs[:] = [name for name in sorted(dirs) if to_read(folder, name)]
+        for name in files:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(TEXT_SUFFIXES):
+                found.append(Path(folder) / name)
+            else:
+                suffix = Path(name).suffix.lower() or "(no suffix)"
+                stats.other_files[suffix] = stats.other_files.get(suffix, 0) + 1
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _identity(folder: str | os.PathLike) -> tuple[int, int] | None:
+    """What tells a folder from every other, whatever the path it is reached by."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None  # os.walk's onerror reports it when it tries to list it
+    return st.st_dev, st.st_ino
+
+
+def _read_in_place(target: Path, real_root: Path) -> bool:
+    """Whether the walk reads the real folder ``target`` at its own path: it lies in the corpus,
+    and not in a hidden folder (which the walk skips)."""
+    if not target.is_relative_to(real_root):
+        return False
+    return not any(part.startswith(".") for part in target.relative_to(real_root).parts)
+
+
+def _relative(path: str | os.PathLike | None, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix() + "/"
+    except (TypeError, ValueError):
+        return str(path)
 
 
 def _read_text_file(file: Path, where: str, stats: CorpusStats, decode_errors: str) -> str | None:
     try:
         data = file.read_bytes()
     except OSError as err:
-        stats.skip(f"unreadable ({err.strerror or err})", where)
+        broken = file.is_symlink() and not file.exists()
+        stats.skip("a broken symlink" if broken else f"unreadable ({err.strerror or err})", where)
         return None
     return _decode(data, where, stats, decode_errors)
 
@@ -225,8 +347,19 @@ def _open_binary(path: Path):
 
 
 def _jsonl_documents(path: Path, stats: CorpusStats, decode_errors: str) -> Iterator[Document]:
+    """The records of a JSONL file; of a damaged or truncated compressed one (a download cut
+    short), those before the damage, the rest skipped and counted rather than a crash."""
+    line_no = 0
     with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                line_no, raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, lzma.LZMAError) as err:
+                stats.skip("damaged or truncated (the rest of the file)", f"{path.name} after line {line_no} ({err})")
+                return
             where = f"{path.name}:{line_no}"
             if not raw.strip():
                 continue

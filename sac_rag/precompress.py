@@ -14,6 +14,12 @@ metadata is kept.
 Resuming: a chunk already in the store is not compressed again, so rerunning the same command
 after a crash (even ``kill -9``: see the store's write protocol) finishes the job.
 
+Rerunning after the corpus changed: new and edited documents' new chunks are compressed; nothing
+is deleted, so the entries of removed documents and of the old text of edited ones stay in the
+store (the summary counts them: ``stale_entries``), and an entry keeps the metadata of the run
+that stored it (a renamed file's chunks keep the old ``doc_id``). Serve only the current chunks'
+keys (``examples/precompress_and_serve.py``), or precompress into a new store.
+
 Scale-out: ``num_shards``/``shard_index`` give each worker the chunks whose key hashes to its
 index (the same text always lands in the same shard). Under ``torchrun`` they come from
 ``WORLD_SIZE``/``RANK``, in a SLURM array from ``SLURM_ARRAY_TASK_COUNT``/``_ID``. Each shard
@@ -29,16 +35,20 @@ Command line: ``python -m sac_rag.precompress --corpus PATH --store PATH ...`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import itertools
 import json
 import logging
 import os
 import sys
 import time
+from array import array
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .chunking import Chunk, iter_chunks
@@ -48,7 +58,7 @@ from .corpus import DECODE_ERRORS, CorpusStats, Document, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .kv import AnchorKV
-from .store import STORAGES, AnchorStore, EntryNotFoundError
+from .store import STORAGES, AnchorStore, EntryNotFoundError, StoreWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +70,17 @@ WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and so
 class Summary:
     """What a precompression run did, and what the store holds afterwards.
 
+    ``documents`` were read; ``duplicate_documents`` (the same text as an earlier one) and
+    ``excluded_documents`` (``exclude``) left out; ``skipped_inputs`` counts unusable inputs by
+    reason; ``other_files`` the files of a folder corpus that are not of a corpus type, by suffix.
     ``chunks`` counts this shard's chunks in the corpus (repeats included): ``compressed`` by
-    this run, ``already_stored`` (by an earlier run, or the same text earlier in the corpus);
-    ``other_shards`` were left to other workers. ``tokens`` are those of the compressed chunks.
-    ``entries``, ``bytes_on_disk``, ``kv_bytes`` (stored K/V) and ``full_kv_bytes`` (the full
-    K/V of the same chunks in the same dtype) describe the whole store after the run.
+    this run, ``already_stored`` (by an earlier run, or the same text earlier in the corpus:
+    ``repeated_chunks`` of them); ``other_shards`` were left to other workers. ``tokens`` are
+    those of the compressed chunks. ``entries``, ``bytes_on_disk``, ``kv_bytes`` (stored K/V)
+    and ``full_kv_bytes`` (the full K/V of the same chunks in the same dtype) describe the whole
+    store after the run; ``stale_entries`` of its entries are not chunks of this run (of this
+    shard): of documents removed, edited or excluded since, or of other chunk settings (nothing
+    deletes them).
     """
 
     store: str
@@ -72,15 +88,19 @@ class Summary:
     shard_index: int
     documents: int = 0
     duplicate_documents: int = 0
+    excluded_documents: int = 0
     skipped_inputs: dict[str, int] = field(default_factory=dict)
     decoded_with_replacement: int = 0
+    other_files: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     compressed: int = 0
     already_stored: int = 0
+    repeated_chunks: int = 0
     other_shards: int = 0
     tokens: int = 0
     seconds: float = 0.0
     entries: int = 0
+    stale_entries: int = 0
     bytes_on_disk: int = 0
     kv_bytes: int = 0
     full_kv_bytes: int = 0
@@ -105,18 +125,26 @@ class Summary:
     def __str__(self) -> str:
         shard = f" (shard {self.shard_index + 1} of {self.num_shards})" if self.num_shards > 1 else ""
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_inputs.items()))
+        other = ", ".join(f"{n} {suffix}" for suffix, n in sorted(self.other_files.items(), key=lambda i: -i[1]))
         return "\n".join([
             f"precompressed into {self.store}{shard}",
             f"  documents: {self.documents} read, {self.duplicate_documents} duplicates dropped"
+            + (f", {self.excluded_documents} excluded" if self.excluded_documents else "")
             + (f", skipped: {skipped}" if skipped else "")
             + (f", {self.decoded_with_replacement} not valid UTF-8 or Unicode (decoded with U+FFFD)"
-               if self.decoded_with_replacement else ""),
+               if self.decoded_with_replacement else "")
+            + (f"; files of other types not read: {other}" if other else ""),
             f"  chunks:    {self.chunks} in this shard: {self.compressed} compressed now, "
-            f"{self.already_stored} already stored" + (
-                f"; {self.other_shards} left to other shards" if self.num_shards > 1 else ""),
+            f"{self.already_stored} already stored"
+            + (f" ({self.repeated_chunks} of them repeat a chunk earlier in the corpus)" if self.repeated_chunks
+               else "")
+            + (f"; {self.other_shards} left to other shards" if self.num_shards > 1 else ""),
             f"  speed:     {self.tokens} tokens in {self.seconds:.1f} s: "
             f"{self.chunks_per_second:.2f} chunks/s, {self.tokens_per_second:.0f} tokens/s",
-            f"  store:     {self.entries} entries, {_size(self.bytes_on_disk)} on disk; K/V "
+            f"  store:     {self.entries} entries"
+            + (f" ({self.stale_entries} not chunks of this run: of documents removed, edited or excluded since, "
+               "or of other chunk settings; kept)" if self.stale_entries else "")
+            + f", {_size(self.bytes_on_disk)} on disk; K/V "
             f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
             f"({self.kv_reduction:.2f}x smaller)",
         ])
@@ -171,9 +199,7 @@ def precompress(
 
     settings = {"created_by": "sac_rag.precompress", "base_model": compressor.config.base_model,
                 "chunk_len": chunk_len, "chunk_tokens": chunk_tokens, "overlap": overlap}
-    store = AnchorStore.create(path, compressor.fingerprint, compressor.config.ratio,
-                               dtype or compressor.dtype, storage, settings, exist_ok=True,
-                               keep_dtype=dtype is None)
+    store = _open_store(path, compressor, dtype, storage, settings)
     summary = Summary(store=str(path), num_shards=num_shards, shard_index=shard_index)
     with store:
         earlier = store.manifest.get("extra", {})
@@ -181,16 +207,51 @@ def precompress(
             logger.warning("%s was filled with chunk_tokens=%s, overlap=%s; this run chunks with %s, %s: "
                            "its chunks get new keys and are stored next to the old ones", path,
                            earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
-        _Run(compressor, store, summary, batch_size, show_progress).run(documents, chunk_tokens, overlap)
+        run = _Run(compressor, store, summary, batch_size, show_progress)
+        run.run(documents, chunk_tokens, overlap)
         totals = store.stats()
     summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
+    summary.excluded_documents, summary.other_files = stats.excluded, dict(stats.other_files)
     summary.skipped_inputs = dict(stats.skipped)
     summary.decoded_with_replacement = stats.replaced_encoding
-    summary.entries, summary.bytes_on_disk = totals["entries"], totals["bytes_on_disk"]
+    distinct = run.distinct_chunks()
+    summary.repeated_chunks = summary.chunks - distinct
+    summary.entries, summary.stale_entries = totals["entries"], max(0, totals["entries"] - distinct)
+    summary.bytes_on_disk = _bytes_on_disk(path)  # now the store is closed: without its SQLite write-ahead log
     summary.kv_bytes, summary.full_kv_bytes = totals["kv_bytes_stored"], totals["full_kv_bytes"]
     summary.seconds = time.perf_counter() - started
     logger.info("%s", summary)
     return summary
+
+
+def _open_store(path: Path, compressor: SACCompressor, dtype: str | torch.dtype | None, storage: str,
+                settings: dict) -> AnchorStore:
+    """The store at ``path``, created if missing. A folder that cannot be written is named as such:
+    the bare OSError would name the temporary directory a creation starts with, which the user never
+    asked for."""
+    try:
+        return AnchorStore.create(path, compressor.fingerprint, compressor.config.ratio,
+                                  dtype or compressor.dtype, storage, settings, exist_ok=True,
+                                  keep_dtype=dtype is None)
+    except SACError:
+        raise
+    except OSError as err:
+        raise StoreWriteError(
+            err.errno or errno.EIO,
+            f"cannot create the store at {path} ({err.strerror or err}: {err.filename}); choose a store path "
+            "in a folder this user can write, or make its folder writable") from err
+
+
+def _bytes_on_disk(path: Path) -> int:
+    """What the store directory at ``path`` takes on disk (its files' sizes)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except FileNotFoundError:  # a temporary file gone meanwhile
+                pass
+    return total
 
 
 def _usable_documents(documents: Iterator[Document]) -> Iterator[Document]:
@@ -203,36 +264,52 @@ def _usable_documents(documents: Iterator[Document]) -> Iterator[Document]:
 
 class _Run:
     """The loop: gather this shard's chunks in windows, skip stored ones, compress the rest a
-    batch at a time (sorted by length, so batches pad little) and store each batch durably."""
+    batch at a time (sorted by length, so batches pad little) and store each batch durably.
+
+    The progress bar counts every chunk of the shard as it is done with, compressed or found
+    stored: a resumed run moves through what it already stored instead of sitting at 0."""
 
     def __init__(self, compressor: SACCompressor, store: AnchorStore, summary: Summary,
                  batch_size: int, show_progress: bool):
         self.compressor, self.store, self.summary = compressor, store, summary
         self.batch_size = batch_size
         self.window: dict[str, tuple[Chunk, Document]] = {}
+        self.pending = 0  # chunks seen since the last flush, repeats included
+        self.documents = 0
+        self.keys = array("Q")  # 64 bits of each chunk's key: distinct chunks at 8 bytes each
+        self.show_progress = show_progress
         from tqdm.auto import tqdm
 
         self.bar = tqdm(unit=" chunks", desc="precompressing", disable=not show_progress, dynamic_ncols=True)
         self.started = time.perf_counter()
 
     def run(self, documents, chunk_tokens: int, overlap: int) -> None:
-        s = self.summary
-        try:
-            for doc in documents:
-                for chunk in iter_chunks(doc.text, self.compressor.tokenizer, chunk_tokens, overlap, doc.id):
-                    if shard_of(chunk.key, s.num_shards) != s.shard_index:
-                        s.other_shards += 1
-                        continue
-                    s.chunks += 1
-                    if chunk.key in self.window:
-                        s.already_stored += 1
-                        continue
-                    self.window[chunk.key] = (chunk, doc)
-                    if len(self.window) >= self.batch_size * WINDOW_BATCHES:
-                        self.flush()
-            self.flush()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:  # warnings (a skipped file) print above the bar, not through it
+            with logging_redirect_tqdm() if self.show_progress else contextlib.nullcontext():
+                self._run(documents, chunk_tokens, overlap)
         finally:
             self.bar.close()
+
+    def _run(self, documents, chunk_tokens: int, overlap: int) -> None:
+        s = self.summary
+        for doc in documents:
+            self.documents += 1
+            for chunk in iter_chunks(doc.text, self.compressor.tokenizer, chunk_tokens, overlap, doc.id):
+                if shard_of(chunk.key, s.num_shards) != s.shard_index:
+                    s.other_shards += 1
+                    continue
+                s.chunks += 1
+                self.pending += 1
+                self.keys.append(int(chunk.key[:16], 16))
+                if chunk.key in self.window:
+                    s.already_stored += 1
+                    continue
+                self.window[chunk.key] = (chunk, doc)
+                if len(self.window) >= self.batch_size * WINDOW_BATCHES:
+                    self.flush()
+        self.flush()
 
     def flush(self) -> None:
         s = self.summary
@@ -240,6 +317,8 @@ class _Run:
         s.already_stored += len(self.window) - len(missing)
         todo = sorted((self.window[k] for k in missing), key=lambda item: item[0].n_tokens)
         self.window = {}
+        self.progress(self.pending - len(todo))
+        self.pending = 0
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start:start + self.batch_size]
             kvs = self.compressor.compress_chunks([c.token_ids for c, _ in batch], batch_size=self.batch_size)
@@ -247,10 +326,18 @@ class _Run:
             s.compressed += written
             s.already_stored += len(batch) - written  # written meanwhile by another writer
             s.tokens += sum(c.n_tokens for c, _ in batch)
-            self.bar.update(written)
-            elapsed = time.perf_counter() - self.started
-            self.bar.set_postfix(tokens_per_s=f"{s.tokens / elapsed:.0f}", stored_before=s.already_stored,
-                                 refresh=False)
+            self.progress(len(batch))
+
+    def progress(self, done: int) -> None:
+        s = self.summary
+        elapsed = time.perf_counter() - self.started
+        self.bar.set_postfix(documents=self.documents, compressed=s.compressed, already_stored=s.already_stored,
+                             tokens_per_s=f"{s.tokens / elapsed:.0f}", refresh=False)
+        self.bar.update(done)
+
+    def distinct_chunks(self) -> int:
+        """How many different chunk texts this run met (in this shard)."""
+        return len(np.unique(np.frombuffer(self.keys, dtype=np.uint64))) if self.keys else 0
 
 
 def _metadata(chunk: Chunk, doc: Document) -> dict:
@@ -378,11 +465,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the environment) each write STORE.shard-III-of-NNN (zero-padded, e.g. STORE.shard-000-of-002); join them with "
         "`python -m sac_rag.store merge STORE STORE.shard-*`.",
     )
-    parser.add_argument("--corpus", required=True, help="folder, .jsonl or SQuAD .json")
-    parser.add_argument("--store", required=True, help="store directory (created if missing)")
+    parser.add_argument("--corpus", required=True,
+                        help="a folder (its .txt/.md/.markdown files, recursively, hidden ones skipped), a .jsonl "
+                             "file (a 'text' field per line, 'id' and other fields kept), SQuAD .json (.jsonl and "
+                             ".json may be .gz/.xz), or any other file, read as one text document")
+    parser.add_argument("--store", required=True,
+                        help="store directory (created if missing; an existing one must be from the same compressor "
+                             "and --storage). Nothing is deleted from it: entries of removed or edited documents "
+                             "stay, and the summary counts them")
     parser.add_argument("--exclude", action="append", default=[], metavar="DOC_ID",
-                        help="leave out this document (a folder corpus's file path relative to it, e.g. "
-                             "questions.txt); repeatable")
+                        help="leave out documents: an id (a folder corpus's file path relative to it, e.g. "
+                             "questions.txt, or a JSONL 'id'), a glob pattern ('drafts/*.md') or a folder "
+                             "('drafts/'); a path to a file in the corpus works too; one that leaves out nothing is "
+                             "warned about; repeatable")
     model = parser.add_argument_group("compressor")
     model.add_argument("--compressor", default=DEFAULT_COMPRESSOR,
                        help=f"trained compressor directory or built-in name (default {DEFAULT_COMPRESSOR})")
@@ -393,27 +488,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "instead of the one its checkpoint names (e.g. after that directory moved; the weights "
                             "are checked against the checkpoint); with --kv-dropping the model whose K/V are "
                             f"dropped (default {DEFAULT_KV_DROPPING_BASE})")
-    model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping")
+    model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping (default 5)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--dtype", default=None,
                        help="model and new store dtype: auto (default: bfloat16 where the device computes it "
                             "natively, else float32), bfloat16, float16, float32; an existing store keeps its own")
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="tokens per chunk (default and maximum: the compressor's chunk_len)")
-    parser.add_argument("--overlap", type=int, default=0, help="tokens shared by consecutive chunks")
-    parser.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass")
+    parser.add_argument("--overlap", type=int, default=0, help="tokens shared by consecutive chunks (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default 8)")
     parser.add_argument("--num-shards", type=int, default=None,
                         help="split the corpus into this many shards, one run each, all given the same --store "
                              "(default: from torchrun / SLURM array variables, else 1)")
     parser.add_argument("--shard-index", type=int, default=None,
                         help="which shard this run compresses, 0 .. --num-shards - 1")
     parser.add_argument("--storage", choices=STORAGES, default="native",
-                        help="native (the dtype), or fp8/int8 with per-layer/head scales")
+                        help="native (the dtype; the default), or fp8/int8 with per-layer/head scales; an "
+                             "existing store keeps its own")
     parser.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
                         help="text that is not UTF-8 (or JSON text with lone surrogates): decode "
-                             "with U+FFFD (replace) or skip it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+                             "with U+FFFD (replace, the default) or skip it")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it counts chunks done, compressed or found stored)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary (documents read and skipped by reason, chunks compressed and "
+                             "already stored, the store's size) as JSON instead of text")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -428,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SACError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a message, not a traceback from wherever the loop was
+        print("\ninterrupted: the chunks stored so far are kept (each write is whole or "
+              "absent); rerun the same command to resume, stored chunks are skipped", file=sys.stderr)
+        return 130
     print(json.dumps(summary.to_dict()) if args.json else summary)
     if summary.num_shards > 1 and "{shard" not in args.store:
         print(f"when every shard is done: python -m sac_rag.store merge {args.store} "

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -561,6 +562,98 @@ def test_cli_help_and_errors(tmp_path, capsys, corpus):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--num-shards" in out and "--kv-dropping" in out and "merge" in out
+    for documented in ("glob pattern", ".gz/.xz", "(default 8)", "(default 0)", "the default", "summary counts"):
+        assert documented in " ".join(out.split()), documented
     assert main(["--corpus", str(corpus), "--store", str(tmp_path / "s"),
                  "--compressor", str(tmp_path / "no-such-compressor")]) == 2
     assert "--kv-dropping" in capsys.readouterr().err
+
+
+# -- what a run reports ---------------------------------------------------------------------------
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_the_summary_tells_repeated_chunks_excluded_documents_and_stale_entries_apart(tmp_path, tiny_sac):
+    compressor = tiny_sac[1]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(words(100 + i, 60))
+    (corpus / "chorus.txt").write_text("la la la la la la la la la la. " * 40)  # one chunk's text, many times
+    (corpus / "questions.txt").write_text("Which city?")
+
+    def distinct_keys(exclude=()):
+        return {c.key for d in read_corpus(corpus, exclude=exclude)
+                for c in split_document(d.text, compressor.tokenizer, CHUNK, 0, d.id)}
+
+    store = tmp_path / "store"
+    first = precompress(corpus, store, compressor, chunk_tokens=CHUNK, show_progress=False)
+    assert first.repeated_chunks == first.chunks - len(distinct_keys()) > 5
+    assert (first.compressed, first.already_stored) == (len(distinct_keys()), first.repeated_chunks)
+    assert f"{first.repeated_chunks} of them repeat a chunk earlier" in str(first)
+    assert first.stale_entries == 0 and "not chunks of this run" not in str(first)
+    assert first.bytes_on_disk == _disk_bytes(store)  # the closed store, without SQLite's write-ahead log
+
+    (corpus / "doc0.txt").unlink()
+    (corpus / "doc1.txt").write_text(words(200, 60))
+    (corpus / "new.md").write_text(words(300, 30))
+    again = precompress(corpus, store, compressor, chunk_tokens=CHUNK, show_progress=False,
+                        exclude=["questions.txt"])
+    current = distinct_keys(exclude=["questions.txt"])
+    assert again.excluded_documents == 1 and ", 1 excluded" in str(again)
+    with AnchorStore.open(store, readonly=True) as s:
+        assert len(s) == again.entries and again.stale_entries == len(set(s.keys()) - current) > 0
+    assert f"({again.stale_entries} not chunks of this run" in str(again)
+    assert json.loads(json.dumps(again.to_dict()))["stale_entries"] == again.stale_entries
+
+
+def test_the_progress_bar_counts_chunks_found_stored_so_a_resumed_run_moves(tmp_path, tiny_sac, corpus, reference,
+                                                                           capsys):
+    shutil.copytree(reference[0], tmp_path / "store")
+    summary = precompress(corpus, tmp_path / "store", tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH)
+    assert summary.compressed == 0
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"precompressing: {summary.chunks} chunks" in last and f"already_stored={summary.chunks}" in last
+
+
+def test_a_store_that_cannot_be_created_is_reported_by_its_path_with_what_to_do(tmp_path, monkeypatch, tiny_sac,
+                                                                               corpus):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StoreWriteError, match="cannot create the store at .*a-file/store.*writable"):
+        precompress(corpus, tmp_path / "a-file" / "store", tiny_sac[1], show_progress=False)
+
+    def refused(*args, **kwargs):  # what a folder this user cannot write gives (root writes anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / ".store.creating-x1y2"))
+
+    monkeypatch.setattr(store_module.tempfile, "mkdtemp", refused)
+    with pytest.raises(StoreWriteError) as info:
+        precompress(corpus, tmp_path / "ro" / "store", tiny_sac[1], show_progress=False)
+    assert str(tmp_path / "ro" / "store") in str(info.value) and "Permission denied" in str(info.value)
+
+
+def test_ctrl_c_stops_with_a_message_and_a_rerun_finishes_the_store(tmp_path, monkeypatch, capsys, tiny_sac,
+                                                                    corpus, reference):
+    real, calls = SACCompressor.compress_chunks, []
+
+    def interrupted_in_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SACCompressor, "compress_chunks", interrupted_in_third_batch)
+    store = tmp_path / "store"
+    try:
+        assert main(cli_args(corpus, store, tiny_sac[0])) == 130
+    except KeyboardInterrupt:  # not re-raised: it would stop the whole test session
+        pytest.fail("Ctrl-C left main as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err
+    with AnchorStore.open(store, readonly=True) as s:
+        assert s.verify().ok and len(s) == 2 * BATCH
+    monkeypatch.setattr(SACCompressor, "compress_chunks", real)
+    assert main(cli_args(corpus, store, tiny_sac[0])) == 0
+    assert set(stored(store)) == set(stored(reference[0]))
