@@ -14,11 +14,16 @@ metadata is kept.
 Resuming: a chunk already in the store is not compressed again, so rerunning the same command
 after a crash (even ``kill -9``: see the store's write protocol) finishes the job.
 
-Rerunning after the corpus changed: new and edited documents' new chunks are compressed; nothing
-is deleted, so the entries of removed documents and of the old text of edited ones stay in the
-store (the summary counts them: ``stale_entries``), and an entry keeps the metadata of the run
-that stored it (a renamed file's chunks keep the old ``doc_id``). Serve only the current chunks'
-keys (``examples/precompress_and_serve.py``), or precompress into a new store.
+Rerunning after the corpus changed: new and edited documents' new chunks are compressed; by
+default nothing is deleted, so the entries of removed documents and of the old text of edited ones
+stay in the store (the summary counts them: ``stale_entries``), and an entry keeps the metadata of
+the run that stored it (a renamed file's chunks keep the old ``doc_id``). Serve only the current
+chunks' keys (``examples/precompress_and_serve.py``), precompress into a new store, or prune:
+``prune=True`` (``--prune``) deletes, once the run has stored every chunk, the store's entries
+that are not chunks of this run (with several shards: of this shard), excluded documents' too,
+then reclaims their bytes (``AnchorStore.gc``). So the corpus must be everything the store serves.
+Prune is refused when the chunk settings differ from those the store was filled with (it would
+delete every chunk stored before), and skipped when an input could not be read (its chunks would go).
 
 Scale-out: ``num_shards``/``shard_index`` give each worker the chunks whose key hashes to its
 index (the same text always lands in the same shard). Under ``torchrun`` they come from
@@ -41,6 +46,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from array import array
@@ -64,6 +70,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KV_DROPPING_BASE = "smollm2-135m"  # --kv-dropping without --base-model
 WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and sorted by length
+_CHUNK_KEY = re.compile("[0-9a-f]{64}")  # what AnchorStore.key_for makes
+# CorpusStats.skipped reasons of inputs that exist but could not be read (see sac_rag.corpus)
+_UNREAD_INPUTS = ("unreadable", "a broken symlink", "damaged or truncated")
 
 
 @dataclass
@@ -79,8 +88,9 @@ class Summary:
     those of the compressed chunks. ``entries``, ``bytes_on_disk``, ``kv_bytes`` (stored K/V)
     and ``full_kv_bytes`` (the full K/V of the same chunks in the same dtype) describe the whole
     store after the run; ``stale_entries`` of its entries are not chunks of this run (of this
-    shard): of documents removed, edited or excluded since, or of other chunk settings (nothing
-    deletes them).
+    shard): of documents removed, edited or excluded since, or of other chunk settings (kept unless
+    ``prune``). ``pruned_entries`` were deleted by ``prune``; ``not_pruned`` says why a run asked
+    to prune did not.
     """
 
     store: str
@@ -101,6 +111,8 @@ class Summary:
     seconds: float = 0.0
     entries: int = 0
     stale_entries: int = 0
+    pruned_entries: int = 0
+    not_pruned: str = ""
     bytes_on_disk: int = 0
     kv_bytes: int = 0
     full_kv_bytes: int = 0
@@ -142,11 +154,14 @@ class Summary:
             f"  speed:     {self.tokens} tokens in {self.seconds:.1f} s: "
             f"{self.chunks_per_second:.2f} chunks/s, {self.tokens_per_second:.0f} tokens/s",
             f"  store:     {self.entries} entries"
+            + (f" after pruning {self.pruned_entries} that were not chunks of this run" if self.pruned_entries
+               else "")
             + (f" ({self.stale_entries} not chunks of this run: of documents removed, edited or excluded since, "
                "or of other chunk settings; kept)" if self.stale_entries else "")
             + f", {_size(self.bytes_on_disk)} on disk; K/V "
             f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
             f"({self.kv_reduction:.2f}x smaller)",
+            *([f"  prune:     {self.not_pruned}"] if self.not_pruned else []),
         ])
 
 
@@ -164,6 +179,7 @@ def precompress(
     decode_errors: str = "replace",
     show_progress: bool = True,
     exclude: Collection[str] = (),
+    prune: bool = False,
 ) -> Summary:
     """Compress every chunk of the corpus at ``corpus_path`` into the store at ``store_path``
     (created if missing; an existing store must be from this compressor).
@@ -173,8 +189,10 @@ def precompress(
     ``shard_from_env``); with more than one shard the store path is made per shard
     (``shard_store_path``). ``dtype`` is the store's (default: an existing store keeps its own,
     a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8". ``exclude``:
-    document ids to leave out (a folder's file paths relative to it). Returns the ``Summary`` it
-    also logs.
+    document ids to leave out (a folder's file paths relative to it). ``prune``: once every chunk
+    is stored, delete the store's entries (of this shard) that are not chunks of this run, then
+    gc (see the module docstring: refused for other chunk settings than the store's, skipped when
+    an input could not be read). Returns the ``Summary`` it also logs.
     """
     started = time.perf_counter()
     chunk_len = compressor.config.chunk_len
@@ -204,11 +222,19 @@ def precompress(
     with store:
         earlier = store.manifest.get("extra", {})
         if any(earlier.get(k, v) != v for k, v in settings.items() if k in ("chunk_tokens", "overlap")):
+            if prune:
+                raise InvalidInputError(
+                    f"refusing to prune {path}: it was filled with chunk_tokens={earlier.get('chunk_tokens')}, "
+                    f"overlap={earlier.get('overlap')} and this run chunks with chunk_tokens={chunk_tokens}, "
+                    f"overlap={overlap}, so pruning would delete every chunk stored before; prune with the "
+                    "store's settings, or precompress with the new ones into a new store")
             logger.warning("%s was filled with chunk_tokens=%s, overlap=%s; this run chunks with %s, %s: "
                            "its chunks get new keys and are stored next to the old ones", path,
                            earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
         run = _Run(compressor, store, summary, batch_size, show_progress)
         run.run(documents, chunk_tokens, overlap)
+        if prune:
+            summary.pruned_entries, summary.not_pruned = _prune(store, run, stats)
         totals = store.stats()
     summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
     summary.excluded_documents, summary.other_files = stats.excluded, dict(stats.other_files)
@@ -240,6 +266,23 @@ def _open_store(path: Path, compressor: SACCompressor, dtype: str | torch.dtype 
             err.errno or errno.EIO,
             f"cannot create the store at {path} ({err.strerror or err}: {err.filename}); choose a store path "
             "in a folder this user can write, or make its folder writable") from err
+
+
+def _prune(store: AnchorStore, run: _Run, stats: CorpusStats) -> tuple[int, str]:
+    """Delete the entries of ``store`` that ``run`` does not need (``_Run.stale``), then gc:
+    ``(deleted, "")``, or ``(0, why not)`` when an input could not be read this time (an
+    unreadable file, a broken symlink, a damaged .jsonl.gz): its documents may well still exist,
+    and their chunks would be deleted only to be compressed again."""
+    unread = {reason: n for reason, n in stats.skipped.items() if reason.startswith(_UNREAD_INPUTS)}
+    if unread:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(unread.items()))
+        why = (f"not pruned, because inputs could not be read ({counts}) and the chunks of their documents "
+               "would be deleted; make them readable, or remove them, then rerun with --prune (prune=True)")
+        logger.warning("%s", why)
+        return 0, why
+    deleted = store.delete(run.stale(store.keys()))
+    store.gc()
+    return deleted, ""
 
 
 def _bytes_on_disk(path: Path) -> int:
@@ -334,6 +377,20 @@ class _Run:
         self.bar.set_postfix(documents=self.documents, compressed=s.compressed, already_stored=s.already_stored,
                              tokens_per_s=f"{s.tokens / elapsed:.0f}", refresh=False)
         self.bar.update(done)
+
+    def stale(self, keys: Sequence[str]) -> list[str]:
+        """Those of a store's ``keys`` that this run's shard owns but whose chunks it did not meet.
+        Keys of other shards, and keys ``AnchorStore.key_for`` does not make, are not this run's to
+        judge. Chunks are compared by 64 bits of their keys: a stale entry that shares them with a
+        current chunk (odds 2**-64 per pair) is kept, never the other way round."""
+        s = self.summary
+        keys = [k for k in keys if _CHUNK_KEY.fullmatch(k)]
+        if not keys:
+            return []
+        prefixes = np.fromiter((int(k[:16], 16) for k in keys), dtype=np.uint64, count=len(keys))
+        ours = prefixes % np.uint64(s.num_shards) == np.uint64(s.shard_index)
+        met = np.isin(prefixes, np.frombuffer(self.keys, dtype=np.uint64))
+        return [k for k, drop in zip(keys, ours & ~met) if drop]
 
     def distinct_chunks(self) -> int:
         """How many different chunk texts this run met (in this shard)."""
@@ -471,8 +528,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ".json may be .gz/.xz), or any other file, read as one text document")
     parser.add_argument("--store", required=True,
                         help="store directory (created if missing; an existing one must be from the same compressor "
-                             "and --storage). Nothing is deleted from it: entries of removed or edited documents "
-                             "stay, and the summary counts them")
+                             "and --storage). Nothing is deleted from it unless --prune: entries of removed or edited "
+                             "documents stay, and the summary counts them")
+    parser.add_argument("--prune", action="store_true",
+                        help="after the run, delete the store's entries that are not chunks of this corpus (of "
+                             "documents removed or edited since, and of documents left out by --exclude or "
+                             "--decode-errors skip), then reclaim their space (gc); so --corpus must be everything "
+                             "the store serves. With --num-shards, only this shard's entries. Refused when "
+                             "--chunk-tokens/--overlap differ from the store's (every stored chunk would go); "
+                             "skipped, with a warning, when an input could not be read")
     parser.add_argument("--exclude", action="append", default=[], metavar="DOC_ID",
                         help="leave out documents: an id (a folder corpus's file path relative to it, e.g. "
                              "questions.txt, or a JSONL 'id'), a glob pattern ('drafts/*.md') or a folder "
@@ -522,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.corpus, args.store, compressor, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             batch_size=args.batch_size, num_shards=num_shards, shard_index=shard_index,
             storage=args.storage, decode_errors=args.decode_errors, show_progress=not args.no_progress,
-            exclude=args.exclude,
+            exclude=args.exclude, prune=args.prune,
         )
     except (SACError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

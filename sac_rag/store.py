@@ -33,6 +33,11 @@ their space is freed on disk. A store on a path this process cannot write (a rea
 opens only with ``readonly=True`` (else ``StoreReadOnlyError``); such a reader notices a writer
 working through another, writable view of the same directory and reads its commits too.
 
+Deleting (``delete``) removes index rows, in one transaction: the entries' bytes become orphans,
+which ``gc`` reclaims. Nothing is overwritten, so a read that found an entry before the delete
+still gets its valid bytes (and ``gc`` never reuses a shard id); a lookup after it raises
+``EntryNotFoundError``, also for an entry a reader had cached (``get`` asks the index first).
+
 Positions: entries are chunk-local, the chunk's first token at position 0 (``AnchorKV.offset ==
 0``). ``put`` refuses other offsets rather than re-rotating them, because rotating needs the
 model's ``KeyRotator``; the caller has it (``kv.at_offset(0, rotator)``), the store does not.
@@ -41,7 +46,7 @@ Keys are ``AnchorStore.key_for(text)`` (sha256 of the chunk text) by convention;
 one compressor's entries (the manifest fingerprint), so the same text under another compressor
 lives in another store.
 
-Command line: ``python -m sac_rag.store {verify,stats,gc,merge} ...`` (``--help``).
+Command line: ``python -m sac_rag.store {verify,stats,gc,merge,prune} ...`` (``--help``).
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ class StoreRecoveryNeededError(SACError, PermissionError):
 
 
 class StoreReadOnlyError(SACError, PermissionError):
-    """An open for writing (``put``, ``gc``, ``merge`` into it, ``precompress``) of a store on a
+    """An open for writing (``put``, ``delete``, ``gc``, ``merge`` into it, ``precompress``) of a store on a
     path this process cannot write: a read-only mount or directory. The store is fine: open it
     with ``readonly=True`` to read it."""
 
@@ -496,7 +501,7 @@ class AnchorStore:
         crash resumes. Returns how many entries were written. ``metadata`` is a JSON dict kept
         with the entry (e.g. a chunk id or source document) and named in corruption errors.
         """
-        self._check_writable()
+        self._check_writable("put entries into")
         checked = []
         for item in items:
             if not isinstance(item, tuple) or len(item) not in (2, 3):
@@ -513,6 +518,32 @@ class AnchorStore:
                 skip.add(key)
                 records.append(self._encode(key, kv, metadata))
         return self._write(records)
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Remove the entries under ``keys``; returns how many were removed (keys not stored, or
+        repeated, are ignored). One durable transaction: a crash leaves all of them or none.
+
+        Only the index rows go: the bytes stay in their shards as orphans until ``gc`` reclaims
+        them (``stats``/``verify`` count them meanwhile), because rewriting shards here would
+        move every other entry of those shards under readers, which is gc's job. Readers that
+        found an entry before the delete still read valid bytes; later lookups do not find it.
+        """
+        if isinstance(keys, (str, bytes)):
+            raise InvalidInputError(f"delete takes a list of keys, not one key: store.delete([{keys!r}])")
+        self._check_writable("delete entries from")
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            _check_key(key)
+        if not keys:
+            return 0
+        with self._write_lock, _WriterLock(self._path / LOCK):
+            try:
+                deleted = self._commit_rows("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
+            except (sqlite3.Error, OSError) as err:
+                raise _write_error(err, self._path, "deleting entries", "nothing was deleted",
+                                   "rerun the delete") from err
+        self._cache.discard(keys)
+        return deleted
 
     def _check_entry(self, key: str, kv: AnchorKV) -> None:
         _check_key(key)
@@ -600,59 +631,58 @@ class AnchorStore:
             "n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes, metadata, "
             "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows, next_shard)
 
-    def _commit_rows(self, sql: str, rows: list[tuple], next_shard: int) -> None:
-        """Run ``sql`` for each of ``rows`` and record ``next_shard``, in one transaction (all
-        of it or none)."""
+    def _commit_rows(self, sql: str, rows: list[tuple], next_shard: int | None = None) -> int:
+        """Run ``sql`` for each of ``rows`` (and record ``next_shard``), in one transaction (all
+        of it or none). Returns how many rows it changed."""
         with self._db_lock:
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(sql, rows)
-                _set_next_shard(conn, next_shard)
+                changed = conn.executemany(sql, rows).rowcount
+                if next_shard is not None:
+                    _set_next_shard(conn, next_shard)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        return changed
 
     def _next_shard(self) -> int:
         rows = self._query("SELECT value FROM meta WHERE name = 'next_shard'")
         return int(rows[0][0]) if rows else 0
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, doing: str = "write to") -> None:
         if self._readonly:
-            raise InvalidInputError(f"the store at {self._path} was opened read-only")
+            raise InvalidInputError(
+                f"the store at {self._path} was opened read-only (readonly=True); to {doing} it, "
+                "open it with AnchorStore.open(path) in a process that may write it")
 
     # -- reading ------------------------------------------------------------------------------
 
     def get(self, key: str) -> AnchorKV:
         """The entry under ``key``, checksum-verified, in the manifest dtype.
-        Raises ``EntryNotFoundError`` (a ``KeyError``) or ``StoreCorruptionError``."""
+        Raises ``EntryNotFoundError`` (a ``KeyError``) or ``StoreCorruptionError``.
+
+        The index is asked even when the entry is cached: another process may have deleted it."""
+        row = self._row(key)
         cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        return self._load(self._row(key))
+        return cached if cached is not None else self._load(row)
 
     def get_many(self, keys: Sequence[str]) -> list[AnchorKV]:
         """The entries under ``keys``, in that order (one index query for all of them)."""
         keys = list(keys)
-        found: dict[str, AnchorKV] = {}
-        wanted = []
-        for key in keys:
-            cached = self._cache.get(key)
-            if cached is not None:
-                found[key] = cached
-            else:
-                wanted.append(key)
-        rows = self._rows(wanted)
-        missing = [k for k in dict.fromkeys(wanted) if k not in rows]
+        rows = self._rows(keys)  # cached entries too: another process may have deleted them
+        missing = [k for k in dict.fromkeys(keys) if k not in rows]
         if missing:
             raise EntryNotFoundError(
                 f"{len(missing)} of {len(keys)} keys are not in the store at {self._path}: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
             )
+        found: dict[str, AnchorKV] = {}
         for key, row in rows.items():
-            found[key] = self._load(row)
+            cached = self._cache.get(key)
+            found[key] = cached if cached is not None else self._load(row)
         return [found[key] for key in keys]
 
     def metadata(self, key: str) -> dict:
@@ -831,8 +861,11 @@ class AnchorStore:
 
     def _sizes(self, key: str) -> tuple[int, int, int, int, int]:
         """n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes of an entry."""
-        return self._query("SELECT n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes "
-                           "FROM entries WHERE key = ?", (key,))[0]
+        found = self._query("SELECT n_anchors, n_tokens, kv_bytes, stored_kv_bytes, full_kv_bytes "
+                            "FROM entries WHERE key = ?", (key,))
+        if not found:
+            raise EntryNotFoundError(f"no entry {key} in the store at {self._path}")
+        return found[0]
 
     def _present(self, keys: Sequence[str]) -> list[str]:
         present = []
@@ -904,13 +937,16 @@ class AnchorStore:
         except StoreCorruptionError as err:
             report.index_problems.append(f"{err.problem}; its entries cannot be listed or checked")
             return report
-        report.entries = len(rows)
+        live = 0
         for row in rows:
             try:
                 self._decode(row, self._read_verified(row))
+            except EntryNotFoundError:  # deleted (and its bytes reclaimed) since it was listed
+                continue
             except StoreCorruptionError as err:
                 report.bad.append(BadEntry(row.key, err.metadata, err.problem))
-        live = sum(r.length for r in rows)
+            report.entries += 1
+            live += row.length
         report.orphan_bytes = max(0, sum(self._shard_sizes().values()) - live)
         return report
 
@@ -954,10 +990,10 @@ class AnchorStore:
         }
 
     def gc(self) -> dict:
-        """Reclaim orphan bytes (written by a crashed or failed write, never indexed): delete
-        shards no entry uses, copy live entries out of shards that hold orphans, remove stale
-        temporary files. Readers may keep reading meanwhile; writers wait."""
-        self._check_writable()
+        """Reclaim orphan bytes (written by a crashed or failed write, never indexed, or left by
+        ``delete``): delete shards no entry uses, copy live entries out of shards that hold
+        orphans, remove stale temporary files. Readers may keep reading meanwhile; writers wait."""
+        self._check_writable("gc")
         report = {"removed_shards": 0, "compacted_shards": 0, "moved_entries": 0,
                   "reclaimed_bytes": 0, "removed_temp_files": 0}
         with self._write_lock, _WriterLock(self._path / LOCK):
@@ -1072,10 +1108,13 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
                     todo = dest.missing(keys[i:i + 64])
                     records = []
                     for row in source._rows(todo).values():
-                        if same_encoding:
-                            records.append(_copied_record(source, row))
-                        else:
-                            records.append(dest._encode(row.key, source._load(row), row.metadata))
+                        try:
+                            if same_encoding:
+                                records.append(_copied_record(source, row))
+                            else:
+                                records.append(dest._encode(row.key, source._load(row), row.metadata))
+                        except EntryNotFoundError:  # deleted from the source since it was listed
+                            continue
                     added += dest._write(records)
             return added
     finally:
@@ -1491,6 +1530,13 @@ class _LRU:
                 _, (_, size) = self._items.popitem(last=False)
                 self._bytes -= size
 
+    def discard(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                old = self._items.pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1]
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -1532,8 +1578,38 @@ def _describe(metadata: dict) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
+def _read_keys(keys_file: str) -> set[str]:
+    """The keys listed in ``keys_file``, one per line (blank lines and surrounding spaces
+    ignored). An empty list is refused: pruning to it would empty the store."""
+    try:
+        text = Path(keys_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"cannot read the keys file {keys_file}: {err}") from err
+    keys = {line.strip() for line in text.splitlines()} - {""}
+    if not keys:
+        raise InvalidInputError(f"the keys file {keys_file} lists no key; list the keys to keep "
+                                "(AnchorStore.key_for(chunk text)), one per line")
+    return keys
+
+
+def _prune(store: AnchorStore, keep: set[str], keys_file: str) -> dict:
+    """Delete the entries of ``store`` not in ``keep``, then gc. A ``keep`` that names none of
+    the entries is refused: that is a wrong keys file far more often than a wish to empty the
+    store (which deleting its directory does)."""
+    keys = store.keys()
+    stale = [k for k in keys if k not in keep]
+    if stale and len(stale) == len(keys):
+        raise InvalidInputError(
+            f"{keys_file} lists none of the {len(keys)} keys of the store at {store.path}, so prune "
+            "would delete every entry: check that it lists the keys to keep "
+            "(AnchorStore.key_for(chunk text), one per line); to empty the store, delete its directory")
+    deleted = store.delete(stale)
+    return {"deleted": deleted, "entries": len(store), **store.gc()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sac_rag.store verify|stats|gc PATH`` and ``merge DEST SRC...``."""
+    """``python -m sac_rag.store verify|stats|gc PATH``, ``merge DEST SRC...`` and
+    ``prune PATH --keep KEYS_FILE``."""
     parser = argparse.ArgumentParser(
         prog="python -m sac_rag.store",
         description="Inspect and maintain an anchor store (precompressed SAC chunks).",
@@ -1542,13 +1618,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("verify", help="checksum and decode every entry; exit 1 if any is bad"
                         ).add_argument("path")
     commands.add_parser("stats", help="print sizes and counts as JSON").add_argument("path")
-    commands.add_parser("gc", help="reclaim orphan bytes left by crashed writes"
+    commands.add_parser("gc", help="reclaim orphan bytes left by crashed writes and deletes"
                         ).add_argument("path")
     merge_parser = commands.add_parser("merge", help="merge stores of the same compressor")
     merge_parser.add_argument("destination")
     merge_parser.add_argument("sources", nargs="+")
+    prune_parser = commands.add_parser(
+        "prune", help="delete every entry whose key KEYS_FILE does not list, then gc",
+        description="Delete every entry of the store whose key is not listed in KEYS_FILE, in one "
+        "transaction, then reclaim their bytes (gc). Prints what it did as JSON. A KEYS_FILE that "
+        "lists no key, or none of the store's, is refused. (precompress --prune does this for the "
+        "chunks of a corpus.)")
+    prune_parser.add_argument("path")
+    prune_parser.add_argument("--keep", required=True, metavar="KEYS_FILE",
+                              help="the keys to keep, one per line (AnchorStore.key_for(chunk text))")
     args = parser.parse_args(argv)
     try:
+        if args.command == "prune":
+            keep = _read_keys(args.keep)
+            with AnchorStore.open(args.path, cache_bytes=0) as store:
+                print(json.dumps(_prune(store, keep, args.keep), indent=2))
+            return 0
         if args.command == "merge":
             added = merge(args.destination, args.sources)
             print(json.dumps({"added": added, "destination": args.destination}))

@@ -657,3 +657,105 @@ def test_ctrl_c_stops_with_a_message_and_a_rerun_finishes_the_store(tmp_path, mo
     monkeypatch.setattr(SACCompressor, "compress_chunks", real)
     assert main(cli_args(corpus, store, tiny_sac[0])) == 0
     assert set(stored(store)) == set(stored(reference[0]))
+
+
+# -- pruning --------------------------------------------------------------------------------------
+
+
+def _shard_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in (path / "shards").glob("*.shard"))
+
+
+def test_prune_after_removing_and_editing_documents_drops_exactly_their_old_chunks(tmp_path, tiny_sac, corpus):
+    compressor = tiny_sac[1]
+    shutil.copytree(corpus, tmp_path / "corpus")
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+
+    def run(**options):
+        return precompress(corpus, store, compressor, chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False,
+                           **options)
+
+    assert run(prune=True).pruned_entries == 0  # nothing to prune in a new store
+    old = all_chunks(corpus, compressor.tokenizer)
+    before = stored(store)
+    (corpus / "doc3.txt").unlink()
+    (corpus / "doc5.txt").write_text(words(505, 40))
+    new = all_chunks(corpus, compressor.tokenizer)
+    assert set(old) - set(new) and set(new) - set(old)
+
+    pruned = run(prune=True)
+    assert pruned.compressed == len(set(new) - set(old))
+    assert (pruned.pruned_entries, pruned.stale_entries) == (len(set(old) - set(new)), 0)
+    assert f"after pruning {pruned.pruned_entries} that were not chunks of this run" in str(pruned)
+    assert "not chunks of this run:" not in str(pruned) and json.loads(json.dumps(pruned.to_dict()))["pruned_entries"]
+    after = stored(store)
+    assert set(after) == set(new)
+    for k in set(old) & set(new):  # the chunks kept are the very entries stored before
+        assert torch.equal(after[k].keys, before[k].keys) and torch.equal(after[k].values, before[k].values)
+    with AnchorStore.open(store, readonly=True) as s:
+        report = s.verify()
+        assert report.ok and report.entries == len(new) and report.orphan_bytes == 0, report.summary()
+        assert _shard_bytes(store) == s.stats()["entry_bytes"]  # gc reclaimed the pruned entries' bytes
+
+    again = run(prune=True)
+    assert (again.compressed, again.pruned_entries, again.stale_entries, again.entries) == (0, 0, 0, len(new))
+
+
+def test_cli_prune_drops_excluded_documents_and_says_so_in_its_help(tmp_path, capsys, tiny_sac, corpus, reference):
+    shutil.copytree(reference[0], tmp_path / "store")
+    excluded = {c.key for d in read_corpus(corpus) if d.id == "doc2.txt"
+                for c in split_document(d.text, tiny_sac[1].tokenizer, CHUNK, 0, d.id)}
+    kept = {k for d in read_corpus(corpus, exclude=["doc2.txt"])
+            for k in (c.key for c in split_document(d.text, tiny_sac[1].tokenizer, CHUNK, 0, d.id))}
+    assert excluded - kept
+    assert main(cli_args(corpus, tmp_path / "store", tiny_sac[0], "--prune", "--exclude", "doc2.txt", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["pruned_entries"], summary["stale_entries"]) == (len(excluded - kept), 0)
+    assert set(stored(tmp_path / "store")) == kept
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--prune" in help_text and "left out by --exclude" in help_text and "unless --prune" in help_text
+
+
+def test_prune_in_a_sharded_run_deletes_only_entries_of_its_own_shard(tmp_path, tiny_sac, corpus):
+    compressor = tiny_sac[1]
+    shutil.copytree(corpus, tmp_path / "corpus")
+    corpus = tmp_path / "corpus"
+    store = tmp_path / "store-0"  # filled unsharded, so it holds the chunks of both shards
+    precompress(corpus, store, compressor, chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False)
+    old = all_chunks(corpus, compressor.tokenizer)
+    (corpus / "doc7.txt").unlink()
+    new = all_chunks(corpus, compressor.tokenizer)
+    gone = set(old) - set(new)
+    assert {shard_of(k, 2) for k in gone} == {0, 1}  # the removed document has chunks in both shards
+
+    summary = precompress(corpus, tmp_path / "store-{shard}", compressor, chunk_tokens=CHUNK, batch_size=BATCH,
+                          num_shards=2, shard_index=0, show_progress=False, prune=True)
+    assert summary.store == str(store)
+    left = set(stored(store))
+    assert left == set(old) - {k for k in gone if shard_of(k, 2) == 0}  # shard 1's are not this run's to judge
+    assert summary.pruned_entries == sum(shard_of(k, 2) == 0 for k in gone)
+    assert summary.stale_entries == len(left) - len({k for k in new if shard_of(k, 2) == 0})
+
+
+def test_prune_is_refused_for_other_chunk_settings_and_skipped_when_an_input_cannot_be_read(
+        tmp_path, capsys, tiny_sac, corpus, reference):
+    shutil.copytree(corpus, tmp_path / "corpus")
+    shutil.copytree(reference[0], tmp_path / "store")
+    corpus, store = tmp_path / "corpus", tmp_path / "store"
+    everything = set(stored(store))
+    with pytest.raises(InvalidInputError, match="refusing to prune .*chunk_tokens=32, overlap=0 .*chunk_tokens=16"):
+        precompress(corpus, store, tiny_sac[1], chunk_tokens=16, prune=True, show_progress=False)
+    assert main(cli_args(corpus, store, tiny_sac[0], "--overlap", "4", "--prune")) == 2
+    assert "refusing to prune" in capsys.readouterr().err
+    assert set(stored(store)) == everything  # refused before compressing or deleting anything
+
+    (corpus / "doc4.txt").unlink()
+    (corpus / "elsewhere.txt").symlink_to(tmp_path / "unmounted" / "doc.txt")  # e.g. on a drive not mounted now
+    summary = precompress(corpus, store, tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH, prune=True,
+                          show_progress=False)
+    assert summary.pruned_entries == 0 and summary.stale_entries > 0 and set(stored(store)) == everything
+    assert "not pruned" in summary.not_pruned and "1 a broken symlink" in summary.not_pruned
+    assert f"  prune:     {summary.not_pruned}" in str(summary)
