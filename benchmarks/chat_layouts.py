@@ -1,18 +1,24 @@
-"""LlamaIndex chat engines on SQuAD dev: the layout a conversation reaches the model in.
+"""Conversations on SQuAD dev: the layout a chat reaches the model in, in LlamaIndex and LangChain.
 
-    python benchmarks/llamaindex_chat.py --n 200     # rows -> benchmarks/results/llamaindex_chat.jsonl
+    python benchmarks/chat_layouts.py --n 200     # rows -> benchmarks/results/chat_layouts.jsonl
 
-Each question of the seeded subset (the same nested subsets as ``python -m sac_rag.eval``) opens a
-fresh ``ContextChatEngine`` whose retriever returns the question's own paragraph as a node, compressed
-on the fly by ``SACNodePostprocessor``, and is answered four ways:
+Each question of the seeded subset (the same nested subsets as ``python -m sac_rag.eval``) is asked as
+the first message of a chat whose retriever returns the question's own paragraph, compressed on the
+fly (``SACNodePostprocessor`` / ``SACContextCompressor``). The chat puts the retrieved markers in a
+system message before the turns, as both frameworks' chats with context do:
 
-* ``chat-generic-layout``: ``SACLLM`` with LlamaIndex's generic ``messages_to_prompt`` (``system: ...``
-  then ``user: ...`` and ``assistant: ``), how SACLLM laid chats out before ``conversation_prompt``;
-* ``chat-sac-layout``: SACLLM's default, the conversation in the compressor's layout
+* ``llamaindex-chat-generic-layout``: a ``ContextChatEngine`` with LlamaIndex's generic
+  ``messages_to_prompt`` (``system: ...`` then ``user: ...`` and ``assistant: ``), how SACLLM laid
+  chats out before ``conversation_prompt``;
+* ``llamaindex-chat-sac-layout``: SACLLM's default, the conversation in the compressor's layout
   (``PromptTemplate.conversation``), with LlamaIndex's default context template (its instruction is
   read as context too);
-* ``chat-sac-layout+context-template``: the same with ``context_template=llm.chat_context_template``;
-* ``query-engine``: a ``RetrieverQueryEngine`` with ``text_qa_template=llm.qa_prompt``, the reference.
+* ``llamaindex-chat-sac-layout+context-template``: the same with ``llm.chat_context_template``;
+* ``llamaindex-query-engine``: a ``RetrieverQueryEngine`` with ``text_qa_template=llm.qa_prompt``;
+* ``langchain-history-as-written`` / ``langchain-history-sac-layout``: a retrieval chain whose prompt
+  is ``[("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")]``, read by
+  ``ChatSAC()`` (the messages' texts one after the other) or ``ChatSAC(chat_template="sac")``;
+* ``langchain-stuff-chain``: ``create_sac_stuff_chain``, the single-question chain.
 
 Rows: standard SQuAD EM/F1 with bootstrap CIs, and how many answers were empty.
 """
@@ -30,6 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from langchain_classic.chains import create_retrieval_chain  # noqa: E402
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain  # noqa: E402
+from langchain_classic.retrievers import ContextualCompressionRetriever  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder  # noqa: E402
+from langchain_core.retrievers import BaseRetriever as LangChainRetriever  # noqa: E402
+from langchain_sac import SAC_DOCUMENT_PROMPT, ChatSAC, SACContextCompressor, create_sac_stuff_chain  # noqa: E402
+from langchain_sac import sac_qa_prompt as langchain_qa_prompt  # noqa: E402
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt  # noqa: E402
 from llama_index.core.chat_engine import ContextChatEngine  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
@@ -46,6 +60,7 @@ from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.pipeline import DEFAULT_COMPRESSOR  # noqa: E402
 
 EMPTY = ("", "Empty Response")  # what LlamaIndex shows for an answer the model ended at once
+WITH_HISTORY = [("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")]
 
 
 class OwnParagraph(BaseRetriever):
@@ -59,8 +74,21 @@ class OwnParagraph(BaseRetriever):
         return [NodeWithScore(node=TextNode(text=self.paragraph), score=1.0)]
 
 
+class OwnDocument(LangChainRetriever):
+    """``OwnParagraph`` for LangChain: the paragraph of the question being asked, as a document."""
+
+    paragraph: OwnParagraph
+
+    def _get_relevant_documents(self, query: str, *, run_manager=None) -> list[Document]:
+        return [Document(page_content=self.paragraph.paragraph)]
+
+
 def ways(engine: SACEngine, retriever: OwnParagraph) -> dict[str, Callable[[str], str]]:
     """Each way of answering a question, by its row's method name."""
+    return {**llamaindex_ways(engine, retriever), **langchain_ways(engine, retriever)}
+
+
+def llamaindex_ways(engine: SACEngine, retriever: OwnParagraph) -> dict[str, Callable[[str], str]]:
     postprocessors = [SACNodePostprocessor(engine=engine)]
     generic = SACLLM(engine=engine, messages_to_prompt=generic_messages_to_prompt)
     llm = SACLLM(engine=engine)
@@ -72,10 +100,29 @@ def ways(engine: SACEngine, retriever: OwnParagraph) -> dict[str, Callable[[str]
     query_engine = RetrieverQueryEngine.from_args(retriever, llm=llm, node_postprocessors=postprocessors,
                                                   text_qa_template=llm.qa_prompt)
     return {
-        "chat-generic-layout": chat(generic),
-        "chat-sac-layout": chat(llm),
-        "chat-sac-layout+context-template": chat(llm, context_template=llm.chat_context_template),
-        "query-engine": lambda question: str(query_engine.query(question)),
+        "llamaindex-chat-generic-layout": chat(generic),
+        "llamaindex-chat-sac-layout": chat(llm),
+        "llamaindex-chat-sac-layout+context-template": chat(llm, context_template=llm.chat_context_template),
+        "llamaindex-query-engine": lambda question: str(query_engine.query(question)),
+    }
+
+
+def langchain_ways(engine: SACEngine, paragraph: OwnParagraph) -> dict[str, Callable[[str], str]]:
+    retriever = ContextualCompressionRetriever(base_compressor=SACContextCompressor(engine=engine),
+                                               base_retriever=OwnDocument(paragraph=paragraph))
+
+    def chain(llm: ChatSAC, prompt) -> Callable[[str], str]:
+        answer = create_stuff_documents_chain(llm, prompt, document_prompt=SAC_DOCUMENT_PROMPT, document_separator="")
+        retrieval = create_retrieval_chain(retriever, answer)
+        return lambda question: retrieval.invoke({"input": question, "chat_history": []})["answer"]
+
+    with_history = ChatPromptTemplate.from_messages(WITH_HISTORY)
+    stuff = create_retrieval_chain(retriever, create_sac_stuff_chain(ChatSAC(engine=engine),
+                                                                     langchain_qa_prompt(question_key="input")))
+    return {
+        "langchain-history-as-written": chain(ChatSAC(engine=engine), with_history),
+        "langchain-history-sac-layout": chain(ChatSAC(engine=engine, chat_template="sac"), with_history),
+        "langchain-stuff-chain": lambda question: stuff.invoke({"input": question})["answer"],
     }
 
 
@@ -94,14 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compressor", default=DEFAULT_COMPRESSOR, help="short name or directory")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--results", default="benchmarks/results/llamaindex_chat.jsonl")
+    parser.add_argument("--results", default="benchmarks/results/chat_layouts.jsonl")
     args = parser.parse_args(argv)
     check_results_file(args.results)
     questions = subset_questions(args)  # before the model loads: a bad --data-root fails at once
     torch.set_num_threads(args.threads)
     engine = SACEngine.shared(args.compressor, None, dtype=args.dtype)
     retriever = OwnParagraph()
-    command = shlex.join(["python", "benchmarks/llamaindex_chat.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "benchmarks/chat_layouts.py", *(sys.argv[1:] if argv is None else argv)])
     rows = []
     for name, answer in ways(engine, retriever).items():
         start = time.time()
@@ -112,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                      "f1_ci": scores["f1_ci"], "empty_answers": sum(p in EMPTY for p in predictions),
                      "compressor": args.compressor, "seconds": round(time.time() - start, 1), "command": command})
         print(f"{name}: F1 {rows[-1]['f1']:.1f} ({rows[-1]['f1_ci'][0]:.1f}-{rows[-1]['f1_ci'][1]:.1f}), "
-              f"EM {rows[-1]['em']:.1f}, "
-              f"{rows[-1]['empty_answers']} empty", flush=True)
+              f"EM {rows[-1]['em']:.1f}, {rows[-1]['empty_answers']} empty", flush=True)
     append_jsonl(args.results, rows)
 
 

@@ -1,6 +1,7 @@
-"""benchmarks/llamaindex_chat.py: every way of asking writes a scored row with its command; a chat engine
-with SACLLM's layout and chat context template reads what a query engine reads; bad input is refused
-before any model loads."""
+"""benchmarks/chat_layouts.py: every way of asking writes a scored row with its command; a chat in the
+compressor's layout (LlamaIndex's chat engine with the chat context template, LangChain's history chain
+with chat_template="sac") answers a first question as the single-question path does; bad input is
+refused before any model loads."""
 
 import json
 
@@ -9,7 +10,7 @@ from conftest import load_benchmark, save_tiny_compressor, write_squad_dev
 
 from sac_rag.errors import InvalidInputError
 
-CHAT = load_benchmark("llamaindex_chat")
+CHAT = load_benchmark("chat_layouts")
 
 PARAGRAPHS = [
     ("Paris is the capital of France.", "What is the capital of France?", "Paris"),
@@ -38,16 +39,18 @@ def test_every_way_writes_a_scored_row_with_its_command(workspace, tmp_path):
     results = tmp_path / "chat.jsonl"
     _main(workspace, results)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["chat-generic-layout", "chat-sac-layout",
-                                           "chat-sac-layout+context-template", "query-engine"]
+    assert [r["method"] for r in rows] == [
+        "llamaindex-chat-generic-layout", "llamaindex-chat-sac-layout", "llamaindex-chat-sac-layout+context-template",
+        "llamaindex-query-engine", "langchain-history-as-written", "langchain-history-sac-layout",
+        "langchain-stuff-chain"]
     for row in rows:
         assert row["n"] == 3 and row["ratio"] == 2 and row["dataset"] == "squad-dev"
         assert 0 <= row["em"] <= row["f1"] <= 100 and 0 <= row["empty_answers"] <= 3
         assert row["f1_ci"][0] <= row["f1"] <= row["f1_ci"][1] <= 100
-        assert row["command"].startswith("python benchmarks/llamaindex_chat.py --n 3")
+        assert row["command"].startswith("python benchmarks/chat_layouts.py --n 3")
 
 
-def test_the_chat_engine_with_the_chat_context_template_answers_as_the_query_engine(workspace):
+def test_a_chat_in_the_compressors_layout_answers_a_first_question_as_the_single_question_path(workspace):
     from sac_rag.handles import SACEngine
 
     engine = SACEngine.shared(str(workspace / "compressor"), None, dtype="float32")
@@ -55,9 +58,10 @@ def test_the_chat_engine_with_the_chat_context_template_answers_as_the_query_eng
     ways = CHAT.ways(engine, retriever)
     questions = [CHAT.Question(f"q{i}", question, [answer], context)
                  for i, (context, question, answer) in enumerate(PARAGRAPHS)]
-    answers = {name: CHAT.answer_all(ways[name], retriever, questions, name)
-               for name in ("chat-sac-layout+context-template", "query-engine", "chat-generic-layout")}
-    assert answers["chat-sac-layout+context-template"] == answers["query-engine"]
+    answers = {name: CHAT.answer_all(way, retriever, questions, name) for name, way in ways.items()}
+    assert answers["llamaindex-chat-sac-layout+context-template"] == answers["llamaindex-query-engine"]
+    assert answers["langchain-history-sac-layout"] == answers["langchain-stuff-chain"]
+    assert answers["langchain-stuff-chain"] == answers["llamaindex-query-engine"]  # one layout in both frameworks
 
 
 def test_a_missing_data_root_is_refused_before_any_model_loads(workspace, tmp_path, monkeypatch):
