@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
                         "chunk_tokens": sum(n.node.metadata["n_tokens"] for n in response.source_nodes)})
         print(f"Q: {question}\nA: {response.response.strip()}\n   from {', '.join(sources)}: "
               f"{usage.usage['cached_tokens']} cached K/V entries for {results[-1]['chunk_tokens']} chunk tokens, "
-              f"{usage.usage['text_tokens']} tokens of text (the conversation so far)\n")
+              f"{usage.usage['text_tokens']} tokens of text (the layout, the earlier turns and this question)\n")
     return setup.summary, results
 
 

@@ -157,7 +157,7 @@ class Summary:
             + (f" after pruning {self.pruned_entries} that were not chunks of this run" if self.pruned_entries
                else "")
             + (f" ({self.stale_entries} not chunks of this run: of documents removed, edited or excluded since, "
-               "or of other chunk settings; kept)" if self.stale_entries else "")
+               "or of other chunk settings; kept: --prune deletes them)" if self.stale_entries else "")
             + f", {_size(self.bytes_on_disk)} on disk; K/V "
             f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
             f"({self.kv_reduction:.2f}x smaller)",
@@ -277,7 +277,7 @@ def _prune(store: AnchorStore, run: _Run, stats: CorpusStats) -> tuple[int, str]
     if unread:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(unread.items()))
         why = (f"not pruned, because inputs could not be read ({counts}) and the chunks of their documents "
-               "would be deleted; make them readable, or remove them, then rerun with --prune (prune=True)")
+               "would be deleted; make them readable, or remove them, then prune again")
         logger.warning("%s", why)
         return 0, why
     deleted = store.delete(run.stale(store.keys()))
@@ -539,9 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "skipped, with a warning, when an input could not be read")
     parser.add_argument("--exclude", action="append", default=[], metavar="DOC_ID",
                         help="leave out documents: an id (a folder corpus's file path relative to it, e.g. "
-                             "questions.txt, or a JSONL 'id'), a glob pattern ('drafts/*.md') or a folder "
-                             "('drafts/'); a path to a file in the corpus works too; one that leaves out nothing is "
-                             "warned about; repeatable")
+                             "questions.txt, or a JSONL 'id'), a glob pattern over ids ('drafts/*.md'; * also matches "
+                             "across /, so '*.md' leaves out every .md file) or a folder ('drafts/'); a path to a "
+                             "file in the corpus works too; one that leaves out nothing is warned about; repeatable")
     model = parser.add_argument_group("compressor")
     model.add_argument("--compressor", default=DEFAULT_COMPRESSOR,
                        help=f"trained compressor directory or built-in name (default {DEFAULT_COMPRESSOR})")
@@ -599,6 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.num_shards > 1 and "{shard" not in args.store:
         print(f"when every shard is done: python -m sac_rag.store merge {args.store} "
               f"{args.store.rstrip('/')}.shard-*-of-{num_shards:03d}", file=sys.stderr)
+    if summary.not_pruned:  # asked for and not done: a script running this must be able to tell
+        print(f"error: {summary.not_pruned}", file=sys.stderr)
+        return 1
     return 0
 
 

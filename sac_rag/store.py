@@ -57,6 +57,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -176,7 +177,8 @@ class VerifyReport:
     def summary(self) -> str:
         lines = [
             (f"{'OK' if self.ok else 'CORRUPT'}: {self.entries} entries checked, "
-             f"{len(self.bad)} bad, {self.orphan_bytes} orphan bytes (reclaim with gc)")
+             f"{len(self.bad)} bad, {self.orphan_bytes} orphan bytes"
+             + (" (reclaim with gc)" if self.orphan_bytes else ""))
         ]
         lines += [f"  index: {p}" for p in self.index_problems]
         lines += [f"  {b.key} {_describe(b.metadata)}: {b.problem}" for b in self.bad]
@@ -1345,14 +1347,15 @@ def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str,
 
 def _read_manifest(path: Path) -> dict:
     if not path.exists():
-        raise NotAStoreError(f"there is no store at {path}; create one with AnchorStore.create")
+        raise NotAStoreError(f"there is no store at {path}; create one with python -m sac_rag.precompress "
+                             "(or AnchorStore.create)")
     if not path.is_dir():
         raise NotAStoreError(f"{path} is a file, not a store directory")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise NotAStoreError(
             f"{path} is a directory but not an anchor store (it has no {MANIFEST}); "
-            "create one with AnchorStore.create or point at the store's directory"
+            "create one with python -m sac_rag.precompress (or AnchorStore.create), or point at the store's directory"
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -1578,18 +1581,40 @@ def _describe(metadata: dict) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _read_keys(keys_file: str) -> set[str]:
+_SHA256_HEX = re.compile("[0-9a-f]{64}")  # the shape of AnchorStore.key_for's keys
+
+
+def _read_keys(keys_file: str, store: AnchorStore) -> set[str]:
     """The keys listed in ``keys_file``, one per line (blank lines and surrounding spaces
-    ignored). An empty list is refused: pruning to it would empty the store."""
+    ignored). An empty list is refused: pruning to it would empty the store. So is a line that is
+    neither a key of ``store`` nor shaped like ``key_for``'s keys (a chunk id, a key prefix): it would
+    match nothing, and the entry it was meant to keep would be deleted."""
     try:
         text = Path(keys_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"cannot read the keys file {keys_file}: {err}") from err
-    keys = {line.strip() for line in text.splitlines()} - {""}
-    if not keys:
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    stored = set(store.keys())
+    not_keys = [(number, line) for number, line in lines if line not in stored and not _SHA256_HEX.fullmatch(line)]
+    if not_keys:
+        shown = "; ".join(f"line {number}: {line[:40]!r}" for number, line in not_keys[:3])
+        raise InvalidInputError(
+            f"the keys file {keys_file} has {len(not_keys)} line(s) that are not store keys ({shown}): a key is "
+            "the 64 hex digits of AnchorStore.key_for(chunk text); `python -m sac_rag.store keys STORE` lists "
+            "them with their chunk ids. Nothing was deleted")
+    if not lines:
         raise InvalidInputError(f"the keys file {keys_file} lists no key; list the keys to keep "
                                 "(AnchorStore.key_for(chunk text)), one per line")
-    return keys
+    return {line for _, line in lines}
+
+
+def _key_lines(store: AnchorStore) -> Iterator[str]:
+    """``KEY<TAB>chunk id<TAB>document id`` for each entry (what ``keys`` prints): the metadata that
+    ``precompress`` keeps, so a user can pick the keys of the chunks to keep."""
+    for key in sorted(store.keys()):
+        metadata = store.metadata(key)
+        doc = metadata.get("doc") if isinstance(metadata.get("doc"), dict) else {}
+        yield "\t".join([key, str(metadata.get("chunk_id", "")), str(metadata.get("doc_id", doc.get("source", "")))])
 
 
 def _prune(store: AnchorStore, keep: set[str], keys_file: str) -> dict:
@@ -1618,6 +1643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("verify", help="checksum and decode every entry; exit 1 if any is bad"
                         ).add_argument("path")
     commands.add_parser("stats", help="print sizes and counts as JSON").add_argument("path")
+    commands.add_parser("keys", help="list every entry: key, chunk id and document id, tab-separated"
+                        ).add_argument("path")
     commands.add_parser("gc", help="reclaim orphan bytes left by crashed writes and deletes"
                         ).add_argument("path")
     merge_parser = commands.add_parser("merge", help="merge stores of the same compressor")
@@ -1635,21 +1662,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "prune":
-            keep = _read_keys(args.keep)
             with AnchorStore.open(args.path, cache_bytes=0) as store:
-                print(json.dumps(_prune(store, keep, args.keep), indent=2))
+                print(json.dumps(_prune(store, _read_keys(args.keep, store), args.keep), indent=2))
             return 0
         if args.command == "merge":
             added = merge(args.destination, args.sources)
             print(json.dumps({"added": added, "destination": args.destination}))
             return 0
-        with AnchorStore.open(args.path, readonly=args.command != "gc", cache_bytes=0) as store:
+        with AnchorStore.open(args.path, readonly=args.command not in ("gc",), cache_bytes=0) as store:
             if args.command == "verify":
                 report = store.verify()
                 print(report.summary())
                 return 0 if report.ok else 1
             if args.command == "stats":
                 print(json.dumps(store.stats(), indent=2))
+                return 0
+            if args.command == "keys":
+                for line in _key_lines(store):
+                    print(line)
                 return 0
             print(json.dumps(store.gc(), indent=2))
             return 0

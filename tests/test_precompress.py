@@ -759,3 +759,7 @@ def test_prune_is_refused_for_other_chunk_settings_and_skipped_when_an_input_can
     assert summary.pruned_entries == 0 and summary.stale_entries > 0 and set(stored(store)) == everything
     assert "not pruned" in summary.not_pruned and "1 a broken symlink" in summary.not_pruned
     assert f"  prune:     {summary.not_pruned}" in str(summary)
+    capsys.readouterr()
+    # asked for on the command line and not done: the exit status says so (a cron job would not see a warning)
+    assert main(cli_args(corpus, store, tiny_sac[0], "--prune")) == 1
+    assert "error: not pruned" in capsys.readouterr().err and set(stored(store)) == everything

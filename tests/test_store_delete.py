@@ -309,3 +309,27 @@ def test_cli_prune_keeps_the_listed_keys_reclaims_the_rest_and_refuses_an_empty_
     with pytest.raises(SystemExit) as info:
         main(["prune", "--help"])
     assert info.value.code == 0 and "KEYS_FILE" in capsys.readouterr().out
+
+
+def test_cli_prune_refuses_lines_that_are_not_keys_and_keys_lists_what_to_keep(tmp_path, capsys):
+    """A chunk id or a key prefix in the keys file would match nothing, and the entry it was meant
+    to keep would go: refused, naming the line, before anything is deleted. ``keys`` lists every
+    entry's key beside its chunk id, to pick the keys from."""
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"chunk_id": f"doc.md#{i}", "doc_id": "doc.md"}) for i in range(3)]
+                   + [("my-own-key", make_kv(9), {})])
+    assert main(["keys", str(path)]) == 0
+    listed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert sorted(listed) == sorted([[key(i), f"doc.md#{i}", "doc.md"] for i in range(3)] + [["my-own-key", "", ""]])
+    keep = tmp_path / "keep.txt"
+    for line in ("doc.md#1", key(1)[:8]):
+        keep.write_text(f"{key(0)}\n{line}\n")
+        assert main(["prune", str(path), "--keep", str(keep)]) == 2
+        assert f"line 2: {line!r}" in capsys.readouterr().err
+    with AnchorStore.open(path, FP, readonly=True) as s:
+        assert len(s) == 4  # nothing deleted by the refused runs
+    keep.write_text(f"{key(0)}\nmy-own-key\n{key(7)}\n")  # a key of the store, whatever its shape; another store's
+    assert main(["prune", str(path), "--keep", str(keep)]) == 0
+    with AnchorStore.open(path, FP, readonly=True) as s:
+        assert sorted(s.keys()) == sorted([key(0), "my-own-key"])

@@ -124,6 +124,14 @@ class SACModelMethods:
         tokens of that chunk (``SACEngine.count_positions``), which is what the model's limit bounds."""
         return self.get_engine().count_positions(text)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the model reads at most (prompt and answer; None if it states no limit):
+        the budget ``get_num_tokens`` counts against, e.g. ``trim_messages(history,
+        max_tokens=llm.max_positions // 2, token_counter=llm, include_system=True)``, which leaves
+        the other half for the retrieved documents and the answer. Loads the model."""
+        return self.get_engine().generator.max_positions
+
 
 class NotSerialized:
     """Stands for a loaded object in a record: ``dumpd`` writes LangChain's ``not_implemented``

@@ -436,12 +436,13 @@ def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the
     monkeypatch.setattr(transformers.GPT2TokenizerFast, "from_pretrained", no_gpt2)
     chat = ChatSAC(engine=engine, max_tokens=2, chat_template=chat_template)
     marker = marker_for(AnchorStore.key_for(passages[0]))
-    limit = engine.generator.max_positions
+    limit = chat.max_positions
+    assert limit == engine.generator.max_positions == 4096
     turn = "When was the lighthouse painted red? " + "lighthouse " * 70
     history = [SystemMessage(content=marker)]
     for _ in range(12):
         history += [HumanMessage(content=turn), AIMessage(content="In 1874.")]
-    with pytest.raises(PromptError, match="positions"):
+    with pytest.raises(PromptError, match="positions.*the earlier turns are read too.*trim_messages"):
         chat.invoke(history + [HumanMessage(content=turn)])
     kept = trim_messages(history, max_tokens=limit // 2, token_counter=chat, strategy="last",
                          include_system=True, start_on="human")
