@@ -17,7 +17,8 @@ system message before the turns, as both frameworks' chats with context do:
 * ``llamaindex-query-engine``: a ``RetrieverQueryEngine`` with ``text_qa_template=llm.qa_prompt``;
 * ``langchain-history-as-written`` / ``langchain-history-sac-layout``: a retrieval chain whose prompt
   is ``[("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")]``, read by
-  ``ChatSAC()`` (the messages' texts one after the other) or ``ChatSAC(chat_template="sac")``;
+  ``ChatSAC(chat_template=False)`` (the messages' texts one after the other, ChatSAC's default before
+  it laid out conversations) or ``ChatSAC(chat_template="sac")`` (its default for several messages);
 * ``langchain-stuff-chain``: ``create_sac_stuff_chain``, the single-question chain.
 
 Rows: standard SQuAD EM/F1 with bootstrap CIs, and how many answers were empty.
@@ -120,7 +121,7 @@ def langchain_ways(engine: SACEngine, paragraph: OwnParagraph) -> dict[str, Call
     stuff = create_retrieval_chain(retriever, create_sac_stuff_chain(ChatSAC(engine=engine),
                                                                      langchain_qa_prompt(question_key="input")))
     return {
-        "langchain-history-as-written": chain(ChatSAC(engine=engine), with_history),
+        "langchain-history-as-written": chain(ChatSAC(engine=engine, chat_template=False), with_history),
         "langchain-history-sac-layout": chain(ChatSAC(engine=engine, chat_template="sac"), with_history),
         "langchain-stuff-chain": lambda question: stuff.invoke({"input": question})["answer"],
     }

@@ -1189,7 +1189,7 @@ class SACEngine:
             logger.warning(
                 "%d of %d answers are empty: the model stopped before writing anything. SAC's decoder answers "
                 "prompts in the layout it was trained with (contexts, then %r); build them with sac_qa_prompt or "
-                "create_sac_stuff_chain (LangChain; ChatSAC(chat_template='sac') for a conversation), "
+                "create_sac_stuff_chain (LangChain; ChatSAC lays out a chat of several messages so), "
                 "text_qa_template=llm.qa_prompt in a LlamaIndex query engine (its chat engines get the layout from "
                 "SACLLM), or PromptTemplate.build / PromptTemplate.conversation",
                 empty, len(generations),

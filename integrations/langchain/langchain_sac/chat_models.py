@@ -25,18 +25,20 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"
 class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelParams):
     """Chat model over SAC caches.
 
-    ``chat_template=False`` (default) renders the messages as their text contents, one after
-    the other: a single human message - what a RAG chain sends - reaches the decoder exactly as
-    written, in the layout the compressor was trained with (see ``sac_qa_prompt``).
-    ``chat_template="sac"`` lays a conversation out in that layout (``PromptTemplate.conversation``):
-    the system messages - where a chain with history puts the documents' markers - as the context,
-    then each human message as a question and each AI message as its answer. With
-    ``chat_template=True`` the tokenizer's chat template (e.g. ChatML) frames the turns.
+    How the messages become the prompt the decoder reads (``chat_template``):
+
+    - ``False``: their text contents, one after the other: a single human message - what a RAG
+      chain sends - reaches the decoder exactly as written, in the layout the compressor was
+      trained with (see ``sac_qa_prompt``);
+    - ``"sac"``: the conversation in that layout (``PromptTemplate.conversation``): the system
+      messages - where a chain with history puts the documents' markers - as the context, then
+      each human message as a question and each AI message as its answer;
+    - ``None`` (default): ``False`` for a single human message, ``"sac"`` for anything else;
+    - ``True``: the tokenizer's chat template (e.g. ChatML), which the compressor was not trained on.
 
     The decoder is trained to answer that layout: outside it, a bare ``invoke("What is 2+2?")``
     usually gets an empty answer (the model ends it at once; a warning says so). Put questions in
-    ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does), or, for a conversation, set
-    ``chat_template="sac"``.
+    ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does).
 
     ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
     ``valid_namespaces=["langchain_sac"]`` rebuilds (see ``LangChainSerializable``).
@@ -44,7 +46,7 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
     >>> llm = ChatSAC(store="corpus.store")   # instant: weights load on first use   # doctest: +SKIP
     """
 
-    chat_template: bool | Literal["sac"] = False
+    chat_template: bool | Literal["sac"] | None = None
     streaming: bool = False
     """Answer ``invoke`` through the streaming path (LangChain's convention)."""
 
@@ -85,9 +87,12 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
         turns = [(_ROLES.get(m.type, m.type), _text(m)) for m in messages]
         if not turns:
             raise InvalidInputError("no messages: pass at least the question")
-        if not self.chat_template:
+        layout = self.chat_template
+        if layout is None:  # one human message holds a whole prompt (a RAG chain's); several are a chat
+            layout = False if len(turns) == 1 and turns[0][0] == "user" else "sac"
+        if layout is False:
             return "\n".join(text for _, text in turns)
-        if self.chat_template == "sac":
+        if layout == "sac":
             return self.get_engine().template.conversation(turns, asking)
         tokenizer = self.get_engine().compressor.tokenizer
         if not getattr(tokenizer, "chat_template", None):

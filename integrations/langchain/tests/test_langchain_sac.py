@@ -422,7 +422,7 @@ def test_prompt_longer_than_the_model_context_is_refused(engine):
         ChatSAC(engine=engine, max_tokens=2).invoke("lighthouse " * 5000)
 
 
-@pytest.mark.parametrize("chat_template", [False, "sac"])
+@pytest.mark.parametrize("chat_template", [False, "sac", None])
 def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the_model(
         engine, store, passages, monkeypatch, chat_template):
     """LangChain counts tokens with GPT-2's tokenizer unless a model says otherwise; SAC models
@@ -461,11 +461,13 @@ def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the
 CACHE_PROMPT = "### Context:\nThe ferry runs every forty minutes.\n### Question:\nHow often?\n### Answer:\n"
 
 
-def test_a_conversation_with_chat_template_sac_is_read_in_the_layout_the_compressor_was_trained_with(
-        engine, passages, monkeypatch):
+@pytest.mark.parametrize("chat_template", ["sac", None])
+def test_a_conversation_is_read_in_the_layout_the_compressor_was_trained_with(
+        engine, passages, monkeypatch, chat_template):
     """A chain with history puts the documents' markers in a system message, then the turns: with
-    ``chat_template="sac"`` the model reads them as contexts, then each question with its answer, so the
-    first question reads exactly what ``create_sac_stuff_chain`` sends."""
+    ``chat_template="sac"`` (and by default, for anything but one human message) the model reads them as
+    contexts, then each question with its answer, so the first question reads exactly what
+    ``create_sac_stuff_chain`` sends (one human message, read as written)."""
     from langchain_classic.chains.combine_documents import create_stuff_documents_chain
     from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
@@ -476,7 +478,7 @@ def test_a_conversation_with_chat_template_sac_is_read_in_the_layout_the_compres
     reference = retrieval_chain(engine, ChatSAC(engine=engine, max_tokens=6), passages).invoke({"input": question})
     with_history = ChatPromptTemplate.from_messages(
         [("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")])
-    llm = ChatSAC(engine=engine, max_tokens=6, chat_template="sac")
+    llm = ChatSAC(engine=engine, max_tokens=6, chat_template=chat_template)
     retriever = ContextualCompressionRetriever(base_compressor=SACContextCompressor(engine=engine),
                                                base_retriever=KeywordRetriever(documents=documents(passages), k=2))
     chain = create_retrieval_chain(retriever, create_stuff_documents_chain(
@@ -490,6 +492,10 @@ def test_a_conversation_with_chat_template_sac_is_read_in_the_layout_the_compres
     assert re.fullmatch(r"### Context:\n(<sac:[0-9a-f]{64}>)+", contexts)
     with pytest.raises(InvalidInputError, match="no question"):
         llm.invoke([("system", "context only")])
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    as_written = ChatSAC(engine=engine, chat_template=False).render([SystemMessage("<m>"), HumanMessage("Who?")])
+    assert as_written == "<m>\nWho?"  # the messages' texts one after the other: not the trained layout
 
 
 @pytest.fixture
@@ -536,7 +542,7 @@ def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cl
                 dict(top_p=0.5, temperature=0.5, seed=1), dict(length_penalty=0.0, num_beams=2),
                 dict(mbr=True, num_beams=2), dict(seed=3, temperature=0.7)]
     if cls is ChatSAC:
-        variants += [dict(chat_template=True), dict(chat_template="sac")]
+        variants += [dict(chat_template=True), dict(chat_template="sac"), dict(chat_template=False)]
     keys = {_cache_key(cls(engine=e0, max_tokens=6, **v)) for v in variants}
     keys |= {_cache_key(cls(engine=e0, max_tokens=6)), _cache_key(cls(engine=e1, max_tokens=6))}
     assert len(keys) == len(variants) + 2
