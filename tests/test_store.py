@@ -98,10 +98,10 @@ def store(tmp_path):
 # -- child processes --------------------------------------------------------------------------
 
 
-def _spawn(function: str, *args) -> subprocess.Popen:
-    """Run ``function(*args)`` of this module in a fresh Python process."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_store; "
-            f"sys.exit(test_store.{function}(*sys.argv[1:]))")
+def _spawn(function: str, *args, module: str = "test_store") -> subprocess.Popen:
+    """Run ``function(*args)`` of the test module ``module`` in a fresh Python process."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module}; "
+            f"sys.exit({module}.{function}(*sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -21,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from test_store import FP, REPO, assert_same_kv, key, make_kv, shard_files
+from test_store import _spawn as spawn
 
 from sac_rag import store as store_module
 from sac_rag.errors import InvalidInputError
 from sac_rag.store import AnchorStore, EntryNotFoundError, StoreCorruptionError, StoreWriteError, main, merge
 
-TESTS = Path(__file__).resolve().parent
 ENTRY_BYTES = len(make_kv(0).to_bytes())
 
 
@@ -42,11 +41,7 @@ def _shard_bytes(path: Path) -> int:
 
 def _spawn(function: str, *args) -> subprocess.Popen:
     """Run ``function(*args)`` of this module in a fresh Python process."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_store_delete; "
-            f"sys.exit(test_store_delete.{function}(*sys.argv[1:]))")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return spawn(function, *args, module="test_store_delete")
 
 
 # -- deleting -----------------------------------------------------------------------------------
