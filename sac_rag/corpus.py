@@ -95,10 +95,17 @@ class CorpusStats:
     replaced_encoding: int = 0  # not UTF-8, or lone surrogates: decoded with U+FFFD
     excluded: int = 0
     other_files: dict[str, int] = field(default_factory=dict)
+    unread: dict[str, int] = field(default_factory=dict)  # of ``skipped``: inputs that exist but could not be read
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         logger.warning("skipping %s: %s", where, reason)
+
+    def skip_unread(self, reason: str, where: str) -> None:
+        """``skip`` an input that exists but could not be read this time (an unreadable file or
+        folder, a broken symlink, a damaged archive): its documents may well still exist."""
+        self.unread[reason] = self.unread.get(reason, 0) + 1
+        self.skip(reason, where)
 
 
 def read_corpus(
@@ -221,7 +228,7 @@ def _text_files(root: Path, stats: CorpusStats) -> list[Path]:
     real_root = Path(os.path.realpath(root))
 
     def unlisted(err: OSError) -> None:
-        stats.skip(f"unreadable folder ({err.strerror or err})", _relative(err.filename, root))
+        stats.skip_unread(f"unreadable folder ({err.strerror or err})", _relative(err.filename, root))
 
     def to_read(folder: str, name: str) -> bool:
         path = os.path.join(folder, name)
@@ -280,7 +287,7 @@ def _read_text_file(file: Path, where: str, stats: CorpusStats, decode_errors: s
         data = file.read_bytes()
     except OSError as err:
         broken = file.is_symlink() and not file.exists()
-        stats.skip("a broken symlink" if broken else f"unreadable ({err.strerror or err})", where)
+        stats.skip_unread("a broken symlink" if broken else f"unreadable ({err.strerror or err})", where)
         return None
     return _decode(data, where, stats, decode_errors)
 
@@ -358,7 +365,8 @@ def _jsonl_documents(path: Path, stats: CorpusStats, decode_errors: str) -> Iter
             except StopIteration:
                 return
             except (OSError, EOFError, lzma.LZMAError) as err:
-                stats.skip("damaged or truncated (the rest of the file)", f"{path.name} after line {line_no} ({err})")
+                stats.skip_unread("damaged or truncated (the rest of the file)",
+                                  f"{path.name} after line {line_no} ({err})")
                 return
             where = f"{path.name}:{line_no}"
             if not raw.strip():

@@ -1002,11 +1002,9 @@ class SACEngine:
         texts = state.resolver.remembered_texts(keys)
         if not texts:
             return {}
-        tokenizer = state.compressor.tokenizer
         with state.lock:  # the tokenizer is not safe to share between threads either
-            # a chunk's token ids are its text's, however it was cut from its document (chunking._encode)
-            ids = {key: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for key, text in texts.items()}
-        chunks = [_Chunk(key, text, ids[key], 0, 0, len(text)) for key, text in texts.items()]
+            # a chunk fits one chunk: cut again, it is itself, with its token ids (those of its text)
+            chunks = [chunk for text in texts.values() for chunk in self._chunks(text)]
         self._compress_and_keep([(c, 0) for c in chunks], [None], write_back=False, needed=needed)
         try:
             found = state.resolver.lookup(texts)

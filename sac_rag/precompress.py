@@ -71,8 +71,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_KV_DROPPING_BASE = "smollm2-135m"  # --kv-dropping without --base-model
 WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and sorted by length
 _CHUNK_KEY = re.compile("[0-9a-f]{64}")  # what AnchorStore.key_for makes
-# CorpusStats.skipped reasons of inputs that exist but could not be read (see sac_rag.corpus)
-_UNREAD_INPUTS = ("unreadable", "a broken symlink", "damaged or truncated")
 
 
 @dataclass
@@ -273,9 +271,8 @@ def _prune(store: AnchorStore, run: _Run, stats: CorpusStats) -> tuple[int, str]
     ``(deleted, "")``, or ``(0, why not)`` when an input could not be read this time (an
     unreadable file, a broken symlink, a damaged .jsonl.gz): its documents may well still exist,
     and their chunks would be deleted only to be compressed again."""
-    unread = {reason: n for reason, n in stats.skipped.items() if reason.startswith(_UNREAD_INPUTS)}
-    if unread:
-        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(unread.items()))
+    if stats.unread:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.unread.items()))
         why = (f"not pruned, because inputs could not be read ({counts}) and the chunks of their documents "
                "would be deleted; make them readable, or remove them, then prune again")
         logger.warning("%s", why)
