@@ -63,14 +63,13 @@ from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
-from .store import AnchorStore, EntryNotFoundError
+from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError
 from .workers import Raised, relayed, unwrapped
 
 logger = logging.getLogger(__name__)
 
 MARKER_PREFIX = "<sac:"
 MARKER_PATTERN = re.compile(r"<sac:([0-9a-f]{64})>")
-_KEY = re.compile(r"[0-9a-f]{64}")
 # A marker put in a prompt as text (``plain_text``): its digits are text.
 _ESCAPED_MARKER = re.compile("<\u200bsac:[0-9a-f]{64}>")
 # The two pieces of a marker cut in two: ``<sac:`` and the start of a key, cut off after it; the
@@ -109,7 +108,7 @@ class MarkerCutError(SACError):
 
 def marker_for(key: str) -> str:
     """``<sac:KEY>`` for a store key (``AnchorStore.key_for(chunk text)``)."""
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not isinstance(key, str) or not CHUNK_KEY.fullmatch(key):
         raise InvalidInputError(f"a handle key is a sha256 hex digest (AnchorStore.key_for(text)), got {key!r}")
     return f"{MARKER_PREFIX}{key}>"
 
@@ -349,7 +348,7 @@ class CacheResolver:
         """Those of ``keys`` that resolve, without decoding any entry. With ``pin``, those held in
         memory are pinned as they are found, until ``release``: a concurrent call making room then
         cannot drop them before the call they are handed to has read them."""
-        keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and _KEY.fullmatch(k)]
+        keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and CHUNK_KEY.fullmatch(k)]
         if pin and isinstance(self.memory, BoundedMemory):
             found = self.memory.pin(keys)
         else:
@@ -400,7 +399,7 @@ class CacheResolver:
         found: dict[str, AnchorKV] = {}
         wanted = []
         for key in dict.fromkeys(keys):
-            if not isinstance(key, str) or not _KEY.fullmatch(key):
+            if not isinstance(key, str) or not CHUNK_KEY.fullmatch(key):
                 continue
             kv = self.memory.get(key)
             if kv is not None and same_model(kv.fingerprint, self.fingerprint):

@@ -46,7 +46,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import sys
 import time
 from array import array
@@ -64,13 +63,12 @@ from .corpus import DECODE_ERRORS, CorpusStats, Document, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .kv import AnchorKV
-from .store import STORAGES, AnchorStore, EntryNotFoundError, StoreWriteError
+from .store import CHUNK_KEY, STORAGES, AnchorStore, EntryNotFoundError, StoreWriteError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_DROPPING_BASE = "smollm2-135m"  # --kv-dropping without --base-model
 WINDOW_BATCHES = 8  # chunks are gathered in windows of this many batches and sorted by length
-_CHUNK_KEY = re.compile("[0-9a-f]{64}")  # what AnchorStore.key_for makes
 
 
 @dataclass
@@ -381,7 +379,7 @@ class _Run:
         judge. Chunks are compared by 64 bits of their keys: a stale entry that shares them with a
         current chunk (odds 2**-64 per pair) is kept, never the other way round."""
         s = self.summary
-        keys = [k for k in keys if _CHUNK_KEY.fullmatch(k)]
+        keys = [k for k in keys if CHUNK_KEY.fullmatch(k)]
         if not keys:
             return []
         prefixes = np.fromiter((int(k[:16], 16) for k in keys), dtype=np.uint64, count=len(keys))

@@ -100,6 +100,7 @@ QUANTIZED_KV_FORMAT = "sac-anchor-kv-8bit/1"
 MANIFEST = "manifest.json"
 INDEX = "index.sqlite"
 LOCK = "writer.lock"
+CHUNK_KEY = re.compile("[0-9a-f]{64}")  # the shape of key_for's keys (sha256, hex)
 SHARDS = "shards"
 SHARD_SUFFIX = ".shard"
 
@@ -1581,9 +1582,6 @@ def _describe(metadata: dict) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-_SHA256_HEX = re.compile("[0-9a-f]{64}")  # the shape of AnchorStore.key_for's keys
-
-
 def _read_keys(keys_file: str, store: AnchorStore) -> set[str]:
     """The keys listed in ``keys_file``, one per line (blank lines and surrounding spaces
     ignored). An empty list is refused: pruning to it would empty the store. So is a line that is
@@ -1595,7 +1593,7 @@ def _read_keys(keys_file: str, store: AnchorStore) -> set[str]:
         raise InvalidInputError(f"cannot read the keys file {keys_file}: {err}") from err
     lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     stored = set(store.keys())
-    not_keys = [(number, line) for number, line in lines if line not in stored and not _SHA256_HEX.fullmatch(line)]
+    not_keys = [(number, line) for number, line in lines if line not in stored and not CHUNK_KEY.fullmatch(line)]
     if not_keys:
         shown = "; ".join(f"line {number}: {line[:40]!r}" for number, line in not_keys[:3])
         raise InvalidInputError(
@@ -1669,7 +1667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             added = merge(args.destination, args.sources)
             print(json.dumps({"added": added, "destination": args.destination}))
             return 0
-        with AnchorStore.open(args.path, readonly=args.command not in ("gc",), cache_bytes=0) as store:
+        with AnchorStore.open(args.path, readonly=args.command != "gc", cache_bytes=0) as store:
             if args.command == "verify":
                 report = store.verify()
                 print(report.summary())
