@@ -31,6 +31,11 @@ class PromptTemplate:
     context_separator: str = ""
     question: str = "\n### Question:\n{question}\n### Answer:\n"
 
+    @property
+    def answer_opening(self) -> str:
+        """The text the prompt ends with, after the question: where the answer begins."""
+        return self.question.rpartition("{question}")[2]
+
     def build(self, contexts: list, question: str) -> list:
         """Prompt segments: text strings and, in order, the given contexts (each a string for
         full-text reading, an ``AnchorKV``, or a list of ``AnchorKV`` for a multi-chunk text)."""

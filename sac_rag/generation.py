@@ -161,7 +161,8 @@ class Generation:
     """One answer and what producing it cost. ``text`` never ends inside a character: an answer
     that stopped after part of a character's bytes (at the length limit, or with an end token the
     model chose there) is shown without them, though ``token_ids`` keeps their tokens; an extractive
-    answer's text has no whitespace at either end."""
+    answer's text has no whitespace at either end, and an answer to a prompt in its compressor's
+    layout (ending with the template's ``answer_opening``) none at its start."""
 
     text: str
     token_ids: list[int]  # every token the answer generated (not its end token)
@@ -180,6 +181,7 @@ class _Prefilled:
     cached_tokens: int = 0
     context_tokens: int = 0
     reads_cache: bool = False  # the prompt has compressed contexts (decoded in decoder_mode)
+    opens_answer: bool = False  # the prompt ends where its template's answer begins (``Generator.answer_opening``)
 
 
 @dataclass
@@ -197,7 +199,6 @@ class _Reading:
 class _Track:
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    emitted: int = 0
     finish_reason: str | None = None
     span: SpanConstraint | None = None  # extractive decoding: the answer quotes these sources
 
@@ -243,6 +244,10 @@ class Generator:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_token_ids = {e for e in eos if e is not None}
         self._vocabulary: Vocabulary | None = None
+        # A prompt that ends with this text (its template's, after the question) is answered without
+        # leading whitespace: the decoder was trained to begin the answer right there, so a space or
+        # line break it puts first (`` Miriam Rees``) is no part of the answer.
+        self.answer_opening: str | None = None
 
     @classmethod
     def from_compressor(cls, compressor, merge_decoder: bool = False) -> Generator:
@@ -263,6 +268,7 @@ class Generator:
                         compressor.base_fingerprint, accepts, text_mode=text_mode, reader=reader)
         if compressor.config.decoder_lora_rank:
             generator.reads = lambda: snapshot if merge_decoder else compressor.fingerprint
+        generator.answer_opening = compressor.config.prompt.answer_opening
         return generator
 
     @property
@@ -331,18 +337,18 @@ class Generator:
                 plain: list[_Prefilled] | None = None) -> Iterator[str]:
         """Decode the one prompt of ``states``, yielding its text as ``stream`` does; ``tracks[0]`` is
         then the finished answer."""
-        track = tracks[0]
+        track, emitted = tracks[0], 0  # ``emitted``: how much of the answer's shown text was yielded
         if config.num_beams > 1:
             tracks[0] = track = self._search(states[0], config, None if plain is None else plain[0])
         else:
             for _ in self._decode(states, tracks, config, plain):
-                end = self._safe_length(track, config)
-                if end > track.emitted:
-                    yield track.text[track.emitted:end]
-                    track.emitted = end
-        if len(track.text) > track.emitted:
-            yield track.text[track.emitted:]
-            track.emitted = len(track.text)
+                shown = _shown(states[0], track.text[:self._safe_length(track, config)])
+                if len(shown) > emitted:
+                    yield shown[emitted:]
+                    emitted = len(shown)
+        shown = _shown(states[0], track.text)
+        if len(shown) > emitted:
+            yield shown[emitted:]
 
     @torch.no_grad()
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
@@ -406,7 +412,8 @@ class Generator:
         cache = DynamicCache(config=self.model.config)
         if reads_cache is None:
             reads_cache = any(isinstance(seg, AnchorKV) for seg in segments)
-        state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache)
+        opens_answer = bool(self.answer_opening) and segments[-1].endswith(self.answer_opening)
+        state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache, opens_answer=opens_answer)
         pending: list[int] = list(self._bos)
         with self._reading_model(state.reads_cache) as model:
             devices = None
@@ -767,7 +774,7 @@ class Generator:
 
     def _result(self, state: _Prefilled, track: _Track) -> Generation:
         return Generation(
-            text=track.text,
+            text=_shown(state, track.text),
             token_ids=track.ids,
             finish_reason=track.finish_reason or "length",
             text_tokens=state.text_tokens,
@@ -899,6 +906,13 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
         drop = cumulative - sorted_scores.softmax(-1) > config.top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _shown(state: _Prefilled, text: str) -> str:
+    """An answer's text as it is shown: without leading whitespace after a prompt that opens the
+    answer (``Generator.answer_opening``). Stop strings are searched in the text as decoded, so an
+    answer that begins with a line break and a stop string still stops there."""
+    return text.lstrip() if state.opens_answer else text
 
 
 def _consensus(answers: Sequence[tuple[float, _Track]], samples: Sequence[_Track] | None = None) -> _Track:

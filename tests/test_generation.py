@@ -704,3 +704,38 @@ def test_a_prompt_that_fills_every_position_is_refused_saying_no_room_is_left_fo
             gen.generate(["Paris is the capital of"], config)
     gen.max_positions += 1  # one position: one token
     assert len(gen.generate(["Paris is the capital of"], GenerationConfig(max_new_tokens=4)).token_ids) == 1
+
+
+def test_an_answer_after_a_prompt_that_opens_it_is_shown_without_leading_whitespace_its_tokens_kept(tiny):
+    model, tokenizer = tiny
+    template = PromptTemplate()
+    prompt = template.build(["Paris is the capital of France."], "Where is Paris?")
+    assert len(prompt) == 1 and prompt[0].endswith(template.answer_opening) and template.answer_opening
+    prompt_tokens = len(tokenizer(prompt[0], add_special_tokens=False)["input_ids"])
+    answer = force_answer(model, prompt_tokens, tokenizer(" \nFrance", add_special_tokens=False)["input_ids"])
+    gen = Generator(model, tokenizer)
+    gen.answer_opening = template.answer_opening
+    for config in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, temperature=1.0, seed=0),
+                   GenerationConfig(max_new_tokens=10, num_beams=2)):
+        result = gen.generate(prompt, config)
+        assert (result.text, result.token_ids) == ("France", answer), config
+        pieces = list(gen.stream(prompt, config))
+        assert "".join(pieces) == "France" and all(pieces), config
+    # whitespace and then a stop string: the stop string is still found
+    answer[:] = tokenizer(" \n### Question", add_special_tokens=False)["input_ids"]
+    stopped = gen.generate(prompt, GenerationConfig(max_new_tokens=10, stop=("\n###",)))
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")
+    assert list(gen.stream(prompt, GenerationConfig(max_new_tokens=10, stop=("\n###",)))) == []
+    # a prompt that does not open an answer (a completion) keeps its continuation's whitespace
+    model, tokenizer = make_tiny_llama()
+    completion = prompt[0][:-len(template.answer_opening)]
+    force_answer(model, len(tokenizer(completion, add_special_tokens=False)["input_ids"]),
+                 tokenizer(" France", add_special_tokens=False)["input_ids"])
+    gen = Generator(model, tokenizer)
+    gen.answer_opening = template.answer_opening
+    assert gen.generate([completion], GenerationConfig(max_new_tokens=10)).text == " France"
+
+def test_a_compressors_generator_answers_where_its_template_opens_the_answer(setup):
+    comp, gen = setup
+    assert gen.answer_opening == comp.config.prompt.answer_opening == "\n### Answer:\n"
+    assert Generator(comp.base_model, comp.tokenizer).answer_opening is None  # a plain model's: completions
