@@ -108,6 +108,15 @@ class CorpusStats:
         self.skip(reason, where)
 
 
+def check_corpus(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; ``CorpusError`` if nothing is there (what a long job checks before it
+    loads a model to compress the corpus)."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"the corpus {path} does not exist")
+    return path
+
+
 def read_corpus(
     path: str | os.PathLike,
     stats: CorpusStats | None = None,
@@ -118,10 +127,8 @@ def read_corpus(
     those that ``exclude`` names (e.g. a questions file kept in a corpus folder)."""
     if decode_errors not in DECODE_ERRORS:
         raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
-    path = Path(path)
+    path = check_corpus(path)
     stats = stats if stats is not None else CorpusStats()
-    if not path.exists():
-        raise CorpusError(f"the corpus {path} does not exist")
     exclusions = _Exclusions([exclude] if isinstance(exclude, str) else exclude, path, stats)
     seen: set[bytes] = set()
     folder = path.is_dir()

@@ -59,7 +59,7 @@ import torch
 from .chunking import Chunk, iter_chunks
 from .compressor import SACCompressor
 from .config import SACConfig
-from .corpus import DECODE_ERRORS, CorpusStats, Document, read_corpus
+from .corpus import DECODE_ERRORS, CorpusStats, Document, check_corpus, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .kv import AnchorKV
@@ -576,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index)
+        # what can be refused without the model is refused before loading it
+        check_corpus(args.corpus)
+        AnchorStore.check_path(shard_store_path(args.store, shard_index, num_shards), exist_ok=True)
         compressor = build_compressor(args)
         summary = precompress(
             args.corpus, args.store, compressor, chunk_tokens=args.chunk_tokens, overlap=args.overlap,

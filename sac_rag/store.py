@@ -343,21 +343,8 @@ class AnchorStore:
                     )
             return store
 
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                raise NotAStoreError(f"{path} is a file, not a directory; choose another path")
-            if (path / MANIFEST).exists():
-                if exist_ok:
-                    return reopen()
-                raise InvalidInputError(
-                    f"a store already exists at {path}; open it with AnchorStore.open "
-                    "(or pass exist_ok=True)"
-                )
-            if any(path.iterdir()):
-                raise InvalidInputError(
-                    f"{path} is a non-empty directory that is not a store; refusing to create a "
-                    "store inside it: choose an empty or new path"
-                )
+        if cls.check_path(path, exist_ok):
+            return reopen()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built aside, then renamed into place: a crash never leaves a half-made store.
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
@@ -387,6 +374,36 @@ class AnchorStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         _remove_stale_creations(path)
         return cls.open(path, fingerprint, cache_bytes=cache_bytes)
+
+    @staticmethod
+    def check_path(path: str | os.PathLike, exist_ok: bool = False) -> bool:
+        """Whether a store exists at ``path`` (to reopen: only with ``exist_ok``); raises the error
+        ``create`` would, without writing anything, when no store can be made there: a file, a
+        directory that is neither empty nor a store, or a new path in a folder this user cannot
+        write. What a long job checks before it loads a model to fill the store."""
+        path = Path(path)
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise NotAStoreError(f"{path} is a file, not a directory; choose another path")
+            if (path / MANIFEST).exists():
+                if exist_ok:
+                    return True
+                raise InvalidInputError(
+                    f"a store already exists at {path}; open it with AnchorStore.open "
+                    "(or pass exist_ok=True)"
+                )
+            if any(path.iterdir()):
+                raise InvalidInputError(
+                    f"{path} is a non-empty directory that is not a store; refusing to create a "
+                    "store inside it: choose an empty or new path"
+                )
+        folder = next(p for p in path.absolute().parents if p.exists() or p == p.parent)  # where it is made
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            file = not folder.is_dir()
+            what, code = ("a file", errno.ENOTDIR) if file else ("not writable by this user", errno.EACCES)
+            raise StoreWriteError(code, f"cannot create the store at {path}: {folder} is {what}; choose a store "
+                                        "path in a folder this user can write, or make its folder writable")
+        return False
 
     @classmethod
     def open(

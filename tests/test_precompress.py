@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 import torch
 from conftest import _CORPUS, make_tiny_llama
 
+from sac_rag import precompress as precompress_module
 from sac_rag import store as store_module
 from sac_rag.chunking import split_document
 from sac_rag.compressor import SACCompressor
@@ -763,3 +765,26 @@ def test_prune_is_refused_for_other_chunk_settings_and_skipped_when_an_input_can
     # asked for on the command line and not done: the exit status says so (a cron job would not see a warning)
     assert main(cli_args(corpus, store, tiny_sac[0], "--prune")) == 1
     assert "error: not pruned" in capsys.readouterr().err and set(stored(store)) == everything
+
+
+def test_the_cli_refuses_a_corpus_or_store_path_that_cannot_work_before_it_loads_the_model(tmp_path, monkeypatch,
+                                                                                           capsys, corpus):
+    def load(args):
+        raise AssertionError("the model was loaded before the paths were checked")
+
+    monkeypatch.setattr(precompress_module, "build_compressor", load)
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a store")
+    for corpus_path, store, says in [
+        (tmp_path / "no-corpus", tmp_path / "s", "the corpus .*no-corpus does not exist"),
+        (corpus, tmp_path / "a-file", "a-file is a file, not a directory"),
+        (corpus, tmp_path / "a-file" / "store", "cannot create the store at .*a-file/store: .*a-file is a file"),
+        (corpus, tmp_path / "notes", "non-empty directory that is not a store"),
+    ]:
+        assert main(["--corpus", str(corpus_path), "--store", str(store)]) == 2, store
+        assert re.search(says, capsys.readouterr().err), says
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)  # as a folder this user cannot write
+    assert main(["--corpus", str(corpus), "--store", str(tmp_path / "new" / "store")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create the store at {tmp_path / 'new' / 'store'}: {tmp_path} is not writable" in err
