@@ -1282,17 +1282,21 @@ def plot_metrics(out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.6, alpha=0.5, label="loss")
-        window = max(1, len(train) // 50)
-        recent = [[r["loss"] for r in train[max(0, i + 1 - window):i + 1]] for i in range(len(train))]
-        smooth = [sum(losses) / len(losses) for losses in recent]  # the mean of the last `window` steps
-        ax.plot([r["step"] for r in train], smooth, lw=1.5, label=f"loss (mean of {window})")
+        window = round(len(train) ** 0.5)  # 8 steps of a 60-step run, 32 of 1,000: a trend through the noise
+        if window > 1:
+            recent = [[r["loss"] for r in train[max(0, i + 1 - window):i + 1]] for i in range(len(train))]
+            smooth = [sum(losses) / len(losses) for losses in recent]  # the mean of the last `window` steps
+            ax.plot([r["step"] for r in train], smooth, lw=1.5, label=f"loss (mean of the last {window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
+    lines = ax.get_lines()
     if evals:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in evals], [r["eval_f1"] for r in evals], "o-", color="tab:red", label="held-out F1")
         ax2.set_ylabel("held-out SQuAD F1")
-    ax.legend(loc="upper right")
+        lines += ax2.get_lines()
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(out_dir.name)
     fig.tight_layout()
     png = io.BytesIO()
