@@ -628,6 +628,9 @@ class SACEngine:
         with self._load_lock:
             if self._loaded is None:
                 spec = self.compressor_spec
+                store_spec = self.store_spec  # a file or a folder of other things is refused before the model loads
+                if not isinstance(store_spec, (AnchorStore, type(None))) and os.path.lexists(store_spec):
+                    AnchorStore.check_path(store_spec, exist_ok=True)
                 compressor = spec if isinstance(spec, SACCompressor) else SACCompressor.from_pretrained(
                     spec, device=self.device, dtype=self.dtype)
                 resolver = CacheResolver(compressor.fingerprint, memory=BoundedMemory(self.memory_bytes))

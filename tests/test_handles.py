@@ -28,7 +28,7 @@ from sac_rag.handles import (
     markers_for,
     split_prompt,
 )
-from sac_rag.store import AnchorStore, EntryNotFoundError
+from sac_rag.store import AnchorStore, EntryNotFoundError, NotAStoreError
 
 PASSAGES = ["The lighthouse on Gull Point was built in 1874.", "Marta keeps bees behind the old mill."]
 
@@ -185,6 +185,22 @@ def test_construction_loads_nothing():
     assert not engine.loaded
     assert SACEngine.shared("no-such-compressor") is SACEngine.shared("no-such-compressor")
     assert SACEngine.shared("no-such-compressor", merge_decoder=True) is not SACEngine.shared("no-such-compressor")
+
+
+def test_an_engine_refuses_a_store_path_that_is_no_store_before_it_loads_the_model(tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the store path was checked")
+
+    monkeypatch.setattr(SACCompressor, "from_pretrained", load)
+    (tmp_path / "notes.txt").write_text("not a store")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("not a store")
+    with pytest.raises(NotAStoreError, match="notes.txt is a file"):
+        SACEngine("some-compressor", tmp_path / "notes.txt").load()
+    with pytest.raises(InvalidInputError, match="folder is a non-empty directory that is not a store"):
+        SACEngine("some-compressor", tmp_path / "folder").load()
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a store yet to be made: the model comes first
+        SACEngine("some-compressor", tmp_path / "new-store").load()
 
 
 def test_an_engine_with_a_merged_decoder_answers_from_the_store_as_the_adapter_does(tmp_path):
