@@ -627,19 +627,19 @@ class SACEngine:
             return self._loaded
         with self._load_lock:
             if self._loaded is None:
-                spec = self.compressor_spec
-                store_spec = self.store_spec  # a file or a folder of other things is refused before the model loads
-                if not isinstance(store_spec, (AnchorStore, type(None))) and os.path.lexists(store_spec):
-                    AnchorStore.check_path(store_spec, exist_ok=True)
+                spec, store_path = self.compressor_spec, None
+                if self.store_spec is not None and not isinstance(self.store_spec, AnchorStore):
+                    store_path = Path(self.store_spec)
+                    # a file or a folder of other things is refused before the model loads; an empty folder, like
+                    # a new path, is a store yet to be made
+                    store_exists = os.path.lexists(store_path) and AnchorStore.check_path(store_path, exist_ok=True)
                 compressor = spec if isinstance(spec, SACCompressor) else SACCompressor.from_pretrained(
                     spec, device=self.device, dtype=self.dtype)
                 resolver = CacheResolver(compressor.fingerprint, memory=BoundedMemory(self.memory_bytes))
-                store_path = None
                 if isinstance(self.store_spec, AnchorStore):
                     resolver.attach_store(self.store_spec)
-                elif self.store_spec is not None:
-                    store_path = Path(self.store_spec)
-                    if store_path.exists():
+                elif store_path is not None:
+                    if store_exists:
                         resolver.attach_store(AnchorStore.open(store_path, compressor.fingerprint))
                     else:
                         logger.warning("no anchor store at %s yet: chunks are compressed as they come, and "

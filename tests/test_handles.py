@@ -199,8 +199,21 @@ def test_an_engine_refuses_a_store_path_that_is_no_store_before_it_loads_the_mod
         SACEngine("some-compressor", tmp_path / "notes.txt").load()
     with pytest.raises(InvalidInputError, match="folder is a non-empty directory that is not a store"):
         SACEngine("some-compressor", tmp_path / "folder").load()
-    with pytest.raises(AssertionError, match="the model was loaded"):  # a store yet to be made: the model comes first
-        SACEngine("some-compressor", tmp_path / "new-store").load()
+    for new in (tmp_path / "new-store", tmp_path / "empty"):  # stores yet to be made: the model comes first
+        new.parent.mkdir(exist_ok=True)
+        if new.name == "empty":
+            new.mkdir()
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            SACEngine("some-compressor", new).load()
+
+
+def test_an_engine_given_an_empty_folder_makes_its_store_there_on_write_back(tmp_path):
+    (tmp_path / "store").mkdir()
+    engine = SACEngine(kv_dropping(chunk_len=8), tmp_path / "store")
+    assert engine.store is None  # nothing to read yet
+    [keys] = engine.handles_for(["Bees."], write_back=True)
+    with AnchorStore.open(tmp_path / "store") as store:
+        assert keys[0] in store
 
 
 def test_an_engine_with_a_merged_decoder_answers_from_the_store_as_the_adapter_does(tmp_path):
