@@ -195,14 +195,12 @@ def test_an_engine_refuses_a_store_path_that_is_no_store_before_it_loads_the_mod
     (tmp_path / "notes.txt").write_text("not a store")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "notes.txt").write_text("not a store")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(NotAStoreError, match="notes.txt is a file"):
         SACEngine("some-compressor", tmp_path / "notes.txt").load()
     with pytest.raises(InvalidInputError, match="folder is a non-empty directory that is not a store"):
         SACEngine("some-compressor", tmp_path / "folder").load()
     for new in (tmp_path / "new-store", tmp_path / "empty"):  # stores yet to be made: the model comes first
-        new.parent.mkdir(exist_ok=True)
-        if new.name == "empty":
-            new.mkdir()
         with pytest.raises(AssertionError, match="the model was loaded"):
             SACEngine("some-compressor", new).load()
 
