@@ -627,23 +627,22 @@ class SACEngine:
             return self._loaded
         with self._load_lock:
             if self._loaded is None:
-                spec, store_path = self.compressor_spec, None
-                if self.store_spec is not None and not isinstance(self.store_spec, AnchorStore):
-                    store_path = Path(self.store_spec)
-                    # a file or a folder of other things is refused before the model loads; an empty folder, like
-                    # a new path, is a store yet to be made
-                    store_exists = os.path.lexists(store_path) and AnchorStore.check_path(store_path, exist_ok=True)
+                spec, store = self.compressor_spec, self.store_spec
+                store_path = None if store is None or isinstance(store, AnchorStore) else Path(store)
+                # a file or a folder of other things is refused before the model loads; an empty folder, like a
+                # new path, is a store yet to be made
+                store_exists = store_path is not None and os.path.lexists(store_path) and AnchorStore.check_path(
+                    store_path, exist_ok=True)
                 compressor = spec if isinstance(spec, SACCompressor) else SACCompressor.from_pretrained(
                     spec, device=self.device, dtype=self.dtype)
                 resolver = CacheResolver(compressor.fingerprint, memory=BoundedMemory(self.memory_bytes))
-                if isinstance(self.store_spec, AnchorStore):
-                    resolver.attach_store(self.store_spec)
+                if isinstance(store, AnchorStore):
+                    resolver.attach_store(store)
+                elif store_exists:
+                    resolver.attach_store(AnchorStore.open(store_path, compressor.fingerprint))
                 elif store_path is not None:
-                    if store_exists:
-                        resolver.attach_store(AnchorStore.open(store_path, compressor.fingerprint))
-                    else:
-                        logger.warning("no anchor store at %s yet: chunks are compressed as they come, and "
-                                       "the store is created when the first one is written back", store_path)
+                    logger.warning("no anchor store at %s yet: chunks are compressed as they come, and "
+                                   "the store is created when the first one is written back", store_path)
                 self._loaded = _Loaded(compressor, Generator.from_compressor(compressor, self.merge_decoder), resolver,
                                        model_lock(compressor), store_path)
         return self._loaded
