@@ -34,7 +34,7 @@ class PromptTemplate:
     @property
     def answer_opening(self) -> str:
         """The text the prompt ends with, after the question: where the answer begins."""
-        return self.question.rpartition("{question}")[2]
+        return self.question.format(question="\0").rpartition("\0")[2]  # as ``build`` formats it
 
     def build(self, contexts: list, question: str) -> list:
         """Prompt segments: text strings and, in order, the given contexts (each a string for

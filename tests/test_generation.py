@@ -739,3 +739,5 @@ def test_a_compressors_generator_answers_where_its_template_opens_the_answer(set
     comp, gen = setup
     assert gen.answer_opening == comp.config.prompt.answer_opening == "\n### Answer:\n"
     assert Generator(comp.base_model, comp.tokenizer).answer_opening is None  # a plain model's: completions
+    braces = PromptTemplate(question="\nQ: {question}\n{{A}}:")  # the opening is the text as built, braces unescaped
+    assert braces.answer_opening == "\n{A}:" and braces.build([], "Who?")[-1].endswith(braces.answer_opening)
