@@ -9,15 +9,16 @@ r-times smaller K/V instead of re-reading text. This module is that batch job:
 Each chunk is stored under ``AnchorStore.key_for(chunk text)`` at offset 0, with metadata: its
 chunk id, document id and document metadata, its text (so a retriever can show and cite it),
 its token count and character span. When the same text occurs twice, the first occurrence's
-metadata is kept.
+metadata is kept. A rerun brings the metadata of chunks stored before up to date, so a renamed
+file's chunks cite its new name: an entry holds the metadata of its chunk's first occurrence in
+the latest run that met it (the summary's ``metadata_updated`` counts the entries changed).
 
 Resuming: a chunk already in the store is not compressed again, so rerunning the same command
 after a crash (even ``kill -9``: see the store's write protocol) finishes the job.
 
 Rerunning after the corpus changed: new and edited documents' new chunks are compressed; by
 default nothing is deleted, so the entries of removed documents and of the old text of edited ones
-stay in the store (the summary counts them: ``stale_entries``), and an entry keeps the metadata of
-the run that stored it (a renamed file's chunks keep the old ``doc_id``). Serve only the current
+stay in the store (the summary counts them: ``stale_entries``). Serve only the current
 chunks' keys (``examples/precompress_and_serve.py``), precompress into a new store, or prune:
 ``prune=True`` (``--prune``) deletes, once the run has stored every chunk, the store's entries
 that are not chunks of this run (with several shards: of this shard), excluded documents' too,
@@ -48,7 +49,6 @@ import logging
 import os
 import sys
 import time
-from array import array
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +80,8 @@ class Summary:
     reason; ``other_files`` the files of a folder corpus that are not of a corpus type, by suffix.
     ``chunks`` counts this shard's chunks in the corpus (repeats included): ``compressed`` by
     this run, ``already_stored`` (by an earlier run, or the same text earlier in the corpus:
-    ``repeated_chunks`` of them); ``other_shards`` were left to other workers. ``tokens`` are
+    ``repeated_chunks`` of them), ``metadata_updated`` of which were given this run's metadata (their
+    document was renamed or changed); ``other_shards`` were left to other workers. ``tokens`` are
     those of the compressed chunks. ``entries``, ``bytes_on_disk``, ``kv_bytes`` (stored K/V)
     and ``full_kv_bytes`` (the full K/V of the same chunks in the same dtype) describe the whole
     store after the run; ``stale_entries`` of its entries are not chunks of this run (of this
@@ -102,6 +103,7 @@ class Summary:
     compressed: int = 0
     already_stored: int = 0
     repeated_chunks: int = 0
+    metadata_updated: int = 0
     other_shards: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -146,6 +148,8 @@ class Summary:
             f"{self.already_stored} already stored"
             + (f" ({self.repeated_chunks} of them repeat a chunk earlier in the corpus)" if self.repeated_chunks
                else "")
+            + (f"; {self.metadata_updated} stored chunks given this run's metadata (a document renamed or changed)"
+               if self.metadata_updated else "")
             + (f"; {self.other_shards} left to other shards" if self.num_shards > 1 else ""),
             f"  speed:     {self.tokens} tokens in {self.seconds:.1f} s: "
             f"{self.chunks_per_second:.2f} chunks/s, {self.tokens_per_second:.0f} tokens/s",
@@ -314,7 +318,7 @@ class _Run:
         self.window: dict[str, tuple[Chunk, Document]] = {}
         self.pending = 0  # chunks seen since the last flush, repeats included
         self.documents = 0
-        self.keys = array("Q")  # 64 bits of each chunk's key: distinct chunks at 8 bytes each
+        self.met: set[int] = set()  # 64 bits of the key of each chunk of earlier windows
         self.show_progress = show_progress
         from tqdm.auto import tqdm
 
@@ -340,7 +344,6 @@ class _Run:
                     continue
                 s.chunks += 1
                 self.pending += 1
-                self.keys.append(int(chunk.key[:16], 16))
                 if chunk.key in self.window:
                     s.already_stored += 1
                     continue
@@ -351,9 +354,11 @@ class _Run:
 
     def flush(self) -> None:
         s = self.summary
-        missing = self.store.missing(self.window)
-        s.already_stored += len(self.window) - len(missing)
-        todo = sorted((self.window[k] for k in missing), key=lambda item: item[0].n_tokens)
+        stored = self.store.metadata_many(list(self.window))
+        s.already_stored += len(stored)
+        s.metadata_updated += self.update_metadata(stored)
+        self.met.update(_key_bits(k) for k in self.window)
+        todo = sorted((item for k, item in self.window.items() if k not in stored), key=lambda item: item[0].n_tokens)
         self.window = {}
         self.progress(self.pending - len(todo))
         self.pending = 0
@@ -365,6 +370,13 @@ class _Run:
             s.already_stored += len(batch) - written  # written meanwhile by another writer
             s.tokens += sum(c.n_tokens for c, _ in batch)
             self.progress(len(batch))
+
+    def update_metadata(self, stored: dict[str, dict]) -> int:
+        """Give those of the window's ``stored`` chunks (``{key: metadata}``) that this run meets for
+        the first time this run's metadata, where it differs; a chunk of an earlier window was
+        given it there. Returns how many entries changed."""
+        updates = {key: _metadata(*self.window[key]) for key in stored if _key_bits(key) not in self.met}
+        return self.store.update_metadata({k: new for k, new in updates.items() if new != stored[k]})
 
     def progress(self, done: int) -> None:
         s = self.summary
@@ -382,14 +394,19 @@ class _Run:
         keys = [k for k in keys if CHUNK_KEY.fullmatch(k)]
         if not keys:
             return []
-        prefixes = np.fromiter((int(k[:16], 16) for k in keys), dtype=np.uint64, count=len(keys))
+        prefixes = np.fromiter((_key_bits(k) for k in keys), dtype=np.uint64, count=len(keys))
         ours = prefixes % np.uint64(s.num_shards) == np.uint64(s.shard_index)
-        met = np.isin(prefixes, np.frombuffer(self.keys, dtype=np.uint64))
+        met = np.isin(prefixes, np.fromiter(self.met, dtype=np.uint64, count=len(self.met)))
         return [k for k, drop in zip(keys, ours & ~met) if drop]
 
     def distinct_chunks(self) -> int:
         """How many different chunk texts this run met (in this shard)."""
-        return len(np.unique(np.frombuffer(self.keys, dtype=np.uint64))) if self.keys else 0
+        return len(self.met)
+
+
+def _key_bits(key: str) -> int:
+    """The first 64 bits of a chunk's key, what a run remembers of each chunk it met."""
+    return int(key[:16], 16)
 
 
 def _metadata(chunk: Chunk, doc: Document) -> dict:

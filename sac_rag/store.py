@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
@@ -708,6 +708,30 @@ class AnchorStore:
     def metadata(self, key: str) -> dict:
         """The JSON metadata stored with ``key``."""
         return self._row(key).metadata
+
+    def metadata_many(self, keys: Sequence[str]) -> dict[str, dict]:
+        """``{key: metadata}`` for those of ``keys`` that are stored (one index query per 500
+        keys); keys not stored are left out."""
+        return {key: row.metadata for key, row in self._rows(keys).items()}
+
+    def update_metadata(self, metadata: Mapping[str, dict]) -> int:
+        """Replace the metadata of stored entries, ``{key: metadata}``, in one durable transaction;
+        the K/V bytes stay as they are. Keys not stored are ignored. Returns how many entries'
+        metadata changed (one that already held it does not count)."""
+        self._check_writable("update metadata in")
+        rows = []
+        for key, value in metadata.items():
+            _check_key(key)
+            text = _dumps_metadata(value, key)
+            rows.append((text, key, text))
+        if not rows:
+            return 0
+        with self._write_lock, _WriterLock(self._path / LOCK):
+            try:
+                return self._commit_rows("UPDATE entries SET metadata = ? WHERE key = ? AND metadata != ?", rows)
+            except (sqlite3.Error, OSError) as err:
+                raise _write_error(err, self._path, "updating metadata", "no metadata was changed",
+                                   "rerun the update") from err
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):

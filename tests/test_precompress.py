@@ -612,6 +612,47 @@ def test_the_summary_tells_repeated_chunks_excluded_documents_and_stale_entries_
     assert json.loads(json.dumps(again.to_dict()))["stale_entries"] == again.stale_entries
 
 
+def test_a_rerun_gives_a_renamed_documents_chunks_its_new_name_and_keeps_first_occurrences(tmp_path, tiny_sac):
+    compressor = tiny_sac[1]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(words(400, 60))
+    (corpus / "b.txt").write_text(words(401, 60))
+    (corpus / "chorus.txt").write_text("la la la la la la la la la la. " * 120)  # repeats across windows
+
+    def chunk_metadata(store):
+        with AnchorStore.open(store, readonly=True) as s:
+            return {k: s.metadata(k) for k in s.keys()}
+
+    def keys_of(name):
+        return {c.key for c in split_document((corpus / name).read_text(), compressor.tokenizer, CHUNK, 0, name)}
+
+    store = tmp_path / "store"
+    first = precompress(corpus, store, compressor, chunk_tokens=CHUNK, batch_size=1, show_progress=False)
+    assert first.metadata_updated == 0 and first.repeated_chunks > 8  # more than one window of repeats
+    before = chunk_metadata(store)
+    (corpus / "a.txt").rename(corpus / "renamed.txt")
+
+    again = precompress(corpus, store, compressor, chunk_tokens=CHUNK, batch_size=1, show_progress=False)
+    after = chunk_metadata(store)
+    renamed = keys_of("renamed.txt")
+    assert again.compressed == 0 and again.metadata_updated == len(renamed) > 0
+    assert f"{len(renamed)} stored chunks given this run's metadata" in str(again)
+    for k, meta in after.items():
+        if k in renamed:
+            assert (meta["doc_id"], meta["doc"]) == ("renamed.txt", {"source": "renamed.txt"})
+            assert meta["chunk_id"].startswith("renamed.txt#")
+            moved = {"doc_id": "a.txt", "doc": {"source": "a.txt"}, "chunk_id": before[k]["chunk_id"]}
+            assert {**meta, **moved} == before[k]  # the rest (text, index, span) as before
+        else:  # b's chunks, and each chorus chunk still cites its first occurrence
+            assert meta == before[k]
+    assert min(m["chunk_index"] for k, m in after.items() if m["doc_id"] == "chorus.txt") == 0
+
+    third = precompress(corpus, store, compressor, chunk_tokens=CHUNK, batch_size=1, show_progress=False)
+    assert third.metadata_updated == 0 and "metadata" not in str(third)
+    assert chunk_metadata(store) == after
+
+
 def test_the_progress_bar_counts_chunks_found_stored_so_a_resumed_run_moves(tmp_path, tiny_sac, corpus, reference,
                                                                            capsys):
     shutil.copytree(reference[0], tmp_path / "store")

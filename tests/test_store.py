@@ -225,6 +225,26 @@ def test_put_is_idempotent_for_same_key(store):
     assert shard_files(store.path)[0].stat().st_size < 2 * size + 1
 
 
+def test_update_metadata_replaces_only_stored_entries_metadata_and_leaves_their_bytes(store):
+    store.put_many([(key(1), make_kv(1), {"doc_id": "a.txt"}), (key(2), make_kv(2), {"doc_id": "b.txt"})])
+    shards = [f.read_bytes() for f in shard_files(store.path)]
+
+    assert store.update_metadata({key(1): {"doc_id": "renamed.txt"}, key(2): {"doc_id": "b.txt"},
+                                  key(99): {"doc_id": "never stored"}}) == 1
+    assert store.metadata_many([key(1), key(2), key(99)]) == {key(1): {"doc_id": "renamed.txt"},
+                                                              key(2): {"doc_id": "b.txt"}}
+    assert key(99) not in store
+    assert [f.read_bytes() for f in shard_files(store.path)] == shards
+    assert_same_kv(store.get(key(1)), make_kv(1))
+    with AnchorStore.open(store.path, FP, readonly=True) as again:  # durable: another handle sees it
+        assert again.metadata(key(1)) == {"doc_id": "renamed.txt"}
+        with pytest.raises(InvalidInputError, match="read-only"):
+            again.update_metadata({key(1): {}})
+    with pytest.raises(InvalidInputError, match="not JSON-serializable"):
+        store.update_metadata({key(1): {"doc_id": object()}})
+    assert store.metadata(key(1)) == {"doc_id": "renamed.txt"}
+
+
 def test_get_many_keeps_the_requested_order_and_missing_keys_raise_key_error(store):
     store.put_many([(key(i), make_kv(i)) for i in range(4)])
     got = store.get_many([key(3), key(0), key(3)])
