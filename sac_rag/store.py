@@ -206,7 +206,9 @@ class _Row:
 
     @property
     def metadata(self) -> dict:
-        return json.loads(self.metadata_json)
+        """The entry's metadata; text a hand edit left that is not a JSON object comes back
+        wrapped, ``{"metadata": ...}``, rather than failing every read of it."""
+        return _safe_metadata(self.metadata_json)
 
 
 @dataclass(frozen=True)
@@ -853,7 +855,7 @@ class AnchorStore:
             self._maps.pop(shard, None)
 
     def _corruption(self, row: _Row, problem: str) -> StoreCorruptionError:
-        metadata = _safe_metadata(row.metadata_json)
+        metadata = row.metadata
         return StoreCorruptionError(
             f"entry {row.key} {_describe(metadata)} in the store at {self._path} is corrupt: "
             f"{problem}. Run `python -m sac_rag.store verify {self._path}` to list every bad "

@@ -244,6 +244,11 @@ def test_update_metadata_replaces_only_stored_entries_metadata_and_leaves_their_
         store.update_metadata({key(1): {"doc_id": object()}})
     assert store.metadata(key(1)) == {"doc_id": "renamed.txt"}
 
+    with sqlite3.connect(store.path / "index.sqlite") as db:  # a hand edit that is not a JSON object
+        db.execute("UPDATE entries SET metadata = 'see b.txt' WHERE key = ?", (key(2),))
+    assert store.metadata_many([key(2)]) == {key(2): {"metadata": "see b.txt"}} == {key(2): store.metadata(key(2))}
+    assert store.update_metadata({key(2): {"doc_id": "b.txt"}}) == 1 and store.metadata(key(2)) == {"doc_id": "b.txt"}
+
 
 def test_get_many_keeps_the_requested_order_and_missing_keys_raise_key_error(store):
     store.put_many([(key(i), make_kv(i)) for i in range(4)])
