@@ -1108,7 +1108,9 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
     ``destination``, created with the first source's settings if it does not exist yet.
 
     Every source must carry the same fingerprint and ratio (checked before anything is
-    written). Entries already in the destination are skipped. Bytes are copied as stored
+    written). Entries already in the destination are skipped, their metadata too, and nothing is
+    deleted from it: to mirror shards that a rerun changed (documents renamed or pruned), merge
+    them into a new destination. Bytes are copied as stored
     when the storage codec and dtype agree, re-encoded otherwise; either way each entry is
     read as ``get`` reads it, so a corrupt one stops the merge (``StoreCorruptionError``
     naming it; what was merged before it stays). Returns how many entries were added.
@@ -1688,7 +1690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ).add_argument("path")
     commands.add_parser("gc", help="reclaim orphan bytes left by crashed writes and deletes"
                         ).add_argument("path")
-    merge_parser = commands.add_parser("merge", help="merge stores of the same compressor")
+    merge_parser = commands.add_parser(
+        "merge", help="add the entries of stores of the same compressor to DESTINATION",
+        description="Add to DESTINATION (created if missing) every entry of SOURCES it does not hold. "
+        "It only adds: entries it holds keep their metadata, and none is deleted, so to mirror shards "
+        "that a rerun changed (documents renamed or pruned), merge them into a new DESTINATION.")
     merge_parser.add_argument("destination")
     merge_parser.add_argument("sources", nargs="+")
     prune_parser = commands.add_parser(
