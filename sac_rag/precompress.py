@@ -372,9 +372,9 @@ class _Run:
             self.progress(len(batch))
 
     def update_metadata(self, stored: dict[str, dict]) -> int:
-        """Give those of the window's ``stored`` chunks (``{key: metadata}``) that this run meets for
-        the first time this run's metadata, where it differs; a chunk of an earlier window was
-        given it there. Returns how many entries changed."""
+        """Give each of the window's ``stored`` chunks (``{key: its stored metadata}``) that this run
+        meets for the first time this run's metadata, where that differs (a chunk met in an earlier
+        window was given it there). Returns how many entries changed."""
         updates = {key: _metadata(*self.window[key]) for key in stored if _key_bits(key) not in self.met}
         return self.store.update_metadata({k: new for k, new in updates.items() if new != stored[k]})
 

@@ -244,8 +244,10 @@ def test_update_metadata_replaces_only_stored_entries_metadata_and_leaves_their_
         store.update_metadata({key(1): {"doc_id": object()}})
     assert store.metadata(key(1)) == {"doc_id": "renamed.txt"}
 
-    with sqlite3.connect(store.path / "index.sqlite") as db:  # a hand edit that is not a JSON object
+    db = sqlite3.connect(store.path / "index.sqlite")  # a hand edit that is not a JSON object
+    with db:
         db.execute("UPDATE entries SET metadata = 'see b.txt' WHERE key = ?", (key(2),))
+    db.close()
     assert store.metadata_many([key(2)]) == {key(2): {"metadata": "see b.txt"}} == {key(2): store.metadata(key(2))}
     assert store.update_metadata({key(2): {"doc_id": "b.txt"}}) == 1 and store.metadata(key(2)) == {"doc_id": "b.txt"}
 
