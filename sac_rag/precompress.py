@@ -354,11 +354,15 @@ class _Run:
 
     def flush(self) -> None:
         s = self.summary
-        stored = self.store.metadata_many(list(self.window))
+        missing = set(self.store.missing(self.window))
+        stored = [k for k in self.window if k not in missing]
         s.already_stored += len(stored)
-        s.metadata_updated += self.update_metadata(stored)
+        # Chunks stored before this run get its metadata where theirs differs (the store compares);
+        # a chunk met in an earlier window of this run got it there, from its first occurrence.
+        s.metadata_updated += self.store.update_metadata(
+            {k: _metadata(*self.window[k]) for k in stored if _key_bits(k) not in self.met})
         self.met.update(_key_bits(k) for k in self.window)
-        todo = sorted((item for k, item in self.window.items() if k not in stored), key=lambda item: item[0].n_tokens)
+        todo = sorted((item for k, item in self.window.items() if k in missing), key=lambda item: item[0].n_tokens)
         self.window = {}
         self.progress(self.pending - len(todo))
         self.pending = 0
@@ -370,13 +374,6 @@ class _Run:
             s.already_stored += len(batch) - written  # written meanwhile by another writer
             s.tokens += sum(c.n_tokens for c, _ in batch)
             self.progress(len(batch))
-
-    def update_metadata(self, stored: dict[str, dict]) -> int:
-        """Give each of the window's ``stored`` chunks (``{key: its stored metadata}``) that this run
-        meets for the first time this run's metadata, where that differs (a chunk met in an earlier
-        window was given it there). Returns how many entries changed."""
-        updates = {key: _metadata(*self.window[key]) for key in stored if _key_bits(key) not in self.met}
-        return self.store.update_metadata({k: new for k, new in updates.items() if new != stored[k]})
 
     def progress(self, done: int) -> None:
         s = self.summary

@@ -711,11 +711,6 @@ class AnchorStore:
         """The JSON metadata stored with ``key``."""
         return self._row(key).metadata
 
-    def metadata_many(self, keys: Sequence[str]) -> dict[str, dict]:
-        """``{key: metadata}`` for those of ``keys`` that are stored (one index query per 500
-        keys); keys not stored are left out."""
-        return {key: row.metadata for key, row in self._rows(keys).items()}
-
     def update_metadata(self, metadata: Mapping[str, dict]) -> int:
         """Replace the metadata of stored entries, ``{key: metadata}``, in one durable transaction;
         the K/V bytes stay as they are. Keys not stored are ignored. Returns how many entries'
