@@ -353,6 +353,32 @@ def test_a_chat_engine_asks_in_the_layout_the_compressor_was_trained_with(engine
     assert spy.prompts[-1].endswith(template.format(question=question))
 
 
+def test_a_condensing_chat_engine_is_told_once_to_use_the_context_mode(engine, passages, caplog):
+    """From its second turn a condensing chat engine (``as_chat_engine``'s default mode) asks the LLM to
+    rewrite the follow-up question, in a prompt with no contexts outside the SAC layout, and retrieves
+    with what comes back: SACLLM says once what to use instead. Query engines and the context chat
+    mode, which always prompt in the layout, hear nothing of it."""
+    from llama_index.core.chat_engine import CondensePlusContextChatEngine
+
+    question = "When was the lighthouse on Gull Point painted red?"
+    llm = SACLLM(engine=engine, max_tokens=2, stop=[])
+    with caplog.at_level(logging.WARNING, logger="llama_index.llms.sac.base"):
+        query_engine(engine, passages).query(question)
+        chat = chat_engine(engine, passages, llm=llm, context_template=llm.chat_context_template)
+        chat.chat(question)
+        chat.chat("And who painted it?")
+        assert "chat_mode" not in caplog.text
+        condensing = CondensePlusContextChatEngine.from_defaults(
+            retriever=KeywordRetriever(make_nodes(passages), k=2), llm=llm,
+            node_postprocessors=[SACNodePostprocessor(engine=engine)])
+        condensing.chat(question)  # no history yet: nothing to rewrite
+        assert "chat_mode" not in caplog.text
+        condensing.chat("And who painted it?")
+        condensing.chat("And when?")
+    warnings = [r for r in caplog.records if 'chat_mode="context"' in r.getMessage()]
+    assert len(warnings) == 1 and "condense_plus_context" in warnings[0].getMessage()
+
+
 @pytest.mark.parametrize("cls, option", [(SACLLM, {"extractve": True}), (SACNodePostprocessor, {"onmiss": "error"})])
 def test_a_misspelled_option_is_refused_not_ignored(cls, option):
     from pydantic import ValidationError

@@ -19,6 +19,7 @@ answer "Empty Response".
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from llama_index.core.prompts import PromptTemplate
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptTooLongError, SACError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
 from sac_rag.handles import MARKER_PATTERN, SACEngine, describe, spec_name
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STOP = ["\n###"]  # the next section of the SAC prompt layout
 # The context window reported to LlamaIndex by default: larger than any prompt its prompt helper
@@ -93,7 +96,8 @@ class SACLLM(CustomLLM):
     model ends it at once; a warning says so). Chats (``chat``, chat engines) are laid out in it
     too (``conversation_prompt``): use ``chat_mode="context"``, whose system message carries the
     nodes (``context_template=chat_context_template``); the condensing chat modes ask the LLM to
-    rewrite the question, a task this QA-trained decoder was not trained on.
+    rewrite the question, a task this QA-trained decoder was not trained on (the first prompt outside
+    the layout and without contexts, such as that rewrite, logs a warning saying so).
 
     Usage per answer is in ``CompletionResponse.raw["usage"]`` and ``additional_kwargs``:
     ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
@@ -126,6 +130,7 @@ class SACLLM(CustomLLM):
         "the context in). It counts a marker as the tokens of its text, not the positions its chunk takes, and "
         "cuts a marker when one node's markers exceed its share: SACLLM then refuses the prompt (MarkerCutError).")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
+    _warned_plain_prompt: bool = PrivateAttr(default=False)
 
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -221,8 +226,19 @@ class SACLLM(CustomLLM):
         lines, where the compressor's layout puts its ``context_separator`` (nothing, by default)
         between contexts, as in training (and in ``create_sac_stuff_chain``)."""
         prompt = prompt if formatted else self.completion_to_prompt(prompt)
-        separator = self.engine.template.context_separator
-        return _BETWEEN_MARKERS.sub(lambda match: match.group(1) + separator, prompt)
+        template = self.engine.template
+        if not self._warned_plain_prompt and not MARKER_PATTERN.search(prompt) \
+                and not prompt.endswith(template.answer_opening):
+            self._warned_plain_prompt = True  # once per LLM: a chat engine sends one every turn
+            logger.warning(
+                "SACLLM got a prompt with no compressed contexts that does not end where an answer begins (%r): "
+                "the base model continues it as raw text, without a chat template, and a small model seldom "
+                "follows an instruction given so. A condensing chat engine (chat_mode \"condense_plus_context\", "
+                "as_chat_engine's default, or \"condense_question\") sends such a prompt to rewrite each follow-up "
+                "question, and retrieves with whatever comes back: use chat_mode=\"context\" (with "
+                "context_template=llm.chat_context_template and memory=llm.chat_memory()), and "
+                "text_qa_template=llm.qa_prompt in a query engine", template.answer_opening)
+        return _BETWEEN_MARKERS.sub(lambda match: match.group(1) + template.context_separator, prompt)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
