@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"method": name, "ratio": engine.compressor.config.ratio, "dataset": args.dataset,
                      "n": len(questions), "seed": args.seed, "f1": scores["f1"], "em": scores["em"],  # in percent
                      "f1_ci": scores["f1_ci"], "empty_answers": sum(p in EMPTY for p in predictions),
-                     "compressor": args.compressor, "seconds": round(time.time() - start, 1), "command": command})
+                     "compressor": args.compressor, "dtype": args.dtype, "seconds": round(time.time() - start, 1),
+                     "command": command})
         print(f"{name}: F1 {rows[-1]['f1']:.1f} ({rows[-1]['f1_ci'][0]:.1f}-{rows[-1]['f1_ci'][1]:.1f}), "
               f"EM {rows[-1]['em']:.1f}, {rows[-1]['empty_answers']} empty", flush=True)
     append_jsonl(args.results, rows)

@@ -41,11 +41,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+# Results files whose rows compare ways of asking the same compressor, not methods: their rows get a
+# table of their own (the dataset's name + this suffix), never set against SAC's peers.
+OWN_TABLES = {"chat_layouts.jsonl": "-chat-layouts"}
+
+
 def load_rows(results: Path) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for path in sorted(results.glob("*.jsonl")):
         for row in read_jsonl(path):
             if {"method", "dataset", "n", "f1"} <= row.keys():
+                row["dataset"] += OWN_TABLES.get(path.name, "")
                 # each decoding has tables of its own: never compared with another
                 settings = {key: row[key] for key in DECODING_SETTINGS if key in row}  # absent: the default
                 row["dataset"] += decoding_suffix(extractive=row.get("decoding") == "extractive", **settings)

@@ -44,7 +44,7 @@ def test_every_way_writes_a_scored_row_with_its_command(workspace, tmp_path):
         "llamaindex-query-engine", "langchain-history-as-written", "langchain-history-sac-layout",
         "langchain-stuff-chain"]
     for row in rows:
-        assert row["n"] == 3 and row["ratio"] == 2 and row["dataset"] == "squad-dev"
+        assert row["n"] == 3 and row["ratio"] == 2 and row["dataset"] == "squad-dev" and row["dtype"] == "float32"
         assert 0 <= row["em"] <= row["f1"] <= 100 and 0 <= row["empty_answers"] <= 3
         assert row["f1_ci"][0] <= row["f1"] <= row["f1_ci"][1] <= 100
         assert row["command"].startswith("python benchmarks/chat_layouts.py --n 3")
