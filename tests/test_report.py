@@ -47,3 +47,12 @@ def test_a_row_cut_short_or_without_a_ci_does_not_stop_the_report_whose_plots_go
     text = out.read_text()
     assert "| sac-5x | 5 | 4 |" in text and "| text-truncate | 5 | 4 |" in text and "sac-15x" not in text
     assert (out.parent / "plots" / "f1_vs_ratio_squad-dev.png").is_file()  # not the repository's plots/
+
+
+def test_the_committed_report_is_what_the_committed_rows_make(tmp_path):
+    """RESULTS.md is generated, and the README sends readers to it: a results row committed without
+    rerunning ``python benchmarks/report.py`` would leave its tables behind the rows."""
+    out = tmp_path / "RESULTS.md"
+    REPORT["main"](["--out", str(out)])
+    assert out.read_text() == (Path(__file__).parents[1] / "benchmarks" / "RESULTS.md").read_text(), (
+        "benchmarks/RESULTS.md is out of date: run python benchmarks/report.py")
