@@ -7,7 +7,9 @@ shipped 5x compressor's lineage against the training steps it had seen in all (8
 questions per step; MODEL_CARD.md of ``smollm2-135m-sac-5x`` gives each stage's config and wall
 time), beside Full-FT, 75% of Full-FT (the target) and untrained KV dropping; a second series
 holds the stages read in float32 (stage 5 again, and the later stages, trained on a CPU without
-native bfloat16), since a read's dtype moves F1 by about as much as a stage. It prints the
+native bfloat16), since a read's dtype moves F1 by about as much as a stage; and, beside them, stages
+18 and 70 with free decoding (8 beams + MBR) against the target as the issue measures it (75% of
+Full-FT with its own chosen decoding, 4 beams and length penalty 0). It prints the
 same numbers as a table and two least-squares lines of F1 against log2(steps), one through every
 stage and one through the distillation stages (the last three), each with the steps it would need
 to reach the target. Those are extrapolations of few points whose neighbours differ by less than
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from report import DEFAULT_DTYPE, HERE, load_rows
+
+from sac_rag.eval import decoding_suffix
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,26 @@ LINEAGE_FLOAT32 = (
 AVERAGED = (
     Stage("sac-5x-soup11-13-fp32", 2010, "stage 14 (old default)", "11 and 13 averaged (out of domain -0.5 vs 11)"),
     Stage("sac-5x-soup14-15-fp32", 2130, "stage 16 (old default)", "14 and 15 averaged (out of domain -0.4, n=600)"),
-    Stage("sac-5x-soup16-17-fp32", 2210, "stage 18 (shipped)", "16 and 17 averaged (+0.2 vs 16; OOD +1.7; RAG +0.3)"),
+    Stage("sac-5x-soup16-17-fp32", 2210, "stage 18 (old default)",
+          "16 and 17 averaged (+0.2 vs 16; OOD +1.7; RAG +0.3)"),
     Stage("sac-5x-soup18-19-fp32", 2330, "stage 20 (not shipped)", "18 and 19 (120 steps on) averaged (+0.3 vs 18)"),
     Stage("sac-5x-soup20-27-fp32", 2430, "stage 28 (not shipped)", "20 and 27 (100 steps on) averaged (+0.6 vs 18)"),
     Stage("sac-5x-soup28-30-fp32", 2490, "stage 31 (not shipped)",
           "28 and 30 (60 steps on, half rate) averaged (+0.2 vs 18)"),
     Stage("sac-5x-soup31-32-fp32", 2550, "stage 33 (not shipped)",
           "31 and 32 (60 steps on, half rate) averaged (-0.5 vs 18)"),
+    Stage("sac-5x-soup68-69-fp32", 2330, "stage 70 (shipped)",
+          "68 (18 and 60 single-paragraph steps on, averaged) and 69 (60 more) averaged"),
 )
+# The issue's target is stated for free decoding: each model at the decoding chosen for it on other
+# questions (the compressor: 8 beams + minimum Bayes risk; Full-FT: FREE_DECODING_FULL_FT).
+FREE_DECODING = (
+    Stage("sac-5x-fp32-beam8-mbr", 2210, "stage 18", "8 beams + MBR"),
+    Stage("sac-5x-soup68-69-fp32-beam8-mbr", 2330, "stage 70", "8 beams + MBR"),
+)
+FREE_DECODING_DATASET = "squad-dev" + decoding_suffix(num_beams=8, mbr=True)
+FREE_DECODING_FULL_FT = "full-ft-fp32-beam4-lp0"  # 4 beams, length_penalty=0.0, float32
+FREE_DECODING_FULL_FT_DATASET = "squad-dev" + decoding_suffix(num_beams=4, length_penalty=0.0)
 TARGET_SHARE = 0.75
 
 
@@ -91,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "sac5x_training_progress.png")
     args = parser.parse_args(argv)
 
-    rows = {r["method"]: r for r in load_rows(args.results) if r["dataset"] == "squad-dev" and r["n"] == 1000}
-    missing = [s.label for s in LINEAGE + LINEAGE_FLOAT32 + AVERAGED if s.label not in rows] + [
-        m for m in ("full-ft", "kv-dropping-5x") if m not in rows]
+    headline = ("squad-dev", FREE_DECODING_DATASET, FREE_DECODING_FULL_FT_DATASET)
+    rows = {r["method"]: r for r in load_rows(args.results) if r["dataset"] in headline and r["n"] == 1000}
+    missing = [s.label for s in LINEAGE + LINEAGE_FLOAT32 + AVERAGED + FREE_DECODING if s.label not in rows] + [
+        m for m in ("full-ft", "kv-dropping-5x", FREE_DECODING_FULL_FT) if m not in rows]
     if missing:
         parser.error(f"no squad-dev n=1000 row for {missing} in {args.results}")
     full_ft, dropping = rows["full-ft"]["f1"], rows["kv-dropping-5x"]["f1"]
@@ -112,9 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         dtype = row.get("dtype", DEFAULT_DTYPE)
         print(f"| {stage.name} | {stage.recipe} | {dtype} | {stage.steps} "
               f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / full_ft_in[dtype]:.0%} |")
+    free_full_ft = rows[FREE_DECODING_FULL_FT]["f1"]
+    free_target = TARGET_SHARE * free_full_ft
+    for stage in FREE_DECODING:
+        row = rows[stage.label]
+        low, high = row["f1_ci"]
+        print(f"| {stage.name}, {stage.recipe} | free decoding | {row.get('dtype', DEFAULT_DTYPE)} | {stage.steps} "
+              f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / free_full_ft:.1%} of {free_full_ft:.1f} |")
     in_fp32 = f", {full_ft_fp32['f1']:.1f} read in float32" if full_ft_fp32 else ""
     print(f"\nFull-FT {full_ft:.1f}{in_fp32}; target {TARGET_SHARE:.0%} of {full_ft:.1f} = {target:.1f}; "
-          f"KV dropping {dropping:.1f}")
+          f"KV dropping {dropping:.1f}; with free decoding Full-FT {free_full_ft:.1f}, "
+          f"target {free_target:.1f}")
     trained = max(s.steps for s in LINEAGE + LINEAGE_FLOAT32 + AVERAGED)  # an average's steps were trained too
     for name, (_, a, b) in fits.items():
         needed = steps_for(target, a, b)
@@ -147,9 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     for at, stage in enumerate(AVERAGED):  # colours C3, C4, ... of the default cycle: red, purple, brown, ...
         color = f"C{3 + at}"
         averaged = rows[stage.label]
-        ax.errorbar([stage.steps * 1.04], [averaged["f1"]], capsize=3, marker="D", markersize=6, color=color,
+        same_steps = sum(other.steps == stage.steps for other in AVERAGED[:at])  # side by side, not on top
+        ax.errorbar([stage.steps * (1.04 + 0.03 * same_steps)], [averaged["f1"]], capsize=3, marker="D",
+                    markersize=6, color=color,
                     yerr=[[averaged["f1"] - averaged["f1_ci"][0]], [averaged["f1_ci"][1] - averaged["f1"]]],
                     label=f"{stage.name}: {stage.recipe}, float32 (95% CI)")
+    for stage in FREE_DECODING:
+        free = rows[stage.label]
+        ax.errorbar([stage.steps * 1.1], [free["f1"]], capsize=3, marker="^", markersize=7, color="tab:orange",
+                    mfc="white", yerr=[[free["f1"] - free["f1_ci"][0]], [free["f1_ci"][1] - free["f1"]]])
+        ax.annotate(stage.name.removeprefix("stage "), (stage.steps * 1.1, free["f1_ci"][1]),
+                    textcoords="offset points", xytext=(0, 3), fontsize=7, ha="center", va="bottom")
+    ax.plot([], [], marker="^", mfc="white", color="tab:orange", ls="none",
+            label="stages 18 and 70 with free decoding (8 beams + MBR), float32 (95% CI)")
+    ax.axhline(free_target, color="tab:orange", ls=":", lw=1,
+               label=f"target with free decoding: {TARGET_SHARE:.0%} of Full-FT's {free_full_ft:.1f} "
+                     f"(4 beams, length penalty 0) = {free_target:.1f}")
     for (name, (first, a, b)), style in zip(fits.items(), (":", "-.")):
         span = [first, min(steps_for(target, a, b), points[-1][0] * 8)]
         ax.plot(span, [a + b * math.log2(s) for s in span], color="gray", ls=style, lw=1,
