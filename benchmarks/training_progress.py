@@ -96,6 +96,16 @@ def fit_log2(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def f1_with_ci(row: dict) -> str:
+    low, high = row["f1_ci"]
+    return f"{row['f1']:.1f} ({low:.1f}-{high:.1f})"
+
+
+def error_bar(row: dict) -> list[list[float]]:
+    """``yerr`` for one point: the distances from F1 down and up to its 95% CI."""
+    return [[row["f1"] - row["f1_ci"][0]], [row["f1_ci"][1] - row["f1"]]]
+
+
 def steps_for(f1: float, a: float, b: float) -> float:
     """Where the line ``a + b * log2(steps)`` reaches ``f1`` (infinite if it never rises)."""
     return 2 ** ((f1 - a) / b) if b > 0 else math.inf
@@ -125,17 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| stage | recipe | read in | steps | F1 (95% CI) | share of Full-FT |\n|---|---|---|---|---|---|")
     for stage in LINEAGE + LINEAGE_FLOAT32 + AVERAGED:
         row = rows[stage.label]
-        low, high = row["f1_ci"]
         dtype = row.get("dtype", DEFAULT_DTYPE)
         print(f"| {stage.name} | {stage.recipe} | {dtype} | {stage.steps} "
-              f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / full_ft_in[dtype]:.0%} |")
+              f"| {f1_with_ci(row)} | {row['f1'] / full_ft_in[dtype]:.0%} |")
     free_full_ft = rows[FREE_DECODING_FULL_FT]["f1"]
     free_target = TARGET_SHARE * free_full_ft
     for stage in FREE_DECODING:
         row = rows[stage.label]
-        low, high = row["f1_ci"]
         print(f"| {stage.name}, {stage.recipe} | free decoding | {row.get('dtype', DEFAULT_DTYPE)} | {stage.steps} "
-              f"| {row['f1']:.1f} ({low:.1f}-{high:.1f}) | {row['f1'] / free_full_ft:.1%} of {free_full_ft:.1f} |")
+              f"| {f1_with_ci(row)} | {row['f1'] / free_full_ft:.1%} of {free_full_ft:.1f} |")
     in_fp32 = f", {full_ft_fp32['f1']:.1f} read in float32" if full_ft_fp32 else ""
     print(f"\nFull-FT {full_ft:.1f}{in_fp32}; target {TARGET_SHARE:.0%} of {full_ft:.1f} = {target:.1f}; "
           f"KV dropping {dropping:.1f}; with free decoding Full-FT {free_full_ft:.1f}, "
@@ -175,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         same_steps = sum(other.steps == stage.steps for other in AVERAGED[:at])  # side by side, not on top
         ax.errorbar([stage.steps * (1.04 + 0.03 * same_steps)], [averaged["f1"]], capsize=3, marker="D",
                     markersize=6, color=color,
-                    yerr=[[averaged["f1"] - averaged["f1_ci"][0]], [averaged["f1_ci"][1] - averaged["f1"]]],
+                    yerr=error_bar(averaged),
                     label=f"{stage.name}: {stage.recipe}, float32 (95% CI)")
     for stage in FREE_DECODING:
         free = rows[stage.label]
         ax.errorbar([stage.steps * 1.1], [free["f1"]], capsize=3, marker="^", markersize=7, color="tab:orange",
-                    mfc="white", yerr=[[free["f1"] - free["f1_ci"][0]], [free["f1_ci"][1] - free["f1"]]])
+                    mfc="white", yerr=error_bar(free))
         ax.annotate(stage.name.removeprefix("stage "), (stage.steps * 1.1, free["f1_ci"][1]),
                     textcoords="offset points", xytext=(0, 3), fontsize=7, ha="center", va="bottom")
     ax.plot([], [], marker="^", mfc="white", color="tab:orange", ls="none",
