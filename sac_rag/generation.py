@@ -36,8 +36,9 @@ Prompt = Sequence[Segment | Sequence[AnchorKV]]
 @dataclass
 class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
-    top-k / top-p, reproducible with ``seed`` (the same prompts in the same batch draw the same
-    answers; a prompt's draw depends on the batch it is decoded in). ``num_beams`` > 1 is beam search (greedy only),
+    top-k / top-p, reproducible with ``seed``: each prompt draws from its own random stream seeded
+    with it, so a prompt's answer is the same alone or in any batch (equal prompts in one call draw
+    equal answers; give them different seeds, or none, for different ones). ``num_beams`` > 1 is beam search (greedy only),
     answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
     (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
@@ -524,10 +525,13 @@ class Generator:
 
     @torch.no_grad()
     def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
-                plain: list[_Prefilled] | None = None) -> Iterator[None]:
+                plain: list[_Prefilled] | None = None, one_stream: bool = False) -> Iterator[None]:
         """Decode the prompts of ``states`` together into ``tracks``, yielding after each step. Each
         row may generate up to its own room before the model's position limit (``_step_budget``), so
-        a long prompt in the batch does not cut the others' answers short."""
+        a long prompt in the batch does not cut the others' answers short. Sampling draws each row
+        from its own random stream seeded with ``config.seed`` (the batch does not change a row's
+        answer), or with ``one_stream`` all rows from one (copies of one prompt then draw different
+        answers)."""
         reading = self._reading(states)
         contrast = None if plain is None else self._reading(plain)
         readings = [r for r in (reading, contrast) if r is not None]
@@ -535,11 +539,8 @@ class Generator:
         budgets = [self._step_budget(position, config) for position in farthest]
         generator = None
         if config.temperature > 0:  # on the device of the logits it samples from (a sharded model's last GPU)
-            generator = torch.Generator(device=reading.logits.device)
-            if config.seed is not None:
-                generator.manual_seed(config.seed)
-            else:
-                generator.seed()  # a fresh random seed, leaving torch's global generator as it was
+            streams = [_random_stream(config.seed, reading.logits.device) for _ in (states[:1] if one_stream else states)]
+            generator = streams[0] if one_stream else streams
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
             for step in range(max(budgets)):
@@ -598,7 +599,7 @@ class Generator:
         sampling = replace(config, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, mbr=False, mbr_samples=0)
         n = config.mbr_samples
         tracks = [_Track() for _ in range(n)]
-        for _ in self._decode([state] * n, tracks, sampling, None if plain is None else [plain] * n):
+        for _ in self._decode([state] * n, tracks, sampling, None if plain is None else [plain] * n, one_stream=True):
             pass
         return tracks
 
@@ -892,8 +893,21 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits - top.masked_fill(~torch.isfinite(top), 0)) / max(temperature, torch.finfo(logits.dtype).tiny)
 
 
-def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling."""
+def _random_stream(seed: int | None, device: torch.device) -> torch.Generator:
+    """A random generator on ``device`` seeded with ``seed``, or with a fresh random seed (leaving
+    torch's global generator as it was)."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def next_tokens(logits: torch.Tensor, config: GenerationConfig,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling, drawn
+    from ``generator``, or from each row's own if given one per row."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     scores = _tempered(logits.float(), config.temperature)
@@ -905,7 +919,10 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_scores.softmax(-1) > config.top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+    probabilities = scores.softmax(-1)
+    if isinstance(generator, torch.Generator) or generator is None:
+        return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+    return torch.cat([torch.multinomial(row[None], 1, generator=g)[:, 0] for row, g in zip(probabilities, generator)])
 
 
 def _shown(state: _Prefilled, text: str) -> str:

@@ -107,6 +107,17 @@ def test_sampling_is_reproducible_with_a_seed(setup):
     assert len(others) > 1
 
 
+def test_a_seeded_prompt_draws_the_same_answer_alone_and_in_any_batch(setup):
+    comp, gen = setup
+    context = comp.compress(TEXT)
+    first, second = [context, " the"], [context, " It was built by"]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.5, seed=5)
+    alone = [gen.generate(p, cfg).token_ids for p in (first, second)]
+    batched = [g.token_ids for g in gen.generate_batch([first, second, first], cfg)]
+    assert batched == [alone[0], alone[1], alone[0]]
+    assert alone[0] != gen.generate(first, GenerationConfig(max_new_tokens=12, temperature=1.5, seed=6)).token_ids
+
+
 def test_eos_token_stops_generation(tiny):
     model, tokenizer = tiny
     gen = Generator(model, tokenizer)
@@ -379,6 +390,23 @@ def _transformers_beam_answers(model, tokenizer, prompt, num_beams, eos) -> tupl
     return texts, out.sequences_scores.tolist()
 
 
+def _samples_from_one_stream(model, tokenizer, prompt, n, eos, seed, max_new_tokens=10) -> list[list[int]]:
+    """The token ids of ``n`` answers sampled at temperature 1 from copies of ``prompt``, all rows drawing from one
+    torch generator seeded with ``seed``, the model run on the whole text at every step."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].repeat(n, 1)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[list[int]] = [[] for _ in range(n)]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tokens = torch.multinomial(model(ids).logits[:, -1].float().softmax(-1), 1, generator=generator)
+            ids = torch.cat([ids, tokens], dim=1)
+            for row, token in zip(rows, tokens[:, 0].tolist()):
+                row.append(token)
+            if all(any(token in eos for token in row) for row in rows):
+                break
+    return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
 @pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown fox"])
 def test_minimum_bayes_risk_chooses_among_the_answers_transformers_beam_search_finds(tiny, prompt):
     from sac_rag.metrics import squad_f1
@@ -404,22 +432,22 @@ def test_minimum_bayes_risk_with_samples_weighs_transformers_beams_against_the_g
     gen = Generator(model, tokenizer)
     stop = (gen.generate([prompt], GenerationConfig(max_new_tokens=10)).token_ids[2],)
     beam_texts, _ = _transformers_beam_answers(model, tokenizer, prompt, 4, gen.eos_token_ids | set(stop))
-    sampled = gen.generate_batch([prompt] * 5, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3,
-                                                                stop_token_ids=stop))
-    assert len({s.text for s in sampled}) > 1  # temperature 1: the samples differ
+    sampled = _samples_from_one_stream(model, tokenizer, prompt, 5, gen.eos_token_ids | set(stop), seed=3)
+    assert len({tuple(ids) for ids in sampled}) > 1  # temperature 1: the samples differ
     seen, consensus = [], generation._consensus
 
     def recorded_consensus(answers, samples=None):
-        seen.append(([track.text for _, track in answers], [track.text for track in samples]))
+        seen.append(([track.text for _, track in answers], [track.ids for track in samples],
+                     [track.text for track in samples]))
         return consensus(answers, samples)
 
     monkeypatch.setattr(generation, "_consensus", recorded_consensus)
     ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                                    stop_token_ids=stop, mbr=True, mbr_samples=5, seed=3))
     # the beam search after sampling finds what it finds alone, and the samples are generate_batch's
-    assert seen == [(beam_texts, [s.text for s in sampled])]
+    assert [(texts, ids) for texts, ids, _ in seen] == [(beam_texts, sampled)]
     assert ours.text == consensus([(0.0, generation._Track(text=t)) for t in beam_texts],
-                                  [generation._Track(text=s.text) for s in sampled]).text
+                                  [generation._Track(text=s) for s in seen[0][2]]).text
 
 
 def test_beam_search_over_compressed_contexts_keeping_every_token_equals_it_over_the_text(tiny):
