@@ -38,8 +38,8 @@ class GenerationConfig:
     """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
     top-k / top-p, reproducible with ``seed``: each prompt draws from its own random stream seeded
     with it, so a prompt's answer is the same alone or in any batch (equal prompts in one call draw
-    equal answers; give them different seeds, or none, for different ones). ``num_beams`` > 1 is beam search (greedy only),
-    answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
+    equal answers; give them different seeds, or none, for different ones). ``num_beams`` > 1 is
+    beam search (greedy only), answers scored by log-probability / length ** ``length_penalty`` as in transformers; with
     ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
     (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
     with ``mbr_samples`` S >= 2, S answers are also sampled at temperature 1 (the model's own
@@ -539,8 +539,9 @@ class Generator:
         budgets = [self._step_budget(position, config) for position in farthest]
         generator = None
         if config.temperature > 0:  # on the device of the logits it samples from (a sharded model's last GPU)
-            streams = [_random_stream(config.seed, reading.logits.device) for _ in (states[:1] if one_stream else states)]
-            generator = streams[0] if one_stream else streams
+            device = reading.logits.device
+            generator = (_random_stream(config.seed, device) if one_stream
+                         else [_random_stream(config.seed, device) for _ in states])
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
             for step in range(max(budgets)):
