@@ -444,7 +444,7 @@ def test_minimum_bayes_risk_with_samples_weighs_transformers_beams_against_the_g
     monkeypatch.setattr(generation, "_consensus", recorded_consensus)
     ours = gen.generate([prompt], GenerationConfig(max_new_tokens=10, num_beams=4, length_penalty=0.0,
                                                    stop_token_ids=stop, mbr=True, mbr_samples=5, seed=3))
-    # the beam search after sampling finds what it finds alone, and the samples are generate_batch's
+    # the beam search after sampling finds what it finds alone, and the samples are one seeded stream's draws
     assert [(texts, ids) for texts, ids, _ in seen] == [(beam_texts, sampled)]
     assert ours.text == consensus([(0.0, generation._Track(text=t)) for t in beam_texts],
                                   [generation._Track(text=s) for s in seen[0][2]]).text
