@@ -40,8 +40,9 @@ class GenerationConfig:
     with it, so a prompt's answer is the same alone or in any batch (equal prompts in one call draw
     equal answers; give them different seeds, or none, for different ones). ``num_beams`` > 1 is
     beam search (greedy only), answers scored by log-probability / length ** ``length_penalty`` as
-    in transformers; with ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees best with the others
-    (highest expected word-overlap F1, each weighted by its probability) instead of the top-scored;
+    in transformers; with ``mbr`` (minimum Bayes risk), of its finished answers the one that agrees
+    best with the others (highest expected word-overlap F1, each weighted by its probability)
+    instead of the top-scored;
     with ``mbr_samples`` S >= 2, S answers are also sampled at temperature 1 (the model's own
     distribution, or context-aware decoding's scores; reproducible with ``seed``), and every finished
     beam and sample is scored by its mean F1 against the S samples (a Monte Carlo estimate of its
