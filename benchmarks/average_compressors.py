@@ -81,12 +81,14 @@ def source_weights(n_sources: int, t: float | None, weights: list[float] | None)
     return weights
 
 
-def align_settings(compressors: list[SACCompressor], anchor_strategy: str = "") -> None:
-    """Place every compressor's anchors by ``anchor_strategy`` (if given), then refuse any whose
-    settings still differ from the first's: only one lineage can be averaged."""
-    if anchor_strategy:
-        for compressor in compressors:
+def align_settings(compressors: list[SACCompressor], anchor_strategy: str = "", ratio: int = 0) -> None:
+    """Place every compressor's anchors by ``anchor_strategy`` and at ``ratio`` (each if given),
+    then refuse any whose settings still differ from the first's: only one lineage can be averaged."""
+    for compressor in compressors:
+        if anchor_strategy:
             compressor.use_anchors(anchor_strategy)
+        if ratio:
+            compressor.retarget_ratio(ratio)
     first = compressors[0].config.to_dict()
     for other in compressors[1:]:
         settings = other.config.to_dict()
@@ -108,11 +110,14 @@ def main() -> None:
     parser.add_argument("--anchor-strategy", default="",
                         help="place every compressor's anchors by this strategy before averaging (sac_rag.anchors, "
                              "e.g. rarest_in_block: averages a stage trained with it and one trained without)")
+    parser.add_argument("--ratio", type=int, default=0,
+                        help="compress every compressor at this ratio before averaging (e.g. 5: averages a stage "
+                             "trained at another ratio with one trained at 5x; 0 = keep)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="saved precision")
     args = parser.parse_args()
     weights = source_weights(len(args.sources), args.t, args.weights)
     compressors = [SACCompressor.from_pretrained(s, device="cpu", dtype="float32") for s in args.sources]
-    align_settings(compressors, args.anchor_strategy)
+    align_settings(compressors, args.anchor_strategy, args.ratio)
     tensors = [{k: v.detach().float().clone() for k, v in c.trainable_tensors().items()} for c in compressors]
     mixed = average(tensors, weights)
     errors = product_error(tensors, weights, mixed)
@@ -124,6 +129,7 @@ def main() -> None:
         sources.append({"path": str(source), "weight": weight,
                         **{k: meta[k] for k in ("fingerprint", "weights_sha256")}})
     provenance = {"sources": sources, "dtype": args.dtype, "anchor_strategy": compressors[0].config.anchor_strategy,
+                  "ratio": compressors[0].config.ratio,
                   "made_by": "benchmarks/average_compressors.py", "product_error": errors}
     atomic_write(Path(args.out) / "interpolation.json", json.dumps(provenance, indent=2).encode())
     reloaded = SACCompressor.from_pretrained(args.out, device="cpu")

@@ -89,3 +89,12 @@ def test_compressors_placing_anchors_differently_are_refused_unless_both_are_pla
         align_settings([first, second])
     align_settings([first, second], "rarest_in_block")
     assert first.config.anchor_strategy == second.config.anchor_strategy == "rarest_in_block"
+
+
+def test_compressors_trained_at_different_ratios_are_refused_unless_both_are_set_to_one():
+    first, second = _tiny_compressor(), _tiny_compressor()
+    second.retarget_ratio(4)
+    with pytest.raises(SystemExit, match="ratio"):
+        align_settings([first, second])
+    align_settings([first, second], ratio=2)
+    assert first.config.ratio == second.config.ratio == 2
