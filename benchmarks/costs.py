@@ -36,7 +36,7 @@ from sac_rag.eval import (  # noqa: E402
     at_least,
     build_method,
     check_results_file,
-    load_questions,
+    dataset_questions,
     measure_costs,
 )
 from sac_rag.files import append_jsonl  # noqa: E402
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := chosen - {m[0] for m in METHODS}:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {[m[0] for m in METHODS]}")
     check_results_file(args.results)  # before minutes of timing, not after
-    data = Path(args.data_root) / DATASETS[args.dataset]
-    if not data.is_file():
-        raise InvalidInputError(f"{data} does not exist: set --data-root to the folder that holds "
-                                f"{DATASETS[args.dataset]} (the {args.dataset} questions)")
+    pool = dataset_questions(args.data_root, args.dataset, 0, seed=0)
     for adapter in sorted({c for label, name, _, c, _ in METHODS if label in chosen and name == "full_ft"}):
         if not Path(adapter).is_dir():
             raise InvalidInputError(f"{adapter} (the Full-FT decoder adapter) is not a folder here: run from the "
@@ -122,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(None)))  # what the rows were computed in
-    pool = load_questions(data, 0, seed=0)
     settings = {k: with_paragraphs(pool, args.samples, k) for k in args.paragraphs}
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -17,14 +17,13 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 from sac_rag import GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import DATASETS, load_questions  # noqa: E402
+from sac_rag.eval import dataset_questions  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     compressor = SACCompressor.from_pretrained(args.compressor, device="cpu", dtype=args.dtype)
     generators = {"adapter": Generator.from_compressor(compressor),
                   "merged": Generator.from_compressor(compressor, merge_decoder=True)}
-    questions = load_questions(Path(args.data_root) / DATASETS["squad-dev"], args.questions, seed=0)
+    questions = dataset_questions(args.data_root, "squad-dev", args.questions, seed=0)
     template = compressor.config.prompt
     prompts = [template.build([compressor.compress(q.context)], q.question) for q in questions]
     config = GenerationConfig(max_new_tokens=args.new_tokens)  # greedy; an answer ends at EOS or new_tokens

@@ -195,10 +195,10 @@ def export_retrieval(path: str, questions, retrieved: list[list[Document]]) -> N
 def check_inputs(args: argparse.Namespace) -> Path:
     """Refuse, before any model loads, what would fail only after minutes of work: the SQuAD file
     (returned), the results file, the Full-FT adapter of the methods that read it."""
-    squad = Path(args.data_root) / DATASETS["squad-dev"]
+    squad = Path(args.data_root) / DATASETS["squad-dev"].path
     if not squad.is_file():
         raise InvalidInputError(f"{squad} does not exist: set --data-root to the folder that holds "
-                                f"{DATASETS['squad-dev']}")
+                                f"{DATASETS['squad-dev'].path}")
     check_results_file(args.results)
     readers = [m for m in args.methods.split(",") if m in ("full_ft", "truncate_ft", "kv_dropping_ft")]
     if readers and not Path(args.full_ft_adapter).is_dir():

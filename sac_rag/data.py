@@ -387,6 +387,9 @@ def _piece_holding(qa: QAItem, context: str, pieces) -> int | None:
     return next((i for i, piece in enumerate(pieces) if answer in piece.text), None)
 
 
+DEFAULT_HELD_OUT_FRACTION = 0.05  # of a QA file's articles: what ``python -m sac_rag.train`` holds out by default
+
+
 def split_by_title(paragraphs: list[Paragraph], held_out_fraction: float) -> tuple[list[Paragraph], list[Paragraph]]:
     """Hold out the last ``held_out_fraction`` of articles (by title order of appearance), so no
     article is in both splits. Data with fewer than two titles (e.g. QA JSONL without a ``title``)

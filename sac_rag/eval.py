@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .config import PromptTemplate, SACConfig
-from .data import read_qa
+from .data import DEFAULT_HELD_OUT_FRACTION, read_qa, split_by_title
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
 from .files import append_jsonl, open_for_appending
@@ -38,9 +38,20 @@ from .quantize import round_trip
 
 logger = logging.getLogger("sac_rag.eval")
 
+@dataclass(frozen=True)
+class Dataset:
+    """A named question set: a SQuAD-format file under ``--data-root``, or, with
+    ``held_out_fraction``, only the articles of it that ``python -m sac_rag.train`` holds out by
+    default (``split_by_title``): questions no compressor trained on that file has seen."""
+
+    path: str
+    held_out_fraction: float = 0.0
+
+
 DATASETS = {
-    "squad-dev": "squad-v1.1/dev-v1.1.json.xz",
-    "squadshifts-new-wiki": "squadshifts/new_wiki_v1.0.json.xz",
+    "squad-dev": Dataset("squad-v1.1/dev-v1.1.json.xz"),
+    "squad-train-heldout": Dataset("squad-v1.1/train-v1.1.json.xz", held_out_fraction=DEFAULT_HELD_OUT_FRACTION),
+    "squadshifts-new-wiki": Dataset("squadshifts/new_wiki_v1.0.json.xz"),
 }
 DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 
@@ -78,14 +89,20 @@ class Question:
         return self.passages or (self.context,)
 
 
-def load_questions(path: str | Path, n: int, seed: int, skip: int = 0) -> list[Question]:
+def load_questions(path: str | Path, n: int, seed: int, skip: int = 0,
+                   held_out_fraction: float = 0.0) -> list[Question]:
     """A fixed, seeded subset of ``n`` questions (all of them when n <= 0). Subsets are nested:
     the first 200 of a seed are also the first 200 of its 1,000, so rows of different sizes
     compare on shared questions. ``skip`` starts after that many questions of the seeded order: a
-    subset disjoint from the first ``skip``, for choosing settings that are then read on those."""
+    subset disjoint from the first ``skip``, for choosing settings that are then read on those.
+    ``held_out_fraction`` > 0 reads only the articles training holds out of ``path`` at that
+    fraction (``split_by_title``)."""
+    paragraphs = read_qa(path)
+    if held_out_fraction > 0:
+        paragraphs = split_by_title(paragraphs, held_out_fraction)[1]
     questions = [
         Question(qa.id, qa.question, qa.answers, para.context)
-        for para in read_qa(path) for qa in para.questions
+        for para in paragraphs for qa in para.questions
     ]
     if n < 0:
         raise InvalidInputError(f"n={n}: give a subset size >= 1, or 0 for all {len(questions)} questions")
@@ -110,13 +127,19 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
                         help="start after this many questions of the seeded order (a subset disjoint from them)")
 
 
-def subset_questions(args: argparse.Namespace) -> list[Question]:
-    """The subset the arguments of ``add_subset_arguments`` name."""
-    path = Path(args.data_root) / DATASETS[args.dataset]
+def dataset_questions(data_root: str | Path, name: str, n: int, seed: int, skip: int = 0) -> list[Question]:
+    """``load_questions`` of the dataset ``name`` (a key of ``DATASETS``) under ``data_root``."""
+    dataset = DATASETS[name]
+    path = Path(data_root) / dataset.path
     if not path.is_file():
         raise InvalidInputError(f"{path} does not exist: set --data-root to the folder that holds "
-                                f"{DATASETS[args.dataset]} (the {args.dataset} questions)")
-    return load_questions(path, args.n, args.seed, args.skip)
+                                f"{dataset.path} (the {name} questions)")
+    return load_questions(path, n, seed, skip, held_out_fraction=dataset.held_out_fraction)
+
+
+def subset_questions(args: argparse.Namespace) -> list[Question]:
+    """The subset the arguments of ``add_subset_arguments`` name."""
+    return dataset_questions(args.data_root, args.dataset, args.n, args.seed, args.skip)
 
 
 @dataclass

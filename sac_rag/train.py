@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .config import PromptTemplate, SACConfig
 from .data import (
+    DEFAULT_HELD_OUT_FRACTION,
     TEXT_FORMATS,
     DataError,
     LoadStats,
@@ -97,7 +98,8 @@ class TrainConfig:
                       default="")
     eval_data: str = _help("held-out QA data; default: the last held_out_fraction of the training "
                            "articles (finetune)", default="")
-    held_out_fraction: float = _help("fraction of training articles held out when eval_data is unset", default=0.05)
+    held_out_fraction: float = _help("fraction of training articles held out when eval_data is unset",
+                                     default=DEFAULT_HELD_OUT_FRACTION)
     out_dir: str = _help("run directory: checkpoints, metrics.jsonl, loss_curve.png, final/", default="runs/sac")
     init_from: str = _help("start from this compressor checkpoint (e.g. the pretrain stage's final/)", default="")
     adapters_from: str = _help("start a new compressor's encoder adapter, and its decoder adapter if it has one, "

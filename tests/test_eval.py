@@ -438,3 +438,30 @@ def test_a_results_file_cut_by_a_kill_takes_new_rows_and_stays_a_file_of_rows(tm
         check_results_file(path)
         append_jsonl(path, [{"method": method, "f1": 2.0}])
     assert [json.loads(line)["method"] for line in path.read_text().splitlines()] == ["a", "c", "d"]
+
+
+def test_the_training_held_out_dataset_reads_only_articles_training_never_sees(tmp_path):
+    # squad-train-heldout: the articles `python -m sac_rag.train` holds out of SQuAD train by
+    # default, so a compressor trained on that file is read on questions it never trained on
+    import lzma
+
+    from sac_rag.data import read_qa, split_by_title
+    from sac_rag.eval import dataset_questions
+    from sac_rag.train import TrainConfig
+
+    articles = [{"title": f"article {a}", "paragraphs": [
+        {"context": f"Article {a}, paragraph {p}: the answer is {a}{p}.",
+         "qas": [{"id": f"a{a}p{p}q{q}", "question": f"Question {q}?", "answers": [{"text": f"{a}{p}"}]}
+                 for q in range(2)]} for p in range(3)]} for a in range(40)]
+    path = tmp_path / "squad-v1.1" / "train-v1.1.json.xz"
+    path.parent.mkdir()
+    with lzma.open(path, "wt") as f:
+        json.dump({"data": articles}, f)
+
+    held_out = dataset_questions(tmp_path, "squad-train-heldout", 0, seed=0)
+    trained, held = split_by_title(read_qa(path), TrainConfig().held_out_fraction)
+    assert {q.id for q in held_out} == {qa.id for p in held for qa in p.questions}
+    assert len(held_out) == 2 * 3 * 2  # the last 2 of 40 articles (5%), all of their questions
+    assert not {q.id for q in held_out} & {qa.id for p in trained for qa in p.questions}
+    assert [q.id for q in dataset_questions(tmp_path, "squad-train-heldout", 4, seed=0, skip=2)] == \
+        [q.id for q in held_out[2:6]]  # seeded and nested as every dataset

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from sac_rag.config import PromptTemplate
-    from sac_rag.eval import adapter_fingerprint, load_questions
+    from sac_rag.eval import adapter_fingerprint, dataset_questions
     from sac_rag.files import append_jsonl
     from sac_rag.metrics import summarize
 
@@ -292,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DECODERS:
             parser.error(f"unknown decoder {d!r}: choose from {DECODERS}")
     dtype = getattr(torch, args.dtype)
-    from sac_rag.eval import DATASETS
-
-    questions = load_questions(Path(args.data_root) / DATASETS[args.dataset.removesuffix("-rag")], args.n, args.seed)
+    questions = dataset_questions(args.data_root, args.dataset.removesuffix("-rag"), args.n, args.seed)
     dataset = args.dataset
     if args.dataset == "squad-dev-rag":  # named as benchmarks/rag_squad.py names it
         questions = with_retrieved_passages(questions, args.retrieval, parser)
