@@ -38,6 +38,7 @@ from .quantize import round_trip
 
 logger = logging.getLogger("sac_rag.eval")
 
+
 @dataclass(frozen=True)
 class Dataset:
     """A named question set: a SQuAD-format file under ``--data-root``, or, with
