@@ -67,7 +67,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from sac_rag import DEFAULT_COMPRESSOR, GenerationConfig, Generator, SACCompressor  # noqa: E402
 from sac_rag.errors import InvalidInputError, exit_with_message  # noqa: E402
 from sac_rag.eval import (  # noqa: E402
-    DATASETS,
     TextShortener,
     adapter_fingerprint,
     answer_config,
@@ -75,6 +74,7 @@ from sac_rag.eval import (  # noqa: E402
     build_method,
     check_results_file,
     claim_predictions,
+    dataset_path,
     decoding_suffix,
     kv_entry_bytes,
     load_decoder_adapter,
@@ -195,10 +195,7 @@ def export_retrieval(path: str, questions, retrieved: list[list[Document]]) -> N
 def check_inputs(args: argparse.Namespace) -> Path:
     """Refuse, before any model loads, what would fail only after minutes of work: the SQuAD file
     (returned), the results file, the Full-FT adapter of the methods that read it."""
-    squad = Path(args.data_root) / DATASETS["squad-dev"].path
-    if not squad.is_file():
-        raise InvalidInputError(f"{squad} does not exist: set --data-root to the folder that holds "
-                                f"{DATASETS['squad-dev'].path}")
+    squad = dataset_path(args.data_root, "squad-dev")
     check_results_file(args.results)
     readers = [m for m in args.methods.split(",") if m in ("full_ft", "truncate_ft", "kv_dropping_ft")]
     if readers and not Path(args.full_ft_adapter).is_dir():

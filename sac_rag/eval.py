@@ -128,14 +128,19 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
                         help="start after this many questions of the seeded order (a subset disjoint from them)")
 
 
-def dataset_questions(data_root: str | Path, name: str, n: int, seed: int, skip: int = 0) -> list[Question]:
-    """``load_questions`` of the dataset ``name`` (a key of ``DATASETS``) under ``data_root``."""
-    dataset = DATASETS[name]
-    path = Path(data_root) / dataset.path
+def dataset_path(data_root: str | Path, name: str) -> Path:
+    """The file of the dataset ``name`` (a key of ``DATASETS``) under ``data_root``, refused when missing."""
+    path = Path(data_root) / DATASETS[name].path
     if not path.is_file():
         raise InvalidInputError(f"{path} does not exist: set --data-root to the folder that holds "
-                                f"{dataset.path} (the {name} questions)")
-    return load_questions(path, n, seed, skip, held_out_fraction=dataset.held_out_fraction)
+                                f"{DATASETS[name].path} (the {name} questions)")
+    return path
+
+
+def dataset_questions(data_root: str | Path, name: str, n: int, seed: int, skip: int = 0) -> list[Question]:
+    """``load_questions`` of the dataset ``name`` (a key of ``DATASETS``) under ``data_root``."""
+    return load_questions(dataset_path(data_root, name), n, seed, skip,
+                          held_out_fraction=DATASETS[name].held_out_fraction)
 
 
 def subset_questions(args: argparse.Namespace) -> list[Question]:
