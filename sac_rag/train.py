@@ -1477,6 +1477,7 @@ def train(cfg: TrainConfig) -> Path:
             row = {"step": step, **step_stats, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
                    "future_bias": future_bias, "examples_seen": stream.position, "time": time.time() - t0}
             metrics.write(json.dumps(row) + "\n")
+            metrics.flush()  # readable as the run goes; a resume drops the rows past its checkpoint
             bar.set_postfix(loss=f"{step_stats['loss']:.3f}", lr=f"{cfg.lr * factor:.1e}",
                             tok_s=f"{tokens_seen / max(1e-9, time.time() - t0):.0f}")
             bar.update(1)
@@ -1494,7 +1495,6 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             rngs = rng_states(world, device)  # every rank's, gathered by all
             if is_main:
-                metrics.flush()
                 save_checkpoint(out_dir, step, model, optimizer, stream, best, cfg, rngs)
                 plot_metrics(out_dir)
         if world > 1:

@@ -531,6 +531,22 @@ def test_resume_after_a_kill_leaves_clean_metrics_and_no_leftover_staging(worksp
     assert sorted(p.name for p in run.rglob(".staging-*")) == [live.name]
 
 
+def test_metrics_on_disk_hold_every_finished_step_while_the_run_goes(workspace, monkeypatch):
+    # Read between checkpoints (here: none until the end): each step's row is on disk before the next.
+    import sac_rag.train as train_module
+
+    run, seen = workspace / "run", []
+    reduce = train_module._reduce_step_stats
+
+    def observe(stats, world, device):  # called once per step, before that step's row is written
+        seen.append(_steps(run))
+        return reduce(stats, world, device)
+
+    monkeypatch.setattr(train_module, "_reduce_step_stats", observe)
+    train(parse_config(_args(workspace, "run", "--max-steps", "3", "--checkpoint-every", "100")))
+    assert seen == [[], [1], [1, 2]]
+
+
 def test_stale_staging_is_removed_and_a_directory_set_aside_is_put_back(tmp_path):
     from sac_rag.train import publish_dir, remove_stale_staging
 
