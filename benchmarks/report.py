@@ -196,6 +196,13 @@ def costs_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def plotted_n(rows: list[dict]) -> int:
+    """The question count most of the drawable rows (shipped compressors, peers, text references)
+    share: training-stage rows, which are not drawn, do not decide which questions the plot shows."""
+    drawn = [r for r in rows if family(r["method"]) or base_name(r["method"]) in REFERENCES] or rows
+    return max((r["n"] for r in drawn), key=lambda k: sum(r["n"] == k for r in drawn))
+
+
 def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None = None) -> list[Path]:
     import matplotlib
 
@@ -203,7 +210,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["dataset"] == dataset]
-    n = n or max((r["n"] for r in rows), key=lambda k: sum(r["n"] == k for r in rows))
+    n = n or plotted_n(rows)
     rows = [r for r in rows if r["n"] == n]
     out.mkdir(parents=True, exist_ok=True)
 

@@ -56,3 +56,13 @@ def test_the_committed_report_is_what_the_committed_rows_make(tmp_path):
     REPORT["main"](["--out", str(out)])
     assert out.read_text() == (Path(__file__).parents[1] / "benchmarks" / "RESULTS.md").read_text(), (
         "benchmarks/RESULTS.md is out of date: run python benchmarks/report.py")
+
+
+def test_the_plot_shows_the_questions_its_drawn_rows_share_not_those_of_undrawn_stage_rows():
+    """Each training stage's read adds a row that is not drawn; enough of them on other questions
+    must not switch the plot to questions few of its peers were read on."""
+    peer = {"ratio": 5, "dataset": "squad-dev", "n": 200, "f1": 30.0}
+    drawn = [{**peer, "method": m} for m in ("sac-5x", "text-truncate", "kv-dropping", "full-ft")]
+    stages = [{**peer, "method": f"sac-15x-stage{i}", "n": 1000} for i in range(6)]
+    assert REPORT["plotted_n"](drawn + stages) == 200
+    assert REPORT["plotted_n"](stages) == 1000  # nothing drawable: the rows' own count
