@@ -196,10 +196,15 @@ def costs_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def is_line_point(row: dict) -> bool:
+    """A row drawn as a point of a method's line: a shipped compressor or a peer, stored natively."""
+    return row.get("storage", "native") == "native" and family(row["method"]) is not None
+
+
 def plotted_n(rows: list[dict]) -> int:
-    """The question count most of the drawable rows (shipped compressors, peers, text references)
-    share: training-stage rows, which are not drawn, do not decide which questions the plot shows."""
-    drawn = [r for r in rows if family(r["method"]) or base_name(r["method"]) in REFERENCES] or rows
+    """The question count most of the drawable rows (line points and text references) share:
+    training-stage rows, which are not drawn, do not decide which questions the plot shows."""
+    drawn = [r for r in rows if is_line_point(r) or base_name(r["method"]) in REFERENCES] or rows
     return max((r["n"] for r in drawn), key=lambda k: sum(r["n"] == k for r in drawn))
 
 
@@ -217,7 +222,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
     fig, ax = plt.subplots(figsize=(9, 5))
     lines = defaultdict(list)
     for r in rows:
-        if r.get("storage", "native") == "native" and family(r["method"]):
+        if is_line_point(r):
             lines[family(r["method"])].append((r["ratio"], r["f1"]))
     for (name, adapted), points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))
