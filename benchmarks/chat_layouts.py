@@ -57,7 +57,7 @@ from tqdm import tqdm  # noqa: E402
 from sac_rag.eval import Question, add_subset_arguments, check_results_file, subset_questions  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
 from sac_rag.handles import SACEngine  # noqa: E402
-from sac_rag.metrics import summarize  # noqa: E402
+from sac_rag.metrics import headline_scores, headline_text  # noqa: E402
 from sac_rag.pipeline import DEFAULT_COMPRESSOR  # noqa: E402
 
 EMPTY = ("", "Empty Response")  # what LlamaIndex shows for an answer the model ended at once
@@ -154,14 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, answer in ways(engine, retriever).items():
         start = time.time()
         predictions = answer_all(answer, retriever, questions, name)
-        scores = summarize(predictions, [q.answers for q in questions])
         rows.append({"method": name, "ratio": engine.compressor.config.ratio, "dataset": args.dataset,
-                     "n": len(questions), "seed": args.seed, "f1": scores["f1"], "em": scores["em"],  # in percent
-                     "f1_ci": scores["f1_ci"], "empty_answers": sum(p in EMPTY for p in predictions),
+                     "n": len(questions), "seed": args.seed,
+                     **headline_scores(predictions, [q.answers for q in questions]),  # in percent
+                     "empty_answers": sum(p in EMPTY for p in predictions),
                      "compressor": args.compressor, "dtype": args.dtype, "seconds": round(time.time() - start, 1),
                      "command": command})
-        print(f"{name}: F1 {rows[-1]['f1']:.1f} ({rows[-1]['f1_ci'][0]:.1f}-{rows[-1]['f1_ci'][1]:.1f}), "
-              f"EM {rows[-1]['em']:.1f}, {rows[-1]['empty_answers']} empty", flush=True)
+        print(f"{name}: {headline_text(rows[-1])}, {rows[-1]['empty_answers']} empty", flush=True)
     append_jsonl(args.results, rows)
 
 

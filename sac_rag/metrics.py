@@ -122,3 +122,14 @@ def summarize(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dic
         out[name] = sum(values) / len(values) if values else float("nan")
         out[f"{name}_ci"] = list(bootstrap_ci(values))
     return out
+
+
+def headline_scores(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict:
+    """The scores a results row carries: ``{"f1", "em", "f1_ci"}`` (percent; the F1's bootstrap 95% CI)."""
+    scores = summarize(predictions, golds)
+    return {name: scores[name] for name in ("f1", "em", "f1_ci")}
+
+
+def headline_text(row: dict) -> str:
+    """A row's scores as printed: ``"F1 42.5 (36.7-47.9), EM 26.0"``."""
+    return f"F1 {row['f1']:.1f} ({row['f1_ci'][0]:.1f}-{row['f1_ci'][1]:.1f}), EM {row['em']:.1f}"

@@ -64,15 +64,15 @@ def save_tiny_compressor(root: Path, ratio: int = 2, chunk_len: int = 64, lora_r
     return root / "compressor"
 
 
-def write_squad_dev(root: Path, paragraphs: list[dict]) -> Path:
-    """SQuAD-format ``paragraphs`` (``{"context", "qas"}``) as ``root/data/squad-v1.1/dev-v1.1.json.xz``,
-    where ``--data-root root/data`` finds SQuAD dev: the data root."""
+def write_squad_dev(root: Path, paragraphs: list[dict], title: str = "t") -> Path:
+    """SQuAD-format ``paragraphs`` (``{"context", "qas"}``) of one article called ``title`` as
+    ``root/data/squad-v1.1/dev-v1.1.json.xz``, where ``--data-root root/data`` finds SQuAD dev: the data root."""
     import json
     import lzma
 
     (root / "data" / "squad-v1.1").mkdir(parents=True)
     with lzma.open(root / "data" / "squad-v1.1" / "dev-v1.1.json.xz", "wt") as f:
-        json.dump({"data": [{"title": "t", "paragraphs": paragraphs}]}, f)
+        json.dump({"data": [{"title": title, "paragraphs": paragraphs}]}, f)
     return root / "data"
 
 

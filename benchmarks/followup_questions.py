@@ -1,0 +1,217 @@
+"""Follow-up questions on SQuAD dev through LlamaIndex's condensing chat engine.
+
+    python benchmarks/followup_questions.py --n 150    # rows -> benchmarks/results/followup_questions.jsonl
+
+``index.as_chat_engine()`` defaults to ``chat_mode="condense_plus_context"``: from the second turn
+on, the LLM first rewrites the latest message into a standalone question, and the retriever
+searches with that rewrite. The rewrite prompt names no compressed context, so the base model
+answers it (the decoder adapter reads caches only). This measures whether the rewrite helps, and
+whether it helps more in the base model's chat template than as written.
+
+Each conversation is built from SQuAD dev: two questions of one article that both name the
+article's title as written (case-sensitive, so common nouns such as "teacher" do not qualify).
+The first is the history, answered with its gold answer; the second is asked with the title
+replaced by a pronoun ("When was the Rhine ..." -> "When was it ..."), so that it can only be
+retrieved through the history. The retriever searches all 2,067 dev paragraphs (MiniLM embeddings,
+faiss, top ``--k``); ``SACNodePostprocessor`` compresses what it returns, and ``SACLLM`` answers the
+follow-up from those caches in the compressor's layout. Ways (rows):
+
+* ``followup-as-asked``: no rewrite (``skip_condense=True``), the retriever reads the follow-up;
+* ``condensed-as-written``: the rewrite prompt read as written (``SACLLM``'s default);
+* ``condensed-chat-template``: the rewrite prompt as a user message of the base model's chat template
+  (``SACLLM(completion_to_prompt=...)``, LlamaIndex's hook for it; the chats with caches stay in the
+  compressor's layout);
+* ``original-question`` (reference): no rewrite, the second question as SQuAD has it (title named).
+
+Rows: recall@k of the second question's own paragraph and SQuAD EM/F1 of the answers (bootstrap CIs),
+each against every other way, conversation by conversation (``paired``: mean difference and its
+bootstrap CI), and a few rewrites for the eye.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from llama_index.core.base.llms.types import ChatMessage  # noqa: E402
+from llama_index.core.chat_engine import CondensePlusContextChatEngine  # noqa: E402
+from llama_index.core.retrievers import BaseRetriever  # noqa: E402
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
+from llama_index.llms.sac import SACLLM  # noqa: E402
+from llama_index.postprocessor.sac import SACNodePostprocessor  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from sac_rag.data import Paragraph, read_qa  # noqa: E402
+from sac_rag.eval import at_least, check_results_file, dataset_path  # noqa: E402
+from sac_rag.files import append_jsonl  # noqa: E402
+from sac_rag.handles import SACEngine  # noqa: E402
+from sac_rag.metrics import bootstrap_ci, headline_scores, headline_text, score  # noqa: E402
+from sac_rag.models import embedding_model_path  # noqa: E402
+from sac_rag.pipeline import DEFAULT_COMPRESSOR  # noqa: E402
+
+WAYS = ("followup-as-asked", "condensed-as-written", "condensed-chat-template", "original-question")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    first: str  # the first question, the history
+    first_answer: str  # its gold answer, as the assistant's turn
+    followup: str  # the second question with the title replaced by a pronoun
+    question: str  # the second question as SQuAD has it
+    answers: tuple[str, ...]
+    paragraph: int  # index of the second question's paragraph in the corpus
+
+
+def title_name(title: str) -> str:
+    """"Victoria_(Australia)" -> "Victoria": the article's name as questions write it."""
+    return re.sub(r"\s*\(.*\)$", "", title.replace("_", " ")).strip()
+
+
+def with_pronoun(question: str, name: str) -> str | None:
+    """``question`` with ``name`` (and a "the" before it) replaced by "it" ("its" for "'s"); None if the
+    name is not in it as written, or only opens it (a capital that may be a common noun's)."""
+    pattern = re.compile(r"\b(?:[Tt]he )?" + re.escape(name) + r"\b('s|')?")
+    match = pattern.search(question)
+    if match is None or match.start() == 0:
+        return None
+    return pattern.sub(lambda m: "its" if m.group(1) else "it", question, count=1)
+
+
+def conversations(paragraphs: list[Paragraph], n: int, seed: int) -> list[Conversation]:
+    """``n`` seeded conversations (all when n is 0): pairs of questions of one article that both name
+    its title, the second one asked with a pronoun."""
+    by_title: dict[str, list[tuple[int, object]]] = {}
+    for index, paragraph in enumerate(paragraphs):
+        for qa in paragraph.questions:
+            by_title.setdefault(paragraph.title, []).append((index, qa))
+    rng = random.Random(seed)
+    found = []
+    for title, items in by_title.items():
+        name = title_name(title)
+        naming = [(i, qa) for i, qa in items if with_pronoun(qa.question, name) is not None]
+        for position, (index, qa) in enumerate(naming[1:], start=1):
+            _, first = naming[rng.randrange(position)]  # an earlier question of the article
+            found.append(Conversation(first.question.strip(), first.answers[0], with_pronoun(qa.question, name).strip(),
+                                      qa.question.strip(), tuple(qa.answers), index))
+    rng.shuffle(found)
+    return found[:n] if n else found
+
+
+def in_chat_template(tokenizer) -> Callable[[str], str]:
+    """A ``completion_to_prompt`` that puts the prompt in ``tokenizer``'s chat template, as a user message."""
+    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)
+
+
+def paired(values: list[float], other: list[float]) -> list[float]:
+    """Mean of ``values`` minus ``other``, item by item, with its bootstrap 95% CI: [mean, low, high]."""
+    differences = [a - b for a, b in zip(values, other)]
+    return [round(sum(differences) / len(differences), 2), *(round(x, 2) for x in bootstrap_ci(differences))]
+
+
+class EmbeddingRetriever(BaseRetriever):
+    """The top ``k`` paragraphs by MiniLM cosine similarity (exact inner-product faiss index)."""
+
+    def __init__(self, texts: list[str], k: int, batch_size: int = 64):
+        super().__init__()
+        self.texts, self.k = texts, k
+        self.model = SentenceTransformer(embedding_model_path("all-minilm-l6-v2"), device="cpu")
+        vectors = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(np.asarray(vectors, dtype=np.float32))
+        self.last: list[int] = []  # what the last search found, and with what
+        self.last_query = ""
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        self.last_query = query_bundle.query_str
+        query = self.model.encode([query_bundle.query_str], normalize_embeddings=True)
+        scores, ids = self.index.search(np.asarray(query, dtype=np.float32), self.k)
+        self.last = [int(i) for i in ids[0]]
+        return [NodeWithScore(node=TextNode(id_=f"p{i}", text=self.texts[i]), score=float(s))
+                for s, i in zip(scores[0], ids[0])]
+
+
+def ask(way: str, conversation: Conversation, engine: SACEngine, retriever: EmbeddingRetriever,
+        llms: dict[bool, SACLLM]) -> tuple[str, str, bool]:
+    """(answer, the query the retriever searched with, whether it found the question's paragraph)."""
+    llm = llms[way == "condensed-chat-template"]
+    chat = CondensePlusContextChatEngine.from_defaults(
+        retriever, llm=llm, memory=llm.chat_memory(), context_prompt=llm.chat_context_template,
+        node_postprocessors=[SACNodePostprocessor(engine=engine)], skip_condense=way.endswith(("asked", "question")))
+    history = [ChatMessage(role="user", content=conversation.first),
+               ChatMessage(role="assistant", content=conversation.first_answer)]
+    message = conversation.question if way == "original-question" else conversation.followup
+    response = chat.chat(message, chat_history=history)
+    return str(response).strip(), retriever.last_query, conversation.paragraph in retriever.last
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=at_least(0), default=150, help="conversations (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=at_least(1), default=3, help="paragraphs retrieved per message")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--compressor", default=DEFAULT_COMPRESSOR, help="short name or directory")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=at_least(1), default=48)
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of: {', '.join(WAYS)}")
+    parser.add_argument("--results", default="benchmarks/results/followup_questions.jsonl")
+    args = parser.parse_args(argv)
+    ways = args.ways.split(",")
+    if set(ways) - set(WAYS):
+        parser.error(f"unknown ways {sorted(set(ways) - set(WAYS))}: choose from {', '.join(WAYS)}")
+    check_results_file(args.results)
+    paragraphs = read_qa(dataset_path(args.data_root, "squad-dev"))
+    chats = conversations(paragraphs, args.n, args.seed)
+    torch.set_num_threads(args.threads)
+    engine = SACEngine.shared(args.compressor, None, dtype=args.dtype)
+    tokenizer = engine.compressor.tokenizer
+    if "condensed-chat-template" in ways and not getattr(tokenizer, "chat_template", None):
+        parser.error(f"{args.compressor}'s tokenizer has no chat template: leave condensed-chat-template out of --ways")
+    retriever = EmbeddingRetriever([p.context for p in paragraphs], args.k)
+    llms = {False: SACLLM(engine=engine, max_tokens=args.max_tokens),
+            True: SACLLM(engine=engine, max_tokens=args.max_tokens, completion_to_prompt=in_chat_template(tokenizer))}
+    command = shlex.join(["python", "benchmarks/followup_questions.py", *(sys.argv[1:] if argv is None else argv)])
+    rows, per_way = [], {}
+    for way in ways:
+        start = time.time()
+        answers, queries, hits = [], [], []
+        for conversation in tqdm(chats, desc=way, unit="conversation"):
+            answer, query, hit = ask(way, conversation, engine, retriever, llms)
+            answers.append(answer)
+            queries.append(query)
+            hits.append(100.0 * hit)
+        golds = [list(c.answers) for c in chats]
+        per_way[way] = {"recall": hits, "f1": score(answers, golds)["f1"]}
+        rows.append({"method": way, "ratio": engine.compressor.config.ratio, "dataset": "squad-dev-followups",
+                     "n": len(chats), "seed": args.seed, "k": args.k, **headline_scores(answers, golds),
+                     "recall_at_k": sum(hits) / len(hits), "recall_ci": list(bootstrap_ci(hits)),
+                     "examples": [{"followup": c.followup, "query": q, "answer": a}
+                                  for c, q, a in list(zip(chats, queries, answers))[:5]],
+                     "compressor": args.compressor, "dtype": args.dtype, "seconds": round(time.time() - start, 1),
+                     "command": command})
+        print(f"{way}: recall@{args.k} {rows[-1]['recall_at_k']:.1f}, {headline_text(rows[-1])}", flush=True)
+    for row in rows:  # each way against each other, conversation by conversation
+        row["paired"] = {other: {name: paired(per_way[row["method"]][name], values[name]) for name in values}
+                         for other, values in per_way.items() if other != row["method"]}
+        print(f"{row['method']} minus the others (recall@{args.k}, F1: mean and paired 95% CI): {row['paired']}")
+    append_jsonl(args.results, rows)
+
+
+if __name__ == "__main__":
+    main()
