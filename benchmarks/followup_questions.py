@@ -1,4 +1,4 @@
-"""Follow-up questions on SQuAD dev through LlamaIndex's condensing chat engine.
+"""Follow-up questions on SQuAD dev: LlamaIndex's condensing chat engine and LangChain's history-aware retriever.
 
     python benchmarks/followup_questions.py --n 150    # rows -> benchmarks/results/followup_questions.jsonl
 
@@ -21,7 +21,12 @@ follow-up from those caches in the compressor's layout. Ways (rows):
 * ``condensed-chat-template``: the rewrite prompt as a user message of the base model's chat template
   (``SACLLM(completion_to_prompt=...)``, LlamaIndex's hook for it; the chats with caches stay in the
   compressor's layout);
-* ``original-question`` (reference): no rewrite, the second question as SQuAD has it (title named).
+* ``original-question`` (reference): no rewrite, the second question as SQuAD has it (title named);
+* ``langchain-rewrite-sac-layout`` / ``langchain-rewrite-chat-template``: LangChain's conversational
+  retrieval (``create_history_aware_retriever`` over ``SACContextCompressor`` and the same search, then
+  ``create_retrieval_chain`` answering in the compressor's layout): ``ChatSAC`` rewrites the follow-up,
+  its messages laid out by its default (several messages: the compressor's layout) or in the base
+  model's chat template (``chat_template=True``).
 
 Rows: recall@k of the second question's own paragraph and SQuAD EM/F1 of the answers (bootstrap CIs),
 each against every other way, conversation by conversation (``paired``: mean difference and its
@@ -39,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,6 +52,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from langchain_classic.chains import create_history_aware_retriever, create_retrieval_chain  # noqa: E402
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain  # noqa: E402
+from langchain_classic.retrievers import ContextualCompressionRetriever  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder  # noqa: E402
+from langchain_core.retrievers import BaseRetriever as LangChainRetriever  # noqa: E402
+from langchain_sac import SAC_DOCUMENT_PROMPT, ChatSAC, SACContextCompressor  # noqa: E402
 from llama_index.core.base.llms.types import ChatMessage  # noqa: E402
 from llama_index.core.chat_engine import CondensePlusContextChatEngine  # noqa: E402
 from llama_index.core.retrievers import BaseRetriever  # noqa: E402
@@ -63,7 +76,14 @@ from sac_rag.metrics import bootstrap_ci, headline_scores, headline_text, score 
 from sac_rag.models import embedding_model_path  # noqa: E402
 from sac_rag.pipeline import DEFAULT_COMPRESSOR  # noqa: E402
 
-WAYS = ("followup-as-asked", "condensed-as-written", "condensed-chat-template", "original-question")
+WAYS = ("followup-as-asked", "condensed-as-written", "condensed-chat-template", "original-question",
+        "langchain-rewrite-sac-layout", "langchain-rewrite-chat-template")
+# LangChain's conversational retrieval: the rewrite prompt (our words), and the answer's prompt with history
+REWRITE = ChatPromptTemplate.from_messages([
+    ("system", "Rewrite the user's last question so that it can be understood without the conversation. "
+               "Do not answer it: write only the question."),
+    MessagesPlaceholder("chat_history"), ("human", "{input}")])
+WITH_HISTORY = [("system", "{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")]
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,15 @@ def paired(values: list[float], other: list[float]) -> list[float]:
     return [round(sum(differences) / len(differences), 2), *(round(x, 2) for x in bootstrap_ci(differences))]
 
 
+class LangChainSearch(LangChainRetriever):
+    """``EmbeddingRetriever`` for LangChain: the same search, its paragraphs as documents."""
+
+    search: Any
+
+    def _get_relevant_documents(self, query: str, *, run_manager=None) -> list[Document]:
+        return [Document(page_content=found.node.text) for found in self.search.retrieve(query)]
+
+
 class EmbeddingRetriever(BaseRetriever):
     """The top ``k`` paragraphs by MiniLM cosine similarity (exact inner-product faiss index)."""
 
@@ -145,18 +174,44 @@ class EmbeddingRetriever(BaseRetriever):
                 for s, i in zip(scores[0], ids[0])]
 
 
-def ask(way: str, conversation: Conversation, engine: SACEngine, retriever: EmbeddingRetriever,
-        llms: dict[bool, SACLLM]) -> tuple[str, str, bool]:
-    """(answer, the query the retriever searched with, whether it found the question's paragraph)."""
-    llm = llms[way == "condensed-chat-template"]
-    chat = CondensePlusContextChatEngine.from_defaults(
-        retriever, llm=llm, memory=llm.chat_memory(), context_prompt=llm.chat_context_template,
-        node_postprocessors=[SACNodePostprocessor(engine=engine)], skip_condense=way.endswith(("asked", "question")))
-    history = [ChatMessage(role="user", content=conversation.first),
-               ChatMessage(role="assistant", content=conversation.first_answer)]
-    message = conversation.question if way == "original-question" else conversation.followup
-    response = chat.chat(message, chat_history=history)
-    return str(response).strip(), retriever.last_query, conversation.paragraph in retriever.last
+def ways_of_asking(engine: SACEngine, retriever: EmbeddingRetriever,
+                   max_tokens: int) -> dict[str, Callable[[Conversation], str]]:
+    """Each way of asking a conversation's follow-up, by its row's method name: the answer. The retriever
+    keeps what it last searched with and found."""
+    tokenizer = engine.compressor.tokenizer
+    as_written = SACLLM(engine=engine, max_tokens=max_tokens)
+    templated = SACLLM(engine=engine, max_tokens=max_tokens, completion_to_prompt=in_chat_template(tokenizer))
+
+    def llamaindex(llm: SACLLM, condense: bool, original: bool = False) -> Callable[[Conversation], str]:
+        def answer(conversation: Conversation) -> str:
+            chat = CondensePlusContextChatEngine.from_defaults(
+                retriever, llm=llm, memory=llm.chat_memory(), context_prompt=llm.chat_context_template,
+                node_postprocessors=[SACNodePostprocessor(engine=engine)], skip_condense=not condense)
+            history = [ChatMessage(role="user", content=conversation.first),
+                       ChatMessage(role="assistant", content=conversation.first_answer)]
+            message = conversation.question if original else conversation.followup
+            return str(chat.chat(message, chat_history=history)).strip()
+        return answer
+
+    def langchain(rewriter: ChatSAC) -> Callable[[Conversation], str]:
+        documents = ContextualCompressionRetriever(base_compressor=SACContextCompressor(engine=engine),
+                                                   base_retriever=LangChainSearch(search=retriever))
+        answering = create_stuff_documents_chain(ChatSAC(engine=engine, max_tokens=max_tokens),
+                                                 ChatPromptTemplate.from_messages(WITH_HISTORY),
+                                                 document_prompt=SAC_DOCUMENT_PROMPT, document_separator="")
+        chain = create_retrieval_chain(create_history_aware_retriever(rewriter, documents, REWRITE), answering)
+        return lambda conversation: chain.invoke({
+            "input": conversation.followup,
+            "chat_history": [("human", conversation.first), ("ai", conversation.first_answer)]})["answer"].strip()
+
+    return {
+        "followup-as-asked": llamaindex(as_written, condense=False),
+        "condensed-as-written": llamaindex(as_written, condense=True),
+        "condensed-chat-template": llamaindex(templated, condense=True),
+        "original-question": llamaindex(as_written, condense=False, original=True),
+        "langchain-rewrite-sac-layout": langchain(ChatSAC(engine=engine, max_tokens=max_tokens)),
+        "langchain-rewrite-chat-template": langchain(ChatSAC(engine=engine, max_tokens=max_tokens, chat_template=True)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,21 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     engine = SACEngine.shared(args.compressor, None, dtype=args.dtype)
     tokenizer = engine.compressor.tokenizer
-    if "condensed-chat-template" in ways and not getattr(tokenizer, "chat_template", None):
-        parser.error(f"{args.compressor}'s tokenizer has no chat template: leave condensed-chat-template out of --ways")
+    templated = [way for way in ways if way.endswith("chat-template")]
+    if templated and not getattr(tokenizer, "chat_template", None):
+        parser.error(f"{args.compressor}'s tokenizer has no chat template: leave {', '.join(templated)} out of --ways")
     retriever = EmbeddingRetriever([p.context for p in paragraphs], args.k)
-    llms = {False: SACLLM(engine=engine, max_tokens=args.max_tokens),
-            True: SACLLM(engine=engine, max_tokens=args.max_tokens, completion_to_prompt=in_chat_template(tokenizer))}
+    answerers = ways_of_asking(engine, retriever, args.max_tokens)
     command = shlex.join(["python", "benchmarks/followup_questions.py", *(sys.argv[1:] if argv is None else argv)])
     rows, per_way = [], {}
     for way in ways:
         start = time.time()
         answers, queries, hits = [], [], []
         for conversation in tqdm(chats, desc=way, unit="conversation"):
-            answer, query, hit = ask(way, conversation, engine, retriever, llms)
-            answers.append(answer)
-            queries.append(query)
-            hits.append(100.0 * hit)
+            answers.append(answerers[way](conversation))
+            queries.append(retriever.last_query)
+            hits.append(100.0 * (conversation.paragraph in retriever.last))
         golds = [list(c.answers) for c in chats]
         per_way[way] = {"recall": hits, "f1": score(answers, golds)["f1"]}
         rows.append({"method": way, "ratio": engine.compressor.config.ratio, "dataset": "squad-dev-followups",

@@ -77,7 +77,7 @@ def test_every_way_writes_a_scored_row_with_its_recall_and_command(workspace, tm
             if other is not row:
                 gain, low, high = row["paired"][other["method"]]["recall"]
                 assert gain == pytest.approx(row["recall_at_k"] - other["recall_at_k"]) and low <= gain <= high
-    original = rows[-1]["examples"]  # the question as SQuAD has it is what the retriever searched with
+    original = next(r for r in rows if r["method"] == "original-question")["examples"]  # searched with as it is
     assert sorted(e["query"] for e in original) == ["When does the ferry to the Gull Point stop?",
                                                     "Who painted Gull Point's lighthouse red?"]
 
@@ -90,7 +90,7 @@ def test_the_rewrite_in_the_chat_template_is_one_user_message_of_it(workspace):
         "<|im_start|>user\nRewrite: who?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_the_chat_template_way_is_refused_for_a_tokenizer_without_one(tmp_path, capsys):
+def test_the_chat_template_ways_are_refused_for_a_tokenizer_without_one(tmp_path, capsys):
     root = tmp_path / "plain"
     save_tiny_compressor(root)
     write_squad_dev(root, [{"context": PARAGRAPHS[0][0], "qas": [{"id": "q", "question": "Who?",
@@ -98,4 +98,5 @@ def test_the_chat_template_way_is_refused_for_a_tokenizer_without_one(tmp_path, 
     with pytest.raises(SystemExit):
         FOLLOWUPS.main(["--data-root", str(root / "data"), "--compressor", str(root / "compressor"),
                         "--results", str(tmp_path / "r.jsonl")])
-    assert "has no chat template: leave condensed-chat-template out of --ways" in capsys.readouterr().err
+    assert ("has no chat template: leave condensed-chat-template, langchain-rewrite-chat-template out of --ways"
+            in capsys.readouterr().err)
