@@ -12,7 +12,8 @@ Each conversation is built from SQuAD dev: two questions of one article that bot
 article's title as written (case-sensitive, so common nouns such as "teacher" do not qualify).
 The first is the history, answered with its gold answer; the second is asked with the title
 replaced by a pronoun ("When was the Rhine ..." -> "When was it ..."), so that it can only be
-retrieved through the history. The retriever searches all 2,067 dev paragraphs (MiniLM embeddings,
+retrieved through the history (some read awkwardly where the name is part of a longer one: "Sky
+Television" -> "it Television"; every way gets the same ones). The retriever searches all 2,067 dev paragraphs (MiniLM embeddings,
 faiss, top ``--k``); ``SACNodePostprocessor`` compresses what it returns, and ``SACLLM`` answers the
 follow-up from those caches in the compressor's layout. Ways (rows):
 
