@@ -4,7 +4,8 @@
 
 ``index.as_chat_engine()`` defaults to ``chat_mode="condense_plus_context"``: from the second turn
 on, the LLM first rewrites the latest message into a standalone question, and the retriever
-searches with that rewrite. The rewrite prompt names no compressed context, so the base model
+searches with that rewrite; LangChain's ``create_history_aware_retriever`` does the same with chat
+messages. The rewrite prompt names no compressed context, so the base model
 answers it (the decoder adapter reads caches only). This measures whether the rewrite helps, and
 whether it helps more in the base model's chat template than as written.
 
@@ -13,9 +14,9 @@ article's title as written (case-sensitive, so common nouns such as "teacher" do
 The first is the history, answered with its gold answer; the second is asked with the title
 replaced by a pronoun ("When was the Rhine ..." -> "When was it ..."), so that it can only be
 retrieved through the history (some read awkwardly where the name is part of a longer one: "Sky
-Television" -> "it Television"; every way gets the same ones). The retriever searches all 2,067 dev paragraphs (MiniLM embeddings,
-faiss, top ``--k``); ``SACNodePostprocessor`` compresses what it returns, and ``SACLLM`` answers the
-follow-up from those caches in the compressor's layout. Ways (rows):
+Television" -> "it Television"; every way gets the same ones). The retriever searches all 2,067
+dev paragraphs (MiniLM embeddings, faiss, top ``--k``); ``SACNodePostprocessor`` compresses what it
+returns, and ``SACLLM`` answers the follow-up from those caches in the compressor's layout. Ways (rows):
 
 * ``followup-as-asked``: no rewrite (``skip_condense=True``), the retriever reads the follow-up;
 * ``condensed-as-written``: the rewrite prompt read as written (``SACLLM``'s default);
@@ -26,8 +27,9 @@ follow-up from those caches in the compressor's layout. Ways (rows):
 * ``langchain-rewrite-sac-layout`` / ``langchain-rewrite-chat-template``: LangChain's conversational
   retrieval (``create_history_aware_retriever`` over ``SACContextCompressor`` and the same search, then
   ``create_retrieval_chain`` answering in the compressor's layout): ``ChatSAC`` rewrites the follow-up,
-  its messages laid out by its default (several messages: the compressor's layout) or in the base
-  model's chat template (``chat_template=True``).
+  its messages in the compressor's layout (``chat_template="sac"``, its default for them until
+  2026-12-06) or in the base model's chat template (``chat_template=True``; its default now picks
+  that for messages without compressed contexts).
 
 Rows: recall@k of the second question's own paragraph and SQuAD EM/F1 of the answers (bootstrap CIs),
 each against every other way, conversation by conversation (``paired``: mean difference and its
@@ -210,7 +212,7 @@ def ways_of_asking(engine: SACEngine, retriever: EmbeddingRetriever,
         "condensed-as-written": llamaindex(as_written, condense=True),
         "condensed-chat-template": llamaindex(templated, condense=True),
         "original-question": llamaindex(as_written, condense=False, original=True),
-        "langchain-rewrite-sac-layout": langchain(ChatSAC(engine=engine, max_tokens=max_tokens)),
+        "langchain-rewrite-sac-layout": langchain(ChatSAC(engine=engine, max_tokens=max_tokens, chat_template="sac")),
         "langchain-rewrite-chat-template": langchain(ChatSAC(engine=engine, max_tokens=max_tokens, chat_template=True)),
     }
 

@@ -38,6 +38,10 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
+# A ChatML chat template (SmolLM2-Instruct's format, among many), for the tiny tokenizer, which has none.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 

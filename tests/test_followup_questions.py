@@ -5,11 +5,9 @@ scored row with its retrieval recall, its differences from the other ways and it
 import json
 
 import pytest
-from conftest import load_benchmark, save_tiny_compressor, write_squad_dev
+from conftest import CHATML, load_benchmark, save_tiny_compressor, write_squad_dev
 
 FOLLOWUPS = load_benchmark("followup_questions")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 PARAGRAPHS = [
     ("The lighthouse on Gull Point was built in 1874.",

@@ -16,6 +16,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from sac_rag import Generation, InvalidInputError
+from sac_rag.handles import MARKER_PATTERN
 
 from ._base import LangChainSerializable, SACModelMethods, SACModelParams, generation_info, usage_metadata
 
@@ -33,11 +34,15 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
     - ``"sac"``: the conversation in that layout (``PromptTemplate.conversation``): the system
       messages - where a chain with history puts the documents' markers - as the context, then
       each human message as a question and each AI message as its answer;
-    - ``None`` (default): ``False`` for a single human message, ``"sac"`` for anything else;
-    - ``True``: the tokenizer's chat template (e.g. ChatML), which the compressor was not trained on.
+    - ``True``: the tokenizer's chat template (e.g. ChatML), which the compressor was not trained on;
+    - ``None`` (default): messages that name no compressed context - a history-aware retriever's
+      request to rewrite the question, a bare ``invoke("What is 2+2?")`` - in the chat template if the
+      tokenizer has one: the base model answers them, without the decoder adapter, and follows its
+      own format best (on 150 SQuAD-dev follow-ups the rewrite retrieved the right paragraph for 53.3%
+      in it, 34.0% in the compressor's layout; ``benchmarks/followup_questions.py``). Otherwise
+      ``False`` for a single human message, ``"sac"`` for anything else.
 
-    The decoder is trained to answer that layout: outside it, a bare ``invoke("What is 2+2?")``
-    usually gets an empty answer (the model ends it at once; a warning says so). Put questions in
+    The decoder is trained to answer compressed contexts in the SAC layout: put questions in
     ``sac_qa_prompt()`` (``create_sac_stuff_chain`` does).
 
     ``langchain_core.load.dumpd`` gives a constructor record of its settings, which ``load`` with
@@ -88,6 +93,13 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
         if not turns:
             raise InvalidInputError("no messages: pass at least the question")
         layout = self.chat_template
+        if layout is None and not any(MARKER_PATTERN.search(text) for _, text in turns):
+            tokenizer = self.get_engine().compressor.tokenizer  # no compressed context: the base model answers
+            if getattr(tokenizer, "chat_template", None):  # in its own format
+                try:
+                    return _in_chat_template(tokenizer, turns)
+                except Exception:  # noqa: BLE001 - a template refusing these turns (roles that do not alternate,
+                    pass  # say: jinja2's TemplateError), or no jinja2 to render it: the layout below
         if layout is None:  # one human message holds a whole prompt (a RAG chain's); several are a chat
             layout = False if len(turns) == 1 and turns[0][0] == "user" else "sac"
         if layout is False:
@@ -97,8 +109,7 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
         tokenizer = self.get_engine().compressor.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError("chat_template=True, but this model's tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
-                                             tokenize=False, add_generation_prompt=True)
+        return _in_chat_template(tokenizer, turns)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
         """The positions ``messages`` take as the model reads them (rendered as ``render`` does, a marker
@@ -155,6 +166,11 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
                                                       **info}),
             generation_info=info,
         )
+
+
+def _in_chat_template(tokenizer, turns: Sequence[tuple[str, str]]) -> str:
+    return tokenizer.apply_chat_template([{"role": role, "content": text} for role, text in turns],
+                                         tokenize=False, add_generation_prompt=True)
 
 
 def _text(message: BaseMessage) -> str:

@@ -50,10 +50,15 @@ def test_chain_keeping_every_token_answers_exactly_like_reading_the_text(tmp_pat
 
 @requires_smollm2
 @pytest.mark.real_model
-def test_a_bare_question_gets_an_empty_answer_and_a_warning_the_sac_layout_an_answer(caplog):
-    """The shipped decoder is trained on the SAC layout: outside it, on a bare question, it ends
-    its answer at once (EOS, whatever the stop strings), and the user is told why."""
-    llm = ChatSAC(max_tokens=8, stop=[])
+def test_a_bare_question_is_answered_in_the_chat_template_and_as_written_gets_an_empty_answer_and_a_warning(caplog):
+    """A bare question names no compressed context: by default ChatSAC gives it to the base model in
+    its chat template, and the instruction-tuned model answers it. Read as written
+    (``chat_template=False``), the shipped decoder ends its answer at once (EOS, whatever the stop
+    strings), and the user is told why; the SAC layout gets an answer."""
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        templated = ChatSAC(max_tokens=16, stop=[]).invoke("What is 2+2?")
+    assert "4" in templated.content and caplog.records == []
+    llm = ChatSAC(max_tokens=8, stop=[], chat_template=False)
     with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
         bare = llm.invoke("What is 2+2?")
     assert bare.content == "" and bare.response_metadata["finish_reason"] == "stop"

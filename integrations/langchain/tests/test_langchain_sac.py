@@ -13,6 +13,7 @@ import re
 import time
 
 import pytest
+from conftest import CHATML
 from langchain_classic.chains import create_retrieval_chain
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.callbacks import BaseCallbackHandler
@@ -454,6 +455,49 @@ def test_trim_messages_with_the_model_as_counter_keeps_a_conversation_within_the
     assert isinstance(chat.invoke(kept + [HumanMessage(content=turn)]).content, str)  # fits now
     assert SACLLM(engine=engine).get_token_ids("lighthouse") == engine.compressor.tokenizer.encode(
         "lighthouse", add_special_tokens=False)
+
+
+def test_messages_naming_no_compressed_context_are_read_in_the_base_models_chat_template(
+        engine, passages, monkeypatch):
+    """A history-aware retriever asks the model to rewrite the follow-up question, in messages that
+    name no compressed context: the base model answers them, in its own chat template (by default,
+    when its tokenizer has one), while the answer, which reads the documents' caches, stays in the
+    layout the compressor was trained with. ``chat_template=False`` or ``"sac"`` keep their layouts."""
+    from langchain_classic.chains import create_history_aware_retriever
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+
+    class FirstDocuments(KeywordRetriever):  # whatever the (random) model's rewrite says
+        def _get_relevant_documents(self, query: str, *, run_manager=None) -> list[Document]:
+            return self.documents[: self.k]
+
+    engine.compressor.tokenizer.chat_template = CHATML  # the tiny tokenizer has none
+    prompts = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda batch, config=None: prompts.extend(batch) or generate(batch, config))
+    rewrite = ChatPromptTemplate.from_messages([("system", "Rewrite the last question so that it stands alone."),
+                                                MessagesPlaceholder("chat_history"), ("human", "{input}")])
+    llm = ChatSAC(engine=engine, max_tokens=4, stop=[])
+    compressing = ContextualCompressionRetriever(base_compressor=SACContextCompressor(engine=engine),
+                                                 base_retriever=FirstDocuments(documents=documents(passages), k=2))
+    chain = create_retrieval_chain(create_history_aware_retriever(llm, compressing, rewrite),
+                                   create_sac_stuff_chain(llm, sac_qa_prompt(question_key="input")))
+    history = [("human", "When was the lighthouse on Gull Point built?"), ("ai", "1874")]
+    chain.invoke({"input": "And when was it painted red?", "chat_history": history})
+    assert prompts[0] == (
+        "<|im_start|>system\nRewrite the last question so that it stands alone.<|im_end|>\n"
+        "<|im_start|>user\nWhen was the lighthouse on Gull Point built?<|im_end|>\n<|im_start|>assistant\n1874"
+        "<|im_end|>\n<|im_start|>user\nAnd when was it painted red?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[-1].startswith("### Context:\n<sac:") and prompts[-1].endswith(
+        "### Question:\nAnd when was it painted red?\n### Answer:\n")
+    bare = [HumanMessage("What is 2+2?")]
+    assert llm.render(bare) == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert ChatSAC(engine=engine, chat_template=False).render(bare) == "What is 2+2?"
+    asked = [SystemMessage("Be brief."), HumanMessage("Who?")]
+    assert ChatSAC(engine=engine, chat_template="sac").render(asked) == engine.template.conversation(
+        [("system", "Be brief."), ("user", "Who?")])
+    engine.compressor.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    assert llm.render(asked) == engine.template.conversation([("system", "Be brief."), ("user", "Who?")])
 
 
 # -- LLM cache key, model names, serialization ---------------------------------------------------
