@@ -75,7 +75,7 @@ from sac_rag.data import Paragraph, read_qa  # noqa: E402
 from sac_rag.eval import at_least, check_results_file, dataset_path  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
 from sac_rag.handles import SACEngine  # noqa: E402
-from sac_rag.metrics import bootstrap_ci, headline_scores, headline_text, score  # noqa: E402
+from sac_rag.metrics import bootstrap_ci, headline_scores, headline_text, paired_difference, score  # noqa: E402
 from sac_rag.models import embedding_model_path  # noqa: E402
 from sac_rag.pipeline import DEFAULT_COMPRESSOR  # noqa: E402
 
@@ -141,9 +141,8 @@ def in_chat_template(tokenizer) -> Callable[[str], str]:
 
 
 def paired(values: list[float], other: list[float]) -> list[float]:
-    """Mean of ``values`` minus ``other``, item by item, with its bootstrap 95% CI: [mean, low, high]."""
-    differences = [a - b for a, b in zip(values, other)]
-    return [round(sum(differences) / len(differences), 2), *(round(x, 2) for x in bootstrap_ci(differences))]
+    """[mean, low, high] of ``values`` minus ``other`` with its paired bootstrap 95% CI, rounded for a row."""
+    return [round(x, 2) for x in paired_difference(values, other)]
 
 
 class LangChainSearch(LangChainRetriever):
@@ -245,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     retriever = EmbeddingRetriever([p.context for p in paragraphs], args.k)
     answerers = ways_of_asking(engine, retriever, args.max_tokens)
     command = shlex.join(["python", "benchmarks/followup_questions.py", *(sys.argv[1:] if argv is None else argv)])
+    golds = [list(c.answers) for c in chats]
     rows, per_way = [], {}
     for way in ways:
         start = time.time()
@@ -253,7 +253,6 @@ def main(argv: list[str] | None = None) -> None:
             answers.append(answerers[way](conversation))
             queries.append(retriever.last_query)
             hits.append(100.0 * (conversation.paragraph in retriever.last))
-        golds = [list(c.answers) for c in chats]
         per_way[way] = {"recall": hits, "f1": score(answers, golds)["f1"]}
         rows.append({"method": way, "ratio": engine.compressor.config.ratio, "dataset": "squad-dev-followups",
                      "n": len(chats), "seed": args.seed, "k": args.k, **headline_scores(answers, golds),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sac_rag.errors import exit_with_message
 from sac_rag.eval import add_subset_arguments, predictions_for, subset_questions
-from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, score
+from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, paired_difference, score
 
 
 def per_question_f1(path: Path, questions) -> list[float]:
@@ -54,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for index, spec in enumerate(specs):
         lo, hi = bootstrap_ci(f1[spec])
-        diff = [a - b for a, b in zip(f1[spec], base)]
-        dlo, dhi = bootstrap_ci(diff)
         delta = share = "-"
         if index:  # every file after the first, even one named twice (then +0.0, 100%)
-            delta = f"{sum(diff) / len(diff):+.1f} ({dlo:+.1f} to {dhi:+.1f})"
+            mean, dlo, dhi = paired_difference(f1[spec], base)
+            delta = f"{mean:+.1f} ({dlo:+.1f} to {dhi:+.1f})"
             share = share_of(f1[spec], base)
         print(f"| {_name(spec)} | {sum(f1[spec]) / len(f1[spec]):.1f} ({lo:.1f}-{hi:.1f}) | {delta} | {share} |")
     return 0

@@ -81,6 +81,17 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) 
     return _percentile_interval([sum(values[i] for i in sample) / n for sample in _resamples(n, resamples, seed)])
 
 
+def paired_difference(values: Sequence[float], reference: Sequence[float], resamples: int = 1000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` minus ``reference``, item by item (both scored on the same items), and its
+    95% bootstrap interval: (mean, low, high). One resample serves both, so the interval is much
+    tighter than comparing two separate intervals."""
+    if len(values) != len(reference) or not values:
+        raise ValueError("need the same, non-zero number of values and reference values")
+    differences = [a - b for a, b in zip(values, reference)]
+    return (sum(differences) / len(differences), *bootstrap_ci(differences, resamples, seed))
+
+
 def bootstrap_share_ci(values: Sequence[float], reference: Sequence[float], resamples: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
     """95% paired bootstrap interval of mean(values) / mean(reference), e.g. the share of an upper
