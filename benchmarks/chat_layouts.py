@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     questions = subset_questions(args)  # before the model loads: a bad --data-root fails at once
     torch.set_num_threads(args.threads)
     engine = SACEngine.shared(args.compressor, None, dtype=args.dtype)
+    engine.compressor.recommended_decoding = {}  # every way answers greedily, as its recorded rows did
     retriever = OwnParagraph()
     command = shlex.join(["python", "benchmarks/chat_layouts.py", *(sys.argv[1:] if argv is None else argv)])
     rows = []

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     chats = conversations(paragraphs, args.n, args.seed)
     torch.set_num_threads(args.threads)
     engine = SACEngine.shared(args.compressor, None, dtype=args.dtype)
+    engine.compressor.recommended_decoding = {}  # every way answers greedily, as its recorded rows did
     tokenizer = engine.compressor.tokenizer
     templated = [way for way in ways if way.endswith("chat-template")]
     if templated and not getattr(tokenizer, "chat_template", None):

@@ -114,6 +114,8 @@ class FullFTLLM(BaseLLM):
     generator: Any
     max_tokens: int = 32
     extractive: bool = False  # answers quote the prompt (the documents it reads as text)
+    num_beams: int = 1
+    mbr: bool = False
 
     @property
     def _llm_type(self) -> str:
@@ -121,7 +123,7 @@ class FullFTLLM(BaseLLM):
 
     def _config(self, stop):
         return GenerationConfig(max_new_tokens=self.max_tokens, stop=tuple(stop or ("\n",)),
-                                extractive=self.extractive)
+                                extractive=self.extractive, num_beams=self.num_beams, mbr=self.mbr)
 
     def _generate(self, prompts, stop=None, run_manager=None, **kwargs) -> LLMResult:
         sources = [[p] for p in prompts] if self.extractive else None
@@ -136,14 +138,14 @@ class FullFTLLM(BaseLLM):
 
 
 def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16",
-                base_model: str = "smollm2-135m") -> FullFTLLM:
+                base_model: str = "smollm2-135m", num_beams: int = 1, mbr: bool = False) -> FullFTLLM:
     """The Full-FT decoder on ``base_model`` (the compressor's: every row of a run reads the same
     model). An adapter trained on another base model is refused naming both (``load_decoder_adapter``)."""
     model, tokenizer = load_base_model(base_model, dtype=dtype)
     generator = Generator(model, tokenizer)  # the plain model's fingerprint, before the adapter wraps it
     decoder = load_decoder_adapter(model, adapter, base_model, generator.base_fingerprint)
     return FullFTLLM(generator=Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint),
-                     max_tokens=max_tokens, extractive=extractive)
+                     max_tokens=max_tokens, extractive=extractive, num_beams=num_beams, mbr=mbr)
 
 
 def store_documents(store_path: Path) -> list[Document]:
@@ -214,6 +216,17 @@ def time_to_first_token(chain, inputs) -> list[float]:
     return seconds
 
 
+def time_to_answer(chain, inputs) -> list[float]:
+    """Seconds from the question to the whole answer, one question at a time (what a decoding
+    with beams costs beyond its first token)."""
+    seconds = []
+    for item in inputs:
+        t0 = time.perf_counter()
+        chain.invoke(item)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=at_least(0), default=500, help="seeded question subset size (0 = all)")
@@ -228,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=at_least(1), default=32)
     parser.add_argument("--extractive", action="store_true", help="every method answers with a verbatim span of "
                         "what it reads (sac_rag.extractive); rows and predictions get an -extractive suffix")
+    parser.add_argument("--num-beams", type=at_least(1), default=1,
+                        help="beam search for every LLM-chain method (SAC, full text, Full-FT, truncation); rows "
+                        "and predictions get a -beamN suffix")
+    parser.add_argument("--mbr", action="store_true", help="of the finished beams, the answer with the highest "
+                        "expected F1 against the others (minimum Bayes risk; needs --num-beams > 1); suffix -mbr")
     parser.add_argument("--timing-samples", type=at_least(1), default=10,
                         help="questions timed at batch size 1 (also those whose tokens read are counted)")
     parser.add_argument("--methods", default=",".join(RAG_METHODS),
@@ -244,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.mbr and args.num_beams < 2:
+        parser.error("--mbr chooses among finished beams: give --num-beams 2 or more")
     unknown = set(args.methods.split(",")) - set(RAG_METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(RAG_METHODS)}")
@@ -270,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         export_retrieval(args.export_retrieval, questions, retrieved)
 
     llm = SACLLM(compressor=compressor, store=args.store, max_tokens=args.max_new_tokens, stop=["\n"],
-                 extractive=args.extractive)
+                 extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr)
     sac_retriever = ContextualCompressionRetriever(
         base_compressor=SACContextCompressor(compressor=compressor, store=args.store, on_miss="error"),
         base_retriever=retriever)
@@ -289,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
         full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive, args.dtype,
-                              compressor.config.base_model)
+                              compressor.config.base_model, args.num_beams, args.mbr)
         chains["full_ft"] = (retriever, text_chain(full_ft))
         shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
         truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
@@ -298,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     entry_bytes = kv_entry_bytes(compressor.base_model, compressor.dtype)  # K/V held per prompt position
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
               "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free",
-              "dtype": args.dtype, "command": command}
-    suffix = decoding_suffix(extractive=args.extractive)
+              "num_beams": args.num_beams, "mbr": args.mbr, "dtype": args.dtype, "command": command}
+    suffix = decoding_suffix(extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr)
     for name in args.methods.split(","):
         if name in ("kv_dropping", "kv_dropping_ft"):
             reading = [replace(q, passages=tuple(d.page_content for d in found))
@@ -317,19 +337,21 @@ def main(argv: list[str] | None = None) -> int:
         reads_adapter = name in ("full_ft", "truncate_ft")
         claim_predictions(cache, {"method": name, "ratio": ratio, "base_model": compressor.base_fingerprint,
                                   "adapter": adapter_fingerprint(args.full_ft_adapter) if reads_adapter else None,
-                                  "max_new_tokens": args.max_new_tokens, "extractive": args.extractive})
+                                  "max_new_tokens": args.max_new_tokens, "extractive": args.extractive,
+                                  **({"num_beams": args.num_beams, "mbr": args.mbr} if args.num_beams > 1 else {})})
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.
         end_to_end = {"context": method_retriever, "question": RunnablePassthrough()} | chain
         ttft = time_to_first_token(end_to_end, [q.question for q in questions[:args.timing_samples]])
+        answer_s = time_to_answer(end_to_end, [q.question for q in questions[:args.timing_samples]])
         read_usage = UsageTotals()
         chain.batch(inputs[:max(1, len(ttft))], config={"callbacks": [read_usage]})
         row = {
             "method": label, "ratio": ratio if name in ("sac", "truncate_ft") else 1,
             "dataset": f"squad-dev-rag-top{args.k}",
             "n": scores.pop("n"), **scores,
-            "ttft_s": statistics.median(ttft),
+            "ttft_s": statistics.median(ttft), "answer_s": statistics.median(answer_s),
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
             "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
             "kv_bytes_per_query": entry_bytes * read_usage.input_tokens / max(1, read_usage.calls),
@@ -346,10 +368,10 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     adapter = args.full_ft_adapter if name.endswith("_ft") else None
     method = build_method("kv_dropping", base_model, ratio, None, None, args.dtype, adapter)
     label = (f"rag-kv-dropping-{ratio}x" + ("+fullft-decoder" if adapter else "")
-             + decoding_suffix(extractive=args.extractive))
+             + decoding_suffix(extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr))
     cache = prediction_cache(args.results, label, method.compressor, args.dtype, f"squad-dev-top{args.k}",
                              len(questions), args.seed)
-    config = answer_config(args.max_new_tokens, extractive=args.extractive)
+    config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr)
     claim_predictions(cache, prediction_settings(method, config, adapter))
     scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, config)
     ttft, read = [], []

@@ -30,6 +30,7 @@ from .devices import input_device, resolve_device, resolve_dtype
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write, fsync_dir
 from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
+from .generation import check_recommended_decoding
 from .kv import AnchorKV
 from .models import load_base_model
 from .rope import KeyRotator
@@ -42,6 +43,7 @@ WEIGHTS_FILE = "compressor.safetensors"
 PENDING_WEIGHTS_FILE = ".compressor.safetensors.pending"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
+RECOMMENDED_DECODING = "recommended_decoding"  # config.json's key (SACCompressor.recommended_decoding)
 
 
 def _naming_model(config: SACConfig, model) -> SACConfig:
@@ -82,6 +84,12 @@ class SACCompressor(torch.nn.Module):
 
     >>> compressor = SACCompressor.from_pretrained("smollm2-135m-sac-5x")   # doctest: +SKIP
     >>> chunks = compressor.compress("Some retrieved passage ...")          # doctest: +SKIP
+
+    ``recommended_decoding``: the decoding its scores were measured with (say ``{"num_beams": 8,
+    "mbr": True}``; empty: the library's greedy default), saved in its ``config.json``. ``SAC``,
+    ``SACEngine`` and the framework wrappers decode with it where the caller leaves a setting unset
+    (``GenerationConfig.with_recommended``). It is not part of the fingerprint: it changes answers,
+    not caches.
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class SACCompressor(torch.nn.Module):
                 f"chunk_len={config.chunk_len} exceeds the model's {max_positions} positions"
             )
         self._fingerprint_cache: tuple[tuple, str] | None = None
+        self._recommended_decoding: dict = {}
         self._lora_parameters: list[torch.nn.Parameter] | None = None
         self._lora_layers: list[torch.nn.Module] | None = None
 
@@ -224,6 +233,14 @@ class SACCompressor(torch.nn.Module):
         self._fingerprint_cache = None
 
     # -- properties -------------------------------------------------------------------------
+
+    @property
+    def recommended_decoding(self) -> dict:
+        return dict(self._recommended_decoding)
+
+    @recommended_decoding.setter
+    def recommended_decoding(self, settings: dict) -> None:
+        self._recommended_decoding = check_recommended_decoding(settings, "SACCompressor.recommended_decoding")
 
     @property
     def base_model(self):
@@ -543,6 +560,7 @@ class SACCompressor(torch.nn.Module):
             "base_fingerprint": self.base_fingerprint,
             "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            **({RECOMMENDED_DECODING: self._recommended_decoding} if self._recommended_decoding else {}),
         }
         _finish_killed_save(directory)  # else the pending weights config.json names would be overwritten
         atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
@@ -571,6 +589,7 @@ class SACCompressor(torch.nn.Module):
         compressor._check_base_model(meta, directory, f"load it with base model {config.base_model!r} or train a "
                                      "compressor for this model")
         compressor._load_tensors(st_load(data), directory)
+        compressor._recommended_decoding = dict(meta.get(RECOMMENDED_DECODING, {}))  # checked by _read_config
         return compressor
 
     def load_weights(self, directory: str | os.PathLike) -> None:
@@ -717,6 +736,25 @@ def _read_config(directory: Path) -> dict:
     if damaged:
         raise CheckpointError(f"{path} lacks a valid {', '.join(map(repr, damaged))}: the checkpoint is damaged or "
                               "was edited by hand; copy it again or save it again with save_pretrained")
+    if RECOMMENDED_DECODING in meta:
+        try:
+            check_recommended_decoding(meta[RECOMMENDED_DECODING], str(path))
+        except InvalidInputError as err:
+            raise CheckpointError(f"{err}; correct it with sac_rag.compressor.recommend_decoding") from None
+    return meta
+
+
+def recommend_decoding(name_or_path: str | os.PathLike, settings: dict) -> dict:
+    """Record in a saved compressor the decoding its scores were measured with (``settings``, say
+    ``{"num_beams": 8, "mbr": True}``; ``{}`` removes it), without loading it: ``config.json`` is
+    rewritten atomically, the weights and fingerprint stay as they are. Returns the new ``config.json``."""
+    directory = resolve_pretrained(name_or_path)
+    meta = _read_config(directory)
+    meta.pop(RECOMMENDED_DECODING, None)
+    settings = check_recommended_decoding(settings, "recommend_decoding's settings")
+    if settings:
+        meta[RECOMMENDED_DECODING] = settings
+    atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
     return meta
 
 

@@ -126,23 +126,64 @@ class GenerationConfig:
             raise InvalidInputError(f"stop_token_ids must be token ids (whole numbers), got {self.stop_token_ids!r}")
 
     @classmethod
-    def from_call(cls, defaults: object, call: Mapping[str, Any],
-                  stop: Iterable[str] | None = None) -> GenerationConfig:
+    def from_call(cls, defaults: object, call: Mapping[str, Any], stop: Iterable[str] | None = None,
+                  recommended: Mapping[str, Any] | None = None) -> GenerationConfig:
         """One call's settings in a framework wrapper: ``max_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``seed``, ``extractive``, ``num_beams``, ``length_penalty`` and ``mbr`` from the call's
         keyword arguments, else the wrapper's attributes of those names; stop strings are the
-        wrapper's ``stop`` and then the call's, once each."""
+        wrapper's ``stop`` and then the call's, once each. ``recommended`` (the compressor's
+        ``recommended_decoding``) fills the settings that neither the call nor the wrapper (a pydantic
+        model: the fields it was built or assigned with) chose, unless what was chosen does not
+        combine with it (``temperature`` > 0 or ``extractive`` with beams, ``num_beams=1`` with
+        ``mbr``): then it is left out whole."""
+        chosen = {*call, *getattr(defaults, "model_fields_set", ())}
+
         def setting(name: str) -> Any:
             return call.get(name, getattr(defaults, name))
 
         stops = dict.fromkeys([*(getattr(defaults, "stop", None) or []), *(stop or [])])
-        return cls(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"), top_k=setting("top_k"),
-                   top_p=setting("top_p"), seed=setting("seed"), stop=tuple(s for s in stops if s),
-                   extractive=setting("extractive"), num_beams=setting("num_beams"),
-                   length_penalty=setting("length_penalty"), mbr=setting("mbr"))
+        settings = dict(max_new_tokens=setting("max_tokens"), temperature=setting("temperature"),
+                        top_k=setting("top_k"), top_p=setting("top_p"), seed=setting("seed"),
+                        stop=tuple(s for s in stops if s), extractive=setting("extractive"),
+                        num_beams=setting("num_beams"), length_penalty=setting("length_penalty"), mbr=setting("mbr"))
+        return cls(**settings).with_recommended(recommended, chosen)
+
+    def with_recommended(self, recommended: Mapping[str, Any] | None, chosen: Iterable[str] = ()) -> GenerationConfig:
+        """This config with a compressor's ``recommended`` decoding in every setting not in ``chosen``,
+        or this config as it is if the two do not combine (say ``extractive=True`` chosen and beams
+        recommended)."""
+        filled = {k: v for k, v in (recommended or {}).items() if k not in set(chosen)}
+        if not filled:
+            return self
+        try:
+            return replace(self, **filled)
+        except InvalidInputError:
+            return self
 
 
 _SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # the seeds torch.Generator.manual_seed takes
+
+DECODING_STRATEGY = ("temperature", "top_k", "top_p", "num_beams", "length_penalty", "mbr", "extractive")
+"""The settings that choose how an answer is decoded (not how long it may be, where it stops or its
+seed). A compressor's ``recommended_decoding`` holds only these, and fills those a caller leaves unset
+(``GenerationConfig.with_recommended``)."""
+
+
+def check_recommended_decoding(settings: object, source: str) -> dict[str, Any]:
+    """A recommended decoding as a plain dict, refused (``InvalidInputError`` naming ``source``) unless
+    it is a mapping of ``DECODING_STRATEGY`` settings that ``GenerationConfig`` takes together."""
+    if not isinstance(settings, Mapping):
+        raise InvalidInputError(f"the recommended decoding in {source} must be a mapping of decoding settings, "
+                                f"e.g. {{'num_beams': 8, 'mbr': True}}, got {settings!r}")
+    unknown = set(settings) - set(DECODING_STRATEGY)
+    if unknown:
+        raise InvalidInputError(f"the recommended decoding in {source} names {sorted(unknown)}: it may set only "
+                                f"{', '.join(DECODING_STRATEGY)}")
+    try:
+        GenerationConfig(**settings)
+    except InvalidInputError as err:
+        raise InvalidInputError(f"the recommended decoding in {source} is not a valid decoding: {err}") from None
+    return dict(settings)
 
 
 def _as_tuple(value: Any, single: type, name: str, what: str) -> tuple:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compressor import CONFIG_FILE, SACCompressor, resolve_pretrained
+from .compressor import CONFIG_FILE, RECOMMENDED_DECODING, SACCompressor, checkpoint_meta, resolve_pretrained
 from .config import PromptTemplate, SACConfig
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
@@ -678,6 +678,20 @@ class SACEngine:
             return PromptTemplate()  # loading will report what is wrong with the compressor
 
     @property
+    def recommended_decoding(self) -> dict:
+        """The compressor's ``recommended_decoding`` (read without loading weights; empty if its
+        checkpoint cannot be read: loading will report why)."""
+        if self._loaded is not None:
+            return self._loaded.compressor.recommended_decoding
+        spec = self.compressor_spec
+        if isinstance(spec, SACCompressor):
+            return spec.recommended_decoding
+        try:
+            return dict(checkpoint_meta(spec).get(RECOMMENDED_DECODING, {}))
+        except (SACError, OSError, ValueError, TypeError):
+            return {}
+
+    @property
     def chunk_tokens(self) -> int:
         """Tokens per stored chunk: the store's setting (``precompress --chunk-tokens``) if it has
         one, else the compressor's maximum."""
@@ -1019,8 +1033,9 @@ class SACEngine:
 
     def generate(self, prompts: Sequence[str | Sequence[Segment]],
                  config: GenerationConfig | None = None) -> list[Generation]:
-        """Answer each prompt (a string with markers, or ready segments). Calls made while the
-        model is busy are queued and decoded together when it is free (one batch per config)."""
+        """Answer each prompt (a string with markers, or ready segments) with ``config``, by default
+        the compressor's ``recommended_decoding``. Calls made while the model is busy are queued and
+        decoded together when it is free (one batch per config)."""
         return self._generate(prompts, config, _Call())
 
     async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
@@ -1041,7 +1056,7 @@ class SACEngine:
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         try:
-            config = _engine_config(config)  # refused, the call releases its chunks too
+            config = _engine_config(config, self.recommended_decoding)  # refused, the call releases its chunks too
             requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
             state = self._state()
             with self._pending_lock:
@@ -1148,7 +1163,7 @@ class SACEngine:
         ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set. However
         it ends, it releases the chunks of the prompt."""
         try:
-            config = _engine_config(config)
+            config = _engine_config(config, self.recommended_decoding)
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()
@@ -1234,10 +1249,11 @@ class SACEngine:
             request.result = result
 
 
-def _engine_config(config: GenerationConfig | None) -> GenerationConfig:
-    """A call's decoding settings, refusing context-aware decoding: it reads each prompt beside the
-    same prompt without its contexts, which a prompt string with markers does not give."""
-    config = config or GenerationConfig()
+def _engine_config(config: GenerationConfig | None, recommended: dict) -> GenerationConfig:
+    """A call's decoding settings (without ``config``, the compressor's ``recommended`` decoding),
+    refusing context-aware decoding: it reads each prompt beside the same prompt without its
+    contexts, which a prompt string with markers does not give."""
+    config = config or GenerationConfig().with_recommended(recommended)
     if config.context_contrast:
         raise InvalidInputError("context_contrast (context-aware decoding) needs each prompt without its contexts, "
                                 "which SACEngine and the framework wrappers are not given: use SAC.answer, or "

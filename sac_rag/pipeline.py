@@ -22,10 +22,16 @@ from .models import load_base_model
 from .workers import relayed
 
 Context = str | AnchorKV | Sequence[AnchorKV]
+LAYOUT_STOP = ("\n###",)  # the next section of the compressor's prompt layout
 
 
 class SAC:
     """Compress contexts and answer questions from them with the frozen decoder.
+
+    ``generation``: how calls that pass no ``config`` decode; by default the compressor's
+    ``recommended_decoding`` (the shipped compressor's: 8 beams + minimum Bayes risk, what its scores
+    were measured with), else greedy. ``extractive=True`` on a call without ``config`` then decodes
+    greedily (beams and quoting do not combine).
 
     ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
     weights (``Generator.from_compressor``): faster answers for one more copy of the adapted
@@ -44,7 +50,9 @@ class SAC:
         self._lock = model_lock(compressor)
         self.generator = Generator.from_compressor(compressor, merge_decoder)
         self.template = compressor.config.prompt
-        self.generation = _config(generation, "generation") or GenerationConfig(stop=("\n###",))
+        self._chose_generation = _config(generation, "generation") is not None
+        self.generation = generation or GenerationConfig(stop=LAYOUT_STOP).with_recommended(
+            compressor.recommended_decoding)
 
     @classmethod
     def from_pretrained(
@@ -153,9 +161,12 @@ class SAC:
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
         """The call's decoding settings and, for extractive answers, the texts each may quote."""
-        config = _config(config, "config") or self.generation
+        chosen = _config(config, "config")
+        config = chosen or self.generation
         if not (extractive or config.extractive):
             return config, None
+        if chosen is None and not self._chose_generation:  # asking for quotes chooses the decoding: greedy
+            config = GenerationConfig(stop=LAYOUT_STOP)
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
     def _check_room(self, texts: list[str], contexts: list[Context], question: str = "",

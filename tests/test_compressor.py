@@ -738,3 +738,50 @@ def test_saving_into_a_directory_holding_another_programs_config_json_is_refused
         _compressor(tiny).save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "config.json").read_text() == before
     assert not (tmp_path / "model" / "compressor.safetensors").exists()
+
+
+def test_a_recommended_decoding_is_saved_loaded_and_leaves_the_fingerprint_alone(tiny, tmp_path):
+    comp = _compressor(tiny)
+    assert comp.recommended_decoding == {}  # none: callers decode greedily
+    fingerprint = comp.fingerprint
+    comp.recommended_decoding = {"num_beams": 8, "mbr": True}
+    assert comp.fingerprint == fingerprint  # it changes answers, not caches
+    path = comp.save_pretrained(tmp_path / "ckpt")
+    assert checkpoint_meta(path)["recommended_decoding"] == {"num_beams": 8, "mbr": True}
+    model, tokenizer = make_tiny_llama()
+    loaded = SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    assert loaded.recommended_decoding == {"num_beams": 8, "mbr": True} and loaded.fingerprint == fingerprint
+    loaded.recommended_decoding["num_beams"] = 2  # a copy: the compressor's own is changed only by assigning
+    assert loaded.recommended_decoding == {"num_beams": 8, "mbr": True}
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"num_beams": 4, "max_new_tokens": 9}, r"names \['max_new_tokens'\]: it may set only"),
+    ({"mbr": True}, "not a valid decoding: mbr chooses among beam search's answers"),
+    ({"num_beams": 4, "extractive": True}, "not a valid decoding: beam search"),
+    ([("num_beams", 4)], "must be a mapping"),
+])
+def test_a_recommended_decoding_that_is_no_decoding_is_refused(tiny, settings, message):
+    comp = _compressor(tiny)
+    with pytest.raises(InvalidInputError, match=message):
+        comp.recommended_decoding = settings
+    assert comp.recommended_decoding == {}
+
+
+def test_recommend_decoding_rewrites_only_the_config_and_a_bad_one_on_disk_is_refused_naming_the_file(tiny, tmp_path):
+    from sac_rag.compressor import recommend_decoding
+
+    path = _compressor(tiny).save_pretrained(tmp_path / "ckpt")
+    weights, before = (path / "compressor.safetensors").read_bytes(), checkpoint_meta(path)
+    assert recommend_decoding(path, {"num_beams": 4, "length_penalty": 0.0}) == {
+        **before, "recommended_decoding": {"num_beams": 4, "length_penalty": 0.0}}
+    assert (path / "compressor.safetensors").read_bytes() == weights
+    model, tokenizer = make_tiny_llama()
+    assert SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer).recommended_decoding == {
+        "num_beams": 4, "length_penalty": 0.0}
+    assert "recommended_decoding" not in recommend_decoding(path, {})  # removed
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**meta, "recommended_decoding": {"num_beams": 0}}))
+    with pytest.raises(CheckpointError, match=r"config.json is not a valid decoding: num_beams must be >= 1.*"
+                                              "recommend_decoding"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)

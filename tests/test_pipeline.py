@@ -92,3 +92,30 @@ def test_a_question_of_a_batch_too_long_for_the_model_is_named_before_anything_i
     monkeypatch.setattr(sac.compressor, "compress_batch", lambda *a, **kw: pytest.fail("compressed"))
     with pytest.raises(PromptTooLongError, match="question 1: the contexts hold"):
         sac.answer_batch(["Who?", "When?"], [[TEXT], [TEXT * 8]])
+
+
+def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice_of_the_callers_wins(tiny, monkeypatch):
+    from sac_rag import SAC, GenerationConfig, Generator, SACCompressor, SACConfig
+
+    model, tokenizer = tiny
+    compressor = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8),
+                               model=model, tokenizer=tokenizer)
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    used = []
+    decode = Generator.generate_batch
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, prompts, config=None, *rest: (
+        used.append(config), decode(self, prompts, config, *rest))[1])
+    sac = SAC(compressor)
+    recommended = sac.answer("Who?", [TEXT])
+    assert (used[-1].num_beams, used[-1].mbr, used[-1].stop) == (3, True, ("\n###",))
+    assert recommended.token_ids == sac.answer("Who?", [TEXT], config=GenerationConfig(
+        num_beams=3, mbr=True, stop=("\n###",))).token_ids  # the same answer as asking for it
+    sac.answer("Who?", [TEXT], config=GenerationConfig(max_new_tokens=5))
+    assert (used[-1].num_beams, used[-1].mbr) == (1, False)  # the call's config, whole
+    sac.answer("Who?", [TEXT], extractive=True)  # quotes do not combine with beams: greedy quotes
+    assert (used[-1].num_beams, used[-1].extractive, used[-1].stop) == (1, True, ("\n###",))
+    chosen = SAC(compressor, GenerationConfig(max_new_tokens=4))
+    chosen.answer_batch(["Who?"], [[TEXT]])
+    assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 4)  # the SAC's own generation, whole
+    with pytest.raises(InvalidInputError, match="beam search"):  # chosen beams and asked-for quotes: refused
+        SAC(compressor, GenerationConfig(num_beams=2)).answer("Who?", [TEXT], extractive=True)

@@ -194,8 +194,24 @@ def test_a_store_filled_by_another_compressor_is_refused(first_run, workspace, t
     assert not (tmp_path / "rag.jsonl").exists()
 
 
+def test_beam_search_rows_are_named_apart_and_answer_with_the_beams(workspace, tmp_path, monkeypatch):
+    searched = []
+    search = RAG.Generator._search
+    monkeypatch.setattr(RAG.Generator, "_search", lambda self, state, config, plain: (
+        searched.append((config.num_beams, config.mbr)), search(self, state, config, plain))[1])
+    results = tmp_path / "rag.jsonl"
+    assert RAG.main(_args(workspace, results, "--methods", "sac,full_ft,kv_dropping", "--num-beams", "2",
+                          "--mbr")) == 0
+    rows = _rows(results)
+    assert [r["method"] for r in rows] == ["rag-sac-2x-beam2-mbr", "rag-full-ft-beam2-mbr",
+                                           "rag-kv-dropping-2x-beam2-mbr"]
+    assert all(r["num_beams"] == 2 and r["mbr"] for r in rows)
+    assert set(searched) == {(2, True)} and len(searched) >= 3 * 3  # every method's every question
+    assert all(r["answer_s"] > 0 for r in rows[:2])  # whole answers, one question at a time, were timed
+
+
 @pytest.mark.parametrize("option", [["--timing-samples", "0"], ["--k", "0"], ["--batch-size", "0"], ["--n", "-1"],
-                                    ["--methods", "sac,magic"]])
+                                    ["--methods", "sac,magic"], ["--mbr"], ["--num-beams", "0"]])
 def test_options_out_of_range_are_refused_by_the_parser(workspace, tmp_path, option):
     with pytest.raises(SystemExit) as exit_:
         RAG.main(_args(workspace, tmp_path / "rag.jsonl", *option))

@@ -222,7 +222,7 @@ class SACModelParams(SACEngineSettings):
             "compressor_fingerprint": fingerprint,
             "store": spec_name(store),
             "dtype": engine.dtype if engine is not None else self.dtype,
-            **{name: getattr(self, name) for name in DECODING_SETTINGS},
+            **self.decoding_params(),
             "model_stop": list(self.stop or []),  # LangChain puts the per-call stop under "stop"
         }
 
@@ -231,8 +231,18 @@ class SACModelParams(SACEngineSettings):
         """The prompt layout the compressor was trained with (no weights loaded)."""
         return self.get_engine().template
 
+    def decoding_params(self, **call: Any) -> dict[str, Any]:
+        """The decoding settings (``DECODING_SETTINGS``) a call with these arguments uses, as
+        ``generation_config`` resolves them with the compressor's recommendation: what cache keys
+        must hold, as the model's fields and the call's arguments alone do not say it."""
+        config = self.generation_config(**{k: v for k, v in call.items() if k in CALL_ARGUMENTS})
+        return {name: getattr(config, "max_new_tokens" if name == "max_tokens" else name) for name in DECODING_SETTINGS}
+
     def generation_config(self, stop: list[str] | None = None, **kwargs: Any) -> GenerationConfig:
-        """Decoding settings of one call: the model's, overridden by per-call keyword arguments."""
+        """Decoding settings of one call: the model's, overridden by per-call keyword arguments;
+        the compressor's ``recommended_decoding`` (read without loading weights; the shipped one's:
+        8 beams + MBR) fills the settings neither chose, unless it does not combine with them
+        (``GenerationConfig.with_recommended``: ``num_beams=1`` gives greedy answers)."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - set(CALL_ARGUMENTS)
         if unknown:
@@ -241,7 +251,7 @@ class SACModelParams(SACEngineSettings):
         if kwargs.get("model") not in (None, self.model_name, self.compressor_spec):
             raise InvalidInputError(
                 f"this model serves {self.model_name!r}; build another SAC model for {kwargs['model']!r}")
-        return GenerationConfig.from_call(self, kwargs, stop)
+        return GenerationConfig.from_call(self, kwargs, stop, self.get_engine().recommended_decoding)
 
 
 def usage_metadata(generation: Generation) -> UsageMetadata:

@@ -73,7 +73,8 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
         the compressor's fingerprint) and the call's arguments - not the serialized record that
         ``BaseChatModel`` keys serializable models by, which names a loaded compressor only by its
         base model (two compressors on one base model would share cached answers)."""
-        return str(sorted({**self._get_invocation_params(stop=stop, **kwargs), **kwargs}.items()))
+        return str(sorted({**self._get_invocation_params(stop=stop, **kwargs), **kwargs,
+                           **self.decoding_params(**kwargs)}.items()))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(

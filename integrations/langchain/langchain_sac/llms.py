@@ -57,7 +57,8 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {**self.identifying_params(), **(_CALL_ARGUMENTS.get() or {})}
+        call = _CALL_ARGUMENTS.get() or {}
+        return {**self.identifying_params(), **call, **self.decoding_params(**call)}
 
     def generate(self, *args: Any, **kwargs: Any) -> LLMResult:
         token = _CALL_ARGUMENTS.set({k: v for k, v in kwargs.items() if k in CALL_ARGUMENTS})

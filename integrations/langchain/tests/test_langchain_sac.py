@@ -594,6 +594,35 @@ def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cl
     assert len(c0) == 2 and c0[-1].num_beams == 2  # a per-call setting is part of the key too
 
 
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(cls, tmp_path, compressor, llm_cache,
+                                                                                 monkeypatch):
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    path = str(compressor.save_pretrained(tmp_path / "ckpt"))
+    llm = cls(compressor=path, max_tokens=6, stop=[])
+    config = llm.generation_config()
+    assert (config.num_beams, config.mbr, config.max_new_tokens) == (3, True, 6) and not llm.get_engine().loaded
+    # What the model or the call chooses wins; the recommendation fills the rest where it combines with it.
+    chosen = [cls(compressor=path, num_beams=2).generation_config(), llm.generation_config(num_beams=1),
+              cls(compressor=path, extractive=True).generation_config(), llm.generation_config(temperature=0.5),
+              cls(compressor=path, extractive=False, temperature=0.0).generation_config()]
+    assert [(c.num_beams, c.mbr, c.extractive, c.temperature) for c in chosen] == [
+        (2, True, False, 0.0), (1, False, False, 0.0), (1, False, True, 0.0), (1, False, False, 0.5),
+        (3, True, False, 0.0)]
+    # Cached answers are keyed by the decoding used, not by the model's fields, which do not say it.
+    assert _cache_key(cls(compressor=path)) != _cache_key(cls(compressor=path, num_beams=1))
+    assert _cache_key(cls(compressor=path)) == _cache_key(cls(compressor=path, num_beams=3, mbr=True))
+    engine = SACEngine(compressor)  # the same compressor, loaded (the tiny model has no directory to load from)
+    llm = cls(engine=engine, max_tokens=6, stop=[])
+    calls = _counting(engine, monkeypatch)
+    text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
+    recommended = text(llm.invoke(CACHE_PROMPT))
+    greedy = text(llm.invoke(CACHE_PROMPT, num_beams=1))  # decoded again, not the cached answer
+    assert [(c.num_beams, c.mbr) for c in calls] == [(3, True), (1, False)]
+    assert recommended == engine.generate([CACHE_PROMPT], calls[0])[0].text
+    assert greedy == engine.generate([CACHE_PROMPT], calls[1])[0].text
+
+
 def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):
     compressor.save_pretrained(tmp_path / "ckpt")
     llm = ChatSAC(compressor=str(tmp_path / "ckpt"), store=str(tmp_path / "s"))

@@ -138,6 +138,27 @@ def test_beam_search_is_a_setting_of_the_llm_and_of_each_call(engine, passages, 
     assert [r.delta for r in beams.stream_complete(prompt, formatted=True) if r.delta] == [answer]  # one piece
 
 
+def test_an_llm_left_on_default_decoding_answers_as_its_compressor_recommends(compressor, passages, tmp_path,
+                                                                              monkeypatch):
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    path = str(compressor.save_pretrained(tmp_path / "ckpt"))
+    assert (SACLLM(compressor=path).generation_config().num_beams, SACLLM(compressor=path).engine.loaded) == (3, False)
+    engine = SACEngine(compressor)  # the same compressor, loaded (the tiny model has no directory to load from)
+    configs = []
+    original = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, config=None: (configs.append(config),
+                                                                          original(prompts, config))[1])
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[0])), query_str="When?")
+    recommended = SACLLM(engine=engine, max_tokens=6, stop=[])
+    assert recommended.complete(prompt, formatted=True).text == SACLLM(
+        engine=engine, max_tokens=6, stop=[], num_beams=3, mbr=True).complete(prompt, formatted=True).text
+    recommended.complete(prompt, formatted=True, num_beams=1)  # a call's choice wins; MBR needs beams: greedy
+    SACLLM(engine=engine, max_tokens=6, stop=[], extractive=True).complete(prompt, formatted=True)  # quotes: greedy
+    SACLLM(engine=engine, max_tokens=6, stop=[], num_beams=2).complete(prompt, formatted=True)  # MBR fills the rest
+    assert [(c.num_beams, c.mbr, c.extractive) for c in configs] == [
+        (3, True, False), (3, True, False), (1, False, False), (1, False, True), (2, True, False)]
+
+
 def test_async_query_gives_the_same_answer(engine, passages):
     question = "Who keeps bees behind the old mill?"
     sync = query_engine(engine, passages).query(question)

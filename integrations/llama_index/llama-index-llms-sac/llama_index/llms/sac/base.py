@@ -213,7 +213,10 @@ class SACLLM(CustomLLM):
 
     def generation_config(self, **kwargs: Any) -> GenerationConfig:
         """One call's decoding settings: the LLM's, overridden by the call's keyword arguments
-        (unknown ones are refused, naming those accepted)."""
+        (unknown ones are refused, naming those accepted); the compressor's ``recommended_decoding``
+        (read without loading weights; the shipped one's: 8 beams + MBR) fills the settings neither
+        chose, unless it does not combine with them (``GenerationConfig.with_recommended``:
+        ``num_beams=1`` gives greedy answers)."""
         unknown = set(kwargs) - set(CALL_ARGUMENTS)
         if unknown:
             raise InvalidInputError(
@@ -221,7 +224,7 @@ class SACLLM(CustomLLM):
         model = kwargs.get("model")
         if model is not None and model != self.model_name and model is not self.engine.compressor_spec:
             raise InvalidInputError(f"this LLM serves {self.model_name!r}; build another SACLLM for {model!r}")
-        return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"))
+        return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"), self.engine.recommended_decoding)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         """The prompt the model reads: LlamaIndex's synthesizers join the nodes' markers with blank
