@@ -96,6 +96,7 @@ def test_each_shipped_compressor_loads_offline_by_name_and_compresses_at_its_rat
     compressor = SACCompressor.from_pretrained(name, device="cpu")
     (chunk,) = compressor.compress(CONTEXT)
     assert compressor.config.ratio == ratio and chunk.keys.shape[2] == -(-(chunk.n_tokens - (ratio - 1) // 2) // ratio)
+    assert compressor.recommended_decoding == {"num_beams": 8, "mbr": True}  # what its model card's scores read with
 
 
 def test_missing_model_package_error_names_the_package(monkeypatch, tmp_path):
