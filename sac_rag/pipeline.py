@@ -151,13 +151,19 @@ class SAC:
         now; decoding starts at the first piece asked for, in a worker thread holding the model, so
         other calls made while the stream is half read (``compress``, ``answer``, another stream) wait
         at most until this answer is decoded, and each reads the model in its own state. Closing the
-        stream early stops the decoding at the next token."""
+        stream early stops the decoding at the next token. With beam search, which settles on its
+        answer only at the end, the answer comes in one piece, decoded in the calling thread
+        (``SACEngine.stream`` says why)."""
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
-        return relayed(lambda stop: _holding(self._lock, lambda: self.generator.stream(
-            prompt, config, sources and sources[0], contrast and contrast[0])))
+        def pieces() -> Iterator[str]:
+            return self.generator.stream(prompt, config, sources and sources[0], contrast and contrast[0])
+
+        if config.num_beams > 1:
+            return _decoded_at_once(self._lock, pieces)
+        return relayed(lambda stop: _holding(self._lock, pieces))
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
         """The call's decoding settings and, for extractive answers, the texts each may quote."""
@@ -201,6 +207,14 @@ def _holding(lock: threading.Lock, pieces: Callable[[], Iterator[str]]) -> Itera
     iteration is closed)."""
     with lock:
         yield from pieces()
+
+
+def _decoded_at_once(lock: threading.Lock, pieces: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """Every piece of ``pieces()``, decoded holding ``lock`` in the calling thread when the first is
+    asked for, then handed out with the lock released (the caller may use the model between them)."""
+    with lock:
+        decoded = list(pieces())
+    yield from decoded
 
 
 def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,

@@ -348,10 +348,11 @@ def test_bounded_memory_drops_the_least_recently_used_first():
     assert not memory.was_evicted("b") and memory.nbytes == 30
 
 
-def test_a_half_read_stream_does_not_block_other_calls_from_the_same_thread(compressor, store):
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_half_read_stream_does_not_block_other_calls_from_the_same_thread(compressor, store, num_beams):
     engine = SACEngine(compressor, store)
     prompt = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
-    config = GenerationConfig(max_new_tokens=6)
+    config = GenerationConfig(max_new_tokens=6, num_beams=num_beams)
     engine.generator.eos_token_ids = set()  # the answer runs to max_new_tokens
     outcome = {}
 
@@ -372,6 +373,24 @@ def test_a_half_read_stream_does_not_block_other_calls_from_the_same_thread(comp
     assert not thread.is_alive(), "a second call while a stream was open deadlocked"
     *texts, final = [outcome["first"], *outcome["rest"]]
     assert "".join(texts) == final.text == outcome["second"] == outcome["third"]
+
+
+@pytest.mark.parametrize(("num_beams", "in_the_callers_thread"), [(1, False), (2, True)])
+def test_a_beam_search_stream_is_decoded_in_the_callers_thread(compressor, store, monkeypatch, num_beams,
+                                                                in_the_callers_thread):
+    """A stream's tokens are decoded in a worker thread, so that a caller reading them slowly does not
+    hold the model; beam search hands its answer out whole, so it is decoded in the caller's own thread
+    (a worker's OpenMP thread team beside the caller's slowed CPU decoding 1.6x on 2 cores)."""
+    engine = SACEngine(compressor, store)
+    prompt = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
+    config = GenerationConfig(max_new_tokens=4, num_beams=num_beams)
+    threads = []
+    start = engine.generator._start
+    monkeypatch.setattr(engine.generator, "_start", lambda *a: (threads.append(threading.current_thread()),
+                                                                start(*a))[1])
+    *pieces, final = engine.stream(prompt, config)
+    assert "".join(pieces) == final.text == engine.generate([prompt], config)[0].text
+    assert (threads[0] is threading.current_thread()) == in_the_callers_thread
 
 
 def test_a_loaded_compressor_has_one_shared_engine_whatever_dtype_or_device_say(compressor, caplog):

@@ -119,3 +119,20 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
     assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 4)  # the SAC's own generation, whole
     with pytest.raises(InvalidInputError, match="beam search"):  # chosen beams and asked-for quotes: refused
         SAC(compressor, GenerationConfig(num_beams=2)).answer("Who?", [TEXT], extractive=True)
+
+
+def test_a_beam_search_stream_comes_whole_decoded_in_the_callers_thread(sac, monkeypatch):
+    import threading
+
+    from sac_rag import GenerationConfig
+
+    threads = []
+    start = sac.generator._start
+    monkeypatch.setattr(sac.generator, "_start", lambda *a: (threads.append(threading.current_thread()), start(*a))[1])
+    beams = GenerationConfig(max_new_tokens=3, num_beams=2)
+    stream = sac.stream("Who?", [TEXT], config=beams)
+    first = next(stream)  # the whole answer, the model free again: the same thread may use it meanwhile
+    assert first == sac.answer("Who?", [TEXT], config=beams).text and list(stream) == []
+    assert threads[0] is threading.current_thread()
+    "".join(sac.stream("Who?", [TEXT]))  # greedy: tokens decoded in a worker thread as they come
+    assert threads[-1] is not threading.current_thread()
