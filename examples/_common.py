@@ -161,14 +161,17 @@ def timed_stream(pieces: Iterable[str]) -> tuple[str, float]:
 
 
 def report(question: str, answer: str, full_text_answer: str, sources: Sequence[str], *, chunk_tokens: int,
-           cached: int, text_tokens: int, full_text_tokens: int, ttft: float, full_text_ttft: float) -> dict:
-    """Print one question's answers and figures; return them (for tests)."""
+           cached: int, text_tokens: int, full_text_tokens: int, ttft: float, full_text_ttft: float,
+           beams: int = 1) -> dict:
+    """Print one question's answers and figures; return them (for tests). With beam search
+    (``beams`` > 1) the first piece of a stream is the whole answer, and the timing says so."""
+    timed = "time to first token" if beams == 1 else f"time to the whole answer ({beams} beams, streamed at the end)"
     print(f"Q: {question}\nA: {answer.strip()}   [full text: {full_text_answer.strip()}]")
     print(f"   sources: {', '.join(sources)}")
     print(f"   context: {chunk_tokens} tokens of text -> {cached} cached K/V entries read "
           f"({chunk_tokens / max(cached, 1):.1f}x fewer); prompt text read: {text_tokens} tokens "
           f"(vs {full_text_tokens} from full text)")
-    print(f"   time to first token: {ttft * 1000:.0f} ms from the caches vs {full_text_ttft * 1000:.0f} ms "
+    print(f"   {timed}: {ttft * 1000:.0f} ms from the caches vs {full_text_ttft * 1000:.0f} ms "
           f"from the full text\n")
     return {"question": question, "answer": answer, "full_text_answer": full_text_answer, "sources": list(sources),
             "chunk_tokens": chunk_tokens, "cached_tokens": cached, "text_tokens": text_tokens,

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
             question, answer, full_answer, [d.metadata["source"] for d in docs],
             chunk_tokens=sum(d.metadata["n_tokens"] for d in docs), cached=cached,
             text_tokens=usage["input_tokens"] - cached, full_text_tokens=full_usage["input_tokens"],
-            ttft=ttft, full_text_ttft=full_ttft))
+            ttft=ttft, full_text_ttft=full_ttft, beams=llm.generation_config().num_beams))
     return summary, results
 
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
             question, answer, full_answer, [n.metadata["source"] for n in handles],
             chunk_tokens=sum(n.metadata["n_tokens"] for n in handles), cached=sac_usage["cached_tokens"],
             text_tokens=sac_usage["text_tokens"], full_text_tokens=usage.usage["text_tokens"],
-            ttft=ttft, full_text_ttft=full_ttft))
+            ttft=ttft, full_text_ttft=full_ttft, beams=llm.generation_config().num_beams))
     return setup.summary, results
 
 
