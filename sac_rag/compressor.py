@@ -87,9 +87,9 @@ class SACCompressor(torch.nn.Module):
 
     ``recommended_decoding``: the decoding its scores were measured with (say ``{"num_beams": 8,
     "mbr": True}``; empty: the library's greedy default), saved in its ``config.json``. ``SAC``,
-    ``SACEngine`` and the framework wrappers decode with it where the caller leaves a setting unset
-    (``GenerationConfig.with_recommended``). It is not part of the fingerprint: it changes answers,
-    not caches.
+    ``SACEngine`` and the framework wrappers decode answers from its caches with it where the caller
+    leaves a setting unset (``GenerationConfig.with_recommended``); prompts without compressed
+    contexts decode greedily. It is not part of the fingerprint: it changes answers, not caches.
     """
 
     def __init__(

@@ -124,6 +124,12 @@ def keys_in(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(1) for m in MARKER_PATTERN.finditer(text)))
 
 
+def reads_caches(prompts: Sequence[str | Sequence[Segment]]) -> bool:
+    """Whether every prompt reads compressed contexts (a marker, or a chunk among its segments): the
+    calls a compressor's ``recommended_decoding`` is for (it was measured answering from caches)."""
+    return all(keys_in(p) if isinstance(p, str) else any(isinstance(s, AnchorKV) for s in p) for p in prompts)
+
+
 def plain_text(text: str) -> str:
     """``text`` to put in a prompt as text (a document passed through uncompressed, say): each
     ``<sac:`` in it gets a zero-width space after its ``<`` (U+200B, invisible when shown), so
@@ -691,6 +697,10 @@ class SACEngine:
         except (SACError, OSError, ValueError, TypeError):
             return {}
 
+    def _recommended_for(self, prompts: Sequence[str | Sequence[Segment]]) -> dict:
+        """``recommended_decoding`` if every prompt reads compressed contexts, else none."""
+        return self.recommended_decoding if reads_caches(prompts) else {}
+
     @property
     def chunk_tokens(self) -> int:
         """Tokens per stored chunk: the store's setting (``precompress --chunk-tokens``) if it has
@@ -1034,8 +1044,9 @@ class SACEngine:
     def generate(self, prompts: Sequence[str | Sequence[Segment]],
                  config: GenerationConfig | None = None) -> list[Generation]:
         """Answer each prompt (a string with markers, or ready segments) with ``config``, by default
-        the compressor's ``recommended_decoding``. Calls made while the model is busy are queued and
-        decoded together when it is free (one batch per config)."""
+        the compressor's ``recommended_decoding`` if every prompt reads compressed contexts (else
+        greedily). Calls made while the model is busy are queued and decoded together when it is
+        free (one batch per config)."""
         return self._generate(prompts, config, _Call())
 
     async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
@@ -1056,7 +1067,7 @@ class SACEngine:
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         try:
-            config = _engine_config(config, self.recommended_decoding)  # refused, the call releases its chunks too
+            config = _engine_config(config, self._recommended_for(prompts))  # refused: its chunks are released too
             requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
             state = self._state()
             with self._pending_lock:
@@ -1118,7 +1129,7 @@ class SACEngine:
         worker thread beside the caller's, the two OpenMP thread teams slow every CPU step down
         (1.6x on 2 cores), for no piece that could come sooner."""
         try:
-            searched = _engine_config(config, self.recommended_decoding).num_beams > 1
+            searched = _engine_config(config, self._recommended_for([prompt])).num_beams > 1
         except InvalidInputError:
             searched = False  # refused where the decoding starts, as any stream's settings
         if searched:
@@ -1182,7 +1193,7 @@ class SACEngine:
         ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set. However
         it ends, it releases the chunks of the prompt."""
         try:
-            config = _engine_config(config, self.recommended_decoding)
+            config = _engine_config(config, self._recommended_for([prompt]))
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()

@@ -30,8 +30,8 @@ class SAC:
 
     ``generation``: how calls that pass no ``config`` decode; by default the compressor's
     ``recommended_decoding`` (the shipped compressor's: 8 beams + minimum Bayes risk, what its scores
-    were measured with), else greedy. ``extractive=True`` on a call without ``config`` then decodes
-    greedily (beams and quoting do not combine).
+    were measured with) for questions that read compressed contexts, else greedy. ``extractive=True``
+    on a call without ``config`` then decodes greedily (beams and quoting do not combine).
 
     ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
     weights (``Generator.from_compressor``): faster answers for one more copy of the adapted
@@ -111,7 +111,7 @@ class SAC:
         """Answer from the contexts. ``extractive``: the answer is a verbatim span of the contexts'
         text (they must be given as strings; ``sac_rag.extractive``)."""
         contexts = context_list(contexts)
-        config, sources = self._decoding(config, [contexts], extractive)
+        config, sources = self._decoding(config, [contexts], extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
         with self._lock:
@@ -140,7 +140,7 @@ class SAC:
                 self._check(question, contexts[i], full_text)
             except InvalidInputError as err:
                 raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
-        config, sources = self._decoding(config, contexts, extractive)
+        config, sources = self._decoding(config, contexts, extractive, full_text)
         prompts = self._prompts(questions, contexts, full_text)
         with self._lock:
             return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
@@ -155,7 +155,7 @@ class SAC:
         answer only at the end, the answer comes in one piece, decoded in the calling thread
         (``SACEngine.stream`` says why)."""
         contexts = context_list(contexts)
-        config, sources = self._decoding(config, [contexts], extractive)
+        config, sources = self._decoding(config, [contexts], extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
         def pieces() -> Iterator[str]:
@@ -165,13 +165,19 @@ class SAC:
             return _decoded_at_once(self._lock, pieces)
         return relayed(lambda stop: _holding(self._lock, pieces))
 
-    def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool):
-        """The call's decoding settings and, for extractive answers, the texts each may quote."""
+    def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool,
+                  full_text: bool = False):
+        """The call's decoding settings and, for extractive answers, the texts each may quote: without a
+        ``config`` of the call's or the SAC's own, the compressor's recommendation if every question
+        reads compressed contexts, else greedy."""
         chosen = _config(config, "config")
         config = chosen or self.generation
+        recommended = chosen is None and not self._chose_generation
+        if recommended and (full_text or not all(contexts)):  # it was measured answering from caches
+            config = GenerationConfig(stop=LAYOUT_STOP)
         if not (extractive or config.extractive):
             return config, None
-        if chosen is None and not self._chose_generation:  # asking for quotes chooses the decoding: greedy
+        if recommended:  # asking for quotes chooses the decoding: greedy
             config = GenerationConfig(stop=LAYOUT_STOP)
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 

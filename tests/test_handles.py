@@ -375,6 +375,22 @@ def test_a_half_read_stream_does_not_block_other_calls_from_the_same_thread(comp
     assert "".join(texts) == final.text == outcome["second"] == outcome["third"]
 
 
+def test_without_a_config_prompts_that_read_caches_decode_as_the_compressor_recommends(compressor, store, monkeypatch):
+    engine = SACEngine(compressor, store)
+    compressor.recommended_decoding = {"num_beams": 2, "mbr": True}
+    configs = []
+    decode = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None, sources=None: (
+        configs.append(config), decode(prompts, config, sources))[1])
+    cached = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
+    engine.generate([cached])
+    engine.generate(["Q: who?\nA:"])  # no compressed context: greedy (the recommendation was measured on caches)
+    engine.generate([cached, "Q: who?\nA:"])  # a call not all from caches: greedy
+    assert [(c.num_beams, c.mbr) for c in configs] == [(2, True), (1, False), (1, False)]
+    *_, final = engine.stream(cached)
+    assert configs[-1].num_beams == 2 and final.text == engine.generate([cached])[0].text
+
+
 @pytest.mark.parametrize(("num_beams", "in_the_callers_thread"), [(1, False), (2, True)])
 def test_a_beam_search_stream_is_decoded_in_the_callers_thread(compressor, store, monkeypatch, num_beams,
                                                                 in_the_callers_thread):

@@ -114,6 +114,15 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
     assert (used[-1].num_beams, used[-1].mbr) == (1, False)  # the call's config, whole
     sac.answer("Who?", [TEXT], extractive=True)  # quotes do not combine with beams: greedy quotes
     assert (used[-1].num_beams, used[-1].extractive, used[-1].stop) == (1, True, ("\n###",))
+    sac.answer("Who?", [TEXT], full_text=True)  # read as text, and
+    sac.answer("Who?")  # no context: greedy (the recommendation was measured answering from caches)
+    assert [(c.num_beams, c.mbr, c.stop) for c in used[-2:]] == [(1, False, ("\n###",))] * 2
+    sac.answer_batch(["Who?", "When?"], [[TEXT], []])  # a batch that is not all from caches: greedy
+    assert used[-1].num_beams == 1
+    sac.answer_batch(["Who?", "When?"], [[TEXT], [OTHER]])
+    assert used[-1].num_beams == 3
+    sac.answer("Who?", [TEXT], extractive=True)
+    assert (used[-1].num_beams, used[-1].extractive, used[-1].stop) == (1, True, ("\n###",))
     chosen = SAC(compressor, GenerationConfig(max_new_tokens=4))
     chosen.answer_batch(["Who?"], [[TEXT]])
     assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 4)  # the SAC's own generation, whole

@@ -5,6 +5,7 @@ how they serialize the LangChain way."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_valid
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, SACCompressor, SACError
 from sac_rag.compressor import checkpoint_meta
 from sac_rag.config import PromptTemplate
-from sac_rag.handles import SACEngine, describe, spec_name
+from sac_rag.handles import SACEngine, describe, reads_caches, spec_name
 from sac_rag.store import AnchorStore
 
 DEFAULT_STOP = ("\n###",)  # the next section of the SAC prompt layout
@@ -238,11 +239,13 @@ class SACModelParams(SACEngineSettings):
         config = self.generation_config(**{k: v for k, v in call.items() if k in CALL_ARGUMENTS})
         return {name: getattr(config, "max_new_tokens" if name == "max_tokens" else name) for name in DECODING_SETTINGS}
 
-    def generation_config(self, stop: list[str] | None = None, **kwargs: Any) -> GenerationConfig:
+    def generation_config(self, stop: list[str] | None = None, prompts: Sequence[str] | None = None,
+                          **kwargs: Any) -> GenerationConfig:
         """Decoding settings of one call: the model's, overridden by per-call keyword arguments;
         the compressor's ``recommended_decoding`` (read without loading weights; the shipped one's:
         8 beams + MBR) fills the settings neither chose, unless it does not combine with them
-        (``GenerationConfig.with_recommended``: ``num_beams=1`` gives greedy answers)."""
+        (``GenerationConfig.with_recommended``: ``num_beams=1`` gives greedy answers), or the call's
+        ``prompts`` do not all read compressed contexts (it was measured answering from caches)."""
         # ``ls_*`` keys are LangChain's tracing hints, not generation arguments.
         unknown = {k for k in kwargs if not k.startswith("ls_")} - set(CALL_ARGUMENTS)
         if unknown:
@@ -251,7 +254,8 @@ class SACModelParams(SACEngineSettings):
         if kwargs.get("model") not in (None, self.model_name, self.compressor_spec):
             raise InvalidInputError(
                 f"this model serves {self.model_name!r}; build another SAC model for {kwargs['model']!r}")
-        return GenerationConfig.from_call(self, kwargs, stop, self.get_engine().recommended_decoding)
+        recommended = self.get_engine().recommended_decoding if prompts is None or reads_caches(prompts) else {}
+        return GenerationConfig.from_call(self, kwargs, stop, recommended)
 
 
 def usage_metadata(generation: Generation) -> UsageMetadata:

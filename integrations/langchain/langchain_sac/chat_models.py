@@ -122,20 +122,20 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        config = self.generation_config(stop, **kwargs)
-        generation = self.get_engine().generate([self.render(messages)], config)[0]
+        prompt = self.render(messages)
+        generation = self.get_engine().generate([prompt], self.generation_config(stop, [prompt], **kwargs))[0]
         return self._result(generation)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        config = self.generation_config(stop, **kwargs)
-        generation = (await self.get_engine().agenerate([self.render(messages)], config))[0]
+        prompt = self.render(messages)
+        generation = (await self.get_engine().agenerate([prompt], self.generation_config(stop, [prompt], **kwargs)))[0]
         return self._result(generation)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        config = self.generation_config(stop, **kwargs)
-        for piece in self.get_engine().stream(self.render(messages), config):
+        prompt = self.render(messages)
+        for piece in self.get_engine().stream(prompt, self.generation_config(stop, [prompt], **kwargs)):
             chunk = self._chunk(piece)
             if run_manager and isinstance(piece, str):
                 run_manager.on_llm_new_token(piece, chunk=chunk)
@@ -144,8 +144,8 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        config = self.generation_config(stop, **kwargs)
-        async for piece in self.get_engine().astream(self.render(messages), config):
+        prompt = self.render(messages)
+        async for piece in self.get_engine().astream(prompt, self.generation_config(stop, [prompt], **kwargs)):
             chunk = self._chunk(piece)
             if run_manager and isinstance(piece, str):
                 await run_manager.on_llm_new_token(piece, chunk=chunk)

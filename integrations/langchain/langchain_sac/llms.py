@@ -82,17 +82,17 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        generations = self.get_engine().generate(prompts, self.generation_config(stop, **kwargs))
+        generations = self.get_engine().generate(prompts, self.generation_config(stop, prompts, **kwargs))
         return self._result(generations)
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        generations = await self.get_engine().agenerate(prompts, self.generation_config(stop, **kwargs))
+        generations = await self.get_engine().agenerate(prompts, self.generation_config(stop, prompts, **kwargs))
         return self._result(generations)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        for piece in self.get_engine().stream(prompt, self.generation_config(stop, **kwargs)):
+        for piece in self.get_engine().stream(prompt, self.generation_config(stop, [prompt], **kwargs)):
             chunk = _chunk(piece)
             if run_manager and isinstance(piece, str):
                 run_manager.on_llm_new_token(piece, chunk=chunk)
@@ -101,7 +101,7 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        async for piece in self.get_engine().astream(prompt, self.generation_config(stop, **kwargs)):
+        async for piece in self.get_engine().astream(prompt, self.generation_config(stop, [prompt], **kwargs)):
             chunk = _chunk(piece)
             if run_manager and isinstance(piece, str):
                 await run_manager.on_llm_new_token(piece, chunk=chunk)

@@ -32,7 +32,7 @@ from langchain_sac import (
 
 from sac_rag import CheckpointError, FingerprintMismatchError, InvalidInputError, PromptError
 from sac_rag.chunking import split_document
-from sac_rag.handles import SACEngine
+from sac_rag.handles import SACEngine, markers_for
 from sac_rag.store import AnchorStore, EntryNotFoundError
 
 
@@ -614,13 +614,16 @@ def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(c
     assert _cache_key(cls(compressor=path)) == _cache_key(cls(compressor=path, num_beams=3, mbr=True))
     engine = SACEngine(compressor)  # the same compressor, loaded (the tiny model has no directory to load from)
     llm = cls(engine=engine, max_tokens=6, stop=[])
+    [keys] = engine.handles_for(["The ferry runs every forty minutes."])
+    prompt = f"### Context:\n{markers_for(keys)}\n### Question:\nHow often?\n### Answer:\n"
     calls = _counting(engine, monkeypatch)
     text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
-    recommended = text(llm.invoke(CACHE_PROMPT))
-    greedy = text(llm.invoke(CACHE_PROMPT, num_beams=1))  # decoded again, not the cached answer
-    assert [(c.num_beams, c.mbr) for c in calls] == [(3, True), (1, False)]
-    assert recommended == engine.generate([CACHE_PROMPT], calls[0])[0].text
-    assert greedy == engine.generate([CACHE_PROMPT], calls[1])[0].text
+    recommended = text(llm.invoke(prompt))
+    greedy = text(llm.invoke(prompt, num_beams=1))  # decoded again, not the cached answer
+    text(llm.invoke(CACHE_PROMPT))  # no compressed context: greedy (the recommendation was measured on caches)
+    assert [(c.num_beams, c.mbr) for c in calls] == [(3, True), (1, False), (1, False)]
+    assert recommended == engine.generate([prompt], calls[0])[0].text
+    assert greedy == engine.generate([prompt], calls[1])[0].text
 
 
 def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):

@@ -40,7 +40,7 @@ from llama_index.core.prompts import PromptTemplate
 
 from sac_rag import DEFAULT_COMPRESSOR, Generation, GenerationConfig, InvalidInputError, PromptTooLongError, SACError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
-from sac_rag.handles import MARKER_PATTERN, SACEngine, describe, spec_name
+from sac_rag.handles import MARKER_PATTERN, SACEngine, describe, reads_caches, spec_name
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +211,13 @@ class SACLLM(CustomLLM):
         with _refusals():
             return self.engine.template.conversation(turns)
 
-    def generation_config(self, **kwargs: Any) -> GenerationConfig:
+    def generation_config(self, prompt: Optional[str] = None, **kwargs: Any) -> GenerationConfig:
         """One call's decoding settings: the LLM's, overridden by the call's keyword arguments
         (unknown ones are refused, naming those accepted); the compressor's ``recommended_decoding``
         (read without loading weights; the shipped one's: 8 beams + MBR) fills the settings neither
         chose, unless it does not combine with them (``GenerationConfig.with_recommended``:
-        ``num_beams=1`` gives greedy answers)."""
+        ``num_beams=1`` gives greedy answers), or ``prompt`` reads no compressed context (it was
+        measured answering from caches)."""
         unknown = set(kwargs) - set(CALL_ARGUMENTS)
         if unknown:
             raise InvalidInputError(
@@ -224,7 +225,8 @@ class SACLLM(CustomLLM):
         model = kwargs.get("model")
         if model is not None and model != self.model_name and model is not self.engine.compressor_spec:
             raise InvalidInputError(f"this LLM serves {self.model_name!r}; build another SACLLM for {model!r}")
-        return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"), self.engine.recommended_decoding)
+        recommended = self.engine.recommended_decoding if prompt is None or reads_caches([prompt]) else {}
+        return GenerationConfig.from_call(self, kwargs, kwargs.get("stop"), recommended)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         """The prompt the model reads: LlamaIndex's synthesizers join the nodes' markers with blank
@@ -249,14 +251,15 @@ class SACLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         with _refusals():
-            config = self.generation_config(**kwargs)
-            generation = self.engine.generate([self._prompt(prompt, formatted)], config)[0]
+            prompt = self._prompt(prompt, formatted)
+            generation = self.engine.generate([prompt], self.generation_config(prompt, **kwargs))[0]
         return _response(generation.text, None, generation)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         with _refusals():
-            pieces = self.engine.stream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+            prompt = self._prompt(prompt, formatted)
+            pieces = self.engine.stream(prompt, self.generation_config(prompt, **kwargs))
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -270,15 +273,16 @@ class SACLLM(CustomLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         with _refusals():
-            config = self.generation_config(**kwargs)
-            generations = await self.engine.agenerate([self._prompt(prompt, formatted)], config)
+            prompt = self._prompt(prompt, formatted)
+            generations = await self.engine.agenerate([prompt], self.generation_config(prompt, **kwargs))
         return _response(generations[0].text, None, generations[0])
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
         with _refusals():
-            pieces = self.engine.astream(self._prompt(prompt, formatted), self.generation_config(**kwargs))
+            prompt = self._prompt(prompt, formatted)
+            pieces = self.engine.astream(prompt, self.generation_config(prompt, **kwargs))
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
