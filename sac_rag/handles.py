@@ -127,7 +127,8 @@ def keys_in(text: str) -> list[str]:
 def reads_caches(prompts: Sequence[str | Sequence[Segment]]) -> bool:
     """Whether every prompt reads compressed contexts (a marker, or a chunk among its segments): the
     calls a compressor's ``recommended_decoding`` is for (it was measured answering from caches)."""
-    return all(keys_in(p) if isinstance(p, str) else any(isinstance(s, AnchorKV) for s in p) for p in prompts)
+    return all(keys_in(p) if isinstance(p, str) else isinstance(p, Sequence) and any(isinstance(s, AnchorKV) for s in p)
+               for p in prompts)  # anything else: refused where it is read as segments
 
 
 def plain_text(text: str) -> str:

@@ -158,6 +158,7 @@ class SAC:
         config, sources = self._decoding(config, [contexts], extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
+
         def pieces() -> Iterator[str]:
             return self.generator.stream(prompt, config, sources and sources[0], contrast and contrast[0])
 
