@@ -152,7 +152,8 @@ class GenerationConfig:
         """This config with a compressor's ``recommended`` decoding in every setting not in ``chosen``,
         or this config as it is if the two do not combine (say ``extractive=True`` chosen and beams
         recommended)."""
-        filled = {k: v for k, v in (recommended or {}).items() if k not in set(chosen)}
+        chosen = set(chosen)
+        filled = {k: v for k, v in (recommended or {}).items() if k not in chosen}
         if not filled:
             return self
         try:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compressor import CONFIG_FILE, RECOMMENDED_DECODING, SACCompressor, checkpoint_meta, resolve_pretrained
+from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
@@ -673,14 +673,11 @@ class SACEngine:
     @property
     def template(self) -> PromptTemplate:
         """The prompt layout the compressor was trained with (read without loading weights)."""
-        if self._loaded is not None:
-            return self._loaded.compressor.config.prompt
-        spec = self.compressor_spec
-        if isinstance(spec, SACCompressor):
-            return spec.config.prompt
+        compressor = self._compressor_at_hand()
+        if compressor is not None:
+            return compressor.config.prompt
         try:
-            meta = json.loads((resolve_pretrained(spec) / CONFIG_FILE).read_text())
-            return SACConfig.from_dict(meta["config"]).prompt
+            return SACConfig.from_dict(checkpoint_meta(self.compressor_spec)["config"]).prompt
         except (SACError, OSError, ValueError, KeyError, TypeError):
             return PromptTemplate()  # loading will report what is wrong with the compressor
 
@@ -688,15 +685,19 @@ class SACEngine:
     def recommended_decoding(self) -> dict:
         """The compressor's ``recommended_decoding`` (read without loading weights; empty if its
         checkpoint cannot be read: loading will report why)."""
-        if self._loaded is not None:
-            return self._loaded.compressor.recommended_decoding
-        spec = self.compressor_spec
-        if isinstance(spec, SACCompressor):
-            return spec.recommended_decoding
+        compressor = self._compressor_at_hand()
+        if compressor is not None:
+            return compressor.recommended_decoding
         try:
-            return dict(checkpoint_meta(spec).get(RECOMMENDED_DECODING, {}))
+            return dict(checkpoint_meta(self.compressor_spec).get(RECOMMENDED_DECODING, {}))
         except (SACError, OSError, ValueError, TypeError):
             return {}
+
+    def _compressor_at_hand(self) -> SACCompressor | None:
+        """The compressor object if there is one without loading: the loaded one, or the one passed."""
+        if self._loaded is not None:
+            return self._loaded.compressor
+        return self.compressor_spec if isinstance(self.compressor_spec, SACCompressor) else None
 
     def _recommended_for(self, prompts: Sequence[str | Sequence[Segment]]) -> dict:
         """``recommended_decoding`` if every prompt reads compressed contexts, else none."""

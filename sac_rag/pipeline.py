@@ -173,13 +173,11 @@ class SAC:
         reads compressed contexts, else greedy."""
         chosen = _config(config, "config")
         config = chosen or self.generation
-        recommended = chosen is None and not self._chose_generation
-        if recommended and (full_text or not all(contexts)):  # it was measured answering from caches
+        # The recommendation was measured answering from caches, and beams do not combine with quotes.
+        if chosen is None and not self._chose_generation and (full_text or not all(contexts) or extractive):
             config = GenerationConfig(stop=LAYOUT_STOP)
         if not (extractive or config.extractive):
             return config, None
-        if recommended:  # asking for quotes chooses the decoding: greedy
-            config = GenerationConfig(stop=LAYOUT_STOP)
         return replace(config, extractive=True), [_quoted(c) for c in contexts]
 
     def _check_room(self, texts: list[str], contexts: list[Context], question: str = "",
