@@ -362,30 +362,37 @@ class Generator:
         return [self._result(s, t) for s, t in zip(states, tracks)]
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None,
-               sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None) -> Iterator[str]:
+               sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None,
+               lock: contextlib.AbstractContextManager | None = None) -> Iterator[str]:
         """Yield the answer's text as it is decoded (never a partial stop string); with beam search
         (``num_beams`` > 1), which settles on its answer only at the end, the whole answer at once.
 
-        The model stays in its decoding state (a compressor's adapters switched) between pieces:
-        finish or close the stream before running the model otherwise. ``SAC.stream`` and
-        ``SACEngine.stream`` decode in a worker that holds the model instead."""
+        Nothing runs before the first piece is asked for. Each step takes ``lock`` (the one every
+        user of the model holds, if any) and puts the model in its decoding state (a compressor's
+        adapters switched) only while it computes, so between pieces the model is free: the caller
+        may compress, answer or stream with it, from this thread or another."""
         config = config or GenerationConfig()
         sources = None if sources is None else [sources]
         contrast_prompts = None if contrast_prompt is None else [contrast_prompt]
         _check_sources(config, sources, 1)
         _check_contrast(config, contrast_prompts, 1)
-        states, tracks = self._start([prompt], sources)
-        yield from self._pieces(states, tracks, config, self._start_contrast(contrast_prompts, states))
+        with lock or contextlib.nullcontext():
+            states, tracks = self._start([prompt], sources)
+            plain = self._start_contrast(contrast_prompts, states)
+        yield from self._pieces(states, tracks, config, plain, lock)
 
     def _pieces(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
-                plain: list[_Prefilled] | None = None) -> Iterator[str]:
-        """Decode the one prompt of ``states``, yielding its text as ``stream`` does; ``tracks[0]`` is
-        then the finished answer."""
+                plain: list[_Prefilled] | None = None,
+                lock: contextlib.AbstractContextManager | None = None) -> Iterator[str]:
+        """Decode the one prompt of ``states``, yielding its text as ``stream`` does, each step holding
+        ``lock`` (if any); ``tracks[0]`` is then the finished answer."""
+        lock = lock or contextlib.nullcontext()
         track, emitted = tracks[0], 0  # ``emitted``: how much of the answer's shown text was yielded
         if config.num_beams > 1:
-            tracks[0] = track = self._search(states[0], config, None if plain is None else plain[0])
+            with lock:
+                tracks[0] = track = self._search(states[0], config, None if plain is None else plain[0])
         else:
-            for _ in self._decode(states, tracks, config, plain):
+            for _ in self._decode(states, tracks, config, plain, step_lock=lock):
                 shown = _shown(states[0], track.text[:self._safe_length(track, config)])
                 if len(shown) > emitted:
                     yield shown[emitted:]
@@ -568,13 +575,15 @@ class Generator:
 
     @torch.no_grad()
     def _decode(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
-                plain: list[_Prefilled] | None = None, one_stream: bool = False) -> Iterator[None]:
+                plain: list[_Prefilled] | None = None, one_stream: bool = False,
+                step_lock: contextlib.AbstractContextManager | None = None) -> Iterator[None]:
         """Decode the prompts of ``states`` together into ``tracks``, yielding after each step. Each
         row may generate up to its own room before the model's position limit (``_step_budget``), so
         a long prompt in the batch does not cut the others' answers short. Sampling draws each row
         from its own random stream seeded with ``config.seed`` (the batch does not change a row's
         answer), or with ``one_stream`` all rows from one (copies of one prompt then draw different
-        answers)."""
+        answers). The model is held in its reading state throughout; with ``step_lock``, only within
+        each step, which takes the lock (a stream: the model is free while it is suspended)."""
         reading = self._reading(states)
         contrast = None if plain is None else self._reading(plain)
         readings = [r for r in (reading, contrast) if r is not None]
@@ -586,23 +595,33 @@ class Generator:
             generator = (_random_stream(config.seed, device) if one_stream
                          else [_random_stream(config.seed, device) for _ in states])
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
-        with self._reading_model(states[0].reads_cache) as model:  # generate_batch groups prompts by model
+        reads_cache = states[0].reads_cache  # generate_batch groups prompts by model
+        with contextlib.ExitStack() as held:
+            if step_lock is None:
+                whole = held.enter_context(self._reading_model(reads_cache))
             for step in range(max(budgets)):
-                logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
-                logits = self._held_to_spans(logits, tracks, config.stop_token_ids, reading.logits)
-                tokens = next_tokens(logits, config, generator)
-                for track, token, budget in zip(tracks, tokens.tolist(), budgets):
-                    if track.finish_reason is None:
-                        if track.span is not None:
-                            track.span.advance(token)
-                        self._append(track, token, stop_ids, config)
-                        if track.finish_reason is None and step == budget - 1:
-                            self._finish(track, "length")
+                with step_lock or contextlib.nullcontext():  # the tokenizer is not shared between threads either
+                    logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
+                    logits = self._held_to_spans(logits, tracks, config.stop_token_ids, reading.logits)
+                    tokens = next_tokens(logits, config, generator)
+                    for track, token, budget in zip(tracks, tokens.tolist(), budgets):
+                        if track.finish_reason is None:
+                            if track.span is not None:
+                                track.span.advance(token)
+                            self._append(track, token, stop_ids, config)
+                            if track.finish_reason is None and step == budget - 1:
+                                self._finish(track, "length")
                 yield None
                 if all(t.finish_reason for t in tracks):  # at the last step, every row has reached its budget
                     break
-                for batch in readings:
-                    self._advance(model, batch, tokens)
+                with contextlib.ExitStack() as stepping:
+                    if step_lock is None:
+                        model = whole
+                    else:
+                        stepping.enter_context(step_lock)
+                        model = stepping.enter_context(self._reading_model(reads_cache))
+                    for batch in readings:
+                        self._advance(model, batch, tokens)
 
     def _reading(self, states: list[_Prefilled]) -> _Reading:
         cache, mask = self._merged_cache(states)

@@ -64,7 +64,6 @@ from .generation import Generation, GenerationConfig, Generator, bos_ids
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError
-from .workers import Raised, relayed, unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -1118,33 +1117,14 @@ class SACEngine:
     def stream(self, prompt: str | Sequence[Segment],
                config: GenerationConfig | None = None) -> Iterator[str | Generation]:
         """Yield the answer's text as it is decoded, then the finished ``Generation`` (its usage
-        figures). The answer is decoded in a worker thread that holds the model while it decodes,
-        not while the caller holds the stream: other calls (from this thread too, say a second
-        query while the stream is half read) wait at most until the answer is decoded. Closing
-        the stream early stops the decoding at the next token. Nothing is decoded before the first
+        figures). It is decoded in the calling thread, each step holding the model only while it
+        computes (``Generator.stream``): other calls (from this thread too, say a second query while
+        the stream is half read) run between its pieces. With beam search, which settles on its
+        answer only at the end, the answer comes in one piece. Nothing is decoded before the first
         piece is asked for: a stream closed or dropped (garbage-collected) before that releases the
         chunks its prompt's markers name at once, rather than holding them pinned for
-        ``PIN_SECONDS`` (``_Unread``).
-
-        Beam search settles on its answer only at the end, so its stream is the answer decoded as
-        ``generate`` decodes it, in the caller's thread, when the first piece is asked for: in a
-        worker thread beside the caller's, the two OpenMP thread teams slow every CPU step down
-        (1.6x on 2 cores), for no piece that could come sooner."""
-        try:
-            searched = _engine_config(config, self._recommended_for([prompt])).num_beams > 1
-        except InvalidInputError:
-            searched = False  # refused where the decoding starts, as any stream's settings
-        if searched:
-            return _Stream(self._searched(prompt, config), lambda: self._release([prompt]))
-        return _Stream(relayed(lambda stop: self._decoded(prompt, config, stop)), lambda: self._release([prompt]))
-
-    def _searched(self, prompt: str | Sequence[Segment],
-                  config: GenerationConfig | None) -> Iterator[str | Generation]:
-        """A beam search's stream: its answer's text in one piece, then its ``Generation``."""
-        (result,) = self.generate([prompt], config)
-        if result.text:
-            yield result.text
-        yield result
+        ``PIN_SECONDS`` (``_Unread``)."""
+        return _Stream(self._decoded(prompt, config), lambda: self._release([prompt]))
 
     def astream(self, prompt: str | Sequence[Segment],
                 config: GenerationConfig | None = None) -> AsyncIterator[str | Generation]:
@@ -1175,7 +1155,7 @@ class SACEngine:
                     if not post(piece):
                         return
             except BaseException as err:  # handed to the consumer
-                post(Raised(err))
+                post(_Raised(err))
             finally:
                 decoded.close()
                 post(end)
@@ -1183,37 +1163,37 @@ class SACEngine:
         worker = loop.run_in_executor(None, contextvars.copy_context().run, produce)
         try:
             while (item := await queue.get()) is not end:
-                yield unwrapped(item)
+                yield _unwrapped(item)
         finally:
             stop.set()
             if worker.done():
                 worker.result()
 
     def _decoded(self, prompt: str | Sequence[Segment], config: GenerationConfig | None,
-                 stop: threading.Event) -> Iterator[str | Generation]:
-        """The answer's text pieces, then its ``Generation``, decoded holding the model (for
-        ``stream`` and ``astream`` to run in a worker); it ends early once ``stop`` is set. However
-        it ends, it releases the chunks of the prompt."""
+                 stop: threading.Event | None = None) -> Iterator[str | Generation]:
+        """The answer's text pieces, then its ``Generation``, each step holding the model (for
+        ``stream``, in the caller's thread, and ``astream``, in a worker); it ends early once ``stop``
+        is set. However it ends, it releases the chunks of the prompt."""
         try:
             config = _engine_config(config, self._recommended_for([prompt]))
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()
+            generator = state.generator
             with state.lock:
-                if stop.is_set():  # closed before the model was free
+                if stop is not None and stop.is_set():  # closed before the model was free
                     return
-                generator = state.generator
                 # Generator.stream, keeping hold of the state so the usage figures come out too.
                 states, tracks = generator._start([segments], None if sources is None else [sources])
-                decoding = generator._pieces(states, tracks, config)
-                try:
-                    for piece in decoding:
-                        if stop.is_set():
-                            return
-                        yield piece
-                finally:
-                    decoding.close()
-                result = generator._result(states[0], tracks[0])
+            decoding = generator._pieces(states, tracks, config, lock=state.lock)
+            try:
+                for piece in decoding:
+                    if stop is not None and stop.is_set():
+                        return
+                    yield piece
+            finally:
+                decoding.close()
+            result = generator._result(states[0], tracks[0])
         finally:
             self._release([prompt])
         self._warn_if_empty([result])
@@ -1291,6 +1271,20 @@ def _engine_config(config: GenerationConfig | None, recommended: dict) -> Genera
                                 "which SACEngine and the framework wrappers are not given: use SAC.answer, or "
                                 "Generator.generate with contrast_prompt=")
     return config
+
+
+class _Raised:
+    """An exception ``astream``'s worker hands over, raised again in the event loop."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _unwrapped(item):
+    """An item the worker handed over, or, for a ``_Raised``, its exception raised here."""
+    if isinstance(item, _Raised):
+        raise item.error
+    return item
 
 
 async def _in_thread(fn, *args, **kwargs):

@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -19,7 +18,6 @@ from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongErro
 from .generation import Generation, GenerationConfig, Generator
 from .kv import AnchorKV
 from .models import load_base_model
-from .workers import relayed
 
 Context = str | AnchorKV | Sequence[AnchorKV]
 LAYOUT_STOP = ("\n###",)  # the next section of the compressor's prompt layout
@@ -39,8 +37,7 @@ class SAC:
 
     Compressing and decoding switch the shared model's adapters, so they never interleave: each
     call holds the model's lock (the one ``sac_rag.handles`` engines on the same compressor hold),
-    and ``stream`` decodes in a worker thread that holds it while it decodes, not while the caller
-    holds the stream."""
+    and ``stream`` holds it for each decoding step, not while the caller holds the stream."""
 
     def __init__(self, compressor: SACCompressor, generation: GenerationConfig | None = None,
                  merge_decoder: bool = False):
@@ -148,23 +145,16 @@ class SAC:
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
         """``answer``'s text as it is decoded. The inputs are checked and string contexts compressed
-        now; decoding starts at the first piece asked for, in a worker thread holding the model, so
-        other calls made while the stream is half read (``compress``, ``answer``, another stream) wait
-        at most until this answer is decoded, and each reads the model in its own state. Closing the
-        stream early stops the decoding at the next token. With beam search, which settles on its
-        answer only at the end, the answer comes in one piece, decoded in the calling thread
-        (``SACEngine.stream`` says why)."""
+        now; decoding starts at the first piece asked for, in the calling thread, each step holding
+        the model only while it computes, so other calls made while the stream is half read
+        (``compress``, ``answer``, another stream) run between its pieces, each reading the model in
+        its own state. With beam search, which settles on its answer only at the end, the answer
+        comes in one piece."""
         contexts = context_list(contexts)
         config, sources = self._decoding(config, [contexts], extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
-
-        def pieces() -> Iterator[str]:
-            return self.generator.stream(prompt, config, sources and sources[0], contrast and contrast[0])
-
-        if config.num_beams > 1:
-            return _decoded_at_once(self._lock, pieces)
-        return relayed(lambda stop: _holding(self._lock, pieces))
+        return self.generator.stream(prompt, config, sources and sources[0], contrast and contrast[0], lock=self._lock)
 
     def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool,
                   full_text: bool = False):
@@ -205,21 +195,6 @@ class SAC:
     def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
         """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""
         return [self.template.build([], q) for q in questions] if config.context_contrast else None
-
-
-def _holding(lock: threading.Lock, pieces: Callable[[], Iterator[str]]) -> Iterator[str]:
-    """The pieces ``pieces()`` yields, decoded holding ``lock`` (released when they end or the
-    iteration is closed)."""
-    with lock:
-        yield from pieces()
-
-
-def _decoded_at_once(lock: threading.Lock, pieces: Callable[[], Iterator[str]]) -> Iterator[str]:
-    """Every piece of ``pieces()``, decoded holding ``lock`` in the calling thread when the first is
-    asked for, then handed out with the lock released (the caller may use the model between them)."""
-    with lock:
-        decoded = list(pieces())
-    yield from decoded
 
 
 def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,

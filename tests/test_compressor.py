@@ -785,3 +785,66 @@ def test_recommend_decoding_rewrites_only_the_config_and_a_bad_one_on_disk_is_re
     with pytest.raises(CheckpointError, match=r"config.json is not a valid decoding: num_beams must be >= 1.*"
                                               "recommend_decoding"):
         SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+
+
+def test_adapter_states_equal_peft_own_switches_nest_and_leave_training_flags_alone(tiny):
+    """``decoder_mode``/``frozen_mode`` set the LoRA layers' state directly (cheap enough for every
+    decoding step); they must read as peft's own switches do, the other peft path too."""
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    ids = torch.tensor([_ids(comp.tokenizer, TEXT)])
+    decoder_flags = [p for n, p in comp.model.named_parameters() if "lora_" in n and ".decoder." in n]
+    for p in decoder_flags:
+        p.requires_grad_(False)  # as training the encoder alone sets them
+    flags = [p.requires_grad for p in comp.lora_parameters()]
+
+    def logits():
+        with torch.no_grad():
+            return comp.model(input_ids=ids).logits
+
+    default = logits()
+    with comp.decoder_mode():
+        decoded = logits()
+        with comp.frozen_mode():
+            frozen = logits()
+        assert torch.equal(logits(), decoded)  # the outer state comes back
+    assert torch.equal(logits(), default)
+    with comp._peft_adapter_state("decoder"):
+        assert torch.equal(logits(), decoded)
+    with comp._peft_adapter_state(None):
+        assert torch.equal(logits(), frozen)
+    plain, _ = make_tiny_llama()  # the same base weights, no adapter
+    with torch.no_grad():
+        torch.testing.assert_close(frozen, plain(input_ids=ids).logits, rtol=0, atol=0)
+    assert not torch.equal(decoded, default) and not torch.equal(decoded, frozen)
+    assert [p.requires_grad for p in comp.lora_parameters()] == flags
+    comp._adapter_switches = lambda: None  # a peft whose layers keep their state elsewhere: its own switches
+    with comp.decoder_mode():
+        assert torch.equal(logits(), decoded)
+    with comp.frozen_mode():
+        assert torch.equal(logits(), frozen)
+    assert torch.equal(logits(), default) and [p.requires_grad for p in comp.lora_parameters()] == flags
+
+
+def test_a_stream_frees_the_model_between_pieces_in_the_compressors_own_state(tiny):
+    """Each step of a stream enters the decoder's state and leaves it: compressing (the encoder's
+    state) between its pieces gives what it gives alone, and the stream's answer is unchanged."""
+    from sac_rag import SAC
+
+    comp = _compressor(tiny, decoder_lora_rank=4)
+    sac = SAC(comp, GenerationConfig(max_new_tokens=5))
+    sac.generator.eos_token_ids = set()  # the answer runs to max_new_tokens
+    question, other = "Where is the tower?", "The bridge opened in 1901."
+    expected = sac.answer(question, [TEXT]).text
+    alone = sac.compress(other)
+    ids = torch.tensor([_ids(comp.tokenizer, other)])
+    with torch.no_grad():
+        default = comp.model(input_ids=ids).logits
+    stream = sac.stream(question, [TEXT])
+    pieces = [next(stream)]
+    assert not sac._lock.locked()
+    with torch.no_grad():
+        assert torch.equal(comp.model(input_ids=ids).logits, default)  # the adapters as they were
+    between = sac.compress(other)
+    pieces += list(stream)
+    assert "".join(pieces) == expected and len(pieces) > 1
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(alone, between))

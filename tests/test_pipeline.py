@@ -130,18 +130,24 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
         SAC(compressor, GenerationConfig(num_beams=2)).answer("Who?", [TEXT], extractive=True)
 
 
-def test_a_beam_search_stream_comes_whole_decoded_in_the_callers_thread(sac, monkeypatch):
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_stream_is_decoded_in_the_callers_thread_and_leaves_the_model_free_between_pieces(sac, num_beams):
     import threading
 
     from sac_rag import GenerationConfig
 
+    config = GenerationConfig(max_new_tokens=4, num_beams=num_beams)
+    sac.generator.eos_token_ids = set()  # the answer runs to max_new_tokens
     threads = []
     start = sac.generator._start
-    monkeypatch.setattr(sac.generator, "_start", lambda *a: (threads.append(threading.current_thread()), start(*a))[1])
-    beams = GenerationConfig(max_new_tokens=3, num_beams=2)
-    stream = sac.stream("Who?", [TEXT], config=beams)
-    first = next(stream)  # the whole answer, the model free again: the same thread may use it meanwhile
-    assert first == sac.answer("Who?", [TEXT], config=beams).text and list(stream) == []
-    assert threads[0] is threading.current_thread()
-    "".join(sac.stream("Who?", [TEXT]))  # greedy: tokens decoded in a worker thread as they come
-    assert threads[-1] is not threading.current_thread()
+    sac.generator._start = lambda *a: (threads.append(threading.current_thread()), start(*a))[1]
+    expected = sac.answer("Who?", [TEXT], config=config).text
+    other = sac.answer("When?", [OTHER], config=config).text
+    stream = sac.stream("Who?", [TEXT], config=config)
+    first = next(stream)
+    assert not sac._lock.locked()  # the same thread may use the model between pieces
+    assert sac.answer("When?", [OTHER], config=config).text == other
+    rest = list(stream)
+    assert first + "".join(rest) == expected
+    assert rest == [] if num_beams > 1 else len(rest) > 0  # beams: the whole answer at once; greedy: token by token
+    assert set(threads) == {threading.current_thread()}

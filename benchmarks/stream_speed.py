@@ -1,0 +1,92 @@
+"""A streamed answer against the same answer from ``answer``: how much streaming costs.
+
+    python benchmarks/stream_speed.py --threads 2       # rows -> benchmarks/results/stream_speed.jsonl
+
+One ``SAC`` answers the same SQuAD-dev questions from the same compressed paragraphs (compressed
+once, beforehand) three ways, alternating question by question and round by round so that drifts
+in the machine's speed hit all alike: ``answer``, ``stream`` read to its end, and ``stream``'s
+first piece. The figures are medians over every question and round, with the ratio of the whole
+stream to ``answer`` (1.0: streaming costs nothing); answers that differ between the two are
+counted. Greedy, and with ``--num-beams`` beam search, whose stream hands its answer out whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sac_rag import SAC, GenerationConfig  # noqa: E402
+from sac_rag.eval import dataset_questions  # noqa: E402
+from sac_rag.files import append_jsonl  # noqa: E402
+from sac_rag.pipeline import LAYOUT_STOP, load_compressor  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compressor", default="smollm2-135m-sac-5x")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=1, help="1: greedy, token by token")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--results", default="benchmarks/results/stream_speed.jsonl")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sac = SAC(load_compressor(args.compressor, device="cpu", dtype=args.dtype))
+    config = GenerationConfig(max_new_tokens=args.new_tokens, stop=LAYOUT_STOP, num_beams=args.num_beams)
+    questions = dataset_questions(args.data_root, "squad-dev", args.questions, seed=0)
+    asked = [(q.question, sac.compress(q.context)) for q in questions]
+
+    def answered(question, contexts) -> str:
+        return sac.answer(question, contexts, config=config).text
+
+    def streamed(question, contexts) -> str:
+        return "".join(sac.stream(question, contexts, config=config))
+
+    def first_piece(question, contexts) -> str:
+        stream = sac.stream(question, contexts, config=config)
+        piece = next(stream, "")
+        stream.close()
+        return piece
+
+    ways = {"answer": answered, "stream": streamed, "first_piece": first_piece}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    texts: dict[str, list[str]] = {name: [] for name in ways}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for question, contexts in asked:
+            for name, way in ways.items():
+                start = time.perf_counter()
+                text = way(question, contexts)
+                if round_:
+                    seconds[name].append(time.perf_counter() - start)
+                elif name != "first_piece":
+                    texts[name].append(text)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    row = {
+        "compressor": args.compressor, "dtype": args.dtype, "num_beams": args.num_beams,
+        "questions": len(asked), "rounds": args.rounds, "new_tokens": args.new_tokens,
+        "answer_s": median["answer"], "stream_s": median["stream"], "first_piece_s": median["first_piece"],
+        "stream_over_answer": median["stream"] / median["answer"],
+        "answers_identical": sum(a == b for a, b in zip(texts["answer"], texts["stream"])),
+        "threads": torch.get_num_threads(),
+        "command": "python benchmarks/stream_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "command"}))
+    append_jsonl(args.results, [row])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
