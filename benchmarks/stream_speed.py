@@ -17,13 +17,16 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import sac_rag  # noqa: E402
 from sac_rag import SAC, GenerationConfig  # noqa: E402
 from sac_rag.eval import dataset_questions  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
@@ -80,12 +83,26 @@ def main(argv: list[str] | None = None) -> int:
         "answer_s": median["answer"], "stream_s": median["stream"], "first_piece_s": median["first_piece"],
         "stream_over_answer": median["stream"] / median["answer"],
         "answers_identical": sum(a == b for a, b in zip(texts["answer"], texts["stream"])),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "sac_rag_commit": _library_commit(),
         "command": "python benchmarks/stream_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps({k: v for k, v in row.items() if k != "command"}))
     append_jsonl(args.results, [row])
     return 0
+
+
+def _library_commit() -> str | None:
+    """The commit of the sac_rag that ran (a checkout of an earlier one, for a before/after pair),
+    with "+changes" if its working tree differs; None outside a git checkout."""
+    where = Path(sac_rag.__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=where, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
 
 
 if __name__ == "__main__":
