@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .errors import InvalidInputError
@@ -92,9 +94,8 @@ def module_device(module: torch.nn.Module, default: torch.device | None = None) 
             return torch.device("cuda", execution)
         if isinstance(execution, (str, torch.device)):
             return torch.device(execution)
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return default
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)  # not every tensor: one
+    return default if first is None else first.device
 
 
 def input_device(model) -> torch.device:

@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
@@ -163,6 +164,10 @@ class GenerationConfig:
 
 
 _SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # the seeds torch.Generator.manual_seed takes
+# The K/V of the text before a prompt's first compressed context (a template's context prefix) that a
+# Generator keeps for the next prompts: this many of them, each of at most this many tokens.
+KEPT_OPENINGS = 4
+KEPT_OPENING_TOKENS = 128
 
 DECODING_STRATEGY = ("temperature", "top_k", "top_p", "num_beams", "length_penalty", "mbr", "extractive")
 """The settings that choose how an answer is decoded (not how long it may be, where it stops or its
@@ -292,6 +297,7 @@ class Generator:
         # leading whitespace: the decoder was trained to begin the answer right there, so a space or
         # line break it puts first (`` Miriam Rees``) is no part of the answer.
         self.answer_opening: str | None = None
+        self._openings: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
     @classmethod
     def from_compressor(cls, compressor, merge_decoder: bool = False) -> Generator:
@@ -478,7 +484,10 @@ class Generator:
                         self._read_text(model, state, pending, all_logits)
                     continue
                 if pending:
-                    self._read_text(model, state, pending, all_logits=False)
+                    if state.position == 0:
+                        self._read_opening(model, state, pending)
+                    else:
+                        self._read_text(model, state, pending, all_logits=False)
                     pending = []
                 devices = devices or layer_devices(model, self.num_layers)
                 self._splice(state, seg, devices)
@@ -517,6 +526,31 @@ class Generator:
             logits_to_keep=0 if all_logits else 1,
         )
         state.logits = out.logits[0] if all_logits else out.logits[0, -1]
+        state.position += len(ids)
+        state.text_tokens += len(ids)
+
+    def _read_opening(self, model, state: _Prefilled, ids: list[int]) -> None:
+        """Read the text before the prompt's first compressed context. It is the same for every
+        prompt of a template (its context prefix: one more forward pass per prompt, as long as
+        reading the question on a CPU, where a pass over a few tokens costs what reading the weights
+        costs), so its K/V are kept and put back, exactly as read, while the model, its state and
+        its weights stay the same (torch's per-tensor version counters: an in-place update, an
+        optimizer step or a load, changes them)."""
+        if len(ids) > KEPT_OPENING_TOKENS:
+            self._read_text(model, state, ids, all_logits=False)
+            return
+        key = (id(model), tuple(ids), state.reads_cache, *((p._version, p.data_ptr()) for p in model.parameters()))
+        kept = self._openings.get(key)
+        if kept is None:
+            self._read_text(model, state, ids, all_logits=False)
+            self._openings[key] = [(layer.keys.clone(), layer.values.clone()) for layer in state.cache.layers]
+            while len(self._openings) > KEPT_OPENINGS:
+                self._openings.popitem(last=False)
+            return
+        self._openings.move_to_end(key)
+        self._check_room(state.position + len(ids))
+        for layer, (keys, values) in zip(state.cache.layers, kept):
+            layer.update(keys.clone(), values.clone())
         state.position += len(ids)
         state.text_tokens += len(ids)
 

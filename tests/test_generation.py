@@ -769,3 +769,41 @@ def test_a_compressors_generator_answers_where_its_template_opens_the_answer(set
     assert Generator(comp.base_model, comp.tokenizer).answer_opening is None  # a plain model's: completions
     braces = PromptTemplate(question="\nQ: {question}\n{{A}}:")  # the opening is the text as built, braces unescaped
     assert braces.answer_opening == "\n{A}:" and braces.build([], "Who?")[-1].endswith(braces.answer_opening)
+
+
+def test_the_text_before_the_first_compressed_context_is_read_once_and_reused_exactly_while_the_weights_stay(tiny):
+    model, tokenizer = tiny
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_alpha=8,
+                                   decoder_lora_rank=4), model=model, tokenizer=tokenizer)
+    with torch.no_grad():  # a decoder adapter that changes the decoder's K/V (LoRA B starts at zero)
+        for p in comp.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    gen = Generator.from_compressor(comp)
+    reads = []
+    read = gen._read_text
+    gen._read_text = lambda model, state, ids, all_logits: (reads.append(list(ids)),
+                                                            read(model, state, ids, all_logits))[1]
+    kv = comp.compress(TEXT)
+    prompts = [["Context:\n", kv, f"\nQ: {q}\nA:"] for q in ("Who?", "When was the tower finished?", "Where?")]
+    config = GenerationConfig(max_new_tokens=6)
+
+    def as_read_alone(prompt):  # by a generator that has kept nothing
+        fresh = Generator.from_compressor(comp)
+        return fresh._prefill(prompt), fresh.generate(prompt, config)
+
+    answers = [gen.generate(p, config) for p in prompts]
+    assert len(reads) == 1 + len(prompts)  # the opening once, each question
+    for prompt, answer in zip(prompts, answers):
+        state, alone = as_read_alone(prompt)
+        assert torch.equal(gen._prefill(prompt).logits, state.logits) and answer.token_ids == alone.token_ids
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(gen._prefill(prompts[0]).cache.layers, as_read_alone(prompts[0])[0].cache.layers))
+    decoder_b = next(p for n, p in comp.model.named_parameters() if ".decoder." in n and "lora_B" in n)
+    with torch.no_grad():
+        decoder_b.add_(0.5)  # as an optimizer step would: the kept opening is stale
+    before, prompt = len(reads), ["Context:\n", comp.compress(TEXT), "\nQ: Who?\nA:"]  # its caches are new too
+    state = gen._prefill(prompt)
+    assert len(reads) == before + 2 and torch.equal(state.logits, as_read_alone(prompt)[0].logits)
+    for i in range(6):  # a few kept, the least recently used dropped
+        gen._prefill([f"Context {i}:\n", prompt[1], " Who?"])
+    assert len(gen._openings) == 4
