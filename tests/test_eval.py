@@ -465,3 +465,27 @@ def test_the_training_held_out_dataset_reads_only_articles_training_never_sees(t
     assert not {q.id for q in held_out} & {qa.id for p in trained for qa in p.questions}
     assert [q.id for q in dataset_questions(tmp_path, "squad-train-heldout", 4, seed=0, skip=2)] == \
         [q.id for q in held_out[2:6]]  # seeded and nested as every dataset
+
+
+def test_decode_speed_is_timed_over_the_same_steps_whatever_the_answers_length(workspace):
+    """An answer that ends at once would leave decode speed to the noise of two prefills: the
+    timed answer runs on past its end token (and the generator ends answers as before after)."""
+    from sac_rag import GenerationConfig
+    from sac_rag.eval import Question, build_method, measure_costs
+
+    method = build_method("full_context", str(workspace / "tiny-model"), None, None, "cpu", "float32")
+    generator = method.generator
+    generator.eos_token_ids = set(range(generator.model.config.vocab_size))  # every token ends an answer
+    lengths = []
+    generate = generator.generate
+
+    def counted(prompt, config):
+        result = generate(prompt, config)
+        lengths.append(len(result.token_ids))
+        return result
+
+    generator.generate = counted
+    question = Question(id="q", question="Who built it?", answers=["Eiffel"], context="It was built by Eiffel.")
+    costs = measure_costs(method, [question], samples=1, new_tokens=6)
+    assert lengths == [0, 6] and costs["decode_tokens_per_s"] > 0  # the first token ends the untimed answer
+    assert generator.generate(method.prompts([question])[0], GenerationConfig(max_new_tokens=6)).token_ids == []
