@@ -3,11 +3,10 @@
     python benchmarks/costs.py            # rows -> benchmarks/results/costs.jsonl
 
 ``python -m sac_rag.eval`` measures costs too, but each method in its own process, at whatever
-load the machine had then. Here every method is built in one process and they are timed in turn,
-question by question (so a drift in the machine's speed hits all alike), on the same ``--samples``
-questions at batch size 1 (``sac_rag.eval.measure_costs``: compression time per chunk, time to
-first token with compression excluded, decode tokens/s, K/V bytes held; medians), and each
-figure is also given as a ratio to full context read by the frozen decoder in this run.
+load the machine had then. Here every method is built in turn in one process and timed on the
+same ``--samples`` questions at batch size 1 (``sac_rag.eval.measure_costs``: compression time
+per chunk, time to first token with compression excluded, decode tokens/s, K/V bytes held), and
+each figure is also given as a ratio to full context read by the frozen decoder in this run.
 ``--paragraphs 1,3,10`` repeats it with contexts of 1, 3 and 10 SQuAD paragraphs (the question's
 own first, then distinct others): what a cached context saves grows with its length.
 """
@@ -15,10 +14,10 @@ own first, then distinct others): what a cached context saves grows with its len
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from sac_rag.devices import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 from sac_rag.errors import InvalidInputError, exit_with_message  # noqa: E402
@@ -86,16 +84,6 @@ def with_paragraphs(pool: list[Question], samples: int, k: int) -> list[Question
     return settings
 
 
-def medians(per_question: list[dict]) -> dict:
-    """``measure_costs``' figures over questions timed one by one: the median of each (the upper one,
-    as ``measure_costs`` takes), None where no question has it (no compression)."""
-    figures = {}
-    for key in ("compress_s_per_chunk", "ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
-        values = [c[key] for c in per_question if c[key] is not None]
-        figures[key] = statistics.median_high(values) if values else None
-    return {**figures, "timing_samples": len(per_question)}
-
-
 def add_ratios(rows: list[dict]) -> None:
     """Each row's ttft, decode speed and K/V bytes also as a ratio to full context's (frozen decoder)
     at the same number of paragraphs in this run (None where either is 0 or missing)."""
@@ -134,25 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: with_paragraphs(pool, args.samples, k) for k in args.paragraphs}
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
-    methods = {label: build_method(name, "smollm2-135m", ratio, checkpoint, None, dtype, merge_decoder=merge_decoder)
-               for label, name, ratio, checkpoint, merge_decoder in METHODS if label in chosen}
     rows = []
-    for k, questions in settings.items():
-        with torch.no_grad():
-            for method in methods.values():
+    for label, name, ratio, checkpoint, merge_decoder in METHODS:
+        if label not in chosen:
+            continue
+        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, dtype, merge_decoder=merge_decoder)
+        for k, questions in settings.items():
+            with torch.no_grad():
                 measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
-            timed = {label: [] for label in methods}
-            for question in tqdm(questions[:args.samples], desc=f"{k} paragraph(s)", unit="q"):
-                for label, method in methods.items():  # in turn: a drift in the machine's speed hits all alike
-                    timed[label].append(measure_costs(method, [question], samples=1))
-        for label, method in methods.items():
+                costs = measure_costs(method, questions, samples=args.samples)
+            costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
             tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
             rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
-                         "context_tokens": round(tokens), **medians(timed[label]), "dtype": dtype,
+                         "context_tokens": round(tokens), **costs, "dtype": dtype,
                          "threads": torch.get_num_threads(), "run": run, "command": command})
             print(json.dumps({k: rows[-1][k] for k in ("method", "paragraphs", "ttft_s", "decode_tokens_per_s")}))
-    order = list(methods)
-    rows.sort(key=lambda r: order.index(r["method"]))  # method by method, as the rows have always been
+        del method
+        gc.collect()
     add_ratios(rows)
     append_jsonl(args.results, rows)  # all of the run's rows in one write
     return 0

@@ -175,21 +175,3 @@ def test_a_missing_data_file_is_one_line_on_the_command_line(tmp_path):
                            str(tmp_path / "costs.jsonl")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("error: ")
     assert len(done.stderr.strip().splitlines()) == 1 and "does not exist: set --data-root" in done.stderr
-
-
-def test_methods_are_timed_in_turn_question_by_question(workspace, monkeypatch):
-    """So that a drift in the machine's speed during the run hits every method alike."""
-    tmp_path, _ = workspace
-    calls = []
-    measure = COSTS.measure_costs
-
-    def recorded(method, questions, samples=10, **kwargs):
-        if samples == 1:  # a timed question (the warm-ups take 2)
-            calls.append((method.name, questions[0].id))
-        return measure(method, questions, samples=samples, **kwargs)
-
-    monkeypatch.setattr(COSTS, "measure_costs", recorded)
-    assert _costs(tmp_path, "--methods", "no-context", "--paragraphs", "1") == 0
-    (first, second) = dict.fromkeys(q for _, q in calls)
-    assert [q for _, q in calls] == [first, first, second, second]
-    assert calls[0][0] != calls[1][0] and [m for m, _ in calls[:2]] == [m for m, _ in calls[2:]]
