@@ -135,7 +135,7 @@ class SACCompressor(torch.nn.Module):
         self._fingerprint_cache: tuple[tuple, str] | None = None
         self._recommended_decoding: dict = {}
         self._lora_parameters: list[torch.nn.Parameter] | None = None
-        self._lora_layers: list[torch.nn.Module] | None = None
+        self._switches: tuple[list[dict] | None] | None = None  # (what _adapter_switches found,) once looked for
 
     @staticmethod
     def _with_adapter(model, config: SACConfig):
@@ -162,7 +162,7 @@ class SACCompressor(torch.nn.Module):
         self.config.validate()
         self.model.add_adapter("decoder", _lora_config(rank, alpha or 2 * rank, self.config))
         self.model.set_adapter("default")
-        self._fingerprint_cache = self._lora_parameters = self._lora_layers = None
+        self._fingerprint_cache = self._lora_parameters = self._switches = None
 
     def set_adapter_weights(self, state: dict[str, torch.Tensor], adapter: str = "default") -> None:
         """Load a peft LoRA state dict (e.g. a Full-FT adapter's ``adapter_model.safetensors``) into
@@ -380,17 +380,17 @@ class SACCompressor(torch.nn.Module):
                 p.requires_grad_(flag)
 
     def _adapter_switches(self) -> list[dict] | None:
-        """The instance dicts of the model's LoRA layers, found once, which ``_adapter_state`` writes;
+        """The instance dicts of the model's LoRA layers, which ``_adapter_state`` writes (found once);
         ``None`` if this peft's layers or tuner do not keep their state there."""
-        if self._lora_layers is None:
+        if self._switches is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        states = [vars(layer) for layer in self._lora_layers]
-        names = ("_active_adapter", "_disable_adapters")
-        if all(name in state for state in states for name in names) and "active_adapter" in vars(self.model.base_model):
-            return states
-        return None
+            states = [vars(m) for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            names = ("_active_adapter", "_disable_adapters")
+            kept_here = all(name in state for state in states for name in names) \
+                and "active_adapter" in vars(self.model.base_model)
+            self._switches = (states if kept_here else None,)
+        return self._switches[0]
 
     # -- text -> chunks -----------------------------------------------------------------------
 

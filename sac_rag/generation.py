@@ -381,6 +381,14 @@ class Generator:
         user of the model holds, if any) and puts the model in its decoding state (a compressor's
         adapters switched) only while it computes, so between pieces the model is free: the caller
         may compress, answer or stream with it, from this thread or another."""
+        for item in self.stream_with_usage(prompt, config, sources, contrast_prompt, lock):
+            if isinstance(item, str):
+                yield item
+
+    def stream_with_usage(self, prompt: Prompt, config: GenerationConfig | None = None,
+                          sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None,
+                          lock: contextlib.AbstractContextManager | None = None) -> Iterator[str | Generation]:
+        """``stream``'s pieces, then the finished ``Generation`` (its usage figures)."""
         config = config or GenerationConfig()
         sources = None if sources is None else [sources]
         contrast_prompts = None if contrast_prompt is None else [contrast_prompt]
@@ -390,6 +398,7 @@ class Generator:
             states, tracks = self._start([prompt], sources)
             plain = self._start_contrast(contrast_prompts, states)
         yield from self._pieces(states, tracks, config, plain, lock)
+        yield self._result(states[0], tracks[0])
 
     def _pieces(self, states: list[_Prefilled], tracks: list[_Track], config: GenerationConfig,
                 plain: list[_Prefilled] | None = None,
@@ -634,9 +643,7 @@ class Generator:
                          else [_random_stream(config.seed, device) for _ in states])
         stop_ids = self.eos_token_ids | set(config.stop_token_ids)
         reads_cache = states[0].reads_cache  # generate_batch groups prompts by model
-        with contextlib.ExitStack() as held:
-            if step_lock is None:
-                whole = held.enter_context(self._reading_model(reads_cache))
+        with contextlib.nullcontext() if step_lock else self._reading_model(reads_cache) as whole:
             for step in range(max(budgets)):
                 with step_lock or contextlib.nullcontext():  # the tokenizer is not shared between threads either
                     logits = _contrasted(reading.logits, None if contrast is None else contrast.logits, config)
@@ -652,14 +659,16 @@ class Generator:
                 yield None
                 if all(t.finish_reason for t in tracks):  # at the last step, every row has reached its budget
                     break
-                with contextlib.ExitStack() as stepping:
-                    if step_lock is None:
-                        model = whole
-                    else:
-                        stepping.enter_context(step_lock)
-                        model = stepping.enter_context(self._reading_model(reads_cache))
+                stepping = self._locked_reading(step_lock, reads_cache) if step_lock else contextlib.nullcontext(whole)
+                with stepping as model:
                     for batch in readings:
                         self._advance(model, batch, tokens)
+
+    @contextlib.contextmanager
+    def _locked_reading(self, lock: contextlib.AbstractContextManager, reads_cache: bool) -> Iterator[Any]:
+        """``_reading_model`` entered holding ``lock``: one step of a stream."""
+        with lock, self._reading_model(reads_cache) as model:
+            yield model
 
     def _reading(self, states: list[_Prefilled]) -> _Reading:
         cache, mask = self._merged_cache(states)

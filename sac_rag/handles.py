@@ -1179,21 +1179,17 @@ class SACEngine:
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()
-            generator = state.generator
-            with state.lock:
-                if stop is not None and stop.is_set():  # closed before the model was free
-                    return
-                # Generator.stream, keeping hold of the state so the usage figures come out too.
-                states, tracks = generator._start([segments], None if sources is None else [sources])
-            decoding = generator._pieces(states, tracks, config, lock=state.lock)
+            decoding = state.generator.stream_with_usage(segments, config, sources, lock=state.lock)
             try:
-                for piece in decoding:
-                    if stop is not None and stop.is_set():
+                for item in decoding:
+                    if stop is not None and stop.is_set():  # closed or left early
                         return
-                    yield piece
+                    if isinstance(item, Generation):
+                        result = item
+                    else:
+                        yield item
             finally:
                 decoding.close()
-            result = generator._result(states[0], tracks[0])
         finally:
             self._release([prompt])
         self._warn_if_empty([result])
