@@ -353,11 +353,10 @@ class Generator:
         _check_sources(config, sources, len(prompts))
         _check_contrast(config, contrast_prompts, len(prompts))
         if self.text_mode is not self.decoder_mode or self.reader is not None:  # text-only prompts decode otherwise
-            reads_cache = [any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts]
-            if any(reads_cache) and not all(reads_cache):
+            groups = grouped([any(isinstance(s, AnchorKV) for s in self._segments(p)) for p in prompts])
+            if len(groups) > 1:
                 results: dict[int, Generation] = {}
-                for group in (True, False):
-                    index = [i for i, r in enumerate(reads_cache) if r == group]
+                for _, index in groups:
                     results.update(zip(index, self.generate_batch(
                         [prompts[i] for i in index], config, None if sources is None else [sources[i] for i in index],
                         None if contrast_prompts is None else [contrast_prompts[i] for i in index])))
@@ -892,6 +891,19 @@ class Generator:
             cached_tokens=state.cached_tokens,
             context_tokens=state.context_tokens,
         )
+
+
+def grouped(keys: Sequence) -> list[tuple[Any, list[int]]]:
+    """Each distinct key (by ``==``, so unhashable ones too), in order of first appearance, with the
+    indices where it occurs: to decode a batch in groups that share settings, then answer in order."""
+    groups: list[tuple[Any, list[int]]] = []
+    for i, key in enumerate(keys):
+        found = next((index for seen, index in groups if seen == key), None)
+        if found is None:
+            groups.append((key, [i]))
+        else:
+            found.append(i)
+    return groups
 
 
 def bos_ids(tokenizer) -> list[int]:

@@ -60,7 +60,7 @@ from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
-from .generation import Generation, GenerationConfig, Generator, bos_ids
+from .generation import Generation, GenerationConfig, Generator, bos_ids, grouped
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError
@@ -699,7 +699,8 @@ class SACEngine:
         return self.compressor_spec if isinstance(self.compressor_spec, SACCompressor) else None
 
     def _recommended_for(self, prompts: Sequence[str | Sequence[Segment]]) -> dict:
-        """``recommended_decoding`` if every prompt reads compressed contexts, else none."""
+        """``recommended_decoding`` if every prompt reads compressed contexts, else none (the
+        recommendation was measured answering from caches)."""
         return self.recommended_decoding if reads_caches(prompts) else {}
 
     @property
@@ -1043,15 +1044,16 @@ class SACEngine:
         return found
 
     def generate(self, prompts: Sequence[str | Sequence[Segment]],
-                 config: GenerationConfig | None = None) -> list[Generation]:
-        """Answer each prompt (a string with markers, or ready segments) with ``config``, by default
-        the compressor's ``recommended_decoding`` if every prompt reads compressed contexts (else
-        greedily). Calls made while the model is busy are queued and decoded together when it is
-        free (one batch per config)."""
+                 config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Generation]:
+        """Answer each prompt (a string with markers, or ready segments) with ``config`` (one for all, or
+        one per prompt); without it, a prompt that reads compressed contexts decodes as the
+        compressor's ``recommended_decoding`` says and one that does not decodes greedily, in the same
+        call. Calls made while the model is busy are queued and decoded together when it is free (one
+        batch per decoding)."""
         return self._generate(prompts, config, _Call())
 
     async def agenerate(self, prompts: Sequence[str | Sequence[Segment]],
-                        config: GenerationConfig | None = None) -> list[Generation]:
+                        config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Generation]:
         """``generate`` in a worker thread: the event loop stays free meanwhile. Cancelled (say by
         ``asyncio.wait_for``'s timeout) while its prompts wait for the model, the call withdraws them:
         the model does not decode answers no one is waiting for."""
@@ -1062,14 +1064,16 @@ class SACEngine:
             self._withdraw(call)
             raise
 
-    def _generate(self, prompts: Sequence[str | Sequence[Segment]], config: GenerationConfig | None,
-                  call: _Call) -> list[Generation]:
+    def _generate(self, prompts: Sequence[str | Sequence[Segment]],
+                  config: GenerationConfig | Sequence[GenerationConfig] | None, call: _Call) -> list[Generation]:
         """``generate``, its requests queued as ``call``'s (so that ``_withdraw`` can take them back)."""
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         try:
-            config = _engine_config(config, self._recommended_for(prompts))  # refused: its chunks are released too
-            requests = [_Request(self._as_segments(p), config, self._sources(p, config)) for p in prompts]
+            configs = [_engine_config(c, self._recommended_for([p]))  # refused: its chunks are released too
+                       for p, c in zip(prompts, _per_prompt(config, len(prompts)))]
+            requests = [_Request(self._as_segments(p), c, self._sources(p, c)) for p, c in zip(prompts, configs)]
+            configs = [c for c, _ in grouped(configs)]  # each once
             state = self._state()
             with self._pending_lock:
                 if not call.withdrawn:
@@ -1077,11 +1081,13 @@ class SACEngine:
                     state.pending.extend(requests)
             with state.lock:
                 with self._pending_lock:
-                    batch = [r for r in state.pending if r.config == config]
-                    state.pending = [r for r in state.pending if r.config != config]
+                    batch = [r for r in state.pending if r.config in configs]
+                    state.pending = [r for r in state.pending if r.config not in configs]
                 try:
-                    for start in range(0, len(batch), MAX_BATCH):
-                        self._serve(batch[start:start + MAX_BATCH], config)
+                    for chosen in configs:  # one batch per decoding
+                        same = [r for r in batch if r.config == chosen]
+                        for start in range(0, len(same), MAX_BATCH):
+                            self._serve(same[start:start + MAX_BATCH], chosen)
                 finally:
                     self._requeue(state, batch, requests)
         finally:
@@ -1255,6 +1261,17 @@ class SACEngine:
             return
         for request, result in zip(batch, results):
             request.result = result
+
+
+def _per_prompt(config: GenerationConfig | Sequence[GenerationConfig] | None, n_prompts: int) -> list:
+    """``generate``'s ``config`` as one entry per prompt (``None``: the default for that prompt)."""
+    if config is None or isinstance(config, GenerationConfig):
+        return [config] * n_prompts
+    if isinstance(config, Sequence) and not isinstance(config, str) and len(config) == n_prompts \
+            and all(isinstance(c, GenerationConfig) for c in config):
+        return list(config)
+    raise InvalidInputError(f"generate got {n_prompts} prompts and config={config!r}: give one GenerationConfig for "
+                            "all prompts, or a list of one per prompt")
 
 
 def _engine_config(config: GenerationConfig | None, recommended: dict) -> GenerationConfig:

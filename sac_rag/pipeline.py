@@ -15,7 +15,7 @@ import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
 from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
-from .generation import Generation, GenerationConfig, Generator
+from .generation import Generation, GenerationConfig, Generator, grouped
 from .kv import AnchorKV
 from .models import load_base_model
 
@@ -28,7 +28,8 @@ class SAC:
 
     ``generation``: how calls that pass no ``config`` decode; by default the compressor's
     ``recommended_decoding`` (the shipped compressor's: 8 beams + minimum Bayes risk, what its scores
-    were measured with) for questions that read compressed contexts, else greedy. ``extractive=True``
+    were measured with) for questions that read compressed contexts, else greedy, question by
+    question (in ``answer_batch`` too). ``extractive=True``
     on a call without ``config`` then decodes greedily (beams and quoting do not combine).
 
     ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
@@ -137,10 +138,16 @@ class SAC:
                 self._check(question, contexts[i], full_text)
             except InvalidInputError as err:
                 raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
-        config, sources = self._decoding(config, contexts, extractive, full_text)
+        decodings = [self._decoding(config, [c], extractive, full_text) for c in contexts]  # each question's own
         prompts = self._prompts(questions, contexts, full_text)
+        results: dict[int, Generation] = {}
         with self._lock:
-            return self.generator.generate_batch(prompts, config, sources, self._contrast_prompts(config, questions))
+            for chosen, index in grouped([d for d, _ in decodings]):  # one batch per decoding
+                sources = None if decodings[index[0]][1] is None else [decodings[i][1][0] for i in index]
+                results.update(zip(index, self.generator.generate_batch(
+                    [prompts[i] for i in index], chosen, sources,
+                    self._contrast_prompts(chosen, [questions[i] for i in index]))))
+        return [results[i] for i in range(len(questions))]
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:
@@ -160,7 +167,7 @@ class SAC:
                   full_text: bool = False):
         """The call's decoding settings and, for extractive answers, the texts each may quote: without a
         ``config`` of the call's or the SAC's own, the compressor's recommendation if every question
-        reads compressed contexts, else greedy."""
+        reads compressed contexts, else greedy (``answer_batch`` asks for each question on its own)."""
         chosen = _config(config, "config")
         config = chosen or self.generation
         # The recommendation was measured answering from caches, and beams do not combine with quotes.

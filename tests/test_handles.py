@@ -385,8 +385,15 @@ def test_without_a_config_prompts_that_read_caches_decode_as_the_compressor_reco
     cached = f"{marker_for(AnchorStore.key_for(PASSAGES[1]))}\nQ: who?\nA:"
     engine.generate([cached])
     engine.generate(["Q: who?\nA:"])  # no compressed context: greedy (the recommendation was measured on caches)
-    engine.generate([cached, "Q: who?\nA:"])  # a call not all from caches: greedy
-    assert [(c.num_beams, c.mbr) for c in configs] == [(2, True), (1, False), (1, False)]
+    mixed = engine.generate(["Q: who?\nA:", cached])  # a call mixing both: each prompt its own way, in order
+    assert [(c.num_beams, c.mbr) for c in configs] == [(2, True), (1, False), (1, False), (2, True)]
+    assert [g.text for g in mixed] == [engine.generate(["Q: who?\nA:"])[0].text, engine.generate([cached])[0].text]
+    per_prompt = [GenerationConfig(max_new_tokens=3), GenerationConfig(max_new_tokens=3, num_beams=2)]
+    engine.generate([cached, cached], per_prompt)  # or one config per prompt, each kept
+    assert [(c.num_beams, c.max_new_tokens) for c in configs[-2:]] == [(1, 3), (2, 3)]
+    for wrong in ([per_prompt[0]], {"num_beams": 2}, [per_prompt[0], None]):
+        with pytest.raises(InvalidInputError, match="one GenerationConfig for all prompts, or a list of one per"):
+            engine.generate([cached, cached], wrong)
     pieces = engine.generator._pieces
     monkeypatch.setattr(engine.generator, "_pieces", lambda states, tracks, config, plain=None, lock=None: (
         configs.append(config), pieces(states, tracks, config, plain, lock))[1])

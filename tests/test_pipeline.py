@@ -117,8 +117,10 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
     sac.answer("Who?", [TEXT], full_text=True)  # read as text, and
     sac.answer("Who?")  # no context: greedy (the recommendation was measured answering from caches)
     assert [(c.num_beams, c.mbr, c.stop) for c in used[-2:]] == [(1, False, ("\n###",))] * 2
-    sac.answer_batch(["Who?", "When?"], [[TEXT], []])  # a batch that is not all from caches: greedy
-    assert used[-1].num_beams == 1
+    mixed = sac.answer_batch(["Who?", "When?", "Why?"], [[TEXT], [], [OTHER]])  # each question decodes its own way:
+    assert [(c.num_beams, c.mbr) for c in used[-2:]] == [(3, True), (1, False)]  # from caches as recommended, and
+    assert [g.token_ids for g in mixed] == [sac.answer(q, c).token_ids  # without, greedily; answers in order
+                                            for q, c in [("Who?", [TEXT]), ("When?", []), ("Why?", [OTHER])]]
     sac.answer_batch(["Who?", "When?"], [[TEXT], [OTHER]])
     assert used[-1].num_beams == 3
     sac.answer("Who?", [TEXT], extractive=True)

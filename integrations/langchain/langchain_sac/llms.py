@@ -14,7 +14,7 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 
-from sac_rag import Generation
+from sac_rag import Generation, GenerationConfig
 
 from ._base import (
     CALL_ARGUMENTS,
@@ -82,13 +82,18 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        generations = self.get_engine().generate(prompts, self.generation_config(stop, prompts, **kwargs))
+        generations = self.get_engine().generate(prompts, self._configs(prompts, stop, kwargs))
         return self._result(generations)
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        generations = await self.get_engine().agenerate(prompts, self.generation_config(stop, prompts, **kwargs))
+        generations = await self.get_engine().agenerate(prompts, self._configs(prompts, stop, kwargs))
         return self._result(generations)
+
+    def _configs(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> list[GenerationConfig]:
+        """Each prompt's decoding: one that reads compressed contexts as the compressor recommends,
+        one that does not (a question rewrite, say) greedily, in the same batch."""
+        return [self.generation_config(stop, [prompt], **kwargs) for prompt in prompts]
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:

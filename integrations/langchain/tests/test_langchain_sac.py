@@ -557,8 +557,8 @@ def _counting(engine, monkeypatch):
     calls = []
     generate = engine.generate
 
-    def counted(prompts, config):
-        calls.append(config)
+    def counted(prompts, config):  # each prompt's decoding (a batch's may differ)
+        calls.extend(config if isinstance(config, list) else [config] * len(prompts))
         return generate(prompts, config)
 
     monkeypatch.setattr(engine, "generate", counted)
@@ -624,6 +624,12 @@ def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(c
     assert [(c.num_beams, c.mbr) for c in calls] == [(3, True), (1, False), (1, False)]
     assert recommended == engine.generate([prompt], calls[0])[0].text
     assert greedy == engine.generate([prompt], calls[1])[0].text
+    if cls is SACLLM:  # a batch mixing both (prompts not asked before: no cached answers): each its own way
+        del calls[:]
+        plain, cached = (p.replace("How often?", "How often does it run?") for p in (CACHE_PROMPT, prompt))
+        batch = [g[0].text for g in llm.generate([plain, cached]).generations]
+        assert [(c.num_beams, c.mbr) for c in calls] == [(1, False), (3, True)]
+        assert batch == [engine.generate([plain], calls[0])[0].text, engine.generate([cached], calls[1])[0].text]
 
 
 def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):
