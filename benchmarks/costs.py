@@ -9,6 +9,13 @@ per chunk, time to first token with compression excluded, decode tokens/s, K/V b
 each figure is also given as a ratio to full context read by the frozen decoder in this run.
 ``--paragraphs 1,3,10`` repeats it with contexts of 1, 3 and 10 SQuAD paragraphs (the question's
 own first, then distinct others): what a cached context saves grows with its length.
+
+The machine's speed drifts over a run (on the 2-core CPU this was written on, by up to 2x over 20
+minutes), and a method timed late would read slow against a reference timed first. So full context
+is timed again after every method, and each method's ratios are to the mean of the two timings of
+full context around it (``reference_ttft_s``, ``reference_decode_tokens_per_s``). Full context's
+own row holds the mean of all its timings, and ``reference_spread``, the slowest of its times to
+first token over the fastest: how far the machine drifted in the run.
 """
 
 from __future__ import annotations
@@ -86,12 +93,36 @@ def with_paragraphs(pool: list[Question], samples: int, k: int) -> list[Question
 
 def add_ratios(rows: list[dict]) -> None:
     """Each row's ttft, decode speed and K/V bytes also as a ratio to full context's (frozen decoder)
-    at the same number of paragraphs in this run (None where either is 0 or missing)."""
+    at the same number of paragraphs in this run: to the row's own ``reference_*`` timings where it
+    has them (full context timed around it), else to full context's row (None where either is 0 or
+    missing)."""
     full = {r["paragraphs"]: r for r in rows if r["method"] == "full-context"}
     for row in rows:
         ref = full[row["paragraphs"]]
         for key in ("ttft_s", "decode_tokens_per_s", "kv_bytes_per_query"):
-            row[f"{key}_vs_full_context"] = row[key] / ref[key] if row[key] and ref[key] else None
+            reference = row.get(f"reference_{key}", ref[key])
+            row[f"{key}_vs_full_context"] = row[key] / reference if row[key] and reference else None
+
+
+def bracketed(method_costs: dict[int, dict], before: dict[int, dict], after: dict[int, dict]) -> dict[int, dict]:
+    """Each length's costs of a method with ``reference_ttft_s`` and ``reference_decode_tokens_per_s``:
+    the mean of full context's timings ``before`` and ``after`` it at that length."""
+    return {k: {**costs, **{f"reference_{key}": (before[k][key] + after[k][key]) / 2
+                            for key in ("ttft_s", "decode_tokens_per_s")}}
+            for k, costs in method_costs.items()}
+
+
+def reference_row_costs(timings: list[dict[int, dict]]) -> dict[int, dict]:
+    """Full context's costs at each length over all its timings in the run: the mean of its time to
+    first token and of its decode speed, and ``reference_spread``, its slowest time to first token over
+    its fastest (the machine's drift over the run)."""
+    out = {}
+    for k, first in timings[0].items():
+        ttfts = [t[k]["ttft_s"] for t in timings]
+        out[k] = {**first, "ttft_s": sum(ttfts) / len(ttfts),
+                  "decode_tokens_per_s": sum(t[k]["decode_tokens_per_s"] for t in timings) / len(timings),
+                  "reference_spread": max(ttfts) / min(ttfts), "reference_timings": len(timings)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,23 +153,42 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: with_paragraphs(pool, args.samples, k) for k in args.paragraphs}
     command = "python benchmarks/costs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = []
-    for label, name, ratio, checkpoint, merge_decoder in METHODS:
-        if label not in chosen:
-            continue
-        method = build_method(name, "smollm2-135m", ratio, checkpoint, None, dtype, merge_decoder=merge_decoder)
+
+    def timed(method) -> dict[int, dict]:
+        """The method's costs at each context length."""
+        out = {}
         for k, questions in settings.items():
             with torch.no_grad():
                 measure_costs(method, questions, samples=2)  # warm-up: first calls pay one-time costs
-                costs = measure_costs(method, questions, samples=args.samples)
-            costs.pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
-            tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
-            rows.append({"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
-                         "context_tokens": round(tokens), **costs, "dtype": dtype,
-                         "threads": torch.get_num_threads(), "run": run, "command": command})
-            print(json.dumps({k: rows[-1][k] for k in ("method", "paragraphs", "ttft_s", "decode_tokens_per_s")}))
+                out[k] = measure_costs(method, questions, samples=args.samples)
+            out[k].pop("peak_rss_mb")  # a process-wide maximum: meaningless per method in one process
+            print(json.dumps({"method": method.name, "paragraphs": k, "ttft_s": out[k]["ttft_s"],
+                              "decode_tokens_per_s": out[k]["decode_tokens_per_s"]}), flush=True)
+        return out
+
+    def row(label: str, method, k: int, costs: dict) -> dict:
+        questions = settings[k]
+        tokens = sum(len(method.generator.tokenizer(q.context)["input_ids"]) for q in questions) / len(questions)
+        return {"method": label, "ratio": method.ratio, "dataset": args.dataset, "paragraphs": k,
+                "context_tokens": round(tokens), **costs, "dtype": dtype, "threads": torch.get_num_threads(),
+                "run": run, "command": command}
+
+    def build(name: str, ratio: int, checkpoint: str | None, merge_decoder: bool):
+        return build_method(name, "smollm2-135m", ratio, checkpoint, None, dtype, merge_decoder=merge_decoder)
+
+    (_, *reference_spec), *others = METHODS  # full context, the reference: timed first and after each method
+    reference = build(*reference_spec)
+    timings, rows = [timed(reference)], []
+    for label, *spec in others:
+        if label not in chosen:
+            continue
+        method = build(*spec)
+        costs = timed(method)
+        timings.append(timed(reference))
+        rows += [row(label, method, k, c) for k, c in bracketed(costs, timings[-2], timings[-1]).items()]
         del method
         gc.collect()
+    rows[:0] = [row("full-context", reference, k, c) for k, c in reference_row_costs(timings).items()]
     add_ratios(rows)
     append_jsonl(args.results, rows)  # all of the run's rows in one write
     return 0

@@ -181,10 +181,18 @@ def costs_table(rows: list[dict]) -> list[str]:
     """Every method timed back to back in one process, at each context length."""
     if not rows:
         return []
+    reference = sorted((r for r in rows if "reference_spread" in r), key=lambda r: r["paragraphs"])
+    if reference:  # full context timed around every method (costs.py since 2026-12-06)
+        how = (f"ratios to full context (frozen decoder) at the same length, timed just before and just after each "
+               f"method (full context's row: the mean of its {reference[0]['reference_timings']} timings; its "
+               "slowest time to first token over its fastest, how far the machine drifted in the run: "
+               + ", ".join(f"{r['reference_spread']:.2f}x at {r['paragraphs']} para." for r in reference) + ")")
+    else:
+        how = "ratios to full context (frozen decoder) at the same length in the same run"
     lines = [f"### Costs, every method in one process (`{rows[0]['command']}`, {rows[0]['run']})", "",
              f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; contexts of 1, 3 and 10 "
-             "paragraphs; ratios to full context (frozen decoder) at the same length in the same run. TTFT "
-             "excludes compression (offline for a store; `compress s/chunk` is its cost).", "",
+             f"paragraphs; {how}. TTFT excludes compression (offline for a store; `compress s/chunk` is its "
+             "cost).", "",
              "| context | method | ratio | compress s/chunk | TTFT ms | TTFT vs full | decode tok/s | KV per query "
              "| KV vs full |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -263,8 +271,11 @@ def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     by_method = defaultdict(list)
-    for r in costs:
-        by_method[r["method"]].append((r["context_tokens"], r["ttft_s"] * 1000))
+    full = {r["paragraphs"]: r["ttft_s"] for r in costs if r["method"] == "full-context"}
+    drift_corrected = any("reference_ttft_s" in r for r in costs)
+    for r in costs:  # with full context timed around each method: its ratio to it, at full context's mean speed
+        ttft = r["ttft_s_vs_full_context"] * full[r["paragraphs"]] if drift_corrected else r["ttft_s"]
+        by_method[r["method"]].append((r["context_tokens"], ttft * 1000))
     for method, points in by_method.items():
         xs, ys = zip(*sorted(points))
         sac = method.startswith("sac")
@@ -273,7 +284,8 @@ def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
     ax.set_xlabel("context length, tokens (1, 3 and 10 SQuAD paragraphs)")
     ax.set_ylabel("time to first token, ms")
     ax.set_title(f"median of {costs[0]['timing_samples']} questions, batch 1, CPU ({costs[0]['threads']} threads), "
-                 "one process", fontsize=9)
+                 "one process" + ("\neach method's ratio to full context timed around it, times full context's "
+                                  "mean" if drift_corrected else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "ttft_vs_context.png"

@@ -56,6 +56,24 @@ def test_ratios_are_to_full_context_at_the_same_length():
         (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.25, 2.0, 0.2), (0.25, 2.0, None)]
 
 
+def test_a_method_is_compared_with_full_context_timed_just_before_and_after_it():
+    """The machine's speed drifts over a run: a method timed late must not read slow against a
+    reference timed first."""
+    first = {1: {"ttft_s": 1.0, "decode_tokens_per_s": 10.0}}
+    later = {1: {"ttft_s": 3.0, "decode_tokens_per_s": 6.0}}  # the machine has slowed down
+    sac = COSTS.bracketed({1: {"ttft_s": 1.0, "decode_tokens_per_s": 4.0, "kv_bytes_per_query": 20}}, later, later)
+    rows = [{"method": "full-context", "paragraphs": 1, **COSTS.reference_row_costs([first, later, later])[1],
+             "kv_bytes_per_query": 100},
+            {"method": "sac-5x", "paragraphs": 1, **sac[1]}]
+    COSTS.add_ratios(rows)
+    assert rows[0]["ttft_s"] == pytest.approx(7 / 3) and rows[0]["decode_tokens_per_s"] == pytest.approx(22 / 3)
+    assert rows[0]["reference_spread"] == 3.0 and rows[0]["reference_timings"] == 3
+    assert (rows[1]["reference_ttft_s"], rows[1]["reference_decode_tokens_per_s"]) == (3.0, 6.0)
+    assert (rows[1]["ttft_s_vs_full_context"], rows[1]["decode_tokens_per_s_vs_full_context"],
+            rows[1]["kv_bytes_per_query_vs_full_context"]) == pytest.approx((1 / 3, 4 / 6, 0.2))
+    assert COSTS.bracketed({1: {"ttft_s": 2.0}}, first, later)[1]["reference_ttft_s"] == 2.0  # the mean around it
+
+
 @pytest.fixture
 def nothing_built(tmp_path, monkeypatch):
     """Paths of the test's own (never the committed results) and no model: an option the parser
@@ -127,6 +145,9 @@ def test_rows_time_every_method_at_every_length_against_full_context(workspace):
     by = {(r["method"], r["paragraphs"]): r for r in rows}
     for k in (1, 2):
         assert by["full-context", k]["ttft_s_vs_full_context"] == 1.0
+        assert by["full-context", k]["reference_timings"] == 4  # first, then after each of the three methods
+        assert by["sac-5x", k]["ttft_s_vs_full_context"] == pytest.approx(
+            by["sac-5x", k]["ttft_s"] / by["sac-5x", k]["reference_ttft_s"])
         assert by["kv-dropping-5x", k]["kv_bytes_per_query"] < by["full-context", k]["kv_bytes_per_query"]
         assert by["sac-5x", k]["ratio"] == by["kv-dropping-5x", k]["ratio"] == 5
         assert by["sac-5x", k]["kv_bytes_per_query_vs_full_context"] == pytest.approx(

@@ -66,3 +66,19 @@ def test_the_plot_shows_the_questions_its_drawn_rows_share_not_those_of_undrawn_
     stages = [{**peer, "method": f"sac-15x-stage{i}", "n": 1000} for i in range(6)]
     assert REPORT["plotted_n"](drawn + stages) == 200
     assert REPORT["plotted_n"](stages) == 1000  # nothing drawable: the rows' own count
+
+
+def test_a_costs_run_with_full_context_timed_around_each_method_says_how_far_the_machine_drifted():
+    common = {"ratio": 1, "dataset": "squad-dev", "context_tokens": 150, "compress_s_per_chunk": None,
+              "decode_tokens_per_s": 10.0, "kv_bytes_per_query": 1000, "timing_samples": 12, "threads": 2,
+              "run": "r", "command": "python benchmarks/costs.py", "ttft_s_vs_full_context": 1.0,
+              "kv_bytes_per_query_vs_full_context": 1.0, "decode_tokens_per_s_vs_full_context": 1.0}
+    rows = [{**common, "method": "full-context", "paragraphs": 1, "ttft_s": 0.3, "reference_spread": 1.5,
+             "reference_timings": 9},
+            {**common, "method": "sac-5x", "paragraphs": 1, "ttft_s": 0.4, "reference_ttft_s": 0.5,
+             "ttft_s_vs_full_context": 0.8}]
+    header = REPORT["costs_table"](rows)[2]
+    assert "timed just before and just after each method" in header and "1.50x at 1 para." in header
+    assert "mean of its 9 timings" in header
+    assert "timed just before" not in REPORT["costs_table"]([{k: v for k, v in r.items() if "reference" not in k}
+                                                             for r in rows])[2]
