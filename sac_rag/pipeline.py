@@ -29,8 +29,8 @@ class SAC:
     ``generation``: how calls that pass no ``config`` decode; by default the compressor's
     ``recommended_decoding`` (the shipped compressor's: 8 beams + minimum Bayes risk, what its scores
     were measured with) for questions that read compressed contexts, else greedy, question by
-    question (in ``answer_batch`` too). ``extractive=True``
-    on a call without ``config`` then decodes greedily (beams and quoting do not combine).
+    question (in ``answer_batch`` too). ``extractive=True`` on a call without ``config`` then
+    decodes greedily (beams and quoting do not combine).
 
     ``merge_decoder``: decode from a copy of the model with the decoder adapter merged into its
     weights (``Generator.from_compressor``): faster answers for one more copy of the adapted
