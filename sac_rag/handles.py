@@ -698,10 +698,12 @@ class SACEngine:
             return self._loaded.compressor
         return self.compressor_spec if isinstance(self.compressor_spec, SACCompressor) else None
 
-    def _recommended_for(self, prompts: Sequence[str | Sequence[Segment]]) -> dict:
-        """``recommended_decoding`` if every prompt reads compressed contexts, else none (the
-        recommendation was measured answering from caches)."""
-        return self.recommended_decoding if reads_caches(prompts) else {}
+    def _recommended_for(self, prompts: Sequence[str | Sequence[Segment]]) -> list[dict]:
+        """Each prompt's ``recommended_decoding`` if it reads compressed contexts, else none (the
+        recommendation was measured answering from caches). Read once: before the compressor loads,
+        from its checkpoint on disk."""
+        recommended = self.recommended_decoding
+        return [recommended if reads_caches([p]) else {} for p in prompts]
 
     @property
     def chunk_tokens(self) -> int:
@@ -1070,8 +1072,8 @@ class SACEngine:
         if isinstance(prompts, str) or not len(prompts):
             raise InvalidInputError("generate takes a non-empty list of prompts")
         try:
-            configs = [_engine_config(c, self._recommended_for([p]))  # refused: its chunks are released too
-                       for p, c in zip(prompts, _per_prompt(config, len(prompts)))]
+            configs = [_engine_config(c, recommended)  # refused: its chunks are released too
+                       for c, recommended in zip(_per_prompt(config, len(prompts)), self._recommended_for(prompts))]
             requests = [_Request(self._as_segments(p), c, self._sources(p, c)) for p, c in zip(prompts, configs)]
             configs = [c for c, _ in grouped(configs)]  # each once
             state = self._state()
@@ -1181,7 +1183,7 @@ class SACEngine:
         ``stream``, in the caller's thread, and ``astream``, in a worker); it ends early once ``stop``
         is set. However it ends, it releases the chunks of the prompt."""
         try:
-            config = _engine_config(config, self._recommended_for([prompt]))
+            config = _engine_config(config, self._recommended_for([prompt])[0])
             segments = self._as_segments(prompt)
             sources = self._sources(prompt, config)
             state = self._state()

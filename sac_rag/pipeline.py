@@ -109,11 +109,11 @@ class SAC:
         """Answer from the contexts. ``extractive``: the answer is a verbatim span of the contexts'
         text (they must be given as strings; ``sac_rag.extractive``)."""
         contexts = context_list(contexts)
-        config, sources = self._decoding(config, [contexts], extractive, full_text)
+        config, sources = self._decoding(config, contexts, extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
         with self._lock:
-            return self.generator.generate(prompt, config, sources and sources[0], contrast and contrast[0])
+            return self.generator.generate(prompt, config, sources, contrast and contrast[0])
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
@@ -138,12 +138,12 @@ class SAC:
                 self._check(question, contexts[i], full_text)
             except InvalidInputError as err:
                 raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
-        decodings = [self._decoding(config, [c], extractive, full_text) for c in contexts]  # each question's own
+        decodings = [self._decoding(config, c, extractive, full_text) for c in contexts]  # each question's own
         prompts = self._prompts(questions, contexts, full_text)
         results: dict[int, Generation] = {}
         with self._lock:
             for chosen, index in grouped([d for d, _ in decodings]):  # one batch per decoding
-                sources = None if decodings[index[0]][1] is None else [decodings[i][1][0] for i in index]
+                sources = None if decodings[index[0]][1] is None else [decodings[i][1] for i in index]
                 results.update(zip(index, self.generator.generate_batch(
                     [prompts[i] for i in index], chosen, sources,
                     self._contrast_prompts(chosen, [questions[i] for i in index]))))
@@ -158,24 +158,24 @@ class SAC:
         its own state. With beam search, which settles on its answer only at the end, the answer
         comes in one piece."""
         contexts = context_list(contexts)
-        config, sources = self._decoding(config, [contexts], extractive, full_text)
+        config, sources = self._decoding(config, contexts, extractive, full_text)
         contrast = self._contrast_prompts(config, [question])
         prompt = self.prompt(question, contexts, full_text)
-        return self.generator.stream(prompt, config, sources and sources[0], contrast and contrast[0], lock=self._lock)
+        return self.generator.stream(prompt, config, sources, contrast and contrast[0], lock=self._lock)
 
-    def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Sequence[Context]], extractive: bool,
-                  full_text: bool = False):
-        """The call's decoding settings and, for extractive answers, the texts each may quote: without a
-        ``config`` of the call's or the SAC's own, the compressor's recommendation if every question
-        reads compressed contexts, else greedy (``answer_batch`` asks for each question on its own)."""
+    def _decoding(self, config: GenerationConfig | None, contexts: Sequence[Context], extractive: bool,
+                  full_text: bool = False) -> tuple[GenerationConfig, list[str] | None]:
+        """One question's decoding settings and, for an extractive answer, the texts it may quote:
+        without a ``config`` of the call's or the SAC's own, the compressor's recommendation if the
+        question reads compressed contexts, else greedy."""
         chosen = _config(config, "config")
         config = chosen or self.generation
         # The recommendation was measured answering from caches, and beams do not combine with quotes.
-        if chosen is None and not self._chose_generation and (full_text or not all(contexts) or extractive):
+        if chosen is None and not self._chose_generation and (full_text or not contexts or extractive):
             config = GenerationConfig(stop=LAYOUT_STOP)
         if not (extractive or config.extractive):
             return config, None
-        return replace(config, extractive=True), [_quoted(c) for c in contexts]
+        return replace(config, extractive=True), _quoted(contexts)
 
     def _check_room(self, texts: list[str], contexts: list[Context], question: str = "",
                     full_text: bool = False) -> None:

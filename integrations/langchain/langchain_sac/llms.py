@@ -15,6 +15,7 @@ from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 
 from sac_rag import Generation, GenerationConfig
+from sac_rag.handles import reads_caches
 
 from ._base import (
     CALL_ARGUMENTS,
@@ -93,7 +94,11 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
     def _configs(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> list[GenerationConfig]:
         """Each prompt's decoding: one that reads compressed contexts as the compressor recommends,
         one that does not (a question rewrite, say) greedily, in the same batch."""
-        return [self.generation_config(stop, [prompt], **kwargs) for prompt in prompts]
+        by_kind: dict[bool, GenerationConfig] = {}  # one resolution per kind, not per prompt
+        for prompt in prompts:
+            if (kind := reads_caches([prompt])) not in by_kind:
+                by_kind[kind] = self.generation_config(stop, [prompt], **kwargs)
+        return [by_kind[reads_caches([prompt])] for prompt in prompts]
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
