@@ -234,10 +234,20 @@ class SACModelParams(SACEngineSettings):
 
     def decoding_params(self, **call: Any) -> dict[str, Any]:
         """The decoding settings (``DECODING_SETTINGS``) a call with these arguments uses, as
-        ``generation_config`` resolves them with the compressor's recommendation: what cache keys
-        must hold, as the model's fields and the call's arguments alone do not say it."""
-        config = self.generation_config(**{k: v for k, v in call.items() if k in CALL_ARGUMENTS})
-        return {name: getattr(config, "max_new_tokens" if name == "max_tokens" else name) for name in DECODING_SETTINGS}
+        ``generation_config`` resolves them with the compressor's recommendation, and under
+        ``decoding_without_context`` those it uses for a prompt that reads no compressed context
+        (without the recommendation): what cache keys must hold, as the model's fields and the
+        call's arguments alone do not say it, nor does the key say which kind of prompt it is for
+        (left on defaults, a question rewrite is decoded greedily; with the recommendation chosen as
+        settings, by it)."""
+        call = {k: v for k, v in call.items() if k in CALL_ARGUMENTS}
+
+        def settings(config: GenerationConfig) -> dict[str, Any]:
+            return {name: getattr(config, "max_new_tokens" if name == "max_tokens" else name)
+                    for name in DECODING_SETTINGS}
+
+        return {**settings(self.generation_config(**call)),
+                "decoding_without_context": settings(self.generation_config(prompts=[""], **call))}
 
     def generation_config(self, stop: list[str] | None = None, prompts: Sequence[str] | None = None,
                           **kwargs: Any) -> GenerationConfig:

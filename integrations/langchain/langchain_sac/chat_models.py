@@ -12,15 +12,28 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from sac_rag import Generation, InvalidInputError
+from sac_rag import Generation, GenerationConfig, InvalidInputError
 from sac_rag.handles import MARKER_PATTERN
 
 from ._base import LangChainSerializable, SACModelMethods, SACModelParams, generation_info, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+# By class, not ``message.type``: a chunk's type is its class name ("AIMessageChunk", what a streamed
+# answer adds up to in a chat history), and a ``ChatMessage``'s role is its ``role``.
+_CLASS_ROLES = ((HumanMessage, "user"), (AIMessage, "assistant"), (SystemMessage, "system"), (ToolMessage, "tool"),
+                (FunctionMessage, "tool"))
 
 
 class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelParams):
@@ -87,10 +100,17 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
             params["ls_stop"] = list(stops)
         return params
 
+    def generation_config(self, stop: list[str] | None = None, prompts: Sequence[str] | None = None,
+                          **kwargs: Any) -> GenerationConfig:
+        """As ``SACModelParams.generation_config``; a call's ``stream=True``/``False`` is
+        ``BaseChatModel``'s choice between ``_stream`` and ``_generate``, which it passes on to both."""
+        kwargs.pop("stream", None)
+        return super().generation_config(stop, prompts, **kwargs)
+
     def render(self, messages: Sequence[BaseMessage], asking: bool = True) -> str:
         """The prompt string the decoder reads (markers still in it); ``asking=False`` lays out
         messages only to count them (with ``chat_template="sac"``, they need no question)."""
-        turns = [(_ROLES.get(m.type, m.type), _text(m)) for m in messages]
+        turns = [(_role(m), _text(m)) for m in messages]
         if not turns:
             raise InvalidInputError("no messages: pass at least the question")
         layout = self.chat_template
@@ -172,6 +192,13 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
 def _in_chat_template(tokenizer, turns: Sequence[tuple[str, str]]) -> str:
     return tokenizer.apply_chat_template([{"role": role, "content": text} for role, text in turns],
                                          tokenize=False, add_generation_prompt=True)
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, ChatMessage):
+        return _ROLES.get(message.role, message.role)
+    role = next((role for cls, role in _CLASS_ROLES if isinstance(message, cls)), None)
+    return role or _ROLES.get(message.type, message.type)
 
 
 def _text(message: BaseMessage) -> str:

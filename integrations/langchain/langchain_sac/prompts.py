@@ -12,6 +12,7 @@ from typing import Any
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.prompts import BasePromptTemplate, PromptTemplate
 from langchain_core.runnables import Runnable
+from langchain_core.runnables.base import RunnableBindingBase
 
 from sac_rag.config import PromptTemplate as SACPromptTemplate
 
@@ -36,10 +37,14 @@ def create_sac_stuff_chain(llm: BaseLanguageModel, prompt: BasePromptTemplate | 
                            **kwargs: Any) -> Runnable:
     """``create_stuff_documents_chain`` wired for SAC: documents appear as their markers,
     joined by the compressor's context separator; the default prompt is ``sac_qa_prompt`` in
-    the layout of ``llm``'s compressor. Input: ``{"context": documents, "question": str}``."""
+    the layout of ``llm``'s compressor (also through ``bind``, ``with_config`` or ``with_retry``).
+    Input: ``{"context": documents, "question": str}``."""
     from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 
-    template = llm.prompt_template if isinstance(llm, SACModelParams) else SACPromptTemplate()
+    model = llm
+    while isinstance(model, RunnableBindingBase):  # llm.bind(...), .with_config(...), .with_retry()
+        model = model.bound
+    template = model.prompt_template if isinstance(model, SACModelParams) else SACPromptTemplate()
     kwargs.setdefault("document_prompt", SAC_DOCUMENT_PROMPT)
     kwargs.setdefault("document_separator", template.context_separator)
     return create_stuff_documents_chain(llm, prompt or sac_qa_prompt(template), **kwargs)

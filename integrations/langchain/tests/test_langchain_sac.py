@@ -202,6 +202,23 @@ def create_stuff_documents_chain_sac(llm):
                                         document_separator="")
 
 
+def test_a_stuff_chain_for_a_bound_model_lays_out_the_prompt_as_its_compressor_was_trained(compressor, passages):
+    """``llm.bind(num_beams=2)`` (a setting per call), ``with_config`` and ``with_retry`` wrap the
+    model: the chain still reads the layout from the compressor behind it, not the default one."""
+    from sac_rag.config import PromptTemplate
+
+    compressor.config.prompt = PromptTemplate(context_prefix="Passages:\n", context_separator="\n",
+                                              question="\nQ: {question}\nA:")
+    engine = SACEngine(compressor)
+    llm = ChatSAC(engine=engine, max_tokens=2, stop=[])
+    docs = SACContextCompressor(engine=engine).compress_documents(documents(passages[:2]), "who?")
+    recorder = Recorder()
+    for model in (llm, llm.bind(num_beams=2), llm.with_config(run_name="answer"), llm.with_retry()):
+        create_sac_stuff_chain(model).invoke({"context": docs, "question": "Who?"}, config={"callbacks": [recorder]})
+    markers = [d.metadata["sac_marker"] for d in docs]
+    assert recorder.prompts == ["Passages:\n" + "\n".join(markers) + "\nQ: Who?\nA:"] * 4
+
+
 def test_batch_decodes_all_prompts_in_one_batch(engine, passages, monkeypatch):
     sizes = []
     original = engine.generator.generate_batch
@@ -233,6 +250,20 @@ def test_chat_streaming_yields_tokens_incrementally_then_usage(engine, passages,
     assert [t for t in recorder.tokens if t] == [t for _, t in texts]  # on_llm_new_token saw each piece
     last = arrivals[-1][1]
     assert last.chunk_position == "last" and last.usage_metadata["input_token_details"]["cache_read"] > 0
+
+
+def test_a_stream_argument_in_a_call_picks_the_streaming_path_and_is_not_refused(engine, passages):
+    """``BaseChatModel`` reads ``stream=True``/``False`` in a call to choose ``_stream`` or
+    ``_generate``, then passes it on to the one it chose."""
+    prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[0])), question="When?")
+    llm = ChatSAC(engine=engine, max_tokens=5, stop=[])
+    expected = llm.invoke(prompt).content
+    streamed, generated = Recorder(), Recorder()
+    assert llm.invoke(prompt, stream=True, config={"callbacks": [streamed]}).content == expected
+    assert ChatSAC(engine=engine, max_tokens=5, stop=[], streaming=True).invoke(
+        prompt, stream=False, config={"callbacks": [generated]}).content == expected
+    assert "".join(streamed.tokens) == expected and generated.tokens == []
+    assert asyncio.run(llm.bind(stream=True).ainvoke(prompt)).content == expected
 
 
 def test_text_llm_streams_sync_and_async(engine, passages):
@@ -542,6 +573,32 @@ def test_a_conversation_is_read_in_the_layout_the_compressor_was_trained_with(
     assert as_written == "<m>\nWho?"  # the messages' texts one after the other: not the trained layout
 
 
+@pytest.mark.parametrize("chat_template", ["sac", None, True])
+def test_a_streamed_answer_kept_in_the_history_is_read_as_the_answer_it_is(engine, passages, chat_template):
+    """A chat that streams keeps each answer as its chunks added up, an ``AIMessageChunk`` (whose
+    ``type`` is its class name, not ``"ai"``), and a ``ChatMessage`` carries its role in ``role``: both
+    are read as the turns they are, as ``AIMessage`` and ``HumanMessage`` are, not as context."""
+    import functools
+    import operator
+
+    from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage
+
+    engine.compressor.tokenizer.chat_template = CHATML  # the tiny tokenizer has none
+    llm = ChatSAC(engine=engine, max_tokens=4, stop=[], chat_template=chat_template)
+    context = SystemMessage(marker_for(AnchorStore.key_for(passages[0])))
+    question, follow_up = HumanMessage("When was the lighthouse built?"), HumanMessage("Who painted it?")
+    streamed = functools.reduce(operator.add, llm.stream([context, question]))
+    assert isinstance(streamed, AIMessageChunk) and streamed.content
+    written = llm.render([context, question, AIMessage(streamed.content), follow_up])
+    assert llm.render([context, question, streamed, follow_up]) == written
+    assert llm.render([ChatMessage(role=m.type, content=m.content) for m in (context, question)]
+                      + [ChatMessage(role="assistant", content=streamed.content),
+                         ChatMessage(role="user", content=follow_up.content)]) == written
+    if chat_template == "sac":
+        ask = engine.template.question.format
+        assert written.endswith(ask(question=question.content) + streamed.content + ask(question=follow_up.content))
+
+
 @pytest.fixture
 def llm_cache():
     from langchain_core.caches import InMemoryCache
@@ -611,7 +668,9 @@ def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(c
         (3, True, False, 0.0)]
     # Cached answers are keyed by the decoding used, not by the model's fields, which do not say it.
     assert _cache_key(cls(compressor=path)) != _cache_key(cls(compressor=path, num_beams=1))
-    assert _cache_key(cls(compressor=path)) == _cache_key(cls(compressor=path, num_beams=3, mbr=True))
+    assert _cache_key(cls(compressor=path)) == _cache_key(cls(compressor=path, extractive=False, temperature=0.0))
+    # The recommendation chosen as settings decodes prompts without compressed contexts by it too, not greedily.
+    assert _cache_key(cls(compressor=path)) != _cache_key(cls(compressor=path, num_beams=3, mbr=True))
     engine = SACEngine(compressor)  # the same compressor, loaded (the tiny model has no directory to load from)
     llm = cls(engine=engine, max_tokens=6, stop=[])
     [keys] = engine.handles_for(["The ferry runs every forty minutes."])
@@ -630,6 +689,22 @@ def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(c
         batch = [g[0].text for g in llm.generate([plain, cached]).generations]
         assert [(c.num_beams, c.mbr) for c in calls] == [(1, False), (3, True)]
         assert batch == [engine.generate([plain], calls[0])[0].text, engine.generate([cached], calls[1])[0].text]
+
+
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_a_cached_answer_without_context_is_not_served_to_a_model_that_decodes_such_prompts_otherwise(
+        cls, compressor, llm_cache, monkeypatch):
+    """Left on defaults, a model decodes a prompt that reads no compressed context (a question rewrite,
+    say) greedily; one given the recommended decoding as its settings decodes it so. They answer
+    prompts with contexts alike, but the LLM cache's key does not see the prompt's kind."""
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    engine = SACEngine(compressor)
+    calls = _counting(engine, monkeypatch)
+    text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
+    text(cls(engine=engine, max_tokens=6, stop=[]).invoke(CACHE_PROMPT))
+    chosen = text(cls(engine=engine, max_tokens=6, stop=[], num_beams=3, mbr=True).invoke(CACHE_PROMPT))
+    assert [(c.num_beams, c.mbr) for c in calls] == [(1, False), (3, True)]  # decoded again, its own way
+    assert chosen == engine.generate([CACHE_PROMPT], calls[1])[0].text
 
 
 def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):
