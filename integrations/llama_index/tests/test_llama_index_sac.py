@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 
 import pytest
+from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
@@ -79,6 +81,14 @@ def test_postprocessor_keeps_ids_scores_text_and_metadata_and_shows_the_llm_only
         assert after.node.get_content(metadata_mode=MetadataMode.LLM) == marker_for(key)
         assert before.node.get_content(metadata_mode=MetadataMode.LLM).endswith(before.node.text)  # untouched
     assert not engine.resolver.memory
+
+
+def test_a_reranker_after_the_postprocessor_reads_the_nodes_text_not_their_keys(engine, passages):
+    """Rerankers (``SentenceTransformerRerank``) score a node by its embed view: the handle view's
+    metadata values and hex keys there would rank the nodes at random."""
+    nodes = [NodeWithScore(node=n, score=1.0) for n in make_nodes(passages[:2])]
+    out = SACNodePostprocessor(engine=engine).postprocess_nodes(nodes, query_str="who keeps bees?")
+    assert [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in out] == passages[:2]
 
 
 def test_query_engine_compact_mode_answers_from_caches_and_reads_no_context_text(engine, store, passages,
@@ -194,6 +204,30 @@ def test_two_async_queries_overlap_in_time(engine, passages):
     (a0, a1), (b0, b1) = spans["a"], spans["b"]
     assert a0 < b1 and b0 < a1, spans
     assert ticks >= 2
+
+
+def test_async_chat_and_its_stream_decode_in_a_worker_thread_not_the_event_loops(engine, passages, monkeypatch):
+    """``achat``/``astream_chat`` (a ``SimpleChatEngine``'s async turns, agents) decode as ``acomplete``
+    and ``astream_complete`` do, off the event loop, and answer as ``chat`` does."""
+    threads = []
+    for name in ("generate_batch", "stream_with_usage"):
+        original = getattr(engine.generator, name)
+        monkeypatch.setattr(engine.generator, name,
+                            lambda *a, _original=original, **k: (threads.append(threading.get_ident()),
+                                                                 _original(*a, **k))[1])
+    llm = SACLLM(engine=engine, max_tokens=6, stop=[])
+    messages = [ChatMessage(role="system", content=marker_for(AnchorStore.key_for(passages[0]))),
+                ChatMessage(role="user", content="When was the lighthouse painted red?")]
+
+    async def main():
+        answer = await llm.achat(messages)
+        pieces = [r async for r in await llm.astream_chat(messages)]
+        return threading.get_ident(), answer, pieces
+
+    loop_thread, answer, pieces = asyncio.run(main())
+    assert len(threads) == 2 and loop_thread not in threads
+    assert answer.message.content == pieces[-1].message.content == llm.chat(messages).message.content
+    assert answer.raw["usage"]["cached_tokens"] == pieces[-1].raw["usage"]["cached_tokens"] > 0
 
 
 def test_streaming_query_yields_tokens_incrementally(engine, passages, monkeypatch):
@@ -400,6 +434,33 @@ def test_a_condensing_chat_engine_is_told_once_to_use_the_context_mode(engine, p
     assert len(warnings) == 1 and "condense_plus_context" in warnings[0].getMessage()
 
 
+def test_a_query_engine_reading_contexts_outside_the_trained_layout_is_told_once_what_to_pass(
+        engine, passages, caplog, monkeypatch):
+    """LlamaIndex's own templates put the markers in a layout the compressor was not trained on:
+    without ``text_qa_template``, and in ``tree_summarize``, which reads ``summary_template`` instead.
+    SACLLM says once per LLM what to pass; a query engine in the layout hears nothing."""
+    spy = Spy(engine, monkeypatch)
+    qa = SACLLM(engine=engine).qa_prompt
+
+    def warnings_of(**kwargs):
+        caplog.clear()
+        llm = SACLLM(engine=engine, max_tokens=2, stop=[])
+        qe = RetrieverQueryEngine.from_args(KeywordRetriever(make_nodes(passages)), llm=llm,
+                                            node_postprocessors=[SACNodePostprocessor(engine=engine)], **kwargs)
+        with caplog.at_level(logging.WARNING, logger="llama_index.llms.sac.base"):
+            for _ in range(2):
+                qe.query("When was the lighthouse on Gull Point painted red?")
+        return [r.getMessage() for r in caplog.records if "with compressed contexts" in r.getMessage()]
+
+    [default] = warnings_of()
+    assert "text_qa_template=llm.qa_prompt" in default and spy.prompts[-1].startswith("Context information")
+    [tree] = warnings_of(response_mode="tree_summarize", text_qa_template=qa)
+    assert "summary_template=llm.qa_prompt" in tree
+    assert warnings_of(text_qa_template=qa) == []
+    assert warnings_of(response_mode="tree_summarize", text_qa_template=qa, summary_template=qa) == []
+    assert spy.prompts[-1] == spy.prompts[-3]  # tree_summarize then reads what compact reads
+
+
 @pytest.mark.parametrize("cls, option", [(SACLLM, {"extractve": True}), (SACNodePostprocessor, {"onmiss": "error"})])
 def test_a_misspelled_option_is_refused_not_ignored(cls, option):
     from pydantic import ValidationError
@@ -412,6 +473,13 @@ def test_a_misspelled_option_is_refused_not_ignored(cls, option):
 def test_chat_memory_refuses_a_limit_that_is_not_a_positive_count(engine, limit):
     with pytest.raises(InvalidInputError, match="token_limit"):
         SACLLM(engine=engine).chat_memory(token_limit=limit)
+
+
+def test_an_llm_prints_its_settings_and_names_its_conversation_prompt(engine):
+    """Its default ``messages_to_prompt`` is its own method: shown by name, as a bound method's repr
+    would hold the LLM's repr again, endlessly (a RecursionError)."""
+    llm = SACLLM(engine=engine, num_beams=2)
+    assert "num_beams=2" in repr(llm) and "messages_to_prompt=SACLLM.conversation_prompt" in str(llm)
 
 
 def test_llm_construction_loads_nothing():

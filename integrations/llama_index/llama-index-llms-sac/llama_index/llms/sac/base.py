@@ -25,15 +25,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
 
+from llama_index.core.base.llms.generic_utils import (
+    astream_completion_response_to_chat_response,
+    completion_response_to_chat_response,
+)
 from llama_index.core.base.llms.types import (
     ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.memory import Memory
 from llama_index.core.prompts import PromptTemplate
@@ -99,7 +105,9 @@ class SACLLM(CustomLLM):
     to rewrite each follow-up question and retrieve with the rewrite: a prompt without contexts, which
     the base model answers, and at 135M parameters the rewrite retrieves worse than the follow-up as
     asked (``benchmarks/followup_questions.py``). The first prompt outside the layout and without
-    contexts, such as that rewrite, logs a warning saying so.
+    contexts, such as that rewrite, logs a warning saying so; so does the first prompt with contexts
+    outside it (LlamaIndex's own templates: no ``text_qa_template=llm.qa_prompt``, or the
+    ``summary_template`` of ``tree_summarize``, or the ``refine_template`` of ``refine``).
 
     Usage per answer is in ``CompletionResponse.raw["usage"]`` and ``additional_kwargs``:
     ``prompt_tokens`` (text tokens + cached K/V entries), ``cached_tokens``, ``text_tokens``,
@@ -132,7 +140,7 @@ class SACLLM(CustomLLM):
         "the context in). It counts a marker as the tokens of its text, not the positions its chunk takes, and "
         "cuts a marker when one node's markers exceed its share: SACLLM then refuses the prompt (MarkerCutError).")
     _engine: Optional[SACEngine] = PrivateAttr(default=None)
-    _warned_plain_prompt: bool = PrivateAttr(default=False)
+    _warned_outside_layout: set[bool] = PrivateAttr(default_factory=set)  # reads contexts or not
 
     def __init__(self, engine: Optional[SACEngine] = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -146,6 +154,15 @@ class SACLLM(CustomLLM):
     @field_serializer("compressor", "store")
     def _serialize_spec(self, value: Any) -> Any:
         return spec_name(value)
+
+    def __repr_args__(self) -> Any:
+        """Pydantic's repr fields, with ``messages_to_prompt`` (by default this LLM's own
+        ``conversation_prompt``) by name: a bound method's repr holds its object's, which would hold
+        the method's again, endlessly."""
+        for name, value in super().__repr_args__():
+            if getattr(value, "__self__", None) is self:
+                value = _Named(f"{type(self).__name__}.{value.__name__}")
+            yield name, value
 
     @classmethod
     def class_name(cls) -> str:
@@ -234,18 +251,10 @@ class SACLLM(CustomLLM):
         between contexts, as in training (and in ``create_sac_stuff_chain``)."""
         prompt = prompt if formatted else self.completion_to_prompt(prompt)
         template = self.engine.template
-        if not self._warned_plain_prompt and not MARKER_PATTERN.search(prompt) \
-                and not prompt.endswith(template.answer_opening):
-            self._warned_plain_prompt = True  # once per LLM: a chat engine sends one every turn
-            logger.warning(
-                "SACLLM got a prompt with no compressed contexts that does not end where an answer begins (%r): "
-                "the base model continues it as raw text, and a small model seldom follows an instruction given so. "
-                "A condensing chat engine (chat_mode \"condense_plus_context\", as_chat_engine's default, or "
-                "\"condense_question\") sends such a prompt to rewrite each follow-up question, and retrieves with "
-                "whatever comes back (measured with SmolLM2-135M: the right passage less often than with the "
-                "follow-up as asked, and no better in the model's chat template): use chat_mode=\"context\" (with "
-                "context_template=llm.chat_context_template and memory=llm.chat_memory()), and "
-                "text_qa_template=llm.qa_prompt in a query engine", template.answer_opening)
+        reads_contexts = bool(MARKER_PATTERN.search(prompt))
+        if reads_contexts not in self._warned_outside_layout and not prompt.endswith(template.answer_opening):
+            self._warned_outside_layout.add(reads_contexts)  # once per LLM and kind: a chat engine sends one every turn
+            logger.warning(_OUTSIDE_LAYOUT[reads_contexts], template.answer_opening)
         return _BETWEEN_MARKERS.sub(lambda match: match.group(1) + template.context_separator, prompt)
 
     @llm_completion_callback()
@@ -293,7 +302,46 @@ class SACLLM(CustomLLM):
 
         return gen()
 
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """``chat`` decoded as ``acomplete`` decodes, in a worker thread (``CustomLLM``'s would decode
+        in the event loop's thread, blocking it until the answer is done)."""
+        prompt = self.messages_to_prompt(messages)
+        return completion_response_to_chat_response(await self.acomplete(prompt, formatted=True, **kwargs))
 
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """``stream_chat`` decoded as ``astream_complete`` decodes, in a worker thread."""
+        prompt = self.messages_to_prompt(messages)
+        return astream_completion_response_to_chat_response(
+            await self.astream_complete(prompt, formatted=True, **kwargs))
+
+
+class _Named(str):
+    """A name shown in a repr as written, without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# What the first prompt that does not end where an answer begins is told, by whether it reads contexts.
+_OUTSIDE_LAYOUT = {
+    False: "SACLLM got a prompt with no compressed contexts that does not end where an answer begins (%r): "
+           "the base model continues it as raw text, and a small model seldom follows an instruction given so. "
+           "A condensing chat engine (chat_mode \"condense_plus_context\", as_chat_engine's default, or "
+           "\"condense_question\") sends such a prompt to rewrite each follow-up question, and retrieves with "
+           "whatever comes back (measured with SmolLM2-135M: the right passage less often than with the "
+           "follow-up as asked, and no better in the model's chat template): use chat_mode=\"context\" (with "
+           "context_template=llm.chat_context_template and memory=llm.chat_memory()), and "
+           "text_qa_template=llm.qa_prompt in a query engine",
+    True: "SACLLM got a prompt with compressed contexts that does not end where an answer begins (%r): not the "
+          "layout the compressor was trained and measured in (a chat in LlamaIndex's generic layout scored half "
+          "the F1 of the same chat in it: integrations/llama_index/README.md). In a query engine "
+          "pass text_qa_template=llm.qa_prompt, and for response_mode=\"tree_summarize\" (which reads "
+          "summary_template instead) summary_template=llm.qa_prompt too; response_mode=\"refine\" reads each "
+          "node after the first in LlamaIndex's refine_template, outside the layout (\"compact\" reads them "
+          "all in one call)",
+}
 _BETWEEN_MARKERS = re.compile(rf"({MARKER_PATTERN.pattern})\s+(?={MARKER_PATTERN.pattern})")  # whitespace only
 
 

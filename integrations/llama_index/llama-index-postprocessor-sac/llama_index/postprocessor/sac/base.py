@@ -6,7 +6,8 @@ the postprocessor returns copies of the nodes whose LLM view is the marker: meta
 ``sac_marker`` (``<sac:KEY>``, several back to back for a text longer than one chunk), text
 template ``"{metadata_str}"``, metadata template ``"{value}"``, every other metadata key
 excluded from the LLM view. Ids, scores, ``node.text`` and the metadata itself are kept (plus
-``sac_key`` and ``sac_keys``); the input nodes are not modified. ``SACLLM``
+``sac_key`` and ``sac_keys``); the input nodes are not modified. The embed view (what a reranker
+after this postprocessor reads) is the node's text. ``SACLLM``
 (``llama_index.llms.sac``) turns the markers back into cached K/V.
 
 In ``compact`` / ``tree_summarize`` modes one LLM call sees every marker; in ``refine`` mode one
@@ -132,5 +133,8 @@ def _with_handle(node: NodeWithScore, keys: Optional[list[str]]) -> NodeWithScor
         "text_template": "{metadata_str}",
         "metadata_template": "{value}",
         "excluded_llm_metadata_keys": [k for k in metadata if k != "sac_marker"],
+        # no metadata in the embed view, which is then the text: what a reranker placed after this
+        # postprocessor reads (SentenceTransformerRerank), rather than the metadata values and the hex keys
+        "excluded_embed_metadata_keys": list(metadata),
     })
     return NodeWithScore(node=copy, score=node.score)
