@@ -39,7 +39,12 @@ Bad input never stops a run and is never silent: it is skipped, logged (``loggin
   a lone surrogate, which no tokenizer or UTF-8 encoder takes), in the text, id or metadata:
   the same, each lone surrogate becomes U+FFFD or the document is skipped;
 - JSONL lines that are not JSON objects with a string ``text``: skipped;
-- duplicate documents (the same text again, whatever its id): read once, counted.
+- NaN or infinite numbers in a JSONL record's other fields (``NaN``, ``Infinity``, ``1e999``: Python's
+  ``json`` writes and reads them, JSON has no such numbers, so no store could keep the metadata):
+  kept as null (``None``), logged;
+- duplicate documents (the same text again, whatever its id): read once, counted;
+- a document of other text under the id of an earlier one (a JSONL ``id`` or SQuAD title given
+  twice): read, and logged, since the chunk ids of both are the same.
 
 What cannot be read at all (a missing path, a ``.json`` that is not SQuAD) raises
 ``CorpusError``. So does a corpus in which nothing usable was found, naming what was skipped.
@@ -52,6 +57,7 @@ import hashlib
 import json
 import logging
 import lzma
+import math
 import os
 import re
 from collections.abc import Collection, Iterator
@@ -131,6 +137,7 @@ def read_corpus(
     stats = stats if stats is not None else CorpusStats()
     exclusions = _Exclusions([exclude] if isinstance(exclude, str) else exclude, path, stats)
     seen: set[bytes] = set()
+    named: set[str] = set()  # the ids of the documents yielded
     folder = path.is_dir()
     for doc in _documents(path, stats, decode_errors, exclusions):
         if not folder and exclusions.leave_out(doc.id):  # a folder's are left out unread
@@ -144,6 +151,10 @@ def read_corpus(
             logger.info("skipping %s: the same text as an earlier document", doc.id)
             continue
         seen.add(digest)
+        if doc.id in named:  # chunk ids are "<doc id>#<index>": both documents' would be the same
+            logger.warning("%s: the id of an earlier document with other text in %s, so the chunks of both are "
+                           "named %s#0, %s#1 ...; give each document an id of its own", doc.id, path, doc.id, doc.id)
+        named.add(doc.id)
         stats.documents += 1
         yield doc
     unmatched = exclusions.unmatched()
@@ -346,6 +357,17 @@ def _without_surrogates(value):
     return value
 
 
+def _finite_numbers(value):
+    """``value`` (parsed JSON data) with every NaN or infinite number replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_numbers(v) for k, v in value.items()}
+    return value
+
+
 def _base_suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     return Path(path.stem).suffix.lower() if suffix in (".gz", ".xz") else suffix
@@ -398,7 +420,12 @@ def _jsonl_documents(path: Path, stats: CorpusStats, decode_errors: str) -> Iter
                 continue
             doc_id = record.pop("id", None)
             doc_id = where if doc_id is None or doc_id == "" else str(doc_id)
-            yield Document(doc_id, text, record)
+            metadata = _finite_numbers(record)
+            not_json = [name for name in record if metadata[name] != record[name]]
+            if not_json:
+                logger.warning("%s: field(s) %s hold NaN or infinite numbers, which JSON has not; kept as null",
+                               where, ", ".join(map(repr, not_json)))
+            yield Document(doc_id, text, metadata)
 
 
 def _squad_documents(path: Path, stats: CorpusStats) -> Iterator[Document]:

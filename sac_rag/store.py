@@ -964,8 +964,9 @@ class AnchorStore:
 
     # -- maintenance --------------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Read, checksum and decode every entry (bypassing the cache); name the bad ones."""
+    def verify(self, show_progress: bool = False) -> VerifyReport:
+        """Read, checksum and decode every entry (bypassing the cache); name the bad ones.
+        ``show_progress``: a progress bar (on stderr) counting the entries checked."""
         report = VerifyReport()
         try:  # integrity_check, unlike quick_check, finds a key index that hides entries
             checks = [str(r[0]) for r in self._query("PRAGMA integrity_check")]
@@ -979,7 +980,7 @@ class AnchorStore:
             report.index_problems.append(f"{err.problem}; its entries cannot be listed or checked")
             return report
         live = 0
-        for row in rows:
+        for row in _progress_bar(rows, "verifying", show_progress):
             try:
                 self._decode(row, self._read_verified(row))
             except EntryNotFoundError:  # deleted (and its bytes reclaimed) since it was listed
@@ -1098,7 +1099,8 @@ class AnchorStore:
 # -- merging ----------------------------------------------------------------------------------
 
 
-def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> int:
+def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], *,
+          show_progress: bool = False) -> int:
     """Merge per-shard stores (e.g. from ``--num-shards`` precompression workers) into
     ``destination``, created with the first source's settings if it does not exist yet.
 
@@ -1109,6 +1111,7 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
     when the storage codec and dtype agree, re-encoded otherwise; either way each entry is
     read as ``get`` reads it, so a corrupt one stops the merge (``StoreCorruptionError``
     naming it; what was merged before it stays). Returns how many entries were added.
+    ``show_progress``: a progress bar (on stderr) counting the sources' entries as they are done.
     """
     if isinstance(sources, (str, os.PathLike)) or not sources:
         raise InvalidInputError("merge takes a destination and a non-empty list of source stores")
@@ -1142,23 +1145,24 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
                     f"{destination} has ratio {dest.ratio}, the sources have {first.ratio}"
                 )
             added = 0
-            for source in opened:
-                if source.path.resolve() == dest.path.resolve():
-                    continue
-                same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
-                keys = source.keys()
-                for i in range(0, len(keys), 64):
-                    todo = dest.missing(keys[i:i + 64])
-                    records = []
-                    for row in source._rows(todo).values():
-                        try:
-                            if same_encoding:
-                                records.append(_copied_record(source, row))
-                            else:
-                                records.append(dest._encode(row.key, source._load(row), row.metadata))
-                        except EntryNotFoundError:  # deleted from the source since it was listed
-                            continue
-                    added += dest._write(records)
+            sources_keys = [[] if source.path.resolve() == dest.path.resolve() else source.keys()
+                            for source in opened]
+            with _progress_bar(sum(map(len, sources_keys)), "merging", show_progress) as bar:
+                for source, keys in zip(opened, sources_keys):
+                    same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
+                    for i in range(0, len(keys), 64):
+                        todo = dest.missing(keys[i:i + 64])
+                        records = []
+                        for row in source._rows(todo).values():
+                            try:
+                                if same_encoding:
+                                    records.append(_copied_record(source, row))
+                                else:
+                                    records.append(dest._encode(row.key, source._load(row), row.metadata))
+                            except EntryNotFoundError:  # deleted from the source since it was listed
+                                continue
+                        added += dest._write(records)
+                        bar.update(len(keys[i:i + 64]))
             return added
     finally:
         for store in opened:
@@ -1544,6 +1548,15 @@ def _set_next_shard(conn: sqlite3.Connection, next_shard: int) -> None:
 # -- small helpers ----------------------------------------------------------------------------
 
 
+def _progress_bar(work: int | Sequence, desc: str, show: bool):
+    """A tqdm bar on stderr over ``work`` (a sequence to iterate, or a total to ``update``
+    towards), counting entries; nothing shown unless ``show``."""
+    from tqdm.auto import tqdm
+
+    total, iterable = (work, None) if isinstance(work, int) else (len(work), work)
+    return tqdm(iterable, total=total, desc=desc, unit=" entries", disable=not show, dynamic_ncols=True)
+
+
 class _LRU:
     """Decoded entries, most recently used last, bounded by their tensor bytes."""
 
@@ -1708,12 +1721,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(_prune(store, _read_keys(args.keep, store), args.keep), indent=2))
             return 0
         if args.command == "merge":
-            added = merge(args.destination, args.sources)
+            added = merge(args.destination, args.sources, show_progress=True)
             print(json.dumps({"added": added, "destination": args.destination}))
             return 0
         with AnchorStore.open(args.path, readonly=args.command != "gc", cache_bytes=0) as store:
             if args.command == "verify":
-                report = store.verify()
+                report = store.verify(show_progress=True)
                 print(report.summary())
                 return 0 if report.ok else 1
             if args.command == "stats":

@@ -116,3 +116,18 @@ def test_a_broken_symlink_is_named_as_such(tmp_path):
     stats = CorpusStats()
     assert ids(tmp_path, stats=stats) == ["ok.txt"]
     assert stats.skipped == {"a broken symlink": 1}
+
+
+def test_a_document_under_the_id_of_an_earlier_one_is_read_and_named_in_a_warning(tmp_path, caplog):
+    # Chunk ids are "<doc id>#<index>": two documents of one id give different chunks the same ids.
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "text": "first text"}, {"id": "b", "text": "other text"},
+        {"id": "a", "text": "first text"},  # the same document again: a duplicate, dropped
+        {"id": "a", "text": "second text"}]) + "\n")
+    stats = CorpusStats()
+    with caplog.at_level(logging.WARNING, logger="sac_rag.corpus"):
+        docs = [(d.id, d.text) for d in read_corpus(corpus, stats)]
+    assert docs == [("a", "first text"), ("b", "other text"), ("a", "second text")] and stats.duplicates == 1
+    assert caplog.text.count("the id of an earlier document") == 1
+    assert "a: the id of an earlier document with other text" in caplog.text and "named a#0, a#1" in caplog.text

@@ -362,6 +362,23 @@ def test_text_that_is_not_valid_unicode_is_replaced_or_skipped_not_a_crash(tmp_p
     assert skipped.skipped_inputs == {"not valid Unicode (lone surrogates)": 1}
 
 
+def test_nan_or_infinite_numbers_in_jsonl_metadata_are_kept_as_null_not_a_crash(tmp_path, tiny_sac, caplog):
+    # Python's json writes NaN and Infinity (and reads 1e999 as infinity); the store keeps strict
+    # JSON metadata, and one such record used to stop the whole run naming only a chunk's hash.
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "nan", "text": "The quick brown fox.", "score": float("nan"),
+                                  "tags": ["a", float("-inf")], "year": 2020}) + "\n"
+                      + '{"id": "big", "text": "Paris is the capital of France.", "rank": 1e999}\n')
+    with caplog.at_level(logging.WARNING, logger="sac_rag.corpus"):
+        summary = precompress(corpus, tmp_path / "s", tiny_sac[1], chunk_tokens=CHUNK, show_progress=False)
+    assert summary.compressed == summary.entries == 2
+    with AnchorStore.open(tmp_path / "s", readonly=True) as s:
+        docs = {s.metadata(k)["doc_id"]: s.metadata(k)["doc"] for k in s.keys()}
+    assert docs == {"nan": {"score": None, "tags": ["a", None], "year": 2020}, "big": {"rank": None}}
+    assert "c.jsonl:1: field(s) 'score', 'tags' hold NaN or infinite numbers" in caplog.text
+    assert "c.jsonl:2: field(s) 'rank'" in caplog.text
+
+
 def test_a_store_from_another_compressor_or_a_foreign_directory_is_refused(tmp_path, tiny_sac, corpus):
     with AnchorStore.create(tmp_path / "other", "other-model@123/sac-456", ratio=4, dtype="float32"):
         pass

@@ -974,3 +974,18 @@ def test_cli_verify_and_stats(tmp_path, capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "verify" in capsys.readouterr().out
+
+
+def test_cli_merge_and_verify_show_progress_bars_counting_entries(tmp_path, capsys):
+    # Both read every entry of stores that can hold a whole corpus: minutes of work, not silence.
+    for name, ids in (("a", range(10)), ("b", range(5, 15))):
+        with AnchorStore.create(tmp_path / name, FP, ratio=5) as s:
+            s.put_many([(key(i), make_kv(i)) for i in ids])
+    assert main(["merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["added"] == 15
+    assert "merging" in captured.err and "20/20" in captured.err  # every entry of both sources, repeats too
+    assert main(["verify", str(tmp_path / "all")]) == 0
+    captured = capsys.readouterr()
+    assert "OK: 15 entries" in captured.out
+    assert "verifying" in captured.err and "15/15" in captured.err
