@@ -382,6 +382,39 @@ _IGNORED_WITH = {
            "distill_tokens", "distill_divergence", "distill_temperature", "distill_on_policy_tokens", "ae_weight",
            "bidir_anneal_steps", "bidir_anneal_start_bias"),  # method 'full_ft'
 }
+# Options that only tune another one: set while that one is off, they do nothing. Warned about, not
+# refused (as the combinations above are), so that the configs and runs that set them (e.g.
+# benchmarks/configs/ablations/no-mask*.json, no-anchor-embedding.json) still run and resume as they did.
+_TUNING = (
+    (("distractor_source", "distractor_share"), lambda c: c.distractors == 0, "--distractors is 0"),
+    (("distill_divergence",), lambda c: not c.distill_weight, "--distill-weight is 0: it chooses the KL term's "
+                                                             "direction"),
+    (("distill_tokens",), lambda c: not (c.distill_weight or c.distill_hidden_weight),
+     "--distill-weight and --distill-hidden-weight are 0"),
+    (("risk_samples", "risk_max_tokens"), lambda c: not c.risk_weight, "--risk-weight is 0"),
+    (("bidir_anneal_start_bias",), lambda c: not c.bidir_anneal_steps, "--bidir-anneal-steps is 0"),
+    (("bidir_anneal_steps",), lambda c: not c.bidirectional,
+     "--no-bidirectional: a causal encoder never attends to later tokens, so there is no mask to anneal (the "
+     "logged future_bias has no effect)"),
+    (("decoder_lora_alpha",), lambda c: not (c.decoder_lora_rank or c.init_from), "--decoder-lora-rank is 0"),
+    (("anchor_lr",), lambda c: c.anchor_embedding == "none", "--anchor-embedding none: there is no anchor "
+                                                              "embedding to train"),
+    (("held_out_fraction",), lambda c: c.stage == "pretrain" or bool(c.eval_data),
+     "pretraining holds nothing out, and --eval-data replaces the held-out split"),
+)
+
+
+def idle_options(cfg: TrainConfig) -> list[str]:
+    """One warning per group of options set away from their defaults that do nothing, as the option
+    they tune is off (``_TUNING``)."""
+    warnings = []
+    for names, idle, why in _TUNING:
+        changed = [name for name in names if _differs_from_default(cfg, name)]
+        if changed and idle(cfg):
+            warnings.append(f"{_options(cfg, changed)} would do nothing: {why}")
+    return warnings
+
+
 _FINETUNE_ONLY = ("questions_per_context", "span_questions", "distractors", "distractor_source", "distractor_share",
                   "max_answer_tokens", "max_context_tokens")
 _PRETRAIN_ONLY = ("lm_min_tokens", "lm_max_tokens")
@@ -566,8 +599,9 @@ class _FullFTModel:
         return Generator(self.model, self.tokenizer)
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    """Returns (trainable model wrapper, objective). Weights in fp32; autocast does the rest."""
+def build_model(cfg: TrainConfig, device: torch.device, resuming: bool = False):
+    """Returns (trainable model wrapper, objective). Weights in fp32; autocast does the rest.
+    ``resuming``: a checkpoint's weights are loaded next, so --adapters-from is not read."""
     if cfg.method == "full_ft":
         model = _FullFTModel(cfg, device)
         model.model.train()
@@ -606,7 +640,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
             _check_target_modules(cfg, load_base_model(cfg.base_model, device="cpu", dtype="float32")[0])
             raise
         _check_target_modules(cfg, comp.base_model)  # peft skips a missing one if another is found
-        if cfg.adapters_from and not cfg.resume:  # a resumed run loads its own checkpoint
+        if cfg.adapters_from and not resuming:  # a resumed run loads its own checkpoint
             start_adapters_from_full_ft(comp, cfg.adapters_from)
     if cfg.train_parts == "decoder" and not comp.config.decoder_lora_rank:
         raise SACError("train_parts='decoder' trains the decoder adapter, and this compressor has none: "
@@ -1358,17 +1392,14 @@ def train(cfg: TrainConfig) -> Path:
     _require_data(cfg)  # before the model loads
     if is_main:
         remove_stale_staging(out_dir)
-        if not cfg.bidirectional and cfg.bidir_anneal_steps > 0 and cfg.method == "sac":
-            # benchmarks/configs/ablations/no-mask*.json set this: a warning, so they still run as they did
-            logger.warning("bidir_anneal_steps (--bidir-anneal-steps %d) does nothing with --no-bidirectional: a "
-                           "causal encoder never attends to later tokens, so there is no mask to anneal (the "
-                           "logged future_bias has no effect)", cfg.bidir_anneal_steps)
+        for warning in idle_options(cfg):
+            logger.warning(warning)
 
     resuming = cfg.resume and (out_dir / "latest").exists()
     if resuming:  # before the model loads: a changed option is refused at once
         cfg = _with_recorded_paths(cfg, _check_resumable(out_dir, cfg))
 
-    model, objective = build_model(cfg, device)
+    model, objective = build_model(cfg, device, resuming)  # --resume with nothing to resume starts fresh
     tokenizer = model.tokenizer
     template = model.template if cfg.method == "full_ft" else model.config.prompt
     params = objective.parameters()

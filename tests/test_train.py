@@ -17,7 +17,7 @@ from conftest import make_tiny_llama
 
 from sac_rag import SACCompressor
 from sac_rag.errors import SACError
-from sac_rag.train import parse_config, train
+from sac_rag.train import idle_options, parse_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -336,6 +336,15 @@ def test_adapters_from_a_full_ft_checkpoint_of_another_shape_is_refused(workspac
         train(parse_config(_args(workspace, "sac", "--adapters-from", str(full_ft), "--lora-rank", "8")))
     with pytest.raises(SACError, match="init_from"):
         parse_config(_args(workspace, "x", "--adapters-from", str(full_ft), "--init-from", str(full_ft)))
+
+
+def test_a_run_that_resume_starts_fresh_still_starts_its_adapters_from_full_ft(workspace):
+    # --resume with nothing to resume starts a fresh run (benchmarks/ablations.sh starts-or-continues so):
+    # it must be the run --adapters-from describes, not one with untrained adapters
+    full_ft = train(parse_config(_args(workspace, "fullft", "--method", "full_ft", "--max-steps", "2")))
+    for run, extra in (("plain", ()), ("resumed", ("--resume",))):
+        train(parse_config(_args(workspace, run, "--adapters-from", str(full_ft), "--max-steps", "1", *extra)))
+    assert _losses(workspace / "resumed")[1] == pytest.approx(_losses(workspace / "plain")[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("parts, trained_prefix", [("decoder", "decoder_lora."), ("encoder", "lora.")])
@@ -806,7 +815,23 @@ def test_an_anneal_with_a_causal_encoder_is_warned_about(workspace, caplog):
     with caplog.at_level("WARNING", logger="sac_rag.train"):
         train(parse_config(_args(workspace, "run", "--max-steps", "1", "--no-bidirectional",
                                  "--bidir-anneal-steps", "5")))
-    assert "--bidir-anneal-steps 5) does nothing with --no-bidirectional" in caplog.text
+    assert "--bidir-anneal-steps 5 would do nothing: --no-bidirectional" in caplog.text
+
+
+def test_an_option_that_tunes_another_one_left_off_is_named_with_what_it_needs():
+    def idle(*args):
+        return idle_options(parse_config(["--data", "x.json", "--out-dir", "o", *args]))
+
+    assert idle() == [] and idle("--distractors", "2", "--distractor-share", "0.5") == []
+    assert idle("--distractor-share", "0.5", "--distractor-source", "same_article") == [
+        "--distractor-source same_article, --distractor-share 0.5 would do nothing: --distractors is 0"]
+    assert idle("--distill-divergence", "reverse", "--risk-samples", "8") == [
+        "--distill-divergence reverse would do nothing: --distill-weight is 0: it chooses the KL term's direction",
+        "--risk-samples 8 would do nothing: --risk-weight is 0"]
+    assert idle("--distill-tokens", "all", "--distill-hidden-weight", "1") == []  # the hidden term reads them too
+    assert idle("--anchor-embedding", "none", "--anchor-lr", "0.01")[0].startswith("--anchor-lr 0.01 would do nothing")
+    assert idle("--decoder-lora-alpha", "8") == ["--decoder-lora-alpha 8 would do nothing: --decoder-lora-rank is 0"]
+    assert idle("--held-out-fraction", "0.2", "--eval-data", "y.json")[0].startswith("--held-out-fraction 0.2")
 
 
 def test_resume_with_no_checkpoint_says_there_is_nothing_to_resume(workspace, caplog):
