@@ -192,6 +192,16 @@ def check_recommended_decoding(settings: object, source: str) -> dict[str, Any]:
     return dict(settings)
 
 
+def checked_config(config: object, name: str = "config") -> GenerationConfig | None:
+    """``config`` if it is a ``GenerationConfig`` (or None: the default settings); anything else is
+    refused, naming ``name`` and saying what to pass."""
+    if config is None or isinstance(config, GenerationConfig):
+        return config
+    hint = f" (GenerationConfig(**{name}))" if isinstance(config, Mapping) else ""
+    raise InvalidInputError(f"{name} must be a GenerationConfig, e.g. GenerationConfig(max_new_tokens=32), got "
+                            f"{type(config).__name__}{hint}")
+
+
 def _as_tuple(value: Any, single: type, name: str, what: str) -> tuple:
     """A setting that holds several values as a tuple: ``None`` is none, a ``single`` value is one;
     anything else must be iterable (a list, a tuple)."""
@@ -347,9 +357,9 @@ class Generator:
         """Decode several prompts together (their caches may differ in length). ``sources``: with
         extractive decoding, the texts each answer may quote; ``contrast_prompts``: with
         ``context_contrast``, each prompt without its contexts."""
-        config = config or GenerationConfig()
-        if isinstance(prompts, (str, AnchorKV)) or not len(prompts):
-            raise InvalidInputError("generate_batch takes a non-empty list of prompts")
+        config = checked_config(config) or GenerationConfig()
+        if isinstance(prompts, (str, AnchorKV)) or not isinstance(prompts, Sequence) or not len(prompts):
+            raise InvalidInputError(f"generate_batch takes a non-empty list of prompts, got {prompts!r:.40}")
         _check_sources(config, sources, len(prompts))
         _check_contrast(config, contrast_prompts, len(prompts))
         if self.text_mode is not self.decoder_mode or self.reader is not None:  # text-only prompts decode otherwise
@@ -388,7 +398,7 @@ class Generator:
                           sources: Sequence[str] | None = None, contrast_prompt: Prompt | None = None,
                           lock: contextlib.AbstractContextManager | None = None) -> Iterator[str | Generation]:
         """``stream``'s pieces, then the finished ``Generation`` (its usage figures)."""
-        config = config or GenerationConfig()
+        config = checked_config(config) or GenerationConfig()
         sources = None if sources is None else [sources]
         contrast_prompts = None if contrast_prompt is None else [contrast_prompt]
         _check_sources(config, sources, 1)
@@ -454,6 +464,9 @@ class Generator:
     def _segments(self, prompt: Prompt) -> list[Segment]:
         if isinstance(prompt, (str, AnchorKV)):
             prompt = [prompt]
+        if not isinstance(prompt, Iterable):
+            raise PromptError(f"a prompt is a str or a list of segments (str, AnchorKV or a list of AnchorKV); got "
+                              f"{type(prompt).__name__}")
         flat: list[Segment] = []
         for seg in prompt:
             if isinstance(seg, (str, AnchorKV)):

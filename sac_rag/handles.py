@@ -60,7 +60,7 @@ from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
-from .generation import Generation, GenerationConfig, Generator, bos_ids, grouped
+from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
 from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError
@@ -124,9 +124,14 @@ def keys_in(text: str) -> list[str]:
 
 
 def reads_caches(prompts: Sequence[str | Sequence[Segment]]) -> bool:
-    """Whether every prompt reads compressed contexts (a marker, or a chunk among its segments): the
-    calls a compressor's ``recommended_decoding`` is for (it was measured answering from caches)."""
-    return all(keys_in(p) if isinstance(p, str) else isinstance(p, Sequence) and any(isinstance(s, AnchorKV) for s in p)
+    """Whether every prompt reads compressed contexts (a marker, or a chunk among its segments, on its
+    own or in the list of one text's chunks, as ``Generator`` reads them): the calls a compressor's
+    ``recommended_decoding`` is for (it was measured answering from caches)."""
+    def chunks_in(segment) -> bool:
+        return isinstance(segment, AnchorKV) or (isinstance(segment, Sequence) and not isinstance(segment, str)
+                                                 and any(isinstance(c, AnchorKV) for c in segment))
+
+    return all(keys_in(p) if isinstance(p, str) else isinstance(p, Sequence) and any(chunks_in(s) for s in p)
                for p in prompts)  # anything else: refused where it is read as segments
 
 
@@ -1069,8 +1074,8 @@ class SACEngine:
     def _generate(self, prompts: Sequence[str | Sequence[Segment]],
                   config: GenerationConfig | Sequence[GenerationConfig] | None, call: _Call) -> list[Generation]:
         """``generate``, its requests queued as ``call``'s (so that ``_withdraw`` can take them back)."""
-        if isinstance(prompts, str) or not len(prompts):
-            raise InvalidInputError("generate takes a non-empty list of prompts")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
+            raise InvalidInputError(f"generate takes a non-empty list of prompts, got {prompts!r:.40}")
         try:
             configs = [_engine_config(c, recommended)  # refused: its chunks are released too
                        for c, recommended in zip(_per_prompt(config, len(prompts)), self._recommended_for(prompts))]
@@ -1228,6 +1233,9 @@ class SACEngine:
     def _as_segments(self, prompt: str | Sequence[Segment]) -> list[Segment]:
         if isinstance(prompt, str):
             return self.segments(prompt)
+        if not isinstance(prompt, Iterable) or isinstance(prompt, bytes):
+            raise InvalidInputError(f"a prompt is a string (with <sac:...> markers) or a list of segments (text and "
+                                    f"AnchorKV), got {type(prompt).__name__}")
         return list(prompt)
 
     def _sources(self, prompt: str | Sequence[Segment], config: GenerationConfig) -> list[str] | None:
@@ -1280,7 +1288,7 @@ def _engine_config(config: GenerationConfig | None, recommended: dict) -> Genera
     """A call's decoding settings (without ``config``, the compressor's ``recommended`` decoding),
     refusing context-aware decoding: it reads each prompt beside the same prompt without its
     contexts, which a prompt string with markers does not give."""
-    config = config or GenerationConfig().with_recommended(recommended)
+    config = checked_config(config) or GenerationConfig().with_recommended(recommended)
     if config.context_contrast:
         raise InvalidInputError("context_contrast (context-aware decoding) needs each prompt without its contexts, "
                                 "which SACEngine and the framework wrappers are not given: use SAC.answer, or "

@@ -15,7 +15,7 @@ import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
 from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
-from .generation import Generation, GenerationConfig, Generator, grouped
+from .generation import Generation, GenerationConfig, Generator, checked_config, grouped
 from .kv import AnchorKV
 from .models import load_base_model
 
@@ -48,7 +48,7 @@ class SAC:
         self._lock = model_lock(compressor)
         self.generator = Generator.from_compressor(compressor, merge_decoder)
         self.template = compressor.config.prompt
-        self._chose_generation = _config(generation, "generation") is not None
+        self._chose_generation = checked_config(generation, "generation") is not None
         self.generation = generation or GenerationConfig(stop=LAYOUT_STOP).with_recommended(
             compressor.recommended_decoding)
 
@@ -129,16 +129,17 @@ class SAC:
             raise InvalidInputError(
                 f"answer_batch got {len(questions)} questions and {len(contexts)} lists of contexts: give one list "
                 "of contexts per question (an empty list for a question without contexts)")
-        config = _config(config, "config")
+        config = checked_config(config)
         if not questions:
             return []
+        decodings = []  # each question's own
         for i, question in enumerate(questions):  # every input checked before anything is compressed
             try:
                 contexts[i] = context_list(contexts[i])
                 self._check(question, contexts[i], full_text)
+                decodings.append(self._decoding(config, contexts[i], extractive, full_text))
             except InvalidInputError as err:
                 raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
-        decodings = [self._decoding(config, c, extractive, full_text) for c in contexts]  # each question's own
         prompts = self._prompts(questions, contexts, full_text)
         results: dict[int, Generation] = {}
         with self._lock:
@@ -168,7 +169,7 @@ class SAC:
         """One question's decoding settings and, for an extractive answer, the texts it may quote:
         without a ``config`` of the call's or the SAC's own, the compressor's recommendation if the
         question reads compressed contexts, else greedy."""
-        chosen = _config(config, "config")
+        chosen = checked_config(config)
         config = chosen or self.generation
         # The recommendation was measured answering from caches, and beams do not combine with quotes.
         if chosen is None and not self._chose_generation and (full_text or not contexts or extractive):
@@ -298,10 +299,3 @@ def _check_all_text(contexts: Sequence[Context], why: str, otherwise: str) -> No
                                     f"text: pass the text it was made from ({otherwise})")
 
 
-def _config(config: object, name: str) -> GenerationConfig | None:
-    """``config`` if it is a ``GenerationConfig`` (or None); anything else is refused, naming ``name``."""
-    if config is None or isinstance(config, GenerationConfig):
-        return config
-    hint = f" (GenerationConfig(**{name}))" if isinstance(config, dict) else ""
-    raise InvalidInputError(f"{name} must be a GenerationConfig, e.g. GenerationConfig(max_new_tokens=32), got "
-                            f"{_kind(config)}{hint}")

@@ -139,6 +139,22 @@ def test_segment_of_unknown_type_is_refused(setup):
         gen.generate(["text", 42, "more"])
 
 
+@pytest.mark.parametrize("call", ["generate", "generate_batch", "stream"])
+def test_a_prompt_or_config_of_the_wrong_type_is_refused_saying_what_to_pass(setup, call):
+    """Not a TypeError from iterating a prompt that is no list, nor an AttributeError from reading a
+    dict's settings."""
+    _, gen = setup
+    decode = {"generate": gen.generate, "generate_batch": lambda p, c=None: gen.generate_batch([p], c),
+              "stream": lambda p, c=None: list(gen.stream(p, c))}[call]
+    for prompt in (None, 42):
+        with pytest.raises(PromptError, match=f"a prompt is a str or a list of segments.*got {type(prompt).__name__}"):
+            decode(prompt)
+    with pytest.raises(InvalidInputError, match=r"config must be a GenerationConfig.*got dict \(GenerationConfig\("):
+        decode(["Paris is"], {"max_new_tokens": 2})
+    with pytest.raises(InvalidInputError, match="generate_batch takes a non-empty list of prompts, got None"):
+        gen.generate_batch(None)
+
+
 def test_compressed_context_from_another_model_is_refused_naming_both(setup):
     _comp, gen = setup
     other_model, other_tok = make_tiny_llama(seed=5)

@@ -26,6 +26,7 @@ from sac_rag.handles import (
     keys_in,
     marker_for,
     markers_for,
+    reads_caches,
     split_prompt,
 )
 from sac_rag.store import AnchorStore, EntryNotFoundError, NotAStoreError
@@ -296,6 +297,23 @@ def test_stream_yields_text_then_the_generation_with_usage(compressor, store):
     assert final.text == engine.generate([prompt], GenerationConfig(max_new_tokens=6))[0].text
 
 
+def test_an_engine_refuses_prompts_and_configs_of_the_wrong_type_saying_what_to_pass(compressor):
+    """Not a TypeError from list() or len(), nor an AttributeError from reading a dict's settings."""
+    engine = SACEngine(compressor)
+    for prompts in (None, (p for p in ["Q: who?\nA:"])):
+        with pytest.raises(InvalidInputError, match="generate takes a non-empty list of prompts, got"):
+            engine.generate(prompts)
+    for prompt in (None, 42, b"Q: who?"):
+        with pytest.raises(InvalidInputError, match=f"a prompt is a string .* got {type(prompt).__name__}"):
+            engine.generate([prompt])
+        with pytest.raises(InvalidInputError, match=f"a prompt is a string .* got {type(prompt).__name__}"):
+            list(engine.stream(prompt))
+    with pytest.raises(InvalidInputError, match=r"config must be a GenerationConfig.*got dict \(GenerationConfig\("):
+        list(engine.stream("Q: who?\nA:", {"max_new_tokens": 2}))
+    with pytest.raises(InvalidInputError, match="a prompt is a string"):
+        asyncio.run(engine.agenerate([None]))
+
+
 def test_extractive_answers_quote_the_chunks_their_markers_name(compressor, store, tmp_path):
     extractive = GenerationConfig(max_new_tokens=6, extractive=True)
     written = SACEngine(compressor, tmp_path / "texts")
@@ -399,6 +417,26 @@ def test_without_a_config_prompts_that_read_caches_decode_as_the_compressor_reco
         configs.append(config), pieces(states, tracks, config, plain, lock))[1])
     *_, final = engine.stream(cached)
     assert configs[-1].num_beams == 2 and final.text == engine.generate([cached])[0].text
+
+
+def test_a_prompt_of_segments_holding_a_texts_chunks_as_one_list_decodes_as_the_compressor_recommends(
+        compressor, monkeypatch):
+    """A compressed text's chunks as one segment (``compressor.compress(text)``, as ``Generator``
+    reads them) read compressed contexts, as the same chunks spread out do: not decoded greedily."""
+    engine = SACEngine(compressor)
+    compressor.recommended_decoding = {"num_beams": 2, "mbr": True}
+    configs = []
+    decode = engine.generator.generate_batch
+    monkeypatch.setattr(engine.generator, "generate_batch", lambda prompts, config=None, sources=None: (
+        configs.append(config), decode(prompts, config, sources))[1])
+    chunks = compressor.compress(PASSAGES[1])
+    grouped, spread = [chunks, "\nQ: who?\nA:"], [*chunks, "\nQ: who?\nA:"]
+    assert reads_caches([grouped]) and reads_caches([tuple(grouped)]) and not reads_caches([["\nQ: who?\nA:"]])
+    together, apart = engine.generate([grouped])[0], engine.generate([spread])[0]
+    assert [(c.num_beams, c.mbr) for c in configs] == [(2, True), (2, True)]
+    assert together.token_ids == apart.token_ids
+    *_, final = engine.stream(grouped)
+    assert final.token_ids == together.token_ids
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

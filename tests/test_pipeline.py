@@ -38,11 +38,16 @@ def test_contexts_in_a_set_are_refused_as_their_order_changes_from_run_to_run(sa
 
 
 def test_answer_batch_names_the_question_whose_contexts_are_wrong_before_compressing(sac, monkeypatch):
+    chunks = sac.compress(OTHER)
     monkeypatch.setattr(sac.compressor, "compress_batch", lambda *a, **k: pytest.fail("compressed"))
     with pytest.raises(InvalidInputError, match="question 1: context 0 is empty"):
         sac.answer_batch(["Who?", "When?"], [[TEXT], [""]])
     with pytest.raises(InvalidInputError, match="question 0: contexts must be a list .*got a NoneType"):
         sac.answer_batch(["Who?"], [None])
+    with pytest.raises(InvalidInputError, match="question 1: an extractive answer quotes its contexts: pass at"):
+        sac.answer_batch(["Who?", "When?"], [[TEXT], []], extractive=True)
+    with pytest.raises(InvalidInputError, match=r"question 1: an extractive answer .* context 0 is precompressed"):
+        sac.answer_batch(["Who?", "When?"], [[TEXT], [chunks]], extractive=True)
 
 
 def test_a_precompressed_context_is_named_with_its_article(sac):
