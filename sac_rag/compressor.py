@@ -15,6 +15,7 @@ import json
 import logging
 import operator
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -75,6 +76,25 @@ def _check_placement(model, device, dtype) -> None:
                                 f"(model.to({wanted_dtype})) or leave dtype out")
 
 
+def _check_no_adapters(model) -> None:
+    """Refuse a model that already carries LoRA layers: another compressor's, which adds its adapters
+    to the model passed to it, in place. This compressor's adapters would replace that one's, which
+    would go on making other K/V under its own fingerprint (and one without adapters would read
+    through them)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # a model with LoRA layers has imported it
+    if tuners is not None and any(isinstance(m, tuners.BaseTunerLayer) for m in model.modules()):
+        raise InvalidInputError("the model passed already carries LoRA layers (another compressor's: a compressor "
+                                "adds its adapters to its base model in place), which this one's would replace: "
+                                "pass a fresh copy of the base model (load_base_model(name) again)")
+
+
+def _check_base_fingerprint(fingerprint: str, meta: dict, directory: Path, advice: str) -> None:
+    """Refuse a checkpoint made for another base model than the one ``fingerprint`` names, naming both."""
+    if not same_base_model(fingerprint, meta["base_fingerprint"]):
+        raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
+                                       advice)
+
+
 def _without_base_model(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "base_model"}
 
@@ -111,6 +131,7 @@ class SACCompressor(torch.nn.Module):
             raise InvalidInputError("pass the tokenizer together with the model")
         else:  # the checkpoint must name the model passed, not the config's default
             _check_placement(model, device, dtype)
+            _check_no_adapters(model)
             self.config = config = _naming_model(config, model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -571,10 +592,11 @@ class SACCompressor(torch.nn.Module):
 
     # -- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA), in ``dtype``
-        if given (bfloat16 halves a shipped artefact; the rounded weights are another compressor,
-        and the fingerprint recorded is theirs).
+        if given (a floating-point ``torch.dtype`` or its name, as everywhere: bfloat16 halves a
+        shipped artefact; the rounded weights are another compressor, and the fingerprint recorded
+        is theirs).
 
         Safe to kill at any point, also over an existing checkpoint: config.json records the
         weights' hash and is the one commit point. The new weights go first to a pending file
@@ -584,6 +606,11 @@ class SACCompressor(torch.nn.Module):
         beside the new weights, which the hash check refuses as corrupt. Each file is written to
         a temp name, fsynced and renamed, so a reader never pairs a config with other weights."""
         directory = Path(directory)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, self.device)
+            if not dtype.is_floating_point:
+                raise InvalidInputError(f"dtype={dtype} would round the trained weights to integers: save in a "
+                                        "floating-point dtype (torch.bfloat16, torch.float32) or leave dtype out")
         _check_not_foreign(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
@@ -618,10 +645,13 @@ class SACCompressor(torch.nn.Module):
         directory = resolve_pretrained(name_or_path)
         meta, data = _read_checkpoint(directory)
         config = _checkpoint_config(meta, directory)
+        advice = f"load it with base model {config.base_model!r} or train a compressor for this model"
+        if model is not None and tokenizer is not None:  # refused before its adapters go into the caller's model
+            _check_no_adapters(model)
+            _check_base_fingerprint(base_model_fingerprint(model, tokenizer), meta, directory, advice)
         compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                          anchor_selector=anchor_selector)
-        compressor._check_base_model(meta, directory, f"load it with base model {config.base_model!r} or train a "
-                                     "compressor for this model")
+        _check_base_fingerprint(compressor.base_fingerprint, meta, directory, advice)
         compressor._load_tensors(st_load(data), directory)
         compressor._recommended_decoding = dict(meta.get(RECOMMENDED_DECODING, {}))  # checked by _read_config
         return compressor
@@ -634,14 +664,9 @@ class SACCompressor(torch.nn.Module):
         # The base model is compared by its fingerprint below (its name may differ: a moved directory).
         if _without_base_model(meta["config"]) != _without_base_model(self.config.to_dict()):
             raise CheckpointError(f"{directory} was saved with other settings than this compressor")
-        self._check_base_model(meta, directory, "resume with the base model the checkpoint was trained on, or "
-                               "start a new run")
+        _check_base_fingerprint(self.base_fingerprint, meta, directory, "resume with the base model the checkpoint "
+                                "was trained on, or start a new run")
         self._load_tensors(st_load(data), directory)
-
-    def _check_base_model(self, meta: dict, directory: Path, advice: str) -> None:
-        if not same_base_model(self.base_fingerprint, meta["base_fingerprint"]):
-            raise FingerprintMismatchError(f"compressor checkpoint {directory}", self.base_fingerprint,
-                                           meta["base_fingerprint"], advice)
 
     @property
     def template(self):
@@ -761,6 +786,10 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointError(f"cannot read {path} ({err}): the checkpoint is damaged or was half-copied; "
                               "copy it again") from err
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if isinstance(found, str) and found.startswith("sac-compressor/") and found != "sac-compressor/1":
+        raise CheckpointError(f"{directory} is a compressor checkpoint of format {found!r} (in {path}), written by "
+                              "a newer sac_rag; this one reads 'sac-compressor/1': upgrade sac_rag "
+                              "(pip install -U sac-rag)")
     if found != "sac-compressor/1":
         raise CheckpointError(f"{directory} is not a sac_rag compressor checkpoint (format {found!r} in {path}): "
                               "pass a directory written by SACCompressor.save_pretrained, or a built-in name "

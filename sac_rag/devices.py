@@ -33,6 +33,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if (resolved.index or 0) >= torch.cuda.device_count():
             raise InvalidInputError(f"device={device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), "
                                     f"numbered from 0")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        # Refused here, not by torch once the model's weights are loaded and moved there.
+        raise InvalidInputError(f"device={device!r}, but this torch sees no Apple-silicon GPU (MPS): use "
+                                "device='cpu' (or 'auto')")
     return resolved
 
 

@@ -55,9 +55,20 @@ def hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _stable_config(config):
+    """``config`` (a config's ``to_dict()``) without the keys that do not change what the model
+    computes, at every depth: a model of several parts (Gemma 3's text and vision configs) records
+    the dtype it was loaded in inside each part's config too."""
+    if isinstance(config, dict):
+        return {k: _stable_config(v) for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(config, list):
+        return [_stable_config(v) for v in config]
+    return config
+
+
 def base_model_fingerprint(model, tokenizer) -> str:
     """Fingerprint of a base model: config (incl. RoPE settings), tokenizer and a weight sample."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config = _stable_config(model.config.to_dict())
     vocab = sorted(tokenizer.get_vocab().items())
     weights = hash_tensors(
         ((n, p) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n),

@@ -201,3 +201,31 @@ def test_compress_leaves_every_module_in_its_own_mode():
     assert before[""] and not model.model.layers[0].self_attn.training
     comp.compress(TEXT)
     assert {name: module.training for name, module in comp.named_modules()} == before
+
+
+def test_a_model_of_several_parts_keeps_one_fingerprint_in_float32_and_bfloat16(tmp_path):
+    """Gemma 3 loads (AutoModelForCausalLM) as text and vision parts, and each part's config records
+    the dtype it was loaded in: a compressor saved on the float32 model must load on the bfloat16 one."""
+    import transformers
+
+    from sac_rag import load_base_model
+
+    tokenizer = _tiny_tokenizer()
+    config = transformers.Gemma3Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                     "max_position_embeddings": 2048, **_TWO_TYPES},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "gemma3")
+    tokenizer.save_pretrained(tmp_path / "gemma3")
+    model, tokenizer = load_base_model(tmp_path / "gemma3", device="cpu", dtype="float32")
+    comp = SACCompressor(SACConfig(base_model=str(tmp_path / "gemma3"), ratio=3, chunk_len=64, lora_rank=4,
+                                   lora_alpha=8), model=model, tokenizer=tokenizer)
+    comp.save_pretrained(tmp_path / "compressor")
+    model, tokenizer = load_base_model(tmp_path / "gemma3", device="cpu", dtype="bfloat16")
+    assert model.config.text_config.dtype == torch.bfloat16  # what the fingerprint must not read
+    loaded = SACCompressor.from_pretrained(tmp_path / "compressor", model=model, tokenizer=tokenizer)
+    assert loaded.base_fingerprint == comp.base_fingerprint

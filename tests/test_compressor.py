@@ -166,10 +166,30 @@ def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path
         SACCompressor.from_pretrained(tmp_path / "ckpt", model=other_model, tokenizer=other_tokenizer)
     message = str(info.value)
     assert comp.base_fingerprint in message and "tiny-llama-7@" in message
+    assert not any("lora_" in name for name, _ in other_model.named_parameters())  # refused before its adapters
     other = _compressor((other_model, other_tokenizer))
     with pytest.raises(FingerprintMismatchError, match="resume with the base model") as info:
         other.load_weights(tmp_path / "ckpt")  # what --resume does, with the base model swapped
     assert comp.base_fingerprint in str(info.value) and other.base_fingerprint in str(info.value)
+
+
+def test_a_model_carrying_another_compressors_adapters_is_refused_and_that_compressor_is_left_as_it_was(
+        tiny, tmp_path):
+    """A compressor adds its LoRA layers to the model passed, in place: a second one on that model
+    replaced the first one's adapters, which then made other K/V under its unchanged fingerprint
+    (and a load was refused as if the model were another one)."""
+    comp = _compressor(tiny)
+    before = comp.compress(TEXT)
+    path = comp.save_pretrained(tmp_path / "ckpt")
+    model, tokenizer = tiny
+    with pytest.raises(InvalidInputError, match=r"already carries LoRA layers.*pass a fresh copy of the base model"):
+        SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer)
+    with pytest.raises(InvalidInputError, match="already carries LoRA layers"):
+        SACCompressor(SACConfig(base_model="tiny", ratio=2, lora_rank=0), model=model, tokenizer=tokenizer)
+    for a, b in zip(before, comp.compress(TEXT)):
+        torch.testing.assert_close(b.keys, a.keys, rtol=0, atol=0)
+    fresh = SACCompressor.from_pretrained(path, model=make_tiny_llama()[0], tokenizer=tokenizer)
+    assert fresh.fingerprint == comp.fingerprint
 
 
 def test_corrupt_or_half_copied_checkpoint_is_refused(tiny, tmp_path):
@@ -264,7 +284,7 @@ def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(t
     kv = comp.compress_chunks([ids])[0]
     assert kv.n_anchors == 8 and kv.positions.tolist() == list(range(1, 30, 4))  # ratio 4: s = 1
     # causal: the memory depends on the chunk, the chunk's own tokens are not what is kept
-    plain = _compressor(tiny, bidirectional=False).compress_chunks([ids])[0]
+    plain = _compressor(make_tiny_llama(), bidirectional=False).compress_chunks([ids])[0]
     assert not torch.allclose(kv.keys, plain.keys)
     together = comp.compress_chunks([ids, ids[:9]], batch_size=2)
     torch.testing.assert_close(together[1].keys, comp.compress_chunks([ids[:9]])[0].keys, atol=1e-5, rtol=1e-4)
@@ -274,7 +294,7 @@ def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(t
 
 def test_future_bias_anneals_between_causal_and_bidirectional(tiny):
     causal = _compressor(tiny, ratio=1, bidirectional=False)
-    bidir = _compressor(tiny, ratio=1, bidirectional=True)
+    bidir = _compressor(make_tiny_llama(), ratio=1, bidirectional=True)
     ids = _ids(bidir.tokenizer)[:20]
     with torch.no_grad():
         ref_causal = causal.encode([ids], [0])[0].keys
@@ -427,6 +447,16 @@ def test_rounding_the_trained_weights_makes_another_compressor(tiny, tmp_path):
     assert recorded == rounded.fingerprint
 
 
+def test_a_dtype_to_save_in_is_named_as_anywhere_else_and_an_integer_one_is_refused(tiny, tmp_path):
+    comp = _compressor(tiny)
+    comp.save_pretrained(tmp_path / "by-dtype", dtype=torch.bfloat16)
+    comp.save_pretrained(tmp_path / "by-name", dtype="bfloat16")
+    assert checkpoint_meta(tmp_path / "by-name") == checkpoint_meta(tmp_path / "by-dtype")
+    with pytest.raises(InvalidInputError, match="integers: save in a floating-point dtype"):
+        comp.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    assert not (tmp_path / "int8").exists()
+
+
 def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):
     from peft import get_peft_model_state_dict
 
@@ -441,7 +471,7 @@ def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):
     assert comp.fingerprint != before
     with pytest.raises(InvalidInputError, match="missing"):
         comp.set_adapter_weights(dict(list(encoder_state.items())[1:]), "decoder")
-    without_decoder = _compressor(tiny)
+    without_decoder = _compressor(make_tiny_llama())
     with pytest.raises(InvalidInputError, match="no 'decoder' adapter"):
         without_decoder.set_adapter_weights(encoder_state, "decoder")
 
@@ -641,6 +671,8 @@ def _edit_config(meta: dict, edit: str) -> str:
         meta["config"]["sparsity"] = 0.5
     elif edit == "other rank":  # the weights still match their hash, their shapes no longer fit
         meta["config"].update(lora_rank=4, lora_alpha=8)
+    elif edit == "newer format":
+        meta["format"] = "sac-compressor/2"
     return json.dumps(meta)
 
 
@@ -648,6 +680,7 @@ def _edit_config(meta: dict, edit: str) -> str:
     ("truncated", "copy it again"), ("no config", "'config'"), ("no base_fingerprint", "'base_fingerprint'"),
     ("no weights_sha256", "'weights_sha256'"), ("config is a list", "'config'"),
     ("invalid ratio", "ratio must be"), ("unknown setting", "upgrade"), ("other rank", "shapes do not fit"),
+    ("newer format", "'sac-compressor/2'.*newer sac_rag.*upgrade"),
 ])
 def test_a_damaged_or_edited_config_json_is_refused_naming_the_checkpoint(tiny, tmp_path, edit, says):
     """Not a KeyError, a settings error that names no file, or a size mismatch from deep inside peft."""

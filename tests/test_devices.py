@@ -82,6 +82,21 @@ def test_a_device_is_named_as_a_string_or_a_torch_device_and_one_this_machine_la
         resolve_device("gpu")
 
 
+def test_an_mps_device_this_machine_lacks_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    """Not torch's RuntimeError from moving the loaded weights there."""
+    from sac_rag import load_base_model
+    from sac_rag.devices import resolve_device
+
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="sees no Apple-silicon GPU \\(MPS\\): use device='cpu'"):
+        load_base_model(tmp_path / "tiny", device="mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == resolve_device(torch.device("mps")) == torch.device("mps")
+
+
 # -- a model sharded over devices, as device_map="auto" shards it over GPUs ----------------------
 #
 # Simulated on the CPU: under FakeTensorMode tensors carry shapes and devices but no data, and an op
