@@ -4,11 +4,12 @@
 
 Reads every ``benchmarks/results/*.jsonl`` row that has ``method``, ``dataset``, ``n`` and
 ``f1`` (the last row wins for the same method, ratio, dataset and n) and writes one table per
-dataset (F1 with its 95% CI, EM, the paper's ROUGE-1 F1, K/V bytes per query and their ratio to
-full context), sentences saying where SAC is behind or not significantly ahead of a peer, the
-costs table of the latest ``benchmarks/costs.py`` run, and the command of every row; plus plots
-of F1 vs compression ratio (every method, per dataset) and of time to first token, in ``plots/``
-beside the report (``--out``). A row cut short or a line that is not JSON is skipped with a warning.
+dataset, question subset (a seed other than 0, a skip) and decoding (F1 with its 95% CI, EM, the
+paper's ROUGE-1 F1, K/V bytes per query and their ratio to full context), sentences saying where
+SAC is behind or not significantly ahead of a peer, the costs table of the latest
+``benchmarks/costs.py`` run, and the command of every row; plus plots of F1 vs compression ratio
+(every method, per dataset) and of time to first token, in ``plots/`` beside the report
+(``--out``). A row cut short or a line that is not JSON is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def load_rows(results: Path) -> list[dict]:
                 # each decoding has tables of its own: never compared with another
                 settings = {key: row[key] for key in DECODING_SETTINGS if key in row}  # absent: the default
                 row["dataset"] += decoding_suffix(extractive=row.get("decoding") == "extractive", **settings)
+                if row.get("seed"):  # another seeded order: other questions than seed 0's, never the headline's
+                    row["dataset"] += f"-seed{row['seed']}"
                 if row.get("skip"):  # a subset after the first `skip` questions: never the headline's
                     row["dataset"] += f"-skip{row['skip']}"
                 latest[(row["method"], row.get("ratio"), row["dataset"], row["n"])] = row

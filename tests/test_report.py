@@ -21,6 +21,19 @@ def test_rows_read_another_way_or_on_other_questions_get_tables_of_their_own(tmp
                       "squad-dev-cad0.25-plausible0": 40.0}
 
 
+def test_a_row_read_on_another_seeds_questions_neither_replaces_nor_joins_the_seed_0_rows(tmp_path):
+    """The report says every table reads the first n questions of seed 0: a row of another seed's
+    order is read on other questions, so it is no rerun of the seed-0 row nor a peer of its rows."""
+    sac = {"method": "sac-5x", "ratio": 5, "dataset": "squad-dev", "n": 200, "f1": 42.5, "f1_ci": [36.7, 47.9],
+           "seed": 0}
+    peer = {**sac, "method": "text-truncate-5x", "f1": 30.0, "f1_ci": [25.0, 35.0]}
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(row) + "\n" for row in
+                                              [sac, peer, {**sac, "f1": 20.0, "f1_ci": [15.0, 25.0], "seed": 1}]))
+    tables = {(row["method"], row["dataset"]): row["f1"] for row in load_rows(tmp_path)}
+    assert tables == {("sac-5x", "squad-dev"): 42.5, ("text-truncate-5x", "squad-dev"): 30.0,
+                      ("sac-5x", "squad-dev-seed1"): 20.0}  # was the seed-1 row as the headline's, behind its peer
+
+
 def test_rows_that_compare_ways_of_asking_one_compressor_are_not_set_against_its_peers(tmp_path):
     """The chat layouts' rows are SAC's own answers through the frameworks: in the methods' table they
     would read as peers that SAC is "behind" whenever a layout matches it."""
