@@ -67,7 +67,8 @@ def _check_placement(model, device, dtype) -> None:
     where, kind = input_device(model), model.get_input_embeddings().weight.dtype
     if device is not None and device != "auto":
         wanted = resolve_device(device)
-        if wanted.type != where.type or wanted.index not in (None, where.index):
+        index_chosen = torch.device(device).index is not None  # "cuda" takes the model on any GPU
+        if wanted.type != where.type or (index_chosen and wanted.index != where.index):
             raise InvalidInputError(f"device={device!r}, but the model passed is on {where}: move it first "
                                     f"(model.to({str(wanted)!r})) or leave device out")
     wanted_dtype = None if dtype is None or dtype == "auto" else resolve_dtype(dtype, where)
@@ -88,9 +89,14 @@ def _check_no_adapters(model) -> None:
                                 "pass a fresh copy of the base model (load_base_model(name) again)")
 
 
-def _check_base_fingerprint(fingerprint: str, meta: dict, directory: Path, advice: str) -> None:
-    """Refuse a checkpoint made for another base model than the one ``fingerprint`` names, naming both."""
+def _check_base_fingerprint(fingerprint: str, meta: dict, directory: Path, advice: str,
+                            dtype: torch.dtype | None = None) -> None:
+    """Refuse a checkpoint made for another base model than the one ``fingerprint`` names, naming both
+    (and, for a model in float16, the likely reason: ``fingerprint``'s module docstring)."""
     if not same_base_model(fingerprint, meta["base_fingerprint"]):
+        if dtype == torch.float16:
+            advice += (". If it is the same model, loaded in float16: float16 cannot hold its smallest weights "
+                       "exactly, which gives another fingerprint; load it in bfloat16 or float32 (dtype=...)")
         raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
                                        advice)
 
@@ -648,10 +654,11 @@ class SACCompressor(torch.nn.Module):
         advice = f"load it with base model {config.base_model!r} or train a compressor for this model"
         if model is not None and tokenizer is not None:  # refused before its adapters go into the caller's model
             _check_no_adapters(model)
-            _check_base_fingerprint(base_model_fingerprint(model, tokenizer), meta, directory, advice)
+            _check_base_fingerprint(base_model_fingerprint(model, tokenizer), meta, directory, advice,
+                                    model.get_input_embeddings().weight.dtype)
         compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                          anchor_selector=anchor_selector)
-        _check_base_fingerprint(compressor.base_fingerprint, meta, directory, advice)
+        _check_base_fingerprint(compressor.base_fingerprint, meta, directory, advice, compressor.dtype)
         compressor._load_tensors(st_load(data), directory)
         compressor._recommended_decoding = dict(meta.get(RECOMMENDED_DECODING, {}))  # checked by _read_config
         return compressor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 
@@ -19,9 +20,10 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> the first CUDA GPU when present, else the CPU."""
+    """``None``/"auto" -> this process's GPU (``local_gpu``) when there is one, else the CPU; "cuda"
+    without an index -> this process's GPU."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -30,6 +32,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if not torch.cuda.is_available():
             raise InvalidInputError(f"device={device!r}, but this torch sees no CUDA GPU: use device='cpu', or "
                                     "install a CUDA build of torch (make install TORCH_SPEC=torch)")
+        if resolved.index is None:
+            resolved = local_gpu()
         if (resolved.index or 0) >= torch.cuda.device_count():
             raise InvalidInputError(f"device={device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), "
                                     f"numbered from 0")
@@ -38,6 +42,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise InvalidInputError(f"device={device!r}, but this torch sees no Apple-silicon GPU (MPS): use "
                                 "device='cpu' (or 'auto')")
     return resolved
+
+
+def local_gpu() -> torch.device:
+    """This process's CUDA GPU, by index: under a launcher that starts one process per GPU (torchrun's
+    ``LOCAL_RANK``) its own one, modulo the GPUs it sees (with per-task GPU binding each process sees
+    only its own, as GPU 0); else the current one, read in the caller's thread."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and local.isdigit():
+        return torch.device("cuda", int(local) % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def bf16_is_fast(device: str | torch.device) -> bool:

@@ -8,7 +8,12 @@ Format: ``"<model id>@<base hash>"`` for a base model and
 ``"<model id>@<base hash>/sac-<compressor hash>"`` for a compressor.
 
 Precision: a base model is identified by a sample of its weights rounded to bfloat16, so the same
-published model loaded in float32 or bfloat16 keeps one fingerprint. A compressor's own trained
+published model loaded in float32 or bfloat16 keeps one fingerprint. Loaded in float16 it usually
+gets another: float16 holds numbers below 2**-14 with fewer bits (and none above 65504), so the
+smallest weights round otherwise (the packaged SmolLM2's, dequantized from a 4-bit GGUF, all fit, and
+its compressors load in float16). No one rounding of the sample serves all three: float32 weights
+rounded to float16 and then to bfloat16 differ from the same weights rounded to bfloat16 at once. A
+checkpoint refused on a float16 model says so. A compressor's own trained
 tensors are hashed exactly: rounding them (e.g. exporting a float32 checkpoint in bfloat16)
 changes the K/V they produce and some greedy answers, so it makes a new compressor, and caches
 of the float32 weights are refused by the rounded one.

@@ -58,6 +58,7 @@ from typing import Any
 
 from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
+from .devices import resolve_dtype
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
@@ -1452,13 +1453,13 @@ def _check_loaded_settings(compressor: SACCompressor, device, dtype) -> None:
 
     differ = []
     if dtype is not None:
-        try:
-            wanted = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
-        except AttributeError:
+        try:  # a name as everywhere ("bf16", "auto": what it would choose on the compressor's device)
+            wanted = resolve_dtype(dtype, compressor.device)
+        except InvalidInputError:
             wanted = None
         if wanted != compressor.dtype:
             differ.append(f"dtype={dtype!r} (it is {compressor.dtype})")
-    if device is not None:
+    if device is not None and device != "auto":
         try:
             wanted_device = torch.device(device)
         except (RuntimeError, TypeError):

@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from .data import (
     split_by_title,
     split_long_contexts,
 )
-from .devices import bf16_is_fast
+from .devices import bf16_is_fast, resolve_device
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
 from .files import atomic_write, fsync_dir
 from .generation import bos_ids
@@ -61,6 +62,7 @@ logger = logging.getLogger("sac_rag.train")
 # directory may be moved or named by another path), and what computes it ("auto" resolves per machine).
 # Not --eval-questions: best/ is the checkpoint with the highest held-out F1, which means something
 # only while every evaluation of the run asks the same questions.
+DIST_TIMEOUT = timedelta(hours=1)  # how long ranks wait for each other at a collective
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "keep_checkpoints",
                       "snapshot_every", "precision", "device", "out_dir"}
 # With every example weighing the same in a step, how a step is split into micro-batches changes only
@@ -500,7 +502,9 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     device = _resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 evaluates and writes checkpoints while the others wait at the next collective: a
+        # timeout of an hour, not NCCL's 10 minutes, so that a long evaluation does not abort them.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
@@ -508,25 +512,9 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 
 def _resolve_device(name: str) -> torch.device:
     """``--device`` as a torch device: 'auto' is this rank's GPU if there is one, else the CPU; 'cuda'
-    without an index is this rank's GPU (LOCAL_RANK under torchrun). A name torch does not know, or
-    CUDA on a machine without it, is an InvalidInputError."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if name == "auto":
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise InvalidInputError(f"--device {name!r} is not a device torch knows: use 'auto', 'cpu', 'cuda' or "
-                                f"'cuda:N'") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu "
-                                    f"(or auto)")
-        if device.index is None:
-            device = torch.device("cuda", local)
-        if device.index >= torch.cuda.device_count():
-            raise InvalidInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    without an index is this rank's GPU (``devices.local_gpu``: LOCAL_RANK under torchrun). A name
+    torch does not know, or CUDA on a machine without it, is an InvalidInputError."""
+    return resolve_device(None if name == "auto" else name)
 
 
 def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:

@@ -173,6 +173,25 @@ def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path
     assert comp.base_fingerprint in str(info.value) and other.base_fingerprint in str(info.value)
 
 
+def test_a_checkpoint_refused_on_a_float16_model_says_float16_may_be_why(tmp_path):
+    """float16 holds numbers below 2**-14 with fewer bits: the same weights in float16 get another
+    fingerprint (fingerprint.py), and the refusal says to load the model in bfloat16 or float32."""
+    model, tokenizer = make_tiny_llama()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] = 1.2345e-6  # float16 keeps it as 1.19e-6
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    _compressor((model, tokenizer)).save_pretrained(tmp_path / "ckpt")
+
+    def the_same_model():
+        copy = make_tiny_llama()[0]
+        copy.load_state_dict(weights)
+        return copy
+
+    with pytest.raises(FingerprintMismatchError, match=r"loaded in float16.*load it in bfloat16 or float32"):
+        SACCompressor.from_pretrained(tmp_path / "ckpt", model=the_same_model().half(), tokenizer=tokenizer)
+    assert SACCompressor.from_pretrained(tmp_path / "ckpt", model=the_same_model().float(), tokenizer=tokenizer)
+
+
 def test_a_model_carrying_another_compressors_adapters_is_refused_and_that_compressor_is_left_as_it_was(
         tiny, tmp_path):
     """A compressor adds its LoRA layers to the model passed, in place: a second one on that model

@@ -82,6 +82,25 @@ def test_a_device_is_named_as_a_string_or_a_torch_device_and_one_this_machine_la
         resolve_device("gpu")
 
 
+def test_auto_and_cuda_without_an_index_are_this_processs_own_gpu(monkeypatch):
+    """Under torchrun (LOCAL_RANK) each process's own GPU, modulo the GPUs it sees (per-task binding
+    shows each process only its own); else the current GPU, so that a worker thread's default of
+    GPU 0 does not move a model another GPU was chosen for."""
+    from sac_rag.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device(None) == resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    for local, gpu in (("0", 0), ("1", 1), ("3", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("cuda", 0)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an index chosen is kept
+
+
 def test_an_mps_device_this_machine_lacks_is_refused_before_the_model_loads(monkeypatch, tmp_path):
     """Not torch's RuntimeError from moving the loaded weights there."""
     from sac_rag import load_base_model

@@ -459,6 +459,7 @@ def test_a_loaded_compressor_has_one_shared_engine_whatever_dtype_or_device_say(
     with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
         plain = SACEngine.shared(compressor)
         assert SACEngine.shared(compressor, dtype="float32", device="cpu") is plain  # its own: no warning
+        assert SACEngine.shared(compressor, dtype="fp32", device="auto") is plain  # named as anywhere else
         assert caplog.records == []
         assert SACEngine.shared(compressor, dtype="bfloat16") is plain
     assert "dtype='bfloat16'" in caplog.text and "ignored" in caplog.text
