@@ -89,6 +89,17 @@ def _check_no_adapters(model) -> None:
                                 "pass a fresh copy of the base model (load_base_model(name) again)")
 
 
+def _check_adapters_have_a_device(model, config: SACConfig) -> None:
+    """Refuse to add LoRA adapters to a model whose weights accelerate offloads (on 'meta' in the
+    module, their values in its hook): peft would create the adapters there too, with no values."""
+    if (config.lora_rank or config.decoder_lora_rank) and any(p.is_meta for p in model.parameters()):
+        raise InvalidInputError("the model passed has weights offloaded by accelerate (on 'meta'; device_map with "
+                                "'cpu' or 'disk' entries, or cpu_offload), where a compressor's LoRA adapters would "
+                                "be created without values: load the model fully onto its devices (more GPUs, or a "
+                                "smaller dtype). A compressor without adapters (lora_rank=0, decoder_lora_rank=0, "
+                                "such as KV dropping) reads offloaded models")
+
+
 def _check_base_fingerprint(fingerprint: str, meta: dict, directory: Path, advice: str,
                             dtype: torch.dtype | None = None) -> None:
     """Refuse a checkpoint made for another base model than the one ``fingerprint`` names, naming both
@@ -138,6 +149,7 @@ class SACCompressor(torch.nn.Module):
         else:  # the checkpoint must name the model passed, not the config's default
             _check_placement(model, device, dtype)
             _check_no_adapters(model)
+            _check_adapters_have_a_device(model, config)
             self.config = config = _naming_model(config, model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

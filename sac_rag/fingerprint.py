@@ -27,6 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .errors import InvalidInputError
+
 # Config keys that do not change what the model computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -76,12 +78,30 @@ def base_model_fingerprint(model, tokenizer) -> str:
     config = _stable_config(model.config.to_dict())
     vocab = sorted(tokenizer.get_vocab().items())
     weights = hash_tensors(
-        ((n, p) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n),
+        ((n, _readable(model, n, p)) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n),
         sample=_WEIGHT_SAMPLE,
     )
     digest = hash_json({"config": config, "vocab": vocab, "weights": weights})[:16]
     model_id = getattr(model, "sac_model_id", None) or getattr(model.config, "_name_or_path", "") or "model"
     return f"{model_id}@{digest}"
+
+
+def _readable(model, name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """``parameter``, or where its values are when accelerate offloads it (device_map="auto" with too
+    little GPU memory): the module holds it on 'meta', the hook of that module or of a module around
+    it (a decoder layer's) in a weights map, by the name below that module."""
+    if not parameter.is_meta:
+        return parameter
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):  # the parameter's own module first, then those around it
+        hook = getattr(model.get_submodule(".".join(parts[:cut])), "_hf_hook", None)
+        below = ".".join(parts[cut:])
+        for part in (hook, *getattr(hook, "hooks", ())):  # a SequentialHook holds several
+            weights = getattr(part, "weights_map", None)
+            if weights is not None and below in weights:
+                return weights[below]
+    raise InvalidInputError(f"the model's {name} is on 'meta' with no values to read (not offloaded by accelerate, "
+                            "which keeps them in its hook): load the model with its weights")
 
 
 def base_part(fingerprint: str) -> str:

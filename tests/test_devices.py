@@ -225,3 +225,29 @@ def test_a_layer_offloaded_by_accelerate_is_placed_where_its_hook_computes_not_w
     assert layer_devices(model, 4) == [CPU] * 4
     model.model.layers[2].to(META)  # weights on 'meta' without a hook: that is where it computes
     assert layer_devices(model, 4) == [CPU, CPU, META, CPU]
+
+
+def _offloaded_to_disk(model, tmp_path):
+    """``model`` as device_map="auto" leaves it with too little GPU memory: every other decoder
+    layer's weights offloaded (here to disk; 'meta' in the module, read by its hook when it computes)."""
+    from accelerate import dispatch_model
+
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(model.config.num_hidden_layers)}
+    return dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=tmp_path)
+
+
+def test_a_model_offloaded_by_accelerate_keeps_its_fingerprint_and_answers_as_when_loaded_whole(tmp_path):
+    """Its fingerprint reads the offloaded weights where accelerate keeps them (hashing 'meta' raised
+    NotImplementedError); a compressor with LoRA adapters, which peft would create on 'meta' without
+    values, is refused saying why, and one without adapters (KV dropping) reads the model as loaded whole."""
+    (whole, tokenizer), offloaded = make_tiny_llama(), _offloaded_to_disk(make_tiny_llama()[0], tmp_path)
+    assert any(p.is_meta for p in offloaded.parameters())
+    with pytest.raises(InvalidInputError, match=r"weights offloaded by accelerate.*load the model fully"):
+        SACCompressor(SACConfig(ratio=2, lora_rank=4), model=offloaded, tokenizer=tokenizer)
+    kv_dropping = SACConfig(ratio=2, lora_rank=0, bidirectional=False, anchor_embedding="none")
+    compressors = [SACCompressor(kv_dropping, model=m, tokenizer=tokenizer) for m in (whole, offloaded)]
+    assert compressors[0].fingerprint == compressors[1].fingerprint
+    answers = [Generator.from_compressor(c).generate([*c.compress("Paris is the capital of France."), "\nQ: what?\nA:"])
+               .text for c in compressors]
+    assert answers[0] == answers[1] and answers[0]
