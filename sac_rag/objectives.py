@@ -561,8 +561,9 @@ def decode_answers(model, caches, context_lengths, prompts, row_owner, eos: int,
     for step in range(max_tokens):
         logits = head(hidden)
         tokens = next_tokens(logits, choice, generator)
+        chosen = tokens.tolist()  # one copy from the device per step, not one per row
         for r in (~finished).nonzero()[:, 0].tolist():
-            answers[r].append(int(tokens[r]))
+            answers[r].append(chosen[r])
         finished |= tokens == eos
         if bool(finished.all()) or step == max_tokens - 1:
             break
