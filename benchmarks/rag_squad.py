@@ -75,6 +75,7 @@ from sac_rag.eval import (  # noqa: E402
     check_results_file,
     claim_predictions,
     dataset_path,
+    decoder_adapter_problem,
     decoding_suffix,
     kv_entry_bytes,
     load_decoder_adapter,
@@ -196,13 +197,20 @@ def export_retrieval(path: str, questions, retrieved: list[list[Document]]) -> N
 
 def check_inputs(args: argparse.Namespace) -> Path:
     """Refuse, before any model loads, what would fail only after minutes of work: the SQuAD file
-    (returned), the results file, the Full-FT adapter of the methods that read it."""
+    (returned), the results file, the Full-FT adapter of the methods that read it, the retrieval file."""
     squad = dataset_path(args.data_root, "squad-dev")
     check_results_file(args.results)
     readers = [m for m in args.methods.split(",") if m in ("full_ft", "truncate_ft", "kv_dropping_ft")]
     if readers and not Path(args.full_ft_adapter).is_dir():
         raise InvalidInputError(f"--full-ft-adapter {args.full_ft_adapter} is not a folder, and {', '.join(readers)} "
                                 "read it: name the Full-FT decoder LoRA, or leave those out of --methods")
+    problem = decoder_adapter_problem(args.full_ft_adapter) if readers else None
+    if problem:
+        raise InvalidInputError(f"--full-ft-adapter {args.full_ft_adapter} {problem}, and {', '.join(readers)} read "
+                                "it: name the Full-FT decoder LoRA, or leave those out of --methods")
+    if args.export_retrieval and Path(args.export_retrieval).is_dir():
+        raise InvalidInputError(f"--export-retrieval {args.export_retrieval} is a folder: name a .jsonl file "
+                                "(the retrieved paragraphs are written to it)")
     return squad
 
 

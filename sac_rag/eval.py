@@ -251,10 +251,42 @@ def load_decoder_adapter(model, adapter: str, base_model: str, base_fingerprint:
                                        "pass --base-model of the model it was trained on, or another adapter")
     try:
         return PeftModel.from_pretrained(model, adapter).eval()
+    except ValueError as err:  # peft: "Can't find 'adapter_config.json' at ..." (no such folder, nor hub id reached)
+        raise InvalidInputError(f"the decoder adapter {adapter}: no peft LoRA adapter was found there ({err}); "
+                                f"pass {ADAPTER_FOLDER}") from None
     except RuntimeError as err:  # e.g. "size mismatch for ...lora_A...": LoRA weights of another architecture
         raise InvalidInputError(f"the decoder adapter {adapter} does not fit the base model {base_model} (it was "
                                 f"trained on another model: {str(err).strip().splitlines()[-1].strip()}); pass "
                                 "--base-model of the model it was trained on") from None
+
+
+ADAPTER_FOLDER = "the folder of a peft LoRA adapter (with adapter_config.json), e.g. the Full-FT decoder's"
+
+
+def decoder_adapter_problem(adapter: str) -> str | None:
+    """Why ``adapter`` cannot be a decoder adapter, found without loading anything (None if it may
+    be one): a folder without ``adapter_config.json`` (a compressor, a Full-FT training run's
+    folder rather than its ``final/``), a file, a built-in compressor's name, or a path that can
+    only be local and does not exist. A name that may be a hub id is left to peft to look up."""
+    from .compressor import WEIGHTS_FILE, list_pretrained
+    from .models import _is_local_path
+
+    path = Path(adapter).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return None
+    if path.is_dir():
+        if (path / "final" / "adapter_config.json").is_file():
+            return f"is a training run's folder: pass its final/ ({path / 'final'}) or best/"
+        if (path / WEIGHTS_FILE).is_file():
+            return "holds no adapter_config.json: it is a compressor, not a decoder adapter"
+        return f"holds no adapter_config.json: pass {ADAPTER_FOLDER}"
+    if path.exists():
+        return f"is a file: pass {ADAPTER_FOLDER}"
+    if adapter in list_pretrained():
+        return "is a built-in compressor, not a decoder adapter"
+    if _is_local_path(adapter):
+        return f"does not exist: pass {ADAPTER_FOLDER}"
+    return None
 
 
 @dataclass
@@ -582,6 +614,19 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
     if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
         parser.error("--length-penalty and --mbr apply to beam search (--num-beams > 1)")
+    if args.merge_decoder and args.method not in needs and not args.decoder_adapter:
+        parser.error(f"--merge-decoder applies to a decoder adapter: --method sac or full_ft, or --method "
+                     f"{args.method} with --decoder-adapter (without one there is nothing to merge)")
+    if args.contrast_plausibility != parser.get_default("contrast_plausibility") and not args.context_contrast:
+        parser.error("--contrast-plausibility applies to context-aware decoding: give --context-contrast > 0 too")
+    if args.context_contrast and args.method == "no_context":
+        parser.error("--context-contrast does not apply to --method no_context (it weighs what the contexts say "
+                     "against the question alone, and no_context reads the question alone)")
+    for option, adapter in (("--checkpoint", args.checkpoint if args.method == "full_ft" else None),
+                            ("--decoder-adapter", args.decoder_adapter)):
+        problem = adapter and decoder_adapter_problem(adapter)
+        if problem:
+            parser.error(f"{option} {adapter} {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:

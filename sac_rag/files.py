@@ -38,9 +38,9 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 def open_for_appending(path: str | os.PathLike) -> TextIO:
     """``path`` (a JSON-lines file; created with its folder if missing) opened for appending, after
-    dropping an unfinished last line (a write cut short by a kill), so that the next line starts a
-    line of its own. Every writer appends whole lines in one write, so an unfinished last line is
-    only ever a killed one."""
+    ending its last line: one without a newline is a write cut short by a kill (every writer appends
+    whole lines in one write) and is dropped, unless it is a whole JSON object (a row that lost only
+    its newline, say in an editor), which is kept; so the next line starts a line of its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as file:
@@ -53,8 +53,19 @@ def open_for_appending(path: str | os.PathLike) -> TextIO:
                 if cut < 0 and size > len(tail):
                     raise InvalidInputError(f"{path} ends in a line over 64 KiB long: not a JSON-lines file "
                                             "of sac_rag's")
-                file.truncate(size - len(tail) + cut + 1)
+                if _is_json_object(tail[cut + 1:]):
+                    file.write(b"\n")
+                else:
+                    file.truncate(size - len(tail) + cut + 1)
     return open(path, "a")
+
+
+def _is_json_object(line: bytes) -> bool:
+    """Whether ``line`` is a whole JSON object (no prefix of one is)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

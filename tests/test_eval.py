@@ -302,11 +302,39 @@ def test_context_aware_decoding_is_a_setting_of_its_own_row_contrasted_with_the_
     (["--method", "full_context", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["--method", "full_context", "--n", "-3"], "argument --n: must be >= 0, got -3"),  # was: every question
     (["--method", "full_context", "--ratio", "3"], "--ratio does not apply to --method full_context"),
+    # options that would change nothing but the row's name or its prediction file's settings
+    (["--method", "full_context", "--merge-decoder"], "--merge-decoder applies to a decoder adapter"),
+    (["--method", "kv_dropping", "--merge-decoder"], "--merge-decoder applies to a decoder adapter"),
+    (["--method", "full_context", "--contrast-plausibility", "0"], "--contrast-plausibility applies to context-aware"),
+    (["--method", "no_context", "--context-contrast", "0.5"], "--context-contrast does not apply to --method no_c"),
 ])
 def test_command_line_mistakes_are_named_before_any_model_loads(capsys, args, message):
     with pytest.raises(SystemExit) as exit:
         main([*args, "--base-model", "no-such-model"])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "given", "message"), [
+    ("--checkpoint", "compressor", "holds no adapter_config.json: it is a compressor, not a decoder"),
+    ("--checkpoint", "smollm2-135m-sac-5x", "is a built-in compressor, not a decoder adapter"),
+    ("--checkpoint", "nowhere/run/final", "does not exist"),
+    ("--checkpoint", "runs", "is a training run's folder: pass its final/"),
+    ("--decoder-adapter", "compressor", "holds no adapter_config.json: it is a compressor, not a decoder"),
+])
+def test_a_decoder_adapter_that_is_none_is_named_before_any_model_loads(workspace, capsys, option, given, message):
+    (workspace / "runs" / "final").mkdir(parents=True)  # a Full-FT training run: its adapter is in final/
+    (workspace / "runs" / "final" / "adapter_config.json").write_text("{}")
+    path = given if given.startswith("smollm2") else str(workspace / given)
+    method = ["--method", "full_ft"] if option == "--checkpoint" else ["--method", "full_context"]
+    with pytest.raises(SystemExit) as exit:
+        main([*method, option, path, "--base-model", "no-such-model", "--data-root", str(workspace / "data")])
+    assert exit.value.code == 2 and f"{option} {path} {message}" in capsys.readouterr().err
+
+
+def test_a_decoder_adapter_that_cannot_be_found_is_an_error_naming_it(workspace):
+    # a name that may be a hub id is looked up, and its absence named (offline here), not a traceback
+    with pytest.raises(InvalidInputError, match="no-such-adapter: no peft LoRA adapter"):
+        _run(workspace, "--method", "full_ft", "--checkpoint", "no-such-adapter")
 
 
 def test_a_missing_data_root_is_one_line_naming_the_option(tmp_path):

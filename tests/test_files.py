@@ -10,3 +10,15 @@ def test_results_are_appended_as_json_lines_into_a_new_folder_without_touching_e
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["sac", "full-ft", "kv-dropping"]
     assert rows[0] == {"method": "sac", "f1": 41.2}
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_but_a_whole_row_without_its_newline_is_kept(tmp_path):
+    """Every writer appends whole lines in one write, so a last line without a newline is a killed
+    write; unless it is a whole row, which only lost its newline (in an editor, say)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"row": 1}\n{"row": 2, "f1": 4')
+    append_jsonl(path, [{"row": 3}])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"row": 1}, {"row": 3}]
+    path.write_text('{"row": 1}\n{"row": 2}')
+    append_jsonl(path, [{"row": 3}])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"row": 1}, {"row": 2}, {"row": 3}]

@@ -222,10 +222,12 @@ def test_options_out_of_range_are_refused_by_the_parser(workspace, tmp_path, opt
     (["--data-root", "nowhere"], "does not exist: set --data-root"),
     (["--full-ft-adapter", "nowhere"], "--full-ft-adapter nowhere is not a folder"),
     (["--results", "<tmp>"], "is a folder"),
+    (["--full-ft-adapter", "<ws>/compressor"], "compressor holds no adapter_config.json: it is a compressor"),
+    (["--export-retrieval", "<tmp>"], "--export-retrieval .* is a folder: name a .jsonl file"),
 ])
 def test_bad_paths_are_refused_before_any_model_loads(workspace, tmp_path, monkeypatch, change, message):
     monkeypatch.setattr(RAG.SACCompressor, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
-    change = [c.replace("<tmp>", str(tmp_path)) for c in change]
+    change = [c.replace("<tmp>", str(tmp_path)).replace("<ws>", str(workspace)) for c in change]
     with pytest.raises(SACError, match=message):
         RAG.main(_args(workspace, tmp_path / "rag.jsonl", *change))
 
