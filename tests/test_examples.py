@@ -245,3 +245,82 @@ def test_llama_index_chat_example_reads_each_new_question_after_the_conversation
         tail += template.question.format(question=r["question"])
         assert r["text_tokens"] == head + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
         tail += r["answer"]
+
+
+def test_a_questions_file_with_a_byte_order_mark_and_windows_line_endings_reads_as_its_questions(tmp_path):
+    """Notepad saves UTF-8 with a BOM and CRLF: the BOM is no part of the first question (the model
+    would read it as tokens, and the demo print it)."""
+    from _common import parse_args, read_questions
+
+    (tmp_path / "doc.md").write_text("Verdmoor harbor was built in 1712.\n")
+    (tmp_path / "questions.txt").write_bytes(b"\xef\xbb\xbfWho built it?\r\n\r\n  \r\nWhen?\r\n")
+    assert read_questions(parse_args("", ["--docs", str(tmp_path)])) == ["Who built it?", "When?"]
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "no question in"),
+    (b"\r\n   \n\n", "no question in"),
+    (b"Who built the caf\xe9?\n", "is not UTF-8"),
+])
+def test_a_questions_file_without_usable_questions_stops_with_one_line_before_the_model_loads(
+        tmp_path, capsys, content, says):
+    """An empty questions file answered nothing, silently, after loading the model and precompressing
+    the corpus; a Latin-1 one ended there with a UnicodeDecodeError traceback."""
+    from _common import parse_args
+
+    (tmp_path / "doc.md").write_text("Verdmoor harbor was built in 1712.\n")
+    (tmp_path / "q.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as exited:
+        parse_args("", ["--docs", str(tmp_path), "--questions", str(tmp_path / "q.txt")])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert says in message and str(tmp_path / "q.txt") in message and "one question per line" in message
+
+
+def test_an_unreadable_questions_file_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """chmod 000 questions.txt (seen as root by an unprivileged user): a PermissionError traceback
+    came after the model had loaded and the corpus been precompressed."""
+    from _common import parse_args
+
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Who?\n")
+    read_text = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self == questions:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(SystemExit) as exited:
+        parse_args("", ["--docs", str(tmp_path)])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot read the questions file {questions} (Permission denied)" in message
+
+
+@pytest.mark.parametrize("option", ["-k", "--max-questions", "--max-tokens", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_that_are_not_positive_are_refused_by_the_command_line(tmp_path, capsys, option, value):
+    """-k 0 ended in an AssertionError from FAISS after the corpus was precompressed;
+    --max-questions 0 answered every question, -1 all but the last."""
+    from _common import parse_args
+
+    (tmp_path / "questions.txt").write_text("Who?\n")
+    with pytest.raises(SystemExit) as exited:
+        parse_args("", ["--docs", str(tmp_path), option, value])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert f"argument {option}" in message and "positive integer" in message
+
+
+def test_a_docs_folder_that_does_not_exist_is_named_as_such(tmp_path, capsys):
+    """A mistyped DOCS said "no questions file DOCS/questions.txt: pass --questions FILE", which does not
+    help: the folder itself is not there."""
+    from _common import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args("", ["--docs", str(tmp_path / "typo")])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'typo'} does not exist" in message and "--questions" not in message
