@@ -30,7 +30,7 @@ from .config import SACConfig
 from .devices import input_device, resolve_device, resolve_dtype
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write, fsync_dir
-from .fingerprint import base_model_fingerprint, hash_json, hash_tensors, same_base_model
+from .fingerprint import base_model_fingerprint, base_model_fingerprints, hash_json, hash_tensors, same_base_model
 from .generation import check_recommended_decoding
 from .kv import AnchorKV
 from .models import load_base_model
@@ -45,6 +45,7 @@ PENDING_WEIGHTS_FILE = ".compressor.safetensors.pending"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
 RECOMMENDED_DECODING = "recommended_decoding"  # config.json's key (SACCompressor.recommended_decoding)
+BASE_FINGERPRINT_FLOAT16 = "base_fingerprint_float16"  # config.json's key: the base model's fingerprint in float16
 
 
 def _naming_model(config: SACConfig, model) -> SACConfig:
@@ -100,16 +101,22 @@ def _check_adapters_have_a_device(model, config: SACConfig) -> None:
                                 "such as KV dropping) reads offloaded models")
 
 
-def _check_base_fingerprint(fingerprint: str, meta: dict, directory: Path, advice: str,
-                            dtype: torch.dtype | None = None) -> None:
-    """Refuse a checkpoint made for another base model than the one ``fingerprint`` names, naming both
-    (and, for a model in float16, the likely reason: ``fingerprint``'s module docstring)."""
-    if not same_base_model(fingerprint, meta["base_fingerprint"]):
-        if dtype == torch.float16:
-            advice += (". If it is the same model, loaded in float16: float16 cannot hold its smallest weights "
-                       "exactly, which gives another fingerprint; load it in bfloat16 or float32 (dtype=...)")
-        raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
-                                       advice)
+def _base_fingerprint_for(fingerprint: str, meta: dict, directory: Path, advice: str,
+                          dtype: torch.dtype | None = None) -> str:
+    """The base-model fingerprint a compressor loaded from the checkpoint ``meta`` keeps: ``fingerprint``
+    (the model's) when it names the base model the checkpoint was made for; for a model in float16,
+    the checkpoint's (under the model's id) when the model's is the one that base model gets in float16
+    (``base_fingerprint_float16``). Else refused, naming both."""
+    recorded = meta["base_fingerprint"]
+    if same_base_model(fingerprint, recorded):
+        return fingerprint
+    if dtype == torch.float16 and same_base_model(fingerprint, meta.get(BASE_FINGERPRINT_FLOAT16, "@")):
+        return f"{fingerprint.rsplit('@', 1)[0]}@{recorded.rsplit('@', 1)[-1]}"
+    if dtype == torch.float16:
+        advice += (". If it is the same model, loaded in float16: float16 cannot hold its smallest weights "
+                   "exactly, which gives another fingerprint; load it in bfloat16 or float32 (dtype=...), or save "
+                   "the compressor again with this sac_rag (its checkpoint then records the float16 fingerprint too)")
+    raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, recorded, advice)
 
 
 def _without_base_model(config: dict) -> dict:
@@ -154,7 +161,7 @@ class SACCompressor(torch.nn.Module):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.base_fingerprint = base_model_fingerprint(model, tokenizer)
+        self.base_fingerprint, self._base_fingerprint_float16 = base_model_fingerprints(model, tokenizer)
         self.rotator = KeyRotator.from_model(model)
         self._base = model
         self.model = self._with_adapter(model, config)
@@ -637,6 +644,8 @@ class SACCompressor(torch.nn.Module):
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
             "base_fingerprint": self.base_fingerprint,
+            **({BASE_FINGERPRINT_FLOAT16: self._base_fingerprint_float16}
+               if self._base_fingerprint_float16 != self.base_fingerprint else {}),
             "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             **({RECOMMENDED_DECODING: self._recommended_decoding} if self._recommended_decoding else {}),
@@ -666,11 +675,12 @@ class SACCompressor(torch.nn.Module):
         advice = f"load it with base model {config.base_model!r} or train a compressor for this model"
         if model is not None and tokenizer is not None:  # refused before its adapters go into the caller's model
             _check_no_adapters(model)
-            _check_base_fingerprint(base_model_fingerprint(model, tokenizer), meta, directory, advice,
-                                    model.get_input_embeddings().weight.dtype)
+            _base_fingerprint_for(base_model_fingerprint(model, tokenizer), meta, directory, advice,
+                                  model.get_input_embeddings().weight.dtype)
         compressor = cls(config, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
                          anchor_selector=anchor_selector)
-        _check_base_fingerprint(compressor.base_fingerprint, meta, directory, advice, compressor.dtype)
+        compressor.base_fingerprint = _base_fingerprint_for(compressor.base_fingerprint, meta, directory, advice,
+                                                            compressor.dtype)
         compressor._load_tensors(st_load(data), directory)
         compressor._recommended_decoding = dict(meta.get(RECOMMENDED_DECODING, {}))  # checked by _read_config
         return compressor
@@ -683,8 +693,8 @@ class SACCompressor(torch.nn.Module):
         # The base model is compared by its fingerprint below (its name may differ: a moved directory).
         if _without_base_model(meta["config"]) != _without_base_model(self.config.to_dict()):
             raise CheckpointError(f"{directory} was saved with other settings than this compressor")
-        _check_base_fingerprint(self.base_fingerprint, meta, directory, "resume with the base model the checkpoint "
-                                "was trained on, or start a new run")
+        _base_fingerprint_for(self.base_fingerprint, meta, directory, "resume with the base model the checkpoint "
+                              "was trained on, or start a new run")
         self._load_tensors(st_load(data), directory)
 
     @property
@@ -815,6 +825,7 @@ def _read_config(directory: Path) -> dict:
                               f"({', '.join(list_pretrained()) or 'none installed'})")
     expected = {"config": dict, "base_fingerprint": str, "weights_sha256": str}
     damaged = [key for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
+    damaged += [BASE_FINGERPRINT_FLOAT16] if not isinstance(meta.get(BASE_FINGERPRINT_FLOAT16, ""), str) else []
     if damaged:
         raise CheckpointError(f"{path} lacks a valid {', '.join(map(repr, damaged))}: the checkpoint is damaged or "
                               "was edited by hand; copy it again or save it again with save_pretrained")

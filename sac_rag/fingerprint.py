@@ -10,13 +10,19 @@ Format: ``"<model id>@<base hash>"`` for a base model and
 Precision: a base model is identified by a sample of its weights rounded to bfloat16, so the same
 published model loaded in float32 or bfloat16 keeps one fingerprint. Loaded in float16 it usually
 gets another: float16 holds numbers below 2**-14 with fewer bits (and none above 65504), so the
-smallest weights round otherwise (the packaged SmolLM2's, dequantized from a 4-bit GGUF, all fit, and
-its compressors load in float16). No one rounding of the sample serves all three: float32 weights
-rounded to float16 and then to bfloat16 differ from the same weights rounded to bfloat16 at once. A
-checkpoint refused on a float16 model says so. A compressor's own trained
-tensors are hashed exactly: rounding them (e.g. exporting a float32 checkpoint in bfloat16)
-changes the K/V they produce and some greedy answers, so it makes a new compressor, and caches
-of the float32 weights are refused by the rounded one.
+smallest weights round otherwise (the packaged SmolLM2's, dequantized from a 4-bit GGUF, all fit).
+No one rounding of the sample serves all three: float32 weights rounded to float16 and then to
+bfloat16 differ from the same weights rounded to bfloat16 at once. So a compressor's checkpoint also
+records the fingerprint its base model gets in float16 (``base_fingerprint_float16``, where it
+differs), and a float16 model with that one is known as the checkpoint's base model. A checkpoint
+saved before this was recorded, refused on a float16 model, says to load the model in bfloat16 or
+float32.
+
+A compressor's own trained tensors are hashed exactly: rounding them (e.g. exporting a float32
+checkpoint in bfloat16, or loading it on a float16 model) changes the K/V they produce and some
+greedy answers, so it makes a new compressor, and caches of the float32 weights are refused by the
+rounded one. Tensors that a dtype holds exactly (a bfloat16 export's, in float16 or float32) keep
+the compressor's fingerprint, its caches and stores.
 """
 
 from __future__ import annotations
@@ -39,16 +45,20 @@ _VOLATILE_CONFIG_KEYS = {
 _WEIGHT_SAMPLE = 8192  # elements hashed from the start of each parameter
 
 
-def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None = None, exact: bool = False) -> str:
+def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None = None, exact: bool = False,
+                 via: torch.dtype | None = None) -> str:
     """SHA-256 over names and values, optionally over the first ``sample`` elements only. Values
     are rounded to bfloat16 (the hash does not depend on the dtype the weights were loaded in), or
     with ``exact`` hashed as float32, which holds bfloat16/float16/float32 values exactly: equal
-    values hash equally whatever dtype holds them, and rounded values hash differently."""
+    values hash equally whatever dtype holds them, and rounded values hash differently. ``via``:
+    the values as that dtype holds them first (float16: as the model loaded in float16 has them)."""
     h = hashlib.sha256()
     for name, tensor in named:
         flat = tensor.detach().reshape(-1)
         if sample is not None:
             flat = flat[:sample]
+        if via is not None:
+            flat = flat.to(via)
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
         if exact:
@@ -75,15 +85,27 @@ def _stable_config(config):
 
 def base_model_fingerprint(model, tokenizer) -> str:
     """Fingerprint of a base model: config (incl. RoPE settings), tokenizer and a weight sample."""
+    return _fingerprints(model, tokenizer, [None])[0]
+
+
+def base_model_fingerprints(model, tokenizer) -> tuple[str, str]:
+    """The base model's fingerprint, and the one the same model gets loaded in float16 (a compressor's
+    checkpoint records both, so that a float16 copy of its base model is known as that model)."""
+    plain, in_float16 = _fingerprints(model, tokenizer, [None, torch.float16])
+    return plain, in_float16
+
+
+def _fingerprints(model, tokenizer, vias: list[torch.dtype | None]) -> list[str]:
+    """One fingerprint per ``via`` of ``hash_tensors`` (config and vocabulary read once)."""
     config = _stable_config(model.config.to_dict())
     vocab = sorted(tokenizer.get_vocab().items())
-    weights = hash_tensors(
-        ((n, _readable(model, n, p)) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n),
-        sample=_WEIGHT_SAMPLE,
-    )
-    digest = hash_json({"config": config, "vocab": vocab, "weights": weights})[:16]
     model_id = getattr(model, "sac_model_id", None) or getattr(model.config, "_name_or_path", "") or "model"
-    return f"{model_id}@{digest}"
+    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n]
+    fingerprints = []
+    for via in vias:
+        weights = hash_tensors(((n, _readable(model, n, p)) for n, p in base), sample=_WEIGHT_SAMPLE, via=via)
+        fingerprints.append(f"{model_id}@{hash_json({'config': config, 'vocab': vocab, 'weights': weights})[:16]}")
+    return fingerprints
 
 
 def _readable(model, name: str, parameter: torch.Tensor) -> torch.Tensor:

@@ -173,23 +173,37 @@ def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path
     assert comp.base_fingerprint in str(info.value) and other.base_fingerprint in str(info.value)
 
 
-def test_a_checkpoint_refused_on_a_float16_model_says_float16_may_be_why(tmp_path):
+def test_a_float16_copy_of_the_base_model_is_known_as_that_model_and_other_models_are_still_refused(tmp_path):
     """float16 holds numbers below 2**-14 with fewer bits: the same weights in float16 get another
-    fingerprint (fingerprint.py), and the refusal says to load the model in bfloat16 or float32."""
+    fingerprint (fingerprint.py). A checkpoint records that one too, so it loads on a float16 copy of
+    its base model, known by the base model's fingerprint; a checkpoint without it says why it is
+    refused and what to load instead."""
+    import json
+
     model, tokenizer = make_tiny_llama()
     with torch.no_grad():
         model.get_input_embeddings().weight[0, 0] = 1.2345e-6  # float16 keeps it as 1.19e-6
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    _compressor((model, tokenizer)).save_pretrained(tmp_path / "ckpt")
+    saved = _compressor((model, tokenizer))
+    path = saved.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["base_fingerprint_float16"] != meta["base_fingerprint"] == saved.base_fingerprint
 
     def the_same_model():
         copy = make_tiny_llama()[0]
         copy.load_state_dict(weights)
         return copy
 
+    half = SACCompressor.from_pretrained(path, model=the_same_model().half(), tokenizer=tokenizer)
+    assert half.base_fingerprint == saved.base_fingerprint and half.fingerprint.startswith(saved.base_fingerprint)
+    with pytest.raises(FingerprintMismatchError):  # another model in float16 is still another model
+        SACCompressor.from_pretrained(path, model=make_tiny_llama(seed=7)[0].half(), tokenizer=tokenizer)
+    del meta["base_fingerprint_float16"]  # as checkpoints saved before it was recorded
+    (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(FingerprintMismatchError, match=r"loaded in float16.*load it in bfloat16 or float32"):
-        SACCompressor.from_pretrained(tmp_path / "ckpt", model=the_same_model().half(), tokenizer=tokenizer)
-    assert SACCompressor.from_pretrained(tmp_path / "ckpt", model=the_same_model().float(), tokenizer=tokenizer)
+        SACCompressor.from_pretrained(path, model=the_same_model().half(), tokenizer=tokenizer)
+    assert SACCompressor.from_pretrained(path, model=the_same_model(), tokenizer=tokenizer).fingerprint == \
+        meta["fingerprint"]
 
 
 def test_a_model_carrying_another_compressors_adapters_is_refused_and_that_compressor_is_left_as_it_was(
