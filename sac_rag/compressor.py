@@ -30,7 +30,17 @@ from .config import SACConfig
 from .devices import input_device, resolve_device, resolve_dtype
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write, fsync_dir
-from .fingerprint import base_model_fingerprint, base_model_fingerprints, hash_json, hash_tensors, same_base_model
+from .fingerprint import (
+    BASE_FINGERPRINT_FLOAT16,
+    FLOAT16_HINT,
+    base_model_fingerprint,
+    base_model_fingerprints,
+    base_record,
+    hash_json,
+    hash_tensors,
+    known_base,
+    same_base_model,
+)
 from .generation import check_recommended_decoding
 from .kv import AnchorKV
 from .models import load_base_model
@@ -45,7 +55,6 @@ PENDING_WEIGHTS_FILE = ".compressor.safetensors.pending"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
 RECOMMENDED_DECODING = "recommended_decoding"  # config.json's key (SACCompressor.recommended_decoding)
-BASE_FINGERPRINT_FLOAT16 = "base_fingerprint_float16"  # config.json's key: the base model's fingerprint in float16
 
 
 def _naming_model(config: SACConfig, model) -> SACConfig:
@@ -103,20 +112,15 @@ def _check_adapters_have_a_device(model, config: SACConfig) -> None:
 
 def _base_fingerprint_for(fingerprint: str, meta: dict, directory: Path, advice: str,
                           dtype: torch.dtype | None = None) -> str:
-    """The base-model fingerprint a compressor loaded from the checkpoint ``meta`` keeps: ``fingerprint``
-    (the model's) when it names the base model the checkpoint was made for; for a model in float16,
-    the checkpoint's (under the model's id) when the model's is the one that base model gets in float16
-    (``base_fingerprint_float16``). Else refused, naming both."""
-    recorded = meta["base_fingerprint"]
-    if same_base_model(fingerprint, recorded):
-        return fingerprint
-    if dtype == torch.float16 and same_base_model(fingerprint, meta.get(BASE_FINGERPRINT_FLOAT16, "@")):
-        return f"{fingerprint.rsplit('@', 1)[0]}@{recorded.rsplit('@', 1)[-1]}"
-    if dtype == torch.float16:
-        advice += (". If it is the same model, loaded in float16: float16 cannot hold its smallest weights "
-                   "exactly, which gives another fingerprint; load it in bfloat16 or float32 (dtype=...), or save "
-                   "the compressor again with this sac_rag (its checkpoint then records the float16 fingerprint too)")
-    raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, recorded, advice)
+    """The base-model fingerprint a compressor loaded from the checkpoint ``meta`` keeps
+    (``fingerprint.known_base``: a float16 copy of the base model too); another model is refused,
+    naming both."""
+    known = known_base(fingerprint, meta, dtype)
+    if known is None:
+        hint = f". {FLOAT16_HINT}" if dtype == torch.float16 else ""
+        raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
+                                       advice + hint)
+    return known
 
 
 def _without_base_model(config: dict) -> dict:
@@ -632,6 +636,10 @@ class SACCompressor(torch.nn.Module):
         a temp name, fsynced and renamed, so a reader never pairs a config with other weights."""
         directory = Path(directory)
         if dtype is not None:
+            if dtype == "auto":  # would choose by machine: the same compressor saved as others elsewhere
+                raise InvalidInputError("dtype='auto' would save in what this machine computes in, another "
+                                        "compressor on another machine: name the dtype (torch.bfloat16) or "
+                                        "leave it out")
             dtype = resolve_dtype(dtype, self.device)
             if not dtype.is_floating_point:
                 raise InvalidInputError(f"dtype={dtype} would round the trained weights to integers: save in a "
@@ -643,9 +651,7 @@ class SACCompressor(torch.nn.Module):
         meta = {
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
-            "base_fingerprint": self.base_fingerprint,
-            **({BASE_FINGERPRINT_FLOAT16: self._base_fingerprint_float16}
-               if self._base_fingerprint_float16 != self.base_fingerprint else {}),
+            **base_record(self.base_fingerprint, self._base_fingerprint_float16),
             "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             **({RECOMMENDED_DECODING: self._recommended_decoding} if self._recommended_decoding else {}),

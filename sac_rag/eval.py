@@ -31,7 +31,7 @@ from .config import PromptTemplate, SACConfig
 from .data import DEFAULT_HELD_OUT_FRACTION, read_qa, split_by_title
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
-from .files import append_jsonl, open_for_appending
+from .files import append_jsonl, is_json_object, open_for_appending
 from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -242,18 +242,24 @@ def load_decoder_adapter(model, adapter: str, base_model: str, base_fingerprint:
     from peft import PeftModel
 
     from .errors import FingerprintMismatchError
-    from .fingerprint import same_base_model
+    from .fingerprint import FLOAT16_HINT, known_base
 
     meta = Path(adapter) / "sac_full_ft.json"
-    recorded = json.loads(meta.read_text()).get("base_fingerprint") if meta.is_file() else None
-    if recorded and not same_base_model(recorded, base_fingerprint):
-        raise FingerprintMismatchError(f"the decoder adapter {adapter}", base_fingerprint, recorded,
-                                       "pass --base-model of the model it was trained on, or another adapter")
+    record = json.loads(meta.read_text()) if meta.is_file() else {}
+    dtype = model.get_input_embeddings().weight.dtype
+    if record.get("base_fingerprint") and known_base(base_fingerprint, record, dtype) is None:
+        hint = f". {FLOAT16_HINT}" if dtype == torch.float16 else ""
+        raise FingerprintMismatchError(f"the decoder adapter {adapter}", base_fingerprint, record["base_fingerprint"],
+                                       "pass --base-model of the model it was trained on, or another adapter" + hint)
     try:
         return PeftModel.from_pretrained(model, adapter).eval()
-    except ValueError as err:  # peft: "Can't find 'adapter_config.json' at ..." (no such folder, nor hub id reached)
-        raise InvalidInputError(f"the decoder adapter {adapter}: no peft LoRA adapter was found there ({err}); "
-                                f"pass {ADAPTER_FOLDER}") from None
+    except ValueError as err:
+        if "adapter_config.json" in str(err) and not (Path(adapter) / "adapter_config.json").is_file():
+            # peft's "Can't find 'adapter_config.json' at ...": no such folder, nor a hub id reached
+            raise InvalidInputError(f"the decoder adapter {adapter}: no peft LoRA adapter was found there ({err}); "
+                                    f"pass {ADAPTER_FOLDER}") from None
+        raise InvalidInputError(f"the decoder adapter {adapter} does not fit the base model {base_model} ({err}); "
+                                "pass --base-model of the model it was trained on") from None
     except RuntimeError as err:  # e.g. "size mismatch for ...lora_A...": LoRA weights of another architecture
         raise InvalidInputError(f"the decoder adapter {adapter} does not fit the base model {base_model} (it was "
                                 f"trained on another model: {str(err).strip().splitlines()[-1].strip()}); pass "
@@ -346,10 +352,14 @@ def read_predictions(cache_path: Path) -> dict[str, str]:
 
 def json_lines(text: str) -> tuple[list[tuple[int, str, object]], str]:
     """The complete, non-blank lines of a JSONL text as ``(line number, line, its JSON value or None
-    if it is not JSON)``, and the unfinished last line ("" when the text ends in a newline; else a
-    write cut short, e.g. by a kill)."""
+    if it is not JSON)``, and the unfinished last line ("" when the text ends in a newline or in a
+    whole JSON object, a row that lost only its newline, as ``files.open_for_appending`` keeps it;
+    else a write cut short, e.g. by a kill)."""
     lines = text.split("\n")
     unfinished = lines.pop()
+    if is_json_object(unfinished):
+        lines.append(unfinished)
+        unfinished = ""
     parsed = []
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -581,16 +591,9 @@ def check_results_file(path: str | Path) -> None:
         if not isinstance(row, dict):
             raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows (line {number}: "
                                     f"{line[:60]!r}): name a .jsonl file of rows, or a new one")
-    if unfinished and not lines and not _json_object(unfinished):  # one line cut short, or another kind of file
+    if unfinished and not lines:  # one line cut short, or another kind of file
         raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows ({unfinished[:60]!r}): "
                                 "name a .jsonl file of rows, or a new one")
-
-
-def _json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

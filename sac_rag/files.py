@@ -53,15 +53,16 @@ def open_for_appending(path: str | os.PathLike) -> TextIO:
                 if cut < 0 and size > len(tail):
                     raise InvalidInputError(f"{path} ends in a line over 64 KiB long: not a JSON-lines file "
                                             "of sac_rag's")
-                if _is_json_object(tail[cut + 1:]):
+                if is_json_object(tail[cut + 1:]):
                     file.write(b"\n")
                 else:
                     file.truncate(size - len(tail) + cut + 1)
     return open(path, "a")
 
 
-def _is_json_object(line: bytes) -> bool:
-    """Whether ``line`` is a whole JSON object (no prefix of one is)."""
+def is_json_object(line: str | bytes) -> bool:
+    """Whether ``line`` is a whole JSON object: a JSON-lines row (no prefix of one is one, so a line
+    without its newline that is one lost only the newline, not part of the row)."""
     try:
         return isinstance(json.loads(line), dict)
     except ValueError:

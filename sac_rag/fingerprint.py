@@ -21,8 +21,8 @@ float32.
 A compressor's own trained tensors are hashed exactly: rounding them (e.g. exporting a float32
 checkpoint in bfloat16, or loading it on a float16 model) changes the K/V they produce and some
 greedy answers, so it makes a new compressor, and caches of the float32 weights are refused by the
-rounded one. Tensors that a dtype holds exactly (a bfloat16 export's, in float16 or float32) keep
-the compressor's fingerprint, its caches and stores.
+rounded one. Tensors that a dtype holds exactly (a bfloat16 export's, in float32, or in float16
+where its values lie in float16's normal range) keep the compressor's fingerprint, caches and stores.
 """
 
 from __future__ import annotations
@@ -52,15 +52,19 @@ def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], sample: int | None =
     with ``exact`` hashed as float32, which holds bfloat16/float16/float32 values exactly: equal
     values hash equally whatever dtype holds them, and rounded values hash differently. ``via``:
     the values as that dtype holds them first (float16: as the model loaded in float16 has them)."""
+    return _hash_samples(((name, tensor.shape, tensor.detach().reshape(-1)[:sample]) for name, tensor in named),
+                         exact, via)
+
+
+def _hash_samples(samples: Iterable[tuple[str, torch.Size, torch.Tensor]], exact: bool = False,
+                  via: torch.dtype | None = None) -> str:
+    """``hash_tensors`` over (name, the tensor's shape, its flattened sample)."""
     h = hashlib.sha256()
-    for name, tensor in named:
-        flat = tensor.detach().reshape(-1)
-        if sample is not None:
-            flat = flat[:sample]
+    for name, shape, flat in samples:
         if via is not None:
             flat = flat.to(via)
         h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
+        h.update(str(tuple(shape)).encode())
         if exact:
             h.update(flat.to(torch.float32).cpu().numpy().tobytes())
         else:
@@ -100,10 +104,11 @@ def _fingerprints(model, tokenizer, vias: list[torch.dtype | None]) -> list[str]
     config = _stable_config(model.config.to_dict())
     vocab = sorted(tokenizer.get_vocab().items())
     model_id = getattr(model, "sac_model_id", None) or getattr(model.config, "_name_or_path", "") or "model"
-    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n]
+    samples = [(n, p.shape, _readable(model, n, p).detach().reshape(-1)[:_WEIGHT_SAMPLE].clone())  # each read once
+               for n, p in model.named_parameters() if "lora_" not in n and "anchor" not in n]
     fingerprints = []
     for via in vias:
-        weights = hash_tensors(((n, _readable(model, n, p)) for n, p in base), sample=_WEIGHT_SAMPLE, via=via)
+        weights = _hash_samples(samples, via=via)
         fingerprints.append(f"{model_id}@{hash_json({'config': config, 'vocab': vocab, 'weights': weights})[:16]}")
     return fingerprints
 
@@ -150,3 +155,29 @@ def same_model(a: str, b: str) -> bool:
 
 def same_base_model(a: str, b: str) -> bool:
     return _identity(a)[0] == _identity(b)[0]
+
+
+BASE_FINGERPRINT_FLOAT16 = "base_fingerprint_float16"  # a checkpoint's record of its base model in float16
+FLOAT16_HINT = ("If it is the same model, loaded in float16: float16 cannot hold its smallest weights exactly, "
+                "which gives another fingerprint; load it in bfloat16 or float32 (dtype=...), or save the "
+                "checkpoint again with this sac_rag (it then records the float16 fingerprint too)")
+
+
+def base_record(fingerprint: str, in_float16: str) -> dict[str, str]:
+    """What a checkpoint records of its base model: its fingerprint, and the one it gets in float16
+    (``base_model_fingerprints``) where that differs."""
+    return {"base_fingerprint": fingerprint, **({BASE_FINGERPRINT_FLOAT16: in_float16} if in_float16 != fingerprint
+                                                else {})}
+
+
+def known_base(fingerprint: str, record: dict, dtype: torch.dtype | None) -> str | None:
+    """How a model with ``fingerprint``, in ``dtype``, is known to a checkpoint's ``record``
+    (``base_record``): as itself when it is the base model the checkpoint was made for; in float16,
+    as the recorded base model (under the model's own id) when its fingerprint is the one that model
+    gets in float16; None when it is another model."""
+    recorded = record["base_fingerprint"]
+    if same_base_model(fingerprint, recorded):
+        return fingerprint
+    if dtype == torch.float16 and same_base_model(fingerprint, record.get(BASE_FINGERPRINT_FLOAT16) or "@"):
+        return f"{fingerprint.rsplit('@', 1)[0]}@{recorded.rsplit('@', 1)[-1]}"
+    return None

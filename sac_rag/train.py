@@ -44,6 +44,7 @@ from .data import (
 from .devices import bf16_is_fast, resolve_device
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
 from .files import atomic_write, fsync_dir
+from .fingerprint import base_record
 from .generation import bos_ids
 from .objectives import (
     DISTILL_DIVERGENCES,
@@ -58,11 +59,11 @@ from .objectives import (
 
 logger = logging.getLogger("sac_rag.train")
 
+DIST_TIMEOUT = timedelta(hours=1)  # how long ranks wait for each other at a collective
 # Fields that may differ between a run and its resumption: bookkeeping, where the run lives (a run
 # directory may be moved or named by another path), and what computes it ("auto" resolves per machine).
 # Not --eval-questions: best/ is the checkpoint with the highest held-out F1, which means something
 # only while every evaluation of the run asks the same questions.
-DIST_TIMEOUT = timedelta(hours=1)  # how long ranks wait for each other at a collective
 _RESUMABLE_CHANGES = {"max_steps", "eval_every", "checkpoint_every", "resume", "keep_checkpoints",
                       "snapshot_every", "precision", "device", "out_dir"}
 # With every example weighing the same in a step, how a step is split into micro-batches changes only
@@ -500,7 +501,7 @@ def _is_main_process() -> bool:
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)  # 'auto' and 'cuda' are this rank's GPU (LOCAL_RANK under torchrun)
     if world > 1 and not dist.is_initialized():
         # Rank 0 evaluates and writes checkpoints while the others wait at the next collective: a
         # timeout of an hour, not NCCL's 10 minutes, so that a long evaluation does not abort them.
@@ -508,13 +509,6 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
-
-
-def _resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device: 'auto' is this rank's GPU if there is one, else the CPU; 'cuda'
-    without an index is this rank's GPU (``devices.local_gpu``: LOCAL_RANK under torchrun). A name
-    torch does not know, or CUDA on a machine without it, is an InvalidInputError."""
-    return resolve_device(None if name == "auto" else name)
 
 
 def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -563,11 +557,12 @@ class _FullFTModel:
     def __init__(self, cfg: TrainConfig, device):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        from .fingerprint import base_model_fingerprint
+        from .fingerprint import base_model_fingerprints
         from .models import load_base_model
 
         base, self.tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")
-        self.base_model, self.base_fingerprint = cfg.base_model, base_model_fingerprint(base, self.tokenizer)
+        self.base_model = cfg.base_model
+        self.base_fingerprint, self._base_fingerprint_float16 = base_model_fingerprints(base, self.tokenizer)
         if cfg.init_from:
             _check_full_ft_init_shape(cfg)
             _check_full_ft_init_base(cfg, self.base_fingerprint)
@@ -581,7 +576,7 @@ class _FullFTModel:
     def save_pretrained(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
         meta = {"prompt": dataclasses.asdict(self.template), "base_model": self.base_model,
-                "base_fingerprint": self.base_fingerprint}
+                **base_record(self.base_fingerprint, self._base_fingerprint_float16)}
         atomic_write(directory / FULL_FT_META, json.dumps(meta).encode())
 
     def load_weights(self, directory: Path) -> None:

@@ -480,14 +480,16 @@ def test_rounding_the_trained_weights_makes_another_compressor(tiny, tmp_path):
     assert recorded == rounded.fingerprint
 
 
-def test_a_dtype_to_save_in_is_named_as_anywhere_else_and_an_integer_one_is_refused(tiny, tmp_path):
+def test_a_dtype_to_save_in_is_named_as_anywhere_else_and_an_integer_or_machine_chosen_one_is_refused(tiny, tmp_path):
     comp = _compressor(tiny)
     comp.save_pretrained(tmp_path / "by-dtype", dtype=torch.bfloat16)
     comp.save_pretrained(tmp_path / "by-name", dtype="bfloat16")
     assert checkpoint_meta(tmp_path / "by-name") == checkpoint_meta(tmp_path / "by-dtype")
     with pytest.raises(InvalidInputError, match="integers: save in a floating-point dtype"):
         comp.save_pretrained(tmp_path / "int8", dtype=torch.int8)
-    assert not (tmp_path / "int8").exists()
+    with pytest.raises(InvalidInputError, match="dtype='auto' would save in what this machine computes in"):
+        comp.save_pretrained(tmp_path / "auto", dtype="auto")
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "auto").exists()
 
 
 def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):

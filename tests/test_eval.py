@@ -427,6 +427,13 @@ def test_a_decoder_adapter_of_another_base_model_is_refused_naming_it(workspace)
     get_peft_model(other, lora).save_pretrained(workspace / "other-adapter")
     with pytest.raises(InvalidInputError, match="other-adapter does not fit the base model .*size mismatch"):
         _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "other-adapter"))
+    # one of another architecture names modules this model lacks (peft's ValueError): it does not fit either
+    (workspace / "gpt2-adapter").mkdir()
+    config = json.loads((workspace / "other-adapter" / "adapter_config.json").read_text())
+    config["target_modules"] = ["c_attn"]
+    (workspace / "gpt2-adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match="gpt2-adapter does not fit the base model .*c_attn"):
+        _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "gpt2-adapter"))
     # a Full-FT checkpoint records its base model: same shapes, other weights, refused all the same
     model, _ = make_tiny_llama(seed=1)
     get_peft_model(model, lora).save_pretrained(workspace / "full-ft")

@@ -22,3 +22,12 @@ def test_a_row_cut_short_by_a_kill_is_dropped_but_a_whole_row_without_its_newlin
     path.write_text('{"row": 1}\n{"row": 2}')
     append_jsonl(path, [{"row": 3}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"row": 1}, {"row": 2}, {"row": 3}]
+
+
+def test_readers_take_a_whole_last_row_without_its_newline_as_the_appender_keeps_it():
+    from sac_rag.eval import json_lines
+
+    rows, unfinished = json_lines('{"row": 1}\n{"row": 2}')
+    assert [row for _, _, row in rows] == [{"row": 1}, {"row": 2}] and unfinished == ""
+    rows, unfinished = json_lines('{"row": 1}\n{"row": 2, "f1": 4')
+    assert [row for _, _, row in rows] == [{"row": 1}] and unfinished == '{"row": 2, "f1": 4'

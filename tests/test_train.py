@@ -978,21 +978,14 @@ def test_a_compressor_with_nothing_to_train_is_refused_before_a_step(workspace):
 
 
 def test_a_device_torch_does_not_know_or_this_machine_lacks_is_one_error_line(workspace, monkeypatch):
+    # which GPU 'auto' and 'cuda' are for each rank: tests/test_devices.py
     from sac_rag.errors import InvalidInputError
-    from sac_rag.train import _resolve_device
 
     with pytest.raises(InvalidInputError, match=r"device='foo' is not a torch device"):
         train(parse_config(_args(workspace, "run", "--device", "foo")))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InvalidInputError, match=r"device='cuda:1', but this torch sees no CUDA GPU"):
         train(parse_config(_args(workspace, "run", "--device", "cuda:1")))
-    # 'auto' and 'cuda' without an index are this rank's GPU (torch.cuda.set_device refuses a device without one)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert _resolve_device("cuda") == _resolve_device("auto") == torch.device("cuda", 1)
-    with pytest.raises(InvalidInputError, match=r"device='cuda:2', but torch sees 2 CUDA GPU"):
-        _resolve_device("cuda:2")
 
 
 def test_an_out_dir_that_is_a_file_is_refused_before_the_model_loads(workspace):
