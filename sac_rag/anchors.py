@@ -135,6 +135,10 @@ class ImportanceAnchors(AnchorSelector):
             raise InvalidInputError(
                 f"the importance scorer returned {tuple(scores.shape)} scores for {len(token_ids)} tokens"
             )
+        if scores.isnan().any():  # topk ranks NaN above every score: it would always be kept
+            raise InvalidInputError(
+                f"the importance scorer returned NaN for token {int(scores.isnan().nonzero()[0])}"
+            )
         k = anchor_count(len(token_ids), ratio)
         return sorted(torch.topk(scores, k).indices.tolist())
 

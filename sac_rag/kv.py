@@ -51,6 +51,16 @@ class AnchorKV:
             raise InvalidInputError(
                 f"{self.keys.shape[2]} anchors but {tuple(self.positions.shape)} positions"
             )
+        # Plain ints: ``to_bytes`` writes them as text, which must read back (a float or a tensor
+        # wrote '3.0' or 'tensor(3)', a blob that from_bytes and a store's read then refused).
+        for name in ("n_tokens", "offset"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise InvalidInputError(f"{name} must be an integer, got {value!r}") from None
 
     @property
     def n_anchors(self) -> int:
@@ -104,9 +114,13 @@ class AnchorKV:
     # -- serialization: safetensors only (no pickle: a received file cannot run code) --------
 
     def to_bytes(self) -> bytes:
+        keys = self.keys.detach().contiguous().cpu()
+        values = self.values.detach().contiguous().cpu()
+        if values.untyped_storage().data_ptr() == keys.untyped_storage().data_ptr():
+            values = values.clone()  # safetensors refuses tensors that share memory (the bytes are the same)
         tensors = {
-            "keys": self.keys.detach().contiguous().cpu(),
-            "values": self.values.detach().contiguous().cpu(),
+            "keys": keys,
+            "values": values,
             "positions": self.positions.detach().to(torch.int64).contiguous().cpu(),
         }
         meta = {
@@ -139,6 +153,14 @@ class AnchorKV:
         except ValueError:
             raise InvalidInputError(f"AnchorKV blob with n_tokens {meta['n_tokens']!r} and offset "
                                     f"{meta['offset']!r}; both must be integers") from None
+        for name in ("keys", "values"):  # a damaged header ("F32" -> "I32") still loads
+            if not tensors[name].dtype.is_floating_point:
+                raise InvalidInputError(f"AnchorKV blob with {dtype_name(tensors[name].dtype)} {name}; "
+                                        "K/V are floating-point")
+        recorded = meta.get("dtype", dtype_name(tensors["keys"].dtype))
+        if recorded != dtype_name(tensors["keys"].dtype):
+            raise InvalidInputError(f"AnchorKV blob with {dtype_name(tensors['keys'].dtype)} keys, but its "
+                                    f"metadata records {recorded!r}")
         positions = tensors["positions"]
         if positions.dtype != torch.int64:
             raise InvalidInputError(f"AnchorKV blob with {dtype_name(positions.dtype)} positions, not int64")

@@ -1,6 +1,10 @@
 """Anchor selection: the exact index rule of METHOD.md and the alternative strategies."""
 
+import math
+import random
+
 import pytest
+import torch
 
 from sac_rag import (
     ImportanceAnchors,
@@ -88,3 +92,30 @@ def test_rarest_in_block_takes_the_highest_token_id_nearest_the_uniform_anchor_o
     # block 0: 900 at 1 and 4, 1 is nearer the uniform anchor 2; block 1: all equal, the uniform 7
     assert RarestInBlockAnchors().select(ids, 5) == [1, 7, 12]
     assert make_selector("rarest_in_block").select(ids, 5) == [1, 7, 12]
+
+
+def test_importance_scores_with_nan_are_refused():
+    # Before: topk ranks NaN above every score, so each token scored NaN silently became an anchor.
+    scores = [0.1, float("nan"), 0.3, 0.2, 0.9, 0.0]
+    for scorer in (lambda ids: scores, lambda ids: torch.tensor(scores)):
+        with pytest.raises(InvalidInputError, match="NaN.*token 1"):
+            ImportanceAnchors(scorer=scorer).select(list(range(6)), 2)
+    infinite = [0.1, float("inf"), 0.3, float("-inf"), 0.9, 0.0]  # ordered: keep, never keep
+    assert ImportanceAnchors(scorer=lambda ids: infinite).select(list(range(6)), 3) == [1, 4]
+
+
+def test_every_strategy_picks_sorted_unique_in_range_anchors_of_the_documented_count():
+    rng = random.Random(7)
+    for _ in range(400):
+        n = rng.choice([1, 2, 3, 5, rng.randint(1, 600)])
+        ratio = rng.choice([1, 2, 3, 5, 15, 51, rng.randint(1, 700)])
+        ids = [rng.randint(0, 50_000) for _ in range(n)]
+        scores = [rng.random() for _ in range(n)]
+        count = anchor_count(n, ratio)
+        assert count == max(1, math.ceil((n - (ratio - 1) // 2) / ratio))
+        for selector in (UniformAnchors(), RandomAnchors(seed=n), RarestInBlockAnchors(),
+                         ImportanceAnchors(scorer=lambda ids, scores=scores: scores)):
+            picked = selector.select(ids, ratio)
+            assert len(picked) == count and picked == sorted(set(picked)), (selector, n, ratio)
+            assert all(type(i) is int and 0 <= i < n for i in picked)
+            assert selector.select(torch.tensor(ids), ratio) == picked  # tensor ids: the same anchors

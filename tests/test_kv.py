@@ -198,3 +198,92 @@ def test_shapes_are_checked_when_built():
     with pytest.raises(InvalidInputError, match="positions"):
         AnchorKV(keys=kv.keys, values=kv.values, positions=kv.positions[:2], n_tokens=1, offset=0,
                  fingerprint=FP)
+
+
+# -- properties (found by the audit: each failed before its fix) -------------------------------
+
+
+def same_blob(a: bytes, b: bytes) -> bool:
+    """The same header (metadata, tensor dtypes, shapes, offsets) and tensor bytes. (safetensors
+    writes the metadata's entries in an order that varies from call to call, so two blobs of one
+    AnchorKV may differ in that order alone.)"""
+    def split(data: bytes) -> tuple[dict, bytes]:
+        end = 8 + int.from_bytes(data[:8], "little")
+        return json.loads(data[8:end]), data[end:]
+    return split(a) == split(b)
+
+
+@pytest.mark.parametrize("bad", [3.0, 2.5, "3", None, True, torch.tensor(3.0)])
+def test_n_tokens_and_offset_must_be_integers_when_built(bad):
+    # Before: AnchorKV(n_tokens=3.0) was accepted; its bytes said n_tokens '3.0', which from_bytes
+    # (and a store's read) refused: a native store wrote an entry it then reported as corrupt.
+    kv = make_kv()
+    for name in ("n_tokens", "offset"):
+        with pytest.raises(InvalidInputError, match=name):
+            AnchorKV(**{"keys": kv.keys, "values": kv.values, "positions": kv.positions, "n_tokens": 20,
+                        "offset": 0, "fingerprint": FP, name: bad})
+
+
+def test_integer_n_tokens_and_offset_of_any_integer_type_round_trip_as_int():
+    # Before: a 0-d tensor n_tokens was written as 'tensor(20)' and the blob did not read back.
+    kv = make_kv()
+    for n_tokens, offset in ((np.int64(20), np.int32(0)), (torch.tensor(20), torch.tensor(0))):
+        built = AnchorKV(keys=kv.keys, values=kv.values, positions=kv.positions, n_tokens=n_tokens,
+                         offset=offset, fingerprint=FP)
+        assert type(built.n_tokens) is int and type(built.offset) is int
+        assert same_blob(built.to_bytes(), kv.to_bytes())  # as plain ints write
+        assert_same(AnchorKV.from_bytes(built.to_bytes()), kv)
+
+
+def test_keys_and_values_sharing_memory_serialize():
+    # Before: safetensors' RuntimeError "Some tensors share memory" (also from a native store's put).
+    kv = make_kv()
+    same = AnchorKV(keys=kv.keys, values=kv.keys, positions=kv.positions, n_tokens=20, offset=0, fingerprint=FP)
+    separate = AnchorKV(keys=kv.keys, values=kv.keys.clone(), positions=kv.positions, n_tokens=20, offset=0,
+                        fingerprint=FP)
+    assert same_blob(same.to_bytes(), separate.to_bytes())
+    assert_same(AnchorKV.from_bytes(same.to_bytes()), separate)
+    both = torch.randn(3, LAYERS, HEADS, ANCHORS, DIM)  # overlapping views of one buffer
+    overlapping = AnchorKV(keys=both[:2].reshape(2 * LAYERS, HEADS, ANCHORS, DIM),
+                           values=both[1:].reshape(2 * LAYERS, HEADS, ANCHORS, DIM),
+                           positions=kv.positions, n_tokens=20, offset=0, fingerprint=FP)
+    back = AnchorKV.from_bytes(overlapping.to_bytes())
+    assert torch.equal(back.keys, both[:2].reshape(-1, HEADS, ANCHORS, DIM))
+    assert torch.equal(back.values, both[1:].reshape(-1, HEADS, ANCHORS, DIM))
+
+
+def test_a_blob_with_integer_kv_or_keys_of_another_dtype_than_recorded_is_refused():
+    # Before: a header whose "F32" became "I32" (same size) read back as integer K/V, which no
+    # AnchorKV holds (``to`` refuses integer dtypes).
+    kv = make_kv()
+    data = kv.to_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = data[8:8 + header_len]
+    assert header.count(b'"F32"') == 2
+    for damaged in (header.replace(b'"F32"', b'"I32"', 1), header.replace(b'"F32"', b'"I32"')):
+        with pytest.raises(InvalidInputError, match="int32"):
+            AnchorKV.from_bytes(data[:8] + damaged + data[8 + header_len:])
+    meta = {"format": FORMAT, "n_tokens": "20", "offset": "0", "fingerprint": FP, "dtype": "float32"}
+    tensors = {"keys": kv.keys.to(torch.float16), "values": kv.values.to(torch.float16), "positions": kv.positions}
+    with pytest.raises(InvalidInputError, match="float16.*float32"):
+        AnchorKV.from_bytes(st_save(tensors, metadata=meta))
+
+
+def test_random_kv_round_trip_exactly_property():
+    g = torch.Generator().manual_seed(1234)
+    rng = np.random.default_rng(1234)
+    for _ in range(60):
+        layers, heads, anchors, dim = (int(v) for v in rng.integers(1, 5, size=4))
+        anchors = int(rng.integers(0, 6))
+        dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][int(rng.integers(4))]
+        offset = int(rng.integers(0, 10**6))
+        kv = AnchorKV(keys=torch.randn(layers, heads, anchors, dim, generator=g).to(dtype),
+                      values=torch.randn(layers, heads, anchors, 2 * dim, generator=g).to(dtype),
+                      positions=torch.randperm(50, generator=g)[:anchors].sort().values + offset,
+                      n_tokens=50, offset=offset, fingerprint=f"{FP}-é{int(rng.integers(100))}")
+        data = kv.to_bytes()
+        assert_same(AnchorKV.from_bytes(data), kv)
+        assert AnchorKV.from_bytes(data).values.shape == kv.values.shape
+        for cut in rng.integers(0, len(data), size=5):
+            with pytest.raises(InvalidInputError):
+                AnchorKV.from_bytes(data[: int(cut)])

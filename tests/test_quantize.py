@@ -218,3 +218,26 @@ def test_encoding_of_a_pinned_input_is_unchanged(codec):
     q, scale = quantize(x.to(torch.bfloat16), codec)
     digest = hashlib.sha256(q.view(torch.uint8).numpy().tobytes() + scale.numpy().tobytes()).hexdigest()
     assert digest[:16] == PINNED[codec]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_random_shapes_and_ranges_stay_within_the_bound_property(codec):
+    # Heads from float32's subnormals to its largest values, zero channels and heads, each dtype.
+    g = torch.Generator().manual_seed(99)
+    for trial in range(150):
+        shape = tuple(int(v) for v in torch.randint(1, 7, (4,), generator=g))
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[trial % 4]
+        low, high = (-24, 4) if dtype == torch.float16 else (-45, 38)
+        exponents = torch.rand(shape[:2], generator=g, dtype=torch.float64) * (high - low) + low
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * (10.0 ** exponents)[:, :, None, None]
+        x[..., int(torch.randint(shape[3], (1,), generator=g))] = 0
+        if trial % 5 == 0:
+            x[0, 0] = 0
+        x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
+        q, scale = quantize(x, codec)
+        assert torch.isfinite(scale).all() and (scale > 0).all() and scale.shape == shape[:2]
+        xf = x.float()
+        decoded = dequantize(q, scale, torch.float32)
+        assert ((decoded - xf).abs() <= bound(codec, xf, scale)).all(), (trial, dtype, shape)
+        back = dequantize(q, scale, dtype)
+        assert back.dtype == dtype and back.device == x.device and torch.isfinite(back).all()
