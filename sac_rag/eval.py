@@ -121,7 +121,9 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
     """``--dataset``, ``--data-root``, ``--n`` (required unless ``n_default``), ``--seed`` and
     ``--skip``: which seeded question subset a command reads (see ``load_questions``)."""
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--data-root", default="../shared/data",
+                        help="folder holding the datasets' files (squad-v1.1/, squadshifts/; default: %(default)s, "
+                             "relative to the current directory: where this project's machines keep them)")
     parser.add_argument("--n", type=at_least(0), default=n_default, required=n_default is None,
                         help="seeded subset size (0 = all)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1299,7 +1299,13 @@ def drop_metrics_after(out_dir: Path, step: int) -> None:
 
 
 def plot_metrics(out_dir: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the [train] extra; without it the curves stay in metrics.jsonl only
+        if not getattr(plot_metrics, "warned", False):
+            logger.warning("matplotlib is not installed (pip install 'sac-rag[train]'): no loss_curve.png")
+            plot_metrics.warned = True
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1047,3 +1047,16 @@ def test_each_rank_resumes_from_its_own_rng_state(workspace):
         torch.manual_seed(99)
         load_checkpoint(workspace / "run", model, optimizer, stream, rank)
         assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_without_matplotlib_a_run_finishes_and_says_the_loss_curve_needs_the_train_extra(workspace, monkeypatch,
+                                                                                        caplog):
+    # matplotlib comes with `pip install 'sac-rag[train]'`; without it the run still writes final/
+    from sac_rag.train import plot_metrics
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(plot_metrics, "warned", False, raising=False)  # warned once per process
+    with caplog.at_level("WARNING", logger="sac_rag.train"):
+        final = train(parse_config(_args(workspace, "run", "--max-steps", "2", "--checkpoint-every", "1")))
+    assert (final / "config.json").exists() and not (workspace / "run" / "loss_curve.png").exists()
+    assert caplog.text.count("matplotlib is not installed (pip install 'sac-rag[train]')") == 1
