@@ -761,3 +761,122 @@ def test_training_reads_the_prompt_the_generator_reads_only_without_a_context_se
     assert torch.allclose(generator.prompt_logits(TEMPLATE.build(kvs, question)), trained, atol=1e-4)
     separated = PromptTemplate(prefix=TEMPLATE.prefix, context_separator="\n")
     assert not torch.allclose(generator.prompt_logits(separated.build(kvs, question)), trained, atol=1e-2)
+
+
+# -- the objective against the public inference path, on a model that starts texts with a BOS token -------------
+#
+# The tests above use a tokenizer without BOS, the encoder adapter on q/v only and one anchor embedding. The
+# shipped compressors adapt every projection, and Llama-style tokenizers start a prompt with BOS (the objective's
+# prompt head and the generator each add it), so these check those layouts too, each number against what
+# ``compress`` and the ``Generator`` give.
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _bos_tiny_llama():
+    """The sharpened tiny Llama with a tokenizer that starts every text with its own BOS token ``<s>``."""
+    from conftest import _CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<s>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+        model.lm_head.weight.mul_(4.0)
+    return model, tokenizer
+
+
+def _random_adapters(comp):
+    draw = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in comp.named_parameters():
+            trained = "lora_" in name or name == "anchor_embedding"
+            if trained:
+                param.copy_(torch.randn(param.shape, generator=draw) * 0.3)
+            param.requires_grad_(trained)
+    return comp
+
+
+@pytest.mark.parametrize("memory", ["anchors", "compression_tokens"])
+def test_the_answer_loss_is_the_generators_nll_of_the_answer_with_a_bos_tokenizer_and_every_projection_adapted(
+        memory):
+    from sac_rag import SACCompressor, SACConfig
+    from sac_rag.generation import Generator, bos_ids
+    from sac_rag.objectives import SACObjective
+
+    model, tokenizer = _bos_tiny_llama()
+    assert bos_ids(tokenizer) == [tokenizer.bos_token_id]
+    config = SACConfig(base_model="tiny", ratio=3, chunk_len=8, lora_rank=4, lora_alpha=8, prompt=TEMPLATE,
+                       decoder_lora_rank=4, anchor_embedding="per_slot", memory=memory,
+                       lora_target_modules=ALL_PROJECTIONS)
+    comp = _random_adapters(SACCompressor(config, model=model, tokenizer=tokenizer))
+    builder = ExampleBuilder(tokenizer, TEMPLATE, questions_per_context=2, distractors=1)
+    examples = [builder.qa(paragraph, i, FACTS) for i, paragraph in enumerate(FACTS)]
+    objective = SACObjective(comp, prefix_text=TEMPLATE.prefix + TEMPLATE.context_prefix,
+                             weighting="micro_batch_tokens")
+    with torch.no_grad():
+        stats = objective.loss(examples)[1]
+    generator = Generator.from_compressor(comp)
+    text = {tuple(tokenizer(p.context, add_special_tokens=False)["input_ids"]): p.context for p in FACTS}
+    asked = {tuple(tokenizer(TEMPLATE.question.format(question=qa.question), add_special_tokens=False)["input_ids"]):
+             qa for p in FACTS for qa in p.questions}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            contexts = [comp.compress(text[tuple(passage)]) for passage in ex.passages]
+            assert any(len(kvs) > 1 for kvs in contexts)  # a passage of several chunks
+            for prompt, target in ex.rows:
+                qa = asked[tuple(prompt)]
+                segments = TEMPLATE.build(contexts, qa.question)
+                segments[-1] += qa.answers[0]  # the question, then the answer as the generator would read it
+                assert tokenizer(segments[-1], add_special_tokens=False)["input_ids"] == prompt + target[:-1]
+                logits = generator.prompt_logits(segments)[len(prompt) - 1 :]
+                total += F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum").item()
+                count += len(target)
+    assert stats["target_tokens"] == count
+    assert stats["ce"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_training_encoder_is_the_encoder_adapter_alone_reading_its_chunk_bidirectionally_at_its_offset():
+    """``encode`` (what training calls, with gradients) against a reference built without the compressor's
+    adapter switches: a copy with only the encoder adapter merged, the anchor embedding added by hand at the
+    anchors, every token seeing every token, positions from the offset; after the decoder adapter was used."""
+    import copy
+
+    from sac_rag import SACCompressor, SACConfig
+
+    model, tokenizer = _sharp_tiny_llama()
+    config = SACConfig(base_model="tiny", ratio=3, chunk_len=8, lora_rank=4, lora_alpha=8, prompt=TEMPLATE,
+                       decoder_lora_rank=4, lora_target_modules=ALL_PROJECTIONS)
+    comp = _random_adapters(SACCompressor(config, model=model, tokenizer=tokenizer))
+    chunks = [tokenizer(p.context, add_special_tokens=False)["input_ids"][:n] for p, n in zip(FACTS, (8, 5))]
+    offsets = [7, 30]
+    with torch.no_grad(), comp.decoder_mode():
+        comp.base_model(input_ids=torch.tensor([chunks[0]]))
+    encoded = comp.encode(chunks, offsets)  # one batch: the shorter chunk is padded
+    encoder = copy.deepcopy(comp.model).merge_and_unload(adapter_names=["default"])
+    with torch.no_grad():
+        for chunk, offset, kv in zip(chunks, offsets, encoded):
+            assert kv.keys.requires_grad  # the graph into the encoder is kept
+            anchors = comp.anchor_indices(chunk)
+            embeds = encoder.get_input_embeddings()(torch.tensor([chunk]))
+            embeds[0, anchors] += comp.anchor_embedding[0]
+            positions = torch.arange(offset, offset + len(chunk))[None]
+            out = encoder.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True, is_causal=False)
+            keys = torch.stack([layer.keys[0][:, anchors] for layer in out.cache.layers])
+            values = torch.stack([layer.values[0][:, anchors] for layer in out.cache.layers])
+            assert torch.allclose(kv.keys, keys, atol=1e-4) and torch.allclose(kv.values, values, atol=1e-4)
