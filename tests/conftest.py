@@ -22,8 +22,10 @@ _CORPUS = [
 ]
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tiny_tokenizer(bos: bool = False):
+    """A byte-level BPE tokenizer of the test corpus; with ``bos``, one that starts every text with
+    its own BOS token ``<s>``, as many published tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -31,11 +33,15 @@ def _tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<pad>", "<eos>"],
+        special_tokens=["<pad>", "<eos>", *(["<s>"] if bos else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<s>")
 
 
 # A ChatML chat template (SmolLM2-Instruct's format, among many), for the tiny tokenizer, which has none.
@@ -80,11 +86,12 @@ def write_squad_dev(root: Path, paragraphs: list[dict], title: str = "t") -> Pat
     return root / "data"
 
 
-def make_tiny_llama(seed: int = 0, rope_theta: float = 10000.0):
-    """A 4-layer random Llama (hidden 64, GQA 4/2 heads) and a byte-level BPE tokenizer."""
+def make_tiny_llama(seed: int = 0, rope_theta: float = 10000.0, bos: bool = False):
+    """A 4-layer random Llama (hidden 64, GQA 4/2 heads) and a byte-level BPE tokenizer (with ``bos``,
+    one that starts every text with a BOS token)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _tiny_tokenizer()
+    tokenizer = _tiny_tokenizer(bos)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -96,7 +103,7 @@ def make_tiny_llama(seed: int = 0, rope_theta: float = 10000.0):
         rope_theta=rope_theta,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()

@@ -414,10 +414,10 @@ FACTS = [
 ]
 
 
-def _sharp_tiny_llama():
+def _sharp_tiny_llama(bos: bool = False):
     """The tiny Llama with sharper attention and next-token distributions than its random initialisation
     gives, so that a token read at a wrong position or from a wrong cache changes the losses clearly."""
-    model, tokenizer = make_tiny_llama()
+    model, tokenizer = make_tiny_llama(bos=bos)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
@@ -434,7 +434,12 @@ def _trained_sac(decoder_lora: bool = False, chunk_len: int = 8):
     model, tokenizer = _sharp_tiny_llama()
     config = SACConfig(base_model="tiny", ratio=3, chunk_len=chunk_len, lora_rank=4, lora_alpha=8, prompt=TEMPLATE,
                        decoder_lora_rank=4 if decoder_lora else 0)
-    comp = SACCompressor(config, model=model, tokenizer=tokenizer)
+    return _random_adapters(SACCompressor(config, model=model, tokenizer=tokenizer))
+
+
+def _random_adapters(comp):
+    """``comp`` with random adapters and anchor embedding (so its encoder is not its decoder), trainable
+    as train.py makes them."""
     draw = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in comp.named_parameters():
@@ -773,44 +778,6 @@ def test_training_reads_the_prompt_the_generator_reads_only_without_a_context_se
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _bos_tiny_llama():
-    """The sharpened tiny Llama with a tokenizer that starts every text with its own BOS token ``<s>``."""
-    from conftest import _CORPUS
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<s>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-        model.lm_head.weight.mul_(4.0)
-    return model, tokenizer
-
-
-def _random_adapters(comp):
-    draw = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in comp.named_parameters():
-            trained = "lora_" in name or name == "anchor_embedding"
-            if trained:
-                param.copy_(torch.randn(param.shape, generator=draw) * 0.3)
-            param.requires_grad_(trained)
-    return comp
-
-
 @pytest.mark.parametrize("memory", ["anchors", "compression_tokens"])
 def test_the_answer_loss_is_the_generators_nll_of_the_answer_with_a_bos_tokenizer_and_every_projection_adapted(
         memory):
@@ -818,7 +785,7 @@ def test_the_answer_loss_is_the_generators_nll_of_the_answer_with_a_bos_tokenize
     from sac_rag.generation import Generator, bos_ids
     from sac_rag.objectives import SACObjective
 
-    model, tokenizer = _bos_tiny_llama()
+    model, tokenizer = _sharp_tiny_llama(bos=True)
     assert bos_ids(tokenizer) == [tokenizer.bos_token_id]
     config = SACConfig(base_model="tiny", ratio=3, chunk_len=8, lora_rank=4, lora_alpha=8, prompt=TEMPLATE,
                        decoder_lora_rank=4, anchor_embedding="per_slot", memory=memory,
