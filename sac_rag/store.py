@@ -1145,11 +1145,11 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], 
                     f"{destination} has ratio {dest.ratio}, the sources have {first.ratio}"
                 )
             added = 0
-            sources_keys = [[] if source.path.resolve() == dest.path.resolve() else source.keys()
-                            for source in opened]
-            with _progress_bar(sum(map(len, sources_keys)), "merging", show_progress) as bar:
-                for source, keys in zip(opened, sources_keys):
+            sources = [source for source in opened if source.path.resolve() != dest.path.resolve()]
+            with _progress_bar(sum(map(len, sources)), "merging", show_progress) as bar:
+                for source in sources:  # each source's keys listed in turn, not all at once
                     same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
+                    keys = source.keys()
                     for i in range(0, len(keys), 64):
                         todo = dest.missing(keys[i:i + 64])
                         records = []
@@ -1549,12 +1549,13 @@ def _set_next_shard(conn: sqlite3.Connection, next_shard: int) -> None:
 
 
 def _progress_bar(work: int | Sequence, desc: str, show: bool):
-    """A tqdm bar on stderr over ``work`` (a sequence to iterate, or a total to ``update``
-    towards), counting entries; nothing shown unless ``show``."""
+    """A tqdm bar on stderr counting entries: over ``work`` if it is a sequence, else towards a total
+    of ``work`` that the caller ``update``s; nothing shown unless ``show``."""
     from tqdm.auto import tqdm
 
-    total, iterable = (work, None) if isinstance(work, int) else (len(work), work)
-    return tqdm(iterable, total=total, desc=desc, unit=" entries", disable=not show, dynamic_ncols=True)
+    iterable = None if isinstance(work, int) else work
+    return tqdm(iterable, total=work if iterable is None else None, desc=desc, unit=" entries", disable=not show,
+                dynamic_ncols=True)
 
 
 class _LRU:
