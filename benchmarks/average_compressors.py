@@ -2,7 +2,8 @@ r"""Average the trained weights of compressors of one lineage (same settings, ea
 another). Two with ``--t``: ``(1 - t) * first + t * second``, WiSE-FT style; a later stage that
 gained in domain and lost out of domain can be pulled back part of the way without training.
 More than two: their uniform average (or ``--weights``), e.g. snapshots along one run, as in
-stochastic weight averaging. The anchor embedding and each LoRA factor are averaged. Beside the
+stochastic weight averaging. With ``--extrapolate``, weights outside [0, 1]: a step past the last
+compressor, away from an earlier one. The anchor embedding and each LoRA factor are averaged. Beside the
 weights, ``interpolation.json`` names every source (fingerprint, weights hash, weight).
 
 Averaging the factors A and B is not averaging the adapters' products B @ A: for two the
@@ -60,8 +61,10 @@ def product_error(sources: list[dict], weights: list[float], mixed: dict) -> dic
     return {adapter: (num / den) ** 0.5 for adapter, (num, den) in errors.items()}
 
 
-def source_weights(n_sources: int, t: float | None, weights: list[float] | None) -> list[float]:
-    """The weight of each source: ``(1 - t, t)`` for two, ``weights`` as given, or uniform."""
+def source_weights(n_sources: int, t: float | None, weights: list[float] | None,
+                   extrapolate: bool = False) -> list[float]:
+    """The weight of each source: ``(1 - t, t)`` for two, ``weights`` as given, or uniform. Weights
+    outside [0, 1] (still summing to 1) only with ``extrapolate``."""
     if n_sources < 2:
         raise SystemExit(f"averaging needs at least two compressors, got {n_sources}")
     if t is not None and weights is not None:
@@ -69,15 +72,17 @@ def source_weights(n_sources: int, t: float | None, weights: list[float] | None)
     if t is not None:
         if n_sources != 2:
             raise SystemExit(f"--t interpolates two compressors; got {n_sources} (use --weights)")
-        if not 0.0 <= t <= 1.0:
-            raise SystemExit(f"--t must lie in [0, 1], got {t}")
+        if not (extrapolate or 0.0 <= t <= 1.0):
+            raise SystemExit(f"--t must lie in [0, 1], got {t} (--extrapolate allows any)")
         return [1 - t, t]
     if weights is None:
         return [1 / n_sources] * n_sources
     if len(weights) != n_sources:
         raise SystemExit(f"--weights gives {len(weights)} weights for {n_sources} compressors")
-    if any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
-        raise SystemExit(f"--weights must be non-negative and sum to 1, got {weights}")
+    if abs(sum(weights) - 1) > 1e-6:
+        raise SystemExit(f"--weights must sum to 1, got {weights}")
+    if not extrapolate and any(w < 0 for w in weights):
+        raise SystemExit(f"--weights must be non-negative, got {weights} (--extrapolate allows negative ones)")
     return weights
 
 
@@ -107,6 +112,9 @@ def main() -> None:
                         help="two sources only: the weight of the second (the first gets 1 - t)")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="one weight per source, summing to 1 (default: uniform)")
+    parser.add_argument("--extrapolate", action="store_true",
+                        help="allow weights outside [0, 1] (a negative one: a step past the others, away from it, "
+                             "e.g. --t 1.5 goes half as far again from the first past the second)")
     parser.add_argument("--anchor-strategy", default="",
                         help="place every compressor's anchors by this strategy before averaging (sac_rag.anchors, "
                              "e.g. rarest_in_block: averages a stage trained with it and one trained without)")
@@ -115,7 +123,7 @@ def main() -> None:
                              "trained at another ratio with one trained at 5x; 0 = keep)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="saved precision")
     args = parser.parse_args()
-    weights = source_weights(len(args.sources), args.t, args.weights)
+    weights = source_weights(len(args.sources), args.t, args.weights, args.extrapolate)
     compressors = [SACCompressor.from_pretrained(s, device="cpu", dtype="float32") for s in args.sources]
     align_settings(compressors, args.anchor_strategy, args.ratio)
     tensors = [{k: v.detach().float().clone() for k, v in c.trainable_tensors().items()} for c in compressors]

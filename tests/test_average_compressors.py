@@ -70,6 +70,15 @@ def test_weights_that_do_not_make_an_average_are_refused(n, t, weights, message)
         source_weights(n, t, weights)
 
 
+def test_a_step_past_the_sources_needs_extrapolate_and_still_weighs_one_in_all():
+    with pytest.raises(SystemExit, match="--extrapolate allows negative"):
+        source_weights(2, None, [1.5, -0.5])
+    assert source_weights(2, 1.5, None, extrapolate=True) == pytest.approx([-0.5, 1.5])
+    assert source_weights(2, None, [2.0, -1.0], extrapolate=True) == pytest.approx([2.0, -1.0])
+    with pytest.raises(SystemExit, match="sum to 1"):
+        source_weights(2, None, [2.0, -0.5], extrapolate=True)
+
+
 def test_compressors_with_different_tensors_are_refused():
     first, second = _adapter(0), _adapter(1)
     second.pop("anchor_embedding")
