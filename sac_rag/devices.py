@@ -44,6 +44,18 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
+def resolved_here(device: str | torch.device | None) -> str | torch.device | None:
+    """``device`` fixed to the GPU it names in the calling thread, for a model that another thread may
+    load later: ``None``, "auto" and "cuda" name the current GPU, which is per thread (a worker
+    thread's is GPU 0 whatever the caller chose). Resolved now only where CUDA is initialised already;
+    where it is not, every thread's current GPU is GPU 0, and reading it would initialise CUDA, which
+    a process that forks workers afterwards must not have done. Any other ``device`` is returned as
+    given."""
+    if (device is None or str(device) in ("auto", "cuda")) and torch.cuda.is_initialized():
+        return resolve_device(device)
+    return device
+
+
 def local_gpu() -> torch.device:
     """This process's CUDA GPU, by index: under a launcher that starts one process per GPU (torchrun's
     ``LOCAL_RANK``) its own one, modulo the GPUs it sees (with per-task GPU binding each process sees

@@ -58,7 +58,7 @@ from typing import Any
 
 from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
-from .devices import resolve_dtype
+from .devices import resolve_dtype, resolved_here
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
@@ -593,6 +593,7 @@ class SACEngine:
         self.compressor_spec = compressor
         self.store_spec = store
         self.device, self.dtype = device, dtype
+        self._load_device = resolved_here(device)  # the model may load in a worker thread, whose GPU is GPU 0
         self.memory_bytes = memory_bytes
         self.merge_decoder = merge_decoder
         self._loaded: _Loaded | None = None
@@ -646,7 +647,7 @@ class SACEngine:
                 store_exists = store_path is not None and os.path.lexists(store_path) and AnchorStore.check_path(
                     store_path, exist_ok=True)
                 compressor = spec if isinstance(spec, SACCompressor) else SACCompressor.from_pretrained(
-                    spec, device=self.device, dtype=self.dtype)
+                    spec, device=self._load_device, dtype=self.dtype)
                 resolver = CacheResolver(compressor.fingerprint, memory=BoundedMemory(self.memory_bytes))
                 if isinstance(store, AnchorStore):
                     resolver.attach_store(store)

@@ -806,3 +806,36 @@ def test_a_write_back_call_that_finds_every_chunk_does_not_wait_for_the_model(tm
         thread.join(30)
         assert not thread.is_alive(), "a write_back call with nothing to compress waited for the model"
     assert outcome["keys"] == keys and engine.store.missing(keys) == []
+
+
+@pytest.mark.parametrize("cuda_initialised, loads_on", [(True, torch.device("cuda", 1)), (False, "cuda")])
+def test_an_engine_loads_on_the_gpu_current_where_it_was_made_even_from_a_worker_thread(
+        monkeypatch, cuda_initialised, loads_on):
+    """The current GPU is per thread: a worker thread's is GPU 0. An engine made where another one is
+    current (after torch.cuda.set_device, which initialises CUDA) loads there from any thread; where
+    CUDA is not initialised yet every thread's is GPU 0, and it is not read (reading initialises CUDA)."""
+    main = threading.current_thread()
+    asked = []
+
+    def current_device():
+        asked.append(threading.current_thread())
+        return 1 if threading.current_thread() is main else 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_initialised)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", current_device)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    loads = []
+
+    def from_pretrained(spec, device=None, dtype=None):
+        loads.append(device)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(SACCompressor, "from_pretrained", from_pretrained)
+    engine = SACEngine("some-compressor", device="cuda")
+    assert asked == ([main] if cuda_initialised else [])
+    worker = threading.Thread(target=lambda: pytest.raises(RuntimeError, engine.load))
+    worker.start()
+    worker.join()
+    assert loads == [loads_on] and engine.device == "cuda"  # the setting itself is kept as given
