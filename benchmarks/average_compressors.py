@@ -2,8 +2,8 @@ r"""Average the trained weights of compressors of one lineage (same settings, ea
 another). Two with ``--t``: ``(1 - t) * first + t * second``, WiSE-FT style; a later stage that
 gained in domain and lost out of domain can be pulled back part of the way without training.
 More than two: their uniform average (or ``--weights``), e.g. snapshots along one run, as in
-stochastic weight averaging. With ``--extrapolate``, weights outside [0, 1]: a step past the last
-compressor, away from an earlier one. The anchor embedding and each LoRA factor are averaged. Beside the
+stochastic weight averaging. With ``--extrapolate``, weights outside [0, 1]: a step past one
+compressor, away from another. The anchor embedding and each LoRA factor are averaged. Beside the
 weights, ``interpolation.json`` names every source (fingerprint, weights hash, weight).
 
 Averaging the factors A and B is not averaging the adapters' products B @ A: for two the
