@@ -43,7 +43,7 @@ def main() -> int:
     args, eval_args = parser.parse_known_args()
     if args.times < 1:
         parser.error(f"--times must be at least 1, got {args.times}")
-    if "--label" not in eval_args:
+    if not any(arg == "--label" or arg.startswith("--label=") for arg in eval_args):
         parser.error("give --label (one per --times): the prediction cache does not know --times")
     read_each_anchor(args.times)
     return sac_eval.main(eval_args)
