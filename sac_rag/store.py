@@ -1148,21 +1148,7 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], 
             sources = [source for source in opened if source.path.resolve() != dest.path.resolve()]
             with _progress_bar(sum(map(len, sources)), "merging", show_progress) as bar:
                 for source in sources:  # each source's keys listed in turn, not all at once
-                    same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
-                    keys = source.keys()
-                    for i in range(0, len(keys), 64):
-                        todo = dest.missing(keys[i:i + 64])
-                        records = []
-                        for row in source._rows(todo).values():
-                            try:
-                                if same_encoding:
-                                    records.append(_copied_record(source, row))
-                                else:
-                                    records.append(dest._encode(row.key, source._load(row), row.metadata))
-                            except EntryNotFoundError:  # deleted from the source since it was listed
-                                continue
-                        added += dest._write(records)
-                        bar.update(len(keys[i:i + 64]))
+                    added += _merge_source(source, dest, bar)
             return added
     finally:
         for store in opened:
@@ -1543,6 +1529,28 @@ def _set_next_shard(conn: sqlite3.Connection, next_shard: int) -> None:
         "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
         (str(next_shard),),
     )
+
+
+def _merge_source(source: AnchorStore, dest: AnchorStore, bar) -> int:
+    """``merge``'s work for one source: its entries that ``dest`` lacks, copied (re-encoded where the
+    codecs differ) 64 at a time, each batch counted on ``bar``. Returns how many were added."""
+    same_encoding = (source.storage, source.dtype) == (dest.storage, dest.dtype)
+    keys = source.keys()
+    added = 0
+    for i in range(0, len(keys), 64):
+        batch = keys[i:i + 64]
+        records = []
+        for row in source._rows(dest.missing(batch)).values():
+            try:
+                if same_encoding:
+                    records.append(_copied_record(source, row))
+                else:
+                    records.append(dest._encode(row.key, source._load(row), row.metadata))
+            except EntryNotFoundError:  # deleted from the source since it was listed
+                continue
+        added += dest._write(records)
+        bar.update(len(batch))
+    return added
 
 
 # -- small helpers ----------------------------------------------------------------------------
