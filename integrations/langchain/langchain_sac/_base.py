@@ -81,6 +81,18 @@ class LangChainSerializable:
     def lc_secrets(self) -> dict[str, str]:
         return {}
 
+    def to_json(self) -> Any:
+        """LangChain's record, holding only the settings that were given (and the engine settings
+        in force): LangChain's own also writes every truthy default (``num_beams=1``, ``top_p=1.0``),
+        which ``load`` would then pass as given, and a decoding setting left unset would no longer
+        take the compressor's recommendation (``generation_config``)."""
+        record = super().to_json()
+        kwargs = record.get("kwargs")
+        if isinstance(kwargs, dict):
+            given = set(self.model_fields_set) | set(self.lc_attributes)
+            record["kwargs"] = {name: value for name, value in kwargs.items() if name in given}
+        return record
+
     @property
     def lc_attributes(self) -> dict[str, Any]:
         """The engine settings in force (the engine's, if one was passed), as JSON values."""

@@ -788,6 +788,19 @@ def test_dumpd_gives_a_constructor_record_that_load_rebuilds_without_loading_wei
     assert _round_trip(objects[1]).store == str(store.path)  # an open store is recorded as its directory
 
 
+@pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
+def test_a_record_holds_only_the_settings_given_so_the_loaded_model_decodes_as_recommended(cls, store):
+    """LangChain's record would also hold every truthy default (num_beams=1, top_p=1.0), which load
+    passes as given: the loaded model then decoded greedily instead of as the compressor recommends."""
+    model = cls(compressor="smollm2-135m-sac-5x", store=store, max_tokens=16)
+    assert model.generation_config().num_beams == 8  # the shipped compressor's recommendation
+    record = dumpd(model)
+    assert set(record["kwargs"]) == {"compressor", "store", "max_tokens"}
+    loaded = _round_trip(model)
+    assert loaded.generation_config() == model.generation_config()
+    assert loaded._identifying_params == model._identifying_params  # the LLM-cache key
+
+
 @pytest.mark.parametrize("cls", [ChatSAC, SACLLM, SACContextCompressor])
 def test_a_record_made_with_an_engine_names_its_settings_and_loads_the_shared_engine_for_them(cls, tmp_path):
     engine = SACEngine("smollm2-135m-sac-5x", tmp_path / "s", dtype="float32", memory_bytes=1 << 20)

@@ -548,6 +548,22 @@ def test_llm_and_postprocessor_with_objects_serialize_them_as_names(compressor, 
             assert dumped["compressor"] == "sac:tiny-llama-0" and dumped["store"] == str(store.path)
 
 
+def test_the_llm_rebuilt_from_its_dict_or_a_pickle_decodes_as_the_original(store, caplog):
+    """A record of every field would pass the defaults back as given (num_beams=1): the rebuilt LLM
+    then decoded greedily instead of as the compressor recommends. Pickling crashed outright."""
+    import pickle
+
+    llm = SACLLM(compressor="smollm2-135m-sac-5x", store=str(store.path), max_tokens=16)
+    assert llm.generation_config().num_beams == 8  # the shipped compressor's recommendation
+    record = llm.to_dict()
+    assert {k for k in record if k != "class_name"} == {"compressor", "store", "max_tokens"}
+    pickled = pickle.loads(pickle.dumps(llm))
+    for rebuilt in (SACLLM.from_dict(record), SACLLM.from_json(llm.to_json()), pickled):
+        assert rebuilt.generation_config() == llm.generation_config()
+    assert pickled.messages_to_prompt.__self__ is pickled  # chats are laid out in the compressor's layout
+    assert llm.messages_to_prompt.__self__ is llm  # and the original keeps its own
+
+
 # -- LlamaIndex re-splitting the context --------------------------------------------------------
 
 

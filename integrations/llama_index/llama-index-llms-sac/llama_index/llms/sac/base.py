@@ -155,6 +155,35 @@ class SACLLM(CustomLLM):
     def _serialize_spec(self, value: Any) -> Any:
         return spec_name(value)
 
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The settings given (``from_dict`` rebuilds this LLM from them): a default written out would
+        be passed back as given, and a decoding setting left unset would no longer take the
+        compressor's recommendation (``generation_config``)."""
+        kwargs.setdefault("exclude_unset", True)
+        return super().to_dict(**kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """LlamaIndex's pickling state, without the default ``messages_to_prompt`` (this LLM's own
+        ``conversation_prompt``, which ``__init__`` sets again): LlamaIndex tries to pickle each value
+        on its own, and this bound method holds this LLM, whose state it would try again, deleting
+        attributes from the live object as it went."""
+        layout = self.__dict__.get("messages_to_prompt")
+        if getattr(layout, "__self__", None) is not self:
+            return super().__getstate__()
+        self.__dict__["messages_to_prompt"] = None
+        try:
+            state = super().__getstate__()
+            return {**state, "__dict__": dict(state["__dict__"])}  # pydantic's is the live one
+        finally:
+            self.__dict__["messages_to_prompt"] = layout
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """LlamaIndex rebuilds the object from every field; the fields given stay the only ones
+        set, so that unset decoding settings still take the compressor's recommendation."""
+        super().__setstate__(state)
+        if "__pydantic_fields_set__" in state:
+            object.__setattr__(self, "__pydantic_fields_set__", set(state["__pydantic_fields_set__"]))
+
     def __repr_args__(self) -> Any:
         """Pydantic's repr fields, with ``messages_to_prompt`` (by default this LLM's own
         ``conversation_prompt``) by name: a bound method's repr holds its object's, which would hold
