@@ -56,6 +56,25 @@ def resolved_here(device: str | torch.device | None) -> str | torch.device | Non
     return device
 
 
+def load_settings(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[str, str]:
+    """``(device, dtype)`` named as a model loaded with them would have them, to tell settings that come
+    to the same apart from those that do not (``None``, "auto" and "cpu" on a machine without a GPU;
+    "fp32" and "float32"). Without initialising CUDA: where naming the current GPU would, ``None``,
+    "auto" and "cuda" are named alike but left unresolved (so is the dtype on a GPU there). A setting
+    that loading would refuse is named as given."""
+    unset_dtype = "auto" if dtype is None else str(dtype)
+    if device is None or str(device) in ("auto", "cuda"):
+        if torch.cuda.is_available() and not torch.cuda.is_initialized():
+            return "the current GPU", unset_dtype
+    try:
+        resolved = resolve_device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_initialized():
+            return str(resolved), unset_dtype
+        return str(resolved), dtype_name(resolve_dtype(dtype, resolved))
+    except InvalidInputError:
+        return str(device), unset_dtype
+
+
 def local_gpu() -> torch.device:
     """This process's CUDA GPU, by index: under a launcher that starts one process per GPU (torchrun's
     ``LOCAL_RANK``) its own one, modulo the GPUs it sees (with per-task GPU binding each process sees

@@ -58,7 +58,7 @@ from typing import Any
 
 from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
 from .config import PromptTemplate, SACConfig
-from .devices import resolve_dtype, resolved_here
+from .devices import load_settings, resolve_dtype, resolved_here
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
@@ -329,6 +329,8 @@ class CacheResolver:
     marker of a dropped chunk can still be served by compressing its text again."""
 
     MAX_ISSUED_KEYS = 1 << 16
+    _live: weakref.WeakSet = weakref.WeakSet()  # every resolver of this process, for ``adopt``
+    _live_lock = threading.Lock()
 
     def __init__(self, fingerprint: str, store: AnchorStore | None = None,
                  memory: MutableMapping[str, AnchorKV] | None = None, text_bytes: int = TEXT_MEMORY_BYTES):
@@ -343,6 +345,8 @@ class CacheResolver:
         self.store: AnchorStore | None = None
         if store is not None:
             self.attach_store(store)
+        with CacheResolver._live_lock:
+            CacheResolver._live.add(self)
 
     def attach_store(self, store: AnchorStore) -> None:
         if not same_model(store.fingerprint, self.fingerprint):
@@ -425,6 +429,29 @@ class CacheResolver:
                 if same_model(kv.fingerprint, self.fingerprint):  # the store checks this too
                     found[key] = kv
         return found
+
+    def adopt(self, keys: Iterable[str], keep: Iterable[str] = ()) -> dict[str, AnchorKV]:
+        """Those of ``keys`` that another resolver of this compressor in this process holds in memory,
+        copied into this one's memory with their texts: ``{key: entry}``. A marker handed out by another
+        engine (a document compressor and an LLM built with settings that differ, say a store given as a
+        directory and as an open ``AnchorStore``) then resolves here, rather than being read as text.
+        Making room drops none of ``keep``."""
+        wanted = [k for k in dict.fromkeys(keys) if isinstance(k, str) and CHUNK_KEY.fullmatch(k)]
+        with CacheResolver._live_lock:
+            others = [r for r in CacheResolver._live if r is not self and same_model(r.fingerprint, self.fingerprint)]
+        items: dict[str, tuple[str, AnchorKV, str | None]] = {}
+        for other in others:
+            rest = [k for k in wanted if k not in items]
+            if not rest:
+                break
+            texts = other.remembered_texts(rest)
+            for key in rest:
+                kv = other.memory.get(key)
+                if kv is not None and same_model(kv.fingerprint, self.fingerprint):
+                    items[key] = (key, kv, texts.get(key))
+        if items:
+            self.remember_many(list(items.values()), keep)
+        return {key: kv for key, kv, _ in items.values()}
 
     def remember(self, key: str, kv: AnchorKV, text: str | None = None) -> None:
         """Keep a freshly compressed chunk (chunk-local, offset 0) so that its marker resolves,
@@ -569,9 +596,12 @@ class SACEngine:
     weights (``Generator.from_compressor``), faster for one more copy of the adapted weights.
 
     Construction does no work; ``load()`` (or any use) loads the weights and opens the store.
-    ``SACEngine.shared(...)`` returns one engine per distinct set of arguments, so a document
+    ``SACEngine.shared(...)`` returns one engine per distinct set of arguments (a device and dtype
+    named as they resolve: None and "cpu" on a machine without a GPU are one), so a document
     compressor and an LLM built with the same arguments share weights, store and the chunks
-    compressed in memory.
+    compressed in memory. Engines that differ all the same (a store given as a directory and as an
+    open ``AnchorStore``) still read each other's markers: a chunk another engine of the compressor
+    holds in memory is copied over (``CacheResolver.adopt``).
 
     Chunks in memory that ``handles_for`` hands out are pinned until a ``generate`` (or stream)
     whose prompt carries their markers has finished, or for ``PIN_SECONDS`` at most: concurrent
@@ -614,7 +644,7 @@ class SACEngine:
         if isinstance(compressor, SACCompressor):
             _check_loaded_settings(compressor, device, dtype)
             device = dtype = None
-        key = (_spec_key(compressor), _spec_key(store, path=True), str(device), str(dtype), merge_decoder)
+        key = (_spec_key(compressor), _spec_key(store, path=True), *load_settings(device, dtype), merge_decoder)
         with _SHARED_GUARD:
             engine = _SHARED.get(key)
             if engine is None:
@@ -1016,11 +1046,15 @@ class SACEngine:
         return split_prompt(prompt, found.get)
 
     def _entries(self, keys: Sequence[str]) -> tuple[dict[str, AnchorKV], list[str]]:
-        """``{key: entry}`` for those of ``keys`` that resolve, chunks memory has dropped compressed
-        again (``_compress_again``); and the keys of dropped chunks whose text is forgotten too."""
+        """``{key: entry}`` for those of ``keys`` that resolve, those another engine of this compressor
+        holds in memory copied here (``CacheResolver.adopt``), chunks memory has dropped compressed again
+        (``_compress_again``); and the keys of dropped chunks whose text is forgotten too."""
         resolver = self.resolver
         found = resolver.lookup(keys) if keys else {}
         absent = [k for k in keys if k not in found]
+        if absent:
+            found.update(resolver.adopt(absent, keep=keys))
+            absent = [k for k in absent if k not in found]
         if absent:
             found.update(self._compress_again(absent, keys))
         return found, [k for k in absent if k not in found and resolver.was_evicted(k)]

@@ -160,3 +160,15 @@ def force_answer(model, prompt_tokens: int, answer: list[int]) -> list[int]:
 
     model.register_forward_hook(force, with_kwargs=True)
     return answer
+
+
+@pytest.fixture(autouse=True)
+def _each_test_adopts_from_its_own_engines_only():
+    """An engine reads a chunk another engine of its compressor holds in memory
+    (``CacheResolver.adopt``), process-wide: after a test, its engines no longer offer theirs,
+    so that what a later test's engine must compress again, or refuse, does not depend on them."""
+    yield
+    from sac_rag.handles import CacheResolver
+
+    with CacheResolver._live_lock:
+        CacheResolver._live.clear()

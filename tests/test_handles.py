@@ -188,6 +188,35 @@ def test_construction_loads_nothing():
     assert SACEngine.shared("no-such-compressor", merge_decoder=True) is not SACEngine.shared("no-such-compressor")
 
 
+def test_settings_that_load_the_same_model_share_one_engine_without_loading_it():
+    shared = SACEngine.shared("no-such-compressor", dtype="float32")
+    assert SACEngine.shared("no-such-compressor", dtype="fp32", device="cpu") is shared
+    if not torch.cuda.is_available():  # None and "auto" name the CPU here
+        assert SACEngine.shared("no-such-compressor", dtype="float32", device="auto") is shared
+    assert SACEngine.shared("no-such-compressor", dtype="float16") is not shared
+    assert not shared.loaded
+
+
+def test_a_marker_another_engine_of_the_compressor_handed_out_resolves_in_this_one(compressor, store, caplog):
+    """A document compressor and an LLM built with settings that differ (the store as an open
+    AnchorStore and as its directory) have engines of their own: a chunk one compressed in memory
+    is still read as its cache by the other, not as the marker's hex digits."""
+    compressing, answering = SACEngine(compressor, store), SACEngine(compressor, str(store.path))
+    text = "Snow closed the pass over the ridge in March."
+    [keys] = compressing.handles_for([text])
+    assert keys[0] not in store
+    prompt = markers_for(keys) + "\nWhen did snow close the pass?"
+    caplog.clear()  # the store's miss, warned by handles_for
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        segments = answering.segments(prompt)
+    assert caplog.records == [] and [s.fingerprint for s in segments[:-1]] == [compressor.fingerprint] * len(keys)
+    assert answering.resolver.texts_of(keys) == {keys[0]: text}  # adopted with its text: extractive quotes it
+    other = SACEngine(kv_dropping(seed=1), None)  # another compressor: nothing to adopt
+    with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
+        assert all(isinstance(s, str) for s in other.segments(prompt))
+    assert "name no entry of this compressor" in caplog.text
+
+
 def test_an_engine_refuses_a_store_path_that_is_no_store_before_it_loads_the_model(tmp_path, monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the store path was checked")
@@ -686,6 +715,7 @@ def test_a_handed_out_chunk_memory_dropped_is_compressed_again_from_its_text(mon
     memory may then drop. That call's prompt still reads the chunk, compressed again as it was."""
     engine = small_memory_engine()
     roomy = SACEngine(engine.compressor)  # the same compressor, with room for every chunk
+    CacheResolver._live.discard(roomy.resolver)  # a reference only: ``engine`` must not adopt its chunks
     config = GenerationConfig(max_new_tokens=4)
     for e in (engine, roomy):
         e.generator.eos_token_ids = set()  # answers run to max_new_tokens
