@@ -496,16 +496,23 @@ class Generator:
             reads_cache = any(isinstance(seg, AnchorKV) for seg in segments)
         opens_answer = bool(self.answer_opening) and segments[-1].endswith(self.answer_opening)
         state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache, opens_answer=opens_answer)
+        parts: list[list[int] | AnchorKV] = []  # each text segment as its token ids
+        for i, seg in enumerate(segments):
+            if isinstance(seg, str):
+                ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                if i == 0 and self._bos and ids[:1] == self._bos:
+                    ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
+                seg = ids
+            parts.append(seg)
+        # the whole prompt's positions, before any is read (the error then names them all)
+        self._check_room(len(self._bos) + sum(p.n_tokens if isinstance(p, AnchorKV) else len(p) for p in parts))
         pending: list[int] = list(self._bos)
         with self._reading_model(state.reads_cache) as model:
             devices = None
-            for i, seg in enumerate(segments):
-                if isinstance(seg, str):
-                    ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
-                    if i == 0 and self._bos and ids[:1] == self._bos:
-                        ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
-                    pending += ids
-                    if i == len(segments) - 1:
+            for i, seg in enumerate(parts):
+                if isinstance(seg, list):
+                    pending += seg
+                    if i == len(parts) - 1:
                         self._read_text(model, state, pending, all_logits)
                     continue
                 if pending:

@@ -20,6 +20,7 @@ from sac_rag import (
     SACConfig,
 )
 from sac_rag.extractive import token_bytes
+from sac_rag.generation import bos_ids
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -179,11 +180,20 @@ def test_a_decoder_adapter_refuses_caches_of_another_compressor_on_its_base_mode
     assert f"model in use is {ours.fingerprint!r}" in str(info.value) and other.fingerprint in str(info.value)
 
 
-def test_prompt_longer_than_the_model_context_is_refused(setup):
+def test_prompt_longer_than_the_model_context_is_refused_naming_all_its_positions_before_reading_any(setup):
     comp, gen = setup
     gen.max_positions = 40
-    with pytest.raises(PromptTooLongError, match="positions"):
-        gen.generate([comp.compress(TEXT * 3), " question"])
+    kv = comp.compress(TEXT * 3)  # several chunks
+    question = " question. " * 9
+    needed = len(bos_ids(gen.tokenizer)) + sum(c.n_tokens for c in kv) + len(gen.tokenizer(question)["input_ids"])
+    calls = []
+    hook = gen.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(PromptTooLongError, match=f"the prompt needs {needed} positions but the model has 40"):
+            gen.generate([kv, question])
+    finally:
+        hook.remove()
+    assert calls == []  # refused before the model read anything
 
 
 def test_contexts_longer_than_the_model_are_refused_before_anything_is_compressed(setup, monkeypatch):
