@@ -174,7 +174,7 @@ def precompress(
     batch_size: int = 8,
     num_shards: int | None = None,
     shard_index: int | None = None,
-    storage: str = "native",
+    storage: str | None = None,
     dtype: str | torch.dtype | None = None,
     decode_errors: str = "replace",
     show_progress: bool = True,
@@ -188,7 +188,8 @@ def precompress(
     in tokens. ``num_shards``/``shard_index`` default to the launcher's environment (see
     ``shard_from_env``); with more than one shard the store path is made per shard
     (``shard_store_path``). ``dtype`` is the store's (default: an existing store keeps its own,
-    a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8". ``exclude``:
+    a new one takes the compressor's); ``storage`` is "native", "fp8" or "int8" (default: an
+    existing store keeps its own, a new one is "native"). ``exclude``:
     document ids to leave out (a folder's file paths relative to it). ``prune``: once every chunk
     is stored, delete the store's entries (of this shard) that are not chunks of this run, then
     gc (see the module docstring: refused for other chunk settings than the store's, skipped when
@@ -206,7 +207,7 @@ def precompress(
         raise InvalidInputError(f"overlap must be an integer in [0, chunk_tokens={chunk_tokens}), got {overlap!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if storage not in STORAGES:
+    if storage is not None and storage not in STORAGES:
         raise InvalidInputError(f"storage={storage!r}; use one of {STORAGES}")
     if decode_errors not in DECODE_ERRORS:
         raise InvalidInputError(f"decode_errors={decode_errors!r}; use one of {DECODE_ERRORS}")
@@ -250,7 +251,7 @@ def precompress(
     return summary
 
 
-def _open_store(path: Path, compressor: SACCompressor, dtype: str | torch.dtype | None, storage: str,
+def _open_store(path: Path, compressor: SACCompressor, dtype: str | torch.dtype | None, storage: str | None,
                 settings: dict) -> AnchorStore:
     """The store at ``path``, created if missing. A folder that cannot be written is named as such:
     the bare OSError would name the temporary directory a creation starts with, which the user never
@@ -575,9 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default: from torchrun / SLURM array variables, else 1)")
     parser.add_argument("--shard-index", type=int, default=None,
                         help="which shard this run compresses, 0 .. --num-shards - 1")
-    parser.add_argument("--storage", choices=STORAGES, default="native",
-                        help="native (the dtype; the default), or fp8/int8 with per-layer/head scales; an "
-                             "existing store keeps its own")
+    parser.add_argument("--storage", choices=STORAGES, default=None,
+                        help="native (the dtype), or fp8/int8 with per-layer/head scales (default: an existing "
+                             "store keeps its own, a new one is native)")
     parser.add_argument("--decode-errors", choices=DECODE_ERRORS, default="replace",
                         help="text that is not UTF-8 (or JSON text with lone surrogates): decode "
                              "with U+FFFD (replace, the default) or skip it")

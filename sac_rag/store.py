@@ -284,7 +284,7 @@ class AnchorStore:
         fingerprint: str,
         ratio: int,
         dtype: str | torch.dtype = "bfloat16",
-        storage: str = "native",
+        storage: str | None = "native",
         extra_manifest: dict | None = None,
         *,
         exist_ok: bool = False,
@@ -297,7 +297,8 @@ class AnchorStore:
         ``dtype`` is what entries decode to (and how "native" storage keeps them);
         ``storage`` is "native", "fp8" or "int8" (see ``quantize``). With ``exist_ok`` an
         existing store is opened instead, provided it was made with the same fingerprint,
-        ratio, dtype and storage: that is how a resumed precompression run reopens its store.
+        ratio, dtype and storage: that is how a resumed precompression run reopens its store
+        (``storage=None``: whatever storage it has; a new store is then "native").
         With ``keep_dtype`` as well, an existing store keeps its own dtype whatever ``dtype``
         says (entries are cast to it on write), so a run that computes in another dtype (float32
         on a CPU without bf16) can continue a store begun in bfloat16.
@@ -309,6 +310,8 @@ class AnchorStore:
             raise InvalidInputError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
             raise InvalidInputError(f"ratio must be a positive integer, got {ratio!r}")
+        checked = ("ratio",) + (("storage",) if storage is not None else ()) + (() if keep_dtype else ("dtype",))
+        storage = "native" if storage is None else storage
         if storage not in STORAGES:
             raise InvalidInputError(f"storage={storage!r}; use one of {STORAGES}")
         dtype_str = dtype_name(resolve_dtype(dtype, torch.device("cpu")))
@@ -336,7 +339,7 @@ class AnchorStore:
 
         def reopen() -> AnchorStore:
             store = cls.open(path, fingerprint, cache_bytes=cache_bytes)
-            for name in ("ratio", "storage") if keep_dtype else ("ratio", "dtype", "storage"):
+            for name in checked:
                 if store.manifest[name] != manifest[name]:
                     store.close()
                     raise InvalidInputError(
@@ -686,15 +689,16 @@ class AnchorStore:
         """The entry under ``key``, checksum-verified, in the manifest dtype.
         Raises ``EntryNotFoundError`` (a ``KeyError``) or ``StoreCorruptionError``.
 
-        The index is asked even when the entry is cached: another process may have deleted it."""
+        The index is asked even when the entry is cached: another process may have deleted it, or
+        deleted it and stored other bytes under its key (a cached copy serves only the same bytes)."""
         row = self._row(key)
-        cached = self._cache.get(key)
+        cached = self._cache.get(key, row.checksum)
         return cached if cached is not None else self._load(row)
 
     def get_many(self, keys: Sequence[str]) -> list[AnchorKV]:
         """The entries under ``keys``, in that order (one index query for all of them)."""
         keys = list(keys)
-        rows = self._rows(keys)  # cached entries too: another process may have deleted them
+        rows = self._rows(keys)  # cached entries too: another process may have deleted or replaced them
         missing = [k for k in dict.fromkeys(keys) if k not in rows]
         if missing:
             raise EntryNotFoundError(
@@ -703,7 +707,7 @@ class AnchorStore:
             )
         found: dict[str, AnchorKV] = {}
         for key, row in rows.items():
-            cached = self._cache.get(key)
+            cached = self._cache.get(key, row.checksum)
             found[key] = cached if cached is not None else self._load(row)
         return [found[key] for key in keys]
 
@@ -758,7 +762,7 @@ class AnchorStore:
 
     def _load(self, row: _Row) -> AnchorKV:
         kv = self._decode(row, self._read_verified(row))
-        self._cache.put(row.key, kv, kv.nbytes)
+        self._cache.put(row.key, row.checksum, kv, kv.nbytes)
         return kv
 
     def _read_verified(self, row: _Row) -> bytes:
@@ -1567,33 +1571,36 @@ def _progress_bar(work: int | Sequence, desc: str, show: bool):
 
 
 class _LRU:
-    """Decoded entries, most recently used last, bounded by their tensor bytes."""
+    """Decoded entries with the checksum of the bytes they were decoded from, most recently used
+    last, bounded by their tensor bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[AnchorKV, int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[AnchorKV, int, str]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> AnchorKV | None:
+    def get(self, key: str, checksum: str) -> AnchorKV | None:
+        """The entry cached under ``key`` if it was decoded from bytes with ``checksum`` (the index's
+        now: other bytes may have been stored under the key since), else None."""
         with self._lock:
             item = self._items.get(key)
-            if item is None:
+            if item is None or item[2] != checksum:
                 return None
             self._items.move_to_end(key)
             return item[0]
 
-    def put(self, key: str, kv: AnchorKV, nbytes: int) -> None:
+    def put(self, key: str, checksum: str, kv: AnchorKV, nbytes: int) -> None:
         if nbytes > self.max_bytes:
             return
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
-            self._items[key] = (kv, nbytes)
+            self._items[key] = (kv, nbytes, checksum)
             self._bytes += nbytes
             while self._bytes > self.max_bytes:
-                _, (_, size) = self._items.popitem(last=False)
+                _, (_, size, _) = self._items.popitem(last=False)
                 self._bytes -= size
 
     def discard(self, keys: Iterable[str]) -> None:

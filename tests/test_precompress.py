@@ -317,6 +317,17 @@ def test_precompress_stores_every_chunk_with_its_metadata_and_a_rerun_skips_ever
     assert (again.compressed, again.already_stored, again.chunks) == (0, summary.chunks, summary.chunks)
 
 
+def test_a_rerun_without_storage_continues_an_8bit_store_in_its_own_storage(tmp_path, tiny_sac, corpus):
+    path = tmp_path / "store"
+    first = precompress(corpus, path, tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH, storage="fp8",
+                        show_progress=False, exclude={"doc7.txt"})
+    again = precompress(corpus, path, tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH, show_progress=False)
+    assert again.already_stored == first.chunks and again.compressed > 0
+    with AnchorStore.open(path, readonly=True) as s:
+        report = s.verify()
+        assert s.storage == "fp8" and report.ok and report.entries == again.entries
+
+
 def test_stored_chunks_generate_exactly_like_freshly_compressed_ones(tiny_sac, reference):
     compressor = tiny_sac[1]
     path = reference[0]

@@ -310,6 +310,20 @@ def test_lru_cache_serves_repeated_gets_within_its_byte_bound(tmp_path):
         assert s.get(key(0)) is not s.get(key(0))
 
 
+def test_a_cached_entry_another_writer_replaced_under_its_key_is_read_again(tmp_path):
+    """A reader's cache serves only the bytes the index names now: another writer (here another
+    handle, as another process would be) deleting a key and storing other K/V under it is seen."""
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+    with AnchorStore.open(path, FP) as writer, AnchorStore.open(path, FP, readonly=True) as reader:
+        writer.put(key(0), make_kv(0))
+        assert_same_kv(reader.get(key(0)), make_kv(0))  # now cached by the reader
+        writer.delete([key(0)])
+        writer.put(key(0), make_kv(1))
+        assert_same_kv(reader.get(key(0)), make_kv(1))
+        assert_same_kv(reader.get_many([key(0)])[0], make_kv(1))
+
+
 def test_stats_count_entries_anchors_tokens_and_bytes(store):
     store.put_many([(key(i), make_kv(i, FULL)) for i in range(3)])
     stats = store.stats()
@@ -405,6 +419,17 @@ def test_create_with_exist_ok_reopens_only_a_matching_store(tmp_path):
         AnchorStore.create(path, FP, ratio=8, exist_ok=True)
     with pytest.raises(FingerprintMismatchError):
         AnchorStore.create(path, OTHER_FP, ratio=5, exist_ok=True)
+
+
+def test_storage_none_reopens_a_store_whatever_its_storage_and_makes_a_new_one_native(tmp_path):
+    with AnchorStore.create(tmp_path / "fp8", FP, ratio=5, storage="fp8") as s:
+        s.put(key(1), make_kv(1))
+    with AnchorStore.create(tmp_path / "fp8", FP, ratio=5, storage=None, exist_ok=True) as s:
+        assert s.storage == "fp8" and key(1) in s
+    with pytest.raises(InvalidInputError, match="storage='fp8', not 'int8'"):
+        AnchorStore.create(tmp_path / "fp8", FP, ratio=5, storage="int8", exist_ok=True)
+    with AnchorStore.create(tmp_path / "new", FP, ratio=5, storage=None) as s:
+        assert s.storage == "native"
 
 
 def test_keep_dtype_reopens_a_store_of_another_dtype_and_writes_in_its_own(tmp_path):
