@@ -799,6 +799,10 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     if path.is_file() and (path.parent / CONFIG_FILE).exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file of a compressor checkpoint: pass its directory, "
                               f"{str(path.parent)!r}")
+    saved = [str(path / name) for name in ("best", "final") if (path / name / CONFIG_FILE).exists()]
+    if saved:
+        raise CheckpointError(f"{str(name_or_path)!r} is a training run's directory (python -m sac_rag.train "
+                              f"--out-dir): pass the compressor it saved, {' or '.join(map(repr, saved))}")
     raise CheckpointError(
         f"{str(name_or_path)!r} is neither a compressor directory (with {CONFIG_FILE}) nor a built-in "
         f"compressor; built-in: {list_pretrained() or 'none installed'}"

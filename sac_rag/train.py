@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -74,6 +75,7 @@ _BEFORE_OPTION_EXISTED = {"loss_weighting": "micro_batch_tokens"}
 # Fields naming files or directories: the same one under another spelling (relative, absolute) is no change.
 _PATH_OPTIONS = ("data", "eval_data", "init_from", "adapters_from", "distill_teacher", "base_model")
 PRECISIONS = ("auto", "bf16", "fp32")
+TRAINABLE_ANCHOR_STRATEGIES = ("uniform", "random", "rarest_in_block")  # those a saved name alone rebuilds
 # A pretraining window's first half is compressed and its second half read as text: its first token
 # is the decoder's input and at least one more is predicted, so a window needs 1 + 2 tokens.
 LM_MIN_TOKENS = 3
@@ -117,7 +119,9 @@ class TrainConfig:
     init_widen_decoder_rank: int = _help("with init_from: likewise enlarge its decoder adapter (0 = keep)", default=0)
     init_anchor_strategy: str = _help("with init_from: place its anchors by this strategy (see anchor_strategy) "
                                       "instead of the checkpoint's ('' = keep)", default="")
-    resume: bool = _help("continue the run in out_dir from its latest checkpoint", default=False)
+    resume: bool = _help("continue the run in out_dir from its latest checkpoint; without --config, the options "
+                         "it recorded (out_dir/train_config.json) are read, so --out-dir DIR --resume is enough",
+                         default=False)
     # compressor (ignored with init_from, which brings its own)
     base_model: str = _help("base causal LM: built-in name, local path or hub id; an init_from checkpoint "
                             "must have been trained on it (a compressor checkpoint brings its own, so it may be "
@@ -252,6 +256,12 @@ class TrainConfig:
         if changes_init_checkpoint and self.method != "sac":
             raise SACError("init_ratio / init_widen_rank / init_widen_decoder_rank / init_anchor_strategy change a "
                            "compressor: they need --method sac")
+        for option in ("anchor_strategy", "init_anchor_strategy"):
+            strategy = getattr(self, option)
+            if strategy and strategy not in TRAINABLE_ANCHOR_STRATEGIES:
+                needs = (" ('importance' places anchors by a scorer function, which only Python code can give: "
+                         "sac_rag.anchors.ImportanceAnchors(scorer=...))" if strategy == "importance" else "")
+                raise SACError(f"{option} must be one of {TRAINABLE_ANCHOR_STRATEGIES}, got {strategy!r}{needs}")
         if self.precision not in PRECISIONS:
             raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if 0 < self.max_context_tokens < MIN_CONTEXT_TOKENS:
@@ -464,7 +474,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                                 help=f"{f.metadata['help']} (default: {default!r})")
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
-    values = _read_config_file(config_file) if config_file else {}
+    values = _read_config_file(config_file) if config_file else _recorded_options(args)
     in_file = set(values)
     given = {k for k, v in args.items() if v is not None}
     values.update({k: args[k] for k in given})
@@ -472,6 +482,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     # which options were set, and where (not fields: never saved, never compared on resume)
     cfg.given_on_command_line, cfg.given_in_config_file = frozenset(given), frozenset(in_file - given)
     return cfg
+
+
+def _recorded_options(args: dict) -> dict:
+    """With --resume and no --config, the options the run in --out-dir recorded, so that
+    ``--out-dir DIR --resume`` is enough; none if its record is missing or unreadable (the run is then
+    checked against its checkpoint's)."""
+    if not (args["resume"] and args["out_dir"]):
+        return {}
+    try:
+        return _read_config_file(str(Path(args["out_dir"]) / "train_config.json"))
+    except InvalidInputError:
+        return {}
 
 
 def _read_config_file(path: str) -> dict:
@@ -1281,6 +1303,44 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> dict:
     return {k: saved[k] for k in _PATH_OPTIONS if saved.get(k) != current[k]}
 
 
+DATA_RECORD = "data.json"  # in a run's directory: the data files it reads, by option (data_identity)
+
+
+def data_identity(cfg: TrainConfig) -> dict:
+    """The size and SHA-256 digest of the --data and --eval-data files, by option: a checkpoint's data
+    position counts examples of these files, so a run resumes only on the same bytes."""
+    identity = {}
+    for option in ("data", "eval_data"):
+        path = getattr(cfg, option)
+        if path:
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            identity[option] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return identity
+
+
+def _check_same_data(out_dir: Path, data: dict) -> None:
+    """Refuse to resume ``out_dir`` on data files whose contents differ from those it started on (a run
+    started before they were recorded is not checked)."""
+    path = out_dir / DATA_RECORD
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(o for o in set(saved) | set(data) if saved.get(o) != data.get(o))
+    if changed:
+        def digest(record: dict | None) -> str:
+            return f"sha256 {record['sha256'][:12]}, {record['bytes']} bytes" if record else "none"
+
+        raise SACError(
+            f"cannot resume {out_dir}: "
+            + "; ".join(f"the --{o.replace('_', '-')} file changed since the run started ({digest(saved.get(o))} -> "
+                        f"{digest(data.get(o))})" for o in changed)
+            + ". The checkpoint's data position counts examples of the file it started on: restore that file, "
+            "or start a new run in another --out-dir")
+
+
 def drop_metrics_after(out_dir: Path, step: int) -> None:
     """Rewrite metrics.jsonl (atomically) without the rows past ``step``: those of a killed run's
     steps after its last checkpoint, which the resumed run writes again (and a line a kill cut short)."""
@@ -1394,8 +1454,10 @@ def train(cfg: TrainConfig) -> Path:
             logger.warning(warning)
 
     resuming = cfg.resume and (out_dir / "latest").exists()
-    if resuming:  # before the model loads: a changed option is refused at once
+    data = data_identity(cfg)
+    if resuming:  # before the model loads: a changed option, or data file, is refused at once
         cfg = _with_recorded_paths(cfg, _check_resumable(out_dir, cfg))
+        _check_same_data(out_dir, data)
 
     model, objective = build_model(cfg, device, resuming)  # --resume with nothing to resume starts fresh
     tokenizer = model.tokenizer
@@ -1432,6 +1494,7 @@ def train(cfg: TrainConfig) -> Path:
         # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them
         atomic_write(out_dir / "train_config.json",
                      json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=False)), indent=2).encode())
+        atomic_write(out_dir / DATA_RECORD, json.dumps(data, indent=2).encode())
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_is_fast(device))
     if is_main:
         n_trainable = sum(p.numel() for p in params)

@@ -76,6 +76,8 @@ def test_a_few_steps_on_a_tiny_model_reduce_the_loss(workspace):
     assert (final / "config.json").exists() and (workspace / "run" / "loss_curve.png").exists()
     model, tokenizer = make_tiny_llama()
     SACCompressor.from_pretrained(final, model=model, tokenizer=tokenizer)
+    with pytest.raises(SACError, match="a training run's directory .* pass the compressor it saved, .*final'"):
+        SACCompressor.from_pretrained(workspace / "run", model=model, tokenizer=tokenizer)
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(workspace):
@@ -155,6 +157,38 @@ def test_resume_with_another_config_is_refused(workspace):
         train(parse_config(_args(workspace, "run", "--max-steps", "4", "--resume", "--ratio", "3")))
     with pytest.raises(SACError, match="--resume"):
         train(parse_config(_args(workspace, "run", "--max-steps", "4")))
+
+
+def test_resume_on_a_data_file_whose_contents_changed_is_refused(workspace):
+    """The checkpoint's data position counts examples of the file the run started on: the same
+    path with other contents would silently go on with another list."""
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    original = (workspace / "qa.json").read_text()
+    data = json.loads(original)
+    data["data"] = data["data"][:6]
+    (workspace / "qa.json").write_text(json.dumps(data))
+    with pytest.raises(SACError, match="the --data file changed since the run started"):
+        train(parse_config(_args(workspace, "run", "--max-steps", "4", "--resume")))
+    (workspace / "qa.json").write_text(original)  # the file it started on: resumes
+    train(parse_config(_args(workspace, "run", "--max-steps", "4", "--resume")))
+    assert max(_losses(workspace / "run")) == 4
+
+
+def test_resume_needs_only_the_run_directory_and_what_changes(workspace):
+    """Without --config, --resume reads the options the run recorded; the flags given override them."""
+    train(parse_config(_args(workspace, "run", "--max-steps", "2")))
+    cfg = parse_config(["--out-dir", str(workspace / "run"), "--resume", "--max-steps", "3"])
+    assert (cfg.data, cfg.ratio, cfg.lora_rank, cfg.max_steps) == (str(workspace / "qa.json"), 2, 4, 3)
+    train(cfg)
+    assert max(_losses(workspace / "run")) == 3
+
+
+def test_an_anchor_strategy_the_command_line_cannot_give_is_refused_before_anything_loads(workspace):
+    for option in ("--anchor-strategy", "--init-anchor-strategy"):
+        with pytest.raises(SACError, match="strategy must be one of .* scorer function"):
+            parse_config(_args(workspace, "run", option, "importance", "--init-from", str(workspace)))
+    with pytest.raises(SACError, match="one of .*'uniform'"):
+        parse_config(_args(workspace, "run", "--anchor-strategy", "middle"))
 
 
 def test_missing_or_malformed_data_is_reported(workspace):
