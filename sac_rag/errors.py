@@ -22,12 +22,10 @@ class FingerprintMismatchError(SACError):
     named in the message and kept as attributes.
     """
 
-    def __init__(self, what: str, expected: str, found: str, advice: str):
+    def __init__(self, what: str, expected: str, found: str, advice: str, against: str = "the model in use"):
         self.expected = expected
         self.found = found
-        super().__init__(
-            f"{what} was built for {found!r}, but the model in use is {expected!r}. {advice}"
-        )
+        super().__init__(f"{what} was built for {found!r}, but {against} is {expected!r}. {advice}")
 
 
 class ModelNotAvailableError(SACError):

@@ -86,8 +86,9 @@ class Summary:
     and ``full_kv_bytes`` (the full K/V of the same chunks in the same dtype) describe the whole
     store after the run; ``stale_entries`` of its entries are not chunks of this run (of this
     shard): of documents removed, edited or excluded since, or of other chunk settings (kept unless
-    ``prune``). ``pruned_entries`` were deleted by ``prune``; ``not_pruned`` says why a run asked
-    to prune did not.
+    ``prune``). ``pruned`` says whether ``prune`` ran, ``pruned_entries`` how many entries it deleted
+    (entries under keys ``AnchorStore.key_for`` does not make, stored through the API, and those of
+    other shards, stay); ``not_pruned`` says why a run asked to prune did not.
     """
 
     store: str
@@ -110,6 +111,7 @@ class Summary:
     entries: int = 0
     stale_entries: int = 0
     pruned_entries: int = 0
+    pruned: bool = False
     not_pruned: str = ""
     bytes_on_disk: int = 0
     kv_bytes: int = 0
@@ -156,8 +158,12 @@ class Summary:
             f"  store:     {self.entries} entries"
             + (f" after pruning {self.pruned_entries} that were not chunks of this run" if self.pruned_entries
                else "")
-            + (f" ({self.stale_entries} not chunks of this run: of documents removed, edited or excluded since, "
-               "or of other chunk settings; kept: --prune deletes them)" if self.stale_entries else "")
+            + (f" ({self.stale_entries} not chunks of this run: " + (
+                "stored under keys of their own through the API, or of other shards; --prune leaves those: "
+                "python -m sac_rag.store prune STORE --keep KEYS_FILE keeps only the keys listed)" if self.pruned else
+                "of documents removed, edited or excluded since, or of other chunk settings; kept: --prune "
+                "deletes them, not entries stored under keys of their own through the API)") if self.stale_entries
+               else "")
             + f", {_size(self.bytes_on_disk)} on disk; K/V "
             f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
             f"({self.kv_reduction:.2f}x smaller)",
@@ -282,6 +288,7 @@ def _prune(store: AnchorStore, run: _Run, stats: CorpusStats) -> tuple[int, str]
         return 0, why
     deleted = store.delete(run.stale(store.keys()))
     store.gc()
+    run.summary.pruned = True
     return deleted, ""
 
 

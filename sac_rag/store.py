@@ -1129,6 +1129,7 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], 
                     f"the store at {other.path}", expected=first.fingerprint,
                     found=other.fingerprint,
                     advice=f"Merge only stores built by the same compressor as {first.path}.",
+                    against=f"the compressor of {first.path}",
                 )
             if other.ratio != first.ratio:
                 raise InvalidInputError(
@@ -1136,7 +1137,13 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], 
                     "stores of different ratios cannot be merged"
                 )
         if (destination / MANIFEST).exists():
-            dest = AnchorStore.open(destination, first.fingerprint, cache_bytes=0)
+            dest = AnchorStore.open(destination, cache_bytes=0)
+            if not same_model(dest.fingerprint, first.fingerprint):
+                dest.close()
+                raise FingerprintMismatchError(
+                    f"the destination store at {destination}", expected=first.fingerprint, found=dest.fingerprint,
+                    advice=f"Merge into a store built by the same compressor as {first.path}, or into a new path.",
+                    against=f"the compressor of the sources ({first.path})")
         else:
             m = first.manifest
             dest = AnchorStore.create(

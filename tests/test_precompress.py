@@ -771,6 +771,13 @@ def test_prune_after_removing_and_editing_documents_drops_exactly_their_old_chun
     again = run(prune=True)
     assert (again.compressed, again.pruned_entries, again.stale_entries, again.entries) == (0, 0, 0, len(new))
 
+    with AnchorStore.open(store) as s:  # an entry under a key of the user's own: not a chunk, not pruned
+        s.put("my-own-entry", s.get(s.keys()[0]))
+    kept = run(prune=True)
+    assert (kept.pruned, kept.pruned_entries, kept.stale_entries) == (True, 0, 1)
+    assert "--prune leaves those" in str(kept) and "kept: --prune deletes them" not in str(kept)
+    assert "kept: --prune deletes them, not entries stored under keys of their own" in str(run())
+
 
 def test_cli_prune_drops_excluded_documents_and_says_so_in_its_help(tmp_path, capsys, tiny_sac, corpus, reference):
     shutil.copytree(reference[0], tmp_path / "store")

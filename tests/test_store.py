@@ -949,10 +949,12 @@ def test_merge_refuses_other_fingerprint(tmp_path):
         s.put(key(1), make_kv(1, fingerprint=OTHER_FP))
     with pytest.raises(FingerprintMismatchError) as info:
         merge(tmp_path / "all", [tmp_path / "a", tmp_path / "b"])
-    assert FP in str(info.value) and OTHER_FP in str(info.value)
+    assert FP in str(info.value) and OTHER_FP in str(info.value) and "model in use" not in str(info.value)
     assert not (tmp_path / "all").exists()  # refused before writing anything
-    with pytest.raises(FingerprintMismatchError):
+    with pytest.raises(FingerprintMismatchError) as info:
         merge(tmp_path / "a", [tmp_path / "b"])  # into an existing store of another model
+    assert str(info.value).startswith(f"the destination store at {tmp_path / 'a'} was built for {FP!r}, but the "
+                                      f"compressor of the sources ({tmp_path / 'b'}) is {OTHER_FP!r}")
 
 
 def test_merge_refuses_a_corrupt_source_entry(tmp_path):
