@@ -7,13 +7,15 @@ document_separator="")`` - or ``create_sac_stuff_chain(llm)`` - formats each doc
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.prompts import BasePromptTemplate, PromptTemplate
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.runnables.base import RunnableBindingBase
 
+from sac_rag import InvalidInputError
 from sac_rag.config import PromptTemplate as SACPromptTemplate
 
 from ._base import SACModelParams
@@ -47,7 +49,34 @@ def create_sac_stuff_chain(llm: BaseLanguageModel, prompt: BasePromptTemplate | 
     template = model.prompt_template if isinstance(model, SACModelParams) else SACPromptTemplate()
     kwargs.setdefault("document_prompt", SAC_DOCUMENT_PROMPT)
     kwargs.setdefault("document_separator", template.context_separator)
-    return create_stuff_documents_chain(llm, prompt or sac_qa_prompt(template), **kwargs)
+    chain = create_stuff_documents_chain(llm, prompt or sac_qa_prompt(template), **kwargs)
+    if kwargs["document_prompt"] is not SAC_DOCUMENT_PROMPT:
+        return chain
+    check = partial(_check_handles, kwargs.get("document_variable_name", "context"))
+    return (RunnableLambda(check, afunc=_in_async(check)).with_config(run_name="check_sac_markers")
+            | chain).with_config(run_name="stuff_documents_chain")
+
+
+def _check_handles(variable: str, inputs: Any) -> Any:
+    """``inputs``, if each of its documents carries a handle (``sac_marker``, which
+    ``SACContextCompressor`` sets); else a message saying how to give them one, rather than
+    LangChain's about missing metadata variables."""
+    documents = inputs.get(variable) if isinstance(inputs, dict) else None
+    without = [d for d in documents or () if "sac_marker" not in (getattr(d, "metadata", None) or {})]
+    if without:
+        raise InvalidInputError(
+            f"{len(without)} of {len(documents)} documents have no SAC handle (metadata 'sac_marker'): pass "
+            "the retrieved documents through SACContextCompressor first (ContextualCompressionRetriever("
+            "base_compressor=SACContextCompressor(...), base_retriever=...)), or send their text as it is with "
+            "create_sac_stuff_chain(llm, document_prompt=PromptTemplate.from_template(\"{page_content}\"))")
+    return inputs
+
+
+def _in_async(check):
+    async def acheck(inputs: Any) -> Any:
+        return check(inputs)
+
+    return acheck
 
 
 def _escape(text: str) -> str:

@@ -219,6 +219,20 @@ def test_a_stuff_chain_for_a_bound_model_lays_out_the_prompt_as_its_compressor_w
     assert recorder.prompts == ["Passages:\n" + "\n".join(markers) + "\nQ: Who?\nA:"] * 4
 
 
+def test_a_stuff_chain_given_documents_without_handles_says_how_to_give_them_one(engine, passages):
+    from langchain_core.prompts import PromptTemplate
+
+    llm = ChatSAC(engine=engine, max_tokens=2)
+    chain = create_sac_stuff_chain(llm)
+    plain = documents(passages[:2])
+    for call in (lambda: chain.invoke({"context": plain, "question": "Who?"}),
+                 lambda: asyncio.run(chain.ainvoke({"context": plain, "question": "Who?"}))):
+        with pytest.raises(InvalidInputError, match="2 of 2 documents have no SAC handle .* SACContextCompressor"):
+            call()
+    as_text = create_sac_stuff_chain(llm, document_prompt=PromptTemplate.from_template("{page_content}"))
+    assert isinstance(as_text.invoke({"context": plain, "question": "Who?"}), str)  # the text itself: no handles
+
+
 def test_batch_decodes_all_prompts_in_one_batch(engine, passages, monkeypatch):
     sizes = []
     original = engine.generator.generate_batch
