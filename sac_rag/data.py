@@ -15,6 +15,7 @@ import gzip
 import json
 import logging
 import lzma
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -296,6 +297,9 @@ def check_text_format(path: str | Path) -> None:
                         f"(QA data such as SQuAD JSON is for --stage finetune)")
 
 
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
 def iter_texts(path: str | Path, stats: LoadStats | None = None) -> Iterator[str]:
     """Plain texts for LM pretraining: JSONL with a ``text`` field, or a TXT/Markdown file whose
     paragraphs (separated by blank lines) are documents. Other formats are refused (see
@@ -317,7 +321,7 @@ def iter_texts(path: str | Path, stats: LoadStats | None = None) -> Iterator[str
                 else:
                     stats.skip("empty text" if isinstance(text, str) or text is None else "text not a string")
         else:
-            for block in f.read().split("\n\n"):
+            for block in _BLANK_LINES.split(f.read()):  # a line of spaces or tabs is blank too
                 if block.strip():
                     stats.read += 1
                     yield block

@@ -935,8 +935,8 @@ class ExampleStream:
         if cfg.stage == "finetune" and stats.skipped and _is_main_process():
             logger.info("%s: skipped %s", cfg.data, stats.skipped)
         if cfg.eval_data and self.eval_stats.skipped and _is_main_process():
-            logger.warning("--eval-data %s: %d of %d records skipped: %s", cfg.eval_data,
-                           sum(self.eval_stats.skipped.values()), self.eval_stats.read, self.eval_stats.skipped)
+            # by reason: an empty context counts once, a question without an answer once per question
+            logger.warning("--eval-data %s: skipped %s", cfg.eval_data, self.eval_stats.skipped)
         if cfg.eval_data and not self.held_out:
             raise DataError(f"--eval-data {cfg.eval_data} holds no usable question to evaluate on: records "
                             f"skipped: {self.eval_stats.skipped or 'none'}")
@@ -1454,6 +1454,8 @@ def train(cfg: TrainConfig) -> Path:
             logger.warning(warning)
 
     resuming = cfg.resume and (out_dir / "latest").exists()
+    if not cfg.resume and (out_dir / "latest").exists():  # before the model loads and the data is read
+        raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
     data = data_identity(cfg)
     if resuming:  # before the model loads: a changed option, or data file, is refused at once
         cfg = _with_recorded_paths(cfg, _check_resumable(out_dir, cfg))
@@ -1483,8 +1485,6 @@ def train(cfg: TrainConfig) -> Path:
                            f"already at step {step}. Pass --max-steps {step} or more")
         logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
     elif is_main:
-        if (out_dir / "latest").exists():
-            raise SACError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out-dir")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -1596,7 +1596,8 @@ def train(cfg: TrainConfig) -> Path:
         metrics.close()
         plot_metrics(out_dir)
         if stats.skipped:
-            logger.info("skipped examples: %s", stats.skipped)
+            logger.info("skipped examples: %s%s", stats.skipped, " (a short document counted each time a pass "
+                        "over the data met it)" if cfg.stage == "pretrain" else "")
     bar.close()
     if world > 1:
         _check_ranks_agree(model, world)

@@ -95,6 +95,8 @@ def test_pretraining_text_in_txt_md_and_compressed_jsonl_is_read(tmp_path):
     assert list(iter_texts(tmp_path / "a.txt")) == ["one", "two"]
     assert list(iter_texts(tmp_path / "a.md")) == ["# one", "two"]
     assert list(iter_texts(tmp_path / "a.jsonl.gz")) == ["one", "two"]
+    (tmp_path / "b.txt").write_text("one\n  \ntwo\n\t\nthree")  # a line of spaces or a tab separates too
+    assert list(iter_texts(tmp_path / "b.txt")) == ["one", "two", "three"]
 
 
 def test_jsonl_rows_with_empty_text_are_skipped_and_counted(tmp_path):
