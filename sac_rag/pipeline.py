@@ -15,7 +15,7 @@ import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
 from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
-from .generation import Generation, GenerationConfig, Generator, checked_config, grouped
+from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
 from .kv import AnchorKV
 from .models import load_base_model
 
@@ -180,29 +180,44 @@ class SAC:
 
     def _check_room(self, texts: list[str], contexts: list[Context], question: str = "",
                     full_text: bool = False) -> None:
-        """Refuse, before compressing anything, contexts and a question whose tokens alone exceed the
-        decoder's positions: a compressed context keeps its tokens' positions (the cache holds fewer
-        entries, the positions advance by the whole chunk), so compressing would not make room."""
+        """Refuse, before compressing anything, a prompt that cannot fit the decoder's positions with
+        room for an answer: its contexts' tokens, its question's and those of the template's text
+        around them (and a BOS token), counted as the decoder will read them. A compressed context
+        keeps its tokens' positions (the cache holds fewer entries, the positions advance by the whole
+        chunk), so compressing would not make room."""
         limit = self.generator.max_positions
         if limit is None:
             return
         tokenizer = self.compressor.tokenizer
-        tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-        tokens += sum(kv.n_tokens for c in contexts if not isinstance(c, str)
-                      for kv in ([c] if isinstance(c, AnchorKV) else c))
-        asked = len(tokenizer(question, add_special_tokens=False)["input_ids"]) if question else 0
-        if tokens + asked > limit:
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        tokens = sum(map(count, texts)) + sum(kv.n_tokens for c in contexts if not isinstance(c, str)
+                                              for kv in ([c] if isinstance(c, AnchorKV) else c))
+        if full_text:  # one text, read as a whole
+            needed = count("".join(self.template.build(list(contexts), question)))
+        else:  # each stretch of text between compressed contexts is read on its own
+            needed = tokens + sum(count(seg) for seg in self.template.build([_SLOT] * len(contexts), question)
+                                  if isinstance(seg, str))
+        needed += len(bos_ids(tokenizer)) + 1  # the answer's first token needs a position too
+        if needed > limit:
             why = "" if full_text else ("; compressed contexts keep their tokens' positions, so compressing would "
                                         "not make room")
-            if asked > tokens:
-                raise PromptTooLongError(f"the question holds {asked} tokens and the model has {limit} positions "
-                                         f"(the contexts take {tokens} more): shorten the question")
+            other = needed - tokens
+            if other > tokens:
+                raise PromptTooLongError(f"the question and the prompt around it take {other} positions and the "
+                                         f"model has {limit} (the contexts take {tokens} more): shorten the question")
             raise PromptTooLongError(f"the contexts hold {tokens} tokens and the model has {limit} positions (the "
-                                     f"question takes {asked} more){why}: retrieve fewer or shorter contexts")
+                                     f"question, the prompt around it and the answer take {other} more){why}: "
+                                     "retrieve fewer or shorter contexts")
 
     def _contrast_prompts(self, config: GenerationConfig, questions: Sequence[str]) -> list[list] | None:
         """Context-aware decoding's prompts (``context_contrast`` > 0): each question without contexts."""
         return [self.template.build([], q) for q in questions] if config.context_contrast else None
+
+
+_SLOT = object()  # where a context goes in a prompt laid out to count its text (SAC._check_room)
 
 
 def load_compressor(name_or_path: str | os.PathLike = DEFAULT_COMPRESSOR, device: str | torch.device | None = None,

@@ -208,6 +208,14 @@ def test_contexts_longer_than_the_model_are_refused_before_anything_is_compresse
     monkeypatch.setattr(comp, "compress_batch", lambda texts: pytest.fail("compressed a prompt that cannot fit"))
     with pytest.raises(PromptError, match=f"hold {4 * tokens} tokens and the model has {2 * tokens + 50} positions"):
         sac.answer("Who?", [TEXT, TEXT, TEXT, precompressed])
+    # counted as the decoder reads the prompt: the template's text and BOS too, and a position for the answer
+    [read] = sac.generator._start([sac.prompt("Who?", [precompressed, precompressed])])[0]
+    sac.generator.max_positions = read.position
+    with pytest.raises(PromptError, match="the question, the prompt around it and the answer take"):
+        sac.answer("Who?", [TEXT, TEXT])
+    monkeypatch.undo()  # it fits: compressing is fine
+    sac.generator.max_positions = read.position + 1
+    assert len(sac.answer("Who?", [TEXT, TEXT]).token_ids) == 1  # the one position left
 
 
 def test_template_builds_prefix_contexts_and_question_in_order(setup):
