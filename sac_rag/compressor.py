@@ -153,6 +153,9 @@ class SACCompressor(torch.nn.Module):
         # Its own copy: retarget_ratio / use_anchors change it, which must not reach another
         # compressor built from the same SACConfig (its fingerprint would not follow).
         self.config = config = copy.deepcopy(config) if config is not None else SACConfig()
+        if model is None and tokenizer is not None:  # it would be dropped for the base model's own
+            raise InvalidInputError("pass the model together with the tokenizer (or neither: both are then "
+                                    "loaded from the config's base_model)")
         if model is None:
             model, tokenizer = load_base_model(config.base_model, device=device, dtype=dtype)
         elif tokenizer is None:
@@ -644,6 +647,9 @@ class SACCompressor(torch.nn.Module):
             if not dtype.is_floating_point:
                 raise InvalidInputError(f"dtype={dtype} would round the trained weights to integers: save in a "
                                         "floating-point dtype (torch.bfloat16, torch.float32) or leave dtype out")
+        if directory.exists() and not directory.is_dir():
+            raise InvalidInputError(f"{directory} is a file: save_pretrained writes a directory, so pass a path "
+                                    "that is a directory or does not exist yet")
         _check_not_foreign(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}

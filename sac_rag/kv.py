@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .devices import dtype_name
+from .devices import dtype_name, resolve_dtype
 from .errors import InvalidInputError
 from .rope import KeyRotator
 
@@ -74,9 +74,11 @@ class AnchorKV:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AnchorKV:
-        """Keys and values on ``device`` in ``dtype`` (a floating-point dtype; None keeps each as
-        it is); positions stay int64."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> AnchorKV:
+        """Keys and values on ``device`` in ``dtype`` (a floating-point dtype or its name, "float16" or
+        "bf16" as everywhere; None keeps each as it is); positions stay int64."""
+        if isinstance(dtype, str) and dtype != "auto":  # "auto" would depend on the machine: refused below
+            dtype = resolve_dtype(dtype, torch.device("cpu"))
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise InvalidInputError(f"K/V are kept in a floating-point dtype, not {dtype!r}")
         return replace(

@@ -490,6 +490,17 @@ def test_a_dtype_to_save_in_is_named_as_anywhere_else_and_an_integer_or_machine_
     with pytest.raises(InvalidInputError, match="dtype='auto' would save in what this machine computes in"):
         comp.save_pretrained(tmp_path / "auto", dtype="auto")
     assert not (tmp_path / "int8").exists() and not (tmp_path / "auto").exists()
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(InvalidInputError, match="is a file: save_pretrained writes a directory"):
+        comp.save_pretrained(tmp_path / "a-file")
+
+
+def test_a_tokenizer_without_its_model_is_refused_not_dropped(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(InvalidInputError, match="pass the model together with the tokenizer"):
+        SACCompressor(SACConfig(base_model="no-such-model"), tokenizer=tokenizer)
+    with pytest.raises(InvalidInputError, match="pass the model together with the tokenizer"):
+        SACCompressor.from_pretrained("smollm2-135m-sac-5x", tokenizer=tokenizer)
 
 
 def test_adapter_weights_can_be_copied_in_and_a_misfit_is_refused(tiny):

@@ -134,11 +134,19 @@ def test_to_converts_keys_and_values_and_keeps_positions_int64():
     assert kv.to(dtype=torch.bfloat16).nbytes == kv.nbytes // 2
 
 
-@pytest.mark.parametrize("bad", [torch.int8, torch.int64, torch.bool, "bfloat16"])
+@pytest.mark.parametrize("bad", [torch.int8, torch.int64, torch.bool, "auto"])
 def test_to_refuses_non_floating_dtypes(bad):
     # Before: kv.to(dtype=torch.int8) truncated every K/V value silently.
     with pytest.raises(InvalidInputError, match="floating-point"):
         make_kv().to(dtype=bad)
+
+
+def test_to_takes_a_dtype_by_its_name_as_everywhere():
+    kv = make_kv()
+    assert kv.to(dtype="float16").keys.dtype == kv.to(dtype="fp16").values.dtype == torch.float16
+    assert kv.to(dtype="bfloat16").keys.dtype == torch.bfloat16
+    with pytest.raises(InvalidInputError, match="not supported"):
+        kv.to(dtype="half-ish")
 
 
 # -- at_offset ---------------------------------------------------------------------------------
