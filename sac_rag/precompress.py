@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .chunking import Chunk, iter_chunks
-from .compressor import SACCompressor
+from .compressor import SACCompressor, checkpoint_meta
 from .config import SACConfig
 from .corpus import DECODE_ERRORS, CorpusStats, Document, check_corpus, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
@@ -203,14 +203,7 @@ def precompress(
     """
     started = time.perf_counter()
     chunk_len = compressor.config.chunk_len
-    chunk_tokens = chunk_len if chunk_tokens is None else chunk_tokens
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not 4 <= chunk_tokens <= chunk_len:
-        raise InvalidInputError(
-            f"chunk_tokens={chunk_tokens!r}: one chunk is one stored entry, so it must be between "
-            f"4 and the compressor's chunk_len={chunk_len}"
-        )
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < chunk_tokens:
-        raise InvalidInputError(f"overlap must be an integer in [0, chunk_tokens={chunk_tokens}), got {overlap!r}")
+    chunk_tokens = _checked_chunking(chunk_tokens, overlap, chunk_len)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if storage is not None and storage not in STORAGES:
@@ -255,6 +248,20 @@ def precompress(
     summary.seconds = time.perf_counter() - started
     logger.info("%s", summary)
     return summary
+
+
+def _checked_chunking(chunk_tokens: int | None, overlap: int, chunk_len: int) -> int:
+    """``chunk_tokens`` (default: ``chunk_len``, the compressor's maximum), refused with ``overlap`` unless
+    both fit a compressor of ``chunk_len``."""
+    chunk_tokens = chunk_len if chunk_tokens is None else chunk_tokens
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not 4 <= chunk_tokens <= chunk_len:
+        raise InvalidInputError(
+            f"chunk_tokens={chunk_tokens!r}: one chunk is one stored entry, so it must be between "
+            f"4 and the compressor's chunk_len={chunk_len}"
+        )
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < chunk_tokens:
+        raise InvalidInputError(f"overlap must be an integer in [0, chunk_tokens={chunk_tokens}), got {overlap!r}")
+    return chunk_tokens
 
 
 def _open_store(path: Path, compressor: SACCompressor, dtype: str | torch.dtype | None, storage: str | None,
@@ -527,6 +534,17 @@ def build_compressor(args: argparse.Namespace) -> SACCompressor:
                               f"--base-model NAME for the untrained baseline.") from err
 
 
+def _chunk_len(args: argparse.Namespace) -> int | None:
+    """The chunk_len of the compressor the command line names, read without loading it; None for a
+    checkpoint that cannot be read (loading it says why)."""
+    if args.kv_dropping:
+        return SACConfig().chunk_len
+    try:
+        return int(checkpoint_meta(args.compressor)["config"]["chunk_len"])
+    except (SACError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .pipeline import DEFAULT_COMPRESSOR
 
@@ -601,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # what can be refused without the model is refused before loading it
         check_corpus(args.corpus)
         AnchorStore.check_path(shard_store_path(args.store, shard_index, num_shards), exist_ok=True)
+        chunk_len = _chunk_len(args)
+        if chunk_len is not None:
+            _checked_chunking(args.chunk_tokens, args.overlap, chunk_len)
         compressor = build_compressor(args)
         summary = precompress(
             args.corpus, args.store, compressor, chunk_tokens=args.chunk_tokens, overlap=args.overlap,

@@ -860,6 +860,11 @@ def test_the_cli_refuses_a_corpus_or_store_path_that_cannot_work_before_it_loads
     ]:
         assert main(["--corpus", str(corpus_path), "--store", str(store)]) == 2, store
         assert re.search(says, capsys.readouterr().err), says
+    for chunking, says in [(["--chunk-tokens", "9999"], "chunk_tokens=9999: .* chunk_len=510"),
+                           (["--chunk-tokens", "64", "--overlap", "64"], r"overlap must be an integer in \[0, .*64\)")]:
+        # the shipped compressor's chunk_len is read from its checkpoint, without loading it
+        assert main(["--corpus", str(corpus), "--store", str(tmp_path / "s"), *chunking]) == 2
+        assert re.search(says, capsys.readouterr().err), says
     monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)  # as a folder this user cannot write
     assert main(["--corpus", str(corpus), "--store", str(tmp_path / "new" / "store")]) == 2
     err = capsys.readouterr().err
