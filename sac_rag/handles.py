@@ -1276,7 +1276,8 @@ class SACEngine:
 
     def _sources(self, prompt: str | Sequence[Segment], config: GenerationConfig) -> list[str] | None:
         """What an extractive answer to ``prompt`` may quote: the text of every chunk its markers
-        name, and the prompt's own text (documents passed through as text, e.g. on a miss)."""
+        name, and the text of its contexts section (documents passed through as text, e.g. on a miss),
+        not the question (``_contexts_part``)."""
         if not config.extractive:
             return None
         if not isinstance(prompt, str):
@@ -1291,7 +1292,8 @@ class SACEngine:
                 f"{len(untexted)} chunk(s) in the prompt have no text to quote (e.g. {untexted[0]}): their store "
                 "entries lack the 'text' metadata that sac_rag.precompress and write-back keep; answer without "
                 "extractive, or rebuild the store")
-        cut = MARKER_PATTERN.sub(lambda m: "\x00" if m.group(1) in present else m.group(0), prompt)
+        cut = MARKER_PATTERN.sub(lambda m: "\x00" if m.group(1) in present else m.group(0), _contexts_part(
+            prompt, self.template))
         return [texts[k] for k in keys if k in texts] + [t for t in cut.split("\x00") if t.strip()]
 
     def _serve(self, batch: list[_Request], config: GenerationConfig) -> None:
@@ -1307,6 +1309,20 @@ class SACEngine:
             return
         for request, result in zip(batch, results):
             request.result = result
+
+
+def _contexts_part(prompt: str, template: PromptTemplate) -> str:
+    """The contexts section of a prompt in ``template``'s layout: what comes after its opening
+    (``prefix`` and ``context_prefix``) and before its first question; in a chat, also before the
+    earlier turns. A prompt without the layout's question heading is returned whole (nothing tells
+    its contexts from the rest)."""
+    heading = template.question.partition("{question}")[0].strip()
+    end = prompt.find(heading) if heading else -1
+    if end < 0:
+        return prompt
+    contexts = prompt[:end]
+    opening = template.prefix + template.context_prefix
+    return contexts[len(opening):] if opening and contexts.startswith(opening) else contexts
 
 
 def _per_prompt(config: GenerationConfig | Sequence[GenerationConfig] | None, n_prompts: int) -> list:

@@ -26,6 +26,7 @@ from sac_rag.handles import (
     keys_in,
     marker_for,
     markers_for,
+    plain_text,
     reads_caches,
     split_prompt,
 )
@@ -359,6 +360,24 @@ def test_extractive_answers_quote_the_chunks_their_markers_name(compressor, stor
     with pytest.raises(InvalidInputError, match="no text to quote"):
         in_memory.generate([untexted], extractive)
     assert in_memory.generate([untexted], GenerationConfig(max_new_tokens=2))[0].cached_tokens > 0
+
+
+def test_extractive_answers_quote_the_contexts_not_the_question_or_the_layout(compressor, store):
+    """In the compressor's layout only the contexts section is quotable: the chunks' texts and a
+    document passed through as text, not the question (nor a chat's earlier turns)."""
+    engine = SACEngine(compressor, store)
+    [keys] = engine.handles_for(["Snow closed the pass in March."])
+    question = "Which is right: the Zorbulon Express or the Quintaplex Ferry?"
+    prompt = compressor.config.prompt.conversation(
+        [("system", markers_for(keys) + "\n" + plain_text("Marta keeps bees.")), ("user", "Who?"),
+         ("assistant", "Marta"), ("user", question)])
+    sources = engine._sources(prompt, GenerationConfig(extractive=True))
+    assert sources == ["Snow closed the pass in March.", "\nMarta keeps bees.\n"]
+    answer = engine.generate([prompt], GenerationConfig(max_new_tokens=6, extractive=True))[0]
+    assert "Zorbulon" not in answer.text and "Quintaplex" not in answer.text
+    outside = f"{markers_for(keys)}\nQ: who?\nA:"  # not the layout: nothing tells the contexts apart
+    assert engine._sources(outside, GenerationConfig(extractive=True)) == ["Snow closed the pass in March.",
+                                                                          "\nQ: who?\nA:"]
 
 
 def test_memory_never_drops_the_chunks_of_the_call_that_hands_them_out(caplog):
