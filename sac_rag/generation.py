@@ -540,9 +540,7 @@ class Generator:
             raise PromptTooLongError(
                 f"the prompt needs {position} positions but the model has {self.max_positions}: "
                 "retrieve fewer or shorter contexts (compressed contexts keep their tokens' positions), "
-                "or shorten the question (in a chat, the earlier turns are read too: keep fewer of them, e.g. "
-                "LangChain's trim_messages(history, max_tokens=llm.max_positions // 2, token_counter=llm, "
-                "include_system=True))"
+                "or shorten the question (in a chat, the earlier turns are read too: keep fewer of them)"
             )
 
     def _read_text(self, model, state: _Prefilled, ids: list[int], all_logits: bool) -> None:

@@ -98,11 +98,13 @@ def test_a_question_longer_than_the_model_is_refused_as_the_question_not_the_con
     from sac_rag import PromptTooLongError as TooLong
 
     monkeypatch.setattr(sac.generator, "max_positions", 64)
-    with pytest.raises(TooLong, match=r"question holds \d+ tokens .* \(the contexts take 0 more\): shorten"):
+    with pytest.raises(TooLong, match=r"the question and the prompt around it take \d+ positions and the model has "
+                                      r"64 \(the contexts take 0 more\): shorten the question"):
         sac.answer("Who built the tower? " * 20, [])
-    with pytest.raises(TooLong, match=r"question takes \d+ more\); compressed .* not make room: retrieve fewer"):
+    with pytest.raises(TooLong, match=r"the contexts hold \d+ tokens .* \(the question, the prompt around it and the "
+                                      r"answer take \d+ more\); compressed .* not make room: retrieve fewer"):
         sac.answer("Who?", [TEXT * 4])
-    with pytest.raises(TooLong, match=r"takes \d+ more\): retrieve fewer"):  # full text: no word on compressing
+    with pytest.raises(TooLong, match=r"answer take \d+ more\): retrieve fewer"):  # full text: no word on compressing
         sac.answer("Who?", [TEXT * 4], full_text=True)
 
 

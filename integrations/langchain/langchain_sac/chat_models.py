@@ -7,6 +7,7 @@ chunk's cached K/V, the rest is read as text (``sac_rag.handles``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from sac_rag import Generation, GenerationConfig, InvalidInputError
+from sac_rag import Generation, GenerationConfig, InvalidInputError, PromptTooLongError
 from sac_rag.handles import MARKER_PATTERN
 
 from ._base import LangChainSerializable, SACModelMethods, SACModelParams, generation_info, usage_metadata
@@ -143,33 +144,38 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         prompt = self.render(messages)
-        generation = self.get_engine().generate([prompt], self.generation_config(stop, [prompt], **kwargs))[0]
+        with _trimming_advised():
+            generation = self.get_engine().generate([prompt], self.generation_config(stop, [prompt], **kwargs))[0]
         return self._result(generation)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         prompt = self.render(messages)
-        generation = (await self.get_engine().agenerate([prompt], self.generation_config(stop, [prompt], **kwargs)))[0]
+        with _trimming_advised():
+            generation = (await self.get_engine().agenerate([prompt], self.generation_config(stop, [prompt],
+                                                                                             **kwargs)))[0]
         return self._result(generation)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         prompt = self.render(messages)
-        for piece in self.get_engine().stream(prompt, self.generation_config(stop, [prompt], **kwargs)):
-            chunk = self._chunk(piece)
-            if run_manager and isinstance(piece, str):
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+        with _trimming_advised():
+            for piece in self.get_engine().stream(prompt, self.generation_config(stop, [prompt], **kwargs)):
+                chunk = self._chunk(piece)
+                if run_manager and isinstance(piece, str):
+                    run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         prompt = self.render(messages)
-        async for piece in self.get_engine().astream(prompt, self.generation_config(stop, [prompt], **kwargs)):
-            chunk = self._chunk(piece)
-            if run_manager and isinstance(piece, str):
-                await run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+        with _trimming_advised():
+            async for piece in self.get_engine().astream(prompt, self.generation_config(stop, [prompt], **kwargs)):
+                chunk = self._chunk(piece)
+                if run_manager and isinstance(piece, str):
+                    await run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
 
     def _result(self, generation: Generation) -> ChatResult:
         info = generation_info(generation)
@@ -192,6 +198,16 @@ class ChatSAC(LangChainSerializable, SACModelMethods, BaseChatModel, SACModelPar
 def _in_chat_template(tokenizer, turns: Sequence[tuple[str, str]]) -> str:
     return tokenizer.apply_chat_template([{"role": role, "content": text} for role, text in turns],
                                          tokenize=False, add_generation_prompt=True)
+
+
+@contextlib.contextmanager
+def _trimming_advised() -> Iterator[None]:
+    """A prompt too long for the model refused with how to keep a conversation within it."""
+    try:
+        yield
+    except PromptTooLongError as err:
+        raise PromptTooLongError(f"{err}; with LangChain: trim_messages(history, max_tokens=llm.max_positions // 2, "
+                                 "token_counter=llm, include_system=True)") from err
 
 
 def _role(message: BaseMessage) -> str:

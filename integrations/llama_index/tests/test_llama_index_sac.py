@@ -339,8 +339,9 @@ def test_empty_query_is_refused(engine, passages):
 
 
 def test_prompt_longer_than_the_model_context_is_refused(engine):
-    with pytest.raises(PromptRefusedError, match="positions") as refused:
+    with pytest.raises(PromptRefusedError, match="positions.*response_mode=\"refine\"") as refused:
         SACLLM(engine=engine, max_tokens=2).complete("lighthouse " * 5000)
+    assert "LangChain" not in str(refused.value)  # advice for this framework only
     assert isinstance(refused.value.__cause__, PromptTooLongError) and not isinstance(refused.value, ValueError)
     with pytest.raises(PromptRefusedError, match="positions"):
         list(SACLLM(engine=engine, max_tokens=2).stream_complete("lighthouse " * 5000))
@@ -562,6 +563,20 @@ def test_the_llm_rebuilt_from_its_dict_or_a_pickle_decodes_as_the_original(store
         assert rebuilt.generation_config() == llm.generation_config()
     assert pickled.messages_to_prompt.__self__ is pickled  # chats are laid out in the compressor's layout
     assert llm.messages_to_prompt.__self__ is llm  # and the original keeps its own
+
+
+def test_an_llm_made_with_an_engine_records_the_engines_settings(tmp_path):
+    engine = SACEngine("smollm2-135m-sac-5x", tmp_path / "s", dtype="float32")
+    record = SACLLM(engine=engine, max_tokens=8).to_dict()
+    assert (record["compressor"], record["store"], record["dtype"]) == ("smollm2-135m-sac-5x", str(tmp_path / "s"),
+                                                                        "float32")
+    assert SACLLM.from_dict(record).engine is SACEngine.shared("smollm2-135m-sac-5x", tmp_path / "s", dtype="float32")
+
+
+@pytest.mark.parametrize("window", [0, -1, 64])
+def test_a_context_window_that_leaves_no_room_for_the_prompt_is_refused_when_built(window):
+    with pytest.raises(InvalidInputError, match=f"context_window={window!r} leaves no room for the prompt"):
+        SACLLM(context_window=window, max_tokens=64)
 
 
 # -- LlamaIndex re-splitting the context --------------------------------------------------------

@@ -73,8 +73,9 @@ def _refusals() -> Iterator[None]:
     try:
         yield
     except InvalidInputError as err:
-        hint = (" (in a chat engine, the conversation so far counts too: give it memory=llm.chat_memory(), "
-                "which drops the oldest turns)") if isinstance(err, PromptTooLongError) else ""
+        too_long = isinstance(err, PromptTooLongError)
+        hint = ("; with LlamaIndex: in a query engine, response_mode=\"refine\" reads one node per call; in a chat "
+                "engine, memory=llm.chat_memory() drops the oldest turns") if too_long else ""
         raise PromptRefusedError(f"{err}{hint}") from err
 
 
@@ -150,6 +151,11 @@ class SACLLM(CustomLLM):
         # Decoding settings that cannot be used (beams with extractive, a negative temperature) are
         # refused here: raised from a query, LlamaIndex would log them and answer "Empty Response".
         self.generation_config()
+        if self.context_window is not None and self.context_window <= self.max_tokens:
+            raise InvalidInputError(
+                f"context_window={self.context_window!r} leaves no room for the prompt: LlamaIndex fits the prompt "
+                f"into the window less the answer's max_tokens={self.max_tokens}; set a larger one, or leave it "
+                "unset (a window LlamaIndex never splits the context in; the model's own limit is checked exactly)")
 
     @field_serializer("compressor", "store")
     def _serialize_spec(self, value: Any) -> Any:
@@ -160,7 +166,13 @@ class SACLLM(CustomLLM):
         be passed back as given, and a decoding setting left unset would no longer take the
         compressor's recommendation (``generation_config``)."""
         kwargs.setdefault("exclude_unset", True)
-        return super().to_dict(**kwargs)
+        record = super().to_dict(**kwargs)
+        if self._engine is not None:  # the engine's settings, as given to it (it is not serialized itself)
+            engine = self._engine
+            settings = {"compressor": engine.compressor_spec, "store": engine.store_spec, "device": engine.device,
+                        "dtype": engine.dtype}
+            record.update({name: spec_name(value) for name, value in settings.items() if value is not None})
+        return record
 
     def __getstate__(self) -> dict[str, Any]:
         """LlamaIndex's pickling state, without the default ``messages_to_prompt`` (this LLM's own
