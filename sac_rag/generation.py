@@ -15,7 +15,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -147,20 +147,26 @@ class GenerationConfig:
                         top_k=setting("top_k"), top_p=setting("top_p"), seed=setting("seed"),
                         stop=tuple(s for s in stops if s), extractive=setting("extractive"),
                         num_beams=setting("num_beams"), length_penalty=setting("length_penalty"), mbr=setting("mbr"))
-        return cls(**settings).with_recommended(recommended, chosen)
+        return cls._recommended_over(settings, recommended, chosen)
 
     def with_recommended(self, recommended: Mapping[str, Any] | None, chosen: Iterable[str] = ()) -> GenerationConfig:
         """This config with a compressor's ``recommended`` decoding in every setting not in ``chosen``,
         or this config as it is if the two do not combine (say ``extractive=True`` chosen and beams
         recommended)."""
+        return self._recommended_over({f.name: getattr(self, f.name) for f in fields(self)}, recommended, chosen)
+
+    @classmethod
+    def _recommended_over(cls, settings: Mapping[str, Any], recommended: Mapping[str, Any] | None,
+                          chosen: Iterable[str]) -> GenerationConfig:
+        """``settings`` with ``recommended`` in every setting not in ``chosen``, or ``settings`` alone if the two
+        do not combine. Judged together, not ``settings`` first: ``mbr=True`` chosen alone takes the
+        recommended beams instead of being refused for having none."""
         chosen = set(chosen)
         filled = {k: v for k, v in (recommended or {}).items() if k not in chosen}
-        if not filled:
-            return self
         try:
-            return replace(self, **filled)
+            return cls(**{**settings, **filled})
         except InvalidInputError:
-            return self
+            return cls(**settings)
 
 
 _SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # the seeds torch.Generator.manual_seed takes
@@ -588,10 +594,13 @@ class Generator:
         """Put ``kv`` at the prompt's running position: each layer's K/V on the device of the layer
         that reads them (``devices``; a model sharded over GPUs has several) in the decoder's dtype."""
         if not self._accepts(kv.fingerprint):
-            raise FingerprintMismatchError(
-                "a compressed context", self.reads(), kv.fingerprint,
-                "compress it again with the compressor in use, or decode with the compressor it was made by",
-            )
+            advice = ("compress it again with the compressor in use, or decode with the compressor it was made by"
+                      if self.reader is None else
+                      "the merged decoder (merge_decoder=True) is a copy of the compressor's weights as they were "
+                      "when it was made, and reads only caches of those weights: if the compressor's weights have "
+                      "changed since, make the merged decoder again (SAC(..., merge_decoder=True)), or decode with "
+                      "the compressor the context was made by")
+            raise FingerprintMismatchError("a compressed context", self.reads(), kv.fingerprint, advice)
         self._check_room(state.position + kv.n_tokens)
         # Rotated in float32 (as KeyRotator computes) and rounded to the decoder's dtype once, after.
         work = torch.float64 if kv.keys.dtype == torch.float64 else torch.float32

@@ -427,6 +427,7 @@ def test_a_merged_decoder_is_a_snapshot_that_refuses_caches_of_later_weights(tin
     with pytest.raises(FingerprintMismatchError) as err:
         merged.generate(later, GenerationConfig(max_new_tokens=2))
     assert comp.fingerprint in str(err.value)
+    assert "make the merged decoder again" in str(err.value)  # compressing again would not help: same weights
 
 
 def test_a_merged_frozen_decoder_is_the_base_lm_without_adapter_layers(tiny):

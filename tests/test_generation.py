@@ -328,6 +328,21 @@ def test_a_wrappers_call_settings_override_its_defaults_and_add_stop_strings():
         GenerationConfig.from_call(wrapper, {"max_tokens": 0})
 
 
+def test_a_setting_chosen_alone_takes_the_rest_of_the_recommendation_it_needs():
+    """``mbr=True`` alone needs beams: the recommended ones fill them, rather than it being refused for
+    having none; a choice that does not combine with the recommendation drops all of it."""
+    from types import SimpleNamespace
+    wrapper = SimpleNamespace(max_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None, extractive=False,
+                              num_beams=1, length_penalty=1.0, mbr=False, stop=[])
+    recommended = {"num_beams": 8, "mbr": True}
+    config = GenerationConfig.from_call(wrapper, {"mbr": True}, recommended=recommended)
+    assert (config.num_beams, config.mbr) == (8, True)
+    greedy = GenerationConfig.from_call(wrapper, {"num_beams": 1}, recommended=recommended)
+    assert (greedy.num_beams, greedy.mbr) == (1, False)
+    with pytest.raises(InvalidInputError, match="mbr chooses among beam search's answers"):
+        GenerationConfig.from_call(wrapper, {"mbr": True, "num_beams": 1}, recommended=recommended)
+
+
 def _transformers_beam_search(model, tokenizer, prompt, num_beams, length_penalty, eos):
     """transformers' own beam search (default ``early_stopping=False``): the answer's tokens."""
     ids = tokenizer(prompt, return_tensors="pt")
