@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 import threading
 import time
@@ -431,11 +432,11 @@ class CacheResolver:
         return found
 
     def adopt(self, keys: Iterable[str], keep: Iterable[str] = ()) -> dict[str, AnchorKV]:
-        """Those of ``keys`` that another resolver of this compressor in this process holds in memory,
-        copied into this one's memory with their texts: ``{key: entry}``. A marker handed out by another
-        engine (a document compressor and an LLM built with settings that differ, say a store given as a
-        directory and as an open ``AnchorStore``) then resolves here, rather than being read as text.
-        Making room drops none of ``keep``."""
+        """Those of ``keys`` that another resolver of this compressor in this process holds, in its memory
+        or its store, copied into this one's memory with their texts: ``{key: entry}``. A marker handed out
+        by another engine (a document compressor and an LLM built with settings that differ: a store given
+        as a directory and as an open ``AnchorStore``, or to one of them only) then resolves here, rather
+        than being read as text. Making room drops none of ``keep``."""
         wanted = [k for k in dict.fromkeys(keys) if isinstance(k, str) and CHUNK_KEY.fullmatch(k)]
         with CacheResolver._live_lock:
             others = [r for r in CacheResolver._live if r is not self and same_model(r.fingerprint, self.fingerprint)]
@@ -449,6 +450,9 @@ class CacheResolver:
                 kv = other.memory.get(key)
                 if kv is not None and same_model(kv.fingerprint, self.fingerprint):
                     items[key] = (key, kv, texts.get(key))
+            rest = [k for k in rest if k not in items]
+            if rest and other.store is not None:
+                items.update(_stored_items(other.store, rest, self.fingerprint))
         if items:
             self.remember_many(list(items.values()), keep)
         return {key: kv for key, kv, _ in items.values()}
@@ -1309,6 +1313,20 @@ class SACEngine:
             return
         for request, result in zip(batch, results):
             request.result = result
+
+
+def _stored_items(store: AnchorStore, keys: Sequence[str], fingerprint: str) -> dict[str, tuple]:
+    """``{key: (key, entry, text)}`` for those of ``keys`` that ``store`` holds (by ``fingerprint``'s
+    compressor); none if the store cannot be read now (closed, say): another engine's store is a
+    fallback, never a reason for this engine's prompt to fail."""
+    try:
+        absent = set(store.missing(keys))
+        stored = [k for k in keys if k not in absent]
+        entries = store.get_many(stored)
+        return {k: (k, kv, store.metadata(k).get("text")) for k, kv in zip(stored, entries)
+                if same_model(kv.fingerprint, fingerprint)}
+    except (SACError, OSError, sqlite3.Error):
+        return {}
 
 
 def _contexts_part(prompt: str, template: PromptTemplate) -> str:

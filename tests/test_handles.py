@@ -30,6 +30,7 @@ from sac_rag.handles import (
     reads_caches,
     split_prompt,
 )
+from sac_rag.kv import AnchorKV
 from sac_rag.store import AnchorStore, EntryNotFoundError, NotAStoreError
 
 PASSAGES = ["The lighthouse on Gull Point was built in 1874.", "Marta keeps bees behind the old mill."]
@@ -212,6 +213,9 @@ def test_a_marker_another_engine_of_the_compressor_handed_out_resolves_in_this_o
         segments = answering.segments(prompt)
     assert caplog.records == [] and [s.fingerprint for s in segments[:-1]] == [compressor.fingerprint] * len(keys)
     assert answering.resolver.texts_of(keys) == {keys[0]: text}  # adopted with its text: extractive quotes it
+    without_store = SACEngine(compressor, None)  # an LLM given no store, beside a compressor given one
+    segments = without_store.segments(f"{marker_for(AnchorStore.key_for(PASSAGES[0]))}\nWhen was it built?")
+    assert isinstance(segments[0], AnchorKV) and segments[0].fingerprint == compressor.fingerprint
     other = SACEngine(kv_dropping(seed=1), None)  # another compressor: nothing to adopt
     with caplog.at_level(logging.WARNING, logger="sac_rag.handles"):
         assert all(isinstance(s, str) for s in other.segments(prompt))
