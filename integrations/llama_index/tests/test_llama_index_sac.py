@@ -563,6 +563,9 @@ def test_the_llm_rebuilt_from_its_dict_or_a_pickle_decodes_as_the_original(store
         assert rebuilt.generation_config() == llm.generation_config()
     assert pickled.messages_to_prompt.__self__ is pickled  # chats are laid out in the compressor's layout
     assert llm.messages_to_prompt.__self__ is llm  # and the original keeps its own
+    with_object = SACLLM(compressor="smollm2-135m-sac-5x", store=store)  # an open AnchorStore: not picklable
+    pickle.dumps(with_object)
+    assert with_object.store is store  # LlamaIndex drops it from the pickled copy, not from the live LLM
 
 
 def test_an_llm_made_with_an_engine_records_the_engines_settings(tmp_path):

@@ -175,19 +175,19 @@ class SACLLM(CustomLLM):
         return record
 
     def __getstate__(self) -> dict[str, Any]:
-        """LlamaIndex's pickling state, without the default ``messages_to_prompt`` (this LLM's own
-        ``conversation_prompt``, which ``__init__`` sets again): LlamaIndex tries to pickle each value
-        on its own, and this bound method holds this LLM, whose state it would try again, deleting
-        attributes from the live object as it went."""
-        layout = self.__dict__.get("messages_to_prompt")
-        if getattr(layout, "__self__", None) is not self:
-            return super().__getstate__()
-        self.__dict__["messages_to_prompt"] = None
+        """LlamaIndex's pickling state, made from a copy of this LLM's attributes (LlamaIndex deletes those
+        it cannot pickle from the dict pydantic hands it, which is the live one) and without the default
+        ``messages_to_prompt`` (this LLM's own ``conversation_prompt``, which ``__init__`` sets again): that
+        bound method holds this LLM, whose state LlamaIndex's check would try to pickle again."""
+        live = self.__dict__
+        attributes = dict(live)
+        if getattr(attributes.get("messages_to_prompt"), "__self__", None) is self:
+            attributes["messages_to_prompt"] = None
+        object.__setattr__(self, "__dict__", attributes)
         try:
-            state = super().__getstate__()
-            return {**state, "__dict__": dict(state["__dict__"])}  # pydantic's is the live one
+            return super().__getstate__()
         finally:
-            self.__dict__["messages_to_prompt"] = layout
+            object.__setattr__(self, "__dict__", live)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """LlamaIndex rebuilds the object from every field; the fields given stay the only ones
