@@ -502,14 +502,7 @@ class Generator:
             reads_cache = any(isinstance(seg, AnchorKV) for seg in segments)
         opens_answer = bool(self.answer_opening) and segments[-1].endswith(self.answer_opening)
         state = _Prefilled(cache=cache, position=0, logits=None, reads_cache=reads_cache, opens_answer=opens_answer)
-        parts: list[list[int] | AnchorKV] = []  # each text segment as its token ids
-        for i, seg in enumerate(segments):
-            if isinstance(seg, str):
-                ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
-                if i == 0 and self._bos and ids[:1] == self._bos:
-                    ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
-                seg = ids
-            parts.append(seg)
+        parts = self._token_parts(segments)
         # the whole prompt's positions, before any is read (the error then names them all)
         self._check_room(len(self._bos) + sum(p.n_tokens if isinstance(p, AnchorKV) else len(p) for p in parts))
         pending: list[int] = list(self._bos)
@@ -530,6 +523,24 @@ class Generator:
                 devices = devices or layer_devices(model, self.num_layers)
                 self._splice(state, seg, devices)
         return state
+
+    def _token_parts(self, segments: Sequence[Any]) -> list:
+        """``segments`` with each text one as the token ids the decoder reads it as (a BOS token the
+        prompt writes itself dropped: the decoder puts its own first); others as they are."""
+        parts = []
+        for i, seg in enumerate(segments):
+            if isinstance(seg, str):
+                ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                if i == 0 and self._bos and ids[:1] == self._bos:
+                    ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
+                seg = ids
+            parts.append(seg)
+        return parts
+
+    def text_positions(self, segments: Sequence[Any]) -> int:
+        """The positions the text of a prompt's ``segments`` takes as the decoder reads it, its BOS token
+        included; the other segments (compressed contexts, or stand-ins for them) are not counted."""
+        return len(self._bos) + sum(len(p) for p in self._token_parts(segments) if isinstance(p, list))
 
     @contextlib.contextmanager
     def _reading_model(self, reads_cache: bool) -> Iterator[Any]:

@@ -15,7 +15,7 @@ import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
 from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
-from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
+from .generation import Generation, GenerationConfig, Generator, checked_config, grouped
 from .kv import AnchorKV
 from .models import load_base_model
 
@@ -196,11 +196,10 @@ class SAC:
         tokens = sum(map(count, texts)) + sum(kv.n_tokens for c in contexts if not isinstance(c, str)
                                               for kv in ([c] if isinstance(c, AnchorKV) else c))
         if full_text:  # one text, read as a whole
-            needed = count("".join(self.template.build(list(contexts), question)))
+            needed = self.generator.text_positions(self.template.build(list(contexts), question))
         else:  # each stretch of text between compressed contexts is read on its own
-            needed = tokens + sum(count(seg) for seg in self.template.build([_SLOT] * len(contexts), question)
-                                  if isinstance(seg, str))
-        needed += len(bos_ids(tokenizer)) + 1  # the answer's first token needs a position too
+            needed = tokens + self.generator.text_positions(self.template.build([_SLOT] * len(contexts), question))
+        needed += 1  # the answer's first token needs a position too
         if needed > limit:
             why = "" if full_text else ("; compressed contexts keep their tokens' positions, so compressing would "
                                         "not make room")
