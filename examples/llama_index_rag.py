@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None, doc: str = __doc__) -> tuple[Summary, li
     # warm-up, so that the first question's timing is not a cold start (a prompt in the trained layout and a
     # question the model answers, not one it ends at once: SACLLM warns about empty answers)
     llm.complete(llm.qa_prompt.format(context_str="", query_str="What is the capital of France?"), formatted=True,
-                 max_tokens=1)
+                 max_tokens=1, extractive=False)  # no context to quote
 
     print_expectations(args)
     results = []
