@@ -103,6 +103,15 @@ def align_settings(compressors: list[SACCompressor], anchor_strategy: str = "", 
                              "only one lineage can be averaged")
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output directory that exists with anything in it: a source's weights would be replaced
+    by the average (its fingerprint then recorded as the average's), or another compressor's files
+    (model card, train configs) left beside weights they do not describe."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"{out} exists and is not an empty directory: write the average to a new directory "
+                         "(never into a source, whose weights it would replace)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
@@ -124,6 +133,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="saved precision")
     args = parser.parse_args()
     weights = source_weights(len(args.sources), args.t, args.weights, args.extrapolate)
+    check_output(Path(args.out))
     compressors = [SACCompressor.from_pretrained(s, device="cpu", dtype="float32") for s in args.sources]
     align_settings(compressors, args.anchor_strategy, args.ratio)
     tensors = [{k: v.detach().float().clone() for k, v in c.trainable_tensors().items()} for c in compressors]

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta
-from sac_rag.errors import CheckpointError, InvalidInputError, exit_with_message
+from sac_rag.errors import CheckpointError, InvalidInputError, SACError, exit_with_message
 from sac_rag.files import atomic_write
 
 RUN_FILES = ("train_config.json", "loss_curve.png")  # copied from --run-dir beside the weights
+PROVENANCE = "interpolation.json"  # an averaged checkpoint's, copied with it
 
 
 def export_target(name: str) -> Path:
@@ -30,6 +31,23 @@ def export_target(name: str) -> Path:
         raise InvalidInputError(f"name {name!r} is not a short name: give one folder name (e.g. "
                                 f"smollm2-135m-sac-5x), which becomes {PRETRAINED_DIR}/<name>")
     return PRETRAINED_DIR / name
+
+
+def check_same_compressor(target: Path, settings: dict) -> None:
+    """Refuse to export over a package of a compressor with other settings: its files beside the new
+    weights (model card, train configs, loss curves) would describe another compressor. One with the
+    same settings (a later stage of it) is replaced, weights only, its other files kept."""
+    if not (target / "config.json").exists():
+        return
+    try:
+        held = checkpoint_meta(target)["config"]
+    except (SACError, OSError, KeyError, TypeError, ValueError):
+        held = None
+    if held != settings:
+        differ = sorted(k for k in set(held or {}) | set(settings) if (held or {}).get(k) != settings.get(k))
+        raise InvalidInputError(f"{target} holds another compressor (settings that differ: "
+                                f"{', '.join(differ) or 'its config.json cannot be read'}): export under a new name, "
+                                "or remove that folder first")
 
 
 def run_files(run_dir: str | None) -> list[Path]:
@@ -53,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     target = export_target(args.name)
     copies = run_files(args.run_dir)
     compressor = SACCompressor.from_pretrained(args.checkpoint, device="cpu", dtype="float32")
+    check_same_compressor(target, checkpoint_meta(args.checkpoint)["config"])
     compressor.save_pretrained(target, dtype=torch.bfloat16)
+    averaged = Path(args.checkpoint) / PROVENANCE
+    if averaged.is_file():  # an average's sources and weights (benchmarks/average_compressors.py)
+        copies.append(averaged)
+    elif (target / PROVENANCE).exists():  # an earlier export's, which does not describe these weights
+        (target / PROVENANCE).unlink()
     for source in copies:  # each whole or not at all, as the weights are
         atomic_write(target / source.name, source.read_bytes())
     reloaded = SACCompressor.from_pretrained(target, device="cpu")  # the folder written, whatever the cwd holds

@@ -12,6 +12,7 @@ from sac_rag import SACCompressor, SACConfig
 AVERAGE = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "average_compressors.py"))
 interpolate, average, product_error = AVERAGE["interpolate"], AVERAGE["average"], AVERAGE["product_error"]
 align_settings, source_weights = AVERAGE["align_settings"], AVERAGE["source_weights"]
+check_output = AVERAGE["check_output"]
 
 
 def _adapter(seed: int) -> dict[str, torch.Tensor]:
@@ -107,3 +108,16 @@ def test_compressors_trained_at_different_ratios_are_refused_unless_both_are_set
         align_settings([first, second])
     align_settings([first, second], ratio=2)
     assert first.config.ratio == second.config.ratio == 2
+
+
+def test_the_average_is_written_only_to_a_new_or_empty_directory(tmp_path):
+    """Into a source, the average would replace its weights; into another compressor's directory, it
+    would leave that one's files beside weights they do not describe."""
+    check_output(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty")
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "config.json").write_text("{}")
+    for taken in (tmp_path / "source", tmp_path / "source" / "config.json"):
+        with pytest.raises(SystemExit, match="not an empty directory"):
+            check_output(taken)

@@ -107,6 +107,28 @@ def test_a_run_dir_that_does_not_exist_is_refused_before_anything_is_written(pac
     assert list(pretrained.iterdir()) == []
 
 
+def test_exporting_over_a_package_of_another_compressor_is_refused_and_provenance_follows_the_weights(
+        package, run, tmp_path):
+    import shutil
+
+    script, pretrained = package
+    run_dir, trained = run
+    script.main([str(run_dir / "final"), "tiny-sac-2x"])
+    model, tokenizer = make_tiny_llama()
+    other = SACCompressor(SACConfig(base_model=trained.config.base_model, ratio=4, chunk_len=64, lora_rank=4),
+                          model=model, tokenizer=tokenizer)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SACError, match="holds another compressor .*ratio"):
+        script.main([str(tmp_path / "other"), "tiny-sac-2x"])
+    assert SACCompressor.from_pretrained("tiny-sac-2x", device="cpu").config.ratio == 2  # left as it was
+    shutil.copytree(run_dir / "final", tmp_path / "average")  # an averaged checkpoint: its provenance goes along
+    (tmp_path / "average" / "interpolation.json").write_text('{"sources": []}')
+    script.main([str(tmp_path / "average"), "tiny-sac-2x"])
+    assert (pretrained / "tiny-sac-2x" / "interpolation.json").read_text() == '{"sources": []}'
+    script.main([str(run_dir / "final"), "tiny-sac-2x"])  # not an average: the old provenance goes
+    assert not (pretrained / "tiny-sac-2x" / "interpolation.json").exists()
+
+
 def test_a_checkpoint_of_another_base_model_is_refused(package, run, tmp_path):
     script, pretrained = package
     run_dir, _ = run
