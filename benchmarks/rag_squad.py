@@ -270,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/rag.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.mbr and args.num_beams < 2:
-        parser.error("--mbr chooses among finished beams: give --num-beams 2 or more")
+    try:  # settings that do not combine (--mbr without beams, --extractive with them): refused before any work
+        answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr)
+    except InvalidInputError as err:
+        parser.error(str(err))
     unknown = set(args.methods.split(",")) - set(RAG_METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(RAG_METHODS)}")

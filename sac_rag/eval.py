@@ -458,6 +458,10 @@ def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:
                                 "wrote (beside its results, under predictions/)")
     predictions = read_predictions(cache_path)
     missing = [q.id for q in questions if q.id not in predictions]
+    if missing and len(missing) == len(questions) and predictions:
+        raise InvalidInputError(f"{cache_path} holds {len(predictions)} predictions, none for these {len(questions)} "
+                                f"questions (e.g. {missing[0]}): it was made on another dataset, seed or --skip; "
+                                "pass the ones it was made with (its file name says them)")
     if missing:
         raise InvalidInputError(f"{cache_path} lacks {len(missing)} of the {len(questions)} questions "
                                 f"(e.g. {missing[0]}); run its eval command to completion first")
@@ -522,7 +526,11 @@ def measure_costs(method: Method, questions: list[Question], samples: int = 10, 
 
     Decode speed is timed over ``new_tokens`` - 1 steps for every method: the answer goes on past
     its end token. Timed to its end instead, a method whose answers end after two tokens would
-    leave its one or two steps to the noise of the two prefills the figure is the difference of."""
+    leave its one or two steps to the noise of the two prefills the figure is the difference of.
+
+    These are the method's costs, timed greedily whatever decoding its row answers with (the row says
+    so: ``costs_timed_with``); a beam search's whole-answer time is ``benchmarks/rag_squad.py``'s
+    ``answer_s``."""
     config = GenerationConfig(max_new_tokens=1)
     compress_s, ttft_s, decode_tps, kv_bytes, chunks = [], [], [], [], 0
     for q in questions[:samples]:
@@ -551,6 +559,7 @@ def measure_costs(method: Method, questions: list[Question], samples: int = 10, 
         "kv_bytes_per_query": median(kv_bytes),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "timing_samples": min(samples, len(questions)),
+        "costs_timed_with": "greedy decoding",
     }
 
 
@@ -593,6 +602,10 @@ def check_results_file(path: str | Path) -> None:
         if not isinstance(row, dict):
             raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows (line {number}: "
                                     f"{line[:60]!r}): name a .jsonl file of rows, or a new one")
+        if set(row) in ({"id", "prediction"}, {"settings"}):  # a prediction cache's rows, or its header
+            raise InvalidInputError(f"--results {path} is a file of cached predictions (line {number}: "
+                                    f"{line[:60]!r}), which a result row would corrupt: name a results file, "
+                                    "e.g. one beside the predictions/ folder")
     if unfinished and not lines:  # one line cut short, or another kind of file
         raise InvalidInputError(f"--results {path} is not a JSON-lines file of result rows ({unfinished[:60]!r}): "
                                 "name a .jsonl file of rows, or a new one")

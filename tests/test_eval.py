@@ -38,6 +38,7 @@ def test_each_method_writes_a_scored_row_with_costs(workspace, method):
     assert row["method"] == method and row["n"] == 4 and row["dataset"] == "squad-dev"
     for key in ("f1", "em", "paper_f1", "paper_em", "f1_ci", "ttft_s", "kv_bytes_per_query", "command"):
         assert key in row
+    assert row["costs_timed_with"] == "greedy decoding"  # whatever the row's decoding: said, not implied
 
 
 def test_compressed_methods_hold_fewer_kv_bytes_than_full_context(workspace):
@@ -201,6 +202,8 @@ def test_comparing_runs_needs_every_question_answered(workspace):
     assert len(predictions_for(cache, load_questions(path, 4, seed=0))) == 4
     with pytest.raises(InvalidInputError, match="lacks 2 of the 6 questions"):
         predictions_for(cache, load_questions(path, 6, seed=0))
+    with pytest.raises(InvalidInputError, match="none for these 2 questions .* another dataset, seed or --skip"):
+        predictions_for(cache, load_questions(path, 2, seed=0, skip=4))  # other questions: not an unfinished run
 
 
 def test_text_compression_keeps_one_token_in_r():
@@ -386,7 +389,7 @@ def test_a_header_cut_short_is_rewritten_and_a_cache_created_meanwhile_is_never_
     assert cache.read_text() == '{"settings": {"ratio": 2}}\n'
 
 
-@pytest.mark.parametrize("kind", ["folder", "not jsonl", "read-only"])
+@pytest.mark.parametrize("kind", ["folder", "not jsonl", "read-only", "predictions"])
 def test_a_results_file_a_row_cannot_be_appended_to_is_refused_before_any_model_loads(tmp_path, monkeypatch,
                                                                                     kind):
     import os
@@ -395,12 +398,15 @@ def test_a_results_file_a_row_cannot_be_appended_to_is_refused_before_any_model_
     if kind == "folder":
         results.mkdir()
     else:
-        results.write_text("# Benchmark results\n" if kind == "not jsonl" else '{"method": "x"}\n')
+        results.write_text({"not jsonl": "# Benchmark results\n",
+                            "predictions": '{"settings": {"ratio": 2}}\n{"id": "q1", "prediction": "Paris"}\n'}.get(
+                                kind, '{"method": "x"}\n'))
     if kind == "read-only":
         results.chmod(0o444)  # root may still write it: the check asks the OS, as for any user
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == results else real_access(p, mode))
-    message = {"folder": "is a folder", "not jsonl": "is not a JSON-lines file", "read-only": "is not writable"}
+    message = {"folder": "is a folder", "not jsonl": "is not a JSON-lines file", "read-only": "is not writable",
+               "predictions": "is a file of cached predictions"}
     with pytest.raises(InvalidInputError, match=f"--results .*q.jsonl {message[kind]}"):
         main(["--method", "full_context", "--base-model", "no-such-model", "--results", str(results)])
 

@@ -211,7 +211,8 @@ def test_beam_search_rows_are_named_apart_and_answer_with_the_beams(workspace, t
 
 
 @pytest.mark.parametrize("option", [["--timing-samples", "0"], ["--k", "0"], ["--batch-size", "0"], ["--n", "-1"],
-                                    ["--methods", "sac,magic"], ["--mbr"], ["--num-beams", "0"]])
+                                    ["--methods", "sac,magic"], ["--mbr"], ["--num-beams", "0"],
+                                    ["--extractive", "--num-beams", "4"]])
 def test_options_out_of_range_are_refused_by_the_parser(workspace, tmp_path, option):
     with pytest.raises(SystemExit) as exit_:
         RAG.main(_args(workspace, tmp_path / "rag.jsonl", *option))
