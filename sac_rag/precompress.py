@@ -134,6 +134,14 @@ class Summary:
         return {**asdict(self), "chunks_per_second": self.chunks_per_second,
                 "tokens_per_second": self.tokens_per_second, "kv_reduction": self.kv_reduction}
 
+    def _stale_kind(self) -> str:
+        """What the entries that are not chunks of this run are, and what becomes of them."""
+        if self.pruned:
+            return ("stored under keys of their own through the API, or of other shards; --prune leaves those: "
+                    "python -m sac_rag.store prune STORE --keep KEYS_FILE keeps only the keys listed")
+        return ("of documents removed, edited or excluded since, or of other chunk settings; kept: --prune deletes "
+                "them, not entries stored under keys of their own through the API")
+
     def __str__(self) -> str:
         shard = f" (shard {self.shard_index + 1} of {self.num_shards})" if self.num_shards > 1 else ""
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_inputs.items()))
@@ -158,12 +166,7 @@ class Summary:
             f"  store:     {self.entries} entries"
             + (f" after pruning {self.pruned_entries} that were not chunks of this run" if self.pruned_entries
                else "")
-            + (f" ({self.stale_entries} not chunks of this run: " + (
-                "stored under keys of their own through the API, or of other shards; --prune leaves those: "
-                "python -m sac_rag.store prune STORE --keep KEYS_FILE keeps only the keys listed)" if self.pruned else
-                "of documents removed, edited or excluded since, or of other chunk settings; kept: --prune "
-                "deletes them, not entries stored under keys of their own through the API)") if self.stale_entries
-               else "")
+            + (f" ({self.stale_entries} not chunks of this run: {self._stale_kind()})" if self.stale_entries else "")
             + f", {_size(self.bytes_on_disk)} on disk; K/V "
             f"{_size(self.kv_bytes)} vs {_size(self.full_kv_bytes)} as full K/V "
             f"({self.kv_reduction:.2f}x smaller)",
@@ -235,6 +238,7 @@ def precompress(
         run.run(documents, chunk_tokens, overlap)
         if prune:
             summary.pruned_entries, summary.not_pruned = _prune(store, run, stats)
+            summary.pruned = not summary.not_pruned
         totals = store.stats()
     summary.documents, summary.duplicate_documents = stats.documents, stats.duplicates
     summary.excluded_documents, summary.other_files = stats.excluded, dict(stats.other_files)
@@ -295,7 +299,6 @@ def _prune(store: AnchorStore, run: _Run, stats: CorpusStats) -> tuple[int, str]
         return 0, why
     deleted = store.delete(run.stale(store.keys()))
     store.gc()
-    run.summary.pruned = True
     return deleted, ""
 
 
