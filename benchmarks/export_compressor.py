@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     target = export_target(args.name)
     copies = run_files(args.run_dir)
+    check_same_compressor(target, checkpoint_meta(args.checkpoint)["config"])  # before the model loads
     compressor = SACCompressor.from_pretrained(args.checkpoint, device="cpu", dtype="float32")
-    check_same_compressor(target, checkpoint_meta(args.checkpoint)["config"])
     compressor.save_pretrained(target, dtype=torch.bfloat16)
     averaged = Path(args.checkpoint) / PROVENANCE
     if averaged.is_file():  # an average's sources and weights (benchmarks/average_compressors.py)
