@@ -164,7 +164,7 @@ def force_answer(model, prompt_tokens: int, answer: list[int]) -> list[int]:
 
 @pytest.fixture(autouse=True)
 def _each_test_adopts_from_its_own_engines_only():
-    """An engine reads a chunk another engine of its compressor holds in memory
+    """An engine reads a chunk another engine of its compressor holds, in memory or in its store
     (``CacheResolver.adopt``), process-wide: after a test, its engines no longer offer theirs,
     so that what a later test's engine must compress again, or refuse, does not depend on them."""
     yield
