@@ -144,6 +144,8 @@ class ImportanceAnchors(AnchorSelector):
 
 
 _BY_NAME = {cls.name: cls for cls in (UniformAnchors, RandomAnchors, RarestInBlockAnchors, ImportanceAnchors)}
+NAMED_STRATEGIES = tuple(name for name, cls in _BY_NAME.items() if cls is not ImportanceAnchors)
+"""The strategies a saved name alone rebuilds (importance needs a scorer function, given in code)."""
 
 
 def make_selector(name: str, **kwargs) -> AnchorSelector:

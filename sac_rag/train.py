@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .anchors import NAMED_STRATEGIES
 from .config import PromptTemplate, SACConfig
 from .data import (
     DEFAULT_HELD_OUT_FRACTION,
@@ -75,7 +76,6 @@ _BEFORE_OPTION_EXISTED = {"loss_weighting": "micro_batch_tokens"}
 # Fields naming files or directories: the same one under another spelling (relative, absolute) is no change.
 _PATH_OPTIONS = ("data", "eval_data", "init_from", "adapters_from", "distill_teacher", "base_model")
 PRECISIONS = ("auto", "bf16", "fp32")
-TRAINABLE_ANCHOR_STRATEGIES = ("uniform", "random", "rarest_in_block")  # those a saved name alone rebuilds
 # A pretraining window's first half is compressed and its second half read as text: its first token
 # is the decoder's input and at least one more is predicted, so a window needs 1 + 2 tokens.
 LM_MIN_TOKENS = 3
@@ -258,10 +258,10 @@ class TrainConfig:
                            "compressor: they need --method sac")
         for option in ("anchor_strategy", "init_anchor_strategy"):
             strategy = getattr(self, option)
-            if strategy and strategy not in TRAINABLE_ANCHOR_STRATEGIES:
+            if strategy and strategy not in NAMED_STRATEGIES:
                 needs = (" ('importance' places anchors by a scorer function, which only Python code can give: "
                          "sac_rag.anchors.ImportanceAnchors(scorer=...))" if strategy == "importance" else "")
-                raise SACError(f"{option} must be one of {TRAINABLE_ANCHOR_STRATEGIES}, got {strategy!r}{needs}")
+                raise SACError(f"{option} must be one of {NAMED_STRATEGIES}, got {strategy!r}{needs}")
         if self.precision not in PRECISIONS:
             raise SACError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if 0 < self.max_context_tokens < MIN_CONTEXT_TOKENS:
