@@ -47,11 +47,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def resolved_here(device: str | torch.device | None) -> str | torch.device | None:
     """``device`` fixed to the GPU it names in the calling thread, for a model that another thread may
     load later: ``None``, "auto" and "cuda" name the current GPU, which is per thread (a worker
-    thread's is GPU 0 whatever the caller chose). Resolved now only where CUDA is initialised already;
-    where it is not, every thread's current GPU is GPU 0, and reading it would initialise CUDA, which
-    a process that forks workers afterwards must not have done. Any other ``device`` is returned as
-    given."""
-    if (device is None or str(device) in ("auto", "cuda")) and torch.cuda.is_initialized():
+    thread's is GPU 0 whatever the caller chose). Any other ``device`` is returned as given."""
+    if device is None or str(device) in ("auto", "cuda"):
         return resolve_device(device)
     return device
 
@@ -59,30 +56,28 @@ def resolved_here(device: str | torch.device | None) -> str | torch.device | Non
 def load_settings(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[str, str]:
     """``(device, dtype)`` named as a model loaded with them would have them, to tell settings that come
     to the same apart from those that do not (``None``, "auto" and "cpu" on a machine without a GPU;
-    "fp32" and "float32"). Without initialising CUDA: where naming the current GPU would, ``None``,
-    "auto" and "cuda" are named alike but left unresolved (so is the dtype on a GPU there). A setting
-    that loading would refuse is named as given."""
-    unset_dtype = "auto" if dtype is None else str(dtype)
-    if device is None or str(device) in ("auto", "cuda"):
-        if torch.cuda.is_available() and not torch.cuda.is_initialized():
-            return "the current GPU", unset_dtype
+    "fp32" and "float32"). The same on either side of CUDA's initialisation, which it does not cause:
+    so on a GPU an unset dtype is named "auto" (resolving it reads the GPU's capability, which would
+    initialise CUDA). A setting that loading would refuse is named as given."""
     try:
         resolved = resolve_device(device)
-        if resolved.type == "cuda" and not torch.cuda.is_initialized():
-            return str(resolved), unset_dtype
+        if resolved.type == "cuda" and (dtype is None or dtype == "auto"):
+            return str(resolved), "auto"
         return str(resolved), dtype_name(resolve_dtype(dtype, resolved))
     except InvalidInputError:
-        return str(device), unset_dtype
+        return str(device), "auto" if dtype is None else str(dtype)
 
 
 def local_gpu() -> torch.device:
     """This process's CUDA GPU, by index: under a launcher that starts one process per GPU (torchrun's
     ``LOCAL_RANK``) its own one, modulo the GPUs it sees (with per-task GPU binding each process sees
-    only its own, as GPU 0); else the current one, read in the caller's thread."""
+    only its own, as GPU 0); else the current one, read in the caller's thread. Never initialises
+    CUDA (a process that forks workers afterwards must not have): until something does, every
+    thread's current GPU is GPU 0 (``torch.cuda.set_device`` initialises it)."""
     local = os.environ.get("LOCAL_RANK")
     if local is not None and local.isdigit():
         return torch.device("cuda", int(local) % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
 
 
 def bf16_is_fast(device: str | torch.device) -> bool:

@@ -92,6 +92,9 @@ def test_auto_and_cuda_without_an_index_are_this_processs_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # every thread's is GPU 0, not read
+    assert resolve_device(None) == resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # e.g. after torch.cuda.set_device(1)
     assert resolve_device(None) == resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
     for local, gpu in (("0", 0), ("1", 1), ("3", 1)):
         monkeypatch.setenv("LOCAL_RANK", local)

@@ -199,6 +199,25 @@ def test_settings_that_load_the_same_model_share_one_engine_without_loading_it()
     assert not shared.loaded
 
 
+def test_on_a_gpu_the_same_settings_name_one_engine_before_and_after_cuda_starts(monkeypatch):
+    """Loading the first engine's weights initialises CUDA: the same call afterwards, or the GPU it
+    meant named by its index, is still that engine, not a second copy of the weights."""
+    initialised = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    before = SACEngine.shared("no-such-compressor")
+    initialised = True
+    assert SACEngine.shared("no-such-compressor") is before
+    for same in ("auto", "cuda", "cuda:0"):
+        assert SACEngine.shared("no-such-compressor", device=same) is before
+    assert SACEngine.shared("no-such-compressor", device="cuda:1") is not before
+    assert SACEngine.shared("no-such-compressor", dtype="float16") is not before
+
+
 def test_a_marker_another_engine_of_the_compressor_handed_out_resolves_in_this_one(compressor, store, caplog):
     """A document compressor and an LLM built with settings that differ (the store as an open
     AnchorStore and as its directory) have engines of their own: a chunk one compressed in memory
@@ -861,7 +880,8 @@ def test_a_write_back_call_that_finds_every_chunk_does_not_wait_for_the_model(tm
     assert outcome["keys"] == keys and engine.store.missing(keys) == []
 
 
-@pytest.mark.parametrize("cuda_initialised, loads_on", [(True, torch.device("cuda", 1)), (False, "cuda")])
+@pytest.mark.parametrize("cuda_initialised, loads_on", [(True, torch.device("cuda", 1)),
+                                                        (False, torch.device("cuda", 0))])
 def test_an_engine_loads_on_the_gpu_current_where_it_was_made_even_from_a_worker_thread(
         monkeypatch, cuda_initialised, loads_on):
     """The current GPU is per thread: a worker thread's is GPU 0. An engine made where another one is
