@@ -1,5 +1,6 @@
-"""Crash-safe file writes: a reader sees the old content or all of the new, never a mix; and the
-append-only JSONL logs that results grow in (rows already written are never rewritten)."""
+"""Crash-safe file writes: a reader sees the old content or all of the new, never a mix; the
+append-only JSONL logs that results grow in (rows already written are never rewritten); and the
+file lock that keeps a second writer out."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import InvalidInputError
+
+try:  # POSIX file locks
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+HAVE_FILE_LOCKS = fcntl is not None
 
 
 def fsync_dir(directory: Path) -> None:
@@ -34,6 +42,33 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path`` (created if missing), held from ``__enter__`` to
+    ``__exit__``; the OS releases it when the process dies, so a kill never leaves it held.
+    ``wait=False``: ``BlockingIOError`` at once if another process (or another open of the file)
+    holds it. Needs ``HAVE_FILE_LOCKS``."""
+
+    def __init__(self, path: str | os.PathLike, *, wait: bool = True):
+        self.path = Path(path)
+        self.wait = wait
+        self.fd = -1
+
+    def __enter__(self) -> FileLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
 
 
 def open_for_appending(path: str | os.PathLike) -> TextIO:

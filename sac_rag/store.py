@@ -78,16 +78,11 @@ from safetensors.torch import save as st_save
 
 from .devices import dtype_name, resolve_dtype
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
-from .files import atomic_write, fsync_dir
+from .files import HAVE_FILE_LOCKS, FileLock, atomic_write, fsync_dir
 from .fingerprint import same_model
 from .kv import FORMAT as KV_FORMAT
 from .kv import AnchorKV, read_metadata
 from .quantize import CODECS, dequantize, quantize
-
-try:  # POSIX file locks; without them a store can be read but not written
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -561,7 +556,7 @@ class AnchorStore:
             _check_key(key)
         if not keys:
             return 0
-        with self._write_lock, _WriterLock(self._path / LOCK):
+        with self._write_lock, _writer_lock(self._path / LOCK):
             try:
                 deleted = self._commit_rows("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
             except (sqlite3.Error, OSError) as err:
@@ -621,7 +616,7 @@ class AnchorStore:
         self._check_writable()
         if not records:
             return 0
-        with self._write_lock, _WriterLock(self._path / LOCK):
+        with self._write_lock, _writer_lock(self._path / LOCK):
             present = set(self._present([r.key for r in records]))
             todo = []
             for record in records:
@@ -727,7 +722,7 @@ class AnchorStore:
             rows.append((text, key, text))
         if not rows:
             return 0
-        with self._write_lock, _WriterLock(self._path / LOCK):
+        with self._write_lock, _writer_lock(self._path / LOCK):
             try:
                 return self._commit_rows("UPDATE entries SET metadata = ? WHERE key = ? AND metadata != ?", rows)
             except (sqlite3.Error, OSError) as err:
@@ -1042,7 +1037,7 @@ class AnchorStore:
         self._check_writable("gc")
         report = {"removed_shards": 0, "compacted_shards": 0, "moved_entries": 0,
                   "reclaimed_bytes": 0, "removed_temp_files": 0}
-        with self._write_lock, _WriterLock(self._path / LOCK):
+        with self._write_lock, _writer_lock(self._path / LOCK):
             for folder in (self._path, self._path / SHARDS):
                 for entry in os.scandir(folder):
                     if entry.is_file() and entry.name.endswith(".tmp"):
@@ -1350,26 +1345,12 @@ class _ShardAppender:
         self._fd = -1
 
 
-class _WriterLock:
+def _writer_lock(path: Path) -> FileLock:
     """``flock`` on ``writer.lock``: one writer (process or store instance) at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = -1
-
-    def __enter__(self) -> Self:
-        if fcntl is None:
-            raise StoreWriteError(errno.ENOSYS, "writing an anchor store needs POSIX file locks "
-                                  "(fcntl.flock); this platform can only read stores")
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.path, flags, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        self.fd = -1
+    if not HAVE_FILE_LOCKS:
+        raise StoreWriteError(errno.ENOSYS, "writing an anchor store needs POSIX file locks "
+                              "(fcntl.flock); this platform can only read stores")
+    return FileLock(path)
 
 
 def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str,

@@ -11,6 +11,7 @@ step, so how it is split into ranks and micro-batches does not change it. Checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -45,7 +46,7 @@ from .data import (
 )
 from .devices import bf16_is_fast, resolve_device
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
-from .files import atomic_write, fsync_dir
+from .files import HAVE_FILE_LOCKS, FileLock, atomic_write, fsync_dir
 from .fingerprint import base_record
 from .generation import bos_ids
 from .objectives import (
@@ -571,6 +572,7 @@ def _check_ranks_agree(model, world: int) -> None:
 
 FULL_FT_META = "sac_full_ft.json"  # beside a Full-FT adapter: its prompt and base model
 BEST_EVAL = "best_eval.json"  # in best/: the step whose weights it holds and their held-out scores
+RUN_LOCK = ".run.lock"  # in a run's directory: held by the process training into it (_run_lock)
 
 
 class _FullFTModel:
@@ -1438,8 +1440,6 @@ class _rng_kept:
 
 
 def train(cfg: TrainConfig) -> Path:
-    from tqdm.auto import tqdm
-
     rank, world, device = _setup_distributed(cfg)
     is_main = rank == 0
     out_dir = Path(cfg.out_dir)
@@ -1448,6 +1448,37 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise SACError(f"batch_size {cfg.batch_size} must split evenly into {world} ranks x micro_batch_size")
     _require_data(cfg)  # before the model loads
+    with _run_lock(out_dir) if is_main else contextlib.nullcontext():
+        return _train(cfg, rank, world, device)
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path):
+    """Held by the run's main process while it trains into ``out_dir`` (created here): a second
+    run into the same directory (a ``--resume`` started beside a live run, say, or beside workers
+    a killed launcher left behind) is refused instead of writing the same checkpoints and log."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"--out-dir {out_dir} cannot be created: {err.strerror or err}") from err
+    if not HAVE_FILE_LOCKS:  # pragma: no cover - Windows: nothing to lock with
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(FileLock(out_dir / RUN_LOCK, wait=False))
+        except BlockingIOError:
+            raise SACError(f"another process is training into {out_dir} (it holds {out_dir / RUN_LOCK}; "
+                           f"`fuser -v {out_dir / RUN_LOCK}` names it): wait for it to end or stop it, then "
+                           "--resume, or choose another --out-dir") from None
+        yield
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+    from tqdm.auto import tqdm
+
+    is_main = rank == 0
+    out_dir = Path(cfg.out_dir)
     if is_main:
         remove_stale_staging(out_dir)
         for warning in idle_options(cfg):
@@ -1484,11 +1515,6 @@ def train(cfg: TrainConfig) -> Path:
             raise SACError(f"cannot resume {out_dir} with --max-steps {cfg.max_steps}: its latest checkpoint is "
                            f"already at step {step}. Pass --max-steps {step} or more")
         logger.info("resumed %s at step %d (example %d)", out_dir, step, stream.position)
-    elif is_main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InvalidInputError(f"--out-dir {out_dir} cannot be created: {err.strerror or err}") from err
     if is_main:
         drop_metrics_after(out_dir, step)  # a fresh run starts a clean log; a resumed one repeats no step
         # the settings the run goes on with (on resume, e.g. a new --max-steps), as a fresh run takes them

@@ -111,6 +111,28 @@ def test_kill_9_leaves_a_readable_checkpoint_and_resume_finishes(workspace):
     assert not list((workspace / "killed").rglob(".staging-*"))
 
 
+def test_a_run_into_a_directory_a_live_run_trains_into_is_refused_until_that_run_ends(workspace):
+    """A --resume started beside a live run (or beside DDP workers a killed launcher left behind)
+    would write the same checkpoints and log; once the live run is killed, it resumes."""
+    cmd = [sys.executable, "-m", "sac_rag.train", *_args(workspace, "live", "--max-steps", "400",
+                                                         "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = workspace / "live" / "latest"
+    try:
+        while not (latest.exists() and latest.read_text() >= "step-0000002"):
+            assert proc.poll() is None, "training exited before a second run could start beside it"
+            time.sleep(0.05)
+        with pytest.raises(SACError, match=r"another process is training into .*live .*\.run\.lock"):
+            train(parse_config(_args(workspace, "live", "--max-steps", "400", "--resume")))
+        assert proc.poll() is None  # the live run goes on
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the lock goes with the process
+        proc.wait()
+    reached = int(latest.read_text().removeprefix("step-"))
+    train(parse_config(_args(workspace, "live", "--max-steps", str(reached + 2), "--resume")))
+    assert _steps(workspace / "live") == list(range(1, reached + 3))
+
+
 def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port, so reruns never collide with a closing one
