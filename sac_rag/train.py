@@ -525,6 +525,10 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.device)  # 'auto' and 'cuda' are this rank's GPU (LOCAL_RANK under torchrun)
+    if world > 1 and device.type == "cuda" and cfg.device not in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        # NCCL would fail at the first collective ("Duplicate GPU detected"), after the model loaded
+        raise InvalidInputError(f"--device {cfg.device} puts all {world} processes on that one GPU: pass --device "
+                                "cuda (or auto), and each process takes its own (LOCAL_RANK)")
     if world > 1 and not dist.is_initialized():
         # Rank 0 evaluates and writes checkpoints while the others wait at the next collective: a
         # timeout of an hour, not NCCL's 10 minutes, so that a long evaluation does not abort them.

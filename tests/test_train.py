@@ -1086,6 +1086,36 @@ def test_best_holds_the_weights_of_the_best_f1_and_says_which_step_they_are(work
     assert all(torch.equal(best[k], step4[k]) for k in best)
 
 
+@pytest.mark.parametrize("device, refused", [("cuda:0", True), ("cuda", False), ("auto", False)])
+def test_under_torchrun_a_gpu_named_by_index_is_refused_as_every_process_would_share_it(
+        monkeypatch, workspace, device, refused):
+    """On a machine whose processes each see several GPUs. A one-GPU run's recorded --device cuda:0
+    is carried into `--out-dir RUN --resume` too; there it is the same refusal, with the fix."""
+    import torch.distributed as dist
+
+    from sac_rag import train as train_module
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda gpu: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: started.append(kwargs["backend"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gpus = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        cfg = parse_config(_args(workspace, "run", "--device", device))
+        if refused:
+            with pytest.raises(SACError, match="puts all 2 processes on that one GPU: pass --device cuda"):
+                train_module._setup_distributed(cfg)
+        else:
+            gpus.append(train_module._setup_distributed(cfg)[2])
+    assert started == ([] if refused else ["nccl", "nccl"])
+    assert gpus == ([] if refused else [torch.device("cuda", 0), torch.device("cuda", 1)])
+
+
 def test_each_rank_resumes_from_its_own_rng_state(workspace):
     # ranks draw different numbers (sampled answers stop at data-dependent lengths): rank 0's state alone
     # would put every other rank on another stream than the uninterrupted run's
