@@ -541,9 +541,11 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Each gradient averaged over the ranks (a missing one as zeros, so that every rank makes the
     same collectives), in one all-reduce per device and dtype: one per tensor would wait for a round
-    trip per LoRA matrix, hundreds per step on a large model."""
+    trip per LoRA matrix, hundreds per step on a large model. A gradient no rank has stays missing,
+    as in one process, where the optimizer then leaves its parameter alone (no weight decay)."""
     if world == 1:
         return
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
@@ -555,6 +557,10 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         flat.div_(world)
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(averaged.view_as(grad))
+    dist.all_reduce(had, op=dist.ReduceOp.SUM)
+    for p, ranks_with_it in zip(params, had.tolist()):
+        if not ranks_with_it:
+            p.grad = None
 
 
 def _check_ranks_agree(model, world: int) -> None:

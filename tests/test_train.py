@@ -150,6 +150,10 @@ def test_two_process_ddp_run_completes_and_matches_one_process(workspace):
     single = load_file(workspace / "single" / "final" / "compressor.safetensors")
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=1e-4, rtol=1e-3)
+    # The last layer's queries reach no kept K/V: no gradient, so no weight decay either, in both
+    last = max(int(m[1]) for m in map(re.compile(r"layers\.(\d+)\.").search, single) if m)
+    untouched = [name for name in single if f"layers.{last}.self_attn.q_proj.lora_A" in name]
+    assert untouched and all(torch.equal(ddp[name], single[name]) for name in untouched)
     # metrics.jsonl reports the whole batch (both ranks' shares), as the single process does
     rows = {run: [json.loads(line) for line in (workspace / run / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)] for run in ("ddp", "single")}
