@@ -552,6 +552,8 @@ class SACCompressor(torch.nn.Module):
                     f"a chunk must have 1..{self.config.chunk_len} tokens, got {len(chunk)}; "
                     f"use split() or compress() for longer text"
                 )
+        from transformers import DynamicCache
+
         device = self.device
         appended = self.config.memory == "compression_tokens"
         anchors = [self.anchor_indices(chunk) for chunk in chunks]
@@ -582,6 +584,9 @@ class SACCompressor(torch.nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention,
             position_ids=positions,
+            # every token's K/V in every layer: a cache made from the model's config would keep a
+            # sliding-window layer's last window only, and the anchor indices would miss
+            cache=DynamicCache(),
             use_cache=True,
             is_causal=not self.config.bidirectional,
         )

@@ -650,10 +650,12 @@ class Generator:
         data = []
         for layer in range(self.num_layers):
             keys, values = [], []
-            for s, n in zip(states, lengths):
+            for s in states:
+                # A sliding-window layer holds only a prompt's last window of entries; left-padded to
+                # the batch's width as well, the merged cache crops it to the window again
                 lay = s.cache.layers[layer]
-                keys.append(F.pad(lay.keys, (0, 0, width - n, 0)))
-                values.append(F.pad(lay.values, (0, 0, width - n, 0)))
+                keys.append(F.pad(lay.keys, (0, 0, width - lay.keys.shape[-2], 0)))
+                values.append(F.pad(lay.values, (0, 0, width - lay.values.shape[-2], 0)))
             data.append((torch.cat(keys), torch.cat(values)))
         return DynamicCache(ddp_cache_data=data, config=self.model.config), mask
 

@@ -151,6 +151,59 @@ def test_chunk_encoded_at_offset_equals_rotated_chunk(arch):
     assert gen.generate([at_zero, " and"], cfg).token_ids == gen.generate([there, " and"], cfg).token_ids
 
 
+# Sliding-window attention narrower than a chunk: each family's own way of naming the window
+WINDOW = 8
+SLIDING = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, **_TWO_TYPES, "sliding_window": WINDOW}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, **_TWO_TYPES, "sliding_window": WINDOW}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": WINDOW,
+                                                 "max_window_layers": 0}),
+}
+
+
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_chunks_wider_than_a_sliding_window_keep_every_anchors_kv(arch):
+    """The encoder keeps every token's K/V in a sliding-window layer too (a cache made from the
+    config keeps only the last window, so the anchor indices would miss): all tokens as anchors
+    still give the full context's logits, and a chunk's anchors are those of the same weights
+    with a window wider than the chunk, which attends alike within the chunk."""
+    model, tokenizer = _build(arch, SLIDING)
+    comp = SACCompressor(SACConfig(base_model=arch, ratio=1, chunk_len=64, bidirectional=False,
+                                   anchor_embedding="none", lora_rank=0), model=model, tokenizer=tokenizer)
+    question = " Who finished it?"
+    ids = (tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+           + tokenizer(question, add_special_tokens=False)["input_ids"])
+    assert len(ids) > 2 * WINDOW
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids])).logits[0]
+    ours = Generator.from_compressor(comp).prompt_logits([comp.compress(TEXT), question])
+    torch.testing.assert_close(ours, full[-ours.shape[0]:], atol=1e-4, rtol=0)
+
+    wide, _ = _build(arch, {arch: (*SLIDING[arch][:2], {**SLIDING[arch][2], "sliding_window": 4096})})
+    chunk = tokenizer(TEXT, add_special_tokens=False)["input_ids"][:WINDOW]
+    kept = [SACCompressor(SACConfig(base_model=arch, ratio=4, chunk_len=WINDOW, bidirectional=False,
+                                    anchor_embedding="none", lora_rank=0), model=m, tokenizer=tokenizer
+                          ).compress_chunks([chunk], offsets=[0])[0] for m in (model, wide)]
+    torch.testing.assert_close(kept[0].keys, kept[1].keys, atol=0, rtol=0)
+    torch.testing.assert_close(kept[0].values, kept[1].values, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_prompts_of_other_lengths_past_a_sliding_window_decode_together_as_alone(arch):
+    """A sliding-window layer caches a prompt's last window only: the batch's left-padded cache
+    is cropped to the window again, so each row answers as it does alone."""
+    model, tokenizer = _build(arch, SLIDING)
+    comp = SACCompressor(SACConfig(base_model=arch, ratio=2, chunk_len=12, bidirectional=False,
+                                   anchor_embedding="none", lora_rank=0), model=model, tokenizer=tokenizer)
+    gen = Generator.from_compressor(comp)
+    first, second = comp.compress(TEXT), comp.compress("The quick brown fox. Anchors carry the meaning.")
+    prompts = [[*first, *second, " Who finished it?"], [*second, " Who?"], [" Who finished the tower in Paris?"]]
+    config = GenerationConfig(max_new_tokens=6)
+    alone = [gen.generate(prompt, config).token_ids for prompt in prompts]
+    assert [g.token_ids for g in gen.generate_batch(prompts, config)] == alone
+
+
 @pytest.mark.parametrize(("arch", "nope_layers"), [("smollm3", [1]), ("cohere2", [1]), ("exaone4", [1])])
 def test_layers_without_rope_keep_their_keys(arch, nope_layers):
     """A RoPE-less layer's keys are the same at every offset, so the rotator leaves them alone."""
