@@ -4,6 +4,7 @@ a store, the embedding model, and timing a streamed answer. Not an example itsel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import os
@@ -20,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*langchain-community.*sunset", categ
 from sac_rag import DEFAULT_COMPRESSOR, InvalidInputError, SACCompressor, SACError  # noqa: E402
 from sac_rag.chunking import Chunk, split_document  # noqa: E402
 from sac_rag.compressor import checkpoint_meta  # noqa: E402
-from sac_rag.corpus import read_corpus  # noqa: E402
+from sac_rag.corpus import TEXT_SUFFIXES, read_corpus  # noqa: E402
 from sac_rag.eval import at_least  # noqa: E402
 from sac_rag.fingerprint import compressor_tag  # noqa: E402
 from sac_rag.models import embedding_model_path  # noqa: E402
@@ -36,7 +37,8 @@ def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespac
     fix before anything loads (no corpus folder, no usable questions file) ends here, with one line."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", default=str(DEMO_CORPUS), help="folder of .txt/.md files (default: the demo corpus)")
-    p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt)")
+    p.add_argument("--questions", help="one question per line (default: DOCS/questions.txt; that file, and this "
+                   "one if it lies in DOCS, is never compressed as a document)")
     p.add_argument("--store", help="anchor store directory, kept between runs (default: runs/examples/<DOCS name>-"
                    "<DOCS path hash>-<compressor hash>.store in this repository)")
     p.add_argument("-k", type=at_least(1), default=3, help="chunks retrieved per question (default: 3)")
@@ -135,7 +137,9 @@ def precompress_corpus(args: argparse.Namespace, compressor: SACCompressor) -> S
     are new entries, and the old ones stay in the store, unused (nothing deletes them). The
     examples retrieve only the chunks of the documents as they are now (``corpus_chunks``), so an
     old entry is never served."""
-    summary = precompress(args.docs, args.store, compressor, exclude=questions_doc_ids(args))
+    # the whole corpus, also under a launcher's WORLD_SIZE/RANK (precompress would take its shard)
+    summary = precompress(args.docs, args.store, compressor, exclude=questions_doc_ids(args), num_shards=1,
+                          shard_index=0)
     print(f"{summary}\n")
     return summary
 
@@ -152,18 +156,35 @@ def print_expectations(args: argparse.Namespace) -> None:
 
 
 def questions_doc_ids(args: argparse.Namespace) -> list[str]:
-    """The questions file's document id in the corpus folder, if it lies there (``precompress``
-    would store it as a document; the examples leave it out)."""
-    docs, questions = Path(args.docs).resolve(), questions_file(args).resolve()
-    return [questions.relative_to(docs).as_posix()] if questions.is_relative_to(docs) else []
+    """The document ids of the question files in the corpus folder (``precompress`` would store
+    them as documents; the examples leave them out): ``questions.txt``, the examples' own, even
+    where ``--questions`` names another file; and the ``--questions`` file if it lies there, by the
+    name the folder reads it under (a symlink by its own name, wherever it points)."""
+    docs = Path(args.docs)
+    if not docs.is_dir():
+        return []
+    named = {"questions.txt"} if (docs / "questions.txt").exists() else set()
+    questions = questions_file(args)
+    for path, folder in ((Path(os.path.abspath(questions)), Path(os.path.abspath(docs))),
+                         (questions.resolve(), docs.resolve())):
+        if path.is_relative_to(folder):
+            named.add(path.relative_to(folder).as_posix())
+    return sorted(n for n in named if n.lower().endswith(TEXT_SUFFIXES))  # only what the folder reads
 
 
 def corpus_chunks(args: argparse.Namespace, compressor: SACCompressor) -> list[Chunk]:
     """The corpus's chunks, cut exactly as ``precompress`` cuts them (same texts, same store
-    keys), without the questions file."""
+    keys), without the question files. Each has an id of its own, as vector stores need: where
+    documents share an id (``read_corpus`` warns), a repeated chunk id gets a ``~N`` suffix."""
     chunk_len = compressor.config.chunk_len
-    return [chunk for doc in read_corpus(args.docs, exclude=questions_doc_ids(args))
-            for chunk in split_document(doc.text, compressor.tokenizer, chunk_len, doc_id=doc.id)]
+    chunks = [chunk for doc in read_corpus(args.docs, exclude=questions_doc_ids(args))
+              for chunk in split_document(doc.text, compressor.tokenizer, chunk_len, doc_id=doc.id)]
+    seen: dict[str, int] = {}
+    for i, chunk in enumerate(chunks):
+        seen[chunk.id] = seen.get(chunk.id, 0) + 1
+        if seen[chunk.id] > 1:
+            chunks[i] = dataclasses.replace(chunk, id=f"{chunk.id}~{seen[chunk.id]}")
+    return chunks
 
 
 def embedding_path() -> str:

@@ -324,3 +324,67 @@ def test_a_docs_folder_that_does_not_exist_is_named_as_such(tmp_path, capsys):
     assert exited.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{tmp_path / 'typo'} does not exist" in message and "--questions" not in message
+
+
+def test_question_files_in_the_corpus_folder_are_never_compressed_as_documents(tmp_path, caplog):
+    """DOCS/questions.txt, the examples' own, even when --questions names another file; the
+    --questions file if it lies in DOCS; a questions.txt that is a symlink out of DOCS; and no
+    warning about a questions file the folder would not read as a document anyway."""
+    from _common import parse_args, questions_doc_ids
+
+    from sac_rag.corpus import read_corpus
+
+    docs, elsewhere = tmp_path / "docs", tmp_path / "elsewhere"
+    docs.mkdir()
+    elsewhere.mkdir()
+    (docs / "notes.md").write_text("The harbor was built in 1850.\n")
+    (docs / "questions.txt").write_text("Who?\n")
+    (docs / "mine.txt").write_text("When?\n")
+    (docs / "mine.list").write_text("Where?\n")
+
+    def documents(*options: str) -> list[str]:
+        args = parse_args("", ["--docs", str(docs), *options])
+        return [doc.id for doc in read_corpus(args.docs, exclude=questions_doc_ids(args))]
+
+    with caplog.at_level("WARNING", logger="sac_rag.corpus"):
+        assert documents() == ["mine.txt", "notes.md"]
+        assert documents("--questions", str(docs / "mine.txt")) == ["notes.md"]
+        assert documents("--questions", str(docs / "mine.list")) == ["mine.txt", "notes.md"]
+    assert "excluded but not in the corpus" not in caplog.text
+    (docs / "questions.txt").unlink()
+    (elsewhere / "questions.txt").write_text("Who?\n")
+    (docs / "questions.txt").symlink_to(elsewhere / "questions.txt")
+    assert documents() == ["mine.txt", "notes.md"]
+
+
+def test_documents_sharing_an_id_give_the_vector_store_chunks_of_their_own(tmp_path, compressor):
+    """read_corpus warns and keeps both JSONL records; the examples' vector stores need distinct
+    ids (FAISS refused the batch, LlamaIndex kept one of the two nodes)."""
+    from _common import corpus_chunks, parse_args
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "faq", "text": "The Krell lighthouse was lit in 1902."}\n'
+                      '{"id": "faq", "text": "The Zorbl bridge was built by Anna Vey."}\n')
+    (tmp_path / "q.txt").write_text("Who built the Zorbl bridge?\n")
+    chunks = corpus_chunks(parse_args("", ["--docs", str(corpus), "--questions", str(tmp_path / "q.txt")]), compressor)
+    assert [c.id for c in chunks] == ["faq#0", "faq#0~2"] and [c.doc_id for c in chunks] == ["faq", "faq"]
+    assert "Zorbl" in chunks[1].text
+
+
+def test_the_examples_precompress_the_whole_corpus_under_a_launchers_rank_variables(tmp_path, monkeypatch,
+                                                                                       compressor):
+    """WORLD_SIZE/RANK (set by torchrun, Kubeflow...) would make precompress take one shard only."""
+    from _common import parse_args, precompress_corpus
+
+    from sac_rag.store import AnchorStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("a", "b", "c"):
+        (docs / f"{name}.md").write_text(f"Document {name} says the tower in {name} was finished.\n")
+    (docs / "questions.txt").write_text("Who?\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = parse_args("", ["--docs", str(docs), "--store", str(tmp_path / "s.store")])
+    summary = precompress_corpus(args, compressor)
+    assert (summary.compressed, summary.other_shards, len(AnchorStore.open(args.store))) == (3, 0, 3)
