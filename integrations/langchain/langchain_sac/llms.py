@@ -13,6 +13,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable
 
 from sac_rag import Generation, GenerationConfig
 from sac_rag.handles import reads_caches
@@ -74,6 +75,23 @@ class SACLLM(LangChainSerializable, SACModelMethods, BaseLLM, SACModelParams):
             return await super().agenerate(*args, **kwargs)
         finally:
             _CALL_ARGUMENTS.reset(token)
+
+    def batch(self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
+              **kwargs: Any) -> list[str]:
+        """With ``return_exceptions``, each input's own answer or error: LangChain's ``BaseLLM.batch``
+        would give every input the error of one (a prompt too long for the model, say). Each input
+        is then invoked on its own, and the engine still decodes those that arrive together as one
+        batch."""
+        if return_exceptions and len(inputs) > 1:
+            return Runnable.batch(self, inputs, config, return_exceptions=True, **kwargs)
+        return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+
+    async def abatch(self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
+                     **kwargs: Any) -> list[str]:
+        """``batch``'s asynchronous twin."""
+        if return_exceptions and len(inputs) > 1:
+            return await Runnable.abatch(self, inputs, config, return_exceptions=True, **kwargs)
+        return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)

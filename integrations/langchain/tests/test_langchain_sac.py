@@ -30,7 +30,7 @@ from langchain_sac import (
     sac_qa_prompt,
 )
 
-from sac_rag import CheckpointError, FingerprintMismatchError, InvalidInputError, PromptError
+from sac_rag import CheckpointError, FingerprintMismatchError, InvalidInputError, PromptError, PromptTooLongError
 from sac_rag.chunking import split_document
 from sac_rag.handles import SACEngine, markers_for
 from sac_rag.store import AnchorStore, EntryNotFoundError
@@ -242,6 +242,22 @@ def test_batch_decodes_all_prompts_in_one_batch(engine, passages, monkeypatch):
     prompts = [sac_qa_prompt().format(context=m, question="What is it?") for m in markers]
     results = SACLLM(engine=engine, max_tokens=3, stop=[]).batch(prompts)
     assert len(results) == 3 and sizes == [3]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_batch_returning_exceptions_gives_each_prompt_its_own_answer_or_error(engine, passages, asynchronous):
+    """LangChain's BaseLLM.batch gives every input the error of one: here only the prompt too long
+    for the model fails, and the others are answered as they are alone."""
+    good = [sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(p)), question="What is it?")
+            for p in passages[:2]]
+    inputs = [good[0], "word " * 5000 + "\nQuestion: Why?\nAnswer:", good[1]]
+    llm = SACLLM(engine=engine, max_tokens=3, stop=[])
+    out = (asyncio.run(llm.abatch(inputs, return_exceptions=True)) if asynchronous
+           else llm.batch(inputs, return_exceptions=True))
+    assert isinstance(out[1], PromptTooLongError)
+    assert [out[0], out[2]] == [llm.invoke(good[0]), llm.invoke(good[1])]
+    with pytest.raises(PromptTooLongError):
+        llm.batch(inputs)
 
 
 # -- streaming and async ----------------------------------------------------------------------
