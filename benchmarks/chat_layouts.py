@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                      "n": len(questions), "seed": args.seed,
                      **headline_scores(predictions, [q.answers for q in questions]),  # in percent
                      "empty_answers": sum(p in EMPTY for p in predictions),
-                     "compressor": args.compressor, "dtype": args.dtype, "seconds": round(time.time() - start, 1),
+                     "compressor": args.compressor, "compressor_fingerprint": engine.compressor.fingerprint,
+                     "dtype": args.dtype, "seconds": round(time.time() - start, 1),
                      "command": command})
         print(f"{name}: {headline_text(rows[-1])}, {rows[-1]['empty_answers']} empty", flush=True)
     append_jsonl(args.results, rows)

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                      "recall_at_k": sum(hits) / len(hits), "recall_ci": list(bootstrap_ci(hits)),
                      "examples": [{"followup": c.followup, "query": q, "answer": a}
                                   for c, q, a in list(zip(chats, queries, answers))[:5]],
-                     "compressor": args.compressor, "dtype": args.dtype, "seconds": round(time.time() - start, 1),
+                     "compressor": args.compressor, "compressor_fingerprint": engine.compressor.fingerprint,
+                     "dtype": args.dtype, "seconds": round(time.time() - start, 1),
                      "command": command})
         print(f"{way}: recall@{args.k} {rows[-1]['recall_at_k']:.1f}, {headline_text(rows[-1])}", flush=True)
     for row in rows:  # each way against each other, conversation by conversation
