@@ -772,12 +772,7 @@ class SACEngine:
         texts missed the store: a store serves only texts identical to its chunks, so texts cut
         another way (say by a LangChain text splitter) are all compressed again on every run. Texts
         compressed earlier in this process are found in memory and do not count as misses."""
-        # the arguments checked before lookup_handles pins anything
-        if on_miss not in ON_MISS:
-            raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
-        metadata = None if metadata is None else list(metadata)
-        if metadata is not None and isinstance(texts, Sequence) and len(metadata) != len(texts):
-            raise InvalidInputError(f"got {len(texts)} texts and {len(metadata)} metadata entries: give one each")
+        metadata = _checked_handle_arguments(texts, on_miss, metadata)  # before lookup_handles pins anything
         found = self.lookup_handles(texts)
         return self.complete_handles(texts, found, write_back=write_back, on_miss=on_miss, metadata=metadata)
 
@@ -786,6 +781,7 @@ class SACEngine:
         """``handles_for`` off the event loop: the store lookup runs in a thread without the
         model lock (it does not wait for a decode in progress); only misses take the model.
         Cancelled, the call releases the chunks its threads pin, as no generation will read them."""
+        metadata = _checked_handle_arguments(texts, on_miss, metadata)  # before lookup_handles pins anything
         release = self._release_handles
         found = await _in_thread_releasing(release, [], self.lookup_handles, texts)
         if all(f is not None for f in found) and not write_back:  # with write_back, found chunks may be in memory only
@@ -816,13 +812,17 @@ class SACEngine:
         """Finish ``lookup_handles``: split the texts it did not find into chunks, look those
         up (pinning those in memory, as ``lookup_handles`` pinned its own) and deal with the
         misses as ``on_miss`` says; with ``write_back``, store the chunks handed out that were
-        found in memory only (``_store_held``)."""
-        if on_miss not in ON_MISS:
-            raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
-        texts = _check_texts(texts)
-        metadata = list(metadata) if metadata is not None else [None] * len(texts)
-        if len(found) != len(texts) or len(metadata) != len(texts):
-            raise InvalidInputError("texts, found and metadata must have the same length")
+        found in memory only (``_store_held``). Refused, it releases the chunks ``found`` pinned."""
+        try:
+            if on_miss not in ON_MISS:
+                raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
+            texts = _check_texts(texts)
+            metadata = list(metadata) if metadata is not None else [None] * len(texts)
+            if len(found) != len(texts) or len(metadata) != len(texts):
+                raise InvalidInputError("texts, found and metadata must have the same length")
+        except InvalidInputError:
+            self._release_handles(found)
+            raise
         todo = [i for i, f in enumerate(found) if f is None]
         if not todo and not write_back:
             self.resolver.keep(k for keys in found for k in keys)
@@ -1105,8 +1105,15 @@ class SACEngine:
         ``asyncio.wait_for``'s timeout) while its prompts wait for the model, the call withdraws them:
         the model does not decode answers no one is waiting for."""
         call = _Call()
+
+        def unread(held: Any) -> None:
+            """Cancelled before its thread started (the executor's workers all busy), the call never
+            decodes: it releases the prompts' chunks itself (once started, ``_generate`` does)."""
+            if held is prompts:
+                self._release(prompts)
+
         try:
-            return await _in_thread(self._generate, prompts, config, call)
+            return await _in_thread_releasing(unread, prompts, self._generate, prompts, config, call)
         except asyncio.CancelledError:
             self._withdraw(call)
             raise
@@ -1477,6 +1484,18 @@ async def _in_thread_releasing(release: Callable[[Any], None], held: Any, fn, *a
     except asyncio.CancelledError:
         handover.abandon()
         raise
+
+
+def _checked_handle_arguments(texts: Sequence[str], on_miss: str,
+                              metadata: Sequence[Mapping | None] | None) -> list[Mapping | None] | None:
+    """``metadata`` as a list, once ``on_miss`` and its length are checked: what ``handles_for``
+    refuses before it looks anything up (a lookup pins the chunks it finds)."""
+    if on_miss not in ON_MISS:
+        raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
+    metadata = None if metadata is None else list(metadata)
+    if metadata is not None and isinstance(texts, Sequence) and len(metadata) != len(texts):
+        raise InvalidInputError(f"got {len(texts)} texts and {len(metadata)} metadata entries: give one each")
+    return metadata
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

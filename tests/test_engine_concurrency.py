@@ -114,6 +114,51 @@ def test_a_cancelled_agenerate_withdraws_its_queued_prompts_and_releases_its_chu
     assert memory.pinned == set() and not state.lock.locked()
 
 
+def test_an_agenerate_cancelled_before_its_thread_starts_releases_its_prompts_chunks():
+    """Its job still waits for a worker of the loop's executor (all busy with other requests) when
+    the caller's timeout cancels it: nothing will decode the prompt, so its chunks are not left
+    pinned, over memory_bytes, for PIN_SECONDS."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = small_memory_engine()
+    [keys] = engine.handles_for(["Snow closed the pass in March."])
+    memory = engine.resolver.memory
+    assert memory.pinned == set(keys)
+    executor, free = ThreadPoolExecutor(1), threading.Event()
+    decoded = []
+    engine.generator.generate_batch = lambda *args, **kwargs: decoded.append(args)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(executor)
+        busy = asyncio.get_running_loop().run_in_executor(None, free.wait, 60)  # another request's thread
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.agenerate([f"{markers_for(keys)}\nQ: when?\nA:"], CONFIG), 0.2)
+        free.set()
+        await busy
+
+    asyncio.run(main())
+    executor.shutdown(wait=True)  # the cancelled call's job, had it run, has run by now
+    assert memory.pinned == set() and decoded == []
+
+
+@pytest.mark.parametrize("arguments", [{"on_miss": "bogus"}, {"metadata": [{}, {}, {}]}])
+@pytest.mark.parametrize("texts", [["Bees."], ["Bees.", "Wasps nest in paper."]], ids=["found", "one new"])
+def test_ahandles_for_refuses_what_handles_for_refuses_before_it_pins_anything(texts, arguments):
+    engine = small_memory_engine()
+    [[key]] = engine.handles_for(["Bees."])
+    engine.resolver.release([key])
+    memory = engine.resolver.memory
+    with pytest.raises(InvalidInputError):
+        engine.handles_for(texts, **arguments)
+    with pytest.raises(InvalidInputError):
+        asyncio.run(engine.ahandles_for(texts, **arguments))
+    assert memory.pinned == set()
+    found = engine.lookup_handles(texts)  # called apart, with arguments complete_handles refuses
+    with pytest.raises(InvalidInputError):
+        engine.complete_handles(texts, found, **arguments)
+    assert memory.pinned == set()
+
+
 @pytest.mark.parametrize("phase", ["lookup_handles", "complete_handles"])
 def test_a_cancelled_ahandles_for_leaves_no_chunk_pinned(monkeypatch, phase):
     engine = small_memory_engine()
