@@ -15,6 +15,7 @@ SAC is behind or not significantly ahead of a peer, the costs table of the lates
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from collections import defaultdict
@@ -83,12 +84,11 @@ def base_name(method: str) -> str:
 
 
 def family(method: str) -> tuple[str, bool] | None:
-    """(compressor family, read by the Full-FT decoder?) of a plotted method, else None. Training-stage
-    snapshots ("sac-5x-stage9-fp32") are not plotted: the lines are the shipped compressors against
-    their peers; the stages are compared in the model card and the training-progress plot."""
+    """(compressor family, read by the Full-FT decoder?) of a plottable method, else None. Of the
+    "sac" family only the shipped compressors are drawn (``is_line_point``): the lines are they
+    against their peers; training stages are compared in the model card and the training-progress
+    plot."""
     method = base_name(method)
-    if "-stage" in method:
-        return None
     for prefix in FAMILIES:
         if method.startswith(prefix):
             return prefix, "fullft-decoder" in method
@@ -207,9 +207,22 @@ def costs_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+@functools.cache
+def shipped_fingerprints() -> frozenset[str]:
+    """The fingerprints of the compressors the package ships (``SACCompressor.from_pretrained(name)``)."""
+    from sac_rag.compressor import checkpoint_meta, list_pretrained
+
+    return frozenset(checkpoint_meta(name)["fingerprint"] for name in list_pretrained())
+
+
 def is_line_point(row: dict) -> bool:
-    """A row drawn as a point of a method's line: a shipped compressor or a peer, stored natively."""
-    return row.get("storage", "native") == "native" and family(row["method"]) is not None
+    """A row drawn as a point of a method's line, stored natively: a peer, or on the "sac" line a
+    compressor the package ships (by its fingerprint, whatever the row's label: a label names no
+    weights, and experiments and earlier defaults are compared in the model cards)."""
+    named = family(row["method"])
+    if named is None or row.get("storage", "native") != "native":
+        return False
+    return named[0] != "sac" or row.get("compressor_fingerprint") in shipped_fingerprints()
 
 
 def plotted_n(rows: list[dict]) -> int:
@@ -231,12 +244,12 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
     out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    lines = defaultdict(list)
-    for r in rows:
+    lines = defaultdict(dict)
+    for r in rows:  # one point per line and ratio (rows of one shipped compressor read the same weights)
         if is_line_point(r):
-            lines[family(r["method"])].append((r["ratio"], r["f1"]))
+            lines[family(r["method"])][r["ratio"]] = r["f1"]
     for (name, adapted), points in sorted(lines.items()):
-        xs, ys = zip(*sorted(points))
+        xs, ys = zip(*sorted(points.items()))
         sac = name.startswith("sac")
         ax.plot(xs, ys, marker="*" if sac else "o", markersize=12 if sac else 5, lw=2.5 if sac else 1.2,
                 color=FAMILIES[name], ls="--" if adapted else "-",
@@ -247,7 +260,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
             ax.axhline(r["f1"], color=color, ls=style, lw=1)
             ax.annotate(f"{base_name(r['method'])} (text)", (1.01, r["f1"]), xycoords=("axes fraction", "data"),
                         fontsize=7, va="center")
-    ratios = sorted({x for points in lines.values() for x, _ in points})
+    ratios = sorted({x for points in lines.values() for x in points})
     ax.set_xscale("log")
     ax.set_xticks(ratios, [f"{x}x" for x in ratios])
     ax.minorticks_off()

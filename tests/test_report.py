@@ -95,3 +95,17 @@ def test_a_costs_run_with_full_context_timed_around_each_method_says_how_far_the
     assert "mean of its 9 timings" in header
     assert "timed just before" not in REPORT["costs_table"]([{k: v for k, v in r.items() if "reference" not in k}
                                                              for r in rows])[2]
+
+
+def test_the_sac_line_is_drawn_from_the_shipped_compressors_rows_whatever_their_labels():
+    """A label names no weights: a row of the shipped 15x labelled as a training stage is drawn,
+    and a row labelled "sac-5x" that an earlier default (or an experiment) answered is not."""
+    shipped = sorted(REPORT["shipped_fingerprints"]())
+    assert shipped, "the package ships no compressor"
+    row = {"ratio": 15, "dataset": "squad-dev", "n": 200, "f1": 25.0}
+    is_line_point = REPORT["is_line_point"]
+    assert is_line_point({**row, "method": "sac-15x-stage3", "compressor_fingerprint": shipped[0]})
+    assert not is_line_point({**row, "method": "sac-5x", "compressor_fingerprint": "smollm2-135m@0/sac-01234567"})
+    assert not is_line_point({**row, "method": "sac-15x-stage3", "compressor_fingerprint": shipped[0],
+                              "storage": "fp8"})
+    assert is_line_point({**row, "method": "text-truncate-15x"})  # a peer, by its name
