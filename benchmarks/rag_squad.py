@@ -86,6 +86,7 @@ from sac_rag.eval import (  # noqa: E402
     run,
 )
 from sac_rag.files import append_jsonl, atomic_write, open_for_appending  # noqa: E402
+from sac_rag.handles import contexts_part  # noqa: E402
 from sac_rag.metrics import summarize  # noqa: E402
 from sac_rag.models import embedding_model_path, load_base_model  # noqa: E402
 from sac_rag.precompress import precompress  # noqa: E402
@@ -113,8 +114,9 @@ class FullFTLLM(BaseLLM):
     through sac_rag's ``Generator`` (the decoding code path every other row uses)."""
 
     generator: Any
+    template: Any  # the prompt layout, whose contexts section extractive answers quote
     max_tokens: int = 32
-    extractive: bool = False  # answers quote the prompt (the documents it reads as text)
+    extractive: bool = False  # answers quote the documents it reads as text, not the question
     num_beams: int = 1
     mbr: bool = False
 
@@ -126,19 +128,23 @@ class FullFTLLM(BaseLLM):
         return GenerationConfig(max_new_tokens=self.max_tokens, stop=tuple(stop or ("\n",)),
                                 extractive=self.extractive, num_beams=self.num_beams, mbr=self.mbr)
 
+    def _sources(self, prompt: str) -> list[str] | None:
+        """What an extractive answer may quote: the prompt's contexts section, as SACLLM allows."""
+        return [contexts_part(prompt, self.template)] if self.extractive else None
+
     def _generate(self, prompts, stop=None, run_manager=None, **kwargs) -> LLMResult:
-        sources = [[p] for p in prompts] if self.extractive else None
+        sources = [self._sources(p) for p in prompts] if self.extractive else None
         results = self.generator.generate_batch(prompts, self._config(stop), sources)
         read = sum(r.text_tokens for r in results)
         return LLMResult(generations=[[LCGeneration(text=r.text)] for r in results],
                          llm_output={"token_usage": {"input_tokens": read, "input_token_details": {"cache_read": 0}}})
 
     def _stream(self, prompt, stop=None, run_manager=None, **kwargs) -> Iterator[GenerationChunk]:
-        for piece in self.generator.stream(prompt, self._config(stop), [prompt] if self.extractive else None):
+        for piece in self.generator.stream(prompt, self._config(stop), self._sources(prompt)):
             yield GenerationChunk(text=piece)
 
 
-def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16",
+def full_ft_llm(adapter: str, template, max_tokens: int, extractive: bool = False, dtype: str = "bfloat16",
                 base_model: str = "smollm2-135m", num_beams: int = 1, mbr: bool = False) -> FullFTLLM:
     """The Full-FT decoder on ``base_model`` (the compressor's: every row of a run reads the same
     model). An adapter trained on another base model is refused naming both (``load_decoder_adapter``)."""
@@ -146,7 +152,7 @@ def full_ft_llm(adapter: str, max_tokens: int, extractive: bool = False, dtype: 
     generator = Generator(model, tokenizer)  # the plain model's fingerprint, before the adapter wraps it
     decoder = load_decoder_adapter(model, adapter, base_model, generator.base_fingerprint)
     return FullFTLLM(generator=Generator(decoder, tokenizer, base_fingerprint=generator.base_fingerprint),
-                     max_tokens=max_tokens, extractive=extractive, num_beams=num_beams, mbr=mbr)
+                     template=template, max_tokens=max_tokens, extractive=extractive, num_beams=num_beams, mbr=mbr)
 
 
 def store_documents(store_path: Path) -> list[Document]:
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_text": (retriever, text_chain(llm)),
     }
     if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
-        full_ft = full_ft_llm(args.full_ft_adapter, args.max_new_tokens, args.extractive, args.dtype,
+        full_ft = full_ft_llm(args.full_ft_adapter, template, args.max_new_tokens, args.extractive, args.dtype,
                               compressor.config.base_model, args.num_beams, args.mbr)
         chains["full_ft"] = (retriever, text_chain(full_ft))
         shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")

@@ -1288,7 +1288,7 @@ class SACEngine:
     def _sources(self, prompt: str | Sequence[Segment], config: GenerationConfig) -> list[str] | None:
         """What an extractive answer to ``prompt`` may quote: the text of every chunk its markers
         name, and the text of its contexts section (documents passed through as text, e.g. on a miss),
-        not the question (``_contexts_part``)."""
+        not the question (``contexts_part``)."""
         if not config.extractive:
             return None
         if not isinstance(prompt, str):
@@ -1303,7 +1303,7 @@ class SACEngine:
                 f"{len(untexted)} chunk(s) in the prompt have no text to quote (e.g. {untexted[0]}): their store "
                 "entries lack the 'text' metadata that sac_rag.precompress and write-back keep; answer without "
                 "extractive, or rebuild the store")
-        cut = MARKER_PATTERN.sub(lambda m: "\x00" if m.group(1) in present else m.group(0), _contexts_part(
+        cut = MARKER_PATTERN.sub(lambda m: "\x00" if m.group(1) in present else m.group(0), contexts_part(
             prompt, self.template))
         return [texts[k] for k in keys if k in texts] + [t for t in cut.split("\x00") if t.strip()]
 
@@ -1336,7 +1336,7 @@ def _stored_items(store: AnchorStore, keys: Sequence[str], fingerprint: str) -> 
         return {}
 
 
-def _contexts_part(prompt: str, template: PromptTemplate) -> str:
+def contexts_part(prompt: str, template: PromptTemplate) -> str:
     """The contexts section of a prompt in ``template``'s layout: what comes after its opening
     (``prefix`` and ``context_prefix``) and before its first question; in a chat, also before the
     earlier turns. A prompt without the layout's question heading is returned whole (nothing tells

@@ -13,6 +13,7 @@ import torch
 from conftest import BENCHMARKS, load_benchmark, make_tiny_llama, save_tiny_compressor, write_squad_dev
 
 from sac_rag import SACCompressor, SACConfig
+from sac_rag.config import PromptTemplate
 from sac_rag.errors import SACError
 from sac_rag.eval import Question
 
@@ -56,11 +57,31 @@ class CountingGenerator:
 
 
 def test_usage_totals_count_every_prompt_of_a_batch_once():
-    llm = RAG.FullFTLLM(generator=CountingGenerator())
+    llm = RAG.FullFTLLM(generator=CountingGenerator(), template=PromptTemplate())
     usage = RAG.UsageTotals()
     answers = llm.batch(["one", "two words", "three more words"], config={"callbacks": [usage]})
     assert answers == ["1 words", "2 words", "3 words"]
     assert (usage.calls, usage.input_tokens, usage.cache_read) == (3, 3 + 9 + 16, 0)
+
+
+class QuotingGenerator:
+    """Records what each prompt's extractive answer may quote."""
+
+    def __init__(self):
+        self.sources = []
+
+    def generate_batch(self, prompts, config, sources=None):
+        self.sources += sources
+        return [SimpleNamespace(text="", text_tokens=0) for _ in prompts]
+
+
+def test_extractive_full_ft_answers_quote_the_documents_not_the_question():
+    """As SACLLM and sac_rag.eval do: quoting the question ("Who is Zorblax?" answered "Zorblax")
+    is no answer from the documents."""
+    template, generator = PromptTemplate(), QuotingGenerator()
+    prompt = "".join(template.build(["Paris is the capital of France."], "Who is Zorblax?"))
+    RAG.FullFTLLM(generator=generator, template=template, extractive=True).invoke(prompt)
+    assert [[s.strip() for s in quotable] for quotable in generator.sources] == [["Paris is the capital of France."]]
 
 
 class EchoChain:
