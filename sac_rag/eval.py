@@ -413,12 +413,14 @@ def same_setting(name: str, recorded: Any, current: Any) -> bool:
     return recorded == current
 
 
-def claim_predictions(cache_path: Path, settings: dict[str, Any]) -> None:
+def claim_predictions(cache_path: Path, settings: dict[str, Any],
+                      other_file: str = "give this run another --label") -> None:
     """Hold ``cache_path`` to predictions made with ``settings`` (``prediction_settings``): a new
     (or empty) file gets them as its first line, ``{"settings": {...}}``; a file whose first line
     holds other settings is refused, naming each differing setting and both values, since its
-    predictions would be scored as this run's. A file without that line (written before settings
-    were recorded) is reused as before: its settings are unknown, and no header is added to it."""
+    predictions would be scored as this run's (``other_file`` says how the caller's command gets a
+    file of its own). A file without that line (written before settings were recorded) is reused
+    as before: its settings are unknown, and no header is added to it."""
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"settings": settings}) + "\n"
     try:  # created here only if no other run has created it meanwhile (never truncated under one)
@@ -447,7 +449,7 @@ def claim_predictions(cache_path: Path, settings: dict[str, Any]) -> None:
 
         raise InvalidInputError(
             f"{cache_path} holds predictions made with {values(recorded)}, but this run has {values(settings)}: "
-            "give this run another --label, or delete that file to answer its questions again")
+            f"{other_file}, or delete that file to answer its questions again")
 
 
 def predictions_for(cache_path: Path, questions: list[Question]) -> list[str]:

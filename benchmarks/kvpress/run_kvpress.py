@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import resource  # noqa: E402
@@ -174,6 +175,16 @@ class _null:
         return False
 
 
+def predictions_path(results: Path, label: str, dataset: str, questions: list, seed: int) -> Path:
+    """The file of a run's predictions, beside ``results``: named by what was asked. Questions that
+    read retrieved passages (``--retrieval``) also by a digest of those: other passages (another
+    corpus, store or retriever) are other questions to answer, not ones answered already."""
+    read = ""
+    if any(q.passages for q in questions):
+        read = "-p" + hashlib.sha256(json.dumps([list(q.passages) for q in questions]).encode()).hexdigest()[:8]
+    return results.parent / "predictions" / f"{label}-{dataset}{read}-n{len(questions)}-s{seed}.jsonl"
+
+
 def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: int,
             settings: dict) -> tuple[list[str], int]:
     """Answer the questions ``cache_path`` does not hold yet, appending each answer there; the file
@@ -183,7 +194,8 @@ def run_one(runner, questions, press, label, cache_path: Path, max_new_tokens: i
     from sac_rag.eval import claim_predictions, read_predictions
     from sac_rag.files import open_for_appending
 
-    claim_predictions(cache_path, {**settings, "max_new_tokens": max_new_tokens})
+    claim_predictions(cache_path, {**settings, "max_new_tokens": max_new_tokens},
+                      other_file="pass --results in another folder (its predictions/ folder is beside it)")
     done = read_predictions(cache_path)
     todo = [q for q in questions if q.id not in done]
     window = getattr(press, "window_size", None)
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from sac_rag.config import PromptTemplate
+    from sac_rag.errors import SACError
     from sac_rag.eval import adapter_fingerprint, dataset_questions
     from sac_rag.files import append_jsonl
     from sac_rag.metrics import summarize
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 method = "kvpress-" + press_name.replace("_", "-")
                 suffix = "+fullft-decoder" if decoder == "full-ft" else ""
                 label = f"{method}{'' if r == 1 else f'-{r}x'}{suffix}"
-                cache = results.parent / "predictions" / f"{label}-{dataset}-n{len(questions)}-s{args.seed}.jsonl"
+                cache = predictions_path(results, label, dataset, questions, args.seed)
                 settings = {"press": press_name, "ratio": r, "decoder": decoder, "dtype": args.dtype,
                             "base_model": base_fingerprint, "kvpress": versions["kvpress"],
                             "adapter": adapter_fingerprint(args.adapter) if decoder == "full-ft" else None}
@@ -326,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     preds, reduced = run_one(runner, questions, press, label, cache, args.max_new_tokens, settings)
                     costs = measure_costs(runner, questions, press, args.timing_samples) if args.timing_samples else {}
+                except SACError:  # the run's own input refused (another run's predictions file): no press failed
+                    raise
                 except Exception as exc:  # a press that breaks on this model/version: record and go on
                     logger.exception("%s failed", label)
                     row = {"method": method + suffix, "label": label, "press": press_name, "ratio": r,
@@ -352,4 +367,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sac_rag.errors import exit_with_message
+
+    exit_with_message(main)
