@@ -44,6 +44,7 @@ from sac_rag.eval import (  # noqa: E402
     build_method,
     check_results_file,
     dataset_questions,
+    distinct_counts,
     measure_costs,
 )
 from sac_rag.files import append_jsonl  # noqa: E402
@@ -61,17 +62,6 @@ METHODS = [
     ("text-truncate-5x", "text_truncate", 5, None, False),
     ("kv-dropping-15x", "kv_dropping", 15, None, False),
 ]
-
-
-def context_lengths(text: str) -> list[int]:
-    """An argparse ``type`` for ``--paragraphs``: distinct whole numbers >= 1, comma-separated."""
-    try:
-        lengths = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(k < 1 for k in lengths) or len(set(lengths)) != len(lengths):
-        raise argparse.ArgumentTypeError(f"expected distinct context lengths >= 1, got {text!r}")
-    return lengths
 
 
 def with_paragraphs(pool: list[Question], samples: int, k: int) -> list[Question]:
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=at_least(1), default=20, help="questions timed per method (median)")
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--paragraphs", type=context_lengths, default="1,3,10",
+    parser.add_argument("--paragraphs", type=distinct_counts, default="1,3,10",
                         help="context lengths, in SQuAD paragraphs")
     parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS),

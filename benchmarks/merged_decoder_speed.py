@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from sac_rag import GenerationConfig, Generator, SACCompressor  # noqa: E402
-from sac_rag.eval import dataset_questions  # noqa: E402
+from sac_rag.errors import exit_with_message  # noqa: E402
+from sac_rag.eval import at_least, dataset_questions, distinct_counts  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
 
 
@@ -31,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compressor", default="smollm2-135m-sac-5x")
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--questions", type=int, default=8, help="questions timed, in batches of each --batch-sizes")
-    parser.add_argument("--batch-sizes", default="1,8", help="batch sizes to time, comma-separated")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--questions", type=at_least(1), default=8,
+                        help="questions timed, in batches of each --batch-sizes")
+    parser.add_argument("--batch-sizes", type=distinct_counts, default="1,8",
+                        help="batch sizes to time, comma-separated")
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--new-tokens", type=at_least(1), default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results", default="benchmarks/results/merged_decoder_speed.jsonl")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GenerationConfig(max_new_tokens=args.new_tokens)  # greedy; an answer ends at EOS or new_tokens
     command = "python benchmarks/merged_decoder_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = []
-    for batch in map(int, args.batch_sizes.split(",")):
+    for batch in args.batch_sizes:
         groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
         seconds: dict[str, list[float]] = {name: [] for name in generators}
         answers: dict[str, list[list[int]]] = {}
@@ -81,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with_message(main)

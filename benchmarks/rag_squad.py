@@ -354,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         claim_predictions(cache, {"method": name, "ratio": ratio, "base_model": compressor.base_fingerprint,
                                   "adapter": adapter_fingerprint(args.full_ft_adapter) if reads_adapter else None,
                                   "max_new_tokens": args.max_new_tokens, "extractive": args.extractive,
-                                  **({"num_beams": args.num_beams, "mbr": args.mbr} if args.num_beams > 1 else {})})
+                                  **({"num_beams": args.num_beams, "mbr": args.mbr} if args.num_beams > 1 else {})},
+                          other_file="give this run another --label" if name == "sac" else
+                          f"--label names only the sac row: leave {name} out of --methods (the row of the run that "
+                          "made that file stands), or pass --results in another folder")
         scores = answer_all(label, chain, inputs, questions, cache, args.batch_size)
 
         # Costs at batch size 1, from the question: retrieval (+ store lookups for SAC) + prefill.

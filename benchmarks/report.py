@@ -180,6 +180,12 @@ def latest_costs(path: Path) -> list[dict]:
     return [r for r in rows if r["run"] == rows[-1]["run"]] if rows else []
 
 
+def paragraph_counts(rows: list[dict]) -> str:
+    """The context lengths of a costs run, in paragraphs: "1, 3 and 10"."""
+    counts = [str(k) for k in sorted({r["paragraphs"] for r in rows})]
+    return " and ".join([", ".join(counts[:-1]), counts[-1]] if len(counts) > 1 else counts)
+
+
 def costs_table(rows: list[dict]) -> list[str]:
     """Every method timed back to back in one process, at each context length."""
     if not rows:
@@ -193,9 +199,9 @@ def costs_table(rows: list[dict]) -> list[str]:
     else:
         how = "ratios to full context (frozen decoder) at the same length in the same run"
     lines = [f"### Costs, every method in one process (`{rows[0]['command']}`, {rows[0]['run']})", "",
-             f"{rows[0]['timing_samples']} SQuAD-dev questions at batch size 1, median; contexts of 1, 3 and 10 "
-             f"paragraphs; {how}. TTFT excludes compression (offline for a store; `compress s/chunk` is its "
-             "cost).", "",
+             f"{rows[0]['timing_samples']} {rows[0].get('dataset', 'squad-dev')} questions at batch size 1, median; "
+             f"contexts of {paragraph_counts(rows)} paragraphs; {how}. TTFT excludes compression (offline for a "
+             "store; `compress s/chunk` is its cost).", "",
              "| context | method | ratio | compress s/chunk | TTFT ms | TTFT vs full | decode tok/s | KV per query "
              "| KV vs full |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -297,13 +303,15 @@ def ttft_plot(costs: list[dict], out: Path) -> list[Path]:
         sac = method.startswith("sac")
         ax.plot(xs, ys, marker="*" if sac else "o", lw=2.5 if sac else 1.2, color="black" if sac else None,
                 ls="--" if method in ("full-context", "full-ft") else "-", label=method)
-    ax.set_xlabel("context length, tokens (1, 3 and 10 SQuAD paragraphs)")
+    ax.set_xlabel(f"context length, tokens ({paragraph_counts(costs)} {costs[0].get('dataset', 'squad-dev')} "
+                  "paragraphs)")
     ax.set_ylabel("time to first token, ms")
     ax.set_title(f"median of {costs[0]['timing_samples']} questions, batch 1, CPU ({costs[0]['threads']} threads), "
                  "one process" + ("\neach method's ratio to full context timed around it, times full context's "
                                   "mean" if drift_corrected else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "ttft_vs_context.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 import sac_rag  # noqa: E402
 from sac_rag import SAC, GenerationConfig  # noqa: E402
-from sac_rag.eval import dataset_questions  # noqa: E402
+from sac_rag.errors import exit_with_message  # noqa: E402
+from sac_rag.eval import at_least, dataset_questions  # noqa: E402
 from sac_rag.files import append_jsonl  # noqa: E402
 from sac_rag.pipeline import LAYOUT_STOP, load_compressor  # noqa: E402
 
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compressor", default="smollm2-135m-sac-5x")
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--questions", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--num-beams", type=int, default=1, help="1: greedy, token by token")
+    parser.add_argument("--questions", type=at_least(1), default=10)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--new-tokens", type=at_least(1), default=32)
+    parser.add_argument("--num-beams", type=at_least(1), default=1, help="1: greedy, token by token")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results", default="benchmarks/results/stream_speed.jsonl")
@@ -115,4 +116,4 @@ def _library_commit() -> str | None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with_message(main)

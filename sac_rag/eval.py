@@ -73,6 +73,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def distinct_counts(text: str) -> list[int]:
+    """An argparse ``type``: distinct whole numbers >= 1, comma-separated ("1,3,10")."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if any(k < 1 for k in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct whole numbers >= 1, got {text!r}")
+    return counts
+
+
 @dataclass
 class Question:
     """A question, its gold answers and gold paragraph; ``passages`` are what the prompt reads
