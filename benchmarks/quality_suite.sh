@@ -17,6 +17,11 @@ SHIFT_N=${2:-200}
 PY=${PYTHON:-.venv/bin/python}
 SAC=${SAC_CHECKPOINT:-smollm2-135m-sac-5x}
 SAC15=${SAC15_CHECKPOINT:-smollm2-135m-sac-15x}
+# Rows are labelled sac-5x / sac-15x for the shipped compressors only: another checkpoint's rows are
+# labelled by its path (or SAC_LABEL / SAC15_LABEL), never taking the shipped ones' place.
+label_of() { if [ "$1" = "$2" ]; then echo "$3"; else local path="${1%/}"; echo "sac-${path//\//-}"; fi; }
+SAC_LABEL=${SAC_LABEL:-$(label_of "$SAC" smollm2-135m-sac-5x sac-5x)}
+SAC15_LABEL=${SAC15_LABEL:-$(label_of "$SAC15" smollm2-135m-sac-15x sac-15x)}
 FULLFT=benchmarks/checkpoints/full-ft-smollm2-135m-squad
 export HF_HUB_OFFLINE=1
 
@@ -37,13 +42,13 @@ for dataset in squad-dev squadshifts-new-wiki; do
     done
   done
   # The trained compressors (SAC_CHECKPOINT / SAC15_CHECKPOINT to evaluate others).
-  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC" --label sac-5x
-  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC15" --label sac-15x
+  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC" --label "$SAC_LABEL"
+  eval_ --dataset "$dataset" --method sac --checkpoint "$SAC15" --label "$SAC15_LABEL"
 done
 
 # What 8-bit storage of its caches costs.
 N=${1:-200}
 for storage in fp8 int8; do
-  eval_ --method sac --checkpoint "$SAC" --storage "$storage" --label "sac-5x-$storage"
+  eval_ --method sac --checkpoint "$SAC" --storage "$storage" --label "$SAC_LABEL-$storage"
 done
 echo "quality suite: ${SECONDS} s wall time (N=$N, SHIFT_N=$SHIFT_N, $(nproc --all) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
