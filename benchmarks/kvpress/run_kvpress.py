@@ -319,12 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     for decoder in decoders:
         model, tokenizer, base_fingerprint = load_decoder(decoder, args.base_model, dtype, Path(args.adapter))
         runner = Runner(model, tokenizer, PromptTemplate())
-        for ratio in ratios:
-            if f"{decoder}:{ratio}" in skip:
-                continue
+        kept = [ratio for ratio in ratios if f"{decoder}:{ratio}" not in skip]
+        for ratio in kept:
             for press_name in presses:
-                if press_name == "none" and ratio != ratios[0]:
-                    continue  # the control does not depend on the ratio
+                if press_name == "none" and ratio != kept[0]:
+                    continue  # the control does not depend on the ratio: run once, at the first ratio kept
                 r = 1 if press_name == "none" else ratio
                 compression_ratio = 1 - 1 / r
                 press = make_press(press_name, compression_ratio)
