@@ -31,10 +31,22 @@ for variant in "${VARIANTS[@]}"; do
     --checkpoint "$run/final" --label "ablation-$variant" --results benchmarks/results/issue3_ablations.jsonl
 done
 
+# Each variant's predictions by its compressor's fingerprint (a retrained variant's old file is
+# another file); without its run, the one file of that variant there is.
+weights() { "$PY" -c "import sys; from sac_rag.compressor import checkpoint_meta
+print(checkpoint_meta(sys.argv[1])['fingerprint'].partition('/sac-')[2][:8])" "$1"; }
 files=()
 for variant in "${ALL[@]}"; do
-  # ???????? is the compressor's fingerprint (so "sac" does not also match "sac-seed4")
-  files+=(benchmarks/results/predictions/ablation-"$variant"-????????-squad-dev-n"$N"-s0.jsonl)
+  if [ -d "runs/ablation-$variant/final" ]; then
+    files+=(benchmarks/results/predictions/ablation-"$variant"-"$(weights "runs/ablation-$variant/final")"-squad-dev-n"$N"-s0.jsonl)
+  else  # ???????? is the fingerprint (so "sac" does not also match "sac-seed4")
+    found=(benchmarks/results/predictions/ablation-"$variant"-????????-squad-dev-n"$N"-s0.jsonl)
+    if [ "${#found[@]}" -ne 1 ]; then
+      echo "no paired table: ${#found[@]} prediction files of $variant and no runs/ablation-$variant to tell which" >&2
+      exit 0
+    fi
+    files+=("${found[0]}")
+  fi
 done
 if ls "${files[@]}" >/dev/null 2>&1; then
   "$PY" benchmarks/paired.py --dataset squad-dev --n "$N" "${files[@]}"
