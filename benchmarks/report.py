@@ -85,7 +85,7 @@ def base_name(method: str) -> str:
 
 def family(method: str) -> tuple[str, bool] | None:
     """(compressor family, read by the Full-FT decoder?) of a plottable method, else None. Of the
-    "sac" family only the shipped compressors are drawn (``is_line_point``): the lines are they
+    "sac" family only the shipped compressors are drawn (``is_line_point``): the lines set them
     against their peers; training stages are compared in the model card and the training-progress
     plot."""
     method = base_name(method)
