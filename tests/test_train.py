@@ -1093,8 +1093,9 @@ def test_best_holds_the_weights_of_the_best_f1_and_says_which_step_they_are(work
 @pytest.mark.parametrize("device, refused", [("cuda:0", True), ("cuda", False), ("auto", False)])
 def test_under_torchrun_a_gpu_named_by_index_is_refused_as_every_process_would_share_it(
         monkeypatch, workspace, device, refused):
-    """On a machine whose processes each see several GPUs. A one-GPU run's recorded --device cuda:0
-    is carried into `--out-dir RUN --resume` too; there it is the same refusal, with the fix."""
+    """On a machine whose processes each see several GPUs, --device cuda:0 (typed, or recorded by a
+    one-GPU run and read back by `--out-dir RUN --resume`) would put both ranks on GPU 0, and NCCL
+    would fail at its first collective; "cuda" and "auto" give each rank its own."""
     import torch.distributed as dist
 
     from sac_rag import train as train_module
