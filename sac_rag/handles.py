@@ -814,12 +814,11 @@ class SACEngine:
         misses as ``on_miss`` says; with ``write_back``, store the chunks handed out that were
         found in memory only (``_store_held``). Refused, it releases the chunks ``found`` pinned."""
         try:
-            if on_miss not in ON_MISS:
-                raise InvalidInputError(f"on_miss={on_miss!r}; use one of {ON_MISS}")
             texts = _check_texts(texts)
-            metadata = list(metadata) if metadata is not None else [None] * len(texts)
-            if len(found) != len(texts) or len(metadata) != len(texts):
-                raise InvalidInputError("texts, found and metadata must have the same length")
+            metadata = _checked_handle_arguments(texts, on_miss, metadata) or [None] * len(texts)
+            if len(found) != len(texts):
+                raise InvalidInputError(f"got {len(texts)} texts and {len(found)} lookups (lookup_handles): "
+                                        "give one each")
         except InvalidInputError:
             self._release_handles(found)
             raise
