@@ -26,10 +26,10 @@ in the same setting (its venv has no faiss).
 
 Scores are standard SQuAD EM/F1 (and the paper's ROUGE-1 / raw EM) with bootstrap CIs; the
 per-question predictions are cached under ``benchmarks/results/predictions`` so a run resumes.
-Costs, measured in the same run at batch size 1 on the first ``--timing-samples`` questions:
-time to first token from the question (retrieval, and the store lookups for SAC, included),
-the tokens the LLM read (text vs cached entries, from LangChain usage metadata), and
-recall@k of the retriever.
+Costs, measured in the same run: time to first token from the question (retrieval, and the
+store lookups for SAC, included) at batch size 1 on the first ``--timing-samples`` questions;
+what the LLM read for every question (text tokens vs cached entries, from LangChain usage
+metadata, counted with one-token answers); and recall@k of the retriever.
 """
 
 from __future__ import annotations
@@ -220,6 +220,14 @@ def check_inputs(args: argparse.Namespace) -> Path:
     return squad
 
 
+def one_token_reader(reader: BaseLLM | None) -> BaseLLM | None:
+    """``reader`` answering one greedy token: the prompt it reads, and so its usage counts, are
+    the same as when it answers in full, at the cost of a prefill."""
+    if reader is None:
+        return None
+    return reader.model_copy(update={"max_tokens": 1, "num_beams": 1, "mbr": False})
+
+
 def time_to_first_token(chain, inputs) -> list[float]:
     seconds = []
     for item in inputs:
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbr", action="store_true", help="of the finished beams, the answer with the highest "
                         "expected F1 against the others (minimum Bayes risk; needs --num-beams > 1); suffix -mbr")
     parser.add_argument("--timing-samples", type=at_least(1), default=10,
-                        help="questions timed at batch size 1 (also those whose tokens read are counted)")
+                        help="questions timed at batch size 1 (the tokens read are counted over every question)")
     parser.add_argument("--methods", default=",".join(RAG_METHODS),
                         help="comma-separated: sac, full_text, full_ft, truncate_ft (each document cut to its first "
                              "1/ratio tokens, read by the Full-FT decoder: the strongest peer at the same budget), "
@@ -318,19 +326,23 @@ def main(argv: list[str] | None = None) -> int:
                                             document_prompt=PromptTemplate.from_template("{page_content}"),
                                             document_separator=template.context_separator)
 
+    def method_chains(sac_reader, full_ft_reader) -> dict:  # method -> (retriever, documents chain)
+        chains = {"sac": (sac_retriever, create_sac_stuff_chain(sac_reader)),
+                  "full_text": (retriever, text_chain(sac_reader))}
+        if full_ft_reader is not None:  # one Full-FT decoder for both
+            shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
+            truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
+                                                     for d in docs])
+            chains["full_ft"] = (retriever, text_chain(full_ft_reader))
+            chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft_reader))
+        return chains
 
-    chains = {  # method -> (retriever, documents chain)
-        "sac": (sac_retriever, create_sac_stuff_chain(llm)),
-        "full_text": (retriever, text_chain(llm)),
-    }
-    if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):  # one Full-FT decoder for both
+    full_ft = None
+    if {"full_ft", "truncate_ft"} & set(args.methods.split(",")):
         full_ft = full_ft_llm(args.full_ft_adapter, template, args.max_new_tokens, args.extractive, args.dtype,
                               compressor.config.base_model, args.num_beams, args.mbr)
-        chains["full_ft"] = (retriever, text_chain(full_ft))
-        shorten = TextShortener(compressor.tokenizer, ratio, "text_truncate")
-        truncated = RunnableLambda(lambda docs: [d.model_copy(update={"page_content": shorten(d.page_content)})
-                                                 for d in docs])
-        chains["truncate_ft"] = (retriever | truncated, text_chain(full_ft))
+    chains = method_chains(llm, full_ft)
+    counting_chains = method_chains(*(one_token_reader(reader) for reader in (llm, full_ft)))
     entry_bytes = kv_entry_bytes(compressor.base_model, compressor.dtype)  # K/V held per prompt position
     common = {"seed": args.seed, "k": args.k, "recall_at_k": recall, "retrieval_s": retrieval_s,
               "corpus_chunks": len(docs), "decoding": "extractive" if args.extractive else "free",
@@ -364,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         end_to_end = {"context": method_retriever, "question": RunnablePassthrough()} | chain
         ttft = time_to_first_token(end_to_end, [q.question for q in questions[:args.timing_samples]])
         answer_s = time_to_answer(end_to_end, [q.question for q in questions[:args.timing_samples]])
-        read_usage = UsageTotals()
-        chain.batch(inputs[:max(1, len(ttft))], config={"callbacks": [read_usage]})
+        read_usage = UsageTotals()  # what the LLM read for every question: the prompts of one-token answers
+        counting_chains[name][1].batch(inputs, config={"callbacks": [read_usage]})
         row = {
             "method": label, "ratio": ratio if name in ("sac", "truncate_ft") else 1,
             "dataset": f"squad-dev-rag-top{args.k}",
@@ -374,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             "text_tokens_per_query": (read_usage.input_tokens - read_usage.cache_read) / max(1, read_usage.calls),
             "cached_entries_per_query": read_usage.cache_read / max(1, read_usage.calls),
             "kv_bytes_per_query": entry_bytes * read_usage.input_tokens / max(1, read_usage.calls),
-            "timing_samples": len(ttft), "index_build_s": index_s, "compressor": args.compressor,
+            "timing_samples": len(ttft), "reads_counted": read_usage.calls, "index_build_s": index_s,
+            "compressor": args.compressor,
             "compressor_fingerprint": compressor.fingerprint if name == "sac" else None, **common,
         }
         write_row(args.results, row)
@@ -393,17 +406,19 @@ def eval_method_row(name: str, questions, base_model: str, ratio: int, args, com
     config = answer_config(args.max_new_tokens, extractive=args.extractive, num_beams=args.num_beams, mbr=args.mbr)
     claim_predictions(cache, prediction_settings(method, config, adapter))
     scores = run(method, questions, f"squad-dev-rag-top{args.k}", args.batch_size, cache, config)
-    ttft, read = [], []
-    for q in questions[:args.timing_samples]:
+    ttft, read = [], []  # TTFT over the first --timing-samples questions; what was read over every one
+    for index, q in enumerate(tqdm(questions, desc=f"{label}: reads", unit="question")):
         t0 = time.perf_counter()
         result = method.generator.generate(method.prompts([q])[0], GenerationConfig(max_new_tokens=1))
-        ttft.append(time.perf_counter() - t0 + common["retrieval_s"])
+        if index < args.timing_samples:
+            ttft.append(time.perf_counter() - t0 + common["retrieval_s"])
         read.append((result.text_tokens, result.cached_tokens))
     entries = statistics.mean(t + c for t, c in read)
     return {
         "method": label, "ratio": ratio, "dataset": f"squad-dev-rag-top{args.k}", "n": scores.pop("n"), **scores,
         "ttft_s": statistics.median(ttft), "text_tokens_per_query": statistics.mean(t for t, _ in read),
         "cached_entries_per_query": statistics.mean(c for _, c in read), "timing_samples": len(ttft),
+        "reads_counted": len(read),
         "kv_bytes_per_query": kv_entry_bytes(method.generator.model, method.generator.dtype) * entries,
         "decoder_adapter": adapter, "compressor_fingerprint": method.compressor.fingerprint, **common,
     }

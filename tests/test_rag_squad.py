@@ -172,6 +172,7 @@ def test_every_method_writes_a_scored_row_with_its_command(first_run, workspace)
         assert row["command"] == "python benchmarks/rag_squad.py " + " ".join(
             _args(workspace, results, "--export-retrieval", str(results.parent / "retrieval.jsonl")))
         assert row["corpus_chunks"] == 4 and row["timing_samples"] == 1 and row["dtype"] == "float32"
+        assert row["reads_counted"] == 3  # what the LLM read is counted over every question, not the timed one
     assert [r["ratio"] for r in rows] == [2, 1, 1, 2, 2, 2]
 
 
