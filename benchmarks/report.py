@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -77,9 +78,15 @@ LABELS = {"sac-5x-frozen-decoder": "sac (frozen decoder)",
 REFERENCES = {"full-ft": ("k", "--"), "full-context": ("gray", "--"), "no-context": ("gray", ":")}
 
 
+# The row-name suffixes ``decoding_suffix`` adds for a decoding other than greedy free decoding.
+DECODING_TAGS = re.compile(r"(-(extractive|beam\d+|lp-?[\d.e+-]+|mbr|samples\d+|cad-?[\d.e+-]+|plausible[\d.e+-]+))+$")
+
+
 def base_name(method: str) -> str:
-    """The method's name without the RAG setting's prefix ("rag-full-text" is full context)."""
-    method = method.removeprefix("rag-")
+    """The method's name without the RAG setting's prefix ("rag-full-text" is full context) or its
+    decoding's suffix (a row's decoding names its table: "rag-full-ft-extractive" is the Full-FT
+    reference of the extractive table)."""
+    method = DECODING_TAGS.sub("", method.removeprefix("rag-"))
     return "full-context" if method == "full-text" else method
 
 
@@ -272,7 +279,7 @@ def plots(rows: list[dict], out: Path, dataset: str = "squad-dev", n: int | None
     ax.minorticks_off()
     ax.set_xlabel("compression ratio (context tokens per kept K/V entry or kept token)")
     ax.set_ylabel("SQuAD F1")
-    ax.set_title(f"{dataset}, n={n}, SmolLM2-135M; dashed: read by the Full-FT decoder", fontsize=10)
+    ax.set_title(f"{dataset}, n={n}, SmolLM2-135M\ndashed: read by the Full-FT decoder", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.16, 1.0))
     fig.subplots_adjust(left=0.07, right=0.6)
     quality = out / f"f1_vs_ratio_{dataset}.png"

@@ -109,3 +109,15 @@ def test_the_sac_line_is_drawn_from_the_shipped_compressors_rows_whatever_their_
     assert not is_line_point({**row, "method": "sac-15x-stage3", "compressor_fingerprint": shipped[0],
                               "storage": "fp8"})
     assert is_line_point({**row, "method": "text-truncate-15x"})  # a peer, by its name
+
+
+def test_the_reference_rows_of_a_decoding_s_table_are_named_without_its_suffix():
+    """Each decoding has a table (and plot) of its own; its Full-FT and full-context rows carry the
+    decoding in their names and are still that table's reference lines."""
+    base_name = REPORT["base_name"]
+    assert base_name("rag-full-ft-extractive") == "full-ft"
+    assert base_name("rag-full-text-beam8-mbr") == "full-context"
+    assert base_name("full-ft-beam4-lp0") == "full-ft"
+    assert base_name("sac-5x-cad0.25-plausible0") == "sac-5x"
+    assert base_name("rag-sac-5x-soup68-69-fp32") == "sac-5x-soup68-69-fp32"  # a label, not a decoding
+    assert REPORT["is_full_context"]("rag-full-text-extractive")
