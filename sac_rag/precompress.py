@@ -527,7 +527,8 @@ def build_compressor(args: argparse.Namespace) -> SACCompressor:
 
     base_model = getattr(args, "base_model", None)
     if args.kv_dropping:
-        config = SACConfig(base_model=base_model or DEFAULT_KV_DROPPING_BASE, ratio=args.ratio, lora_rank=0,
+        ratio = 5 if args.ratio is None else args.ratio
+        config = SACConfig(base_model=base_model or DEFAULT_KV_DROPPING_BASE, ratio=ratio, lora_rank=0,
                            bidirectional=False, anchor_embedding="none")
         return SACCompressor(config, device=args.device, dtype=args.dtype)
     try:
@@ -590,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "instead of the one its checkpoint names (e.g. after that directory moved; the weights "
                             "are checked against the checkpoint); with --kv-dropping the model whose K/V are "
                             f"dropped (default {DEFAULT_KV_DROPPING_BASE})")
-    model.add_argument("--ratio", type=int, default=5, help="compression ratio for --kv-dropping (default 5)")
+    model.add_argument("--ratio", type=int, default=None,
+                       help="compression ratio for --kv-dropping (default 5); a trained compressor compresses at "
+                            "the ratio it was trained for")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--dtype", default=None,
                        help="model and new store dtype: auto (default: bfloat16 where the device computes it "
@@ -616,6 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the summary (documents read and skipped by reason, chunks compressed and "
                              "already stored, the store's size) as JSON instead of text")
     args = parser.parse_args(argv)
+    if args.ratio is not None and not args.kv_dropping:
+        parser.error(f"--ratio {args.ratio} sets the ratio of --kv-dropping only: a trained compressor compresses at "
+                     "the ratio it was trained for (built in: smollm2-135m-sac-5x, smollm2-135m-sac-15x); leave "
+                     "--ratio out, or add --kv-dropping for the untrained baseline")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index)

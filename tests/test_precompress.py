@@ -597,6 +597,11 @@ def test_cli_help_and_errors(tmp_path, capsys, corpus):
     assert main(["--corpus", str(corpus), "--store", str(tmp_path / "s"),
                  "--compressor", str(tmp_path / "no-such-compressor")]) == 2
     assert "--kv-dropping" in capsys.readouterr().err
+    # --ratio sets the baseline's ratio: with a trained compressor it would be silently ignored
+    with pytest.raises(SystemExit) as info:
+        main(["--corpus", str(corpus), "--store", str(tmp_path / "r"), "--ratio", "15"])
+    assert info.value.code == 2 and not (tmp_path / "r").exists()
+    assert "--ratio 15 sets the ratio of --kv-dropping only" in capsys.readouterr().err
 
 
 # -- what a run reports ---------------------------------------------------------------------------
