@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import text_ids
 from .errors import InvalidInputError
 from .store import AnchorStore
 
@@ -171,7 +172,7 @@ def _integer(value) -> int | None:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return text_ids(tokenizer, text) if text else []
 
 
 def _pieces(text: str) -> Iterator[tuple[int, int]]:
@@ -195,8 +196,8 @@ def _token_ends(text: str, tokenizer) -> np.ndarray:
     """End character of every token of ``text`` (tokenized piece by piece), non-decreasing."""
     parts = []
     for start, end in _pieces(text):
-        offsets = tokenizer(text[start:end], add_special_tokens=False,
-                            return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)["offset_mapping"]  # as ``text_ids`` reads it
         if offsets:
             parts.append(np.asarray([o[1] for o in offsets], dtype=np.int64) + start)
     if not parts:

@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .anchors import AnchorSelector, anchor_count, make_selector
-from .config import SACConfig
+from .config import SACConfig, text_ids
 from .devices import input_device, resolve_device, resolve_dtype
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write, fsync_dir
@@ -453,7 +453,7 @@ class SACCompressor(torch.nn.Module):
             raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
         if not text.strip():
             raise InvalidInputError("text is empty or whitespace only: there is nothing to compress")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = text_ids(self.tokenizer, text)  # a special token's text in a document is not that token
         step = self.config.chunk_len
         return [ids[i : i + step] for i in range(0, len(ids), step)]
 
@@ -500,7 +500,7 @@ class SACCompressor(torch.nn.Module):
         if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Iterable):
             raise InvalidInputError(f"compress_chunks takes a list of token-id lists, got {type(chunks).__name__}; "
                                     "for text use compress(text)")
-        chunks = list(chunks)
+        chunks = _checked_token_ids(chunks, self._base.get_input_embeddings().weight.shape[0])
         offsets = _chunk_offsets(len(chunks), offsets)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -738,6 +738,28 @@ class SACCompressor(torch.nn.Module):
             part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             if part:
                 self.set_adapter_weights(part, adapter)
+
+
+def _checked_token_ids(chunks: Iterable, vocabulary: int) -> list[list[int]]:
+    """Each chunk as a list of token ids, each an integer (numpy's too, not a float: a float id is
+    no token) in ``0 .. vocabulary - 1``, the rows of the model's embedding."""
+    checked = []
+    for i, chunk in enumerate(chunks):
+        if isinstance(chunk, (str, bytes)) or not isinstance(chunk, Iterable):
+            raise InvalidInputError(f"chunk {i} is a {type(chunk).__name__}: a chunk is a list of token ids "
+                                    "(for text use compress(text))")
+        ids = []
+        for token in chunk:
+            try:  # any integer (numpy's, a 0-d tensor's) but a bool or a float
+                value = None if isinstance(token, bool) else operator.index(token)
+            except TypeError:
+                value = None
+            if value is None or not 0 <= value < vocabulary:
+                raise InvalidInputError(f"chunk {i} holds {token!r}, which is no token id: ids are integers from 0 "
+                                        f"to {vocabulary - 1} (the model's embedding rows)")
+            ids.append(value)
+        checked.append(ids)
+    return checked
 
 
 def _chunk_offsets(n_chunks: int, offsets: Sequence[int] | None) -> list[int]:

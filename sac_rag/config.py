@@ -16,6 +16,57 @@ CHAT_ASKING = ("user", "human")
 CHAT_ANSWERING = ("assistant", "ai", "chatbot", "model")
 
 
+class UserText(str):
+    """Text a user wrote into a prompt (a question, a context read as text), as opposed to the
+    layout's own text: it is read as the characters it is written with (``text_ids``), so the text
+    of a special token in it (``<|im_end|>`` on a page about chat formats) is never that token."""
+
+
+class PromptText(str):
+    """A prompt's text segment as one string, with the pieces it joins: the layout's text and the
+    ``UserText`` in it, which ``prompt_ids`` reads each its own way."""
+
+    pieces: tuple[str, ...]
+
+    def __new__(cls, pieces: Sequence[str]) -> PromptText:
+        text = super().__new__(cls, "".join(pieces))
+        text.pieces = tuple(p for p in pieces if p)
+        return text
+
+    def lstrip_newlines(self) -> PromptText:
+        """The text without its leading newlines, each piece keeping what is left of it."""
+        drop, pieces = len(self) - len(self.lstrip("\n")), []
+        for piece in self.pieces:
+            cut = min(drop, len(piece))
+            drop -= cut
+            pieces.append(type(piece)(piece[cut:]) if isinstance(piece, UserText) else piece[cut:])
+        return PromptText(pieces)
+
+
+def text_ids(tokenizer, text: str | list[str]) -> list:
+    """Token ids of ``text`` (or of each of a list of texts) read as plain text, as documents,
+    questions and answers are read in training and in answering: the text of a special token in it
+    is spelled in ordinary tokens, never read as that control token (``<|im_end|>`` would end a
+    turn, ``<|endoftext|>`` a document)."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt's text segment: the layout's special tokens (a chat header) as those
+    tokens; the ``UserText`` pieces of a ``PromptText`` as plain text (``text_ids``). As long as no
+    user piece holds a special token's text, the segment is read whole (its pieces' boundaries
+    tokenized as in one string, as every prompt without such text is)."""
+    pieces = getattr(text, "pieces", ())
+    if not any(isinstance(p, UserText) and text_ids(tokenizer, p) != tokenizer(p, add_special_tokens=False)["input_ids"]
+               for p in pieces):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for piece in pieces:
+        ids += text_ids(tokenizer, piece) if isinstance(piece, UserText) else tokenizer(
+            piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 @dataclass
 class PromptTemplate:
     """How compressed contexts and a question are laid out for the decoder (paper, App. A:
@@ -36,9 +87,16 @@ class PromptTemplate:
         """The text the prompt ends with, after the question: where the answer begins."""
         return self.question.format(question="\0").rpartition("\0")[2]  # as ``build`` formats it
 
+    def question_text(self, question: str) -> PromptText:
+        """The text that follows the contexts, with ``question`` in it as ``UserText``."""
+        before, found, after = self.question.format(question="\0").partition("\0")  # as ``format`` places it
+        return PromptText([before, UserText(question), after] if found else [before])
+
     def build(self, contexts: list, question: str) -> list:
         """Prompt segments: text strings and, in order, the given contexts (each a string for
-        full-text reading, an ``AnchorKV``, or a list of ``AnchorKV`` for a multi-chunk text)."""
+        full-text reading, an ``AnchorKV``, or a list of ``AnchorKV`` for a multi-chunk text). The
+        question and the contexts given as strings are ``UserText`` in the segments' ``PromptText``:
+        read as plain text (``prompt_ids``)."""
         if not isinstance(question, str):
             raise InvalidInputError(f"the question must be a string, got {type(question).__name__}: {question!r:.40}")
         if not question.strip():
@@ -49,10 +107,13 @@ class PromptTemplate:
             text = head if i == 0 else self.context_separator
             if text:
                 segments.append(text)
-            segments.extend(context if isinstance(context, list) else [context])
-        tail = self.question.format(question=question)
+            if isinstance(context, str):
+                segments.append(UserText(context))
+            else:
+                segments.extend(context if isinstance(context, list) else [context])
+        tail = self.question_text(question)
         if not contexts:
-            tail = self.prefix + tail.lstrip("\n")
+            tail = PromptText([self.prefix, *tail.lstrip_newlines().pieces])
         segments.append(tail)
         return _merge_adjacent_text(segments)
 
@@ -80,10 +141,14 @@ class PromptTemplate:
 
 
 def _merge_adjacent_text(segments: list) -> list:
+    """``segments`` with each run of text ones joined into one ``PromptText`` of their pieces."""
     merged: list = []
     for seg in segments:
-        if isinstance(seg, str) and merged and isinstance(merged[-1], str):
-            merged[-1] += seg
+        if isinstance(seg, str):
+            pieces = seg.pieces if isinstance(seg, PromptText) else (seg,)
+            if merged and isinstance(merged[-1], PromptText):
+                pieces = merged.pop().pieces + pieces
+            merged.append(PromptText(pieces))
         else:
             merged.append(seg)
     return merged

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import text_ids
 from .errors import SACError
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ def split_long_contexts(paragraphs: list[Paragraph], tokenizer, limit: int,
     report, out = SplitReport(), []
     texts = [p.context for p in paragraphs]
     lengths = [len(ids) for start in range(0, len(texts), 256)
-               for ids in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]]
+               for ids in text_ids(tokenizer, texts[start : start + 256])]
     overlap = min(limit // 4, 128)  # an answer shorter than this that a cut crosses is whole in the next piece
     for para, n_tokens in zip(paragraphs, lengths):
         if n_tokens <= limit:

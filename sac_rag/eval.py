@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .config import PromptTemplate, SACConfig
+from .config import PromptTemplate, SACConfig, text_ids
 from .data import DEFAULT_HELD_OUT_FRACTION, read_qa, split_by_title
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
@@ -318,7 +318,7 @@ class TextShortener:
     how: str
 
     def __call__(self, text: str) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = text_ids(self.tokenizer, text)
         budget = max(1, -(-len(ids) // self.ratio))  # the anchor count of uniform SAC anchors
         kept = ids[:: self.ratio][:budget] if self.how == "text_every_rth" else ids[:budget]
         return self.tokenizer.decode(kept)

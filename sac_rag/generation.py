@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import prompt_ids
 from .devices import input_device, layer_devices
 from .errors import FingerprintMismatchError, InvalidInputError, PromptError, PromptTooLongError
 from .extractive import SpanConstraint, Vocabulary, token_bytes
@@ -530,7 +531,7 @@ class Generator:
         parts = []
         for i, seg in enumerate(segments):
             if isinstance(seg, str):
-                ids = self.tokenizer(seg, add_special_tokens=False)["input_ids"]
+                ids = prompt_ids(self.tokenizer, seg)  # the user's text in it read as plain text
                 if i == 0 and self._bos and ids[:1] == self._bos:
                     ids = ids[1:]  # the prompt writes the BOS token itself (a chat template did): read once
                 seg = ids

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from .compressor import RECOMMENDED_DECODING, SACCompressor, checkpoint_meta
-from .config import PromptTemplate, SACConfig
+from .config import PromptTemplate, SACConfig, text_ids
 from .devices import load_settings, resolve_dtype, resolved_here
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
@@ -898,7 +898,7 @@ class SACEngine:
             return []
         compressor = self._state().compressor
         limit = self.chunk_tokens
-        ids = compressor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = text_ids(compressor.tokenizer, text)
         if len(ids) <= limit:
             return [_Chunk(AnchorStore.key_for(text), text, tuple(ids), 0, 0, len(text))]
         from .chunking import split_document

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .config import prompt_ids, text_ids
 from .data import Paragraph
 from .errors import InvalidInputError
 from .generation import GenerationConfig, bos_ids, next_tokens
@@ -82,7 +83,8 @@ class ExampleBuilder:
                              f"{self.template.context_separator!r}): training lays passages back to back")
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """A passage's, answer's or document's ids, read as plain text (``text_ids``), as in answering."""
+        return text_ids(self.tokenizer, text)
 
     @property
     def eos(self) -> int:
@@ -101,7 +103,7 @@ class ExampleBuilder:
         rows = []
         spans = span_questions_about(paragraph.context, self.span_questions, random.Random(f"span {self.seed} {index}"))
         for question, answer in [(qa.question, qa.answers[0]) for qa in questions] + spans:
-            rows.append((self._ids(self.template.question.format(question=question)), self._target(answer)))
+            rows.append((prompt_ids(self.tokenizer, self.template.question_text(question)), self._target(answer)))
         return Example([self._ids(p) for p in passages], rows, span_rows=len(spans))
 
     def _target(self, answer: str) -> list[int]:

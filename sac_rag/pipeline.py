@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from .compressor import DEFAULT_COMPRESSOR, SACCompressor, checkpoint_meta
+from .config import text_ids
 from .errors import InvalidInputError, ModelNotAvailableError, PromptTooLongError
 from .generation import Generation, GenerationConfig, Generator, checked_config, grouped
 from .kv import AnchorKV
@@ -191,7 +192,7 @@ class SAC:
         tokenizer = self.compressor.tokenizer
 
         def count(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return len(text_ids(tokenizer, text))
 
         tokens = sum(map(count, texts)) + sum(kv.n_tokens for c in contexts if not isinstance(c, str)
                                               for kv in ([c] if isinstance(c, AnchorKV) else c))

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .anchors import NAMED_STRATEGIES
-from .config import PromptTemplate, SACConfig
+from .config import PromptTemplate, SACConfig, text_ids
 from .data import (
     DEFAULT_HELD_OUT_FRACTION,
     TEXT_FORMATS,
@@ -972,7 +972,7 @@ class ExampleStream:
             if cfg.span_questions:  # their cue is four words of the passage: room for long ones
                 prompts.append(template.question.format(question=SPAN_QUESTION.format(cue=" ".join(["word"] * 4))))
             lengths = [len(ids) for start in range(0, len(prompts), 1024)
-                       for ids in tokenizer(prompts[start : start + 1024], add_special_tokens=False)["input_ids"]]
+                       for ids in text_ids(tokenizer, prompts[start : start + 1024])]  # at least the ids read
             question = max(lengths) + (SPAN_CUE_ROOM if cfg.span_questions else 0)
             head = len(bos_ids(tokenizer)) + len(tokenizer(template.prefix + template.context_prefix,
                                                            add_special_tokens=False)["input_ids"])
@@ -1002,7 +1002,7 @@ class ExampleStream:
         and say how many are skipped as too short, and how much of the long ones a window covers."""
         cfg, lengths = self.cfg, []
         for start in range(0, len(self.items), 256):  # the builder's tokenization, batched
-            batch = tokenizer(self.items[start : start + 256], add_special_tokens=False)["input_ids"]
+            batch = text_ids(tokenizer, self.items[start : start + 256])
             lengths += [len(ids) for ids in batch]
         usable = sum(n >= cfg.lm_min_tokens for n in lengths)
         if not usable:

@@ -3,6 +3,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -761,7 +762,6 @@ def test_a_device_or_dtype_the_passed_model_is_not_on_is_refused_not_ignored(tin
 def test_random_anchors_of_the_same_ids_are_the_same_in_a_list_a_tensor_or_an_array():
     """"The same chunk always gets the same anchors": ids in a tensor or numpy array print otherwise
     than in a list, and the seed was drawn from their printed form."""
-    import numpy as np
 
     ids = list(range(100, 160))
     in_list = RandomAnchors(seed=0).select(ids, 5)
@@ -789,6 +789,20 @@ def test_offsets_must_be_one_non_negative_integer_per_chunk(tiny, offsets, says)
         comp.compress_chunks([ids[:10], ids[:5]], offsets=offsets)
     with pytest.raises(InvalidInputError, match="batch_size"):
         comp.compress_chunks([ids[:10]], batch_size=0)
+
+
+def test_token_ids_must_be_integers_the_models_embedding_has_a_row_for(tiny):
+    """A float id (ids that went through a float column) is no token: it is refused, not truncated;
+    an id past the embedding or below 0 is refused naming the range, not an IndexError deep inside."""
+    comp = _compressor(tiny)
+    ids = _ids(comp.tokenizer)[:6]
+    rows = tiny[0].get_input_embeddings().weight.shape[0]
+    for bad, says in [(np.asarray(ids, dtype=np.float64) + 0.7, r"holds np.float64\("), ([*ids, rows], f"holds {rows}"),
+                      ([-1], "holds -1"), ([True], "holds True"), ("abc", "chunk 0 is a str")]:
+        with pytest.raises(InvalidInputError, match=f"{says}.*(from 0 to {rows - 1}|compress.text)"):
+            comp.compress_chunks([bad])
+    as_numpy = comp.compress_chunks([np.asarray(ids, dtype=np.int64)])[0]  # numpy integers are ids
+    assert torch.equal(as_numpy.keys, comp.compress_chunks([ids])[0].keys)
 
 
 def test_a_config_shared_by_two_compressors_is_retargeted_in_one_only(tiny):
