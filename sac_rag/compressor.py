@@ -17,7 +17,7 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -508,21 +508,14 @@ class SACCompressor(torch.nn.Module):
         results: list[AnchorKV | None] = [None] * len(chunks)
         from tqdm.auto import tqdm
 
-        # Each module's own flag comes back afterwards: the compressor is in training mode when built,
-        # and restoring that to every module would put the shared base model (the decoder) in it too.
-        modes = [(module, module.training) for module in self.modules()]
-        self.eval()
-        try:
-            with tqdm(total=len(chunks), unit="chunk", disable=not show_progress, desc="compressing") as bar:
-                for start in range(0, len(order), batch_size):
-                    batch = order[start : start + batch_size]
-                    encoded = self.encode([chunks[i] for i in batch], [offsets[i] for i in batch])
-                    for i, kv in zip(batch, encoded):
-                        results[i] = kv
-                    bar.update(len(batch))
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with evaluating(self), tqdm(total=len(chunks), unit="chunk", disable=not show_progress,
+                                    desc="compressing") as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                encoded = self.encode([chunks[i] for i in batch], [offsets[i] for i in batch])
+                for i, kv in zip(batch, encoded):
+                    results[i] = kv
+                bar.update(len(batch))
         return results  # type: ignore[return-value]
 
     # -- the encoder forward pass ------------------------------------------------------------
@@ -738,6 +731,20 @@ class SACCompressor(torch.nn.Module):
             part = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
             if part:
                 self.set_adapter_weights(part, adapter)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) for the block; afterwards each of its submodules gets its
+    own flag back. A compressor is in training mode when built while the base model it shares with
+    the decoder is not: ``module.train(was_training)`` would switch the base model's dropout on."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
 
 
 def _checked_token_ids(chunks: Iterable, vocabulary: int) -> list[list[int]]:

@@ -1550,17 +1550,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         nonlocal best
         if not held_out or not is_main:
             return
-        was_training = model.training if hasattr(model, "training") else True
+        from .compressor import evaluating
+
         if cfg.method == "full_ft":
-            model.model.eval()
-            result = evaluate_qa(model.generator(), template, held_out, cfg.eval_questions, seed=cfg.seed)
-            model.model.train()
+            with evaluating(model.model):
+                result = evaluate_qa(model.generator(), template, held_out, cfg.eval_questions, seed=cfg.seed)
         else:
             from .generation import Generator
 
-            result = evaluate_qa(Generator.from_compressor(model), template, held_out, cfg.eval_questions,
-                                 compress=model.compress, seed=cfg.seed)
-            model.train(was_training)
+            with evaluating(model):  # and back: the frozen base model (the decoder) stays out of training mode
+                result = evaluate_qa(Generator.from_compressor(model), template, held_out, cfg.eval_questions,
+                                     compress=model.compress, seed=cfg.seed)
         row = {"step": step, "eval_f1": result["f1"], "eval_em": result["em"], "eval_n": result["n"],
                "eval_examples": result["examples"]}
         metrics.write(json.dumps(row) + "\n")

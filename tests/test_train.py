@@ -92,6 +92,23 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(workspace):
         json.loads((workspace / "straight" / "train_config.json").read_text()) | {"out_dir": str(workspace / "split")}
 
 
+def test_held_out_evaluation_leaves_the_frozen_base_models_dropout_off(workspace):
+    """A base model whose config has dropout (Phi-2's resid_pdrop, here attention dropout) is frozen
+    and read without it; evaluating during the run must not switch it on for the steps after, so a
+    run with evaluations trains exactly as one without."""
+    model, tokenizer = make_tiny_llama()
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(workspace / "dropout-model")
+    tokenizer.save_pretrained(workspace / "dropout-model")
+    for out, every in (("quiet", "0"), ("evaluated", "1")):
+        args = _args(workspace, out, "--max-steps", "4", "--eval-every", every)
+        args[args.index("--base-model") + 1] = str(workspace / "dropout-model")
+        train(parse_config(args))
+    assert len(_eval_rows(workspace / "evaluated")) == 4 > len(_eval_rows(workspace / "quiet"))  # the end's only
+    quiet, evaluated = _losses(workspace / "quiet"), _losses(workspace / "evaluated")
+    assert evaluated == pytest.approx(quiet, rel=1e-6, abs=1e-7)
+
+
 def test_kill_9_leaves_a_readable_checkpoint_and_resume_finishes(workspace):
     cmd = [sys.executable, "-m", "sac_rag.train", *_args(workspace, "killed", "--max-steps", "400",
                                                          "--checkpoint-every", "1")]
