@@ -196,10 +196,11 @@ class Method:
         return [self.template.build([], q.question) for q in batch]
 
 
+DEFAULT_BASE_MODEL = "smollm2-135m"  # what the methods but sac read with unless --base-model names another
 METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_every_rth", "text_truncate")
 
 
-def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str | None, device, dtype,
+def build_method(name: str, base_model: str | None, ratio: int | None, checkpoint: str | None, device, dtype,
                  decoder_adapter: str | None = None, anchor_strategy: str | None = None,
                  merge_decoder: bool = False) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
@@ -220,14 +221,17 @@ def build_method(name: str, base_model: str, ratio: int | None, checkpoint: str 
 
     if name not in METHODS:
         raise InvalidInputError(f"unknown method {name!r}; choose from {METHODS}")
-    if name == "sac":
-        comp = SACCompressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+    if name == "sac":  # on its checkpoint's base model, or on ``base_model`` (checked against the checkpoint)
+        from .pipeline import load_compressor
+
+        comp = load_compressor(checkpoint, device, dtype, base_model)
         if ratio is not None and ratio != comp.config.ratio:
             comp.retarget_ratio(ratio)
         if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
             comp.use_anchors(anchor_strategy)
         return Method(name, comp.config.ratio, Generator.from_compressor(comp, merge_decoder), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio
+    base_model = base_model or DEFAULT_BASE_MODEL
     if name == "full_ft":
         decoder_adapter = checkpoint
     model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
@@ -665,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
     parser.add_argument("--label", help="name of the row in the results (default: the method)")
-    parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--base-model", default=None,
+                        help=f"the model the methods read with (default {DEFAULT_BASE_MODEL}); for sac, the model "
+                             "to load the compressor on instead of the one its checkpoint names (e.g. after that "
+                             "directory moved; the weights are checked against the checkpoint's fingerprint)")
     parser.add_argument("--ratio", type=at_least(1), help="kv_dropping and the text_* methods: default 5; sac: default "
                         "the checkpoint's, another value evaluates its weights at that ratio")
     parser.add_argument("--anchor-strategy", help="sac: place anchors by this strategy instead of the trained one "
@@ -745,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     row = {
         "method": label, "ratio": method.ratio, "dataset": args.dataset, "n": scores.pop("n"),
         **scores, **costs, "seed": args.seed, "skip": args.skip,
-        # sac decodes with its compressor's own base model, whatever --base-model says
-        "base_model": method.compressor.config.base_model if args.method == "sac" else args.base_model,
+        # sac decodes with its compressor's base model: the checkpoint's, or --base-model's where it was loaded on it
+        "base_model": method.compressor.config.base_model if args.method == "sac" else
+        args.base_model or DEFAULT_BASE_MODEL,
         "checkpoint": args.checkpoint, "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,

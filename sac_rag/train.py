@@ -126,7 +126,7 @@ class TrainConfig:
     # compressor (ignored with init_from, which brings its own)
     base_model: str = _help("base causal LM: built-in name, local path or hub id; an init_from checkpoint "
                             "must have been trained on it (a compressor checkpoint brings its own, so it may be "
-                            "left out)", default="smollm2-135m")
+                            "left out, or name where that model is now)", default="smollm2-135m")
     ratio: int = _help("compression ratio r", default=5)
     chunk_len: int = _help("tokens per sub-context", default=510)
     lora_rank: int = _help("LoRA rank (paper: 128)", default=128)
@@ -636,8 +636,7 @@ def build_model(cfg: TrainConfig, device: torch.device, resuming: bool = False):
     from .compressor import SACCompressor
 
     if cfg.init_from:
-        comp = SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
-        _check_init_base(cfg, comp)
+        comp = _init_compressor(cfg, device)
         saved = dataclasses.replace(comp.config)
         if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)
@@ -734,19 +733,26 @@ def _check_init_shape(cfg: TrainConfig, saved, now) -> None:
                        "values are trained", cfg.init_from, ", ".join(restated))
 
 
-def _check_init_base(cfg: TrainConfig, comp) -> None:
-    """An init_from checkpoint brings its base model: a --base-model chosen otherwise must be the same
-    weights under another name (a local copy of a hub id, say), else it is refused with both fingerprints."""
+def _init_compressor(cfg: TrainConfig, device):
+    """The init_from checkpoint, in float32, on the base model it names; or on --base-model where that
+    names another, which must be the same weights under another name or in another place (a local
+    copy of a hub id, a directory that moved), else it is refused with both fingerprints."""
+    from .compressor import SACCompressor, checkpoint_meta
     from .fingerprint import base_model_fingerprint, same_base_model
     from .models import load_base_model
 
-    if not _explicit(cfg, "base_model") or cfg.base_model == comp.config.base_model:
-        return
-    named = base_model_fingerprint(*load_base_model(cfg.base_model, device="cpu", dtype="float32"))
-    if not same_base_model(named, comp.base_fingerprint):
-        raise FingerprintMismatchError(f"--init-from {cfg.init_from}", named, comp.base_fingerprint,
+    meta = checkpoint_meta(cfg.init_from)
+    if not _explicit(cfg, "base_model") or cfg.base_model == meta["config"].get("base_model"):
+        return SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
+    model, tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")
+    named = base_model_fingerprint(model, tokenizer)
+    if not same_base_model(named, meta["base_fingerprint"]):
+        raise FingerprintMismatchError(f"--init-from {cfg.init_from}", named, meta["base_fingerprint"],
                                        "drop --base-model (the checkpoint brings its own), or start from a "
                                        "checkpoint trained on that base model")
+    comp = SACCompressor.from_pretrained(cfg.init_from, model=model, tokenizer=tokenizer)
+    comp.config.base_model = model.sac_model_id  # where it is now: what the new checkpoint names
+    return comp
 
 
 def _check_full_ft_init_base(cfg: TrainConfig, base_fingerprint: str) -> None:

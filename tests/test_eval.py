@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_llama, save_tiny_compressor, write_squad_dev
 
-from sac_rag import InvalidInputError, SACCompressor, SACConfig
+from sac_rag import FingerprintMismatchError, InvalidInputError
 from sac_rag.eval import main, read_predictions
 
 
@@ -449,15 +449,21 @@ def test_a_decoder_adapter_of_another_base_model_is_refused_naming_it(workspace)
         _run(workspace, "--method", "full_ft", "--checkpoint", str(workspace / "full-ft"))
 
 
-def test_a_sac_row_names_the_base_model_its_compressor_decodes_with(workspace):
+def test_sac_decodes_with_its_checkpoints_base_model_or_with_base_model_where_that_moved(workspace):
+    """--base-model loads a compressor on a model elsewhere (as precompress and SAC.from_pretrained
+    do): the same weights moved are read, the row naming where they are now; other weights are
+    refused naming both fingerprints, never evaluated on the checkpoint's own model instead."""
+    (workspace / "tiny-model").rename(workspace / "moved-model")
+    row = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "compressor"),
+               "--base-model", str(workspace / "moved-model"))
+    assert row["base_model"] == str(workspace / "moved-model") and row["n"] == 4
     model, tokenizer = make_tiny_llama(seed=1)
     model.save_pretrained(workspace / "other-model")
     tokenizer.save_pretrained(workspace / "other-model")
-    comp = SACCompressor(SACConfig(base_model=str(workspace / "other-model"), ratio=2, chunk_len=64, lora_rank=4),
-                         model=model, tokenizer=tokenizer)
-    comp.save_pretrained(workspace / "other-compressor")
-    row = _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "other-compressor"))
-    assert row["base_model"] == str(workspace / "other-model")  # not --base-model, which sac does not read
+    refusal = r"built for 'tiny-llama-0@[0-9a-f]+'.*in use is '.*other-model@[0-9a-f]+'"
+    with pytest.raises(FingerprintMismatchError, match=refusal):
+        _run(workspace, "--method", "sac", "--checkpoint", str(workspace / "compressor"),
+             "--base-model", str(workspace / "other-model"))
 
 
 def test_data_without_an_answered_question_is_refused(tmp_path):

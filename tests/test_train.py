@@ -878,7 +878,14 @@ def test_an_init_from_checkpoint_of_another_base_model_is_refused_naming_both(wo
         with pytest.raises(FingerprintMismatchError, match=r"--init-from .*first\d/final was built for "
                                                            r"'.*tiny-model@[0-9a-f]+'.*in use is '.*other-model@"):
             train(parse_config(args))
-    # the same weights under another name are the same base model
+    # the same weights under another name or in another place are the same base model: a checkpoint
+    # whose base model moved is trained on from where it is now, and the new checkpoint names that place
+    (workspace / "tiny-model").rename(workspace / "moved-model")
+    args = _args(workspace, "z", "--max-steps", "1", "--init-from", str(workspace / "first0" / "final"))
+    args[args.index("--base-model") + 1] = str(workspace / "moved-model")
+    moved = train(parse_config(args))
+    assert json.loads((moved / "config.json").read_text())["config"]["base_model"] == str(workspace / "moved-model")
+    (workspace / "moved-model").rename(workspace / "tiny-model")
     same, tokenizer = make_tiny_llama()
     same.save_pretrained(workspace / "copy-of-tiny-model")
     tokenizer.save_pretrained(workspace / "copy-of-tiny-model")
