@@ -43,7 +43,7 @@ from .fingerprint import (
 )
 from .generation import check_recommended_decoding
 from .kv import AnchorKV
-from .models import load_base_model
+from .models import BUILTIN_MODELS, cache_dir, load_base_model
 from .rope import KeyRotator
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,13 @@ def _base_fingerprint_for(fingerprint: str, meta: dict, directory: Path, advice:
     known = known_base(fingerprint, meta, dtype)
     if known is None:
         hint = f". {FLOAT16_HINT}" if dtype == torch.float16 else ""
+        name = fingerprint.partition("@")[0]
+        if name == meta["base_fingerprint"].partition("@")[0]:  # the model it names, with other weights
+            advice = (f"the model loaded as {name!r} is not the one the compressor was trained on: its weights or "
+                      "tokenizer changed" + (f" (a built-in model is converted once into {cache_dir() / 'models'}; a "
+                                             "conversion made by another transformers version differs: delete "
+                                             "it to convert again)" if name in BUILTIN_MODELS else "") +
+                      "; or train a compressor for this model")
         raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
                                        advice + hint)
     return known

@@ -174,6 +174,18 @@ def test_checkpoint_for_another_base_model_is_refused_naming_both(tiny, tmp_path
     assert comp.base_fingerprint in str(info.value) and other.base_fingerprint in str(info.value)
 
 
+def test_a_model_under_the_checkpoints_own_base_model_name_with_other_weights_is_refused_saying_so(tiny, tmp_path):
+    """Advice to load the compressor with the base model it names helps no one who did: the refusal
+    says that model's weights or tokenizer changed instead."""
+    comp = _compressor(tiny)
+    comp.save_pretrained(tmp_path / "ckpt")
+    model, tokenizer = make_tiny_llama(seed=7)
+    model.sac_model_id = tiny[0].sac_model_id  # the name the checkpoint's base model has, other weights
+    with pytest.raises(FingerprintMismatchError, match="the model loaded as 'tiny-llama-0' is not the one the "
+                                                       "compressor was trained on: its weights or tokenizer changed"):
+        SACCompressor.from_pretrained(tmp_path / "ckpt", model=model, tokenizer=tokenizer)
+
+
 def test_a_float16_copy_of_the_base_model_is_known_as_that_model_and_other_models_are_still_refused(tmp_path):
     """float16 holds numbers below 2**-14 with fewer bits: the same weights in float16 get another
     fingerprint (fingerprint.py). A checkpoint records that one too, so it loads on a float16 copy of
