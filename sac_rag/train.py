@@ -637,6 +637,12 @@ def build_model(cfg: TrainConfig, device: torch.device, resuming: bool = False):
 
     if cfg.init_from:
         comp = _init_compressor(cfg, device)
+        if comp.recommended_decoding:  # measured on the weights training starts from, not on what it makes
+            if _is_main_process():
+                logger.info("--init-from %s recommends decoding with %s, measured on its own weights: this run's "
+                            "checkpoints recommend none (greedy) until one is measured and recorded "
+                            "(sac_rag.compressor.recommend_decoding)", cfg.init_from, comp.recommended_decoding)
+            comp.recommended_decoding = {}
         saved = dataclasses.replace(comp.config)
         if cfg.decoder_lora_rank and not comp.config.decoder_lora_rank:
             comp.add_decoder_adapter(cfg.decoder_lora_rank, cfg.decoder_lora_alpha)

@@ -459,6 +459,19 @@ def test_a_checkpoint_can_be_trained_on_at_another_ratio(workspace):
         parse_config(_args(workspace, "x", "--init-ratio", "4"))
 
 
+def test_a_checkpoints_recommended_decoding_is_not_passed_on_to_what_training_from_it_makes(workspace):
+    """The decoding a compressor recommends was measured on its weights; a run started from them makes
+    others, whose checkpoints recommend none until one is measured on them."""
+    from sac_rag.compressor import recommend_decoding
+
+    first = train(parse_config(_args(workspace, "measured", "--max-steps", "1")))
+    recommend_decoding(first, {"num_beams": 2, "mbr": True})
+    assert SACCompressor.from_pretrained(first).recommended_decoding == {"num_beams": 2, "mbr": True}
+    final = train(parse_config(_args(workspace, "next", "--max-steps", "1", "--init-from", str(first))))
+    assert "recommended_decoding" not in json.loads((final / "config.json").read_text())
+    assert SACCompressor.from_pretrained(final).recommended_decoding == {}
+
+
 def test_a_checkpoint_can_be_trained_on_with_anchors_placed_another_way(workspace):
     first = train(parse_config(_args(workspace, "uniform", "--max-steps", "1")))
     final = train(parse_config(_args(workspace, "rarest", "--max-steps", "1", "--init-from", str(first),
