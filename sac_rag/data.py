@@ -397,19 +397,36 @@ DEFAULT_HELD_OUT_FRACTION = 0.05  # of a QA file's articles: what ``python -m sa
 
 def split_by_title(paragraphs: list[Paragraph], held_out_fraction: float) -> tuple[list[Paragraph], list[Paragraph]]:
     """Hold out the last ``held_out_fraction`` of articles (by title order of appearance), so no
-    article is in both splits. Data with fewer than two titles (e.g. QA JSONL without a ``title``)
-    is held out by paragraph instead. At least one unit always stays for training (a single
-    paragraph is trained on, and nothing is held out)."""
+    article is in both splits. Data with fewer than two titles (e.g. QA JSONL without a ``title``),
+    or so few that one whole article is more than twice the share asked of the paragraphs (two
+    articles and 5% would hold out half the data), is held out by paragraph instead, logged. At
+    least one unit always stays for training (a single paragraph is trained on, and nothing is
+    held out)."""
+
+    def held_units(units: list[str]) -> set[str]:
+        n_held = max(1, round(len(units) * held_out_fraction)) if held_out_fraction > 0 else 0
+        n_held = max(0, min(n_held, len(units) - 1))
+        return set(units[len(units) - n_held:]) if n_held else set()
+
     titles = list(dict.fromkeys(p.title for p in paragraphs))
     by_title = len(titles) >= 2
-    units = titles if by_title else list(dict.fromkeys(p.context for p in paragraphs))
-    n_held = max(1, round(len(units) * held_out_fraction)) if held_out_fraction > 0 else 0
-    n_held = max(0, min(n_held, len(units) - 1))
-    if held_out_fraction > 0 and len(units) == 1:
-        logger.warning("only %d paragraph(s): nothing held out for evaluation (pass --eval-data)", len(units))
-    elif n_held and not by_title:
-        logger.info("the data has no article titles: holding out %d of %d paragraphs instead", n_held, len(units))
-    held = set(units[len(units) - n_held:]) if n_held else set()
+    if by_title:
+        held = held_units(titles)
+        share = sum(p.title in held for p in paragraphs) / len(paragraphs)
+        if share > 2 * held_out_fraction:
+            logger.warning("holding out whole articles would hold out %.0f%% of the paragraphs (%d article(s) of %d; "
+                           "--held-out-fraction %g): holding out paragraphs instead, so the held-out questions "
+                           "share articles with training (pass --eval-data for a split of your own)",
+                           100 * share, len(held), len(titles), held_out_fraction)
+            by_title = False
+    if not by_title:
+        units = list(dict.fromkeys(p.context for p in paragraphs))
+        held = held_units(units)
+        if held_out_fraction > 0 and len(units) == 1:
+            logger.warning("only %d paragraph(s): nothing held out for evaluation (pass --eval-data)", len(units))
+        elif held and len(titles) < 2:
+            logger.info("the data has no article titles: holding out %d of %d paragraphs instead", len(held),
+                        len(units))
 
     def unit(p: Paragraph) -> str:
         return p.title if by_title else p.context

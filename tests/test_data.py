@@ -64,6 +64,15 @@ def test_articles_are_held_out_whole_when_the_data_has_titles():
     assert {p.title for p in train} == {"A", "B", "C"}
 
 
+def test_articles_so_few_that_one_is_far_more_than_the_share_asked_are_held_out_by_paragraph(caplog):
+    """Two articles and 5% asked: holding out one whole article would take half the data (and train on
+    the other half), so paragraphs are held out instead, and the log says the splits share articles."""
+    with caplog.at_level("WARNING", logger="sac_rag.data"):
+        train, held = split_by_title(_paragraphs(["A", "A", "A", "B", "B", "B"]), 0.05)
+    assert [p.context for p in held] == ["context 5"] and len(train) == 5
+    assert "would hold out 50% of the paragraphs" in caplog.text and "share articles" in caplog.text
+
+
 def test_data_without_titles_is_held_out_by_paragraph():
     train, held = split_by_title(_paragraphs([""] * 10), 0.2)
     assert [p.context for p in held] == ["context 8", "context 9"]
