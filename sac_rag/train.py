@@ -415,6 +415,8 @@ _TUNING = (
                                                               "embedding to train"),
     (("held_out_fraction",), lambda c: c.stage == "pretrain" or bool(c.eval_data),
      "pretraining holds nothing out, and --eval-data replaces the held-out split"),
+    (("eval_every", "eval_questions"), lambda c: c.stage == "finetune" and not c.eval_data and not c.held_out_fraction,
+     "--held-out-fraction is 0 and no --eval-data is given: there are no questions to evaluate on (and no best/)"),
 )
 
 

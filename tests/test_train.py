@@ -929,6 +929,10 @@ def test_an_option_that_tunes_another_one_left_off_is_named_with_what_it_needs()
     assert idle("--anchor-embedding", "none", "--anchor-lr", "0.01")[0].startswith("--anchor-lr 0.01 would do nothing")
     assert idle("--decoder-lora-alpha", "8") == ["--decoder-lora-alpha 8 would do nothing: --decoder-lora-rank is 0"]
     assert idle("--held-out-fraction", "0.2", "--eval-data", "y.json")[0].startswith("--held-out-fraction 0.2")
+    assert idle("--held-out-fraction", "0", "--eval-every", "50") == [
+        "--eval-every 50 would do nothing: --held-out-fraction is 0 and no --eval-data is given: there are no "
+        "questions to evaluate on (and no best/)"]
+    assert idle("--eval-every", "50", "--eval-data", "y.json") == []
 
 
 def test_resume_with_no_checkpoint_says_there_is_nothing_to_resume(workspace, caplog):
