@@ -65,7 +65,7 @@ from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
 from .kv import AnchorKV
 from .pipeline import DEFAULT_COMPRESSOR
-from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError
+from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError, other_compressor_advice
 
 logger = logging.getLogger(__name__)
 
@@ -353,8 +353,8 @@ class CacheResolver:
         if not same_model(store.fingerprint, self.fingerprint):
             raise FingerprintMismatchError(
                 f"the anchor store at {store.path}", self.fingerprint, store.fingerprint,
-                "Rebuild the store with this compressor (python -m sac_rag.precompress), or load "
-                "the compressor it was built with.",
+                other_compressor_advice(self.fingerprint, store.fingerprint, store.manifest["dtype"],
+                                        "Rebuild the store with this compressor (python -m sac_rag.precompress)"),
             )
         self.store = store
 

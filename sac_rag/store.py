@@ -79,7 +79,7 @@ from safetensors.torch import save as st_save
 from .devices import dtype_name, resolve_dtype
 from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .files import HAVE_FILE_LOCKS, FileLock, atomic_write, fsync_dir
-from .fingerprint import same_model
+from .fingerprint import same_base_model, same_model
 from .kv import FORMAT as KV_FORMAT
 from .kv import AnchorKV, read_metadata
 from .quantize import CODECS, dequantize, quantize
@@ -242,6 +242,18 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_by_place ON entries (shard, offset);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+def other_compressor_advice(wanted: str, stored: str, dtype: str, rebuild: str) -> str:
+    """What to do about a store built by another compressor than ``wanted``: rebuild it, or load the
+    one it was built with; of the same base model, that may be the same checkpoint loaded in another
+    dtype (float32 weights, as training saves them, rounded to bfloat16 are other weights)."""
+    advice = f"{rebuild}, or load the compressor it was built with."
+    if same_base_model(wanted, stored):
+        advice += (f" If that is this compressor's checkpoint: the store was built with it in {dtype}, and a "
+                   "checkpoint saved in float32 (as python -m sac_rag.train saves one) is other weights once "
+                   f"rounded to a narrower dtype: load it with dtype={dtype!r}.")
+    return advice
 
 
 class AnchorStore:
@@ -424,8 +436,8 @@ class AnchorStore:
                 f"the anchor store at {path}",
                 expected=fingerprint,
                 found=manifest["fingerprint"],
-                advice="Rebuild the store with this compressor, or load the compressor it was "
-                "built with.",
+                advice=other_compressor_advice(fingerprint, manifest["fingerprint"], manifest["dtype"],
+                                               "Rebuild the store with this compressor"),
             )
         if not (path / INDEX).is_file() or not (path / SHARDS).is_dir():
             raise StoreCorruptionError(

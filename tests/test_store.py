@@ -346,8 +346,14 @@ def test_opening_with_other_fingerprint_raises_naming_both(tmp_path):
         AnchorStore.open(tmp_path / "s", OTHER_FP)
     assert FP in str(info.value) and OTHER_FP in str(info.value)
     other_base = "smollm2-135m@fff000/sac-def456"
-    with pytest.raises(FingerprintMismatchError, match="fff000"):
+    with pytest.raises(FingerprintMismatchError, match="fff000") as info:
         AnchorStore.open(tmp_path / "s", other_base)
+    assert "in bfloat16" not in str(info.value)  # another base model: no compressor of this store's
+    # A compressor of the same base model may be the store's own checkpoint in another dtype: the
+    # refusal says which dtype the store was built in (float32 weights rounded are other weights).
+    AnchorStore.create(tmp_path / "f32", FP, ratio=5, dtype="float32").close()
+    with pytest.raises(FingerprintMismatchError, match=r"built with it in float32.*load it with dtype='float32'"):
+        AnchorStore.open(tmp_path / "f32", "smollm2-135m@abc123/sac-777777")
     # The same weights under another model id (hub id vs local copy) are the same model.
     AnchorStore.open(tmp_path / "s", "/local/copy@abc123/sac-def456").close()
 
