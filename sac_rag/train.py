@@ -638,7 +638,7 @@ def build_model(cfg: TrainConfig, device: torch.device, resuming: bool = False):
     from .compressor import SACCompressor
 
     if cfg.init_from:
-        comp = _init_compressor(cfg, device)
+        comp = _init_compressor(cfg, device, resuming)
         if comp.recommended_decoding:  # measured on the weights training starts from, not on what it makes
             if _is_main_process():
                 logger.info("--init-from %s recommends decoding with %s, measured on its own weights: this run's "
@@ -741,15 +741,24 @@ def _check_init_shape(cfg: TrainConfig, saved, now) -> None:
                        "values are trained", cfg.init_from, ", ".join(restated))
 
 
-def _init_compressor(cfg: TrainConfig, device):
+def _init_compressor(cfg: TrainConfig, device, resuming: bool = False):
     """The init_from checkpoint, in float32, on the base model it names; or on --base-model where that
     names another, which must be the same weights under another name or in another place (a local
-    copy of a hub id, a directory that moved), else it is refused with both fingerprints."""
+    copy of a hub id, a directory that moved), else it is refused with both fingerprints. A resumed
+    run reads it too (its shape and what is not trained come from it), which an error says if it is gone."""
     from .compressor import SACCompressor, checkpoint_meta
     from .fingerprint import base_model_fingerprint, same_base_model
     from .models import load_base_model
 
-    meta = checkpoint_meta(cfg.init_from)
+    try:
+        meta = checkpoint_meta(cfg.init_from)
+    except SACError as err:
+        if not resuming:
+            raise
+        raise CheckpointError(f"--resume rebuilds the run's compressor from its --init-from {cfg.init_from} (as "
+                              f"{Path(cfg.out_dir) / 'train_config.json'} records it) before loading the "
+                              f"checkpoint, and that cannot be read ({err}): put that checkpoint back where it "
+                              "was (the run is resumed with the options it started with)") from err
     if not _explicit(cfg, "base_model") or cfg.base_model == meta["config"].get("base_model"):
         return SACCompressor.from_pretrained(cfg.init_from, device=device, dtype="float32")
     model, tokenizer = load_base_model(cfg.base_model, device=device, dtype="float32")

@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_llama
 
 from sac_rag import SACCompressor
-from sac_rag.errors import SACError
+from sac_rag.errors import CheckpointError, SACError
 from sac_rag.train import idle_options, parse_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,6 +224,15 @@ def test_resume_needs_only_the_run_directory_and_what_changes(workspace):
     assert (cfg.data, cfg.ratio, cfg.lora_rank, cfg.max_steps) == (str(workspace / "qa.json"), 2, 4, 3)
     train(cfg)
     assert max(_losses(workspace / "run")) == 3
+
+
+def test_resuming_a_run_whose_init_from_checkpoint_is_gone_says_resume_reads_it(workspace):
+    first = train(parse_config(_args(workspace, "first", "--max-steps", "1")))
+    train(parse_config(_args(workspace, "second", "--max-steps", "2", "--init-from", str(first))))
+    first.rename(workspace / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"--resume rebuilds the run's compressor from its --init-from "
+                                              r".*first/final .*put that checkpoint back"):
+        train(parse_config(["--out-dir", str(workspace / "second"), "--resume", "--max-steps", "3"]))
 
 
 def test_an_anchor_strategy_the_command_line_cannot_give_is_refused_before_anything_loads(workspace):
