@@ -35,9 +35,10 @@ Segment = str | AnchorKV
 Prompt = Sequence[Segment | Sequence[AnchorKV]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings. ``temperature=0`` is greedy; otherwise sampling with optional
+    """Decoding settings, checked when made and fixed after (``dataclasses.replace(config, ...)``
+    makes a changed copy, checked again). ``temperature=0`` is greedy; otherwise sampling with optional
     top-k / top-p, reproducible with ``seed``: each prompt draws from its own random stream seeded
     with it, so a prompt's answer is the same alone or in any batch (equal prompts in one call draw
     equal answers; give them different seeds, or none, for different ones). ``num_beams`` > 1 is
@@ -120,12 +121,17 @@ class GenerationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
                 raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-        self.stop = _as_tuple(self.stop, str, "stop", "stop strings")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidInputError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = _as_tuple(self.stop_token_ids, Integral, "stop_token_ids", "token ids (whole numbers)")
-        if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
-            raise InvalidInputError(f"stop_token_ids must be token ids (whole numbers), got {self.stop_token_ids!r}")
+        for name in ("extractive", "mbr"):  # "no" or "False" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        stop = _as_tuple(self.stop, str, "stop", "stop strings")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InvalidInputError(f"stop strings must be non-empty strings, got {stop!r}")
+        stop_token_ids = _as_tuple(self.stop_token_ids, Integral, "stop_token_ids", "token ids (whole numbers)")
+        if not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in stop_token_ids):
+            raise InvalidInputError(f"stop_token_ids must be token ids (whole numbers >= 0), got {stop_token_ids!r}")
+        object.__setattr__(self, "stop", stop)  # frozen: set once, here
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
 
     @classmethod
     def from_call(cls, defaults: object, call: Mapping[str, Any], stop: Iterable[str] | None = None,

@@ -49,9 +49,22 @@ class SAC:
         self._lock = model_lock(compressor)
         self.generator = Generator.from_compressor(compressor, merge_decoder)
         self.template = compressor.config.prompt
-        self._chose_generation = checked_config(generation, "generation") is not None
-        self.generation = generation or GenerationConfig(stop=LAYOUT_STOP).with_recommended(
-            compressor.recommended_decoding)
+        self.generation = generation
+
+    @property
+    def generation(self) -> GenerationConfig:
+        """How calls without a ``config`` decode (see the class). A decoding assigned here is chosen,
+        as one passed to the constructor is: every such call decodes with it, also the questions
+        that read no compressed context, which the recommendation leaves to greedy decoding.
+        Assigning None goes back to the recommendation."""
+        return self._generation
+
+    @generation.setter
+    def generation(self, config: GenerationConfig | None) -> None:
+        chosen = checked_config(config, "generation")
+        self._chose_generation = chosen is not None
+        self._generation = chosen or GenerationConfig(stop=LAYOUT_STOP).with_recommended(
+            self.compressor.recommended_decoding)
 
     @classmethod
     def from_pretrained(

@@ -556,6 +556,28 @@ def test_out_of_range_settings_are_refused_each_naming_itself_its_value_and_what
         assert GenerationConfig(seed=seed, temperature=1.0).seed == seed
 
 
+def test_a_config_is_fixed_once_made_and_a_changed_copy_is_checked_again():
+    """A setting assigned afterwards would skip the checks: a stop string split into characters,
+    max_new_tokens 0, a negative temperature. Changes are copies (dataclasses.replace), checked."""
+    config = GenerationConfig(max_new_tokens=20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.stop = "Tower"
+    assert dataclasses.replace(config, stop="Tower").stop == ("Tower",)
+    for change, says in [({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+                         ({"temperature": -1.0}, "temperature must be >= 0")]:
+        with pytest.raises(InvalidInputError, match=says):
+            dataclasses.replace(config, **change)
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("extractive", "no", "extractive must be True or False, got 'no'"),
+    ("mbr", "False", "mbr must be True or False, got 'False'"),
+    ("stop_token_ids", (-5,), r"stop_token_ids must be token ids \(whole numbers >= 0\), got \(-5,\)")])
+def test_yes_or_no_settings_take_booleans_and_token_ids_are_not_negative(setting, value, says):
+    with pytest.raises(InvalidInputError, match=says):
+        GenerationConfig(**{setting: value, **({"num_beams": 2} if setting == "mbr" else {})})
+
+
 def test_no_stop_strings_or_stop_tokens_may_be_given_as_none():
     config = GenerationConfig(stop=None, stop_token_ids=None)  # as frameworks pass stop=None
     assert (config.stop, config.stop_token_ids) == ((), ())

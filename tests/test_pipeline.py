@@ -2,6 +2,7 @@
 calls made from several threads on one object."""
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -135,6 +136,17 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
     assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 4)  # the SAC's own generation, whole
     with pytest.raises(InvalidInputError, match="beam search"):  # chosen beams and asked-for quotes: refused
         SAC(compressor, GenerationConfig(num_beams=2)).answer("Who?", [TEXT], extractive=True)
+    # a decoding assigned to the SAC later is chosen as one passed to it is: every call without a config
+    # decodes with it, also those without caches; assigning None goes back to the recommendation
+    sac.generation = replace(sac.generation, max_new_tokens=2)
+    for call in ({"contexts": [TEXT]}, {"contexts": [TEXT], "full_text": True}, {}):
+        sac.answer("Who?", **call)
+        assert (used[-1].num_beams, used[-1].max_new_tokens) == (3, 2), call
+    sac.generation = None
+    sac.answer("Who?")
+    assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 64)
+    with pytest.raises(InvalidInputError, match="generation must be a GenerationConfig"):
+        sac.generation = {"max_new_tokens": 2}
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
