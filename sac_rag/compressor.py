@@ -642,7 +642,7 @@ class SACCompressor(torch.nn.Module):
         the old weights. Replacing the weights before config.json would leave the old config
         beside the new weights, which the hash check refuses as corrupt. Each file is written to
         a temp name, fsynced and renamed, so a reader never pairs a config with other weights."""
-        directory = Path(directory)
+        directory = Path(os.path.expanduser(directory))  # "~/x" is the home folder's, as everywhere
         if dtype is not None:
             if dtype == "auto":  # would choose by machine: the same compressor saved as others elsewhere
                 raise InvalidInputError("dtype='auto' would save in what this machine computes in, another "
@@ -837,7 +837,7 @@ def list_pretrained() -> list[str]:
 def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InvalidInputError(f"expected a directory or a built-in name, got {type(name_or_path).__name__}")
-    path = Path(name_or_path)
+    path = Path(os.path.expanduser(name_or_path))
     if (path / CONFIG_FILE).exists():
         return path
     builtin = PRETRAINED_DIR / str(name_or_path)

@@ -244,6 +244,26 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def _check_key_list(keys: object, method: str) -> None:
+    """A call that takes several keys given one: a str would be read character by character."""
+    if isinstance(keys, (str, bytes)):
+        raise InvalidInputError(f"{method} takes a list of keys, not one key: store.{method}([{keys!r}])")
+
+
+def store_path(path: str | os.PathLike) -> Path:
+    """A store's path as every later read and write uses it: ``~`` expanded, and absolute, so that a
+    store opened by a relative path stays that store after the process changes directory."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise InvalidInputError(f"a store path is a non-empty str or os.PathLike, got {path!r:.60}")
+    return Path(os.path.expanduser(os.fspath(path))).absolute()
+
+
+def _checked_cache_bytes(cache_bytes: object) -> int:
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise InvalidInputError(f"cache_bytes must be a whole number of bytes >= 0 (0: no cache), got {cache_bytes!r}")
+    return cache_bytes
+
+
 def other_compressor_advice(wanted: str, stored: str, dtype: str, rebuild: str) -> str:
     """What to do about a store built by another compressor than ``wanted``: rebuild it, or load the
     one it was built with; of the same base model, that may be the same checkpoint loaded in another
@@ -312,7 +332,8 @@ class AnchorStore:
         Writers stop appending to a shard file once it holds ``shard_bytes`` (kept in the
         manifest); smaller shards make ``gc`` cheaper, fewer shards need fewer open maps.
         """
-        path = Path(path)
+        path = store_path(path)
+        _checked_cache_bytes(cache_bytes)  # before anything is made
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InvalidInputError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
@@ -357,6 +378,8 @@ class AnchorStore:
 
         if cls.check_path(path, exist_ok):
             return reopen()
+        if path.is_symlink():  # a link to an empty directory (check_path): the store is made there
+            path = path.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Built aside, then renamed into place: a crash never leaves a half-made store.
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
@@ -393,7 +416,10 @@ class AnchorStore:
         ``create`` would, without writing anything, when no store can be made there: a file, a
         directory that is neither empty nor a store, or a new path in a folder this user cannot
         write. What a long job checks before it loads a model to fill the store."""
-        path = Path(path)
+        path = store_path(path)
+        if path.is_symlink() and not path.exists():
+            raise NotAStoreError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                                 "that directory, or remove the link")
         if path.exists() or path.is_symlink():
             if not path.is_dir():
                 raise NotAStoreError(f"{path} is a file, not a directory; choose another path")
@@ -429,7 +455,12 @@ class AnchorStore:
         """Open an existing store. With ``fingerprint``, refuse a store built by another model
         or compressor (``FingerprintMismatchError``, naming both). ``cache_bytes`` bounds the
         in-process LRU of decoded entries (0 disables it)."""
-        path = Path(path)
+        path = store_path(path)
+        _checked_cache_bytes(cache_bytes)
+        if not isinstance(readonly, bool):
+            raise InvalidInputError(f"readonly must be True or False, got {readonly!r}")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise InvalidInputError(f"fingerprint must be a string (or None: any store), got {fingerprint!r:.60}")
         manifest = _read_manifest(path)
         if fingerprint is not None and not same_model(fingerprint, manifest["fingerprint"]):
             raise FingerprintMismatchError(
@@ -444,8 +475,6 @@ class AnchorStore:
                 f"the store at {path} has a manifest but no {INDEX} or {SHARDS}/ directory; "
                 "it cannot be read: rebuild it"
             )
-        if cache_bytes < 0:
-            raise InvalidInputError(f"cache_bytes must be >= 0, got {cache_bytes}")
         if not readonly:
             _check_writable_path(path)
         try:
@@ -560,8 +589,7 @@ class AnchorStore:
         move every other entry of those shards under readers, which is gc's job. Readers that
         found an entry before the delete still read valid bytes; later lookups do not find it.
         """
-        if isinstance(keys, (str, bytes)):
-            raise InvalidInputError(f"delete takes a list of keys, not one key: store.delete([{keys!r}])")
+        _check_key_list(keys, "delete")
         self._check_writable("delete entries from")
         keys = list(dict.fromkeys(keys))
         for key in keys:
@@ -704,6 +732,7 @@ class AnchorStore:
 
     def get_many(self, keys: Sequence[str]) -> list[AnchorKV]:
         """The entries under ``keys``, in that order (one index query for all of them)."""
+        _check_key_list(keys, "get_many")
         keys = list(keys)
         rows = self._rows(keys)  # cached entries too: another process may have deleted or replaced them
         missing = [k for k in dict.fromkeys(keys) if k not in rows]
@@ -726,6 +755,8 @@ class AnchorStore:
         """Replace the metadata of stored entries, ``{key: metadata}``, in one durable transaction;
         the K/V bytes stay as they are. Keys not stored are ignored. Returns how many entries'
         metadata changed (one that already held it does not count)."""
+        if not isinstance(metadata, Mapping):
+            raise InvalidInputError(f"update_metadata takes a mapping {{key: metadata}}, got {type(metadata).__name__}")
         self._check_writable("update metadata in")
         rows = []
         for key, value in metadata.items():
@@ -749,6 +780,7 @@ class AnchorStore:
     def missing(self, keys: Iterable[str]) -> list[str]:
         """Those of ``keys`` not stored yet (in order, without repeats): what a resumed run
         still has to compress."""
+        _check_key_list(keys, "missing")
         keys = list(dict.fromkeys(keys))
         present = set(self._present(keys))
         return [k for k in keys if k not in present]

@@ -954,3 +954,13 @@ def test_a_stream_frees_the_model_between_pieces_in_the_compressors_own_state(ti
     pieces += list(stream)
     assert "".join(pieces) == expected and len(pieces) > 1
     assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(alone, between))
+
+
+def test_a_checkpoint_path_with_a_tilde_is_the_home_folders(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    comp = _compressor(tiny)
+    comp.save_pretrained("~/my-compressor")
+    assert (tmp_path / "home" / "my-compressor" / "config.json").exists() and not (tmp_path / "~").exists()
+    loaded = SACCompressor.from_pretrained("~/my-compressor", *make_tiny_llama())
+    assert loaded.fingerprint == comp.fingerprint

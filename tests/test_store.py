@@ -1022,3 +1022,71 @@ def test_cli_merge_and_verify_show_progress_bars_counting_entries(tmp_path, caps
     captured = capsys.readouterr()
     assert "OK: 15 entries" in captured.out
     assert "verifying" in captured.err and "15/15" in captured.err
+
+
+# -- paths and arguments as users give them ------------------------------------------------------
+
+
+def test_a_store_opened_by_a_relative_path_stays_that_store_after_the_process_changes_directory(tmp_path,
+                                                                                                monkeypatch):
+    """Its shard files and lock were built from the path as given: after a chdir, new bytes went into
+    another project's store of the same name while the index stayed here."""
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+        monkeypatch.chdir(tmp_path / project)
+        AnchorStore.create("corpus.store", FP, ratio=5).close()
+    monkeypatch.chdir(tmp_path / "a")
+    with AnchorStore.open("corpus.store", FP) as store:
+        monkeypatch.chdir(tmp_path / "b")
+        store.put(key(1), make_kv(1))
+        assert store.path == tmp_path / "a" / "corpus.store"
+        assert torch.equal(store.get(key(1)).keys, make_kv(1).keys)
+    with AnchorStore.open(tmp_path / "a" / "corpus.store", readonly=True) as a:
+        assert a.verify().ok and len(a) == 1
+    with AnchorStore.open(tmp_path / "b" / "corpus.store", readonly=True) as b:
+        assert len(b) == 0 and b.verify().orphan_bytes == 0
+
+
+def test_a_store_path_with_a_tilde_is_the_home_folders_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    AnchorStore.create("~/corpus.store", FP, ratio=5).close()
+    assert (tmp_path / "home" / "corpus.store" / "manifest.json").exists() and not (tmp_path / "~").exists()
+    AnchorStore.open("~/corpus.store", FP).close()
+
+
+def test_a_store_path_that_links_to_an_empty_directory_makes_the_store_there(tmp_path):
+    (tmp_path / "big-disk" / "corpus.store").mkdir(parents=True)
+    (tmp_path / "corpus.store").symlink_to(tmp_path / "big-disk" / "corpus.store")
+    AnchorStore.create(tmp_path / "corpus.store", FP, ratio=5).close()
+    assert (tmp_path / "big-disk" / "corpus.store" / "manifest.json").exists()
+    AnchorStore.open(tmp_path / "corpus.store", FP).close()  # read through the link
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotAStoreError, match=r"dangling is a symbolic link to .*nowhere, which does not exist"):
+        AnchorStore.create(tmp_path / "dangling", FP, ratio=5)
+
+
+@pytest.mark.parametrize("cache_bytes", [None, -1, 1.5, True])
+def test_a_bad_cache_size_is_refused_before_a_store_is_made(tmp_path, cache_bytes):
+    with pytest.raises(InvalidInputError, match="cache_bytes must be a whole number of bytes >= 0"):
+        AnchorStore.create(tmp_path / "s", FP, ratio=5, cache_bytes=cache_bytes)
+    assert not (tmp_path / "s").exists()
+    AnchorStore.create(tmp_path / "s", FP, ratio=5).close()  # and nothing is in the way of the retry
+    with pytest.raises(InvalidInputError, match="cache_bytes must be"):
+        AnchorStore.open(tmp_path / "s", cache_bytes=cache_bytes)
+
+
+def test_calls_that_take_several_keys_refuse_one_key_given_alone(tmp_path):
+    """A str is iterable: missing(key) answered 16 one-character "missing keys"."""
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5) as store:
+        store.put(key(1), make_kv(1))
+        for call in (store.missing, store.get_many, store.delete):
+            with pytest.raises(InvalidInputError, match=rf"{call.__name__} takes a list of keys, not one key"):
+                call(key(1))
+        assert store.missing([key(1), key(2)]) == [key(2)]
+        with pytest.raises(InvalidInputError, match=r"update_metadata takes a mapping \{key: metadata\}"):
+            store.update_metadata([key(1)])
+    with pytest.raises(InvalidInputError, match="readonly must be True or False"):
+        AnchorStore.open(tmp_path / "s", readonly="false")
+    with pytest.raises(InvalidInputError, match="fingerprint must be a string"):
+        AnchorStore.open(tmp_path / "s", fingerprint=5)
