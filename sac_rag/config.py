@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ from dataclasses import dataclass, field
 from .errors import InvalidInputError
 
 ANCHOR_EMBEDDINGS = ("shared", "per_slot", "none")
+POSITION_CONVENTIONS = ("global",)  # the one the encoder implements (see SACConfig)
+_WHOLE_NUMBERS = ("ratio", "chunk_len", "lora_rank", "lora_alpha", "decoder_lora_rank", "decoder_lora_alpha",
+                  "anchor_seed")  # SACConfig's integer settings
 # Chat roles that ask (each turn a question) and answer (each turn an answer); any other role's
 # text is context (``PromptTemplate.conversation``).
 CHAT_ASKING = ("user", "human")
@@ -191,16 +195,36 @@ class SACConfig:
             self.prompt = PromptTemplate(**self.prompt)
         if isinstance(self.base_model, os.PathLike):  # a local directory: saved as its path
             self.base_model = os.fspath(self.base_model)
+        for name in _WHOLE_NUMBERS:  # numpy's integers too, saved as ints
+            value = getattr(self, name)
+            if not isinstance(value, (bool, int)) and isinstance(value, numbers.Integral):
+                setattr(self, name, int(value))
         self.validate()
 
     def validate(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise InvalidInputError(f"base_model must be a hub id, a local directory or a built-in name, got "
                                     f"{self.base_model!r}")
-        for name in ("ratio", "chunk_len", "lora_rank"):
+        for name in _WHOLE_NUMBERS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+        for name, least in (("lora_alpha", 1), ("decoder_lora_rank", 0), ("decoder_lora_alpha", 0)):
+            if getattr(self, name) < least:  # an alpha of 0 scales the adapter to nothing
+                raise InvalidInputError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not isinstance(self.bidirectional, bool):
+            raise InvalidInputError(f"bidirectional must be True or False, got {self.bidirectional!r}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise InvalidInputError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+        modules = self.lora_target_modules
+        if isinstance(modules, str) or not isinstance(modules, (list, tuple)) or not modules or not all(
+                isinstance(m, str) and m for m in modules):
+            raise InvalidInputError(f"lora_target_modules must be a non-empty list of module names, e.g. "
+                                    f"['q_proj', 'v_proj'], got {modules!r}")
+        if self.position_convention not in POSITION_CONVENTIONS:
+            raise InvalidInputError(f"position_convention must be one of {POSITION_CONVENTIONS}, got "
+                                    f"{self.position_convention!r}")
         if self.chunk_len < 1:
             raise InvalidInputError(f"chunk_len must be >= 1, got {self.chunk_len}")
         if not 1 <= self.ratio <= self.chunk_len:

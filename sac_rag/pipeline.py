@@ -183,6 +183,9 @@ class SAC:
         """One question's decoding settings and, for an extractive answer, the texts it may quote:
         without a ``config`` of the call's or the SAC's own, the compressor's recommendation if the
         question reads compressed contexts, else greedy."""
+        for name, flag in (("full_text", full_text), ("extractive", extractive)):  # "false" would read as true
+            if not isinstance(flag, bool):
+                raise InvalidInputError(f"{name} must be True or False, got {flag!r}")
         chosen = checked_config(config)
         config = chosen or self.generation
         # The recommendation was measured answering from caches, and beams do not combine with quotes.

@@ -307,6 +307,30 @@ def test_ratio_outside_one_to_chunk_len_is_refused(ratio):
         SACConfig(ratio=ratio, chunk_len=64)
 
 
+@pytest.mark.parametrize("setting, value, says", [
+    ("lora_alpha", 0, "lora_alpha must be >= 1, got 0"),  # scales the adapter to nothing
+    ("lora_alpha", -8, "lora_alpha must be >= 1"),
+    ("decoder_lora_rank", -1, "decoder_lora_rank must be >= 0"),
+    ("lora_dropout", float("nan"), r"lora_dropout must be a number in \[0, 1\), got nan"),
+    ("lora_dropout", 1.5, r"lora_dropout must be a number in \[0, 1\)"),
+    ("lora_target_modules", "q_proj", r"lora_target_modules must be a non-empty list of module names, e\.g\. "
+                                      r"\['q_proj', 'v_proj'\], got 'q_proj'"),
+    ("lora_target_modules", [], "lora_target_modules must be a non-empty list"),
+    ("bidirectional", "false", "bidirectional must be True or False, got 'false'"),
+    ("position_convention", "local", r"position_convention must be one of \('global',\)"),
+])
+def test_adapter_and_encoder_settings_are_checked_when_the_config_is_made(setting, value, says):
+    with pytest.raises(InvalidInputError, match=says):
+        SACConfig(**{setting: value})
+
+
+def test_numpy_integers_are_integer_settings_saved_as_ints():
+    config = SACConfig(ratio=np.int64(4), chunk_len=np.int32(64), lora_rank=np.int64(8))
+    assert (config.ratio, config.chunk_len, config.lora_rank) == (4, 64, 8)
+    assert all(type(config.to_dict()[name]) is int for name in ("ratio", "chunk_len", "lora_rank"))
+    json.dumps(config.to_dict())  # what save_pretrained writes
+
+
 def test_chunk_longer_than_chunk_len_is_refused_by_the_low_level_encoder(tiny):
     comp = _compressor(tiny, chunk_len=16)
     with pytest.raises(InvalidInputError, match="split"):

@@ -147,6 +147,9 @@ def test_calls_without_a_config_decode_as_the_compressor_recommends_and_a_choice
     assert (used[-1].num_beams, used[-1].max_new_tokens) == (1, 64)
     with pytest.raises(InvalidInputError, match="generation must be a GenerationConfig"):
         sac.generation = {"max_new_tokens": 2}
+    for flags in ({"extractive": "no"}, {"full_text": "false"}):  # a string would read as true
+        with pytest.raises(InvalidInputError, match=f"{next(iter(flags))} must be True or False"):
+            sac.answer("Who?", [TEXT], **flags)
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
