@@ -64,7 +64,7 @@ from .errors import FingerprintMismatchError, InvalidInputError, SACError
 from .fingerprint import same_model
 from .generation import Generation, GenerationConfig, Generator, bos_ids, checked_config, grouped
 from .kv import AnchorKV
-from .pipeline import DEFAULT_COMPRESSOR
+from .pipeline import DEFAULT_COMPRESSOR, LAYOUT_STOP
 from .store import CHUNK_KEY, AnchorStore, EntryNotFoundError, other_compressor_advice
 
 logger = logging.getLogger(__name__)
@@ -1361,10 +1361,11 @@ def _per_prompt(config: GenerationConfig | Sequence[GenerationConfig] | None, n_
 
 
 def _engine_config(config: GenerationConfig | None, recommended: dict) -> GenerationConfig:
-    """A call's decoding settings (without ``config``, the compressor's ``recommended`` decoding),
+    """A call's decoding settings (without ``config``, ``SAC``'s: the compressor's ``recommended``
+    decoding, stopping where the layout's next section begins),
     refusing context-aware decoding: it reads each prompt beside the same prompt without its
     contexts, which a prompt string with markers does not give."""
-    config = checked_config(config) or GenerationConfig().with_recommended(recommended)
+    config = checked_config(config) or GenerationConfig(stop=LAYOUT_STOP).with_recommended(recommended)
     if config.context_contrast:
         raise InvalidInputError("context_contrast (context-aware decoding) needs each prompt without its contexts, "
                                 "which SACEngine and the framework wrappers are not given: use SAC.answer, or "

@@ -476,6 +476,7 @@ def test_without_a_config_prompts_that_read_caches_decode_as_the_compressor_reco
     engine.generate(["Q: who?\nA:"])  # no compressed context: greedy (the recommendation was measured on caches)
     mixed = engine.generate(["Q: who?\nA:", cached])  # a call mixing both: each prompt its own way, in order
     assert [(c.num_beams, c.mbr) for c in configs] == [(2, True), (1, False), (1, False), (2, True)]
+    assert all(c.stop == ("\n###",) for c in configs)  # as SAC stops: at the layout's next section
     assert [g.text for g in mixed] == [engine.generate(["Q: who?\nA:"])[0].text, engine.generate([cached])[0].text]
     per_prompt = [GenerationConfig(max_new_tokens=3), GenerationConfig(max_new_tokens=3, num_beams=2)]
     engine.generate([cached, cached], per_prompt)  # or one config per prompt, each kept
