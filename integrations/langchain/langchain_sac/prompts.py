@@ -27,7 +27,10 @@ SAC_DOCUMENT_PROMPT = PromptTemplate.from_template("{sac_marker}")
 def sac_qa_prompt(template: SACPromptTemplate | None = None, *, context_key: str = "context",
                   question_key: str = "question") -> PromptTemplate:
     """A LangChain prompt with the SAC layout (``"### Context:\\n{context}\\n### Question:\\n
-    {question}\\n### Answer:\\n"`` by default): contexts, then the question, as in training."""
+    {question}\\n### Answer:\\n"`` by default): contexts, then the question, as in training.
+    With no documents (the retriever found none: ``SACContextCompressor`` warns) the empty context
+    heading stays, where ``SAC.answer(question, [])`` opens with the question, so the two may answer
+    such a question differently."""
     template = template or SACPromptTemplate()
     before, _, after = template.question.partition("{question}")
     text = (_escape(template.prefix + template.context_prefix) + "{" + context_key + "}" + _escape(before)
