@@ -386,12 +386,17 @@ class AnchorStore:
         try:
             os.chmod(tmp, 0o755)
             (tmp / SHARDS).mkdir()
-            conn = sqlite3.connect(tmp / INDEX, isolation_level=None)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-            finally:
-                conn.close()
+                conn = sqlite3.connect(tmp / INDEX, isolation_level=None)
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                finally:
+                    conn.close()
+            except sqlite3.Error as err:  # e.g. "database or disk is full", "disk I/O error"
+                raise StoreWriteError(errno.EIO, f"cannot create the store at {path}: its index could not be "
+                                                 f"written ({err}); make room on the disk (or check that "
+                                                 f"{path.parent} can be written), then run again") from err
             atomic_write(tmp / MANIFEST, manifest_text.encode())
             fsync_dir(tmp / SHARDS)
             fsync_dir(tmp)

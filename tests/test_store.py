@@ -1090,3 +1090,16 @@ def test_calls_that_take_several_keys_refuse_one_key_given_alone(tmp_path):
         AnchorStore.open(tmp_path / "s", readonly="false")
     with pytest.raises(InvalidInputError, match="fingerprint must be a string"):
         AnchorStore.open(tmp_path / "s", fingerprint=5)
+
+
+def test_a_store_whose_index_cannot_be_written_is_refused_naming_it_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk fails in SQLite ("database or disk is full", "disk I/O error"), which is no OSError:
+    it came out as a bare sqlite3 traceback."""
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", full)
+    with pytest.raises(StoreWriteError, match=r"cannot create the store at .*/s: its index could not be written "
+                                              r"\(database or disk is full\); make room on the disk"):
+        AnchorStore.create(tmp_path / "s", FP, ratio=5)
+    assert list(tmp_path.iterdir()) == []
