@@ -15,6 +15,7 @@ import json
 import logging
 import operator
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from safetensors.torch import save as st_save
 from .anchors import AnchorSelector, anchor_count, make_selector
 from .config import SACConfig, text_ids
 from .devices import input_device, resolve_device, resolve_dtype
-from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError
+from .errors import CheckpointError, CheckpointWriteError, FingerprintMismatchError, InvalidInputError
 from .files import atomic_write, fsync_dir
 from .fingerprint import (
     BASE_FINGERPRINT_FLOAT16,
@@ -656,7 +657,20 @@ class SACCompressor(torch.nn.Module):
             raise InvalidInputError(f"{directory} is a file: save_pretrained writes a directory, so pass a path "
                                     "that is a directory or does not exist yet")
         _check_not_foreign(directory)
+        made = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_checkpoint(directory, dtype)
+        except OSError as err:  # e.g. a full disk: the path is named, and a directory made for it goes again
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            why = f"cannot save the compressor to {directory}: {err.strerror or err}"
+            raise CheckpointWriteError(err.errno, f"{why}; make room there (or choose another directory), then "
+                                                  "save again") from err
+        return directory
+
+    def _write_checkpoint(self, directory: Path, dtype: torch.dtype | None) -> None:
+        """``save_pretrained``'s writes into ``directory``, which exists."""
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
         weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
         meta = {
@@ -672,7 +686,6 @@ class SACCompressor(torch.nn.Module):
         atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
         os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
         fsync_dir(directory)
-        return directory
 
     @classmethod
     def from_pretrained(

@@ -40,6 +40,10 @@ class CheckpointError(SACError):
     """A compressor checkpoint directory is missing files or is corrupt."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (e.g. a full disk); one already there is left as it was."""
+
+
 class PromptError(InvalidInputError):
     """A prompt cannot be decoded as given (e.g. it ends with a compressed context)."""
 

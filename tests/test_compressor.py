@@ -1,5 +1,6 @@
 """SACCompressor on a tiny random Llama: encoder semantics, batching, positions, checkpoints."""
 
+import errno
 import json
 import warnings
 
@@ -988,3 +989,28 @@ def test_a_checkpoint_path_with_a_tilde_is_the_home_folders(tiny, tmp_path, monk
     assert (tmp_path / "home" / "my-compressor" / "config.json").exists() and not (tmp_path / "~").exists()
     loaded = SACCompressor.from_pretrained("~/my-compressor", *make_tiny_llama())
     assert loaded.fingerprint == comp.fingerprint
+
+
+def test_a_save_that_fails_names_the_directory_and_leaves_no_new_directory_nor_a_changed_checkpoint(
+        tiny, tmp_path, monkeypatch):
+    """A full disk gave a bare OSError without the path and left an empty new directory behind."""
+    from sac_rag import compressor as compressor_module
+    from sac_rag.errors import CheckpointWriteError
+
+    comp = _compressor(tiny)
+    comp.save_pretrained(tmp_path / "kept")
+    before = (tmp_path / "kept" / "config.json").read_text()
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compressor_module, "atomic_write", full)
+    for target in ("new", "kept"):
+        with pytest.raises(CheckpointWriteError, match=rf"cannot save the compressor to .*{target}: No space left "
+                                                       "on device; make room there") as info:
+            comp.save_pretrained(tmp_path / target)
+        assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "kept" / "config.json").read_text() == before
+    monkeypatch.undo()
+    SACCompressor.from_pretrained(tmp_path / "kept", *make_tiny_llama())
