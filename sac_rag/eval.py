@@ -31,7 +31,7 @@ from .config import PromptTemplate, SACConfig, text_ids
 from .data import DEFAULT_HELD_OUT_FRACTION, read_qa, split_by_title
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import InvalidInputError, exit_with_message
-from .files import append_jsonl, is_json_object, open_for_appending
+from .files import append_jsonl, is_json_object, open_for_appending, user_path
 from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
 from .metrics import summarize
@@ -132,7 +132,7 @@ def add_subset_arguments(parser: argparse.ArgumentParser, n_default: int | None 
     """``--dataset``, ``--data-root``, ``--n`` (required unless ``n_default``), ``--seed`` and
     ``--skip``: which seeded question subset a command reads (see ``load_questions``)."""
     parser.add_argument("--dataset", default="squad-dev", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="../shared/data",
+    parser.add_argument("--data-root", type=user_path, default="../shared/data",
                         help="folder holding the datasets' files (squad-v1.1/, squadshifts/; default: %(default)s, "
                              "relative to the current directory: where this project's machines keep them)")
     parser.add_argument("--n", type=at_least(0), default=n_default, required=n_default is None,
@@ -667,7 +667,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sac_rag.eval", description=__doc__)
     parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--checkpoint", help="compressor directory (sac) or adapter directory (full_ft)")
+    parser.add_argument("--checkpoint", type=user_path,
+                        help="compressor directory (sac) or adapter directory (full_ft)")
     parser.add_argument("--label", help="name of the row in the results (default: the method)")
     parser.add_argument("--base-model", default=None,
                         help=f"the model the methods read with (default {DEFAULT_BASE_MODEL}); for sac, the model "
@@ -677,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the checkpoint's, another value evaluates its weights at that ratio")
     parser.add_argument("--anchor-strategy", help="sac: place anchors by this strategy instead of the trained one "
                         "(sac_rag.anchors, e.g. rarest_in_block)")
-    parser.add_argument("--decoder-adapter", help="peft LoRA directory for the decoder of kv_dropping, text_* or "
+    parser.add_argument("--decoder-adapter", type=user_path,
+                        help="peft LoRA directory for the decoder of kv_dropping, text_* or "
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
     parser.add_argument("--merge-decoder", action="store_true",
                         help="decode with the decoder adapter (sac, full_ft, --decoder-adapter) merged into a copy "
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                              "another dtype than bfloat16 are cached apart")
     parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
-    parser.add_argument("--results", default="benchmarks/results/quality.jsonl",
+    parser.add_argument("--results", type=user_path, default="benchmarks/results/quality.jsonl",
                         help="JSON-lines file the result row is appended to (default: %(default)s, under the "
                              "current directory: this repository's results when run from its root); the "
                              "predictions are cached in predictions/ beside it")

@@ -19,6 +19,12 @@ except ImportError:  # pragma: no cover - Windows
 HAVE_FILE_LOCKS = fcntl is not None
 
 
+def user_path(text: str) -> str:
+    """A path given on a command line, ``~`` expanded (the shell leaves ``--opt=~/x`` as written):
+    argparse's ``type=`` for path options."""
+    return os.path.expanduser(text)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)

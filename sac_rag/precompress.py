@@ -61,6 +61,7 @@ from .compressor import SACCompressor, checkpoint_meta
 from .config import SACConfig
 from .corpus import DECODE_ERRORS, CorpusStats, Document, check_corpus, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
+from .files import user_path
 from .fingerprint import same_model
 from .kv import AnchorKV
 from .store import CHUNK_KEY, STORAGES, AnchorStore, EntryNotFoundError, StoreWriteError
@@ -561,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the environment) each write STORE.shard-III-of-NNN (zero-padded, e.g. STORE.shard-000-of-002); join them with "
         "`python -m sac_rag.store merge STORE STORE.shard-*`.",
     )
-    parser.add_argument("--corpus", required=True,
+    parser.add_argument("--corpus", required=True, type=user_path,
                         help="a folder (its .txt/.md/.markdown files, recursively, hidden ones skipped), a .jsonl "
                              "file (a 'text' field per line, 'id' and other fields kept), SQuAD .json (.jsonl and "
                              ".json may be .gz/.xz), or any other file, read as one text document")

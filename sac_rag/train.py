@@ -226,6 +226,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types_and_ranges()
+        for name in (*_PATH_OPTIONS, "out_dir"):  # "--out-dir=~/x" reaches us unexpanded: the home folder's
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         if self.stage not in ("pretrain", "finetune"):
             raise SACError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
         if self.method not in ("sac", "full_ft"):
@@ -477,6 +481,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                                 help=f"{f.metadata['help']} (default: {default!r})")
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
+    config_file = config_file and os.path.expanduser(config_file)
+    if args["out_dir"]:
+        args["out_dir"] = os.path.expanduser(args["out_dir"])  # where --resume reads the run's options
     values = _read_config_file(config_file) if config_file else _recorded_options(args)
     in_file = set(values)
     given = {k for k, v in args.items() if v is not None}

@@ -874,3 +874,16 @@ def test_the_cli_refuses_a_corpus_or_store_path_that_cannot_work_before_it_loads
     assert main(["--corpus", str(corpus), "--store", str(tmp_path / "new" / "store")]) == 2
     err = capsys.readouterr().err
     assert f"cannot create the store at {tmp_path / 'new' / 'store'}: {tmp_path} is not writable" in err
+
+
+def test_command_line_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys, corpus, tiny_sac):
+    """The shell leaves "--corpus=~/docs" as written: it names the home folder's corpus."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shutil.copytree(corpus, tmp_path / "home" / "docs")
+    base = tiny_sac[0].parent / "base"
+    assert main(["--corpus=~/docs", "--store=~/docs.store", "--kv-dropping", "--base-model", str(base),
+                 "--dtype", "float32", "--chunk-tokens", str(CHUNK), "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] > 0
+    assert (tmp_path / "home" / "docs.store" / "manifest.json").exists()

@@ -944,6 +944,16 @@ def test_an_option_that_tunes_another_one_left_off_is_named_with_what_it_needs()
     assert idle("--eval-every", "50", "--eval-data", "y.json") == []
 
 
+def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch):
+    """The shell leaves "--out-dir=~/run" as written: it names the home folder's run, not ./~/run."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_config(["--data=~/qa.json", "--out-dir=~/run", "--init-from", "~/ckpt", "--base-model", "~/model"])
+    assert (cfg.data, cfg.out_dir, cfg.init_from, cfg.base_model) == tuple(
+        str(tmp_path / name) for name in ("qa.json", "run", "ckpt", "model"))
+    (tmp_path / "c.json").write_text(json.dumps({"data": "~/qa.json", "out_dir": "~/run2"}))
+    assert parse_config(["--config", "~/c.json"]).out_dir == str(tmp_path / "run2")
+
+
 def test_resume_with_no_checkpoint_says_there_is_nothing_to_resume(workspace, caplog):
     with caplog.at_level("WARNING", logger="sac_rag.train"):
         train(parse_config(_args(workspace, "run", "--max-steps", "1", "--resume")))
