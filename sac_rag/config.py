@@ -86,6 +86,12 @@ class PromptTemplate:
     context_separator: str = ""
     question: str = "\n### Question:\n{question}\n### Answer:\n"
 
+    def __post_init__(self) -> None:
+        for name in ("prefix", "context_prefix", "context_separator", "question"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"PromptTemplate.{name} must be a string (\"\" for none), got "
+                                        f"{getattr(self, name)!r}")
+
     @property
     def answer_opening(self) -> str:
         """The text the prompt ends with, after the question: where the answer begins."""

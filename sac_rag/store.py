@@ -56,6 +56,7 @@ import errno
 import hashlib
 import json
 import mmap
+import numbers
 import os
 import re
 import shutil
@@ -336,8 +337,9 @@ class AnchorStore:
         _checked_cache_bytes(cache_bytes)  # before anything is made
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InvalidInputError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
-        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Integral) or ratio < 1:
             raise InvalidInputError(f"ratio must be a positive integer, got {ratio!r}")
+        ratio = int(ratio)  # numpy's too, written to the manifest as a JSON number
         checked = ("ratio",) + (("storage",) if storage is not None else ()) + (() if keep_dtype else ("dtype",))
         storage = "native" if storage is None else storage
         if storage not in STORAGES:

@@ -16,6 +16,7 @@ from sac_rag import (
     GenerationConfig,
     Generator,
     InvalidInputError,
+    PromptTemplate,
     SACCompressor,
     SACConfig,
 )
@@ -1014,3 +1015,8 @@ def test_a_save_that_fails_names_the_directory_and_leaves_no_new_directory_nor_a
     assert (tmp_path / "kept" / "config.json").read_text() == before
     monkeypatch.undo()
     SACCompressor.from_pretrained(tmp_path / "kept", *make_tiny_llama())
+
+
+def test_a_prompt_layout_of_other_than_strings_is_refused_naming_the_field():
+    with pytest.raises(InvalidInputError, match=r"PromptTemplate.prefix must be a string \(\"\" for none\), got None"):
+        PromptTemplate(prefix=None)

@@ -1103,3 +1103,10 @@ def test_a_store_whose_index_cannot_be_written_is_refused_naming_it_and_leaves_n
                                               r"\(database or disk is full\); make room on the disk"):
         AnchorStore.create(tmp_path / "s", FP, ratio=5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_made_with_a_numpy_integer_ratio_records_a_json_number(tmp_path):
+    import numpy as np
+
+    with AnchorStore.create(tmp_path / "s", FP, ratio=np.int64(3)) as store:
+        assert store.ratio == 3 and type(store.manifest["ratio"]) is int
