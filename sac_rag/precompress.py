@@ -622,8 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ratio is not None and not args.kv_dropping:
         parser.error(f"--ratio {args.ratio} sets the ratio of --kv-dropping only: a trained compressor compresses at "
-                     "the ratio it was trained for (built in: smollm2-135m-sac-5x, smollm2-135m-sac-15x); leave "
-                     "--ratio out, or add --kv-dropping for the untrained baseline")
+                     "the ratio it was trained for (choose one trained for the ratio you want); leave --ratio out, "
+                     "or add --kv-dropping for the untrained baseline")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index)
