@@ -19,7 +19,7 @@ def special_ids(tokenizer) -> set[int]:
 
 def test_a_documents_special_token_text_is_compressed_as_ordinary_tokens(tiny_sac):
     tokenizer = tiny_sac.compressor.tokenizer
-    assert tokenizer.eos_token_id in tokenizer(DOC, add_special_tokens=False)["input_ids"]  # the plain reading
+    assert tokenizer.eos_token_id in tokenizer(DOC, add_special_tokens=False)["input_ids"]  # as the tokenizer reads it
     chunks = tiny_sac.compressor.split(DOC)
     ids = [i for chunk in chunks for i in chunk]
     assert not special_ids(tokenizer) & set(ids)
