@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,10 +26,11 @@ def anchor_count(n_tokens: int, ratio: int) -> int:
 
 
 def _check(n_tokens: int, ratio: int) -> None:
-    if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 1:
+    """Whole numbers (numpy's too): a ratio of at least 1 and a chunk of at least one token."""
+    if not isinstance(ratio, numbers.Integral) or isinstance(ratio, bool) or ratio < 1:
         raise InvalidInputError(f"ratio must be an integer >= 1, got {ratio!r}")
-    if n_tokens < 1:
-        raise InvalidInputError(f"a chunk needs at least one token, got {n_tokens}")
+    if not isinstance(n_tokens, numbers.Integral) or isinstance(n_tokens, bool) or n_tokens < 1:
+        raise InvalidInputError(f"a chunk needs a whole number of tokens, at least one, got {n_tokens!r}")
 
 
 @dataclass

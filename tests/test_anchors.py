@@ -54,6 +54,15 @@ def test_ratio_must_be_a_positive_integer(ratio):
         UniformAnchors().select(FULL, ratio)
 
 
+def test_counts_are_whole_numbers_numpy_s_too():
+    import numpy as np
+
+    assert anchor_count(np.int64(510), np.int64(5)) == anchor_count(510, 5) == 102
+    for n_tokens in (float("nan"), 2.5, 0):
+        with pytest.raises(InvalidInputError, match=r"a chunk needs a whole number of tokens, at least one"):
+            anchor_count(n_tokens, 5)
+
+
 def test_random_anchors_keep_the_uniform_count_and_are_reproducible_per_chunk():
     chunk = list(range(100, 610))
     a = RandomAnchors(seed=3).select(chunk, 15)
