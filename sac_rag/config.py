@@ -61,8 +61,8 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     user piece holds a special token's text, the segment is read whole (its pieces' boundaries
     tokenized as in one string, as every prompt without such text is)."""
     pieces = getattr(text, "pieces", ())
-    if not any(isinstance(p, UserText) and text_ids(tokenizer, p) != tokenizer(p, add_special_tokens=False)["input_ids"]
-               for p in pieces):
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    if not any(isinstance(p, UserText) and any(s in p for s in specials) for p in pieces):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for piece in pieces:
