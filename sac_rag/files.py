@@ -4,8 +4,14 @@ file lock that keeps a second writer out."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import functools
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -17,6 +23,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 HAVE_FILE_LOCKS = fcntl is not None
+
+logger = logging.getLogger(__name__)
 
 
 def user_path(text: str) -> str:
@@ -32,6 +40,36 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing directories (or files) in one atomic step, so that no reader ever finds
+    either name missing: Linux's ``renameat2(RENAME_EXCHANGE)``. False where the platform or the
+    file system cannot (then nothing was changed and the caller falls back to two renames)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+@functools.cache
+def _renameat2():
+    """libc's ``renameat2`` (glibc 2.28+, musl 1.2.2+), or None."""
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name, use_errno=True).renameat2 if name else None
+    except (OSError, AttributeError):
+        return None
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -54,22 +92,42 @@ class FileLock:
     """An exclusive ``flock`` on ``path`` (created if missing), held from ``__enter__`` to
     ``__exit__``; the OS releases it when the process dies, so a kill never leaves it held.
     ``wait=False``: ``BlockingIOError`` at once if another process (or another open of the file)
-    holds it. Needs ``HAVE_FILE_LOCKS``."""
+    holds it. ``wait=True`` waits as long as it takes, saying so once (``waiting_message``, logged
+    as a warning) when the lock is still held after ``patience`` seconds, so a holder that is
+    stopped or hung is not mistaken for a hang of this process. Needs ``HAVE_FILE_LOCKS``."""
 
-    def __init__(self, path: str | os.PathLike, *, wait: bool = True):
+    patience = 5.0  # seconds of waiting before the waiting message
+
+    def __init__(self, path: str | os.PathLike, *, wait: bool = True, waiting_message: str | None = None):
         self.path = Path(path)
         self.wait = wait
+        self.waiting_message = waiting_message or (
+            f"waiting for the lock {self.path}, which another process holds (find it with `fuser -v {self.path}`)")
         self.fd = -1
 
     def __enter__(self) -> FileLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.wait:
+                self._wait_for(fd)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
         return self
+
+    def _wait_for(self, fd: int) -> None:
+        deadline = time.monotonic() + self.patience
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.05)
+        logger.warning(self.waiting_message)
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)

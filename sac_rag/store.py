@@ -1401,7 +1401,10 @@ def _writer_lock(path: Path) -> FileLock:
     if not HAVE_FILE_LOCKS:
         raise StoreWriteError(errno.ENOSYS, "writing an anchor store needs POSIX file locks "
                               "(fcntl.flock); this platform can only read stores")
-    return FileLock(path)
+    return FileLock(path, waiting_message=(
+        f"waiting for another writer of the store at {path.parent}: a process that is writing to it holds "
+        f"{path} (find it with `fuser -v {path}`); this write goes on when that process finishes, or once it "
+        "is stopped (a stopped or hung writer keeps the lock until it is killed)"))
 
 
 def _write_error(err: OSError | sqlite3.Error, path: Path, doing: str,

@@ -148,6 +148,36 @@ def test_two_writer_processes_at_once_keep_every_entry_of_both_exactly_once(tmp_
             assert_same_kv(s.get(key(i)), make_kv(i))
 
 
+def test_a_writer_kept_waiting_by_another_says_which_lock_holds_it_then_writes(tmp_path, monkeypatch, caplog):
+    """A writer that stopped (Ctrl-Z on a precompress) holds the lock until it goes on or dies; the
+    one behind it must not look hung: after a while it names the lock and how to find its holder."""
+    import threading
+
+    from sac_rag.files import FileLock
+    from sac_rag.store import LOCK
+
+    path = tmp_path / "s"
+    AnchorStore.create(path, FP, ratio=5).close()
+    monkeypatch.setattr(FileLock, "patience", 0.1)
+    with AnchorStore.open(path, FP) as s:
+        holder = FileLock(path / LOCK)
+        holder.__enter__()  # another open of the lock file: as another process, it keeps the store's writer out
+        writer = threading.Thread(target=s.put, args=(key(0), make_kv(0)))
+        with caplog.at_level("WARNING", logger="sac_rag.files"):
+            writer.start()
+            waited = []
+            for _ in range(600):  # up to a minute for the warning to be logged
+                waited = [r.getMessage() for r in caplog.records]
+                if waited:
+                    break
+                writer.join(0.1)
+            assert key(0) not in s  # still waiting
+            holder.__exit__(None, None, None)
+            writer.join(60)
+        assert not writer.is_alive() and key(0) in s
+    assert len(waited) == 1 and str(path) in waited[0] and f"fuser -v {path / LOCK}" in waited[0], waited
+
+
 def test_cli_on_a_missing_path_a_file_or_a_damaged_manifest_exits_2_with_a_message(tmp_path, capsys):
     with AnchorStore.create(tmp_path / "s", FP, ratio=5) as s:
         s.put(key(0), make_kv(0))
