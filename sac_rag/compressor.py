@@ -863,6 +863,13 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     if saved:
         raise CheckpointError(f"{str(name_or_path)!r} is a training run's directory (python -m sac_rag.train "
                               f"--out-dir): pass the compressor it saved, {' or '.join(map(repr, saved))}")
+    set_aside = sorted(path.parent.glob(f".old-{path.name}-*/{CONFIG_FILE}")) if path.name else []
+    if set_aside and not path.exists():
+        raise CheckpointError(
+            f"{str(name_or_path)!r} is missing, but a training run set its previous version aside as "
+            f"{str(set_aside[0].parent)!r}: the run is replacing it (retry in a moment), or was killed while doing so "
+            f"(python -m sac_rag.train --resume on that run puts it back, as does renaming that directory to "
+            f"{path.name!r})")
     raise CheckpointError(
         f"{str(name_or_path)!r} is neither a compressor directory (with {CONFIG_FILE}) nor a built-in "
         f"compressor; built-in: {list_pretrained() or 'none installed'}"

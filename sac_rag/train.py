@@ -46,7 +46,7 @@ from .data import (
 )
 from .devices import bf16_is_fast, resolve_device
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError, exit_with_message
-from .files import HAVE_FILE_LOCKS, FileLock, atomic_write, fsync_dir
+from .files import HAVE_FILE_LOCKS, FileLock, atomic_write, exchange_paths, fsync_dir
 from .fingerprint import base_record
 from .generation import bos_ids
 from .objectives import (
@@ -1119,9 +1119,11 @@ def evaluate_qa(generator, template: PromptTemplate, paragraphs, n_questions: in
 
 def publish_dir(target: Path, write) -> None:
     """Fill ``target`` atomically: ``write(staging)`` fills a staging directory beside it, whose
-    files are synced before it is renamed into place; an old ``target`` is first renamed aside and
-    removed afterwards. A kill never leaves a half-written ``target``; one between the two renames
-    leaves the old one aside, which ``remove_stale_staging`` puts back."""
+    files are synced before it takes ``target``'s place. An old ``target`` is swapped with it in one
+    step where the file system can (Linux), so a reader (an evaluation of ``best/``, a server on
+    ``final/``) never finds ``target`` missing, and the old one, then in staging, is removed.
+    Elsewhere the old one is first renamed aside: a kill between the two renames leaves it aside,
+    which ``remove_stale_staging`` puts back. A kill never leaves a half-written ``target``."""
     staging = target.parent / f".staging-{target.name}-{os.getpid()}"
     old = target.parent / f".old-{target.name}-{os.getpid()}"
     for leftover in (staging, old):
@@ -1129,9 +1131,12 @@ def publish_dir(target: Path, write) -> None:
     staging.mkdir(parents=True)
     write(staging)
     _fsync_files(staging)
-    if target.exists():
-        os.rename(target, old)
-    os.rename(staging, target)
+    if target.exists() and exchange_paths(staging, target):
+        old = staging
+    else:
+        if target.exists():
+            os.rename(target, old)
+        os.rename(staging, target)
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 

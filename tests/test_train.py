@@ -655,9 +655,13 @@ def test_metrics_on_disk_hold_every_finished_step_while_the_run_goes(workspace, 
     assert seen == [[], [1], [1, 2]]
 
 
-def test_stale_staging_is_removed_and_a_directory_set_aside_is_put_back(tmp_path):
+@pytest.mark.parametrize("swap", [True, False], ids=["swapped", "renamed-aside"])
+def test_stale_staging_is_removed_and_a_directory_set_aside_is_put_back(tmp_path, monkeypatch, swap):
+    import sac_rag.train as train_module
     from sac_rag.train import publish_dir, remove_stale_staging
 
+    if not swap:  # as on a file system or platform that cannot swap two directories
+        monkeypatch.setattr(train_module, "exchange_paths", lambda a, b: False)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     publish_dir(tmp_path / "best", lambda d: (d / "v").write_text("1"))
@@ -671,6 +675,33 @@ def test_stale_staging_is_removed_and_a_directory_set_aside_is_put_back(tmp_path
     remove_stale_staging(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
     assert (tmp_path / "final" / "v").read_text() == "old" and (tmp_path / "best" / "v").read_text() == "2"
+
+
+def test_a_published_directory_is_swapped_in_so_a_reader_never_finds_it_missing(tmp_path, monkeypatch):
+    import sac_rag.train as train_module
+    from sac_rag.files import exchange_paths
+
+    probe = [tmp_path / "a", tmp_path / "b"]
+    for directory in probe:
+        directory.mkdir()
+    if not exchange_paths(*probe):
+        pytest.skip("this file system cannot swap two directories in one step")
+    renamed = []
+    monkeypatch.setattr(train_module.os, "rename", lambda a, b: renamed.append((a, b)) or os.replace(a, b))
+    train_module.publish_dir(tmp_path / "best", lambda d: (d / "v").write_text("1"))
+    train_module.publish_dir(tmp_path / "best", lambda d: (d / "v").write_text("2"))
+    assert (tmp_path / "best" / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "best"]  # the old one is gone
+    assert renamed == [(tmp_path / f".staging-best-{os.getpid()}", tmp_path / "best")]  # only the first
+
+
+def test_a_checkpoint_a_run_set_aside_is_named_when_its_replacement_is_missing(tmp_path):
+    from sac_rag.compressor import resolve_pretrained
+
+    (tmp_path / ".old-final-4242").mkdir()
+    (tmp_path / ".old-final-4242" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"set its previous version aside as .*\.old-final-4242.*--resume"):
+        resolve_pretrained(tmp_path / "final")
 
 
 def test_pruning_keeps_the_checkpoint_latest_names_beside_a_later_one_a_killed_run_left(workspace):
