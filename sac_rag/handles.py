@@ -564,8 +564,9 @@ class _Call:
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
-_SHARED: dict[tuple, SACEngine] = {}
+_SHARED: dict[tuple, SACEngine] = {}  # the shared engines of names and paths, for the process's life
 _SHARED_GUARD = threading.Lock()
+_ENGINES_ATTRIBUTE = "_sac_shared_engines"
 
 
 def model_lock(compressor: SACCompressor) -> threading.Lock:
@@ -644,15 +645,18 @@ class SACEngine:
 
         A loaded ``SACCompressor`` has its device and dtype already: the engine is the one of that
         object whatever ``device``/``dtype`` say (so a document compressor and an LLM given the same
-        object share the chunks compressed in memory), with a warning if they differ from the object's."""
+        object share the chunks compressed in memory), with a warning if they differ from the object's.
+        The engine of a name or a path lives as long as the process; that of a loaded compressor or
+        an open store, as long as that object (``_shared_registry``)."""
         if isinstance(compressor, SACCompressor):
             _check_loaded_settings(compressor, device, dtype)
             device = dtype = None
         key = (_spec_key(compressor), _spec_key(store, path=True), *load_settings(device, dtype), merge_decoder)
         with _SHARED_GUARD:
-            engine = _SHARED.get(key)
+            registry = _shared_registry(compressor, store)
+            engine = registry.get(key)
             if engine is None:
-                engine = _SHARED[key] = cls(compressor, store, device=device, dtype=dtype, merge_decoder=merge_decoder)
+                engine = registry[key] = cls(compressor, store, device=device, dtype=dtype, merge_decoder=merge_decoder)
             return engine
 
     def __repr__(self) -> str:
@@ -1523,6 +1527,19 @@ def _entry_metadata(chunk: _Chunk, kv: AnchorKV, source: Mapping | None) -> dict
             "created_by": "sac_rag.handles"}
 
 
+def _shared_registry(compressor, store) -> dict[tuple, SACEngine]:
+    """Where ``SACEngine.shared`` keeps the engine of these arguments. Names and paths: one dict for
+    the process, so every object built with them shares one engine and its loaded weights. An open
+    ``AnchorStore`` or a loaded ``SACCompressor`` (the store first when both are given): a dict on
+    that object, so the engine, which holds the object, lives as long as the object is used and is
+    freed with it; a reloaded compressor or a reopened store does not keep the old one's weights and
+    chunks in memory for the process's life."""
+    for spec in (store, compressor):
+        if isinstance(spec, (AnchorStore, SACCompressor)):
+            return spec.__dict__.setdefault(_ENGINES_ATTRIBUTE, {})  # beside nn.Module's own attributes
+    return _SHARED
+
+
 def _spec_key(spec, path: bool = False):
     if spec is None:
         return None
@@ -1531,7 +1548,7 @@ def _spec_key(spec, path: bool = False):
         if path or isinstance(spec, os.PathLike) or candidate.exists():
             return ("path", str(candidate.expanduser().resolve()))
         return ("name", str(spec))
-    return ("object", id(spec))  # the shared engine keeps the object alive, so the id stays its own
+    return ("object", id(spec))  # the shared engine holds the object, so the id stays its own while it lives
 
 
 def _check_loaded_settings(compressor: SACCompressor, device, dtype) -> None:

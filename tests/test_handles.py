@@ -540,6 +540,33 @@ def test_a_loaded_compressor_has_one_shared_engine_whatever_dtype_or_device_say(
     assert SACEngine.shared(kv_dropping(seed=1), dtype="float32") is not plain
 
 
+def test_the_shared_engine_of_a_loaded_compressor_or_an_open_store_is_freed_with_it(tmp_path):
+    """A notebook that reloads a compressor or reopens a store, and builds its LLM again, must not
+    keep every earlier compressor's weights and chunks alive through the shared engines."""
+    import gc
+    import weakref
+
+    freed = []
+    for seed in range(3):
+        compressor = kv_dropping(seed=seed)
+        engine = SACEngine.shared(compressor)
+        assert SACEngine.shared(compressor) is engine  # shared while the object lives
+        engine.handles_for(["Snow closed the pass in March."])
+        freed.append(weakref.ref(compressor))
+        del compressor, engine
+    store_path = tmp_path / "s"
+    kept = kv_dropping(seed=9)
+    for _ in range(3):
+        store = AnchorStore.create(store_path, kept.fingerprint, 5, "float32", exist_ok=True)
+        engine = SACEngine.shared(kept, store)
+        assert SACEngine.shared(kept, store) is engine
+        freed.append(weakref.ref(store))
+        store.close()
+        del store, engine
+    gc.collect()
+    assert [ref() for ref in freed] == [None] * 6
+
+
 def test_plain_text_keeps_markers_in_passed_through_texts_as_text(compressor, store):
     from sac_rag.handles import plain_text
 
