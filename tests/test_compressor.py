@@ -364,6 +364,22 @@ def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(t
         SACConfig(memory="compression_tokens", anchor_embedding="shared")
 
 
+def test_per_slot_anchor_embedding_adds_its_kth_row_to_the_kth_anchor(tiny):
+    """Against a hand-built pass of the base model (causal, no adapter), so both the table being
+    added at all and the row each anchor gets are checked."""
+    comp = _compressor(tiny, anchor_embedding="per_slot", lora_rank=0, bidirectional=False)
+    ids, offset = _ids(comp.tokenizer)[:30], 5
+    anchors = comp.anchor_indices(ids)
+    with torch.no_grad():
+        embeds = comp.base_model.get_input_embeddings()(torch.tensor([ids]))
+        embeds[0, anchors] += comp.anchor_embedding[: len(anchors)]
+        positions = torch.arange(offset, offset + len(ids))[None]
+        out = comp.base_model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        kv = comp.compress_chunks([ids], offsets=[offset])[0]
+    expected = torch.stack([layer.keys[0][:, anchors] for layer in out.past_key_values.layers])
+    torch.testing.assert_close(kv.keys, expected.to(kv.keys.dtype), atol=1e-5, rtol=1e-5)
+
+
 def test_future_bias_anneals_between_causal_and_bidirectional(tiny):
     causal = _compressor(tiny, ratio=1, bidirectional=False)
     bidir = _compressor(make_tiny_llama(), ratio=1, bidirectional=True)
@@ -373,8 +389,12 @@ def test_future_bias_anneals_between_causal_and_bidirectional(tiny):
         ref_bidir = bidir.encode([ids], [0])[0].keys
         nearly_causal = bidir.encode([ids], [0], future_bias=1e4)[0].keys
         zero_bias = bidir.encode([ids, ids[:5]], [0, 0], future_bias=1e-9)[0].keys
+        shorter_in_a_batch = bidir.encode([ids, ids[:5]], [0, 0], future_bias=1.0)[1].keys
+        shorter_alone = bidir.encode([ids[:5]], [0], future_bias=1.0)[0].keys
     torch.testing.assert_close(nearly_causal, ref_causal, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(zero_bias, ref_bidir, atol=1e-5, rtol=1e-4)
+    # the shorter chunk's padding is masked as keys: its tokens never attend to it
+    torch.testing.assert_close(shorter_in_a_batch, shorter_alone, atol=1e-5, rtol=1e-4)
 
 
 def test_decoder_adapter_is_used_only_when_reading_compressed_contexts(tiny, tmp_path):

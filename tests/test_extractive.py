@@ -90,6 +90,30 @@ def test_the_model_chooses_the_span_and_ends_it_only_between_words(tiny):
     assert not ends and int(masked.argmax()) == tokenizer(" is", add_special_tokens=False)["input_ids"][0]
 
 
+def _quote(span, tokenizer, text):
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        span.mask(torch.zeros(len(tokenizer)))
+        span.advance(token)
+
+
+@pytest.mark.parametrize("sources, answer", [
+    (["Parisian food", "Paris is big"], "Paris"),  # its first occurrence runs on into a longer word
+    (["It was 1958年に完成した."], "1958"),  # a script written without spaces ends a word anywhere
+], ids=["any-occurrence", "unspaced-script"])
+def test_a_quote_may_end_wherever_one_of_its_occurrences_ends_a_word(tiny, sources, answer):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, sources)
+    _quote(span, tokenizer, answer)
+    assert span.mask(_prefer(tokenizer, "<eos>"))[1]
+
+
+def test_the_first_token_may_carry_the_space_before_the_word(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["The capital is Paris."])
+    masked, _ = span.mask(torch.zeros(len(tokenizer)))
+    assert torch.isfinite(masked[tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]])
+
+
 def test_a_span_never_crosses_from_one_source_into_the_next(tiny):
     _, tokenizer = tiny
     span = _constraint(tokenizer, ["the lazy dog", "Paris"])

@@ -154,3 +154,13 @@ def test_official_script_edge_cases_by_hand():
     assert squad_f1("U.S.", ["US"]) == 1.0 and squad_f1("U.S.", ["U S"]) == 0.0  # punctuation removed, not spaced
     assert normalize_answer("Ça\u00a0va\tbien") == "ça va bien"  # every whitespace, as str.split does
     assert normalize_answer("“quoted”, theatre") == "“quoted” theatre"  # only string.punctuation is removed
+
+
+def test_summary_reports_em_and_f1_each_under_its_own_name():
+    summary = summarize(["Denver"], [["Denver Broncos"]])
+    assert summary["em"] == 0.0 and summary["f1"] == pytest.approx(200 / 3)
+
+
+def test_f1_counts_a_repeated_token_as_often_as_it_occurs_on_both_sides():
+    assert squad_f1("New York, New York", ["new york new york"]) == 1.0
+    assert squad_f1("New York", ["new york new york"]) == pytest.approx(2 / 3)
