@@ -131,7 +131,12 @@ class SAC:
 
     def answer_batch(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]],
                      full_text: bool = False, config: GenerationConfig | None = None,
-                     extractive: bool = False) -> list[Generation]:
+                     extractive: bool = False, batch_size: int = 16) -> list[Generation]:
+        """``answer`` for each question with its own contexts, in order. ``batch_size`` questions at
+        most are compressed and decoded together, so memory stays bounded however many are asked
+        (each answer is the same whatever the batch, up to floating-point rounding)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a whole number of questions >= 1, got {batch_size!r}")
         if isinstance(questions, str):
             raise InvalidInputError("answer_batch takes a list of questions; for one question call answer()")
         if isinstance(contexts, (str, AnchorKV)):
@@ -154,15 +159,20 @@ class SAC:
                 decodings.append(self._decoding(config, contexts[i], extractive, full_text))
             except InvalidInputError as err:
                 raise type(err)(f"question {i}: {err}") from None  # PromptTooLongError stays one
-        prompts = self._prompts(questions, contexts, full_text)
-        results: dict[int, Generation] = {}
-        with self._lock:
-            for chosen, index in grouped([d for d, _ in decodings]):  # one batch per decoding
-                sources = None if decodings[index[0]][1] is None else [decodings[i][1] for i in index]
-                results.update(zip(index, self.generator.generate_batch(
-                    [prompts[i] for i in index], chosen, sources,
-                    self._contrast_prompts(chosen, [questions[i] for i in index]))))
-        return [results[i] for i in range(len(questions))]
+        results: list[Generation] = []
+        for start in range(0, len(questions), batch_size):
+            batch = range(start, min(start + batch_size, len(questions)))
+            prompts = self._prompts([questions[i] for i in batch], [contexts[i] for i in batch], full_text)
+            answers: dict[int, Generation] = {}
+            with self._lock:
+                for chosen, index in grouped([decodings[i][0] for i in batch]):  # one batch per decoding
+                    sources = [decodings[start + i][1] for i in index]
+                    sources = None if sources[0] is None else sources
+                    answers.update(zip(index, self.generator.generate_batch(
+                        [prompts[i] for i in index], chosen, sources,
+                        self._contrast_prompts(chosen, [questions[start + i] for i in index]))))
+            results += [answers[i] for i in range(len(batch))]
+        return results
 
     def stream(self, question: str, contexts: Sequence[Context] = (), full_text: bool = False,
                config: GenerationConfig | None = None, extractive: bool = False) -> Iterator[str]:

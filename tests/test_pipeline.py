@@ -91,6 +91,25 @@ def test_answer_batch_compresses_each_distinct_context_once_for_all_questions(sa
     assert [g.context_tokens for g in batch] == [g.context_tokens for g in single]
 
 
+def test_answer_batch_works_through_many_questions_a_bounded_batch_at_a_time(sac, monkeypatch):
+    """Memory stays bounded however many questions are asked: at most ``batch_size`` are
+    compressed and decoded together, and each keeps its own answer, in order."""
+    sizes = []
+    original = sac.generator.generate_batch
+    monkeypatch.setattr(sac.generator, "generate_batch", lambda prompts, *a: (sizes.append(len(prompts)),
+                                                                                original(prompts, *a))[1])
+    questions = ["Who?", "When?", "Where?", "What?", "Why?"]
+    contexts = [[TEXT], [], [OTHER], [TEXT, OTHER], []]  # with and without contexts: two decodings
+    answers = sac.answer_batch(questions, [list(c) for c in contexts], batch_size=2)
+    assert max(sizes) <= 2 and sum(sizes) == len(questions)
+    single = [sac.answer(q, c) for q, c in zip(questions, contexts)]
+    assert [g.token_ids for g in answers] == [g.token_ids for g in single]
+    assert [g.context_tokens for g in answers] == [g.context_tokens for g in single]
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(InvalidInputError, match="batch_size must be a whole number of questions"):
+            sac.answer_batch(questions, contexts, batch_size=bad)
+
+
 def test_a_question_of_a_batch_too_long_for_the_model_is_named_before_anything_is_compressed(sac, monkeypatch):
     from sac_rag import PromptTooLongError
 
