@@ -223,6 +223,7 @@ class _Record:
 
 
 _ROW_COLUMNS = "key, shard, offset, length, checksum, metadata, n_anchors, n_tokens, kv_bytes"
+_PLACE_COLUMNS = _ROW_COLUMNS.replace("metadata", "'{}'")  # where each entry is, not its (large) metadata
 _ROW_TYPES = (str, int, int, int, str, str, int, int, int)
 
 _SCHEMA = """
@@ -966,9 +967,11 @@ class AnchorStore:
             present += [r[0] for r in self._query(query, batch)]
         return present
 
-    def _all_rows(self) -> list[_Row]:
+    def _all_rows(self, metadata: bool = True) -> list[_Row]:
+        """Every entry's row in shard order; without ``metadata`` (which holds each chunk's text)
+        for work that only moves bytes, so it need not hold every entry's text in memory at once."""
         return [self._make_row(r) for r in self._query(
-            f"SELECT {_ROW_COLUMNS} FROM entries ORDER BY shard, offset")]
+            f"SELECT {_ROW_COLUMNS if metadata else _PLACE_COLUMNS} FROM entries ORDER BY shard, offset")]
 
     def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         """All rows of one index query. A damaged index (malformed pages, text that is not
@@ -1094,7 +1097,7 @@ class AnchorStore:
                     if entry.is_file() and entry.name.endswith(".tmp"):
                         os.unlink(entry.path)
                         report["removed_temp_files"] += 1
-            rows = self._all_rows()
+            rows = self._all_rows(metadata=False)
             by_shard: dict[int, list[_Row]] = {}
             for row in rows:
                 by_shard.setdefault(row.shard, []).append(row)

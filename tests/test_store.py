@@ -809,6 +809,26 @@ def test_two_writers_at_once_never_duplicate_a_key(tmp_path):
         assert len(s) == 60 and s.verify().ok and s.stats()["orphan_bytes"] == 0
 
 
+def test_gc_goes_through_every_entry_without_holding_every_entrys_metadata(tmp_path, monkeypatch):
+    """Entries carry their chunk's text in their metadata: a store of millions of them must not be
+    read into memory whole to find what to reclaim."""
+    import sac_rag.store as store_module
+
+    path = tmp_path / "s"
+    text = "a chunk of a long document " * 40
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"text": text, "i": i}) for i in range(6)])
+        s.delete([key(2)])  # something for gc to reclaim
+    rows = []
+    make_row = store_module.AnchorStore._make_row
+    monkeypatch.setattr(store_module.AnchorStore, "_make_row", lambda self, found: rows.append(found) or
+                        make_row(self, found))
+    with AnchorStore.open(path, FP) as s:
+        assert s.gc()["reclaimed_bytes"] > 0
+        assert len(rows) >= 5 and not any(text in str(row) for row in rows)
+        assert s.verify().ok and s.metadata(key(3)) == {"text": text, "i": 3}
+
+
 def test_gc_while_reading_keeps_every_read_correct(tmp_path):
     path = tmp_path / "s"
     with AnchorStore.create(path, FP, ratio=5) as s:
