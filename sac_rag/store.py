@@ -1168,7 +1168,7 @@ def merge(destination: str | os.PathLike, sources: Sequence[str | os.PathLike], 
     """
     if isinstance(sources, (str, os.PathLike)) or not sources:
         raise InvalidInputError("merge takes a destination and a non-empty list of source stores")
-    destination = Path(destination)
+    destination = store_path(destination)
     opened = [AnchorStore.open(s, readonly=True, cache_bytes=0) for s in sources]
     try:
         first = opened[0]

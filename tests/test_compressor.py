@@ -276,6 +276,22 @@ def test_fingerprint_changes_when_trained_weights_change(tiny):
     assert comp.fingerprint.startswith(comp.base_fingerprint + "/sac-")
 
 
+def test_the_base_model_fingerprint_names_its_rope_settings_and_its_vocabulary(tiny):
+    """Caches made under other rotary settings or another vocabulary do not fit the model, even
+    with the same weights: such a model must not pass as the one a store or checkpoint names."""
+    from sac_rag.fingerprint import base_model_fingerprint, same_model
+
+    same_weights, other_rope = make_tiny_llama(), make_tiny_llama(rope_theta=500.0)
+    assert base_model_fingerprint(*same_weights) == base_model_fingerprint(*tiny)
+    assert base_model_fingerprint(*other_rope) != base_model_fingerprint(*tiny)
+    model, tokenizer = same_weights
+    tokenizer.add_tokens(["<a-token-of-another-vocabulary>"])
+    assert base_model_fingerprint(model, tokenizer) != base_model_fingerprint(*tiny)
+    # the model id part names where it was loaded from, not what it is
+    assert same_model("org/model@0123456789abcdef/sac-c", "/models/model@0123456789abcdef/sac-c")
+    assert not same_model("org/model@0123456789abcdef/sac-c", "org/model@fedcba9876543210/sac-c")
+
+
 def test_without_adapter_decoder_mode_is_the_plain_model(tiny):
     comp = _compressor(tiny, lora_rank=0, anchor_embedding="none", bidirectional=False)
     assert comp.trainable_tensors().keys() == {"anchor_embedding"}

@@ -968,6 +968,30 @@ def test_merge_into_an_8bit_store_reencodes_entries(tmp_path):
         assert relative_error(s.get(key(1)).keys, make_kv(1).keys) < 0.04
 
 
+def test_merge_into_a_store_of_another_dtype_converts_entries(tmp_path):
+    with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:  # bfloat16
+        s.put_many([(key(i), make_kv(i)) for i in range(3)])
+    AnchorStore.create(tmp_path / "dest", FP, ratio=5, dtype="float16").close()
+    assert merge(tmp_path / "dest", [tmp_path / "a"]) == 3
+    with AnchorStore.open(tmp_path / "dest", FP) as s:
+        assert s.verify().ok
+        got = s.get(key(1))
+        assert got.keys.dtype == torch.float16
+        assert torch.equal(got.keys, make_kv(1).keys.to(torch.float16))
+
+
+def test_merge_into_a_destination_written_with_a_tilde_adds_to_it_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with AnchorStore.create(tmp_path / "home" / "src", FP, ratio=5) as s:
+        s.put(key(0), make_kv(0))
+    assert merge("~/dest", ["~/src"]) == 1
+    with AnchorStore.open(tmp_path / "home" / "src", FP) as s:
+        s.put(key(1), make_kv(1))
+    assert merge("~/dest", ["~/src"]) == 1  # the store at ~/dest, not a new one beside a folder named ~
+    assert not (tmp_path / "~").exists()
+
+
 def test_merge_refuses_other_fingerprint(tmp_path):
     with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
         s.put(key(0), make_kv(0))
