@@ -597,6 +597,8 @@ def test_entries_that_do_not_match_the_manifest_or_their_index_row_are_reported_
         key(2): (_blob(kv.keys, kv.values.float(), kv.positions), "float32"),
         key(3): (_blob(kv.keys, kv.values, kv.positions + 7, offset=7), "offset 7"),
         key(4): (half.to_bytes(), "8 anchors"),
+        key(7): (make_kv(0, fingerprint=OTHER_FP).to_bytes(), "made by another compressor"),
+        key(8): (dataclasses.replace(kv, n_tokens=kv.n_tokens - 1).to_bytes(), f"{kv.n_tokens - 1} tokens"),
     }
     with AnchorStore.create(tmp_path / "s", FP, ratio=5) as s:
         s.put(key(0), kv)
