@@ -619,10 +619,16 @@ def test_entries_that_do_not_match_the_manifest_or_their_index_row_are_reported_
         _smuggle(s, key(5), _blob(codes, codes.clone(), kv8.positions, meta=meta, keys_scale=one_scale,
                                   values_scale=one_scale.clone()), kv8)  # (safetensors saves no shared memory)
         _smuggle(s, key(6), kv8.to_bytes(), kv8)  # a native entry in an int8 store
+        for k, bad_scale in ((key(7), 0.0), (key(8), float("nan"))):  # would decode to zeros or NaN K/V
+            _smuggle(s, k, _blob(codes, codes.clone(), kv8.positions, meta=meta, keys_scale=scales.clone(),
+                                 values_scale=torch.full_like(scales, bad_scale)), kv8)
         with pytest.raises(StoreCorruptionError, match="scale"):
             s.get(key(5))
-        with pytest.raises(StoreCorruptionError, match="int8"):
+        with pytest.raises(StoreCorruptionError, match="holds native K/V"):
             s.get(key(6))
+        for k in (key(7), key(8)):
+            with pytest.raises(StoreCorruptionError, match="values_scale holds scales that are not positive"):
+                s.get(k)
 
 
 def test_values_beyond_the_range_of_the_store_dtype_are_refused_not_stored_as_infinity(tmp_path):
@@ -757,7 +763,7 @@ def test_gc_removes_orphans(tmp_path):
     (path / "shards" / "000009.shard").write_bytes(os.urandom(500))  # a shard nobody indexes
     (path / "manifest.json.tmp").write_text("{")  # a stale temporary file
     with AnchorStore.open(path, FP) as s:
-        assert s.stats()["orphan_bytes"] == 1500
+        assert s.stats()["orphan_bytes"] == 1500 and s.verify().orphan_bytes == 1500
         report = s.gc()
         assert report["reclaimed_bytes"] == 1500
         assert (report["removed_shards"], report["compacted_shards"]) == (1, 1)
@@ -765,7 +771,8 @@ def test_gc_removes_orphans(tmp_path):
         assert s.stats()["orphan_bytes"] == 0 and s.verify().ok
         for i in range(4):
             assert_same_kv(s.get(key(i)), make_kv(i))
-        assert s.gc()["reclaimed_bytes"] == 0  # nothing left to do
+        again = s.gc()
+        assert again["reclaimed_bytes"] == 0 and again["compacted_shards"] == 0  # nothing left to do
         s.put(key(4), make_kv(4))
     names = [p.name for p in shard_files(path)]
     assert names and all(int(n.split(".")[0]) > 9 for n in names), "shard ids are never reused"
@@ -829,6 +836,24 @@ def test_gc_goes_through_every_entry_without_holding_every_entrys_metadata(tmp_p
         assert s.gc()["reclaimed_bytes"] > 0
         assert len(rows) >= 5 and not any(text in str(row) for row in rows)
         assert s.verify().ok and s.metadata(key(3)) == {"text": text, "i": 3}
+
+
+def test_a_write_reaches_the_disk_before_the_index_row_that_points_at_it(tmp_path, monkeypatch):
+    """A power cut (which a kill does not simulate) may lose a write, never leave a row pointing at
+    bytes that never reached the disk: the shard is synced before the index commits, and the index
+    commits synchronously."""
+    events = []
+    fsync, commit = os.fsync, AnchorStore._commit_rows
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                              fsync(fd))[1])
+    monkeypatch.setattr(AnchorStore, "_commit_rows", lambda self, *a, **kw: (events.append("commit"),
+                                                                             commit(self, *a, **kw))[1])
+    with AnchorStore.create(tmp_path / "s", FP, ratio=5) as s:
+        assert s._db().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        events.clear()
+        s.put(key(0), make_kv(0))
+    (shard,) = shard_files(tmp_path / "s")
+    assert events.index(str(shard)) < events.index("commit")
 
 
 def test_gc_while_reading_keeps_every_read_correct(tmp_path):
