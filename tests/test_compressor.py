@@ -331,6 +331,8 @@ def test_ratio_outside_one_to_chunk_len_is_refused(ratio):
     ("decoder_lora_rank", -1, "decoder_lora_rank must be >= 0"),
     ("lora_dropout", float("nan"), r"lora_dropout must be a number in \[0, 1\), got nan"),
     ("lora_dropout", 1.5, r"lora_dropout must be a number in \[0, 1\)"),
+    ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\)"),  # drops every input: learns nothing
+    ("lora_rank", -1, "lora_rank must be >= 0"),
     ("lora_target_modules", "q_proj", r"lora_target_modules must be a non-empty list of module names, e\.g\. "
                                       r"\['q_proj', 'v_proj'\], got 'q_proj'"),
     ("lora_target_modules", [], "lora_target_modules must be a non-empty list"),

@@ -114,6 +114,19 @@ def test_the_first_token_may_carry_the_space_before_the_word(tiny):
     assert torch.isfinite(masked[tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]])
 
 
+def test_an_extractive_answer_ends_at_a_stop_token_its_sources_do_not_hold():
+    model, tokenizer = make_tiny_llama()
+    prompt = "In 1889 the tower"
+    paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    stop = tokenizer("!", add_special_tokens=False)["input_ids"]
+    assert len(stop) == 1 and len(paris) == 1
+    force_answer(model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), paris + stop + paris)
+    out = Generator(model, tokenizer).generate(
+        prompt, GenerationConfig(max_new_tokens=6, extractive=True, stop_token_ids=stop),
+        sources=["The capital is Paris, Paris is the capital of France."])
+    assert (out.text, out.finish_reason, out.token_ids) == ("Paris", "stop", paris)
+
+
 def test_a_span_never_crosses_from_one_source_into_the_next(tiny):
     _, tokenizer = tiny
     span = _constraint(tokenizer, ["the lazy dog", "Paris"])

@@ -878,3 +878,29 @@ def test_the_text_before_the_first_compressed_context_is_read_once_and_reused_ex
     for i in range(6):  # a few kept, the least recently used dropped
         gen._prefill([f"Context {i}:\n", prompt[1], " Who?"])
     assert len(gen._openings) == 4
+
+
+def test_an_answer_is_the_same_whole_generation_when_the_prompt_opening_is_reused(setup):
+    """Not only the tokens: the counts of what was read (``text_tokens``) too."""
+    comp, gen = setup
+    prompt = ["### Context:\n", comp.compress(TEXT), "\n### Question:\nWho?\n### Answer:\n"]
+    config = GenerationConfig(max_new_tokens=3)
+    first, second = gen.generate(prompt, config), gen.generate(prompt, config)
+    assert first == second == Generator.from_compressor(comp).generate(prompt, config)
+
+
+def test_top_p_below_the_likeliest_tokens_probability_keeps_that_token_alone(setup):
+    comp, gen = setup
+    prompt = [comp.compress(TEXT), " the"]
+    greedy = gen.generate(prompt, GenerationConfig(max_new_tokens=8)).token_ids
+    nucleus = gen.generate(prompt, GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=0))
+    assert nucleus.token_ids == greedy
+
+
+def test_of_several_stop_strings_the_one_earliest_in_the_text_cuts_it():
+    model, tokenizer = make_tiny_llama()
+    prompt = "In 1889 the tower"
+    answer = tokenizer(" Paris is the capital", add_special_tokens=False)["input_ids"]
+    force_answer(model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), answer)
+    out = Generator(model, tokenizer).generate(prompt, GenerationConfig(max_new_tokens=10, stop=("s the", "is the")))
+    assert out.text == " Paris " and out.finish_reason == "stop"
