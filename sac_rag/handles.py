@@ -646,16 +646,19 @@ class SACEngine:
         A loaded ``SACCompressor`` has its device and dtype already: the engine is the one of that
         object whatever ``device``/``dtype`` say (so a document compressor and an LLM given the same
         object share the chunks compressed in memory), with a warning if they differ from the object's.
-        The engine of a name or a path lives as long as the process; that of a loaded compressor or
-        an open store, as long as that object (``_shared_registry``)."""
+        The engine of a name or a path lives as long as the process, or until the compressor directory
+        holds other weights (``_compressor_key``); that of a loaded compressor or an open store, as long
+        as that object (``_shared_registry``)."""
         if isinstance(compressor, SACCompressor):
             _check_loaded_settings(compressor, device, dtype)
             device = dtype = None
-        key = (_spec_key(compressor), _spec_key(store, path=True), *load_settings(device, dtype), merge_decoder)
+        key = (_compressor_key(compressor), _spec_key(store, path=True), *load_settings(device, dtype), merge_decoder)
         with _SHARED_GUARD:
             registry = _shared_registry(compressor, store)
             engine = registry.get(key)
             if engine is None:
+                for replaced in [k for k in registry if k[0][:2] == key[0][:2] and k[1:] == key[1:]]:
+                    del registry[replaced]  # the same directory's earlier weights: retrained or copied over
                 engine = registry[key] = cls(compressor, store, device=device, dtype=dtype, merge_decoder=merge_decoder)
             return engine
 
@@ -1538,6 +1541,19 @@ def _shared_registry(compressor, store) -> dict[tuple, SACEngine]:
         if isinstance(spec, (AnchorStore, SACCompressor)):
             return spec.__dict__.setdefault(_ENGINES_ATTRIBUTE, {})  # beside nn.Module's own attributes
     return _SHARED
+
+
+def _compressor_key(spec):
+    """A compressor directory is named by its path and the weights it holds now (``config.json``'s
+    hash): a checkpoint retrained or copied over in place gets an engine of its own, not the one
+    loaded with its earlier weights."""
+    key = _spec_key(spec)
+    if key is not None and key[0] == "path":
+        try:
+            return (*key, checkpoint_meta(key[1])["weights_sha256"])
+        except SACError:  # not a checkpoint (yet): loading the engine says why
+            return (*key, None)
+    return key
 
 
 def _spec_key(spec, path: bool = False):

@@ -567,6 +567,35 @@ def test_the_shared_engine_of_a_loaded_compressor_or_an_open_store_is_freed_with
     assert [ref() for ref in freed] == [None] * 6
 
 
+def test_a_compressor_directory_retrained_in_place_gets_an_engine_with_its_new_weights(tmp_path):
+    """A service that rebuilds its chain after a nightly retraining into the same directory must
+    answer with the new weights, not with the engine the old ones were loaded into."""
+    from sac_rag.handles import _SHARED
+
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    config = SACConfig(base_model=str(tmp_path / "base"), ratio=5, chunk_len=64, lora_rank=0, bidirectional=False)
+
+    def trained(step: float) -> SACCompressor:
+        compressor = SACCompressor(config, model=model, tokenizer=tokenizer)
+        with torch.no_grad():
+            compressor.anchor_embedding.fill_(step)
+        return compressor
+
+    directory = tmp_path / "final"
+    trained(0.1).save_pretrained(directory)
+    before = SACEngine.shared(directory)
+    assert SACEngine.shared(str(directory)) is before
+    old_fingerprint = before.compressor.fingerprint
+    retrained = trained(0.2)
+    retrained.save_pretrained(directory)
+    after = SACEngine.shared(directory)
+    assert after is not before and after.compressor.fingerprint != old_fingerprint
+    assert torch.allclose(after.compressor.anchor_embedding.float(), retrained.anchor_embedding, atol=1e-2)  # bf16
+    assert before not in _SHARED.values()  # not kept for the process's life
+
+
 def test_plain_text_keeps_markers_in_passed_through_texts_as_text(compressor, store):
     from sac_rag.handles import plain_text
 
