@@ -171,6 +171,19 @@ def read_corpus(
         )
 
 
+def count_documents(path: str | os.PathLike, decode_errors: str = "replace", exclude: Collection[str] = ()) -> int:
+    """How many documents ``read_corpus`` yields (a progress bar's total), found by reading the
+    corpus through once without logging what it skips: the reading that follows says that."""
+    stats, quiet = CorpusStats(), logger.disabled
+    logger.disabled = True
+    try:
+        for _ in read_corpus(path, stats, decode_errors, exclude):
+            pass
+    finally:
+        logger.disabled = quiet
+    return stats.documents
+
+
 def _by_suffix(counts: dict[str, int]) -> str:
     """``{".pdf": 3, ".html": 1}`` as "3 .pdf, 1 .html", the most frequent first."""
     return ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))

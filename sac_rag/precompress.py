@@ -59,7 +59,7 @@ import torch
 from .chunking import Chunk, iter_chunks
 from .compressor import SACCompressor, checkpoint_meta
 from .config import SACConfig
-from .corpus import DECODE_ERRORS, CorpusStats, Document, check_corpus, read_corpus
+from .corpus import DECODE_ERRORS, CorpusStats, Document, check_corpus, count_documents, read_corpus
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, SACError
 from .files import user_path
 from .fingerprint import same_model
@@ -235,7 +235,8 @@ def precompress(
             logger.warning("%s was filled with chunk_tokens=%s, overlap=%s; this run chunks with %s, %s: "
                            "its chunks get new keys and are stored next to the old ones", path,
                            earlier.get("chunk_tokens"), earlier.get("overlap"), chunk_tokens, overlap)
-        run = _Run(compressor, store, summary, batch_size, show_progress)
+        total = count_documents(corpus_path, decode_errors, exclude) if show_progress else None
+        run = _Run(compressor, store, summary, batch_size, show_progress, total)
         run.run(documents, chunk_tokens, overlap)
         if prune:
             summary.pruned_entries, summary.not_pruned = _prune(store, run, stats)
@@ -327,21 +328,23 @@ class _Run:
     """The loop: gather this shard's chunks in windows, skip stored ones, compress the rest a
     batch at a time (sorted by length, so batches pad little) and store each batch durably.
 
-    The progress bar counts every chunk of the shard as it is done with, compressed or found
-    stored: a resumed run moves through what it already stored instead of sitting at 0."""
+    The progress bar counts the documents whose chunks are all done with, compressed or found
+    stored, out of the corpus's (``total``), so it shows how far the run is and how long it has to go;
+    a resumed run moves through what it already stored instead of sitting at 0. Chunks, compressed
+    and already stored ones are counted beside it."""
 
     def __init__(self, compressor: SACCompressor, store: AnchorStore, summary: Summary,
-                 batch_size: int, show_progress: bool):
+                 batch_size: int, show_progress: bool, total: int | None = None):
         self.compressor, self.store, self.summary = compressor, store, summary
         self.batch_size = batch_size
         self.window: dict[str, tuple[Chunk, Document]] = {}
-        self.pending = 0  # chunks seen since the last flush, repeats included
         self.documents = 0
         self.met: set[int] = set()  # 64 bits of the key of each chunk of earlier windows
         self.show_progress = show_progress
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(unit=" chunks", desc="precompressing", disable=not show_progress, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit=" documents", desc="precompressing", disable=not show_progress,
+                        dynamic_ncols=True)
         self.started = time.perf_counter()
 
     def run(self, documents, chunk_tokens: int, overlap: int) -> None:
@@ -362,16 +365,20 @@ class _Run:
                     s.other_shards += 1
                     continue
                 s.chunks += 1
-                self.pending += 1
                 if chunk.key in self.window:
                     s.already_stored += 1
                     continue
                 self.window[chunk.key] = (chunk, doc)
                 if len(self.window) >= self.batch_size * WINDOW_BATCHES:
-                    self.flush()
-        self.flush()
+                    self.flush(self.documents - 1)  # this document's later chunks are still to come
+        self.flush(self.documents)
 
-    def flush(self) -> None:
+    def flush(self, documents_done: int) -> None:
+        """Store the window's chunks; then the first ``documents_done`` documents are done."""
+        self._store_window()
+        self.bar.update(max(0, documents_done - self.bar.n))
+
+    def _store_window(self) -> None:
         s = self.summary
         missing = set(self.store.missing(self.window))
         stored = [k for k in self.window if k not in missing]
@@ -383,8 +390,7 @@ class _Run:
         self.met.update(_key_bits(k) for k in self.window)
         todo = sorted((item for k, item in self.window.items() if k in missing), key=lambda item: item[0].n_tokens)
         self.window = {}
-        self.progress(self.pending - len(todo))
-        self.pending = 0
+        self.progress()
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start:start + self.batch_size]
             kvs = self.compressor.compress_chunks([c.token_ids for c, _ in batch], batch_size=self.batch_size)
@@ -392,14 +398,13 @@ class _Run:
             s.compressed += written
             s.already_stored += len(batch) - written  # written meanwhile by another writer
             s.tokens += sum(c.n_tokens for c, _ in batch)
-            self.progress(len(batch))
+            self.progress()
 
-    def progress(self, done: int) -> None:
+    def progress(self) -> None:
         s = self.summary
         elapsed = time.perf_counter() - self.started
-        self.bar.set_postfix(documents=self.documents, compressed=s.compressed, already_stored=s.already_stored,
-                             tokens_per_s=f"{s.tokens / elapsed:.0f}", refresh=False)
-        self.bar.update(done)
+        self.bar.set_postfix(chunks=s.chunks, compressed=s.compressed, already_stored=s.already_stored,
+                             tokens_per_s=f"{s.tokens / elapsed:.0f}")
 
     def stale(self, keys: Sequence[str]) -> list[str]:
         """Those of a store's ``keys`` that this run's shard owns but whose chunks it did not meet.

@@ -317,6 +317,20 @@ def test_precompress_stores_every_chunk_with_its_metadata_and_a_rerun_skips_ever
     assert (again.compressed, again.already_stored, again.chunks) == (0, summary.chunks, summary.chunks)
 
 
+def test_the_progress_bar_counts_documents_done_out_of_the_corpus_s(tmp_path, tiny_sac, corpus, capsys, caplog):
+    """A total, so the bar shows how far the run is and how long it has to go; the documents an
+    exclusion leaves out are not in it, and the skipped documents are logged once, not twice."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sac_rag.corpus"):
+        precompress(corpus, tmp_path / "store", tiny_sac[1], chunk_tokens=CHUNK, batch_size=1,
+                    show_progress=True, exclude={"doc7.txt", "no-such-doc.txt"})
+    bar = capsys.readouterr().err
+    assert "7/7 [" in bar and " documents" in bar and "chunks=" in bar
+    assert "0/7 [" in bar or "1/7 [" in bar  # drawn as it went, not only at the end
+    assert sum("no-such-doc.txt" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_rerun_without_storage_continues_an_8bit_store_in_its_own_storage(tmp_path, tiny_sac, corpus):
     path = tmp_path / "store"
     first = precompress(corpus, path, tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH, storage="fp8",
@@ -686,13 +700,13 @@ def test_a_rerun_gives_a_renamed_documents_chunks_its_new_name_and_keeps_first_o
     assert chunk_metadata(store) == after
 
 
-def test_the_progress_bar_counts_chunks_found_stored_so_a_resumed_run_moves(tmp_path, tiny_sac, corpus, reference,
-                                                                           capsys):
+def test_the_progress_bar_counts_documents_found_stored_so_a_resumed_run_moves(tmp_path, tiny_sac, corpus, reference,
+                                                                              capsys):
     shutil.copytree(reference[0], tmp_path / "store")
     summary = precompress(corpus, tmp_path / "store", tiny_sac[1], chunk_tokens=CHUNK, batch_size=BATCH)
     assert summary.compressed == 0
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    assert f"precompressing: {summary.chunks} chunks" in last and f"already_stored={summary.chunks}" in last
+    assert "precompressing: 100%" in last and "8/8 [" in last and f"already_stored={summary.chunks}" in last
 
 
 def test_a_store_that_cannot_be_created_is_reported_by_its_path_with_what_to_do(tmp_path, monkeypatch, tiny_sac,
