@@ -377,3 +377,21 @@ def test_compression_and_format_suffixes_are_read_in_any_case(tmp_path):
     (tmp_path / "qa.jsonl.GZ").write_bytes(gzip.compress(row))
     assert [p.context for p in read_qa(tmp_path / "QA.JSONL.XZ")] == ["c"]  # was "not UTF-8 text"
     assert [p.context for p in read_qa(tmp_path / "qa.jsonl.GZ")] == ["c"]
+
+
+def test_every_answer_of_a_split_context_is_kept_with_a_piece_wherever_the_cuts_fall(tokenizer):
+    from sac_rag.data import split_long_contexts
+
+    words = [f"w{i}x{i * 7 % 13}" for i in range(300)]
+    context = " ".join(words)
+    questions = []
+    for i in range(0, len(words) - 1):  # every pair of neighbouring words: some pair is crossed by every cut
+        answer = f"{words[i]} {words[i + 1]}"
+        questions.append(QAItem(f"q{i}?", [answer], f"q{i}", context.index(answer)))
+    stats = LoadStats()
+    kept, report = split_long_contexts([Paragraph(context, questions, "A")], tokenizer, 60, stats)
+    assert report.contexts == 1 and report.pieces > 2
+    assert report.questions_skipped == 0 and not stats.skipped
+    for piece in kept:
+        for qa in piece.questions:
+            assert piece.context[qa.answer_start : qa.answer_start + len(qa.answers[0])] == qa.answers[0]

@@ -847,3 +847,26 @@ def test_the_training_encoder_is_the_encoder_adapter_alone_reading_its_chunk_bid
             keys = torch.stack([layer.keys[0][:, anchors] for layer in out.cache.layers])
             values = torch.stack([layer.values[0][:, anchors] for layer in out.cache.layers])
             assert torch.allclose(kv.keys, keys, atol=1e-4) and torch.allclose(kv.values, values, atol=1e-4)
+
+
+def test_on_policy_rows_add_only_their_answer_tokens_to_the_distilled_ones_when_distilling_every_token():
+    comp = _kv_dropping(ratio=3)
+    every, _ = _loss_stats(comp, distill_tokens="all", on_policy_tokens=5)
+    every_gold, _ = _loss_stats(comp, distill_tokens="all")
+    answers, _ = _loss_stats(comp, distill_tokens="answer", on_policy_tokens=5)
+    assert every["on_policy_tokens"] == answers["on_policy_tokens"] > 0
+    assert every["distilled_tokens"] == every_gold["distilled_tokens"] + answers["on_policy_tokens"]
+
+
+def test_the_autoencoding_term_weighs_each_example_the_same_whatever_it_is_batched_with():
+    from sac_rag.objectives import SACObjective
+
+    comp = _kv_dropping(ratio=3)
+    builder = ExampleBuilder(comp.tokenizer, PromptTemplate())
+    long_one = builder.qa(Paragraph(" ".join([POOL[0].context] * 3), POOL[0].questions, "A"), 0, POOL)
+    short_one = builder.qa(POOL[5], 5, POOL)
+    assert len(long_one.passages[0]) > 2 * len(short_one.passages[0])
+    objective = SACObjective(comp, ae_weight=1.0)
+    with torch.no_grad():
+        ae = [objective.loss(batch)[1]["ae"] for batch in ([long_one], [short_one], [long_one, short_one])]
+    assert ae[2] == pytest.approx((ae[0] + ae[1]) / 2, rel=1e-4)

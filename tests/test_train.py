@@ -1242,3 +1242,75 @@ def test_without_matplotlib_a_run_finishes_and_says_the_loss_curve_needs_the_tra
         final = train(parse_config(_args(workspace, "run", "--max-steps", "2", "--checkpoint-every", "1")))
     assert (final / "config.json").exists() and not (workspace / "run" / "loss_curve.png").exists()
     assert caplog.text.count("matplotlib is not installed (pip install 'sac-rag[train]')") == 1
+
+
+def test_the_optimizer_steps_with_the_scheduled_rates_of_both_groups(workspace, monkeypatch):
+    applied = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        applied.append([group["lr"] for group in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(parse_config(_args(workspace, "run", "--max-steps", "6", "--warmup-steps", "2", "--lr-decay-steps", "4",
+                             "--anchor-lr", "1e-2")))
+    factors = (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)
+    assert [lrs[0] for lrs in applied] == pytest.approx([3e-3 * f for f in factors])
+    assert [lrs[1] for lrs in applied] == pytest.approx([1e-2 * f for f in factors])  # the anchor embedding's
+    rows = [json.loads(line) for line in (workspace / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([lrs[0] for lrs in applied])
+
+
+def test_the_optimiser_uses_the_given_betas_weight_decay_and_gradient_clip(workspace, monkeypatch):
+    from sac_rag.train import TrainConfig
+
+    assert (TrainConfig().betas, TrainConfig().weight_decay,
+            TrainConfig().grad_clip, TrainConfig().warmup_steps) == ([0.9, 0.95], 0.1, 2.0, 300)  # paper defaults
+    seen, clips = [], []
+    original_step, original_clip = torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_
+
+    def step(self, *args, **kwargs):
+        seen.append({(tuple(g["betas"]), g["weight_decay"]) for g in self.param_groups})
+        return original_step(self, *args, **kwargs)
+
+    def clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return original_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    train(parse_config(_args(workspace, "run", "--max-steps", "2", "--betas", "0.8", "0.9", "--weight-decay", "0.05",
+                             "--grad-clip", "0.5")))
+    assert seen == [{((0.8, 0.9), 0.05)}] * 2 and clips == [0.5, 0.5]
+
+
+def test_with_distractors_every_training_example_fits_the_models_positions(workspace):
+    from sac_rag.data import LoadStats
+    from sac_rag.train import ExampleStream
+
+    long = " ".join(f"Sentence {i} says the tower was finished in {1800 + i}." for i in range(60))
+    rows = [{"context": f"{c} Note {i}.", "question": q, "answers": [a]} for i, (c, q, a) in enumerate(FACTS * 2)]
+    rows += [{"context": long + f" Copy {k}.", "question": f"When, in sentence 5{k}?", "answers": [f"185{k}"]}
+             for k in range(4)]
+    (workspace / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _args(workspace, "run", "--data", str(workspace / "qa.jsonl"), "--distractors", "2",
+                 "--held-out-fraction", "0")
+    _, tokenizer = make_tiny_llama()
+    stream = ExampleStream(parse_config(args), tokenizer, _template(), LoadStats(), 256)
+    head = len(tokenizer(_template().prefix + _template().context_prefix, add_special_tokens=False)["input_ids"]) + 1
+    for example in stream.next_batch(3 * len(stream.items), 0, 1):
+        read = head + sum(map(len, example.passages)) + max(len(p) + len(t) for p, t in example.rows)
+        assert read <= 256
+
+
+def test_each_epoch_reads_the_examples_in_another_order(workspace):
+    from sac_rag.data import LoadStats
+    from sac_rag.train import ExampleStream
+
+    _, tokenizer = make_tiny_llama()
+    stream = ExampleStream(parse_config(_args(workspace, "run")), tokenizer, _template(), LoadStats(), 256)
+    n = len(stream.items)
+    epochs = [[stream._index(p) for p in range(e * n, (e + 1) * n)] for e in range(3)]
+    assert all(sorted(order) == list(range(n)) for order in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
