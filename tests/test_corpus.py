@@ -131,3 +131,10 @@ def test_a_document_under_the_id_of_an_earlier_one_is_read_and_named_in_a_warnin
     assert docs == [("a", "first text"), ("b", "other text"), ("a", "second text")] and stats.duplicates == 1
     assert caplog.text.count("the id of an earlier document") == 1
     assert "a: the id of an earlier document with other text" in caplog.text and "named a#0, a#1" in caplog.text
+
+
+def test_a_jsonl_record_without_an_id_or_with_an_empty_one_is_named_by_its_file_and_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "", "text": "first text"}, {"text": "second text"}, {"id": 7, "text": "third text"}]) + "\n")
+    assert [d.id for d in read_corpus(corpus)] == ["c.jsonl:1", "c.jsonl:2", "7"]
