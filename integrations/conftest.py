@@ -47,6 +47,26 @@ def make_compressor(seed: int = 0, chunk_len: int = 510):
     return SACCompressor(config, model=model, tokenizer=tokenizer)
 
 
+def record_engine_calls(engine, monkeypatch, names=("generate", "agenerate", "stream", "astream")) -> list:
+    """``(prompts, config)`` of every call to the engine's decoding paths ``names``, in order."""
+    calls = []
+
+    def recording(original):
+        def wrapped(prompts, config):
+            calls.append((prompts, config))
+            return original(prompts, config)
+        return wrapped
+
+    for name in names:
+        monkeypatch.setattr(engine, name, recording(getattr(engine, name)))
+    return calls
+
+
+def decodings(calls) -> list[tuple[int, bool]]:
+    """``(num_beams, mbr)`` of each decoding ``record_engine_calls`` saw (a batch's configs each)."""
+    return [(c.num_beams, c.mbr) for _, config in calls for c in (config if isinstance(config, list) else [config])]
+
+
 def make_store(path, compressor, passages=PASSAGES):
     """A store holding ``passages`` (one chunk each), as ``sac_rag.precompress`` would write it."""
     from sac_rag.store import AnchorStore

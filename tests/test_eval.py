@@ -5,12 +5,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import make_tiny_llama, save_tiny_compressor, write_squad_dev
 
 from sac_rag import FingerprintMismatchError, InvalidInputError
-from sac_rag.eval import main, read_predictions
+from sac_rag.eval import Question, answer_config, main, read_predictions, run
 
 
 @pytest.fixture
@@ -536,3 +537,54 @@ def test_decode_speed_is_timed_over_the_same_steps_whatever_the_answers_length(w
     costs = measure_costs(method, [question], samples=1, new_tokens=6)
     assert lengths == [0, 6] and costs["decode_tokens_per_s"] > 0  # the first token ends the untimed answer
     assert generator.generate(method.prompts([question])[0], GenerationConfig(max_new_tokens=6)).token_ids == []
+
+
+def test_each_answer_is_cached_and_scored_as_its_own_questions_and_extracted_from_its_passages(tmp_path):
+    """Within a batch, answer i belongs to question i (kills: results paired with the wrong
+    questions), and extractive decoding quotes the passages a question reads, not its gold paragraph
+    (kills: sources = the gold context)."""
+    questions = [Question(f"q{i}", f"Question {i}?", [f"answer {i}"], f"gold paragraph {i}",
+                          passages=(f"passage {i}a", f"passage {i}b")) for i in range(5)]
+    seen_sources = []
+
+    def generate_batch(prompts, config, sources=None, contrast=None):
+        seen_sources.extend(sources or [])
+        return [SimpleNamespace(text=f" answer {p[1:]}\n") for p in prompts]
+
+    method = SimpleNamespace(name="fake", generator=SimpleNamespace(generate_batch=generate_batch),
+                             prompts=lambda batch: [q.id for q in batch],
+                             contrast_prompts=lambda batch: [q.id for q in batch])
+    cache = tmp_path / "predictions.jsonl"
+    scores = run(method, questions, "test", 2, cache, answer_config(extractive=True))
+    assert read_predictions(cache) == {f"q{i}": f"answer {i}" for i in range(5)}
+    assert (scores["n"], scores["em"], scores["f1"]) == (5, 100.0, 100.0)
+    assert seen_sources == [[f"passage {i}a", f"passage {i}b"] for i in range(5)]
+
+
+def test_an_answer_matching_any_gold_answer_scores(tmp_path):
+    """SQuAD questions have several gold answers; matching the second one is exact (kills: scoring
+    against the first gold answer only)."""
+    questions = [Question("q0", "Where?", ["in the north of Egypt", "Egypt"], "ctx")]
+    method = SimpleNamespace(name="fake", contrast_prompts=lambda b: [],
+                             generator=SimpleNamespace(generate_batch=lambda p, c, s=None, k=None: [
+                                 SimpleNamespace(text="Egypt")]),
+                             prompts=lambda batch: ["p"])
+    assert run(method, questions, "test", 1, tmp_path / "p.jsonl")["em"] == 100.0
+
+
+def test_8bit_storage_reads_the_caches_as_the_store_returns_them(workspace):
+    """``--storage int8`` answers from round-tripped K/V, not the native ones (kills: the
+    round trip skipped, every 8-bit row then being a native row under another name)."""
+    import torch
+
+    from sac_rag.eval import build_method
+    from sac_rag.quantize import round_trip
+
+    method = build_method("kv_dropping", str(workspace / "tiny-model"), 2, None, "cpu", "float32")
+    question = Question("q", "Where does the Nile flow?", ["north"], "The Nile flows north through Egypt.")
+    [native] = method.compressor.compress(question.context)
+    method.storage = "int8"
+    [kv] = [s for s in method.prompts([question])[0] if not isinstance(s, str)]
+    expected = round_trip(native, "int8")
+    assert torch.equal(kv.keys, expected.keys) and torch.equal(kv.values, expected.values)
+    assert not torch.equal(kv.keys, native.keys)

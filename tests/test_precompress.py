@@ -901,3 +901,40 @@ def test_command_line_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypa
                  "--dtype", "float32", "--chunk-tokens", str(CHUNK), "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["entries"] > 0
     assert (tmp_path / "home" / "docs.store" / "manifest.json").exists()
+
+
+def test_every_entry_cites_the_first_occurrence_of_its_chunk_and_its_index(tmp_path, tiny_sac):
+    """Repeats inside one window keep the first occurrence's metadata (module docstring), and
+    ``chunk_index``/``start_char`` are that chunk's (kills: a repeat in the window overwriting the
+    first; chunk_index written as a constant)."""
+    compressor = tiny_sac[1]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(words(500, 50))
+    (corpus / "b.txt").write_text("la la la la la la la la la la. " * 30 + words(501, 40))
+    (corpus / "c.txt").write_text("la la la la la la la la la la. " * 30)
+    first = {}
+    for doc in read_corpus(corpus):
+        for c in split_document(doc.text, compressor.tokenizer, CHUNK, 0, doc.id):
+            first.setdefault(c.key, (doc.id, c.index, c.start_char, c.end_char))
+    summary = precompress(corpus, tmp_path / "store", compressor, chunk_tokens=CHUNK, show_progress=False)
+    assert summary.repeated_chunks > 0 and max(i for _, i, _, _ in first.values()) > 0
+    with AnchorStore.open(tmp_path / "store", readonly=True) as s:
+        got = {k: s.metadata(k) for k in s.keys()}
+    assert {k: (m["doc_id"], m["chunk_index"], m["start_char"], m["end_char"]) for k, m in got.items()} == first
+
+
+def test_cli_decode_errors_skip_leaves_out_text_that_is_not_utf8(tmp_path, capsys, tiny_sac):
+    """``--decode-errors skip`` reaches precompress (kills: the CLI passing "replace" whatever is asked)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "ok.txt").write_text(words(600, 30))
+    (corpus / "latin1.txt").write_bytes("café au lait, the city".encode("latin-1"))
+    args = ["--corpus", str(corpus), "--compressor", str(tiny_sac[0]), "--dtype", "float32",
+            "--chunk-tokens", str(CHUNK), "--no-progress", "--json"]
+    assert main([*args, "--store", str(tmp_path / "skip"), "--decode-errors", "skip"]) == 0
+    skipped = json.loads(capsys.readouterr().out)
+    assert skipped["documents"] == 1 and skipped["skipped_inputs"] == {"not UTF-8": 1}
+    assert main([*args, "--store", str(tmp_path / "replace")]) == 0
+    replaced = json.loads(capsys.readouterr().out)
+    assert replaced["documents"] == 2 and replaced["decoded_with_replacement"] == 1

@@ -13,7 +13,7 @@ import re
 import time
 
 import pytest
-from conftest import CHATML
+from conftest import CHATML, decodings, record_engine_calls
 from langchain_classic.chains import create_retrieval_chain
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.callbacks import BaseCallbackHandler
@@ -848,3 +848,170 @@ def test_a_loaded_compressor_is_recorded_as_a_stub_that_load_refuses(cls, compre
         assert stub["repr"] == "sac:tiny-llama-0" and record["kwargs"]["store"] == str(store.path)
         with pytest.raises(NotImplementedError, match="doesn't implement serialization"):
             load(record, allowed_objects=[cls], valid_namespaces=["langchain_sac"])
+
+
+def _call(compressor, docs, query, asynchronous):
+    if asynchronous:
+        return asyncio.run(compressor.acompress_documents(docs, query))
+    return compressor.compress_documents(docs, query)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_write_back_stores_a_new_document_with_its_source_metadata_in_both_paths(engine, store, asynchronous):
+    """A written-back chunk cites its document like a precompressed one: the store entry keeps
+    the document's metadata, whether the chain ran sync or async (kills: write_back ignored in
+    acompress_documents; metadata not passed to handles_for)."""
+    new = Document(page_content="The orchard's oldest pear tree was planted in 1921.",
+                   metadata={"source": "orchard.txt", "page": 3})
+    [doc] = _call(SACContextCompressor(engine=engine, write_back=True), [new], "how old is the tree?", asynchronous)
+    key = doc.metadata["sac_key"]
+    assert key in store
+    assert store.metadata(key)["doc"] == {"source": "orchard.txt", "page": 3}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_on_miss_is_honoured_by_the_async_path_too(engine, asynchronous):
+    """on_miss="error" raises, on_miss="text" passes the text through, in ainvoke chains as in invoke ones."""
+    new = Document(page_content="Snow closed the pass for three weeks in March.")
+    with pytest.raises(EntryNotFoundError):
+        _call(SACContextCompressor(engine=engine, on_miss="error"), [new], "when?", asynchronous)
+    [doc] = _call(SACContextCompressor(engine=engine, on_miss="text"), [new], "when?", asynchronous)
+    assert doc.metadata["sac_keys"] == [] and doc.metadata["sac_marker"] == new.page_content
+    assert doc.metadata["sac_key"] not in engine.resolver.memory
+
+
+def _stop_inside(text):
+    """A stop string that occurs in ``text`` after its start, and the text before its first occurrence."""
+    i = max(1, len(text) // 2)
+    stop = text[i:i + 3]
+    assert stop.strip(), text
+    return stop, text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
+def test_a_per_call_stop_cuts_invoke_stream_and_astream_alike(engine, passages, cls):
+    """``llm.stream(prompt, stop=[...])`` / ``astream`` stop where ``invoke(prompt, stop=[...])`` does
+    (kills: ``stop`` dropped in ``_stream``/``_astream``)."""
+    import langchain_sac
+    from langchain_sac import marker_for, sac_qa_prompt
+
+    from sac_rag.store import AnchorStore
+
+    llm = getattr(langchain_sac, cls)(engine=engine, max_tokens=24, stop=[])
+
+    def text(reply):
+        return getattr(reply, "content", reply)
+
+    prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[0])), question="When?")
+    full = text(llm.invoke(prompt))
+    stop, before = _stop_inside(full)
+    assert text(llm.invoke(prompt, stop=[stop])) == before
+
+    async def collect():
+        return "".join([text(c) async for c in llm.astream(prompt, stop=[stop])])
+
+    assert "".join(text(c) for c in llm.stream(prompt, stop=[stop])) == before
+    assert asyncio.run(collect()) == before
+
+
+@pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
+def test_sync_async_and_streamed_calls_decode_each_kind_of_prompt_alike(cls, compressor, monkeypatch):
+    """A prompt without compressed contexts (a question rewrite) is decoded greedily, one with them
+    as the compressor recommends - by invoke, ainvoke, stream and astream alike (kills: the async or
+    streaming path resolving the decoding without the prompt, so a rewrite gets the recommended beams)."""
+    import langchain_sac
+    from langchain_sac import markers_for
+
+    from sac_rag.handles import SACEngine
+
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    engine = SACEngine(compressor)
+    [keys] = engine.handles_for(["The ferry runs every forty minutes."])
+    llm = getattr(langchain_sac, cls)(engine=engine, max_tokens=4, stop=[])
+    calls = record_engine_calls(engine, monkeypatch)
+
+    async def consume(prompt):
+        await llm.ainvoke(prompt)
+        return [c async for c in llm.astream(prompt)]
+
+    with_caches = f"### Context:\n{markers_for(keys)}\n### Question:\nHow often?\n### Answer:\n"
+    for prompt, expected in (("### Question:\nWhat is 2+2?\n### Answer:\n", (1, False)), (with_caches, (3, True))):
+        del calls[:]
+        llm.invoke(prompt)
+        list(llm.stream(prompt))
+        asyncio.run(consume(prompt))
+        assert decodings(calls) == [expected] * 4, (prompt, calls)
+
+
+def test_a_batchs_token_usage_sums_every_prompts_cache_reads(engine, passages):
+    """``llm_output["token_usage"]`` is the batch's total (kills: cache_read replaced, not summed)."""
+    from langchain_sac import SACLLM, marker_for, sac_qa_prompt
+
+    from sac_rag.store import AnchorStore
+
+    prompts = [sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(p)), question="What?")
+               for p in passages[:3]]
+    result = SACLLM(engine=engine, max_tokens=2, stop=[]).generate(prompts)
+    infos = [g[0].generation_info for g in result.generations]
+    total = result.llm_output["token_usage"]
+    assert total["input_token_details"]["cache_read"] == sum(i["cached_tokens"] for i in infos) > 0
+    assert total["input_tokens"] == sum(i["usage_metadata"]["input_tokens"] for i in infos)
+
+
+@pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
+def test_models_with_other_stop_strings_do_not_share_cached_answers(engine, cls):
+    """With an LLM cache set, ``stop`` decides the answer, so it is in the cache key (kills:
+    ``model_stop`` left out of ``identifying_params``)."""
+    import langchain_sac
+
+    model = getattr(langchain_sac, cls)
+    assert _cache_key(model(engine=engine, stop=[])) != _cache_key(model(engine=engine, stop=["."]))
+
+
+def test_a_stuff_chain_for_a_model_wrapped_twice_still_reads_its_compressors_layout(compressor, passages):
+    """``llm.bind(...).with_retry()`` nests two bindings (kills: only one level unwrapped)."""
+    from langchain_sac import ChatSAC, create_sac_stuff_chain
+
+    from sac_rag.config import PromptTemplate
+    from sac_rag.handles import SACEngine
+
+    compressor.config.prompt = PromptTemplate(context_prefix="Passages:\n", context_separator="\n",
+                                              question="\nQ: {question}\nA:")
+    engine = SACEngine(compressor)
+    llm = ChatSAC(engine=engine, max_tokens=2, stop=[])
+    docs = SACContextCompressor(engine=engine).compress_documents(
+        [Document(page_content=p) for p in passages[:2]], "who?")
+    prompts = []
+    original = engine.generate
+    engine.generate = lambda ps, config: (prompts.extend(ps), original(ps, config))[1]
+    create_sac_stuff_chain(llm.bind(num_beams=2).with_retry()).invoke(
+        {"context": docs, "question": "Who?"})
+    assert prompts == ["Passages:\n" + "\n".join(d.metadata["sac_marker"] for d in docs) + "\nQ: Who?\nA:"]
+
+
+def test_an_async_call_with_other_decoding_arguments_is_not_served_a_cached_answer(engine, passages, monkeypatch):
+    """With an LLM cache, ``ainvoke(p, num_beams=2)`` after ``ainvoke(p)`` decodes again, as ``invoke``
+    does (kills: the call's arguments not recorded for the cache key in ``SACLLM.agenerate``)."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+    from langchain_sac import SACLLM, marker_for, sac_qa_prompt
+
+    from sac_rag.store import AnchorStore
+
+    calls = []
+    original = engine.agenerate
+    monkeypatch.setattr(engine, "agenerate", lambda prompts, config: (calls.append(config),
+                                                                      original(prompts, config))[1])
+    prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[0])), question="When?")
+    llm = SACLLM(engine=engine, max_tokens=3, stop=[])
+    previous = get_llm_cache()
+    set_llm_cache(InMemoryCache())
+    try:
+        async def main():
+            await llm.ainvoke(prompt)
+            await llm.ainvoke(prompt)  # cached
+            await llm.ainvoke(prompt, num_beams=2)  # another decoding: not the cached answer
+        asyncio.run(main())
+    finally:
+        set_llm_cache(previous)
+    assert [c[0].num_beams if isinstance(c, list) else c.num_beams for c in calls] == [1, 2]

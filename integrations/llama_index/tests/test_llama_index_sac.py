@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import decodings, record_engine_calls
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.retrievers import BaseRetriever
@@ -638,3 +639,106 @@ def test_a_marker_cut_by_a_small_context_window_is_refused_not_read_as_text(long
 
     assert refused.type is MarkerCutError
     assert decoded == []  # refused before the model read anything
+
+
+def test_a_per_call_stop_cuts_complete_and_its_streams_alike(engine, passages):
+    """``complete(prompt, stop=[...])`` is accepted (CALL_ARGUMENTS) and must cut the answer; the
+    streams likewise (kills: the call's ``stop`` not passed to ``from_call``)."""
+    llm = SACLLM(engine=engine, max_tokens=24, stop=[])
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[0])), query_str="When?")
+    full = llm.complete(prompt, formatted=True).text
+    i = max(1, len(full) // 2)
+    stop = full[i:i + 3]
+    assert stop.strip(), full
+    before = full[:full.index(stop)]
+    assert llm.complete(prompt, formatted=True, stop=[stop]).text == before
+    assert list(llm.stream_complete(prompt, formatted=True, stop=[stop]))[-1].text == before
+
+    async def collect():
+        return [r async for r in await llm.astream_complete(prompt, formatted=True, stop=[stop])][-1].text
+
+    assert asyncio.run(collect()) == before
+
+
+def test_every_path_decodes_each_kind_of_prompt_alike(compressor, monkeypatch):
+    """No compressed context (a condensing engine's rewrite): greedy; with contexts: the compressor's
+    recommendation - in complete, acomplete, stream_complete and astream_complete alike."""
+    compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
+    engine = SACEngine(compressor)
+    [keys] = engine.handles_for(["The ferry runs every forty minutes."])
+    calls = record_engine_calls(engine, monkeypatch)
+    llm = SACLLM(engine=engine, max_tokens=4, stop=[])
+
+    async def consume(prompt):
+        await llm.acomplete(prompt, formatted=True)
+        return [r async for r in await llm.astream_complete(prompt, formatted=True)]
+
+    with_caches = f"### Context:\n{markers_for(keys)}\n### Question:\nHow often?\n### Answer:\n"
+    for prompt, expected in (("### Question:\nWhat is 2+2?\n### Answer:\n", (1, False)), (with_caches, (3, True))):
+        del calls[:]
+        llm.complete(prompt, formatted=True)
+        list(llm.stream_complete(prompt, formatted=True))
+        asyncio.run(consume(prompt))
+        assert decodings(calls) == [expected] * 4, (prompt, calls)
+
+
+def test_a_custom_completion_to_prompt_is_applied_once_by_every_path(engine, passages, monkeypatch):
+    """complete/acomplete apply ``completion_to_prompt`` to an unformatted prompt; chat/achat do not
+    apply it on top of ``messages_to_prompt`` (kills: acomplete skipping it, achat adding it)."""
+    calls = record_engine_calls(engine, monkeypatch, ("generate", "agenerate"))
+    llm = SACLLM(engine=engine, max_tokens=2, stop=[],
+                 completion_to_prompt=lambda q: f"### Question:\n{q}\n### Answer:\n")
+    llm.complete("Who?")
+    asyncio.run(llm.acomplete("Who?"))
+    messages = [ChatMessage(role="user", content="Who?")]
+    llm.chat(messages)
+    asyncio.run(llm.achat(messages))
+    seen = [prompt for prompts, _ in calls for prompt in prompts]
+    assert seen[0] == seen[1] == "### Question:\nWho?\n### Answer:\n"
+    assert seen[2] == seen[3]
+
+
+def test_streamed_responses_carry_the_text_so_far_and_usage_adds_up(engine, passages):
+    """Each streamed ``CompletionResponse.text`` is the answer so far (LlamaIndex's convention), and
+    ``total_tokens`` = ``prompt_tokens`` + ``completion_tokens`` (kills: text = the delta; total without
+    the cached entries)."""
+    llm = SACLLM(engine=engine, max_tokens=8, stop=[])
+    prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[2])), query_str="When?")
+    so_far = ""
+    responses = list(llm.stream_complete(prompt, formatted=True))
+    for r in responses:
+        so_far += r.delta or ""
+        assert r.text == so_far
+    usage = llm.complete(prompt, formatted=True).raw["usage"]
+    assert usage["cached_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert responses[-1].raw["usage"]["total_tokens"] == usage["total_tokens"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_postprocessor_write_back_stores_a_new_node_with_its_metadata_in_both_paths(engine, store, asynchronous):
+    """A written-back node's entry cites it like a precompressed one (its metadata under ``doc``),
+    from ``postprocess_nodes`` and ``apostprocess_nodes`` alike (kills: write_back ignored in the
+    async path; metadata not passed to handles_for)."""
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.postprocessor.sac import SACNodePostprocessor
+
+    node = NodeWithScore(node=TextNode(text="The orchard's oldest pear tree was planted in 1921.",
+                                       metadata={"file_name": "orchard.txt", "page": 3}), score=1.0)
+    post = SACNodePostprocessor(engine=engine, write_back=True)
+    query = QueryBundle("how old is the tree?")
+    [out] = (asyncio.run(post.apostprocess_nodes([node], query)) if asynchronous
+             else post.postprocess_nodes([node], query))
+    key = out.node.metadata["sac_key"]
+    assert key in store
+    assert store.metadata(key)["doc"] == {"file_name": "orchard.txt", "page": 3}
+
+
+def test_postprocessor_gives_a_node_with_empty_text_a_handle_rather_than_refusing_it(engine):
+    """Only an image node without a caption is refused; an empty TextNode (a blank page) is not."""
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.sac import SACNodePostprocessor
+
+    [out] = SACNodePostprocessor(engine=engine, on_miss="text").postprocess_nodes(
+        [NodeWithScore(node=TextNode(text=""), score=1.0)], query_str="what?")
+    assert "sac_marker" in out.node.metadata
