@@ -150,7 +150,7 @@ def main() -> None:
                   "ratio": compressors[0].config.ratio,
                   "made_by": "benchmarks/average_compressors.py", "product_error": errors}
     atomic_write(Path(args.out) / "interpolation.json", json.dumps(provenance, indent=2).encode())
-    reloaded = SACCompressor.from_pretrained(args.out, device="cpu")
+    reloaded = SACCompressor.from_pretrained(args.out, device="cpu", dtype=args.dtype)
     recorded = checkpoint_meta(args.out)["fingerprint"]
     assert reloaded.fingerprint == recorded, "the averaged weights do not reload as saved"
     terms = " + ".join(f"{source} x {weight:g}" for source, weight in zip(args.sources, weights))

@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     templated = [way for way in ways if way.endswith("chat-template")]
     if templated and not getattr(tokenizer, "chat_template", None):
         parser.error(f"{args.compressor}'s tokenizer has no chat template: leave {', '.join(templated)} out of --ways")
+    if not chats:
+        parser.error(f"no conversation in {args.data_root}'s squad-dev: no two questions of one article there both "
+                     "name its title, which a follow-up needs (a pronoun in place of the title in the second)")
     retriever = EmbeddingRetriever([p.context for p in paragraphs], args.k)
     answerers = ways_of_asking(engine, retriever, args.max_tokens)
     command = shlex.join(["python", "benchmarks/followup_questions.py", *(sys.argv[1:] if argv is None else argv)])

@@ -121,3 +121,61 @@ def test_the_average_is_written_only_to_a_new_or_empty_directory(tmp_path):
     for taken in (tmp_path / "source", tmp_path / "source" / "config.json"):
         with pytest.raises(SystemExit, match="not an empty directory"):
             check_output(taken)
+
+
+def test_product_error_by_hand():
+    """1x1 adapters: B A = 1 and 9, averaged at t=0.5: factors (2, 2) give 4, the products' average is 5:
+    |4 - 5| / 5 = 0.2 (a relative norm, not its square 0.04)."""
+    one = {"lora.m.lora_A.weight": torch.ones(1, 1), "lora.m.lora_B.weight": torch.ones(1, 1)}
+    three = {k: 3 * v for k, v in one.items()}
+    assert product_error([one, three], [0.5, 0.5], interpolate(one, three, 0.5)) == {"lora": pytest.approx(0.2)}
+
+
+def _two_sources(root):
+    """The tiny compressor and a copy of it whose trained tensors differ (same settings, same base model)."""
+    from conftest import save_tiny_compressor
+
+    first = save_tiny_compressor(root)
+    other = SACCompressor.from_pretrained(first, device="cpu", dtype="float32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in other.trainable_tensors().values():
+            tensor.copy_(torch.randn_like(tensor))
+    other.save_pretrained(root / "second", dtype=torch.float32)
+    return first, root / "second"
+
+
+def test_the_script_writes_the_weighted_average_and_records_each_source_s_weight(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    first, second = _two_sources(tmp_path)
+    out = tmp_path / "average"
+    monkeypatch.setattr(sys, "argv", ["average_compressors.py", str(first), str(second), str(out), "--t", "0.25"])
+    AVERAGE["main"]()  # saved in bfloat16, the default
+    def load(path):
+        return SACCompressor.from_pretrained(path, device="cpu", dtype="float32").trainable_tensors()
+
+    a, b, mixed = load(first), load(second), load(out)
+    assert all(torch.equal(mixed[k], (0.75 * a[k] + 0.25 * b[k]).bfloat16().float()) for k in a)  # not the first's
+    sources = json.loads((out / "interpolation.json").read_text())["sources"]
+    assert [(s["path"], s["weight"]) for s in sources] == [(str(first), 0.75), (str(second), 0.25)]
+
+
+def test_the_script_refuses_a_step_past_the_sources_without_extrapolate(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["average_compressors.py", "a", "b", str(tmp_path / "out"), "--t", "1.5"])
+    with pytest.raises(SystemExit, match="--extrapolate allows any"):
+        AVERAGE["main"]()
+
+
+def test_an_average_saved_in_float32_passes_the_script_s_own_reload_check(tmp_path, monkeypatch):
+    """The script checks the average it wrote by reloading it, in the dtype it was saved in (a float32
+    average reloaded in bfloat16 is other weights, and failed the check after writing the folder)."""
+    import sys
+
+    first, second = _two_sources(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["average_compressors.py", str(first), str(second), str(tmp_path / "average"),
+                                      "--dtype", "float32"])
+    AVERAGE["main"]()

@@ -98,3 +98,37 @@ def test_the_chat_template_ways_are_refused_for_a_tokenizer_without_one(tmp_path
                         "--results", str(tmp_path / "r.jsonl")])
     assert ("has no chat template: leave condensed-chat-template, langchain-rewrite-chat-template out of --ways"
             in capsys.readouterr().err)
+
+
+def test_a_dataset_without_a_conversation_is_refused_saying_so(tmp_path, capsys):
+    save_tiny_compressor(tmp_path)
+    write_squad_dev(tmp_path, [{"context": PARAGRAPHS[0][0], "qas": [{"id": "q", "question": "Who?",
+                                                                       "answers": [{"text": "x"}]}]}])
+    with pytest.raises(SystemExit):
+        FOLLOWUPS.main(["--data-root", str(tmp_path / "data"), "--compressor", str(tmp_path / "compressor"),
+                        "--ways", "followup-as-asked", "--threads", "1", "--results", str(tmp_path / "r.jsonl")])
+    assert "no conversation in" in capsys.readouterr().err
+
+
+def test_scores_and_paired_f1_differences_by_hand(workspace, tmp_path, monkeypatch):
+    """Two ways with known answers: "gold" answers every conversation with its gold answer (F1 and
+    EM 100, its paragraph retrieved), "partial" with a word too many
+    (F1 partly, EM 0). The paired F1 difference is the difference of the rows' F1, not of their EM."""
+    def ways(engine, retriever, max_tokens):
+        def answering(partial):
+            def answer(conversation):
+                retriever.last, retriever.last_query = [conversation.paragraph], conversation.followup
+                gold = conversation.answers[0]
+                return gold + " sharp" if partial else gold
+            return answer
+        return {"followup-as-asked": answering(False), "original-question": answering(True)}
+
+    monkeypatch.setattr(FOLLOWUPS, "ways_of_asking", ways)
+    results = tmp_path / "followups.jsonl"
+    FOLLOWUPS.main(["--n", "0", "--k", "1", "--data-root", str(workspace / "data"), "--ways",
+                    "followup-as-asked,original-question", "--compressor", str(workspace / "compressor"),
+                    "--threads", "1", "--results", str(results)])
+    gold, partial = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (gold["f1"], gold["em"], gold["recall_at_k"]) == (100.0, 100.0, 100.0)  # against its own gold answers
+    assert partial["em"] < partial["f1"] < 100.0
+    assert gold["paired"]["original-question"]["f1"][0] == pytest.approx(gold["f1"] - partial["f1"], abs=0.01)

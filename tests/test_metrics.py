@@ -164,3 +164,23 @@ def test_summary_reports_em_and_f1_each_under_its_own_name():
 def test_f1_counts_a_repeated_token_as_often_as_it_occurs_on_both_sides():
     assert squad_f1("New York, New York", ["new york new york"]) == 1.0
     assert squad_f1("New York", ["new york new york"]) == pytest.approx(2 / 3)
+
+
+def test_each_score_carries_its_own_interval_and_the_row_carries_the_f1_one():
+    """"denver" against gold "Denver Broncos": SQuAD F1 2/3 on every question, EM 0, and the paper's
+    case-sensitive ROUGE-1 0; every resample of a constant is that constant, so each CI is a point."""
+    from sac_rag.metrics import headline_scores
+
+    predictions, golds = ["denver"] * 4, [["Denver Broncos"]] * 4
+    summary = summarize(predictions, golds)
+    assert summary["f1_ci"] == pytest.approx([200 / 3, 200 / 3])  # not EM's [0, 0]
+    assert summary["em_ci"] == [0.0, 0.0] and summary["paper_f1_ci"] == [0.0, 0.0]
+    assert headline_scores(predictions, golds)["f1_ci"] == pytest.approx([200 / 3, 200 / 3])  # not ROUGE-1's
+
+
+def test_the_paired_difference_is_values_minus_reference_with_an_interval_around_it():
+    from sac_rag.metrics import paired_difference
+
+    mean, low, high = paired_difference([100.0, 50.0, 0.0, 0.0], [100.0] * 4)
+    assert mean == -62.5 and -100.0 <= low <= mean <= high <= 0.0
+    assert paired_difference([3.0, 3.0], [1.0, 1.0]) == (2.0, 2.0, 2.0)  # a constant difference: a point

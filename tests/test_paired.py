@@ -70,3 +70,30 @@ def test_the_table_by_hand_for_an_averaged_pair_of_runs(tmp_path, capsys):
     assert PAIRED["main"]([*subset, reference, f"{first}+{second}"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith("| a.jsonl + b.jsonl | 37.5 (") and "| -62.5 (" in row and "| 37.5% (" in row
+
+
+def test_every_interval_of_a_row_is_its_own_and_brackets_its_estimate(tmp_path, capsys):
+    """Row a+b (per-question F1 100, 50, 0, 0) against the reference (100 on all four): its F1 interval
+    is its own (not the reference's 100-100), the difference's runs low to high around -62.5, and
+    the share's is that of 37.5% (not of the inverse ratio, 267%)."""
+    import re
+
+    from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, paired_difference
+
+    subset = _data(tmp_path)
+    reference = _predictions(tmp_path, "all.jsonl", ["Paris"] * 4)
+    first = _predictions(tmp_path, "a.jsonl", ["Paris", "Rome", "Rome", "Rome"])
+    second = _predictions(tmp_path, "b.jsonl", ["Paris", "Paris", "Rome", "Rome"])
+    assert PAIRED["main"]([*subset, reference, f"{first}+{second}"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    columns = re.search(r"\| ([\d.]+) \(([\d.]+)-([\d.]+)\) \| ([-+][\d.]+) \(([-+][\d.]+) to ([-+][\d.]+)\) "
+                        r"\| ([\d.]+)% \(([\d.]+)% to ([\d.]+)%\) \|$", row)
+    f1, lo, hi, delta, dlo, dhi, share, slo, shi = map(float, columns.groups())
+    assert lo <= f1 <= hi and hi < 100.0  # its own interval, not the reference's (100.0-100.0)
+    assert dlo <= delta <= dhi and dlo < dhi  # low to high
+    assert slo <= share <= shi <= 100.0  # the share's, in percent
+    values, base = [100.0, 50.0, 0.0, 0.0], [100.0] * 4
+    expected_ci, (_, elo, ehi), (sl, sh) = bootstrap_ci(values), paired_difference(values, base), \
+        bootstrap_share_ci(values, base)
+    assert row == (f"| a.jsonl + b.jsonl | 37.5 ({expected_ci[0]:.1f}-{expected_ci[1]:.1f}) "
+                   f"| -62.5 ({elo:+.1f} to {ehi:+.1f}) | 37.5% ({sl:.1%} to {sh:.1%}) |")

@@ -273,3 +273,50 @@ def test_a_missing_data_file_is_one_line_on_the_command_line(tmp_path):
                            str(tmp_path / "rag.jsonl")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "does not exist: set --data-root" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_row_s_kv_bytes_are_all_it_read_text_and_cached_alike(first_run):
+    """K/V per query = (text tokens + cached entries) x one position's K/V bytes (4 layers x 2 heads x 16
+    dims x K and V x 4 bytes), for the chain rows and the sac_rag.eval rows alike: a row that left out
+    its cached entries (or its text) would look cheaper than its peers."""
+    for row in _rows(first_run[0]):
+        entries = row["text_tokens_per_query"] + row["cached_entries_per_query"]
+        assert row["kv_bytes_per_query"] == pytest.approx(entries * 4 * 2 * 16 * 2 * 4), row["method"]
+    rows = {r["method"]: r for r in _rows(first_run[0])}
+    assert rows["rag-sac-2x"]["text_tokens_per_query"] < rows["rag-full-text"]["text_tokens_per_query"]
+
+
+def test_the_truncation_row_reads_documents_cut_to_its_ratio(first_run):
+    rows = {r["method"]: r for r in _rows(first_run[0])}
+    truncated, full = rows["rag-text-truncate-2x+fullft-decoder"], rows["rag-full-ft"]
+    assert truncated["text_tokens_per_query"] < full["text_tokens_per_query"]  # not the whole documents
+
+
+def test_another_compressor_s_run_answers_again_instead_of_reusing_the_predictions(first_run, workspace, tmp_path):
+    """The sac row's predictions are cached per compressor: another one (same base model, same ratio)
+    answering into the same results folder must not be scored on the first one's answers."""
+    import shutil
+
+    shutil.copytree(first_run[0].parent, tmp_path / "results")
+    results = tmp_path / "results" / first_run[0].name
+    model, tokenizer = make_tiny_llama()
+    torch.manual_seed(3)
+    SACCompressor(SACConfig(base_model=str(workspace / "tiny-model"), ratio=2, chunk_len=64, lora_rank=4),
+                  model=model, tokenizer=tokenizer).save_pretrained(tmp_path / "other")
+    args = _args(workspace, results, "--methods", "sac", "--compressor", str(tmp_path / "other"))
+    args[args.index("--store") + 1] = str(tmp_path / "store")
+    assert RAG.main(args) == 0
+    sac_files = sorted(p.name for p in (tmp_path / "results" / "predictions").iterdir() if p.name.startswith("rag-sac"))
+    assert len(sac_files) == 2, sac_files
+
+
+def test_the_kv_dropping_rows_time_from_the_question_retrieval_included(workspace, tmp_path):
+    from dataclasses import replace
+
+    questions = [replace(_question(i, c), passages=(c,)) for i, (c, _, _) in enumerate(PARAGRAPHS[:2])]
+    args = SimpleNamespace(full_ft_adapter=str(workspace / "adapter"), dtype="float32", extractive=False, num_beams=1,
+                           mbr=False, results=str(tmp_path / "rag.jsonl"), k=1, seed=0, batch_size=2,
+                           max_new_tokens=2, timing_samples=1)
+    row = RAG.eval_method_row("kv_dropping", questions, str(workspace / "tiny-model"), 2, args,
+                              {"retrieval_s": 100.0})
+    assert row["ttft_s"] >= 100.0  # the chain rows time retrieval too

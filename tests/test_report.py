@@ -121,3 +121,50 @@ def test_the_reference_rows_of_a_decoding_s_table_are_named_without_its_suffix()
     assert base_name("sac-5x-cad0.25-plausible0") == "sac-5x"
     assert base_name("rag-sac-5x-soup68-69-fp32") == "sac-5x-soup68-69-fp32"  # a label, not a decoding
     assert REPORT["is_full_context"]("rag-full-text-extractive")
+
+
+def test_a_peer_whose_interval_is_nan_is_no_peer_beaten_with_separated_cis():
+    """A row of no questions carries f1_ci [NaN, NaN] (bootstrap_ci of nothing; json reads NaN back):
+    every comparison with NaN is false, so such a peer would read as beaten with separated CIs."""
+    sac = {"method": "sac-5x", "ratio": 5, "dataset": "squad-dev", "n": 200, "f1": 40.0, "f1_ci": [35.0, 45.0]}
+    peer = {**sac, "method": "text-truncate-5x", "f1": 30.0, "f1_ci": [float("nan"), float("nan")]}
+    lines = REPORT["verdicts"]([sac, peer])
+    assert not any("separated CIs" in line for line in lines)
+    assert any("significance unknown" in line and "text-truncate-5x (30.0)" in line for line in lines)
+
+
+def _drawn_lines(monkeypatch):
+    """Record every line a plot draws: (label, xs, ys)."""
+    import matplotlib.axes
+
+    drawn, original = [], matplotlib.axes.Axes.plot
+
+    def plot(self, xs, ys, *args, **kwargs):
+        drawn.append((kwargs.get("label"), tuple(xs), tuple(ys)))
+        return original(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    return drawn
+
+
+def test_the_f1_plot_draws_each_line_s_f1_on_the_plotted_questions_only(tmp_path, monkeypatch):
+    drawn = _drawn_lines(monkeypatch)
+    common = {"dataset": "squad-dev", "n": 200}
+    rows = [{**common, "method": "text-truncate-5x", "ratio": 5, "f1": 30.0, "em": 10.0},
+            {**common, "method": "text-truncate-10x", "ratio": 10, "f1": 20.0, "em": 5.0},
+            {**common, "method": "text-truncate-5x", "ratio": 5, "f1": 90.0, "em": 80.0, "n": 100}]  # other questions
+    REPORT["plots"](rows, tmp_path, "squad-dev", n=200)
+    assert drawn == [("text-truncate", (5, 10), (30.0, 20.0))]  # F1 (not EM) of the n=200 rows (not n=100's)
+
+
+def test_the_ttft_plot_of_a_drift_corrected_run_draws_each_ratio_times_full_context_s_time(tmp_path, monkeypatch):
+    import pytest
+
+    drawn = _drawn_lines(monkeypatch)
+    common = {"ratio": 1, "dataset": "squad-dev", "context_tokens": 150, "timing_samples": 12, "threads": 2,
+              "run": "r", "paragraphs": 1}
+    rows = [{**common, "method": "full-context", "ttft_s": 0.3, "ttft_s_vs_full_context": 1.0},
+            {**common, "method": "sac-5x", "ttft_s": 0.4, "reference_ttft_s": 0.5, "ttft_s_vs_full_context": 0.8}]
+    REPORT["ttft_plot"](rows, tmp_path)
+    ys = {label: y for label, _, (y,) in drawn}
+    assert ys["full-context"] == pytest.approx(300.0) and ys["sac-5x"] == pytest.approx(240.0)  # 0.8 x 300 ms, not 400

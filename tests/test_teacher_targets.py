@@ -67,3 +67,13 @@ def test_paragraphs_read_lists_each_paragraph_once_even_past_an_epoch(tmp_path):
     assert len(paragraphs_read(cfg, steps=1, tokenizer=tokenizer, template=PromptTemplate())) == 3
     assert sorted(p.questions[0].id for p in paragraphs_read(cfg, 3, tokenizer, PromptTemplate())) == \
         [f"q{i}" for i in range(5)]
+
+
+def test_min_f1_is_inclusive_and_an_empty_teacher_answer_never_replaces_gold():
+    squad = _squad({"exact": "1749", "blank": "1749"})
+    squad["data"][0]["paragraphs"][0]["qas"][0]["answers"].append({"text": "in 1749", "answer_start": 0})
+    kept = replace_answers(squad, {"exact": "1749", "blank": "  "}, min_f1=1.0)  # only exact matches
+    assert _answers(squad)["exact"] == ["1749"] and kept["teacher"] == 1  # F1 1.0 is at least 1.0
+    anything = _squad({"blank": "1749"})
+    replace_answers(anything, {"blank": "  "}, min_f1=0.0)  # "take every teacher answer": not a blank one
+    assert _answers(anything) == {"blank": ["1749"]}
