@@ -540,9 +540,8 @@ def test_decode_speed_is_timed_over_the_same_steps_whatever_the_answers_length(w
 
 
 def test_each_answer_is_cached_and_scored_as_its_own_questions_and_extracted_from_its_passages(tmp_path):
-    """Within a batch, answer i belongs to question i (kills: results paired with the wrong
-    questions), and extractive decoding quotes the passages a question reads, not its gold paragraph
-    (kills: sources = the gold context)."""
+    """Within a batch, answer i belongs to question i, and extractive decoding quotes the passages
+    a question reads, not its gold paragraph."""
     questions = [Question(f"q{i}", f"Question {i}?", [f"answer {i}"], f"gold paragraph {i}",
                           passages=(f"passage {i}a", f"passage {i}b")) for i in range(5)]
     seen_sources = []
@@ -562,8 +561,7 @@ def test_each_answer_is_cached_and_scored_as_its_own_questions_and_extracted_fro
 
 
 def test_an_answer_matching_any_gold_answer_scores(tmp_path):
-    """SQuAD questions have several gold answers; matching the second one is exact (kills: scoring
-    against the first gold answer only)."""
+    """SQuAD questions have several gold answers; matching the second one is exact."""
     questions = [Question("q0", "Where?", ["in the north of Egypt", "Egypt"], "ctx")]
     method = SimpleNamespace(name="fake", contrast_prompts=lambda b: [],
                              generator=SimpleNamespace(generate_batch=lambda p, c, s=None, k=None: [
@@ -573,8 +571,7 @@ def test_an_answer_matching_any_gold_answer_scores(tmp_path):
 
 
 def test_8bit_storage_reads_the_caches_as_the_store_returns_them(workspace):
-    """``--storage int8`` answers from round-tripped K/V, not the native ones (kills: the
-    round trip skipped, every 8-bit row then being a native row under another name)."""
+    """``--storage int8`` answers from round-tripped K/V, not the native ones."""
     import torch
 
     from sac_rag.eval import build_method

@@ -905,8 +905,7 @@ def test_command_line_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypa
 
 def test_every_entry_cites_the_first_occurrence_of_its_chunk_and_its_index(tmp_path, tiny_sac):
     """Repeats inside one window keep the first occurrence's metadata (module docstring), and
-    ``chunk_index``/``start_char`` are that chunk's (kills: a repeat in the window overwriting the
-    first; chunk_index written as a constant)."""
+    ``chunk_index``/``start_char`` are that chunk's."""
     compressor = tiny_sac[1]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -925,7 +924,7 @@ def test_every_entry_cites_the_first_occurrence_of_its_chunk_and_its_index(tmp_p
 
 
 def test_cli_decode_errors_skip_leaves_out_text_that_is_not_utf8(tmp_path, capsys, tiny_sac):
-    """``--decode-errors skip`` reaches precompress (kills: the CLI passing "replace" whatever is asked)."""
+    """``--decode-errors skip`` reaches precompress."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "ok.txt").write_text(words(600, 30))

@@ -859,8 +859,7 @@ def _call(compressor, docs, query, asynchronous):
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_write_back_stores_a_new_document_with_its_source_metadata_in_both_paths(engine, store, asynchronous):
     """A written-back chunk cites its document like a precompressed one: the store entry keeps
-    the document's metadata, whether the chain ran sync or async (kills: write_back ignored in
-    acompress_documents; metadata not passed to handles_for)."""
+    the document's metadata, whether the chain ran sync or async."""
     new = Document(page_content="The orchard's oldest pear tree was planted in 1921.",
                    metadata={"source": "orchard.txt", "page": 3})
     [doc] = _call(SACContextCompressor(engine=engine, write_back=True), [new], "how old is the tree?", asynchronous)
@@ -890,8 +889,7 @@ def _stop_inside(text):
 
 @pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
 def test_a_per_call_stop_cuts_invoke_stream_and_astream_alike(engine, passages, cls):
-    """``llm.stream(prompt, stop=[...])`` / ``astream`` stop where ``invoke(prompt, stop=[...])`` does
-    (kills: ``stop`` dropped in ``_stream``/``_astream``)."""
+    """``llm.stream(prompt, stop=[...])`` / ``astream`` stop where ``invoke(prompt, stop=[...])`` does."""
     import langchain_sac
     from langchain_sac import marker_for, sac_qa_prompt
 
@@ -917,8 +915,7 @@ def test_a_per_call_stop_cuts_invoke_stream_and_astream_alike(engine, passages, 
 @pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
 def test_sync_async_and_streamed_calls_decode_each_kind_of_prompt_alike(cls, compressor, monkeypatch):
     """A prompt without compressed contexts (a question rewrite) is decoded greedily, one with them
-    as the compressor recommends - by invoke, ainvoke, stream and astream alike (kills: the async or
-    streaming path resolving the decoding without the prompt, so a rewrite gets the recommended beams)."""
+    as the compressor recommends - by invoke, ainvoke, stream and astream alike."""
     import langchain_sac
     from langchain_sac import markers_for
 
@@ -944,7 +941,7 @@ def test_sync_async_and_streamed_calls_decode_each_kind_of_prompt_alike(cls, com
 
 
 def test_a_batchs_token_usage_sums_every_prompts_cache_reads(engine, passages):
-    """``llm_output["token_usage"]`` is the batch's total (kills: cache_read replaced, not summed)."""
+    """``llm_output["token_usage"]`` is the batch's total."""
     from langchain_sac import SACLLM, marker_for, sac_qa_prompt
 
     from sac_rag.store import AnchorStore
@@ -960,8 +957,7 @@ def test_a_batchs_token_usage_sums_every_prompts_cache_reads(engine, passages):
 
 @pytest.mark.parametrize("cls", ["ChatSAC", "SACLLM"])
 def test_models_with_other_stop_strings_do_not_share_cached_answers(engine, cls):
-    """With an LLM cache set, ``stop`` decides the answer, so it is in the cache key (kills:
-    ``model_stop`` left out of ``identifying_params``)."""
+    """With an LLM cache set, ``stop`` decides the answer, so it is in the cache key."""
     import langchain_sac
 
     model = getattr(langchain_sac, cls)
@@ -969,7 +965,7 @@ def test_models_with_other_stop_strings_do_not_share_cached_answers(engine, cls)
 
 
 def test_a_stuff_chain_for_a_model_wrapped_twice_still_reads_its_compressors_layout(compressor, passages):
-    """``llm.bind(...).with_retry()`` nests two bindings (kills: only one level unwrapped)."""
+    """``llm.bind(...).with_retry()`` nests two bindings."""
     from langchain_sac import ChatSAC, create_sac_stuff_chain
 
     from sac_rag.config import PromptTemplate
@@ -991,7 +987,7 @@ def test_a_stuff_chain_for_a_model_wrapped_twice_still_reads_its_compressors_lay
 
 def test_an_async_call_with_other_decoding_arguments_is_not_served_a_cached_answer(engine, passages, monkeypatch):
     """With an LLM cache, ``ainvoke(p, num_beams=2)`` after ``ainvoke(p)`` decodes again, as ``invoke``
-    does (kills: the call's arguments not recorded for the cache key in ``SACLLM.agenerate``)."""
+    does."""
     from langchain_core.caches import InMemoryCache
     from langchain_core.globals import get_llm_cache, set_llm_cache
     from langchain_sac import SACLLM, marker_for, sac_qa_prompt

@@ -643,7 +643,7 @@ def test_a_marker_cut_by_a_small_context_window_is_refused_not_read_as_text(long
 
 def test_a_per_call_stop_cuts_complete_and_its_streams_alike(engine, passages):
     """``complete(prompt, stop=[...])`` is accepted (CALL_ARGUMENTS) and must cut the answer; the
-    streams likewise (kills: the call's ``stop`` not passed to ``from_call``)."""
+    streams likewise."""
     llm = SACLLM(engine=engine, max_tokens=24, stop=[])
     prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[0])), query_str="When?")
     full = llm.complete(prompt, formatted=True).text
@@ -684,7 +684,7 @@ def test_every_path_decodes_each_kind_of_prompt_alike(compressor, monkeypatch):
 
 def test_a_custom_completion_to_prompt_is_applied_once_by_every_path(engine, passages, monkeypatch):
     """complete/acomplete apply ``completion_to_prompt`` to an unformatted prompt; chat/achat do not
-    apply it on top of ``messages_to_prompt`` (kills: acomplete skipping it, achat adding it)."""
+    apply it on top of ``messages_to_prompt``."""
     calls = record_engine_calls(engine, monkeypatch, ("generate", "agenerate"))
     llm = SACLLM(engine=engine, max_tokens=2, stop=[],
                  completion_to_prompt=lambda q: f"### Question:\n{q}\n### Answer:\n")
@@ -700,8 +700,7 @@ def test_a_custom_completion_to_prompt_is_applied_once_by_every_path(engine, pas
 
 def test_streamed_responses_carry_the_text_so_far_and_usage_adds_up(engine, passages):
     """Each streamed ``CompletionResponse.text`` is the answer so far (LlamaIndex's convention), and
-    ``total_tokens`` = ``prompt_tokens`` + ``completion_tokens`` (kills: text = the delta; total without
-    the cached entries)."""
+    ``total_tokens`` = ``prompt_tokens`` + ``completion_tokens``."""
     llm = SACLLM(engine=engine, max_tokens=8, stop=[])
     prompt = sac_qa_prompt().format(context_str=marker_for(AnchorStore.key_for(passages[2])), query_str="When?")
     so_far = ""
@@ -718,8 +717,7 @@ def test_streamed_responses_carry_the_text_so_far_and_usage_adds_up(engine, pass
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_postprocessor_write_back_stores_a_new_node_with_its_metadata_in_both_paths(engine, store, asynchronous):
     """A written-back node's entry cites it like a precompressed one (its metadata under ``doc``),
-    from ``postprocess_nodes`` and ``apostprocess_nodes`` alike (kills: write_back ignored in the
-    async path; metadata not passed to handles_for)."""
+    from ``postprocess_nodes`` and ``apostprocess_nodes`` alike."""
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
     from llama_index.postprocessor.sac import SACNodePostprocessor
 
