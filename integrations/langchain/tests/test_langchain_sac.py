@@ -891,9 +891,7 @@ def _stop_inside(text):
 def test_a_per_call_stop_cuts_invoke_stream_and_astream_alike(engine, passages, cls):
     """``llm.stream(prompt, stop=[...])`` / ``astream`` stop where ``invoke(prompt, stop=[...])`` does."""
     import langchain_sac
-    from langchain_sac import marker_for, sac_qa_prompt
 
-    from sac_rag.store import AnchorStore
 
     llm = getattr(langchain_sac, cls)(engine=engine, max_tokens=24, stop=[])
 
@@ -917,9 +915,7 @@ def test_sync_async_and_streamed_calls_decode_each_kind_of_prompt_alike(cls, com
     """A prompt without compressed contexts (a question rewrite) is decoded greedily, one with them
     as the compressor recommends - by invoke, ainvoke, stream and astream alike."""
     import langchain_sac
-    from langchain_sac import markers_for
 
-    from sac_rag.handles import SACEngine
 
     compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
     engine = SACEngine(compressor)
@@ -942,9 +938,7 @@ def test_sync_async_and_streamed_calls_decode_each_kind_of_prompt_alike(cls, com
 
 def test_a_batchs_token_usage_sums_every_prompts_cache_reads(engine, passages):
     """``llm_output["token_usage"]`` is the batch's total."""
-    from langchain_sac import SACLLM, marker_for, sac_qa_prompt
 
-    from sac_rag.store import AnchorStore
 
     prompts = [sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(p)), question="What?")
                for p in passages[:3]]
@@ -966,10 +960,8 @@ def test_models_with_other_stop_strings_do_not_share_cached_answers(engine, cls)
 
 def test_a_stuff_chain_for_a_model_wrapped_twice_still_reads_its_compressors_layout(compressor, passages):
     """``llm.bind(...).with_retry()`` nests two bindings."""
-    from langchain_sac import ChatSAC, create_sac_stuff_chain
 
     from sac_rag.config import PromptTemplate
-    from sac_rag.handles import SACEngine
 
     compressor.config.prompt = PromptTemplate(context_prefix="Passages:\n", context_separator="\n",
                                               question="\nQ: {question}\nA:")
@@ -985,29 +977,18 @@ def test_a_stuff_chain_for_a_model_wrapped_twice_still_reads_its_compressors_lay
     assert prompts == ["Passages:\n" + "\n".join(d.metadata["sac_marker"] for d in docs) + "\nQ: Who?\nA:"]
 
 
-def test_an_async_call_with_other_decoding_arguments_is_not_served_a_cached_answer(engine, passages, monkeypatch):
+def test_an_async_call_with_other_decoding_arguments_is_not_served_a_cached_answer(engine, passages, monkeypatch,
+                                                                                   llm_cache):
     """With an LLM cache, ``ainvoke(p, num_beams=2)`` after ``ainvoke(p)`` decodes again, as ``invoke``
     does."""
-    from langchain_core.caches import InMemoryCache
-    from langchain_core.globals import get_llm_cache, set_llm_cache
-    from langchain_sac import SACLLM, marker_for, sac_qa_prompt
-
-    from sac_rag.store import AnchorStore
-
-    calls = []
-    original = engine.agenerate
-    monkeypatch.setattr(engine, "agenerate", lambda prompts, config: (calls.append(config),
-                                                                      original(prompts, config))[1])
+    calls = record_engine_calls(engine, monkeypatch, ("agenerate",))
     prompt = sac_qa_prompt().format(context=marker_for(AnchorStore.key_for(passages[0])), question="When?")
     llm = SACLLM(engine=engine, max_tokens=3, stop=[])
-    previous = get_llm_cache()
-    set_llm_cache(InMemoryCache())
-    try:
-        async def main():
-            await llm.ainvoke(prompt)
-            await llm.ainvoke(prompt)  # cached
-            await llm.ainvoke(prompt, num_beams=2)  # another decoding: not the cached answer
-        asyncio.run(main())
-    finally:
-        set_llm_cache(previous)
-    assert [c[0].num_beams if isinstance(c, list) else c.num_beams for c in calls] == [1, 2]
+
+    async def ask():
+        await llm.ainvoke(prompt)
+        await llm.ainvoke(prompt)  # cached
+        await llm.ainvoke(prompt, num_beams=2)  # another decoding: not the cached answer
+
+    asyncio.run(ask())
+    assert [beams for beams, _ in decodings(calls)] == [1, 2]

@@ -718,9 +718,6 @@ def test_streamed_responses_carry_the_text_so_far_and_usage_adds_up(engine, pass
 def test_postprocessor_write_back_stores_a_new_node_with_its_metadata_in_both_paths(engine, store, asynchronous):
     """A written-back node's entry cites it like a precompressed one (its metadata under ``doc``),
     from ``postprocess_nodes`` and ``apostprocess_nodes`` alike."""
-    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-    from llama_index.postprocessor.sac import SACNodePostprocessor
-
     node = NodeWithScore(node=TextNode(text="The orchard's oldest pear tree was planted in 1921.",
                                        metadata={"file_name": "orchard.txt", "page": 3}), score=1.0)
     post = SACNodePostprocessor(engine=engine, write_back=True)
@@ -734,9 +731,6 @@ def test_postprocessor_write_back_stores_a_new_node_with_its_metadata_in_both_pa
 
 def test_postprocessor_gives_a_node_with_empty_text_a_handle_rather_than_refusing_it(engine):
     """Only an image node without a caption is refused; an empty TextNode (a blank page) is not."""
-    from llama_index.core.schema import NodeWithScore, TextNode
-    from llama_index.postprocessor.sac import SACNodePostprocessor
-
     [out] = SACNodePostprocessor(engine=engine, on_miss="text").postprocess_nodes(
         [NodeWithScore(node=TextNode(text=""), score=1.0)], query_str="what?")
     assert "sac_marker" in out.node.metadata
