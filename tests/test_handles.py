@@ -789,6 +789,19 @@ def test_an_engine_refuses_a_prompt_holding_a_piece_of_a_marker_it_handed_out(co
     assert engine.segments(quoted) == [quoted]
 
 
+def test_a_chunk_found_in_memory_by_lookup_is_pinned_until_a_generation_reads_it(compressor):
+    """As ``handles_for`` pins what it compresses, ``lookup_handles`` pins what it finds: a
+    concurrent call making room cannot drop a chunk between handing it out and reading it."""
+    engine = SACEngine(compressor)
+    [keys] = engine.handles_for([PASSAGES[0]])
+    engine.resolver.release(keys)  # as if its call had generated
+    assert engine.resolver.memory.pinned == set()
+    assert engine.lookup_handles([PASSAGES[0]]) == [keys]
+    assert engine.resolver.memory.pinned == set(keys)
+    engine.generate([f"{markers_for(keys)}\nQ: when?\nA:"], GenerationConfig(max_new_tokens=1))
+    assert engine.resolver.memory.pinned == set()
+
+
 def test_a_call_refused_for_its_arguments_leaves_no_chunk_pinned(compressor):
     engine = SACEngine(compressor)
     engine.handles_for(PASSAGES)  # compressed into memory, pinned for that call
