@@ -287,6 +287,12 @@ def test_the_base_model_fingerprint_names_its_rope_settings_and_its_vocabulary(t
     model, tokenizer = same_weights
     tokenizer.add_tokens(["<a-token-of-another-vocabulary>"])
     assert base_model_fingerprint(model, tokenizer) != base_model_fingerprint(*tiny)
+    # what does not change what a model computes is left out at every depth (a part's config too)
+    from sac_rag.fingerprint import _stable_config
+
+    parts = {"text_config": {"dtype": "bfloat16", "hidden_size": 8}, "architectures": ["M"]}
+    assert _stable_config(parts) == _stable_config({**parts, "text_config": {"dtype": "float32", "hidden_size": 8}})
+    assert _stable_config(parts) != _stable_config({**parts, "text_config": {"dtype": "float32", "hidden_size": 9}})
     # the model id part names where it was loaded from, not what it is
     assert same_model("org/model@0123456789abcdef/sac-c", "/models/model@0123456789abcdef/sac-c")
     assert not same_model("org/model@0123456789abcdef/sac-c", "org/model@fedcba9876543210/sac-c")

@@ -64,6 +64,12 @@ def test_articles_are_held_out_whole_when_the_data_has_titles():
     assert {p.title for p in train} == {"A", "B", "C"}
 
 
+def test_the_held_out_share_of_articles_is_rounded_to_the_nearest_whole_article():
+    titles = [f"T{i:02d}" for i in range(30)]
+    _, held = split_by_title(_paragraphs(titles), 0.05)  # 1.5 articles: 2, not 1
+    assert [p.title for p in held] == ["T28", "T29"]
+
+
 def test_articles_so_few_that_one_is_far_more_than_the_share_asked_are_held_out_by_paragraph(caplog):
     """Two articles and 5% asked: holding out one whole article would take half the data (and train on
     the other half), so paragraphs are held out instead, and the log says the splits share articles."""

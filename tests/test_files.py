@@ -1,6 +1,6 @@
 import json
 
-from sac_rag.files import append_jsonl
+from sac_rag.files import append_jsonl, is_json_object
 
 
 def test_results_are_appended_as_json_lines_into_a_new_folder_without_touching_earlier_rows(tmp_path):
@@ -63,3 +63,8 @@ def test_atomic_write_syncs_the_new_file_before_renaming_it_and_the_folder_after
     assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
     assert events[0][1].startswith(str(tmp_path / ".manifest.json.")) and events[1][1] == str(path)
     assert events[2][1] == str(tmp_path) and path.read_bytes() == b"{}"
+
+
+def test_only_a_whole_json_object_counts_as_a_row():
+    assert is_json_object('{"row": 1}') and is_json_object(b'{"row": 1}')
+    assert not any(is_json_object(line) for line in ('[1, 2]', '"row"', "3", "null", '{"row": 1', ""))

@@ -154,6 +154,7 @@ def test_official_script_edge_cases_by_hand():
     assert squad_f1("U.S.", ["US"]) == 1.0 and squad_f1("U.S.", ["U S"]) == 0.0  # punctuation removed, not spaced
     assert normalize_answer("Ça\u00a0va\tbien") == "ça va bien"  # every whitespace, as str.split does
     assert normalize_answer("“quoted”, theatre") == "“quoted” theatre"  # only string.punctuation is removed
+    assert normalize_answer("“the”") == "“ ”"  # an article becomes a space, as in the official script
 
 
 def test_summary_reports_em_and_f1_each_under_its_own_name():
