@@ -107,6 +107,22 @@ def test_a_quote_may_end_wherever_one_of_its_occurrences_ends_a_word(tiny, sourc
     assert span.mask(_prefer(tokenizer, "<eos>"))[1]
 
 
+def test_a_nul_in_a_source_is_read_as_a_space_not_as_the_end_of_the_source(tiny):
+    _, tokenizer = tiny
+    span = _constraint(tokenizer, ["Paris\x00is the capital."])
+    _quote(span, tokenizer, "Paris")
+    masked, ends = span.mask(_prefer(tokenizer, " is", "<eos>"))
+    assert not ends and int(masked.argmax()) == tokenizer(" is", add_special_tokens=False)["input_ids"][0]
+
+
+def test_an_answer_never_starts_with_a_token_of_spaces_alone(tiny):
+    _, tokenizer = tiny
+    spaces = [i for i in range(len(tokenizer)) if tokenizer.decode([i]) in (" ", "  ", "\t")]
+    assert spaces, "the tokenizer has a token of spaces alone"
+    masked, _ = _constraint(tokenizer, ["The capital is  Paris."]).mask(torch.zeros(len(tokenizer)))
+    assert all(torch.isinf(masked[i]) for i in spaces)
+
+
 def test_the_first_token_may_carry_the_space_before_the_word(tiny):
     _, tokenizer = tiny
     span = _constraint(tokenizer, ["The capital is Paris."])
