@@ -46,6 +46,20 @@ def test_latent_attention_moves_the_rotated_part_cached_as_values():
         KeyRotator(INV_FREQ[None]).rotate(torch.randn(1, 1, 3, 4), 5)
 
 
+def test_latent_attention_whose_rotated_width_is_not_the_rotary_modules_is_refused():
+    """Which cached dimensions carry positions cannot be told then: refused, not rotated wrongly."""
+    from types import SimpleNamespace
+
+    from sac_rag import UnsupportedModelError
+    from sac_rag.rope import _latent_attention
+
+    config = SimpleNamespace(kv_lora_rank=32, qk_rope_head_dim=8)
+    assert _latent_attention(config, 4, "deepseek_v3")
+    assert not _latent_attention(SimpleNamespace(kv_lora_rank=None, qk_rope_head_dim=8), 4, "llama")
+    with pytest.raises(UnsupportedModelError, match="qk_rope_head_dim=8 but its rotary module has 8 frequencies"):
+        _latent_attention(config, 8, "deepseek_v3")
+
+
 def test_position_limit_refuses_chunks_reaching_it():
     KeyRotator(INV_FREQ[None]).check_positions(10**6)  # no limit: static RoPE
     rotator = KeyRotator(INV_FREQ[None], position_limit=128)
