@@ -1019,6 +1019,18 @@ def test_merge_into_a_destination_written_with_a_tilde_adds_to_it_again(tmp_path
     assert not (tmp_path / "~").exists()
 
 
+def test_merge_refuses_stores_of_another_ratio_under_one_fingerprint(tmp_path):
+    """The fingerprint names the ratio, so only hand-made stores get here; they are refused all the same."""
+    for name, ratio in (("a", 5), ("b", 4), ("dest", 4)):
+        with AnchorStore.create(tmp_path / name, FP, ratio=ratio) as s:
+            s.put(key(ratio), make_kv(ratio))
+    with pytest.raises(InvalidInputError, match="ratio 4, .* has 5; stores of different ratios cannot be merged"):
+        merge(tmp_path / "new", [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(InvalidInputError, match="has ratio 4, the sources have 5"):
+        merge(tmp_path / "dest", [tmp_path / "a"])
+    assert not (tmp_path / "new").exists()
+
+
 def test_merge_refuses_other_fingerprint(tmp_path):
     with AnchorStore.create(tmp_path / "a", FP, ratio=5) as s:
         s.put(key(0), make_kv(0))
