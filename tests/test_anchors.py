@@ -71,6 +71,8 @@ def test_random_anchors_keep_the_uniform_count_and_are_reproducible_per_chunk():
     assert a != RandomAnchors(seed=4).select(chunk, 15)
     assert a != UniformAnchors().select(chunk, 15)
     assert a != RandomAnchors(seed=3).select(list(range(200, 710)), 15)  # another chunk of the same length
+    ones = {tuple(RandomAnchors(seed=3).select(list(range(i, i + 5)), 5)) for i in range(20)}
+    assert all(len(one) == 1 for one in ones) and len(ones) > 1  # one anchor, still at random
 
 
 def test_importance_anchors_take_the_highest_scores_in_order():
