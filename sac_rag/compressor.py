@@ -122,9 +122,11 @@ def _base_fingerprint_for(fingerprint: str, meta: dict, directory: Path, advice:
         name = fingerprint.partition("@")[0]
         if name == meta["base_fingerprint"].partition("@")[0]:  # the model it names, with other weights
             advice = (f"the model loaded as {name!r} is not the one the compressor was trained on: its weights or "
-                      "tokenizer changed" + (f" (a built-in model is converted once into {cache_dir() / 'models'}; a "
-                                             "conversion made by another transformers version differs: delete "
-                                             "it to convert again)" if name in BUILTIN_MODELS else "") +
+                      "tokenizer changed" + (f" (a built-in model is converted from its package into "
+                                             f"{cache_dir() / 'models'} by the installed transformers and gguf; "
+                                             "other versions of them or of the package may convert it to other "
+                                             "weights, so install the versions the compressor was trained with)"
+                                             if name in BUILTIN_MODELS else "") +
                       "; or train a compressor for this model")
         raise FingerprintMismatchError(f"compressor checkpoint {directory}", fingerprint, meta["base_fingerprint"],
                                        advice + hint)

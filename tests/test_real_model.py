@@ -109,3 +109,29 @@ def test_missing_model_package_error_names_the_package(monkeypatch, tmp_path):
 def test_unknown_model_id_gets_an_actionable_error(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="built-in names"):
         load_base_model(str(tmp_path / "no-such-model"))
+
+
+def test_a_conversion_made_by_other_library_versions_is_not_served(monkeypatch, tmp_path):
+    """The built-in model's cached conversion is found again under the same package, transformers
+    and gguf versions, and converted anew (not served) once one of them changes."""
+    import importlib.metadata
+
+    import transformers
+
+    monkeypatch.setenv("SAC_RAG_CACHE", str(tmp_path))
+    spec = models_module.BUILTIN_MODELS["smollm2-135m"]
+    gguf = models_module._packaged_gguf(spec)
+    planted = tmp_path / "models" / f"smollm2-135m-{models_module._conversion_key(spec, gguf)}"
+    planted.mkdir(parents=True)
+    (planted / "config.json").write_text("{}")
+    assert models_module._materialize_builtin(spec) == planted
+
+    def convert(*args, **kwargs):
+        raise RuntimeError("converting")
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda dist: "99.0" if dist == "transformers" else real_version(dist))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", convert)
+    with pytest.raises(RuntimeError, match="converting"):
+        models_module._materialize_builtin(spec)
