@@ -967,11 +967,23 @@ class AnchorStore:
             present += [r[0] for r in self._query(query, batch)]
         return present
 
-    def _all_rows(self, metadata: bool = True) -> list[_Row]:
-        """Every entry's row in shard order; without ``metadata`` (which holds each chunk's text)
+    def _all_places(self) -> list[_Row]:
+        """Every entry's row in shard order without its metadata (which holds each chunk's text),
         for work that only moves bytes, so it need not hold every entry's text in memory at once."""
-        return [self._make_row(r) for r in self._query(
-            f"SELECT {_ROW_COLUMNS if metadata else _PLACE_COLUMNS} FROM entries ORDER BY shard, offset")]
+        return [self._make_row(r) for r in self._query(f"SELECT {_PLACE_COLUMNS} FROM entries ORDER BY shard, offset")]
+
+    def _rows_in_place_order(self, page: int = 512) -> Iterator[_Row]:
+        """Every entry's row with its metadata, in shard order, read ``page`` rows at a time: each
+        holds its chunk's text, and a large store's would not fit in memory at once."""
+        after: tuple = (-1, -1, "")
+        while True:
+            rows = [self._make_row(r) for r in self._query(
+                f"SELECT {_ROW_COLUMNS} FROM entries WHERE (shard, offset, key) > (?, ?, ?) "
+                "ORDER BY shard, offset, key LIMIT ?", (*after, page))]
+            yield from rows
+            if len(rows) < page:
+                return
+            after = (rows[-1].shard, rows[-1].offset, rows[-1].key)
 
     def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         """All rows of one index query. A damaged index (malformed pages, text that is not
@@ -1027,21 +1039,26 @@ class AnchorStore:
             checks = [err.problem]
         if checks != ["ok"]:
             report.index_problems += checks
-        try:
-            rows = self._all_rows()
-        except StoreCorruptionError as err:
-            report.index_problems.append(f"{err.problem}; its entries cannot be listed or checked")
-            return report
         live = 0
-        for row in _progress_bar(rows, "verifying", show_progress):
-            try:
-                self._decode(row, self._read_verified(row))
-            except EntryNotFoundError:  # deleted (and its bytes reclaimed) since it was listed
-                continue
-            except StoreCorruptionError as err:
-                report.bad.append(BadEntry(row.key, err.metadata, err.problem))
-            report.entries += 1
-            live += row.length
+        try:
+            (total,) = self._query("SELECT COUNT(*) FROM entries")[0]
+            rows = self._rows_in_place_order()
+            with _progress_bar(total, "verifying", show_progress) as bar:
+                for row in rows:
+                    bar.update(1)
+                    try:
+                        self._decode(row, self._read_verified(row))
+                    except EntryNotFoundError:  # deleted (and its bytes reclaimed) since it was listed
+                        continue
+                    except StoreCorruptionError as err:
+                        report.bad.append(BadEntry(row.key, err.metadata, err.problem))
+                    report.entries += 1
+                    live += row.length
+        except StoreCorruptionError as err:  # from listing the entries: the index itself
+            unchecked = "its entries cannot be listed or checked" if not report.entries else \
+                f"the entries after the first {report.entries} cannot be listed or checked"
+            report.index_problems.append(f"{err.problem}; {unchecked}")
+            return report
         report.orphan_bytes = max(0, sum(self._shard_sizes().values()) - live)
         return report
 
@@ -1097,7 +1114,7 @@ class AnchorStore:
                     if entry.is_file() and entry.name.endswith(".tmp"):
                         os.unlink(entry.path)
                         report["removed_temp_files"] += 1
-            rows = self._all_rows(metadata=False)
+            rows = self._all_places()
             by_shard: dict[int, list[_Row]] = {}
             for row in rows:
                 by_shard.setdefault(row.shard, []).append(row)

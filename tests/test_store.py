@@ -538,6 +538,26 @@ def test_a_read_only_directory_reads_the_index_unless_a_stopped_writer_left_comm
         assert s.keys() == [key(0)]
 
 
+def test_verify_reads_entries_a_page_at_a_time_and_checks_each_once(tmp_path, monkeypatch):
+    """verify lists the index in pages (each row holds its chunk's text) and reads every entry
+    exactly once, across page ends, naming a corrupt one in a later page by its metadata."""
+    path = tmp_path / "s"
+    with AnchorStore.create(path, FP, ratio=5) as s:
+        s.put_many([(key(i), make_kv(i), {"chunk_id": f"doc#{i}"}) for i in range(11)])
+    with AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as s:
+        paged, read_verified, listed, read = s._rows_in_place_order, s._read_verified, [], []
+        monkeypatch.setattr(s, "_rows_in_place_order", lambda page=512: (listed.append(row.key) or row
+                                                                         for row in paged(4)))
+        monkeypatch.setattr(s, "_read_verified", lambda row: read.append(row.key) or read_verified(row))
+        tenth = sorted(s._all_places(), key=lambda row: row.offset)[9]
+        (shard,) = shard_files(path)
+        flip_byte(shard, tenth.offset + tenth.length // 2)
+        report = s.verify()
+    assert sorted(listed) == sorted(read) == sorted(key(i) for i in range(11))
+    number = next(i for i in range(11) if key(i) == tenth.key)
+    assert report.entries == 11 and [b.metadata for b in report.bad] == [{"chunk_id": f"doc#{number}"}]
+
+
 def test_a_damaged_index_row_is_reported_as_corruption_by_reads_and_by_verify(tmp_path):
     path = tmp_path / "s"
     with AnchorStore.create(path, FP, ratio=5) as s:

@@ -247,15 +247,15 @@ def test_reads_next_to_deletes_and_gc_get_the_right_entry_or_not_found_never_cor
 def test_verify_next_to_a_delete_and_gc_counts_what_is_left_and_reports_no_corruption(tmp_path, monkeypatch):
     path = _store(tmp_path / "s", 6)
     with AnchorStore.open(path, FP) as writer, AnchorStore.open(path, FP, readonly=True, cache_bytes=0) as reader:
-        listed = reader._all_rows
+        listed = reader._rows_in_place_order
 
-        def listed_then_deleted():
-            rows = listed()  # verify lists the rows, then the entries go, and gc removes their shard
+        def listed_then_deleted(page=512):
+            rows = list(listed(page))  # verify lists the rows, then the entries go, and gc removes their shard
             writer.delete([key(1), key(4)])
             writer.gc()
-            return rows
+            yield from rows
 
-        monkeypatch.setattr(reader, "_all_rows", listed_then_deleted)
+        monkeypatch.setattr(reader, "_rows_in_place_order", listed_then_deleted)
         report = reader.verify()
         assert report.ok and report.entries == 4 and report.orphan_bytes == 0, report.summary()
 
