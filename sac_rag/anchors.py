@@ -25,6 +25,16 @@ def anchor_count(n_tokens: int, ratio: int) -> int:
     return max(1, math.ceil((n_tokens - start) / ratio))
 
 
+def _length(token_ids: Sequence[int]) -> int:
+    """A chunk's token count. Its ids are a sequence read more than once (a list, tuple, tensor or
+    array); an iterator or generator is refused, naming its type, rather than half consumed."""
+    try:
+        return len(token_ids)
+    except TypeError:
+        raise InvalidInputError(f"token_ids must be a sequence of token ids (a list, tuple or tensor), got a "
+                                f"{type(token_ids).__name__}: pass list(...) of it") from None
+
+
 def _check(n_tokens: int, ratio: int) -> None:
     """Whole numbers (numpy's too): a ratio of at least 1 and a chunk of at least one token."""
     if not isinstance(ratio, numbers.Integral) or isinstance(ratio, bool) or ratio < 1:
@@ -57,7 +67,7 @@ class UniformAnchors(AnchorSelector):
     name = "uniform"
 
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
-        n = len(token_ids)
+        n = _length(token_ids)
         _check(n, ratio)
         start = (ratio - 1) // 2
         if start >= n:
@@ -75,7 +85,7 @@ class RandomAnchors(AnchorSelector):
     name = "random"
 
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
-        n = len(token_ids)
+        n = _length(token_ids)
         k = anchor_count(n, ratio)
         # The ids as plain ints: a tensor's or numpy array's elements print otherwise ("tensor(5)"),
         # which would give the same chunk other anchors than the same ids in a list.
@@ -99,7 +109,7 @@ class RarestInBlockAnchors(AnchorSelector):
     name = "rarest_in_block"
 
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
-        start, n = (ratio - 1) // 2, len(token_ids)
+        start, n = (ratio - 1) // 2, _length(token_ids)
         return [  # the block of uniform anchor p: p - start .. p - start + ratio - 1
             max(range(max(0, p - start), min(p - start + ratio, n)), key=lambda i, p=p: (token_ids[i], -abs(i - p)))
             for p in UniformAnchors().select(token_ids, ratio)
@@ -128,20 +138,21 @@ class ImportanceAnchors(AnchorSelector):
     def select(self, token_ids: Sequence[int], ratio: int) -> list[int]:
         if self.scorer is None:
             raise InvalidInputError("ImportanceAnchors needs a scorer(token_ids) -> scores callable")
+        n = _length(token_ids)
         raw = self.scorer(token_ids)
         if isinstance(raw, torch.Tensor):  # read at once (element by element: one GPU sync per token)
             scores = raw.detach().to(device="cpu", dtype=torch.float64)
         else:
             scores = torch.as_tensor(list(raw), dtype=torch.float64)
-        if scores.shape != (len(token_ids),):
+        if scores.shape != (n,):
             raise InvalidInputError(
-                f"the importance scorer returned {tuple(scores.shape)} scores for {len(token_ids)} tokens"
+                f"the importance scorer returned {tuple(scores.shape)} scores for {n} tokens"
             )
         if scores.isnan().any():  # topk ranks NaN above every score: it would always be kept
             raise InvalidInputError(
                 f"the importance scorer returned NaN for token {int(scores.isnan().nonzero()[0])}"
             )
-        k = anchor_count(len(token_ids), ratio)
+        k = anchor_count(n, ratio)
         return sorted(torch.topk(scores, k).indices.tolist())
 
 

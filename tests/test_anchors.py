@@ -54,6 +54,14 @@ def test_ratio_must_be_a_positive_integer(ratio):
         UniformAnchors().select(FULL, ratio)
 
 
+@pytest.mark.parametrize("selector", [UniformAnchors(), RandomAnchors(), RarestInBlockAnchors(),
+                                      ImportanceAnchors(scorer=lambda ids: [float(i) for i in ids])],
+                         ids=lambda selector: selector.name)
+def test_token_ids_read_once_are_refused_naming_their_type(selector):
+    with pytest.raises(InvalidInputError, match="a sequence of token ids.*got a generator"):
+        selector.select((token for token in FULL), 5)
+
+
 def test_counts_are_whole_numbers_numpy_s_too():
     import numpy as np
 
