@@ -62,6 +62,12 @@ def record_engine_calls(engine, monkeypatch, names=("generate", "agenerate", "st
     return calls
 
 
+def prompt_configs(calls) -> list:
+    """The decoding config of each prompt ``record_engine_calls`` saw, in order (one config given
+    for a batch counts once per prompt)."""
+    return [c for prompts, config in calls for c in (config if isinstance(config, list) else [config] * len(prompts))]
+
+
 def decodings(calls) -> list[tuple[int, bool]]:
     """``(num_beams, mbr)`` of each decoding ``record_engine_calls`` saw (a batch's configs each)."""
     return [(c.num_beams, c.mbr) for _, config in calls for c in (config if isinstance(config, list) else [config])]

@@ -13,7 +13,7 @@ import re
 import time
 
 import pytest
-from conftest import CHATML, decodings, record_engine_calls
+from conftest import CHATML, decodings, prompt_configs, record_engine_calls
 from langchain_classic.chains import create_retrieval_chain
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.callbacks import BaseCallbackHandler
@@ -640,18 +640,6 @@ def llm_cache():
     set_llm_cache(previous)
 
 
-def _counting(engine, monkeypatch):
-    calls = []
-    generate = engine.generate
-
-    def counted(prompts, config):  # each prompt's decoding (a batch's may differ)
-        calls.extend(config if isinstance(config, list) else [config] * len(prompts))
-        return generate(prompts, config)
-
-    monkeypatch.setattr(engine, "generate", counted)
-    return calls
-
-
 def _cache_key(llm) -> str:
     if isinstance(llm, ChatSAC):
         return llm._get_llm_string()
@@ -662,13 +650,13 @@ def _cache_key(llm) -> str:
 def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cls, llm_cache, compressor,
                                                                               compressor_factory, monkeypatch):
     e0, e1 = SACEngine(compressor), SACEngine(compressor_factory(1))
-    c0, c1 = _counting(e0, monkeypatch), _counting(e1, monkeypatch)
+    c0, c1 = (record_engine_calls(e, monkeypatch, names=("generate",)) for e in (e0, e1))
     text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
     first = text(cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT))
     assert text(cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT)) == first and len(c0) == 1  # same model: a hit
     other = text(cls(engine=e1, max_tokens=6).invoke(CACHE_PROMPT))
     assert len(c1) == 1  # another compressor behind engine=: decoded, not the cached answer
-    assert other == e1.generate([CACHE_PROMPT], c1[0])[0].text
+    assert other == e1.generate([CACHE_PROMPT], prompt_configs(c1)[0])[0].text
     variants = [dict(num_beams=2), dict(extractive=True), dict(top_k=5, temperature=0.5, seed=1),
                 dict(top_p=0.5, temperature=0.5, seed=1), dict(length_penalty=0.0, num_beams=2),
                 dict(mbr=True, num_beams=2), dict(seed=3, temperature=0.7)]
@@ -678,7 +666,7 @@ def test_llm_cache_is_not_shared_by_models_with_other_compressors_or_settings(cl
     keys |= {_cache_key(cls(engine=e0, max_tokens=6)), _cache_key(cls(engine=e1, max_tokens=6))}
     assert len(keys) == len(variants) + 2
     assert cls(engine=e0, max_tokens=6).invoke(CACHE_PROMPT, num_beams=2) is not None
-    assert len(c0) == 2 and c0[-1].num_beams == 2  # a per-call setting is part of the key too
+    assert len(c0) == 2 and prompt_configs(c0)[-1].num_beams == 2  # a per-call setting is part of the key too
 
 
 @pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
@@ -705,20 +693,22 @@ def test_a_model_left_on_default_decoding_answers_as_its_compressor_recommends(c
     llm = cls(engine=engine, max_tokens=6, stop=[])
     [keys] = engine.handles_for(["The ferry runs every forty minutes."])
     prompt = f"### Context:\n{markers_for(keys)}\n### Question:\nHow often?\n### Answer:\n"
-    calls = _counting(engine, monkeypatch)
+    calls = record_engine_calls(engine, monkeypatch, names=("generate",))
     text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
     recommended = text(llm.invoke(prompt))
     greedy = text(llm.invoke(prompt, num_beams=1))  # decoded again, not the cached answer
     text(llm.invoke(CACHE_PROMPT))  # no compressed context: greedy (the recommendation was measured on caches)
-    assert [(c.num_beams, c.mbr) for c in calls] == [(3, True), (1, False), (1, False)]
-    assert recommended == engine.generate([prompt], calls[0])[0].text
-    assert greedy == engine.generate([prompt], calls[1])[0].text
+    configs = prompt_configs(calls)
+    assert [(c.num_beams, c.mbr) for c in configs] == [(3, True), (1, False), (1, False)]
+    assert recommended == engine.generate([prompt], configs[0])[0].text
+    assert greedy == engine.generate([prompt], configs[1])[0].text
     if cls is SACLLM:  # a batch mixing both (prompts not asked before: no cached answers): each its own way
         del calls[:]
         plain, cached = (p.replace("How often?", "How often does it run?") for p in (CACHE_PROMPT, prompt))
         batch = [g[0].text for g in llm.generate([plain, cached]).generations]
-        assert [(c.num_beams, c.mbr) for c in calls] == [(1, False), (3, True)]
-        assert batch == [engine.generate([plain], calls[0])[0].text, engine.generate([cached], calls[1])[0].text]
+        configs = prompt_configs(calls)
+        assert [(c.num_beams, c.mbr) for c in configs] == [(1, False), (3, True)]
+        assert batch == [engine.generate([plain], configs[0])[0].text, engine.generate([cached], configs[1])[0].text]
 
 
 @pytest.mark.parametrize("cls", [ChatSAC, SACLLM])
@@ -729,12 +719,13 @@ def test_a_cached_answer_without_context_is_not_served_to_a_model_that_decodes_s
     prompts with contexts alike, but the LLM cache's key does not see the prompt's kind."""
     compressor.recommended_decoding = {"num_beams": 3, "mbr": True}
     engine = SACEngine(compressor)
-    calls = _counting(engine, monkeypatch)
+    calls = record_engine_calls(engine, monkeypatch, names=("generate",))
     text = (lambda r: r.content) if cls is ChatSAC else (lambda r: r)
     text(cls(engine=engine, max_tokens=6, stop=[]).invoke(CACHE_PROMPT))
     chosen = text(cls(engine=engine, max_tokens=6, stop=[], num_beams=3, mbr=True).invoke(CACHE_PROMPT))
-    assert [(c.num_beams, c.mbr) for c in calls] == [(1, False), (3, True)]  # decoded again, its own way
-    assert chosen == engine.generate([CACHE_PROMPT], calls[1])[0].text
+    configs = prompt_configs(calls)
+    assert [(c.num_beams, c.mbr) for c in configs] == [(1, False), (3, True)]  # decoded again, its own way
+    assert chosen == engine.generate([CACHE_PROMPT], configs[1])[0].text
 
 
 def test_cache_key_has_the_checkpoint_fingerprint_without_loading(tmp_path, compressor):
