@@ -282,3 +282,27 @@ def test_a_model_of_several_parts_keeps_one_fingerprint_in_float32_and_bfloat16(
     assert model.config.text_config.dtype == torch.bfloat16  # what the fingerprint must not read
     loaded = SACCompressor.from_pretrained(tmp_path / "compressor", model=model, tokenizer=tokenizer)
     assert loaded.base_fingerprint == comp.base_fingerprint
+
+
+def test_a_latent_attention_model_rotating_with_deepseeks_interleave_function_moves_chunks_exactly():
+    """LongCat-Flash's modelling code has no ``rotate_half``: it rotates keys with DeepSeek's
+    ``apply_rotary_pos_emb_interleave``, which reads neighbour pairs and returns the rotated part as
+    halves. The cache holds halves, so a chunk encoded at offset 0 and moved to d by rotating its cached
+    rotary part equals the chunk encoded at d, and both answer alike."""
+    specs = {"longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", {
+        **_MLA, "q_lora_rank": 16, "head_dim": 8, "n_routed_experts": 4, "moe_topk": 2, "zero_expert_num": 2,
+        "expert_ffn_hidden_size": 32, "ffn_hidden_size": 128})}
+    model, tokenizer = _build("longcat_flash", specs)
+    comp = SACCompressor(SACConfig(base_model="longcat_flash", ratio=3, chunk_len=64, lora_rank=4, lora_alpha=8,
+                                   lora_target_modules=["q_b_proj", "kv_a_proj_with_mqa"]),
+                         model=model, tokenizer=tokenizer)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    at_zero = comp.compress_chunks([ids], offsets=[0])[0]
+    there = comp.compress_chunks([ids], offsets=[OFFSET])[0]
+    moved = at_zero.at_offset(OFFSET, comp.rotator)
+    assert not torch.allclose(at_zero.values, there.values)  # the rotated part is cached as "values"
+    torch.testing.assert_close(moved.keys, there.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moved.values, there.values, atol=1e-5, rtol=1e-5)
+    gen = Generator.from_compressor(comp)
+    cfg = GenerationConfig(max_new_tokens=8)
+    assert gen.generate([at_zero, " and"], cfg).token_ids == gen.generate([there, " and"], cfg).token_ids

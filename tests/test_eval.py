@@ -585,3 +585,49 @@ def test_8bit_storage_reads_the_caches_as_the_store_returns_them(workspace):
     expected = round_trip(native, "int8")
     assert torch.equal(kv.keys, expected.keys) and torch.equal(kv.values, expected.values)
     assert not torch.equal(kv.keys, native.keys)
+
+
+def test_a_settings_line_anywhere_but_first_is_refused_naming_the_file_and_line(tmp_path):
+    """Only a prediction file's first line may be its ``{"settings": ...}`` header. A settings line
+    further down (e.g. two prediction files run together, made with different settings) is not a
+    prediction: reading the file is refused naming it and the line, instead of mixing the predictions
+    of two settings as one row's."""
+    cache = tmp_path / "predictions.jsonl"
+    first = '{"settings": {"ratio": 2}}\n{"id": "q1", "prediction": "Paris"}\n'
+    cache.write_text(first)
+    assert read_predictions(cache) == {"q1": "Paris"}
+    cache.write_text(first + '{"settings": {"ratio": 4}}\n{"id": "q2", "prediction": "1889"}\n')
+    with pytest.raises(InvalidInputError, match=r"predictions\.jsonl:3 is not a cached prediction"):
+        read_predictions(cache)
+
+
+def test_compression_time_per_chunk_shares_a_questions_compression_among_all_the_chunks_it_reads(monkeypatch):
+    """A question that reads several passages (one of them two chunks long) compresses them all before
+    it is answered: ``compress_s_per_chunk`` is that time divided by the number of chunks, not charged
+    to one. The clock here advances one second per chunk compressed, so the figure is one second."""
+    import sac_rag.eval as ev
+    from sac_rag import Generator, SACCompressor, SACConfig
+
+    model, tokenizer = make_tiny_llama()
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=2, chunk_len=16, lora_rank=0, bidirectional=False,
+                                   anchor_embedding="none"), model=model, tokenizer=tokenizer)
+    method = ev.Method("kv_dropping", 2, Generator.from_compressor(comp), comp.config.prompt, comp)
+    passages = ("The lighthouse on Gull Point was built in 1874.",
+                "It was painted red in 1902 by the keeper, who lived there with his family for forty years.",
+                "The ferry stops at midnight.")
+    chunks = sum(len(c) for c in comp.compress_batch(list(passages)))
+    assert chunks > len(passages)
+    clock = [0.0]
+    compress_batch = comp.compress_batch
+
+    def one_second_per_chunk(texts, **kwargs):
+        compressed = compress_batch(texts, **kwargs)
+        clock[0] += sum(len(c) for c in compressed)
+        return compressed
+
+    monkeypatch.setattr(comp, "compress_batch", one_second_per_chunk)
+    monkeypatch.setattr(ev, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    question = ev.Question("q", "When was it built?", ["1874"], passages[0], passages=passages)
+    costs = ev.measure_costs(method, [question], samples=1, new_tokens=2)
+    assert clock[0] == chunks  # every chunk was compressed once, inside the timed span
+    assert costs["compress_s_per_chunk"] == pytest.approx(1.0)

@@ -324,3 +324,23 @@ def test_a_quote_ends_at_a_line_break_of_its_source_where_the_model_breaks_the_l
         assert (result.text, result.finish_reason) == ("Eiffel Tower", "stop"), config
         assert newline[0] not in result.token_ids
         assert "".join(generator.stream(prompt, config, sources=[source])) == "Eiffel Tower"
+
+
+def test_a_quote_neither_starts_nor_ends_inside_a_first_word_whose_first_letter_is_multibyte(tiny):
+    """In "Élan vital" the letters after the two-byte "É" continue its word: no quote starts at "lan"
+    (nor at the bytes before it), and a quote of "É" alone may not end there, however much the model
+    wants to end; "Élan" and "vital" are quotes as usual."""
+    from sac_rag.extractive import _word_starts
+
+    _, tokenizer = tiny
+    source = "Élan vital"
+    assert _word_starts(source.encode()) == [0, 6]  # "Élan" and "vital"
+    span = _constraint(tokenizer, [source])
+    masked, _ = span.mask(torch.zeros(len(tokenizer)))
+    allowed = [tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)])
+               for i in torch.isfinite(masked).nonzero().flatten().tolist()]
+    assert allowed and not [t for t in allowed if t.lstrip().startswith(("l", "la", "lan"))], allowed
+    for token in tokenizer("É", add_special_tokens=False)["input_ids"]:  # the quote so far: "É"
+        span.mask(torch.zeros(len(tokenizer)))
+        span.advance(token)
+    assert not span.mask(_prefer(tokenizer, "<eos>"))[1]  # inside "Élan": the answer cannot end

@@ -870,3 +870,27 @@ def test_the_autoencoding_term_weighs_each_example_the_same_whatever_it_is_batch
     with torch.no_grad():
         ae = [objective.loss(batch)[1]["ae"] for batch in ([long_one], [short_one], [long_one, short_one])]
     assert ae[2] == pytest.approx((ae[0] + ae[1]) / 2, rel=1e-4)
+
+
+def test_the_autoencoding_term_is_the_mean_nll_of_the_first_chunk_len_tokens_after_the_first_read_from_the_caches():
+    """+AE: the decoder reads an example's compressed passages, is given the passages' first token and
+    predicts the chunk_len tokens after it, each from those before it; the term is each example's mean
+    NLL of those chunk_len tokens (the last one included), averaged over the examples."""
+    from sac_rag.objectives import SACObjective
+
+    comp = _trained_sac()
+    chunk_len, template = comp.config.chunk_len, comp.config.prompt
+    examples = _qa_examples(comp)
+    objective = SACObjective(comp, prefix_text=template.prefix + template.context_prefix, ae_weight=1.0)
+    decoder = _sharp_tiny_llama()[0]  # the frozen decoder: the base model, no adapter of the compressor on
+    per_example = []
+    with torch.no_grad():
+        ae = objective.loss(examples)[1]["ae"]
+        for ex in examples:
+            text = [t for passage in ex.passages for t in passage]
+            assert len(text) > chunk_len + 1
+            text = text[: chunk_len + 1]
+            kvs = [kv for passage in ex.passages for kv in _compressed(comp, passage)]
+            logits = _by_hand(decoder, _head(comp), kvs, text[:-1])
+            per_example.append(F.cross_entropy(logits.float(), torch.tensor(text[1:])))
+    assert ae == pytest.approx(torch.stack(per_example).mean().item(), rel=1e-5)

@@ -983,3 +983,22 @@ def test_an_async_call_with_other_decoding_arguments_is_not_served_a_cached_answ
 
     asyncio.run(ask())
     assert [beams for beams, _ in decodings(calls)] == [1, 2]
+
+
+def test_a_message_given_as_text_blocks_is_read_as_its_blocks_run_together(engine, passages):
+    """Content given as a list of text blocks (plain strings or ``{"type": "text"}`` dicts, as
+    multimodal messages carry it) is read exactly as the same text given as one string: the blocks'
+    texts one after the other, nothing put between them (two markers stay adjacent, a word split
+    across blocks stays one word), in every layout."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    first, second = (marker_for(AnchorStore.key_for(p)) for p in passages[:2])
+    as_blocks = [SystemMessage([{"type": "text", "text": first}, second]),
+                 HumanMessage(["When was the light", {"type": "text", "text": "house on Gull Point built?"}])]
+    as_strings = [SystemMessage(first + second), HumanMessage("When was the lighthouse on Gull Point built?")]
+    for chat_template in ("sac", False):
+        llm = ChatSAC(engine=engine, max_tokens=4, stop=[], chat_template=chat_template)
+        assert llm.render(as_blocks) == llm.render(as_strings)
+    llm = ChatSAC(engine=engine, max_tokens=4, stop=[])
+    assert llm.invoke(as_blocks).content == llm.invoke(as_strings).content
+    assert ChatSAC(engine=engine, chat_template=False).render([HumanMessage(["Who built ", "it?"])]) == "Who built it?"
