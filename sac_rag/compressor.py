@@ -181,6 +181,7 @@ class SACCompressor(torch.nn.Module):
         self.base_fingerprint, self._base_fingerprint_float16 = base_model_fingerprints(model, tokenizer)
         self.rotator = KeyRotator.from_model(model)
         self._base = model
+        self._base_modules = frozenset(map(id, model.modules()))  # before peft adds its own: see train()
         self.model = self._with_adapter(model, config)
         self.selector = anchor_selector or make_selector(config.anchor_strategy, seed=config.anchor_seed)
         hidden = model.config.get_text_config(decoder=True).hidden_size
@@ -199,6 +200,19 @@ class SACCompressor(torch.nn.Module):
         self._recommended_decoding: dict = {}
         self._lora_parameters: list[torch.nn.Parameter] | None = None
         self._switches: tuple[list[dict] | None] | None = None  # (what _adapter_switches found,) once looked for
+        self.train(False)  # peft makes its layers in training mode: dropout would reach answers
+
+    def train(self, mode: bool = True) -> SACCompressor:
+        """Training mode (dropout on) for what trains, the adapters, never for the base model they
+        wrap, which is the frozen decoder too: its own dropout stays off. A compressor is built in
+        eval mode, so it compresses and answers deterministically until a training loop calls
+        ``train()``; ``eval()`` ends that."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        for module in self.modules():
+            if id(module) not in self._base_modules:  # this module, and what peft added to the base model
+                module.training = mode
+        return self
 
     @staticmethod
     def _with_adapter(model, config: SACConfig):
@@ -225,6 +239,7 @@ class SACCompressor(torch.nn.Module):
         self.config.validate()
         self.model.add_adapter("decoder", _lora_config(rank, alpha or 2 * rank, self.config))
         self.model.set_adapter("default")
+        self.train(self.training)  # peft makes the new layers in training mode
         self._fingerprint_cache = self._lora_parameters = self._switches = None
 
     def set_adapter_weights(self, state: dict[str, torch.Tensor], adapter: str = "default") -> None:
@@ -506,7 +521,9 @@ class SACCompressor(torch.nn.Module):
         show_progress: bool = False,
     ) -> list[AnchorKV]:
         """Inference entry point over token chunks: sorted by length to minimise padding,
-        compressed ``batch_size`` at a time, returned in the input order, detached."""
+        compressed at most ``batch_size`` at a time (fewer where their lengths differ so much that
+        padding would add more than ``MAX_PADDING`` to a batch's tokens), returned in the input
+        order, detached."""
         if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Iterable):
             raise InvalidInputError(f"compress_chunks takes a list of token-id lists, got {type(chunks).__name__}; "
                                     "for text use compress(text)")
@@ -520,8 +537,7 @@ class SACCompressor(torch.nn.Module):
 
         with evaluating(self), tqdm(total=len(chunks), unit="chunk", disable=not show_progress,
                                     desc="compressing") as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+            for batch in _padding_bounded(order, [len(c) for c in chunks], batch_size):
                 encoded = self.encode([chunks[i] for i in batch], [offsets[i] for i in batch])
                 for i, kv in zip(batch, encoded):
                     results[i] = kv
@@ -758,15 +774,38 @@ class SACCompressor(torch.nn.Module):
 @contextlib.contextmanager
 def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """``module`` in eval mode (no dropout) for the block; afterwards each of its submodules gets its
-    own flag back. A compressor is in training mode when built while the base model it shares with
-    the decoder is not: ``module.train(was_training)`` would switch the base model's dropout on."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
+    own flag back. A compressor in training has its adapters in training mode and the base model it
+    shares with the decoder not: one flag for the whole would switch the base model's dropout on."""
+    training = [sub for sub in module.modules() if sub.training]
+    for sub in training:  # what module.eval() does, without walking (and calling train() on) every submodule
+        sub.training = False
     try:
         yield
     finally:
-        for sub, mode in modes:
-            sub.training = mode
+        for sub in training:
+            sub.training = True
+
+
+# A batch is closed early where padding its chunks to the longest would add more than this share
+# to their tokens: a padded position costs a whole token's forward pass, and on a CPU batching
+# equal lengths saves only about 5%.
+MAX_PADDING = 0.25
+
+
+def _padding_bounded(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """``order`` (indices sorted by length) in batches of at most ``batch_size`` chunks, each closed
+    before padding to its longest chunk would add more than ``MAX_PADDING`` to its tokens."""
+    batch: list[int] = []
+    tokens = 0
+    for i in order:  # each chunk is the longest of the batch so far
+        padded = lengths[i] * (len(batch) + 1)
+        if batch and (len(batch) == batch_size or padded > (1 + MAX_PADDING) * (tokens + lengths[i])):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += lengths[i]
+    if batch:
+        yield batch
 
 
 def _checked_token_ids(chunks: Iterable, vocabulary: int) -> list[list[int]]:

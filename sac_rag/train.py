@@ -703,7 +703,7 @@ def build_model(cfg: TrainConfig, device: torch.device, resuming: bool = False):
                              on_policy_tokens=cfg.distill_on_policy_tokens, risk_weight=cfg.risk_weight,
                              risk_samples=cfg.risk_samples, risk_max_tokens=cfg.risk_max_tokens,
                              weighting=cfg.loss_weighting)
-    return comp, objective
+    return comp.train(), objective  # its adapters' dropout on; the base model (the decoder too) stays in eval
 
 
 def _max_positions(model) -> int | None:

@@ -245,15 +245,22 @@ def test_models_whose_positions_cannot_be_moved_are_refused_naming_why(arch):
 
 
 def test_compress_leaves_every_module_in_its_own_mode():
-    """compress runs in eval mode and then restores each module's own flag: the compressor (built in
-    training mode) stays in it, the shared base model stays in eval (no dropout when generating)."""
+    """A compressor starts in eval mode; train() puts its adapters in training mode and leaves the
+    base model, the decoder too, in eval (no dropout of its own, ever). compress runs in eval mode
+    and then restores each module's own flag."""
     model, tokenizer = _build("qwen2")
-    comp = SACCompressor(SACConfig(base_model="qwen2", ratio=3, chunk_len=64, lora_rank=4, lora_alpha=8),
-                         model=model, tokenizer=tokenizer)
+    comp = SACCompressor(SACConfig(base_model="qwen2", ratio=3, chunk_len=64, lora_rank=4, lora_alpha=8,
+                                   decoder_lora_rank=4), model=model, tokenizer=tokenizer)
+    assert not any(module.training for module in comp.modules())
+    comp.train()
     before = {name: module.training for name, module in comp.named_modules()}
-    assert before[""] and not model.model.layers[0].self_attn.training
+    lora = [name for name in before if ".lora_" in name]  # peft's lora_A / lora_B / lora_dropout
+    assert before[""] and lora and all(before[name] for name in lora)
+    assert not any(module.training for module in model.model.layers[0].self_attn.q_proj.base_layer.modules())
+    assert not model.model.layers[0].self_attn.training and not model.model.embed_tokens.training
     comp.compress(TEXT)
     assert {name: module.training for name, module in comp.named_modules()} == before
+    assert not any(module.training for module in comp.eval().modules())
 
 
 def test_a_model_of_several_parts_keeps_one_fingerprint_in_float32_and_bfloat16(tmp_path):

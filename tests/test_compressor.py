@@ -20,6 +20,7 @@ from sac_rag import (
     SACCompressor,
     SACConfig,
 )
+from sac_rag import compressor as compressor_module
 from sac_rag.anchors import ImportanceAnchors, RandomAnchors, RarestInBlockAnchors, UniformAnchors
 from sac_rag.compressor import checkpoint_meta
 
@@ -74,16 +75,33 @@ def test_causal_encoder_keeps_the_first_token_blind_to_later_tokens(tiny):
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_batched_compression_of_different_lengths_equals_compressing_each_alone(tiny, bidirectional):
+def test_batched_compression_of_different_lengths_equals_compressing_each_alone(tiny, bidirectional, monkeypatch):
     comp = _compressor(tiny, bidirectional=bidirectional, anchor_embedding="per_slot")
     ids = _ids(comp.tokenizer)
     chunks = [ids[:7], ids[3:40], ids[:1], ids[10:33]]
+    monkeypatch.setattr(compressor_module, "MAX_PADDING", float("inf"))  # all four padded into one batch
     together = comp.compress_chunks(chunks, batch_size=4)
     for chunk, kv in zip(chunks, together):
         alone = comp.compress_chunks([chunk])[0]
         assert kv.n_tokens == len(chunk) and kv.n_anchors == alone.n_anchors
         torch.testing.assert_close(kv.keys, alone.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(kv.values, alone.values, atol=1e-5, rtol=1e-4)
+
+
+def test_chunks_are_batched_by_length_without_padding_a_batch_by_more_than_a_quarter(tiny, monkeypatch):
+    """compress_chunks compresses at most batch_size chunks at once, shortest first, and closes a batch
+    before padding to its longest chunk would add more than MAX_PADDING (a quarter) to its tokens; the
+    results come back in the input order, each as compressed alone."""
+    comp = _compressor(tiny)
+    ids = _ids(comp.tokenizer)
+    chunks = [ids[:30], ids[:8], ids[1:10], ids[:31], ids[2:12], ids[3:32], ids[:9]]
+    batches, encode = [], comp.encode
+    monkeypatch.setattr(comp, "encode", lambda batch, offsets, **kw: batches.append([len(c) for c in batch])
+                        or encode(batch, offsets, **kw))
+    together = comp.compress_chunks(chunks, batch_size=3)
+    assert batches == [[8, 9, 9], [10], [29, 30, 31]]
+    for chunk, kv in zip(chunks, together):
+        torch.testing.assert_close(kv.keys, comp.compress_chunks([chunk])[0].keys, atol=1e-5, rtol=1e-4)
 
 
 def test_anchor_kv_has_one_entry_per_layer_kv_head_and_anchor(tiny):
@@ -374,7 +392,7 @@ def test_anchor_kv_round_trips_through_bytes_and_dtypes(tiny):
         AnchorKV.from_bytes(b"not safetensors at all")
 
 
-def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(tiny):
+def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(tiny, monkeypatch):
     comp = _compressor(tiny, memory="compression_tokens", anchor_embedding="per_slot", bidirectional=False)
     ids = _ids(comp.tokenizer)[:30]
     kv = comp.compress_chunks([ids])[0]
@@ -382,6 +400,7 @@ def test_compression_tokens_baseline_keeps_appended_memory_at_anchor_positions(t
     # causal: the memory depends on the chunk, the chunk's own tokens are not what is kept
     plain = _compressor(make_tiny_llama(), bidirectional=False).compress_chunks([ids])[0]
     assert not torch.allclose(kv.keys, plain.keys)
+    monkeypatch.setattr(compressor_module, "MAX_PADDING", float("inf"))  # the two padded into one batch
     together = comp.compress_chunks([ids, ids[:9]], batch_size=2)
     torch.testing.assert_close(together[1].keys, comp.compress_chunks([ids[:9]])[0].keys, atol=1e-5, rtol=1e-4)
     with pytest.raises(InvalidInputError, match="per_slot"):
@@ -1039,7 +1058,6 @@ def test_a_checkpoint_path_with_a_tilde_is_the_home_folders(tiny, tmp_path, monk
 def test_a_save_that_fails_names_the_directory_and_leaves_no_new_directory_nor_a_changed_checkpoint(
         tiny, tmp_path, monkeypatch):
     """A full disk gave a bare OSError without the path and left an empty new directory behind."""
-    from sac_rag import compressor as compressor_module
     from sac_rag.errors import CheckpointWriteError
 
     comp = _compressor(tiny)

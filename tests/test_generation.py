@@ -904,3 +904,26 @@ def test_of_several_stop_strings_the_one_earliest_in_the_text_cuts_it():
     force_answer(model, len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), answer)
     out = Generator(model, tokenizer).generate(prompt, GenerationConfig(max_new_tokens=10, stop=("s the", "is the")))
     assert out.text == " Paris " and out.finish_reason == "stop"
+
+
+def test_a_compressor_with_lora_dropout_answers_without_it_until_trained(tmp_path):
+    """LoRA dropout is for training: a compressor built or loaded with lora_dropout > 0 reads a prompt
+    to the same logits every time, from compressed contexts (through its decoder adapter) and from
+    text; only after train() do its adapters drop inputs."""
+    model, tokenizer = make_tiny_llama()
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4, lora_dropout=0.5,
+                                   decoder_lora_rank=4), model=model, tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, param in comp.named_parameters():
+            if "lora_B" in name:  # peft starts B at 0, where dropout would change nothing
+                param.normal_(std=0.5)
+    loaded = SACCompressor.from_pretrained(comp.save_pretrained(tmp_path / "ckpt"), model=make_tiny_llama()[0],
+                                           tokenizer=tokenizer)
+    for compressor in (comp, loaded):
+        gen = Generator.from_compressor(compressor)
+        for prompt in ([compressor.compress(TEXT), " question"], [TEXT + " question"]):
+            torch.testing.assert_close(gen.prompt_logits(prompt), gen.prompt_logits(prompt), rtol=0, atol=0)
+    comp.train()
+    prompt = [comp.compress(TEXT), " question"]
+    assert not torch.equal(Generator.from_compressor(comp).prompt_logits(prompt),
+                           Generator.from_compressor(comp).prompt_logits(prompt))
