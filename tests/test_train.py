@@ -1314,3 +1314,32 @@ def test_each_epoch_reads_the_examples_in_another_order(workspace):
     epochs = [[stream._index(p) for p in range(e * n, (e + 1) * n)] for e in range(3)]
     assert all(sorted(order) == list(range(n)) for order in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_held_out_evaluation_decodes_in_batches_the_answers_of_one_question_at_a_time():
+    """The held-out F1 decodes EVAL_BATCH prompts at once: the same questions drawn in the same order,
+    and the same answers and scores as decoding each prompt alone."""
+    import random
+
+    from sac_rag import GenerationConfig, Generator, SACConfig
+    from sac_rag.data import Paragraph, QAItem
+    from sac_rag.metrics import summarize
+    from sac_rag.train import EVAL_BATCH, EVAL_NEW_TOKENS, evaluate_qa
+
+    model, tokenizer = make_tiny_llama()
+    comp = SACCompressor(SACConfig(base_model="tiny", ratio=3, chunk_len=32, lora_rank=4), model=model,
+                         tokenizer=tokenizer)
+    paragraphs = [Paragraph(f"{context} Note {i}.", [QAItem(question, [answer]), QAItem(f"And {question}", ["x"])])
+                  for i in range(EVAL_BATCH + 4) for context, question, answer in [FACTS[i % len(FACTS)]]]
+    template, generator = comp.config.prompt, Generator.from_compressor(comp)
+    result = evaluate_qa(generator, template, paragraphs, len(paragraphs), compress=comp.compress, seed=3)
+    rng = random.Random(3)
+    alone, golds = [], []
+    for para in rng.sample(paragraphs, len(paragraphs)):
+        qa = para.questions[rng.randrange(len(para.questions))]
+        prompt = template.build([comp.compress(para.context)], qa.question)
+        alone.append(generator.generate(prompt, GenerationConfig(max_new_tokens=EVAL_NEW_TOKENS, stop=("\n",))).text)
+        golds.append(qa.answers)
+    expected = summarize([text.strip() for text in alone], golds)
+    assert result["n"] == len(paragraphs) > EVAL_BATCH and {k: result[k] for k in expected} == expected
+    assert [p for p, _ in result["examples"]] == [text.strip() for text in alone[:5]]
