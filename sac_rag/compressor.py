@@ -45,6 +45,7 @@ from .fingerprint import (
 from .generation import check_recommended_decoding
 from .kv import AnchorKV
 from .models import BUILTIN_MODELS, cache_dir, load_base_model
+from .refine import refine
 from .rope import KeyRotator
 
 logger = logging.getLogger(__name__)
@@ -539,6 +540,9 @@ class SACCompressor(torch.nn.Module):
                                     desc="compressing") as bar:
             for batch in _padding_bounded(order, [len(c) for c in chunks], batch_size):
                 encoded = self.encode([chunks[i] for i in batch], [offsets[i] for i in batch])
+                if self.config.refine_steps:
+                    encoded = refine(self, encoded, [chunks[i] for i in batch], self.config.refine_steps,
+                                     self.config.refine_lr)
                 for i, kv in zip(batch, encoded):
                     results[i] = kv
                 bar.update(len(batch))

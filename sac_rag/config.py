@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from .errors import InvalidInputError
 ANCHOR_EMBEDDINGS = ("shared", "per_slot", "none")
 POSITION_CONVENTIONS = ("global",)  # the one the encoder implements (see SACConfig)
 _WHOLE_NUMBERS = ("ratio", "chunk_len", "lora_rank", "lora_alpha", "decoder_lora_rank", "decoder_lora_alpha",
-                  "anchor_seed")  # SACConfig's integer settings
+                  "anchor_seed", "refine_steps")  # SACConfig's integer settings
 # Chat roles that ask (each turn a question) and answer (each turn an answer); any other role's
 # text is context (``PromptTemplate.conversation``).
 CHAT_ASKING = ("user", "human")
@@ -195,6 +196,10 @@ class SACConfig:
     # the earlier chunks' lengths); stored chunks are encoded at offset 0 and moved by rotation.
     position_convention: str = "global"
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
+    # Adam steps on each chunk's anchor K/V after encoding it, so the decoder can re-read the chunk
+    # from them (``sac_rag.refine``; an extension beyond the paper; 0 = off, the paper's method).
+    refine_steps: int = 0
+    refine_lr: float = 0.01
 
     def __post_init__(self):
         if isinstance(self.prompt, dict):
@@ -250,9 +255,19 @@ class SACConfig:
             raise InvalidInputError("a decoder adapter needs an encoder adapter too (lora_rank > 0)")
         if self.lora_rank < 0:
             raise InvalidInputError(f"lora_rank must be >= 0 (0 = no adapter), got {self.lora_rank}")
+        if self.refine_steps < 0:
+            raise InvalidInputError(f"refine_steps must be >= 0 (0 = no refinement), got {self.refine_steps}")
+        lr = self.refine_lr
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+            raise InvalidInputError(f"refine_lr must be a positive number, got {lr!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as saved (and fingerprinted). Refinement's appear only when it is on: a
+        compressor without it keeps the config, and so the fingerprint, it had before they existed."""
+        settings = dataclasses.asdict(self)
+        if not self.refine_steps:
+            del settings["refine_steps"], settings["refine_lr"]
+        return settings
 
     @classmethod
     def from_dict(cls, data: dict) -> SACConfig:

@@ -202,7 +202,8 @@ METHODS = ("sac", "kv_dropping", "full_context", "full_ft", "no_context", "text_
 
 def build_method(name: str, base_model: str | None, ratio: int | None, checkpoint: str | None, device, dtype,
                  decoder_adapter: str | None = None, anchor_strategy: str | None = None,
-                 merge_decoder: bool = False) -> Method:
+                 merge_decoder: bool = False, refine_steps: int | None = None,
+                 refine_lr: float | None = None) -> Method:
     """``sac`` (a compressor checkpoint), ``kv_dropping`` (untrained anchors, causal, no adapter),
     ``full_context`` (frozen decoder, text), ``full_ft`` (decoder LoRA checkpoint, text),
     ``no_context``, and hard text compression to 1/``ratio`` of the context's tokens:
@@ -210,7 +211,8 @@ def build_method(name: str, base_model: str | None, ratio: int | None, checkpoin
     ``ratio`` defaults to 5; for ``sac`` it defaults to the checkpoint's, and another value
     evaluates the trained weights at that ratio (``retarget_ratio``: how much of a gap is the
     compression itself). ``anchor_strategy`` likewise places the anchors of ``sac`` by another
-    strategy than the one it was trained with (``SACCompressor.use_anchors``).
+    strategy than the one it was trained with (``SACCompressor.use_anchors``). ``refine_steps`` and
+    ``refine_lr`` refine each chunk of ``sac`` after encoding it (``sac_rag.refine``), where given.
 
     ``decoder_adapter`` (a peft LoRA directory, e.g. the Full-FT one) makes the decoder of the
     baselines the QA-trained one, so that answer format is equal and only content differs; the
@@ -229,6 +231,10 @@ def build_method(name: str, base_model: str | None, ratio: int | None, checkpoin
             comp.retarget_ratio(ratio)
         if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
             comp.use_anchors(anchor_strategy)
+        for name, value in (("refine_steps", refine_steps), ("refine_lr", refine_lr)):
+            if value is not None:
+                setattr(comp.config, name, value)
+        comp.config.validate()
         return Method(name, comp.config.ratio, Generator.from_compressor(comp, merge_decoder), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio
     base_model = base_model or DEFAULT_BASE_MODEL
@@ -645,6 +651,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--ratio does not apply to --method {args.method} (it reads the whole context, or none)")
     if args.anchor_strategy and args.method != "sac":
         parser.error("--anchor-strategy applies to --method sac")
+    if (args.refine_steps is not None or args.refine_lr is not None) and args.method != "sac":
+        parser.error("--refine-steps and --refine-lr apply to --method sac")
+    if args.refine_lr is not None and not 0 < args.refine_lr < float("inf"):
+        parser.error(f"--refine-lr must be a positive number, got {args.refine_lr}")
     if args.storage != "native" and args.method not in ("sac", "kv_dropping"):
         parser.error("--storage applies to methods that read compressed contexts (sac, kv_dropping)")
     if args.num_beams == 1 and (args.length_penalty != 1.0 or args.mbr):
@@ -678,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the checkpoint's, another value evaluates its weights at that ratio")
     parser.add_argument("--anchor-strategy", help="sac: place anchors by this strategy instead of the trained one "
                         "(sac_rag.anchors, e.g. rarest_in_block)")
+    parser.add_argument("--refine-steps", type=at_least(0), help="sac: refine each compressed chunk by this many "
+                        "steps (sac_rag.refine; default: the checkpoint's setting, 0 = none; labels get '-refineN')")
+    parser.add_argument("--refine-lr", type=float, help="sac: the refinement's learning rate (default: the "
+                        "checkpoint's, else 0.01)")
     parser.add_argument("--decoder-adapter", type=user_path,
                         help="peft LoRA directory for the decoder of kv_dropping, text_* or "
                         "full_context (e.g. the Full-FT adapter: equal answer format, only content differs)")
@@ -742,7 +756,11 @@ def main(argv: list[str] | None = None) -> int:
     questions = subset_questions(args)
     dtype = dtype_name(resolve_dtype(args.dtype, resolve_device(args.device)))
     method = build_method(args.method, args.base_model, args.ratio, args.checkpoint, args.device, dtype,
-                          args.decoder_adapter, args.anchor_strategy, args.merge_decoder)
+                          args.decoder_adapter, args.anchor_strategy, args.merge_decoder, args.refine_steps,
+                          args.refine_lr)
+    refine_steps = method.compressor.config.refine_steps if method.compressor is not None else 0
+    if refine_steps and f"refine{refine_steps}" not in label:
+        label += f"-refine{refine_steps}"
     method.storage = args.storage
     cache = prediction_cache(args.results, label, method.compressor, dtype, args.dataset, len(questions), args.seed,
                              args.skip)
@@ -759,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base_model or DEFAULT_BASE_MODEL,
         "checkpoint": args.checkpoint, "decoder_adapter": args.decoder_adapter,
         "anchor_strategy": method.compressor.config.anchor_strategy if method.compressor is not None else None,
+        **({"refine_steps": refine_steps, "refine_lr": method.compressor.config.refine_lr} if refine_steps else {}),
         "compressor_fingerprint": method.compressor.fingerprint if method.compressor is not None else None,
         "dtype": dtype, "storage": args.storage, "decoding": "extractive" if args.extractive else "free",
         "num_beams": args.num_beams, "length_penalty": args.length_penalty, "mbr": args.mbr,

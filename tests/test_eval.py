@@ -70,6 +70,21 @@ def test_a_compressor_can_be_read_with_anchors_placed_by_another_strategy(worksp
         _run(workspace, "--method", "full_context", "--anchor-strategy", "rarest_in_block")
 
 
+def test_a_compressor_can_be_read_with_its_chunks_refined(workspace):
+    """--refine-steps refines each compressed chunk (sac_rag.refine): the row says so in its label and
+    fields, and its predictions are cached apart (another fingerprint)."""
+    ckpt = str(workspace / "compressor")
+    own = _run(workspace, "--method", "sac", "--checkpoint", ckpt, "--label", "sac")
+    refined = _run(workspace, "--method", "sac", "--checkpoint", ckpt, "--label", "sac", "--refine-steps", "2",
+                   "--refine-lr", "0.05")
+    assert (refined["method"], refined["refine_steps"], refined["refine_lr"]) == ("sac-refine2", 2, 0.05)
+    assert "refine_steps" not in own and refined["compressor_fingerprint"] != own["compressor_fingerprint"]
+    for bad in (["--method", "full_context", "--refine-steps", "2"], ["--method", "sac", "--checkpoint", ckpt,
+                                                                      "--refine-lr", "0"]):
+        with pytest.raises(SystemExit):
+            _run(workspace, *bad)
+
+
 def test_a_rerun_reuses_cached_predictions(workspace):
     first = _run(workspace, "--method", "full_context")
     cache = next((workspace / "results" / "predictions").glob("full_context-*.jsonl"))

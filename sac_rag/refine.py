@@ -1,0 +1,74 @@
+"""Refining compressed chunks at compression time (an extension beyond the paper).
+
+The encoder writes each chunk's anchor K/V in one forward pass. Refinement then treats those K/V
+as free parameters of that one chunk and takes ``steps`` Adam steps on them so that the decoder,
+reading the prompt's opening and the chunk's K/V (and nothing else), re-reads the chunk: the
+objective is the cross-entropy of each of the chunk's tokens after its first one, given the
+tokens before it (the autoencoding task of METHOD.md, here solved per chunk rather than learned).
+No question and no answer is seen; the cache keeps its size (the same anchors, the same
+positions). It costs one forward and backward pass through the decoder per step and chunk, done
+once when a chunk is compressed (precompressed stores pay it offline).
+
+``SACConfig.refine_steps`` / ``refine_lr`` turn it on; they enter the compressor's fingerprint, so
+refined and unrefined caches are never mixed in a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .kv import AnchorKV
+
+if TYPE_CHECKING:
+    from .compressor import SACCompressor
+
+
+def refine(compressor: SACCompressor, kvs: list[AnchorKV], chunks: list[list[int]], steps: int,
+           lr: float) -> list[AnchorKV]:
+    """``kvs`` (the chunks ``chunks`` as the encoder compressed them) after ``steps`` Adam steps at
+    learning rate ``lr`` on their keys and values, all chunks at once (each its own loss). A chunk of
+    one token has nothing to re-read and is returned as it is."""
+    from .objectives import _context_kv, _decode_rows, _prompt_head
+
+    todo = [i for i, chunk in enumerate(chunks) if len(chunk) > 1]
+    if not steps or not todo:
+        return kvs
+    template = compressor.config.prompt
+    opening = _prompt_head(compressor.tokenizer, template.prefix + template.context_prefix)
+    with torch.no_grad(), compressor.decoder_mode():
+        head = _context_kv(compressor.base_model, opening, compressor.device) if opening else None
+    # Each chunk where the decoder reads it: right after the prompt's opening (and any chunks before it).
+    placed = [kvs[i].at_offset(len(opening) + kvs[i].offset, compressor.rotator) for i in todo]
+    keys = [kv.keys.detach().float().clone().requires_grad_(True) for kv in placed]
+    values = [kv.values.detach().float().clone().requires_grad_(True) for kv in placed]
+    rows = [(chunks[i][:1], list(chunks[i][1:])) for i in todo]
+    lengths = [kv.offset + kv.n_tokens for kv in placed]
+    optimizer = torch.optim.Adam([*keys, *values], lr=lr)
+    dtype = compressor.dtype
+    for _ in range(steps):
+        with torch.enable_grad(), compressor.decoder_mode():
+            caches = [(_with_head(head, 0, k.to(dtype)), _with_head(head, 1, v.to(dtype)))
+                      for k, v in zip(keys, values)]
+            decoded = _decode_rows(compressor.base_model, caches, lengths, rows, list(range(len(rows))))
+            token_loss = F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
+            per_chunk = torch.zeros(len(rows), device=token_loss.device).index_add(0, decoded.row, token_loss)
+            counts = torch.as_tensor([len(target) for _, target in rows], device=token_loss.device)
+            loss = (per_chunk / counts).sum()  # each chunk's mean: chunks do not weigh on each other's steps
+            grads = torch.autograd.grad(loss, [*keys, *values])
+        for param, grad in zip([*keys, *values], grads):
+            param.grad = grad
+        optimizer.step()
+    refined = list(kvs)
+    for i, kv, k, v in zip(todo, placed, keys, values):
+        back = replace(kv, keys=k.detach(), values=v.detach()).at_offset(kvs[i].offset, compressor.rotator)
+        refined[i] = replace(back, keys=back.keys.to(dtype), values=back.values.to(dtype))
+    return refined
+
+
+def _with_head(head, part: int, tensor: torch.Tensor) -> torch.Tensor:
+    """The prompt opening's keys (``part`` 0) or values (1) before ``tensor``, along the positions."""
+    return tensor if head is None else torch.cat([head[part], tensor], dim=2)
