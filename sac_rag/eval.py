@@ -231,9 +231,9 @@ def build_method(name: str, base_model: str | None, ratio: int | None, checkpoin
             comp.retarget_ratio(ratio)
         if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
             comp.use_anchors(anchor_strategy)
-        for name, value in (("refine_steps", refine_steps), ("refine_lr", refine_lr)):
+        for setting, value in (("refine_steps", refine_steps), ("refine_lr", refine_lr)):
             if value is not None:
-                setattr(comp.config, name, value)
+                setattr(comp.config, setting, value)
         comp.config.validate()
         return Method(name, comp.config.ratio, Generator.from_compressor(comp, merge_decoder), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio

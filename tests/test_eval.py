@@ -79,6 +79,8 @@ def test_a_compressor_can_be_read_with_its_chunks_refined(workspace):
                    "--refine-lr", "0.05")
     assert (refined["method"], refined["refine_steps"], refined["refine_lr"]) == ("sac-refine2", 2, 0.05)
     assert "refine_steps" not in own and refined["compressor_fingerprint"] != own["compressor_fingerprint"]
+    (cache,) = (workspace / "results" / "predictions").glob("sac-refine2-*.jsonl")
+    assert json.loads(cache.read_text().splitlines()[0])["settings"]["method"] == "sac"
     for bad in (["--method", "full_context", "--refine-steps", "2"], ["--method", "sac", "--checkpoint", ckpt,
                                                                       "--refine-lr", "0"]):
         with pytest.raises(SystemExit):
