@@ -32,32 +32,20 @@ def refine(compressor: SACCompressor, kvs: list[AnchorKV], chunks: list[list[int
     """``kvs`` (the chunks ``chunks`` as the encoder compressed them) after ``steps`` Adam steps at
     learning rate ``lr`` on their keys and values, all chunks at once (each its own loss). A chunk of
     one token has nothing to re-read and is returned as it is."""
-    from .objectives import _context_kv, _decode_rows, _prompt_head
-
     todo = [i for i, chunk in enumerate(chunks) if len(chunk) > 1]
     if not steps or not todo:
         return kvs
-    template = compressor.config.prompt
-    opening = _prompt_head(compressor.tokenizer, template.prefix + template.context_prefix)
-    with torch.no_grad(), compressor.decoder_mode():
-        head = _context_kv(compressor.base_model, opening, compressor.device) if opening else None
+    opening, head = _opening(compressor)
     # Each chunk where the decoder reads it: right after the prompt's opening (and any chunks before it).
     placed = [kvs[i].at_offset(len(opening) + kvs[i].offset, compressor.rotator) for i in todo]
     keys = [kv.keys.detach().float().clone().requires_grad_(True) for kv in placed]
     values = [kv.values.detach().float().clone().requires_grad_(True) for kv in placed]
-    rows = [(chunks[i][:1], list(chunks[i][1:])) for i in todo]
-    lengths = [kv.offset + kv.n_tokens for kv in placed]
+    chunks = [chunks[i] for i in todo]
     optimizer = torch.optim.Adam([*keys, *values], lr=lr)
-    dtype = compressor.dtype
     for _ in range(steps):
-        with torch.enable_grad(), compressor.decoder_mode():
-            caches = [(_with_head(head, 0, k.to(dtype)), _with_head(head, 1, v.to(dtype)))
-                      for k, v in zip(keys, values)]
-            decoded = _decode_rows(compressor.base_model, caches, lengths, rows, list(range(len(rows))))
-            token_loss = F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
-            per_chunk = torch.zeros(len(rows), device=token_loss.device).index_add(0, decoded.row, token_loss)
-            counts = torch.as_tensor([len(target) for _, target in rows], device=token_loss.device)
-            loss = (per_chunk / counts).sum()  # each chunk's mean: chunks do not weigh on each other's steps
+        with torch.enable_grad():
+            # each chunk's mean: chunks do not weigh on each other's steps
+            loss = _rereading_losses(compressor, head, keys, values, placed, chunks).sum()
             grads = torch.autograd.grad(loss, [*keys, *values])
         for param, grad in zip([*keys, *values], grads):
             param.grad = grad
@@ -65,8 +53,46 @@ def refine(compressor: SACCompressor, kvs: list[AnchorKV], chunks: list[list[int
     refined = list(kvs)
     for i, kv, k, v in zip(todo, placed, keys, values):
         back = replace(kv, keys=k.detach(), values=v.detach()).at_offset(kvs[i].offset, compressor.rotator)
-        refined[i] = replace(back, keys=back.keys.to(dtype), values=back.values.to(dtype))
+        refined[i] = replace(back, keys=back.keys.to(kv.keys.dtype), values=back.values.to(kv.values.dtype))
     return refined
+
+
+@torch.no_grad()
+def rereading_loss(compressor: SACCompressor, kv: AnchorKV, chunk: list[int]) -> float:
+    """What refinement lowers: the decoder's mean cross-entropy of each of ``chunk``'s tokens after
+    the first, given those before it, reading the prompt's opening and the chunk's compressed ``kv``
+    (the chunk's K/V only, right after the opening)."""
+    opening, head = _opening(compressor)
+    placed = kv.at_offset(len(opening) + kv.offset, compressor.rotator)
+    return _rereading_losses(compressor, head, [placed.keys], [placed.values], [placed], [chunk]).item()
+
+
+def _opening(compressor: SACCompressor) -> tuple[list[int], tuple | None]:
+    """The prompt's opening before its contexts (BOS, prefix, context prefix) and its K/V as the
+    decoder reads it (None when there is no opening)."""
+    from .objectives import _context_kv, _prompt_head
+
+    template = compressor.config.prompt
+    opening = _prompt_head(compressor.tokenizer, template.prefix + template.context_prefix)
+    with torch.no_grad(), compressor.decoder_mode():
+        return opening, _context_kv(compressor.base_model, opening, compressor.device) if opening else None
+
+
+def _rereading_losses(compressor: SACCompressor, head, keys, values, placed: list[AnchorKV],
+                      chunks: list[list[int]]) -> torch.Tensor:
+    """Each chunk's re-reading loss (see ``rereading_loss``) from ``keys`` / ``values``, the K/V of
+    the chunks ``placed`` after the opening ``head``."""
+    from .objectives import _decode_rows
+
+    dtype = compressor.dtype
+    caches = [(_with_head(head, 0, k.to(dtype)), _with_head(head, 1, v.to(dtype))) for k, v in zip(keys, values)]
+    rows = [(chunk[:1], list(chunk[1:])) for chunk in chunks]
+    with compressor.decoder_mode():
+        decoded = _decode_rows(compressor.base_model, caches, [kv.offset + kv.n_tokens for kv in placed], rows,
+                               list(range(len(rows))))
+    token_loss = F.cross_entropy(decoded.logits.float(), decoded.labels, reduction="none")
+    summed = torch.zeros(len(rows), device=token_loss.device).index_add(0, decoded.row, token_loss)
+    return summed / torch.as_tensor([len(target) for _, target in rows], device=token_loss.device)
 
 
 def _with_head(head, part: int, tensor: torch.Tensor) -> torch.Tensor:

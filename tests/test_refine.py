@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_tiny_llama
 
 from sac_rag import Generator, InvalidInputError, SACCompressor, SACConfig
-from sac_rag.objectives import _context_kv, _decode_rows, _prompt_head
+from sac_rag.refine import rereading_loss
 
 TEXT = ("The lighthouse on Gull Point was built in 1874 and painted red in 1902 by its keeper, who lived "
         "there with his family for forty years and kept a log of every ship that passed the point.")
@@ -27,20 +26,6 @@ def _compressor(**settings) -> SACCompressor:
     return comp
 
 
-def _rereading_loss(comp: SACCompressor, kv, chunk: list[int]) -> float:
-    """Mean cross-entropy of each of the chunk's tokens after the first, by the decoder reading the
-    prompt's opening and the chunk's K/V placed right after it (what refinement lowers)."""
-    template = comp.config.prompt
-    opening = _prompt_head(comp.tokenizer, template.prefix + template.context_prefix)
-    placed = kv.at_offset(len(opening) + kv.offset, comp.rotator)
-    with torch.no_grad(), comp.decoder_mode():
-        head = _context_kv(comp.base_model, opening, comp.device)
-        cache = (torch.cat([head[0], placed.keys], 2), torch.cat([head[1], placed.values], 2))
-        decoded = _decode_rows(comp.base_model, [cache], [placed.offset + placed.n_tokens], [(chunk[:1], chunk[1:])],
-                               [0])
-    return F.cross_entropy(decoded.logits.float(), decoded.labels).item()
-
-
 def test_refinement_lowers_the_loss_of_re_reading_each_chunk_and_keeps_the_cache_shape():
     """Each chunk's anchor K/V after refine_steps Adam steps: the decoder re-reads the chunk from them
     better than from the encoder's K/V, and the cache keeps its anchors, positions and offsets."""
@@ -52,7 +37,7 @@ def test_refinement_lowers_the_loss_of_re_reading_each_chunk_and_keeps_the_cache
         assert (new.n_tokens, new.offset, new.positions.tolist(), new.keys.shape, new.keys.dtype) == (
             old.n_tokens, old.offset, old.positions.tolist(), old.keys.shape, old.keys.dtype)
         assert not torch.equal(new.keys, old.keys) and not torch.equal(new.values, old.values)
-        assert _rereading_loss(refined, new, chunk) < 0.93 * _rereading_loss(plain, old, chunk)  # a random model
+        assert rereading_loss(refined, new, chunk) < 0.93 * rereading_loss(plain, old, chunk)  # a random model
     assert after[1].offset == 24  # the second chunk where the first ends, as without refinement
 
 
