@@ -538,10 +538,13 @@ def build_compressor(args: argparse.Namespace) -> SACCompressor:
                            bidirectional=False, anchor_embedding="none")
         return SACCompressor(config, device=args.device, dtype=args.dtype)
     try:
-        return load_compressor(args.compressor, args.device, args.dtype, base_model)
+        compressor = load_compressor(args.compressor, args.device, args.dtype, base_model)
     except CheckpointError as err:
         raise CheckpointError(f"{err}. Pass --compressor DIR (a trained compressor), or --kv-dropping "
                               f"--base-model NAME for the untrained baseline.") from err
+    if getattr(args, "refine_steps", None) is not None:
+        compressor.config.refine_steps = args.refine_steps
+    return compressor
 
 
 def _chunk_len(args: argparse.Namespace) -> int | None:
@@ -600,6 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.add_argument("--ratio", type=int, default=None,
                        help="compression ratio for --kv-dropping (default 5); a trained compressor compresses at "
                             "the ratio it was trained for")
+    model.add_argument("--refine-steps", type=int, default=None,
+                       help="refine each compressed chunk by this many steps (sac_rag.refine: better answers, "
+                            "each chunk about 35x slower to compress on a CPU; default: the compressor's setting, "
+                            "0 = none); a store holds chunks of one setting only")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--dtype", default=None,
                        help="model and new store dtype: auto (default: bfloat16 where the device computes it "
@@ -625,6 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the summary (documents read and skipped by reason, chunks compressed and "
                              "already stored, the store's size) as JSON instead of text")
     args = parser.parse_args(argv)
+    if args.refine_steps is not None and args.kv_dropping:
+        parser.error("--refine-steps refines the chunks of a trained --compressor, not those of --kv-dropping")
+    if args.refine_steps is not None and args.refine_steps < 0:
+        parser.error(f"--refine-steps must be >= 0 (0 = none), got {args.refine_steps}")
     if args.ratio is not None and not args.kv_dropping:
         parser.error(f"--ratio {args.ratio} sets the ratio of --kv-dropping only: a trained compressor compresses at "
                      "the ratio it was trained for (choose one trained for the ratio you want); leave --ratio out, "

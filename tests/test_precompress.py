@@ -618,6 +618,31 @@ def test_cli_help_and_errors(tmp_path, capsys, corpus):
     assert "--ratio 15 sets the ratio of --kv-dropping only" in capsys.readouterr().err
 
 
+def test_refine_steps_precompresses_refined_chunks_into_a_store_of_their_own_fingerprint(tmp_path, capsys):
+    """--refine-steps stores each chunk refined (sac_rag.refine): the store is the refined compressor's,
+    which a store of the plain compressor's chunks refuses, naming both fingerprints."""
+    from conftest import save_tiny_compressor
+
+    compressor = save_tiny_compressor(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(words(7, 40))
+    common = ["--corpus", str(corpus), "--compressor", str(compressor), "--base-model", str(tmp_path / "tiny-model"),
+              "--dtype", "float32", "--no-progress"]
+    assert main([*common, "--store", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--store", str(tmp_path / "refined"), "--refine-steps", "2"]) == 0
+    plain, refined = (AnchorStore.open(tmp_path / name, readonly=True) for name in ("plain", "refined"))
+    with plain, refined:
+        assert plain.fingerprint != refined.fingerprint and plain.keys() == refined.keys()
+        key = next(iter(plain.keys()))
+        assert not torch.equal(plain.get(key).keys, refined.get(key).keys)
+    assert main([*common, "--store", str(tmp_path / "plain"), "--refine-steps", "2"]) == 2
+    assert refined.fingerprint in capsys.readouterr().err
+    for bad in (["--kv-dropping", "--refine-steps", "2"], ["--refine-steps", "-1"]):
+        with pytest.raises(SystemExit):
+            main([*common, "--store", str(tmp_path / "bad"), *bad])
+
+
 # -- what a run reports ---------------------------------------------------------------------------
 
 
