@@ -604,9 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="compression ratio for --kv-dropping (default 5); a trained compressor compresses at "
                             "the ratio it was trained for")
     model.add_argument("--refine-steps", type=int, default=None,
-                       help="refine each compressed chunk by this many steps (sac_rag.refine: better answers, "
-                            "each chunk about 35x slower to compress on a CPU; default: the compressor's setting, "
-                            "0 = none); a store holds chunks of one setting only")
+                       help="refine each compressed chunk by this many steps (sac_rag.refine: better answers; 5 "
+                            "steps compressed SQuAD paragraphs 11x slower on a CPU, benchmarks/refine_cost.py; "
+                            "default: the compressor's setting, 0 = none); a store holds chunks of one setting only")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     model.add_argument("--dtype", default=None,
                        help="model and new store dtype: auto (default: bfloat16 where the device computes it "
