@@ -98,7 +98,7 @@ def align_settings(compressors: list[SACCompressor], anchor_strategy: str = "", 
     for other in compressors[1:]:
         settings = other.config.to_dict()
         if settings != first:
-            differing = sorted(k for k, v in first.items() if settings.get(k) != v)
+            differing = sorted(k for k in first.keys() | settings.keys() if settings.get(k) != first.get(k))
             raise SystemExit(f"the compressors were saved with different settings ({', '.join(differing)}); "
                              "only one lineage can be averaged")
 

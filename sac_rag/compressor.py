@@ -532,6 +532,7 @@ class SACCompressor(torch.nn.Module):
         offsets = _chunk_offsets(len(chunks), offsets)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.config.validate()  # settings edited since (refine_steps, say) are checked before they are used
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
         results: list[AnchorKV | None] = [None] * len(chunks)
         from tqdm.auto import tqdm

@@ -759,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
                           args.decoder_adapter, args.anchor_strategy, args.merge_decoder, args.refine_steps,
                           args.refine_lr)
     refine_steps = method.compressor.config.refine_steps if method.compressor is not None else 0
+    if args.refine_lr is not None and not refine_steps:
+        parser.error(f"--refine-lr sets the rate of refinement, which {args.checkpoint} does not do: give "
+                     "--refine-steps too")
     if refine_steps and f"refine{refine_steps}" not in label:
         label += f"-refine{refine_steps}"
     method.storage = args.storage

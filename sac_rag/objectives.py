@@ -526,6 +526,12 @@ def _context_kv(model, ids: list[int], device) -> tuple[torch.Tensor, torch.Tens
     """K/V ``[layers, heads, len, dim]`` of a text read by ``model`` at positions 0..len-1."""
     out = model(input_ids=torch.as_tensor([ids], device=device), use_cache=True, logits_to_keep=1)
     layers = out.cache.layers
+    kept = min(lay.keys.shape[2] for lay in layers)
+    if kept < len(ids):  # a sliding-window layer keeps only its window's last tokens
+        raise InvalidInputError(
+            f"a text of {len(ids)} tokens is read here as one cache, but the model's sliding-window layers keep "
+            f"only the last {kept} tokens of it: shorten it (for the prompt's opening: PromptTemplate.prefix and "
+            f"context_prefix) to at most {kept} tokens")
     return torch.stack([lay.keys[0] for lay in layers]), torch.stack([lay.values[0] for lay in layers])
 
 

@@ -9,6 +9,12 @@ No question and no answer is seen; the cache keeps its size (the same anchors, t
 positions). It costs one forward and backward pass through the decoder per step and chunk, done
 once when a chunk is compressed (precompressed stores pay it offline).
 
+Every chunk is refined where a first context sits, right after the opening, whatever its offset,
+and then moved to its offset: a chunk refines to the same K/V wherever it is compressed (a store's
+chunks are compressed at offset 0 and moved into place when read; one compressed in place is the
+same to rounding). Adam's steps are not rotation-equivariant, so refining a chunk at its own
+offset would make the two differ.
+
 ``SACConfig.refine_steps`` / ``refine_lr`` turn it on; they enter the compressor's fingerprint, so
 refined and unrefined caches are never mixed in a store.
 """
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
 from .kv import AnchorKV
 
 if TYPE_CHECKING:
@@ -35,9 +42,12 @@ def refine(compressor: SACCompressor, kvs: list[AnchorKV], chunks: list[list[int
     todo = [i for i, chunk in enumerate(chunks) if len(chunk) > 1]
     if not steps or not todo:
         return kvs
+    if torch.is_inference_mode_enabled():
+        raise InvalidInputError("refinement (refine_steps > 0) takes gradient steps, which torch.inference_mode() "
+                                "forbids: compress outside it (torch.no_grad() is fine)")
     opening, head = _opening(compressor)
-    # Each chunk where the decoder reads it: right after the prompt's opening (and any chunks before it).
-    placed = [kvs[i].at_offset(len(opening) + kvs[i].offset, compressor.rotator) for i in todo]
+    _check_positions(compressor, len(opening) + 2 * max(len(chunks[i]) for i in todo))
+    placed = [kvs[i].at_offset(len(opening), compressor.rotator) for i in todo]  # each as a first context
     keys = [kv.keys.detach().float().clone().requires_grad_(True) for kv in placed]
     values = [kv.values.detach().float().clone().requires_grad_(True) for kv in placed]
     chunks = [chunks[i] for i in todo]
@@ -61,9 +71,9 @@ def refine(compressor: SACCompressor, kvs: list[AnchorKV], chunks: list[list[int
 def rereading_loss(compressor: SACCompressor, kv: AnchorKV, chunk: list[int]) -> float:
     """What refinement lowers: the decoder's mean cross-entropy of each of ``chunk``'s tokens after
     the first, given those before it, reading the prompt's opening and the chunk's compressed ``kv``
-    (the chunk's K/V only, right after the opening)."""
+    (the chunk's K/V only, moved to right after the opening)."""
     opening, head = _opening(compressor)
-    placed = kv.at_offset(len(opening) + kv.offset, compressor.rotator)
+    placed = kv.at_offset(len(opening), compressor.rotator)
     return _rereading_losses(compressor, head, [placed.keys], [placed.values], [placed], [chunk]).item()
 
 
@@ -76,6 +86,18 @@ def _opening(compressor: SACCompressor) -> tuple[list[int], tuple | None]:
     opening = _prompt_head(compressor.tokenizer, template.prefix + template.context_prefix)
     with torch.no_grad(), compressor.decoder_mode():
         return opening, _context_kv(compressor.base_model, opening, compressor.device) if opening else None
+
+
+def _check_positions(compressor: SACCompressor, end: int) -> None:
+    """Refuse to re-read chunks up to position ``end`` (exclusive: the opening, a chunk, the chunk
+    again) where a dynamic RoPE model's frequencies would differ from the ones the chunk has."""
+    limit = compressor.rotator.position_limit
+    if limit is not None and end >= limit:
+        raise InvalidInputError(
+            f"refinement re-reads each chunk after the prompt's opening and the chunk itself, up to position "
+            f"{end - 1}, but {compressor.rotator.model_kind} uses dynamic RoPE, whose frequencies are the base ones "
+            f"only before its max_position_embeddings={limit}: compress chunks of fewer tokens (chunk_len) or turn "
+            "refinement off (refine_steps=0)")
 
 
 def _rereading_losses(compressor: SACCompressor, head, keys, values, placed: list[AnchorKV],

@@ -110,6 +110,14 @@ def test_compressors_trained_at_different_ratios_are_refused_unless_both_are_set
     assert first.config.ratio == second.config.ratio == 2
 
 
+def test_a_setting_only_one_compressor_saves_is_named_whichever_comes_first():
+    plain, refined = _tiny_compressor(), _tiny_compressor()
+    refined.config.refine_steps = 2  # saved only when on
+    for order in ([plain, refined], [refined, plain]):
+        with pytest.raises(SystemExit, match=r"\(refine_lr, refine_steps\)"):
+            align_settings(order)
+
+
 def test_the_average_is_written_only_to_a_new_or_empty_directory(tmp_path):
     """Into a source, the average would replace its weights; into another compressor's directory, it
     would leave that one's files beside weights they do not describe."""

@@ -81,8 +81,9 @@ def test_a_compressor_can_be_read_with_its_chunks_refined(workspace):
     assert "refine_steps" not in own and refined["compressor_fingerprint"] != own["compressor_fingerprint"]
     (cache,) = (workspace / "results" / "predictions").glob("sac-refine2-*.jsonl")
     assert json.loads(cache.read_text().splitlines()[0])["settings"]["method"] == "sac"
-    for bad in (["--method", "full_context", "--refine-steps", "2"], ["--method", "sac", "--checkpoint", ckpt,
-                                                                      "--refine-lr", "0"]):
+    for bad in (["--method", "full_context", "--refine-steps", "2"],
+                ["--method", "sac", "--checkpoint", ckpt, "--refine-steps", "2", "--refine-lr", "0"],
+                ["--method", "sac", "--checkpoint", ckpt, "--refine-lr", "0.05"]):  # a rate without steps
         with pytest.raises(SystemExit):
             _run(workspace, *bad)
 

@@ -41,6 +41,18 @@ def test_refinement_lowers_the_loss_of_re_reading_each_chunk_and_keeps_the_cache
     assert after[1].offset == 24  # the second chunk where the first ends, as without refinement
 
 
+def test_a_chunk_refines_alike_wherever_it_is_compressed():
+    """A chunk compressed in place (a text's second chunk) and the same chunk compressed at offset 0 (as
+    a store holds it) and moved there are the same refined K/V, to rounding: a store's answers are
+    those of the chunks compressed in place."""
+    comp = _compressor(refine_steps=3, refine_lr=0.05)
+    ids = comp.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    in_place = comp.compress_batch([TEXT])[0][1]
+    stored = comp.compress_chunks([ids[24:48]])[0].at_offset(24, comp.rotator)
+    torch.testing.assert_close(in_place.keys, stored.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(in_place.values, stored.values, atol=1e-4, rtol=1e-4)
+
+
 def test_refined_caches_have_their_own_fingerprint_and_answer_through_the_generator(tmp_path):
     """Refinement changes what is cached, so it changes the fingerprint (a store of unrefined caches
     refuses the refined compressor); it is saved and loaded with the compressor."""
@@ -79,3 +91,59 @@ def test_a_one_token_chunk_has_nothing_to_re_read_and_is_kept_as_encoded():
 def test_bad_refinement_settings_are_refused_naming_them(setting, value, message):
     with pytest.raises(InvalidInputError, match=message):
         SACConfig(**{setting: value})
+    comp = _compressor()
+    setattr(comp.config, setting, value)  # edited on a compressor: refused when it would be used
+    with pytest.raises(InvalidInputError, match=message):
+        comp.compress(TEXT)
+
+
+def test_refinement_inside_inference_mode_is_refused_saying_what_to_use():
+    comp = _compressor(refine_steps=2)
+    with torch.inference_mode(), pytest.raises(InvalidInputError, match=r"inference_mode.*torch.no_grad"):
+        comp.compress(TEXT)
+    with torch.no_grad():
+        assert comp.compress(TEXT)
+
+
+def test_a_dynamic_rope_model_refuses_to_re_read_a_chunk_past_its_base_frequencies():
+    """Refinement reads a chunk twice after the prompt's opening: on a dynamic-RoPE model whose base
+    frequencies end at max_position_embeddings, a chunk whose re-reading reaches past it is refused
+    (the frequencies there differ from the chunk's), naming what to do."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sac_rag.config import PromptTemplate
+    from sac_rag.objectives import _prompt_head
+
+    _, tokenizer = make_tiny_llama()
+    opening = len(_prompt_head(tokenizer, PromptTemplate().prefix + PromptTemplate().context_prefix))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=opening + 2 * 20 + 1,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = LlamaForCausalLM(config).eval()
+    comp = SACCompressor(SACConfig(base_model="tiny-dynamic", ratio=3, chunk_len=24, lora_rank=4, refine_steps=1),
+                         model=model, tokenizer=tokenizer)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert comp.compress_chunks([ids[:20]])  # the opening and twice 20 tokens: within the base frequencies
+    with pytest.raises(InvalidInputError, match="dynamic RoPE.*chunk_len"):
+        comp.compress_chunks([ids[:24], ids[:24]])
+
+
+def test_a_prompt_opening_longer_than_a_sliding_window_is_refused_naming_what_to_shorten():
+    """Refinement reads the prompt's opening as one cache; a sliding-window model (Gemma 2 here, a
+    window of 32) keeps only its window of it, so an opening longer than that is refused, naming the
+    template's fields, rather than failing deep inside."""
+    from test_architectures import SLIDING, _build
+
+    from sac_rag.config import PromptTemplate
+
+    window_of_32 = {"gemma2": (*SLIDING["gemma2"][:2], {**SLIDING["gemma2"][2], "sliding_window": 32})}
+    long_prefix = PromptTemplate(prefix="System: " + "Answer briefly from the context. " * 8)
+    for prompt, refused in ((PromptTemplate(), False), (long_prefix, True)):
+        model, tokenizer = _build("gemma2", window_of_32)
+        comp = SACCompressor(SACConfig(base_model="gemma2", ratio=2, chunk_len=24, lora_rank=4, prompt=prompt,
+                                       refine_steps=1), model=model, tokenizer=tokenizer)
+        if refused:
+            with pytest.raises(InvalidInputError, match=r"sliding-window layers keep only the last 31 .*prefix"):
+                comp.compress(TEXT)
+        else:
+            assert comp.compress(TEXT)
