@@ -147,3 +147,18 @@ def test_a_prompt_opening_longer_than_a_sliding_window_is_refused_naming_what_to
                 comp.compress(TEXT)
         else:
             assert comp.compress(TEXT)
+
+
+def test_turning_refinement_on_for_a_loaded_sac_refines_what_it_compresses_from_then_on():
+    """As the README shows it: the setting edited on a SAC's compressor takes effect at its next
+    compression, and its answers read the refined caches (their fingerprint is the compressor's new one)."""
+    from sac_rag import SAC, GenerationConfig
+
+    sac = SAC(_compressor(), GenerationConfig(max_new_tokens=3))
+    before = sac.fingerprint
+    plain = sac.compress(TEXT)
+    sac.compressor.config.refine_steps = 2
+    refined = sac.compress(TEXT)
+    assert sac.fingerprint != before and refined[0].fingerprint == sac.fingerprint
+    assert not torch.equal(plain[0].keys, refined[0].keys)
+    assert sac.answer("When was it built?", [TEXT]).text == sac.answer("When was it built?", [refined]).text
