@@ -6,6 +6,12 @@ evaluate the exported one (by its short name), and precompress stores with it, n
 
     python benchmarks/export_compressor.py runs/sac5x-squad-dec/best smollm2-135m-sac-5x \
         --run-dir runs/sac5x-squad-dec
+
+A built-in compressor exported again with other settings and ``--share-weights-with`` its own name
+is a variant that ships its ``config.json`` only and reads the weights it shares (the refined 5x):
+
+    python benchmarks/export_compressor.py smollm2-135m-sac-5x smollm2-135m-sac-5x-refined \
+        --refine-steps 5 --share-weights-with smollm2-135m-sac-5x
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta
+from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta, resolve_pretrained
+from sac_rag.config import SACConfig
 from sac_rag.errors import CheckpointError, InvalidInputError, SACError, exit_with_message
 from sac_rag.files import atomic_write
 
@@ -62,18 +69,40 @@ def run_files(run_dir: str | None) -> list[Path]:
     return [Path(run_dir) / name for name in RUN_FILES if (Path(run_dir) / name).is_file()]
 
 
+def exported_settings(checkpoint: str, refine_steps: int | None, refine_lr: float | None) -> dict:
+    """The settings the export saves: the checkpoint's, with the refinement given (checked)."""
+    settings = dict(checkpoint_meta(checkpoint)["config"])
+    settings.update({k: v for k, v in (("refine_steps", refine_steps), ("refine_lr", refine_lr)) if v is not None})
+    config = SACConfig.from_dict(settings)
+    config.validate()
+    if refine_lr is not None and not config.refine_steps:
+        raise InvalidInputError("--refine-lr sets the rate of refinement, which this export does not do: give "
+                                "--refine-steps too")
+    return config.to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a compressor directory (e.g. a run's best/ or final/)")
     parser.add_argument("name", help="short name under sac_rag/pretrained/")
     parser.add_argument("--run-dir", help="the training run, for train_config.json and loss_curve.png")
+    parser.add_argument("--refine-steps", type=int, help="export with this many refinement steps per chunk "
+                        "(sac_rag.refine; 0 = none; default: the checkpoint's), a compressor of its own fingerprint")
+    parser.add_argument("--refine-lr", type=float, help="the refinement's learning rate (default: the checkpoint's)")
+    parser.add_argument("--share-weights-with", metavar="NAME", help="a built-in compressor holding these very "
+                        "weights in bfloat16: write config.json only, reading its weights (a variant in settings)")
     args = parser.parse_args(argv)
     target = export_target(args.name)
+    sibling = None if args.share_weights_with is None else export_target(args.share_weights_with)
     copies = run_files(args.run_dir)
-    check_same_compressor(target, checkpoint_meta(args.checkpoint)["config"])  # before the model loads
+    settings = exported_settings(args.checkpoint, args.refine_steps, args.refine_lr)
+    check_same_compressor(target, settings)  # before the model loads
     compressor = SACCompressor.from_pretrained(args.checkpoint, device="cpu", dtype="float32")
-    compressor.save_pretrained(target, dtype=torch.bfloat16)
-    averaged = Path(args.checkpoint) / PROVENANCE
+    for setting in ("refine_steps", "refine_lr"):
+        if getattr(args, setting) is not None:
+            setattr(compressor.config, setting, getattr(args, setting))
+    compressor.save_pretrained(target, dtype=torch.bfloat16, share_weights_with=sibling)
+    averaged = resolve_pretrained(args.checkpoint) / PROVENANCE
     if averaged.is_file():  # an average's sources and weights (benchmarks/average_compressors.py)
         copies.append(averaged)
     elif (target / PROVENANCE).exists():  # an earlier export's, which does not describe these weights

@@ -56,6 +56,7 @@ WEIGHTS_FILE = "compressor.safetensors"
 PENDING_WEIGHTS_FILE = ".compressor.safetensors.pending"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_COMPRESSOR = "smollm2-135m-sac-5x"  # the packaged default, loaded when no name is given
+WEIGHTS_FROM = "weights_from"  # config.json's key: the sibling directory holding the weights (save_pretrained)
 RECOMMENDED_DECODING = "recommended_decoding"  # config.json's key (SACCompressor.recommended_decoding)
 
 
@@ -653,11 +654,18 @@ class SACCompressor(torch.nn.Module):
 
     # -- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        share_weights_with: str | os.PathLike | None = None) -> Path:
         """Write ``config.json`` + ``compressor.safetensors`` (anchor embedding, LoRA), in ``dtype``
         if given (a floating-point ``torch.dtype`` or its name, as everywhere: bfloat16 halves a
         shipped artefact; the rounded weights are another compressor, and the fingerprint recorded
         is theirs).
+
+        ``share_weights_with`` names a checkpoint directory beside ``directory`` (same parent) whose
+        weights file holds exactly the bytes this save would write: only ``config.json`` is written,
+        naming that directory (``weights_from``) instead of a second copy of the weights. It makes a
+        variant that differs in settings only (``refine_steps``, say) without doubling what ships;
+        the two directories are then copied together. Other weights than the sibling's are refused.
 
         Safe to kill at any point, also over an existing checkpoint: config.json records the
         weights' hash and is the one commit point. The new weights go first to a pending file
@@ -680,20 +688,24 @@ class SACCompressor(torch.nn.Module):
             raise InvalidInputError(f"{directory} is a file: save_pretrained writes a directory, so pass a path "
                                     "that is a directory or does not exist yet")
         _check_not_foreign(directory)
+        sibling = None if share_weights_with is None else _weights_sibling(directory, share_weights_with)
         made = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            self._write_checkpoint(directory, dtype)
-        except OSError as err:  # e.g. a full disk: the path is named, and a directory made for it goes again
-            if made:
+            self._write_checkpoint(directory, dtype, sibling)
+        except (OSError, InvalidInputError) as err:  # e.g. a full disk: the path is named, and a directory made
+            if made:                                  # for it goes again
                 shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(err, InvalidInputError):
+                raise
             why = f"cannot save the compressor to {directory}: {err.strerror or err}"
             raise CheckpointWriteError(err.errno, f"{why}; make room there (or choose another directory), then "
                                                   "save again") from err
         return directory
 
-    def _write_checkpoint(self, directory: Path, dtype: torch.dtype | None) -> None:
-        """``save_pretrained``'s writes into ``directory``, which exists."""
+    def _write_checkpoint(self, directory: Path, dtype: torch.dtype | None, sibling: Path | None) -> None:
+        """``save_pretrained``'s writes into ``directory``, which exists (the weights into ``sibling``'s
+        file instead, when given: it must hold them already)."""
         tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
         weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
         meta = {
@@ -702,12 +714,22 @@ class SACCompressor(torch.nn.Module):
             **base_record(self.base_fingerprint, self._base_fingerprint_float16),
             "fingerprint": self._fingerprint_of(tensors),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            **({WEIGHTS_FROM: sibling.name} if sibling is not None else {}),
             **({RECOMMENDED_DECODING: self._recommended_decoding} if self._recommended_decoding else {}),
         }
         _finish_killed_save(directory)  # else the pending weights config.json names would be overwritten
-        atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
-        atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
-        os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
+        if sibling is not None:
+            if _read_config(sibling)["weights_sha256"] != meta["weights_sha256"]:
+                raise InvalidInputError(f"share_weights_with={str(sibling)!r} holds other weights than this compressor "
+                                        "(in this dtype): save the weights themselves, or pass the dtype that "
+                                        "checkpoint was saved in")
+            atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+            for stale in (PENDING_WEIGHTS_FILE, WEIGHTS_FILE):  # an earlier save's, no longer named
+                (directory / stale).unlink(missing_ok=True)
+        else:
+            atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
+            atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+            os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
         fsync_dir(directory)
 
     @classmethod
@@ -952,6 +974,10 @@ def _read_config(directory: Path) -> dict:
     if damaged:
         raise CheckpointError(f"{path} lacks a valid {', '.join(map(repr, damaged))}: the checkpoint is damaged or "
                               "was edited by hand; copy it again or save it again with save_pretrained")
+    source = meta.get(WEIGHTS_FROM, directory.name)
+    if not (isinstance(source, str) and source not in ("", ".", "..") and Path(source).name == source):
+        raise CheckpointError(f"{path} names {source!r} as the directory of its weights ({WEIGHTS_FROM!r}), which is "
+                              "not a directory beside it: the checkpoint was edited by hand; copy it again")
     if RECOMMENDED_DECODING in meta:
         try:
             check_recommended_decoding(meta[RECOMMENDED_DECODING], str(path))
@@ -986,6 +1012,20 @@ def _check_not_foreign(directory: Path) -> None:
     if found != "sac-compressor/1":
         raise InvalidInputError(f"{directory} holds a {CONFIG_FILE} that is not a compressor checkpoint's (format "
                                 f"{found!r}), which saving here would replace: save into another directory")
+
+
+def _weights_sibling(directory: Path, share_weights_with: str | os.PathLike) -> Path:
+    """The checkpoint directory ``save_pretrained(share_weights_with=...)`` names, refused unless it
+    holds its own weights beside ``directory``: a reader finds them by name in the same parent."""
+    sibling = resolve_pretrained(share_weights_with)
+    if sibling.resolve() == directory.resolve() or sibling.resolve().parent != directory.resolve().parent:
+        raise InvalidInputError(f"share_weights_with={str(share_weights_with)!r} is not a checkpoint beside "
+                                f"{directory} (another directory in {directory.parent}): save the weights themselves, "
+                                "or save beside the checkpoint that holds them")
+    if WEIGHTS_FROM in _read_config(sibling):
+        raise InvalidInputError(f"share_weights_with={str(share_weights_with)!r} holds no weights itself (it reads "
+                                f"{_read_config(sibling)[WEIGHTS_FROM]!r}'s): name that checkpoint instead")
+    return sibling
 
 
 def _finish_killed_save(directory: Path) -> None:
@@ -1032,22 +1072,27 @@ def _read_weights(directory: Path, meta: dict) -> bytes:
     ``compressor.safetensors``, or still in the pending file when a save was killed after writing
     config.json and before renaming them into place (``save_pretrained``); the rename may also
     happen while this reads, hence the second look at the weights file."""
+    source, copy_again = directory, "copy it again"
+    if WEIGHTS_FROM in meta:  # a variant in settings only, reading its sibling's weights (save_pretrained)
+        source = directory.parent / meta[WEIGHTS_FROM]
+        copy_again = (f"{directory} reads its weights from {source} ({WEIGHTS_FROM!r} in its {CONFIG_FILE}): copy "
+                      "the two directories together")
     found = None
     for name in (WEIGHTS_FILE, PENDING_WEIGHTS_FILE, WEIGHTS_FILE):
         try:
-            data = (directory / name).read_bytes()
+            data = (source / name).read_bytes()
         except FileNotFoundError:
             continue
         except OSError as err:
-            raise CheckpointError(f"cannot read {directory / name} ({err.strerror or err}): the checkpoint is "
-                                  "incomplete; copy it again") from err
+            raise CheckpointError(f"cannot read {source / name} ({err.strerror or err}): the checkpoint is "
+                                  f"incomplete; {copy_again}") from err
         if hashlib.sha256(data).hexdigest() == meta["weights_sha256"]:
             return data
         found = name if found is None else found
     if found is None:
-        raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE} (it does not exist): the checkpoint is "
-                              "incomplete; copy it again")
+        raise CheckpointError(f"cannot read {source / WEIGHTS_FILE} (it does not exist): the checkpoint is "
+                              f"incomplete; {copy_again}")
     raise CheckpointError(
-        f"{directory / WEIGHTS_FILE} does not match the hash in {CONFIG_FILE}: the checkpoint "
-        f"is corrupt or was half-copied; copy it again"
+        f"{source / WEIGHTS_FILE} does not match the hash in {directory / CONFIG_FILE}: the checkpoint "
+        f"is corrupt or was half-copied; {copy_again}"
     )

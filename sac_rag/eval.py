@@ -30,7 +30,7 @@ import torch
 from .config import PromptTemplate, SACConfig, text_ids
 from .data import DEFAULT_HELD_OUT_FRACTION, read_qa, split_by_title
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import InvalidInputError, exit_with_message
+from .errors import InvalidInputError, SACError, exit_with_message
 from .files import append_jsonl, is_json_object, open_for_appending, user_path
 from .fingerprint import compressor_tag, same_base_model
 from .generation import GenerationConfig, Generator
@@ -297,7 +297,7 @@ def decoder_adapter_problem(adapter: str) -> str | None:
     be one): a folder without ``adapter_config.json`` (a compressor, a Full-FT training run's
     folder rather than its ``final/``), a file, a built-in compressor's name, or a path that can
     only be local and does not exist. A name that may be a hub id is left to peft to look up."""
-    from .compressor import WEIGHTS_FILE, list_pretrained
+    from .compressor import list_pretrained
     from .models import _is_local_path
 
     path = Path(adapter).expanduser()
@@ -306,7 +306,7 @@ def decoder_adapter_problem(adapter: str) -> str | None:
     if path.is_dir():
         if (path / "final" / "adapter_config.json").is_file():
             return f"is a training run's folder: pass its final/ ({path / 'final'}) or best/"
-        if (path / WEIGHTS_FILE).is_file():
+        if _is_compressor(path):
             return "holds no adapter_config.json: it is a compressor, not a decoder adapter"
         return f"holds no adapter_config.json: pass {ADAPTER_FOLDER}"
     if path.exists():
@@ -316,6 +316,17 @@ def decoder_adapter_problem(adapter: str) -> str | None:
     if _is_local_path(adapter):
         return f"does not exist: pass {ADAPTER_FOLDER}"
     return None
+
+
+def _is_compressor(path: Path) -> bool:
+    """Whether ``path`` holds a compressor checkpoint (its weights, or a variant's config.json alone)."""
+    from .compressor import WEIGHTS_FILE, checkpoint_meta
+
+    try:
+        checkpoint_meta(path)
+    except SACError:
+        return (path / WEIGHTS_FILE).is_file()  # one whose config.json is damaged is still no adapter
+    return True
 
 
 @dataclass

@@ -805,6 +805,71 @@ def test_a_save_over_one_killed_after_its_commit_keeps_the_committed_weights_unt
     assert SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer).fingerprint == first
 
 
+def test_a_variant_in_settings_only_reads_its_siblings_weights_and_has_its_own_fingerprint(tiny, tmp_path):
+    """save_pretrained(share_weights_with=...) writes config.json alone: loading it gives the saved
+    settings over the sibling's weights, under the fingerprint those settings make."""
+    comp = _compressor(tiny)
+    base = comp.save_pretrained(tmp_path / "base")
+    comp.config.refine_steps = 2
+    variant = comp.save_pretrained(tmp_path / "refined", share_weights_with=base)
+    assert sorted(p.name for p in variant.iterdir()) == ["config.json"]
+    assert checkpoint_meta(variant)["weights_from"] == "base"
+    model, tokenizer = make_tiny_llama()
+    loaded = SACCompressor.from_pretrained(variant, model=model, tokenizer=tokenizer)
+    assert loaded.config.refine_steps == 2 and loaded.fingerprint == comp.fingerprint
+    assert loaded.fingerprint != checkpoint_meta(base)["fingerprint"]
+    torch.testing.assert_close(loaded.anchor_embedding, comp.anchor_embedding, rtol=0, atol=0)
+
+    comp.save_pretrained(variant)  # saved with its own weights again: it no longer reads the sibling's
+    assert "weights_from" not in checkpoint_meta(variant) and (variant / "compressor.safetensors").exists()
+    comp.save_pretrained(variant, share_weights_with=base)  # and back: the copy it no longer names goes
+    assert not (variant / "compressor.safetensors").exists()
+
+
+def test_a_variant_copied_without_its_sibling_or_edited_to_point_elsewhere_is_refused_saying_so(tiny, tmp_path):
+    comp = _compressor(tiny)
+    base = comp.save_pretrained(tmp_path / "base")
+    comp.config.refine_steps = 2
+    variant = comp.save_pretrained(tmp_path / "refined", share_weights_with=base)
+    model, tokenizer = make_tiny_llama()
+    alone = tmp_path / "elsewhere" / "refined"
+    alone.parent.mkdir()
+    variant.rename(alone)
+    with pytest.raises(CheckpointError, match="reads its weights from .*base.*copy the two directories together"):
+        SACCompressor.from_pretrained(alone, model=model, tokenizer=tokenizer)
+    meta = checkpoint_meta(alone)
+    for elsewhere in ("../base", "..", 3):
+        (alone / "config.json").write_text(json.dumps({**meta, "weights_from": elsewhere}))
+        with pytest.raises(CheckpointError, match="not a directory beside it"):
+            SACCompressor.from_pretrained(alone, model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("other weights", "holds other weights than this compressor"),
+    ("not beside", "is not a checkpoint beside"),
+    ("itself", "is not a checkpoint beside"),
+    ("a variant", "holds no weights itself"),
+])
+def test_sharing_weights_the_named_checkpoint_does_not_hold_beside_it_is_refused_leaving_nothing(tiny, tmp_path,
+                                                                                                  case, says):
+    comp = _compressor(tiny)
+    base = comp.save_pretrained(tmp_path / "base")
+    target = tmp_path / "variant"
+    if case == "other weights":
+        _perturb(comp, seed=5)
+    elif case == "not beside":
+        target = tmp_path / "deeper" / "variant"
+    elif case == "itself":
+        target = base
+    elif case == "a variant":
+        base = comp.save_pretrained(tmp_path / "first", share_weights_with=base)
+    before = sorted((p.name, p.read_bytes()) for p in base.iterdir())
+    with pytest.raises(InvalidInputError, match=says):
+        comp.save_pretrained(target, share_weights_with=base)
+    assert target == base or not target.exists()
+    assert sorted((p.name, p.read_bytes()) for p in base.iterdir()) == before
+
+
 def _edit_config(meta: dict, edit: str) -> str:
     """config.json's text after one kind of damage or hand edit."""
     if edit == "truncated":

@@ -342,10 +342,14 @@ def test_command_line_mistakes_are_named_before_any_model_loads(capsys, args, me
     ("--checkpoint", "nowhere/run/final", "does not exist"),
     ("--checkpoint", "runs", "is a training run's folder: pass its final/"),
     ("--decoder-adapter", "compressor", "holds no adapter_config.json: it is a compressor, not a decoder"),
+    ("--checkpoint", "refined", "holds no adapter_config.json: it is a compressor, not a decoder"),
 ])
 def test_a_decoder_adapter_that_is_none_is_named_before_any_model_loads(workspace, capsys, option, given, message):
     (workspace / "runs" / "final").mkdir(parents=True)  # a Full-FT training run: its adapter is in final/
     (workspace / "runs" / "final" / "adapter_config.json").write_text("{}")
+    meta = json.loads((workspace / "compressor" / "config.json").read_text())
+    (workspace / "refined").mkdir()  # a compressor's variant in settings: its config.json alone
+    (workspace / "refined" / "config.json").write_text(json.dumps({**meta, "weights_from": "compressor"}))
     path = given if given.startswith("smollm2") else str(workspace / given)
     method = ["--method", "full_ft"] if option == "--checkpoint" else ["--method", "full_context"]
     with pytest.raises(SystemExit) as exit:

@@ -145,3 +145,33 @@ def test_a_missing_checkpoint_is_one_line_on_the_command_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "neither a compressor directory" in done.stderr
+
+
+def test_a_variant_in_settings_ships_its_config_only_and_loads_by_name_as_the_compressor_with_those_settings(
+        package, run):
+    script, pretrained = package
+    run_dir, _ = run
+    script.main([str(run_dir / "final"), "tiny-sac-2x"])
+    assert script.main(["tiny-sac-2x", "tiny-sac-2x-refined", "--refine-steps", "3", "--refine-lr", "0.02",
+                        "--share-weights-with", "tiny-sac-2x"]) == 0
+    assert sorted(p.name for p in (pretrained / "tiny-sac-2x-refined").iterdir()) == ["config.json"]
+    variant = SACCompressor.from_pretrained("tiny-sac-2x-refined", device="cpu")
+    plain = SACCompressor.from_pretrained("tiny-sac-2x", device="cpu")
+    assert (variant.config.refine_steps, variant.config.refine_lr, plain.config.refine_steps) == (3, 0.02, 0)
+    plain.config.refine_steps, plain.config.refine_lr = 3, 0.02
+    assert variant.fingerprint == plain.fingerprint  # the same compressor, named
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--refine-steps", "-1"], "refine_steps must be >= 0"),
+    (["--refine-lr", "0.1"], "give --refine-steps too"),
+    (["--refine-steps", "2", "--share-weights-with", "../x"], "is not a short name"),
+    (["--refine-steps", "2", "--share-weights-with", "missing"], "neither a compressor directory"),
+])
+def test_a_variant_with_bad_settings_or_no_sibling_is_refused_writing_nothing(package, run, args, says):
+    script, pretrained = package
+    run_dir, _ = run
+    script.main([str(run_dir / "final"), "tiny-sac-2x"])
+    with pytest.raises(SACError, match=says):
+        script.main(["tiny-sac-2x", "tiny-sac-2x-refined", *args])
+    assert not (pretrained / "tiny-sac-2x-refined").exists()

@@ -151,3 +151,22 @@ def test_refining_the_shipped_compressors_chunk_lets_the_decoder_re_read_it_far_
     (refined,) = compressor.compress_chunks([ids])
     assert refined.n_anchors == encoded.n_anchors and refined.positions.tolist() == encoded.positions.tolist()
     assert rereading_loss(compressor, refined, ids) < 0.75 * rereading_loss(compressor, encoded, ids)
+
+
+def test_the_refined_5x_is_the_shipped_5x_refining_five_steps_under_its_own_fingerprint_without_a_weights_copy():
+    """``smollm2-135m-sac-5x-refined`` names the compressor issue 3's refined scores were read with:
+    the 5x's weights file (not a copy), five refinement steps at rate 0.01, and the fingerprint those
+    settings make, so that its caches and stores are never mixed with the unrefined 5x's."""
+    from sac_rag.compressor import PRETRAINED_DIR, checkpoint_meta
+
+    meta, plain_meta = checkpoint_meta("smollm2-135m-sac-5x-refined"), checkpoint_meta("smollm2-135m-sac-5x")
+    assert meta["weights_from"] == "smollm2-135m-sac-5x" and meta["weights_sha256"] == plain_meta["weights_sha256"]
+    assert sorted(p.name for p in (PRETRAINED_DIR / "smollm2-135m-sac-5x-refined").iterdir()) == [
+        "MODEL_CARD.md", "config.json"]
+    refined = SACCompressor.from_pretrained("smollm2-135m-sac-5x-refined", device="cpu")
+    assert (refined.config.refine_steps, refined.config.refine_lr) == (5, 0.01)
+    plain = SACCompressor.from_pretrained("smollm2-135m-sac-5x", device="cpu")
+    assert plain.config.refine_steps == 0 and plain.fingerprint != refined.fingerprint == meta["fingerprint"]
+    plain.config.refine_steps = 5
+    assert plain.fingerprint == refined.fingerprint
+    assert refined.recommended_decoding == {"num_beams": 8, "mbr": True}
