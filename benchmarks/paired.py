@@ -6,7 +6,14 @@ difference to a reference, with a 95% bootstrap interval over questions.
         $P/ablation-sac-????????-squad-dev-n500-s0.jsonl $P/ablation-no-mask-????????-squad-dev-n500-s0.jsonl
 
 The first prediction file is the reference; ``a.jsonl+b.jsonl`` stands for the per-question mean
-of several runs (e.g. two training seeds of one variant). Resampling the per-question
+of several runs (e.g. two training seeds of one variant). ``--also SKIP:N`` pools another block of
+the same seeded order with the first (issue 3's rule: the headline's 1,000 and the confirmation's
+500), and each method is then named by one prediction file per block, comma-joined in that order:
+
+    python benchmarks/paired.py --n 1000 --also 5800:500 \
+        $P/full-ft-...-n1000-s0.jsonl,$P/full-ft-...-n500-s0-k5800.jsonl \
+        $P/sac-...-n1000-s0.jsonl,$P/sac-...-n500-s0-k5800.jsonl
+ Resampling the per-question
 differences (one resample for both methods) gives a much tighter interval than comparing two
 unpaired CIs, which is what small ablations need. Prediction files are the per-question caches
 that ``python -m sac_rag.eval`` writes.
@@ -17,8 +24,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sac_rag.errors import exit_with_message
-from sac_rag.eval import add_subset_arguments, predictions_for, subset_questions
+from sac_rag.errors import InvalidInputError, exit_with_message
+from sac_rag.eval import add_subset_arguments, dataset_questions, predictions_for, subset_questions
 from sac_rag.metrics import bootstrap_ci, bootstrap_share_ci, paired_difference, score
 
 
@@ -38,18 +45,46 @@ def averaged_f1(spec: str, questions) -> list[float]:
     return [sum(values) / len(values) for values in zip(*runs)]
 
 
+def pooled_f1(spec: str, blocks: list[list]) -> list[float]:
+    """Per-question F1 over several blocks of questions, the i-th ``,``-joined part of ``spec``
+    (a file, or ``+``-joined runs) answering the i-th block."""
+    parts = spec.split(",")
+    if len(parts) != len(blocks):
+        raise InvalidInputError(f"{spec} names {len(parts)} prediction file(s) for {len(blocks)} blocks of questions "
+                                "(--n, then each --also): give one per block, comma-joined in that order")
+    return [f1 for part, questions in zip(parts, blocks) for f1 in averaged_f1(part, questions)]
+
+
+def block(text: str) -> tuple[int, int]:
+    """``--also``'s ``SKIP:N``."""
+    skip, colon, n = text.partition(":")
+    if not (colon and skip.isdigit() and n.isdigit() and int(n) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not SKIP:N (e.g. 5800:500: the 500 questions after the "
+                                         "first 5,800 of the seeded order)")
+    return int(skip), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="+",
                         help="prediction files (or a+b: their per-question mean); the first is the reference")
     add_subset_arguments(parser)
+    parser.add_argument("--also", type=block, action="append", default=[], metavar="SKIP:N",
+                        help="pool another block of the same seeded order (each method then names one file per "
+                             "block, comma-joined)")
     args = parser.parse_args(argv)
 
-    questions = subset_questions(args)
+    blocks = [subset_questions(args)]
+    blocks += [dataset_questions(args.data_root, args.dataset, n, args.seed, skip) for skip, n in args.also]
+    ids = [q.id for questions in blocks for q in questions]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"the blocks --n {args.n} --skip {args.skip} and --also "
+                                f"{' '.join(f'{skip}:{n}' for skip, n in args.also)} share questions, which the pool "
+                                "would count twice: give disjoint blocks of the seeded order")
     specs = args.predictions
-    f1 = {spec: averaged_f1(spec, questions) for spec in specs}  # each file read and scored once
+    f1 = {spec: pooled_f1(spec, blocks) for spec in specs}  # each file read and scored once
     base = f1[specs[0]]
-    print(f"{args.dataset}, n={len(questions)}, seed {args.seed}; reference: {_name(specs[0])}\n")
+    print(f"{args.dataset}, n={len(base)}, seed {args.seed}; reference: {_name(specs[0])}\n")
     print("| predictions | F1 (95% CI) | F1 - reference (paired 95% CI) | F1 / reference (paired 95% CI) |")
     print("|---|---|---|---|")
     for index, spec in enumerate(specs):
@@ -73,7 +108,7 @@ def share_of(values: list[float], reference: list[float]) -> str:
 
 
 def _name(spec: str) -> str:
-    return " + ".join(path.name for path in run_paths(spec))
+    return ", ".join(" + ".join(path.name for path in run_paths(part)) for part in spec.split(","))
 
 
 if __name__ == "__main__":

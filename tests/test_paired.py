@@ -97,3 +97,43 @@ def test_every_interval_of_a_row_is_its_own_and_brackets_its_estimate(tmp_path, 
         bootstrap_share_ci(values, base)
     assert row == (f"| a.jsonl + b.jsonl | 37.5 ({expected_ci[0]:.1f}-{expected_ci[1]:.1f}) "
                    f"| -62.5 ({elo:+.1f} to {ehi:+.1f}) | 37.5% ({sl:.1%} to {sh:.1%}) |")
+
+
+def test_also_pools_another_block_each_method_naming_one_file_per_block(tmp_path, capsys):
+    """Questions 0-1 (--n 2) and 2-3 (--also 2:2) of the seeded order pooled: the reference answers all
+    four right; the method's first file gets its block's two right, its second file neither, so the
+    pool reads 50.0, -50.0 against the reference, a share of 50%."""
+    subset = [arg if arg != "4" else "2" for arg in _data(tmp_path)]  # --n 2
+    order = PAIRED["subset_questions"](PAIRED["argparse"].Namespace(
+        dataset="squad-dev", data_root=str(tmp_path / "data"), n=4, seed=0, skip=0))
+    first, second = [q.id for q in order[:2]], [q.id for q in order[2:]]
+
+    def answers(name, ids, answer):
+        path = tmp_path / name
+        path.write_text("".join(f'{{"id": "{i}", "prediction": "{answer}"}}\n' for i in ids))
+        return str(path)
+
+    reference = f"{answers('ref-a.jsonl', first, 'Paris')},{answers('ref-b.jsonl', second, 'Paris')}"
+    method = f"{answers('m-a.jsonl', first, 'Paris')},{answers('m-b.jsonl', second, 'Rome')}"
+    assert PAIRED["main"]([*subset, "--also", "2:2", reference, method]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("squad-dev, n=4, seed 0; reference: ref-a.jsonl, ref-b.jsonl")
+    row = out.strip().splitlines()[-1]
+    assert row.startswith("| m-a.jsonl, m-b.jsonl | 50.0 (") and "| -50.0 (" in row and "| 50.0% (" in row
+
+
+def test_also_refuses_a_method_without_one_file_per_block_overlapping_blocks_and_a_block_not_skip_n(tmp_path, capsys):
+    import pytest
+
+    from sac_rag.errors import InvalidInputError
+
+    subset = [arg if arg != "4" else "2" for arg in _data(tmp_path)]  # --n 2
+    some = _predictions(tmp_path, "some.jsonl", ["Paris"] * 4)
+    with pytest.raises(InvalidInputError, match="names 1 prediction file.* for 2 blocks"):
+        PAIRED["main"]([*subset, "--also", "2:2", some])
+    with pytest.raises(InvalidInputError, match="share questions, which the pool would count twice"):
+        PAIRED["main"]([*subset, "--also", "1:2", f"{some},{some}"])
+    for bad in ("5800", "a:5", "10:0"):
+        with pytest.raises(SystemExit):
+            PAIRED["main"]([*subset, "--also", bad, some])
+        assert "is not SKIP:N" in capsys.readouterr().err
