@@ -974,7 +974,7 @@ def _read_config(directory: Path) -> dict:
     if damaged:
         raise CheckpointError(f"{path} lacks a valid {', '.join(map(repr, damaged))}: the checkpoint is damaged or "
                               "was edited by hand; copy it again or save it again with save_pretrained")
-    source = meta.get(WEIGHTS_FROM, directory.name)
+    source = meta.get(WEIGHTS_FROM, "checkpoint")
     if not (isinstance(source, str) and source not in ("", ".", "..") and Path(source).name == source):
         raise CheckpointError(f"{path} names {source!r} as the directory of its weights ({WEIGHTS_FROM!r}), which is "
                               "not a directory beside it: the checkpoint was edited by hand; copy it again")
@@ -1074,7 +1074,7 @@ def _read_weights(directory: Path, meta: dict) -> bytes:
     happen while this reads, hence the second look at the weights file."""
     source, copy_again = directory, "copy it again"
     if WEIGHTS_FROM in meta:  # a variant in settings only, reading its sibling's weights (save_pretrained)
-        source = directory.parent / meta[WEIGHTS_FROM]
+        source = directory.resolve().parent / meta[WEIGHTS_FROM]  # "." has a parent too
         copy_again = (f"{directory} reads its weights from {source} ({WEIGHTS_FROM!r} in its {CONFIG_FILE}): copy "
                       "the two directories together")
     found = None

@@ -805,7 +805,8 @@ def test_a_save_over_one_killed_after_its_commit_keeps_the_committed_weights_unt
     assert SACCompressor.from_pretrained(path, model=model, tokenizer=tokenizer).fingerprint == first
 
 
-def test_a_variant_in_settings_only_reads_its_siblings_weights_and_has_its_own_fingerprint(tiny, tmp_path):
+def test_a_variant_in_settings_only_reads_its_siblings_weights_and_has_its_own_fingerprint(tiny, tmp_path,
+                                                                                           monkeypatch):
     """save_pretrained(share_weights_with=...) writes config.json alone: loading it gives the saved
     settings over the sibling's weights, under the fingerprint those settings make."""
     comp = _compressor(tiny)
@@ -820,6 +821,8 @@ def test_a_variant_in_settings_only_reads_its_siblings_weights_and_has_its_own_f
     assert loaded.fingerprint != checkpoint_meta(base)["fingerprint"]
     torch.testing.assert_close(loaded.anchor_embedding, comp.anchor_embedding, rtol=0, atol=0)
 
+    monkeypatch.chdir(variant)  # named from inside it, as "."
+    assert SACCompressor.from_pretrained(".", *make_tiny_llama()).fingerprint == comp.fingerprint
     comp.save_pretrained(variant)  # saved with its own weights again: it no longer reads the sibling's
     assert "weights_from" not in checkpoint_meta(variant) and (variant / "compressor.safetensors").exists()
     comp.save_pretrained(variant, share_weights_with=base)  # and back: the copy it no longer names goes
