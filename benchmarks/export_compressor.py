@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta, resolve_pretrained
+from sac_rag.compressor import PRETRAINED_DIR, SACCompressor, checkpoint_meta, resolve_pretrained, variants_reading
 from sac_rag.config import SACConfig
 from sac_rag.errors import CheckpointError, InvalidInputError, SACError, exit_with_message
 from sac_rag.files import atomic_write
@@ -55,6 +55,19 @@ def check_same_compressor(target: Path, settings: dict) -> None:
         raise InvalidInputError(f"{target} holds another compressor (settings that differ: "
                                 f"{', '.join(differ) or 'its config.json cannot be read'}): export under a new name, "
                                 "or remove that folder first")
+
+
+def check_no_variant_left_behind(target: Path, weights_sha256: str) -> None:
+    """Refuse to export other weights into a package folder whose weights variants beside it read
+    (``--share-weights-with``): they would be refused from then on."""
+    if not (target / "config.json").exists() or checkpoint_meta(target)["weights_sha256"] == weights_sha256:
+        return
+    variants = variants_reading(target)
+    if variants:
+        raise InvalidInputError(f"{target} holds the weights {', '.join(p.name for p in variants)} read "
+                                "(--share-weights-with): exporting other weights over them would leave those "
+                                "unreadable; export under a new name, or remove those variants first and export them "
+                                "again afterwards")
 
 
 def run_files(run_dir: str | None) -> list[Path]:
@@ -101,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     for setting in ("refine_steps", "refine_lr"):
         if getattr(args, setting) is not None:
             setattr(compressor.config, setting, getattr(args, setting))
+    check_no_variant_left_behind(target, compressor.weights_sha256(torch.bfloat16))
     compressor.save_pretrained(target, dtype=torch.bfloat16, share_weights_with=sibling)
     averaged = resolve_pretrained(args.checkpoint) / PROVENANCE
-    if averaged.is_file():  # an average's sources and weights (benchmarks/average_compressors.py)
-        copies.append(averaged)
+    if averaged.is_file() and sibling is None:  # an average's sources and weights (benchmarks/average_compressors.py;
+        copies.append(averaged)                  # a variant leaves them with the folder holding the weights)
     elif (target / PROVENANCE).exists():  # an earlier export's, which does not describe these weights
         (target / PROVENANCE).unlink()
     for source in copies:  # each whole or not at all, as the weights are

@@ -703,11 +703,21 @@ class SACCompressor(torch.nn.Module):
                                                   "save again") from err
         return directory
 
+    def _saved_weights(self, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], bytes]:
+        """The trained tensors in ``dtype`` and the weights file ``save_pretrained`` writes of them."""
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
+        return tensors, st_save(tensors, metadata={"format": "sac-compressor/1"})
+
+    def weights_sha256(self, dtype: str | torch.dtype | None = None) -> str:
+        """The weights hash a ``save_pretrained`` in ``dtype`` records (``config.json``'s
+        ``weights_sha256``), e.g. to tell whether a saved checkpoint holds these very weights."""
+        dtype = None if dtype is None else resolve_dtype(dtype, self.device)
+        return hashlib.sha256(self._saved_weights(dtype)[1]).hexdigest()
+
     def _write_checkpoint(self, directory: Path, dtype: torch.dtype | None, sibling: Path | None) -> None:
         """``save_pretrained``'s writes into ``directory``, which exists (the weights into ``sibling``'s
         file instead, when given: it must hold them already)."""
-        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.trainable_tensors().items()}
-        weights = st_save(tensors, metadata={"format": "sac-compressor/1"})
+        tensors, weights = self._saved_weights(dtype)
         meta = {
             "format": "sac-compressor/1",
             "config": self.config.to_dict(),
@@ -718,6 +728,7 @@ class SACCompressor(torch.nn.Module):
             **({RECOMMENDED_DECODING: self._recommended_decoding} if self._recommended_decoding else {}),
         }
         _finish_killed_save(directory)  # else the pending weights config.json names would be overwritten
+        _warn_variants_left_behind(directory, meta["weights_sha256"])
         if sibling is not None:
             if _read_config(sibling)["weights_sha256"] != meta["weights_sha256"]:
                 raise InvalidInputError(f"share_weights_with={str(sibling)!r} holds other weights than this compressor "
@@ -915,6 +926,17 @@ def list_pretrained() -> list[str]:
     return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).exists())
 
 
+def builtin_named(fingerprint: str) -> str | None:
+    """The short name of the built-in compressor whose recorded fingerprint is ``fingerprint``, if any."""
+    for name in list_pretrained():
+        try:
+            if checkpoint_meta(name).get("fingerprint") == fingerprint:
+                return name
+        except CheckpointError:
+            continue
+    return None
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InvalidInputError(f"expected a directory or a built-in name, got {type(name_or_path).__name__}")
@@ -1014,6 +1036,14 @@ def _check_not_foreign(directory: Path) -> None:
                                 f"{found!r}), which saving here would replace: save into another directory")
 
 
+def _sibling_hash(source: Path) -> str | None:
+    """The weights hash a sibling checkpoint's own ``config.json`` records (None if unreadable)."""
+    try:
+        return _read_config(source)["weights_sha256"]
+    except CheckpointError:
+        return None
+
+
 def _weights_sibling(directory: Path, share_weights_with: str | os.PathLike) -> Path:
     """The checkpoint directory ``save_pretrained(share_weights_with=...)`` names, refused unless it
     holds its own weights beside ``directory``: a reader finds them by name in the same parent."""
@@ -1025,7 +1055,35 @@ def _weights_sibling(directory: Path, share_weights_with: str | os.PathLike) -> 
     if WEIGHTS_FROM in _read_config(sibling):
         raise InvalidInputError(f"share_weights_with={str(share_weights_with)!r} holds no weights itself (it reads "
                                 f"{_read_config(sibling)[WEIGHTS_FROM]!r}'s): name that checkpoint instead")
-    return sibling
+    return sibling.resolve()  # its own name, as a reader finds it (not ".", nor a symlink's)
+
+
+def variants_reading(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoints beside ``directory`` that read its weights (``save_pretrained(share_weights_with=...)``):
+    new weights saved into it leave them unreadable until they are saved again against those."""
+    directory = Path(os.path.expanduser(directory)).resolve()
+    found = []
+    for config in sorted(directory.parent.glob(f"*/{CONFIG_FILE}")):
+        try:
+            names = json.loads(config.read_text()).get(WEIGHTS_FROM) == directory.name
+        except (OSError, ValueError, AttributeError):
+            continue
+        if names and config.parent != directory:
+            found.append(config.parent)
+    return found
+
+
+def _warn_variants_left_behind(directory: Path, weights_sha256: str) -> None:
+    """Say which variants beside ``directory`` a save of other weights into it leaves unreadable."""
+    try:
+        held = _read_config(directory)["weights_sha256"]
+    except CheckpointError:
+        return
+    variants = variants_reading(directory) if held != weights_sha256 else []
+    if variants:
+        logger.warning("%s now gets other weights, which %s read (%r in their %s): they will be refused until saved "
+                       "again against the new weights (save_pretrained(share_weights_with=...))", directory,
+                       ", ".join(map(str, variants)), WEIGHTS_FROM, CONFIG_FILE)
 
 
 def _finish_killed_save(directory: Path) -> None:
@@ -1092,6 +1150,12 @@ def _read_weights(directory: Path, meta: dict) -> bytes:
     if found is None:
         raise CheckpointError(f"cannot read {source / WEIGHTS_FILE} (it does not exist): the checkpoint is "
                               f"incomplete; {copy_again}")
+    if WEIGHTS_FROM in meta and _sibling_hash(source) not in (None, meta["weights_sha256"]):
+        raise CheckpointError(
+            f"{directory} reads its weights from {source} ({WEIGHTS_FROM!r} in its {CONFIG_FILE}), which holds other "
+            f"weights since {directory} was saved (another {CONFIG_FILE} hash): save the variant again from the "
+            "compressor it is a variant of (save_pretrained(share_weights_with=...)), or put back the weights it "
+            "was saved against")
     raise CheckpointError(
         f"{source / WEIGHTS_FILE} does not match the hash in {directory / CONFIG_FILE}: the checkpoint "
         f"is corrupt or was half-copied; {copy_again}"

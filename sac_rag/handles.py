@@ -1544,13 +1544,13 @@ def _shared_registry(compressor, store) -> dict[tuple, SACEngine]:
 
 
 def _compressor_key(spec):
-    """A compressor directory is named by its path and the weights it holds now (``config.json``'s
-    hash): a checkpoint retrained or copied over in place gets an engine of its own, not the one
-    loaded with its earlier weights."""
+    """A compressor directory is named by its path and what its ``config.json`` holds now (settings,
+    fingerprint, weights hash, recommended decoding): a checkpoint retrained, copied over or saved
+    again with other settings in place gets an engine of its own, not the one loaded before."""
     key = _spec_key(spec)
     if key is not None and key[0] == "path":
         try:
-            return (*key, checkpoint_meta(key[1])["weights_sha256"])
+            return (*key, json.dumps(checkpoint_meta(key[1]), sort_keys=True))
         except SACError:  # not a checkpoint (yet): loading the engine says why
             return (*key, None)
     return key

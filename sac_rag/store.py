@@ -270,11 +270,17 @@ def other_compressor_advice(wanted: str, stored: str, dtype: str, rebuild: str) 
     """What to do about a store built by another compressor than ``wanted``: rebuild it, or load the
     one it was built with; of the same base model, that may be the same checkpoint loaded in another
     dtype (float32 weights, as training saves them, rounded to bfloat16 are other weights)."""
+    from .compressor import builtin_named
+
     advice = f"{rebuild}, or load the compressor it was built with."
-    if same_base_model(wanted, stored):
+    builtin = builtin_named(stored)
+    if builtin is not None:
+        advice += f" That is the built-in compressor {builtin!r}: load it by that name."
+    elif same_base_model(wanted, stored):
         advice += (f" If that is this compressor's checkpoint: the store was built with it in {dtype}, and a "
                    "checkpoint saved in float32 (as python -m sac_rag.train saves one) is other weights once "
-                   f"rounded to a narrower dtype: load it with dtype={dtype!r}.")
+                   f"rounded to a narrower dtype: load it with dtype={dtype!r}. The same weights with other "
+                   "settings (refine_steps, say) are another compressor too.")
     return advice
 
 

@@ -829,6 +829,37 @@ def test_a_variant_in_settings_only_reads_its_siblings_weights_and_has_its_own_f
     assert not (variant / "compressor.safetensors").exists()
 
 
+def test_a_sibling_named_as_dot_or_through_a_symlink_is_recorded_by_its_own_name(tiny, tmp_path, monkeypatch):
+    comp = _compressor(tiny)
+    base = comp.save_pretrained(tmp_path / "models" / "base")
+    comp.config.refine_steps = 2
+    monkeypatch.chdir(base)
+    comp.save_pretrained("../dotted", share_weights_with=".")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "my-base").symlink_to(base)
+    comp.save_pretrained(tmp_path / "models" / "linked", share_weights_with=tmp_path / "links" / "my-base")
+    for name in ("dotted", "linked"):
+        assert checkpoint_meta(tmp_path / "models" / name)["weights_from"] == "base"
+        assert SACCompressor.from_pretrained(tmp_path / "models" / name, *make_tiny_llama()).fingerprint == \
+            comp.fingerprint
+
+
+def test_a_sibling_given_other_weights_is_saved_with_a_warning_and_its_variant_then_refused_saying_why(
+        tiny, tmp_path, caplog):
+    comp = _compressor(tiny)
+    base = comp.save_pretrained(tmp_path / "base")
+    comp.config.refine_steps = 2
+    variant = comp.save_pretrained(tmp_path / "refined", share_weights_with=base)
+    comp.config.refine_steps = 0
+    comp.save_pretrained(base)  # the same weights again: nothing to say
+    assert "refined" not in caplog.text
+    _perturb(comp, seed=7)
+    comp.save_pretrained(base)
+    assert f"which {variant} read" in caplog.text
+    with pytest.raises(CheckpointError, match="holds other weights since .* was saved.*save the variant again"):
+        SACCompressor.from_pretrained(variant, *make_tiny_llama())
+
+
 def test_a_variant_copied_without_its_sibling_or_edited_to_point_elsewhere_is_refused_saying_so(tiny, tmp_path):
     comp = _compressor(tiny)
     base = comp.save_pretrained(tmp_path / "base")

@@ -175,3 +175,23 @@ def test_a_variant_with_bad_settings_or_no_sibling_is_refused_writing_nothing(pa
     with pytest.raises(SACError, match=says):
         script.main(["tiny-sac-2x", "tiny-sac-2x-refined", *args])
     assert not (pretrained / "tiny-sac-2x-refined").exists()
+
+
+def test_other_weights_over_a_package_its_variants_read_are_refused_and_a_variant_takes_no_provenance(
+        package, run, tmp_path):
+    import shutil
+
+    script, pretrained = package
+    run_dir, trained = run
+    shutil.copytree(run_dir / "final", tmp_path / "average")  # an averaged checkpoint, with its provenance
+    (tmp_path / "average" / "interpolation.json").write_text('{"sources": []}')
+    script.main([str(tmp_path / "average"), "tiny-sac-2x"])
+    script.main(["tiny-sac-2x", "tiny-sac-2x-refined", "--refine-steps", "3", "--share-weights-with", "tiny-sac-2x"])
+    assert sorted(p.name for p in (pretrained / "tiny-sac-2x-refined").iterdir()) == ["config.json"]
+    script.main([str(run_dir / "final"), "tiny-sac-2x"])  # the same weights again: allowed
+    with torch.no_grad():
+        trained.anchor_embedding.mul_(2)
+    trained.save_pretrained(run_dir / "final")
+    with pytest.raises(SACError, match="holds the weights tiny-sac-2x-refined read"):
+        script.main([str(run_dir / "final"), "tiny-sac-2x"])
+    assert SACCompressor.from_pretrained("tiny-sac-2x-refined", device="cpu").config.refine_steps == 3  # still reads

@@ -569,7 +569,8 @@ def test_the_shared_engine_of_a_loaded_compressor_or_an_open_store_is_freed_with
 
 def test_a_compressor_directory_retrained_in_place_gets_an_engine_with_its_new_weights(tmp_path):
     """A service that rebuilds its chain after a nightly retraining into the same directory must
-    answer with the new weights, not with the engine the old ones were loaded into."""
+    answer with the new weights (or settings), not with the engine the old ones were loaded into."""
+    from sac_rag.compressor import recommend_decoding
     from sac_rag.handles import _SHARED
 
     model, tokenizer = make_tiny_llama()
@@ -594,6 +595,13 @@ def test_a_compressor_directory_retrained_in_place_gets_an_engine_with_its_new_w
     assert after is not before and after.compressor.fingerprint != old_fingerprint
     assert torch.allclose(after.compressor.anchor_embedding.float(), retrained.anchor_embedding, atol=1e-2)  # bf16
     assert before not in _SHARED.values()  # not kept for the process's life
+
+    retrained.config.refine_steps = 2  # the same weights saved again with other settings: another compressor
+    retrained.save_pretrained(directory)
+    refining = SACEngine.shared(directory)
+    assert refining is not after and refining.compressor.config.refine_steps == 2
+    recommend_decoding(directory, {"num_beams": 2})  # and with another recommended decoding
+    assert SACEngine.shared(directory) is not refining
 
 
 def test_plain_text_keeps_markers_in_passed_through_texts_as_text(compressor, store):

@@ -358,6 +358,18 @@ def test_opening_with_other_fingerprint_raises_naming_both(tmp_path):
     AnchorStore.open(tmp_path / "s", "/local/copy@abc123/sac-def456").close()
 
 
+def test_a_store_built_by_a_built_in_compressor_is_refused_naming_that_compressor():
+    """The shipped 5x and its refined variant share weights: a store of one refused by the other
+    names the built-in that built it, not a dtype that would not help."""
+    from sac_rag.compressor import checkpoint_meta
+    from sac_rag.store import other_compressor_advice
+
+    refined, plain = (checkpoint_meta(n)["fingerprint"] for n in ("smollm2-135m-sac-5x-refined", "smollm2-135m-sac-5x"))
+    advice = other_compressor_advice(plain, refined, "bfloat16", "rebuild the store")
+    assert "the built-in compressor 'smollm2-135m-sac-5x-refined'" in advice and "dtype=" not in advice
+    assert "'smollm2-135m-sac-5x'" in other_compressor_advice(refined, plain, "bfloat16", "rebuild the store")
+
+
 def test_directory_that_is_not_a_store_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotAStoreError, match="not an anchor store"):
