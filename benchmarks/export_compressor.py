@@ -84,10 +84,8 @@ def run_files(run_dir: str | None) -> list[Path]:
 
 def exported_settings(checkpoint: str, refine_steps: int | None, refine_lr: float | None) -> dict:
     """The settings the export saves: the checkpoint's, with the refinement given (checked)."""
-    settings = dict(checkpoint_meta(checkpoint)["config"])
-    settings.update({k: v for k, v in (("refine_steps", refine_steps), ("refine_lr", refine_lr)) if v is not None})
-    config = SACConfig.from_dict(settings)
-    config.validate()
+    config = SACConfig.from_dict(checkpoint_meta(checkpoint)["config"])
+    config.set_refinement(refine_steps, refine_lr)
     if refine_lr is not None and not config.refine_steps:
         raise InvalidInputError("--refine-lr sets the rate of refinement, which this export does not do: give "
                                 "--refine-steps too")
@@ -111,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = exported_settings(args.checkpoint, args.refine_steps, args.refine_lr)
     check_same_compressor(target, settings)  # before the model loads
     compressor = SACCompressor.from_pretrained(args.checkpoint, device="cpu", dtype="float32")
-    for setting in ("refine_steps", "refine_lr"):
-        if getattr(args, setting) is not None:
-            setattr(compressor.config, setting, getattr(args, setting))
+    compressor.config.set_refinement(args.refine_steps, args.refine_lr)
     check_no_variant_left_behind(target, compressor.weights_sha256(torch.bfloat16))
     compressor.save_pretrained(target, dtype=torch.bfloat16, share_weights_with=sibling)
     averaged = resolve_pretrained(args.checkpoint) / PROVENANCE

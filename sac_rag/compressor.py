@@ -729,18 +729,18 @@ class SACCompressor(torch.nn.Module):
         }
         _finish_killed_save(directory)  # else the pending weights config.json names would be overwritten
         _warn_variants_left_behind(directory, meta["weights_sha256"])
-        if sibling is not None:
-            if _read_config(sibling)["weights_sha256"] != meta["weights_sha256"]:
-                raise InvalidInputError(f"share_weights_with={str(sibling)!r} holds other weights than this compressor "
-                                        "(in this dtype): save the weights themselves, or pass the dtype that "
-                                        "checkpoint was saved in")
-            atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        if sibling is not None and _read_config(sibling)["weights_sha256"] != meta["weights_sha256"]:
+            raise InvalidInputError(f"share_weights_with={str(sibling)!r} holds other weights than this compressor "
+                                    "(in this dtype): save the weights themselves, or pass the dtype that "
+                                    "checkpoint was saved in")
+        if sibling is None:
+            atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
+        atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())  # the commit point
+        if sibling is None:
+            os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
+        else:
             for stale in (PENDING_WEIGHTS_FILE, WEIGHTS_FILE):  # an earlier save's, no longer named
                 (directory / stale).unlink(missing_ok=True)
-        else:
-            atomic_write(directory / PENDING_WEIGHTS_FILE, weights)
-            atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
-            os.replace(directory / PENDING_WEIGHTS_FILE, directory / WEIGHTS_FILE)
         fsync_dir(directory)
 
     @classmethod
@@ -1036,10 +1036,10 @@ def _check_not_foreign(directory: Path) -> None:
                                 f"{found!r}), which saving here would replace: save into another directory")
 
 
-def _sibling_hash(source: Path) -> str | None:
-    """The weights hash a sibling checkpoint's own ``config.json`` records (None if unreadable)."""
+def _recorded_weights_hash(directory: Path) -> str | None:
+    """The weights hash a checkpoint's ``config.json`` records (None if there is none to read)."""
     try:
-        return _read_config(source)["weights_sha256"]
+        return _read_config(directory)["weights_sha256"]
     except CheckpointError:
         return None
 
@@ -1047,15 +1047,16 @@ def _sibling_hash(source: Path) -> str | None:
 def _weights_sibling(directory: Path, share_weights_with: str | os.PathLike) -> Path:
     """The checkpoint directory ``save_pretrained(share_weights_with=...)`` names, refused unless it
     holds its own weights beside ``directory``: a reader finds them by name in the same parent."""
-    sibling = resolve_pretrained(share_weights_with)
-    if sibling.resolve() == directory.resolve() or sibling.resolve().parent != directory.resolve().parent:
+    sibling = resolve_pretrained(share_weights_with).resolve()  # its own name, as a reader finds it (not ".")
+    if sibling == directory.resolve() or sibling.parent != directory.resolve().parent:
         raise InvalidInputError(f"share_weights_with={str(share_weights_with)!r} is not a checkpoint beside "
                                 f"{directory} (another directory in {directory.parent}): save the weights themselves, "
                                 "or save beside the checkpoint that holds them")
-    if WEIGHTS_FROM in _read_config(sibling):
+    reads = _read_config(sibling).get(WEIGHTS_FROM)
+    if reads is not None:
         raise InvalidInputError(f"share_weights_with={str(share_weights_with)!r} holds no weights itself (it reads "
-                                f"{_read_config(sibling)[WEIGHTS_FROM]!r}'s): name that checkpoint instead")
-    return sibling.resolve()  # its own name, as a reader finds it (not ".", nor a symlink's)
+                                f"{reads!r}'s): name that checkpoint instead")
+    return sibling
 
 
 def variants_reading(directory: str | os.PathLike) -> list[Path]:
@@ -1075,11 +1076,8 @@ def variants_reading(directory: str | os.PathLike) -> list[Path]:
 
 def _warn_variants_left_behind(directory: Path, weights_sha256: str) -> None:
     """Say which variants beside ``directory`` a save of other weights into it leaves unreadable."""
-    try:
-        held = _read_config(directory)["weights_sha256"]
-    except CheckpointError:
-        return
-    variants = variants_reading(directory) if held != weights_sha256 else []
+    held = _recorded_weights_hash(directory)
+    variants = variants_reading(directory) if held not in (None, weights_sha256) else []
     if variants:
         logger.warning("%s now gets other weights, which %s read (%r in their %s): they will be refused until saved "
                        "again against the new weights (save_pretrained(share_weights_with=...))", directory,
@@ -1150,7 +1148,7 @@ def _read_weights(directory: Path, meta: dict) -> bytes:
     if found is None:
         raise CheckpointError(f"cannot read {source / WEIGHTS_FILE} (it does not exist): the checkpoint is "
                               f"incomplete; {copy_again}")
-    if WEIGHTS_FROM in meta and _sibling_hash(source) not in (None, meta["weights_sha256"]):
+    if WEIGHTS_FROM in meta and _recorded_weights_hash(source) not in (None, meta["weights_sha256"]):
         raise CheckpointError(
             f"{directory} reads its weights from {source} ({WEIGHTS_FROM!r} in its {CONFIG_FILE}), which holds other "
             f"weights since {directory} was saved (another {CONFIG_FILE} hash): save the variant again from the "

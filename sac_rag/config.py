@@ -261,6 +261,14 @@ class SACConfig:
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
             raise InvalidInputError(f"refine_lr must be a positive number, got {lr!r}")
 
+    def set_refinement(self, steps: int | None = None, lr: float | None = None) -> None:
+        """Set ``refine_steps`` and ``refine_lr`` where given (None keeps the current one), checked."""
+        if steps is not None:
+            self.refine_steps = steps
+        if lr is not None:
+            self.refine_lr = lr
+        self.validate()
+
     def to_dict(self) -> dict:
         """The settings as saved (and fingerprinted). Refinement's appear only when it is on: a
         compressor without it keeps the config, and so the fingerprint, it had before they existed."""

@@ -231,10 +231,7 @@ def build_method(name: str, base_model: str | None, ratio: int | None, checkpoin
             comp.retarget_ratio(ratio)
         if anchor_strategy is not None and anchor_strategy != comp.config.anchor_strategy:
             comp.use_anchors(anchor_strategy)
-        for setting, value in (("refine_steps", refine_steps), ("refine_lr", refine_lr)):
-            if value is not None:
-                setattr(comp.config, setting, value)
-        comp.config.validate()
+        comp.config.set_refinement(refine_steps, refine_lr)
         return Method(name, comp.config.ratio, Generator.from_compressor(comp, merge_decoder), comp.config.prompt, comp)
     ratio = 5 if ratio is None else ratio
     base_model = base_model or DEFAULT_BASE_MODEL

@@ -542,8 +542,7 @@ def build_compressor(args: argparse.Namespace) -> SACCompressor:
     except CheckpointError as err:
         raise CheckpointError(f"{err}. Pass --compressor DIR (a trained compressor), or --kv-dropping "
                               f"--base-model NAME for the untrained baseline.") from err
-    if getattr(args, "refine_steps", None) is not None:
-        compressor.config.refine_steps = args.refine_steps
+    compressor.config.set_refinement(getattr(args, "refine_steps", None))
     return compressor
 
 

@@ -162,3 +162,13 @@ def test_turning_refinement_on_for_a_loaded_sac_refines_what_it_compresses_from_
     assert sac.fingerprint != before and refined[0].fingerprint == sac.fingerprint
     assert not torch.equal(plain[0].keys, refined[0].keys)
     assert sac.answer("When was it built?", [TEXT]).text == sac.answer("When was it built?", [refined]).text
+
+
+def test_set_refinement_sets_what_is_given_and_checks_it():
+    config = SACConfig(refine_steps=3, refine_lr=0.05)
+    config.set_refinement(lr=0.2)
+    assert (config.refine_steps, config.refine_lr) == (3, 0.2)
+    config.set_refinement(0)
+    assert (config.refine_steps, config.refine_lr) == (0, 0.2)
+    with pytest.raises(InvalidInputError, match="refine_steps must be >= 0"):
+        config.set_refinement(-1)
